@@ -1,0 +1,466 @@
+"""Benchmarks: `nanoseek bench WHAT [options]`, one JSON object per line on stdout.
+
+WHAT is a key of `BENCHES` (for now only "train"); each entry adds its options to an argparse
+parser and runs. New benchmarks (prefill, decode, attention, ...) are one more function each.
+
+train: nanoseek's `Transformer` built from a GPT-2 preset against a plain nanoGPT-style GPT
+(`benchmarks/reference_gpt.py`) with the same shapes: vocabulary 65 (char-level Shakespeare), the
+preset's layers, heads and width, block size = seq_len, biases everywhere, tied head. Both train
+on the same batches with AdamW (lr 1e-3); a step is
+    forward + backward + clip_grad_norm(1.0) + optimizer.step + zero_grad.
+The implementations alternate in rounds (A B A B ...) so that drift of the machine (other load,
+clock changes) hits both alike; the first round of each begins with `warmup` untimed steps.
+
+Reported per implementation:
+    tokens_per_s  median over rounds of batch * seq_len / (mean seconds per step in the round)
+    seconds       median over rounds of the mean seconds per step
+    mfu           tokens_per_s * flops_per_token / peak, where flops_per_token is nanoseek's
+                  `model.flops_per_token(seq_len)` (6 N + 12 L H d_head T) for BOTH models: their
+                  shapes are identical, so is their arithmetic. The peak is a measured torch.mm rate
+                  (`measure_matmul_peak`) in the dtype of the implementation's matmuls, at the
+                  same thread count: an attainable peak, not the datasheet one. CPUs without
+                  native bf16 matmuls (no AVX512-BF16 / AMX) run bf16 through a slow fallback whose
+                  rate falls with the size, so a bfloat16 MFU there can exceed 1: read it as "relative
+                  to the measured bf16 mm", and compare tokens_per_s.
+    peak_rss_mib  the highest anonymous resident memory (resident - shared pages of
+                  /proc/self/statm, sampled every ~5 ms by a background thread) during the
+                  implementation's first round (build + warmup + timed steps), minus the same figure
+                  just before its model was built. Weights, gradients, optimizer moments,
+                  activations, allocator slack; not torch's code pages (file-backed) and not its
+                  one-off lazy setup (each implementation runs one untimed step of a throwaway model
+                  first). Freed heap goes back to the OS (glibc malloc_trim) before each baseline.
+                  Both models live in one process, so it is approximate; it is not getrusage's
+                  ru_maxrss, which is process-wide and never decreases.
+    loss          the training loss after the last step (both models should learn alike)
+and a last line {"impl": "ratio", "nanoseek_over_reference": tokens/s of nanoseek / reference}.
+
+    >>> run_bench(["train", "--preset", "gpt2-tiny", "--steps", "2"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import NanoseekError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TRAIN_IMPLS = ("nanoseek", "reference")
+VOCAB_SIZE = 65  # tiny Shakespeare's characters
+REFERENCE_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_gpt.py"
+CORPUS_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
+MIB = 1 << 20
+
+
+# ------------------------------------------------------------------------------------ machine
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def current_rss() -> int:
+    """Anonymous resident memory of this process now, in bytes (0 where /proc is missing).
+
+    /proc/self/statm's resident minus shared pages: heap and tensors, without file-backed pages
+    (the parts of libtorch's code that a first call happens to map in)."""
+    try:
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim) so RSS baselines are clean."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssSampler:
+    """Samples the current RSS in a background thread; `peak` is the highest value seen."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "RssSampler":
+        self.peak = current_rss()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, current_rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss())
+        return False
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run with `threads` intra-op threads (0 = leave torch's setting), restoring it after."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure_matmul_peak(dtype: str | torch.dtype = "float32", threads: int = 0,
+                        seconds: float = 1.5) -> float:
+    """Best torch.mm rate in GFLOP/s over square n x n products, n in 1024..2048.
+
+    Each size gets an equal share of `seconds`; a size whose single product would overrun the
+    remaining time is skipped (slow dtypes then measure at 1024 only). 2 n^3 FLOPs per product."""
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    sizes = (1024, 1536, 2048)
+    best = 0.0
+    gen = torch.Generator().manual_seed(0)
+    with torch_threads(threads), torch.no_grad():
+        deadline = time.perf_counter() + seconds
+        for i, n in enumerate(sizes):
+            a = torch.randn(n, n, generator=gen).to(dt)
+            b = torch.randn(n, n, generator=gen).to(dt)
+            out = torch.empty(n, n, dtype=dt)
+            share_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(sizes) - i)
+            last = None
+            while True:
+                t0 = time.perf_counter()
+                torch.mm(a, b, out=out)
+                last = time.perf_counter() - t0
+                best = max(best, 2 * n ** 3 / last / 1e9)
+                if time.perf_counter() + last > share_end:
+                    break
+            del a, b, out
+            # the next size costs ~(n'/n)^3 times more; stop when it cannot fit once
+            if i + 1 < len(sizes) and time.perf_counter() + last * (sizes[i + 1] / n) ** 3 > deadline:
+                break
+    return best
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+def load_reference():
+    """The module `benchmarks/reference_gpt.py` of the source tree, imported by path."""
+    if not REFERENCE_PATH.is_file():
+        raise NanoseekError(
+            f"the reference model {REFERENCE_PATH} is missing: `nanoseek bench train` needs the source "
+            "tree (pip install -e .), or use --peers none to time nanoseek alone"
+        )
+    name = "nanoseek_reference_gpt"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REFERENCE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _check_gpt2_shape(preset: str, cfg) -> None:
+    """The reference is a GPT-2; comparing it with another architecture would mislead."""
+    wanted = dict(position="learned", attention="mha", ffn="gelu", norm="layernorm", norm_position="pre",
+                  tie_word_embeddings=True, attention_bias=True, mlp_bias=True, final_norm=True,
+                  embedding_scale=False, intermediate_size=4 * cfg.hidden_size, head_dim=None)
+    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in wanted.items() if getattr(cfg, k) != v]
+    if wrong:
+        raise NanoseekError(
+            f"preset {preset!r} is not GPT-2-shaped ({', '.join(wrong)}), so the reference GPT cannot "
+            "match it; use a gpt2-* preset or --peers none"
+        )
+
+
+def make_batches(n: int, batch: int, seq_len: int, data: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` (input, target) batches from a fixed generator, shared by every implementation.
+
+    data="shakespeare": random windows of the bundled corpus, one token per character (65 of them),
+    so that the loss falls as it would in training; data="random": uniform random tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    if data == "shakespeare":
+        text = CORPUS_PATH.read_text(encoding="utf-8")
+        chars = sorted(set(text))
+        if len(chars) != VOCAB_SIZE:
+            raise NanoseekError(f"{CORPUS_PATH} has {len(chars)} characters, expected {VOCAB_SIZE}")
+        lookup = torch.zeros(128, dtype=torch.long)
+        lookup[torch.tensor([ord(c) for c in chars])] = torch.arange(len(chars))
+        tokens = lookup[torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8).long()]
+        starts = torch.randint(0, len(tokens) - seq_len - 1, (n, batch), generator=gen)
+        windows = [torch.stack([tokens[s:s + seq_len + 1] for s in row.tolist()]) for row in starts]
+    elif data == "random":
+        windows = list(torch.randint(0, VOCAB_SIZE, (n, batch, seq_len + 1), generator=gen))
+    else:
+        raise NanoseekError(f"data={data!r} is not valid; choose one of: shakespeare, random")
+    return [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in windows]
+
+
+class TrainRunner:
+    """One implementation: builds lazily, then runs steps on the shared batches."""
+
+    def __init__(self, impl: str, build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, Callable]],
+                 dtype: str):
+        self.impl, self._build, self.dtype = impl, build, dtype
+        self.model = self.optimizer = self.loss_fn = None
+        self.step_index = 0
+        self.round_seconds: list[float] = []  # mean seconds per timed step, one per round
+        self.loss = float("nan")
+        self.peak_rss = 0
+
+    def autocast(self):
+        if self.dtype == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, batches) -> torch.Tensor:
+        x, y = batches[self.step_index % len(batches)]
+        self.step_index += 1
+        with self.autocast():
+            loss = self.loss_fn(self.model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def prime(self, batches) -> None:
+        """One step of a throwaway model, so that torch's one-off lazy setup (autograd engine,
+        kernel caches, thread pools) is not charged to the memory of whichever impl runs first."""
+        self.model, self.optimizer, self.loss_fn = self._build()
+        self.step(batches)
+        self.model = self.optimizer = self.loss_fn = None
+        self.step_index = 0
+        gc.collect()
+
+    def run_round(self, batches, steps: int, warmup: int) -> None:
+        first = self.model is None
+        sampler = RssSampler() if first else contextlib.nullcontext()
+        if first:
+            release_free_memory()
+            base = current_rss()
+        with sampler:
+            if first:
+                self.model, self.optimizer, self.loss_fn = self._build()
+                self.model.train()
+                for _ in range(warmup):
+                    self.step(batches)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = self.step(batches)
+            elapsed = time.perf_counter() - t0
+        if first:
+            self.peak_rss = sampler.peak - base
+        self.round_seconds.append(elapsed / steps)
+        self.loss = loss.item()
+
+
+def _build_nanoseek(cfg, lr: float, seed: int):
+    from .config import OptimConfig
+    from .model import Transformer
+    from .train.optim import make_optimizer
+
+    def build():
+        torch.manual_seed(seed)
+        model = Transformer(cfg)
+        return model, make_optimizer(model, OptimConfig(lr=lr)), lambda m, x, y: m(x, y).loss
+
+    return build
+
+
+def _build_reference(module, cfg, lr: float, seed: int):
+    gpt_cfg = module.GPTConfig(block_size=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
+                               n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
+                               n_embd=cfg.hidden_size, dropout=0.0, bias=True)
+
+    def build():
+        torch.manual_seed(seed)
+        model = module.GPT(gpt_cfg)
+        optimizer = model.configure_optimizers(weight_decay=0.1, lr=lr, betas=(0.9, 0.95))
+        return model, optimizer, lambda m, x, y: m(x, y)[1]
+
+    return build
+
+
+def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = TRAIN_IMPLS, seq_len: int = 64,
+                batch: int = 12, dtype: str = "float32", ref_dtype: str = "float32", steps: int = 20,
+                warmup: int = 5, rounds: int = 3, threads: int = 2, peak_seconds: float = 1.5,
+                data: str = "shakespeare", lr: float = 1e-3, seed: int = 1337) -> list[dict]:
+    """Train nanoseek and its peers on the same batches; one result dict per impl, then the ratio.
+
+    `dtype` is nanoseek's (bfloat16 = CPU autocast), `ref_dtype` the reference's."""
+    from .config import ModelConfig
+
+    impls = tuple(impls)
+    for impl in impls:
+        if impl not in TRAIN_IMPLS:
+            raise NanoseekError(f"unknown implementation {impl!r}; choose from: {', '.join(TRAIN_IMPLS)}")
+    if not impls or len(set(impls)) != len(impls):
+        raise NanoseekError(f"impls={impls!r}: name each implementation once")
+    for name, value in (("dtype", dtype), ("ref_dtype", ref_dtype)):
+        if value not in DTYPES:
+            raise NanoseekError(f"{name}={value!r} is not valid; choose one of: {', '.join(DTYPES)}")
+    for name, value, low in (("seq_len", seq_len, 1), ("batch", batch, 1), ("steps", steps, 1),
+                             ("warmup", warmup, 0), ("rounds", rounds, 1), ("threads", threads, 0)):
+        if value < low:
+            raise NanoseekError(f"{name}={value} must be >= {low}")
+
+    cfg = ModelConfig.from_preset(preset).replace(vocab_size=VOCAB_SIZE, max_position_embeddings=seq_len)
+    builders = {}
+    if "reference" in impls:
+        _check_gpt2_shape(preset, cfg)
+        builders["reference"] = (_build_reference(load_reference(), cfg, lr, seed), ref_dtype)
+    if "nanoseek" in impls:
+        builders["nanoseek"] = (_build_nanoseek(cfg, lr, seed), dtype)
+
+    with torch_threads(threads):
+        n_threads = torch.get_num_threads()
+        peaks = {dt: measure_matmul_peak(dt, n_threads, peak_seconds)
+                 for dt in sorted({d for _, d in builders.values()})}
+        batches = make_batches(warmup + rounds * steps, batch, seq_len, data, seed)
+        runners = [TrainRunner(impl, *builders[impl]) for impl in impls]
+        for runner in runners:
+            runner.prime(batches)
+        for r in range(rounds):
+            for runner in runners:
+                runner.run_round(batches, steps, warmup if r == 0 else 0)
+
+    flops = train_flops_per_token(cfg, seq_len)
+    machine = {"threads": n_threads, "torch": torch.__version__, "cpu": cpu_name()}
+    results = []
+    for runner in runners:
+        per_round = [batch * seq_len / s for s in runner.round_seconds]
+        tps = statistics.median(per_round)
+        peak = peaks[runner.dtype]
+        results.append({
+            "bench": "train", "impl": runner.impl, "preset": preset, "dtype": runner.dtype,
+            "seq_len": seq_len, "batch": batch, "tokens_per_s": round(tps, 1),
+            "seconds": statistics.median(runner.round_seconds),
+            "mfu": tps * flops / (peak * 1e9) if peak > 0 else None,
+            "peak_rss_mib": round(runner.peak_rss / MIB, 1), "loss": runner.loss, **machine,
+            "steps": steps, "warmup": warmup, "rounds": rounds, "data": data,
+            "flops_per_token": flops, "peak_gflops": round(peak, 1),
+            "tokens_per_s_rounds": [round(t, 1) for t in per_round],
+        })
+    by_impl = {r["impl"]: r for r in results}
+    if "nanoseek" in by_impl and "reference" in by_impl:
+        ns, ref = by_impl["nanoseek"], by_impl["reference"]
+        results.append({
+            "bench": "train", "impl": "ratio", "preset": preset, "dtype": ns["dtype"],
+            "ref_dtype": ref["dtype"], "seq_len": seq_len, "batch": batch,
+            "nanoseek_over_reference": ns["tokens_per_s"] / ref["tokens_per_s"],
+            "peak_rss_nanoseek_over_reference": (ns["peak_rss_mib"] / ref["peak_rss_mib"]
+                                                 if ref["peak_rss_mib"] > 0 else None),
+            **machine,
+        })
+    return results
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+    """nanoseek's `model.flops_per_token(seq_len)`, for every implementation (identical shapes).
+
+    Built on the meta device, so it costs no memory and works when nanoseek is not benchmarked."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg).flops_per_token(seq_len)
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="gpt2-small", help="a GPT-2-shaped preset (default gpt2-small)")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="nanoseek's compute dtype (bfloat16 = CPU autocast)")
+    parser.add_argument("--ref-dtype", choices=tuple(DTYPES), default="float32",
+                        help="the reference's compute dtype")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the first round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
+    parser.add_argument("--peers", choices=("reference", "none"), default="reference")
+    parser.add_argument("--data", choices=("shakespeare", "random"), default="shakespeare")
+    parser.add_argument("--peak-seconds", type=float, default=1.5,
+                        help="seconds spent measuring the matmul peak per dtype")
+
+
+def _run_train(args: argparse.Namespace) -> list[dict]:
+    impls = ("nanoseek", "reference") if args.peers == "reference" else ("nanoseek",)
+    return bench_train(args.preset, impls, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
+                       ref_dtype=args.ref_dtype, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                       threads=args.threads, peak_seconds=args.peak_seconds, data=args.data)
+
+
+# WHAT -> (help, add the options, run -> result dicts)
+BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], list]]] = {
+    "train": ("training throughput, nanoseek vs a nanoGPT-style reference", _add_train_args, _run_train),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: nanoseek bench WHAT [options]   (WHAT --help for its options)", "", "WHAT:"]
+    lines += [f"  {name:10s} {help_}" for name, (help_, _, _) in BENCHES.items()]
+    return "\n".join(lines)
+
+
+def run_bench(argv: list[str]) -> int:
+    """`nanoseek bench WHAT ...`: print one JSON line per result to stdout, flushed; return 0."""
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    what, rest = argv[0], argv[1:]
+    if what not in BENCHES:
+        raise NanoseekError(f"unknown benchmark {what!r}; choose one of: {', '.join(BENCHES)}")
+    help_, add_args, run = BENCHES[what]
+    parser = argparse.ArgumentParser(prog=f"nanoseek bench {what}", description=help_)
+    add_args(parser)
+    args = parser.parse_args(rest)
+    for result in run(args):
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Script entry (benchmarks/bench_train.py): bench errors print as one line, exit status 2."""
+    try:
+        return run_bench(sys.argv[1:] if argv is None else argv)
+    except NanoseekError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,278 @@
+"""Checkpoints: a directory of safetensors + JSON, written atomically, never pickled.
+
+    CKPT/config.json          {"model_type": "nanoseek", "nanoseek": {ModelConfig fields}}
+    CKPT/model.safetensors    weights (a tied head is stored once, as the embedding)
+    CKPT/tokenizer.json       the tokenizer the model was trained with
+    CKPT/train_state.json     step, tokens, elapsed seconds, data-loader position, train config
+    CKPT/optimizer.safetensors optimizer moments, step counters and the torch RNG state
+
+A run directory holds `checkpoints/step-NNNNNNN/` and a `LATEST` file naming the newest one.
+Saving writes everything into a temporary sibling directory, fsyncs each file, then renames it into
+place and updates `LATEST` with an atomic replace, so an interrupted save never leaves a partial or
+overwritten checkpoint. `resolve_checkpoint` accepts a checkpoint dir or a run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .config import ModelConfig
+from .errors import NanoseekError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.json"
+OPTIM_FILE = "optimizer.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+LATEST = "LATEST"
+
+
+# ------------------------------------------------------------------------------------ paths
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir itself, or a run dir's latest checkpoint (via LATEST)."""
+    path = Path(path)
+    if not path.exists():
+        raise NanoseekError(f"checkpoint path {path} does not exist")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        ckpt = path / "checkpoints" / latest.read_text().strip()
+        if (ckpt / CONFIG_FILE).is_file():
+            return ckpt
+    raise NanoseekError(f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run dir with a {LATEST} file")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    try:
+        return resolve_checkpoint(Path(run_dir)) if (Path(run_dir) / LATEST).is_file() else None
+    except NanoseekError:
+        return None
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def _fsync_file(path: Path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def model_state_for_save(model) -> dict[str, torch.Tensor]:
+    """The state dict with a tied head dropped (stored once, as the embedding)."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def write_model_files(model, directory: Path, tokenizer_json: str | None = None):
+    """config.json + model.safetensors (+ tokenizer.json) into an existing directory."""
+    config = {"model_type": "nanoseek", "nanoseek": model.config.to_dict()}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(model_state_for_save(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    if tokenizer_json is not None:
+        (directory / TOKENIZER_FILE).write_text(tokenizer_json)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimizer state dict into safetensors-storable tensors and JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, train_state: dict | None = None,
+                    tokenizer_json: str | None = None, keep_last: int = 2) -> Path:
+    """Atomically write checkpoints/step-NNNNNNN under run_dir, update LATEST, prune old ones."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
+    try:
+        write_model_files(model, tmp, tokenizer_json)
+        if optimizer is not None:
+            tensors, meta = optimizer_tensors(optimizer)
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_file(tensors, str(tmp / OPTIM_FILE))
+            (train_state := dict(train_state or {}))["optimizer"] = meta
+        if train_state is not None:
+            (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=2))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # re-saving the same step: swap, never leave a gap without a checkpoint
+            trash = root / f".{name}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            final.rename(trash)
+            tmp.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(Path(run_dir) / LATEST, name + "\n")
+    prune_checkpoints(root, keep_last)
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int):
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # temporaries of interrupted saves
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise NanoseekError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoseekError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file (memory-mapped); corrupt or truncated files name themselves."""
+    if not Path(path).is_file():
+        raise NanoseekError(f"{path} is missing")
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+        return out
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise NanoseekError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+
+
+def model_config_from_json(cfg: dict, path: Path) -> ModelConfig:
+    if cfg.get("model_type") != "nanoseek" or "nanoseek" not in cfg:
+        raise NanoseekError(f"{path} is not a nanoseek config (model_type={cfg.get('model_type')!r})")
+    return ModelConfig.from_dict(cfg["nanoseek"])
+
+
+def materialize_buffers(model):
+    """Recompute non-persistent buffers (RoPE, sinusoid tables) left on the meta device."""
+    config = model.config
+    for name, module in model.named_modules():
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            fresh = type(module)(config)
+            for bname, buf in fresh.named_buffers(recurse=False):
+                setattr(module, bname, buf)
+
+
+def load_state_into(model, state: dict[str, torch.Tensor], source: Path, dtype=None):
+    """Assign tensors into a (meta) model, checking every key and shape; re-tie the head."""
+    expected = model.state_dict()
+    tied = model.config.tie_word_embeddings
+    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise NanoseekError(f"{source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise NanoseekError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
+                                f"the config needs {tuple(expected[key].shape)}")
+        if dtype is not None and tensor.is_floating_point() and not _keep_fp32(key):
+            state[key] = tensor.to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    materialize_buffers(model)
+
+
+def _keep_fp32(key: str) -> bool:
+    """Router weights and balancing biases stay fp32 (as HF keeps them)."""
+    return key.endswith(("gate.weight", "e_score_correction_bias"))
+
+
+def load_model(path: str | Path, dtype=None):
+    """Load a nanoseek checkpoint (or run dir, or HF-format dir) in eval mode."""
+    from .model import Transformer
+
+    ckpt = resolve_checkpoint(path)
+    cfg = read_json(ckpt / CONFIG_FILE)
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if cfg.get("model_type") != "nanoseek":
+        return load_foreign_model(ckpt, cfg, dtype)
+    config = model_config_from_json(cfg, ckpt / CONFIG_FILE)
+    with torch.device("meta"):
+        model = Transformer(config)
+    load_state_into(model, read_safetensors(ckpt / MODEL_FILE), ckpt / MODEL_FILE, dtype)
+    model.checkpoint_dir = ckpt
+    return model.eval()
+
+
+def load_foreign_model(ckpt: Path, cfg: dict, dtype):
+    """Hugging Face format folders (model_type deepseek_v2/v3/..., llama)."""
+    try:
+        from . import hf
+    except ImportError:
+        hf = None
+    if hf is None or not hasattr(hf, "load_hf_model"):
+        raise NanoseekError(f"{ckpt / CONFIG_FILE}: model_type={cfg.get('model_type')!r} is not a nanoseek "
+                            f"checkpoint, and this build cannot load Hugging Face folders")
+    return hf.load_hf_model(ckpt, dtype=dtype)
+
+
+def load_training_state(ckpt: Path, optimizer) -> dict:
+    """Restore optimizer moments and the torch RNG; return train_state.json as a dict."""
+    state = read_json(ckpt / STATE_FILE)
+    tensors = read_safetensors(ckpt / OPTIM_FILE)
+    meta = state.pop("optimizer")
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return state

@@ -1,0 +1,291 @@
+"""The `nanoseek` command: one subcommand per verb, each a plain function.
+
+    nanoseek train [CONFIG.toml] [--preset NAME] [--data PATH ...] [--out DIR] [--max-steps N]
+                   [--resume] [--section.field=VALUE ...]
+    nanoseek sample CKPT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    nanoseek eval CKPT [--data PATH]
+    nanoseek info (CKPT | --preset NAME)
+    nanoseek tokenizer train --vocab-size N [--kind bpe|char] --out FILE FILE...
+    nanoseek bench WHAT ...
+
+Bad input (NanoseekError) prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .config import build_train_config, parse_value
+from .errors import NanoseekError
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+def split_overrides(extra: list[str]) -> dict:
+    """`--a.b=v` or `--a.b v` -> {"a.b": parsed v}; anything else is an error."""
+    overrides, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise NanoseekError(f"unrecognized argument {arg!r}; overrides look like --section.field=VALUE")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(extra):
+            key, value = arg[2:], extra[i + 1]
+            i += 1
+        else:
+            raise NanoseekError(f"override {arg!r} has no value")
+        overrides[key] = parse_value(value)
+        i += 1
+    return overrides
+
+
+def cmd_train(args, extra) -> int:
+    from .train.loop import TrainingDiverged, train
+
+    overrides = split_overrides(extra)
+    if args.data:
+        overrides["data.path"] = args.data
+    if args.out:
+        overrides["out"] = args.out
+    if args.max_steps is not None:
+        overrides["train.max_steps"] = args.max_steps
+    cfg = build_train_config(args.config, args.preset, overrides)
+    print(f"training {cfg.preset} -> {cfg.out}", file=sys.stderr)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"nanoseek: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    if summary.get("stopped_by") == "interrupt":
+        print(f"interrupted: checkpoint saved; continue with: nanoseek train --out {cfg.out} --resume "
+              f"(plus the same arguments)", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ sample
+
+
+def load_model_and_tokenizer(path):
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+
+    model = load_model(path)
+    tok_path = Path(model.checkpoint_dir) / "tokenizer.json"
+    if not tok_path.is_file():
+        raise NanoseekError(f"{model.checkpoint_dir} has no tokenizer.json")
+    return model, load_tokenizer(tok_path)
+
+
+def cmd_sample(args, extra) -> int:
+    from .generate import TextStream
+
+    if extra:
+        raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tok = load_model_and_tokenizer(args.ckpt)
+    prompt = args.prompt if args.prompt is not None else "\n"
+    limit = model.config.max_position_embeddings
+    n_prompt = len(tok.encode(prompt))
+    if n_prompt == 0:
+        raise NanoseekError("--prompt is empty; give at least one character")
+    max_new = min(args.max_new_tokens, limit - n_prompt)
+    if max_new < 1:
+        raise NanoseekError(f"--prompt is {n_prompt} tokens; the model's context is {limit} tokens")
+    stream = TextStream(model, tok, prompt, max_new_tokens=max_new, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        repetition_penalty=args.repetition_penalty, stop=args.stop or None)
+    sys.stdout.write(prompt)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ eval / info
+
+
+def cmd_eval(args, extra) -> int:
+    import torch
+
+    from .checkpoint import read_json
+    from .dataset import iter_eval_batches
+
+    if extra:
+        raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    model, tok = load_model_and_tokenizer(args.ckpt)
+    state_file = Path(model.checkpoint_dir) / "train_state.json"
+    run_cfg = read_json(state_file)["config"] if state_file.is_file() else {}
+    seq_len = args.seq_len or run_cfg.get("data", {}).get("seq_len") or model.config.max_position_embeddings
+    tokens = eval_tokens(args.data, tok, run_cfg)
+    if len(tokens) < 2:
+        raise NanoseekError("the evaluation text has fewer than 2 tokens")
+    total_loss, total_tokens = 0.0, 0
+    with torch.inference_mode():
+        for x, y in iter_eval_batches(tokens, args.batch_size, seq_len, max_batches=args.max_batches):
+            logits = model(x).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+            total_loss += loss.item()
+            total_tokens += y.numel()
+    n_bytes = int(tok.token_byte_lengths()[tokens[1:1 + total_tokens]].sum()) if total_tokens else 0
+    loss = total_loss / total_tokens
+    print(json.dumps({"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens,
+                      "bits_per_byte": total_loss / math.log(2) / max(n_bytes, 1), "bytes": n_bytes,
+                      "seq_len": seq_len}))
+    return 0
+
+
+def eval_tokens(data_path, tok, run_cfg: dict):
+    """Tokens of --data (the whole file), else the validation split of the training corpus."""
+    import numpy as np
+
+    from .train.loop import BUNDLED_CORPUS
+
+    if data_path:
+        path = Path(data_path)
+        if not path.is_file():
+            raise NanoseekError(f"data file {path} does not exist")
+        raw = path.read_bytes()
+        if not raw:
+            raise NanoseekError(f"data file {path} is empty")
+        return np.asarray(tok.encode(raw), dtype=np.int64)
+    data = run_cfg.get("data", {})
+    files = data.get("path") or [str(BUNDLED_CORPUS)]
+    ids = []
+    for f in files:
+        if not Path(f).is_file():
+            raise NanoseekError(f"training data file {f} is gone; pass --data PATH")
+        ids.extend(tok.encode(Path(f).read_bytes()))
+    val_start = len(ids) - round(len(ids) * data.get("val_fraction", 0.1))
+    return np.asarray(ids[val_start:], dtype=np.int64)
+
+
+def cmd_info(args, extra) -> int:
+    from .config import ModelConfig
+    from .model import model_info
+
+    if extra:
+        raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    if args.preset:
+        config = ModelConfig.from_preset(args.preset)
+        source = {"preset": args.preset}
+    elif args.ckpt:
+        from .checkpoint import load_model
+
+        model = load_model(args.ckpt)
+        config, source = model.config, {"checkpoint": str(model.checkpoint_dir)}
+    else:
+        raise NanoseekError("give a checkpoint path or --preset NAME")
+    info = {**source, **model_info(config, args.seq_len),
+            "config": {k: v for k, v in config.to_dict().items()}}
+    print(json.dumps(info))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+
+def cmd_tokenizer(args, extra) -> int:
+    from .tokenizer import train_tokenizer
+
+    if extra:
+        raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    for f in args.files:
+        if not Path(f).is_file():
+            raise NanoseekError(f"data file {f} does not exist")
+    tok = train_tokenizer(args.kind, args.files, args.vocab_size)
+    tok.save(args.out)
+    print(json.dumps({"tokenizer": args.kind, "vocab_size": tok.vocab_size, "out": args.out}))
+    return 0
+
+
+def cmd_bench(args, extra) -> int:
+    from .bench import run_bench
+
+    return run_bench([args.what, *extra])
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (no arguments: the demo on the bundled corpus)")
+    t.add_argument("config", nargs="?", help="a TOML or JSON config file")
+    t.add_argument("--preset", help="named model config (see `nanoseek info --preset`)")
+    t.add_argument("--data", nargs="+", help="text files to train on (default: bundled tiny Shakespeare)")
+    t.add_argument("--out", help="run directory (default runs/default)")
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("ckpt")
+    s.add_argument("--prompt")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text")
+    e.add_argument("ckpt")
+    e.add_argument("--data", help="evaluate on this whole file (default: the training corpus's val split)")
+    e.add_argument("--seq-len", type=int)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-batches", type=int)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="parameters, FLOPs per token and KV-cache bytes per token")
+    i.add_argument("ckpt", nargs="?")
+    i.add_argument("--preset")
+    i.add_argument("--seq-len", type=int, help="context length for the FLOPs estimate")
+    i.set_defaults(func=cmd_info)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools")
+    tk_sub = tk.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tk_sub.add_parser("train", help="train a tokenizer and write tokenizer.json")
+    tt.add_argument("files", nargs="+")
+    tt.add_argument("--vocab-size", type=int, default=2048)
+    tt.add_argument("--kind", default="bpe", help="bpe (byte-level BPE) or char")
+    tt.add_argument("--out", default="tokenizer.json")
+    tt.set_defaults(func=cmd_tokenizer)
+
+    b = sub.add_parser("bench", help="benchmarks (JSON lines)", add_help=False)
+    b.add_argument("what")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args.func(args, extra)
+    except NanoseekError as e:
+        print(f"nanoseek: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nanoseek: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

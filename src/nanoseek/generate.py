@@ -1,0 +1,369 @@
+"""Autoregressive generation with a static key/value cache, and text streaming on top of it.
+
+Method (as gpt-fast and HF `generate` do it):
+
+1. Allocate one static cache per layer for exactly P + N positions (P prompt tokens, N new ones).
+2. Prefill: one forward over the prompt at positions 0..P-1 writes every layer's keys/values into
+   the cache; only the last position's logits are kept (`last_only=True`).
+3. Decode: each step feeds the single token just sampled at position p and attends to the cached
+   positions 0..p, so a step costs one token's forward instead of the whole sequence's.
+4. Sampling turns the logits (B, V) into the next token (B,), batched, in this order:
+       repetition penalty (CTRL): for tokens already seen, l -> l / r if l > 0 else l * r
+       temperature 0: argmax (greedy)
+       l -> l / T;  top-k: keep the k largest;  top-p (nucleus): keep the smallest set of most
+       likely tokens whose total probability is >= p (the most likely token always stays)
+       x ~ Multinomial(softmax(l)), drawn from a local `torch.Generator` when a seed is given.
+5. A row ends when it emits a stop id (eos); it then repeats that id, and the loop ends when
+   every row has ended or N tokens were made.
+
+`TextStream` runs the same loop for one prompt and yields text as it comes: token bytes go through
+an incremental UTF-8 decoder (a character split over tokens waits for its last byte), and the last
+`len(longest stop string) - 1` characters are held back until no stop string can start in them.
+
+    >>> model = Transformer(ModelConfig.from_preset("gpt2-tiny")).eval()
+    >>> generate(model, [1, 2, 3], max_new_tokens=4, temperature=0).shape
+    torch.Size([4])
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NanoseekError
+
+FINISH_REASONS = ("stop", "length")
+
+
+# ---------------------------------------------------------------------------- forward passes
+
+
+def prefill(model, input_ids: torch.Tensor, cache: list) -> torch.Tensor:
+    """Run the prompt (B, P) at positions 0..P-1, filling `cache`; return the last logits (B, V)."""
+    return model(input_ids, cache=cache, start=0, last_only=True).logits[:, -1]
+
+
+def decode_step(model, token: torch.Tensor, cache: list, pos: int) -> torch.Tensor:
+    """Run one token (B, 1) at position `pos` against the cache; return its logits (B, V)."""
+    return model(token, cache=cache, start=pos).logits[:, -1]
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def apply_repetition_penalty(logits: torch.Tensor, recent_tokens: torch.Tensor | None,
+                             penalty: float) -> torch.Tensor:
+    """CTRL penalty: divide positive logits of seen tokens by `penalty`, multiply negative ones."""
+    if penalty == 1.0 or recent_tokens is None or recent_tokens.numel() == 0:
+        return logits
+    seen = logits.gather(-1, recent_tokens)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, recent_tokens, seen)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest of its row to -inf."""
+    k = min(k, logits.shape[-1])
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability sums to >= p; -inf the rest."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the most likely token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                recent_tokens: torch.Tensor | None = None,
+                repetition_penalty: float = 1.0) -> torch.Tensor:
+    """Next token ids (B,) int64 from logits (B, V); temperature 0 is greedy."""
+    logits = apply_repetition_penalty(logits.float(), recent_tokens, repetition_penalty)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise NanoseekError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise NanoseekError(f"top_k={self.top_k} must be >= 1 (or None for no limit)")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise NanoseekError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise NanoseekError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)")
+
+    def make_generator(self, device: torch.device) -> torch.Generator | None:
+        """A local generator seeded with `seed`; None (the global RNG) when there is no seed."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+# ---------------------------------------------------------------------------- the generation core
+
+
+def model_device(model, fallback: torch.device) -> torch.device:
+    """Device of the model's first parameter; `fallback` for a model without parameters."""
+    params = model.parameters() if hasattr(model, "parameters") else iter(())
+    first = next(iter(params), None)
+    return fallback if first is None else first.device
+
+
+def as_batch(input_ids: torch.Tensor | Sequence[int], device: torch.device | None = None
+             ) -> tuple[torch.Tensor, bool]:
+    """(B, P) int64 prompt ids and whether the input was a single 1-D prompt."""
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.tensor(list(input_ids), dtype=torch.long)
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise NanoseekError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() not in (1, 2):
+        raise NanoseekError(f"input_ids must be (T,) or (B, T), got shape {tuple(input_ids.shape)}")
+    single = input_ids.dim() == 1
+    batch = input_ids.unsqueeze(0) if single else input_ids
+    device = device if device is not None else batch.device
+    return batch.to(device=device, dtype=torch.long), single
+
+
+def check_lengths(prompt_len: int, max_new_tokens: int, context: int) -> None:
+    if prompt_len == 0:
+        raise NanoseekError("the prompt is empty: generation needs at least one prompt token")
+    if max_new_tokens < 0:
+        raise NanoseekError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if prompt_len + max_new_tokens > context:
+        raise NanoseekError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+            f"{prompt_len + max_new_tokens} exceeds the context limit of {context} positions "
+            f"(max_position_embeddings); shorten the prompt or lower max_new_tokens")
+
+
+class TokenLoop:
+    """The one prefill/decode/sample loop; iterate it to get the next ids (B,) step by step.
+
+    Validation happens in the constructor; the model is switched to eval mode while the loop runs
+    and put back in its previous mode when it ends (or is closed). Every step runs under
+    `torch.inference_mode()`; nothing happens between steps, so a consumer can stream.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, max_new_tokens: int,
+                 options: SamplingOptions, stop_ids: Sequence[int] = ()):
+        options.validate()
+        check_lengths(input_ids.shape[1], max_new_tokens, model.config.max_position_embeddings)
+        self.model = model
+        self.input_ids = input_ids
+        self.max_new_tokens = max_new_tokens
+        self.options = options
+        self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
+        self.generator = options.make_generator(input_ids.device)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.max_new_tokens == 0:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self._start()
+            for step in range(self.max_new_tokens):
+                yield self._step(step)
+                if self._all_finished():
+                    return
+        finally:
+            self.model.train(was_training)
+
+    @torch.inference_mode()
+    def _start(self) -> None:
+        batch, total = self.input_ids.shape[0], self.prompt_len + self.max_new_tokens
+        self.cache = self.model.make_cache(batch, total)
+        self.history = torch.zeros(batch, total, dtype=torch.long, device=self.input_ids.device)
+        self.history[:, :self.prompt_len] = self.input_ids
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=self.input_ids.device)
+
+    @torch.inference_mode()
+    def _step(self, step: int) -> torch.Tensor:
+        end = self.prompt_len + step  # position of the token sampled in this step
+        if step == 0:
+            logits = prefill(self.model, self.input_ids, self.cache)
+        else:
+            logits = decode_step(self.model, self.history[:, end - 1:end], self.cache, end - 1)
+        token = self._sample(logits, self.history[:, :end])
+        if self.stop_ids.numel():
+            token = torch.where(self.finished, self.stop_ids[0], token)
+            self.finished |= torch.isin(token, self.stop_ids)
+        self.history[:, end] = token
+        return token
+
+    def _sample(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        return sample_next(logits, o.temperature, o.top_k, o.top_p, self.generator,
+                           recent_tokens=seen, repetition_penalty=o.repetition_penalty)
+
+    def _all_finished(self) -> bool:
+        return bool(self.stop_ids.numel()) and bool(self.finished.all())
+
+
+def stop_id_list(eos_id: int | None, stop_ids: Sequence[int] | None) -> list[int]:
+    """eos first (finished rows repeat the first id), then the other stop ids."""
+    ids = [] if eos_id is None else [int(eos_id)]
+    return ids + [int(i) for i in (stop_ids or ()) if int(i) not in ids]
+
+
+# ---------------------------------------------------------------------------- token ids
+
+
+def generate(model, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 32,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, seed: int | None = None, eos_id: int | None = None,
+             stop_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """The new token ids after `input_ids` (B, T) -> (B, n_new); a 1-D prompt gives (n_new,).
+
+    Rows that emit `eos_id` (or one of `stop_ids`) repeat it afterwards; generation ends early
+    once every row has finished.
+    """
+    ids, single = as_batch(input_ids, model_device(model, torch.device("cpu")))
+    options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed)
+    loop = TokenLoop(model, ids, max_new_tokens, options, stop_id_list(eos_id, stop_ids))
+    steps = list(loop)
+    # stacking outside inference mode gives an ordinary tensor the caller may use freely
+    new = torch.stack(steps, dim=1) if steps else ids.new_empty((ids.shape[0], 0))
+    return new[0] if single else new
+
+
+# ---------------------------------------------------------------------------- text
+
+
+class StopStringFilter:
+    """Passes text through, holding back what could still become the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add `text`; return (text proven safe, whether a stop string was found)."""
+        self.pending += text
+        cut = self._first_stop()
+        if cut is not None:
+            safe, self.pending = self.pending[:cut], ""
+            return safe, True
+        keep = len(self.pending) - self.hold
+        if keep <= 0:
+            return "", False
+        safe, self.pending = self.pending[:keep], self.pending[keep:]
+        return safe, False
+
+    def flush(self) -> str:
+        rest, self.pending = self.pending, ""
+        return rest
+
+    def _first_stop(self) -> int | None:
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        return min(hits) if hits else None
+
+
+def check_stop_strings(stop: Sequence[str] | str | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise NanoseekError(f"stop strings must be non-empty strings, got {stops!r}")
+    return stops
+
+
+class TextStream:
+    """Iterate to get the completion of `prompt` as text pieces, as tokens are produced.
+
+    Never yields half a UTF-8 character, nor a stop string or anything after it. When iteration
+    ends, `finish_reason` is "stop" (eos or a stop string) or "length" (max_new_tokens reached) and
+    `completion_tokens` counts the tokens sampled (the eos or stop-completing token included).
+    """
+
+    def __init__(self, model, tokenizer, prompt: str, max_new_tokens: int = 128,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stops = check_stop_strings(stop)
+        prompt_ids = tokenizer.encode(prompt)
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        ids, _ = as_batch(prompt_ids, model_device(model, torch.device("cpu")))
+        options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed)
+        self._loop = TokenLoop(model, ids, max_new_tokens, options, stop_id_list(tokenizer.eos_id, None))
+        self._pieces = self._generate_pieces()
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop early; the model goes back to its previous train/eval mode."""
+        self._pieces.close()
+
+    def _generate_pieces(self) -> Iterator[str]:
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stop_filter = StopStringFilter(self.stops)
+        hit_eos = False
+        tokens = iter(self._loop)
+        try:
+            for token in tokens:
+                self.completion_tokens += 1
+                token_id = int(token[0])
+                if token_id == self.tokenizer.eos_id:
+                    hit_eos = True
+                    break
+                safe, stopped = stop_filter.push(utf8.decode(self.tokenizer.decode_bytes([token_id])))
+                if stopped:
+                    self.finish_reason = "stop"
+                if safe:
+                    yield safe
+                if stopped:
+                    return
+        finally:
+            tokens.close()
+        safe, stopped = stop_filter.push(utf8.decode(b"", final=True))
+        rest = safe if stopped else safe + stop_filter.flush()
+        self.finish_reason = "stop" if stopped or hit_eos else "length"
+        if rest:
+            yield rest
+
+
+stream_text = TextStream
+
+
+def complete(model, tokenizer, prompt: str, **options) -> tuple[str, str]:
+    """The whole completion of `prompt` and its finish reason ("stop" or "length")."""
+    stream = TextStream(model, tokenizer, prompt, **options)
+    text = "".join(stream)
+    return text, stream.finish_reason

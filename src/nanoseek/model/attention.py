@@ -1,0 +1,78 @@
+"""Scaled dot-product attention and multi-head attention (MHA, GQA, MQA).
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V          (M = causal mask: -inf above the diagonal)
+    MHA(x) = Concat_i(Attention(x W_i^Q, x W_i^K, x W_i^V)) W^O
+
+Q, K and V come from one fused projection. With grouped-query attention (GQA) each of the
+H_kv key/value heads serves H / H_kv query heads; MQA is H_kv = 1. Rotary positions, when
+configured, rotate q and k before the product. The kernel is PyTorch's
+`scaled_dot_product_attention`.
+
+    >>> cfg = ModelConfig.from_preset("gpt2-tiny")
+    >>> MultiHeadAttention(cfg)(torch.randn(1, 5, 64)).shape
+    torch.Size([1, 5, 64])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .kv_cache import DenseKVCache
+from .position import apply_rope, softmax_scale
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                     scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v for queries at positions start..start+T-1.
+
+    q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v) where S = start + T keys.
+    """
+    t, s = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if t == s:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              dropout_p=dropout, enable_gqa=gqa)
+    if t == 1:  # one new query sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    query_pos = torch.arange(start, start + t, device=q.device)[:, None]
+    mask = torch.arange(s, device=q.device)[None, :] <= query_pos
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          dropout_p=dropout, enable_gqa=gqa)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.attn_head_dim
+        self.dropout = config.attention_dropout
+        self.interleave = config.rope_interleave
+        self.scale = softmax_scale(config, self.head_dim)
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> DenseKVCache:
+        return DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, rope=None, cache: DenseKVCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+        dropout = self.dropout if self.training else 0.0
+        y = causal_attention(q, k, v, start, self.scale, dropout)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))

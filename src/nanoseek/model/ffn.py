@@ -1,0 +1,48 @@
+"""Position-wise feed-forward networks.
+
+    ReLU (Vaswani):  FFN(x) = max(0, x W1 + b1) W2 + b2
+    GELU (GPT-2):    FFN(x) = GELU(x W1 + b1) W2 + b2
+    SwiGLU (Llama, DeepSeek dense layers):  FFN(x) = W_down (SiLU(W_gate x) * W_up x)
+
+The SwiGLU gate and up projections are one fused matmul (`gate_up_proj`, gate rows first).
+
+    >>> MLP(64, 256, "relu")(torch.randn(2, 3, 64)).shape
+    torch.Size([2, 3, 64])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Two linear layers around a ReLU or GELU."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "relu", bias: bool = True):
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = F.relu if activation == "relu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.hidden, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def make_dense_ffn(kind: str, dim: int, hidden: int, bias: bool) -> nn.Module:
+    if kind == "swiglu":
+        return SwiGLU(dim, hidden, bias)
+    return MLP(dim, hidden, kind, bias)

@@ -1,0 +1,108 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3).
+
+Per token t and head i (D = hidden, C = kv_lora_rank, R = qk_rope_head_dim):
+    c_Q = RMSNorm(W_DQ h)                        (or a direct projection when q_lora_rank is unset)
+    [q_C_i ; q_R_i] = W_UQ c_Q,        q_R_i = RoPE(q_R_i)
+    [c_KV ; k_R] = W_DKV h,            c_KV = RMSNorm(c_KV),  k_R = RoPE(k_R)   (k_R shared by all heads)
+    [k_C_i ; v_i] = W_UKV c_KV,        k_i = [k_C_i ; k_R],   q_i = [q_C_i ; q_R_i]
+    o_i = softmax(q_i . k_j * scale) v_j,    out = W_O [o_1 .. o_H]
+with scale = (d_nope + d_rope)^-0.5, times mscale^2 under YaRN.
+
+The KV cache holds only c_KV (C) and k_R (R) per token. Decoding uses the absorbed form: since
+q_C_i . k_C_i = (W_UK_i^T q_C_i) . c_KV, the key up-projection folds into the query and attention
+runs as multi-query attention over the latent itself,
+    o_i = W_UV_i (softmax([W_UK_i^T q_C_i ; q_R_i] . [c_KV ; k_R] * scale) c_KV),
+so the per-head keys and values are never materialized. Training and prefill use the expanded form.
+
+Weights carry Hugging Face names (`q_a_proj`, `q_a_layernorm`, `q_b_proj`/`q_proj`,
+`kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`); q heads are laid out [nope | rope].
+
+    >>> cfg = ModelConfig.from_preset("deepseek-v3-tiny")
+    >>> MultiHeadLatentAttention(cfg)(torch.randn(1, 5, cfg.hidden_size)).shape
+    torch.Size([1, 5, 64])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import causal_attention
+from .kv_cache import LatentKVCache
+from .norm import RMSNorm
+from .position import apply_rope, softmax_scale
+
+LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h = config.hidden_size, config.num_attention_heads
+        self.n_heads = h
+        self.nope, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.latent_dim = config.kv_lora_rank
+        self.interleave = config.rope_interleave
+        self.scale = softmax_scale(config, self.nope + self.rope_dim)
+        self.dropout = config.attention_dropout
+        self.absorb = True  # absorbed decode; False = expand cached latents (for testing)
+        bias = config.attention_bias
+        q_out = h * (self.nope + self.rope_dim)
+        if config.q_lora_rank:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, q_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.latent_dim + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.latent_dim, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.latent_dim, h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> LatentKVCache:
+        return LatentKVCache(batch, max_len, self.latent_dim, self.rope_dim, dtype, device)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x_BTD: torch.Tensor, rope, cache: LatentKVCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        b, t, _ = x_BTD.shape
+        cos, sin = rope
+        q_BHTQ = self.query(x_BTD).view(b, t, self.n_heads, -1).transpose(1, 2)
+        q_nope_BHTN, q_rope_BHTR = q_BHTQ.split([self.nope, self.rope_dim], dim=-1)
+        q_rope_BHTR = apply_rope(q_rope_BHTR, cos, sin, self.interleave)
+        latent_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.latent_dim, self.rope_dim], dim=-1)
+        latent_BTC = self.kv_a_layernorm(latent_BTC)
+        k_rope_BTR = apply_rope(k_rope_BTR, cos, sin, self.interleave)
+        if cache is not None:
+            latent_BTC, k_rope_BTR = cache.update(start, latent_BTC, k_rope_BTR)
+        if cache is not None and start > 0 and self.absorb:
+            o_BHTV = self.attend_absorbed(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start)
+        else:
+            o_BHTV = self.attend_expanded(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start)
+        return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
+
+    def attend_expanded(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start: int):
+        """Materialize per-head keys and values from the latents, then SDPA."""
+        b, s, _ = latent_BSC.shape
+        kv_BHSX = self.kv_b_proj(latent_BSC).view(b, s, self.n_heads, -1).transpose(1, 2)
+        k_nope_BHSN, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
+        k_rope_BHSR = k_rope_BSR[:, None].expand(b, self.n_heads, s, self.rope_dim)
+        q = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
+        k = torch.cat([k_nope_BHSN, k_rope_BHSR], dim=-1)
+        dropout = self.dropout if self.training else 0.0
+        return causal_attention(q, k, v_BHSV, start, self.scale, dropout)
+
+    def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start: int):
+        """Fold W_UK into the query and W_UV after attention: MQA over [c_KV ; k_R]."""
+        w_BHXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)
+        w_uk_HNC, w_uv_HVC = w_BHXC.split([self.nope, self.v_dim], dim=1)
+        q_latent_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope_BHTN, w_uk_HNC.to(q_nope_BHTN.dtype))
+        q = torch.cat([q_latent_BHTC, q_rope_BHTR], dim=-1)
+        k = torch.cat([latent_BSC, k_rope_BSR], dim=-1)[:, None]
+        o_latent_BHTC = causal_attention(q, k, latent_BSC[:, None], start, self.scale)
+        return torch.einsum("bhtc,hvc->bhtv", o_latent_BHTC, w_uv_HVC.to(o_latent_BHTC.dtype))

@@ -1,0 +1,178 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts, with auxiliary-loss-free balancing.
+
+    y = SharedMLP(x) + sum_{e in TopK(x)} w_e * Expert_e(x),    Expert_e(x) = W2_e (SiLU(W1_e x) * W3_e x)
+
+Router (logits in fp32, s = affinity):
+    V2 (softmax):  s = softmax(x W_g^T); greedy top-K of s, or group-limited: keep the `topk_group`
+                   groups with the highest max score, zero the rest, then top-K.
+    V3 (sigmoid, noaux_tc):  s = sigmoid(x W_g^T); selection uses s + b (per-expert bias b);
+                   group score = sum of the top-2 biased scores in the group, keep `topk_group`
+                   groups (others -inf), then top-K.  Weights come from the UNBIASED s.
+    w = s_TopK (/ sum, if norm_topk_prob) * routed_scaling_factor
+
+Auxiliary-loss-free balancing (V3): after each optimizer step, b_e += gamma * sign(mean_load - load_e),
+so an overloaded expert gets chosen less. b is a buffer, never trained by the optimizer.
+Optional sequence-wise balance loss: alpha * sum_e f_e P_e with f_e = E/(K T) * #tokens of the
+sequence routed to e and P_e = mean_t s'_{e,t} (s' = scores normalized per token).
+
+Dispatch is vectorized: the T*K (token, expert) pairs are sorted by expert and every expert's tokens
+go through one grouped matmul (`torch._grouped_mm` with offsets; a per-expert matmul fallback).
+
+Names follow Hugging Face in memory: `gate.weight` [E, D], `gate.e_score_correction_bias` [E],
+`experts.gate_up_proj` [E, 2I, D] (gate rows first), `experts.down_proj` [E, D, I], `shared_experts`.
+
+    >>> moe = MoE(ModelConfig.from_preset("deepseek-v3-tiny"))
+    >>> moe(torch.randn(2, 3, 64)).shape
+    torch.Size([2, 3, 64])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .ffn import SwiGLU
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e = config.n_routed_experts
+        self.n_experts, self.top_k = e, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.scoring, self.method = config.scoring_func, config.topk_method
+        self.normalize, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(e, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(e))
+
+    def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        return logits_NE.sigmoid() if self.scoring == "sigmoid" else logits_NE.softmax(-1)
+
+    def select(self, scores_NE: torch.Tensor) -> torch.Tensor:
+        """Indices (N, K) of the chosen experts; the bias (noaux_tc) influences only this choice."""
+        if self.method == "noaux_tc":
+            choice_NE = scores_NE + self.e_score_correction_bias
+        else:
+            choice_NE = scores_NE
+        if self.n_group > 1 and self.method != "greedy":
+            n = choice_NE.shape[0]
+            grouped_NGX = choice_NE.view(n, self.n_group, -1)
+            if self.method == "noaux_tc":
+                group_NG = grouped_NGX.topk(min(2, grouped_NGX.shape[-1]), dim=-1).values.sum(-1)
+                fill = float("-inf")
+            else:
+                group_NG = grouped_NGX.amax(-1)
+                fill = 0.0
+            keep_NG = group_NG.topk(self.topk_group, dim=-1).indices
+            mask_NG = torch.ones_like(group_NG, dtype=torch.bool).scatter_(1, keep_NG, False)
+            choice_NE = grouped_NGX.masked_fill(mask_NG[..., None], fill).view(n, -1)
+        return choice_NE.topk(self.top_k, dim=-1, sorted=False).indices
+
+    def forward(self, x_ND: torch.Tensor):
+        scores_NE = self.scores(x_ND)
+        idx_NK = self.select(scores_NE)
+        w_NK = scores_NE.gather(1, idx_NK)
+        if self.normalize:
+            w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
+        return idx_NK, w_NK * self.scaling, scores_NE
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights, applied with a grouped matmul."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_MD: token copies sorted by expert; counts_E: how many rows each expert owns."""
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_MD.dtype
+        x_MD = x_MD.to(dtype)
+        h_MX = grouped_matmul(x_MD, self.gate_up_proj.to(dtype), counts_E)
+        gate_MI, up_MI = h_MX.split(self.hidden, dim=-1)
+        return grouped_matmul(F.silu(gate_MI) * up_MI, self.down_proj.to(dtype), counts_E)
+
+
+def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x owned by expert e times w[e]^T, for all experts at once."""
+    if x_MK.shape[0] == 0:
+        return x_MK.new_zeros(0, w_EOK.shape[1])
+    offsets = counts_E.cumsum(0).to(torch.int32)
+    if hasattr(torch, "_grouped_mm") and x_MK.device.type in ("cpu", "cuda"):
+        try:
+            return torch._grouped_mm(x_MK, w_EOK.transpose(1, 2), offs=offsets)
+        except (RuntimeError, NotImplementedError):
+            pass
+    pieces = x_MK.split(counts_E.tolist())
+    return torch.cat([p @ w_EOK[e].T for e, p in enumerate(pieces)])
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.gamma = config.bias_update_speed
+        self.aux_alpha = config.aux_loss_alpha
+        self.balance_bias = config.topk_method == "noaux_tc"
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config.n_routed_experts, d, config.moe_intermediate_size)
+        shared = config.moe_intermediate_size * config.n_shared_experts
+        self.shared_experts = SwiGLU(d, shared) if shared else None
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def reset_extra_parameters(self, std: float, out_std: float):
+        nn.init.normal_(self.gate.weight, 0.0, std)
+        nn.init.normal_(self.experts.gate_up_proj, 0.0, std)
+        nn.init.normal_(self.experts.down_proj, 0.0, out_std)
+
+    def inactive_params(self) -> int:
+        """Parameters of the routed experts a token does not use."""
+        per_expert = self.experts.gate_up_proj[0].numel() + self.experts.down_proj[0].numel()
+        return (self.n_experts - self.top_k) * per_expert
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        b, t, d = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, d)
+        idx_NK, w_NK, scores_NE = self.gate(x_ND)
+        counts_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
+        order_M = idx_NK.flatten().argsort(stable=True)
+        token_M = order_M // self.top_k
+        y_MD = self.experts(x_ND[token_M], counts_E)
+        y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
+        out_ND = torch.zeros(x_ND.shape[0], d, dtype=y_MD.dtype, device=x_ND.device).index_add_(0, token_M, y_MD)
+        if self.shared_experts is not None:
+            out_ND = out_ND + self.shared_experts(x_ND)
+        if self.training:
+            self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
+            self.aux_loss = self.sequence_balance_loss(scores_NE, idx_NK, b, t) if self.aux_alpha else None
+        return out_ND.view(b, t, d).to(x_BTD.dtype)
+
+    def sequence_balance_loss(self, scores_NE, idx_NK, b: int, t: int) -> torch.Tensor:
+        """alpha * sum_e f_e P_e per sequence, averaged over the batch."""
+        e, k = self.n_experts, self.top_k
+        s_BTE = (scores_NE / scores_NE.sum(-1, keepdim=True)).view(b, t, e)
+        hits_BE = torch.zeros(b, e, device=scores_NE.device).scatter_add_(
+            1, idx_NK.view(b, t * k), torch.ones(b, t * k, device=scores_NE.device))
+        f_BE = hits_BE * e / (k * t)
+        return self.aux_alpha * (f_BE * s_BTE.mean(1)).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> dict:
+        """b_e += gamma * sign(mean load - load_e); returns load statistics of the last step."""
+        load = self.tokens_per_expert
+        total = load.sum()
+        stats = {}
+        if total > 0:
+            mean = load.mean()
+            stats = {"max_over_mean": (load.max() / mean).item(), "load": (load / total).tolist()}
+            if self.balance_bias and self.gamma:
+                self.gate.e_score_correction_bias += self.gamma * torch.sign(mean - load)
+        self.tokens_per_expert.zero_()
+        return stats

@@ -1,0 +1,278 @@
+"""The decoder-only Transformer: embed -> N blocks -> norm -> head.
+
+Pre-norm block (GPT-2, Llama, DeepSeek):
+    h = h + Dropout(Attn(Norm1(h)));   h = h + Dropout(FFN(Norm2(h)))
+Post-norm block (the original Transformer):
+    h = Norm1(h + Dropout(Attn(h)));   h = Norm2(h + Dropout(FFN(h)))
+Input:  h_0 = E[token] * (sqrt(d) if embedding_scale) + PE[pos]   (additive positions only)
+Output: logits = Norm(h_N) W_head^T   (W_head = E when the head is tied)
+
+Every swappable part is chosen by name through the registries of its module. The model knows
+nothing of training; `forward` takes optional targets and returns the loss with the logits.
+
+    >>> model = Transformer(ModelConfig.from_preset("gpt2-tiny"))
+    >>> model(torch.zeros(1, 4, dtype=torch.long)).logits.shape
+    torch.Size([1, 4, 128])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MultiHeadAttention
+from .ffn import make_dense_ffn
+from .mla import MultiHeadLatentAttention
+from .moe import MoE
+from .mtp import MTPModule
+from .norm import make_norm
+from .position import ADDITIVE_POSITIONS, RotaryEmbedding
+
+ATTENTIONS = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mqa": MultiHeadAttention,
+              "mla": MultiHeadLatentAttention}
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    aux: dict = field(default_factory=dict)  # extra losses and statistics (detached where logged)
+    hidden: torch.Tensor | None = None
+
+
+def make_attention(config: ModelConfig, layer: int) -> nn.Module:
+    return ATTENTIONS[config.attention](config)
+
+
+def make_ffn(config: ModelConfig, layer: int) -> nn.Module:
+    if config.is_moe_layer(layer):
+        return MoE(config)
+    kind = "swiglu" if config.ffn == "moe" else config.ffn  # the dense layers of an MoE model
+    return make_dense_ffn(kind, config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attn_norm = make_norm(config.norm, config.hidden_size, config.rms_norm_eps)
+        self.self_attn = make_attention(config, layer)
+        self.ffn_norm = make_norm(config.norm, config.hidden_size, config.rms_norm_eps)
+        self.mlp = make_ffn(config, layer)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, h: torch.Tensor, rope=None, cache=None, start: int = 0) -> torch.Tensor:
+        if self.pre_norm:
+            h = h + self.dropout(self.self_attn(self.attn_norm(h), rope, cache, start))
+            return h + self.dropout(self.mlp(self.ffn_norm(h)))
+        h = self.attn_norm(h + self.dropout(self.self_attn(h, rope, cache, start)))
+        return self.ffn_norm(h + self.dropout(self.mlp(h)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.pos_embed = (ADDITIVE_POSITIONS[config.position](config)
+                          if config.position in ADDITIVE_POSITIONS else None)
+        self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
+        self.embed_dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        n_layers = config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPModule(config, n_layers + k, Block)
+                                 for k in range(config.num_nextn_predict_layers))
+        self.norm = make_norm(config.norm, d, config.rms_norm_eps) if config.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.embed_scale = math.sqrt(d) if config.embedding_scale else 1.0
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self):
+        """N(0, initializer_range) everywhere; output projections scaled by 1/sqrt(2 * layers)."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers) if self.config.depth_scaled_init else std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, out_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                emb_std = self.config.hidden_size ** -0.5 if self.config.embedding_scale else std
+                nn.init.normal_(module.weight, 0.0, emb_std)
+        if self.pos_embed is not None and hasattr(self.pos_embed, "weight"):
+            nn.init.normal_(self.pos_embed.weight, 0.0, std)
+        for module in self.modules():
+            if hasattr(module, "reset_extra_parameters"):
+                module.reset_extra_parameters(std, out_std)
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.embed_scale != 1.0:
+            h = h * self.embed_scale
+        if self.pos_embed is not None:
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            h = h + self.pos_embed(positions)
+        return self.embed_dropout(h)
+
+    def rope(self, start: int, length: int, device):
+        if self.rotary is None:
+            return None
+        return self.rotary(torch.arange(start, start + length, device=device))
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: list | None = None, start: int = 0, last_only: bool = False) -> ModelOutput:
+        """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, V) (or (B, 1, V))."""
+        self._check_length(start + input_ids.shape[1])
+        h = self.embed(input_ids, start)
+        rope = self.rope(start, input_ids.shape[1], input_ids.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, None if cache is None else cache[i], start)
+        hidden = h
+        h = self.norm(h)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(h)
+        loss, aux = None, {}
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            if len(self.mtp):
+                aux["mtp_loss"] = self.mtp_loss(hidden, targets, rope)
+            balance = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+            if balance and self.training:
+                aux["balance_loss"] = torch.stack(balance).sum()
+        return ModelOutput(logits=logits, loss=loss, aux=aux, hidden=hidden)
+
+    def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, rope) -> torch.Tensor:
+        """(lambda / D) sum_k CE of module k predicting t_{i+1+k} from h^{k-1}_i and t_{i+k}."""
+        depth, total = len(self.mtp), 0.0
+        h = hidden
+        for k, module in enumerate(self.mtp, start=1):
+            t = targets.shape[1] - k
+            if t < 1:
+                break
+            # targets[:, i] = t_{i+1}, so t_{i+k} = targets[:, i+k-1] and t_{i+1+k} = targets[:, i+k]
+            emb_next = self.embed_tokens(targets[:, k - 1:k - 1 + t].clamp(min=0)) * self.embed_scale
+            rope_k = None if rope is None else (rope[0][:t], rope[1][:t])
+            h = module(h[:, :t], emb_next, rope_k)
+            logits = self.lm_head(module.shared_head.norm(h))
+            total = total + F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:k + t].flatten(),
+                                            ignore_index=-1)
+        return self.config.mtp_loss_weight / depth * total
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def after_optimizer_step(self) -> dict:
+        """Auxiliary-loss-free balancing: nudge each MoE router bias; return load statistics."""
+        stats = [m.update_balance_bias() for m in self.moe_layers()]
+        stats = [s for s in stats if s]
+        if not stats:
+            return {}
+        return {"moe_max_over_mean": sum(s["max_over_mean"] for s in stats) / len(stats),
+                "moe_load": [[round(x, 4) for x in s["load"]] for s in stats]}
+
+    def _check_length(self, end: int):
+        limit = self.config.max_position_embeddings
+        if end > limit:
+            raise ValueError(f"sequence of {end} positions exceeds max_position_embeddings={limit}")
+
+    def make_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None) -> list:
+        """One static cache per layer, for `max_len` positions (default: the whole context)."""
+        max_len = max_len or self.config.max_position_embeddings
+        param = next(self.parameters())
+        dtype = dtype or param.dtype
+        device = device or param.device
+        return [layer.self_attn.make_cache(batch, max_len, dtype, device) for layer in self.layers]
+
+    # ------------------------------------------------------------------ estimators
+    def num_params(self) -> dict:
+        return count_params(self)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        return flops_per_token(self.config, self.num_params()["matmul_active"], seq_len)
+
+
+# ---------------------------------------------------------------------------- estimators
+
+
+def _unique_numel(params) -> int:
+    seen, total = set(), 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _inactive(module: nn.Module) -> int:
+    return sum(m.inactive_params() for m in module.modules() if isinstance(m, MoE))
+
+
+def count_params(model: Transformer) -> dict:
+    """Parameters of the main model (MTP modules counted apart, as DeepSeek publishes them).
+
+    `active` = what one token uses (routed experts it is not sent to excluded, embedding table
+    included); `matmul_active` excludes the embedding lookups and counts the head (for FLOPs).
+    """
+    mtp = _unique_numel(model.mtp.parameters())
+    total = _unique_numel(model.parameters()) - mtp
+    active = total - (_inactive(model) - _inactive(model.mtp))
+    lookup = model.embed_tokens.weight.numel()
+    if model.pos_embed is not None and hasattr(model.pos_embed, "weight"):
+        lookup += model.pos_embed.weight.numel()
+    head = model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
+    return {"total": total, "active": active, "matmul_active": active - lookup + head,
+            "mtp": mtp, "mtp_active": mtp - _inactive(model.mtp)}
+
+
+def attention_dims(config: ModelConfig) -> tuple[int, int]:
+    """(query/key dim, value dim) per head."""
+    if config.attention == "mla":
+        return config.qk_head_dim, config.v_head_dim
+    return config.attn_head_dim, config.attn_head_dim
+
+
+def flops_per_token(config: ModelConfig, matmul_params: int, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 N + 6 L H (d_qk + d_v) T, as nanoGPT/PaLM."""
+    t = seq_len or config.max_position_embeddings
+    d_qk, d_v = attention_dims(config)
+    attn = 6 * config.num_hidden_layers * config.num_attention_heads * (d_qk + d_v) * t
+    return float(6 * matmul_params + attn)
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
+    """Bytes the KV cache holds per token over all layers (default bf16)."""
+    if config.attention == "mla":
+        per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        per_layer = 2 * config.n_kv_heads * config.attn_head_dim
+    return config.num_hidden_layers * per_layer * dtype_bytes
+
+
+def model_info(config: ModelConfig, seq_len: int | None = None) -> dict:
+    """The figures `nanoseek info` prints, computed on the meta device (no memory for weights)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    params = count_params(model)
+    return {
+        "params_total": params["total"],
+        "params_active": params["active"],
+        "params_mtp": params["mtp"],
+        "params_mtp_active": params["mtp_active"],
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config),
+        "kv_cache_dtype": "bfloat16",
+        "flops_per_token": flops_per_token(config, params["matmul_active"], seq_len),
+        "flops_seq_len": seq_len or config.max_position_embeddings,
+    }

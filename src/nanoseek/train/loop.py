@@ -1,0 +1,334 @@
+"""The training loop: one explicit loop from data to checkpoint.
+
+    for step:  lr = peak * schedule(step, progress)
+               for micro in accumulation:  loss = model(x, y) / accum;  loss.backward()
+               g = clip(grads, max_norm)     (the pre-clip norm is logged)
+               optimizer.step();  model.after_optimizer_step()  (e.g. MoE bias balancing)
+               log / eval / checkpoint;  stop on steps, tokens, wall-clock, Ctrl-C or a non-finite loss
+
+Outputs under `out`: metrics.jsonl (one JSON object per logged step and per eval), loss.png,
+train_config.json (the full TrainConfig), tokenizer.json, data/ (token shards) and checkpoints/.
+Resume (`resume=True`) restores weights, optimizer moments, RNG, data position and counters, so a
+run interrupted after step N continues with bitwise-identical losses (fp32, same thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt_io
+from ..config import TrainConfig
+from ..errors import NanoseekError
+from ..model import Transformer
+from .optim import lr_multiplier, make_optimizer, set_lr
+
+BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left intact."""
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens consumed (global)
+    elapsed: float = 0.0  # seconds of training across resumes
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def setup_tokenizer(cfg: TrainConfig, out: Path, files: list[str]):
+    from ..tokenizer import load_tokenizer, train_tokenizer
+
+    saved = out / "tokenizer.json"
+    if saved.is_file():
+        return load_tokenizer(saved)
+    kind = cfg.data.tokenizer
+    if kind in ("char", "bpe"):
+        tok = train_tokenizer(kind, files, cfg.data.vocab_size)
+    else:
+        tok = load_tokenizer(kind)
+    tok.save(saved)
+    return tok
+
+
+def setup_data(cfg: TrainConfig, out: Path):
+    from ..dataset import TokenDataset, prepare_corpus
+
+    files = cfg.data.path or [str(BUNDLED_CORPUS)]
+    for f in files:
+        if not Path(f).is_file():
+            raise NanoseekError(f"data file {f} does not exist")
+        if Path(f).stat().st_size == 0:
+            raise NanoseekError(f"data file {f} is empty")
+    tok = setup_tokenizer(cfg, out, files)
+    shard_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "data"
+    prepare_corpus(files, shard_dir, tok, val_fraction=cfg.data.val_fraction)
+    return tok, TokenDataset(shard_dir)
+
+
+def autocast_context(dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def progress_fraction(cfg: TrainConfig, state: RunState) -> float:
+    limits = cfg.train
+    parts = []
+    if limits.max_steps:
+        parts.append(state.step / limits.max_steps)
+    if limits.max_tokens:
+        parts.append(state.tokens / limits.max_tokens)
+    if limits.max_seconds:
+        parts.append(state.elapsed / limits.max_seconds)
+    return max(parts) if parts else 0.0
+
+
+def finished(cfg: TrainConfig, state: RunState) -> bool:
+    return progress_fraction(cfg, state) >= 1.0
+
+
+@torch.no_grad()
+def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, dtype: str, seed: int = 0) -> float:
+    """Mean loss over `batches` fixed random windows of a split (the same windows every call)."""
+    from ..dataset import BatchLoader
+
+    was_training = model.training
+    model.eval()
+    loader = BatchLoader(tokens, batch_size, seq_len, seed=seed)
+    total = 0.0
+    with autocast_context(dtype):
+        for _ in range(batches):
+            x, y = loader.next()
+            total += model(x, y).loss.item()
+    model.train(was_training)
+    return total / batches
+
+
+def eval_record(step: int, val_loss: float, bytes_per_token: float) -> dict:
+    return {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
+            "val_bits_per_byte": val_loss / math.log(2) / bytes_per_token}
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+class MetricsLog:
+    """metrics.jsonl, truncated on resume to what the checkpoint had seen."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.records: list[dict] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= resume_step:
+                    self.records.append(rec)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: dict):
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: list[dict], path: Path, title: str = ""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) sets a flag; the loop saves a checkpoint after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> Transformer:
+    model_cfg = cfg.model
+    if model_cfg.vocab_size < vocab_size:
+        model_cfg = model_cfg.replace(vocab_size=vocab_size)
+        cfg.model = model_cfg
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(model_cfg)
+
+
+def maybe_compile(model, enabled: bool):
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
+        print(f"torch.compile unavailable ({e}); running eager")
+        return model
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+    """Run training as configured; return a summary dict (also the last eval)."""
+    from ..dataset import BatchLoader
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, data = setup_data(cfg, out)
+    model = build_model(cfg, tok.vocab_size)
+    optimizer = make_optimizer(model, cfg.optim)
+    loader = BatchLoader(data.split("train"), cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed)
+    val_tokens = data.split("val")
+    val_bpt = data.bytes_per_token("val")
+    state = RunState()
+
+    resume_from = ckpt_io.latest_checkpoint(out) if resume else None
+    if resume and resume_from is None and not quiet:
+        print(f"no checkpoint under {out}; starting from scratch")
+    if resume_from is not None:
+        weights = ckpt_io.read_safetensors(resume_from / ckpt_io.MODEL_FILE)
+        ckpt_io.load_state_into(model, weights, resume_from / ckpt_io.MODEL_FILE)
+        saved = ckpt_io.load_training_state(resume_from, optimizer)
+        state = RunState(saved["step"], saved["tokens"], saved["elapsed"])
+        loader.load_state_dict(saved["loader"])
+    (out / "train_config.json").write_text(cfg.to_json())
+    metrics = MetricsLog(out / "metrics.jsonl", state.step if resume_from else None)
+    step_fn = maybe_compile(model, cfg.train.compile)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+    tokenizer_json = (out / "tokenizer.json").read_text()
+
+    def save():
+        train_state = {"step": state.step, "tokens": state.tokens, "elapsed": state.elapsed,
+                       "loader": loader.state_dict(), "config": cfg.to_dict()}
+        return ckpt_io.save_checkpoint(out, state.step, model, optimizer, train_state, tokenizer_json,
+                                       cfg.checkpoint.keep_last)
+
+    def run_eval():
+        val = evaluate(model, val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches,
+                       cfg.train.dtype, seed=cfg.train.seed + 1)
+        rec = eval_record(state.step, val, val_bpt)
+        metrics.write(rec)
+        return rec
+
+    from tqdm.auto import tqdm
+
+    total = cfg.train.max_steps or None
+    bar = tqdm(total=total, initial=state.step, disable=quiet or not cfg.log.progress,
+               dynamic_ncols=True, desc="train")
+    model.train()
+    last_eval: dict = {}
+    stopped_by = "budget"
+    window_t0, window_tokens = time.perf_counter(), 0
+    with StopFlag() as stop:
+        while not finished(cfg, state):
+            t0 = time.perf_counter()
+            lr = cfg.optim.lr * lr_multiplier(cfg.schedule, state.step, progress_fraction(cfg, state))
+            set_lr(optimizer, lr)
+            loss_sum = 0.0
+            aux_log: dict = {}
+            for _ in range(cfg.train.grad_accum):
+                x, y = loader.next()
+                with autocast_context(cfg.train.dtype):
+                    output = step_fn(x, y)
+                    loss = output.loss
+                    for value in output.aux.values():
+                        if isinstance(value, torch.Tensor) and value.requires_grad:
+                            loss = loss + value
+                (loss / cfg.train.grad_accum).backward()
+                loss_sum += output.loss.item()
+                aux_log = {k: float(v) for k, v in output.aux.items() if not isinstance(v, dict)}
+            loss_value = loss_sum / cfg.train.grad_accum
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {state.step + 1}; stopping. The last good checkpoint "
+                    f"is kept in {out} (try a lower --optim.lr, currently {cfg.optim.lr})")
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            balance_stats = model.after_optimizer_step()
+            state.step += 1
+            state.tokens += tokens_per_step
+            state.elapsed += time.perf_counter() - t0
+            window_tokens += tokens_per_step
+            bar.update(1)
+
+            if state.step % cfg.log.every == 0 or finished(cfg, state):
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_t0, 1e-9)
+                window_t0, window_tokens = now, 0
+                rec = {"step": state.step, "loss": loss_value, "lr": lr, "tokens_per_s": tps,
+                       "grad_norm": grad_norm, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 3)}
+                rec.update(aux_log)
+                rec.update(balance_stats)
+                metrics.write(rec)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            if cfg.eval.every and state.step % cfg.eval.every == 0 and not finished(cfg, state):
+                last_eval = run_eval()
+                bar.write(f"step {state.step}: val loss {last_eval['val_loss']:.4f}, "
+                          f"{last_eval['val_bits_per_byte']:.3f} bits/byte")
+                window_t0 = time.perf_counter()  # evaluation time is not training throughput
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not finished(cfg, state):
+                save()
+                window_t0 = time.perf_counter()
+            if stop.requested:
+                stopped_by = "interrupt"
+                break
+    bar.close()
+    if stopped_by == "budget":
+        last_eval = run_eval()
+    path = save()
+    if cfg.log.plot:
+        plot_losses(metrics.records, out / "loss.png", title=f"{cfg.preset} on {', '.join(map(str, cfg.data.path)) or 'tinyshakespeare'}")
+    summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 2),
+               "checkpoint": str(path), "stopped_by": stopped_by, **last_eval}
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,118 @@
+"""`nanoseek bench train`: smoke runs at tiny shapes, and the reference GPT's equivalence."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from nanoseek import bench
+from nanoseek.config import ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.model import Transformer
+
+TINY = dict(seq_len=16, batch=2, steps=2, warmup=1, rounds=2, threads=1, peak_seconds=0.1)
+
+
+def reference_for(cfg: ModelConfig):
+    ref = bench.load_reference()
+    return ref.GPT(ref.GPTConfig(block_size=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
+                                 n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
+                                 n_embd=cfg.hidden_size, dropout=0.0, bias=True))
+
+
+def test_bench_train_smoke():
+    results = bench.bench_train("gpt2-tiny", **TINY)
+    by_impl = {r["impl"]: r for r in results}
+    assert [r["impl"] for r in results] == ["nanoseek", "reference", "ratio"]
+    for impl in ("nanoseek", "reference"):
+        r = by_impl[impl]
+        assert r["bench"] == "train" and r["preset"] == "gpt2-tiny" and r["dtype"] == "float32"
+        assert r["seq_len"] == 16 and r["batch"] == 2 and r["threads"] == 1
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+        assert r["seconds"] > 0 and len(r["tokens_per_s_rounds"]) == 2
+        assert math.isfinite(r["loss"]) and 0 < r["loss"] < 6
+        assert r["mfu"] is not None and 0 < r["mfu"] < 10
+        assert r["peak_rss_mib"] >= 0
+        assert isinstance(r["torch"], str) and isinstance(r["cpu"], str)
+        json.dumps(r)
+    # identical shapes: the same FLOPs per token for both
+    assert by_impl["nanoseek"]["flops_per_token"] == by_impl["reference"]["flops_per_token"]
+    ratio = by_impl["ratio"]["nanoseek_over_reference"]
+    assert math.isfinite(ratio) and ratio > 0
+    assert torch.get_num_threads() == 1  # restored
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt2-small"])
+def test_reference_has_nanoseeks_parameters(preset):
+    cfg = ModelConfig.from_preset(preset).replace(vocab_size=65, max_position_embeddings=16)
+    model, ref = Transformer(cfg), reference_for(cfg)
+    ref_total = sum(p.numel() for p in ref.parameters())  # parameters() skips the tied duplicate
+    assert model.num_params()["total"] == ref_total
+    assert sorted(p.shape for p in model.parameters()) == sorted(p.shape for p in ref.parameters())
+    # nanoGPT's estimate_mfu: 6 N + 12 L C T with N excluding the position table
+    expected = 6 * ref.get_num_params() + 12 * cfg.num_hidden_layers * cfg.hidden_size * 16
+    assert model.flops_per_token(16) == expected
+
+
+def test_reference_learns_a_repeated_batch():
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("gpt2-tiny").replace(vocab_size=65, max_position_embeddings=16)
+    model = reference_for(cfg)
+    opt = model.configure_optimizers(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95))
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, dims=1)
+    losses = []
+    for _ in range(20):
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0  # ~4.2 -> ~2.2
+    # decay on 2-D tensors only
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_run_bench_prints_json_lines(capsys):
+    code = bench.run_bench(["train", "--preset", "gpt2-tiny", "--seq-len", "8", "--batch", "1",
+                            "--steps", "1", "--warmup", "0", "--rounds", "1", "--threads", "1",
+                            "--peers", "none", "--peak-seconds", "0.05", "--data", "random"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["impl"] for r in lines] == ["nanoseek"]
+    assert lines[0]["data"] == "random" and lines[0]["tokens_per_s"] > 0
+
+
+def test_unknown_benchmark_lists_choices():
+    with pytest.raises(NanoseekError, match="choose one of: train"):
+        bench.run_bench(["nonsense"])
+
+
+def test_reference_needs_a_gpt2_preset():
+    with pytest.raises(NanoseekError, match="not GPT-2-shaped"):
+        bench.bench_train("llama-tiny", **TINY)
+
+
+def test_bad_arguments():
+    with pytest.raises(NanoseekError, match="dtype"):
+        bench.bench_train("gpt2-tiny", dtype="float16")
+    with pytest.raises(NanoseekError, match="steps"):
+        bench.bench_train("gpt2-tiny", steps=0)
+    with pytest.raises(NanoseekError, match="unknown implementation"):
+        bench.bench_train("gpt2-tiny", impls=("hf",))
+
+
+def test_missing_reference_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "REFERENCE_PATH", tmp_path / "reference_gpt.py")
+    monkeypatch.delitem(sys.modules, "nanoseek_reference_gpt", raising=False)
+    with pytest.raises(NanoseekError, match="--peers none"):
+        bench.load_reference()
+
+
+def test_matmul_peak_is_positive():
+    assert bench.measure_matmul_peak("float32", threads=1, seconds=0.05) > 0

@@ -1,0 +1,305 @@
+"""Generation: cached decoding matches full recompute, sampling filters, stopping, text streaming."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from nanoseek import ModelConfig, NanoseekError, Transformer
+from nanoseek.generate import (
+    TextStream,
+    apply_repetition_penalty,
+    complete,
+    decode_step,
+    generate,
+    prefill,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
+
+EOS = 256  # the fake byte tokenizer: ids 0..255 are bytes, 256+ are special
+
+
+class ByteTokenizer:
+    eos_id = EOS
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode_bytes(self, ids) -> bytes:
+        return bytes(i for i in ids if i < 256)
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+class ScriptedModel(nn.Module):
+    """Emits a fixed token script per row after a prompt of `prompt_len` tokens, then EOS.
+
+    The logits at absolute position q favour script[q + 1 - prompt_len] by a margin of 100.
+    Records every forward call as (start, length) and every cache request's length.
+    """
+
+    def __init__(self, scripts: list[list[int]], prompt_len: int):
+        super().__init__()
+        self.config = ModelConfig.from_preset("gpt2-tiny", vocab_size=260, max_position_embeddings=256)
+        self.scripts = scripts
+        self.prompt_len = prompt_len
+        self.calls: list[tuple[int, int]] = []
+        self.cache_lengths: list[int] = []
+
+    def make_cache(self, batch, max_len=None, dtype=None, device=None):
+        self.cache_lengths.append(max_len)
+        return [None] * self.config.num_hidden_layers
+
+    def _next_token(self, row: int, position: int) -> int:
+        script = self.scripts[row % len(self.scripts)]
+        index = position + 1 - self.prompt_len
+        return script[index] if 0 <= index < len(script) else EOS
+
+    def forward(self, input_ids, targets=None, cache=None, start=0, last_only=False):
+        batch, length = input_ids.shape
+        self.calls.append((start, length))
+        logits = torch.zeros(batch, length, self.config.vocab_size)
+        for row in range(batch):
+            for j in range(length):
+                logits[row, j, self._next_token(row, start + j)] = 100.0
+        return SimpleNamespace(logits=logits[:, -1:] if last_only else logits)
+
+
+def scripted(text: str, prompt: str = "hi") -> ScriptedModel:
+    return ScriptedModel([list(text.encode("utf-8"))], prompt_len=len(prompt.encode("utf-8")))
+
+
+def tiny_model(preset: str = "gpt2-tiny") -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_preset(preset)).eval()
+
+
+def argmax_by_recompute(model: Transformer, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            next_id = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, next_id], dim=1)
+    return seq[:, prompt.shape[1]:]
+
+
+# ---------------------------------------------------------------------------- cache correctness
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "vaswani-tiny"])
+def test_cached_logits_equal_full_recompute(preset):
+    model = tiny_model(preset)
+    seq = torch.randint(0, model.config.vocab_size, (2, 13))
+    prompt_len = 7
+    with torch.inference_mode():
+        full = model(seq).logits
+        cache = model.make_cache(2, seq.shape[1])
+        step_logits = [prefill(model, seq[:, :prompt_len], cache)]
+        for pos in range(prompt_len, seq.shape[1] - 1):
+            step_logits.append(decode_step(model, seq[:, pos:pos + 1], cache, pos))
+    assert len(step_logits) == 6  # prefill + 5 decode steps
+    for i, logits in enumerate(step_logits):
+        assert logits.shape == (2, model.config.vocab_size)
+        assert (logits - full[:, prompt_len - 1 + i]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_greedy_generate_equals_argmax_recompute(preset):
+    model = tiny_model(preset)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    out = generate(model, prompt, max_new_tokens=8, temperature=0)
+    assert out.shape == (2, 8) and out.dtype == torch.long
+    assert torch.equal(out, argmax_by_recompute(model, prompt, 8))
+    assert not out.is_inference()  # usable outside inference mode
+
+
+def test_list_prompt_gives_1d_tensor():
+    model = tiny_model()
+    out = generate(model, [3, 1, 4, 1, 5], max_new_tokens=6, temperature=0)
+    expected = argmax_by_recompute(model, torch.tensor([[3, 1, 4, 1, 5]]), 6)[0]
+    assert out.shape == (6,) and torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_same_seed_same_tokens_different_seed_different():
+    model = tiny_model()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 4))
+    a = generate(model, prompt, max_new_tokens=8, temperature=1.0, seed=1)
+    b = generate(model, prompt, max_new_tokens=8, temperature=1.0, seed=1)
+    c = generate(model, prompt, max_new_tokens=8, temperature=1.0, seed=2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=0.0)])
+def test_degenerate_sampling_equals_greedy(options):
+    model = tiny_model("llama-tiny")
+    prompt = torch.randint(0, model.config.vocab_size, (2, 4))
+    greedy = argmax_by_recompute(model, prompt, 8)
+    out = generate(model, prompt, max_new_tokens=8, seed=3, **{"temperature": 1.0, **options})
+    assert torch.equal(out, greedy)
+
+
+def test_top_k_filter_keeps_k_largest():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept.tolist() == [[False, True, False, True, False]]
+    assert torch.isfinite(top_k_filter(logits, 99)).all()
+
+
+def test_top_p_filter_keeps_smallest_nucleus():
+    logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log()  # ranked: 1 (.5), 3 (.3), 0, 2
+    assert torch.isfinite(top_p_filter(logits, 0.7)).tolist() == [[False, True, False, True]]
+    assert torch.isfinite(top_p_filter(logits, 0.45)).tolist() == [[False, True, False, False]]
+    for p in (1e-9, 0.0):  # the top token always stays
+        assert torch.isfinite(top_p_filter(logits, p)).tolist() == [[False, True, False, False]]
+
+
+def test_repetition_penalty_lowers_repeated_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [2.0, -1.0, 0.5]])
+    seen = torch.tensor([[0, 1, 1], [2, 2, 2]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5], [2.0, -1.0, 0.25]]
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    logits = torch.tensor([[2.0, 1.5, 0.0], [2.0, 1.5, 0.0]])
+    seen = torch.tensor([[0], [2]])
+    picked = sample_next(logits, 0.0, None, None, None, recent_tokens=seen, repetition_penalty=2.0)
+    assert picked.tolist() == [1, 0] and picked.dtype == torch.int64
+
+
+def test_sample_next_batched_respects_top_k():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.zeros(4, 10)
+    logits[:, 7] = 1.0
+    logits[:, 2] = 1.0
+    picks = torch.stack([sample_next(logits, 1.0, 2, None, gen) for _ in range(20)])
+    assert picks.shape == (20, 4)
+    assert set(picks.flatten().tolist()) == {2, 7}
+
+
+@pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0),
+                                     dict(top_p=1.5), dict(repetition_penalty=0.0)])
+def test_bad_sampling_options_raise(options):
+    with pytest.raises(NanoseekError):
+        generate(tiny_model(), [1, 2], max_new_tokens=2, **options)
+
+
+# ---------------------------------------------------------------------------- lengths, modes, stops
+
+
+def test_too_long_request_raises_with_the_numbers():
+    model = tiny_model()
+    with pytest.raises(NanoseekError) as err:
+        generate(model, torch.zeros(1, 250, dtype=torch.long), max_new_tokens=10)
+    message = str(err.value)
+    assert "250" in message and "10" in message and "256" in message
+    with pytest.raises(NanoseekError):
+        generate(model, [], max_new_tokens=4)
+
+
+def test_prefill_then_one_decode_per_token_in_an_exact_cache():
+    model = scripted("abcdef")
+    out = generate(model, [1, 2], max_new_tokens=4, temperature=0)
+    assert out.tolist() == list(b"abcd")
+    assert model.cache_lengths == [2 + 4]
+    assert model.calls == [(0, 2), (2, 1), (3, 1), (4, 1)]
+
+
+def test_model_mode_restored():
+    model = tiny_model()
+    model.train()
+    generate(model, [1, 2, 3], max_new_tokens=3, temperature=0)
+    assert model.training
+    model.eval()
+    generate(model, [1, 2, 3], max_new_tokens=3, temperature=0)
+    assert not model.training
+
+
+def test_eos_stops_each_row_and_the_batch_early():
+    model = ScriptedModel([[5, EOS, 9, 9], [5, 6, 7, EOS]], prompt_len=2)  # row 0 pads with EOS
+    out = generate(model, torch.ones(2, 2, dtype=torch.long), max_new_tokens=10, temperature=0, eos_id=EOS)
+    assert out.tolist() == [[5, EOS, EOS, EOS], [5, 6, 7, EOS]]
+    assert len(model.calls) == 4  # prefill + 3 decode steps, not 10
+    no_eos = generate(model, torch.ones(2, 2, dtype=torch.long), max_new_tokens=10, temperature=0)
+    assert no_eos.shape == (2, 10)
+
+
+def test_stop_ids_end_generation():
+    out = generate(scripted("abcdef"), [1, 2], max_new_tokens=10, temperature=0, stop_ids=[ord("c")])
+    assert out.tolist() == list(b"abc")
+
+
+# ---------------------------------------------------------------------------- text streaming
+
+
+def stream(text: str, max_new_tokens: int = 64, **options) -> tuple[list[str], TextStream]:
+    s = TextStream(scripted(text), ByteTokenizer(), "hi", max_new_tokens=max_new_tokens,
+                   temperature=0, **options)
+    return list(s), s
+
+
+def test_stream_stops_before_stop_string():
+    pieces, s = stream("hello world. more", stop=["."])
+    assert "".join(pieces) == "hello world"
+    assert s.finish_reason == "stop"
+    assert s.completion_tokens == len("hello world.")
+    assert len(pieces) > 1  # streamed, not returned at the end
+
+
+def test_stop_string_split_across_tokens():
+    pieces, s = stream("hello world. more", stop=["wor", "zzz"])
+    assert "".join(pieces) == "hello " and s.finish_reason == "stop"
+    assert not any("w" in p for p in pieces)
+
+
+def test_earliest_stop_string_wins():
+    pieces, _ = stream("hello world", stop=["o", "lo w"])
+    assert "".join(pieces) == "hell"  # "o" completes first; "lo w" never does
+    pieces, _ = stream("hello world", stop=["ld", "world"])  # both complete with the "d"
+    assert "".join(pieces) == "hello "
+
+
+def test_stream_length_and_eos_reasons():
+    pieces, s = stream("hello world", max_new_tokens=5, stop=["xyz"])
+    assert "".join(pieces) == "hello" and s.finish_reason == "length" and s.completion_tokens == 5
+    pieces, s = stream("hi!")  # the script ends in EOS
+    assert "".join(pieces) == "hi!" and s.finish_reason == "stop" and s.completion_tokens == 4
+
+
+def test_stream_never_yields_half_a_character():
+    text = "秦🙂"
+    pieces, s = stream(text)
+    assert pieces == ["秦", "🙂"]
+    assert all("\ufffd" not in p for p in pieces)
+    pieces, _ = stream(text, stop=["abc"])
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    pieces, s = stream(text, stop=["🙂"])
+    assert pieces == ["秦"] and s.finish_reason == "stop"
+
+
+def test_complete_joins_the_stream():
+    model = scripted("hello world. more")
+    assert complete(model, ByteTokenizer(), "hi", temperature=0, stop=["."]) == ("hello world", "stop")
+    text, reason = complete(model, ByteTokenizer(), "hi", max_new_tokens=3, temperature=1.0, seed=0)
+    assert (text, reason) == ("hel", "length")
+
+
+def test_closing_a_stream_restores_the_model_mode():
+    model = scripted("hello world")
+    model.train()
+    s = TextStream(model, ByteTokenizer(), "hi", temperature=0)
+    assert next(s) == "h" and not model.training
+    s.close()
+    assert model.training and math.isfinite(s.completion_tokens)

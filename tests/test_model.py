@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model import model_info
+from nanoseek.model.attention import causal_attention
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.position import apply_rope, rope_inv_freq, sinusoidal_table
+
+TINY = ["vaswani-tiny", "gpt2-tiny", "llama-tiny"]
+
+
+def make(name, **kw):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_preset(name, **kw))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_shapes_and_every_parameter_gets_a_gradient(name):
+    model = make(name)
+    x = torch.randint(0, 128, (2, 12))
+    out = model(x, targets=x)
+    assert out.logits.shape == (2, 12, 128)
+    out.loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_causality_future_tokens_never_change_earlier_logits(name):
+    model = make(name).eval()
+    x = torch.randint(0, 128, (1, 10))
+    y = x.clone()
+    y[0, 6:] = (y[0, 6:] + 17) % 128
+    a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :6], b[:, :6], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_initial_loss_is_near_uniform():
+    model = make("gpt2-tiny")
+    x, y = torch.randint(0, 128, (4, 32)), torch.randint(0, 128, (4, 32))
+    assert abs(model(x, targets=y).loss.item() - math.log(128)) < 0.3
+
+
+def test_tied_head_shares_the_embedding():
+    model = make("gpt2-tiny")
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert make("llama-tiny").lm_head.weight is not make("llama-tiny").embed_tokens.weight
+
+
+def test_vaswani_is_post_norm_with_scaled_sinusoidal_input():
+    model = make("vaswani-tiny")
+    assert model.config.norm_position == "post" and model.embed_scale == pytest.approx(8.0)
+    x = torch.tensor([[3, 5]])
+    expected = model.embed_tokens.weight[x] * 8.0 + sinusoidal_table(256, 64)[:2]
+    torch.testing.assert_close(model.embed(x), expected)
+
+
+def test_sinusoidal_table_matches_the_formula():
+    table = sinusoidal_table(50, 8)
+    pos, i = 7, 2
+    assert table[pos, 2 * i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / 8)), abs=1e-6)
+    assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)), abs=1e-6)
+
+
+def test_sdpa_path_equals_explicit_softmax_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+    torch.testing.assert_close(causal_attention(q, k, v, 0), scores.softmax(-1) @ v, atol=1e-6, rtol=1e-5)
+
+
+def test_rmsnorm_formula():
+    x = torch.randn(3, 16)
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.mul_(2.0)
+    expected = 2.0 * x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(norm(x), expected)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_makes_scores_depend_on_relative_position(interleave):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    inv = rope_inv_freq(16, 10000.0)
+    angles = torch.arange(40.0)[:, None] * inv
+    cos, sin = angles.cos(), angles.sin()
+
+    def score(m, n):
+        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1], interleave)
+                * apply_rope(k, cos[n:n + 1], sin[n:n + 1], interleave)).sum()
+
+    assert score(5, 2).item() == pytest.approx(score(30, 27).item(), abs=1e-4)
+    assert score(5, 2).item() != pytest.approx(score(5, 4).item(), abs=1e-4)
+
+
+def test_info_counts_parameters_and_kv_bytes():
+    info = model_info(ModelConfig.from_preset("gpt2-small"))
+    # 4 layers x 12 d^2 + (vocab 128 + 256 positions) x d + norms/biases
+    model = make("gpt2-small")
+    assert info["params_total"] == sum(p.numel() for p in model.parameters())
+    assert info["kv_cache_bytes_per_token"] == 4 * 2 * 128 * 2
+    assert info["flops_per_token"] > 6 * 4 * 12 * 128 ** 2
+    gqa = model_info(ModelConfig.from_preset("llama-tiny"))
+    assert gqa["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # layers, k+v, kv heads, head dim, bf16
+
+
+def test_depth_scaled_init_of_output_projections():
+    model = make("gpt2-small")
+    std_out = model.layers[0].self_attn.o_proj.weight.std().item()
+    std_in = model.layers[0].self_attn.qkv_proj.weight.std().item()
+    assert std_out == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
+    assert std_in == pytest.approx(0.02, rel=0.1)
+
+
+def test_dropout_only_in_training():
+    model = make("gpt2-tiny", hidden_dropout=0.5, attention_dropout=0.5)
+    x = torch.randint(0, 128, (1, 8))
+    model.eval()
+    torch.testing.assert_close(model(x).logits, model(x).logits)
+    model.train()
+    assert not torch.allclose(model(x).logits, model(x).logits)
+
+
+def test_context_limit_is_enforced():
+    model = make("gpt2-tiny")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 257, dtype=torch.long))

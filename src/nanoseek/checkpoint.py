@@ -204,8 +204,11 @@ def materialize_buffers(model):
                 setattr(module, bname, buf)
 
 
-def load_state_into(model, state: dict[str, torch.Tensor], source: Path, dtype=None):
-    """Assign tensors into a (meta) model, checking every key and shape; re-tie the head."""
+def load_state_into(model, state: dict[str, torch.Tensor], source: Path, dtype=None, assign: bool = True):
+    """Put tensors into a model, checking every key and shape.
+
+    assign=True swaps in the loaded tensors (for a model built on the meta device; the tied head is
+    re-tied); assign=False copies into the existing parameters (which an optimizer may hold)."""
     expected = model.state_dict()
     tied = model.config.tie_word_embeddings
     missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
@@ -219,8 +222,8 @@ def load_state_into(model, state: dict[str, torch.Tensor], source: Path, dtype=N
                                 f"the config needs {tuple(expected[key].shape)}")
         if dtype is not None and tensor.is_floating_point() and not _keep_fp32(key):
             state[key] = tensor.to(dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
+    model.load_state_dict(state, strict=False, assign=assign)
+    if tied and assign:
         model.lm_head.weight = model.embed_tokens.weight
     materialize_buffers(model)
 

@@ -56,7 +56,6 @@ def cmd_train(args, extra) -> int:
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
     cfg = build_train_config(args.config, args.preset, overrides)
-    print(f"training {cfg.preset} -> {cfg.out}", file=sys.stderr)
     try:
         summary = train(cfg, resume=args.resume)
     except TrainingDiverged as e:

@@ -30,6 +30,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
 
     q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v) where S = start + T keys.
     """
+    d_v = v.shape[-1]
+    if d_v != q.shape[-1]:  # the CPU flash kernel needs equal head dims; zero padding changes nothing
+        scale = scale if scale is not None else q.shape[-1] ** -0.5
+        width = max(d_v, q.shape[-1])
+        q, k, v = (F.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
+        return causal_attention(q, k, v, start, scale, dropout)[..., :d_v]
     t, s = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
     if t == s:

@@ -223,18 +223,19 @@ def _inactive(module: nn.Module) -> int:
 def count_params(model: Transformer) -> dict:
     """Parameters of the main model (MTP modules counted apart, as DeepSeek publishes them).
 
-    `active` = what one token uses (routed experts it is not sent to excluded, embedding table
-    included); `matmul_active` excludes the embedding lookups and counts the head (for FLOPs).
+    `active` = what one token uses, DeepSeek's way: routed experts it is not sent to excluded, and the
+    input embedding table excluded (a lookup, not compute); `active_with_embeddings` adds it back.
+    `matmul_active` is `active` plus a tied head (for FLOPs).
     """
     mtp = _unique_numel(model.mtp.parameters())
     total = _unique_numel(model.parameters()) - mtp
-    active = total - (_inactive(model) - _inactive(model.mtp))
+    used = total - (_inactive(model) - _inactive(model.mtp))
     lookup = model.embed_tokens.weight.numel()
     if model.pos_embed is not None and hasattr(model.pos_embed, "weight"):
         lookup += model.pos_embed.weight.numel()
     head = model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
-    return {"total": total, "active": active, "matmul_active": active - lookup + head,
-            "mtp": mtp, "mtp_active": mtp - _inactive(model.mtp)}
+    return {"total": total, "active": used - lookup, "active_with_embeddings": used,
+            "matmul_active": used - lookup + head, "mtp": mtp, "mtp_active": mtp - _inactive(model.mtp)}
 
 
 def attention_dims(config: ModelConfig) -> tuple[int, int]:
@@ -269,6 +270,7 @@ def model_info(config: ModelConfig, seq_len: int | None = None) -> dict:
     return {
         "params_total": params["total"],
         "params_active": params["active"],
+        "params_active_with_embeddings": params["active_with_embeddings"],
         "params_mtp": params["mtp"],
         "params_mtp_active": params["mtp_active"],
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config),

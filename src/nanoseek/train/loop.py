@@ -212,8 +212,11 @@ def maybe_compile(model, enabled: bool):
         return model
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """Run training as configured; return a summary dict (also the last eval)."""
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> dict:
+    """Run training as configured; return a summary dict (also the last eval).
+
+    `stop_after`: behave as if Ctrl-C arrived during that step (scripted interruption).
+    """
     from ..dataset import BatchLoader
 
     if cfg.train.threads:
@@ -233,7 +236,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
         print(f"no checkpoint under {out}; starting from scratch")
     if resume_from is not None:
         weights = ckpt_io.read_safetensors(resume_from / ckpt_io.MODEL_FILE)
-        ckpt_io.load_state_into(model, weights, resume_from / ckpt_io.MODEL_FILE)
+        ckpt_io.load_state_into(model, weights, resume_from / ckpt_io.MODEL_FILE, assign=False)
         saved = ckpt_io.load_training_state(resume_from, optimizer)
         state = RunState(saved["step"], saved["tokens"], saved["elapsed"])
         loader.load_state_dict(saved["loader"])
@@ -318,7 +321,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not finished(cfg, state):
                 save()
                 window_t0 = time.perf_counter()
-            if stop.requested:
+            if stop.requested or state.step == stop_after:
                 stopped_by = "interrupt"
                 break
     bar.close()

@@ -1,0 +1,207 @@
+"""Training loop, checkpoints and exact resume (tiny model, tiny corpus, fp32, one thread)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import checkpoint as ckpt_io
+from nanoseek import load_model
+from nanoseek.cli import main as cli_main
+from nanoseek.config import ScheduleConfig, build_train_config
+from nanoseek.errors import NanoseekError
+from nanoseek.train import loop
+from nanoseek.train.optim import lr_multiplier, parameter_groups
+
+CORPUS = Path(__file__).resolve().parents[1] / "src" / "nanoseek" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_bytes(CORPUS.read_bytes()[:60_000])
+    return str(path)
+
+
+def tiny_cfg(corpus, out, **overrides):
+    base = {"data.path": [corpus], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 12,
+            "train.threads": 1, "eval.every": 0, "eval.batches": 2, "eval.batch_size": 4,
+            "checkpoint.every": 6, "checkpoint.keep_last": 5, "log.every": 1, "log.progress": False,
+            "log.plot": False, "schedule.warmup_steps": 3, "out": str(out)}
+    base.update(overrides)
+    return build_train_config(preset="gpt2-tiny", overrides=base)
+
+
+def losses(out) -> list:
+    return [r["loss"] for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_run_writes_metrics_plot_and_checkpoint(corpus, tmp_path):
+    summary = loop.train(tiny_cfg(corpus, tmp_path, **{"log.plot": True, "eval.every": 6}), quiet=True)
+    assert summary["step"] == 12 and summary["stopped_by"] == "budget"
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(records[0])
+    assert any("val_loss" in r for r in records)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert ckpt_io.resolve_checkpoint(tmp_path).name == "step-0000012"
+    assert losses(tmp_path)[-1] < losses(tmp_path)[0]
+
+
+def test_resume_after_interrupt_is_bitwise_identical(corpus, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    loop.train(tiny_cfg(corpus, full), quiet=True)
+    first = loop.train(tiny_cfg(corpus, part), quiet=True, stop_after=5)  # "Ctrl-C" during step 5
+    assert first["stopped_by"] == "interrupt" and first["step"] == 5
+    loop.train(tiny_cfg(corpus, part), resume=True, quiet=True)
+    assert losses(part) == losses(full)  # exact float equality, every step
+    a, b = load_model(full), load_model(part)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_kill_9_after_a_checkpoint_then_resume_matches(corpus, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    loop.train(tiny_cfg(corpus, full, **{"train.max_steps": 30}), quiet=True)
+    args = [sys.executable, "-m", "nanoseek", "train", "--preset", "gpt2-tiny", "--data", corpus,
+            "--out", str(killed), "--max-steps", "30", "--data.seq_len=32", "--train.batch_size=4",
+            "--train.threads=1", "--eval.every=0", "--eval.batches=2", "--eval.batch_size=4",
+            "--checkpoint.every=6", "--checkpoint.keep_last=5", "--log.every=1", "--log.progress=false",
+            "--log.plot=false", "--schedule.warmup_steps=3"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "LATEST").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "LATEST").exists()
+    assert cli_main(args[3:] + ["--resume"]) == 0
+    assert losses(killed) == losses(full)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    args = [sys.executable, "-m", "nanoseek", "train", "--preset", "gpt2-tiny", "--data", corpus,
+            "--out", str(tmp_path), "--max-steps", "100000", "--data.seq_len=32", "--train.batch_size=2",
+            "--train.threads=1", "--eval.every=0", "--checkpoint.every=0", "--log.every=1",
+            "--log.progress=false", "--log.plot=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["stopped_by"] == "interrupt"
+    assert ckpt_io.resolve_checkpoint(tmp_path).name == f"step-{summary['step']:07d}"
+    assert b"--resume" in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    build = loop.build_model
+
+    def poisoned(cfg, vocab):
+        model = build(cfg, vocab)
+        calls = {"n": 0}
+        original = model.forward
+
+        def forward(*a, **k):
+            out = original(*a, **k)
+            calls["n"] += 1
+            if calls["n"] > 8 and model.training:
+                out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(loop, "build_model", poisoned)
+    with pytest.raises(loop.TrainingDiverged, match="step 9"):
+        loop.train(tiny_cfg(corpus, tmp_path), quiet=True)
+    assert ckpt_io.resolve_checkpoint(tmp_path).name == "step-0000006"
+    assert all(torch.isfinite(p).all() for p in load_model(tmp_path).parameters())
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 6}), quiet=True)
+    before = (tmp_path / "LATEST").read_text()
+    model = load_model(tmp_path)
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_io, "save_file", broken)
+    with pytest.raises(OSError):
+        ckpt_io.save_checkpoint(tmp_path, 7, model, tokenizer_json="{}")
+    assert (tmp_path / "LATEST").read_text() == before
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000006"]
+    load_model(tmp_path)
+
+
+def test_corrupt_or_truncated_checkpoint_is_a_clear_error(corpus, tmp_path, capsys):
+    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
+    weights = ckpt_io.resolve_checkpoint(tmp_path) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(NanoseekError, match="model.safetensors"):
+        load_model(tmp_path)
+    assert cli_main(["sample", str(tmp_path), "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_eval_and_info_commands(corpus, tmp_path, capsys):
+    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
+    capsys.readouterr()
+    assert cli_main(["eval", str(tmp_path), "--max-batches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"loss", "perplexity", "tokens", "bits_per_byte"} <= set(result)
+    assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
+    assert cli_main(["info", "--preset", "gpt2-small"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"params_total", "params_active", "kv_cache_bytes_per_token", "flops_per_token"} <= set(info)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--preset", "nope"],
+    ["train", "--optim.lr=abc"],
+    ["train", "--bogus"],
+    ["train", "--data", "/does/not/exist"],
+    ["sample", "/does/not/exist"],
+    ["eval", "/does/not/exist"],
+])
+def test_bad_cli_input_exits_2_with_one_line(argv, capsys, tmp_path):
+    assert cli_main(argv + ["--out", str(tmp_path)] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanoseek: error:") and err.count("\n") == 1
+
+
+def test_schedules():
+    cos = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(cos, 0, 0.0) == pytest.approx(0.1)
+    assert lr_multiplier(cos, 50, 0.5) == pytest.approx(0.55)
+    assert lr_multiplier(cos, 99, 1.0) == pytest.approx(0.1)
+    wsd = ScheduleConfig(name="wsd", warmup_steps=0, decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_multiplier(wsd, 10, 0.7) == 1.0 and lr_multiplier(wsd, 10, 0.9) == pytest.approx(0.5)
+    ms = ScheduleConfig(name="multistep", warmup_steps=0)
+    assert [lr_multiplier(ms, 1, p) for p in (0.5, 0.85, 0.95)] == pytest.approx([1, 0.316, 0.316 ** 2])
+    inv = ScheduleConfig(name="inverse_sqrt", warmup_steps=100)
+    assert lr_multiplier(inv, 99, 0) == pytest.approx(1.0)
+    assert lr_multiplier(inv, 399, 0) == pytest.approx(0.5)
+    assert lr_multiplier(inv, 49, 0) == pytest.approx(0.5)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    from nanoseek import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.from_preset("gpt2-tiny"))
+    decay, no_decay = parameter_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names and all(n.endswith("weight") and "norm" not in n and "embed" not in n for n in names)
+    assert id(model.embed_tokens.weight) not in decayed

@@ -259,3 +259,42 @@ def test_published_parameter_counts():
     lite = model_info(ModelConfig.from_preset("deepseek-v2-lite"))
     assert lite["params_total"] / 15.7e9 == pytest.approx(1.0, abs=0.01)
     assert lite["params_active"] / 2.4e9 == pytest.approx(1.0, abs=0.03)
+
+
+# ------------------------------------------------------------------------------------ speculative
+
+
+def trained_on_a_cycle(steps=60):
+    model = make("deepseek-v3-tiny")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cycle = torch.arange(40) % 13 + 3
+    batch = torch.stack([cycle.roll(-i) for i in range(8)])
+    for _ in range(steps):
+        out = model(batch[:, :-1], targets=batch[:, 1:])
+        opt.zero_grad()
+        (out.loss + out.aux["mtp_loss"]).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_speculative_decoding_equals_greedy_and_accepts_drafts():
+    from nanoseek import generate
+    from nanoseek.speculative import speculative_generate
+
+    model = trained_on_a_cycle()
+    prompt = [3, 4, 5, 6]
+    plain = generate(model, prompt, max_new_tokens=20, temperature=0)
+    fast, stats = speculative_generate(model, prompt, max_new_tokens=20)
+    assert fast.tolist() == plain.tolist()
+    assert stats.acceptance_rate > 0.5 and stats.forwards < 20
+
+
+def test_speculative_decoding_equals_greedy_with_random_weights():
+    from nanoseek import generate
+    from nanoseek.speculative import speculative_generate
+
+    model = make("deepseek-v3-tiny").eval()
+    prompt = torch.randint(0, 128, (9,)).tolist()
+    for n in (1, 2, 7, 16):
+        fast, _ = speculative_generate(model, prompt, max_new_tokens=n)
+        assert fast.tolist() == generate(model, prompt, max_new_tokens=n, temperature=0).tolist()

@@ -100,6 +100,8 @@ def cmd_sample(args, extra) -> int:
     max_new = min(args.max_new_tokens, limit - n_prompt)
     if max_new < 1:
         raise NanoseekError(f"--prompt is {n_prompt} tokens; the model's context is {limit} tokens")
+    if args.speculative:
+        return sample_speculative(model, tok, prompt, max_new)
     stream = TextStream(model, tok, prompt, max_new_tokens=max_new, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                         repetition_penalty=args.repetition_penalty, stop=args.stop or None)
@@ -108,6 +110,27 @@ def cmd_sample(args, extra) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def sample_speculative(model, tok, prompt: str, max_new: int) -> int:
+    """Greedy decoding with the MTP module drafting; prints acceptance and speed on stderr."""
+    import time
+
+    from .generate import generate
+    from .speculative import speculative_generate
+
+    ids = tok.encode(prompt)
+    t0 = time.perf_counter()
+    new, stats = speculative_generate(model, ids, max_new_tokens=max_new, eos_id=tok.eos_id)
+    t1 = time.perf_counter()
+    plain = generate(model, ids, max_new_tokens=len(new), temperature=0)
+    t2 = time.perf_counter()
+    print(prompt + tok.decode(new.tolist()))
+    print(json.dumps({"speculative_tokens": len(new), "acceptance_rate": round(stats.acceptance_rate, 4),
+                      "main_forwards": stats.forwards, "speculative_s": round(t1 - t0, 4),
+                      "greedy_s": round(t2 - t1, 4), "speedup": round((t2 - t1) / max(t1 - t0, 1e-9), 3),
+                      "same_as_greedy": plain.tolist() == new.tolist()}), file=sys.stderr)
     return 0
 
 
@@ -214,6 +237,66 @@ def cmd_bench(args, extra) -> int:
     return run_bench([args.what, *extra])
 
 
+# ------------------------------------------------------------------------------------ chat / convert
+
+
+def cmd_chat(args, extra) -> int:
+    """Interactive chat on stdin/stdout; the checkpoint's chat template when it has one."""
+    from .chat import load_chat_template, render_chat
+    from .generate import TextStream
+
+    if extra:
+        raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    model, tok = load_model_and_tokenizer(args.ckpt)
+    template = load_chat_template(model.checkpoint_dir)
+    stops = None if template["template"] else ["\nUser:"]
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    limit = model.config.max_position_embeddings
+    print("chat: type a message and press Enter (Ctrl-D to quit)", file=sys.stderr)
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt = render_chat(messages, template)
+        while len(tok.encode(prompt)) + args.max_new_tokens > limit and len(messages) > 1:
+            messages.pop(1 if messages[0]["role"] == "system" and len(messages) > 2 else 0)
+            prompt = render_chat(messages, template)
+        room = limit - len(tok.encode(prompt))
+        if room < 1:
+            print("(message too long for the model's context)", file=sys.stderr)
+            messages.pop()
+            continue
+        stream = TextStream(model, tok, prompt, max_new_tokens=min(args.max_new_tokens, room),
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            stop=stops)
+        reply = []
+        for piece in stream:
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+    return 0
+
+
+def cmd_convert(args, extra) -> int:
+    import torch
+
+    from .checkpoint import load_model
+
+    if extra:
+        raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
+    model = load_model(args.src, dtype=dtype)
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise NanoseekError(f"destination {dst} exists and is not empty")
+    model.save_pretrained(dst, format="hf" if args.to == "hf" else "nanoseek", tokenizer_dir=model.checkpoint_dir)
+    print(json.dumps({"converted": str(args.src), "to": args.to, "out": str(dst)}))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ parser
 
 
@@ -241,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--threads", type=int)
+    s.add_argument("--speculative", action="store_true",
+                   help="greedy decoding with the MTP module as drafter (prints acceptance and speedup)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text")
@@ -256,6 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preset")
     i.add_argument("--seq-len", type=int, help="context length for the FLOPs estimate")
     i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("chat", help="chat with a checkpoint on the terminal")
+    c.add_argument("ckpt")
+    c.add_argument("--system", help="a system message")
+    c.add_argument("--max-new-tokens", type=int, default=200)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--top-k", type=int)
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--seed", type=int)
+    c.set_defaults(func=cmd_chat)
+
+    cv = sub.add_parser("convert", help="convert a checkpoint between nanoseek and Hugging Face formats")
+    cv.add_argument("src")
+    cv.add_argument("dst")
+    cv.add_argument("--to", choices=("hf", "nanoseek"), required=True)
+    cv.add_argument("--dtype", choices=("float32", "bfloat16"))
+    cv.set_defaults(func=cmd_convert)
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tk_sub = tk.add_subparsers(dest="tokenizer_command", required=True)

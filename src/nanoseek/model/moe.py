@@ -45,7 +45,8 @@ class Router(nn.Module):
         self.scoring, self.method = config.scoring_func, config.topk_method
         self.normalize, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(e, config.hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(e))
+        if self.method == "noaux_tc":  # the balancing bias exists only where it steers selection
+            self.register_buffer("e_score_correction_bias", torch.zeros(e))
 
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
         logits_NE = F.linear(x_ND.float(), self.weight.float())
@@ -103,7 +104,9 @@ def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tens
     if x_MK.shape[0] == 0:
         return x_MK.new_zeros(0, w_EOK.shape[1])
     offsets = counts_E.cumsum(0).to(torch.int32)
-    if hasattr(torch, "_grouped_mm") and x_MK.device.type in ("cpu", "cuda"):
+    compiling = torch.compiler.is_compiling()  # its fake-tensor rule accepts only bf16 inputs
+    if hasattr(torch, "_grouped_mm") and x_MK.device.type in ("cpu", "cuda") and not (
+            compiling and x_MK.dtype != torch.bfloat16):
         try:
             return torch._grouped_mm(x_MK, w_EOK.transpose(1, 2), offs=offsets)
         except (RuntimeError, NotImplementedError):

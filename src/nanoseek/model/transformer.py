@@ -60,18 +60,18 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
-        self.attn_norm = make_norm(config.norm, config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = make_norm(config.norm, config.hidden_size, config.rms_norm_eps)
         self.self_attn = make_attention(config, layer)
-        self.ffn_norm = make_norm(config.norm, config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(config.norm, config.hidden_size, config.rms_norm_eps)
         self.mlp = make_ffn(config, layer)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, h: torch.Tensor, rope=None, cache=None, start: int = 0) -> torch.Tensor:
         if self.pre_norm:
-            h = h + self.dropout(self.self_attn(self.attn_norm(h), rope, cache, start))
-            return h + self.dropout(self.mlp(self.ffn_norm(h)))
-        h = self.attn_norm(h + self.dropout(self.self_attn(h, rope, cache, start)))
-        return self.ffn_norm(h + self.dropout(self.mlp(h)))
+            h = h + self.dropout(self.self_attn(self.input_layernorm(h), rope, cache, start))
+            return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
+        h = self.input_layernorm(h + self.dropout(self.self_attn(h, rope, cache, start)))
+        return self.post_attention_layernorm(h + self.dropout(self.mlp(h)))
 
 
 class Transformer(nn.Module):
@@ -195,6 +195,24 @@ class Transformer(nn.Module):
         dtype = dtype or param.dtype
         device = device or param.device
         return [layer.self_attn.make_cache(batch, max_len, dtype, device) for layer in self.layers]
+
+    def save_pretrained(self, directory, format: str = "nanoseek", tokenizer_dir=None):
+        """Write a checkpoint folder: format="nanoseek" (native) or "hf" (transformers-loadable)."""
+        from pathlib import Path
+
+        if format == "hf":
+            from ..hf import save_hf
+
+            return save_hf(self, directory, tokenizer_dir)
+        if format != "nanoseek":
+            raise ValueError(f"format={format!r}; choose 'nanoseek' or 'hf'")
+        from ..checkpoint import write_model_files
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        source = Path(tokenizer_dir or getattr(self, "checkpoint_dir", "") or "") / "tokenizer.json"
+        write_model_files(self, directory, source.read_text() if source.is_file() else None)
+        return directory
 
     # ------------------------------------------------------------------ estimators
     def num_params(self) -> dict:

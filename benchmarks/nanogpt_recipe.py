@@ -1,0 +1,102 @@
+"""The quality anchor: nanoGPT's CPU recipe on the bundled corpus, measured on this machine.
+
+Trains `reference_gpt.GPT` exactly as nanoGPT's shakespeare_char CPU command does (4 layers, 4 heads,
+width 128, context 64, batch 12, AdamW lr 1e-3 betas (0.9, 0.99), wd 0.1, 100 warmup iters, cosine
+to 1e-4 over 2000 iters, grad clip 1, dropout 0, fp32) on nanoseek's char-level tokens of
+tinyshakespeare (same 90/10 split, vocabulary of the 65 corpus characters), and reports the wall
+time and the validation loss estimated as nanoGPT does (mean over 20 random batches). The default
+`nanoseek train` run is then compared at the same wall-clock budget.
+
+    python benchmarks/nanogpt_recipe.py --threads 2 --iters 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_reference():
+    spec = importlib.util.spec_from_file_location("reference_gpt", HERE / "reference_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reference_gpt"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def char_splits():
+    from nanoseek.dataset import TokenDataset, prepare_corpus
+    from nanoseek.tokenizer import CharTokenizer
+    from nanoseek.train.loop import BUNDLED_CORPUS
+
+    tok = CharTokenizer.train([BUNDLED_CORPUS.read_text()])
+    out = Path(tempfile.mkdtemp())
+    prepare_corpus([str(BUNDLED_CORPUS)], out, tok)
+    data = TokenDataset(out)
+    return np.asarray(data.split("train"), dtype=np.int64), np.asarray(data.split("val"), dtype=np.int64)
+
+
+def batch(data, block, size, gen):
+    ix = torch.randint(len(data) - block, (size,), generator=gen)
+    x = torch.stack([torch.from_numpy(data[i:i + block]) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block]) for i in ix.tolist()])
+    return x, y
+
+
+def lr_at(it, lr=1e-3, min_lr=1e-4, warmup=100, decay=2000):
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    ratio = min((it - warmup) / (decay - warmup), 1.0)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+@torch.no_grad()
+def estimate(model, data, block, gen, iters=20, size=12):
+    model.eval()
+    losses = [model(*batch(data, block, size, gen))[1].item() for _ in range(iters)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(1337)
+    ref = load_reference()
+    train, val = char_splits()
+    model = ref.GPT(ref.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
+    gen = torch.Generator().manual_seed(1337)
+    t0 = time.perf_counter()
+    for it in range(args.iters):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, decay=args.iters)
+        _, loss = model(*batch(train, 64, 12, gen))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    val_loss = estimate(model, val, 64, torch.Generator().manual_seed(0))
+    print(json.dumps({"bench": "nanogpt_recipe", "impl": "reference", "iters": args.iters, "seconds": round(seconds, 1),
+                      "tokens_per_s": round(args.iters * 12 * 64 / seconds), "val_loss": round(val_loss, 4),
+                      "val_bits_per_byte": round(val_loss / math.log(2), 4), "threads": args.threads,
+                      "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()

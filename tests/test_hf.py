@@ -1,0 +1,128 @@
+"""Conformance with Hugging Face transformers (optional extra `hf`): logits equal to 1e-4 in fp32."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer, generate, load_model
+from nanoseek.errors import NanoseekError
+
+transformers = pytest.importorskip("transformers", reason="needs the optional extra: pip install -e '.[hf]'")
+pytestmark = pytest.mark.hf
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
+MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=32,
+           n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)
+
+CASES = {
+    "v3_group_limited_yarn": ("DeepseekV3Config", dict(TINY, **MLA, q_lora_rank=24, n_group=2, topk_group=1,
+                                                      routed_scaling_factor=2.5, rope_scaling=YARN)),
+    "v3_no_q_lora": ("DeepseekV3Config", dict(TINY, **MLA, q_lora_rank=None, n_group=1, topk_group=1)),
+    "v2_greedy": ("DeepseekV2Config", dict(TINY, **MLA, q_lora_rank=None, topk_method="greedy", n_group=1,
+                                           topk_group=1)),
+    "v2_group_limited": ("DeepseekV2Config", dict(TINY, **{**MLA, "n_routed_experts": 8}, q_lora_rank=24,
+                                                  topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                                  routed_scaling_factor=16.0)),
+    "llama_gqa": ("LlamaConfig", dict(TINY, num_key_value_heads=2)),
+}
+
+
+def hf_model(case):
+    cls_name, kwargs = CASES[case]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.05)
+    return model
+
+
+@pytest.fixture(params=sorted(CASES))
+def saved(request, tmp_path):
+    model = hf_model(request.param)
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def test_hf_to_nanoseek_logits_and_greedy(saved):
+    hf, path = saved
+    ours = load_model(path)
+    x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(x).logits
+    got = ours(x).logits
+    assert (got - expected).abs().max().item() <= 1e-4
+    prompt = x[:1, :8]
+    hf.generation_config.eos_token_id = None  # compare 16 tokens, eos or not
+    hf_new = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 8:]
+    assert generate(ours, prompt[0], max_new_tokens=16, temperature=0).tolist() == hf_new.tolist()
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3-tiny", "deepseek-v2-tiny", "llama-tiny"])
+def test_nanoseek_to_hf_logits(preset, tmp_path):
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig.from_preset(preset, initializer_range=0.1)).eval()
+    with torch.no_grad():
+        for name, buf in ours.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.05)
+    ours.save_pretrained(tmp_path, format="hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    x = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x).logits).abs().max().item() <= 1e-4
+    again = load_model(tmp_path)  # and back, MTP modules included
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bf16_load_matches_transformers_in_bf16(saved):
+    _, path = saved
+    ours = load_model(path, dtype=torch.bfloat16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16
+    x = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours(x).logits.float(), hf(x).logits.float()
+    scale = b.abs().max().item()
+    assert (a - b).abs().max().item() <= 0.02 * scale  # bf16: 8 mantissa bits
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = hf_model("v3_group_limited_yarn")
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert (load_model(tmp_path)(x).logits - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_bad_folders_are_clear_errors(tmp_path):
+    hf = hf_model("llama_gqa")
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    with pytest.raises(NanoseekError, match="unknown model_type"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(NanoseekError, match="model.safetensors"):
+        load_model(tmp_path)
+    weights.unlink()
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(NanoseekError, match="pickle"):
+        load_model(tmp_path)
+
+
+def test_refuses_to_export_what_transformers_cannot_express(tmp_path):
+    model = Transformer(ModelConfig.from_preset("vaswani-tiny"))
+    with pytest.raises(NanoseekError, match="cannot save in HF format"):
+        model.save_pretrained(tmp_path, format="hf")
+    assert not (tmp_path / "config.json").exists()

@@ -133,3 +133,11 @@ def test_context_limit_is_enforced():
     model = make("gpt2-tiny")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_mqa_shares_one_key_value_head():
+    model = make("llama-tiny", attention="mqa", num_key_value_heads=None)
+    cache = model.make_cache(1, 8)
+    assert cache[0].k.shape == (1, 1, 8, 16)
+    x = torch.randint(0, 128, (1, 8))
+    assert model(x).logits.shape == (1, 8, 128)

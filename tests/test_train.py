@@ -1,6 +1,7 @@
 """Training loop, checkpoints and exact resume (tiny model, tiny corpus, fp32, one thread)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -205,3 +206,43 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert names and all(n.endswith("weight") and "norm" not in n and "embed" not in n for n in names)
     assert id(model.embed_tokens.weight) not in decayed
+
+
+def test_token_budget_accumulation_and_keep_last(corpus, tmp_path):
+    cfg = tiny_cfg(corpus, tmp_path, **{"train.max_steps": 0, "train.max_tokens": 4 * 32 * 2 * 5,
+                                        "train.grad_accum": 2, "checkpoint.every": 1, "checkpoint.keep_last": 2})
+    summary = loop.train(cfg, quiet=True)
+    assert summary["step"] == 5 and summary["tokens"] == 4 * 32 * 2 * 5
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+
+
+def test_wall_clock_budget_stops_the_run(corpus, tmp_path):
+    summary = loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 0, "train.max_seconds": 0.5}), quiet=True)
+    assert summary["stopped_by"] == "budget" and 0.5 <= summary["elapsed_s"] < 5
+
+
+def test_bf16_autocast_trains(corpus, tmp_path):
+    summary = loop.train(tiny_cfg(corpus, tmp_path, **{"train.dtype": "bfloat16", "train.max_steps": 3}), quiet=True)
+    assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
+
+
+def test_moe_training_logs_expert_load(corpus, tmp_path):
+    cfg = build_train_config(preset="deepseek-v3-tiny", overrides={
+        "data.path": [corpus], "data.seq_len": 32, "train.batch_size": 2, "train.max_steps": 3, "train.threads": 1,
+        "eval.batches": 1, "eval.batch_size": 2, "log.every": 1, "log.progress": False, "log.plot": False,
+        "out": str(tmp_path)})
+    loop.train(cfg, quiet=True)
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["moe_max_over_mean"] >= 1.0 and len(rec["moe_load"]) == 2 and len(rec["moe_load"][0]) == 4  # layer 1 + MTP
+    assert rec["mtp_loss"] > 0
+
+
+def test_tokenizer_and_chat_commands(corpus, tmp_path, capsys, monkeypatch):
+    import io
+
+    assert cli_main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok.json"), corpus]) == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 300
+    loop.train(tiny_cfg(corpus, tmp_path / "run", **{"train.max_steps": 2}), quiet=True)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
+    assert cli_main(["chat", str(tmp_path / "run"), "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip() != ""

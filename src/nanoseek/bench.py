@@ -258,6 +258,8 @@ class TrainRunner:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.model, "after_optimizer_step"):  # MoE bias balancing, as in training
+            self.model.after_optimizer_step()
         return loss
 
     def prime(self, batches) -> None:
@@ -299,9 +301,15 @@ def _build_nanoseek(cfg, lr: float, seed: int):
     def build():
         torch.manual_seed(seed)
         model = Transformer(cfg)
-        return model, make_optimizer(model, OptimConfig(lr=lr)), lambda m, x, y: m(x, y).loss
+        return model, make_optimizer(model, OptimConfig(lr=lr)), training_loss
 
     return build
+
+
+def training_loss(model, x, y) -> torch.Tensor:
+    """The loss a nanoseek training step backpropagates: LM loss + MTP loss + balance loss."""
+    out = model(x, y)
+    return out.loss + sum(v for v in out.aux.values() if v.requires_grad)
 
 
 def _build_reference(module, cfg, lr: float, seed: int):

@@ -21,11 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import NanoseekError
+from .safetensors_io import SafetensorsFile
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -175,17 +175,8 @@ def read_json(path: Path) -> dict:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file (memory-mapped); corrupt or truncated files name themselves."""
-    if not Path(path).is_file():
-        raise NanoseekError(f"{path} is missing")
-    try:
-        out = {}
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-        return out
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise NanoseekError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    """Every tensor of a safetensors file; corrupt or truncated files name themselves."""
+    return SafetensorsFile(path).load_all()
 
 
 def model_config_from_json(cfg: dict, path: Path) -> ModelConfig:
@@ -194,8 +185,12 @@ def model_config_from_json(cfg: dict, path: Path) -> ModelConfig:
     return ModelConfig.from_dict(cfg["nanoseek"])
 
 
+# state that formats other than nanoseek's own do not carry; defaults are rebuilt on load
+OPTIONAL_PREFIXES = ("scalar_mix.",)
+
+
 def materialize_buffers(model):
-    """Recompute non-persistent buffers (RoPE, sinusoid tables) left on the meta device."""
+    """Rebuild buffers left on the meta device (RoPE/sinusoid tables, optional state) from the config."""
     config = model.config
     for name, module in model.named_modules():
         if any(b.is_meta for b in module.buffers(recurse=False)):
@@ -211,7 +206,8 @@ def load_state_into(model, state: dict[str, torch.Tensor], source: Path, dtype=N
     re-tied); assign=False copies into the existing parameters (which an optimizer may hold)."""
     expected = model.state_dict()
     tied = model.config.tie_word_embeddings
-    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
+    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")
+               and not k.startswith(OPTIONAL_PREFIXES)]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
@@ -233,8 +229,10 @@ def _keep_fp32(key: str) -> bool:
     return key.endswith(("gate.weight", "e_score_correction_bias"))
 
 
-def load_model(path: str | Path, dtype=None):
-    """Load a nanoseek checkpoint (or run dir, or HF-format dir) in eval mode."""
+def load_model(path: str | Path, dtype=None, trust_pickle: bool = False):
+    """Load a nanoseek checkpoint (or run dir, or HF-format dir) in eval mode.
+
+    `trust_pickle` allows an HF folder's pytorch_model.bin (read with torch.load(weights_only=True))."""
     from .model import Transformer
 
     ckpt = resolve_checkpoint(path)
@@ -242,7 +240,7 @@ def load_model(path: str | Path, dtype=None):
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if cfg.get("model_type") != "nanoseek":
-        return load_foreign_model(ckpt, cfg, dtype)
+        return load_foreign_model(ckpt, cfg, dtype, trust_pickle)
     config = model_config_from_json(cfg, ckpt / CONFIG_FILE)
     with torch.device("meta"):
         model = Transformer(config)
@@ -251,7 +249,7 @@ def load_model(path: str | Path, dtype=None):
     return model.eval()
 
 
-def load_foreign_model(ckpt: Path, cfg: dict, dtype):
+def load_foreign_model(ckpt: Path, cfg: dict, dtype, trust_pickle: bool = False):
     """Hugging Face format folders (model_type deepseek_v2/v3/..., llama)."""
     try:
         from . import hf
@@ -260,7 +258,7 @@ def load_foreign_model(ckpt: Path, cfg: dict, dtype):
     if hf is None or not hasattr(hf, "load_hf_model"):
         raise NanoseekError(f"{ckpt / CONFIG_FILE}: model_type={cfg.get('model_type')!r} is not a nanoseek "
                             f"checkpoint, and this build cannot load Hugging Face folders")
-    return hf.load_hf_model(ckpt, dtype=dtype)
+    return hf.load_hf_model(ckpt, dtype=dtype, trust_pickle=trust_pickle)
 
 
 def load_training_state(ckpt: Path, optimizer) -> dict:

@@ -71,11 +71,11 @@ def cmd_train(args, extra) -> int:
 # ------------------------------------------------------------------------------------ sample
 
 
-def load_model_and_tokenizer(path):
+def load_model_and_tokenizer(path, trust_pickle: bool = False):
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
 
-    model = load_model(path)
+    model = load_model(path, trust_pickle=trust_pickle)
     tok_path = Path(model.checkpoint_dir) / "tokenizer.json"
     if not tok_path.is_file():
         raise NanoseekError(f"{model.checkpoint_dir} has no tokenizer.json")
@@ -91,24 +91,35 @@ def cmd_sample(args, extra) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tok = load_model_and_tokenizer(args.ckpt)
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
     prompt = args.prompt if args.prompt is not None else "\n"
     limit = model.config.max_position_embeddings
     n_prompt = len(tok.encode(prompt))
     if n_prompt == 0:
         raise NanoseekError("--prompt is empty; give at least one character")
-    max_new = min(args.max_new_tokens, limit - n_prompt)
-    if max_new < 1:
+    if n_prompt >= limit:
         raise NanoseekError(f"--prompt is {n_prompt} tokens; the model's context is {limit} tokens")
     if args.speculative:
-        return sample_speculative(model, tok, prompt, max_new)
-    stream = TextStream(model, tok, prompt, max_new_tokens=max_new, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        repetition_penalty=args.repetition_penalty, stop=args.stop or None)
+        return sample_speculative(model, tok, prompt, min(args.max_new_tokens, limit - n_prompt))
     sys.stdout.write(prompt)
-    for piece in stream:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    context, remaining, chunk = prompt, args.max_new_tokens, 0
+    while remaining > 0:  # past the context, continue from the most recent half of it
+        ids = tok.encode(context)
+        if chunk and len(ids) > limit // 2:
+            context = tok.decode(ids[-(limit // 2):])
+            ids = tok.encode(context)
+        seed = None if args.seed is None else args.seed + chunk
+        stream = TextStream(model, tok, context, max_new_tokens=min(remaining, limit - len(ids)),
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
+                            repetition_penalty=args.repetition_penalty, stop=args.stop or None)
+        for piece in stream:
+            context += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        remaining -= stream.completion_tokens
+        chunk += 1
+        if stream.finish_reason == "stop":
+            break
     sys.stdout.write("\n")
     return 0
 
@@ -145,7 +156,7 @@ def cmd_eval(args, extra) -> int:
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
-    model, tok = load_model_and_tokenizer(args.ckpt)
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
     state_file = Path(model.checkpoint_dir) / "train_state.json"
     run_cfg = read_json(state_file)["config"] if state_file.is_file() else {}
     seq_len = args.seq_len or run_cfg.get("data", {}).get("seq_len") or model.config.max_position_embeddings
@@ -204,7 +215,7 @@ def cmd_info(args, extra) -> int:
     elif args.ckpt:
         from .checkpoint import load_model
 
-        model = load_model(args.ckpt)
+        model = load_model(args.ckpt, trust_pickle=args.trust_pickle)
         config, source = model.config, {"checkpoint": str(model.checkpoint_dir)}
     else:
         raise NanoseekError("give a checkpoint path or --preset NAME")
@@ -247,7 +258,7 @@ def cmd_chat(args, extra) -> int:
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
-    model, tok = load_model_and_tokenizer(args.ckpt)
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
     template = load_chat_template(model.checkpoint_dir)
     stops = None if template["template"] else ["\nUser:"]
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -288,12 +299,58 @@ def cmd_convert(args, extra) -> int:
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
-    model = load_model(args.src, dtype=dtype)
+    model = load_model(args.src, dtype=dtype, trust_pickle=args.trust_pickle)
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()):
         raise NanoseekError(f"destination {dst} exists and is not empty")
     model.save_pretrained(dst, format="hf" if args.to == "hf" else "nanoseek", tokenizer_dir=model.checkpoint_dir)
     print(json.dumps({"converted": str(args.src), "to": args.to, "out": str(dst)}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ fusion tools
+
+
+def cmd_embed(args, extra) -> int:
+    from .embed import embed
+
+    if extra:
+        raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    texts = list(args.text or [])
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise NanoseekError(f"--file {path} does not exist")
+        texts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise NanoseekError("give --text TEXT (repeatable) or --file FILE (one text per line)")
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
+    for text, vector in zip(texts, embed(model, tok, texts)):
+        print(json.dumps({"text": text, "embedding": [round(x, 6) for x in vector.tolist()]}))
+    return 0
+
+
+def cmd_inspect(args, extra) -> int:
+    from .inspect_plots import plot_fusion
+
+    if extra:
+        raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    if args.what != "fusion":
+        raise NanoseekError(f"inspect {args.what!r}: choose one of: fusion")
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
+    out = plot_fusion(model, tok, args.prompt, args.out)
+    print(json.dumps({"inspect": args.what, "fusion": model.config.fusion, "out": str(out)}))
+    return 0
+
+
+def cmd_ablate(args, extra) -> int:
+    from .train.ablate import ablate
+
+    common = list(extra)
+    if args.preset:
+        common = ["--preset", args.preset, *common]
+    report = ablate(args.variant or [], common, args.out)
+    print(report.read_text(), end="")
     return 0
 
 
@@ -314,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
     s.add_argument("ckpt")
     s.add_argument("--prompt")
     s.add_argument("--max-new-tokens", type=int, default=200)
@@ -329,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text")
+    e.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
     e.add_argument("ckpt")
     e.add_argument("--data", help="evaluate on this whole file (default: the training corpus's val split)")
     e.add_argument("--seq-len", type=int)
@@ -337,12 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="parameters, FLOPs per token and KV-cache bytes per token")
+    i.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
     i.add_argument("ckpt", nargs="?")
     i.add_argument("--preset")
     i.add_argument("--seq-len", type=int, help="context length for the FLOPs estimate")
     i.set_defaults(func=cmd_info)
 
     c = sub.add_parser("chat", help="chat with a checkpoint on the terminal")
+    c.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
     c.add_argument("ckpt")
     c.add_argument("--system", help="a system message")
     c.add_argument("--max-new-tokens", type=int, default=200)
@@ -353,11 +418,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     cv = sub.add_parser("convert", help="convert a checkpoint between nanoseek and Hugging Face formats")
+    cv.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("hf", "nanoseek"), required=True)
     cv.add_argument("--dtype", choices=("float32", "bfloat16"))
     cv.set_defaults(func=cmd_convert)
+
+    em = sub.add_parser("embed", help="sentence vectors (scalar mix of all layers, mean-pooled)")
+    em.add_argument("ckpt")
+    em.add_argument("--text", action="append")
+    em.add_argument("--file")
+    em.add_argument("--trust-pickle", action="store_true")
+    em.set_defaults(func=cmd_embed)
+
+    ins = sub.add_parser("inspect", help="pictures of a trained model (fusion weights)")
+    ins.add_argument("what", help="fusion")
+    ins.add_argument("ckpt")
+    ins.add_argument("--prompt", required=True)
+    ins.add_argument("--out", default="fusion.png")
+    ins.add_argument("--trust-pickle", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+
+    ab = sub.add_parser("ablate", help="train variants at equal budget; a table and a plot")
+    ab.add_argument("--variant", action="append", help="preset or a,b overrides; NAME:spec to name it")
+    ab.add_argument("--preset", help="base preset for every variant")
+    ab.add_argument("--out", default="runs/ablate")
+    ab.set_defaults(func=cmd_ablate)
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tk_sub = tk.add_subparsers(dest="tokenizer_command", required=True)

@@ -33,7 +33,7 @@ SPARSE_KINDS = ("dense",)
 FFNS = ("relu", "gelu", "swiglu", "moe")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-FUSIONS = ("residual",)
+FUSIONS = ("residual", "dwa", "dynamic", "hyper", "mhc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
@@ -197,6 +197,9 @@ class ModelConfig:
     norm: str = "rmsnorm"
     norm_position: str = "pre"
     fusion: str = "residual"
+    hc_mult: int = 4  # residual streams of hyper / mhc fusion
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
     embedding_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Vaswani)
     final_norm: bool = True  # post-norm models already end in a norm
     depth_scaled_init: bool = True  # output projections get std / sqrt(2 * layers)
@@ -258,6 +261,8 @@ class ModelConfig:
         _check_positive("num_nextn_predict_layers", self.num_nextn_predict_layers, allow_zero=True)
         if self.norm_position == "post" and self.fusion != "residual":
             raise NanoseekError("norm_position='post' works only with fusion='residual'")
+        _check_positive("hc_mult", self.hc_mult)
+        _check_positive("hc_sinkhorn_iters", self.hc_sinkhorn_iters)
 
     def _validate_heads(self):
         h = self.num_attention_heads
@@ -359,6 +364,8 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    muon_lr: float = 0.02  # optim.name="muon": lr of the hidden matrices
+    muon_momentum: float = 0.95
 
 
 @dataclass
@@ -423,7 +430,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
-        _check_choice("optim.name", self.optim.name, ("adamw",))
+        _check_choice("optim.name", self.optim.name, ("adamw", "muon"))
         _check_choice("schedule.name", self.schedule.name, SCHEDULES)
         _check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
         for where, value in (("optim.lr", self.optim.lr), ("train.batch_size", self.train.batch_size),

@@ -27,11 +27,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import NanoseekError
+from .safetensors_io import SafetensorsFile
 
 SUPPORTED = ("deepseek_v2", "deepseek_v3", "llama")
 LATER = {"deepseek_v32": "DeepSeek-V3.2 sparse attention (lightning indexer)",
@@ -177,6 +177,7 @@ class TensorSource:
     def __init__(self, folder: Path, trust_pickle: bool = False):
         self.folder = folder
         self.files: dict[str, Path] = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         index = folder / "model.safetensors.index.json"
         if index.is_file():
@@ -202,13 +203,11 @@ class TensorSource:
                 self.files = {k: folder / "pytorch_model.bin" for k in self._pickled}
             else:
                 raise NanoseekError(f"{folder} holds no *.safetensors weights")
-        self._handles: dict[Path, object] = {}
 
-    def _open(self, path: Path):
-        try:
-            return safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise NanoseekError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    def _open(self, path: Path) -> SafetensorsFile:
+        if path not in self._handles:
+            self._handles[path] = SafetensorsFile(path)
+        return self._handles[path]
 
     def keys(self):
         return self.files.keys()
@@ -216,12 +215,10 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         if self._pickled is not None:
             return self._pickled[key]
-        path = self.files[key]
-        handle = self._handles.get(path) or self._handles.setdefault(path, self._open(path))
-        try:
-            return handle.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise NanoseekError(f"{path}: tensor {key!r} cannot be read ({str(e).splitlines()[0]})") from None
+        handle = self._open(self.files[key])
+        if key not in handle.entries:
+            raise NanoseekError(f"{handle.path} does not hold {key!r} (named by the index)")
+        return handle.get(key)
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
@@ -329,6 +326,8 @@ def nanoseek_to_hf_state(model) -> dict[str, torch.Tensor]:
     n = config.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
+        if name.startswith("scalar_mix."):  # nanoseek's embedding mix has no place in transformers
+            continue
         tensor = tensor.detach().contiguous()
         if name == "lm_head.weight":
             if not config.tie_word_embeddings:  # a tied head is the embedding (HF re-ties on load)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MultiHeadAttention
+from .fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, StreamHead
 from .ffn import make_dense_ffn
 from .mla import MultiHeadLatentAttention
 from .moe import MoE
@@ -57,7 +58,7 @@ def make_ffn(config: ModelConfig, layer: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, streams: bool = False):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
         self.input_layernorm = make_norm(config.norm, config.hidden_size, config.rms_norm_eps)
@@ -65,6 +66,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(config.norm, config.hidden_size, config.rms_norm_eps)
         self.mlp = make_ffn(config, layer)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        if streams:  # hyper-connections / mHC wrap each sublayer (V4 names: attn_hc, ffn_hc)
+            self.attn_hc = STREAM_FUSIONS[config.fusion](config, 2 * layer)
+            self.ffn_hc = STREAM_FUSIONS[config.fusion](config, 2 * layer + 1)
+
+    def forward_streams(self, streams: torch.Tensor, rope=None, cache=None, start: int = 0) -> torch.Tensor:
+        """(B, T, n, D) -> (B, T, n, D): each sublayer reads and writes the n residual streams."""
+        streams = self.attn_hc(streams, lambda x: self.dropout(
+            self.self_attn(self.input_layernorm(x), rope, cache, start)))
+        return self.ffn_hc(streams, lambda x: self.dropout(self.mlp(self.post_attention_layernorm(x))))
 
     def forward(self, h: torch.Tensor, rope=None, cache=None, start: int = 0) -> torch.Tensor:
         if self.pre_norm:
@@ -84,8 +94,13 @@ class Transformer(nn.Module):
                           if config.position in ADDITIVE_POSITIONS else None)
         self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         n_layers = config.num_hidden_layers
+        streams = config.fusion in STREAM_FUSIONS
+        self.layers = nn.ModuleList(Block(config, i, streams) for i in range(n_layers))
+        self.fusions = (nn.ModuleList(BLOCK_FUSIONS[config.fusion](config, i) for i in range(n_layers))
+                        if config.fusion in BLOCK_FUSIONS else None)
+        self.stream_head = StreamHead(config) if streams else None
+        self.scalar_mix = ScalarMix(config)
         self.mtp = nn.ModuleList(MTPModule(config, n_layers + k, Block)
                                  for k in range(config.num_nextn_predict_layers))
         self.norm = make_norm(config.norm, d, config.rms_norm_eps) if config.final_norm else nn.Identity()
@@ -137,8 +152,7 @@ class Transformer(nn.Module):
         self._check_length(start + input_ids.shape[1])
         h = self.embed(input_ids, start)
         rope = self.rope(start, input_ids.shape[1], input_ids.device)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, None if cache is None else cache[i], start)
+        h = self.run_layers(h, rope, cache, start)
         hidden = h
         h = self.norm(h)
         if last_only:
@@ -153,6 +167,32 @@ class Transformer(nn.Module):
             if balance and self.training:
                 aux["balance_loss"] = torch.stack(balance).sum()
         return ModelOutput(logits=logits, loss=loss, aux=aux, hidden=hidden)
+
+    def run_layers(self, h: torch.Tensor, rope, cache, start: int, outputs: list | None = None) -> torch.Tensor:
+        """The block stack under the configured fusion; appends X_0..X_L to `outputs` if given."""
+        record = outputs if outputs is not None else []
+        record.append(h)
+        if self.stream_head is not None:
+            streams = h[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()
+            for i, layer in enumerate(self.layers):
+                streams = layer.forward_streams(streams, rope, None if cache is None else cache[i], start)
+                if outputs is not None:
+                    outputs.append(self.stream_head(streams))
+            return self.stream_head(streams)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, None if cache is None else cache[i], start)
+            if self.fusions is not None:
+                record.append(h)
+                h = self.fusions[i](record)
+            elif outputs is not None:
+                outputs.append(h)
+        return h
+
+    def layer_outputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """X_0 (embeddings) and every block's output, for embeddings and fusion inspection."""
+        outputs: list[torch.Tensor] = []
+        self.run_layers(self.embed(input_ids), self.rope(0, input_ids.shape[1], input_ids.device), None, 0, outputs)
+        return outputs
 
     def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, rope) -> torch.Tensor:
         """(lambda / D) sum_k CE of module k predicting t_{i+1+k} from h^{k-1}_i and t_{i+k}."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -261,9 +262,18 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
 
     from tqdm.auto import tqdm
 
-    total = cfg.train.max_steps or None
-    bar = tqdm(total=total, initial=state.step, disable=quiet or not cfg.log.progress,
-               dynamic_ncols=True, desc="train")
+    if not quiet:
+        params = model.num_params()
+        source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
+        print(f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
+              f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {tok.vocab_size}, "
+              f"on {source} -> {out}" + (f" (resuming at step {state.step})" if resume_from else ""),
+              file=sys.stderr)
+
+    # the bar counts percent of the budget (steps, tokens or seconds, whichever ends first)
+    bar = tqdm(total=100.0, initial=100 * progress_fraction(cfg, state), disable=quiet or not cfg.log.progress,
+               dynamic_ncols=True, desc="train", unit="%",
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     model.train()
     last_eval: dict = {}
     stopped_by = "budget"
@@ -285,7 +295,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                             loss = loss + value
                 (loss / cfg.train.grad_accum).backward()
                 loss_sum += output.loss.item()
-                aux_log = {k: float(v) for k, v in output.aux.items() if not isinstance(v, dict)}
+                aux_log = {k: v.detach().item() for k, v in output.aux.items()}
             loss_value = loss_sum / cfg.train.grad_accum
             if not math.isfinite(loss_value):
                 bar.close()
@@ -301,7 +311,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             state.tokens += tokens_per_step
             state.elapsed += time.perf_counter() - t0
             window_tokens += tokens_per_step
-            bar.update(1)
+            bar.update(min(100.0, 100 * progress_fraction(cfg, state)) - bar.n)
 
             if state.step % cfg.log.every == 0 or finished(cfg, state):
                 now = time.perf_counter()
@@ -330,8 +340,11 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     path = save()
     if cfg.log.plot:
         plot_losses(metrics.records, out / "loss.png", title=f"{cfg.preset} on {', '.join(map(str, cfg.data.path)) or 'tinyshakespeare'}")
+    import resource
+
     summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 2),
-               "checkpoint": str(path), "stopped_by": stopped_by, **last_eval}
+               "checkpoint": str(path), "stopped_by": stopped_by, "params_total": model.num_params()["total"],
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **last_eval}
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     return summary

@@ -1,0 +1,91 @@
+"""Pictures of what a trained model does: `nanoseek inspect fusion CKPT --prompt TEXT`.
+
+For each fusion kind, the weights the model gives to earlier representations:
+    dwa       the learned matrix a_ij (layer i reads output j), one heatmap
+    dynamic   per layer, the per-token softmax weights over X_0..X_i
+    hyper     per sublayer, the per-token width weights a_m over the n streams
+    mhc       per sublayer, the per-token pre weights over the n streams, and the token-averaged
+              doubly stochastic mixing matrix
+    residual  the scalar-mix weights (nothing is learned in the stream itself)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import NanoseekError
+
+
+@torch.inference_mode()
+def fusion_weights(model, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """name -> 2-D tensor to draw, for one prompt (batch 1)."""
+    kind = model.config.fusion
+    out: dict[str, torch.Tensor] = {}
+    if kind in ("residual",):
+        out["scalar mix (embedding, layers)"] = model.scalar_mix.logits.softmax(0)[None]
+        return out
+    if kind == "dwa":
+        n = len(model.fusions)
+        grid = torch.zeros(n, n + 1)
+        for i, f in enumerate(model.fusions):
+            grid[i, : i + 2] = f.alpha.detach().float()
+        out["dwa weights (layer x source)"] = grid
+        return out
+    if kind == "dynamic":
+        outputs = model.layer_outputs(input_ids)  # X_0..X_L, the block outputs the fusions read
+        for i, fusion in enumerate(model.fusions):
+            out[f"layer {i}: token x source"] = fusion.weights(outputs[: i + 2])
+        return out
+    captured: list[tuple[str, torch.Tensor]] = []
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        for name in ("attn_hc", "ffn_hc"):
+            module = getattr(layer, name)
+            hooks.append(module.register_forward_pre_hook(
+                lambda mod, args, tag=f"layer {i} {name}": captured.append((tag, args[0]))))
+    try:
+        model(input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for tag, streams in captured:
+        module = dict(model.named_modules())[_module_path(tag)]
+        maps = module.maps(streams)
+        out[f"{tag}: token x stream (input weights)"] = maps[0][0].float()
+        if kind == "mhc":
+            out[f"{tag}: mixing matrix (mean over tokens)"] = maps[2][0].mean(0).float()
+    return out
+
+
+def _module_path(tag: str) -> str:
+    _, i, name = tag.split()
+    return f"layers.{i}.{name}"
+
+
+def plot_fusion(model, tokenizer, prompt: str, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = tokenizer.encode(prompt)[: model.config.max_position_embeddings]
+    if not ids:
+        raise NanoseekError("--prompt is empty")
+    panels = fusion_weights(model, torch.tensor([ids]))
+    cols = min(4, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, grid) in zip(axes.flat, panels.items()):
+        image = ax.imshow(grid.cpu().numpy(), aspect="auto", cmap="viridis")
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"fusion={model.config.fusion}: {prompt[:60]!r}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

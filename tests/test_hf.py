@@ -126,3 +126,29 @@ def test_refuses_to_export_what_transformers_cannot_express(tmp_path):
     with pytest.raises(NanoseekError, match="cannot save in HF format"):
         model.save_pretrained(tmp_path, format="hf")
     assert not (tmp_path / "config.json").exists()
+
+
+def test_mhc_equals_transformers_deepseek_v4_hyper_connection():
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as v4
+
+    from nanoseek.model.fusion import ManifoldHyperConnection, StreamHead
+
+    hf_cfg = transformers.DeepseekV4Config(hidden_size=32, hc_mult=3, hc_sinkhorn_iters=20, hc_eps=1e-6,
+                                           rms_norm_eps=1e-6)
+    ours_cfg = ModelConfig.from_preset("deepseek-v3-tiny", hidden_size=32, fusion="mhc", hc_mult=3)
+    torch.manual_seed(0)
+    hf_hc, ours_hc = v4.DeepseekV4HyperConnection(hf_cfg), ManifoldHyperConnection(ours_cfg)
+    hf_head, ours_head = v4.DeepseekV4HyperHead(hf_cfg), StreamHead(ours_cfg)
+    with torch.no_grad():
+        for name in ("fn", "base", "scale"):
+            getattr(hf_hc, name).copy_(torch.randn_like(getattr(hf_hc, name)) * 0.5)
+            getattr(ours_hc, name).copy_(getattr(hf_hc, name))
+        for name in ("hc_fn", "hc_base", "hc_scale"):
+            getattr(hf_head, name).copy_(torch.randn_like(getattr(hf_head, name)) * 0.5)
+            getattr(ours_head, name).copy_(getattr(hf_head, name))
+    streams = torch.randn(2, 5, 3, 32)
+    layer = torch.nn.Linear(32, 32)
+    post, comb, collapsed = hf_hc(streams)
+    expected = post.unsqueeze(-1) * layer(collapsed).unsqueeze(-2) + comb.transpose(-1, -2) @ streams
+    torch.testing.assert_close(ours_hc(streams, layer), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_head(streams), hf_head(streams), atol=1e-6, rtol=1e-6)

@@ -1,0 +1,85 @@
+"""torchrun with 2 gloo processes: DDP and FSDP2 train exactly like one process with the same global batch,
+and checkpoints resume across world sizes."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.distributed
+
+CORPUS = Path(__file__).resolve().parents[1] / "src" / "nanoseek" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_bytes(CORPUS.read_bytes()[:50_000])
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(corpus, out, preset, batch, steps=20, extra=()):
+    return ["train", "--preset", preset, "--data", corpus, "--out", str(out), "--max-steps", str(steps),
+            "--data.seq_len=32", f"--train.batch_size={batch}", "--train.threads=1", "--eval.every=0",
+            "--eval.batches=1", "--eval.batch_size=2", "--checkpoint.every=10", "--checkpoint.keep_last=5",
+            "--log.every=1", "--log.progress=false", "--log.plot=false", "--schedule.warmup_steps=5", *extra]
+
+
+def run(args, nproc=1):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "nanoseek", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "-m", "nanoseek", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def losses(out) -> list:
+    return [r["loss"] for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def close(a, b, tol=1e-5):
+    assert len(a) == len(b)
+    assert max(abs(x - y) for x, y in zip(a, b)) <= tol, list(zip(a, b))
+
+
+@pytest.mark.parametrize("strategy, preset", [("ddp", "gpt2-tiny"), ("fsdp", "gpt2-tiny"),
+                                              ("ddp", "deepseek-v3-tiny"), ("fsdp", "deepseek-v3-tiny")])
+def test_two_ranks_equal_one_process_and_resume_across_world_sizes(corpus, tmp_path, strategy, preset):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(train_args(corpus, one, preset, batch=4))
+    run(train_args(corpus, two, preset, batch=2, extra=[f"--dist.strategy={strategy}"]), nproc=2)
+    close(losses(two), losses(one))
+    # resume the 2-rank run's step-10 checkpoint in ONE process: the same losses as the 2-rank run
+    shutil.rmtree(two / "checkpoints" / "step-0000020")
+    (two / "LATEST").write_text("step-0000010\n")
+    run(train_args(corpus, two, preset, batch=4, extra=["--resume"]))
+    close(losses(two), losses(one))
+    # and resume a 1-process checkpoint on 2 ranks
+    shutil.rmtree(one / "checkpoints" / "step-0000020")
+    (one / "LATEST").write_text("step-0000010\n")
+    full = losses(one)
+    run(train_args(corpus, one, preset, batch=2, extra=["--resume", f"--dist.strategy={strategy}"]), nproc=2)
+    close(losses(one), full)
+
+
+def test_checkpoint_of_a_sharded_run_loads_in_one_process(corpus, tmp_path):
+    from nanoseek import load_model
+
+    run(train_args(corpus, tmp_path, "gpt2-tiny", batch=2, steps=4, extra=["--dist.strategy=fsdp"]), nproc=2)
+    model = load_model(tmp_path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -242,8 +242,8 @@ def test_mtp_loss_is_weighted_cross_entropy_of_t_plus_2():
     inp, tgt = x[:, :-1], x[:, 1:]
     out = model(inp, targets=tgt)
     mod = model.mtp[0]
-    h = mod(out.hidden[:, :7], model.embed_tokens(tgt[:, :7]), model.rope(0, 7, "cpu"))
-    logits = model.lm_head(mod.shared_head.norm(h))
+    _, normed = mod(out.hidden[:, :7], model.embed_tokens(tgt[:, :7]), model.rope(0, 7, "cpu"))
+    logits = model.lm_head(normed)
     expected = torch.nn.functional.cross_entropy(logits[0], x[0, 2:])
     torch.testing.assert_close(out.aux["mtp_loss"], expected)
 

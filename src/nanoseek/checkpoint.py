@@ -86,49 +86,55 @@ def atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def model_state_for_save(model) -> dict[str, torch.Tensor]:
+def model_state_for_save(model, state: dict | None = None) -> dict[str, torch.Tensor]:
     """The state dict with a tied head dropped (stored once, as the embedding)."""
-    state = model.state_dict()
+    state = dict(model.state_dict() if state is None else state)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def write_model_files(model, directory: Path, tokenizer_json: str | None = None):
+def write_model_files(model, directory: Path, tokenizer_json: str | None = None, state: dict | None = None):
     """config.json + model.safetensors (+ tokenizer.json) into an existing directory."""
     config = {"model_type": "nanoseek", "nanoseek": model.config.to_dict()}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    save_file(model_state_for_save(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    save_file(model_state_for_save(model, state), str(directory / MODEL_FILE), metadata={"format": "pt"})
     if tokenizer_json is not None:
         (directory / TOKENIZER_FILE).write_text(tokenizer_json)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Split an optimizer state dict into safetensors-storable tensors and JSON metadata."""
-    sd = optimizer.state_dict()
+def optimizer_tensors(optimizer_state: dict) -> tuple[dict, dict]:
+    """Split an optimizer state dict (keyed by parameter name) into tensors and JSON metadata."""
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
+    for param, state in optimizer_state["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{key}"] = value.detach().contiguous()
+                tensors[f"state/{param}/{key}"] = value.detach().contiguous()
             else:
-                scalars[f"{idx}.{key}"] = value
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+                scalars[f"{param}/{key}"] = value
+    return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, train_state: dict | None = None,
-                    tokenizer_json: str | None = None, keep_last: int = 2) -> Path:
-    """Atomically write checkpoints/step-NNNNNNN under run_dir, update LATEST, prune old ones."""
-    root = Path(run_dir) / "checkpoints"
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer_state: dict | None = None,
+                    train_state: dict | None = None, tokenizer_json: str | None = None, keep_last: int = 2,
+                    model_state: dict | None = None) -> Path:
+    """Atomically write checkpoints/step-NNNNNNN under run_dir, update LATEST, prune old ones.
+
+    `model_state` defaults to the model's own state dict (pass the gathered one under FSDP);
+    `optimizer_state` is keyed by parameter name (torch.distributed.checkpoint's full form)."""
+    final = checkpoint_path(run_dir, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
     try:
-        write_model_files(model, tmp, tokenizer_json)
-        if optimizer is not None:
-            tensors, meta = optimizer_tensors(optimizer)
-            tensors["rng.torch"] = torch.get_rng_state()
+        write_model_files(model, tmp, tokenizer_json, model_state)
+        if optimizer_state is not None:
+            tensors, meta = optimizer_tensors(optimizer_state)
+            tensors["rng/torch"] = torch.get_rng_state()
             save_file(tensors, str(tmp / OPTIM_FILE))
             (train_state := dict(train_state or {}))["optimizer"] = meta
         if train_state is not None:
@@ -136,9 +142,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, train
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
-        final = root / name
         if final.exists():  # re-saving the same step: swap, never leave a gap without a checkpoint
-            trash = root / f".{name}.old"
+            trash = root / f".{final.name}.old"
             shutil.rmtree(trash, ignore_errors=True)
             final.rename(trash)
             tmp.rename(final)
@@ -149,7 +154,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, train
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(Path(run_dir) / LATEST, name + "\n")
+    atomic_write_text(Path(run_dir) / LATEST, final.name + "\n")
     prune_checkpoints(root, keep_last)
     return final
 
@@ -199,11 +204,8 @@ def materialize_buffers(model):
                 setattr(module, bname, buf)
 
 
-def load_state_into(model, state: dict[str, torch.Tensor], source: Path, dtype=None, assign: bool = True):
-    """Put tensors into a model, checking every key and shape.
-
-    assign=True swaps in the loaded tensors (for a model built on the meta device; the tied head is
-    re-tied); assign=False copies into the existing parameters (which an optimizer may hold)."""
+def check_state(model, state: dict[str, torch.Tensor], source: Path):
+    """Every key the model needs is there, nothing else is, and every shape matches."""
     expected = model.state_dict()
     tied = model.config.tie_word_embeddings
     missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")
@@ -216,10 +218,27 @@ def load_state_into(model, state: dict[str, torch.Tensor], source: Path, dtype=N
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise NanoseekError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
                                 f"the config needs {tuple(expected[key].shape)}")
+
+
+def with_tied_head(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The state dict as the module lists it (a tied head re-added, optional state filled in)."""
+    full = dict(state)
+    if model.config.tie_word_embeddings and "lm_head.weight" not in full:
+        full["lm_head.weight"] = full["embed_tokens.weight"]
+    for key, value in model.state_dict().items():
+        if key.startswith(OPTIONAL_PREFIXES) and key not in full:
+            full[key] = value.detach().clone()
+    return full
+
+
+def load_state_into(model, state: dict[str, torch.Tensor], source: Path, dtype=None):
+    """Assign checked tensors into a model built on the meta device; re-tie the head."""
+    check_state(model, state, source)
+    for key, tensor in state.items():
         if dtype is not None and tensor.is_floating_point() and not _keep_fp32(key):
             state[key] = tensor.to(dtype)
-    model.load_state_dict(state, strict=False, assign=assign)
-    if tied and assign:
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     materialize_buffers(model)
 
@@ -261,19 +280,18 @@ def load_foreign_model(ckpt: Path, cfg: dict, dtype, trust_pickle: bool = False)
     return hf.load_hf_model(ckpt, dtype=dtype, trust_pickle=trust_pickle)
 
 
-def load_training_state(ckpt: Path, optimizer) -> dict:
-    """Restore optimizer moments and the torch RNG; return train_state.json as a dict."""
+def load_training_state(ckpt: Path) -> tuple[dict, dict]:
+    """(train_state.json, optimizer state keyed by parameter name); restores the torch RNG."""
     state = read_json(ckpt / STATE_FILE)
     tensors = read_safetensors(ckpt / OPTIM_FILE)
     meta = state.pop("optimizer")
     opt_state: dict = {}
     for key, value in tensors.items():
-        if key.startswith("state."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
+        if key.startswith("state/"):
+            _, param, name = key.split("/", 2)
+            opt_state.setdefault(param, {})[name] = value
     for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        opt_state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    return state
+        param, name = key.rsplit("/", 1)
+        opt_state.setdefault(param, {})[name] = value
+    torch.set_rng_state(tensors["rng/torch"])
+    return state, {"state": opt_state, "param_groups": meta["param_groups"]}

@@ -48,6 +48,8 @@ def split_overrides(extra: list[str]) -> dict:
 def cmd_train(args, extra) -> int:
     from .train.loop import TrainingDiverged, train
 
+    if args.nproc and args.nproc > 1:
+        return launch_torchrun(args.nproc)
     overrides = split_overrides(extra)
     if args.data:
         overrides["data.path"] = args.data
@@ -66,6 +68,31 @@ def cmd_train(args, extra) -> int:
         print(f"interrupted: checkpoint saved; continue with: nanoseek train --out {cfg.out} --resume "
               f"(plus the same arguments)", file=sys.stderr)
     return 0
+
+
+def launch_torchrun(nproc: int) -> int:
+    """`nanoseek train --nproc N ...` = `torchrun --nproc-per-node N -m nanoseek train ...` (DDP by default)."""
+    import os
+    import subprocess
+
+    argv = sys.argv[1:]
+    rest, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        rest.append(arg)
+    if not any(a.startswith("--dist.strategy") for a in rest):
+        rest.append("--dist.strategy=ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "nanoseek", *rest]
+    print("launching: " + " ".join(cmd[2:]), file=sys.stderr)
+    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
 # ------------------------------------------------------------------------------------ sample
@@ -368,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/default)")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--nproc", type=int, help="launch N processes with torchrun (DDP unless --dist.strategy=fsdp)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")

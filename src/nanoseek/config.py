@@ -412,6 +412,13 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = "none"  # none | ddp | fsdp (under torchrun)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    mixed_precision: bool = False  # fsdp: bf16 parameters in compute, fp32 gradient reduction
+
+
+@dataclass
 class TrainConfig:
     """A training run: the model plus data, optimizer, schedule, loop, checkpoint, log, eval."""
 
@@ -423,6 +430,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     preset: str = ""
     out: str = "runs/default"
 
@@ -433,6 +441,7 @@ class TrainConfig:
         _check_choice("optim.name", self.optim.name, ("adamw", "muon"))
         _check_choice("schedule.name", self.schedule.name, SCHEDULES)
         _check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
+        _check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
         for where, value in (("optim.lr", self.optim.lr), ("train.batch_size", self.train.batch_size),
                              ("train.grad_accum", self.train.grad_accum), ("data.seq_len", self.data.seq_len),
                              ("eval.batch_size", self.eval.batch_size), ("log.every", self.log.every)):

@@ -46,9 +46,9 @@ class _MTPDrafter:
         h = hidden_BTD[:, start:upto]
         emb = self.model.embed_tokens(tokens[:, start + 1:upto + 1]) * self.model.embed_scale
         rope = self.model.rope(start, upto - start, tokens.device)
-        out = self.module(h, emb, rope, self.cache, start)
+        _, normed = self.module(h, emb, rope, self.cache, start)
         self.fed = upto
-        logits = self.model.lm_head(self.module.shared_head.norm(out[:, -1]))
+        logits = self.model.lm_head(normed[:, -1])
         return int(logits.argmax(-1))
 
 

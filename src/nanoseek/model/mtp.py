@@ -37,7 +37,11 @@ class MTPModule(nn.Module):
         self.shared_head = SharedHead(config)
 
     def forward(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, rope, cache=None,
-                start: int = 0) -> torch.Tensor:
-        """Hidden state h^k (before the shared head's norm)."""
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h^k, RMSNorm_head(h^k)): the state the next depth reads and the input of the shared head.
+
+        Both come out of forward so that every parameter is used inside it (FSDP gathers a module's
+        parameters only for its forward)."""
         joined = torch.cat([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], dim=-1)
-        return self.block(self.eh_proj(joined), rope, cache, start)
+        h_BTD = self.block(self.eh_proj(joined), rope, cache, start)
+        return h_BTD, self.shared_head.norm(h_BTD)

@@ -108,6 +108,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.embed_scale = math.sqrt(d) if config.embedding_scale else 1.0
+        self.gradient_checkpointing = False  # set by training (dist.activation_checkpointing)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -175,18 +176,26 @@ class Transformer(nn.Module):
         if self.stream_head is not None:
             streams = h[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()
             for i, layer in enumerate(self.layers):
-                streams = layer.forward_streams(streams, rope, None if cache is None else cache[i], start)
+                streams = self.call_block(layer.forward_streams, streams, rope, None if cache is None else cache[i], start)
                 if outputs is not None:
                     outputs.append(self.stream_head(streams))
             return self.stream_head(streams)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, None if cache is None else cache[i], start)
+            h = self.call_block(layer, h, rope, None if cache is None else cache[i], start)
             if self.fusions is not None:
                 record.append(h)
                 h = self.fusions[i](record)
             elif outputs is not None:
                 outputs.append(h)
         return h
+
+    def call_block(self, fn, x, rope, cache, start):
+        """fn(x, ...), with its activations recomputed in backward when gradient_checkpointing is on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(fn, x, rope, cache, start, use_reentrant=False)
+        return fn(x, rope, cache, start)
 
     def layer_outputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """X_0 (embeddings) and every block's output, for embeddings and fusion inspection."""
@@ -205,8 +214,8 @@ class Transformer(nn.Module):
             # targets[:, i] = t_{i+1}, so t_{i+k} = targets[:, i+k-1] and t_{i+1+k} = targets[:, i+k]
             emb_next = self.embed_tokens(targets[:, k - 1:k - 1 + t].clamp(min=0)) * self.embed_scale
             rope_k = None if rope is None else (rope[0][:t], rope[1][:t])
-            h = module(h[:, :t], emb_next, rope_k)
-            logits = self.lm_head(module.shared_head.norm(h))
+            h, normed = module(h[:, :t], emb_next, rope_k)
+            logits = self.lm_head(normed)
             total = total + F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:k + t].flatten(),
                                             ignore_index=-1)
         return self.config.mtp_loss_weight / depth * total

@@ -10,7 +10,8 @@ rows r*B..(r+1)*B), so per-rank batch B on W ranks trains exactly like batch W*B
 - ddp:  every rank holds the whole model; gradients are averaged by all-reduce during backward.
 - fsdp: FSDP2 `fully_shard` on every block and on the root: parameters, gradients and optimizer
         moments are sharded across ranks and gathered per block for its forward/backward; optional
-        activation checkpointing per block and a bf16 mixed-precision policy.
+        activation checkpointing per block and a bf16 mixed-precision policy. Dense models only for
+        now: with MLA/MoE blocks the ranks hang in a collective (refused with a message).
 MoE load counts are summed over ranks before the balancing-bias update, so the router bias stays
 identical everywhere. Checkpoints hold full (gathered) state dicts keyed by parameter name, written
 by rank 0 only, so a checkpoint from any world size resumes on any other (and in one process).
@@ -65,14 +66,11 @@ def shutdown(ctx: DistContext):
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, activation_checkpointing: bool = False,
-               mixed_precision: bool = False) -> nn.Module:
-    """The module the training step calls: DDP, FSDP2-sharded, or the model itself."""
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False) -> nn.Module:
+    """The module the training step calls: DDP, FSDP2-sharded, or the model itself.
 
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block)
+    (Activation checkpointing is the model's own `gradient_checkpointing` flag, so that parameter
+    names stay the same for every strategy.)"""
     if not ctx.enabled:
         return model
     if ctx.strategy == "ddp":
@@ -83,6 +81,10 @@ def wrap_model(model: nn.Module, ctx: DistContext, activation_checkpointing: boo
     if ctx.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        config = model.config
+        if config.attention == "mla" or config.ffn == "moe":
+            raise NanoseekError("dist.strategy=fsdp does not support MLA/MoE models yet (the ranks fall out of "
+                                "step in a collective and hang); use --dist.strategy=ddp")
         kwargs = {}
         if mixed_precision:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -128,9 +128,11 @@ def eval_record(step: int, val_loss: float, bytes_per_token: float) -> dict:
 class MetricsLog:
     """metrics.jsonl, truncated on resume to what the checkpoint had seen."""
 
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: Path | None, resume_step: int | None):
+        self.path = path  # None: a rank other than 0 keeps records in memory only
         self.records: list[dict] = []
+        if path is None:
+            return
         if resume_step is not None and path.is_file():
             for line in path.read_text().splitlines():
                 rec = json.loads(line)
@@ -140,6 +142,8 @@ class MetricsLog:
 
     def write(self, record: dict):
         self.records.append(record)
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -214,47 +218,65 @@ def maybe_compile(model, enabled: bool):
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> dict:
-    """Run training as configured; return a summary dict (also the last eval).
+    """Run training as configured (one process, or one rank under torchrun); return a summary dict.
 
     `stop_after`: behave as if Ctrl-C arrived during that step (scripted interruption).
     """
     from ..dataset import BatchLoader
+    from . import dist
 
+    ctx = dist.init_distributed(cfg.dist.strategy)
+    quiet = quiet or not ctx.is_main
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok, data = setup_data(cfg, out)
+    if ctx.is_main:  # rank 0 tokenizes; the others then find its caches
+        tok, data = setup_data(cfg, out)
+    dist.barrier(ctx)
+    if not ctx.is_main:
+        tok, data = setup_data(cfg, out)
     model = build_model(cfg, tok.vocab_size)
+    model.gradient_checkpointing = cfg.dist.activation_checkpointing
+    wrapped = dist.wrap_model(model, ctx, mixed_precision=cfg.dist.mixed_precision)
     optimizer = make_optimizer(model, cfg.optim)
-    loader = BatchLoader(data.split("train"), cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed)
+    loader = BatchLoader(data.split("train"), cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
+                         rank=ctx.rank, world_size=ctx.world)
     val_tokens = data.split("val")
     val_bpt = data.bytes_per_token("val")
     state = RunState()
 
     resume_from = ckpt_io.latest_checkpoint(out) if resume else None
     if resume and resume_from is None and not quiet:
-        print(f"no checkpoint under {out}; starting from scratch")
+        print(f"no checkpoint under {out}; starting from scratch", file=sys.stderr)
     if resume_from is not None:
         weights = ckpt_io.read_safetensors(resume_from / ckpt_io.MODEL_FILE)
-        ckpt_io.load_state_into(model, weights, resume_from / ckpt_io.MODEL_FILE, assign=False)
-        saved = ckpt_io.load_training_state(resume_from, optimizer)
+        ckpt_io.check_state(model, weights, resume_from / ckpt_io.MODEL_FILE)
+        saved, optimizer_state = ckpt_io.load_training_state(resume_from)
+        dist.load_full_state(model, optimizer, ckpt_io.with_tied_head(weights, model), optimizer_state)
         state = RunState(saved["step"], saved["tokens"], saved["elapsed"])
         loader.load_state_dict(saved["loader"])
-    (out / "train_config.json").write_text(cfg.to_json())
-    metrics = MetricsLog(out / "metrics.jsonl", state.step if resume_from else None)
-    step_fn = maybe_compile(model, cfg.train.compile)
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+    if ctx.is_main:
+        (out / "train_config.json").write_text(cfg.to_json())
+    metrics = MetricsLog(out / "metrics.jsonl" if ctx.is_main else None, state.step if resume_from else None)
+    step_fn = maybe_compile(wrapped, cfg.train.compile)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * ctx.world
     tokenizer_json = (out / "tokenizer.json").read_text()
 
     def save():
-        train_state = {"step": state.step, "tokens": state.tokens, "elapsed": state.elapsed,
-                       "loader": loader.state_dict(), "config": cfg.to_dict()}
-        return ckpt_io.save_checkpoint(out, state.step, model, optimizer, train_state, tokenizer_json,
-                                       cfg.checkpoint.keep_last)
+        model_state = dist.full_model_state(wrapped)  # collective: every rank takes part
+        optimizer_state = dist.full_optimizer_state(wrapped, optimizer)
+        path = None
+        if ctx.is_main:
+            train_state = {"step": state.step, "tokens": state.tokens, "elapsed": state.elapsed,
+                           "loader": loader.state_dict(), "config": cfg.to_dict(), "world_size": ctx.world}
+            path = ckpt_io.save_checkpoint(out, state.step, model, optimizer_state, train_state, tokenizer_json,
+                                           cfg.checkpoint.keep_last, model_state=model_state)
+        dist.barrier(ctx)
+        return path or ckpt_io.checkpoint_path(out, state.step)
 
     def run_eval():
-        val = evaluate(model, val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches,
+        val = evaluate(wrapped, val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches,
                        cfg.train.dtype, seed=cfg.train.seed + 1)
         rec = eval_record(state.step, val, val_bpt)
         metrics.write(rec)
@@ -279,7 +301,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     stopped_by = "budget"
     window_t0, window_tokens = time.perf_counter(), 0
     with StopFlag() as stop:
-        while not finished(cfg, state):
+        while not dist.any_rank(finished(cfg, state), ctx):
             t0 = time.perf_counter()
             lr = cfg.optim.lr * lr_multiplier(cfg.schedule, state.step, progress_fraction(cfg, state))
             set_lr(optimizer, lr)
@@ -295,8 +317,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                             loss = loss + value
                 (loss / cfg.train.grad_accum).backward()
                 loss_sum += output.loss.item()
-                aux_log = {k: v.detach().item() for k, v in output.aux.items()}
-            loss_value = loss_sum / cfg.train.grad_accum
+                aux_log = {k: dist.all_reduce_mean(v.detach().item(), ctx) for k, v in output.aux.items()}
+            loss_value = dist.all_reduce_mean(loss_sum / cfg.train.grad_accum, ctx)
             if not math.isfinite(loss_value):
                 bar.close()
                 raise TrainingDiverged(
@@ -306,6 +328,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            dist.sync_expert_load(model, ctx)  # one router bias for all ranks
             balance_stats = model.after_optimizer_step()
             state.step += 1
             state.tokens += tokens_per_step
@@ -323,28 +346,32 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                 rec.update(balance_stats)
                 metrics.write(rec)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            if cfg.eval.every and state.step % cfg.eval.every == 0 and not finished(cfg, state):
+            done = dist.any_rank(finished(cfg, state), ctx)
+            if cfg.eval.every and state.step % cfg.eval.every == 0 and not done:
                 last_eval = run_eval()
                 bar.write(f"step {state.step}: val loss {last_eval['val_loss']:.4f}, "
                           f"{last_eval['val_bits_per_byte']:.3f} bits/byte")
                 window_t0 = time.perf_counter()  # evaluation time is not training throughput
-            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not finished(cfg, state):
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not done:
                 save()
                 window_t0 = time.perf_counter()
-            if stop.requested or state.step == stop_after:
+            if dist.any_rank(stop.requested or state.step == stop_after, ctx):
                 stopped_by = "interrupt"
                 break
     bar.close()
     if stopped_by == "budget":
         last_eval = run_eval()
     path = save()
-    if cfg.log.plot:
+    if cfg.log.plot and ctx.is_main:
         plot_losses(metrics.records, out / "loss.png", title=f"{cfg.preset} on {', '.join(map(str, cfg.data.path)) or 'tinyshakespeare'}")
     import resource
 
     summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 2),
                "checkpoint": str(path), "stopped_by": stopped_by, "params_total": model.num_params()["total"],
-               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **last_eval}
-    with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "world_size": ctx.world, **last_eval}
+    if ctx.is_main:
+        with open(out / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+    dist.shutdown(ctx)
     return summary

@@ -26,9 +26,8 @@ def test_template_cannot_reach_python_internals(tmp_path):
     pytest.importorskip("jinja2")
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": evil}))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(NanoseekError, match="unsafe"):
         render_chat(MESSAGES, load_chat_template(tmp_path))
-    assert "unsafe" in str(info.value).lower() or isinstance(info.value, NanoseekError)
 
 
 @pytest.mark.parametrize("bad", [[], [{"role": "robot", "content": "x"}], [{"role": "user"}], "hi"])

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -175,6 +174,7 @@ def test_eval_and_info_commands(corpus, tmp_path, capsys):
     ["train", "--data", "/does/not/exist"],
     ["sample", "/does/not/exist"],
     ["eval", "/does/not/exist"],
+    ["train", "--optim.lr", "1e-3"],
 ])
 def test_bad_cli_input_exits_2_with_one_line(argv, capsys, tmp_path):
     assert cli_main(argv + ["--out", str(tmp_path)] if argv[0] == "train" else argv) == 2

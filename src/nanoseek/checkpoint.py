@@ -39,25 +39,30 @@ LATEST = "LATEST"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir itself, or a run dir's latest checkpoint (via LATEST)."""
+    """A checkpoint dir itself, or a run dir's latest checkpoint (LATEST, else the newest complete one)."""
     path = Path(path)
     if not path.exists():
         raise NanoseekError(f"checkpoint path {path} does not exist")
-    if (path / CONFIG_FILE).is_file():
+    if (path / CONFIG_FILE).is_file() and not (path / "checkpoints").is_dir():
         return path
     latest = path / LATEST
     if latest.is_file():
         ckpt = path / "checkpoints" / latest.read_text().strip()
         if (ckpt / CONFIG_FILE).is_file():
             return ckpt
-    raise NanoseekError(f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run dir with a {LATEST} file")
+    complete = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / CONFIG_FILE).is_file()) \
+        if (path / "checkpoints").is_dir() else []
+    if complete:
+        return complete[-1]
+    raise NanoseekError(f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run dir holding one")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    try:
-        return resolve_checkpoint(Path(run_dir)) if (Path(run_dir) / LATEST).is_file() else None
-    except NanoseekError:
+    """The checkpoint to resume from; None for a run dir that never saved one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / LATEST).is_file() and not (run_dir / "checkpoints").is_dir():
         return None
+    return resolve_checkpoint(run_dir)
 
 
 # ------------------------------------------------------------------------------------ writing

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import sys
 from pathlib import Path
@@ -27,21 +28,15 @@ from .errors import NanoseekError
 
 
 def split_overrides(extra: list[str]) -> dict:
-    """`--a.b=v` or `--a.b v` -> {"a.b": parsed v}; anything else is an error."""
-    overrides, i = {}, 0
-    while i < len(extra):
-        arg = extra[i]
+    """`--a.b=v` -> {"a.b": parsed v}; anything else is an error."""
+    overrides = {}
+    for arg in extra:
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
             raise NanoseekError(f"unrecognized argument {arg!r}; overrides look like --section.field=VALUE")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif i + 1 < len(extra):
-            key, value = arg[2:], extra[i + 1]
-            i += 1
-        else:
-            raise NanoseekError(f"override {arg!r} has no value")
+        if "=" not in arg:
+            raise NanoseekError(f"override {arg!r} has no value; write it as {arg}=VALUE")
+        key, value = arg[2:].split("=", 1)
         overrides[key] = parse_value(value)
-        i += 1
     return overrides
 
 
@@ -63,6 +58,8 @@ def cmd_train(args, extra) -> int:
     except TrainingDiverged as e:
         print(f"nanoseek: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     print(json.dumps(summary))
     if summary.get("stopped_by") == "interrupt":
         print(f"interrupted: checkpoint saved; continue with: nanoseek train --out {cfg.out} --resume "
@@ -72,7 +69,6 @@ def cmd_train(args, extra) -> int:
 
 def launch_torchrun(nproc: int) -> int:
     """`nanoseek train --nproc N ...` = `torchrun --nproc-per-node N -m nanoseek train ...` (DDP by default)."""
-    import os
     import subprocess
 
     argv = sys.argv[1:]
@@ -186,7 +182,10 @@ def cmd_eval(args, extra) -> int:
     model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
     state_file = Path(model.checkpoint_dir) / "train_state.json"
     run_cfg = read_json(state_file)["config"] if state_file.is_file() else {}
-    seq_len = args.seq_len or run_cfg.get("data", {}).get("seq_len") or model.config.max_position_embeddings
+    limit = model.config.max_position_embeddings
+    seq_len = args.seq_len or run_cfg.get("data", {}).get("seq_len") or min(limit, 1024)
+    if not 1 <= seq_len <= limit:
+        raise NanoseekError(f"--seq-len={seq_len} must be in [1, {limit}] (the model's context)")
     tokens = eval_tokens(args.data, tok, run_cfg)
     if len(tokens) < 2:
         raise NanoseekError("the evaluation text has fewer than 2 tokens")
@@ -264,8 +263,8 @@ def cmd_tokenizer(args, extra) -> int:
         if not Path(f).is_file():
             raise NanoseekError(f"data file {f} does not exist")
     tok = train_tokenizer(args.kind, args.files, args.vocab_size)
-    tok.save(args.out)
-    print(json.dumps({"tokenizer": args.kind, "vocab_size": tok.vocab_size, "out": args.out}))
+    path = tok.save(args.out)
+    print(json.dumps({"tokenizer": args.kind, "vocab_size": tok.vocab_size, "out": str(path)}))
     return 0
 
 
@@ -297,8 +296,9 @@ def cmd_chat(args, extra) -> int:
             continue
         messages.append({"role": "user", "content": text})
         prompt = render_chat(messages, template)
-        while len(tok.encode(prompt)) + args.max_new_tokens > limit and len(messages) > 1:
-            messages.pop(1 if messages[0]["role"] == "system" and len(messages) > 2 else 0)
+        first = 1 if messages[0]["role"] == "system" else 0
+        while len(tok.encode(prompt)) + args.max_new_tokens > limit and len(messages) > first + 1:
+            del messages[first:first + 2]  # drop the oldest user/assistant exchange, keep roles alternating
             prompt = render_chat(messages, template)
         room = limit - len(tok.encode(prompt))
         if room < 1:
@@ -325,12 +325,24 @@ def cmd_convert(args, extra) -> int:
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    import shutil
+    import tempfile
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
-    model = load_model(args.src, dtype=dtype, trust_pickle=args.trust_pickle)
     dst = Path(args.dst)
-    if dst.exists() and any(dst.iterdir()):
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise NanoseekError(f"destination {dst} exists and is not empty")
-    model.save_pretrained(dst, format="hf" if args.to == "hf" else "nanoseek", tokenizer_dir=model.checkpoint_dir)
+    model = load_model(args.src, dtype=dtype, trust_pickle=args.trust_pickle)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    try:  # written beside the destination, renamed into place when complete
+        model.save_pretrained(tmp, format="hf" if args.to == "hf" else "nanoseek", tokenizer_dir=model.checkpoint_dir)
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(json.dumps({"converted": str(args.src), "to": args.to, "out": str(dst)}))
     return 0
 

@@ -124,6 +124,8 @@ def config_to_hf(config: ModelConfig) -> dict:
         kind = "deepseek_v3" if config.scoring_func == "sigmoid" or config.ffn != "moe" else "deepseek_v2"
         if config.tie_word_embeddings or not config.rope_interleave:
             problems.append("DeepSeek checkpoints need an untied head and interleaved RoPE")
+        if config.ffn not in ("swiglu", "moe") or config.mlp_bias:
+            problems.append(f"DeepSeek layers are SwiGLU without biases (got ffn={config.ffn!r}, mlp_bias={config.mlp_bias})")
         if kind == "deepseek_v2" and (config.norm_topk_prob or config.topk_method == "noaux_tc"):
             problems.append("softmax routing with normalized top-k or noaux_tc has no deepseek_v2 form")
     elif config.ffn == "swiglu" and not config.rope_interleave:
@@ -172,7 +174,7 @@ def config_to_hf(config: ModelConfig) -> dict:
 
 
 class TensorSource:
-    """Lazy, memory-mapped access to every tensor of a folder (single file or sharded)."""
+    """Lazy access to every tensor of a folder (single file or sharded)."""
 
     def __init__(self, folder: Path, trust_pickle: bool = False):
         self.folder = folder
@@ -376,16 +378,6 @@ def split_fused(key: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str
 def mtp_layers_on_disk(source: TensorSource, n_layers: int) -> int:
     indices = {int(m.group(1)) for k in source.keys() if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     return len([i for i in indices if i >= n_layers])
-
-
-def is_hf_folder(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("model_type") != "nanoseek"
-    except json.JSONDecodeError:
-        return False
 
 
 def load_hf_model(folder: str | Path, dtype=None, trust_pickle: bool = False):

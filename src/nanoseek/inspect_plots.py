@@ -86,6 +86,7 @@ def plot_fusion(model, tokenizer, prompt: str, out: str | Path) -> Path:
     fig.suptitle(f"fusion={model.config.fusion}: {prompt[:60]!r}", fontsize=10)
     fig.tight_layout()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -70,7 +70,8 @@ def speculative_generate(model, input_ids, max_new_tokens: int = 32, eos_id: int
     stats = SpeculativeStats()
     seq = torch.zeros(1, max_len + 1, dtype=torch.long, device=tokens.device)
     seq[:, :prompt_len] = tokens
-    hidden = torch.zeros(1, max_len + 1, model.config.hidden_size, device=tokens.device)
+    hidden = torch.zeros(1, max_len + 1, model.config.hidden_size, device=tokens.device,
+                         dtype=next(model.parameters()).dtype)
     out = model(tokens, cache=cache)
     hidden[:, :prompt_len] = out.hidden
     m = prompt_len  # main has processed seq[:m]; seq[m] is known

@@ -24,7 +24,6 @@ A final-representation scalar mix, `ScalarMix`: e = gamma * sum_j softmax(w)_j R
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig

@@ -47,8 +47,8 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 def run_variant(name: str, args: list[str], common: list[str], out: Path) -> dict:
     run_dir = out / name
     summary = run_dir / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())
+    if summary.is_file() and json.loads(summary.read_text()).get("stopped_by") == "budget":
+        return json.loads(summary.read_text())  # finished: skip
     cmd = [sys.executable, "-m", "nanoseek", "train", *common, *args, "--out", str(run_dir)]
     if (run_dir / "LATEST").is_file():
         cmd.append("--resume")
@@ -78,13 +78,17 @@ def table_row(name: str, result: dict, records: list[dict]) -> dict:
             "tokens": result.get("tokens"), "steps": result.get("step")}
 
 
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
 def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]]) -> Path:
     header = "| variant | final val loss | best val loss | tokens/s | params | peak RSS MiB | wall s | tokens |"
     lines = [header, "|" + "---|" * 8]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['final_val_loss']:.4f} | {r['best_val_loss']:.4f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['params']:,} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} | "
-                     f"{r['tokens']:,} |")
+        cells = [_fmt(r["final_val_loss"], ".4f"), _fmt(r["best_val_loss"], ".4f"), _fmt(r["tokens_per_s"], ",.0f"),
+                 _fmt(r["params"], ","), _fmt(r["peak_rss_mib"], ".0f"), _fmt(r["wall_s"], ".0f"), _fmt(r["tokens"], ",")]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     (out / "ablation.json").write_text(json.dumps(rows, indent=2))
     plot_curves(curves, out / "ablation.png")

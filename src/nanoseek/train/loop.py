@@ -317,8 +317,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                             loss = loss + value
                 (loss / cfg.train.grad_accum).backward()
                 loss_sum += output.loss.item()
-                aux_log = {k: dist.all_reduce_mean(v.detach().item(), ctx) for k, v in output.aux.items()}
+                for k, v in output.aux.items():  # mean over the micro-batches (and ranks, below)
+                    aux_log[k] = aux_log.get(k, 0.0) + v.detach().item() / cfg.train.grad_accum
             loss_value = dist.all_reduce_mean(loss_sum / cfg.train.grad_accum, ctx)
+            aux_log = {k: dist.all_reduce_mean(v, ctx) for k, v in aux_log.items()}
             if not math.isfinite(loss_value):
                 bar.close()
                 raise TrainingDiverged(

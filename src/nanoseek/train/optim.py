@@ -151,9 +151,11 @@ class Muon(torch.optim.Optimizer):
 def muon_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """2-D weights inside the blocks -> Muon; embeddings, head, norms, biases, routers -> AdamW."""
     adam = parameter_groups(model, cfg.weight_decay)
+    not_muon = {id(model.lm_head.weight)} | {id(p) for n, p in model.named_parameters()
+                                            if n.endswith("gate.weight") or "_hc." in n or n.startswith("stream_head.")}
     muon, decay = [], []
     for p in adam[0]["params"]:
-        (muon if p.dim() == 2 and p is not getattr(model, "lm_head").weight else decay).append(p)
+        (muon if p.dim() == 2 and id(p) not in not_muon else decay).append(p)
     scale = cfg.muon_lr / cfg.lr  # the schedule multiplies every group's lr alike
     return [{"params": muon, "weight_decay": cfg.weight_decay, "muon": True, "lr_scale": scale},
             {"params": decay, "weight_decay": cfg.weight_decay},

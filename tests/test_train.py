@@ -246,3 +246,11 @@ def test_tokenizer_and_chat_commands(corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
     assert cli_main(["chat", str(tmp_path / "run"), "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_sample_continues_past_the_context_with_a_sliding_window(corpus, tmp_path, capsys):
+    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 2, "model.max_position_embeddings": 32}), quiet=True)
+    capsys.readouterr()
+    assert cli_main(["sample", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "80", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:") and len(out.encode()) >= len("ROMEO:") + 80  # char-level: >= 1 byte/token

@@ -141,3 +141,16 @@ def test_mqa_shares_one_key_value_head():
     assert cache[0].k.shape == (1, 1, 8, 16)
     x = torch.randint(0, 128, (1, 8))
     assert model(x).logits.shape == (1, 8, 128)
+
+
+@pytest.mark.parametrize("fusion", ["residual", "mhc"])
+def test_activation_checkpointing_gives_the_same_gradients(fusion):
+    x = torch.randint(0, 128, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model = make("llama-tiny", fusion=fusion, hc_mult=2)
+        model.gradient_checkpointing = checkpointing
+        model(x, targets=x).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

@@ -10,8 +10,8 @@ rows r*B..(r+1)*B), so per-rank batch B on W ranks trains exactly like batch W*B
 - ddp:  every rank holds the whole model; gradients are averaged by all-reduce during backward.
 - fsdp: FSDP2 `fully_shard` on every block and on the root: parameters, gradients and optimizer
         moments are sharded across ranks and gathered per block for its forward/backward; optional
-        activation checkpointing per block and a bf16 mixed-precision policy. Dense models only for
-        now: with MLA/MoE blocks the ranks hang in a collective (refused with a message).
+        activation checkpointing per block and a bf16 mixed-precision policy. Not MoE models yet:
+        with MoE blocks the ranks hang in a collective (refused with a message).
 MoE load counts are summed over ranks before the balancing-bias update, so the router bias stays
 identical everywhere. Checkpoints hold full (gathered) state dicts keyed by parameter name, written
 by rank 0 only, so a checkpoint from any world size resumes on any other (and in one process).
@@ -82,8 +82,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         config = model.config
-        if config.attention == "mla" or config.ffn == "moe":
-            raise NanoseekError("dist.strategy=fsdp does not support MLA/MoE models yet (the ranks fall out of "
+        if config.ffn == "moe":
+            raise NanoseekError("dist.strategy=fsdp does not support MoE models yet (the ranks fall out of "
                                 "step in a collective and hang); use --dist.strategy=ddp")
         kwargs = {}
         if mixed_precision:

@@ -186,7 +186,7 @@ def cmd_eval(args, extra) -> int:
     seq_len = args.seq_len or run_cfg.get("data", {}).get("seq_len") or min(limit, 1024)
     if not 1 <= seq_len <= limit:
         raise NanoseekError(f"--seq-len={seq_len} must be in [1, {limit}] (the model's context)")
-    tokens = eval_tokens(args.data, tok, run_cfg)
+    tokens = eval_tokens(args.data, tok, run_cfg, Path(model.checkpoint_dir))
     if len(tokens) < 2:
         raise NanoseekError("the evaluation text has fewer than 2 tokens")
     total_loss, total_tokens = 0.0, 0
@@ -204,7 +204,7 @@ def cmd_eval(args, extra) -> int:
     return 0
 
 
-def eval_tokens(data_path, tok, run_cfg: dict):
+def eval_tokens(data_path, tok, run_cfg: dict, ckpt: Path):
     """Tokens of --data (the whole file), else the validation split of the training corpus."""
     import numpy as np
 
@@ -218,15 +218,20 @@ def eval_tokens(data_path, tok, run_cfg: dict):
         if not raw:
             raise NanoseekError(f"data file {path} is empty")
         return np.asarray(tok.encode(raw), dtype=np.int64)
+    from .dataset import TokenDataset, prepare_corpus
+
+    if not run_cfg:
+        raise NanoseekError("this checkpoint has no training record (train_state.json); pass --data PATH")
     data = run_cfg.get("data", {})
     files = data.get("path") or [str(BUNDLED_CORPUS)]
-    ids = []
     for f in files:
         if not Path(f).is_file():
             raise NanoseekError(f"training data file {f} is gone; pass --data PATH")
-        ids.extend(tok.encode(Path(f).read_bytes()))
-    val_start = len(ids) - round(len(ids) * data.get("val_fraction", 0.1))
-    return np.asarray(ids[val_start:], dtype=np.int64)
+    # the run's own token shards (reused when they match; rebuilt otherwise): the same split as training
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    shard_dir = Path(data.get("cache_dir") or run_dir / "data")
+    prepare_corpus(files, shard_dir, tok, val_fraction=data.get("val_fraction", 0.1))
+    return np.asarray(TokenDataset(shard_dir).split("val"), dtype=np.int64)
 
 
 def cmd_info(args, extra) -> int:

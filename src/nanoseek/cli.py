@@ -401,6 +401,11 @@ def cmd_ablate(args, extra) -> int:
 # ------------------------------------------------------------------------------------ parser
 
 
+def add_trust_pickle(parser: argparse.ArgumentParser):
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -416,8 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+    add_trust_pickle(s)
     s.add_argument("ckpt")
     s.add_argument("--prompt")
     s.add_argument("--max-new-tokens", type=int, default=200)
@@ -433,8 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text")
-    e.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+    add_trust_pickle(e)
     e.add_argument("ckpt")
     e.add_argument("--data", help="evaluate on this whole file (default: the training corpus's val split)")
     e.add_argument("--seq-len", type=int)
@@ -443,16 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="parameters, FLOPs per token and KV-cache bytes per token")
-    i.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+    add_trust_pickle(i)
     i.add_argument("ckpt", nargs="?")
     i.add_argument("--preset")
     i.add_argument("--seq-len", type=int, help="context length for the FLOPs estimate")
     i.set_defaults(func=cmd_info)
 
     c = sub.add_parser("chat", help="chat with a checkpoint on the terminal")
-    c.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+    add_trust_pickle(c)
     c.add_argument("ckpt")
     c.add_argument("--system", help="a system message")
     c.add_argument("--max-new-tokens", type=int, default=200)
@@ -463,8 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     cv = sub.add_parser("convert", help="convert a checkpoint between nanoseek and Hugging Face formats")
-    cv.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+    add_trust_pickle(cv)
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("hf", "nanoseek"), required=True)
@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("ckpt")
     em.add_argument("--text", action="append")
     em.add_argument("--file")
-    em.add_argument("--trust-pickle", action="store_true")
+    add_trust_pickle(em)
     em.set_defaults(func=cmd_embed)
 
     ins = sub.add_parser("inspect", help="pictures of a trained model (fusion weights)")
@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("ckpt")
     ins.add_argument("--prompt", required=True)
     ins.add_argument("--out", default="fusion.png")
-    ins.add_argument("--trust-pickle", action="store_true")
+    add_trust_pickle(ins)
     ins.set_defaults(func=cmd_inspect)
 
     ab = sub.add_parser("ablate", help="train variants at equal budget; a table and a plot")

@@ -359,9 +359,6 @@ class TextStream:
             yield rest
 
 
-stream_text = TextStream
-
-
 def complete(model, tokenizer, prompt: str, **options) -> tuple[str, str]:
     """The whole completion of `prompt` and its finish reason ("stop" or "length")."""
     stream = TextStream(model, tokenizer, prompt, **options)

@@ -78,7 +78,7 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
         pad_token_id=_first_id(cfg.get("pad_token_id")), position="rope", norm="rmsnorm", norm_position="pre",
     )
     if kind == "llama":
-        heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
         return ModelConfig(**common, attention="gqa", num_key_value_heads=kv, head_dim=cfg.get("head_dim"),
                            ffn="swiglu", mlp_bias=cfg.get("mlp_bias", False), rope_interleave=False)
     v2 = kind == "deepseek_v2"

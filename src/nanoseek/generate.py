@@ -332,31 +332,58 @@ class TextStream:
         self._pieces.close()
 
     def _generate_pieces(self) -> Iterator[str]:
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stop_filter = StopStringFilter(self.stops)
-        hit_eos = False
+        text = Detokenizer(self.tokenizer, self.stops)
         tokens = iter(self._loop)
         try:
             for token in tokens:
                 self.completion_tokens += 1
-                token_id = int(token[0])
-                if token_id == self.tokenizer.eos_id:
-                    hit_eos = True
+                piece = text.push(int(token[0]))
+                if piece:
+                    yield piece
+                if text.finish_reason:
                     break
-                safe, stopped = stop_filter.push(utf8.decode(self.tokenizer.decode_bytes([token_id])))
-                if stopped:
-                    self.finish_reason = "stop"
-                if safe:
-                    yield safe
-                if stopped:
-                    return
         finally:
             tokens.close()
-        safe, stopped = stop_filter.push(utf8.decode(b"", final=True))
-        rest = safe if stopped else safe + stop_filter.flush()
-        self.finish_reason = "stop" if stopped or hit_eos else "length"
+        rest = text.finish()
+        self.finish_reason = text.finish_reason
         if rest:
             yield rest
+
+
+class Detokenizer:
+    """Token ids in, safe text out: never half a UTF-8 character, never a stop string.
+
+    `push(id)` returns the text that became safe; once `finish_reason` is "stop" (eos or a stop
+    string) further pushes return "". `finish()` returns what was held back and sets
+    `finish_reason` to "length" if nothing stopped the sequence.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop_filter = StopStringFilter(stops)
+        self.finish_reason: str | None = None
+
+    def push(self, token_id: int) -> str:
+        if self.finish_reason:
+            return ""
+        if token_id == self.tokenizer.eos_id:
+            self.finish_reason = "stop"
+            return self._drain()
+        safe, stopped = self.stop_filter.push(self.utf8.decode(self.tokenizer.decode_bytes([token_id])))
+        if stopped:
+            self.finish_reason = "stop"
+        return safe
+
+    def finish(self) -> str:
+        if self.finish_reason == "stop" and not self.stop_filter.pending:
+            return ""
+        self.finish_reason = self.finish_reason or "length"
+        return self._drain()
+
+    def _drain(self) -> str:
+        safe, stopped = self.stop_filter.push(self.utf8.decode(b"", final=True))
+        return safe if stopped else safe + self.stop_filter.flush()
 
 
 def complete(model, tokenizer, prompt: str, **options) -> tuple[str, str]:

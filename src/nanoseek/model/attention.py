@@ -24,11 +24,13 @@ from .kv_cache import DenseKVCache
 from .position import apply_rope, softmax_scale
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
                      scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v for queries at positions start..start+T-1.
 
-    q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v) where S = start + T keys.
+    q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v) where S = start + T keys. `start` may
+    also be a LongTensor (B,) of per-row positions for one query per row (T = 1): row b then sees
+    keys 0..start[b] of the S cached positions.
     """
     d_v = v.shape[-1]
     if d_v != q.shape[-1]:  # the CPU flash kernel needs equal head dims; zero padding changes nothing
@@ -38,6 +40,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
         return causal_attention(q, k, v, start, scale, dropout)[..., :d_v]
     t, s = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
+    if isinstance(start, torch.Tensor):  # continuous batching: every row at its own position
+        mask = torch.arange(s, device=q.device)[None, :] <= start[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], scale=scale,
+                                              enable_gqa=gqa)
     if t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               dropout_p=dropout, enable_gqa=gqa)
@@ -66,7 +72,7 @@ class MultiHeadAttention(nn.Module):
         return DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device)
 
     def forward(self, x: torch.Tensor, rope=None, cache: DenseKVCache | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv_proj(x).split(

@@ -7,6 +7,12 @@ Generation runs a prefill over the prompt (positions 0..P-1), then one decode st
 Dense cache per layer: K (B, H_kv, L, d_k) and V (B, H_kv, L, d_v): 2 * H_kv * d per token.
 MLA latent cache per layer: c_KV (B, L, d_c) and the shared RoPE key k_R (B, L, d_r): d_c + d_r per
 token, independent of the number of heads.
+
+Continuous batching (the server) keeps one cache of `max_batch` rows, one row per running request:
+`rows(lo, hi, length)` is a view of rows lo..hi-1 and positions 0..length-1 (writes go through to
+the whole cache), `move_row(src, dst)` packs the running rows together when one leaves, and
+`update` accepts per-row positions (a LongTensor (B,)) for a decode step where each row sits at its
+own position.
 """
 
 from __future__ import annotations
@@ -14,9 +20,25 @@ from __future__ import annotations
 import torch
 
 
+def write_positions(buffer: torch.Tensor, start, new: torch.Tensor, time_dim: int) -> int:
+    """Write `new` into `buffer` along `time_dim` at `start` (int, or per-row LongTensor (B,) for
+    one new position per row); return the number of positions that are now visible."""
+    if isinstance(start, torch.Tensor):
+        rows = torch.arange(buffer.shape[0], device=buffer.device)
+        index = (rows, slice(None), start) if time_dim == 2 else (rows, start)
+        buffer[index] = new.select(time_dim, 0)
+        return buffer.shape[time_dim]
+    end = start + new.shape[time_dim]
+    buffer.narrow(time_dim, start, new.shape[time_dim]).copy_(new)
+    return end
+
+
 class DenseKVCache:
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, k_dim: int, v_dim: int,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, *, buffers=None):
+        if buffers is not None:
+            self.k, self.v = buffers
+            return
         self.k = torch.zeros(batch, n_kv_heads, max_len, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, n_kv_heads, max_len, v_dim, dtype=dtype, device=device)
 
@@ -24,17 +46,27 @@ class DenseKVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H_kv, T, d) at positions start..start+T-1; return the keys/values so far."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        write_positions(self.k, start, k, 2)
+        end = write_positions(self.v, start, v, 2)
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def rows(self, lo: int, hi: int, length: int | None = None) -> DenseKVCache:
+        length = self.max_len if length is None else length
+        return DenseKVCache(0, 0, 0, 0, 0, None, buffers=(self.k[lo:hi, :, :length], self.v[lo:hi, :, :length]))
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
 
 
 class LatentKVCache:
     def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, *, buffers=None):
+        if buffers is not None:
+            self.latent, self.k_rope = buffers
+            return
         self.latent = torch.zeros(batch, max_len, latent_dim, dtype=dtype, device=device)
         self.k_rope = torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device)
 
@@ -42,9 +74,16 @@ class LatentKVCache:
     def max_len(self) -> int:
         return self.latent.shape[1]
 
-    def update(self, start: int, latent: torch.Tensor, k_rope: torch.Tensor):
+    def update(self, start, latent: torch.Tensor, k_rope: torch.Tensor):
         """Write latent (B, T, d_c) and k_rope (B, T, d_r); return both up to start+T."""
-        end = start + latent.shape[1]
-        self.latent[:, start:end] = latent
-        self.k_rope[:, start:end] = k_rope
+        write_positions(self.latent, start, latent, 1)
+        end = write_positions(self.k_rope, start, k_rope, 1)
         return self.latent[:, :end], self.k_rope[:, :end]
+
+    def rows(self, lo: int, hi: int, length: int | None = None) -> LatentKVCache:
+        length = self.max_len if length is None else length
+        return LatentKVCache(0, 0, 0, 0, None, buffers=(self.latent[lo:hi, :length], self.k_rope[lo:hi, :length]))
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.latent[dst] = self.latent[src]
+        self.k_rope[dst] = self.k_rope[src]

@@ -36,6 +36,11 @@ from .position import apply_rope, softmax_scale
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
 
 
+def is_decoding(start) -> bool:
+    """True when queries follow cached positions (per-row positions always do)."""
+    return isinstance(start, torch.Tensor) or start > 0
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -69,7 +74,7 @@ class MultiHeadLatentAttention(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(self, x_BTD: torch.Tensor, rope, cache: LatentKVCache | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         cos, sin = rope
         q_BHTQ = self.query(x_BTD).view(b, t, self.n_heads, -1).transpose(1, 2)
@@ -80,7 +85,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope_BTR = apply_rope(k_rope_BTR, cos, sin, self.interleave)
         if cache is not None:
             latent_BTC, k_rope_BTR = cache.update(start, latent_BTC, k_rope_BTR)
-        if cache is not None and start > 0 and self.absorb:
+        if cache is not None and is_decoding(start) and self.absorb:
             o_BHTV = self.attend_absorbed(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start)
         else:
             o_BHTV = self.attend_expanded(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start)

@@ -126,7 +126,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate the last dim of x (..., T, d_r) by tables cos/sin (T, d_r/2). Keeps x's dtype."""
+    """Rotate the last dim of x (..., T, d_r) by tables cos/sin (T, d_r/2). Keeps x's dtype.
+
+    Per-row tables (B, T, d_r/2) (continuous batching) broadcast over the heads of x (B, H, T, d_r).
+    """
+    if cos.dim() == 3 and x.dim() == 4:
+        cos, sin = cos[:, None], sin[:, None]
     if interleave:
         a, b = x[..., 0::2], x[..., 1::2]
     else:

@@ -46,6 +46,13 @@ class ModelOutput:
     hidden: torch.Tensor | None = None
 
 
+def positions(start: int | torch.Tensor, length: int, device) -> torch.Tensor:
+    """Positions start..start+length-1 (T,), or per row (B, T) when `start` is a tensor (B,)."""
+    if isinstance(start, torch.Tensor):
+        return start[:, None] + torch.arange(length, device=device)
+    return torch.arange(start, start + length, device=device)
+
+
 def make_attention(config: ModelConfig, layer: int) -> nn.Module:
     return ATTENTIONS[config.attention](config)
 
@@ -133,24 +140,32 @@ class Transformer(nn.Module):
                 module.reset_extra_parameters(std, out_std)
 
     # ------------------------------------------------------------------ forward
-    def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         if self.embed_scale != 1.0:
             h = h * self.embed_scale
         if self.pos_embed is not None:
-            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-            h = h + self.pos_embed(positions)
+            h = h + self.pos_embed(positions(start, input_ids.shape[1], input_ids.device))
         return self.embed_dropout(h)
 
-    def rope(self, start: int, length: int, device):
+    def rope(self, start: int | torch.Tensor, length: int, device):
         if self.rotary is None:
             return None
-        return self.rotary(torch.arange(start, start + length, device=device))
+        return self.rotary(positions(start, length, device))
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: list | None = None, start: int = 0, last_only: bool = False) -> ModelOutput:
-        """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, V) (or (B, 1, V))."""
-        self._check_length(start + input_ids.shape[1])
+                cache: list | None = None, start: int | torch.Tensor = 0,
+                last_only: bool = False) -> ModelOutput:
+        """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, V) (or (B, 1, V)).
+
+        `start` may be a LongTensor (B,) of per-row positions for a one-token decode step against
+        a cache (continuous batching); the caller keeps those positions inside the context.
+        """
+        if isinstance(start, torch.Tensor):
+            if cache is None or input_ids.shape[1] != 1:
+                raise ValueError("per-row positions need a cache and one token per row")
+        else:
+            self._check_length(start + input_ids.shape[1])
         h = self.embed(input_ids, start)
         rope = self.rope(start, input_ids.shape[1], input_ids.device)
         h = self.run_layers(h, rope, cache, start)

@@ -1,0 +1,231 @@
+"""Continuous batching: one decode step advances every running request at once.
+
+The engine owns the model and one static KV cache of `max_batch` rows; a background thread runs
+
+    loop:
+        drop cancelled requests (their rows are freed at once)
+        admit waiting requests while a row is free: prefill the prompt (B = 1) into that row,
+            sample the first token
+        decode: one forward over the last token of every running row, each at its own position
+            p_b, attending to cached keys 0..p_b of its own row (per-row positions and masks);
+            sample each row with its own options and seeded generator
+        a request that finishes (stop string, eos, max_tokens) or is cancelled leaves; the last
+            running row moves into its place, so the running rows are always rows 0..n-1
+
+Requests join and leave between decode steps, so a short request never waits for a long one and
+16 concurrent clients share one forward pass per token instead of taking turns. Admission is
+bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_batch + max_queue.
+
+Text leaves through `Detokenizer` (UTF-8 safe, stop strings held back), one `Event` per piece,
+through the request's `emit` callback (the server hands them to its asyncio loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import Detokenizer, SamplingOptions, sample_next
+
+log = logging.getLogger("nanoseek.serve")
+
+
+class QueueFull(Exception):
+    """More requests than running rows plus queue places."""
+
+
+@dataclass
+class Event:
+    index: int  # the choice this text belongs to
+    text: str = ""
+    finish_reason: str | None = None  # "stop" / "length" on the last event of a choice
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice of one request: its prompt, options, and where it stands."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    options: SamplingOptions
+    emit: Callable[[Event], None]
+    stops: list[str] = field(default_factory=list)
+    index: int = 0
+    cancelled: bool = False
+    generated: int = 0
+    last_token: int = -1
+
+    @property
+    def position(self) -> int:
+        """Position of `last_token`, the token the next decode step feeds."""
+        return len(self.prompt_ids) + self.generated - 1
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 32):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = model.config.max_position_embeddings
+        self.device = next(model.parameters()).device
+        self.cache = model.make_cache(max_batch, self.context)
+        self.running: list[Sequence] = []  # running[i] owns cache row i
+        self.waiting: deque[Sequence] = deque()
+        self.jobs: deque[tuple[Callable, Future]] = deque()
+        self.wakeup = threading.Condition()
+        self.stopping = False
+        self.steps = self.tokens_out = 0
+        self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+
+    # ------------------------------------------------------------------ the server's side
+    def start(self) -> Engine:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify()
+        self.thread.join(timeout=10)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self.wakeup:
+            busy = len(self.running) + len(self.waiting)
+            if busy + len(seqs) > self.max_batch + self.max_queue:
+                raise QueueFull(f"server busy: {busy} sequences running or waiting "
+                                f"(limit {self.max_batch} running + {self.max_queue} queued)")
+            self.waiting.extend(seqs)
+            self.wakeup.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        with self.wakeup:
+            for s in seqs:
+                s.cancelled = True
+            self.wakeup.notify()
+
+    def call(self, fn: Callable) -> Future:
+        """Run fn() on the engine thread between steps (the model is never used by two threads)."""
+        fut: Future = Future()
+        with self.wakeup:
+            self.jobs.append((fn, fut))
+            self.wakeup.notify()
+        return fut
+
+    def stats(self) -> dict:
+        with self.wakeup:
+            return {"running": len(self.running), "waiting": len(self.waiting),
+                    "max_batch": self.max_batch, "max_queue": self.max_queue,
+                    "decode_steps": self.steps, "tokens_generated": self.tokens_out}
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.wakeup:
+                while not (self.stopping or self.waiting or self.running or self.jobs):
+                    self.wakeup.wait()
+                if self.stopping:
+                    break
+                jobs, self.jobs = list(self.jobs), deque()
+            try:
+                with torch.inference_mode():
+                    self._run_jobs(jobs)
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.running:
+                        self._decode()
+            except Exception:  # a bug must not kill the engine: fail the running requests, go on
+                message = traceback.format_exc(limit=3)
+                log.error("engine step failed:\n%s", message)
+                for seq in self.running:
+                    seq.emit(Event(seq.index, error="internal error in the generation engine"))
+                self.running.clear()
+
+    def _run_jobs(self, jobs) -> None:
+        for fn, fut in jobs:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # handed to the caller
+                    fut.set_exception(e)
+
+    def _drop_cancelled(self) -> None:
+        with self.wakeup:
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        self._release([s for s in self.running if s.cancelled])
+
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch:
+            with self.wakeup:
+                if not self.waiting:
+                    return
+                seq = self.waiting.popleft()
+            row = len(self.running)
+            seq.detok = Detokenizer(self.tokenizer, seq.stops)
+            seq.generator = seq.options.make_generator(self.device)
+            ids = torch.tensor([seq.prompt_ids], device=self.device)
+            view = [c.rows(row, row + 1) for c in self.cache]
+            logits = self.model(ids, cache=view, start=0, last_only=True).logits[:, -1]
+            self.running.append(seq)
+            token = self._sample(logits, [seq])[0]
+            if self._accept(seq, token):
+                self._release([seq])
+
+    def _decode(self) -> None:
+        n = len(self.running)
+        tokens = torch.tensor([[s.last_token] for s in self.running], device=self.device)
+        positions = torch.tensor([s.position for s in self.running], device=self.device)
+        kv_len = max(s.position for s in self.running) + 1
+        view = [c.rows(0, n, kv_len) for c in self.cache]
+        logits = self.model(tokens, cache=view, start=positions).logits[:, -1]
+        self.steps += 1
+        sampled = self._sample(logits, self.running)
+        done = [s for s, t in zip(self.running, sampled) if self._accept(s, t)]
+        self._release(done)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """One token per row: greedy rows in one argmax, the others with their own options."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            o = seq.options
+            if o.temperature > 0:
+                tokens[i] = int(sample_next(logits[i:i + 1], o.temperature, o.top_k, o.top_p,
+                                            seq.generator)[0])
+        return tokens
+
+    def _accept(self, seq: Sequence, token: int) -> bool:
+        """Record the sampled token, emit its text; True when the sequence has finished."""
+        seq.generated += 1
+        seq.last_token = token
+        self.tokens_out += 1
+        text = seq.detok.push(token)
+        out_of_room = seq.generated >= seq.max_tokens or seq.position + 1 >= self.context
+        if seq.detok.finish_reason or out_of_room:
+            text += seq.detok.finish()
+            seq.emit(Event(seq.index, text, seq.detok.finish_reason, seq.generated))
+            return True
+        if text:
+            seq.emit(Event(seq.index, text, None, seq.generated))
+        return False
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        """Remove finished or cancelled sequences; move the last running rows into the gaps."""
+        for seq in seqs:
+            row = self.running.index(seq)
+            last = len(self.running) - 1
+            if row != last:
+                for c in self.cache:
+                    c.move_row(last, row)
+                self.running[row] = self.running[last]
+            self.running.pop()

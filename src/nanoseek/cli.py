@@ -282,6 +282,48 @@ def cmd_bench(args, extra) -> int:
 # ------------------------------------------------------------------------------------ chat / convert
 
 
+def cmd_serve(args, extra) -> int:
+    """Serve a checkpoint over HTTP until Ctrl-C."""
+    import ipaddress
+    import logging
+    import os
+
+    if extra:
+        raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as e:
+        raise NanoseekError(f"serving needs the serve extra (pip install 'nanoseek[serve]'): {e}") from None
+    for name in ("port", "max_batch", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise NanoseekError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.max_queue < 0 or (args.max_tokens is not None and args.max_tokens < 1):
+        raise NanoseekError("--max-queue must be >= 0 and --max-tokens >= 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key:
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach this "
+              f"address can use the model (set --api-key or NANOSEEK_API_KEY)", file=sys.stderr)
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
+    name = args.model_name or Path(args.ckpt).resolve().name
+    app = create_app(model, tok, name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     max_tokens_limit=args.max_tokens, max_body_bytes=args.max_body_bytes)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(f"serving {name} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
+          f"queue {args.max_queue}, API key {'on' if api_key else 'off'})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
+
+
 def cmd_chat(args, extra) -> int:
     """Interactive chat on stdin/stdout; the checkpoint's chat template when it has one."""
     from .chat import load_chat_template, render_chat
@@ -462,6 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-p", type=float, default=0.95)
     c.add_argument("--seed", type=int)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page")
+    add_trust_pickle(sv)
+    sv.add_argument("ckpt")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env NANOSEEK_API_KEY)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache rows)")
+    sv.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a row; beyond: 429")
+    sv.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the context)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    sv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sv.set_defaults(func=cmd_serve)
 
     cv = sub.add_parser("convert", help="convert a checkpoint between nanoseek and Hugging Face formats")
     add_trust_pickle(cv)

@@ -172,12 +172,12 @@ class Engine:
                     return
                 seq = self.waiting.popleft()
             row = len(self.running)
+            self.running.append(seq)  # from here on, a failure reaches this request too
             seq.detok = Detokenizer(self.tokenizer, seq.stops)
             seq.generator = seq.options.make_generator(self.device)
             ids = torch.tensor([seq.prompt_ids], device=self.device)
             view = [c.rows(row, row + 1) for c in self.cache]
             logits = self.model(ids, cache=view, start=0, last_only=True).logits[:, -1]
-            self.running.append(seq)
             token = self._sample(logits, [seq])[0]
             if self._accept(seq, token):
                 self._release([seq])

@@ -1,0 +1,400 @@
+"""The OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI + uvicorn).
+
+Routes: GET /health (no key), GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+POST /v1/embeddings, GET / (the chat page). Streaming answers are server-sent events in OpenAI's
+chunk format ending with `data: [DONE]`. Text reaches the client only in whole UTF-8 characters
+(the engine's Detokenizer), so a multi-byte character is never split across chunks.
+
+Guarantees:
+- every error the client can cause is a 4xx with {"error": {"message", "type", "param", "code"}};
+- with an API key, every route but /health needs `Authorization: Bearer KEY` (or HTTP Basic with
+  KEY as the password, so a browser can open the chat page); keys are compared in constant time;
+- bodies above `max_body_bytes` are refused (413) before they are read;
+- the engine refuses work beyond max_batch + max_queue sequences: 429, never an unbounded queue;
+- a client that goes away has its sequences cancelled and their cache rows freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat import load_chat_template, render_chat
+from ..errors import NanoseekError
+from ..generate import SamplingOptions
+from .engine import Engine, QueueFull, Sequence
+from .protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
+
+log = logging.getLogger("nanoseek.serve")
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_POLL_S = 0.25
+
+
+def error_response(err: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Basic realm="nanoseek"'} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+# ---------------------------------------------------------------------------- the ASGI guard
+
+
+class Guard:
+    """API key and body size, checked before routing (so no handler ever sees a bad request)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"] != "/health" and not self.authorized(headers.get("authorization", "")):
+            err = APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           None, "invalid_api_key")
+            return await error_response(err)(scope, receive, send)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            err = APIError(413, f"request body of {length} bytes is over the limit of {self.max_body} bytes",
+                           None, "request_too_large")
+            return await error_response(err)(scope, receive, send)
+        await self.app(scope, self.limited(receive), send)
+
+    def authorized(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                value = base64.b64decode(value, validate=True).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                return False
+        elif scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(value.strip().encode(), self.api_key.encode())
+
+    def limited(self, receive):
+        seen = 0
+
+        async def receive_limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise APIError(413, f"request body is over the limit of {self.max_body} bytes",
+                               None, "request_too_large")
+            return message
+
+        return receive_limited
+
+
+# ---------------------------------------------------------------------------- the service
+
+
+class Service:
+    """What the routes share: the model's name and context, the tokenizer, the engine, limits."""
+
+    def __init__(self, model, tokenizer, model_name: str, engine: Engine, max_tokens_limit: int):
+        self.model, self.tokenizer, self.name, self.engine = model, tokenizer, model_name, engine
+        self.context = model.config.max_position_embeddings
+        self.max_tokens_limit = max_tokens_limit
+        self.template = load_chat_template(getattr(model, "checkpoint_dir", None))
+        self.created = int(time.time())
+
+    def check_model(self, name: str) -> None:
+        if name != self.name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.name!r}",
+                           "model", "model_not_found")
+
+    def encode(self, prompt, param: str = "prompt") -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise APIError(400, f"{param} is empty; give at least one token", param)
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise APIError(400, f"{param} has token ids outside 0..{vocab - 1}", param)
+        if len(ids) >= self.context:
+            raise APIError(400, f"{param} is {len(ids)} tokens; the context is {self.context} tokens "
+                                f"and at least one must be left for the reply", param, "context_length_exceeded")
+        return ids
+
+    def max_tokens(self, asked: int | None, prompts: list[list[int]], default: int | None) -> int:
+        room = self.context - max(len(p) for p in prompts)
+        if asked is None:
+            return min(room, self.max_tokens_limit, default or room)
+        if asked > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens={asked} is over this server's limit of {self.max_tokens_limit}",
+                           "max_tokens")
+        if asked > room:
+            raise APIError(400, f"max_tokens={asked} does not fit: the prompt leaves {room} of the "
+                                f"{self.context}-token context", "max_tokens", "context_length_exceeded")
+        return asked
+
+    def sequences(self, body, prompts: list[list[int]], max_tokens: int, stops: list[str], emit) -> list[Sequence]:
+        seqs = []
+        for p, ids in enumerate(prompts):
+            for j in range(body.n):
+                index = p * body.n + j
+                seed = None if body.seed is None else body.seed + index
+                opts = SamplingOptions(temperature=body.temperature, top_p=body.top_p, seed=seed)
+                seqs.append(Sequence(ids, max_tokens, opts, emit, stops, index))
+        return seqs
+
+
+def make_emitter():
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    return queue, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+
+
+async def next_event(queue: asyncio.Queue, request: Request):
+    """The next engine event, or None once the client has gone away."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Run:
+    """One request's sequences in the engine, answered as one JSON body or as a stream."""
+
+    def __init__(self, service: Service, request: Request, body, prompts, max_tokens, stops, chat: bool):
+        self.service, self.request, self.body, self.chat = service, request, body, chat
+        self.queue, emit = make_emitter()
+        self.seqs = service.sequences(body, prompts, max_tokens, stops, emit)
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.id = completion_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+        try:
+            service.engine.submit(self.seqs)
+        except QueueFull as e:
+            raise APIError(429, f"{e}; retry later", None, "rate_limit_exceeded", "rate_limit_error") from None
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def choice(self, index: int, text: str, finish_reason, delta: bool) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        key = "delta" if delta else "message"
+        message = {"content": text} if delta else {"role": "assistant", "content": text}
+        if delta and finish_reason and not text:
+            message = {}
+        return {"index": index, key: message, "logprobs": None, "finish_reason": finish_reason}
+
+    def envelope(self, choices: list, chunk: bool) -> dict:
+        obj = self.object + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.service.name,
+                "system_fingerprint": None, "choices": choices}
+
+    async def events(self):
+        """Engine events until every sequence has finished; cancels them all if the client leaves."""
+        finished = 0
+        try:
+            while finished < len(self.seqs):
+                event = await next_event(self.queue, self.request)
+                if event is None:
+                    return
+                if event.error:
+                    raise RuntimeError(event.error)
+                finished += event.finish_reason is not None
+                yield event
+        finally:
+            self.service.engine.cancel(self.seqs)
+
+    async def answer(self) -> dict | None:
+        texts = [[] for _ in self.seqs]
+        reasons, tokens = [None] * len(self.seqs), [0] * len(self.seqs)
+        async for event in self.events():
+            texts[event.index].append(event.text)
+            reasons[event.index] = event.finish_reason
+            tokens[event.index] = event.completion_tokens
+        text = ["".join(t) for t in texts]
+        if self.chat:
+            text = [t.lstrip() for t in text] if not self.service.template["template"] else text
+        choices = [self.choice(i, text[i], reasons[i], delta=False) for i in range(len(self.seqs))]
+        return {**self.envelope(choices, chunk=False), "usage": self.usage(sum(tokens))}
+
+    async def stream(self):
+        tokens = [0] * len(self.seqs)
+        started = [False] * len(self.seqs)
+        if self.chat:
+            for i in range(len(self.seqs)):
+                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}
+                yield sse(self.envelope([first], chunk=True))
+        try:
+            async for event in self.events():
+                tokens[event.index] = event.completion_tokens
+                text = event.text
+                if self.chat and not self.service.template["template"] and not started[event.index]:
+                    text = text.lstrip()  # the plain transcript puts a space after "Assistant:"
+                    started[event.index] = bool(text)
+                if text or event.finish_reason:
+                    yield sse(self.envelope([self.choice(event.index, text, event.finish_reason, True)], True))
+        except RuntimeError as e:
+            yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+            return
+        if self.body.include_usage():
+            yield sse({**self.envelope([], chunk=True), "usage": self.usage(sum(tokens))})
+        yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
+               max_queue: int = 32, max_tokens_limit: int | None = None,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    context = model.config.max_position_embeddings
+    service = Service(model, tokenizer, model_name, engine, max_tokens_limit or context)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": service.name, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card(service)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str):
+        service.check_model(name)
+        return model_card(service)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        service.check_model(body.model)
+        body.unsupported()
+        prompts = [service.encode(p) for p in prompt_list(body.prompt)]
+        max_tokens = service.max_tokens(body.max_tokens, prompts, DEFAULT_COMPLETION_TOKENS)
+        return await respond(Run(service, request, body, prompts, max_tokens, body.stop, chat=False))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        service.check_model(body.model)
+        body.unsupported()
+        try:
+            text = render_chat(body.plain_messages(), service.template)
+        except NanoseekError as e:
+            raise APIError(400, str(e), "messages") from None
+        prompts = [service.encode(text, "messages")]
+        max_tokens = service.max_tokens(body.max_completion_tokens or body.max_tokens, prompts, None)
+        stops = list(body.stop) + ([] if service.template["template"] else ["\nUser:"])
+        return await respond(Run(service, request, body, prompts, max_tokens, stops, chat=True))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        service.check_model(body.model)
+        hidden = model.config.hidden_size
+        if body.dimensions not in (None, hidden):
+            raise APIError(400, f"dimensions={body.dimensions}: this model's embeddings have {hidden}",
+                           "dimensions", "unsupported_parameter")
+        inputs = [service.encode(x, "input") for x in prompt_list(body.input)]
+        vectors = await asyncio.wrap_future(engine.call(lambda: embed_ids(model, inputs)))
+        data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        n = sum(len(x) for x in inputs)
+        return {"object": "list", "data": data, "model": service.name,
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        page = resources.files("nanoseek.serve").joinpath("chat.html").read_text()
+        return page.replace("{{MODEL}}", service.name)
+
+    async def respond(run: Run):
+        if run.body.stream:
+            return StreamingResponse(run.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return await run.answer()
+        except RuntimeError as e:
+            raise APIError(500, str(e), type="server_error") from None
+
+    return Guard(app, api_key, max_body_bytes)
+
+
+def model_card(service: Service) -> dict:
+    return {"id": service.name, "object": "model", "created": service.created, "owned_by": "nanoseek",
+            "context_length": service.context}
+
+
+def embed_ids(model, inputs: list[list[int]]) -> list:
+    """Mean-pooled, L2-normalized scalar mix of the layer outputs (see nanoseek.embed)."""
+    import torch
+    import torch.nn.functional as F
+
+    vectors = []
+    with torch.inference_mode():
+        for ids in inputs:
+            outputs = model.layer_outputs(torch.tensor([ids], device=next(model.parameters()).device))
+            vectors.append(F.normalize(model.scalar_mix(outputs).mean(1).float(), dim=-1)[0].cpu())
+    return vectors
+
+
+def encode_vector(vector, encoding_format: str):
+    if encoding_format == "base64":  # little-endian float32, as OpenAI's clients decode it
+        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(APIError(400, "the request body is not valid JSON", None, "invalid_json"))
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        detail = first.get("msg", "invalid request")
+        if first.get("type") == "missing":
+            detail = "is required"
+        message = f"{param}: {detail}" if param else f"invalid request body: {detail}"
+        return error_response(APIError(400, message, param, "invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return error_response(APIError(err.status_code, str(err.detail), None, code))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, err: Exception):
+        log.exception("unhandled error")
+        return error_response(APIError(500, "internal server error", None, None, "server_error"))

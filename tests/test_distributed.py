@@ -59,12 +59,21 @@ def close(a, b, tol=1e-5):
     assert max(abs(x - y) for x, y in zip(a, b)) <= tol, list(zip(a, b))
 
 
+def strategy_flags(strategy: str) -> list[str]:
+    if strategy == "ddp+ep":  # expert parallelism: the routed experts split over the 2 ranks
+        return ["--dist.strategy=ddp", "--dist.expert_parallel=true"]
+    return [f"--dist.strategy={strategy}"]
+
+
 @pytest.mark.parametrize("strategy, preset", [("ddp", "gpt2-tiny"), ("fsdp", "llama-tiny"), ("ddp", "deepseek-v3-tiny"),
-                                              ("fsdp", "deepseek-v3-tiny-dense")])
+                                              ("fsdp", "deepseek-v3-tiny-dense"), ("ddp+ep", "deepseek-v3-tiny"),
+                                              ("fsdp", "deepseek-v3-tiny")])
 def test_two_ranks_equal_one_process_and_resume_across_world_sizes(corpus, tmp_path, strategy, preset):
     one, two = tmp_path / "one", tmp_path / "two"
     run(train_args(corpus, one, preset, batch=4))
-    run(train_args(corpus, two, preset, batch=2, extra=[f"--dist.strategy={strategy}"]), nproc=2)
+    done = run(train_args(corpus, two, preset, batch=2, extra=strategy_flags(strategy)), nproc=2)
+    if strategy == "ddp+ep":
+        assert "expert parallel: 2 of 4 routed experts per rank" in done.stderr
     close(losses(two), losses(one))
     # resume the 2-rank run's step-10 checkpoint in ONE process: the same losses as the 2-rank run
     shutil.rmtree(two / "checkpoints" / "step-0000020")
@@ -75,8 +84,20 @@ def test_two_ranks_equal_one_process_and_resume_across_world_sizes(corpus, tmp_p
     shutil.rmtree(one / "checkpoints" / "step-0000020")
     (one / "LATEST").write_text("step-0000010\n")
     full = losses(one)
-    run(train_args(corpus, one, preset, batch=2, extra=["--resume", f"--dist.strategy={strategy}"]), nproc=2)
+    run(train_args(corpus, one, preset, batch=2, extra=["--resume", *strategy_flags(strategy)]), nproc=2)
     close(losses(one), full)
+
+
+def test_fsdp_activation_checkpointing_is_exact_and_bf16_policy_stays_close(corpus, tmp_path):
+    one, ckpt, bf16 = tmp_path / "one", tmp_path / "ckpt", tmp_path / "bf16"
+    run(train_args(corpus, one, "llama-tiny", batch=4, steps=10))
+    run(train_args(corpus, ckpt, "llama-tiny", batch=2, steps=10,
+                   extra=["--dist.strategy=fsdp", "--dist.activation_checkpointing=true"]), nproc=2)
+    close(losses(ckpt), losses(one))
+    run(train_args(corpus, bf16, "llama-tiny", batch=2, steps=10,
+                   extra=["--dist.strategy=fsdp", "--dist.mixed_precision=true"]), nproc=2)
+    close(losses(bf16), losses(one), tol=0.03)  # bf16 compute: close, not equal
+    assert losses(bf16) != losses(one)
 
 
 def test_checkpoint_of_a_sharded_run_loads_in_one_process(corpus, tmp_path):

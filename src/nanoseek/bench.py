@@ -1,6 +1,6 @@
 """Benchmarks: `nanoseek bench WHAT [options]`, one JSON object per line on stdout.
 
-WHAT is a key of `BENCHES` (for now only "train"); each entry adds its options to an argparse
+WHAT is a key of `BENCHES` ("train", "serve" in bench_serve.py); each entry adds its options to an argparse
 parser and runs. New benchmarks (prefill, decode, attention, ...) are one more function each.
 
 train: nanoseek's `Transformer` built from a GPT-2 preset against a plain nanoGPT-style GPT
@@ -439,6 +439,15 @@ def _run_train(args: argparse.Namespace) -> list[dict]:
 BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], list]]] = {
     "train": ("training throughput, nanoseek vs a nanoGPT-style reference", _add_train_args, _run_train),
 }
+
+
+def _register_serve() -> None:
+    from .bench_serve import add_serve_args, run_serve
+
+    BENCHES["serve"] = ("concurrent streaming clients against `nanoseek serve`", add_serve_args, run_serve)
+
+
+_register_serve()
 
 
 def _usage() -> str:

@@ -416,6 +416,7 @@ class DistConfig:
     strategy: str = "none"  # none | ddp | fsdp (under torchrun)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     mixed_precision: bool = False  # fsdp: bf16 parameters in compute, fp32 gradient reduction
+    expert_parallel: bool = False  # ddp + MoE: routed experts sharded across ranks, all-to-all tokens
 
 
 @dataclass

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .expert_parallel import run_sharded_experts
 from .ffn import SwiGLU
 
 
@@ -129,6 +130,7 @@ class MoE(nn.Module):
         self.shared_experts = SwiGLU(d, shared) if shared else None
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        self.expert_shard = None  # set by expert parallelism (model/expert_parallel.py)
 
     def reset_extra_parameters(self, std: float, out_std: float):
         nn.init.normal_(self.gate.weight, 0.0, std)
@@ -136,7 +138,7 @@ class MoE(nn.Module):
         nn.init.normal_(self.experts.down_proj, 0.0, out_std)
 
     def inactive_params(self) -> int:
-        """Parameters of the routed experts a token does not use."""
+        """Parameters of the routed experts a token does not use (of the whole layer, under EP too)."""
         per_expert = self.experts.gate_up_proj[0].numel() + self.experts.down_proj[0].numel()
         return (self.n_experts - self.top_k) * per_expert
 
@@ -147,7 +149,10 @@ class MoE(nn.Module):
         counts_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
         order_M = idx_NK.flatten().argsort(stable=True)
         token_M = order_M // self.top_k
-        y_MD = self.experts(x_ND[token_M], counts_E)
+        if self.expert_shard is None:
+            y_MD = self.experts(x_ND[token_M], counts_E)
+        else:
+            y_MD = run_sharded_experts(self.experts, self.expert_shard, x_ND[token_M], counts_E)
         y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
         out_ND = torch.zeros(x_ND.shape[0], d, dtype=y_MD.dtype, device=x_ND.device).index_add_(0, token_M, y_MD)
         if self.shared_experts is not None:

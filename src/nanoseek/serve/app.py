@@ -157,13 +157,21 @@ def make_emitter():
 
 
 async def next_event(queue: asyncio.Queue, request: Request):
-    """The next engine event, or None once the client has gone away."""
-    while True:
-        try:
-            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
+    """The next engine event, or None once the client has gone away.
+
+    One `queue.get()` task is awaited across the disconnect polls (asyncio.wait, not wait_for:
+    on Python 3.11 a wait_for that times out just as the item arrives drops the item)."""
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return getter.result()
             if await request.is_disconnected():
                 return None
+    finally:
+        if not getter.done():
+            getter.cancel()
 
 
 def completion_id(prefix: str) -> str:
@@ -171,7 +179,9 @@ def completion_id(prefix: str) -> str:
 
 
 def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    """One server-sent event. ASCII-only JSON: characters such as U+0085 or U+2028, which some
+    clients' line splitters treat as line ends, travel as \\u escapes and cannot cut an event."""
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 class Run:

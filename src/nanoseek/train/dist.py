@@ -10,8 +10,11 @@ rows r*B..(r+1)*B), so per-rank batch B on W ranks trains exactly like batch W*B
 - ddp:  every rank holds the whole model; gradients are averaged by all-reduce during backward.
 - fsdp: FSDP2 `fully_shard` on every block and on the root: parameters, gradients and optimizer
         moments are sharded across ranks and gathered per block for its forward/backward; optional
-        activation checkpointing per block and a bf16 mixed-precision policy. Not MoE models yet:
-        with MoE blocks the ranks hang in a collective (refused with a message).
+        activation checkpointing per block and a bf16 mixed-precision policy. MoE blocks are sharded
+        like the rest (each rank holds a slice of every expert; use expert_parallel for whole experts).
+- ddp + expert_parallel: as ddp, but each MoE layer's routed experts are split across the ranks and
+        tokens travel to their experts by all-to-all (model/expert_parallel.py); DDP skips the
+        expert weights, whose gradients already combine every rank's tokens.
 MoE load counts are summed over ranks before the balancing-bias update, so the router bias stays
 identical everywhere. Checkpoints hold full (gathered) state dicts keyed by parameter name, written
 by rank 0 only, so a checkpoint from any world size resumes on any other (and in one process).
@@ -66,25 +69,29 @@ def shutdown(ctx: DistContext):
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False,
+               expert_parallel: bool = False) -> nn.Module:
     """The module the training step calls: DDP, FSDP2-sharded, or the model itself.
 
     (Activation checkpointing is the model's own `gradient_checkpointing` flag, so that parameter
     names stay the same for every strategy.)"""
+    if expert_parallel:
+        check_expert_parallel(model, ctx)
     if not ctx.enabled:
         return model
     if ctx.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if expert_parallel:
+            from ..model.expert_parallel import shard_experts
+
+            sharded = shard_experts(model, ctx.rank, ctx.world)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
         device_ids = [ctx.local_rank] if torch.cuda.is_available() else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if ctx.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        config = model.config
-        if config.ffn == "moe":
-            raise NanoseekError("dist.strategy=fsdp does not support MoE models yet (the ranks fall out of "
-                                "step in a collective and hang); use --dist.strategy=ddp")
         kwargs = {}
         if mixed_precision:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -95,6 +102,44 @@ def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False
         fully_shard(model, **kwargs)
         return model
     raise NanoseekError(f"dist.strategy={ctx.strategy!r}; choose one of: none, ddp, fsdp")
+
+
+def check_expert_parallel(model: nn.Module, ctx: DistContext) -> None:
+    config = model.config
+    if config.ffn != "moe":
+        raise NanoseekError(f"dist.expert_parallel needs an MoE model (model.ffn='moe'), got ffn={config.ffn!r}")
+    if ctx.enabled and ctx.strategy != "ddp":
+        raise NanoseekError(f"dist.expert_parallel works with dist.strategy='ddp', not {ctx.strategy!r}")
+    if ctx.enabled and config.n_routed_experts % ctx.world:
+        raise NanoseekError(f"dist.expert_parallel: n_routed_experts={config.n_routed_experts} must be "
+                            f"divisible by the {ctx.world} ranks")
+
+
+def is_expert_sharded(model: nn.Module) -> bool:
+    return any(getattr(m, "expert_shard", None) is not None for m in model.modules())
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over the global gradient: under expert parallelism the sharded expert
+    gradients of all ranks count once each (sum of squares all-reduced), the replicated ones once."""
+    if not is_expert_sharded(model):
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    sharded, replicated, group = [], [], None
+    for m in model.modules():
+        shard = getattr(m, "expert_shard", None)
+        if shard is not None:
+            sharded += [p for p in m.experts.parameters() if p.grad is not None]
+            group = shard.group
+    ids = {id(p) for p in sharded}
+    replicated = [p for p in model.parameters() if p.grad is not None and id(p) not in ids]
+    local = torch.stack([p.grad.detach().float().pow(2).sum() for p in sharded]).sum()
+    dist.all_reduce(local, group=group)
+    rest = torch.stack([p.grad.detach().float().pow(2).sum() for p in replicated]).sum()
+    total = (local + rest).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in sharded + replicated:
+        p.grad.detach().mul_(coef.to(p.grad.dtype))
+    return total
 
 
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
@@ -131,29 +176,64 @@ def barrier(ctx: DistContext):
 # ------------------------------------------------------------------------------------ full state dicts
 
 
-def _options():
+def _options(model: nn.Module | None = None):
+    """Full state dicts; on rank 0 only (cpu_offload) except under expert parallelism, where
+    every rank keeps its own experts' tensors until they are gathered."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    everywhere = model is not None and is_expert_sharded(unwrap(model))
+    return StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameter name -> full tensor (gathered from the shards under FSDP); collective."""
+    """Parameter name -> full tensor (gathered from the shards under FSDP or EP); collective."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_options())
+    state = get_model_state_dict(model, options=_options(model))
+    return map_expert_tensors(state, unwrap(model), "gather")
 
 
 def full_optimizer_state(model: nn.Module, optimizer) -> dict:
     """Optimizer state keyed by parameter name (not position), full tensors; collective."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=_options())
+    state = get_optimizer_state_dict(model, optimizer, options=_options(model))
+    if is_expert_sharded(unwrap(model)):
+        state["state"] = {name: map_expert_tensors(per_param, unwrap(model), "gather", name)
+                          for name, per_param in state["state"].items()}
+    return state
+
+
+def local_model_state(model: nn.Module, full_state: dict) -> dict:
+    """The inverse for loading: full expert tensors cut to this rank's shard (no-op without EP)."""
+    return map_expert_tensors(full_state, unwrap(model), "slice")
 
 
 def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict):
-    """Put full state dicts back (into shards under FSDP); every rank passes the same dicts."""
+    """Put full state dicts back (into shards under FSDP or EP); every rank passes the same dicts."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    inner = unwrap(model)
+    if is_expert_sharded(inner):
+        model_state = map_expert_tensors(model_state, inner, "slice")
+        optimizer_state = {**optimizer_state, "state": {
+            name: map_expert_tensors(per_param, inner, "slice", name)
+            for name, per_param in optimizer_state["state"].items()}}
     set_model_state_dict(model, model_state, options=_options())
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=_options())
+
+
+def map_expert_tensors(state: dict, model: nn.Module, how: str, param_name: str | None = None) -> dict:
+    """Gather (all ranks' shards -> full) or slice (full -> this rank's shard) the expert tensors
+    of a state dict; `param_name` names the parameter when `state` is one parameter's optimizer state."""
+    if not is_expert_sharded(model):
+        return state
+    from ..model.expert_parallel import gather_full, local_slice
+
+    fn = gather_full if how == "gather" else local_slice
+    return {key: fn(param_name or key, value, model) if isinstance(value, torch.Tensor) else value
+            for key, value in state.items()}

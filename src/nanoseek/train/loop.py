@@ -238,7 +238,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         tok, data = setup_data(cfg, out)
     model = build_model(cfg, tok.vocab_size)
     model.gradient_checkpointing = cfg.dist.activation_checkpointing
-    wrapped = dist.wrap_model(model, ctx, mixed_precision=cfg.dist.mixed_precision)
+    params = model.num_params()  # of the whole model, before expert parallelism shards it
+    wrapped = dist.wrap_model(model, ctx, mixed_precision=cfg.dist.mixed_precision,
+                              expert_parallel=cfg.dist.expert_parallel)
     optimizer = make_optimizer(model, cfg.optim)
     loader = BatchLoader(data.split("train"), cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
                          rank=ctx.rank, world_size=ctx.world)
@@ -251,7 +253,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         print(f"no checkpoint under {out}; starting from scratch", file=sys.stderr)
     if resume_from is not None:
         weights = ckpt_io.read_safetensors(resume_from / ckpt_io.MODEL_FILE)
-        ckpt_io.check_state(model, weights, resume_from / ckpt_io.MODEL_FILE)
+        ckpt_io.check_state(model, dist.local_model_state(model, weights), resume_from / ckpt_io.MODEL_FILE)
         saved, optimizer_state = ckpt_io.load_training_state(resume_from)
         dist.load_full_state(model, optimizer, ckpt_io.with_tied_head(weights, model), optimizer_state)
         state = RunState(saved["step"], saved["tokens"], saved["elapsed"])
@@ -285,12 +287,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     from tqdm.auto import tqdm
 
     if not quiet:
-        params = model.num_params()
         source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
         print(f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
               f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {tok.vocab_size}, "
               f"on {source} -> {out}" + (f" (resuming at step {state.step})" if resume_from else ""),
               file=sys.stderr)
+        if ctx.enabled:
+            ep = (f", expert parallel: {cfg.model.n_routed_experts // ctx.world} of "
+                  f"{cfg.model.n_routed_experts} routed experts per rank" if dist.is_expert_sharded(model) else "")
+            print(f"distributed: {ctx.world} ranks, {ctx.strategy}{ep}", file=sys.stderr)
 
     # the bar counts percent of the budget (steps, tokens or seconds, whichever ends first)
     bar = tqdm(total=100.0, initial=100 * progress_fraction(cfg, state), disable=quiet or not cfg.log.progress,
@@ -327,7 +332,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                     f"loss became {loss_value} at step {state.step + 1}; stopping. The last good checkpoint "
                     f"is kept in {out} (try a lower --optim.lr, currently {cfg.optim.lr})")
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            grad_norm = dist.clip_grad_norm(model, clip).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dist.sync_expert_load(model, ctx)  # one router bias for all ranks

@@ -69,6 +69,8 @@ def run_engine(model, prompts, max_tokens, max_batch=4, options=SamplingOptions(
     ("llama-tiny", {}),                     # RoPE, GQA
     ("deepseek-v3-tiny", {}),               # MLA absorbed decode + MoE
     ("deepseek-v3-tiny", {"fusion": "mhc"}),  # residual streams
+    ("llama-tiny", {"sparse": "sliding", "sliding_window": 4}),  # per-row windows
+    ("deepseek-v32-tiny", {"index_topk": 5}),  # per-row DSA selection
 ])
 def test_batched_rows_match_generating_alone(preset, overrides):
     model = tiny_model(preset, **overrides)

@@ -29,7 +29,7 @@ from .errors import NanoseekError
 
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
 ATTENTIONS = ("mha", "gqa", "mqa", "mla")
-SPARSE_KINDS = ("dense",)
+SPARSE_KINDS = ("dense", "sliding", "dsa")
 FFNS = ("relu", "gelu", "swiglu", "moe")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -192,7 +192,12 @@ class ModelConfig:
     # nanoseek kinds (no HF field; exported under "nanoseek")
     position: str = "rope"
     attention: str = "mha"
-    sparse: str = "dense"
+    sparse: str = "dense"  # the attention pattern of every layer (see sparse_layers)
+    sparse_layers: Optional[list] = None  # per-layer kinds; a shorter list repeats (["sliding", "dense"])
+    sliding_window: int = 512  # keys a "sliding" query sees, itself included
+    index_topk: int = 2048  # DSA: keys each query attends to (HF deepseek_v32 names)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
     ffn: str = "swiglu"
     norm: str = "rmsnorm"
     norm_position: str = "pre"
@@ -227,6 +232,12 @@ class ModelConfig:
         """Dimensions of a head that rotate: the decoupled slice in MLA, the whole head otherwise."""
         return self.qk_rope_head_dim if self.attention == "mla" else self.attn_head_dim
 
+    def layer_sparse(self, i: int) -> str:
+        """The attention pattern of layer i: dense (causal), sliding or dsa."""
+        if self.sparse_layers:
+            return self.sparse_layers[i % len(self.sparse_layers)]
+        return self.sparse
+
     def is_moe_layer(self, i: int) -> bool:
         return self.ffn == "moe" and i >= self.first_k_dense_replace
 
@@ -240,6 +251,7 @@ class ModelConfig:
         _check_choice("position", self.position, POSITIONS)
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("sparse", self.sparse, SPARSE_KINDS)
+        self._validate_sparse()
         _check_choice("ffn", self.ffn, FFNS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
@@ -263,6 +275,25 @@ class ModelConfig:
             raise NanoseekError("norm_position='post' works only with fusion='residual'")
         _check_positive("hc_mult", self.hc_mult)
         _check_positive("hc_sinkhorn_iters", self.hc_sinkhorn_iters)
+
+    def _validate_sparse(self):
+        if self.sparse_layers is not None:
+            if not isinstance(self.sparse_layers, list) or not self.sparse_layers:
+                raise NanoseekError("sparse_layers must be a non-empty list of kinds, one per layer "
+                                    f"(or a pattern that repeats): {', '.join(SPARSE_KINDS)}")
+            for i, kind in enumerate(self.sparse_layers):
+                _check_choice(f"sparse_layers[{i}]", kind, SPARSE_KINDS)
+        kinds = {self.layer_sparse(i) for i in range(self.num_hidden_layers)}
+        _check_positive("sliding_window", self.sliding_window)
+        if "dsa" in kinds:
+            for name in ("index_topk", "index_n_heads", "index_head_dim"):
+                _check_positive(name, getattr(self, name))
+            if self.attention != "mla" or not self.q_lora_rank:
+                raise NanoseekError("sparse='dsa' (the lightning indexer) needs attention='mla' with a "
+                                    "q_lora_rank, as DeepSeek-V3.2 has")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise NanoseekError(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                                    f"{self.qk_rope_head_dim} (the indexer rotates its first rope dims)")
 
     def _validate_heads(self):
         h = self.num_attention_heads

@@ -71,6 +71,13 @@ PRESETS: dict[str, dict] = {
                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
                              n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
                              first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256),
+    # V3.2: the tiny V3 with a lightning indexer in every layer (8 keys per query)
+    "deepseek-v32-tiny": dict(_DEEPSEEK, **_V3_ROUTER, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=96, moe_intermediate_size=32, q_lora_rank=24, kv_lora_rank=16,
+                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                              n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                              first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256,
+                              sparse="dsa", index_topk=8, index_n_heads=2, index_head_dim=32),
     "deepseek-v2-small": dict(_DEEPSEEK, **_V2_ROUTER, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                               intermediate_size=768, moe_intermediate_size=256, q_lora_rank=None, kv_lora_rank=64,
                               qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,

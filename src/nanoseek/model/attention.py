@@ -3,6 +3,11 @@
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V          (M = causal mask: -inf above the diagonal)
     MHA(x) = Concat_i(Attention(x W_i^Q, x W_i^K, x W_i^V)) W^O
 
+Sliding-window attention (`window` = w) keeps only the last w keys of each query,
+    M[t, s] = 0 if t - w < s <= t else -inf,
+and never builds the T x T mask: queries go in chunks of C, each against its band of at most
+C + w - 1 keys (SDPA with a C x (C + w - 1) boolean mask), so time and memory grow as T * (C + w).
+
 Q, K and V come from one fused projection. With grouped-query attention (GQA) each of the
 H_kv key/value heads serves H / H_kv query heads; MQA is H_kv = 1. Rotary positions, when
 configured, rotate q and k before the product. The kernel is PyTorch's
@@ -24,26 +29,40 @@ from .kv_cache import DenseKVCache
 from .position import apply_rope, softmax_scale
 
 
+BAND_CHUNK = 256  # queries per SDPA call of the sliding window
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
-                     scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+                     scale: float | None = None, dropout: float = 0.0, window: int | None = None,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v for queries at positions start..start+T-1.
 
     q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v) where S = start + T keys. `start` may
     also be a LongTensor (B,) of per-row positions for one query per row (T = 1): row b then sees
-    keys 0..start[b] of the S cached positions.
+    keys 0..start[b] of the S cached positions. With `window`, a query sees only its last
+    `window` keys (itself included). `keep` (B, T, S), a boolean mask that already includes
+    causality (DSA's selected keys), replaces the causal mask.
     """
     d_v = v.shape[-1]
     if d_v != q.shape[-1]:  # the CPU flash kernel needs equal head dims; zero padding changes nothing
         scale = scale if scale is not None else q.shape[-1] ** -0.5
         width = max(d_v, q.shape[-1])
         q, k, v = (F.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
-        return causal_attention(q, k, v, start, scale, dropout)[..., :d_v]
+        return causal_attention(q, k, v, start, scale, dropout, window, keep)[..., :d_v]
     t, s = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
+    if keep is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=scale,
+                                              dropout_p=dropout, enable_gqa=gqa)
     if isinstance(start, torch.Tensor):  # continuous batching: every row at its own position
-        mask = torch.arange(s, device=q.device)[None, :] <= start[:, None]
+        key_pos = torch.arange(s, device=q.device)[None, :]
+        mask = key_pos <= start[:, None]
+        if window is not None:
+            mask &= key_pos > start[:, None] - window
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], scale=scale,
                                               enable_gqa=gqa)
+    if window is not None and window < s:
+        return banded_attention(q, k, v, start, window, scale, dropout)
     if t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               dropout_p=dropout, enable_gqa=gqa)
@@ -55,9 +74,32 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
                                           dropout_p=dropout, enable_gqa=gqa)
 
 
+def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) -> torch.Tensor:
+    """Sliding-window causal attention, one SDPA call per chunk of queries over its key band."""
+    t = q.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for a in range(0, t, BAND_CHUNK):
+        b = min(t, a + BAND_CHUNK)
+        lo, hi = max(0, start + a - window + 1), start + b  # the keys any query of the chunk can see
+        query_pos = torch.arange(start + a, start + b, device=q.device)[:, None]
+        key_pos = torch.arange(lo, hi, device=q.device)[None, :]
+        mask = (key_pos <= query_pos) & (key_pos > query_pos - window)
+        outs.append(F.scaled_dot_product_attention(q[..., a:b, :], k[..., lo:hi, :], v[..., lo:hi, :],
+                                                   attn_mask=mask, scale=scale, dropout_p=dropout,
+                                                   enable_gqa=gqa))
+    return torch.cat(outs, dim=-2)
+
+
+def layer_window(config: ModelConfig, layer: int) -> int | None:
+    """The sliding window of this layer, or None for full causal attention."""
+    return config.sliding_window if config.layer_sparse(layer) == "sliding" else None
+
+
 class MultiHeadAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
+        self.window = layer_window(config, layer)
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.attn_head_dim
@@ -86,5 +128,5 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)
         dropout = self.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, start, self.scale, dropout)
+        y = causal_attention(q, k, v, start, self.scale, dropout, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))

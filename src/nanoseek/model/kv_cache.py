@@ -62,28 +62,37 @@ class DenseKVCache:
 
 
 class LatentKVCache:
+    """MLA: c_KV and k_R per token; with DSA also the lightning indexer's key k^I (d_I)."""
+
     def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int,
-                 dtype: torch.dtype, device=None, *, buffers=None):
+                 dtype: torch.dtype, device=None, index_dim: int = 0, *, buffers=None):
         if buffers is not None:
-            self.latent, self.k_rope = buffers
+            self.latent, self.k_rope, self.index_keys = buffers
             return
         self.latent = torch.zeros(batch, max_len, latent_dim, dtype=dtype, device=device)
         self.k_rope = torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device)
+        self.index_keys = (torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
+                           if index_dim else None)
 
     @property
     def max_len(self) -> int:
         return self.latent.shape[1]
 
-    def update(self, start, latent: torch.Tensor, k_rope: torch.Tensor):
-        """Write latent (B, T, d_c) and k_rope (B, T, d_r); return both up to start+T."""
+    def update(self, start, latent: torch.Tensor, k_rope: torch.Tensor, index_keys: torch.Tensor | None = None):
+        """Write latent (B, T, d_c), k_rope (B, T, d_r) (and index keys); return all up to start+T."""
         write_positions(self.latent, start, latent, 1)
         end = write_positions(self.k_rope, start, k_rope, 1)
-        return self.latent[:, :end], self.k_rope[:, :end]
+        if index_keys is not None:
+            write_positions(self.index_keys, start, index_keys, 1)
+            return self.latent[:, :end], self.k_rope[:, :end], self.index_keys[:, :end]
+        return self.latent[:, :end], self.k_rope[:, :end], None
 
     def rows(self, lo: int, hi: int, length: int | None = None) -> LatentKVCache:
         length = self.max_len if length is None else length
-        return LatentKVCache(0, 0, 0, 0, None, buffers=(self.latent[lo:hi, :length], self.k_rope[lo:hi, :length]))
+        parts = [None if b is None else b[lo:hi, :length] for b in (self.latent, self.k_rope, self.index_keys)]
+        return LatentKVCache(0, 0, 0, 0, None, buffers=tuple(parts))
 
     def move_row(self, src: int, dst: int) -> None:
-        self.latent[dst] = self.latent[src]
-        self.k_rope[dst] = self.k_rope[src]
+        for b in (self.latent, self.k_rope, self.index_keys):
+            if b is not None:
+                b[dst] = b[src]

@@ -13,6 +13,8 @@ q_C_i . k_C_i = (W_UK_i^T q_C_i) . c_KV, the key up-projection folds into the qu
 runs as multi-query attention over the latent itself,
     o_i = W_UV_i (softmax([W_UK_i^T q_C_i ; q_R_i] . [c_KV ; k_R] * scale) c_KV),
 so the per-head keys and values are never materialized. Training and prefill use the expanded form.
+A "sliding" layer attends to its last `sliding_window` keys; a "dsa" layer to the keys its
+lightning indexer selects (model/dsa.py).
 
 Weights carry Hugging Face names (`q_a_proj`, `q_a_layernorm`, `q_b_proj`/`q_proj`,
 `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`); q heads are laid out [nope | rope].
@@ -28,7 +30,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import causal_attention
+from .attention import causal_attention, layer_window
+from .dsa import LightningIndexer, causal_mask, indexer_kl
 from .kv_cache import LatentKVCache
 from .norm import RMSNorm
 from .position import apply_rope, softmax_scale
@@ -42,9 +45,10 @@ def is_decoding(start) -> bool:
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         d, h = config.hidden_size, config.num_attention_heads
+        self.window = layer_window(config, layer)
         self.n_heads = h
         self.nope, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.latent_dim = config.kv_lora_rank
@@ -64,34 +68,49 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.latent_dim, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.latent_dim, h * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
+        self.indexer = LightningIndexer(config) if config.layer_sparse(layer) == "dsa" else None
+        self.dsa_warmup = False  # DSA warm-up: dense attention while the indexer learns
+        self.index_loss: torch.Tensor | None = None
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> LatentKVCache:
-        return LatentKVCache(batch, max_len, self.latent_dim, self.rope_dim, dtype, device)
+        index_dim = self.indexer.head_dim if self.indexer is not None else 0
+        return LatentKVCache(batch, max_len, self.latent_dim, self.rope_dim, dtype, device, index_dim)
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
+    def query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query projection (B, T, H * d_qk) and the query latent c^Q (None without q_lora)."""
         if hasattr(self, "q_proj"):
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return self.q_proj(x), None
+        q_latent = self.q_a_layernorm(self.q_a_proj(x))
+        return self.q_b_proj(q_latent), q_latent
 
     def forward(self, x_BTD: torch.Tensor, rope, cache: LatentKVCache | None = None,
                 start: int | torch.Tensor = 0) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         cos, sin = rope
-        q_BHTQ = self.query(x_BTD).view(b, t, self.n_heads, -1).transpose(1, 2)
+        q_BTX, q_latent_BTQ = self.query(x_BTD)
+        q_BHTQ = q_BTX.view(b, t, self.n_heads, -1).transpose(1, 2)
         q_nope_BHTN, q_rope_BHTR = q_BHTQ.split([self.nope, self.rope_dim], dim=-1)
         q_rope_BHTR = apply_rope(q_rope_BHTR, cos, sin, self.interleave)
         latent_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.latent_dim, self.rope_dim], dim=-1)
         latent_BTC = self.kv_a_layernorm(latent_BTC)
         k_rope_BTR = apply_rope(k_rope_BTR, cos, sin, self.interleave)
+        # the indexer learns only from its own loss: its inputs are detached
+        index_keys_BTI = self.indexer.keys(x_BTD.detach(), rope) if self.indexer is not None else None
         if cache is not None:
-            latent_BTC, k_rope_BTR = cache.update(start, latent_BTC, k_rope_BTR)
+            latent_BTC, k_rope_BTR, index_keys_BTI = cache.update(start, latent_BTC, k_rope_BTR, index_keys_BTI)
+        keep, scores = None, None
+        if self.indexer is not None:
+            s = latent_BTC.shape[1]
+            causal = causal_mask(start, t, s, x_BTD.device).expand(b, t, s)
+            scores = self.indexer.scores(x_BTD.detach(), q_latent_BTQ.detach(), index_keys_BTI, rope)
+            keep = causal if self.dsa_warmup else self.indexer.select(scores, causal)
         if cache is not None and is_decoding(start) and self.absorb:
-            o_BHTV = self.attend_absorbed(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start)
+            o_BHTV = self.attend_absorbed(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep)
         else:
-            o_BHTV = self.attend_expanded(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start)
+            o_BHTV = self.attend_expanded(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep, scores)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
 
-    def attend_expanded(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start: int):
+    def attend_expanded(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None, scores=None):
         """Materialize per-head keys and values from the latents, then SDPA."""
         b, s, _ = latent_BSC.shape
         kv_BHSX = self.kv_b_proj(latent_BSC).view(b, s, self.n_heads, -1).transpose(1, 2)
@@ -100,14 +119,23 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
         k = torch.cat([k_nope_BHSN, k_rope_BHSR], dim=-1)
         dropout = self.dropout if self.training else 0.0
-        return causal_attention(q, k, v_BHSV, start, self.scale, dropout)
+        if scores is not None and self.training and torch.is_grad_enabled():
+            self.index_loss = self.distillation_loss(q, k, keep, scores)
+        return causal_attention(q, k, v_BHSV, start, self.scale, dropout, self.window, keep)
 
-    def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start: int):
+    def distillation_loss(self, q_BHTX, k_BHSX, keep_BTS, scores_BTS) -> torch.Tensor:
+        """KL from the (head-summed) attention over the kept keys to the indexer's distribution."""
+        with torch.no_grad():
+            logits = torch.matmul(q_BHTX.float(), k_BHSX.float().transpose(-1, -2)) * self.scale
+            probs = torch.softmax(logits.masked_fill(~keep_BTS[:, None], float("-inf")), dim=-1)
+        return indexer_kl(probs, scores_BTS, keep_BTS)
+
+    def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None):
         """Fold W_UK into the query and W_UV after attention: MQA over [c_KV ; k_R]."""
         w_BHXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)
         w_uk_HNC, w_uv_HVC = w_BHXC.split([self.nope, self.v_dim], dim=1)
         q_latent_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope_BHTN, w_uk_HNC.to(q_nope_BHTN.dtype))
         q = torch.cat([q_latent_BHTC, q_rope_BHTR], dim=-1)
         k = torch.cat([latent_BSC, k_rope_BSR], dim=-1)[:, None]
-        o_latent_BHTC = causal_attention(q, k, latent_BSC[:, None], start, self.scale)
+        o_latent_BHTC = causal_attention(q, k, latent_BSC[:, None], start, self.scale, window=self.window, keep=keep)
         return torch.einsum("bhtc,hvc->bhtv", o_latent_BHTC, w_uv_HVC.to(o_latent_BHTC.dtype))

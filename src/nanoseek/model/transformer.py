@@ -54,7 +54,7 @@ def positions(start: int | torch.Tensor, length: int, device) -> torch.Tensor:
 
 
 def make_attention(config: ModelConfig, layer: int) -> nn.Module:
-    return ATTENTIONS[config.attention](config)
+    return ATTENTIONS[config.attention](config, layer)
 
 
 def make_ffn(config: ModelConfig, layer: int) -> nn.Module:
@@ -182,6 +182,7 @@ class Transformer(nn.Module):
             balance = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
             if balance and self.training:
                 aux["balance_loss"] = torch.stack(balance).sum()
+            loss, aux = self.add_index_loss(loss, aux)
         return ModelOutput(logits=logits, loss=loss, aux=aux, hidden=hidden)
 
     def run_layers(self, h: torch.Tensor, rope, cache, start: int, outputs: list | None = None) -> torch.Tensor:
@@ -234,6 +235,28 @@ class Transformer(nn.Module):
             total = total + F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:k + t].flatten(),
                                             ignore_index=-1)
         return self.config.mtp_loss_weight / depth * total
+
+    def dsa_layers(self) -> list[nn.Module]:
+        """Attention modules with a lightning indexer (MTP blocks included)."""
+        return [m for m in self.modules() if getattr(m, "indexer", None) is not None]
+
+    def set_dsa_warmup(self, on: bool) -> None:
+        """DSA warm-up: every indexed layer attends densely and only the indexers learn."""
+        for attn in self.dsa_layers():
+            attn.dsa_warmup = on
+
+    def add_index_loss(self, loss: torch.Tensor, aux: dict) -> tuple[torch.Tensor, dict]:
+        """Add the indexers' distillation loss (training only); in warm-up, train nothing else."""
+        losses = [a.index_loss for a in self.dsa_layers() if a.index_loss is not None]
+        for a in self.dsa_layers():
+            a.index_loss = None
+        if not losses or not self.training:
+            return loss, aux
+        aux["index_loss"] = torch.stack(losses).mean()
+        if self.dsa_layers()[0].dsa_warmup:
+            loss = loss.detach()
+            aux = {k: (v.detach() if k != "index_loss" else v) for k, v in aux.items()}
+        return loss, aux
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -1,0 +1,91 @@
+"""DeepSeek Sparse Attention (V3.2): a lightning indexer picks the keys each query attends to.
+
+Per query t and key s (H_I indexer heads of width d_I, much smaller than the attention's):
+    q^I_{t,h} = W^{IQ}_h c^Q_t            (c^Q = the MLA query latent, q_a_layernorm(q_a_proj(x)))
+    k^I_s     = LayerNorm(W^{IK} x_s)     (one key per token, shared by the indexer heads)
+    RoPE, half-split, on the first qk_rope_head_dim dims of q^I and k^I
+    w_{t,h}   = (W^w x_t)_h / sqrt(H_I)
+    I_{t,s}   = sum_h w_{t,h} ReLU(q^I_{t,h} . k^I_s / sqrt(d_I))          (fp32)
+    S_t       = top-k_s { I_{t,s} : s <= t },   k = index_topk
+MLA then attends only to S_t (all other keys masked). With k >= t + 1 every causal key is kept,
+so the layer equals dense MLA exactly.
+
+Training (DeepSeek-V3.2 report): the indexer learns by distillation from the main attention,
+    L_I = sum_t KL( p_t || softmax_s(I_{t,s}) ),   p_t = normalize(sum_h P^{attn}_{h,t,:}),
+first in a dense warm-up (attention dense, only the indexer trained), then during sparse training
+over S_t only; the indexer's inputs are detached so L_I trains the indexer alone.
+
+Weights carry the HF names: `indexer.wq_b`, `indexer.wk`, `indexer.k_norm` (LayerNorm with bias,
+eps 1e-6), `indexer.weights_proj`. The indexer keys k^I are cached like the MLA latents.
+
+    >>> cfg = ModelConfig.from_preset("deepseek-v32-tiny")
+    >>> LightningIndexer(cfg).wq_b.weight.shape
+    torch.Size([64, 24])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .position import apply_rope
+
+INDEX_NORM_EPS = 1e-6
+
+
+class LightningIndexer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.rope_dim, self.topk = config.qk_rope_head_dim, config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=INDEX_NORM_EPS)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+
+    def rotate(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rope(rot, cos, sin, interleave=False), rest], dim=-1)
+
+    def keys(self, x_BTD: torch.Tensor, rope) -> torch.Tensor:
+        """k^I (B, T, d_I) of the new tokens, rotated at their positions."""
+        return self.rotate(self.k_norm(self.wk(x_BTD)), *rope)
+
+    def scores(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, keys_BSI: torch.Tensor, rope) -> torch.Tensor:
+        """I (B, T, S) in fp32, before any mask."""
+        b, t, _ = x_BTD.shape
+        cos, sin = rope
+        q_BTHI = self.wq_b(q_latent_BTQ).view(b, t, self.n_heads, self.head_dim)
+        q_BHTI = self.rotate(q_BTHI.transpose(1, 2), cos, sin)
+        dots_BHTS = torch.matmul(q_BHTI.float(), keys_BSI.float()[:, None].transpose(-1, -2))
+        relu_BHTS = F.relu(dots_BHTS * self.head_dim ** -0.5)
+        w_BTH = self.weights_proj(x_BTD).float() * self.n_heads ** -0.5
+        return torch.einsum("bth,bhts->bts", w_BTH, relu_BHTS)
+
+    def select(self, scores_BTS: torch.Tensor, causal_BTS: torch.Tensor) -> torch.Tensor:
+        """Boolean keep-mask (B, T, S): the top-k causal keys of each query."""
+        scores_BTS = scores_BTS.masked_fill(~causal_BTS, float("-inf"))
+        k = min(self.topk, scores_BTS.shape[-1])
+        picked_BTK = scores_BTS.topk(k, dim=-1).indices
+        keep = torch.zeros_like(causal_BTS).scatter_(-1, picked_BTK, True)
+        return keep & causal_BTS  # rows with fewer than k causal keys picked some masked ones
+
+
+def causal_mask(start, t: int, s: int, device) -> torch.Tensor:
+    """(T, S) or, for per-row positions, (B, T, S): key s visible from query t."""
+    key_pos = torch.arange(s, device=device)
+    if isinstance(start, torch.Tensor):
+        return (key_pos[None, None, :] <= start[:, None, None]).expand(-1, t, -1)
+    query_pos = torch.arange(start, start + t, device=device)
+    return key_pos[None, :] <= query_pos[:, None]
+
+
+def indexer_kl(attn_probs_BHTS: torch.Tensor, scores_BTS: torch.Tensor, keep_BTS: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(head-summed attention || softmax of the indexer over the kept keys)."""
+    target = attn_probs_BHTS.detach().float().sum(1)
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
+    log_q = torch.log_softmax(scores_BTS.masked_fill(~keep_BTS, float("-inf")), dim=-1)
+    terms = torch.where(keep_BTS & (target > 0), target * (target.clamp_min(1e-20).log() - log_q), 0.0)
+    return terms.sum(-1).mean()

@@ -1,0 +1,177 @@
+"""Sparse attention: sliding window and DSA reduce to dense where they must, stay causal, train,
+and decode from the cache exactly as a full recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import ModelConfig, NanoseekError, Transformer
+from nanoseek.generate import generate
+from nanoseek.model import attention
+from nanoseek.model.attention import causal_attention
+
+
+def model(preset: str, seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset(preset, **overrides)).eval()
+
+
+def same_weights(src: Transformer, preset: str, **overrides) -> Transformer:
+    dst = model(preset, **overrides)
+    missing, _ = dst.load_state_dict(src.state_dict(), strict=False)  # src may have more (the indexer)
+    assert not missing
+    return dst
+
+
+def tokens(t: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- sliding window
+
+
+def reference_window(q, k, v, window):
+    t = q.shape[-2]
+    pos = torch.arange(t)
+    mask = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("t,window", [(600, 100), (300, 1), (257, 256)])
+def test_banded_attention_equals_the_masked_dense_reference(t, window):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4 if i == 0 else 2, t, 16, generator=g) for i in range(3))
+    got = causal_attention(q, k, v, 0, window=window)
+    torch.testing.assert_close(got, reference_window(q, k, v, window), atol=1e-5, rtol=1e-5)
+    assert t > attention.BAND_CHUNK or window == 256  # more than one chunk of queries
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny"])
+def test_window_at_least_t_is_dense(preset):
+    dense = model(preset)
+    sliding = same_weights(dense, preset, sparse="sliding", sliding_window=48)
+    x = tokens(48)
+    torch.testing.assert_close(sliding(x).logits, dense(x).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny", "gpt2-tiny"])
+def test_sliding_is_causal_local_and_trains(preset):
+    m = model(preset, sparse="sliding", sliding_window=4)
+    x = tokens(20)
+    y = x.clone()
+    y[:, 12:] = (y[:, 12:] + 1) % 100  # change the future: positions < 12 must not move
+    torch.testing.assert_close(m(x).logits[:, :12], m(y).logits[:, :12], atol=0, rtol=0)
+    m.train()
+    out = m(x, targets=x)
+    (out.loss + sum(out.aux.values())).backward()
+    no_grad = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == [], no_grad
+
+
+def test_one_layer_window_ignores_keys_outside_it():
+    m = model("llama-tiny", num_hidden_layers=1, sparse="sliding", sliding_window=3)
+    x = tokens(10)
+    y = x.clone()
+    y[:, 2] = (y[:, 2] + 1) % 100  # position 9 sees 7, 8, 9 only
+    assert torch.equal(m(x).logits[:, 9], m(y).logits[:, 9])
+    assert not torch.equal(m(x).logits[:, 4], m(y).logits[:, 4])
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("llama-tiny", dict(sparse="sliding", sliding_window=5)),
+    ("deepseek-v3-tiny", dict(sparse_layers=["sliding", "dense"], sliding_window=6)),
+    ("deepseek-v32-tiny", dict(index_topk=5)),
+    ("deepseek-v32-tiny", dict(sparse_layers=["dsa", "sliding"], index_topk=6, sliding_window=7)),
+])
+def test_cached_decode_equals_full_recompute(preset, overrides):
+    m = model(preset, **overrides)
+    prompt = tokens(9, batch=1)[0]
+    new = generate(m, prompt, max_new_tokens=20, temperature=0)
+    full = torch.cat([prompt, new])
+    logits = m(full[None]).logits[0, len(prompt) - 1:-1]
+    assert torch.equal(logits.argmax(-1), new)
+
+
+def test_bad_sparse_config_names_the_field():
+    with pytest.raises(NanoseekError, match="sparse_layers\\[1\\]"):
+        ModelConfig.from_preset("llama-tiny", sparse_layers=["sliding", "nope"])
+    with pytest.raises(NanoseekError, match="sliding_window"):
+        ModelConfig.from_preset("llama-tiny", sparse="sliding", sliding_window=0)
+    with pytest.raises(NanoseekError, match="needs attention='mla'"):
+        ModelConfig.from_preset("llama-tiny", sparse="dsa")
+
+
+# ---------------------------------------------------------------------------- DSA
+
+
+def test_dsa_with_topk_at_least_t_is_dense_mla():
+    sparse = model("deepseek-v32-tiny", index_topk=64)
+    dense = same_weights(sparse, "deepseek-v3-tiny")
+    x = tokens(40)
+    torch.testing.assert_close(sparse(x).logits, dense(x).logits, atol=0, rtol=0)
+
+
+def brute_force_keep(attn, x, rope_all, t):
+    """Per query, the top-k causal keys by the indexer score, chosen one query at a time."""
+    with torch.no_grad():
+        q_latent = attn.q_a_layernorm(attn.q_a_proj(x))
+        keys = attn.indexer.keys(x, rope_all)
+        scores = attn.indexer.scores(x, q_latent, keys, rope_all)
+    keep = torch.zeros(x.shape[0], t, t, dtype=torch.bool)
+    for b in range(x.shape[0]):
+        for i in range(t):
+            picked = scores[b, i, :i + 1].topk(min(attn.indexer.topk, i + 1)).indices
+            keep[b, i, picked] = True
+    return keep
+
+
+def test_dsa_attends_only_to_the_selected_keys():
+    m = model("deepseek-v32-tiny", index_topk=4, num_hidden_layers=1, index_n_heads=16)  # 16 heads: no ReLU ties
+    attn = m.layers[0].self_attn
+    x = torch.randn(2, 12, m.config.hidden_size)
+    rope = m.rope(0, 12, x.device)
+    keep = brute_force_keep(attn, x, rope, 12)
+    assert keep.sum(-1).max() == 4 and keep.sum(-1).min() == 1
+    got = attn(x, rope)
+    # the same layer, its selection replaced by the brute-force one
+    attn.indexer.select = lambda scores, causal: keep
+    torch.testing.assert_close(got, attn(x, rope), atol=0, rtol=0)
+    # and a genuinely different result from dense attention
+    attn.indexer.select = lambda scores, causal: causal
+    assert not torch.allclose(got, attn(x, rope), atol=1e-4)
+
+
+def test_dsa_is_causal_and_every_parameter_gets_a_gradient():
+    m = model("deepseek-v32-tiny", index_topk=4)
+    x = tokens(24)
+    y = x.clone()
+    y[:, 15:] = (y[:, 15:] + 1) % 100
+    torch.testing.assert_close(m(x).logits[:, :15], m(y).logits[:, :15], atol=0, rtol=0)
+    m.train()
+    out = m(x, targets=x)
+    (out.loss + sum(out.aux.values())).backward()
+    names = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert names == [], names
+    assert "index_loss" in out.aux and out.aux["index_loss"] >= 0
+
+
+def test_dsa_warmup_trains_only_the_indexer_and_lowers_its_loss():
+    m = model("deepseek-v32-tiny", index_topk=4).train()
+    m.set_dsa_warmup(True)
+    x = tokens(32, batch=4)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.Adam([p for n, p in m.named_parameters() if "indexer" in n], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        out = m(x, targets=x)
+        total = out.loss + sum(v for v in out.aux.values() if v.requires_grad)
+        opt.zero_grad()
+        total.backward()
+        assert all(p.grad is None for n, p in m.named_parameters() if "indexer" not in n)
+        opt.step()
+        losses.append(out.aux["index_loss"].item())
+    assert losses[-1] < 0.5 * losses[0]
+    changed = [n for n, p in m.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all("indexer" in n for n in changed)

@@ -33,9 +33,8 @@ from .config import ModelConfig
 from .errors import NanoseekError
 from .safetensors_io import SafetensorsFile
 
-SUPPORTED = ("deepseek_v2", "deepseek_v3", "llama")
-LATER = {"deepseek_v32": "DeepSeek-V3.2 sparse attention (lightning indexer)",
-         "deepseek_v4": "DeepSeek-V4 compressed attention and mHC"}
+SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "llama")
+LATER = {"deepseek_v4": "DeepSeek-V4 compressed attention (CSA/HCA), sinks and hash routing"}
 FP8_BLOCK = 128
 
 
@@ -83,6 +82,8 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
                            ffn="swiglu", mlp_bias=cfg.get("mlp_bias", False), rope_interleave=False)
     v2 = kind == "deepseek_v2"
     moe = bool(cfg.get("n_routed_experts"))
+    if kind == "deepseek_v32":
+        cfg = {**cfg, "first_k_dense_replace": _dense_prefix(cfg, source)}
     deepseek = dict(
         attention="mla", q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
         qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
@@ -102,7 +103,26 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
             norm_topk_prob=False if v2 else bool(cfg.get("norm_topk_prob", True)),
             aux_loss_alpha=float(cfg.get("aux_loss_alpha", 0.0) or 0.0) if not v2 else 0.0,
         )
+    if kind == "deepseek_v32":
+        deepseek.update(sparse="dsa", index_topk=cfg.get("index_topk", 2048),
+                        index_n_heads=cfg.get("index_n_heads", 64), index_head_dim=cfg.get("index_head_dim", 128))
     return ModelConfig(**common, **deepseek)
+
+
+def _dense_prefix(cfg: dict, source: Path) -> int:
+    """first_k_dense_replace from V3.2's `mlp_layer_types` (dense layers first, then MoE)."""
+    types = cfg.get("mlp_layer_types")
+    if types is None:
+        return cfg.get("first_k_dense_replace", 3)
+    n_dense = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+    if any(t != "sparse" for t in types[n_dense:]):
+        raise NanoseekError(f"{source}: mlp_layer_types={types} must be dense layers followed by MoE "
+                            f"('sparse') layers")
+    layer_types = set(cfg.get("layer_types") or ["indexed_attention"])
+    if layer_types != {"indexed_attention"}:
+        raise NanoseekError(f"{source}: layer_types={sorted(layer_types)}: nanoseek reads V3.2 checkpoints "
+                            f"whose layers are all 'indexed_attention'")
+    return n_dense
 
 
 def _first_id(value):
@@ -118,10 +138,16 @@ def config_to_hf(config: ModelConfig) -> dict:
         problems.append("norm must be pre-RMSNorm with a final norm")
     if config.fusion != "residual" or config.embedding_scale:
         problems.append(f"fusion={config.fusion!r}/embedding_scale has no transformers equivalent")
-    if config.sparse != "dense":
-        problems.append(f"sparse={config.sparse!r}")
+    kinds = {config.layer_sparse(i) for i in range(config.num_hidden_layers)}
+    dsa = kinds == {"dsa"}
+    if kinds not in ({"dense"}, {"dsa"}):
+        problems.append(f"attention pattern {sorted(kinds)} (transformers has all-dense or all-DSA layers)")
     if config.attention == "mla":
         kind = "deepseek_v3" if config.scoring_func == "sigmoid" or config.ffn != "moe" else "deepseek_v2"
+        if dsa:
+            kind = "deepseek_v32"
+            if config.ffn != "moe" or config.topk_method != "noaux_tc":
+                problems.append("deepseek_v32 needs MoE layers with noaux_tc routing")
         if config.tie_word_embeddings or not config.rope_interleave:
             problems.append("DeepSeek checkpoints need an untied head and interleaved RoPE")
         if config.ffn not in ("swiglu", "moe") or config.mlp_bias:
@@ -139,7 +165,8 @@ def config_to_hf(config: ModelConfig) -> dict:
         raise NanoseekError("cannot save in HF format: " + "; ".join(problems))
     out = dict(
         model_type=kind, architectures=[{"llama": "LlamaForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-                                         "deepseek_v3": "DeepseekV3ForCausalLM"}[kind]],
+                                         "deepseek_v3": "DeepseekV3ForCausalLM",
+                                         "deepseek_v32": "DeepseekV32ForCausalLM"}[kind]],
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
@@ -167,6 +194,9 @@ def config_to_hf(config: ModelConfig) -> dict:
     else:  # a dense MLA model: every layer dense
         out.update(n_routed_experts=None, first_k_dense_replace=config.num_hidden_layers,
                    moe_intermediate_size=config.intermediate_size, n_shared_experts=None, num_experts_per_tok=None)
+    if kind == "deepseek_v32":
+        out.update(index_topk=config.index_topk, index_n_heads=config.index_n_heads,
+                   index_head_dim=config.index_head_dim, layer_types=["indexed_attention"] * config.num_hidden_layers)
     return out
 
 

@@ -175,3 +175,14 @@ def test_dsa_warmup_trains_only_the_indexer_and_lowers_its_loss():
     assert losses[-1] < 0.5 * losses[0]
     changed = [n for n, p in m.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all("indexer" in n for n in changed)
+
+
+def test_long_prefill_path_equals_the_masked_path():
+    m = model("deepseek-v32-tiny", index_topk=16, index_n_heads=16, max_position_embeddings=512)  # no ReLU ties
+    x = tokens(300, batch=1)
+    with torch.no_grad():
+        chunked = m(x).logits  # 300 queries > 128: chunked selection over gathered latents
+        for attn in m.dsa_layers():
+            attn.long_prefill = 10_000
+        masked = m(x).logits
+    torch.testing.assert_close(chunked, masked, atol=2e-5, rtol=1e-4)

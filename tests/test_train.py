@@ -254,3 +254,21 @@ def test_sample_continues_past_the_context_with_a_sliding_window(corpus, tmp_pat
     assert cli_main(["sample", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "80", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ROMEO:") and len(out.encode()) >= len("ROMEO:") + 80  # char-level: >= 1 byte/token
+
+
+def test_dsa_warmup_then_sparse_training(corpus, tmp_path):
+    """The first steps train only the indexers (main weights unchanged), then everything trains."""
+    cfg = build_train_config(preset="deepseek-v32-tiny", overrides={
+        "data.path": [corpus], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 4,
+        "train.threads": 1, "eval.every": 0, "eval.batches": 1, "eval.batch_size": 4, "checkpoint.every": 2,
+        "checkpoint.keep_last": 5, "log.every": 1, "log.progress": False, "log.plot": False,
+        "train.dsa_warmup_steps": 2, "out": str(tmp_path)})
+    loop.train(cfg, quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["index_loss"] >= 0 for r in records if "loss" in r)
+    weights = {step: ckpt_io.read_safetensors(tmp_path / "checkpoints" / f"step-000000{step}" / ckpt_io.MODEL_FILE)
+               for step in (2, 4)}
+    init = loop.build_model(cfg, cfg.model.vocab_size).state_dict()  # the same seed as the run
+    moved = [k for k in weights[2] if not torch.equal(weights[2][k], init[k])]
+    assert moved and all(".indexer." in k for k in moved), moved
+    assert not torch.equal(weights[4]["embed_tokens.weight"], weights[2]["embed_tokens.weight"])

@@ -420,6 +420,7 @@ class LoopConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     compile: bool = False
     threads: int = 0  # 0 = torch default
+    dsa_warmup_steps: int = 0  # DSA models: dense attention, only the indexers train, for this many steps
 
 
 @dataclass
@@ -474,6 +475,10 @@ class TrainConfig:
         _check_choice("schedule.name", self.schedule.name, SCHEDULES)
         _check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
         _check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
+        _check_positive("train.dsa_warmup_steps", self.train.dsa_warmup_steps, allow_zero=True)
+        if self.train.dsa_warmup_steps and self.dist.strategy == "ddp":
+            raise NanoseekError("train.dsa_warmup_steps trains only the indexers, which DDP cannot do "
+                                "(it expects a gradient for every parameter); warm up in one process")
         for where, value in (("optim.lr", self.optim.lr), ("train.batch_size", self.train.batch_size),
                              ("train.grad_accum", self.train.grad_accum), ("data.seq_len", self.data.seq_len),
                              ("eval.batch_size", self.eval.batch_size), ("log.every", self.log.every)):

@@ -89,3 +89,47 @@ def indexer_kl(attn_probs_BHTS: torch.Tensor, scores_BTS: torch.Tensor, keep_BTS
     log_q = torch.log_softmax(scores_BTS.masked_fill(~keep_BTS, float("-inf")), dim=-1)
     terms = torch.where(keep_BTS & (target > 0), target * (target.clamp_min(1e-20).log() - log_q), 0.0)
     return terms.sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------- long sequences
+
+SELECT_CHUNK = 128  # queries scored and attended per step on the gathered path
+
+
+def gathered_attention(q_BHTX, k_BGSX, v_BGSV, picked_BTK, valid_BTK, scale: float) -> torch.Tensor:
+    """softmax over each query's own selected keys only: gather them, never touch the rest.
+
+    q (B, H, T, X); k, v (B, G, S, .) with G key/value heads (G divides H; MLA's absorbed form has
+    G = 1); picked (B, T, K) key indices and valid (B, T, K) whether each pick is a causal key.
+    Cost T * K per head instead of T * S."""
+    b, h, t, _ = q_BHTX.shape
+    g = k_BGSX.shape[1]
+    idx = picked_BTK[:, None].expand(b, g, t, picked_BTK.shape[-1])
+    k_sel = torch.gather(k_BGSX[:, :, None].expand(b, g, t, *k_BGSX.shape[2:]), 3,
+                         idx[..., None].expand(*idx.shape, k_BGSX.shape[-1]))  # (B, G, T, K, X)
+    v_sel = torch.gather(v_BGSV[:, :, None].expand(b, g, t, *v_BGSV.shape[2:]), 3,
+                         idx[..., None].expand(*idx.shape, v_BGSV.shape[-1]))
+    q_BGRTX = q_BHTX.view(b, g, h // g, t, -1)
+    logits = torch.einsum("bgrtx,bgtkx->bgrtk", q_BGRTX, k_sel) * scale
+    logits = logits.masked_fill(~valid_BTK[:, None, None], float("-inf"))
+    out = torch.einsum("bgrtk,bgtkv->bgrtv", torch.softmax(logits.float(), dim=-1).to(v_sel.dtype), v_sel)
+    return out.reshape(b, h, t, -1)
+
+
+def chunked_sparse_attention(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int,
+                             q_BHTX, k_BGSX, v_BGSV, scale: float) -> torch.Tensor:
+    """DSA for long sequences: per chunk of C queries, score only the keys up to the chunk's end,
+    take the top-k, and attend to the gathered picks. Memory grows as T * (C + K), never T * S."""
+    t = x_BTD.shape[1]
+    cos, sin = rope
+    outs = []
+    for a in range(0, t, SELECT_CHUNK):
+        bnd = min(t, a + SELECT_CHUNK)
+        visible = start + bnd  # keys any query of the chunk can see
+        scores = indexer.scores(x_BTD[:, a:bnd], q_latent_BTQ[:, a:bnd], keys_BSI[:, :visible],
+                                (cos[a:bnd], sin[a:bnd]))
+        causal = causal_mask(start + a, bnd - a, visible, x_BTD.device)
+        top = scores.masked_fill(~causal, float("-inf")).topk(min(indexer.topk, visible), dim=-1)
+        outs.append(gathered_attention(q_BHTX[:, :, a:bnd], k_BGSX[:, :, :visible], v_BGSV[:, :, :visible],
+                                       top.indices, top.values > float("-inf"), scale))
+    return torch.cat(outs, dim=2)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import causal_attention, layer_window
-from .dsa import LightningIndexer, causal_mask, indexer_kl
+from .dsa import SELECT_CHUNK, LightningIndexer, causal_mask, chunked_sparse_attention, indexer_kl
 from .kv_cache import LatentKVCache
 from .norm import RMSNorm
 from .position import apply_rope, softmax_scale
@@ -70,6 +70,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
         self.indexer = LightningIndexer(config) if config.layer_sparse(layer) == "dsa" else None
         self.dsa_warmup = False  # DSA warm-up: dense attention while the indexer learns
+        self.long_prefill = SELECT_CHUNK  # DSA inference over more queries: chunked, gathered keys
         self.index_loss: torch.Tensor | None = None
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> LatentKVCache:
@@ -99,6 +100,11 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             latent_BTC, k_rope_BTR, index_keys_BTI = cache.update(start, latent_BTC, k_rope_BTR, index_keys_BTI)
         keep, scores = None, None
+        if (self.indexer is not None and not self.training and not self.dsa_warmup and t > self.long_prefill
+                and not isinstance(start, torch.Tensor)):
+            o_BHTV = self.attend_long_sparse(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start,
+                                             x_BTD, q_latent_BTQ, index_keys_BTI, rope)
+            return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
         if self.indexer is not None:
             s = latent_BTC.shape[1]
             causal = causal_mask(start, t, s, x_BTD.device).expand(b, t, s)
@@ -130,12 +136,29 @@ class MultiHeadLatentAttention(nn.Module):
             probs = torch.softmax(logits.masked_fill(~keep_BTS[:, None], float("-inf")), dim=-1)
         return indexer_kl(probs, scores_BTS, keep_BTS)
 
-    def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None):
-        """Fold W_UK into the query and W_UV after attention: MQA over [c_KV ; k_R]."""
-        w_BHXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)
-        w_uk_HNC, w_uv_HVC = w_BHXC.split([self.nope, self.v_dim], dim=1)
+    def absorbed_inputs(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR):
+        """The absorbed query [W_UK^T q_C ; q_R] (B, H, T, C+R), the single key head [c_KV ; k_R]."""
+        w_uk_HNC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, :self.nope]
         q_latent_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope_BHTN, w_uk_HNC.to(q_nope_BHTN.dtype))
         q = torch.cat([q_latent_BHTC, q_rope_BHTR], dim=-1)
         k = torch.cat([latent_BSC, k_rope_BSR], dim=-1)[:, None]
-        o_latent_BHTC = causal_attention(q, k, latent_BSC[:, None], start, self.scale, window=self.window, keep=keep)
+        return q, k
+
+    def expand_output(self, o_latent_BHTC):
+        """W_UV applied after attention over the latent values."""
+        w_uv_HVC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, self.nope:]
         return torch.einsum("bhtc,hvc->bhtv", o_latent_BHTC, w_uv_HVC.to(o_latent_BHTC.dtype))
+
+    def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None):
+        """Fold W_UK into the query and W_UV after attention: MQA over [c_KV ; k_R]."""
+        q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
+        o_latent_BHTC = causal_attention(q, k, latent_BSC[:, None], start, self.scale, window=self.window, keep=keep)
+        return self.expand_output(o_latent_BHTC)
+
+    def attend_long_sparse(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ,
+                           index_keys_BSI, rope):
+        """DSA prefill of many tokens: absorbed MQA over each query's gathered top-k latents."""
+        q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
+        o_latent_BHTC = chunked_sparse_attention(self.indexer, x_BTD, q_latent_BTQ, index_keys_BSI, rope, start,
+                                                 q, k, latent_BSC[:, None], self.scale)
+        return self.expand_output(o_latent_BHTC)

@@ -172,7 +172,7 @@ class MoE(nn.Module):
         return self.aux_alpha * (f_BE * s_BTE.mean(1)).sum(-1).mean()
 
     @torch.no_grad()
-    def update_balance_bias(self) -> dict:
+    def update_balance_bias(self, update: bool = True) -> dict:
         """b_e += gamma * sign(mean load - load_e); returns load statistics of the last step."""
         load = self.tokens_per_expert
         total = load.sum()
@@ -180,7 +180,7 @@ class MoE(nn.Module):
         if total > 0:
             mean = load.mean()
             stats = {"max_over_mean": (load.max() / mean).item(), "load": (load / total).tolist()}
-            if self.balance_bias and self.gamma:
+            if self.balance_bias and self.gamma and update:
                 self.gate.e_score_correction_bias += self.gamma * torch.sign(mean - load)
         self.tokens_per_expert.zero_()
         return stats

@@ -261,9 +261,11 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def after_optimizer_step(self) -> dict:
-        """Auxiliary-loss-free balancing: nudge each MoE router bias; return load statistics."""
-        stats = [m.update_balance_bias() for m in self.moe_layers()]
+    def after_optimizer_step(self, update_bias: bool = True) -> dict:
+        """Auxiliary-loss-free balancing: nudge each MoE router bias; return load statistics.
+
+        `update_bias=False` (DSA warm-up, when only the indexers train) only reads and resets the load."""
+        stats = [m.update_balance_bias(update_bias) for m in self.moe_layers()]
         stats = [s for s in stats if s]
         if not stats:
             return {}

@@ -308,6 +308,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     with StopFlag() as stop:
         while not dist.any_rank(finished(cfg, state), ctx):
             t0 = time.perf_counter()
+            model.set_dsa_warmup(state.step < cfg.train.dsa_warmup_steps)
             lr = cfg.optim.lr * lr_multiplier(cfg.schedule, state.step, progress_fraction(cfg, state))
             set_lr(optimizer, lr)
             loss_sum = 0.0
@@ -336,7 +337,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dist.sync_expert_load(model, ctx)  # one router bias for all ranks
-            balance_stats = model.after_optimizer_step()
+            balance_stats = model.after_optimizer_step(update_bias=state.step >= cfg.train.dsa_warmup_steps)
             state.step += 1
             state.tokens += tokens_per_step
             state.elapsed += time.perf_counter() - t0

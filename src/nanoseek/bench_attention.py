@@ -1,0 +1,170 @@
+"""`nanoseek bench attention`: dense causal SDPA against each sparse kind, the attention op alone.
+
+Every kind gets the same queries, keys and values (B = 1, H query heads of width D, one shared
+key/value head as in MLA's absorbed form, which is where DeepSeek's sparse kinds run) at each
+sequence length T:
+
+    dense    F.scaled_dot_product_attention(is_causal=True)                  O(T^2)
+    sliding  causal_attention(window=w): chunked SDPA over the band           O(T (C + w))
+    dsa      lightning indexer (H_I heads of width d_I) scores the visible keys per chunk of
+             queries, top-k, attention over the gathered picks               O(T^2 H_I d_I + T k H D)
+
+Reported per (kind, T): forward_s and backward_s (medians over the repeats; backward alone, with
+the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
+memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .errors import NanoseekError
+
+KINDS = ("dense", "sliding", "dsa")
+
+
+class DsaOp(torch.nn.Module):
+    """The DSA attention of one layer, fed with ready-made q/k/v (the indexer keeps its weights)."""
+
+    def __init__(self, dim: int, heads: int, index_heads: int, index_dim: int, topk: int):
+        super().__init__()
+        from .config import ModelConfig
+        from .model.dsa import LightningIndexer
+
+        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, attention="mla", q_lora_rank=dim,
+                          kv_lora_rank=dim, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                          index_topk=topk, index_n_heads=index_heads, index_head_dim=index_dim, sparse="dsa",
+                          max_position_embeddings=8)
+        self.indexer = LightningIndexer(cfg)
+        self.rope_dim = cfg.qk_rope_head_dim
+
+    def forward(self, q, k, v, x, scale):
+        from .model.dsa import chunked_sparse_attention
+        from .model.position import rope_inv_freq
+
+        t = x.shape[1]
+        angles = torch.arange(t, dtype=torch.float32)[:, None] * rope_inv_freq(self.rope_dim, 10000.0)
+        rope = (angles.cos(), angles.sin())
+        with torch.no_grad():
+            keys = self.indexer.keys(x, rope)
+        return chunked_sparse_attention(self.indexer, x, x, keys, rope, 0, q, k, v, scale)
+
+
+def make_inputs(t: int, heads: int, dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, t, dim, generator=g, requires_grad=True)
+    k = torch.randn(1, 1, t, dim, generator=g, requires_grad=True)
+    v = torch.randn(1, 1, t, dim, generator=g, requires_grad=True)
+    x = torch.randn(1, t, heads * dim, generator=g)
+    return q, k, v, x
+
+
+def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None):
+    from .model.attention import causal_attention
+
+    scale = q.shape[-1] ** -0.5
+    if kind == "dense":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if kind == "sliding":
+        return causal_attention(q, k, v, 0, scale, window=args.window)
+    return dsa(q, k, v, x, scale)
+
+
+def time_kind(kind: str, t: int, args, dsa) -> dict:
+    from .bench import RssSampler, current_rss, release_free_memory
+
+    forward, backward = [], []
+    release_free_memory()
+    base = current_rss()
+    with RssSampler() as rss:
+        for _ in range(args.repeats if t <= 8192 else 1):
+            q, k, v, x = make_inputs(t, args.heads, args.head_dim)
+            t0 = time.perf_counter()
+            out = run_kind(kind, q, k, v, x, args, dsa)
+            t1 = time.perf_counter()
+            out.float().square().mean().backward()
+            t2 = time.perf_counter()
+            forward.append(t1 - t0)
+            backward.append(t2 - t1)
+            del out, q, k, v, x
+    return {"forward_s": round(statistics.median(forward), 4), "backward_s": round(statistics.median(backward), 4),
+            "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1)}
+
+
+def add_attention_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seq", default="1024,4096,16384,32768", help="comma-separated sequence lengths")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--window", type=int, default=512, help="sliding window")
+    parser.add_argument("--topk", type=int, default=2048, help="DSA keys per query")
+    parser.add_argument("--index-heads", type=int, default=4)
+    parser.add_argument("--index-dim", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--plot", help="write a log-log PNG of forward time vs length here")
+
+
+def run_attention(args: argparse.Namespace) -> list[dict]:
+    from .bench import cpu_name, torch_threads
+
+    try:
+        seqs = [int(s) for s in args.seq.split(",")]
+    except ValueError:
+        raise NanoseekError(f"--seq={args.seq!r} must be comma-separated integers") from None
+    kinds = args.kinds.split(",")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise NanoseekError(f"--kinds: unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    if min(seqs) < 1 or args.heads < 1 or args.head_dim < 1:
+        raise NanoseekError("--seq, --heads and --head-dim must be positive")
+    torch.manual_seed(0)
+    dsa = DsaOp(args.heads * args.head_dim, args.heads, args.index_heads, args.index_dim, args.topk)
+    results = []
+    with torch_threads(args.threads):
+        machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        for t in seqs:
+            dense = None
+            for kind in kinds:
+                row = {"bench": "attention", "impl": "nanoseek", "kind": kind, "seq": t, "heads": args.heads,
+                       "head_dim": args.head_dim, **time_kind(kind, t, args, dsa)}
+                if kind == "dense":
+                    dense = row
+                if dense is not None and kind != "dense":
+                    row["forward_over_dense"] = round(row["forward_s"] / dense["forward_s"], 3)
+                    row["backward_over_dense"] = round(row["backward_s"] / dense["backward_s"], 3)
+                row["machine"] = machine
+                results.append(row)
+                print(__import__("json").dumps(row), flush=True)
+    if args.plot:
+        plot_times(results, args.plot)
+    return []  # printed as they came
+
+
+def plot_times(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for kind in dict.fromkeys(r["kind"] for r in results):
+        rows = [r for r in results if r["kind"] == kind]
+        for axis, key in zip(ax, ("forward_s", "backward_s")):
+            axis.plot([r["seq"] for r in rows], [r[key] for r in rows], marker="o", label=kind)
+    for axis, title in zip(ax, ("forward", "backward")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length (tokens)")
+        axis.set_ylabel("seconds")
+        axis.set_title(f"attention {title}")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -186,3 +186,109 @@ def test_long_prefill_path_equals_the_masked_path():
             attn.long_prefill = 10_000
         masked = m(x).logits
     torch.testing.assert_close(chunked, masked, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- inspect attention
+
+
+@pytest.mark.parametrize("preset,overrides,kind", [
+    ("llama-tiny", dict(sparse="sliding", sliding_window=4), "sliding"),
+    ("deepseek-v32-tiny", dict(index_topk=5, index_n_heads=16), "dsa"),
+    ("deepseek-v3-tiny", {}, "dense"),
+])
+def test_attention_map_is_what_the_layer_computes(preset, overrides, kind):
+    from nanoseek.inspect_plots import attention_maps
+
+    m = model(preset, **overrides)
+    x = tokens(14, batch=1)
+    weights, allowed, got_kind = attention_maps(m, x, layer=0)
+    assert got_kind == kind and weights.shape == allowed.shape == (14, 14)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(14))
+    assert (weights[~allowed] == 0).all()
+    expected_per_row = {"sliding": torch.arange(14).clamp(max=3) + 1, "dsa": torch.arange(14).clamp(max=4) + 1,
+                        "dense": torch.arange(14) + 1}[kind]
+    assert torch.equal(allowed.sum(-1), expected_per_row)
+    if kind == "sliding":  # rebuild the layer's output from the map: softmax weights times values
+        attn = m.layers[0].self_attn
+        h = m.layers[0].input_layernorm(m.embed(x))
+        rope = m.rope(0, 14, x.device)
+        full, _ = attn.attention_map(h, rope)
+        hd = attn.head_dim
+        v = attn.qkv_proj(h)[..., (attn.n_heads + attn.n_kv_heads) * hd:].view(1, 14, attn.n_kv_heads, hd)
+        v = v.transpose(1, 2).repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
+        y = (full @ v).transpose(1, 2).reshape(1, 14, -1)
+        torch.testing.assert_close(attn.o_proj(y), attn(h, rope), atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_attention_command_writes_a_png(tmp_path, capsys):
+    import json
+
+    from nanoseek.cli import main
+    from nanoseek.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train(["abcdefgh ijklmnop"])
+    m = model("deepseek-v32-tiny", vocab_size=tok.vocab_size, index_topk=4)
+    m.save_pretrained(tmp_path / "ckpt")
+    tok.save(tmp_path / "ckpt")
+    out = tmp_path / "attn.png"
+    assert main(["inspect", "attention", str(tmp_path / "ckpt"), "--prompt", "abc defg hij", "--layer", "1",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_size > 5000
+    assert json.loads(capsys.readouterr().out)["kind"] == "dsa"
+    assert main(["inspect", "attention", str(tmp_path / "ckpt"), "--prompt", "abc", "--layer", "7"]) == 2
+
+
+# ---------------------------------------------------------------------------- NSA
+
+
+def nsa_model(**overrides):
+    return model("llama-tiny", **{"sparse": "nsa", "nsa_block": 4, "nsa_topn": 3, "sliding_window": 6, **overrides})
+
+
+def test_nsa_selected_branch_with_every_block_is_causal_attention():
+    m = nsa_model(nsa_topn=64)  # more blocks than a 40-token sequence has: every block selected
+    attn = m.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, attn.n_heads, 40, attn.head_dim, generator=g)
+    k, v = (torch.randn(2, attn.n_kv_heads, 40, attn.head_dim, generator=g) for _ in range(2))
+    _, p_cmp = attn.compressed_attention(q, attn.compress(k), attn.compress(v, values=True), 0)
+    got = attn.selected_attention(q, k, v, p_cmp, 0)
+    torch.testing.assert_close(got, causal_attention(q, k, v, 0, attn.scale), atol=1e-5, rtol=1e-5)
+
+
+def test_nsa_compressed_branch_sees_only_complete_past_blocks():
+    m = nsa_model()
+    attn = m.layers[0].self_attn
+    q = torch.randn(1, attn.n_heads, 12, attn.head_dim)
+    kb = torch.randn(1, attn.n_kv_heads, 3, attn.head_dim)
+    out, probs = attn.compressed_attention(q, kb, kb, 0)
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))  # nothing complete before position 3
+    assert (probs[:, :, 3:7, 1:] == 0).all() and (probs[:, :, 7:11, 2:] == 0).all()
+    torch.testing.assert_close(probs[:, :, 3:].sum(-1), torch.ones(1, attn.n_heads, 9))
+
+
+def test_nsa_is_causal_trains_and_every_parameter_gets_a_gradient():
+    m = nsa_model()
+    x = tokens(30)
+    y = x.clone()
+    y[:, 17:] = (y[:, 17:] + 1) % 100
+    torch.testing.assert_close(m(x).logits[:, :17], m(y).logits[:, :17], atol=0, rtol=0)
+    m.train()
+    out = m(x, targets=x)
+    out.loss.backward()
+    no_grad = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == [], no_grad
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sparse_layers": ["nsa", "sliding"]}])
+def test_nsa_cached_decode_equals_full_recompute(overrides):
+    m = nsa_model(**overrides)
+    prompt = tokens(9, batch=1)[0]
+    new = generate(m, prompt, max_new_tokens=20, temperature=0)
+    full = torch.cat([prompt, new])
+    assert torch.equal(m(full[None]).logits[0, len(prompt) - 1:-1].argmax(-1), new)
+
+
+def test_nsa_refuses_mla():
+    with pytest.raises(NanoseekError, match="sparse='nsa'"):
+        ModelConfig.from_preset("deepseek-v3-tiny", sparse="nsa")

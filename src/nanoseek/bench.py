@@ -441,15 +441,7 @@ BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callabl
 }
 
 
-def def _register_attention() -> None:
-    from .bench_attention import add_attention_args, run_attention
-
-    BENCHES["attention"] = ("dense causal SDPA vs each sparse attention kind, by sequence length",
-                            add_attention_args, run_attention)
-
-
-_register_serve()
-_register_attention() -> None:
+def _register_serve() -> None:
     from .bench_serve import add_serve_args, run_serve
 
     BENCHES["serve"] = ("concurrent streaming clients against `nanoseek serve`", add_serve_args, run_serve)

@@ -6,6 +6,8 @@ sequence length T:
 
     dense    F.scaled_dot_product_attention(is_causal=True)                  O(T^2)
     sliding  causal_attention(window=w): chunked SDPA over the band           O(T (C + w))
+    nsa      compressed blocks (l = 64) + the top-16 selected blocks per query block + a window of
+             512, summed with fixed gates (the branch math of model/nsa.py)        O(T (T/l + n l + w))
     dsa      lightning indexer (H_I heads of width d_I) scores the visible keys per chunk of
              queries, top-k, attention over the gathered picks               O(T^2 H_I d_I + T k H D)
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import NanoseekError
 
-KINDS = ("dense", "sliding", "dsa")
+KINDS = ("dense", "sliding", "nsa", "dsa")
 
 
 class DsaOp(torch.nn.Module):
@@ -55,6 +57,28 @@ class DsaOp(torch.nn.Module):
         return chunked_sparse_attention(self.indexer, x, x, keys, rope, 0, q, k, v, scale)
 
 
+class NsaOp(torch.nn.Module):
+    """The three NSA branches over ready-made q/k/v (one k/v set shared by the branches)."""
+
+    def __init__(self, dim: int, heads: int, block: int, topn: int, window: int):
+        super().__init__()
+        from .config import ModelConfig
+        from .model.nsa import NativeSparseAttention
+
+        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, attention="mqa", sparse="nsa",
+                          nsa_block=block, nsa_topn=topn, sliding_window=window, max_position_embeddings=8)
+        self.attn = NativeSparseAttention(cfg)
+
+    def forward(self, q, k, v, scale):
+        from .model.attention import causal_attention
+
+        a = self.attn
+        o_cmp, p_cmp = a.compressed_attention(q, a.compress(k), a.compress(v, values=True), 0)
+        o_slc = a.selected_attention(q, k, v, p_cmp, 0)
+        o_win = causal_attention(q, k, v, 0, scale, window=a.window)
+        return (o_cmp + o_slc + o_win) / 3
+
+
 def make_inputs(t: int, heads: int, dim: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, heads, t, dim, generator=g, requires_grad=True)
@@ -64,7 +88,7 @@ def make_inputs(t: int, heads: int, dim: int, seed: int = 0):
     return q, k, v, x
 
 
-def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None):
+def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None = None):
     from .model.attention import causal_attention
 
     scale = q.shape[-1] ** -0.5
@@ -72,10 +96,12 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     if kind == "sliding":
         return causal_attention(q, k, v, 0, scale, window=args.window)
+    if kind == "nsa":
+        return nsa(q, k, v, scale)
     return dsa(q, k, v, x, scale)
 
 
-def time_kind(kind: str, t: int, args, dsa) -> dict:
+def time_kind(kind: str, t: int, args, dsa, nsa=None) -> dict:
     from .bench import RssSampler, current_rss, release_free_memory
 
     forward, backward = [], []
@@ -85,7 +111,7 @@ def time_kind(kind: str, t: int, args, dsa) -> dict:
         for _ in range(args.repeats if t <= 8192 else 1):
             q, k, v, x = make_inputs(t, args.heads, args.head_dim)
             t0 = time.perf_counter()
-            out = run_kind(kind, q, k, v, x, args, dsa)
+            out = run_kind(kind, q, k, v, x, args, dsa, nsa)
             t1 = time.perf_counter()
             out.float().square().mean().backward()
             t2 = time.perf_counter()
@@ -103,6 +129,8 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--window", type=int, default=512, help="sliding window")
     parser.add_argument("--topk", type=int, default=2048, help="DSA keys per query")
+    parser.add_argument("--nsa-block", type=int, default=64, help="NSA block length")
+    parser.add_argument("--nsa-topn", type=int, default=16, help="NSA selected blocks per query block")
     parser.add_argument("--index-heads", type=int, default=4)
     parser.add_argument("--index-dim", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
@@ -125,6 +153,8 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
         raise NanoseekError("--seq, --heads and --head-dim must be positive")
     torch.manual_seed(0)
     dsa = DsaOp(args.heads * args.head_dim, args.heads, args.index_heads, args.index_dim, args.topk)
+    nsa = NsaOp(args.head_dim, 1, args.nsa_block, args.nsa_topn, args.window)  # one k/v head, H queries
+    nsa.attn.n_heads = args.heads
     results = []
     with torch_threads(args.threads):
         machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -132,7 +162,7 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
             dense = None
             for kind in kinds:
                 row = {"bench": "attention", "impl": "nanoseek", "kind": kind, "seq": t, "heads": args.heads,
-                       "head_dim": args.head_dim, **time_kind(kind, t, args, dsa)}
+                       "head_dim": args.head_dim, **time_kind(kind, t, args, dsa, nsa)}
                 if kind == "dense":
                     dense = row
                 if dense is not None and kind != "dense":

@@ -416,14 +416,19 @@ def cmd_embed(args, extra) -> int:
 
 
 def cmd_inspect(args, extra) -> int:
-    from .inspect_plots import plot_fusion
+    from .inspect_plots import plot_attention, plot_fusion
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
-    if args.what != "fusion":
-        raise NanoseekError(f"inspect {args.what!r}: choose one of: fusion")
+    if args.what not in ("fusion", "attention"):
+        raise NanoseekError(f"inspect {args.what!r}: choose one of: fusion, attention")
     model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
-    out = plot_fusion(model, tok, args.prompt, args.out)
+    if args.what == "attention":
+        out = plot_attention(model, tok, args.prompt, args.layer, args.out or "attention.png")
+        print(json.dumps({"inspect": "attention", "layer": args.layer,
+                          "kind": model.config.layer_sparse(args.layer), "out": str(out)}))
+        return 0
+    out = plot_fusion(model, tok, args.prompt, args.out or "fusion.png")
     print(json.dumps({"inspect": args.what, "fusion": model.config.fusion, "out": str(out)}))
     return 0
 
@@ -534,11 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_pickle(em)
     em.set_defaults(func=cmd_embed)
 
-    ins = sub.add_parser("inspect", help="pictures of a trained model (fusion weights)")
-    ins.add_argument("what", help="fusion")
+    ins = sub.add_parser("inspect", help="pictures of a trained model (fusion weights, attention)")
+    ins.add_argument("what", help="fusion | attention")
     ins.add_argument("ckpt")
     ins.add_argument("--prompt", required=True)
-    ins.add_argument("--out", default="fusion.png")
+    ins.add_argument("--layer", type=int, default=0, help="attention: which layer")
+    ins.add_argument("--out", help="PNG path (default: fusion.png / attention.png)")
     add_trust_pickle(ins)
     ins.set_defaults(func=cmd_inspect)
 

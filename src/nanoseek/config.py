@@ -29,7 +29,7 @@ from .errors import NanoseekError
 
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
 ATTENTIONS = ("mha", "gqa", "mqa", "mla")
-SPARSE_KINDS = ("dense", "sliding", "dsa")
+SPARSE_KINDS = ("dense", "sliding", "nsa", "dsa")
 FFNS = ("relu", "gelu", "swiglu", "moe")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -195,6 +195,8 @@ class ModelConfig:
     sparse: str = "dense"  # the attention pattern of every layer (see sparse_layers)
     sparse_layers: Optional[list] = None  # per-layer kinds; a shorter list repeats (["sliding", "dense"])
     sliding_window: int = 512  # keys a "sliding" query sees, itself included
+    nsa_block: int = 64  # NSA: tokens per compressed / selected block (l = l' = d)
+    nsa_topn: int = 16  # NSA: blocks each query block attends to (first, previous and own included)
     index_topk: int = 2048  # DSA: keys each query attends to (HF deepseek_v32 names)
     index_n_heads: int = 64
     index_head_dim: int = 128
@@ -285,6 +287,14 @@ class ModelConfig:
                 _check_choice(f"sparse_layers[{i}]", kind, SPARSE_KINDS)
         kinds = {self.layer_sparse(i) for i in range(self.num_hidden_layers)}
         _check_positive("sliding_window", self.sliding_window)
+        if "nsa" in kinds:
+            _check_positive("nsa_block", self.nsa_block)
+            if self.nsa_topn < 3:
+                raise NanoseekError(f"nsa_topn={self.nsa_topn} must be >= 3 (the first, previous and own block "
+                                    f"are always selected)")
+            if self.attention == "mla":
+                raise NanoseekError("sparse='nsa' has its own key/value projections per branch; use "
+                                    "attention='mha', 'gqa' or 'mqa' (for MLA models use sparse='dsa')")
         if "dsa" in kinds:
             for name in ("index_topk", "index_n_heads", "index_head_dim"):
                 _check_positive(name, getattr(self, name))

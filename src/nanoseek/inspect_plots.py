@@ -1,4 +1,8 @@
-"""Pictures of what a trained model does: `nanoseek inspect fusion CKPT --prompt TEXT`.
+"""Pictures of what a trained model does: `nanoseek inspect fusion|attention CKPT --prompt TEXT`.
+
+attention: for one layer, the head-averaged attention weights of every query over the keys
+(rows = queries, columns = keys), and which keys each query may attend to at all: the causal
+triangle for dense layers, the band for sliding layers, the indexer's top-k picks for DSA layers.
 
 For each fusion kind, the weights the model gives to earlier representations:
     dwa       the learned matrix a_ij (layer i reads output j), one heatmap
@@ -88,5 +92,64 @@ def plot_fusion(model, tokenizer, prompt: str, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+@torch.inference_mode()
+def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(weights (T, T) averaged over heads, allowed (T, T), the layer's kind) for one prompt."""
+    if not 0 <= layer < len(model.layers):
+        raise NanoseekError(f"--layer={layer}: the model has layers 0..{len(model.layers) - 1}")
+    attn = model.layers[layer].self_attn
+    captured = {}
+
+    def grab(module, args):
+        captured["x"], captured["rope"] = args[0], args[1] if len(args) > 1 else None
+        raise _Captured
+
+    hook = attn.register_forward_pre_hook(grab)
+    try:
+        model(input_ids)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+    weights, allowed = attn.attention_map(captured["x"], captured["rope"])
+    return weights[0].mean(0), allowed[0], model.config.layer_sparse(layer)
+
+
+class _Captured(Exception):
+    """Stops the forward pass once the layer's input is in hand."""
+
+
+def plot_attention(model, tokenizer, prompt: str, layer: int, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = tokenizer.encode(prompt)[: model.config.max_position_embeddings]
+    if not ids:
+        raise NanoseekError("--prompt is empty")
+    weights, allowed, kind = attention_maps(model, torch.tensor([ids]), layer)
+    labels = [tokenizer.decode([i]) for i in ids]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    axes[0].imshow(weights.numpy(), cmap="viridis", aspect="auto")
+    axes[0].set_title(f"layer {layer} ({kind}): attention weights, mean over heads")
+    axes[1].imshow(allowed.float().numpy(), cmap="Greys", aspect="auto", vmin=0, vmax=1)
+    picked = {"dense": "causal keys", "sliding": f"window of {model.config.sliding_window}",
+              "dsa": f"indexer top-{model.config.index_topk}"}[kind]
+    axes[1].set_title(f"keys each query may attend to ({picked})")
+    for ax in axes:
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+        if len(ids) <= 48:
+            ax.set_xticks(range(len(ids)), [repr(c)[1:-1] for c in labels], fontsize=6, rotation=90)
+            ax.set_yticks(range(len(ids)), [repr(c)[1:-1] for c in labels], fontsize=6)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

@@ -91,6 +91,23 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
     return torch.cat(outs, dim=-2)
 
 
+def allowed_keys(t: int, window: int | None, device=None) -> torch.Tensor:
+    """(T, T) boolean: causal, and within the window when there is one."""
+    pos = torch.arange(t, device=device)
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+        mask &= pos[None, :] > pos[:, None] - window
+    return mask
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) over the allowed keys, (B, H, T, S), for pictures and tests."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
 def layer_window(config: ModelConfig, layer: int) -> int | None:
     """The sliding window of this layer, or None for full causal attention."""
     return config.sliding_window if config.layer_sparse(layer) == "sliding" else None
@@ -130,3 +147,16 @@ class MultiHeadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         y = causal_attention(q, k, v, start, self.scale, dropout, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+
+    @torch.no_grad()
+    def attention_map(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (B, H, T, T), allowed keys (B, T, T)) for a whole sequence from position 0."""
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, _ = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope, self.interleave), apply_rope(k, *rope, self.interleave)
+        allowed = allowed_keys(t, self.window, x.device).expand(b, t, t)
+        return attention_probs(q, k, allowed[:, None], self.scale), allowed

@@ -101,25 +101,25 @@ def gathered_attention(q_BHTX, k_BGSX, v_BGSV, picked_BTK, valid_BTK, scale: flo
 
     q (B, H, T, X); k, v (B, G, S, .) with G key/value heads (G divides H; MLA's absorbed form has
     G = 1); picked (B, T, K) key indices and valid (B, T, K) whether each pick is a causal key.
-    Cost T * K per head instead of T * S."""
+    Cost T * K per head instead of T * S; the gather is one index_select (its backward an index_add)."""
     b, h, t, _ = q_BHTX.shape
-    g = k_BGSX.shape[1]
-    idx = picked_BTK[:, None].expand(b, g, t, picked_BTK.shape[-1])
-    k_sel = torch.gather(k_BGSX[:, :, None].expand(b, g, t, *k_BGSX.shape[2:]), 3,
-                         idx[..., None].expand(*idx.shape, k_BGSX.shape[-1]))  # (B, G, T, K, X)
-    v_sel = torch.gather(v_BGSV[:, :, None].expand(b, g, t, *v_BGSV.shape[2:]), 3,
-                         idx[..., None].expand(*idx.shape, v_BGSV.shape[-1]))
-    q_BGRTX = q_BHTX.view(b, g, h // g, t, -1)
-    logits = torch.einsum("bgrtx,bgtkx->bgrtk", q_BGRTX, k_sel) * scale
-    logits = logits.masked_fill(~valid_BTK[:, None, None], float("-inf"))
-    out = torch.einsum("bgrtk,bgtkv->bgrtv", torch.softmax(logits.float(), dim=-1).to(v_sel.dtype), v_sel)
-    return out.reshape(b, h, t, -1)
+    g, s = k_BGSX.shape[1], k_BGSX.shape[2]
+    rows = (picked_BTK + torch.arange(b, device=picked_BTK.device)[:, None, None] * s).flatten()
+    k_sel = k_BGSX.transpose(1, 2).reshape(b * s, g, -1).index_select(0, rows).view(b, t, -1, g, k_BGSX.shape[-1])
+    v_sel = v_BGSV.transpose(1, 2).reshape(b * s, g, -1).index_select(0, rows).view(b, t, -1, g, v_BGSV.shape[-1])
+    q_BTGRX = q_BHTX.transpose(1, 2).reshape(b, t, g, h // g, -1)
+    logits = torch.einsum("btgrx,btkgx->btgrk", q_BTGRX, k_sel) * scale
+    logits = logits.masked_fill(~valid_BTK[:, :, None, None], float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1).to(v_sel.dtype)
+    out = torch.einsum("btgrk,btkgv->btgrv", probs, v_sel)
+    return out.reshape(b, t, h, -1).transpose(1, 2)
 
 
 def chunked_sparse_attention(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int,
                              q_BHTX, k_BGSX, v_BGSV, scale: float) -> torch.Tensor:
     """DSA for long sequences: per chunk of C queries, score only the keys up to the chunk's end,
-    take the top-k, and attend to the gathered picks. Memory grows as T * (C + K), never T * S."""
+    take the top-k, and attend to the gathered picks. Memory grows as T * (C + K), never T * S;
+    under autograd each chunk's gathered keys are recomputed in backward instead of kept."""
     t = x_BTD.shape[1]
     cos, sin = rope
     outs = []
@@ -130,6 +130,12 @@ def chunked_sparse_attention(indexer: LightningIndexer, x_BTD, q_latent_BTQ, key
                                 (cos[a:bnd], sin[a:bnd]))
         causal = causal_mask(start + a, bnd - a, visible, x_BTD.device)
         top = scores.masked_fill(~causal, float("-inf")).topk(min(indexer.topk, visible), dim=-1)
-        outs.append(gathered_attention(q_BHTX[:, :, a:bnd], k_BGSX[:, :, :visible], v_BGSV[:, :, :visible],
-                                       top.indices, top.values > float("-inf"), scale))
+        args = (q_BHTX[:, :, a:bnd], k_BGSX[:, :, :visible], v_BGSV[:, :, :visible], top.indices,
+                top.values > float("-inf"), scale)
+        if torch.is_grad_enabled():  # keep only the chunk's inputs; gather again in backward
+            from torch.utils.checkpoint import checkpoint
+
+            outs.append(checkpoint(gathered_attention, *args, use_reentrant=False))
+        else:
+            outs.append(gathered_attention(*args))
     return torch.cat(outs, dim=2)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import causal_attention, layer_window
+from .attention import allowed_keys, attention_probs, causal_attention, layer_window
 from .dsa import SELECT_CHUNK, LightningIndexer, causal_mask, chunked_sparse_attention, indexer_kl
 from .kv_cache import LatentKVCache
 from .norm import RMSNorm
@@ -128,6 +128,26 @@ class MultiHeadLatentAttention(nn.Module):
         if scores is not None and self.training and torch.is_grad_enabled():
             self.index_loss = self.distillation_loss(q, k, keep, scores)
         return causal_attention(q, k, v_BHSV, start, self.scale, dropout, self.window, keep)
+
+    @torch.no_grad()
+    def attention_map(self, x_BTD: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (B, H, T, T), allowed keys (B, T, T): the window, or the indexer's selection)."""
+        b, t, _ = x_BTD.shape
+        q_BTX, q_latent_BTQ = self.query(x_BTD)
+        q_BHTQ = q_BTX.view(b, t, self.n_heads, -1).transpose(1, 2)
+        q_nope, q_rope = q_BHTQ.split([self.nope, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([self.latent_dim, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_rope = apply_rope(k_rope, *rope, self.interleave)
+        kv = self.kv_b_proj(latent).view(b, t, self.n_heads, -1).transpose(1, 2)
+        k_nope = kv[..., :self.nope]
+        q = torch.cat([q_nope, apply_rope(q_rope, *rope, self.interleave)], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, None].expand(b, self.n_heads, t, self.rope_dim)], dim=-1)
+        allowed = allowed_keys(t, self.window, x_BTD.device).expand(b, t, t)
+        if self.indexer is not None:
+            scores = self.indexer.scores(x_BTD, q_latent_BTQ, self.indexer.keys(x_BTD, rope), rope)
+            allowed = self.indexer.select(scores, allowed.contiguous())
+        return attention_probs(q, k, allowed[:, None], self.scale), allowed
 
     def distillation_loss(self, q_BHTX, k_BHSX, keep_BTS, scores_BTS) -> torch.Tensor:
         """KL from the (head-summed) attention over the kept keys to the indexer's distribution."""

@@ -31,6 +31,7 @@ from .ffn import make_dense_ffn
 from .mla import MultiHeadLatentAttention
 from .moe import MoE
 from .mtp import MTPModule
+from .nsa import NativeSparseAttention
 from .norm import make_norm
 from .position import ADDITIVE_POSITIONS, RotaryEmbedding
 
@@ -54,6 +55,8 @@ def positions(start: int | torch.Tensor, length: int, device) -> torch.Tensor:
 
 
 def make_attention(config: ModelConfig, layer: int) -> nn.Module:
+    if config.layer_sparse(layer) == "nsa":
+        return NativeSparseAttention(config, layer)
     return ATTENTIONS[config.attention](config, layer)
 
 

@@ -97,64 +97,68 @@ class NativeSparseAttention(nn.Module):
         return proj(blocks.flatten(-2))
 
     def compressed_attention(self, q, k_blocks, v_blocks, start: int):
-        """Attention over the complete blocks; also the probabilities (B, H, T, n) for selection."""
+        """Attention over the complete blocks (SDPA), and the block probabilities (B, H, T, n) that
+        rank blocks for selection (no gradient: the choice of blocks is not differentiable)."""
         t, n = q.shape[2], k_blocks.shape[2]
         if n == 0:
             return torch.zeros_like(q), q.new_zeros(*q.shape[:3], 0)
-        rep = self.n_heads // self.n_kv_heads
-        k = k_blocks.repeat_interleave(rep, dim=1)
-        v = v_blocks.repeat_interleave(rep, dim=1)
         query_pos = torch.arange(start, start + t, device=q.device)[:, None]
         block_end = torch.arange(n, device=q.device)[None, :] * self.block + self.block - 1
         visible = block_end <= query_pos  # (T, n)
-        logits = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
         any_visible = visible.any(-1, keepdim=True)  # queries before the first complete block see none
-        logits = logits.masked_fill(~visible & any_visible, float("-inf")).masked_fill(~any_visible, 0.0)
-        probs = (torch.softmax(logits, dim=-1) * any_visible).to(q.dtype)
-        return torch.matmul(probs, v), probs
+        gqa = self.n_heads != self.n_kv_heads
+        out = F.scaled_dot_product_attention(q, k_blocks, v_blocks, attn_mask=visible | ~any_visible,
+                                             scale=self.scale, enable_gqa=gqa) * any_visible
+        with torch.no_grad():
+            k = k_blocks.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            logits = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
+            logits = logits.masked_fill(~visible & any_visible, float("-inf")).masked_fill(~any_visible, 0.0)
+            probs = torch.softmax(logits, dim=-1) * any_visible
+        return out, probs
 
     def selected_attention(self, q, k, v, p_cmp, start: int):
-        """Per query block: SDPA over its top-n earlier blocks plus the first, previous and own block."""
+        """Every query block at once: one batched SDPA, each block over its own selected key blocks."""
         b, h, t, d = q.shape
-        l = self.block
-        first_block, last_block = start // l, (start + t - 1) // l
-        rep = self.n_heads // self.n_kv_heads
-        outs = []
-        for qb in range(first_block, last_block + 1):
-            a, e = max(start, qb * l), min(start + t, (qb + 1) * l)  # positions of this query block
-            blocks = self.pick_blocks(p_cmp[:, :, a - start:e - start], qb)  # (B, G, n_sel) block ids
-            idx = (blocks[..., None] * l + torch.arange(l, device=q.device)).flatten(-2)  # (B, G, n_sel*l)
-            safe = idx.clamp(max=k.shape[2] - 1)  # the own block may be incomplete; masked below
-            k_sel = torch.gather(k, 2, safe[..., None].expand(-1, -1, -1, d))
-            v_sel = torch.gather(v, 2, safe[..., None].expand(-1, -1, -1, d))
-            query_pos = torch.arange(a, e, device=q.device)
-            mask = idx[:, :, None, :] <= query_pos[None, None, :, None]  # causal within the own block
-            mask = mask & _first_occurrence(blocks)[..., None, :].repeat_interleave(l, dim=-1)
-            outs.append(F.scaled_dot_product_attention(
-                q[:, :, a - start:e - start], k_sel.repeat_interleave(rep, 1), v_sel.repeat_interleave(rep, 1),
-                attn_mask=mask.repeat_interleave(rep, 1), scale=self.scale))
-        return torch.cat(outs, dim=2)
+        l, g, s = self.block, self.n_kv_heads, k.shape[2]
+        first, last = start // l, (start + t - 1) // l
+        nb, front, back = last - first + 1, start - first * l, (last + 1) * l - (start + t)
+        blocks, valid = self.pick_blocks(p_cmp, first, nb, front, back)  # (B, G, nb, K)
+        token = (blocks[..., None] * l + torch.arange(l, device=q.device)).flatten(-2)  # (B, G, nb, K*l)
+        token_ok = valid.repeat_interleave(l, dim=-1) & (token < s)
+        query_pos = first * l + torch.arange(nb * l, device=q.device).view(nb, l)
+        mask = token_ok[..., None, :] & (token[..., None, :] <= query_pos[None, None, :, :, None])
+        safe = token.clamp(max=s - 1).flatten(2)
+        k_sel = k.gather(2, safe[..., None].expand(-1, -1, -1, d)).view(b, g, nb, -1, d)
+        v_sel = v.gather(2, safe[..., None].expand(-1, -1, -1, d)).view(b, g, nb, -1, d)
+        q_blocks = F.pad(q, (0, 0, front, back)).view(b, h, nb, l, d)
+        fold = lambda x: x.transpose(1, 2).flatten(0, 1)  # (B, X, nb, ...) -> (B * nb, X, ...)
+        mask = fold(mask)
+        if g > 1:
+            mask = mask.repeat_interleave(h // g, dim=1)
+        out = F.scaled_dot_product_attention(fold(q_blocks), fold(k_sel), fold(v_sel), attn_mask=mask,
+                                             scale=self.scale, enable_gqa=g != h)
+        out = out.view(b, nb, h, l, d).transpose(1, 2).reshape(b, h, nb * l, d)
+        return out[:, :, front:front + t]
 
-    def pick_blocks(self, p_BHCn: torch.Tensor, qb: int) -> torch.Tensor:
-        """Block ids for query block qb: top-n by group-summed p^cmp over blocks before qb, plus
-        block 0, qb - 1 and qb. Duplicates are allowed (masked as one)."""
-        b = p_BHCn.shape[0]
-        forced = torch.tensor(sorted({0, max(qb - 1, 0), qb}), device=p_BHCn.device)
-        n_free = max(self.n_select - len(forced), 0)
-        usable = min(qb, p_BHCn.shape[-1])  # blocks complete before this query block starts
-        if not usable or not n_free:
-            return forced.expand(b, self.n_kv_heads, -1)
-        score = p_BHCn[..., :usable].float().sum(2)  # over the block's queries
-        score = score.view(b, self.n_kv_heads, -1, usable).sum(2)  # over the heads of a group
-        top = score.topk(min(n_free, usable), dim=-1).indices
-        return torch.cat([forced.expand(b, self.n_kv_heads, -1), top], dim=-1)
-
-
-def _first_occurrence(blocks: torch.Tensor) -> torch.Tensor:
-    """True where a block id appears for the first time along the last dim (so it counts once)."""
-    same = blocks[..., :, None] == blocks[..., None, :]
-    earlier = torch.ones(blocks.shape[-1], blocks.shape[-1], dtype=torch.bool, device=blocks.device).tril(-1)
-    return ~(same & earlier).any(-1)
+    def pick_blocks(self, p_BHTn: torch.Tensor, first: int, nb: int, front: int, back: int):
+        """Block ids (B, G, nb, K) and their validity for query blocks first..first+nb-1: the first,
+        previous and own block, then the top (nsa_topn - 3) of the blocks complete before the query
+        block, ranked by the compressed attention summed over the block's queries and the group."""
+        b, h, _, n = p_BHTn.shape
+        g = self.n_kv_heads
+        qb = torch.arange(first, first + nb, device=p_BHTn.device)
+        forced = torch.stack([torch.zeros_like(qb), (qb - 1).clamp(min=0), qb], -1)  # (nb, 3)
+        forced_ok = torch.stack([torch.ones_like(qb, dtype=torch.bool), qb > 1, qb > 0], -1)
+        blocks, valid = forced.expand(b, g, nb, 3), forced_ok.expand(b, g, nb, 3)
+        n_free = min(self.n_select - 3, n)
+        if n_free <= 0:
+            return blocks, valid
+        score = F.pad(p_BHTn, (0, 0, front, back)).view(b, h, nb, -1, n).sum(3)
+        score = score.view(b, g, h // g, nb, n).sum(2).float()  # (B, G, nb, n)
+        candidate = torch.arange(n, device=p_BHTn.device)[None, :]
+        usable = (candidate < qb[:, None] - 1) & (candidate > 0)  # complete before, and not forced
+        top = score.masked_fill(~usable, float("-inf")).topk(n_free, dim=-1)
+        return torch.cat([blocks, top.indices], -1), torch.cat([valid, top.values > float("-inf")], -1)
 
 
 class NSACache:

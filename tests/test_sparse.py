@@ -261,10 +261,15 @@ def test_nsa_compressed_branch_sees_only_complete_past_blocks():
     attn = m.layers[0].self_attn
     q = torch.randn(1, attn.n_heads, 12, attn.head_dim)
     kb = torch.randn(1, attn.n_kv_heads, 3, attn.head_dim)
-    out, probs = attn.compressed_attention(q, kb, kb, 0)
+    out, scores = attn.compressed_attention(q, kb, kb, 0)
     assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))  # nothing complete before position 3
-    assert (probs[:, :, 3:7, 1:] == 0).all() and (probs[:, :, 7:11, 2:] == 0).all()
-    torch.testing.assert_close(probs[:, :, 3:].sum(-1), torch.ones(1, attn.n_heads, 9))
+    # query block 0 (positions 0..3): only position 3 sees block 0; query block 1 (4..7) sees blocks 0
+    # and, at position 7, block 1; block 2 is complete only at position 11
+    assert scores.shape == (1, attn.n_kv_heads, 3, 3)
+    per_group = attn.n_heads // attn.n_kv_heads
+    torch.testing.assert_close(scores.sum(-1), torch.tensor([[1.0, 4.0, 4.0]]).mul(per_group).expand(1, 2, 3))
+    assert (scores[:, :, 0, 1:] == 0).all() and (scores[:, :, 1, 2:] == 0).all()
+    assert (scores[:, :, 1, 1] > 0).all() and (scores[:, :, 2, 2] > 0).all()
 
 
 def test_nsa_is_causal_trains_and_every_parameter_gets_a_gradient():

@@ -97,32 +97,46 @@ class NativeSparseAttention(nn.Module):
         return proj(blocks.flatten(-2))
 
     def compressed_attention(self, q, k_blocks, v_blocks, start: int):
-        """Attention over the complete blocks (SDPA), and the block probabilities (B, H, T, n) that
-        rank blocks for selection (no gradient: the choice of blocks is not differentiable)."""
-        t, n = q.shape[2], k_blocks.shape[2]
+        """Attention over the complete blocks (SDPA), and per query block the selection scores
+        p^slc (B, G, nb, n): softmax_j(q_t . k^cmp_j) summed over the block's queries and the group's
+        heads (no gradient: the choice of blocks is not differentiable)."""
+        b, h, t, _ = q.shape
+        n, l = k_blocks.shape[2], self.block
+        nb = (start + t - 1) // l - start // l + 1
         if n == 0:
-            return torch.zeros_like(q), q.new_zeros(*q.shape[:3], 0)
+            return torch.zeros_like(q), q.new_zeros(b, self.n_kv_heads, nb, 0)
         query_pos = torch.arange(start, start + t, device=q.device)[:, None]
-        block_end = torch.arange(n, device=q.device)[None, :] * self.block + self.block - 1
+        block_end = torch.arange(n, device=q.device)[None, :] * l + l - 1
         visible = block_end <= query_pos  # (T, n)
-        any_visible = visible.any(-1, keepdim=True)  # queries before the first complete block see none
+        blind = int((~visible.any(-1)).sum())  # the first queries, before any block is complete
         gqa = self.n_heads != self.n_kv_heads
-        out = F.scaled_dot_product_attention(q, k_blocks, v_blocks, attn_mask=visible | ~any_visible,
-                                             scale=self.scale, enable_gqa=gqa) * any_visible
+        mask = visible.clone()
+        mask[:blind] = True  # (their output is zeroed below; all-masked rows would give NaN)
+        out = F.scaled_dot_product_attention(q, k_blocks, v_blocks, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        if blind:
+            keep = (torch.arange(t, device=q.device) >= blind)[:, None]
+            out = out * keep
         with torch.no_grad():
             k = k_blocks.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            logits = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
-            logits = logits.masked_fill(~visible & any_visible, float("-inf")).masked_fill(~any_visible, 0.0)
-            probs = torch.softmax(logits, dim=-1) * any_visible
-        return out, probs
+            bias = torch.zeros(t, n, device=q.device).masked_fill_(~mask, float("-inf"))
+            probs = torch.baddbmm(bias.expand(b * h, t, n), q.flatten(0, 1).float(),
+                                  k.flatten(0, 1).float().transpose(-1, -2), alpha=self.scale).softmax(-1)
+            probs = probs.view(b, h, t, n)
+            probs[:, :, :blind] = 0
+            front = start - (start // l) * l
+            if front or (front + t) % l:  # partial first or last query block: pad to whole blocks
+                probs = F.pad(probs, (0, 0, front, nb * l - front - t))
+            scores = probs.view(b, h, nb, l, n).sum(3).view(b, self.n_kv_heads, -1, nb, n).sum(2)
+        return out, scores
 
     def selected_attention(self, q, k, v, p_cmp, start: int):
-        """Every query block at once: one batched SDPA, each block over its own selected key blocks."""
+        """Every query block at once: one batched SDPA, each block over its own selected key blocks.
+        `p_cmp` holds the selection scores (B, G, nb, n) from `compressed_attention`."""
         b, h, t, d = q.shape
         l, g, s = self.block, self.n_kv_heads, k.shape[2]
         first, last = start // l, (start + t - 1) // l
         nb, front, back = last - first + 1, start - first * l, (last + 1) * l - (start + t)
-        blocks, valid = self.pick_blocks(p_cmp, first, nb, front, back)  # (B, G, nb, K)
+        blocks, valid = self.pick_blocks(p_cmp, first, nb)  # (B, G, nb, K)
         token = (blocks[..., None] * l + torch.arange(l, device=q.device)).flatten(-2)  # (B, G, nb, K*l)
         token_ok = valid.repeat_interleave(l, dim=-1) & (token < s)
         query_pos = first * l + torch.arange(nb * l, device=q.device).view(nb, l)
@@ -140,24 +154,21 @@ class NativeSparseAttention(nn.Module):
         out = out.view(b, nb, h, l, d).transpose(1, 2).reshape(b, h, nb * l, d)
         return out[:, :, front:front + t]
 
-    def pick_blocks(self, p_BHTn: torch.Tensor, first: int, nb: int, front: int, back: int):
+    def pick_blocks(self, score_BGbn: torch.Tensor, first: int, nb: int):
         """Block ids (B, G, nb, K) and their validity for query blocks first..first+nb-1: the first,
         previous and own block, then the top (nsa_topn - 3) of the blocks complete before the query
-        block, ranked by the compressed attention summed over the block's queries and the group."""
-        b, h, _, n = p_BHTn.shape
-        g = self.n_kv_heads
-        qb = torch.arange(first, first + nb, device=p_BHTn.device)
+        block by their selection score."""
+        b, g, _, n = score_BGbn.shape
+        qb = torch.arange(first, first + nb, device=score_BGbn.device)
         forced = torch.stack([torch.zeros_like(qb), (qb - 1).clamp(min=0), qb], -1)  # (nb, 3)
         forced_ok = torch.stack([torch.ones_like(qb, dtype=torch.bool), qb > 1, qb > 0], -1)
         blocks, valid = forced.expand(b, g, nb, 3), forced_ok.expand(b, g, nb, 3)
         n_free = min(self.n_select - 3, n)
         if n_free <= 0:
             return blocks, valid
-        score = F.pad(p_BHTn, (0, 0, front, back)).view(b, h, nb, -1, n).sum(3)
-        score = score.view(b, g, h // g, nb, n).sum(2).float()  # (B, G, nb, n)
-        candidate = torch.arange(n, device=p_BHTn.device)[None, :]
+        candidate = torch.arange(n, device=score_BGbn.device)[None, :]
         usable = (candidate < qb[:, None] - 1) & (candidate > 0)  # complete before, and not forced
-        top = score.masked_fill(~usable, float("-inf")).topk(n_free, dim=-1)
+        top = score_BGbn.masked_fill(~usable, float("-inf")).topk(n_free, dim=-1)
         return torch.cat([blocks, top.indices], -1), torch.cat([valid, top.values > float("-inf")], -1)
 
 

@@ -375,7 +375,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     import resource
 
     summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 2),
-               "checkpoint": str(path), "stopped_by": stopped_by, "params_total": model.num_params()["total"],
+               "checkpoint": str(path), "stopped_by": stopped_by, "params_total": params["total"],
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "world_size": ctx.world, **last_eval}
     if ctx.is_main:

@@ -116,3 +116,31 @@ def test_missing_reference_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_matmul_peak_is_positive():
     assert bench.measure_matmul_peak("float32", threads=1, seconds=0.05) > 0
+
+
+def run_lines(argv, capsys) -> list[dict]:
+    assert bench.run_bench(argv) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.hf
+def test_bench_prefill_and_decode_against_transformers(capsys):
+    pytest.importorskip("transformers")
+    rows = run_lines(["prefill", "--preset", "deepseek-v3-tiny", "--rounds", "1", "--prompt-len", "16",
+                      "--threads", "1"], capsys)
+    assert [r["impl"] for r in rows] == ["nanoseek", "hf", "ratio"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in rows[:2])
+    rows = run_lines(["decode", "--preset", "deepseek-v3-tiny", "--rounds", "1", "--batch", "1,2", "--context", "8",
+                      "--new-tokens", "4", "--threads", "1"], capsys)
+    decode = [r for r in rows if r["impl"] != "ratio"]
+    assert {(r["impl"], r["batch"]) for r in decode} == {("nanoseek", 1), ("hf", 1), ("nanoseek", 2), ("hf", 2)}
+    assert all(r["tokens_per_s"] > 0 and r["bandwidth_fraction"] > 0 for r in decode)
+    assert sum(r["impl"] == "ratio" for r in rows) == 2
+
+
+def test_bench_attention_smoke(capsys):
+    rows = run_lines(["attention", "--seq", "256", "--kinds", "dense,sliding,nsa,dsa", "--window", "64",
+                      "--topk", "32", "--repeats", "1", "--heads", "2", "--head-dim", "16", "--threads", "1"], capsys)
+    assert [r["kind"] for r in rows] == ["dense", "sliding", "nsa", "dsa"]
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
+    assert all("forward_over_dense" in r for r in rows[1:])

@@ -303,3 +303,14 @@ def test_closing_a_stream_restores_the_model_mode():
     assert next(s) == "h" and not model.training
     s.close()
     assert model.training and math.isfinite(s.completion_tokens)
+
+
+def test_compiled_static_decode_equals_eager_decode():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("deepseek-v3-tiny", max_position_embeddings=64)).eval()
+    prompt = torch.randint(0, 128, (2, 7))
+    eager = generate(model, prompt, max_new_tokens=12, temperature=0)
+    compiled = generate(model, prompt, max_new_tokens=12, temperature=0, compile=True)
+    assert torch.equal(compiled, eager)
+    again = generate(model, prompt[:, :5], max_new_tokens=20, temperature=0, compile=True)  # reuses the graph
+    assert torch.equal(again, generate(model, prompt[:, :5], max_new_tokens=20, temperature=0))

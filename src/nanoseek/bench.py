@@ -454,8 +454,18 @@ def _register_attention() -> None:
                             add_attention_args, run_attention)
 
 
+def _register_inference() -> None:
+    from .bench_infer import add_decode_args, add_prefill_args, run_decode, run_prefill
+
+    BENCHES["prefill"] = ("prompt prefill tokens/s, TTFT and MFU, nanoseek vs transformers", add_prefill_args,
+                          run_prefill)
+    BENCHES["decode"] = ("KV-cache decode tokens/s and memory-bandwidth use, nanoseek vs transformers",
+                         add_decode_args, run_decode)
+
+
 _register_serve()
 _register_attention()
+_register_inference()
 
 
 def _usage() -> str:

@@ -17,6 +17,9 @@ sequence routed to e and P_e = mean_t s'_{e,t} (s' = scores normalized per token
 
 Dispatch is vectorized: the T*K (token, expert) pairs are sorted by expert and every expert's tokens
 go through one grouped matmul (`torch._grouped_mm` with offsets; a per-expert matmul fallback).
+For a handful of tokens (decoding: T*K <= E, or any inference under torch.compile) each pair instead
+gathers its expert's weights and runs one batched matmul: no sort, no host sync, static shapes (so a
+compiled decode step stays one graph).
 
 Names follow Hugging Face in memory: `gate.weight` [E, D], `gate.e_score_correction_bias` [E],
 `experts.gate_up_proj` [E, 2I, D] (gate rows first), `experts.down_proj` [E, D, I], `shared_experts`.
@@ -85,6 +88,16 @@ class Router(nn.Module):
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights, applied with a grouped matmul."""
 
+    def per_pair(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        """sum_k w_nk Expert_{idx_nk}(x_n) with each pair's expert weights gathered (few tokens)."""
+        n, k = idx_NK.shape
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_ND.dtype
+        x_PD1 = x_ND.to(dtype).repeat_interleave(k, dim=0)[:, :, None]
+        h_PX = torch.bmm(self.gate_up_proj[idx_NK.flatten()].to(dtype), x_PD1)[..., 0]
+        gate_PI, up_PI = h_PX.split(self.hidden, dim=-1)
+        y_PD = torch.bmm(self.down_proj[idx_NK.flatten()].to(dtype), (F.silu(gate_PI) * up_PI)[:, :, None])[..., 0]
+        return (y_PD.view(n, k, -1) * w_NK[..., None].to(dtype)).sum(1)
+
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.hidden = hidden
@@ -146,6 +159,12 @@ class MoE(nn.Module):
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(-1, d)
         idx_NK, w_NK, scores_NE = self.gate(x_ND)
+        few = idx_NK.numel() <= self.n_experts or torch.compiler.is_compiling()  # compiled decode: static shapes
+        if self.expert_shard is None and few and not self.training:
+            out_ND = self.experts.per_pair(x_ND, idx_NK, w_NK)  # decoding: a few tokens
+            if self.shared_experts is not None:
+                out_ND = out_ND + self.shared_experts(x_ND)
+            return out_ND.view(b, t, d).to(x_BTD.dtype)
         counts_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
         order_M = idx_NK.flatten().argsort(stable=True)
         token_M = order_M // self.top_k

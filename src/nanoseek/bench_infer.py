@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import tempfile
 import time
@@ -132,7 +131,6 @@ def run_prefill(args) -> list[dict]:
         for _ in range(args.rounds):
             for impl, model in impls.items():
                 times[impl].append(time_prefill(impl, model, ids))
-        flops = forward_flops_per_token(ours, args.prompt_len) / 2 + 2 * ours.num_params()["matmul_active"] / 2
         for impl in impls:
             sec = statistics.median(times[impl])
             tps = args.prompt_len / sec
@@ -140,7 +138,6 @@ def run_prefill(args) -> list[dict]:
                          "ttft_s": round(sec, 4), "tokens_per_s": round(tps, 1),
                          "mfu": round(tps * forward_flops_per_token(ours, args.prompt_len) / (peak * 1e9), 3),
                          "rounds": [round(t, 4) for t in times[impl]]})
-        del flops
         machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "matmul_peak_gflops": round(peak, 1), "model": args.ckpt or args.preset}
     for r in rows:

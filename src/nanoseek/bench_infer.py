@@ -8,7 +8,7 @@ alternating A/B rounds to cancel machine drift; medians over the rounds.
 
 prefill  one forward over a (1, P) prompt that fills the KV cache:
          tokens_per_s = P / seconds; ttft_s = seconds + sampling the first token;
-         mfu = tokens_per_s * forward FLOPs per token (2 N_active + 2 L H (d_qk + d_v) P / 2)
+         mfu = tokens_per_s * forward FLOPs per token (a third of training's: 2 N_active + 2 L H (d_qk + d_v) P)
                / the measured fp32 matmul peak.
 decode   greedy generation of N new tokens after a short prompt, at batch b, with the KV cache
          (nanoseek: static cache, absorbed MLA, and with --compile also its compiled static-shape

@@ -134,7 +134,8 @@ def cmd_sample(args, extra) -> int:
         seed = None if args.seed is None else args.seed + chunk
         stream = TextStream(model, tok, context, max_new_tokens=min(remaining, limit - len(ids)),
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                            repetition_penalty=args.repetition_penalty, stop=args.stop or None)
+                            repetition_penalty=args.repetition_penalty, stop=args.stop or None,
+                            compile=args.compile)
         for piece in stream:
             context += piece
             sys.stdout.write(piece)
@@ -480,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--speculative", action="store_true",
                    help="greedy decoding with the MTP module as drafter (prints acceptance and speedup)")
+    s.add_argument("--compile", action="store_true",
+                   help="compiled static-shape decode step: ~25 s to compile, then ~2x faster per token")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text")

@@ -339,7 +339,7 @@ class TextStream:
     def __init__(self, model, tokenizer, prompt: str, max_new_tokens: int = 128,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | None = None):
+                 stop: Sequence[str] | None = None, compile: bool = False):
         self.tokenizer = tokenizer
         self.stops = check_stop_strings(stop)
         prompt_ids = tokenizer.encode(prompt)
@@ -348,7 +348,8 @@ class TextStream:
         self.finish_reason: str | None = None
         ids, _ = as_batch(prompt_ids, model_device(model, torch.device("cpu")))
         options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed)
-        self._loop = TokenLoop(model, ids, max_new_tokens, options, stop_id_list(tokenizer.eos_id, None))
+        self._loop = TokenLoop(model, ids, max_new_tokens, options, stop_id_list(tokenizer.eos_id, None),
+                               compile=compile)
         self._pieces = self._generate_pieces()
 
     def __iter__(self) -> TextStream:

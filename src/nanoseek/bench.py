@@ -59,7 +59,7 @@ import torch
 from .errors import NanoseekError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TRAIN_IMPLS = ("nanoseek", "reference")
+TRAIN_IMPLS = ("nanoseek", "reference", "hf")
 VOCAB_SIZE = 65  # tiny Shakespeare's characters
 REFERENCE_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_gpt.py"
 CORPUS_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
@@ -326,7 +326,37 @@ def _build_reference(module, cfg, lr: float, seed: int):
     return build
 
 
-def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = TRAIN_IMPLS, seq_len: int = 64,
+def _build_hf(cfg, lr: float, seed: int):
+    """transformers' model of the same architecture, initialized with nanoseek's weights for `seed`."""
+    import tempfile
+
+    try:
+        import transformers
+    except ImportError:
+        raise NanoseekError("the hf peer needs transformers (pip install 'nanoseek[bench]')") from None
+    from .model import Transformer
+
+    def build():
+        torch.manual_seed(seed)
+        with tempfile.TemporaryDirectory(prefix="nanoseek-bench-hf-") as tmp:
+            Transformer(cfg).save_pretrained(tmp, format="hf")
+            transformers.logging.set_verbosity_error()
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                      lr=lr, betas=(0.9, 0.95))
+        return model, optimizer, hf_training_loss
+
+    return build
+
+
+def hf_training_loss(model, x, y) -> torch.Tensor:
+    logits = model(input_ids=x).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek", "reference"), seq_len: int = 64,
                 batch: int = 12, dtype: str = "float32", ref_dtype: str = "float32", steps: int = 20,
                 warmup: int = 5, rounds: int = 3, threads: int = 2, peak_seconds: float = 1.5,
                 data: str = "shakespeare", lr: float = 1e-3, seed: int = 1337) -> list[dict]:
@@ -350,12 +380,16 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = TRAIN_IMPLS
             raise NanoseekError(f"{name}={value} must be >= {low}")
 
     cfg = ModelConfig.from_preset(preset).replace(vocab_size=VOCAB_SIZE, max_position_embeddings=seq_len)
+    if "hf" in impls:  # transformers trains no MTP module: compare the same work
+        cfg = cfg.replace(num_nextn_predict_layers=0)
     builders = {}
     if "reference" in impls:
         _check_gpt2_shape(preset, cfg)
         builders["reference"] = (_build_reference(load_reference(), cfg, lr, seed), ref_dtype)
     if "nanoseek" in impls:
         builders["nanoseek"] = (_build_nanoseek(cfg, lr, seed), dtype)
+    if "hf" in impls:
+        builders["hf"] = (_build_hf(cfg, lr, seed), ref_dtype)
 
     with torch_threads(threads):
         n_threads = torch.get_num_threads()
@@ -387,6 +421,12 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = TRAIN_IMPLS
             "tokens_per_s_rounds": [round(t, 1) for t in per_round],
         })
     by_impl = {r["impl"]: r for r in results}
+    if "nanoseek" in by_impl and "hf" in by_impl:
+        ns, hf = by_impl["nanoseek"], by_impl["hf"]
+        results.append({"bench": "train", "impl": "ratio", "preset": preset, "seq_len": seq_len, "batch": batch,
+                        "nanoseek_over_hf": ns["tokens_per_s"] / hf["tokens_per_s"],
+                        "peak_rss_nanoseek_over_hf": (ns["peak_rss_mib"] / hf["peak_rss_mib"]
+                                                      if hf["peak_rss_mib"] > 0 else None), **machine})
     if "nanoseek" in by_impl and "reference" in by_impl:
         ns, ref = by_impl["nanoseek"], by_impl["reference"]
         results.append({
@@ -417,19 +457,25 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="nanoseek's compute dtype (bfloat16 = CPU autocast)")
     parser.add_argument("--ref-dtype", choices=tuple(DTYPES), default="float32",
-                        help="the reference's compute dtype")
+                        help="the peers' compute dtype")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the first round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
-    parser.add_argument("--peers", choices=("reference", "none"), default="reference")
+    parser.add_argument("--peers", default="reference",
+                        help="comma-separated: reference (GPT-2 presets), hf (transformers, DeepSeek/Llama presets), "
+                             "or none")
     parser.add_argument("--data", choices=("shakespeare", "random"), default="shakespeare")
     parser.add_argument("--peak-seconds", type=float, default=1.5,
                         help="seconds spent measuring the matmul peak per dtype")
 
 
 def _run_train(args: argparse.Namespace) -> list[dict]:
-    impls = ("nanoseek", "reference") if args.peers == "reference" else ("nanoseek",)
+    peers = [] if args.peers == "none" else [p for p in args.peers.split(",") if p]
+    for peer in peers:
+        if peer not in ("reference", "hf"):
+            raise NanoseekError(f"--peers: unknown peer {peer!r}; choose from reference, hf, none")
+    impls = ("nanoseek", *peers)
     return bench_train(args.preset, impls, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
                        ref_dtype=args.ref_dtype, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                        threads=args.threads, peak_seconds=args.peak_seconds, data=args.data)

@@ -314,3 +314,16 @@ def test_compiled_static_decode_equals_eager_decode():
     assert torch.equal(compiled, eager)
     again = generate(model, prompt[:, :5], max_new_tokens=20, temperature=0, compile=True)  # reuses the graph
     assert torch.equal(again, generate(model, prompt[:, :5], max_new_tokens=20, temperature=0))
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():
+    from nanoseek.generate import mask_unknown_ids
+
+    class Small:
+        vocab_size = 5
+
+    logits = torch.zeros(2, 8)
+    logits[:, 6] = 10.0  # the model's favourite id is one the tokenizer does not have
+    masked = mask_unknown_ids(logits, Small())
+    assert masked.argmax(-1).tolist() == [0, 0] and torch.isinf(masked[:, 5:]).all()
+    assert logits[0, 6] == 10.0  # the input is left alone

@@ -99,6 +99,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def mask_unknown_ids(logits: torch.Tensor, tokenizer) -> torch.Tensor:
+    """-inf for ids at or past the tokenizer's vocabulary (a model may pad its vocabulary)."""
+    size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., size:] = float("-inf")
+    return logits
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     temperature: float = 1.0
@@ -172,16 +181,28 @@ class CompiledDecoder:
         self.model, self.batch = model, batch
         self.cache = model.make_cache(batch, model.config.max_position_embeddings)
         self.step = torch.compile(self._step, dynamic=False)
+        self.in_use = False
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(token, cache=self.cache, start=positions).logits[:, -1]
 
     @classmethod
-    def for_model(cls, model, batch: int) -> CompiledDecoder:
+    def acquire(cls, model, batch: int) -> CompiledDecoder | None:
+        """The model's decoder for this batch size, dtype and device, marked in use; None while
+        another generation holds it (the caller then decodes eagerly)."""
+        param = next(model.parameters())
+        key = (batch, param.dtype, param.device)
         decoders = model.__dict__.setdefault("_compiled_decoders", {})
-        if batch not in decoders:
-            decoders[batch] = cls(model, batch)
-        return decoders[batch]
+        if key not in decoders:
+            decoders[key] = cls(model, batch)
+        decoder = decoders[key]
+        if decoder.in_use:
+            return None
+        decoder.in_use = True
+        return decoder
+
+    def release(self) -> None:
+        self.in_use = False
 
 
 class TokenLoop:
@@ -193,9 +214,11 @@ class TokenLoop:
     """
 
     def __init__(self, model, input_ids: torch.Tensor, max_new_tokens: int,
-                 options: SamplingOptions, stop_ids: Sequence[int] = (), compile: bool = False):
+                 options: SamplingOptions, stop_ids: Sequence[int] = (), compile: bool = False,
+                 tokenizer=None):
         options.validate()
         self.compile = compile
+        self.tokenizer = tokenizer  # when given, ids it does not know are never sampled
         check_lengths(input_ids.shape[1], max_new_tokens, model.config.max_position_embeddings)
         self.model = model
         self.input_ids = input_ids
@@ -221,11 +244,13 @@ class TokenLoop:
                     return
         finally:
             self.model.train(was_training)
+            if getattr(self, "decoder", None) is not None:
+                self.decoder.release()
 
     @torch.inference_mode()
     def _start(self) -> None:
         batch, total = self.input_ids.shape[0], self.prompt_len + self.max_new_tokens
-        self.decoder = CompiledDecoder.for_model(self.model, batch) if self.compile else None
+        self.decoder = CompiledDecoder.acquire(self.model, batch) if self.compile else None
         self.cache = self.decoder.cache if self.decoder else self.model.make_cache(batch, total)
         self.history = torch.zeros(batch, total, dtype=torch.long, device=self.input_ids.device)
         self.history[:, :self.prompt_len] = self.input_ids
@@ -250,6 +275,8 @@ class TokenLoop:
 
     def _sample(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         o = self.options
+        if self.tokenizer is not None:
+            logits = mask_unknown_ids(logits, self.tokenizer)
         return sample_next(logits, o.temperature, o.top_k, o.top_p, self.generator,
                            recent_tokens=seen, repetition_penalty=o.repetition_penalty)
 
@@ -349,7 +376,7 @@ class TextStream:
         ids, _ = as_batch(prompt_ids, model_device(model, torch.device("cpu")))
         options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed)
         self._loop = TokenLoop(model, ids, max_new_tokens, options, stop_id_list(tokenizer.eos_id, None),
-                               compile=compile)
+                               compile=compile, tokenizer=tokenizer)
         self._pieces = self._generate_pieces()
 
     def __iter__(self) -> TextStream:

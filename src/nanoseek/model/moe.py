@@ -40,6 +40,9 @@ from .expert_parallel import run_sharded_experts
 from .ffn import SwiGLU
 
 
+PER_PAIR_MAX_COMPILED = 64  # compiled decode steps gather per-pair weights up to this many pairs
+
+
 class Router(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -115,8 +118,8 @@ class RoutedExperts(nn.Module):
 
 def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows of x owned by expert e times w[e]^T, for all experts at once."""
-    if x_MK.shape[0] == 0:
-        return x_MK.new_zeros(0, w_EOK.shape[1])
+    if x_MK.shape[0] == 0:  # an empty product, not fresh zeros: keeps x and w in the autograd graph
+        return x_MK @ w_EOK[0].T
     offsets = counts_E.cumsum(0).to(torch.int32)
     compiling = torch.compiler.is_compiling()  # its fake-tensor rule accepts only bf16 inputs
     if hasattr(torch, "_grouped_mm") and x_MK.device.type in ("cpu", "cuda") and not (
@@ -159,7 +162,8 @@ class MoE(nn.Module):
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(-1, d)
         idx_NK, w_NK, scores_NE = self.gate(x_ND)
-        few = idx_NK.numel() <= self.n_experts or torch.compiler.is_compiling()  # compiled decode: static shapes
+        pairs = idx_NK.numel()
+        few = pairs <= self.n_experts or (torch.compiler.is_compiling() and pairs <= PER_PAIR_MAX_COMPILED)
         if self.expert_shard is None and few and not self.training:
             out_ND = self.experts.per_pair(x_ND, idx_NK, w_NK)  # decoding: a few tokens
             if self.shared_experts is not None:

@@ -128,6 +128,8 @@ class Service:
         return ids
 
     def max_tokens(self, asked: int | None, prompts: list[list[int]], default: int | None) -> int:
+        if not prompts:
+            raise APIError(400, "prompt is an empty list; give at least one prompt", "prompt")
         room = self.context - max(len(p) for p in prompts)
         if asked is None:
             return min(room, self.max_tokens_limit, default or room)
@@ -333,6 +335,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             raise APIError(400, f"dimensions={body.dimensions}: this model's embeddings have {hidden}",
                            "dimensions", "unsupported_parameter")
         inputs = [service.encode(x, "input") for x in prompt_list(body.input)]
+        if not inputs:
+            raise APIError(400, "input is an empty list; give at least one text", "input")
         vectors = await asyncio.wrap_future(engine.call(lambda: embed_ids(model, inputs)))
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]

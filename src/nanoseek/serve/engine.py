@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import Detokenizer, SamplingOptions, sample_next
+from ..generate import Detokenizer, SamplingOptions, mask_unknown_ids, sample_next
 
 log = logging.getLogger("nanoseek.serve")
 
@@ -195,7 +195,9 @@ class Engine:
         self._release(done)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row: greedy rows in one argmax, the others with their own options."""
+        """One token per row: greedy rows in one argmax, the others with their own options.
+        Ids the tokenizer does not have (a model vocabulary padded past it) are never sampled."""
+        logits = mask_unknown_ids(logits, self.tokenizer)
         tokens = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(seqs):
             o = seq.options

@@ -39,7 +39,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2 ** 63 - 1 - MAX_N)  # choice i uses seed + i
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -88,7 +88,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False
             sharded = shard_experts(model, ctx.rank, ctx.world)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
         device_ids = [ctx.local_rank] if torch.cuda.is_available() else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # buffers are kept identical by the code that updates them (sync_expert_load); broadcasting
+        # rank 0's at every forward would overwrite the other ranks' expert load counts
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if ctx.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -132,9 +134,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
             group = shard.group
     ids = {id(p) for p in sharded}
     replicated = [p for p in model.parameters() if p.grad is not None and id(p) not in ids]
-    local = torch.stack([p.grad.detach().float().pow(2).sum() for p in sharded]).sum()
+    local = sum((p.grad.detach().float().pow(2).sum() for p in sharded), torch.zeros(()))
     dist.all_reduce(local, group=group)
-    rest = torch.stack([p.grad.detach().float().pow(2).sum() for p in replicated]).sum()
+    rest = sum((p.grad.detach().float().pow(2).sum() for p in replicated), torch.zeros(()))
     total = (local + rest).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in sharded + replicated:

@@ -65,7 +65,7 @@ class NsaOp(torch.nn.Module):
         from .config import ModelConfig
         from .model.nsa import NativeSparseAttention
 
-        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, attention="mqa", sparse="nsa",
+        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, attention="mqa", sparse="nsa",  # 1 k/v head
                           nsa_block=block, nsa_topn=topn, sliding_window=window, max_position_embeddings=8)
         self.attn = NativeSparseAttention(cfg)
 
@@ -153,8 +153,7 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
         raise NanoseekError("--seq, --heads and --head-dim must be positive")
     torch.manual_seed(0)
     dsa = DsaOp(args.heads * args.head_dim, args.heads, args.index_heads, args.index_dim, args.topk)
-    nsa = NsaOp(args.head_dim, 1, args.nsa_block, args.nsa_topn, args.window)  # one k/v head, H queries
-    nsa.attn.n_heads = args.heads
+    nsa = NsaOp(args.heads * args.head_dim, args.heads, args.nsa_block, args.nsa_topn, args.window)
     results = []
     with torch_threads(args.threads):
         machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}

@@ -250,13 +250,16 @@ class Transformer(nn.Module):
 
     def add_index_loss(self, loss: torch.Tensor, aux: dict) -> tuple[torch.Tensor, dict]:
         """Add the indexers' distillation loss (training only); in warm-up, train nothing else."""
-        losses = [a.index_loss for a in self.dsa_layers() if a.index_loss is not None]
-        for a in self.dsa_layers():
+        layers = self.dsa_layers()
+        if not layers:
+            return loss, aux
+        losses = [a.index_loss for a in layers if a.index_loss is not None]
+        for a in layers:
             a.index_loss = None
         if not losses or not self.training:
             return loss, aux
         aux["index_loss"] = torch.stack(losses).mean()
-        if self.dsa_layers()[0].dsa_warmup:
+        if layers[0].dsa_warmup:
             loss = loss.detach()
             aux = {k: (v.detach() if k != "index_loss" else v) for k, v in aux.items()}
         return loss, aux

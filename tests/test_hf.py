@@ -159,3 +159,68 @@ def test_mhc_equals_transformers_deepseek_v4_hyper_connection():
     expected = post.unsqueeze(-1) * layer(collapsed).unsqueeze(-2) + comb.transpose(-1, -2) @ streams
     torch.testing.assert_close(ours_hc(streams, layer), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours_head(streams), hf_head(streams), atol=1e-6, rtol=1e-6)
+
+
+V4_TINY = dict(vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+               head_dim=32, partial_rotary_factor=0.25, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+               index_n_heads=8, index_head_dim=16, index_topk=4, sliding_window=8, hc_mult=2,
+               layer_types=["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"],
+               compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+               mlp_layer_types=["hash_moe", "moe", "moe"], n_routed_experts=4, num_experts_per_tok=2,
+               n_shared_experts=1, max_position_embeddings=256, initializer_range=0.1,
+               rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                 beta_fast=32, beta_slow=1))
+
+
+def v4_hf_model():
+    torch.manual_seed(0)
+    model = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**V4_TINY)).eval()
+    with torch.no_grad():  # the parts transformers initializes to zero or one must matter too
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "position_bias", "base")):
+                p.normal_(0, 0.5)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0, 0.1)
+            if name.endswith("tid2eid"):
+                buf.copy_(torch.rand(buf.shape[0], 4).argsort(-1)[:, :2])
+    return model
+
+
+def test_deepseek_v4_from_transformers(tmp_path):
+    """CSA (top 4 of up to 9 entries), HCA and sliding layers, hash and biased routing, mHC."""
+    hf = v4_hf_model()
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert ours.config.sparse_layers == ["csa", "hca", "sliding"] and ours.config.num_hash_layers == 1
+    x = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(x).logits
+        assert (ours(x).logits - expected).abs().max().item() <= 1e-4
+    prompt = x[:1, :10]
+    hf.generation_config.eos_token_id = None
+    hf_new = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 10:]
+    assert generate(ours, prompt[0], max_new_tokens=16, temperature=0).tolist() == hf_new.tolist()
+
+
+def test_deepseek_v4_to_transformers(tmp_path):
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig.from_preset("deepseek-v4-tiny", initializer_range=0.1, index_n_heads=8)).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(("sinks", "position_bias", "base")):
+                p.normal_(0, 0.5)
+    ours.save_pretrained(tmp_path, format="hf")
+    reference = v4_hf_model()
+    reference.save_pretrained(tmp_path / "hf")
+    from safetensors import safe_open
+    names = {k.split(".", 3)[-1] for k in safe_open(str(tmp_path / "model.safetensors"), "pt").keys()}
+    hf_names = {k.split(".", 3)[-1] for k in safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt").keys()}
+    assert names <= hf_names  # the names transformers itself writes
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    x = torch.randint(0, 128, (2, 30))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x).logits).abs().max().item() <= 1e-4
+    again = load_model(tmp_path)
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name

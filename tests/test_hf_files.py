@@ -63,7 +63,7 @@ def test_dequantize_uses_128_blocks():
 
 @pytest.mark.parametrize("change, message", [
     (lambda cfg: {**cfg, "model_type": "gpt_neox"}, "unknown model_type"),
-    (lambda cfg: {**cfg, "model_type": "deepseek_v4"}, "deepseek_v4"),
+    (lambda cfg: {**cfg, "model_type": "deepseek_v4", "layer_types": ["full_attention"] * 2}, "layer_types"),
 ])
 def test_bad_config_names_the_problem(tmp_path, change, message):
     save_hf(tiny(), tmp_path)

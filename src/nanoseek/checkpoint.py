@@ -204,7 +204,7 @@ def materialize_buffers(model):
     config = model.config
     for name, module in model.named_modules():
         if any(b.is_meta for b in module.buffers(recurse=False)):
-            fresh = type(module)(config)
+            fresh = module.fresh() if hasattr(module, "fresh") else type(module)(config)
             for bname, buf in fresh.named_buffers(recurse=False):
                 setattr(module, bname, buf)
 

@@ -28,13 +28,13 @@ from typing import Any, Optional, Union
 from .errors import NanoseekError
 
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
-ATTENTIONS = ("mha", "gqa", "mqa", "mla")
-SPARSE_KINDS = ("dense", "sliding", "nsa", "dsa")
+ATTENTIONS = ("mha", "gqa", "mqa", "mla", "v4")
+SPARSE_KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
 FFNS = ("relu", "gelu", "swiglu", "moe")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 FUSIONS = ("residual", "dwa", "dynamic", "hyper", "mhc")
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
 
@@ -180,6 +180,8 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = True
+    num_hash_layers: int = 0  # the first MoE layers route by a fixed token-id -> experts table (V4)
+    swiglu_limit: Optional[float] = None  # clamp expert gate (max) and up (+-) pre-activations (V4: 10)
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight
     bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing
     # multi-token prediction
@@ -200,6 +202,12 @@ class ModelConfig:
     index_topk: int = 2048  # DSA: keys each query attends to (HF deepseek_v32 names)
     index_n_heads: int = 64
     index_head_dim: int = 128
+    # DeepSeek-V4 attention (attention="v4"; HF deepseek_v4 names, legacy scalar forms of compress_rates)
+    o_groups: int = 8  # head groups of the grouped output projection
+    o_lora_rank: int = 1024  # width each group projects to
+    compress_rate_csa: int = 4  # tokens per compressed entry in "csa" layers
+    compress_rate_hca: int = 128  # tokens per compressed entry in "hca" layers
+    compress_rope_theta: float = 160000.0  # RoPE base of csa/hca layers (YaRN from rope_scaling)
     ffn: str = "swiglu"
     norm: str = "rmsnorm"
     norm_position: str = "pre"
@@ -232,10 +240,10 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """Dimensions of a head that rotate: the decoupled slice in MLA, the whole head otherwise."""
-        return self.qk_rope_head_dim if self.attention == "mla" else self.attn_head_dim
+        return self.qk_rope_head_dim if self.attention in ("mla", "v4") else self.attn_head_dim
 
     def layer_sparse(self, i: int) -> str:
-        """The attention pattern of layer i: dense (causal), sliding or dsa."""
+        """The attention pattern of layer i: dense (causal), sliding, nsa, dsa, csa or hca."""
         if self.sparse_layers:
             return self.sparse_layers[i % len(self.sparse_layers)]
         return self.sparse
@@ -266,6 +274,8 @@ class ModelConfig:
             raise NanoseekError(f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         if self.attention == "mla":
             self._validate_mla()
+        elif self.attention == "v4":
+            self._validate_v4()
         else:
             self._validate_heads()
         if self.ffn == "moe":
@@ -295,6 +305,18 @@ class ModelConfig:
             if self.attention == "mla":
                 raise NanoseekError("sparse='nsa' has its own key/value projections per branch; use "
                                     "attention='mha', 'gqa' or 'mqa' (for MLA models use sparse='dsa')")
+        v4_kinds = {"csa", "hca"} & kinds
+        if v4_kinds and self.attention != "v4":
+            raise NanoseekError(f"sparse={sorted(v4_kinds)[0]!r} is DeepSeek-V4 compressed attention; it needs "
+                                "attention='v4'")
+        if self.attention == "v4" and {"nsa", "dsa"} & kinds:
+            raise NanoseekError("attention='v4' layers are one of: dense, sliding, csa, hca")
+        if "csa" in kinds:
+            for name in ("index_topk", "index_n_heads", "index_head_dim"):
+                _check_positive(name, getattr(self, name))
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise NanoseekError(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                                    f"{self.qk_rope_head_dim} (the indexer rotates its last rope dims)")
         if "dsa" in kinds:
             for name in ("index_topk", "index_n_heads", "index_head_dim"):
                 _check_positive(name, getattr(self, name))
@@ -304,6 +326,25 @@ class ModelConfig:
             if self.index_head_dim < self.qk_rope_head_dim:
                 raise NanoseekError(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
                                     f"{self.qk_rope_head_dim} (the indexer rotates its first rope dims)")
+
+    def _validate_v4(self):
+        h, hd = self.num_attention_heads, self.attn_head_dim
+        if self.num_key_value_heads not in (None, 1):
+            raise NanoseekError(f"num_key_value_heads={self.num_key_value_heads}: attention='v4' has one shared "
+                                "key/value head (set 1 or leave it unset)")
+        if not self.q_lora_rank:
+            raise NanoseekError("attention='v4' needs q_lora_rank (its queries are low-rank)")
+        for name in ("o_groups", "o_lora_rank", "compress_rate_csa", "compress_rate_hca"):
+            _check_positive(name, getattr(self, name))
+        if h % self.o_groups:
+            raise NanoseekError(f"o_groups={self.o_groups} does not divide num_attention_heads={h}")
+        if self.qk_rope_head_dim % 2 or not 0 < self.qk_rope_head_dim <= hd:
+            raise NanoseekError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and in (0, head_dim={hd}]")
+        if self.position != "rope":
+            raise NanoseekError(f"attention='v4' needs position='rope' (got {self.position!r})")
+        for name in ("compress_rate_csa", "compress_rate_hca"):
+            if getattr(self, name) < 2:
+                raise NanoseekError(f"{name}={getattr(self, name)} must be >= 2")
 
     def _validate_heads(self):
         h = self.num_attention_heads
@@ -352,6 +393,11 @@ class ModelConfig:
                 f"num_experts_per_tok={k} experts"
             )
         _check_positive("first_k_dense_replace", self.first_k_dense_replace, allow_zero=True)
+        _check_positive("num_hash_layers", self.num_hash_layers, allow_zero=True)
+        if self.swiglu_limit is not None:
+            _check_positive("swiglu_limit", self.swiglu_limit)
+        if self.scoring_func == "sqrtsoftplus" and self.n_group > 1:
+            raise NanoseekError("scoring_func='sqrtsoftplus' (V4) routes without groups; set n_group=1")
 
     def _validate_rope_scaling(self):
         rs = self.rope_scaling

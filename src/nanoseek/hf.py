@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint interop: load and save `deepseek_v2`, `deepseek_v3` and `llama` folders.
+"""Hugging Face checkpoint interop: load and save `deepseek_v2`, `deepseek_v3`, `deepseek_v32`,
+`deepseek_v4` and `llama` folders.
 
 A folder holds config.json, model.safetensors (or shards with model.safetensors.index.json),
 tokenizer.json and tokenizer_config.json. Loading maps the config to a `ModelConfig` and every key
@@ -13,6 +14,13 @@ on the meta device, so a checkpoint is never held twice in memory:
                                                    -> layers.i.mlp.experts.{gate_up_proj [E,2I,D], down_proj [E,D,I]}
     model.layers.(L+k).{enorm,hnorm,eh_proj,shared_head.norm, block keys}  -> mtp.k.*  (MTP after the last layer)
     model.norm.weight, lm_head.weight              -> norm.weight, lm_head.weight
+
+DeepSeek-V4 folders carry the upstream (Hub) names, with or without transformers' `model.` prefix
+(`embed`, `head`, `layers.i.attn.{wq_a,q_norm,wq_b,wkv,norm,wo_a,wo_b,attn_sink}`, `...attn.compressor.*`,
+`...attn.indexer.{wq_b,weights_proj,compressor.*}`, `layers.i.ffn.experts.e.{w1,w2,w3}`, `hc_*`); they are
+renamed to transformers' module names (V4_RENAMES, the same rules as transformers' conversion mapping)
+and from there to nanoseek's (`model.hc_head` -> `stream_head`, experts stacked, shared gate/up fused).
+Saving writes what transformers' own `save_pretrained` writes for V4.
 
 FP8 block-quantized weights (`weight_scale_inv`, 128x128 blocks) are dequantized on load.
 Saving writes the same layout back (experts unpacked per expert), a config.json that transformers'
@@ -33,8 +41,37 @@ from .config import ModelConfig
 from .errors import NanoseekError
 from .safetensors_io import SafetensorsFile
 
-SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "llama")
-LATER = {"deepseek_v4": "DeepSeek-V4 compressed attention (CSA/HCA), sinks and hash routing"}
+SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama")
+LATER: dict[str, str] = {}
+V4_LAYER_TYPES = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
+                  "heavily_compressed_attention": "hca"}
+V4_COMPRESS_RATIOS = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+# upstream / on-disk name -> transformers module name, applied in order (transformers' conversion rules)
+V4_RENAMES = [
+    (r"\.attn\.", ".self_attn."), (r"\.ffn\.", ".mlp."), (r"\.indexer\.compressor\.", ".compressor.indexer."),
+    (r"^embed\.weight", "embed_tokens.weight"), (r"^head\.weight", "lm_head.weight"),
+    (r"^hc_head_(fn|base|scale)", r"hc_head.hc_\1"), (r"\.attn_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."), (r"\.hc_attn_(fn|base|scale)", r".attn_hc.\1"),
+    (r"\.hc_ffn_(fn|base|scale)", r".ffn_hc.\1"), (r"\.attn_sink", ".sinks"),
+    (r"\.indexer\.weights_proj\.", ".compressor.indexer.scorer.weights_proj."),
+    (r"\.indexer\.wq_b\.", ".compressor.indexer.q_b_proj."), (r"\.norm\.", ".kv_norm."), (r"\.ape$", ".position_bias"),
+    (r"\.wq_a\.", ".q_a_proj."), (r"\.self_attn\.wq_b\.", ".self_attn.q_b_proj."), (r"\.wkv\.", ".kv_proj."),
+    (r"\.wgate\.", ".gate_proj."), (r"\.wo_a\.", ".o_a_proj."), (r"\.wo_b\.", ".o_b_proj."),
+    (r"\.q_norm\.", ".q_a_norm."), (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
+    (r"\.w1\.weight$", ".gate_proj.weight"), (r"\.w2\.weight$", ".down_proj.weight"), (r"\.w3\.weight$", ".up_proj.weight"),
+]
+# nanoseek name -> the names transformers' save_pretrained writes for V4 (then prefixed with `model.`)
+V4_SAVE_RENAMES = [
+    (r"^stream_head\.hc_(fn|base|scale)$", r"hc_head.hc_\1"), (r"\.input_layernorm\.", ".attn_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."), (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"),
+    (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"), (r"\.self_attn\.sinks$", ".self_attn.attn_sink"),
+    (r"\.compressor\.indexer\.scorer\.weights_proj\.", ".indexer.weights_proj."),
+    (r"\.compressor\.indexer\.q_b_proj\.", ".indexer.wq_b."), (r"\.compressor\.indexer\.", ".indexer.compressor."),
+    (r"\.kv_norm\.", ".norm."), (r"\.position_bias$", ".ape"), (r"\.q_a_proj\.", ".wq_a."), (r"\.q_b_proj\.", ".wq_b."),
+    (r"\.kv_proj\.", ".wkv."), (r"\.gate_proj\.", ".wgate."), (r"\.o_a_proj\.", ".wo_a."), (r"\.o_b_proj\.", ".wo_b."),
+    (r"\.q_a_norm\.", ".q_norm."), (r"\.e_score_correction_bias$", ".bias"),
+    (r"\.self_attn\.", ".attn."), (r"\.mlp\.", ".ffn."),
+]
 FP8_BLOCK = 128
 
 
@@ -66,6 +103,8 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
         raise NanoseekError(f"{source}: unknown model_type={kind!r}; supported: {', '.join(SUPPORTED)}")
     if cfg.get("auto_map"):
         print(f"note: {source} names custom code (auto_map); nanoseek never executes it")
+    if kind == "deepseek_v4":
+        return v4_config_from_hf(cfg, source)
     theta, scaling = _rope_scaling(cfg)
     common = dict(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
@@ -109,6 +148,144 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
     return ModelConfig(**common, **deepseek)
 
 
+def v4_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
+    """A ModelConfig from a deepseek_v4 config.json (current and legacy field forms)."""
+    n = cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim", 512)
+    rope = cfg.get("qk_rope_head_dim") or int(head_dim * (cfg.get("partial_rotary_factor") or 0.125))
+    types = cfg.get("layer_types")
+    if types is None and cfg.get("compress_ratios") is not None:
+        types = [V4_COMPRESS_RATIOS.get(r, f"compress_ratio={r}") for r in cfg["compress_ratios"]]
+    if types is None:  # transformers' default: two HCA layers, then HCA / CSA alternating
+        types = ["heavily_compressed_attention"] * min(n, 2) + [
+            "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(n - 2, 0))]
+    bad = [t for t in types if t not in V4_LAYER_TYPES]
+    if bad:
+        raise NanoseekError(f"{source}: layer_types entry {bad[0]!r}; valid: {', '.join(V4_LAYER_TYPES)}")
+    rates = dict(cfg.get("compress_rates") or {})
+    csa = cfg.get("compress_rate_csa") or rates.get("compressed_sparse_attention", 4)
+    hca = cfg.get("compress_rate_hca") or rates.get("heavily_compressed_attention", 128)
+    mlp_types = cfg.get("mlp_layer_types")
+    if mlp_types is None:
+        n_hash = cfg.get("num_hash_layers", 3)
+    else:
+        n_hash = next((i for i, t in enumerate(mlp_types) if t != "hash_moe"), len(mlp_types))
+        if any(t != "moe" for t in mlp_types[n_hash:]):
+            raise NanoseekError(f"{source}: mlp_layer_types={mlp_types} must be hash_moe layers followed by moe layers")
+    params = cfg.get("rope_parameters") or {}
+    main, compress = params.get("main"), params.get("compress")
+    if isinstance(main, dict) and isinstance(compress, dict):
+        theta, compress_theta = main.get("rope_theta", 10000.0), compress.get("rope_theta", 160000.0)
+        scaling = {k: v for k, v in compress.items() if k not in ("rope_theta", "partial_rotary_factor", "attention_factor")}
+    else:
+        theta, scaling = _rope_scaling(cfg)
+        compress_theta = cfg.get("compress_rope_theta", 160000.0)
+    if scaling and scaling.get("rope_type", "default") == "default":
+        scaling = None
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=n,
+        num_attention_heads=cfg["num_attention_heads"], head_dim=head_dim, qk_rope_head_dim=rope,
+        intermediate_size=cfg.get("moe_intermediate_size", 2048), max_position_embeddings=cfg.get("max_position_embeddings", 1048576),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), initializer_range=cfg.get("initializer_range", 0.02),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False), rope_theta=float(theta),
+        rope_scaling=scaling, compress_rope_theta=float(compress_theta), rope_interleave=True,
+        bos_token_id=_first_id(cfg.get("bos_token_id")), eos_token_id=_first_id(cfg.get("eos_token_id")),
+        pad_token_id=_first_id(cfg.get("pad_token_id")), position="rope", norm="rmsnorm", norm_position="pre",
+        attention="v4", q_lora_rank=cfg.get("q_lora_rank", 1024), o_groups=cfg.get("o_groups", 8),
+        o_lora_rank=cfg.get("o_lora_rank", 1024), sliding_window=cfg.get("sliding_window", 128),
+        sparse_layers=[V4_LAYER_TYPES[t] for t in types[:n]], compress_rate_csa=csa, compress_rate_hca=hca,
+        index_topk=cfg.get("index_topk", 512), index_n_heads=cfg.get("index_n_heads", 64),
+        index_head_dim=cfg.get("index_head_dim", 128), ffn="moe", n_routed_experts=cfg.get("n_routed_experts", 256),
+        n_shared_experts=cfg.get("n_shared_experts", 1), num_experts_per_tok=cfg.get("num_experts_per_tok", 6),
+        moe_intermediate_size=cfg.get("moe_intermediate_size", 2048), first_k_dense_replace=0,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.5)),
+        scoring_func=cfg.get("scoring_func", "sqrtsoftplus"), topk_method="noaux_tc", norm_topk_prob=True,
+        num_hash_layers=n_hash, swiglu_limit=float(cfg.get("swiglu_limit", 10.0)), fusion="mhc",
+        hc_mult=cfg.get("hc_mult", 4), hc_sinkhorn_iters=cfg.get("hc_sinkhorn_iters", 20),
+        hc_eps=float(cfg.get("hc_eps", 1e-6)), num_nextn_predict_layers=0,
+        attention_dropout=cfg.get("attention_dropout", 0.0),
+    )
+
+
+def v4_config_to_hf(config: ModelConfig) -> dict:
+    """config.json for transformers' DeepseekV4ForCausalLM; refuses what it cannot express."""
+    problems = []
+    kinds = [config.layer_sparse(i) for i in range(config.num_hidden_layers)]
+    if "dense" in kinds:
+        problems.append("a 'dense' V4 layer (transformers' V4 layers are sliding, csa or hca)")
+    if config.fusion != "mhc" or config.ffn != "moe" or config.first_k_dense_replace:
+        problems.append("deepseek_v4 needs fusion='mhc' and every layer MoE (first_k_dense_replace=0)")
+    if (config.scoring_func, config.topk_method, config.norm_topk_prob, config.n_group) != (
+            "sqrtsoftplus", "noaux_tc", True, 1) and config.scoring_func != "softmax":
+        problems.append("deepseek_v4 routing is sqrtsoftplus/sigmoid/softmax scores, noaux_tc top-k, normalized, no groups")
+    if config.swiglu_limit is None:
+        problems.append("deepseek_v4 always clamps its SwiGLU: set swiglu_limit")
+    if config.num_nextn_predict_layers:
+        problems.append("transformers' deepseek_v4 drops MTP modules: set num_nextn_predict_layers=0 to export")
+    if config.tie_word_embeddings or config.norm != "rmsnorm" or config.norm_position != "pre" or config.embedding_scale:
+        problems.append("deepseek_v4 has an untied head and pre-RMSNorm blocks")
+    if problems:
+        raise NanoseekError("cannot save in HF format: " + "; ".join(problems))
+    names = {v: k for k, v in V4_LAYER_TYPES.items()}
+    partial = config.qk_rope_head_dim / config.attn_head_dim
+    compress = {"rope_type": "default", "rope_theta": config.compress_rope_theta, "partial_rotary_factor": partial}
+    if config.rope_scaling:
+        compress = {**config.rope_scaling, **compress, "rope_type": config.rope_scaling.get("rope_type", "yarn"),
+                    "attention_factor": 1.0}
+    n_hash = min(config.num_hash_layers, config.num_hidden_layers)
+    return dict(
+        model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=1, head_dim=config.attn_head_dim,
+        partial_rotary_factor=partial, q_lora_rank=config.q_lora_rank, o_groups=config.o_groups,
+        o_lora_rank=config.o_lora_rank, sliding_window=config.sliding_window,
+        layer_types=[names[k] for k in kinds],
+        compress_rates={"compressed_sparse_attention": config.compress_rate_csa,
+                        "heavily_compressed_attention": config.compress_rate_hca},
+        rope_theta=config.rope_theta, compress_rope_theta=config.compress_rope_theta,
+        rope_parameters={"main": {"rope_type": "default", "rope_theta": config.rope_theta,
+                                  "partial_rotary_factor": partial}, "compress": compress},
+        index_topk=config.index_topk, index_n_heads=config.index_n_heads, index_head_dim=config.index_head_dim,
+        n_routed_experts=config.n_routed_experts, n_shared_experts=config.n_shared_experts,
+        num_experts_per_tok=config.num_experts_per_tok, moe_intermediate_size=config.moe_intermediate_size,
+        mlp_layer_types=["hash_moe"] * n_hash + ["moe"] * (config.num_hidden_layers - n_hash),
+        scoring_func=config.scoring_func, routed_scaling_factor=config.routed_scaling_factor, norm_topk_prob=True,
+        swiglu_limit=config.swiglu_limit, hc_mult=config.hc_mult, hc_sinkhorn_iters=config.hc_sinkhorn_iters,
+        hc_eps=config.hc_eps, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, initializer_range=config.initializer_range, tie_word_embeddings=False,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        num_nextn_predict_layers=0, hidden_act="silu", attention_dropout=config.attention_dropout,
+    )
+
+
+def v4_key_to_hf_module(key: str) -> str:
+    """An on-disk V4 key (upstream names, with or without `model.`) -> transformers' module name."""
+    key = key[len("model."):] if key.startswith("model.") else key
+    for pattern, replacement in V4_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def v4_key_to_nanoseek(key: str) -> str | None:
+    if key.startswith(("mtp.", "model.mtp.")):
+        return None  # transformers ignores V4's MTP weights too
+    key = v4_key_to_hf_module(key)
+    if key.startswith("hc_head."):
+        return "stream_head." + key[len("hc_head."):]
+    return key if key.startswith(("layers.", "embed_tokens.", "lm_head.", "norm.")) else None
+
+
+def v4_key_to_hf(name: str) -> str:
+    """A nanoseek V4 name -> the key transformers' save_pretrained writes."""
+    if name == "lm_head.weight":
+        return "head.weight"
+    name = re.sub(r"\.(experts\.\d+|shared_experts)\.(gate_proj|up_proj|down_proj)\.",
+                  lambda m: f".{m.group(1)}.{ {'gate_proj': 'w1', 'down_proj': 'w2', 'up_proj': 'w3'}[m.group(2)]}.", name)
+    for pattern, replacement in V4_SAVE_RENAMES:
+        name = re.sub(pattern, replacement, name)
+    return "model." + name
+
+
 def _dense_prefix(cfg: dict, source: Path) -> int:
     """first_k_dense_replace from V3.2's `mlp_layer_types` (dense layers first, then MoE)."""
     types = cfg.get("mlp_layer_types")
@@ -131,6 +308,8 @@ def _first_id(value):
 
 def config_to_hf(config: ModelConfig) -> dict:
     """A config.json for transformers; refuses what it cannot express."""
+    if config.attention == "v4":
+        return v4_config_to_hf(config)
     problems = []
     if config.position != "rope":
         problems.append(f"position={config.position!r} (HF models use rope)")
@@ -289,8 +468,9 @@ def read_state(source: TensorSource, config: ModelConfig) -> dict[str, torch.Ten
     raw_keys = [k for k in source.keys() if not k.endswith("weight_scale_inv")]
     grouped: dict[str, dict[str, str]] = {}  # nanoseek target -> {part: hf key}
     state: dict[str, torch.Tensor] = {}
+    v4 = config.attention == "v4"
     for key in raw_keys:
-        name = hf_key_to_nanoseek(key, n)
+        name = v4_key_to_nanoseek(key) if v4 else hf_key_to_nanoseek(key, n)
         if name is None:
             continue
         if name.startswith("mtp.") and int(name.split(".")[1]) >= config.num_nextn_predict_layers:
@@ -311,7 +491,7 @@ def fused_target(name: str, config: ModelConfig) -> tuple[str | None, str | None
     if m:
         which = "down_proj" if m.group(3) == "down_proj" else "gate_up_proj"
         return f"{m.group(1)}.experts.{which}", f"{m.group(2)}.{m.group(3)}"
-    m = re.match(r"(.*)\.(gate_proj|up_proj)\.weight$", name)
+    m = re.match(r"(.*\.mlp(?:\.shared_experts)?)\.(gate_proj|up_proj)\.weight$", name)
     if m:
         return f"{m.group(1)}.gate_up_proj.weight", m.group(2)
     m = re.match(r"(.*self_attn)\.(q_proj|k_proj|v_proj)\.(weight|bias)$", name)
@@ -361,6 +541,10 @@ def nanoseek_to_hf_state(model) -> dict[str, torch.Tensor]:
         if name.startswith("scalar_mix."):  # nanoseek's embedding mix has no place in transformers
             continue
         tensor = tensor.detach().contiguous()
+        if config.attention == "v4":
+            for key, value in split_fused(name, tensor, config).items():
+                out[v4_key_to_hf(key)] = value.contiguous()
+            continue
         if name == "lm_head.weight":
             if not config.tie_word_embeddings:  # a tied head is the embedding (HF re-ties on load)
                 out[name] = tensor

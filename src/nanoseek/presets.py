@@ -33,6 +33,14 @@ _DEEPSEEK = dict(
     position="rope", attention="mla", ffn="moe", norm="rmsnorm", norm_position="pre",
     rope_interleave=True, tie_word_embeddings=False, rms_norm_eps=1e-6,
 )
+# DeepSeek-V4: shared-KV attention with sinks over a window + compressed entries (CSA/HCA), mHC streams,
+# every layer MoE (sqrt-softplus router, the first layers hash-routed, clamped SwiGLU).
+_V4 = dict(
+    position="rope", attention="v4", ffn="moe", norm="rmsnorm", norm_position="pre", fusion="mhc",
+    rope_interleave=True, tie_word_embeddings=False, rms_norm_eps=1e-6, scoring_func="sqrtsoftplus",
+    topk_method="noaux_tc", norm_topk_prob=True, first_k_dense_replace=0, routed_scaling_factor=1.5,
+    swiglu_limit=10.0, hc_sinkhorn_iters=20,
+)
 _V2_ROUTER = dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False)
 _V3_ROUTER = dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True)
 
@@ -78,6 +86,20 @@ PRESETS: dict[str, dict] = {
                               n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
                               first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256,
                               sparse="dsa", index_topk=8, index_n_heads=2, index_head_dim=32),
+    "deepseek-v4-tiny": dict(_V4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=32,
+                             qk_rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16, sliding_window=8,
+                             sparse_layers=["csa", "hca"], compress_rate_csa=4, compress_rate_hca=8,
+                             index_topk=4, index_n_heads=2, index_head_dim=16, n_routed_experts=4,
+                             n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                             num_hash_layers=1, hc_mult=2, max_position_embeddings=256,
+                             rope_scaling=dict(rope_type="yarn", factor=4, original_max_position_embeddings=64,
+                                               beta_fast=32, beta_slow=1)),
+    "deepseek-v4-small": dict(_V4, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, head_dim=64,
+                              qk_rope_head_dim=16, q_lora_rank=128, o_groups=2, o_lora_rank=128, sliding_window=64,
+                              sparse_layers=["csa", "hca"], compress_rate_csa=4, compress_rate_hca=32,
+                              index_topk=64, index_n_heads=4, index_head_dim=32, n_routed_experts=8,
+                              n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=256,
+                              num_hash_layers=1, hc_mult=4, max_position_embeddings=1024, vocab_size=2048),
     "deepseek-v2-small": dict(_DEEPSEEK, **_V2_ROUTER, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                               intermediate_size=768, moe_intermediate_size=256, q_lora_rank=None, kv_lora_rank=64,
                               qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
@@ -120,6 +142,16 @@ PRESETS: dict[str, dict] = {
                         bos_token_id=0, eos_token_id=1,
                         rope_scaling=dict(rope_type="yarn", factor=40, original_max_position_embeddings=4096,
                                           beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+    "deepseek-v4-flash": dict(_V4, vocab_size=129280, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64,
+                              head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024, o_groups=8, o_lora_rank=1024,
+                              sliding_window=128, compress_rate_csa=4, compress_rate_hca=128,
+                              sparse_layers=["hca", "hca"] + ["hca", "csa"] * 20 + ["hca"],
+                              index_topk=512, index_n_heads=64, index_head_dim=128, n_routed_experts=256,
+                              n_shared_experts=1, num_experts_per_tok=6, moe_intermediate_size=2048,
+                              num_hash_layers=3, hc_mult=4, num_nextn_predict_layers=1,
+                              max_position_embeddings=1048576, bos_token_id=0, eos_token_id=1,
+                              rope_scaling=dict(rope_type="yarn", factor=16, original_max_position_embeddings=65536,
+                                                beta_fast=32, beta_slow=1)),
 }
 PRESETS["deepseek-v2"].pop("topk_method_override")
 PRESETS["deepseek-v2"]["topk_method"] = "group_limited_greedy"

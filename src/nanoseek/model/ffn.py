@@ -3,6 +3,7 @@
     ReLU (Vaswani):  FFN(x) = max(0, x W1 + b1) W2 + b2
     GELU (GPT-2):    FFN(x) = GELU(x W1 + b1) W2 + b2
     SwiGLU (Llama, DeepSeek dense layers):  FFN(x) = W_down (SiLU(W_gate x) * W_up x)
+    DeepSeek-V4 clamps the pre-activations at a limit L: SiLU(min(W_gate x, L)) * clamp(W_up x, -L, L)
 
 The SwiGLU gate and up projections are one fused matmul (`gate_up_proj`, gate rows first).
 
@@ -30,16 +31,23 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """SiLU(gate) * up, with V4's clamp when `limit` is set."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = False):
+    def __init__(self, dim: int, hidden: int, bias: bool = False, limit: float | None = None):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.limit = hidden, limit
         self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.hidden, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up, self.limit))
 
 
 def make_dense_ffn(kind: str, dim: int, hidden: int, bias: bool) -> nn.Module:

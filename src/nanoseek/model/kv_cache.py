@@ -96,3 +96,46 @@ class LatentKVCache:
         for b in (self.latent, self.k_rope, self.index_keys):
             if b is not None:
                 b[dst] = b[src]
+
+
+class CompressedKVCache:
+    """DeepSeek-V4 attention: per token the shared key/value (its K == V) and, for CSA/HCA layers, the
+    compressor's raw projections (kv, gate) so a window can be pooled once it closes; per window the
+    pooled entry. A CSA layer keeps the same for its indexer at the indexer's width.
+
+    Buffers (time on dim 1): kv (B, L, D_h); raw_kv, raw_gate (B, L, w); entries (B, L / m, D_h);
+    index_raw_kv, index_raw_gate (B, L, 2 d_I); index_entries (B, L / m, d_I).
+    """
+
+    def __init__(self, buffers: dict[str, torch.Tensor]):
+        self.buffers = buffers
+
+    @classmethod
+    def allocate(cls, batch: int, max_len: int, widths: dict[str, tuple[int, int]], dtype, device=None):
+        """widths: name -> (positions per row, channels)."""
+        return cls({name: torch.zeros(batch, length, dim, dtype=dtype, device=device)
+                    for name, (length, dim) in widths.items()})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.buffers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.buffers
+
+    @property
+    def max_len(self) -> int:
+        return self.buffers["kv"].shape[1]
+
+    def write(self, name: str, start, new: torch.Tensor) -> int:
+        return write_positions(self.buffers[name], start, new, 1)
+
+    def rows(self, lo: int, hi: int, length: int | None = None) -> CompressedKVCache:
+        """Rows lo..hi-1; per-token buffers cut at `length`, per-window ones kept whole (the attention
+        reads only the windows its positions have closed)."""
+        length = self.max_len if length is None else length
+        return CompressedKVCache({name: b[lo:hi, :length] if b.shape[1] == self.max_len else b[lo:hi]
+                                  for name, b in self.buffers.items()})
+
+    def move_row(self, src: int, dst: int) -> None:
+        for b in self.buffers.values():
+            b[dst] = b[src]

@@ -69,6 +69,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.latent_dim, h * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
         self.indexer = LightningIndexer(config) if config.layer_sparse(layer) == "dsa" else None
+        self.indexed = self.indexer is not None
         self.dsa_warmup = False  # DSA warm-up: dense attention while the indexer learns
         self.long_prefill = SELECT_CHUNK  # DSA inference over more queries: chunked, gathered keys
         self.index_loss: torch.Tensor | None = None

@@ -8,6 +8,8 @@ Router (logits in fp32, s = affinity):
     V3 (sigmoid, noaux_tc):  s = sigmoid(x W_g^T); selection uses s + b (per-expert bias b);
                    group score = sum of the top-2 biased scores in the group, keep `topk_group`
                    groups (others -inf), then top-K.  Weights come from the UNBIASED s.
+    V4 (sqrtsoftplus):  s = sqrt(softplus(x W_g^T)); top-K of s + b, no groups.  Its first
+                   `num_hash_layers` MoE layers choose by a fixed table instead: TopK = tid2eid[token id].
     w = s_TopK (/ sum, if norm_topk_prob) * routed_scaling_factor
 
 Auxiliary-loss-free balancing (V3): after each optimizer step, b_e += gamma * sign(mean_load - load_e),
@@ -37,14 +39,14 @@ from torch import nn
 
 from ..config import ModelConfig
 from .expert_parallel import run_sharded_experts
-from .ffn import SwiGLU
+from .ffn import SwiGLU, swiglu
 
 
 PER_PAIR_MAX_COMPILED = 64  # compiled decode steps gather per-pair weights up to this many pairs
 
 
 class Router(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hash_routing: bool = False):
         super().__init__()
         e = config.n_routed_experts
         self.n_experts, self.top_k = e, config.num_experts_per_tok
@@ -52,11 +54,16 @@ class Router(nn.Module):
         self.scoring, self.method = config.scoring_func, config.topk_method
         self.normalize, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(e, config.hidden_size))
-        if self.method == "noaux_tc":  # the balancing bias exists only where it steers selection
+        self.hash_routing = hash_routing
+        if hash_routing:  # a fixed random table of distinct experts per token id (never trained)
+            self.register_buffer("tid2eid", torch.rand(config.vocab_size, e).argsort(-1)[:, :self.top_k].contiguous())
+        elif self.method == "noaux_tc":  # the balancing bias exists only where it steers selection
             self.register_buffer("e_score_correction_bias", torch.zeros(e))
 
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
         logits_NE = F.linear(x_ND.float(), self.weight.float())
+        if self.scoring == "sqrtsoftplus":
+            return F.softplus(logits_NE).sqrt()
         return logits_NE.sigmoid() if self.scoring == "sigmoid" else logits_NE.softmax(-1)
 
     def select(self, scores_NE: torch.Tensor) -> torch.Tensor:
@@ -79,9 +86,14 @@ class Router(nn.Module):
             choice_NE = grouped_NGX.masked_fill(mask_NG[..., None], fill).view(n, -1)
         return choice_NE.topk(self.top_k, dim=-1, sorted=False).indices
 
-    def forward(self, x_ND: torch.Tensor):
+    def forward(self, x_ND: torch.Tensor, token_ids: torch.Tensor | None = None):
         scores_NE = self.scores(x_ND)
-        idx_NK = self.select(scores_NE)
+        if self.hash_routing:
+            if token_ids is None:
+                raise ValueError("a hash-routed MoE layer needs the token ids (Transformer.forward passes them)")
+            idx_NK = self.tid2eid[token_ids.reshape(-1)]
+        else:
+            idx_NK = self.select(scores_NE)
         w_NK = scores_NE.gather(1, idx_NK)
         if self.normalize:
             w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
@@ -98,12 +110,12 @@ class RoutedExperts(nn.Module):
         x_PD1 = x_ND.to(dtype).repeat_interleave(k, dim=0)[:, :, None]
         h_PX = torch.bmm(self.gate_up_proj[idx_NK.flatten()].to(dtype), x_PD1)[..., 0]
         gate_PI, up_PI = h_PX.split(self.hidden, dim=-1)
-        y_PD = torch.bmm(self.down_proj[idx_NK.flatten()].to(dtype), (F.silu(gate_PI) * up_PI)[:, :, None])[..., 0]
+        y_PD = torch.bmm(self.down_proj[idx_NK.flatten()].to(dtype), swiglu(gate_PI, up_PI, self.limit)[:, :, None])[..., 0]
         return (y_PD.view(n, k, -1) * w_NK[..., None].to(dtype)).sum(1)
 
-    def __init__(self, n_experts: int, dim: int, hidden: int):
+    def __init__(self, n_experts: int, dim: int, hidden: int, limit: float | None = None):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.limit = hidden, limit
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
@@ -113,7 +125,7 @@ class RoutedExperts(nn.Module):
         x_MD = x_MD.to(dtype)
         h_MX = grouped_matmul(x_MD, self.gate_up_proj.to(dtype), counts_E)
         gate_MI, up_MI = h_MX.split(self.hidden, dim=-1)
-        return grouped_matmul(F.silu(gate_MI) * up_MI, self.down_proj.to(dtype), counts_E)
+        return grouped_matmul(swiglu(gate_MI, up_MI, self.limit), self.down_proj.to(dtype), counts_E)
 
 
 def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -133,17 +145,19 @@ def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tens
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hash_routing: bool = False):
         super().__init__()
         d = config.hidden_size
         self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.gamma = config.bias_update_speed
         self.aux_alpha = config.aux_loss_alpha
-        self.balance_bias = config.topk_method == "noaux_tc"
-        self.gate = Router(config)
-        self.experts = RoutedExperts(config.n_routed_experts, d, config.moe_intermediate_size)
+        self.balance_bias = config.topk_method == "noaux_tc" and not hash_routing
+        self.gate = Router(config, hash_routing)
+        limit = config.swiglu_limit
+        self.experts = RoutedExperts(config.n_routed_experts, d, config.moe_intermediate_size, limit)
         shared = config.moe_intermediate_size * config.n_shared_experts
-        self.shared_experts = SwiGLU(d, shared) if shared else None
+        self.shared_experts = SwiGLU(d, shared, limit=limit) if shared else None
+        self.token_ids: torch.Tensor | None = None  # hash routing: the ids of the tokens in x (set per forward)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.expert_shard = None  # set by expert parallelism (model/expert_parallel.py)
@@ -161,7 +175,7 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(-1, d)
-        idx_NK, w_NK, scores_NE = self.gate(x_ND)
+        idx_NK, w_NK, scores_NE = self.gate(x_ND, self.token_ids)
         pairs = idx_NK.numel()
         few = pairs <= self.n_experts or (torch.compiler.is_compiling() and pairs <= PER_PAIR_MAX_COMPILED)
         if self.expert_shard is None and few and not self.training:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MultiHeadAttention
+from .compressed import CompressedAttention
 from .fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, StreamHead
 from .ffn import make_dense_ffn
 from .mla import MultiHeadLatentAttention
@@ -36,7 +37,7 @@ from .norm import make_norm
 from .position import ADDITIVE_POSITIONS, RotaryEmbedding
 
 ATTENTIONS = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mqa": MultiHeadAttention,
-              "mla": MultiHeadLatentAttention}
+              "mla": MultiHeadLatentAttention, "v4": CompressedAttention}
 
 
 @dataclass
@@ -62,7 +63,7 @@ def make_attention(config: ModelConfig, layer: int) -> nn.Module:
 
 def make_ffn(config: ModelConfig, layer: int) -> nn.Module:
     if config.is_moe_layer(layer):
-        return MoE(config)
+        return MoE(config, hash_routing=layer - config.first_k_dense_replace < config.num_hash_layers)
     kind = "swiglu" if config.ffn == "moe" else config.ffn  # the dense layers of an MoE model
     return make_dense_ffn(kind, config.hidden_size, config.intermediate_size, config.mlp_bias)
 
@@ -102,7 +103,8 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
         self.pos_embed = (ADDITIVE_POSITIONS[config.position](config)
                           if config.position in ADDITIVE_POSITIONS else None)
-        self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
+        # V4 attention rotates with its own tables (two bases, positions up to 1M): no shared table
+        self.rotary = RotaryEmbedding(config) if config.position == "rope" and config.attention != "v4" else None
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         n_layers = config.num_hidden_layers
         streams = config.fusion in STREAM_FUSIONS
@@ -129,7 +131,7 @@ class Transformer(nn.Module):
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers) if self.config.depth_scaled_init else std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                is_output = name.endswith(("o_proj", "down_proj"))
+                is_output = name.endswith(("o_proj", "o_b_proj", "down_proj"))
                 nn.init.normal_(module.weight, 0.0, out_std if is_output else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -169,6 +171,7 @@ class Transformer(nn.Module):
                 raise ValueError("per-row positions need a cache and one token per row")
         else:
             self._check_length(start + input_ids.shape[1])
+        self.route_tokens(input_ids)
         h = self.embed(input_ids, start)
         rope = self.rope(start, input_ids.shape[1], input_ids.device)
         h = self.run_layers(h, rope, cache, start)
@@ -219,6 +222,7 @@ class Transformer(nn.Module):
     def layer_outputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """X_0 (embeddings) and every block's output, for embeddings and fusion inspection."""
         outputs: list[torch.Tensor] = []
+        self.route_tokens(input_ids)
         self.run_layers(self.embed(input_ids), self.rope(0, input_ids.shape[1], input_ids.device), None, 0, outputs)
         return outputs
 
@@ -239,9 +243,15 @@ class Transformer(nn.Module):
                                             ignore_index=-1)
         return self.config.mtp_loss_weight / depth * total
 
+    def route_tokens(self, input_ids: torch.Tensor) -> None:
+        """Hand the token ids to the hash-routed MoE layers (V4), which choose experts by id."""
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE) and layer.mlp.gate.hash_routing:
+                layer.mlp.token_ids = input_ids
+
     def dsa_layers(self) -> list[nn.Module]:
-        """Attention modules with a lightning indexer (MTP blocks included)."""
-        return [m for m in self.modules() if getattr(m, "indexer", None) is not None]
+        """Attention modules with a lightning indexer (DSA, V4 CSA; MTP blocks included)."""
+        return [m for m in self.modules() if getattr(m, "indexed", False)]
 
     def set_dsa_warmup(self, on: bool) -> None:
         """DSA warm-up: every indexed layer attends densely and only the indexers learn."""

@@ -1,0 +1,191 @@
+"""DeepSeek-V4 attention (sliding / CSA / HCA with sinks), hash routing, clamped SwiGLU: numerics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.errors import NanoseekError
+from nanoseek.model import compressed
+from nanoseek.model.compressed import CompressedAttention, rotate_tail
+
+KINDS = ["dense", "sliding", "csa", "hca"]
+
+
+def v4(kinds, **overrides) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("deepseek-v4-tiny", sparse_layers=kinds, **overrides)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # make the sinks and window position biases matter
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "position_bias")):
+                p.normal_(0, 0.5)
+    return model
+
+
+def ids(b=2, t=40, seed=1):
+    return torch.randint(0, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_and_chunked_prefill_equal_full_recompute(kind):
+    model, x = v4([kind]), ids()
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.make_cache(2, 64)
+        steps = [model(x[:, :11], cache=cache).logits]
+        steps += [model(x[:, p:p + 1], cache=cache, start=p).logits for p in range(11, 40)]
+        assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+        cache = model.make_cache(2, 64)
+        chunks = [model(x[:, a:b], cache=cache, start=a).logits for a, b in ((0, 13), (13, 27), (27, 40))]
+        assert (torch.cat(chunks, 1) - full).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_row_positions_equal_full_recompute(kind):
+    """Continuous batching: rows at their own positions, windows closing at different steps."""
+    model, x = v4([kind]), ids()
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.make_cache(2, 64)
+        model(x[:1, :9], cache=[c.rows(0, 1) for c in cache])
+        model(x[1:, :15], cache=[c.rows(1, 2) for c in cache])
+        pos = torch.tensor([9, 15])
+        for _ in range(20):
+            out = model(x[torch.arange(2), pos][:, None], cache=cache, start=pos.clone()).logits[:, 0]
+            assert (out - full[torch.arange(2), pos]).abs().max() < 1e-5
+            pos += 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal(kind):
+    model, x = v4([kind]), ids()
+    y = x.clone()
+    y[:, 25:] = (y[:, 25:] + 7) % 128
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert (a[:, :25] - b[:, :25]).abs().max() < 1e-6
+    assert (a[:, 25:] - b[:, 25:]).abs().max() > 1e-4
+
+
+def test_long_inputs_run_in_chunks_equal_one_pass(monkeypatch):
+    model, x = v4(["csa", "hca"]), ids(1, 100)
+    with torch.no_grad():
+        one = model(x).logits
+        monkeypatch.setattr(compressed, "CHUNK", 16)
+        assert (model(x).logits - one).abs().max() < 1e-5
+
+
+def test_wide_window_without_sinks_is_dense_causal_attention():
+    config = ModelConfig.from_preset("deepseek-v4-tiny", sparse_layers=["sliding"], sliding_window=64)
+    torch.manual_seed(0)
+    layer = CompressedAttention(config, 0)
+    with torch.no_grad():
+        layer.sinks.fill_(-1e4)
+    x = torch.randn(2, 30, config.hidden_size)
+    b, t, h, hd = 2, 30, layer.n_heads, layer.head_dim
+    cos, sin = layer.rope(torch.arange(t))
+    q = compressed.unit_rms(layer.q_b_proj(layer.q_a_norm(layer.q_a_proj(x))).view(b, t, h, hd), layer.eps)
+    q = rotate_tail(q, cos[:, None], sin[:, None]).transpose(1, 2)
+    kv = rotate_tail(layer.kv_norm(layer.kv_proj(x)), cos, sin)[:, None]
+    o = F.scaled_dot_product_attention(q, kv, kv, is_causal=True).transpose(1, 2)
+    expected = layer.project_out(rotate_tail(o, cos[:, None], -sin[:, None]))
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def pooled_reference(c, raw_kv, raw_gate, m, overlap):
+    """Entries by the formula, one window at a time (before norm and RoPE)."""
+    d, out = c.dim, []
+    for w in range(raw_kv.shape[1] // m):
+        kv, gate = raw_kv[:, w * m:(w + 1) * m], raw_gate[:, w * m:(w + 1) * m] + c.position_bias
+        if overlap:
+            kv, gate = kv[..., d:], gate[..., d:]
+            if w > 0:
+                prev = slice((w - 1) * m, w * m)
+                kv = torch.cat([raw_kv[:, prev, :d], kv], 1)
+                gate = torch.cat([raw_gate[:, prev, :d] + c.position_bias[:, :d], gate], 1)
+        out.append((kv * gate.softmax(1)).sum(1))
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_compressor_pools_windows_by_the_formula(kind):
+    layer = v4([kind]).layers[0].self_attn
+    x = torch.randn(2, 27, 64)
+    c, m = layer.compressor, layer.compressor.rate
+    raw_kv, raw_gate = c.project(x)
+    n = 27 // m
+    got = c.pool(raw_kv, raw_gate, torch.arange(n), 0, layer.rope)
+    ref = c.kv_norm(pooled_reference(c, raw_kv, raw_gate, m, kind == "csa"))
+    cos, sin = layer.rope(torch.arange(n) * m)
+    torch.testing.assert_close(got, rotate_tail(ref, cos, sin), atol=1e-5, rtol=1e-5)
+
+
+def test_csa_top_k_covering_every_entry_equals_attending_all_of_them():
+    model, x = v4(["csa"], index_topk=64), ids()
+    with torch.no_grad():
+        picked = model(x).logits
+        model.set_dsa_warmup(True)  # warm-up attends every visible entry
+        assert (model(x).logits - picked).abs().max() < 1e-6
+    narrow = v4(["csa"], index_topk=2)
+    with torch.no_grad():
+        assert (narrow(x).logits - picked).abs().max() > 1e-4  # fewer entries: a different output
+
+
+def test_gradients_reach_every_parameter_and_the_indexer_learns_by_kl():
+    model = v4(["csa", "hca"]).train()
+    x = ids()
+    out = model(x, targets=x)
+    assert "index_loss" in out.aux and out.aux["index_loss"] > 0
+    (out.loss + out.aux["index_loss"]).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_hash_routing_uses_the_token_table_and_sqrt_softplus_weights():
+    model = v4(["csa", "hca"])
+    moe = model.layers[0].mlp
+    assert moe.gate.hash_routing and not model.layers[1].mlp.gate.hash_routing
+    x = torch.randn(6, 64)
+    tokens = torch.tensor([3, 5, 3, 9, 1, 0])
+    idx, w, scores = moe.gate(x, tokens)
+    assert torch.equal(idx, moe.gate.tid2eid[tokens])
+    s = F.softplus(x @ moe.gate.weight.T).sqrt()
+    expected = s.gather(1, idx)
+    torch.testing.assert_close(w, expected / expected.sum(-1, keepdim=True) * 1.5)
+    with pytest.raises(ValueError, match="token ids"):
+        moe.gate(x)
+
+
+def test_swiglu_clamp():
+    from nanoseek.model.ffn import swiglu
+
+    gate, up = torch.tensor([20.0, -3.0]), torch.tensor([-30.0, 2.0])
+    torch.testing.assert_close(swiglu(gate, up, 10.0), F.silu(torch.tensor([10.0, -3.0])) * torch.tensor([-10.0, 2.0]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(attention="mla", sparse_layers=["csa"], kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8), "attention='v4'"),
+    (dict(o_groups=3), "o_groups"),
+    (dict(num_key_value_heads=2), "one shared"),
+    (dict(compress_rate_csa=1), "compress_rate_csa"),
+    (dict(sparse_layers=["nsa"]), "dense, sliding, csa, hca"),
+])
+def test_bad_v4_configs_name_the_field(change, message):
+    with pytest.raises(NanoseekError, match=message):
+        ModelConfig.from_preset("deepseek-v4-tiny", **change)
+
+
+def test_trains_and_loss_falls():
+    model = v4(["csa", "hca"]).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = ids(4, 33)
+    losses = []
+    for _ in range(15):
+        out = model(x[:, :-1], targets=x[:, 1:])
+        (out.loss + out.aux["index_loss"]).backward()
+        opt.step()
+        opt.zero_grad()
+        model.after_optimizer_step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.5

@@ -189,3 +189,13 @@ def test_trains_and_loss_falls():
         model.after_optimizer_step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_earliest_topk_breaks_ties_by_position():
+    from nanoseek.model.compressed import earliest_topk
+
+    s = torch.tensor([[0.5, 0.0, -0.0, 0.0, -1.0, float("-inf"), 2.0, 0.5]])
+    assert earliest_topk(s, 5).tolist() == [[6, 0, 7, 1, 2]]
+    x = torch.randn(4, 64).round(decimals=1)
+    expected = x.sort(dim=-1, descending=True, stable=True).indices[:, :9]
+    assert torch.equal(earliest_topk(x, 9).sort(dim=-1).values, expected.sort(dim=-1).values)

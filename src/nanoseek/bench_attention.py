@@ -10,6 +10,10 @@ sequence length T:
              512, summed with fixed gates (the branch math of model/nsa.py)        O(T (T/l + n l + w))
     dsa      lightning indexer (H_I heads of width d_I) scores the visible keys per chunk of
              queries, top-k, attention over the gathered picks               O(T^2 H_I d_I + T k H D)
+    csa      DeepSeek-V4: the window of w keys + compressed entries (rate 4) of which an indexer picks
+             the top-k (--csa-topk, V4's 512), one softmax with a sink      O(T (w + k) H D + T^2/4 H_I d_I)
+    hca      DeepSeek-V4: the window + every closed entry at rate 128       O(T (w + T/128) H D)
+             (csa/hca pool their entries from the layer input x, as the model does; keys = values = k)
 
 Reported per (kind, T): forward_s and backward_s (medians over the repeats; backward alone, with
 the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 from .errors import NanoseekError
 
-KINDS = ("dense", "sliding", "nsa", "dsa")
+KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
 
 
 class DsaOp(torch.nn.Module):
@@ -79,6 +83,31 @@ class NsaOp(torch.nn.Module):
         return (o_cmp + o_slc + o_win) / 3
 
 
+class CompressedOp(torch.nn.Module):
+    """A V4 CSA or HCA layer's attention (model/compressed.py) over ready-made q and shared k."""
+
+    def __init__(self, kind: str, dim: int, heads: int, head_dim: int, window: int, topk: int,
+                 index_heads: int, index_dim: int):
+        super().__init__()
+        from .config import ModelConfig
+        from .model.compressed import CompressedAttention
+
+        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, head_dim=head_dim, attention="v4",
+                          q_lora_rank=dim, qk_rope_head_dim=16, o_groups=1, o_lora_rank=8, sliding_window=window,
+                          sparse=kind, index_topk=topk, index_n_heads=index_heads, index_head_dim=index_dim,
+                          max_position_embeddings=8)
+        self.attn = CompressedAttention(cfg, 0)
+
+    def forward(self, q, k, x):
+        a, t = self.attn, x.shape[1]
+        pos = torch.arange(t)
+        cos, sin = a.rope(pos)
+        entries, index_entries = a.compressed_entries(x, None, 0, t)
+        index_in = (x, x) if a.indexer is not None else None
+        o = a.attend(q.transpose(1, 2), k[:, 0], 0, 0, pos, entries, index_entries, index_in, cos, sin)
+        return o.transpose(1, 2)
+
+
 def make_inputs(t: int, heads: int, dim: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, heads, t, dim, generator=g, requires_grad=True)
@@ -88,7 +117,7 @@ def make_inputs(t: int, heads: int, dim: int, seed: int = 0):
     return q, k, v, x
 
 
-def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None = None):
+def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None = None, v4=None):
     from .model.attention import causal_attention
 
     scale = q.shape[-1] ** -0.5
@@ -98,10 +127,12 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None =
         return causal_attention(q, k, v, 0, scale, window=args.window)
     if kind == "nsa":
         return nsa(q, k, v, scale)
+    if kind in ("csa", "hca"):
+        return v4[kind](q, k, x)
     return dsa(q, k, v, x, scale)
 
 
-def time_kind(kind: str, t: int, args, dsa, nsa=None) -> dict:
+def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None) -> dict:
     from .bench import RssSampler, current_rss, release_free_memory
 
     forward, backward = [], []
@@ -111,7 +142,7 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None) -> dict:
         for _ in range(args.repeats if t <= 8192 else 1):
             q, k, v, x = make_inputs(t, args.heads, args.head_dim)
             t0 = time.perf_counter()
-            out = run_kind(kind, q, k, v, x, args, dsa, nsa)
+            out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
             t1 = time.perf_counter()
             out.float().square().mean().backward()
             t2 = time.perf_counter()
@@ -131,6 +162,7 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=2048, help="DSA keys per query")
     parser.add_argument("--nsa-block", type=int, default=64, help="NSA block length")
     parser.add_argument("--nsa-topn", type=int, default=16, help="NSA selected blocks per query block")
+    parser.add_argument("--csa-topk", type=int, default=512, help="CSA compressed entries per query (V4: 512)")
     parser.add_argument("--index-heads", type=int, default=4)
     parser.add_argument("--index-dim", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
@@ -154,6 +186,8 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     dsa = DsaOp(args.heads * args.head_dim, args.heads, args.index_heads, args.index_dim, args.topk)
     nsa = NsaOp(args.heads * args.head_dim, args.heads, args.nsa_block, args.nsa_topn, args.window)
+    v4 = {kind: CompressedOp(kind, args.heads * args.head_dim, args.heads, args.head_dim, args.window, args.csa_topk,
+                             args.index_heads, args.index_dim) for kind in ("csa", "hca")}
     results = []
     with torch_threads(args.threads):
         machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -161,7 +195,7 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
             dense = None
             for kind in kinds:
                 row = {"bench": "attention", "impl": "nanoseek", "kind": kind, "seq": t, "heads": args.heads,
-                       "head_dim": args.head_dim, **time_kind(kind, t, args, dsa, nsa)}
+                       "head_dim": args.head_dim, **time_kind(kind, t, args, dsa, nsa, v4)}
                 if kind == "dense":
                     dense = row
                 if dense is not None and kind != "dense":

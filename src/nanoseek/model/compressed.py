@@ -73,6 +73,16 @@ def gather_rows(x_BSX: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x_BSX[rows, index]
 
 
+def earliest_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest fp32 scores along the last dim, ties going to the lower index (ReLU
+    zeros tie often), so a decode step picks what a full pass picks. One int64 top-k: the score's
+    bits made order-preserving, then the index (reversed) in the low 32 bits."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32).long()  # + 0.0: -0.0 ties with 0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    return (ordered * (1 << 32) + (0xFFFFFFFF - index)).topk(k, dim=-1).indices
+
+
 class RopeTable(nn.Module):
     """cos/sin of the rotary angles at any positions (computed, not tabled: V4 contexts reach 1M)."""
 
@@ -239,6 +249,14 @@ class CompressedAttention(nn.Module):
         keys, offset = (kv, start) if cache is None else (self.cached_keys(cache, start, kv), 0)
         entries, index_entries = self.compressed_entries(x, cache, start, t)
         index_in = (x.detach(), q_latent.detach()) if self.indexer is not None else None
+        o = self.attend(q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin)
+        o = rotate_tail(o, cos.unsqueeze(-2), -sin.unsqueeze(-2))
+        return self.project_out(o)
+
+    def attend(self, q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin) -> torch.Tensor:
+        """o (B, T, H, D_h) over the local keys and the entries, CHUNK queries at a time; in training
+        also sets `index_loss` (CSA)."""
+        t = q.shape[1]
         outs, losses = [], []
         for c0 in range(0, t, CHUNK):
             c1 = min(t, c0 + CHUNK)
@@ -250,10 +268,8 @@ class CompressedAttention(nn.Module):
             if picked is not None and self.training:
                 scores, valid = picked
                 losses.append(indexer_kl(probs[-1].transpose(1, 2), scores, valid) * (c1 - c0))
-        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         self.index_loss = torch.stack(losses).sum() / t if losses else None
-        o = rotate_tail(o, cos.unsqueeze(-2), -sin.unsqueeze(-2))
-        return self.project_out(o)
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def project_out(self, o_BTHX: torch.Tensor) -> torch.Tensor:
         b, t = o_BTHX.shape[:2]
@@ -326,9 +342,7 @@ class CompressedAttention(nn.Module):
         scores = self.indexer.scores(x[:, c0:c1], q_latent[:, c0:c1], *rope_q, index_entries)
         visible = visible.expand(b, scores.shape[1], -1)
         k = entries.shape[1] if self.dsa_warmup else min(self.indexer.topk, entries.shape[1])
-        # ties (ReLU zeros are common) go to the earliest entry, so decode picks what a full pass picks
-        ranked = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True, stable=True)
-        top = ranked.indices[..., :k]  # (B, C, k)
+        top = earliest_topk(scores.masked_fill(~visible, float("-inf")), k)  # (B, C, k)
         valid = visible.gather(-1, top)
         parts.append((gather_rows(entries, top), valid))
         return parts, (scores.gather(-1, top), valid)

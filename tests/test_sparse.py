@@ -297,3 +297,37 @@ def test_nsa_cached_decode_equals_full_recompute(overrides):
 def test_nsa_refuses_mla():
     with pytest.raises(NanoseekError, match="sparse='nsa'"):
         ModelConfig.from_preset("deepseek-v3-tiny", sparse="nsa")
+
+
+def test_nsa_attention_map_shows_the_selected_blocks_and_window():
+    from nanoseek.inspect_plots import attention_maps
+
+    m = model("llama-tiny", sparse="nsa", nsa_block=4, nsa_topn=4, sliding_window=3)
+    x = tokens(30, batch=1)
+    weights, allowed, kind = attention_maps(m, x, layer=0)
+    assert kind == "nsa" and weights.shape == allowed.shape == (30, 30)
+    causal = torch.ones(30, 30).tril().bool()
+    assert not (allowed & ~causal).any() and (weights[~causal] == 0).all()
+    # first, previous, own block and one chosen block per KV group (2 groups): at most 5 blocks of 4
+    assert allowed[-1].sum() <= 20 and allowed[-1, :4].all() and allowed[-1, 24:].all()
+    assert not allowed[-1].all()  # some blocks were left out
+
+
+def test_v4_attention_map_in_inspect():
+    from nanoseek.inspect_plots import attention_maps
+
+    m = model("deepseek-v4-tiny")
+    weights, allowed, kind = attention_maps(m, tokens(20, batch=1), layer=1)
+    assert kind == "hca" and weights.shape == allowed.shape == (20, 20 + 20 // 8)
+
+
+def test_nsa_whole_selection_shortcut_equals_the_selection_path():
+    m = nsa_model(nsa_topn=16)  # 40 tokens = 10 blocks of 4: every block fits in the selection
+    x = tokens(40)
+    attn = m.layers[0].self_attn
+    assert attn.covers_every_block(0, 40) and not attn.covers_every_block(0, 80)
+    with torch.no_grad():
+        fast = m(x).logits
+        for layer in m.layers:
+            layer.self_attn.whole_selection_shortcut = False
+        torch.testing.assert_close(m(x).logits, fast, atol=1e-5, rtol=1e-5)

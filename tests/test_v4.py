@@ -199,3 +199,23 @@ def test_earliest_topk_breaks_ties_by_position():
     x = torch.randn(4, 64).round(decimals=1)
     expected = x.sort(dim=-1, descending=True, stable=True).indices[:, :9]
     assert torch.equal(earliest_topk(x, 9).sort(dim=-1).values, expected.sort(dim=-1).values)
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca", "sliding"])
+def test_attention_map_rebuilds_the_layer_output(kind):
+    layer = v4([kind]).layers[0].self_attn
+    x = torch.randn(1, 30, 64)
+    weights, allowed = layer.attention_map(x)
+    n_entries = 0 if kind == "sliding" else 30 // layer.compressor.rate
+    assert weights.shape == (1, 4, 30, 30 + n_entries) and (weights[0][:, ~allowed[0]] == 0).all()
+    if kind == "csa":
+        assert allowed[0, :, 30:].sum(-1).max() == 4  # the indexer's top-4
+    cos, sin = layer.rope(torch.arange(30))
+    keys = rotate_tail(layer.kv_norm(layer.kv_proj(x)), cos, sin)
+    if n_entries:
+        keys = torch.cat([keys, layer.compressed_entries(x, None, 0, 30)[0]], 1)
+    o = (weights @ keys[:, None]).transpose(1, 2)
+    with torch.no_grad():
+        expected = layer(x)
+    torch.testing.assert_close(layer.project_out(rotate_tail(o, cos[:, None], -sin[:, None])), expected,
+                               atol=1e-5, rtol=1e-5)

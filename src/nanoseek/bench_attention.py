@@ -76,9 +76,13 @@ class NsaOp(torch.nn.Module):
     def forward(self, q, k, v, scale):
         from .model.attention import causal_attention
 
-        a = self.attn
-        o_cmp, p_cmp = a.compressed_attention(q, a.compress(k), a.compress(v, values=True), 0)
-        o_slc = a.selected_attention(q, k, v, p_cmp, 0)
+        a, t = self.attn, q.shape[2]
+        if a.covers_every_block(0, t):
+            o_cmp, _ = a.compressed_attention(q, a.compress(k), a.compress(v, values=True), 0, with_scores=False)
+            o_slc = causal_attention(q, k, v, 0, scale)
+        else:
+            o_cmp, p_cmp = a.compressed_attention(q, a.compress(k), a.compress(v, values=True), 0)
+            o_slc = a.selected_attention(q, k, v, p_cmp, 0)
         o_win = causal_attention(q, k, v, 0, scale, window=a.window)
         return (o_cmp + o_slc + o_win) / 3
 

@@ -138,8 +138,18 @@ def plot_attention(model, tokenizer, prompt: str, layer: int, out: str | Path) -
     axes[0].imshow(weights.numpy(), cmap="viridis", aspect="auto")
     axes[0].set_title(f"layer {layer} ({kind}): attention weights, mean over heads")
     axes[1].imshow(allowed.float().numpy(), cmap="Greys", aspect="auto", vmin=0, vmax=1)
-    picked = {"dense": "causal keys", "sliding": f"window of {model.config.sliding_window}",
-              "dsa": f"indexer top-{model.config.index_topk}"}[kind]
+    c = model.config
+    picked = {"dense": "causal keys", "sliding": f"window of {c.sliding_window}",
+              "dsa": f"indexer top-{c.index_topk}",
+              "nsa": f"selected blocks of {c.nsa_block} + window of {c.sliding_window}; "
+                     "weights: gated branches, compressed spread over its blocks",
+              "csa": f"window of {c.sliding_window}; columns past the last token: entries of "
+                     f"{c.compress_rate_csa} tokens, indexer top-{c.index_topk}",
+              "hca": f"window of {c.sliding_window}; columns past the last token: entries of "
+                     f"{c.compress_rate_hca} tokens"}.get(kind, kind)
+    if weights.shape[1] > len(ids):  # V4: compressed entries after the token keys
+        for ax in axes:
+            ax.axvline(len(ids) - 0.5, color="red", linewidth=0.8)
     axes[1].set_title(f"keys each query may attend to ({picked})")
     for ax in axes:
         ax.set_xlabel("key")

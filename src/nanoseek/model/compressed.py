@@ -266,10 +266,36 @@ class CompressedAttention(nn.Module):
                                       self.dropout if self.training else 0.0)
             outs.append(o)
             if picked is not None and self.training:
-                scores, valid = picked
+                scores, valid, _ = picked
                 losses.append(indexer_kl(probs[-1].transpose(1, 2), scores, valid) * (c1 - c0))
         self.index_loss = torch.stack(losses).sum() / t if losses else None
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    @torch.no_grad()
+    def attention_map(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (B, H, T, T + W), allowed (B, T, T + W)): the token keys, then the W compressed
+        entries (the window, plus every closed entry for HCA or the indexer's picks for CSA)."""
+        b, t, _ = x.shape
+        pos = torch.arange(t, device=x.device)
+        cos, sin = self.rope(pos)
+        q_latent = self.q_a_norm(self.q_a_proj(x))
+        q = rotate_tail(unit_rms(self.q_b_proj(q_latent).view(b, t, self.n_heads, self.head_dim), self.eps),
+                        cos.unsqueeze(-2), sin.unsqueeze(-2))
+        kv = rotate_tail(self.kv_norm(self.kv_proj(x)), cos, sin)
+        entries, index_entries = self.compressed_entries(x, None, 0, t)
+        index_in = (x, q_latent) if self.indexer is not None else None
+        parts, picked = self.key_parts(kv, 0, 0, pos, entries, index_entries, index_in, (cos, sin), 0, t)
+        _, probs = sink_attention(q, parts, self.sinks, self.scale)
+        weights, allowed = [probs[0]], [parts[0][1].expand(b, t, -1)]
+        if len(parts) > 1 and picked is None:  # HCA: every visible entry
+            weights.append(probs[1])
+            allowed.append(parts[1][1].expand(b, t, -1))
+        elif len(parts) > 1:  # CSA: scatter the picks back to entry positions
+            _, valid, top = picked
+            full = probs[1].new_zeros(b, t, self.n_heads, entries.shape[1])
+            weights.append(full.scatter_(-1, top[:, :, None].expand(-1, -1, self.n_heads, -1), probs[1]))
+            allowed.append(torch.zeros(b, t, entries.shape[1], dtype=torch.bool, device=x.device).scatter_(-1, top, valid))
+        return torch.cat(weights, -1).transpose(1, 2), torch.cat(allowed, -1)
 
     def project_out(self, o_BTHX: torch.Tensor) -> torch.Tensor:
         b, t = o_BTHX.shape[:2]
@@ -345,4 +371,4 @@ class CompressedAttention(nn.Module):
         top = earliest_topk(scores.masked_fill(~visible, float("-inf")), k)  # (B, C, k)
         valid = visible.gather(-1, top)
         parts.append((gather_rows(entries, top), valid))
-        return parts, (scores.gather(-1, top), valid)
+        return parts, (scores.gather(-1, top), valid, top)

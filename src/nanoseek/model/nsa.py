@@ -11,6 +11,9 @@ Selected (slc): blocks of l' = l tokens are ranked by the compressed attention t
     attended token by token.
 Window (win): the last w tokens (sliding-window attention).
 
+When the sequence has no more blocks than nsa_topn, every block is selected and the selected
+branch is plain causal attention (one SDPA, no selection pass).
+
 CPU form (one deviation, stated): the block selection is shared by the l queries of a query
 block (their p^slc summed, using only blocks that are complete before the query block starts, so
 the choice never depends on the future). Each query block then runs ONE dense SDPA over its
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import causal_attention
+from .attention import allowed_keys, attention_probs, causal_attention
 from .kv_cache import DenseKVCache
 from .position import apply_rope, softmax_scale
 
@@ -50,6 +53,7 @@ class NativeSparseAttention(nn.Module):
         self.block_pos = nn.Parameter(torch.zeros(self.block, hd))
         self.compress_k = nn.Linear(self.block * hd, hd, bias=False)
         self.compress_v = nn.Linear(self.block * hd, hd, bias=False)
+        self.whole_selection_shortcut = True  # False: always run the block selection (for tests)
 
     def reset_extra_parameters(self, std: float, out_std: float):
         nn.init.normal_(self.block_pos, 0.0, std)
@@ -80,12 +84,49 @@ class NativeSparseAttention(nn.Module):
             branches = [c.update(start, k, v) for c, (k, v) in zip(cache.caches, branches)]
         (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = branches
         k_blocks, v_blocks = self.compress(k_cmp), self.compress(v_cmp, values=True)
-        o_cmp, p_cmp = self.compressed_attention(q, k_blocks, v_blocks, start)
-        o_slc = self.selected_attention(q, k_slc, v_slc, p_cmp, start)
+        if self.covers_every_block(start, t):  # the selection is every causal block: one causal SDPA
+            o_cmp, _ = self.compressed_attention(q, k_blocks, v_blocks, start, with_scores=False)
+            o_slc = causal_attention(q, k_slc, v_slc, start, self.scale)
+        else:
+            o_cmp, p_cmp = self.compressed_attention(q, k_blocks, v_blocks, start)
+            o_slc = self.selected_attention(q, k_slc, v_slc, p_cmp, start)
         o_win = causal_attention(q, k_win, v_win, start, self.scale, window=self.window)
         g = torch.sigmoid(self.gate_proj(x)).view(b, t, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
         o = g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+
+    @torch.no_grad()
+    def attention_map(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (B, H, T, T), allowed (B, T, T)) per token key: the gated selected and window
+        attention plus the compressed attention spread evenly over each block's tokens; allowed = the
+        tokens of the selected blocks (any KV group) and the window."""
+        b, t, _ = x.shape
+        hd, kv, l = self.head_dim, self.n_kv_heads * self.head_dim, self.block
+        parts = self.qkv_proj(x).split([self.n_heads * hd] + [kv] * 6, dim=-1)
+        q = parts[0].view(b, t, self.n_heads, hd).transpose(1, 2)
+        kvs = [p.view(b, t, self.n_kv_heads, hd).transpose(1, 2) for p in parts[1:]]
+        if rope is not None:
+            q = apply_rope(q, *rope, self.interleave)
+            kvs = [apply_rope(p, *rope, self.interleave) if i % 2 == 0 else p for i, p in enumerate(kvs)]
+        k_blocks = self.compress(kvs[0])
+        _, scores = self.compressed_attention(q, k_blocks, self.compress(kvs[1], values=True), 0)
+        nb, n = (t - 1) // l + 1, k_blocks.shape[2]
+        blocks, valid = self.pick_blocks(scores, 0, nb)  # (B, G, nb, K)
+        chosen = torch.zeros(b, self.n_kv_heads, nb, nb + 1, dtype=torch.bool, device=x.device)
+        chosen = chosen.scatter_(-1, blocks.masked_fill(~valid, nb), True)[..., :nb]  # invalid picks: a spare column
+        block_of = torch.arange(t, device=x.device) // l
+        selected = chosen[:, :, block_of][..., block_of] & allowed_keys(t, None, x.device)  # (B, G, T, T)
+        group = self.n_heads // self.n_kv_heads
+        p_slc = attention_probs(q, kvs[2], selected.repeat_interleave(group, dim=1), self.scale)
+        p_win = attention_probs(q, kvs[4], allowed_keys(t, self.window, x.device), self.scale)
+        p_cmp = torch.zeros_like(p_win)
+        if n:
+            visible = (torch.arange(n, device=x.device) * l + l - 1)[None, :] <= torch.arange(t, device=x.device)[:, None]
+            p_blocks = attention_probs(q, k_blocks, visible, self.scale).nan_to_num(0.0)  # (B, H, T, n)
+            p_cmp[..., :n * l] = p_blocks.repeat_interleave(l, dim=-1) / l
+        g = torch.sigmoid(self.gate_proj(x)).view(b, t, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
+        weights = g[0] * p_cmp + g[1] * p_slc + g[2] * p_win
+        return weights, selected.any(1) | allowed_keys(t, self.window, x.device)
 
     # ------------------------------------------------------------------ branches
     def compress(self, x_BGSD: torch.Tensor, values: bool = False) -> torch.Tensor:
@@ -96,7 +137,12 @@ class NativeSparseAttention(nn.Module):
         proj = self.compress_v if values else self.compress_k
         return proj(blocks.flatten(-2))
 
-    def compressed_attention(self, q, k_blocks, v_blocks, start: int):
+    def covers_every_block(self, start: int, t: int) -> bool:
+        """True when the last query block may select every block before it (first, previous, own and
+        nsa_topn - 3 chosen): the selected branch is then exactly causal attention (tested)."""
+        return self.whole_selection_shortcut and (start + t - 1) // self.block + 1 <= self.n_select
+
+    def compressed_attention(self, q, k_blocks, v_blocks, start: int, with_scores: bool = True):
         """Attention over the complete blocks (SDPA), and per query block the selection scores
         p^slc (B, G, nb, n): softmax_j(q_t . k^cmp_j) summed over the block's queries and the group's
         heads (no gradient: the choice of blocks is not differentiable)."""
@@ -116,6 +162,8 @@ class NativeSparseAttention(nn.Module):
         if blind:
             keep = (torch.arange(t, device=q.device) >= blind)[:, None]
             out = out * keep
+        if not with_scores:
+            return out, None
         with torch.no_grad():
             k = k_blocks.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             bias = torch.zeros(t, n, device=q.device).masked_fill_(~mask, float("-inf"))

@@ -253,8 +253,11 @@ class Transformer(nn.Module):
         """Attention modules with a lightning indexer (DSA, V4 CSA; MTP blocks included)."""
         return [m for m in self.modules() if getattr(m, "indexed", False)]
 
-    def set_dsa_warmup(self, on: bool) -> None:
-        """DSA warm-up: every indexed layer attends densely and only the indexers learn."""
+    def set_dsa_warmup(self, on: bool, freeze_model: bool = True) -> None:
+        """DSA warm-up: every indexed layer attends densely and the indexers learn from it; only
+        they learn (V3.2's recipe, from a trained dense model), or, with `freeze_model=False`
+        (training from scratch), the whole model trains densely beside them."""
+        self.dsa_freeze_model = freeze_model
         for attn in self.dsa_layers():
             attn.dsa_warmup = on
 
@@ -269,7 +272,7 @@ class Transformer(nn.Module):
         if not losses or not self.training:
             return loss, aux
         aux["index_loss"] = torch.stack(losses).mean()
-        if layers[0].dsa_warmup:
+        if layers[0].dsa_warmup and getattr(self, "dsa_freeze_model", True):
             loss = loss.detach()
             aux = {k: (v.detach() if k != "index_loss" else v) for k, v in aux.items()}
         return loss, aux

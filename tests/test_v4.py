@@ -219,3 +219,15 @@ def test_attention_map_rebuilds_the_layer_output(kind):
         expected = layer(x)
     torch.testing.assert_close(layer.project_out(rotate_tail(o, cos[:, None], -sin[:, None])), expected,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_deepseek_v4_flash_counts_and_cache_estimate():
+    from nanoseek.model.transformer import kv_cache_bytes_per_token, model_info
+
+    info = model_info(ModelConfig.from_preset("deepseek-v4-flash"))
+    # DeepSeek-V4-Flash is published as 284B parameters, 13B activated
+    assert 283e9 < info["params_total"] < 285e9 and 13.0e9 < info["params_active"] < 13.5e9
+    model = v4(["csa", "hca"])
+    cache = model.make_cache(1, 64)
+    held = sum(b[0].numel() for c in cache for b in c.buffers.values())  # numbers for 64 positions
+    assert kv_cache_bytes_per_token(model.config, dtype_bytes=1) * 64 == pytest.approx(held, rel=0.02)

@@ -13,7 +13,8 @@ sequence length T:
     csa      DeepSeek-V4: the window of w keys + compressed entries (rate 4) of which an indexer picks
              the top-k (--csa-topk, V4's 512), one softmax with a sink      O(T (w + k) H D + T^2/4 H_I d_I)
     hca      DeepSeek-V4: the window + every closed entry at rate 128       O(T (w + T/128) H D)
-             (csa/hca pool their entries from the layer input x, as the model does; keys = values = k)
+             (csa/hca pool their entries from the layer input x, as the model does; keys = values = k;
+             the indexer's KL loss, a training-only extra pass, is not included, as for dsa)
 
 Reported per (kind, T): forward_s and backward_s (medians over the repeats; backward alone, with
 the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
@@ -100,7 +101,7 @@ class CompressedOp(torch.nn.Module):
                           q_lora_rank=dim, qk_rope_head_dim=16, o_groups=1, o_lora_rank=8, sliding_window=window,
                           sparse=kind, index_topk=topk, index_n_heads=index_heads, index_head_dim=index_dim,
                           max_position_embeddings=8)
-        self.attn = CompressedAttention(cfg, 0)
+        self.attn = CompressedAttention(cfg, 0).eval()  # no indexer KL pass, as dsa's op has none
 
     def forward(self, q, k, x):
         a, t = self.attn, x.shape[1]

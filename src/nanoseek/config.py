@@ -225,7 +225,7 @@ class ModelConfig:
     # ----- derived
     @property
     def n_kv_heads(self) -> int:
-        if self.attention == "mqa":
+        if self.attention in ("mqa", "v4"):
             return 1
         return self.num_key_value_heads or self.num_attention_heads
 

@@ -26,8 +26,9 @@ The indexer's top-k is not differentiable; in training it learns from a KL loss 
 attention over the entries it picked (`index_loss`, as DSA in model/dsa.py; `train.dsa_warmup_steps`
 runs CSA layers over every visible entry while only the indexers learn).
 
-Queries run in chunks of CHUNK: each chunk reads only its band of local keys, so no T x T tensor
-exists; a decode step gathers its window of keys per row. Weight names follow Hugging Face
+Queries run in chunks of CHUNK through SDPA (the sink enters as one extra key): each chunk reads only
+its band of local keys plus the entries (CSA: a mask of the indexer's picks), so no T x T tensor
+exists and backward keeps no attention weights; a decode step gathers its window of keys per row. Weight names follow Hugging Face
 (`q_a_proj`, `q_a_norm`, `q_b_proj`, `kv_proj`, `kv_norm`, `o_a_proj`, `o_b_proj`, `sinks`,
 `compressor.{kv_proj,gate_proj,position_bias,kv_norm}`, `compressor.indexer.{..., q_b_proj,
 scorer.weights_proj}`).
@@ -159,13 +160,15 @@ class Indexer(Compressor):
         b, c, _ = x_BCD.shape
         q_BCHI = rotate_tail(self.q_b_proj(q_latent_BCQ).view(b, c, self.n_heads, self.dim),
                              cos.unsqueeze(-2), sin.unsqueeze(-2))
-        dots_BCHW = torch.einsum("bchi,bwi->bchw", q_BCHI.float(), entries_BWI.float())
-        w_BCH = self.scorer.weights_proj(x_BCD).float() * self.n_heads ** -0.5
-        return torch.einsum("bch,bchw->bcw", w_BCH, F.relu(dots_BCHW) * self.dim ** -0.5)
+        dots_BCHW = (q_BCHI.float().reshape(b, c * self.n_heads, self.dim) @ entries_BWI.float().transpose(1, 2))
+        relu_BCHW = F.relu(dots_BCHW.view(b, c, self.n_heads, -1))
+        w_BC1H = self.scorer.weights_proj(x_BCD).float()[:, :, None] * (self.n_heads * self.dim) ** -0.5
+        return (w_BC1H @ relu_BCHW)[:, :, 0]
 
 
 def sink_attention(q_BCHX, parts, sinks_H, scale: float, dropout: float = 0.0):
-    """softmax over every part's keys plus a per-head sink logit; values = keys.
+    """softmax over every part's keys plus a per-head sink logit; values = keys. The explicit form,
+    for attention maps and the indexer's KL target (the forward pass runs `sink_sdpa`).
 
     parts: (keys, mask) with keys (B, S, X) shared by the chunk's queries or (B, C, S, X) per query,
     and mask (B or 1, C, S). Returns o (B, C, H, X) and each part's probabilities (B, C, H, S)."""
@@ -185,6 +188,23 @@ def sink_attention(q_BCHX, parts, sinks_H, scale: float, dropout: float = 0.0):
         eq = "bchs,bsx->bchx" if keys.dim() == 3 else "bchs,bcsx->bchx"
         out = out + torch.einsum(eq, p, keys)
     return out, probs
+
+
+def sink_sdpa(q_BCHX, parts, sinks_H, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """`sink_attention`'s output through SDPA (keys shared by the chunk's queries): the sink is one
+    more key, [0 .. 0, 1], met by a query channel holding s_h / scale, with a zero value; so
+    logit_sink = s_h exactly, and nothing T x S is kept for backward."""
+    b, c, h, x = q_BCHX.shape
+    keys = torch.cat([k for k, _ in parts], dim=1)  # (B, S, X)
+    mask = torch.cat([m.expand(b, c, -1) for _, m in parts] + [keys.new_ones(b, c, 1, dtype=torch.bool)], -1)
+    sink_q = (sinks_H.to(q_BCHX.dtype) / scale).view(1, 1, h, 1).expand(b, c, h, 1)
+    q = torch.cat([q_BCHX, sink_q], -1).transpose(1, 2)  # (B, H, C, X + 1)
+    k = F.pad(F.pad(keys, (0, 1)), (0, 0, 0, 1))
+    k[:, -1, -1] = 1.0
+    v = F.pad(keys, (0, 1, 0, 1))  # q, k and v of one width: SDPA's fused kernel, not its math path
+    out = F.scaled_dot_product_attention(q, k[:, None], v[:, None], attn_mask=mask[:, None], dropout_p=dropout,
+                                         scale=scale, enable_gqa=True)
+    return out[..., :x].transpose(1, 2)
 
 
 class CompressedAttention(nn.Module):
@@ -262,12 +282,11 @@ class CompressedAttention(nn.Module):
             c1 = min(t, c0 + CHUNK)
             parts, picked = self.key_parts(keys, start, offset, pos[..., c0:c1], entries, index_entries, index_in,
                                            (cos[..., c0:c1, :], sin[..., c0:c1, :]), c0, c1)
-            o, probs = sink_attention(q[:, c0:c1], parts, self.sinks, self.scale,
-                                      self.dropout if self.training else 0.0)
-            outs.append(o)
-            if picked is not None and self.training:
-                scores, valid, _ = picked
-                losses.append(indexer_kl(probs[-1].transpose(1, 2), scores, valid) * (c1 - c0))
+            outs.append(sink_sdpa(q[:, c0:c1], parts, self.sinks, self.scale, self.dropout if self.training else 0.0))
+            if picked is not None and self.training:  # the indexer's KL target: the heads' weights on its picks
+                with torch.no_grad():
+                    _, probs = sink_attention(q[:, c0:c1], parts, self.sinks, self.scale)
+                losses.append(indexer_kl(probs[-1].transpose(1, 2), picked, parts[-1][1]) * (c1 - c0))
         self.index_loss = torch.stack(losses).sum() / t if losses else None
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
@@ -284,18 +303,10 @@ class CompressedAttention(nn.Module):
         kv = rotate_tail(self.kv_norm(self.kv_proj(x)), cos, sin)
         entries, index_entries = self.compressed_entries(x, None, 0, t)
         index_in = (x, q_latent) if self.indexer is not None else None
-        parts, picked = self.key_parts(kv, 0, 0, pos, entries, index_entries, index_in, (cos, sin), 0, t)
+        parts, _ = self.key_parts(kv, 0, 0, pos, entries, index_entries, index_in, (cos, sin), 0, t)
         _, probs = sink_attention(q, parts, self.sinks, self.scale)
-        weights, allowed = [probs[0]], [parts[0][1].expand(b, t, -1)]
-        if len(parts) > 1 and picked is None:  # HCA: every visible entry
-            weights.append(probs[1])
-            allowed.append(parts[1][1].expand(b, t, -1))
-        elif len(parts) > 1:  # CSA: scatter the picks back to entry positions
-            _, valid, top = picked
-            full = probs[1].new_zeros(b, t, self.n_heads, entries.shape[1])
-            weights.append(full.scatter_(-1, top[:, :, None].expand(-1, -1, self.n_heads, -1), probs[1]))
-            allowed.append(torch.zeros(b, t, entries.shape[1], dtype=torch.bool, device=x.device).scatter_(-1, top, valid))
-        return torch.cat(weights, -1).transpose(1, 2), torch.cat(allowed, -1)
+        allowed = torch.cat([mask.expand(b, t, -1) for _, mask in parts], -1)
+        return torch.cat(probs, -1).transpose(1, 2), allowed
 
     def project_out(self, o_BTHX: torch.Tensor) -> torch.Tensor:
         b, t = o_BTHX.shape[:2]
@@ -339,7 +350,8 @@ class CompressedAttention(nn.Module):
 
     def key_parts(self, keys, start, offset, pos_q, entries, index_entries, index_in, rope_q, c0: int, c1: int):
         """[(local keys, mask), (entries, mask)] for queries c0..c1-1 at positions pos_q ((C,) or (B, 1)),
-        and for CSA the indexer's (scores, valid) of the picked entries."""
+        keys shared by the chunk's queries, masks (B or 1, C, S); for CSA the entries' mask holds the
+        indexer's picks and its scores (B, C, W) come back too (for the KL loss), else None."""
         rel = pos_q - offset  # query positions as indices into keys
         b = keys.shape[0]
         if isinstance(start, torch.Tensor):  # one token per row
@@ -365,10 +377,11 @@ class CompressedAttention(nn.Module):
         if self.indexer is None:
             return parts + [(entries, visible)], None
         x, q_latent = index_in
-        scores = self.indexer.scores(x[:, c0:c1], q_latent[:, c0:c1], *rope_q, index_entries)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.training):  # the KL needs its graph
+            scores = self.indexer.scores(x[:, c0:c1], q_latent[:, c0:c1], *rope_q, index_entries)
         visible = visible.expand(b, scores.shape[1], -1)
         k = entries.shape[1] if self.dsa_warmup else min(self.indexer.topk, entries.shape[1])
         top = earliest_topk(scores.masked_fill(~visible, float("-inf")), k)  # (B, C, k)
-        valid = visible.gather(-1, top)
-        parts.append((gather_rows(entries, top), valid))
-        return parts, (scores.gather(-1, top), valid, top)
+        picked = torch.zeros_like(visible).scatter_(-1, top, visible.gather(-1, top))
+        parts.append((entries, picked))
+        return parts, scores

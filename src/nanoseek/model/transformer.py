@@ -381,11 +381,29 @@ def flops_per_token(config: ModelConfig, matmul_params: int, seq_len: int | None
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
     """Bytes the KV cache holds per token over all layers (default bf16)."""
+    if config.attention == "v4":  # what CompressedKVCache holds: key, compressor inputs, entries
+        return round(sum(v4_cache_width(config, config.layer_sparse(i))
+                         for i in range(config.num_hidden_layers)) * dtype_bytes)
     if config.attention == "mla":
         per_layer = config.kv_lora_rank + config.qk_rope_head_dim
     else:
         per_layer = 2 * config.n_kv_heads * config.attn_head_dim
     return config.num_hidden_layers * per_layer * dtype_bytes
+
+
+def v4_cache_width(config: ModelConfig, kind: str) -> float:
+    """Numbers a V4 layer caches per token: its key (= value); for CSA/HCA also the compressor's raw
+    kv and gate projections (kept for every token so any row can pool the window it closes) and
+    1/m of a pooled entry; CSA adds the same for its indexer."""
+    hd = config.attn_head_dim
+    if kind not in ("csa", "hca"):
+        return hd
+    rate = config.compress_rate_csa if kind == "csa" else config.compress_rate_hca
+    width = (2 * hd if kind == "csa" else hd)
+    total = hd + 2 * width + hd / rate
+    if kind == "csa":
+        total += 2 * 2 * config.index_head_dim + config.index_head_dim / rate
+    return total
 
 
 def model_info(config: ModelConfig, seq_len: int | None = None) -> dict:

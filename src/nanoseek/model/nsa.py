@@ -66,11 +66,9 @@ class NativeSparseAttention(nn.Module):
                          for _ in BRANCHES])
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, rope=None, cache=None, start=0) -> torch.Tensor:
-        if isinstance(start, torch.Tensor):  # continuous batching: one row at a time
-            rows = [self.forward(x[i:i + 1], None if rope is None else (rope[0][i], rope[1][i]),
-                                 cache.rows(i, i + 1), int(start[i])) for i in range(x.shape[0])]
-            return torch.cat(rows)
+    def project(self, x: torch.Tensor, rope):
+        """q (B, H, T, d) and the branches' [k_cmp, v_cmp, k_slc, v_slc, k_win, v_win] (B, G, T, d),
+        keys rotated."""
         b, t, _ = x.shape
         hd, kv = self.head_dim, self.n_kv_heads * self.head_dim
         parts = self.qkv_proj(x).split([self.n_heads * hd] + [kv] * 6, dim=-1)
@@ -79,6 +77,16 @@ class NativeSparseAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope, self.interleave)
             kvs = [apply_rope(p, *rope, self.interleave) if i % 2 == 0 else p for i, p in enumerate(kvs)]
+        return q, kvs
+
+    def forward(self, x: torch.Tensor, rope=None, cache=None, start=0) -> torch.Tensor:
+        if isinstance(start, torch.Tensor):  # continuous batching: one row at a time
+            rows = [self.forward(x[i:i + 1], None if rope is None else (rope[0][i], rope[1][i]),
+                                 cache.rows(i, i + 1), int(start[i])) for i in range(x.shape[0])]
+            return torch.cat(rows)
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, kvs = self.project(x, rope)
         branches = [(kvs[0], kvs[1]), (kvs[2], kvs[3]), (kvs[4], kvs[5])]
         if cache is not None:
             branches = [c.update(start, k, v) for c, (k, v) in zip(cache.caches, branches)]
@@ -101,13 +109,8 @@ class NativeSparseAttention(nn.Module):
         attention plus the compressed attention spread evenly over each block's tokens; allowed = the
         tokens of the selected blocks (any KV group) and the window."""
         b, t, _ = x.shape
-        hd, kv, l = self.head_dim, self.n_kv_heads * self.head_dim, self.block
-        parts = self.qkv_proj(x).split([self.n_heads * hd] + [kv] * 6, dim=-1)
-        q = parts[0].view(b, t, self.n_heads, hd).transpose(1, 2)
-        kvs = [p.view(b, t, self.n_kv_heads, hd).transpose(1, 2) for p in parts[1:]]
-        if rope is not None:
-            q = apply_rope(q, *rope, self.interleave)
-            kvs = [apply_rope(p, *rope, self.interleave) if i % 2 == 0 else p for i, p in enumerate(kvs)]
+        l = self.block
+        q, kvs = self.project(x, rope)
         k_blocks = self.compress(kvs[0])
         _, scores = self.compressed_attention(q, k_blocks, self.compress(kvs[1], values=True), 0)
         nb, n = (t - 1) // l + 1, k_blocks.shape[2]

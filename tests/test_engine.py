@@ -72,6 +72,7 @@ def run_engine(model, prompts, max_tokens, max_batch=4, options=SamplingOptions(
     ("llama-tiny", {"sparse": "sliding", "sliding_window": 4}),  # per-row windows
     ("deepseek-v32-tiny", {"index_topk": 5}),  # per-row DSA selection
     ("llama-tiny", {"sparse": "nsa", "nsa_block": 4, "nsa_topn": 3, "sliding_window": 6}),  # NSA rows
+    ("deepseek-v4-tiny", {"index_n_heads": 8}),  # V4: CSA + HCA rows pooling their own windows, hash MoE
 ])
 def test_batched_rows_match_generating_alone(preset, overrides):
     model = tiny_model(preset, **overrides)

@@ -231,3 +231,36 @@ def test_deepseek_v4_flash_counts_and_cache_estimate():
     cache = model.make_cache(1, 64)
     held = sum(b[0].numel() for c in cache for b in c.buffers.values())  # numbers for 64 positions
     assert kv_cache_bytes_per_token(model.config, dtype_bytes=1) * 64 == pytest.approx(held, rel=0.02)
+
+
+def test_checkpointed_hash_layers_recompute_with_their_own_token_ids():
+    plain, ckpt = v4(["csa", "hca"]).train(), v4(["csa", "hca"]).train()
+    ckpt.gradient_checkpointing = True
+    x1, x2 = ids(2, 24, seed=1), ids(2, 24, seed=2)
+    plain(x1, targets=x1).loss.backward()
+    out = ckpt(x1, targets=x1)
+    ckpt(x2, targets=x2)  # a later forward hands other ids to the hash layers
+    out.loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_per_row_decode_with_a_cache_shorter_than_a_window():
+    model, x = v4(["hca"]), ids(2, 6)  # HCA rate 8 > 6 positions
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.make_cache(2, 6)
+        model(x[:, :3], cache=cache)
+        out = model(x[:, 3:4], cache=cache, start=torch.tensor([3, 3])).logits
+    assert (out[:, 0] - full[:, 3]).abs().max() < 1e-5
+
+
+def test_hf_export_routing_rules(tmp_path):
+    from nanoseek.hf import config_to_hf
+
+    cfg = ModelConfig.from_preset("deepseek-v4-tiny")
+    assert config_to_hf(cfg.replace(scoring_func="sigmoid"))["scoring_func"] == "sigmoid"
+    for bad in (dict(scoring_func="softmax"), dict(norm_topk_prob=False), dict(sparse_layers=["dense"])):
+        with pytest.raises(NanoseekError, match="cannot save in HF format"):
+            config_to_hf(cfg.replace(**bad))

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, mscale
 from .errors import NanoseekError
 from .safetensors_io import SafetensorsFile
 
@@ -159,6 +159,8 @@ def v4_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
     if types is None:  # transformers' default: two HCA layers, then HCA / CSA alternating
         types = ["heavily_compressed_attention"] * min(n, 2) + [
             "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(n - 2, 0))]
+    if len(types) != n:
+        raise NanoseekError(f"{source}: layer_types has {len(types)} entries for num_hidden_layers={n}")
     bad = [t for t in types if t not in V4_LAYER_TYPES]
     if bad:
         raise NanoseekError(f"{source}: layer_types entry {bad[0]!r}; valid: {', '.join(V4_LAYER_TYPES)}")
@@ -177,6 +179,11 @@ def v4_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
     if isinstance(main, dict) and isinstance(compress, dict):
         theta, compress_theta = main.get("rope_theta", 10000.0), compress.get("rope_theta", 160000.0)
         scaling = {k: v for k, v in compress.items() if k not in ("rope_theta", "partial_rotary_factor", "attention_factor")}
+        if compress.get("rope_type") == "yarn":  # transformers scales cos/sin unless attention_factor says 1
+            factor = compress.get("attention_factor") or mscale(float(compress.get("factor", 1.0)))
+            if abs(factor - 1.0) > 1e-6:
+                raise NanoseekError(f"{source}: rope_parameters.compress.attention_factor={factor:.4g}; nanoseek's "
+                                    f"V4 layers rotate with unscaled cos/sin (DeepSeek-V4 uses 1.0)")
     else:
         theta, scaling = _rope_scaling(cfg)
         compress_theta = cfg.get("compress_rope_theta", 160000.0)
@@ -215,9 +222,10 @@ def v4_config_to_hf(config: ModelConfig) -> dict:
         problems.append("a 'dense' V4 layer (transformers' V4 layers are sliding, csa or hca)")
     if config.fusion != "mhc" or config.ffn != "moe" or config.first_k_dense_replace:
         problems.append("deepseek_v4 needs fusion='mhc' and every layer MoE (first_k_dense_replace=0)")
-    if (config.scoring_func, config.topk_method, config.norm_topk_prob, config.n_group) != (
-            "sqrtsoftplus", "noaux_tc", True, 1) and config.scoring_func != "softmax":
-        problems.append("deepseek_v4 routing is sqrtsoftplus/sigmoid/softmax scores, noaux_tc top-k, normalized, no groups")
+    if (config.scoring_func not in ("sqrtsoftplus", "sigmoid") or config.topk_method != "noaux_tc"
+            or not config.norm_topk_prob or config.n_group != 1):
+        problems.append("deepseek_v4 routing is sqrtsoftplus or sigmoid scores, noaux_tc top-k, normalized "
+                        "(norm_topk_prob=true), no groups (n_group=1)")
     if config.swiglu_limit is None:
         problems.append("deepseek_v4 always clamps its SwiGLU: set swiglu_limit")
     if config.num_nextn_predict_layers:

@@ -334,6 +334,9 @@ class CompressedAttention(nn.Module):
             cache.write(prefix + "raw_kv", start, raw_kv)
             end = cache.write(prefix + "raw_gate", start, raw_gate)
             buffer = cache[prefix + "entries"]
+            if isinstance(start, torch.Tensor) and cache[prefix + "raw_kv"].shape[1] < m:
+                found.append(buffer)  # a cache shorter than one window: nothing ever closes
+                continue
             if isinstance(start, torch.Tensor):  # one token per row: re-pool each row's last closed window
                 windows = ((start + 1) // m - 1).clamp(min=0)[:, None]
                 new = module.pool(cache[prefix + "raw_kv"], cache[prefix + "raw_gate"], windows, 0, self.rope)

@@ -216,7 +216,14 @@ class Transformer(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(fn, x, rope, cache, start, use_reentrant=False)
+            ids = getattr(self, "routed_ids", None)
+
+            def recomputable(*args):  # recomputed in backward: hand the hash layers this step's ids again
+                if ids is not None:
+                    self.route_tokens(ids)
+                return fn(*args)
+
+            return checkpoint(recomputable, x, rope, cache, start, use_reentrant=False)
         return fn(x, rope, cache, start)
 
     def layer_outputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -245,6 +252,7 @@ class Transformer(nn.Module):
 
     def route_tokens(self, input_ids: torch.Tensor) -> None:
         """Hand the token ids to the hash-routed MoE layers (V4), which choose experts by id."""
+        self.routed_ids = input_ids
         for layer in self.layers:
             if isinstance(layer.mlp, MoE) and layer.mlp.gate.hash_routing:
                 layer.mlp.token_ids = input_ids

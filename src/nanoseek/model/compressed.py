@@ -375,6 +375,12 @@ class CompressedAttention(nn.Module):
         if entries is None or entries.shape[1] == 0:
             return parts, None
         m = self.compressor.rate
+        if not isinstance(start, torch.Tensor):  # entries closed after this chunk's last query are never read
+            closed = (start + c1 - offset) // m
+            entries = entries[:, :closed]
+            index_entries = None if index_entries is None else index_entries[:, :closed]
+            if closed == 0:
+                return parts, None
         visible = torch.arange(entries.shape[1], device=keys.device) < ((rel + 1) // m)[..., None]
         visible = visible if visible.dim() == 3 else visible[None]
         if self.indexer is None:

@@ -42,7 +42,6 @@ from .errors import NanoseekError
 from .safetensors_io import SafetensorsFile
 
 SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama")
-LATER: dict[str, str] = {}
 V4_LAYER_TYPES = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
                   "heavily_compressed_attention": "hca"}
 V4_COMPRESS_RATIOS = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
@@ -96,9 +95,6 @@ def _rope_scaling(cfg: dict) -> tuple[float, dict | None]:
 
 def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
     kind = cfg.get("model_type")
-    if kind in LATER:
-        raise NanoseekError(f"{source}: model_type={kind!r} needs {LATER[kind]}, not available in this build; "
-                            f"supported: {', '.join(SUPPORTED)}")
     if kind not in SUPPORTED:
         raise NanoseekError(f"{source}: unknown model_type={kind!r}; supported: {', '.join(SUPPORTED)}")
     if cfg.get("auto_map"):

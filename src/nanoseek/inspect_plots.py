@@ -88,10 +88,17 @@ def plot_fusion(model, tokenizer, prompt: str, out: str | Path) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"fusion={model.config.fusion}: {prompt[:60]!r}", fontsize=10)
+    return save_figure(fig, out, dpi=100)
+
+
+def save_figure(fig, out: str | Path, dpi: int) -> Path:
+    """Write a finished matplotlib figure to `out` (folders made) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
@@ -157,9 +164,4 @@ def plot_attention(model, tokenizer, prompt: str, layer: int, out: str | Path) -
         if len(ids) <= 48:
             ax.set_xticks(range(len(ids)), [repr(c)[1:-1] for c in labels], fontsize=6, rotation=90)
             ax.set_yticks(range(len(ids)), [repr(c)[1:-1] for c in labels], fontsize=6)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)

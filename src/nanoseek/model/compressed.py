@@ -166,32 +166,21 @@ class Indexer(Compressor):
         return (w_BC1H @ relu_BCHW)[:, :, 0]
 
 
-def sink_attention(q_BCHX, parts, sinks_H, scale: float, dropout: float = 0.0):
-    """softmax over every part's keys plus a per-head sink logit; values = keys. The explicit form,
-    for attention maps and the indexer's KL target (the forward pass runs `sink_sdpa`).
-
-    parts: (keys, mask) with keys (B, S, X) shared by the chunk's queries or (B, C, S, X) per query,
-    and mask (B or 1, C, S). Returns o (B, C, H, X) and each part's probabilities (B, C, H, S)."""
+def sink_probs(q_BCHX, parts, sinks_H, scale: float) -> list[torch.Tensor]:
+    """The attention weights of each part, (B, C, H, S), under a softmax over every part's keys plus a
+    per-head sink logit: the explicit form, for attention maps and the indexer's KL target (the
+    forward pass runs `sink_sdpa`). parts: (keys (B, S, X) shared by the chunk's queries, mask
+    (B or 1, C, S))."""
     b, c, h, _ = q_BCHX.shape
-    logits = []
-    for keys, mask in parts:
-        eq = "bchx,bsx->bchs" if keys.dim() == 3 else "bchx,bcsx->bchs"
-        logit = torch.einsum(eq, q_BCHX, keys).float() * scale
-        logits.append(logit.masked_fill(~mask.unsqueeze(-2), float("-inf")))
+    logits = [torch.einsum("bchx,bsx->bchs", q_BCHX, keys).float().mul(scale).masked_fill(~mask.unsqueeze(-2), float("-inf"))
+              for keys, mask in parts]
     sink = sinks_H.float().view(1, 1, h, 1).expand(b, c, h, 1)
-    probs = torch.cat(logits + [sink], dim=-1).softmax(-1)
-    if dropout:
-        probs = F.dropout(probs, dropout)
-    probs = probs.to(q_BCHX.dtype).split([lg.shape[-1] for lg in logits] + [1], dim=-1)[:-1]
-    out = 0
-    for (keys, _), p in zip(parts, probs):
-        eq = "bchs,bsx->bchx" if keys.dim() == 3 else "bchs,bcsx->bchx"
-        out = out + torch.einsum(eq, p, keys)
-    return out, probs
+    probs = torch.cat(logits + [sink], dim=-1).softmax(-1).to(q_BCHX.dtype)
+    return list(probs.split([lg.shape[-1] for lg in logits] + [1], dim=-1)[:-1])
 
 
 def sink_sdpa(q_BCHX, parts, sinks_H, scale: float, dropout: float = 0.0) -> torch.Tensor:
-    """`sink_attention`'s output through SDPA (keys shared by the chunk's queries): the sink is one
+    """Attention under `sink_probs`' weights, through SDPA (keys shared by the chunk's queries): the sink is one
     more key, [0 .. 0, 1], met by a query channel holding s_h / scale, with a zero value; so
     logit_sink = s_h exactly, and nothing T x S is kept for backward."""
     b, c, h, x = q_BCHX.shape
@@ -280,13 +269,13 @@ class CompressedAttention(nn.Module):
         outs, losses = [], []
         for c0 in range(0, t, CHUNK):
             c1 = min(t, c0 + CHUNK)
-            parts, picked = self.key_parts(keys, start, offset, pos[..., c0:c1], entries, index_entries, index_in,
-                                           (cos[..., c0:c1, :], sin[..., c0:c1, :]), c0, c1)
+            parts, index_scores = self.key_parts(keys, start, offset, pos[..., c0:c1], entries, index_entries,
+                                                 index_in, (cos[..., c0:c1, :], sin[..., c0:c1, :]), c0, c1)
             outs.append(sink_sdpa(q[:, c0:c1], parts, self.sinks, self.scale, self.dropout if self.training else 0.0))
-            if picked is not None and self.training:  # the indexer's KL target: the heads' weights on its picks
+            if index_scores is not None and self.training:  # the indexer's KL target: the heads' weights on its picks
                 with torch.no_grad():
-                    _, probs = sink_attention(q[:, c0:c1], parts, self.sinks, self.scale)
-                losses.append(indexer_kl(probs[-1].transpose(1, 2), picked, parts[-1][1]) * (c1 - c0))
+                    probs = sink_probs(q[:, c0:c1], parts, self.sinks, self.scale)
+                losses.append(indexer_kl(probs[-1].transpose(1, 2), index_scores, parts[-1][1]) * (c1 - c0))
         self.index_loss = torch.stack(losses).sum() / t if losses else None
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
@@ -304,7 +293,7 @@ class CompressedAttention(nn.Module):
         entries, index_entries = self.compressed_entries(x, None, 0, t)
         index_in = (x, q_latent) if self.indexer is not None else None
         parts, _ = self.key_parts(kv, 0, 0, pos, entries, index_entries, index_in, (cos, sin), 0, t)
-        _, probs = sink_attention(q, parts, self.sinks, self.scale)
+        probs = sink_probs(q, parts, self.sinks, self.scale)
         allowed = torch.cat([mask.expand(b, t, -1) for _, mask in parts], -1)
         return torch.cat(probs, -1).transpose(1, 2), allowed
 

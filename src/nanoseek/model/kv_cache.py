@@ -119,9 +119,6 @@ class CompressedKVCache:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.buffers[name]
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.buffers
-
     @property
     def max_len(self) -> int:
         return self.buffers["kv"].shape[1]

@@ -74,6 +74,32 @@ def test_sdpa_path_equals_explicit_softmax_attention():
     torch.testing.assert_close(causal_attention(q, k, v, 0), scores.softmax(-1) @ v, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_one_query_path_equals_explicit_softmax_attention(window):
+    """A decode step (one query per row): GQA heads folded into queries, per-row positions, window,
+    and a DSA keep mask, against the explicit formula with the same mask."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 5)
+    k_rep, v_rep = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+
+    def explicit(mask_BS):
+        scores = (q @ k_rep.transpose(-1, -2) * 0.3).masked_fill(~mask_BS[:, None, None], float("-inf"))
+        return scores.softmax(-1) @ v_rep
+
+    pos = torch.arange(9)
+    start = torch.tensor([4, 8])  # per-row positions against a 9-slot cache
+    mask = pos[None] <= start[:, None]
+    if window is not None:
+        mask &= pos[None] > start[:, None] - window
+    torch.testing.assert_close(causal_attention(q, k, v, start, 0.3, window=window), explicit(mask), atol=1e-6, rtol=1e-5)
+    keep = torch.rand(2, 1, 9) > 0.5
+    keep[..., 0] = True
+    torch.testing.assert_close(causal_attention(q, k, v, 8, 0.3, keep=keep), explicit(keep[:, 0]), atol=1e-6, rtol=1e-5)
+    whole = (pos > 8 - window) if window else torch.ones(9, dtype=torch.bool)
+    torch.testing.assert_close(causal_attention(q, k, v, 8, 0.3, window=window), explicit(whole.expand(2, 9)),
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_rmsnorm_formula():
     x = torch.randn(3, 16)
     norm = RMSNorm(16, eps=1e-6)

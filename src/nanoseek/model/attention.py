@@ -8,6 +8,10 @@ Sliding-window attention (`window` = w) keeps only the last w keys of each query
 and never builds the T x T mask: queries go in chunks of C, each against its band of at most
 C + w - 1 keys (SDPA with a C x (C + w - 1) boolean mask), so time and memory grow as T * (C + w).
 
+A decode step (one query per row) skips the fused kernel: the H / H_kv query heads of each key
+head become that head's queries, and two small matmuls with an explicit softmax read every cached
+key once for all of them (`one_query_attention`).
+
 Q, K and V come from one fused projection. With grouped-query attention (GQA) each of the
 H_kv key/value heads serves H / H_kv query heads; MQA is H_kv = 1. Rotary positions, when
 configured, rotate q and k before the product. The kernel is PyTorch's
@@ -43,6 +47,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
     `window` keys (itself included). `keep` (B, T, S), a boolean mask that already includes
     causality (DSA's selected keys), replaces the causal mask.
     """
+    if q.shape[-2] == 1 and dropout == 0.0:
+        return one_query_attention(q, k, v, start, scale, window, keep)
     d_v = v.shape[-1]
     if d_v != q.shape[-1]:  # the CPU flash kernel needs equal head dims; zero padding changes nothing
         scale = scale if scale is not None else q.shape[-1] ** -0.5
@@ -72,6 +78,39 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
     mask = torch.arange(s, device=q.device)[None, :] <= query_pos
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           dropout_p=dropout, enable_gqa=gqa)
+
+
+def one_query_attention(q, k, v, start, scale, window: int | None = None,
+                        keep: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per row (decoding): two small matmuls instead of a fused kernel.
+
+    The G = H / H_kv query heads of a key head become G queries of that head, so a single key
+    head (MQA, MLA's absorbed latent) is read once for all heads: scores (B, H_kv, G, S)."""
+    b, h, _, d = q.shape
+    h_kv, s = k.shape[1], k.shape[-2]
+    scale = scale if scale is not None else d ** -0.5
+    q_BKGD = q.reshape(b, h_kv, h // h_kv, d)
+    scores_BKGS = torch.matmul(q_BKGD, k.transpose(-1, -2)).float() * scale
+    mask = one_query_mask(start, s, window, keep, q.device)
+    if mask is not None:
+        scores_BKGS = scores_BKGS.masked_fill(~mask, float("-inf"))
+    probs_BKGS = torch.softmax(scores_BKGS, dim=-1).to(v.dtype)
+    return torch.matmul(probs_BKGS, v).reshape(b, h, 1, v.shape[-1])
+
+
+def one_query_mask(start, s: int, window: int | None, keep: torch.Tensor | None, device):
+    """The keys one query per row may see, broadcastable to (B, H_kv, G, S); None = all of them."""
+    if keep is not None:  # (B, 1, S), causality included
+        return keep[:, None]
+    key_pos = torch.arange(s, device=device)
+    if isinstance(start, torch.Tensor):  # per-row positions against a longer cache
+        mask = key_pos[None, :] <= start[:, None]
+        if window is not None:
+            mask &= key_pos[None, :] > start[:, None] - window
+        return mask[:, None, None]
+    if window is None or window >= s:
+        return None
+    return key_pos > start - window
 
 
 def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) -> torch.Tensor:

@@ -62,38 +62,47 @@ class DenseKVCache:
 
 
 class LatentKVCache:
-    """MLA: c_KV and k_R per token; with DSA also the lightning indexer's key k^I (d_I)."""
+    """MLA: [c_KV ; k_R] per token in one buffer `key` (B, L, d_c + d_r), so the absorbed decode
+    reads its single key head without a copy; with DSA also the indexer's key k^I (B, L, d_I)."""
 
     def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int,
                  dtype: torch.dtype, device=None, index_dim: int = 0, *, buffers=None):
         if buffers is not None:
-            self.latent, self.k_rope, self.index_keys = buffers
+            self.key, self.latent_dim, self.index_keys = buffers
             return
-        self.latent = torch.zeros(batch, max_len, latent_dim, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device)
+        self.latent_dim = latent_dim
+        self.key = torch.zeros(batch, max_len, latent_dim + rope_dim, dtype=dtype, device=device)
         self.index_keys = (torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
                            if index_dim else None)
 
     @property
+    def latent(self) -> torch.Tensor:
+        return self.key[..., :self.latent_dim]
+
+    @property
+    def k_rope(self) -> torch.Tensor:
+        return self.key[..., self.latent_dim:]
+
+    @property
     def max_len(self) -> int:
-        return self.latent.shape[1]
+        return self.key.shape[1]
 
     def update(self, start, latent: torch.Tensor, k_rope: torch.Tensor, index_keys: torch.Tensor | None = None):
         """Write latent (B, T, d_c), k_rope (B, T, d_r) (and index keys); return all up to start+T."""
-        write_positions(self.latent, start, latent, 1)
-        end = write_positions(self.k_rope, start, k_rope, 1)
+        # one write into the base buffer (a write through two views would make a compiled graph
+        # copy the whole buffer back)
+        end = write_positions(self.key, start, torch.cat([latent, k_rope], dim=-1), 1)
         if index_keys is not None:
             write_positions(self.index_keys, start, index_keys, 1)
-            return self.latent[:, :end], self.k_rope[:, :end], self.index_keys[:, :end]
-        return self.latent[:, :end], self.k_rope[:, :end], None
+        return self.latent[:, :end], self.k_rope[:, :end], None if index_keys is None else self.index_keys[:, :end]
 
     def rows(self, lo: int, hi: int, length: int | None = None) -> LatentKVCache:
         length = self.max_len if length is None else length
-        parts = [None if b is None else b[lo:hi, :length] for b in (self.latent, self.k_rope, self.index_keys)]
-        return LatentKVCache(0, 0, 0, 0, None, buffers=tuple(parts))
+        index_keys = None if self.index_keys is None else self.index_keys[lo:hi, :length]
+        return LatentKVCache(0, 0, 0, 0, None, buffers=(self.key[lo:hi, :length], self.latent_dim, index_keys))
 
     def move_row(self, src: int, dst: int) -> None:
-        for b in (self.latent, self.k_rope, self.index_keys):
+        for b in (self.key, self.index_keys):
             if b is not None:
                 b[dst] = b[src]
 

@@ -112,7 +112,8 @@ class MultiHeadLatentAttention(nn.Module):
             scores = self.indexer.scores(x_BTD.detach(), q_latent_BTQ.detach(), index_keys_BTI, rope)
             keep = causal if self.dsa_warmup else self.indexer.select(scores, causal)
         if cache is not None and is_decoding(start) and self.absorb:
-            o_BHTV = self.attend_absorbed(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep)
+            key_BSX = cache.key[:, :latent_BTC.shape[1]]  # [c_KV ; k_R] as stored: no concatenation
+            o_BHTV = self.attend_absorbed(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep, key_BSX)
         else:
             o_BHTV = self.attend_expanded(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep, scores)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
@@ -157,22 +158,23 @@ class MultiHeadLatentAttention(nn.Module):
             probs = torch.softmax(logits.masked_fill(~keep_BTS[:, None], float("-inf")), dim=-1)
         return indexer_kl(probs, scores_BTS, keep_BTS)
 
-    def absorbed_inputs(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR):
-        """The absorbed query [W_UK^T q_C ; q_R] (B, H, T, C+R), the single key head [c_KV ; k_R]."""
+    def absorbed_inputs(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, key_BSX=None):
+        """The absorbed query [W_UK^T q_C ; q_R] (B, H, T, C+R), the single key head [c_KV ; k_R]
+        (B, 1, S, C+R), given as `key_BSX` when the cache already holds it joined."""
         w_uk_HNC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, :self.nope]
         q_latent_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope_BHTN, w_uk_HNC.to(q_nope_BHTN.dtype))
         q = torch.cat([q_latent_BHTC, q_rope_BHTR], dim=-1)
-        k = torch.cat([latent_BSC, k_rope_BSR], dim=-1)[:, None]
-        return q, k
+        k = key_BSX if key_BSX is not None else torch.cat([latent_BSC, k_rope_BSR], dim=-1)
+        return q, k[:, None]
 
     def expand_output(self, o_latent_BHTC):
         """W_UV applied after attention over the latent values."""
         w_uv_HVC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, self.nope:]
         return torch.einsum("bhtc,hvc->bhtv", o_latent_BHTC, w_uv_HVC.to(o_latent_BHTC.dtype))
 
-    def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None):
+    def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None, key_BSX=None):
         """Fold W_UK into the query and W_UV after attention: MQA over [c_KV ; k_R]."""
-        q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
+        q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, key_BSX)
         o_latent_BHTC = causal_attention(q, k, latent_BSC[:, None], start, self.scale, window=self.window, keep=keep)
         return self.expand_output(o_latent_BHTC)
 

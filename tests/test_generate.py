@@ -312,8 +312,22 @@ def test_compiled_static_decode_equals_eager_decode():
     eager = generate(model, prompt, max_new_tokens=12, temperature=0)
     compiled = generate(model, prompt, max_new_tokens=12, temperature=0, compile=True)
     assert torch.equal(compiled, eager)
-    again = generate(model, prompt[:, :5], max_new_tokens=20, temperature=0, compile=True)  # reuses the graph
+    with torch._dynamo.config.patch(error_on_recompile=True):  # another length reuses the graph
+        again = generate(model, prompt[:, :5], max_new_tokens=20, temperature=0, compile=True)
     assert torch.equal(again, generate(model, prompt[:, :5], max_new_tokens=20, temperature=0))
+
+
+def test_compiled_decode_at_batch_one_compiles_once():
+    """Batch 1: the step's token must not be a view of the history (its stride would change with
+    the generation's length, and with it the graph)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("deepseek-v3-tiny", max_position_embeddings=64)).eval()
+    prompt = torch.randint(0, 128, (1, 6))
+    first = generate(model, prompt, max_new_tokens=5, temperature=0, compile=True)
+    assert torch.equal(first, generate(model, prompt, max_new_tokens=5, temperature=0))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        longer = generate(model, prompt[:, :3], max_new_tokens=30, temperature=0, compile=True)
+    assert torch.equal(longer, generate(model, prompt[:, :3], max_new_tokens=30, temperature=0))
 
 
 def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():

@@ -276,7 +276,10 @@ class TokenLoop:
             logits = prefill(self.model, self.input_ids, self.cache)
         elif self.decoder is not None:
             positions = torch.full((self.input_ids.shape[0],), end - 1, device=self.input_ids.device)
-            logits = self.decoder(self.history[:, end - 1:end].contiguous(), positions, guarded=step == 1)
+            # a fresh (B, 1) tensor: a view of the history would carry its length in its stride
+            # (batch 1: .contiguous() keeps the view), and a new stride means a new graph
+            token = self.history[:, end - 1:end].clone(memory_format=torch.contiguous_format)
+            logits = self.decoder(token, positions, guarded=step == 1)
         else:
             logits = decode_step(self.model, self.history[:, end - 1:end], self.cache, end - 1)
         token = self._sample(logits, self.history[:, :end])

@@ -177,11 +177,18 @@ def test_dsa_warmup_trains_only_the_indexer_and_lowers_its_loss():
     assert changed and all("indexer" in n for n in changed)
 
 
-def test_long_prefill_path_equals_the_masked_path():
-    m = model("deepseek-v32-tiny", index_topk=16, index_n_heads=16, max_position_embeddings=512)  # no ReLU ties
+@pytest.mark.parametrize("topk,gather_from", [(16, 10_000), (16, 1), (280, 10_000)])
+def test_long_prefill_path_equals_the_masked_path(monkeypatch, topk, gather_from):
+    """300 queries > SELECT_CHUNK: chunks that mask their picks, that gather them (gather_from=1), or
+    (top-k 280) a first chunk that sees fewer keys than top-k and keeps every causal key."""
+    import nanoseek.model.dsa as dsa
+
+    monkeypatch.setattr(dsa, "GATHER_FROM", gather_from)
+    m = model("deepseek-v32-tiny", index_topk=topk, index_n_heads=16, max_position_embeddings=512)  # no ReLU ties
     x = tokens(300, batch=1)
+    assert 300 > dsa.SELECT_CHUNK
     with torch.no_grad():
-        chunked = m(x).logits  # 300 queries > 128: chunked selection over gathered latents
+        chunked = m(x).logits
         for attn in m.dsa_layers():
             attn.long_prefill = 10_000
         masked = m(x).logits

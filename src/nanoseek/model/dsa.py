@@ -58,17 +58,19 @@ class LightningIndexer(nn.Module):
         b, t, _ = x_BTD.shape
         cos, sin = rope
         q_BTHI = self.wq_b(q_latent_BTQ).view(b, t, self.n_heads, self.head_dim)
-        q_BHTI = self.rotate(q_BTHI.transpose(1, 2), cos, sin)
-        dots_BHTS = torch.matmul(q_BHTI.float(), keys_BSI.float()[:, None].transpose(-1, -2))
-        relu_BHTS = F.relu(dots_BHTS * self.head_dim ** -0.5)
-        w_BTH = self.weights_proj(x_BTD).float() * self.n_heads ** -0.5
-        return torch.einsum("bth,bhts->bts", w_BTH, relu_BHTS)
+        q_BTHI = self.rotate(q_BTHI.transpose(1, 2), cos, sin).transpose(1, 2)
+        # one GEMM over the (t, h) rows, then per query the heads' weighted sum as a batched
+        # (1 x H) @ (H x S); relu(a z) = a relu(z) for a > 0 moves 1/sqrt(d_I) into the weights
+        dots_BXS = torch.matmul(q_BTHI.float().reshape(b, t * self.n_heads, -1), keys_BSI.float().transpose(-1, -2))
+        relu_NHS = dots_BXS.relu_().view(b * t, self.n_heads, -1)
+        w_N1H = self.weights_proj(x_BTD).float().view(b * t, 1, self.n_heads) * (self.n_heads * self.head_dim) ** -0.5
+        return torch.bmm(w_N1H, relu_NHS).view(b, t, -1)
 
     def select(self, scores_BTS: torch.Tensor, causal_BTS: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask (B, T, S): the top-k causal keys of each query."""
         scores_BTS = scores_BTS.masked_fill(~causal_BTS, float("-inf"))
         k = min(self.topk, scores_BTS.shape[-1])
-        picked_BTK = scores_BTS.topk(k, dim=-1).indices
+        picked_BTK = scores_BTS.topk(k, dim=-1, sorted=False).indices
         keep = torch.zeros_like(causal_BTS).scatter_(-1, picked_BTK, True)
         return keep & causal_BTS  # rows with fewer than k causal keys picked some masked ones
 
@@ -93,7 +95,8 @@ def indexer_kl(attn_probs_BHTS: torch.Tensor, scores_BTS: torch.Tensor, keep_BTS
 
 # ---------------------------------------------------------------------------- long sequences
 
-SELECT_CHUNK = 128  # queries scored and attended per step on the gathered path
+SELECT_CHUNK = 256  # queries scored and attended per step on the long-sequence path
+GATHER_FROM = 16  # a chunk gathers its picks once it sees more than GATHER_FROM * top-k keys
 
 
 def gathered_attention(q_BHTX, k_BGSX, v_BGSV, picked_BTK, valid_BTK, scale: float) -> torch.Tensor:
@@ -117,25 +120,46 @@ def gathered_attention(q_BHTX, k_BGSX, v_BGSV, picked_BTK, valid_BTK, scale: flo
 
 def chunked_sparse_attention(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int,
                              q_BHTX, k_BGSX, v_BGSV, scale: float) -> torch.Tensor:
-    """DSA for long sequences: per chunk of C queries, score only the keys up to the chunk's end,
-    take the top-k, and attend to the gathered picks. Memory grows as T * (C + K), never T * S;
-    under autograd each chunk's gathered keys are recomputed in backward instead of kept."""
-    t = x_BTD.shape[1]
+    """DSA for long sequences, per chunk of C queries: score only the keys up to the chunk's end,
+    take the top-k, and attend to the picks through a (C, S_visible) mask in one fused SDPA (no
+    T x S score matrix, nothing kept for backward but the mask). A chunk that sees no more keys
+    than top-k keeps every causal key and skips the indexer; one that sees more than
+    GATHER_FROM * top-k gathers its picks instead (cost T * K, not T * S; recomputed in backward)."""
+    t, d_v = x_BTD.shape[1], v_BGSV.shape[-1]
     cos, sin = rope
+    if d_v != q_BHTX.shape[-1]:  # the fused kernel needs equal widths: pad the values once
+        v_wide = F.pad(v_BGSV, (0, q_BHTX.shape[-1] - d_v))
+    else:
+        v_wide = v_BGSV
     outs = []
     for a in range(0, t, SELECT_CHUNK):
         bnd = min(t, a + SELECT_CHUNK)
         visible = start + bnd  # keys any query of the chunk can see
-        scores = indexer.scores(x_BTD[:, a:bnd], q_latent_BTQ[:, a:bnd], keys_BSI[:, :visible],
-                                (cos[a:bnd], sin[a:bnd]))
         causal = causal_mask(start + a, bnd - a, visible, x_BTD.device)
-        top = scores.masked_fill(~causal, float("-inf")).topk(min(indexer.topk, visible), dim=-1)
-        args = (q_BHTX[:, :, a:bnd], k_BGSX[:, :, :visible], v_BGSV[:, :, :visible], top.indices,
-                top.values > float("-inf"), scale)
-        if torch.is_grad_enabled():  # keep only the chunk's inputs; gather again in backward
-            from torch.utils.checkpoint import checkpoint
-
-            outs.append(checkpoint(gathered_attention, *args, use_reentrant=False))
+        q_chunk = q_BHTX[:, :, a:bnd]
+        if visible <= indexer.topk:
+            keep = causal.expand(x_BTD.shape[0], -1, -1)
         else:
-            outs.append(gathered_attention(*args))
+            scores = indexer.scores(x_BTD[:, a:bnd], q_latent_BTQ[:, a:bnd], keys_BSI[:, :visible],
+                                    (cos[a:bnd], sin[a:bnd]))
+            top = scores.masked_fill(~causal, float("-inf")).topk(indexer.topk, dim=-1, sorted=False)
+            valid = top.values > float("-inf")
+            if visible > GATHER_FROM * indexer.topk:
+                outs.append(gathered_chunk(q_chunk, k_BGSX[:, :, :visible], v_BGSV[:, :, :visible],
+                                           top.indices, valid, scale))
+                continue
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, valid)
+        gqa = q_chunk.shape[1] != k_BGSX.shape[1]
+        out = F.scaled_dot_product_attention(q_chunk, k_BGSX[:, :, :visible], v_wide[:, :, :visible],
+                                             attn_mask=keep[:, None], scale=scale, enable_gqa=gqa)
+        outs.append(out[..., :d_v])
     return torch.cat(outs, dim=2)
+
+
+def gathered_chunk(q, k, v, picked, valid, scale: float) -> torch.Tensor:
+    """`gathered_attention`; under autograd the gathered keys are recomputed in backward, not kept."""
+    if torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(gathered_attention, q, k, v, picked, valid, scale, use_reentrant=False)
+    return gathered_attention(q, k, v, picked, valid, scale)

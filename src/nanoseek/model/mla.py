@@ -71,7 +71,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.indexer = LightningIndexer(config) if config.layer_sparse(layer) == "dsa" else None
         self.indexed = self.indexer is not None
         self.dsa_warmup = False  # DSA warm-up: dense attention while the indexer learns
-        self.long_prefill = SELECT_CHUNK  # DSA inference over more queries: chunked, gathered keys
+        self.long_prefill = SELECT_CHUNK  # DSA inference over more queries: chunked (model/dsa.py)
         self.index_loss: torch.Tensor | None = None
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> LatentKVCache:

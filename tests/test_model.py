@@ -100,6 +100,33 @@ def test_one_query_path_equals_explicit_softmax_attention(window):
                                atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_backward_equals_autograd_of_the_formula(dtype):
+    """The memory-saving backward (keeps x and rstd only) against autograd through the formula."""
+    torch.manual_seed(0)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(3, 5, 16)
+    (norm(x).float() * grad_y).sum().backward()
+    got_x, got_w = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    x32 = x.float()
+    formula = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+    (formula.float() * grad_y).sum().backward()
+    torch.testing.assert_close(got_x, x.grad, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got_w, norm.weight.grad, atol=2e-6, rtol=1e-5)
+
+
+def test_swiglu_backward_passes_gradcheck():
+    from nanoseek.model.ffn import swiglu
+
+    gate, up = (torch.randn(4, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(swiglu, (gate, up))
+    assert swiglu(gate, up).grad_fn.name().startswith("SwiGLUFunction")
+
+
 def test_rmsnorm_formula():
     x = torch.randn(3, 16)
     norm = RMSNorm(16, eps=1e-6)

@@ -35,7 +35,27 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> 
     """SiLU(gate) * up, with V4's clamp when `limit` is set."""
     if limit is not None:
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    elif torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLUFunction.apply(gate, up)
     return F.silu(gate) * up
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """SiLU(g) * u that keeps only g and u for backward (views of the one gate_up output) and
+    recomputes SiLU there, instead of also keeping SiLU(g) (one I-wide activation per token less):
+        d/dg = grad * u * s * (1 + g (1 - s)),  d/du = grad * g s,   s = sigmoid(g)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        return grad * up * sig * (1 + gate * (1 - sig)), grad * silu
 
 
 class SwiGLU(nn.Module):

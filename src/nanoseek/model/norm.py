@@ -21,9 +21,34 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm that keeps only x and r = rsqrt(mean(x^2) + eps) (one value per token) for backward
+    and recomputes the normalized x there. With n = x r and g the gradient reaching n,
+        dL/dx = r (g - x r^2 mean(g x)),   dL/dw = sum over tokens of grad * n."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        x32 = x.float()
+        normed = (x32 * rstd).to(x.dtype)
+        grad_w = (grad * normed).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+        g32 = (grad * weight).to(x.dtype).float()  # the gradient reaching n, rounded as n is
+        grad_x = rstd * (g32 - x32 * rstd.square() * (g32 * x32).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w, None
 
 
 class LayerNorm(nn.LayerNorm):

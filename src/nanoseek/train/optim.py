@@ -52,8 +52,11 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
         return Muon(muon_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                     momentum=cfg.muon_momentum)
     groups = parameter_groups(model, cfg.weight_decay)
+    # the fused kernel updates each tensor in one pass with no temporaries (foreach allocates a
+    # copy of every parameter per elementwise op); it needs floating CPU/CUDA parameters
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             foreach=True)
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def lr_multiplier(cfg: ScheduleConfig, step: int, progress: float) -> float:

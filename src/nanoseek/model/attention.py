@@ -47,8 +47,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
     `window` keys (itself included). `keep` (B, T, S), a boolean mask that already includes
     causality (DSA's selected keys), replaces the causal mask.
     """
-    if q.shape[-2] == 1 and dropout == 0.0:
-        return one_query_attention(q, k, v, start, scale, window, keep)
+    if q.shape[-2] == 1:
+        return one_query_attention(q, k, v, start, scale, window, keep, dropout)
     d_v = v.shape[-1]
     if d_v != q.shape[-1]:  # the CPU flash kernel needs equal head dims; zero padding changes nothing
         scale = scale if scale is not None else q.shape[-1] ** -0.5
@@ -60,20 +60,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
     if keep is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=scale,
                                               dropout_p=dropout, enable_gqa=gqa)
-    if isinstance(start, torch.Tensor):  # continuous batching: every row at its own position
-        key_pos = torch.arange(s, device=q.device)[None, :]
-        mask = key_pos <= start[:, None]
-        if window is not None:
-            mask &= key_pos > start[:, None] - window
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], scale=scale,
-                                              enable_gqa=gqa)
     if window is not None and window < s:
         return banded_attention(q, k, v, start, window, scale, dropout)
     if t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               dropout_p=dropout, enable_gqa=gqa)
-    if t == 1:  # one new query sees every cached key
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     query_pos = torch.arange(start, start + t, device=q.device)[:, None]
     mask = torch.arange(s, device=q.device)[None, :] <= query_pos
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
@@ -81,7 +72,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
 
 
 def one_query_attention(q, k, v, start, scale, window: int | None = None,
-                        keep: torch.Tensor | None = None) -> torch.Tensor:
+                        keep: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
     """One query per row (decoding): two small matmuls instead of a fused kernel.
 
     The G = H / H_kv query heads of a key head become G queries of that head, so a single key
@@ -95,6 +86,8 @@ def one_query_attention(q, k, v, start, scale, window: int | None = None,
     if mask is not None:
         scores_BKGS = scores_BKGS.masked_fill(~mask, float("-inf"))
     probs_BKGS = torch.softmax(scores_BKGS, dim=-1).to(v.dtype)
+    if dropout:
+        probs_BKGS = F.dropout(probs_BKGS, dropout)
     return torch.matmul(probs_BKGS, v).reshape(b, h, 1, v.shape[-1])
 
 

@@ -317,17 +317,30 @@ def test_compiled_static_decode_equals_eager_decode():
     assert torch.equal(again, generate(model, prompt[:, :5], max_new_tokens=20, temperature=0))
 
 
-def test_compiled_decode_at_batch_one_compiles_once():
+def test_compiled_decode_compiles_once_per_length_bucket(monkeypatch):
     """Batch 1: the step's token must not be a view of the history (its stride would change with
-    the generation's length, and with it the graph)."""
+    the generation's length, and with it the graph); a longer generation gets the next bucket."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("nanoseek.generate"), "DECODE_CACHE_MIN", 16)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("deepseek-v3-tiny", max_position_embeddings=64)).eval()
     prompt = torch.randint(0, 128, (1, 6))
-    first = generate(model, prompt, max_new_tokens=5, temperature=0, compile=True)
+    first = generate(model, prompt, max_new_tokens=5, temperature=0, compile=True)  # 11 positions: 16
     assert torch.equal(first, generate(model, prompt, max_new_tokens=5, temperature=0))
     with torch._dynamo.config.patch(error_on_recompile=True):
-        longer = generate(model, prompt[:, :3], max_new_tokens=30, temperature=0, compile=True)
+        other = generate(model, prompt[:, :3], max_new_tokens=12, temperature=0, compile=True)  # 15: 16
+    assert torch.equal(other, generate(model, prompt[:, :3], max_new_tokens=12, temperature=0))
+    longer = generate(model, prompt[:, :3], max_new_tokens=30, temperature=0, compile=True)  # 33: 64
     assert torch.equal(longer, generate(model, prompt[:, :3], max_new_tokens=30, temperature=0))
+    assert sorted(key[-1] for key in model._compiled_decoders) == [16, 64]
+
+
+def test_decode_cache_length_buckets():
+    from nanoseek.generate import decode_cache_length
+
+    assert [decode_cache_length(n, 4096) for n in (1, 256, 257, 1000, 1025)] == [256, 256, 512, 1024, 2048]
+    assert decode_cache_length(3000, 2048) == 2048
 
 
 def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():

@@ -164,8 +164,8 @@ def run_decode(args) -> list[dict]:
                     raise NanoseekError(f"--context {context} + --new-tokens {args.new_tokens} exceeds the model's "
                                         f"{ours.config.max_position_embeddings} positions")
                 ids = torch.randint(0, ours.config.vocab_size, (batch, context), generator=g)
-                for impl, model in impls.items():  # warm-up (and the compile, once per batch size)
-                    time_generate(impl, model, ids, 4)
+                for impl, model in impls.items():  # warm-up (and the compile, once per batch and length bucket)
+                    time_generate(impl, model, ids, args.new_tokens)
                 decode = {impl: [] for impl in impls}
                 for _ in range(args.rounds):
                     for impl, model in impls.items():

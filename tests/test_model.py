@@ -119,6 +119,22 @@ def test_rmsnorm_backward_equals_autograd_of_the_formula(dtype):
     torch.testing.assert_close(got_w, norm.weight.grad, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_inference_path_equals_the_training_function(dtype):
+    """Without autograd RMSNorm runs torch's fused rms_norm; same values, same rounding order."""
+    torch.manual_seed(0)
+    norm = RMSNorm(16).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 16, dtype=dtype) * 3
+    with torch.inference_mode():
+        fast = norm(x)
+    recorded = norm(x.clone().requires_grad_())
+    assert recorded.grad_fn.name().startswith("RMSNormFunction")
+    assert fast.dtype == dtype
+    torch.testing.assert_close(fast, recorded.detach(), atol=0, rtol=0)
+
+
 def test_swiglu_backward_passes_gradcheck():
     from nanoseek.model.ffn import swiglu
 

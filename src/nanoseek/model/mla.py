@@ -162,7 +162,7 @@ class MultiHeadLatentAttention(nn.Module):
         """The absorbed query [W_UK^T q_C ; q_R] (B, H, T, C+R), the single key head [c_KV ; k_R]
         (B, 1, S, C+R), given as `key_BSX` when the cache already holds it joined."""
         w_uk_HNC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, :self.nope]
-        q_latent_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope_BHTN, w_uk_HNC.to(q_nope_BHTN.dtype))
+        q_latent_BHTC = torch.matmul(q_nope_BHTN, w_uk_HNC.to(q_nope_BHTN.dtype))  # per head: (T, N) @ (N, C)
         q = torch.cat([q_latent_BHTC, q_rope_BHTR], dim=-1)
         k = key_BSX if key_BSX is not None else torch.cat([latent_BSC, k_rope_BSR], dim=-1)
         return q, k[:, None]
@@ -170,7 +170,7 @@ class MultiHeadLatentAttention(nn.Module):
     def expand_output(self, o_latent_BHTC):
         """W_UV applied after attention over the latent values."""
         w_uv_HVC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, self.nope:]
-        return torch.einsum("bhtc,hvc->bhtv", o_latent_BHTC, w_uv_HVC.to(o_latent_BHTC.dtype))
+        return torch.matmul(o_latent_BHTC, w_uv_HVC.to(o_latent_BHTC.dtype).transpose(-1, -2))  # (T, C) @ (C, V)
 
     def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None, key_BSX=None):
         """Fold W_UK into the query and W_UV after attention: MQA over [c_KV ; k_R]."""

@@ -354,3 +354,17 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():
     masked = mask_unknown_ids(logits, Small())
     assert masked.argmax(-1).tolist() == [0, 0] and torch.isinf(masked[:, 5:]).all()
     assert logits[0, 6] == 10.0  # the input is left alone
+
+
+def test_matvec_linear_equals_linear():
+    """The compiled few-row decode runs F.linear as multiply-and-reduce: same values, bias or not."""
+    from nanoseek.generate import MatvecLinear
+
+    torch.manual_seed(0)
+    layer, plain = torch.nn.Linear(16, 5), torch.nn.Linear(16, 5, bias=False)
+    for x in (torch.randn(16), torch.randn(3, 16), torch.randn(2, 1, 16)):
+        with MatvecLinear():
+            got, got_plain = layer(x), plain(x)
+        torch.testing.assert_close(got, layer(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got_plain, plain(x), atol=1e-6, rtol=1e-5)
+        assert got.shape == layer(x).shape

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import NanoseekError
 
@@ -182,12 +183,37 @@ def decode_cache_length(total: int, max_positions: int) -> int:
     return min(length, max_positions)
 
 
+MATVEC_MAX_ROWS = 4  # compiled decode: batches up to this size run their linears as matvec loops
+
+
+class MatvecLinear(torch.overrides.TorchFunctionMode):
+    """Inside a compiled graph, F.linear on a few rows as multiply-and-reduce,
+
+        y[r, n] = sum_k x[r, k] W[n, k] (+ b[n]),
+
+    which inductor turns into one vectorized loop that streams W once (and fuses with the ops
+    around it), instead of an external BLAS matrix-vector call with its own threading and copies.
+    Measured on this CPU in an interleaved A/B of the compiled deepseek-v3-small step: 2.50 -> 1.49
+    ms at batch 1, 3.09 -> 2.18 at batch 2, 3.75 -> 3.28 at batch 4, but 5.57 -> 6.08 at batch 8
+    (BLAS wins once W is reused by enough rows). Eagerly it would materialize rows x N x K."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = (x.unsqueeze(-2) * weight).sum(-1)
+            return y if bias is None else y + bias
+        return func(*args, **kwargs)
+
+
 class CompiledDecoder:
     """A static cache of `length` positions and a compiled one-token step over it.
 
     The step feeds per-row positions (a tensor) against the cache with a mask, so its shapes never
     change and `torch.compile` builds one graph per (model, batch, length); built once and kept on
-    the model, it is reused by every later generation of that batch size and length bucket."""
+    the model, it is reused by every later generation of that batch size and length bucket. Up to
+    MATVEC_MAX_ROWS rows, the step's linears run as fused matvec loops (`MatvecLinear`)."""
 
     RECOMPILE_LIMIT = 64  # graphs of the one step function (batch sizes x lengths x models)
 
@@ -198,6 +224,9 @@ class CompiledDecoder:
         self.in_use = False
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.batch <= MATVEC_MAX_ROWS:
+            with MatvecLinear():
+                return self.model(token, cache=self.cache, start=positions).logits[:, -1]
         return self.model(token, cache=self.cache, start=positions).logits[:, -1]
 
     def __call__(self, token: torch.Tensor, positions: torch.Tensor, guarded: bool = True) -> torch.Tensor:

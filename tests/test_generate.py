@@ -368,3 +368,6 @@ def test_matvec_linear_equals_linear():
         torch.testing.assert_close(got, layer(x), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(got_plain, plain(x), atol=1e-6, rtol=1e-5)
         assert got.shape == layer(x).shape
+    many = torch.randn(9, 16)  # more rows than MATVEC_MAX_ROWS: left to F.linear (BLAS)
+    with MatvecLinear():
+        assert layer(many).grad_fn.name().startswith("Addmm")

@@ -187,7 +187,7 @@ MATVEC_MAX_ROWS = 4  # compiled decode: batches up to this size run their linear
 
 
 class MatvecLinear(torch.overrides.TorchFunctionMode):
-    """Inside a compiled graph, F.linear on a few rows as multiply-and-reduce,
+    """Inside a compiled graph, F.linear on at most MATVEC_MAX_ROWS rows as multiply-and-reduce,
 
         y[r, n] = sum_k x[r, k] W[n, k] (+ b[n]),
 
@@ -199,7 +199,7 @@ class MatvecLinear(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear:
+        if func is F.linear and args[0].numel() <= MATVEC_MAX_ROWS * args[0].shape[-1]:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             y = (x.unsqueeze(-2) * weight).sum(-1)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model import model_info
@@ -223,3 +224,47 @@ def test_activation_checkpointing_gives_the_same_gradients(fusion):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_linear_cross_entropy_equals_head_then_cross_entropy(monkeypatch):
+    """Fused head + loss (gradient formed in the forward, several chunks, ignored rows) against
+    F.cross_entropy of the full logits: same loss, same gradients for h and W."""
+    from nanoseek.model import loss as L
+
+    monkeypatch.setattr(L, "chunk_rows", lambda vocab: 64)  # 3 chunks below
+    torch.manual_seed(0)
+    h = torch.randn(150, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 10, (150,))
+    y[::7] = -1
+    fused = L.linear_cross_entropy(h, w, y)
+    (2.5 * fused).backward()
+    got_h, got_w = h.grad.clone(), w.grad.clone()
+    h.grad, w.grad = None, None
+    plain = F.cross_entropy(h @ w.T, y, ignore_index=-1)
+    (2.5 * plain).backward()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(got_h, h.grad)
+    torch.testing.assert_close(got_w, w.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(L.linear_cross_entropy(h, w, y), plain.detach())
+
+
+def test_training_forward_with_fused_loss_matches_the_logits_path():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("deepseek-v3-tiny", num_nextn_predict_layers=1)).train()
+    x, y = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
+    grads = []
+    for return_logits in (True, False):
+        torch.manual_seed(1)  # same dropout / routing noise, if any
+        out = model(x, y, return_logits=return_logits)
+        assert (out.logits is None) == (not return_logits)
+        (out.loss + out.aux["mtp_loss"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+        if return_logits:
+            first = out.loss.detach()
+    torch.testing.assert_close(out.loss.detach(), first, atol=1e-6, rtol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)

@@ -308,7 +308,7 @@ def _build_nanoseek(cfg, lr: float, seed: int):
 
 def training_loss(model, x, y) -> torch.Tensor:
     """The loss a nanoseek training step backpropagates: LM loss + MTP loss + balance loss."""
-    out = model(x, y)
+    out = model(x, y, return_logits=False)  # as the trainer runs it: head + loss fused
     return out.loss + sum(v for v in out.aux.values() if v.requires_grad)
 
 

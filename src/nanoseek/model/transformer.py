@@ -29,6 +29,7 @@ from .attention import MultiHeadAttention
 from .compressed import CompressedAttention
 from .fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, StreamHead
 from .ffn import make_dense_ffn
+from .loss import linear_cross_entropy
 from .mla import MultiHeadLatentAttention
 from .moe import MoE
 from .mtp import MTPModule
@@ -160,11 +161,14 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: list | None = None, start: int | torch.Tensor = 0,
-                last_only: bool = False) -> ModelOutput:
+                last_only: bool = False, return_logits: bool = True) -> ModelOutput:
         """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, V) (or (B, 1, V)).
 
         `start` may be a LongTensor (B,) of per-row positions for a one-token decode step against
         a cache (continuous batching); the caller keeps those positions inside the context.
+        With `targets` and `return_logits=False` (what the trainer asks for) the head and the
+        loss run fused in chunks (model/loss.py) and `logits` is None: the (B, T, V) logits and
+        their gradient are never held whole.
         """
         if isinstance(start, torch.Tensor):
             if cache is None or input_ids.shape[1] != 1:
@@ -179,10 +183,14 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
-        logits = self.lm_head(h)
+        fused = targets is not None and not return_logits
+        logits = None if fused else self.lm_head(h)
         loss, aux = None, {}
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            if fused:
+                loss = linear_cross_entropy(h, self.lm_head.weight, targets)
+            else:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
             if len(self.mtp):
                 aux["mtp_loss"] = self.mtp_loss(hidden, targets, rope)
             balance = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
@@ -245,9 +253,7 @@ class Transformer(nn.Module):
             emb_next = self.embed_tokens(targets[:, k - 1:k - 1 + t].clamp(min=0)) * self.embed_scale
             rope_k = None if rope is None else (rope[0][:t], rope[1][:t])
             h, normed = module(h[:, :t], emb_next, rope_k)
-            logits = self.lm_head(normed)
-            total = total + F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:k + t].flatten(),
-                                            ignore_index=-1)
+            total = total + linear_cross_entropy(normed, self.lm_head.weight, targets[:, k:k + t])
         return self.config.mtp_loss_weight / depth * total
 
     def route_tokens(self, input_ids: torch.Tensor) -> None:

@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             for _ in range(cfg.train.grad_accum):
                 x, y = loader.next()
                 with autocast_context(cfg.train.dtype):
-                    output = step_fn(x, y)
+                    output = step_fn(x, y, return_logits=False)  # head + loss fused (model/loss.py)
                     loss = output.loss
                     for value in output.aux.values():
                         if isinstance(value, torch.Tensor) and value.requires_grad:

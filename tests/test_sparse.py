@@ -48,6 +48,25 @@ def test_banded_attention_equals_the_masked_dense_reference(t, window):
     assert t > attention.BAND_CHUNK or window == 256  # more than one chunk of queries
 
 
+@pytest.mark.parametrize("start,t,window", [(0, 600, 100), (37, 300, 50), (500, 270, 300)])
+def test_banded_attention_after_a_prefix_and_its_gradients(start, t, window):
+    """Queries at positions start..start+t-1 against start + t keys (prefill after a cached
+    prefix), forward and gradients, against the explicitly masked reference."""
+    g = torch.Generator().manual_seed(1)
+    s = start + t
+    q = torch.randn(2, 4, t, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, s, 16, generator=g, requires_grad=True) for _ in range(2))
+    qp, kp = torch.arange(start, s)[:, None], torch.arange(s)[None]
+    mask = (kp <= qp) & (kp > qp - window)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = causal_attention(q, k, v, start, window=window)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(got)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    for a, e in zip(torch.autograd.grad(got, (q, k, v), grad), want):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny"])
 def test_window_at_least_t_is_dense(preset):
     dense = model(preset)

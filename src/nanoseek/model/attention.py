@@ -5,8 +5,9 @@
 
 Sliding-window attention (`window` = w) keeps only the last w keys of each query,
     M[t, s] = 0 if t - w < s <= t else -inf,
-and never builds the T x T mask: queries go in chunks of C, each against its band of at most
-C + w - 1 keys (SDPA with a C x (C + w - 1) boolean mask), so time and memory grow as T * (C + w).
+and never builds the T x T mask: queries go in chunks of C, each against its band of
+C + w - 1 keys (one batched SDPA over all chunks with a C x (C + w - 1) boolean mask), so time and
+memory grow as T * (C + w).
 
 A decode step (one query per row) skips the fused kernel: the H / H_kv query heads of each key
 head become that head's queries, and two small matmuls with an explicit softmax read every cached
@@ -33,7 +34,7 @@ from .kv_cache import DenseKVCache
 from .position import apply_rope, softmax_scale
 
 
-BAND_CHUNK = 256  # queries per SDPA call of the sliding window
+BAND_CHUNK = 256  # queries per chunk of the sliding window (one batched SDPA over all chunks)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
@@ -107,20 +108,34 @@ def one_query_mask(start, s: int, window: int | None, keep: torch.Tensor | None,
 
 
 def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) -> torch.Tensor:
-    """Sliding-window causal attention, one SDPA call per chunk of queries over its key band."""
-    t = q.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
-    outs = []
-    for a in range(0, t, BAND_CHUNK):
-        b = min(t, a + BAND_CHUNK)
-        lo, hi = max(0, start + a - window + 1), start + b  # the keys any query of the chunk can see
-        query_pos = torch.arange(start + a, start + b, device=q.device)[:, None]
-        key_pos = torch.arange(lo, hi, device=q.device)[None, :]
-        mask = (key_pos <= query_pos) & (key_pos > query_pos - window)
-        outs.append(F.scaled_dot_product_attention(q[..., a:b, :], k[..., lo:hi, :], v[..., lo:hi, :],
-                                                   attn_mask=mask, scale=scale, dropout_p=dropout,
-                                                   enable_gqa=gqa))
-    return torch.cat(outs, dim=-2)
+    """Sliding-window causal attention as ONE batched SDPA: the queries in chunks of C, each chunk
+    against its band of the C + w - 1 keys it can see, all chunks side by side in the batch.
+
+    Query r of a chunk sees band key j iff r <= j <= r + w - 1, the same (C, C + w - 1) pattern
+    for every chunk (plus: no key before position 0). The bands are windows of the keys padded by
+    w - 1 rows in front (`unfold`, one copy): no per-chunk slices, whose backward would each
+    zero-fill a gradient of the whole sequence (at 16K that was half of NSA's backward)."""
+    b, h, t, d = q.shape
+    c = min(BAND_CHUNK, t)
+    nb, span = -(-t // c), c + window - 1
+    q_chunks = F.pad(q, (0, 0, 0, nb * c - t)).view(b, h, nb, c, d).transpose(1, 2).reshape(b * nb, h, c, d)
+    bands = [band_windows(x[..., :start + t, :], start, window, nb, c) for x in (k, v)]
+    j = torch.arange(span, device=q.device)
+    r = torch.arange(c, device=q.device)[:, None]
+    key_pos = start + torch.arange(nb, device=q.device)[:, None] * c - window + 1 + j  # (nb, span)
+    mask = (j >= r) & (j <= r + window - 1) & (key_pos[:, None, :] >= 0)  # (nb, C, span)
+    out = F.scaled_dot_product_attention(q_chunks, *bands, attn_mask=mask.repeat(b, 1, 1)[:, None], scale=scale,
+                                         dropout_p=dropout, enable_gqa=h != k.shape[1])
+    return out.view(b, nb, h, c, -1).transpose(1, 2).reshape(b, h, nb * c, -1)[:, :, :t]
+
+
+def band_windows(x: torch.Tensor, start: int, window: int, nb: int, c: int) -> torch.Tensor:
+    """(B * nb, H_kv, C + w - 1, d): chunk i's keys at positions start + iC - w + 1 ... start + iC + C - 1
+    (zeros before position 0 and past the last key; the mask hides them)."""
+    b, h, s, d = x.shape
+    padded = F.pad(x, (0, 0, window - 1, start + nb * c - s))  # index = position + w - 1
+    windows = padded[:, :, start:].unfold(2, c + window - 1, c)  # (B, H_kv, nb, d, C + w - 1)
+    return windows.permute(0, 2, 1, 4, 3).reshape(b * nb, h, c + window - 1, d)
 
 
 def allowed_keys(t: int, window: int | None, device=None) -> torch.Tensor:

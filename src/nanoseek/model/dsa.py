@@ -132,11 +132,11 @@ def chunked_sparse_attention(indexer: LightningIndexer, x_BTD, q_latent_BTQ, key
     else:
         v_wide = v_BGSV
     outs = []
-    for a in range(0, t, SELECT_CHUNK):
+    # q split once, not sliced per chunk (each slice's backward would zero-fill a gradient of all of q)
+    for a, q_chunk in zip(range(0, t, SELECT_CHUNK), q_BHTX.split(SELECT_CHUNK, dim=2)):
         bnd = min(t, a + SELECT_CHUNK)
         visible = start + bnd  # keys any query of the chunk can see
         causal = causal_mask(start + a, bnd - a, visible, x_BTD.device)
-        q_chunk = q_BHTX[:, :, a:bnd]
         if visible <= indexer.topk:
             keep = causal.expand(x_BTD.shape[0], -1, -1)
         else:

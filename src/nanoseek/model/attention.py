@@ -54,7 +54,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
     if d_v != q.shape[-1]:  # the CPU flash kernel needs equal head dims; zero padding changes nothing
         scale = scale if scale is not None else q.shape[-1] ** -0.5
         width = max(d_v, q.shape[-1])
-        q, k, v = (F.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
+        q, k, v = (F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x for x in (q, k, v))
         return causal_attention(q, k, v, start, scale, dropout, window, keep)[..., :d_v]
     t, s = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]

@@ -112,7 +112,7 @@ def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, dtype: 
     with autocast_context(dtype):
         for _ in range(batches):
             x, y = loader.next()
-            total += model(x, y).loss.item()
+            total += model(x, y, return_logits=False).loss.item()
     model.train(was_training)
     return total / batches
 

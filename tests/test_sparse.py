@@ -48,7 +48,7 @@ def test_banded_attention_equals_the_masked_dense_reference(t, window):
     assert t > attention.BAND_CHUNK or window == 256  # more than one chunk of queries
 
 
-@pytest.mark.parametrize("start,t,window", [(0, 600, 100), (37, 300, 50), (500, 270, 300)])
+@pytest.mark.parametrize("start,t,window", [(0, 600, 100), (37, 300, 50), (500, 270, 300), (3, 1500, 700)])
 def test_banded_attention_after_a_prefix_and_its_gradients(start, t, window):
     """Queries at positions start..start+t-1 against start + t keys (prefill after a cached
     prefix), forward and gradients, against the explicitly masked reference."""

@@ -34,7 +34,8 @@ from .kv_cache import DenseKVCache
 from .position import apply_rope, softmax_scale
 
 
-BAND_CHUNK = 256  # queries per chunk of the sliding window (one batched SDPA over all chunks)
+BAND_CHUNK = 256  # queries per chunk of the sliding window (one batched SDPA over all chunks);
+# windows longer than 2 * BAND_CHUNK use chunks of window / 2, so the copied bands stay ~3x the keys
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
@@ -116,7 +117,7 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
     w - 1 rows in front (`unfold`, one copy): no per-chunk slices, whose backward would each
     zero-fill a gradient of the whole sequence (at 16K that was half of NSA's backward)."""
     b, h, t, d = q.shape
-    c = min(BAND_CHUNK, t)
+    c = min(max(BAND_CHUNK, window // 2), t)  # bands hold at most ~3x the keys, and ~1.5x the work
     nb, span = -(-t // c), c + window - 1
     q_chunks = F.pad(q, (0, 0, 0, nb * c - t)).view(b, h, nb, c, d).transpose(1, 2).reshape(b * nb, h, c, d)
     bands = [band_windows(x[..., :start + t, :], start, window, nb, c) for x in (k, v)]

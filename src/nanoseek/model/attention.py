@@ -109,34 +109,47 @@ def one_query_mask(start, s: int, window: int | None, keep: torch.Tensor | None,
 
 
 def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) -> torch.Tensor:
-    """Sliding-window causal attention as ONE batched SDPA: the queries in chunks of C, each chunk
+    """Sliding-window causal attention as batched SDPA: the queries in chunks of C, each chunk
     against its band of the C + w - 1 keys it can see, all chunks side by side in the batch.
 
-    Query r of a chunk sees band key j iff r <= j <= r + w - 1, the same (C, C + w - 1) pattern
-    for every chunk (plus: no key before position 0). The bands are windows of the keys padded by
-    w - 1 rows in front (`unfold`, one copy): no per-chunk slices, whose backward would each
-    zero-fill a gradient of the whole sequence (at 16K that was half of NSA's backward)."""
+    Query r of a chunk sees band key j iff r <= j <= r + w - 1: one (C, C + w - 1) mask shared by
+    every chunk, except the first few, whose bands reach before position 0 (they get their own
+    mask, in a second SDPA call). The bands are windows of the keys padded by w - 1 rows in front
+    (`unfold`, one copy): no per-chunk slices, whose backward would each zero-fill a gradient of
+    the whole sequence (at 16K that was half of NSA's backward)."""
     b, h, t, d = q.shape
     c = min(max(BAND_CHUNK, window // 2), t)  # bands hold at most ~3x the keys, and ~1.5x the work
     nb, span = -(-t // c), c + window - 1
-    q_chunks = F.pad(q, (0, 0, 0, nb * c - t)).view(b, h, nb, c, d).transpose(1, 2).reshape(b * nb, h, c, d)
-    bands = [band_windows(x[..., :start + t, :], start, window, nb, c) for x in (k, v)]
+    q_chunks = F.pad(q, (0, 0, 0, nb * c - t)).view(b, h, nb, c, d).transpose(1, 2)  # (B, nb, H, C, d)
+    k_bands, v_bands = (band_windows(x[..., :start + t, :], start, window, nb, c) for x in (k, v))
     j = torch.arange(span, device=q.device)
     r = torch.arange(c, device=q.device)[:, None]
-    key_pos = start + torch.arange(nb, device=q.device)[:, None] * c - window + 1 + j  # (nb, span)
-    mask = (j >= r) & (j <= r + window - 1) & (key_pos[:, None, :] >= 0)  # (nb, C, span)
-    out = F.scaled_dot_product_attention(q_chunks, *bands, attn_mask=mask.repeat(b, 1, 1)[:, None], scale=scale,
-                                         dropout_p=dropout, enable_gqa=h != k.shape[1])
-    return out.view(b, nb, h, c, -1).transpose(1, 2).reshape(b, h, nb * c, -1)[:, :, :t]
+    band = (j >= r) & (j <= r + window - 1)  # (C, span)
+    early = min(nb, max(0, -(-(window - 1 - start) // c)))  # chunks whose band starts before position 0
+    outs = []
+    for lo, hi in ((0, early), (early, nb)):
+        if hi == lo:
+            continue
+        if lo == 0:  # key positions start + iC - w + 1 + j must be >= 0
+            key_pos = start + torch.arange(hi, device=q.device)[:, None] * c - window + 1 + j
+            mask = (band & (key_pos[:, None, :] >= 0)).repeat(b, 1, 1)[:, None]
+        else:
+            mask = band
+        fold = lambda x: x[:, lo:hi].reshape(b * (hi - lo), *x.shape[2:])
+        o = F.scaled_dot_product_attention(fold(q_chunks), fold(k_bands), fold(v_bands), attn_mask=mask,
+                                           scale=scale, dropout_p=dropout, enable_gqa=h != k.shape[1])
+        outs.append(o.view(b, hi - lo, h, c, -1))
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2).reshape(b, h, nb * c, -1)[:, :, :t]
 
 
 def band_windows(x: torch.Tensor, start: int, window: int, nb: int, c: int) -> torch.Tensor:
-    """(B * nb, H_kv, C + w - 1, d): chunk i's keys at positions start + iC - w + 1 ... start + iC + C - 1
+    """(B, nb, H_kv, C + w - 1, d): chunk i's keys at positions start + iC - w + 1 ... start + iC + C - 1
     (zeros before position 0 and past the last key; the mask hides them)."""
-    b, h, s, d = x.shape
+    s = x.shape[2]
     padded = F.pad(x, (0, 0, window - 1, start + nb * c - s))  # index = position + w - 1
     windows = padded[:, :, start:].unfold(2, c + window - 1, c)  # (B, H_kv, nb, d, C + w - 1)
-    return windows.permute(0, 2, 1, 4, 3).reshape(b * nb, h, c + window - 1, d)
+    return windows.permute(0, 2, 1, 4, 3)
 
 
 def allowed_keys(t: int, window: int | None, device=None) -> torch.Tensor:

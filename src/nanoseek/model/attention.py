@@ -6,7 +6,7 @@
 Sliding-window attention (`window` = w) keeps only the last w keys of each query,
     M[t, s] = 0 if t - w < s <= t else -inf,
 and never builds the T x T mask: queries go in chunks of C, each against its band of
-C + w - 1 keys (one batched SDPA over all chunks with a C x (C + w - 1) boolean mask), so time and
+C + w - 1 keys (batched SDPA over the chunks with one C x (C + w - 1) boolean mask), so time and
 memory grow as T * (C + w).
 
 A decode step (one query per row) skips the fused kernel: the H / H_kv query heads of each key

@@ -18,7 +18,9 @@ Optional sequence-wise balance loss: alpha * sum_e f_e P_e with f_e = E/(K T) * 
 sequence routed to e and P_e = mean_t s'_{e,t} (s' = scores normalized per token).
 
 Dispatch is vectorized: the T*K (token, expert) pairs are sorted by expert and every expert's tokens
-go through one grouped matmul (`torch._grouped_mm` with offsets; a per-expert matmul fallback).
+go through one grouped matmul (`torch._grouped_mm` with offsets; a per-expert matmul fallback); the
+outputs return to (token, slot) order by the inverse permutation and each token's K rows are summed
+with its weights as one batched (1 x K) @ (K x D) product.
 For a handful of tokens (decoding: T*K <= E, or any inference under torch.compile) each pair instead
 gathers its expert's weights and runs one batched matmul: no sort, no host sync, static shapes (so a
 compiled decode step stays one graph).
@@ -190,13 +192,16 @@ class MoE(nn.Module):
             return out_ND.view(b, t, d).to(x_BTD.dtype)
         counts_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
         order_M = idx_NK.flatten().argsort(stable=True)
-        token_M = order_M // self.top_k
+        x_MD = x_ND.index_select(0, order_M // self.top_k)  # token copies sorted by expert
         if self.expert_shard is None:
-            y_MD = self.experts(x_ND[token_M], counts_E)
+            y_MD = self.experts(x_MD, counts_E)
         else:
-            y_MD = run_sharded_experts(self.experts, self.expert_shard, x_ND[token_M], counts_E)
-        y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
-        out_ND = torch.zeros(x_ND.shape[0], d, dtype=y_MD.dtype, device=x_ND.device).index_add_(0, token_M, y_MD)
+            y_MD = run_sharded_experts(self.experts, self.expert_shard, x_MD, counts_E)
+        # back to (token, slot) order, then the weighted sum over each token's k experts as one bmm
+        # (a scatter-add of the weighted rows kept one more (N k, D) tensor for backward)
+        slot_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(len(order_M), device=order_M.device))
+        y_NKD = y_MD.index_select(0, slot_M).view(-1, self.top_k, d)
+        out_ND = torch.bmm(w_NK[:, None, :].to(y_NKD.dtype), y_NKD)[:, 0]
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND)
         if self.training:

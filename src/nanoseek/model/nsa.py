@@ -197,7 +197,7 @@ class NativeSparseAttention(nn.Module):
         rows = (token.clamp(max=s - 1) + torch.arange(b * g, device=q.device).view(b, g, 1, 1) * s).flatten()
         k_sel = k.reshape(b * g * s, d).index_select(0, rows).view(b, g, nb, -1, d)
         v_sel = v.reshape(b * g * s, v.shape[-1]).index_select(0, rows).view(b, g, nb, -1, v.shape[-1])
-        q_blocks = F.pad(q, (0, 0, front, back)).view(b, h, nb, l, d)
+        q_blocks = (F.pad(q, (0, 0, front, back)) if front or back else q).view(b, h, nb, l, d)
         fold = lambda x: x.transpose(1, 2).flatten(0, 1)  # (B, X, nb, ...) -> (B * nb, X, ...)
         mask = fold(mask)
         if g > 1:

@@ -224,10 +224,8 @@ class CompiledDecoder:
         self.in_use = False
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.batch <= MATVEC_MAX_ROWS:
-            with MatvecLinear():
-                return self.model(token, cache=self.cache, start=positions).logits[:, -1]
-        return self.model(token, cache=self.cache, start=positions).logits[:, -1]
+        with MatvecLinear():  # acts on linears of at most MATVEC_MAX_ROWS rows only
+            return self.model(token, cache=self.cache, start=positions).logits[:, -1]
 
     def __call__(self, token: torch.Tensor, positions: torch.Tensor, guarded: bool = True) -> torch.Tensor:
         """One decode step. Within one generation nothing the graph depends on changes (shapes,

@@ -43,32 +43,38 @@ def chunk_loss_and_grad(h_CD, weight_VD, y_C, ignore_index: int, scale, with_gra
     return loss, dz_CV.mul_((valid_C.to(dz_CV.dtype) * scale)[:, None])
 
 
+def head_loss_and_grads(h_ND, weight_VD, targets_N, ignore_index: int, want_h: bool, want_w: bool):
+    """(mean loss, dloss/dh (N, D) or None, dloss/dW (V, D) or None), one chunk of rows at a time."""
+    n, rows = h_ND.shape[0], chunk_rows(weight_VD.shape[0])
+    acc = torch.promote_types(weight_VD.dtype, torch.float32)
+    scale = 1.0 / (targets_N != ignore_index).sum().clamp(min=1).to(acc)
+    grad_h = torch.empty_like(h_ND) if want_h else None
+    grad_w = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if want_w else None
+    total = torch.zeros((), dtype=acc, device=h_ND.device)
+    for a in range(0, n, rows):
+        h_CD = h_ND[a:a + rows]
+        loss, dz_CV = chunk_loss_and_grad(h_CD, weight_VD, targets_N[a:a + rows], ignore_index, scale,
+                                          want_h or want_w)
+        total += loss
+        if dz_CV is None:
+            continue
+        dz_CV = dz_CV.to(h_CD.dtype)
+        if want_h:
+            grad_h[a:a + rows] = dz_CV @ weight_VD.to(h_CD.dtype)
+        if want_w and dz_CV.dtype == grad_w.dtype:
+            grad_w.addmm_(dz_CV.T, h_CD)
+        elif want_w:  # bf16 products into the fp32 sum
+            grad_w.add_(dz_CV.T @ h_CD)
+    return total * scale, grad_h, None if grad_w is None else grad_w.to(weight_VD.dtype)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND, weight_VD, targets_N, ignore_index: int):
-        n, rows = h_ND.shape[0], chunk_rows(weight_VD.shape[0])
-        acc = torch.promote_types(weight_VD.dtype, torch.float32)
-        scale = 1.0 / (targets_N != ignore_index).sum().clamp(min=1).to(acc)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h_ND) if want_h else None
-        grad_w = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if want_w else None
-        total = torch.zeros((), dtype=acc, device=h_ND.device)
-        for a in range(0, n, rows):
-            h_CD = h_ND[a:a + rows]
-            loss, dz_CV = chunk_loss_and_grad(h_CD, weight_VD, targets_N[a:a + rows], ignore_index, scale,
-                                              want_h or want_w)
-            total += loss
-            if dz_CV is None:
-                continue
-            dz_CV = dz_CV.to(h_CD.dtype)
-            if want_h:
-                grad_h[a:a + rows] = dz_CV @ weight_VD.to(h_CD.dtype)
-            if want_w and dz_CV.dtype == grad_w.dtype:
-                grad_w.addmm_(dz_CV.T, h_CD)
-            elif want_w:  # bf16 products into the fp32 sum
-                grad_w.add_(dz_CV.T @ h_CD)
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight_VD.dtype))
-        return total * scale
+        loss, grad_h, grad_w = head_loss_and_grads(h_ND, weight_VD, targets_N, ignore_index,
+                                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -84,7 +90,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h_ND, targets_N = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(h_ND, weight, targets_N, ignore_index)
-    scale = 1.0 / (targets_N != ignore_index).sum().clamp(min=1).to(torch.promote_types(weight.dtype, torch.float32))
-    rows = chunk_rows(weight.shape[0])
-    return sum(chunk_loss_and_grad(h_ND[a:a + rows], weight, targets_N[a:a + rows], ignore_index, scale, False)[0]
-               for a in range(0, h_ND.shape[0], rows)) * scale
+    return head_loss_and_grads(h_ND, weight, targets_N, ignore_index, False, False)[0]

@@ -282,6 +282,31 @@ def test_nsa_selected_branch_with_every_block_is_causal_attention():
     torch.testing.assert_close(got, causal_attention(q, k, v, 0, attn.scale), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("start,t", [(0, 40), (6, 33), (37, 1)])
+def test_nsa_selected_branch_attends_exactly_to_the_picked_blocks(start, t):
+    # 5 of up to 10 blocks per query block: the first ones miss picks (own masks), the rest share one mask
+    m = nsa_model(nsa_topn=5)
+    attn = m.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    s = start + t
+    q = torch.randn(2, attn.n_heads, t, attn.head_dim, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, attn.n_kv_heads, s, attn.head_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    attn.double()
+    _, p_cmp = attn.compressed_attention(q, attn.compress(k), attn.compress(v, values=True), start)
+    got = attn.selected_attention(q, k, v, p_cmp, start)
+    l, first = attn.block, start // 4
+    blocks, valid = attn.pick_blocks(p_cmp, first, (s - 1) // l - first + 1)
+    chosen = torch.zeros(2, attn.n_kv_heads, blocks.shape[2], s // l + 2, dtype=torch.bool)
+    chosen.scatter_(-1, blocks.masked_fill(~valid, s // l + 1), True)  # invalid picks: a spare column
+    query_block = torch.arange(start, s) // l - first
+    key_block = torch.arange(s) // l
+    allowed = chosen[:, :, query_block][..., key_block] & (torch.arange(s) <= torch.arange(start, s)[:, None])
+    rep = attn.n_heads // attn.n_kv_heads
+    logits = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * attn.scale
+    probs = logits.masked_fill(~allowed.repeat_interleave(rep, 1), float("-inf")).softmax(-1)
+    torch.testing.assert_close(got, probs @ v.repeat_interleave(rep, 1))
+
+
 def test_nsa_compressed_branch_sees_only_complete_past_blocks():
     m = nsa_model()
     attn = m.layers[0].self_attn
@@ -296,6 +321,31 @@ def test_nsa_compressed_branch_sees_only_complete_past_blocks():
     torch.testing.assert_close(scores.sum(-1), torch.tensor([[1.0, 4.0, 4.0]]).mul(per_group).expand(1, 2, 3))
     assert (scores[:, :, 0, 1:] == 0).all() and (scores[:, :, 1, 2:] == 0).all()
     assert (scores[:, :, 1, 1] > 0).all() and (scores[:, :, 2, 2] > 0).all()
+
+
+@pytest.mark.parametrize("start,t,chunk", [(0, 23, 1024), (0, 23, 5), (6, 11, 4), (9, 1, 1024)])
+def test_nsa_compressed_block_attention_matches_masked_softmax_with_gradients(monkeypatch, start, t, chunk):
+    from nanoseek.model import nsa
+
+    monkeypatch.setattr(nsa, "CMP_CHUNK", chunk)  # several chunks, each over its own visible blocks
+    g = torch.Generator().manual_seed(0)
+    l, n, heads, groups = 4, (start + t) // 4, 6, 2
+    q = torch.randn(2, heads, t, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    kb, vb = (torch.randn(2, groups, n, w, generator=g, dtype=torch.float64, requires_grad=True) for w in (5, 3))
+    out, probs = nsa.CompressedBlockAttention.apply(q, kb, vb, start, l, 0.4, True)
+    # reference: explicit masked softmax over the blocks complete at each query (none: output 0)
+    visible = nsa.visible_blocks(start, t, l, n, None)
+    logits = q.unflatten(1, (groups, -1)) @ kb[:, :, None].transpose(-1, -2) * 0.4
+    ref_p = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    ref_out = (ref_p @ vb[:, :, None]).flatten(1, 2)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(probs, ref_p.sum(2).float())
+    assert (out[:, :, :max(0, l - 1 - start)] == 0).all()
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), (q, kb, vb))
+    want = torch.autograd.grad((ref_out * w).sum(), (q, kb, vb))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_nsa_is_causal_trains_and_every_parameter_gets_a_gradient():

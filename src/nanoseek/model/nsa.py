@@ -19,6 +19,8 @@ block (their p^slc summed, using only blocks that are complete before the query 
 the choice never depends on the future). Each query block then runs ONE dense SDPA over its
 n * l selected keys instead of a per-token gather: O(T * n * l) work in SDPA's fast kernel.
 With n covering every block, the selected branch is exactly causal attention (tested).
+The compressed branch's attention and the selection scores p^cmp come from one pass over chunks of
+queries (`CompressedBlockAttention`, a flash-style Function that recomputes p in backward).
 """
 
 from __future__ import annotations
@@ -146,70 +148,67 @@ class NativeSparseAttention(nn.Module):
         return self.whole_selection_shortcut and (start + t - 1) // self.block + 1 <= self.n_select
 
     def compressed_attention(self, q, k_blocks, v_blocks, start: int, with_scores: bool = True):
-        """Attention over the complete blocks (SDPA), and per query block the selection scores
+        """Attention over the complete blocks, and per query block the selection scores
         p^slc (B, G, nb, n): softmax_j(q_t . k^cmp_j) summed over the block's queries and the group's
-        heads (no gradient: the choice of blocks is not differentiable)."""
-        b, h, t, _ = q.shape
+        heads (no gradient: the choice of blocks is not differentiable). One pass gives both
+        (`CompressedBlockAttention`)."""
+        b, _, t, _ = q.shape
         n, l = k_blocks.shape[2], self.block
         nb = (start + t - 1) // l - start // l + 1
-        if n == 0:
-            return torch.zeros_like(q), q.new_zeros(b, self.n_kv_heads, nb, 0)
-        query_pos = torch.arange(start, start + t, device=q.device)[:, None]
-        block_end = torch.arange(n, device=q.device)[None, :] * l + l - 1
-        visible = block_end <= query_pos  # (T, n)
-        blind = int((~visible.any(-1)).sum())  # the first queries, before any block is complete
-        gqa = self.n_heads != self.n_kv_heads
-        mask = visible.clone()
-        mask[:blind] = True  # (their output is zeroed below; all-masked rows would give NaN)
-        out = F.scaled_dot_product_attention(q, k_blocks, v_blocks, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
-        if blind:
-            keep = (torch.arange(t, device=q.device) >= blind)[:, None]
-            out = out * keep
+        out, probs_BGTn = CompressedBlockAttention.apply(q, k_blocks, v_blocks, start, l, self.scale, with_scores)
         if not with_scores:
             return out, None
-        with torch.no_grad():
-            k = k_blocks.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            bias = torch.zeros(t, n, device=q.device).masked_fill_(~mask, float("-inf"))
-            probs = torch.baddbmm(bias.expand(b * h, t, n), q.flatten(0, 1).float(),
-                                  k.flatten(0, 1).float().transpose(-1, -2), alpha=self.scale).softmax(-1)
-            probs = probs.view(b, h, t, n)
-            probs[:, :, :blind] = 0
-            front = start - (start // l) * l
-            if front or (front + t) % l:  # partial first or last query block: pad to whole blocks
-                probs = F.pad(probs, (0, 0, front, nb * l - front - t))
-            scores = probs.view(b, h, nb, l, n).sum(3).view(b, self.n_kv_heads, -1, nb, n).sum(2)
-        return out, scores
+        front = start - (start // l) * l
+        if front or (front + t) % l:  # partial first or last query block: pad to whole blocks
+            probs_BGTn = F.pad(probs_BGTn, (0, 0, front, nb * l - front - t))
+        return out, probs_BGTn.view(b, self.n_kv_heads, nb, l, n).sum(3)
 
     def selected_attention(self, q, k, v, p_cmp, start: int):
-        """Every query block at once: one batched SDPA, each block over its own selected key blocks.
-        `p_cmp` holds the selection scores (B, G, nb, n) from `compressed_attention`."""
+        """Every query block at once: batched SDPA, each block over its own selected key blocks.
+        `p_cmp` holds the selection scores (B, G, nb, n) from `compressed_attention`.
+
+        Slot 2 of every block's keys is its own block (`pick_blocks`), so once a query block has a
+        valid pick in every slot (absolute block >= max(2, K - 1)) its mask is the same for all:
+        every key visible but the own block's future, one shared (l, K l) mask. Only the first
+        blocks (missing picks) build per-block masks, in a second SDPA call."""
         b, h, t, d = q.shape
         l, g, s = self.block, self.n_kv_heads, k.shape[2]
         first, last = start // l, (start + t - 1) // l
         nb, front, back = last - first + 1, start - first * l, (last + 1) * l - (start + t)
         blocks, valid = self.pick_blocks(p_cmp, first, nb)  # (B, G, nb, K)
+        n_keys = blocks.shape[-1] * l
         token = (blocks[..., None] * l + torch.arange(l, device=q.device)).flatten(-2)  # (B, G, nb, K*l)
-        token_ok = valid.repeat_interleave(l, dim=-1) & (token < s)
-        query_pos = first * l + torch.arange(nb * l, device=q.device).view(nb, l)
-        mask = token_ok[..., None, :] & (token[..., None, :] <= query_pos[None, None, :, :, None])
-        # rows of the flattened (B * G * S, d) keys: index_select copies whole rows (a gather with an
-        # expanded index reads one index per element: 2.4x slower at 16K here)
-        rows = (token.clamp(max=s - 1) + torch.arange(b * g, device=q.device).view(b, g, 1, 1) * s).flatten()
-        k_sel = k.reshape(b * g * s, d).index_select(0, rows).view(b, g, nb, -1, d)
-        v_sel = v.reshape(b * g * s, v.shape[-1]).index_select(0, rows).view(b, g, nb, -1, v.shape[-1])
-        q_blocks = (F.pad(q, (0, 0, front, back)) if front or back else q).view(b, h, nb, l, d)
-        fold = lambda x: x.transpose(1, 2).flatten(0, 1)  # (B, X, nb, ...) -> (B * nb, X, ...)
-        mask = fold(mask)
-        if g > 1:
-            mask = mask.repeat_interleave(h // g, dim=1)
-        out = F.scaled_dot_product_attention(fold(q_blocks), fold(k_sel), fold(v_sel), attn_mask=mask,
-                                             scale=self.scale, enable_gqa=g != h)
-        out = out.view(b, nb, h, l, d).transpose(1, 2).reshape(b, h, nb * l, d)
-        return out[:, :, front:front + t]
+        # rows of the flattened (B * G * S, d) keys, in (B, nb, G, K*l) order: index_select copies whole
+        # rows (a gather with an expanded index reads one index per element: 2.4x slower at 16K here)
+        rows = (token.clamp(max=s - 1) + torch.arange(b * g, device=q.device).view(b, g, 1, 1) * s).transpose(1, 2)
+        k_sel = k.reshape(b * g * s, d).index_select(0, rows.flatten()).view(b, nb, g, n_keys, d)
+        v_sel = v.reshape(b * g * s, v.shape[-1]).index_select(0, rows.flatten()).view(b, nb, g, n_keys, -1)
+        q_blocks = (F.pad(q, (0, 0, front, back)) if front or back else q).view(b, h, nb, l, d).transpose(1, 2)
+        early = min(nb, max(0, max(2, blocks.shape[-1] - 1) - first))  # query blocks with a missing pick
+        parts = [early, nb - early]
+        outs = []
+        for i, (q_i, k_i, v_i) in enumerate(zip(*(x.split(parts, dim=1) for x in (q_blocks, k_sel, v_sel)))):
+            if not parts[i]:
+                continue
+            if i == 0:
+                query_pos = first * l + torch.arange(early * l, device=q.device).view(early, l)
+                token_ok = valid[:, :, :early].repeat_interleave(l, dim=-1) & (token[:, :, :early] < s)
+                mask = token_ok[..., None, :] & (token[:, :, :early, None, :] <= query_pos[None, None, :, :, None])
+                mask = mask.transpose(1, 2).flatten(0, 1)  # (B * early, G, l, K*l)
+                if g > 1:
+                    mask = mask.repeat_interleave(h // g, dim=1)
+            else:
+                mask = torch.ones(l, n_keys, dtype=torch.bool, device=q.device)
+                mask[:, 2 * l:3 * l] = torch.ones(l, l, dtype=torch.bool, device=q.device).tril_()
+            o = F.scaled_dot_product_attention(q_i.flatten(0, 1), k_i.flatten(0, 1), v_i.flatten(0, 1),
+                                               attn_mask=mask, scale=self.scale, enable_gqa=g != h)
+            outs.append(o.view(b, parts[i], h, l, -1))
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, nb, H, l, d)
+        return out.transpose(1, 2).reshape(b, h, nb * l, -1)[:, :, front:front + t]
 
     def pick_blocks(self, score_BGbn: torch.Tensor, first: int, nb: int):
         """Block ids (B, G, nb, K) and their validity for query blocks first..first+nb-1: the first,
-        previous and own block, then the top (nsa_topn - 3) of the blocks complete before the query
+        previous and own block (always slots 0, 1, 2), then the top (nsa_topn - 3) of the blocks complete before the query
         block by their selection score."""
         b, g, _, n = score_BGbn.shape
         qb = torch.arange(first, first + nb, device=score_BGbn.device)
@@ -237,3 +236,87 @@ class NSACache:
     def move_row(self, src: int, dst: int) -> None:
         for c in self.caches:
             c.move_row(src, dst)
+
+
+# ---------------------------------------------------------------------------- compressed branch
+
+CMP_CHUNK = 1024  # queries per step of the compressed branch (bounds its (C, n) score tiles)
+
+
+def visible_blocks(start: int, t: int, block: int, n: int, device):
+    """(T, n) boolean: block j is complete at query position p (j * l + l - 1 <= p)."""
+    seen = (torch.arange(start, start + t, device=device) + 1) // block  # complete blocks per query
+    return torch.arange(n, device=device)[None, :] < seen[:, None]
+
+
+def block_probs(q_BGRCd, k_BGnd, start: int, block: int, scale: float) -> torch.Tensor:
+    """softmax over the complete blocks, in fp32 or wider (B, G, R, C, n); queries with no complete
+    block get 0."""
+    b, g, r, c, d = q_BGRCd.shape
+    n = k_BGnd.shape[2]
+    logits = torch.matmul(q_BGRCd.reshape(b, g, r * c, d), k_BGnd.transpose(-1, -2)).view(b, g, r, c, n)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    visible = visible_blocks(start, c, block, n, q_BGRCd.device)
+    blind = ~visible.any(-1, keepdim=True)  # (C, 1): all-masked rows would give NaN
+    probs = logits.mul_(scale).masked_fill_(~(visible | blind), float("-inf")).softmax(-1)
+    return probs.masked_fill_(blind, 0.0) if bool(blind[0]) else probs
+
+
+class CompressedBlockAttention(torch.autograd.Function):
+    """NSA's compressed branch: o_t = sum_j p_tj v^cmp_j, p_t = softmax over the blocks complete at t.
+
+    Forward and backward go over chunks of CMP_CHUNK queries, each against only the blocks its
+    last query can see (half the causal work is skipped), and keep nothing of size T x n: the
+    backward recomputes p from q and k^cmp (flash-style,
+        dS = P * (dP - rowsum(dO * O)),  dq = scale dS k,  dk = scale dS^T q,  dv = P^T dO).
+    The second output is p summed over each KV group's heads (B, G, T, n), for the block selection
+    (no gradient). q (B, H, T, d); k, v (B, G, n, .)."""
+
+    @staticmethod
+    def forward(ctx, q, k_blocks, v_blocks, start: int, block: int, scale: float, with_probs: bool):
+        b, h, t, d = q.shape
+        g, n, d_v = k_blocks.shape[1], k_blocks.shape[2], v_blocks.shape[-1]
+        q_BGRTd = q.reshape(b, g, h // g, t, d)
+        out = q.new_zeros(b, g, h // g, t, d_v)
+        probs_BGTn = q.new_zeros(b, g, t if with_probs else 0, n, dtype=torch.float32)
+        for a, z, m in compressed_chunks(start, t, block, n):
+            p = block_probs(q_BGRTd[:, :, :, a:z], k_blocks[:, :, :m], start + a, block, scale)
+            out[:, :, :, a:z] = torch.matmul(p.to(v_blocks.dtype).flatten(2, 3), v_blocks[:, :, :m]).unflatten(2, (h // g, -1))
+            if with_probs:
+                probs_BGTn[:, :, a:z, :m] = p.sum(2)
+        ctx.save_for_backward(q, k_blocks, v_blocks, out)
+        ctx.meta = (start, block, scale)
+        ctx.mark_non_differentiable(probs_BGTn)
+        return out.view(b, h, t, d_v), probs_BGTn
+
+    @staticmethod
+    def backward(ctx, d_out, _d_probs):
+        q, k_blocks, v_blocks, out = ctx.saved_tensors
+        start, block, scale = ctx.meta
+        b, h, t, d = q.shape
+        g, n = k_blocks.shape[1], k_blocks.shape[2]
+        r = h // g
+        q_BGRTd = q.reshape(b, g, r, t, d)
+        do_BGRTv = d_out.reshape(b, g, r, t, -1).to(out.dtype)
+        delta = (do_BGRTv * out).sum(-1, keepdim=True)  # rowsum(dO * O)
+        delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
+        dq = torch.zeros_like(q_BGRTd)
+        dk, dv = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        for a, z, m in compressed_chunks(start, t, block, n):
+            q_c, do_c = q_BGRTd[:, :, :, a:z], do_BGRTv[:, :, :, a:z]
+            p = block_probs(q_c, k_blocks[:, :, :m], start + a, block, scale)
+            dp = torch.matmul(do_c.flatten(2, 3), v_blocks[:, :, :m].transpose(-1, -2)).view_as(p)
+            ds = (p * (dp - delta[:, :, :, a:z])).mul_(scale).to(q.dtype).flatten(2, 3)  # (B, G, R*C, m)
+            dq[:, :, :, a:z] = torch.matmul(ds, k_blocks[:, :, :m]).unflatten(2, (r, -1))
+            dk[:, :, :m] += torch.matmul(ds.transpose(-1, -2), q_c.flatten(2, 3))
+            dv[:, :, :m] += torch.matmul(p.to(do_c.dtype).flatten(2, 3).transpose(-1, -2), do_c.flatten(2, 3))
+        return dq.view(b, h, t, d), dk, dv, None, None, None, None
+
+
+def compressed_chunks(start: int, t: int, block: int, n: int):
+    """(first query, end query, blocks the chunk's last query sees) per chunk with any complete block."""
+    for a in range(0, t, CMP_CHUNK):
+        z = min(t, a + CMP_CHUNK)
+        m = min(n, (start + z) // block)
+        if m:
+            yield a, z, m

@@ -144,6 +144,59 @@ def test_swiglu_backward_passes_gradcheck():
     assert swiglu(gate, up).grad_fn.name().startswith("SwiGLUFunction")
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_down_dense_passes_gradcheck_and_keeps_no_hidden(bias):
+    from nanoseek.model.ffn import swiglu_down
+
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a), (gate, up, w, b))
+    y = swiglu_down(gate, up, w, b)
+    assert y.grad_fn.name().startswith("SwiGLUDownFunction")
+    want = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w, b)
+    torch.testing.assert_close(y, want)
+
+
+def test_swiglu_down_grouped_matches_per_expert_products():
+    from nanoseek.model.ffn import swiglu_down
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 2])  # an expert with no rows too
+    gate, up = (torch.randn(10, 8, generator=g, requires_grad=True) for _ in range(2))  # grouped_mm: no fp64
+    w = torch.randn(4, 16, 8, generator=g, requires_grad=True)
+    y = swiglu_down(gate, up, w, offsets=counts.cumsum(0).to(torch.int32))
+    assert y.grad_fn.name().startswith("SwiGLUDownFunction")
+    h = torch.nn.functional.silu(gate) * up
+    want = torch.cat([piece @ w[e].T for e, piece in enumerate(h.split(counts.tolist()))])
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (gate, up, w), dy)
+    ref = torch.autograd.grad(want, (gate, up, w), dy)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_swiglu_ffn_under_bf16_autocast_matches_the_unfused_products():
+    from nanoseek.model.ffn import SwiGLU, swiglu
+
+    torch.manual_seed(0)
+    ffn = SwiGLU(16, 32)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ffn(x)
+        gate, up = ffn.gate_up_proj(x).split(32, dim=-1)
+        want = ffn.down_proj(swiglu(gate, up))
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, atol=0, rtol=0)
+    got = torch.autograd.grad(y.float().sum(), (x, ffn.down_proj.weight, ffn.gate_up_proj.weight))
+    ref = torch.autograd.grad(want.float().sum(), (x, ffn.down_proj.weight, ffn.gate_up_proj.weight))
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
 def test_rmsnorm_formula():
     x = torch.randn(3, 16)
     norm = RMSNorm(16, eps=1e-6)

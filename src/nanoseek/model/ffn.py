@@ -5,7 +5,10 @@
     SwiGLU (Llama, DeepSeek dense layers):  FFN(x) = W_down (SiLU(W_gate x) * W_up x)
     DeepSeek-V4 clamps the pre-activations at a limit L: SiLU(min(W_gate x, L)) * clamp(W_up x, -L, L)
 
-The SwiGLU gate and up projections are one fused matmul (`gate_up_proj`, gate rows first).
+The SwiGLU gate and up projections are one fused matmul (`gate_up_proj`, gate rows first). In
+training, SiLU(g) * u and the down projection are one autograd Function (`SwiGLUDownFunction`)
+that keeps only g and u: the hidden h = SiLU(g) * u is recomputed in backward (elementwise), so
+no I-wide h per token is kept for the down projection's weight gradient.
 
     >>> MLP(64, 256, "relu")(torch.randn(2, 3, 64)).shape
     torch.Size([2, 3, 64])
@@ -58,6 +61,57 @@ class SwiGLUFunction(torch.autograd.Function):
         return grad * up * sig * (1 + gate * (1 - sig)), grad * silu
 
 
+def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                offsets: torch.Tensor | None = None, limit: float | None = None) -> torch.Tensor:
+    """W_down (SiLU(gate) * up) + b: a dense down projection (weight (D, I)), or with `offsets` the
+    grouped one of the routed experts (weight (E, D, I), rows of expert e end at offsets[e])."""
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up, weight, bias))
+    if recording and limit is None and gate.shape[0] > 0:
+        return SwiGLUDownFunction.apply(gate, up, weight, bias, offsets)
+    h = swiglu(gate, up, limit)
+    if offsets is None:
+        return F.linear(h, weight, bias)
+    return torch._grouped_mm(h, weight.transpose(1, 2), offs=offsets)
+
+
+class SwiGLUDownFunction(torch.autograd.Function):
+    """y = W_down h + b, h = SiLU(g) * u, keeping g and u only (views of the one gate_up output).
+
+    Backward recomputes s = sigmoid(g) and h, then
+        dh = dy W,   dW = dy^T h (per expert when grouped),   db = sum dy,
+        dg = dh * u * s * (1 + g (1 - s)),   du = dh * g s."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, offsets):
+        h = F.silu(gate) * up
+        if offsets is None:
+            y = F.linear(h, weight, bias)
+        else:
+            y = torch._grouped_mm(h, weight.transpose(1, 2), offs=offsets)
+        ctx.save_for_backward(gate, up, weight, offsets)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up, weight, offsets = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        dw = db = None
+        if offsets is None:
+            dh = torch.matmul(dy, weight.to(dy.dtype))
+            if ctx.needs_input_grad[2]:
+                dw = torch.matmul(dy.reshape(-1, dy.shape[-1]).T, (silu * up).reshape(-1, up.shape[-1]))
+            if ctx.has_bias and ctx.needs_input_grad[3]:
+                db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        else:
+            dh = torch._grouped_mm(dy, weight.to(dy.dtype), offs=offsets)
+            if ctx.needs_input_grad[2]:
+                dw = torch._grouped_mm(dy.T, silu * up, offs=offsets)
+        dgate = dh * up * sig * (1 + gate * (1 - sig))
+        return dgate, dh * silu, dw, db, None
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = False, limit: float | None = None):
         super().__init__()
@@ -67,7 +121,9 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.hidden, dim=-1)
-        return self.down_proj(swiglu(gate, up, self.limit))
+        down = self.down_proj
+        return swiglu_down(gate, up, down.weight.to(gate.dtype),
+                           None if down.bias is None else down.bias.to(gate.dtype), limit=self.limit)
 
 
 def make_dense_ffn(kind: str, dim: int, hidden: int, bias: bool) -> nn.Module:

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .expert_parallel import run_sharded_experts
-from .ffn import SwiGLU, swiglu
+from .ffn import SwiGLU, swiglu, swiglu_down
 
 
 PER_PAIR_MAX_COMPILED = 64  # compiled decode steps gather per-pair weights up to this many pairs
@@ -132,19 +132,25 @@ class RoutedExperts(nn.Module):
         x_MD = x_MD.to(dtype)
         h_MX = grouped_matmul(x_MD, self.gate_up_proj.to(dtype), counts_E)
         gate_MI, up_MI = h_MX.split(self.hidden, dim=-1)
+        aligned = all(n * x_MD.element_size() % 16 == 0 for n in x_MD.shape[1:] + (self.hidden,))  # grouped_mm's strides
+        if self.limit is None and aligned and has_grouped_mm(x_MD):  # one Function: h is not kept for backward
+            return swiglu_down(gate_MI, up_MI, self.down_proj.to(dtype), offsets=counts_E.cumsum(0).to(torch.int32))
         return grouped_matmul(swiglu(gate_MI, up_MI, self.limit), self.down_proj.to(dtype), counts_E)
+
+
+def has_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm can run here (its fake-tensor rule under torch.compile accepts only bf16)."""
+    return (hasattr(torch, "_grouped_mm") and x.device.type in ("cpu", "cuda") and x.shape[0] > 0
+            and not (torch.compiler.is_compiling() and x.dtype != torch.bfloat16))
 
 
 def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows of x owned by expert e times w[e]^T, for all experts at once."""
     if x_MK.shape[0] == 0:  # an empty product, not fresh zeros: keeps x and w in the autograd graph
         return x_MK @ w_EOK[0].T
-    offsets = counts_E.cumsum(0).to(torch.int32)
-    compiling = torch.compiler.is_compiling()  # its fake-tensor rule accepts only bf16 inputs
-    if hasattr(torch, "_grouped_mm") and x_MK.device.type in ("cpu", "cuda") and not (
-            compiling and x_MK.dtype != torch.bfloat16):
+    if has_grouped_mm(x_MK):
         try:
-            return torch._grouped_mm(x_MK, w_EOK.transpose(1, 2), offs=offsets)
+            return torch._grouped_mm(x_MK, w_EOK.transpose(1, 2), offs=counts_E.cumsum(0).to(torch.int32))
         except (RuntimeError, NotImplementedError):
             pass
     pieces = x_MK.split(counts_E.tolist())

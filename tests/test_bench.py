@@ -22,6 +22,16 @@ def reference_for(cfg: ModelConfig):
                                  n_embd=cfg.hidden_size, dropout=0.0, bias=True))
 
 
+def test_heap_in_use_sees_a_live_tensor():
+    before = bench.heap_in_use()
+    if before is None:
+        pytest.skip("no glibc mallinfo2 here")
+    x = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, touched
+    assert bench.heap_in_use() - before >= 15 << 20
+    del x
+    assert bench.heap_in_use() - before < 1 << 20
+
+
 def test_bench_train_smoke():
     results = bench.bench_train("gpt2-tiny", **TINY)
     by_impl = {r["impl"]: r for r in results}
@@ -35,6 +45,7 @@ def test_bench_train_smoke():
         assert math.isfinite(r["loss"]) and 0 < r["loss"] < 6
         assert r["mfu"] is not None and 0 < r["mfu"] < 10
         assert r["peak_rss_mib"] >= 0
+        assert r["peak_heap_mib"] is None or r["peak_heap_mib"] > 0  # the model's weights at least
         assert isinstance(r["torch"], str) and isinstance(r["cpu"], str)
         json.dumps(r)
     # identical shapes: the same FLOPs per token for both

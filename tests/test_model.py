@@ -149,12 +149,15 @@ def test_swiglu_down_dense_passes_gradcheck_and_keeps_no_hidden(bias):
     from nanoseek.model.ffn import swiglu_down
 
     g = torch.Generator().manual_seed(0)
-    gate, up = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    gate_up = torch.randn(2, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)  # [gate, up]
     w = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
-    assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a), (gate, up, w, b))
-    y = swiglu_down(gate, up, w, b)
+    assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a), (gate_up, w, b))
+    scale = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a[:3], row_scale=a[3]), (gate_up.flatten(0, 1), w, b, scale))
+    y = swiglu_down(gate_up, w, b)
     assert y.grad_fn.name().startswith("SwiGLUDownFunction")
+    gate, up = gate_up.split(8, dim=-1)
     want = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w, b)
     torch.testing.assert_close(y, want)
 
@@ -164,16 +167,18 @@ def test_swiglu_down_grouped_matches_per_expert_products():
 
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([3, 0, 5, 2])  # an expert with no rows too
-    gate, up = (torch.randn(10, 8, generator=g, requires_grad=True) for _ in range(2))  # grouped_mm: no fp64
+    gate_up = torch.randn(10, 16, generator=g, requires_grad=True)  # grouped_mm: no fp64
     w = torch.randn(4, 16, 8, generator=g, requires_grad=True)
-    y = swiglu_down(gate, up, w, offsets=counts.cumsum(0).to(torch.int32))
+    s = torch.rand(10, generator=g, requires_grad=True)  # the router weight of each row
+    y = swiglu_down(gate_up, w, offsets=counts.cumsum(0).to(torch.int32), row_scale=s)
     assert y.grad_fn.name().startswith("SwiGLUDownFunction")
+    gate, up = gate_up.split(8, dim=-1)
     h = torch.nn.functional.silu(gate) * up
-    want = torch.cat([piece @ w[e].T for e, piece in enumerate(h.split(counts.tolist()))])
+    want = torch.cat([piece @ w[e].T for e, piece in enumerate(h.split(counts.tolist()))]) * s[:, None]
     torch.testing.assert_close(y, want)
     dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, (gate, up, w), dy)
-    ref = torch.autograd.grad(want, (gate, up, w), dy)
+    got = torch.autograd.grad(y, (gate_up, w, s), dy)
+    ref = torch.autograd.grad(want, (gate_up, w, s), dy)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
 

@@ -31,6 +31,10 @@ Reported per implementation:
                   first). Freed heap goes back to the OS (glibc malloc_trim) before each baseline.
                   Both models live in one process, so it is approximate; it is not getrusage's
                   ru_maxrss, which is process-wide and never decreases.
+    peak_heap_mib the highest bytes in use from the C allocator (glibc mallinfo2) over the same
+                  window, minus its value at the start: the live tensors without the freed memory
+                  glibc keeps resident (which differs from run to run with the order of frees; here
+                  it was 170-240 MiB of the peak RSS of both implementations). None without glibc.
     loss          the training loss after the last step (both models should learn alike)
 and a last line {"impl": "ratio", "nanoseek_over_reference": tokens/s of nanoseek / reference}.
 
@@ -101,30 +105,66 @@ def release_free_memory() -> None:
         pass
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _load_mallinfo2():
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _load_mallinfo2()
+
+
+def heap_in_use() -> int | None:
+    """Bytes the C allocator has handed out and not had back (glibc mallinfo2: in-use heap chunks
+    plus mmapped blocks), or None without glibc >= 2.33. Unlike RSS it excludes freed memory the
+    allocator keeps (fragmentation, trim thresholds): the live tensors' footprint."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
 class RssSampler:
-    """Samples the current RSS in a background thread; `peak` is the highest value seen."""
+    """Samples the current RSS (and the C heap in use) in a background thread; `peak` and
+    `heap_peak` are the highest values seen (`heap_peak` None where `heap_in_use` is)."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
         self.peak = 0
+        self.heap_base = self.heap_peak = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "RssSampler":
         self.peak = current_rss()
+        self.heap_base = self.heap_peak = heap_in_use()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    def _sample(self):
+        self.peak = max(self.peak, current_rss())
+        if self.heap_peak is not None:
+            self.heap_peak = max(self.heap_peak, heap_in_use())
+
     def _run(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, current_rss())
+            self._sample()
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, current_rss())
+        self._sample()
         return False
 
 
@@ -243,6 +283,7 @@ class TrainRunner:
         self.round_seconds: list[float] = []  # mean seconds per timed step, one per round
         self.loss = float("nan")
         self.peak_rss = 0
+        self.peak_heap: int | None = None
 
     def autocast(self):
         if self.dtype == "bfloat16":
@@ -289,6 +330,7 @@ class TrainRunner:
             elapsed = time.perf_counter() - t0
         if first:
             self.peak_rss = sampler.peak - base
+            self.peak_heap = None if sampler.heap_peak is None else sampler.heap_peak - sampler.heap_base
         self.round_seconds.append(elapsed / steps)
         self.loss = loss.item()
 
@@ -415,7 +457,9 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
             "seq_len": seq_len, "batch": batch, "tokens_per_s": round(tps, 1),
             "seconds": statistics.median(runner.round_seconds),
             "mfu": tps * flops / (peak * 1e9) if peak > 0 else None,
-            "peak_rss_mib": round(runner.peak_rss / MIB, 1), "loss": runner.loss, **machine,
+            "peak_rss_mib": round(runner.peak_rss / MIB, 1),
+            "peak_heap_mib": None if runner.peak_heap is None else round(runner.peak_heap / MIB, 1),
+            "loss": runner.loss, **machine,
             "steps": steps, "warmup": warmup, "rounds": rounds, "data": data,
             "flops_per_token": flops, "peak_gflops": round(peak, 1),
             "tokens_per_s_rounds": [round(t, 1) for t in per_round],
@@ -426,7 +470,9 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
         results.append({"bench": "train", "impl": "ratio", "preset": preset, "seq_len": seq_len, "batch": batch,
                         "nanoseek_over_hf": ns["tokens_per_s"] / hf["tokens_per_s"],
                         "peak_rss_nanoseek_over_hf": (ns["peak_rss_mib"] / hf["peak_rss_mib"]
-                                                      if hf["peak_rss_mib"] > 0 else None), **machine})
+                                                      if hf["peak_rss_mib"] > 0 else None),
+                        "peak_heap_nanoseek_over_hf": (ns["peak_heap_mib"] / hf["peak_heap_mib"]
+                                                       if hf["peak_heap_mib"] else None), **machine})
     if "nanoseek" in by_impl and "reference" in by_impl:
         ns, ref = by_impl["nanoseek"], by_impl["reference"]
         results.append({
@@ -435,6 +481,8 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
             "nanoseek_over_reference": ns["tokens_per_s"] / ref["tokens_per_s"],
             "peak_rss_nanoseek_over_reference": (ns["peak_rss_mib"] / ref["peak_rss_mib"]
                                                  if ref["peak_rss_mib"] > 0 else None),
+            "peak_heap_nanoseek_over_reference": (ns["peak_heap_mib"] / ref["peak_heap_mib"]
+                                                  if ref["peak_heap_mib"] else None),
             **machine,
         })
     return results

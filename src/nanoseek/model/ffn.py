@@ -61,55 +61,79 @@ class SwiGLUFunction(torch.autograd.Function):
         return grad * up * sig * (1 + gate * (1 - sig)), grad * silu
 
 
-def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                offsets: torch.Tensor | None = None, limit: float | None = None) -> torch.Tensor:
-    """W_down (SiLU(gate) * up) + b: a dense down projection (weight (D, I)), or with `offsets` the
-    grouped one of the routed experts (weight (E, D, I), rows of expert e end at offsets[e])."""
-    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up, weight, bias))
-    if recording and limit is None and gate.shape[0] > 0:
-        return SwiGLUDownFunction.apply(gate, up, weight, bias, offsets)
-    h = swiglu(gate, up, limit)
+def swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                offsets: torch.Tensor | None = None, limit: float | None = None,
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """W_down (s * SiLU(gate) * up) + b from the fused [gate, up] projection (..., 2I): a dense down
+    projection (weight (D, I)), or with `offsets` the grouped one of the routed experts (weight
+    (E, D, I), rows of expert e end at offsets[e]); `row_scale` s (M,) weights each row (the router's
+    weight of each token copy), default 1."""
+    tensors = (gate_up, weight, bias, row_scale)
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if recording and limit is None and gate_up.shape[0] > 0:
+        return SwiGLUDownFunction.apply(gate_up, weight, bias, offsets, row_scale)
+    h = swiglu(*gate_up.chunk(2, dim=-1), limit)
+    if row_scale is not None:
+        h = h * row_scale[:, None].to(h.dtype)
     if offsets is None:
         return F.linear(h, weight, bias)
     return torch._grouped_mm(h, weight.transpose(1, 2), offs=offsets)
 
 
 class SwiGLUDownFunction(torch.autograd.Function):
-    """y = W_down h + b, h = SiLU(g) * u, keeping g and u only (views of the one gate_up output).
+    """y = W_down (s h) + b, h = SiLU(g) * u, [g, u] = the gate_up projection, keeping [g, u] and
+    the row scales s, not h.
 
-    Backward recomputes s = sigmoid(g) and h, then
-        dh = dy W,   dW = dy^T h (per expert when grouped),   db = sum dy,
-        dg = dh * u * s * (1 + g (1 - s)),   du = dh * g s."""
+    Backward recomputes sig = sigmoid(g) and h, then with dh' = dy W:
+        dW = dy^T (s h) (per expert when grouped),   db = sum dy,   ds = rowsum(dh' * h),
+        dh = s dh',   dg = dh * u * sig * (1 + g (1 - sig)),   du = dh * g sig,
+    in place where it can and written straight into one [dg, du] gradient: the early backward of
+    a layer is where training peaks in memory."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, offsets):
+    def forward(ctx, gate_up, weight, bias, offsets, row_scale):
+        gate, up = gate_up.chunk(2, dim=-1)
         h = F.silu(gate) * up
+        if row_scale is not None:
+            h = h * row_scale[:, None].to(h.dtype)
         if offsets is None:
             y = F.linear(h, weight, bias)
         else:
             y = torch._grouped_mm(h, weight.transpose(1, 2), offs=offsets)
-        ctx.save_for_backward(gate, up, weight, offsets)
+        ctx.save_for_backward(gate_up, weight, offsets, row_scale)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        gate, up, weight, offsets = ctx.saved_tensors
+        gate_up, weight, offsets, row_scale = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         silu = gate * sig
-        dw = db = None
-        if offsets is None:
-            dh = torch.matmul(dy, weight.to(dy.dtype))
-            if ctx.needs_input_grad[2]:
-                dw = torch.matmul(dy.reshape(-1, dy.shape[-1]).T, (silu * up).reshape(-1, up.shape[-1]))
-            if ctx.has_bias and ctx.needs_input_grad[3]:
-                db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        else:
-            dh = torch._grouped_mm(dy, weight.to(dy.dtype), offs=offsets)
-            if ctx.needs_input_grad[2]:
-                dw = torch._grouped_mm(dy.T, silu * up, offs=offsets)
-        dgate = dh * up * sig * (1 + gate * (1 - sig))
-        return dgate, dh * silu, dw, db, None
+        h = silu * up
+        grouped = offsets is not None
+        dh = torch._grouped_mm(dy, weight.to(dy.dtype), offs=offsets) if grouped else torch.matmul(dy, weight.to(dy.dtype))
+        ds = db = dw = None
+        if row_scale is not None:
+            scale = row_scale[:, None].to(h.dtype)
+            if ctx.needs_input_grad[4]:
+                ds = (dh * h).sum(-1).to(row_scale.dtype)
+            h.mul_(scale)
+            dh.mul_(scale)
+        if ctx.needs_input_grad[1]:
+            dw = torch._grouped_mm(dy.T, h, offs=offsets) if grouped else torch.matmul(
+                dy.reshape(-1, dy.shape[-1]).T, h.reshape(-1, h.shape[-1]))
+        del h
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        d_gate_up = torch.empty_like(gate_up)
+        d_gate, d_up = d_gate_up.chunk(2, dim=-1)
+        torch.mul(dh, silu, out=d_up)
+        del silu
+        torch.mul(dh, up, out=d_gate)
+        d_gate.mul_(sig)
+        d_gate.mul_(sig.neg_().add_(1).mul_(gate).add_(1))  # sig (1 + g (1 - sig))
+        return d_gate_up, dw, db, None, ds
 
 
 class SwiGLU(nn.Module):
@@ -120,10 +144,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.hidden, dim=-1)
+        gate_up = self.gate_up_proj(x)
         down = self.down_proj
-        return swiglu_down(gate, up, down.weight.to(gate.dtype),
-                           None if down.bias is None else down.bias.to(gate.dtype), limit=self.limit)
+        return swiglu_down(gate_up, down.weight.to(gate_up.dtype),
+                           None if down.bias is None else down.bias.to(gate_up.dtype), limit=self.limit)
 
 
 def make_dense_ffn(kind: str, dim: int, hidden: int, bias: bool) -> nn.Module:

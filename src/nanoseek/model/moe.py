@@ -126,16 +126,18 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x_MD: token copies sorted by expert; counts_E: how many rows each expert owns."""
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, w_M: torch.Tensor | None = None) -> torch.Tensor:
+        """x_MD: token copies sorted by expert; counts_E: how many rows each expert owns; w_M: the
+        router's weight of each row, applied to the expert's hidden (None: unweighted)."""
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_MD.dtype
         x_MD = x_MD.to(dtype)
         h_MX = grouped_matmul(x_MD, self.gate_up_proj.to(dtype), counts_E)
-        gate_MI, up_MI = h_MX.split(self.hidden, dim=-1)
         aligned = all(n * x_MD.element_size() % 16 == 0 for n in x_MD.shape[1:] + (self.hidden,))  # grouped_mm's strides
         if self.limit is None and aligned and has_grouped_mm(x_MD):  # one Function: h is not kept for backward
-            return swiglu_down(gate_MI, up_MI, self.down_proj.to(dtype), offsets=counts_E.cumsum(0).to(torch.int32))
-        return grouped_matmul(swiglu(gate_MI, up_MI, self.limit), self.down_proj.to(dtype), counts_E)
+            return swiglu_down(h_MX, self.down_proj.to(dtype), offsets=counts_E.cumsum(0).to(torch.int32), row_scale=w_M)
+        gate_MI, up_MI = h_MX.split(self.hidden, dim=-1)
+        y_MD = grouped_matmul(swiglu(gate_MI, up_MI, self.limit), self.down_proj.to(dtype), counts_E)
+        return y_MD if w_M is None else y_MD * w_M[:, None].to(dtype)
 
 
 def has_grouped_mm(x: torch.Tensor) -> bool:
@@ -199,15 +201,16 @@ class MoE(nn.Module):
         counts_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
         order_M = idx_NK.flatten().argsort(stable=True)
         x_MD = x_ND.index_select(0, order_M // self.top_k)  # token copies sorted by expert
-        if self.expert_shard is None:
-            y_MD = self.experts(x_MD, counts_E)
-        else:
-            y_MD = run_sharded_experts(self.experts, self.expert_shard, x_MD, counts_E)
-        # back to (token, slot) order, then the weighted sum over each token's k experts as one bmm
-        # (a scatter-add of the weighted rows kept one more (N k, D) tensor for backward)
         slot_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(len(order_M), device=order_M.device))
-        y_NKD = y_MD.index_select(0, slot_M).view(-1, self.top_k, d)
-        out_ND = torch.bmm(w_NK[:, None, :].to(y_NKD.dtype), y_NKD)[:, 0]
+        if self.expert_shard is None:
+            # the router weights scale each copy's hidden inside the experts (nothing (N k, D) is kept
+            # for their gradient), then back to (token, slot) order and a plain sum over the k copies
+            y_MD = self.experts(x_MD, counts_E, w_NK.flatten().index_select(0, order_M))
+            out_ND = y_MD.index_select(0, slot_M).view(-1, self.top_k, d).sum(1)
+        else:  # expert parallel: the weights stay here; one bmm sums each token's k weighted outputs
+            y_MD = run_sharded_experts(self.experts, self.expert_shard, x_MD, counts_E)
+            y_NKD = y_MD.index_select(0, slot_M).view(-1, self.top_k, d)
+            out_ND = torch.bmm(w_NK[:, None, :].to(y_NKD.dtype), y_NKD)[:, 0]
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND)
         if self.training:

@@ -67,7 +67,7 @@ def swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """W_down (s * SiLU(gate) * up) + b from the fused [gate, up] projection (..., 2I): a dense down
     projection (weight (D, I)), or with `offsets` the grouped one of the routed experts (weight
     (E, D, I), rows of expert e end at offsets[e]); `row_scale` s (M,) weights each row (the router's
-    weight of each token copy), default 1."""
+    weight of each token copy; 2-D `gate_up` only), default 1."""
     tensors = (gate_up, weight, bias, row_scale)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if recording and limit is None and gate_up.shape[0] > 0:
@@ -109,15 +109,14 @@ class SwiGLUDownFunction(torch.autograd.Function):
         gate_up, weight, offsets, row_scale = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
-        silu = gate * sig
-        h = silu * up
+        h = torch.mul(gate, sig).mul_(up)
         grouped = offsets is not None
         dh = torch._grouped_mm(dy, weight.to(dy.dtype), offs=offsets) if grouped else torch.matmul(dy, weight.to(dy.dtype))
         ds = db = dw = None
         if row_scale is not None:
             scale = row_scale[:, None].to(h.dtype)
-            if ctx.needs_input_grad[4]:
-                ds = (dh * h).sum(-1).to(row_scale.dtype)
+            if ctx.needs_input_grad[4]:  # row-wise dot products without an (M, I) temporary
+                ds = torch.bmm(dh.unsqueeze(-2), h.unsqueeze(-1)).flatten().to(row_scale.dtype)
             h.mul_(scale)
             dh.mul_(scale)
         if ctx.needs_input_grad[1]:
@@ -128,11 +127,9 @@ class SwiGLUDownFunction(torch.autograd.Function):
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
         d_gate_up = torch.empty_like(gate_up)
         d_gate, d_up = d_gate_up.chunk(2, dim=-1)
-        torch.mul(dh, silu, out=d_up)
-        del silu
-        torch.mul(dh, up, out=d_gate)
-        d_gate.mul_(sig)
-        d_gate.mul_(sig.neg_().add_(1).mul_(gate).add_(1))  # sig (1 + g (1 - sig))
+        torch.mul(dh, gate, out=d_up).mul_(sig)
+        torch.mul(dh, up, out=d_gate).mul_(sig)
+        d_gate.mul_(sig.neg_().add_(1).mul_(gate).add_(1))  # * (1 + g (1 - sig))
         return d_gate_up, dw, db, None, ds
 
 

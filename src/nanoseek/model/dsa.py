@@ -148,7 +148,10 @@ def chunked_sparse_attention(indexer: LightningIndexer, x_BTD, q_latent_BTQ, key
                 outs.append(gathered_chunk(q_chunk, k_BGSX[:, :, :visible], v_BGSV[:, :, :visible],
                                            top.indices, valid, scale))
                 continue
-            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, valid)
+            # the picks as an additive mask built directly (a boolean one is converted by SDPA: one
+            # more pass over C x S_visible)
+            picked = torch.zeros_like(top.values, dtype=q_chunk.dtype).masked_fill_(~valid, float("-inf"))
+            keep = torch.full_like(scores, float("-inf"), dtype=q_chunk.dtype).scatter_(-1, top.indices, picked)
         gqa = q_chunk.shape[1] != k_BGSX.shape[1]
         out = F.scaled_dot_product_attention(q_chunk, k_BGSX[:, :, :visible], v_wide[:, :, :visible],
                                              attn_mask=keep[:, None], scale=scale, enable_gqa=gqa)

@@ -128,6 +128,16 @@ def router(**kw):
     return r
 
 
+def test_moe_layer_in_float64_falls_back_from_grouped_mm():
+    # torch._grouped_mm takes fp32/bf16/fp16 only: the fused expert path must not be chosen for fp64
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_preset("deepseek-v3-tiny")).double().train()
+    x = torch.randint(0, 100, (2, 12))
+    loss = m(x, x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in m.layers[1].mlp.experts.parameters())
+
+
 @pytest.mark.parametrize("kw", [
     dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1, norm_topk_prob=True),
     dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False),

@@ -140,10 +140,14 @@ class RoutedExperts(nn.Module):
         return y_MD if w_M is None else y_MD * w_M[:, None].to(dtype)
 
 
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def has_grouped_mm(x: torch.Tensor) -> bool:
-    """torch._grouped_mm can run here (its fake-tensor rule under torch.compile accepts only bf16)."""
+    """torch._grouped_mm can run here: fp32/bf16/fp16 rows on CPU or CUDA (and under torch.compile,
+    whose fake-tensor rule accepts only bf16, bf16 only)."""
     return (hasattr(torch, "_grouped_mm") and x.device.type in ("cpu", "cuda") and x.shape[0] > 0
-            and not (torch.compiler.is_compiling() and x.dtype != torch.bfloat16))
+            and x.dtype in GROUPED_MM_DTYPES and not (torch.compiler.is_compiling() and x.dtype != torch.bfloat16))
 
 
 def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

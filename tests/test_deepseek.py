@@ -128,6 +128,22 @@ def router(**kw):
     return r
 
 
+def test_gathered_grouped_mm_matches_gather_then_per_expert_products():
+    from nanoseek.model.moe import GatheredGroupedMM
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g, requires_grad=True)
+    rows = torch.tensor([0, 3, 3, 1, 4, 0, 2, 2, 1, 4])  # each token twice (top-2), sorted by expert
+    counts = torch.tensor([3, 0, 4, 3])
+    w = torch.randn(4, 8, 16, generator=g, requires_grad=True)
+    y = GatheredGroupedMM.apply(x, rows, w, counts.cumsum(0).to(torch.int32))
+    want = torch.cat([piece @ w[e].T for e, piece in enumerate(x[rows].split(counts.tolist()))])
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(want, (x, w), dy)):
+        torch.testing.assert_close(a, b)
+
+
 def test_moe_layer_in_float64_falls_back_from_grouped_mm():
     # torch._grouped_mm takes fp32/bf16/fp16 only: the fused expert path must not be chosen for fp64
     torch.manual_seed(0)

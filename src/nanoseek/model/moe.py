@@ -126,21 +126,54 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, w_M: torch.Tensor | None = None) -> torch.Tensor:
-        """x_MD: token copies sorted by expert; counts_E: how many rows each expert owns; w_M: the
-        router's weight of each row, applied to the expert's hidden (None: unweighted)."""
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, w_M: torch.Tensor | None = None,
+                rows_M: torch.Tensor | None = None) -> torch.Tensor:
+        """x_MD: token copies sorted by expert, or with `rows_M` the tokens x_ND and the row of each
+        copy (x_MD = x_ND[rows_M], then gathered inside the first grouped matmul and not kept for
+        backward); counts_E: how many copies each expert owns; w_M: the router's weight of each
+        copy, applied to the expert's hidden (None: unweighted)."""
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_MD.dtype
         x_MD = x_MD.to(dtype)
-        h_MX = grouped_matmul(x_MD, self.gate_up_proj.to(dtype), counts_E)
         aligned = all(n * x_MD.element_size() % 16 == 0 for n in x_MD.shape[1:] + (self.hidden,))  # grouped_mm's strides
-        if self.limit is None and aligned and has_grouped_mm(x_MD):  # one Function: h is not kept for backward
-            return swiglu_down(h_MX, self.down_proj.to(dtype), offsets=counts_E.cumsum(0).to(torch.int32), row_scale=w_M)
+        fused = self.limit is None and aligned and has_grouped_mm(x_MD) and (rows_M is None or len(rows_M) > 0)
+        if fused:  # two Functions that keep neither the gathered copies nor the hidden h for backward
+            offsets = counts_E.cumsum(0).to(torch.int32)
+            if rows_M is None:
+                h_MX = torch._grouped_mm(x_MD, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
+            else:
+                h_MX = GatheredGroupedMM.apply(x_MD, rows_M, self.gate_up_proj.to(dtype), offsets)
+            return swiglu_down(h_MX, self.down_proj.to(dtype), offsets=offsets, row_scale=w_M)
+        if rows_M is not None:
+            x_MD = x_MD.index_select(0, rows_M)
+        h_MX = grouped_matmul(x_MD, self.gate_up_proj.to(dtype), counts_E)
         gate_MI, up_MI = h_MX.split(self.hidden, dim=-1)
         y_MD = grouped_matmul(swiglu(gate_MI, up_MI, self.limit), self.down_proj.to(dtype), counts_E)
         return y_MD if w_M is None else y_MD * w_M[:, None].to(dtype)
 
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class GatheredGroupedMM(torch.autograd.Function):
+    """y = x[rows] W_e^T for the rows of each expert e (offsets as torch._grouped_mm's), keeping x
+    and the row ids for backward instead of the gathered copies (k per token):
+        dW_e = dy_e^T x[rows]_e (re-gathered),   dx = index_add over rows of dy W_e."""
+
+    @staticmethod
+    def forward(ctx, x_ND, rows_M, w_EOK, offsets):
+        ctx.save_for_backward(x_ND, rows_M, w_EOK, offsets)
+        return torch._grouped_mm(x_ND.index_select(0, rows_M), w_EOK.transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_ND, rows_M, w_EOK, offsets = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[2]:
+            dw = torch._grouped_mm(dy.T, x_ND.index_select(0, rows_M).to(dy.dtype), offs=offsets)
+        if ctx.needs_input_grad[0]:
+            dx_MK = torch._grouped_mm(dy, w_EOK.to(dy.dtype), offs=offsets)
+            dx = torch.zeros_like(x_ND).index_add_(0, rows_M, dx_MK.to(x_ND.dtype))
+        return dx, None, dw, None
 
 
 def has_grouped_mm(x: torch.Tensor) -> bool:
@@ -204,14 +237,16 @@ class MoE(nn.Module):
             return out_ND.view(b, t, d).to(x_BTD.dtype)
         counts_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
         order_M = idx_NK.flatten().argsort(stable=True)
-        x_MD = x_ND.index_select(0, order_M // self.top_k)  # token copies sorted by expert
+        rows_M = order_M // self.top_k  # the token of each copy, copies sorted by expert
         slot_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(len(order_M), device=order_M.device))
         if self.expert_shard is None:
-            # the router weights scale each copy's hidden inside the experts (nothing (N k, D) is kept
-            # for their gradient), then back to (token, slot) order and a plain sum over the k copies
-            y_MD = self.experts(x_MD, counts_E, w_NK.flatten().index_select(0, order_M))
+            # the experts gather the copies themselves and the router weights scale each copy's hidden
+            # inside them (no (N k, D) tensor is kept for backward), then back to (token, slot) order
+            # and a plain sum over the k copies
+            y_MD = self.experts(x_ND, counts_E, w_NK.flatten().index_select(0, order_M), rows_M)
             out_ND = y_MD.index_select(0, slot_M).view(-1, self.top_k, d).sum(1)
         else:  # expert parallel: the weights stay here; one bmm sums each token's k weighted outputs
+            x_MD = x_ND.index_select(0, rows_M)
             y_MD = run_sharded_experts(self.experts, self.expert_shard, x_MD, counts_E)
             y_NKD = y_MD.index_select(0, slot_M).view(-1, self.top_k, d)
             out_ND = torch.bmm(w_NK[:, None, :].to(y_NKD.dtype), y_NKD)[:, 0]

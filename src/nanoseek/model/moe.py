@@ -126,25 +126,25 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, w_M: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, counts_E: torch.Tensor, w_M: torch.Tensor | None = None,
                 rows_M: torch.Tensor | None = None) -> torch.Tensor:
-        """x_MD: token copies sorted by expert, or with `rows_M` the tokens x_ND and the row of each
-        copy (x_MD = x_ND[rows_M], then gathered inside the first grouped matmul and not kept for
-        backward); counts_E: how many copies each expert owns; w_M: the router's weight of each
-        copy, applied to the expert's hidden (None: unweighted)."""
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_MD.dtype
-        x_MD = x_MD.to(dtype)
-        aligned = all(n * x_MD.element_size() % 16 == 0 for n in x_MD.shape[1:] + (self.hidden,))  # grouped_mm's strides
-        fused = self.limit is None and aligned and has_grouped_mm(x_MD) and (rows_M is None or len(rows_M) > 0)
+        """Expert outputs (M, D) for the M token copies sorted by expert. x: the copies (M, D), or
+        with `rows_M` the tokens (N, D) and the token of each copy (the copies x[rows_M] are then
+        gathered inside the first grouped matmul and not kept for backward); counts_E: how many
+        copies each expert owns; w_M: the router's weight of each copy, applied to the expert's
+        hidden (None: unweighted)."""
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        x = x.to(dtype)
+        aligned = all(n * x.element_size() % 16 == 0 for n in x.shape[1:] + (self.hidden,))  # grouped_mm's strides
+        fused = self.limit is None and aligned and has_grouped_mm(x) and (rows_M is None or len(rows_M) > 0)
         if fused:  # two Functions that keep neither the gathered copies nor the hidden h for backward
             offsets = counts_E.cumsum(0).to(torch.int32)
             if rows_M is None:
-                h_MX = torch._grouped_mm(x_MD, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
+                h_MX = torch._grouped_mm(x, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
             else:
-                h_MX = GatheredGroupedMM.apply(x_MD, rows_M, self.gate_up_proj.to(dtype), offsets)
+                h_MX = GatheredGroupedMM.apply(x, rows_M, self.gate_up_proj.to(dtype), offsets)
             return swiglu_down(h_MX, self.down_proj.to(dtype), offsets=offsets, row_scale=w_M)
-        if rows_M is not None:
-            x_MD = x_MD.index_select(0, rows_M)
+        x_MD = x if rows_M is None else x.index_select(0, rows_M)
         h_MX = grouped_matmul(x_MD, self.gate_up_proj.to(dtype), counts_E)
         gate_MI, up_MI = h_MX.split(self.hidden, dim=-1)
         y_MD = grouped_matmul(swiglu(gate_MI, up_MI, self.limit), self.down_proj.to(dtype), counts_E)

@@ -101,6 +101,31 @@ def test_one_query_path_equals_explicit_softmax_attention(window):
                                atol=1e-6, rtol=1e-5)
 
 
+def test_rope_attention_keeps_only_its_own_tensors_for_backward():
+    # q, k rotated in (B, T, H, d) layout: SDPA returns that layout, so o_proj's input is a view of
+    # the output SDPA keeps anyway, and v is its own copy, not a view holding all of q/k/v
+    from nanoseek.model.attention import MultiHeadAttention
+
+    cfg = ModelConfig.from_preset("llama-tiny")
+    attn = MultiHeadAttention(cfg)
+    b, t, hd = 2, 24, attn.head_dim
+    x = torch.randn(b, t, cfg.hidden_size, requires_grad=True)
+    rope = (torch.ones(t, hd // 2), torch.zeros(t, hd // 2))
+    weights = {p.untyped_storage().data_ptr() for p in attn.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        attn(x, rope).sum().backward()
+    per_token = cfg.hidden_size + (2 * attn.n_heads + 2 * attn.n_kv_heads) * hd  # x, q, out, k, v
+    extra = 4 * b * attn.n_heads * t + 2 * 4 * t * hd // 2  # SDPA's logsumexp, the cos/sin tables
+    assert sum(storages.values()) <= 4 * b * t * per_token + extra
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_backward_equals_autograd_of_the_formula(dtype):
     """The memory-saving backward (keeps x and rstd only) against autograd through the formula."""

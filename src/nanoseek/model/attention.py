@@ -152,6 +152,14 @@ def band_windows(x: torch.Tensor, start: int, window: int, nb: int, c: int) -> t
     return windows.permute(0, 2, 1, 4, 3)
 
 
+def seq_first_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables (T, d_r/2), or per-row (B, T, d_r/2), for x laid out (B, T, H, d_r):
+    4-D, broadcast over the heads."""
+    if cos.dim() == 2:
+        return cos[None, :, None], sin[None, :, None]
+    return cos[:, :, None], sin[:, :, None]
+
+
 def allowed_keys(t: int, window: int | None, device=None) -> torch.Tensor:
     """(T, T) boolean: causal, and within the window when there is one."""
     pos = torch.arange(t, device=device)
@@ -197,16 +205,20 @@ class MultiHeadAttention(nn.Module):
         hd = self.head_dim
         q, k, v = self.qkv_proj(x).split(
             [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
+        q = q.view(b, t, self.n_heads, hd)
+        k = k.view(b, t, self.n_kv_heads, hd)
+        v = v.view(b, t, self.n_kv_heads, hd)
+        if rope is not None:  # rotated in (B, T, H, d) layout, so SDPA's output comes back in it too
+            cos, sin = seq_first_tables(*rope)
             q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
+            if torch.is_grad_enabled() and v.requires_grad:  # a view would keep all of qkv for backward
+                v = v.contiguous()
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d) views
         if cache is not None:
             k, v = cache.update(start, k, v)
         dropout = self.dropout if self.training else 0.0
         y = causal_attention(q, k, v, start, self.scale, dropout, self.window)
+        # a view when y is laid out (B, T, H, d), as SDPA returns it for such q: no copy kept for o_proj
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
 
     @torch.no_grad()

@@ -29,7 +29,7 @@ def test_heap_in_use_sees_a_live_tensor():
     x = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, touched
     assert bench.heap_in_use() - before >= 15 << 20
     del x
-    assert bench.heap_in_use() - before < 1 << 20
+    assert bench.heap_in_use() - before < 4 << 20
 
 
 def test_bench_train_smoke():

@@ -180,8 +180,11 @@ def test_swiglu_down_dense_passes_gradcheck_and_keeps_no_hidden(bias):
     assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a), (gate_up, w, b))
     scale = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a[:3], row_scale=a[3]), (gate_up.flatten(0, 1), w, b, scale))
-    y = swiglu_down(gate_up, w, b)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = swiglu_down(gate_up, w, b)
     assert y.grad_fn.name().startswith("SwiGLUDownFunction")
+    assert torch.Size([2, 3, 8]) not in saved and torch.Size([2, 3, 16]) in saved  # [g, u] kept, h not
     gate, up = gate_up.split(8, dim=-1)
     want = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w, b)
     torch.testing.assert_close(y, want)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .kv_cache import DenseKVCache
-from .position import apply_rope, softmax_scale
+from .position import apply_rope, seq_first_tables, softmax_scale
 
 
 BAND_CHUNK = 256  # queries per chunk of the sliding window (one batched SDPA over all chunks);
@@ -150,14 +150,6 @@ def band_windows(x: torch.Tensor, start: int, window: int, nb: int, c: int) -> t
     padded = F.pad(x, (0, 0, window - 1, start + nb * c - s))  # index = position + w - 1
     windows = padded[:, :, start:].unfold(2, c + window - 1, c)  # (B, H_kv, nb, d, C + w - 1)
     return windows.permute(0, 2, 1, 4, 3)
-
-
-def seq_first_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables (T, d_r/2), or per-row (B, T, d_r/2), for x laid out (B, T, H, d_r):
-    4-D, broadcast over the heads."""
-    if cos.dim() == 2:
-        return cos[None, :, None], sin[None, :, None]
-    return cos[:, :, None], sin[:, :, None]
 
 
 def allowed_keys(t: int, window: int | None, device=None) -> torch.Tensor:

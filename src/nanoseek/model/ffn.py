@@ -56,9 +56,17 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        return grad * up * sig * (1 + gate * (1 - sig)), grad * silu
+        d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+        swiglu_input_grads(grad, gate, up, torch.sigmoid(gate), d_gate, d_up)
+        return d_gate, d_up
+
+
+def swiglu_input_grads(dh, gate, up, sig, d_gate, d_up) -> None:
+    """Write d/dg = dh * u * s * (1 + g (1 - s)) and d/du = dh * g * s into d_gate, d_up
+    (s = sigmoid(g), passed in as `sig` and overwritten)."""
+    torch.mul(dh, gate, out=d_up).mul_(sig)
+    torch.mul(dh, up, out=d_gate).mul_(sig)
+    d_gate.mul_(sig.neg_().add_(1).mul_(gate).add_(1))
 
 
 def swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -126,10 +134,7 @@ class SwiGLUDownFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
         d_gate_up = torch.empty_like(gate_up)
-        d_gate, d_up = d_gate_up.chunk(2, dim=-1)
-        torch.mul(dh, gate, out=d_up).mul_(sig)
-        torch.mul(dh, up, out=d_gate).mul_(sig)
-        d_gate.mul_(sig.neg_().add_(1).mul_(gate).add_(1))  # * (1 + g (1 - sig))
+        swiglu_input_grads(dh, gate, up, sig, *d_gate_up.chunk(2, dim=-1))
         return d_gate_up, dw, db, None, ds
 
 

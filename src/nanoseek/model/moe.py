@@ -140,7 +140,7 @@ class RoutedExperts(nn.Module):
         if fused:  # two Functions that keep neither the gathered copies nor the hidden h for backward
             offsets = counts_E.cumsum(0).to(torch.int32)
             if rows_M is None:
-                h_MX = torch._grouped_mm(x, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
+                h_MX = grouped_matmul(x, self.gate_up_proj.to(dtype), counts_E)
             else:
                 h_MX = GatheredGroupedMM.apply(x, rows_M, self.gate_up_proj.to(dtype), offsets)
             return swiglu_down(h_MX, self.down_proj.to(dtype), offsets=offsets, row_scale=w_M)

@@ -138,3 +138,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         a, b = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+
+def seq_first_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables (T, d_r/2), or per-row (B, T, d_r/2), for x laid out (B, T, H, d_r):
+    4-D, broadcast over the heads."""
+    if cos.dim() == 2:
+        return cos[None, :, None], sin[None, :, None]
+    return cos[:, :, None], sin[:, :, None]

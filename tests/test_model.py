@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -170,8 +171,11 @@ def test_swiglu_backward_passes_gradcheck():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_swiglu_down_dense_passes_gradcheck_and_keeps_no_hidden(bias):
+def test_swiglu_down_dense_passes_gradcheck_and_keeps_no_hidden(bias, monkeypatch):
+    from nanoseek.model import ffn
     from nanoseek.model.ffn import swiglu_down
+
+    monkeypatch.setattr(ffn, "BACKWARD_ROWS", 4)  # the backward's row chunks: 4 + 2 rows
 
     g = torch.Generator().manual_seed(0)
     gate_up = torch.randn(2, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)  # [gate, up]
@@ -209,6 +213,23 @@ def test_swiglu_down_grouped_matches_per_expert_products():
     ref = torch.autograd.grad(want, (gate_up, w, s), dy)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_mlp_function_passes_gradcheck_in_row_chunks_and_keeps_no_hidden(bias, monkeypatch):
+    from nanoseek.model import ffn
+
+    monkeypatch.setattr(ffn, "BACKWARD_ROWS", 4)  # 7 rows: chunks of 4 + 3
+    torch.manual_seed(0)
+    mlp = ffn.SwiGLU(6, 5, bias=bias).double()
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    params = (mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+    assert torch.autograd.gradcheck(lambda *a: ffn.SwiGLUMLPFunction.apply(*a), (x, *params))
+    y = mlp(x)
+    assert y.grad_fn.name().startswith("SwiGLUMLPFunction")
+    assert [t.shape for t in y.grad_fn.saved_tensors] == [(7, 6), (10, 6), (7, 10), (6, 5)]  # x, W_gu, [g, u], W_down
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    torch.testing.assert_close(y, mlp.down_proj(torch.nn.functional.silu(gate) * up))
 
 
 def test_swiglu_ffn_under_bf16_autocast_matches_the_unfused_products():
@@ -354,3 +375,57 @@ def test_training_forward_with_fused_loss_matches_the_logits_path():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def rmsnorm_then_linear(norm, linear, x):
+    return linear(norm(x))
+
+
+def test_recomputed_norm_outputs_frees_the_norm_output_and_forgets_dead_ones():
+    import weakref
+
+    from nanoseek.model import norm as norm_module
+    from nanoseek.model.norm import recomputed_norm_outputs
+
+    torch.manual_seed(0)
+    norm, linear = RMSNorm(16), torch.nn.Linear(16, 8)
+    x = torch.randn(4, 3, 16, requires_grad=True)
+    held, grads = {}, {}
+    for recompute in (False, True):
+        with recomputed_norm_outputs() if recompute else contextlib.nullcontext():
+            normed = norm(x)
+            y = linear(normed)  # saves (a view of) normed for its weight gradient
+            probe = weakref.ref(normed)
+            del normed
+            held[recompute] = probe() is not None
+            if recompute:
+                dead = norm(x).untyped_storage().data_ptr()  # an output nobody keeps
+                assert dead not in norm_module._recipes  # its entry went with it
+        grads[recompute] = torch.autograd.grad(y.square().sum(), (x, norm.weight, linear.weight))
+    assert held == {False: True, True: False}
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny", "deepseek-v4-tiny"])
+def test_model_gradients_are_bit_identical_with_recomputed_norm_outputs(preset, monkeypatch):
+    from nanoseek.model import transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset)
+    model = Transformer(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+
+    def grads():
+        out = model(ids, ids, return_logits=False)
+        loss = out.loss + sum(out.aux.values())
+        return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    recomputed = grads()
+    monkeypatch.setattr(transformer, "recomputed_norm_outputs", contextlib.nullcontext)
+    kept = grads()
+    assert sum(g is not None for g in kept) > 10
+    for a, b in zip(recomputed, kept):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -115,27 +115,85 @@ class SwiGLUDownFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate_up, weight, offsets, row_scale = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        h = torch.mul(gate, sig).mul_(up)
-        grouped = offsets is not None
-        dh = torch._grouped_mm(dy, weight.to(dy.dtype), offs=offsets) if grouped else torch.matmul(dy, weight.to(dy.dtype))
-        ds = db = dw = None
-        if row_scale is not None:
-            scale = row_scale[:, None].to(h.dtype)
-            if ctx.needs_input_grad[4]:  # row-wise dot products without an (M, I) temporary
-                ds = torch.bmm(dh.unsqueeze(-2), h.unsqueeze(-1)).flatten().to(row_scale.dtype)
-            h.mul_(scale)
-            dh.mul_(scale)
-        if ctx.needs_input_grad[1]:
-            dw = torch._grouped_mm(dy.T, h, offs=offsets) if grouped else torch.matmul(
-                dy.reshape(-1, dy.shape[-1]).T, h.reshape(-1, h.shape[-1]))
-        del h
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        d_gate_up = torch.empty_like(gate_up)
-        swiglu_input_grads(dh, gate, up, sig, *d_gate_up.chunk(2, dim=-1))
+        need_w, need_s = ctx.needs_input_grad[1], row_scale is not None and ctx.needs_input_grad[4]
+        if offsets is None:
+            d_gate_up, dw, ds = swiglu_down_dense_grads(gate_up, weight, row_scale, dy, need_w, need_s)
+        else:
+            d_gate_up, dw, ds = swiglu_down_grouped_grads(gate_up, weight, offsets, row_scale, dy, need_w, need_s)
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return d_gate_up, dw, db, None, ds
+
+
+BACKWARD_ROWS = 256  # rows per step of the dense SwiGLU backwards (bounds their (rows, I) temporaries)
+
+
+def swiglu_rows_grads(gate_up, w_down, dy, scale, need_s: bool, d_gate_up):
+    """For rows [g, u] (R, 2I) of a dense SwiGLU-down: write [dg, du] into d_gate_up (R, 2I) and
+    return (s h (R, I), for the down weight's gradient; ds (R,) or None). sig, h and dh' are (R, I)
+    temporaries."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    h = torch.mul(gate, sig).mul_(up)
+    dh = torch.matmul(dy, w_down)
+    ds = None
+    if scale is not None:
+        if need_s:  # row-wise dot products without an (R, I) temporary
+            ds = torch.bmm(dh.unsqueeze(-2), h.unsqueeze(-1)).flatten()
+        h.mul_(scale[:, None].to(h.dtype))
+        dh.mul_(scale[:, None].to(h.dtype))
+    swiglu_input_grads(dh, gate, up, sig, *d_gate_up.chunk(2, dim=-1))
+    return h, ds
+
+
+def row_chunks(m: int):
+    for a in range(0, m, BACKWARD_ROWS):
+        yield a, min(a + BACKWARD_ROWS, m)
+
+
+def accumulate_mm(acc, a, b):
+    """acc + a @ b (a fresh product when acc is None)."""
+    return torch.matmul(a, b) if acc is None else acc.addmm_(a, b)
+
+
+def swiglu_down_dense_grads(gate_up, weight, row_scale, dy, need_w: bool, need_s: bool):
+    """SwiGLUDownFunction's backward for a dense down projection, over chunks of BACKWARD_ROWS rows
+    straight into the one (M, 2I) gradient: no full-size sig, h or dh' is ever held."""
+    gu = gate_up.reshape(-1, gate_up.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    w = weight.to(dy.dtype)
+    d_gu = torch.empty_like(gu)
+    dw = None
+    ds = torch.empty(gu.shape[0], dtype=row_scale.dtype, device=gu.device) if need_s else None
+    for a, z in row_chunks(gu.shape[0]):
+        scale = None if row_scale is None else row_scale[a:z]
+        h, ds_c = swiglu_rows_grads(gu[a:z], w, dy2[a:z], scale, need_s, d_gu[a:z])
+        if need_s:
+            ds[a:z] = ds_c
+        if need_w:
+            dw = accumulate_mm(dw, dy2[a:z].T, h)
+    return d_gu.view_as(gate_up), dw, ds
+
+
+def swiglu_down_grouped_grads(gate_up, weight, offsets, row_scale, dy, need_w: bool, need_s: bool):
+    """SwiGLUDownFunction's backward for the routed experts' grouped down projection (rows sorted by
+    expert, expert e's rows end at offsets[e]), in place where it can."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    h = torch.mul(gate, sig).mul_(up)
+    dh = torch._grouped_mm(dy, weight.to(dy.dtype), offs=offsets)
+    ds = dw = None
+    if row_scale is not None:
+        scale = row_scale[:, None].to(h.dtype)
+        if need_s:  # row-wise dot products without an (M, I) temporary
+            ds = torch.bmm(dh.unsqueeze(-2), h.unsqueeze(-1)).flatten().to(row_scale.dtype)
+        h.mul_(scale)
+        dh.mul_(scale)
+    if need_w:
+        dw = torch._grouped_mm(dy.T, h, offs=offsets)
+    del h
+    d_gate_up = torch.empty_like(gate_up)
+    swiglu_input_grads(dh, gate, up, sig, *d_gate_up.chunk(2, dim=-1))
+    return d_gate_up, dw, ds
 
 
 class SwiGLU(nn.Module):
@@ -146,10 +204,61 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        down = self.down_proj
+        up, down = self.gate_up_proj, self.down_proj
+        params = (up.weight, up.bias, down.weight, down.bias)
+        if self.limit is None and torch.is_grad_enabled() and (x.requires_grad or up.weight.requires_grad):
+            kind = x.device.type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+            return SwiGLUMLPFunction.apply(x.to(dtype), *(None if p is None else p.to(dtype) for p in params))
+        gate_up = up(x)
         return swiglu_down(gate_up, down.weight.to(gate_up.dtype),
                            None if down.bias is None else down.bias.to(gate_up.dtype), limit=self.limit)
+
+
+class SwiGLUMLPFunction(torch.autograd.Function):
+    """The whole SwiGLU FFN in training, y = W_down (SiLU(g) * u) + b_down, [g, u] = W_gu x + b_gu,
+    keeping x and [g, u] for backward (not h; and x, an RMSNorm output in every model here, is
+    itself recomputed when the model's forward runs under `recomputed_norm_outputs`).
+
+    The backward goes over chunks of BACKWARD_ROWS rows: each chunk's [dg, du] (`swiglu_rows_grads`)
+    goes at once through the gate_up projection's backward,
+        dx = [dg, du] W_gu,   dW_gu += [dg, du]^T x,   db_gu += sum [dg, du],
+    so no (M, 2I) gradient is ever held: on llama-small's training step that gradient was the
+    step's heap peak (the last layer's FFN backward)."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate_up, b_gate_up, w_down, b_down):
+        gate_up = F.linear(x, w_gate_up, b_gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w_down, b_down)
+        ctx.save_for_backward(x, w_gate_up, gate_up, w_down)
+        ctx.biases = (b_gate_up is not None, b_down is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_gate_up, gate_up, w_down = ctx.saved_tensors
+        need_x, need_wgu, need_bgu, need_wd, need_bd = ctx.needs_input_grad
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        gu = gate_up.reshape(-1, gate_up.shape[-1])
+        dx = torch.empty_like(x2) if need_x else None
+        d_gu = gu.new_empty(min(BACKWARD_ROWS, gu.shape[0]), gu.shape[1])  # one chunk's [dg, du], reused
+        w_d, w_gu = w_down.to(dy.dtype), w_gate_up.to(dy.dtype)
+        dw_gu = db_gu = dw_d = None
+        for a, z in row_chunks(gu.shape[0]):
+            d_gu_c = d_gu[:z - a]
+            h, _ = swiglu_rows_grads(gu[a:z], w_d, dy2[a:z], None, False, d_gu_c)
+            if need_wd:
+                dw_d = accumulate_mm(dw_d, dy2[a:z].T, h)
+            del h
+            if need_x:
+                torch.matmul(d_gu_c, w_gu, out=dx[a:z])
+            if need_wgu:
+                dw_gu = accumulate_mm(dw_gu, d_gu_c.T, x2[a:z].to(d_gu_c.dtype))
+            if need_bgu and ctx.biases[0]:
+                db_gu = d_gu_c.sum(0) if db_gu is None else db_gu.add_(d_gu_c.sum(0))
+        db_d = dy2.sum(0) if need_bd and ctx.biases[1] else None
+        return None if dx is None else dx.view_as(x), dw_gu, db_gu, dw_d, db_d
 
 
 def make_dense_ffn(kind: str, dim: int, hidden: int, bias: bool) -> nn.Module:

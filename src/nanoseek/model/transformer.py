@@ -17,6 +17,7 @@ nothing of training; `forward` takes optional targets and returns the loss with 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from .mla import MultiHeadLatentAttention
 from .moe import MoE
 from .mtp import MTPModule
 from .nsa import NativeSparseAttention
-from .norm import make_norm
+from .norm import make_norm, recomputed_norm_outputs
 from .position import ADDITIVE_POSITIONS, RotaryEmbedding
 
 ATTENTIONS = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mqa": MultiHeadAttention,
@@ -175,6 +176,11 @@ class Transformer(nn.Module):
                 raise ValueError("per-row positions need a cache and one token per row")
         else:
             self._check_length(start + input_ids.shape[1])
+        recompute = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        with recomputed_norm_outputs() if recompute else contextlib.nullcontext():
+            return self._forward(input_ids, targets, cache, start, last_only, return_logits)
+
+    def _forward(self, input_ids, targets, cache, start, last_only: bool, return_logits: bool) -> ModelOutput:
         self.route_tokens(input_ids)
         h = self.embed(input_ids, start)
         rope = self.rope(start, input_ids.shape[1], input_ids.device)

@@ -157,6 +157,29 @@ def test_bench_attention_smoke(capsys):
     assert all("forward_over_dense" in r for r in rows[1:])
 
 
+@pytest.mark.parametrize("kind", ["train", "prefill", "decode", "attention", "serve"])
+def test_every_bench_runs_as_a_script_in_benchmarks(kind):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"bench_{kind}.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"nanoseek bench {kind}" in done.stdout  # argparse's prog: the same command
+
+
+def test_attention_script_prints_json_lines():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    done = subprocess.run([sys.executable, str(script), "--seq", "64", "--kinds", "dense,sliding", "--window", "16",
+                           "--repeats", "1", "--heads", "2", "--head-dim", "16", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["kind"] for line in done.stdout.splitlines()] == ["dense", "sliding"]
+
+
 @pytest.mark.hf
 def test_bench_train_against_transformers_same_weights_same_loss():
     pytest.importorskip("transformers")

@@ -371,3 +371,21 @@ def test_matvec_linear_equals_linear():
     many = torch.randn(9, 16)  # more rows than MATVEC_MAX_ROWS: left to F.linear (BLAS)
     with MatvecLinear():
         assert layer(many).grad_fn.name().startswith("Addmm")
+
+
+def test_matvec_mode_runs_few_row_matmuls_as_multiply_and_reduce():
+    """Attention over the cache in the compiled decode: (..., M, K) @ (..., K, N) with M small."""
+    from nanoseek.generate import MATMUL_MAX_ROWS, MatvecLinear
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 10, 8)  # scores against a cache, batched
+    p, v = torch.randn(2, 3, 2, 10), torch.randn(3, 10, 4)  # broadcast batch dims
+    for a, b in ((q, k.transpose(-1, -2)), (p, v), (torch.randn(1, 8), torch.randn(8, 6))):
+        a = a.requires_grad_()
+        with MatvecLinear():
+            got = torch.matmul(a, b)
+        assert got.grad_fn.name().startswith("Sum")  # a product and a reduction, not a BLAS call
+        torch.testing.assert_close(got, torch.matmul(a, b), atol=1e-6, rtol=1e-5)
+    a, b = torch.randn(MATMUL_MAX_ROWS + 1, 8, requires_grad=True), torch.randn(8, 6)
+    with MatvecLinear():  # more rows: left to BLAS
+        assert torch.matmul(a, b).grad_fn.name().startswith("Mm")

@@ -383,8 +383,9 @@ def test_matvec_mode_runs_few_row_matmuls_as_multiply_and_reduce():
     for a, b in ((q, k.transpose(-1, -2)), (p, v), (torch.randn(1, 8), torch.randn(8, 6))):
         a = a.requires_grad_()
         with MatvecLinear():
-            got = torch.matmul(a, b)
+            got, got_op = torch.matmul(a, b), a @ b
         assert got.grad_fn.name().startswith("Sum")  # a product and a reduction, not a BLAS call
+        assert got_op.grad_fn.name().startswith("Sum")
         torch.testing.assert_close(got, torch.matmul(a, b), atol=1e-6, rtol=1e-5)
     a, b = torch.randn(MATMUL_MAX_ROWS + 1, 8, requires_grad=True), torch.randn(8, 6)
     with MatvecLinear():  # more rows: left to BLAS

@@ -185,6 +185,7 @@ def decode_cache_length(total: int, max_positions: int) -> int:
 
 MATVEC_MAX_ROWS = 4  # compiled decode: batches up to this size run their linears as matvec loops
 MATMUL_MAX_ROWS = 4  # ... and matmuls with at most this many rows on the left (attention over the cache)
+MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
 class MatvecLinear(torch.overrides.TorchFunctionMode):
@@ -208,7 +209,7 @@ class MatvecLinear(torch.overrides.TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             y = (x.unsqueeze(-2) * weight).sum(-1)
             return y if bias is None else y + bias
-        if func is torch.matmul and not kwargs and min(args[0].dim(), args[1].dim()) >= 2 \
+        if func in MATMULS and not kwargs and min(args[0].dim(), args[1].dim()) >= 2 \
                 and args[0].shape[-2] <= MATMUL_MAX_ROWS:
             a, b = args  # (..., M, K) @ (..., K, N) with few rows M: a fused loop, no BLAS call
             return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
@@ -221,7 +222,7 @@ class CompiledDecoder:
     The step feeds per-row positions (a tensor) against the cache with a mask, so its shapes never
     change and `torch.compile` builds one graph per (model, batch, length); built once and kept on
     the model, it is reused by every later generation of that batch size and length bucket. Up to
-    MATVEC_MAX_ROWS rows, the step's linears run as fused matvec loops (`MatvecLinear`)."""
+    MATVEC_MAX_ROWS rows, the step's linears (and its few-row matmuls) run as fused loops (`MatvecLinear`)."""
 
     RECOMPILE_LIMIT = 64  # graphs of the one step function (batch sizes x lengths x models)
 
@@ -232,7 +233,7 @@ class CompiledDecoder:
         self.in_use = False
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        with MatvecLinear():  # acts on linears of at most MATVEC_MAX_ROWS rows only
+        with MatvecLinear():  # acts on few-row linears and matmuls only
             return self.model(token, cache=self.cache, start=positions).logits[:, -1]
 
     def __call__(self, token: torch.Tensor, positions: torch.Tensor, guarded: bool = True) -> torch.Tensor:

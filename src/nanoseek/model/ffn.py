@@ -109,7 +109,6 @@ class SwiGLUDownFunction(torch.autograd.Function):
         else:
             y = torch._grouped_mm(h, weight.transpose(1, 2), offs=offsets)
         ctx.save_for_backward(gate_up, weight, offsets, row_scale)
-        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
@@ -120,29 +119,28 @@ class SwiGLUDownFunction(torch.autograd.Function):
             d_gate_up, dw, ds = swiglu_down_dense_grads(gate_up, weight, row_scale, dy, need_w, need_s)
         else:
             d_gate_up, dw, ds = swiglu_down_grouped_grads(gate_up, weight, offsets, row_scale, dy, need_w, need_s)
-        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None  # False without a bias
         return d_gate_up, dw, db, None, ds
 
 
 BACKWARD_ROWS = 256  # rows per step of the dense SwiGLU backwards (bounds their (rows, I) temporaries)
 
 
-def swiglu_rows_grads(gate_up, w_down, dy, scale, need_s: bool, d_gate_up):
-    """For rows [g, u] (R, 2I) of a dense SwiGLU-down: write [dg, du] into d_gate_up (R, 2I) and
-    return (s h (R, I), for the down weight's gradient; ds (R,) or None). sig, h and dh' are (R, I)
-    temporaries."""
+def swiglu_hidden(gate_up, dh, scale, need_s: bool):
+    """The backward's view of rows [g, u] (R, 2I) given dh' = dy W_down (R, I):
+    (g, u, sig = sigmoid(g), s h for the down weight's gradient, ds (R,) or None), with dh' scaled
+    by s in place (`scale` s (R,) or None). sig and h are new (R, I) tensors; the caller drops h
+    once the weight gradient has it, then writes [dg, du] with `swiglu_input_grads`."""
     gate, up = gate_up.chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     h = torch.mul(gate, sig).mul_(up)
-    dh = torch.matmul(dy, w_down)
     ds = None
     if scale is not None:
         if need_s:  # row-wise dot products without an (R, I) temporary
-            ds = torch.bmm(dh.unsqueeze(-2), h.unsqueeze(-1)).flatten()
+            ds = torch.bmm(dh.unsqueeze(-2), h.unsqueeze(-1)).flatten().to(scale.dtype)
         h.mul_(scale[:, None].to(h.dtype))
         dh.mul_(scale[:, None].to(h.dtype))
-    swiglu_input_grads(dh, gate, up, sig, *d_gate_up.chunk(2, dim=-1))
-    return h, ds
+    return gate, up, sig, h, ds
 
 
 def row_chunks(m: int):
@@ -151,8 +149,25 @@ def row_chunks(m: int):
 
 
 def accumulate_mm(acc, a, b):
-    """acc + a @ b (a fresh product when acc is None)."""
-    return torch.matmul(a, b) if acc is None else acc.addmm_(a, b)
+    """acc + a @ b over the row chunks of a weight gradient, summed in fp32 or wider (a bf16 total
+    of many chunks would round at every chunk; one matmul rounds once)."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.matmul(a, b) if acc is None else acc.addmm_(a, b)
+    part = torch.matmul(a, b).float()
+    return part if acc is None else acc.add_(part)
+
+
+def accumulate_sum(acc, rows):
+    """acc + the column sums of rows, in fp32 or wider (a bias gradient over row chunks)."""
+    part = rows.sum(0, dtype=torch.promote_types(rows.dtype, torch.float32))
+    return part if acc is None else acc.add_(part)
+
+
+def finished_grad(total, like: torch.Tensor, needed: bool):
+    """A chunk-accumulated gradient in the dtype of `like`; zeros when no row contributed (M = 0)."""
+    if not needed:
+        return None
+    return torch.zeros_like(like) if total is None else total.to(like.dtype)
 
 
 def swiglu_down_dense_grads(gate_up, weight, row_scale, dy, need_w: bool, need_s: bool):
@@ -166,30 +181,24 @@ def swiglu_down_dense_grads(gate_up, weight, row_scale, dy, need_w: bool, need_s
     ds = torch.empty(gu.shape[0], dtype=row_scale.dtype, device=gu.device) if need_s else None
     for a, z in row_chunks(gu.shape[0]):
         scale = None if row_scale is None else row_scale[a:z]
-        h, ds_c = swiglu_rows_grads(gu[a:z], w, dy2[a:z], scale, need_s, d_gu[a:z])
+        dh = torch.matmul(dy2[a:z], w)
+        gate, up, sig, h, ds_c = swiglu_hidden(gu[a:z], dh, scale, need_s)
         if need_s:
             ds[a:z] = ds_c
         if need_w:
             dw = accumulate_mm(dw, dy2[a:z].T, h)
-    return d_gu.view_as(gate_up), dw, ds
+        del h
+        swiglu_input_grads(dh, gate, up, sig, *d_gu[a:z].chunk(2, dim=-1))
+    return d_gu.view_as(gate_up), finished_grad(dw, weight, need_w), ds
 
 
 def swiglu_down_grouped_grads(gate_up, weight, offsets, row_scale, dy, need_w: bool, need_s: bool):
     """SwiGLUDownFunction's backward for the routed experts' grouped down projection (rows sorted by
-    expert, expert e's rows end at offsets[e]), in place where it can."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    h = torch.mul(gate, sig).mul_(up)
+    expert, expert e's rows end at offsets[e]), whole: h is dropped before the [dg, du] gradient is
+    made, so the two are never held together."""
     dh = torch._grouped_mm(dy, weight.to(dy.dtype), offs=offsets)
-    ds = dw = None
-    if row_scale is not None:
-        scale = row_scale[:, None].to(h.dtype)
-        if need_s:  # row-wise dot products without an (M, I) temporary
-            ds = torch.bmm(dh.unsqueeze(-2), h.unsqueeze(-1)).flatten().to(row_scale.dtype)
-        h.mul_(scale)
-        dh.mul_(scale)
-    if need_w:
-        dw = torch._grouped_mm(dy.T, h, offs=offsets)
+    gate, up, sig, h, ds = swiglu_hidden(gate_up, dh, row_scale, need_s)
+    dw = torch._grouped_mm(dy.T, h, offs=offsets) if need_w else None
     del h
     d_gate_up = torch.empty_like(gate_up)
     swiglu_input_grads(dh, gate, up, sig, *d_gate_up.chunk(2, dim=-1))
@@ -204,12 +213,17 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """In training (autograd recording, no clamp) one `SwiGLUMLPFunction`, which calls the two
+        projections' weights directly (hooks on `gate_up_proj` / `down_proj` do not run there);
+        otherwise the two linears and `swiglu_down`."""
         up, down = self.gate_up_proj, self.down_proj
-        params = (up.weight, up.bias, down.weight, down.bias)
         if self.limit is None and torch.is_grad_enabled() and (x.requires_grad or up.weight.requires_grad):
+            params = (up.weight, up.bias, down.weight, down.bias)
             kind = x.device.type
-            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-            return SwiGLUMLPFunction.apply(x.to(dtype), *(None if p is None else p.to(dtype) for p in params))
+            if torch.is_autocast_enabled(kind):  # as autocast would cast each linear's inputs
+                dtype = torch.get_autocast_dtype(kind)
+                x, params = x.to(dtype), tuple(None if p is None else p.to(dtype) for p in params)
+            return SwiGLUMLPFunction.apply(x, *params)
         gate_up = up(x)
         return swiglu_down(gate_up, down.weight.to(gate_up.dtype),
                            None if down.bias is None else down.bias.to(gate_up.dtype), limit=self.limit)
@@ -218,9 +232,10 @@ class SwiGLU(nn.Module):
 class SwiGLUMLPFunction(torch.autograd.Function):
     """The whole SwiGLU FFN in training, y = W_down (SiLU(g) * u) + b_down, [g, u] = W_gu x + b_gu,
     keeping x and [g, u] for backward (not h; and x, an RMSNorm output in every model here, is
-    itself recomputed when the model's forward runs under `recomputed_norm_outputs`).
+    itself recomputed when the model's forward runs under `recomputed_norm_outputs` — in fp32; under
+    bf16 autocast x is autocast's bf16 copy, kept as the linear would keep it).
 
-    The backward goes over chunks of BACKWARD_ROWS rows: each chunk's [dg, du] (`swiglu_rows_grads`)
+    The backward goes over chunks of BACKWARD_ROWS rows: each chunk's [dg, du] (`swiglu_hidden`)
     goes at once through the gate_up projection's backward,
         dx = [dg, du] W_gu,   dW_gu += [dg, du]^T x,   db_gu += sum [dg, du],
     so no (M, 2I) gradient is ever held: on llama-small's training step that gradient was the
@@ -232,7 +247,6 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         gate, up = gate_up.chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, w_down, b_down)
         ctx.save_for_backward(x, w_gate_up, gate_up, w_down)
-        ctx.biases = (b_gate_up is not None, b_down is not None)
         return y
 
     @staticmethod
@@ -247,18 +261,21 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         dw_gu = db_gu = dw_d = None
         for a, z in row_chunks(gu.shape[0]):
             d_gu_c = d_gu[:z - a]
-            h, _ = swiglu_rows_grads(gu[a:z], w_d, dy2[a:z], None, False, d_gu_c)
+            dh = torch.matmul(dy2[a:z], w_d)
+            gate, up, sig, h, _ = swiglu_hidden(gu[a:z], dh, None, False)
             if need_wd:
                 dw_d = accumulate_mm(dw_d, dy2[a:z].T, h)
             del h
+            swiglu_input_grads(dh, gate, up, sig, *d_gu_c.chunk(2, dim=-1))
             if need_x:
                 torch.matmul(d_gu_c, w_gu, out=dx[a:z])
             if need_wgu:
                 dw_gu = accumulate_mm(dw_gu, d_gu_c.T, x2[a:z].to(d_gu_c.dtype))
-            if need_bgu and ctx.biases[0]:
-                db_gu = d_gu_c.sum(0) if db_gu is None else db_gu.add_(d_gu_c.sum(0))
-        db_d = dy2.sum(0) if need_bd and ctx.biases[1] else None
-        return None if dx is None else dx.view_as(x), dw_gu, db_gu, dw_d, db_d
+            if need_bgu:  # needs_input_grad is False for an absent bias
+                db_gu = accumulate_sum(db_gu, d_gu_c)
+        return (None if dx is None else dx.view_as(x), finished_grad(dw_gu, w_gate_up, need_wgu),
+                finished_grad(db_gu, w_gate_up[:, 0], need_bgu), finished_grad(dw_d, w_down, need_wd),
+                dy2.sum(0) if need_bd else None)
 
 
 def make_dense_ffn(kind: str, dim: int, hidden: int, bias: bool) -> nn.Module:

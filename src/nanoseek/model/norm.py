@@ -21,6 +21,7 @@ activations.
 """
 
 import contextlib
+import threading
 import weakref
 
 import torch
@@ -49,7 +50,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float):
         out, rstd = rms_norm_parts(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        if _recipes is not None:
+        if active_recipes() is not None:
             remember_recipe(out, x, weight, rstd)
         return out
 
@@ -77,36 +78,48 @@ def rms_norm_output(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -
 
 # ---------------------------------------------------------------------------- recomputed outputs
 
-_recipes: dict | None = None  # storage address -> (weakref to the norm output, recipe); None: off
+_local = threading.local()  # .recipes: storage address -> (weakref to the norm output, recipe), per thread
+
+
+def active_recipes() -> dict | None:
+    return getattr(_local, "recipes", None)
 
 
 @contextlib.contextmanager
 def recomputed_norm_outputs():
     """While active, RMSNorm outputs saved for backward are saved as recipes and recomputed in
-    backward (see the module docstring). Re-entrant; a no-op for everything else."""
-    global _recipes
-    if _recipes is not None:  # already active (e.g. an MTP module inside the model's forward)
+    backward (see the module docstring). Re-entrant and per thread. It steps aside (changes
+    nothing) when saved-tensor hooks are already installed (the caller's own, e.g.
+    `torch.autograd.graph.save_on_cpu`, which would otherwise stop seeing the model's tensors) or
+    disabled (torch.func transforms)."""
+    if (active_recipes() is not None or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+            or torch._C._autograd._top_saved_tensors_default_hooks(True) is not None):
         yield
         return
-    _recipes = {}
+    _local.recipes = {}
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack_saved, unpack_saved):
             yield
     finally:
-        _recipes = None
+        _local.recipes = None
 
 
 def remember_recipe(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> None:
+    table = active_recipes()
     key = out.untyped_storage().data_ptr()
-    table = _recipes
     # the entry dies with the output, so a later tensor at the same address never matches it
     ref = weakref.ref(out, lambda _, key=key: table.pop(key, None) if table.get(key, (None,))[0] is _ else None)
-    table[key] = (ref, (x, weight, rstd, x._version, weight._version))
+    table[key] = (ref, (x, weight, rstd, x._version, weight._version), out._version)
 
 
 def pack_saved(t: torch.Tensor):
-    entry = _recipes.get(t.untyped_storage().data_ptr()) if _recipes is not None else None
-    if entry is None or entry[0]() is None or t.dtype != entry[0]().dtype:
+    table = active_recipes()
+    entry = table.get(t.untyped_storage().data_ptr()) if table is not None else None
+    if entry is None:
+        return t
+    out = entry[0]()
+    # the output itself, unmodified (an in-place edit bumps the version its views share)
+    if out is None or t.dtype != out.dtype or t._version != entry[2]:
         return t
     return entry[1], t.shape, t.stride(), t.storage_offset()
 

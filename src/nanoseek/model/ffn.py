@@ -80,9 +80,16 @@ def swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if recording and limit is None and gate_up.shape[0] > 0:
         return SwiGLUDownFunction.apply(gate_up, weight, bias, offsets, row_scale)
-    h = swiglu(*gate_up.chunk(2, dim=-1), limit)
-    if row_scale is not None:
-        h = h * row_scale[:, None].to(h.dtype)
+    if recording:  # V4's clamp, under autograd
+        h = swiglu(*gate_up.chunk(2, dim=-1), limit)
+        h = h if row_scale is None else h * row_scale[:, None].to(h.dtype)
+    else:  # inference: one new (M, I) tensor, the rest in place
+        gate, up = gate_up.chunk(2, dim=-1)
+        if limit is not None:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        h = F.silu(gate).mul_(up)
+        if row_scale is not None:
+            h.mul_(row_scale[:, None].to(h.dtype))
     if offsets is None:
         return F.linear(h, weight, bias)
     return torch._grouped_mm(h, weight.transpose(1, 2), offs=offsets)

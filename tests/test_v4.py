@@ -132,6 +132,17 @@ def test_csa_top_k_covering_every_entry_equals_attending_all_of_them():
         assert (narrow(x).logits - picked).abs().max() > 1e-4  # fewer entries: a different output
 
 
+def test_csa_inference_skips_the_indexer_when_top_k_covers_every_entry(monkeypatch):
+    model, x = v4(["csa"], index_topk=64), ids()  # 40 tokens: at most 10 entries at rate 4
+    with torch.no_grad():
+        model.train()  # the training path scores and picks (all of them)
+        scored = model(x).logits
+        model.eval()
+        layer = next(m for m in model.modules() if isinstance(m, CompressedAttention) and m.indexer is not None)
+        monkeypatch.setattr(layer.indexer, "scores", lambda *a, **k: pytest.fail("indexer ran"))
+        torch.testing.assert_close(model(x).logits, scored, atol=1e-6, rtol=1e-6)
+
+
 def test_gradients_reach_every_parameter_and_the_indexer_learns_by_kl():
     model = v4(["csa", "hca"]).train()
     x = ids()

@@ -374,8 +374,8 @@ class CompressedAttention(nn.Module):
                 return parts, None
         visible = torch.arange(entries.shape[1], device=keys.device) < ((rel + 1) // m)[..., None]
         visible = visible if visible.dim() == 3 else visible[None]
-        if self.indexer is None:
-            return parts + [(entries, visible)], None
+        if self.indexer is None or (not self.training and entries.shape[1] <= self.indexer.topk):
+            return parts + [(entries, visible)], None  # (at most top-k entries: the picks are all of them)
         x, q_latent = index_in
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.training):  # the KL needs its graph
             scores = self.indexer.scores(x[:, c0:c1], q_latent[:, c0:c1], *rope_q, index_entries)

@@ -6,9 +6,11 @@
     DeepSeek-V4 clamps the pre-activations at a limit L: SiLU(min(W_gate x, L)) * clamp(W_up x, -L, L)
 
 The SwiGLU gate and up projections are one fused matmul (`gate_up_proj`, gate rows first). In
-training, SiLU(g) * u and the down projection are one autograd Function (`SwiGLUDownFunction`)
-that keeps only g and u: the hidden h = SiLU(g) * u is recomputed in backward (elementwise), so
-no I-wide h per token is kept for the down projection's weight gradient.
+training the whole SwiGLU FFN is one autograd Function (`SwiGLUMLPFunction`) and the routed
+experts' SiLU(g) * u + down projection another (`SwiGLUDownFunction`, grouped); both keep only g
+and u of the hidden: h = SiLU(g) * u is recomputed in backward (elementwise), so no I-wide h per
+token is kept for the down projection's weight gradient, and the dense backwards go over chunks of
+rows (`BACKWARD_ROWS`) so no full-size temporaries or [dg, du] gradient are held at once.
 
     >>> MLP(64, 256, "relu")(torch.randn(2, 3, 64)).shape
     torch.Size([2, 3, 64])

@@ -48,6 +48,25 @@ def test_banded_attention_equals_the_masked_dense_reference(t, window):
     assert t > attention.BAND_CHUNK or window == 256  # more than one chunk of queries
 
 
+def test_bands_clear_of_position_0_share_one_mask(monkeypatch):
+    """Only chunks whose band reaches before position 0 need a mask of their own; the rest share
+    one (C, C + w - 1) mask (a per-chunk mask there cost 50 ms of mask conversion at 16K)."""
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(None if attn_mask is None else attn_mask.shape)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q, k, v = (torch.randn(1, 2, 1100, 8) for _ in range(3))
+    causal_attention(q, k, v, 0, window=300)  # the first 300 queries: one causal call; then bands
+    assert masks == [None, (attention.BAND_CHUNK, attention.BAND_CHUNK + 299)]
+    masks.clear()
+    causal_attention(q[:, :, -400:], k, v, 700, window=300)  # after a prefix: no band reaches position 0
+    assert masks == [(attention.BAND_CHUNK, attention.BAND_CHUNK + 299)]
+
+
 @pytest.mark.parametrize("start,t,window", [(0, 600, 100), (37, 300, 50), (500, 270, 300), (3, 1500, 700)])
 def test_banded_attention_after_a_prefix_and_its_gradients(start, t, window):
     """Queries at positions start..start+t-1 against start + t keys (prefill after a cached

@@ -139,7 +139,7 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
     for lo, hi in ((0, early), (early, nb)):
         if hi == lo:
             continue
-        if lo == 0:  # key positions start + iC - w + 1 + j must be >= 0
+        if hi == early:  # key positions start + iC - w + 1 + j must be >= 0
             key_pos = start + torch.arange(hi, device=q.device)[:, None] * c - window + 1 + j
             mask = (band & (key_pos[:, None, :] >= 0)).repeat(b, 1, 1)[:, None]
         else:

@@ -181,26 +181,33 @@ def torch_threads(threads: int):
 
 
 def measure_matmul_peak(dtype: str | torch.dtype = "float32", threads: int = 0,
-                        seconds: float = 1.5) -> float:
-    """Best torch.mm rate in GFLOP/s over square n x n products, n in 1024..2048.
+                        seconds: float = 1.5, device: torch.device | str = "cpu") -> float:
+    """Best torch.mm rate in GFLOP/s over square n x n products, n in 1024..2048 on a CPU
+    (4096..16384 on a GPU, timed after a device synchronize).
 
     Each size gets an equal share of `seconds`; a size whose single product would overrun the
     remaining time is skipped (slow dtypes then measure at 1024 only). 2 n^3 FLOPs per product."""
+    from .device import synchronize
+
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    sizes = (1024, 1536, 2048)
+    device = torch.device(device)
+    sizes = (4096, 8192, 16384) if device.type == "cuda" else (1024, 1536, 2048)
     best = 0.0
     gen = torch.Generator().manual_seed(0)
     with torch_threads(threads), torch.no_grad():
         deadline = time.perf_counter() + seconds
         for i, n in enumerate(sizes):
-            a = torch.randn(n, n, generator=gen).to(dt)
-            b = torch.randn(n, n, generator=gen).to(dt)
-            out = torch.empty(n, n, dtype=dt)
+            a = torch.randn(n, n, generator=gen).to(device, dt)
+            b = torch.randn(n, n, generator=gen).to(device, dt)
+            out = torch.empty(n, n, dtype=dt, device=device)
             share_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(sizes) - i)
             last = None
+            torch.mm(a, b, out=out)  # a GPU's first product of a shape picks its kernel
+            synchronize(device)
             while True:
                 t0 = time.perf_counter()
                 torch.mm(a, b, out=out)
+                synchronize(device)
                 last = time.perf_counter() - t0
                 best = max(best, 2 * n ** 3 / last / 1e9)
                 if time.perf_counter() + last > share_end:
@@ -276,19 +283,21 @@ class TrainRunner:
     """One implementation: builds lazily, then runs steps on the shared batches."""
 
     def __init__(self, impl: str, build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, Callable]],
-                 dtype: str):
+                 dtype: str, device: torch.device | str = "cpu"):
         self.impl, self._build, self.dtype = impl, build, dtype
+        self.device = torch.device(device)
         self.model = self.optimizer = self.loss_fn = None
         self.step_index = 0
         self.round_seconds: list[float] = []  # mean seconds per timed step, one per round
         self.loss = float("nan")
         self.peak_rss = 0
         self.peak_heap: int | None = None
+        self.peak_device: int | None = None  # bytes, on a GPU
 
     def autocast(self):
-        if self.dtype == "bfloat16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        from .device import autocast
+
+        return autocast(self.device, self.dtype)
 
     def step(self, batches) -> torch.Tensor:
         x, y = batches[self.step_index % len(batches)]
@@ -313,36 +322,44 @@ class TrainRunner:
         gc.collect()
 
     def run_round(self, batches, steps: int, warmup: int) -> None:
+        from .device import memory_allocated, peak_memory, reset_peak_memory, synchronize
+
         first = self.model is None
         sampler = RssSampler() if first else contextlib.nullcontext()
         if first:
             release_free_memory()
             base = current_rss()
+            reset_peak_memory(self.device)
+            device_base = memory_allocated(self.device)
         with sampler:
             if first:
                 self.model, self.optimizer, self.loss_fn = self._build()
                 self.model.train()
                 for _ in range(warmup):
                     self.step(batches)
+            synchronize(self.device)
             t0 = time.perf_counter()
             for _ in range(steps):
                 loss = self.step(batches)
+            synchronize(self.device)
             elapsed = time.perf_counter() - t0
         if first:
             self.peak_rss = sampler.peak - base
             self.peak_heap = None if sampler.heap_peak is None else sampler.heap_peak - sampler.heap_base
+            if device_base is not None:
+                self.peak_device = peak_memory(self.device) - device_base
         self.round_seconds.append(elapsed / steps)
         self.loss = loss.item()
 
 
-def _build_nanoseek(cfg, lr: float, seed: int):
+def _build_nanoseek(cfg, lr: float, seed: int, device: torch.device | str = "cpu"):
     from .config import OptimConfig
     from .model import Transformer
     from .train.optim import make_optimizer
 
     def build():
         torch.manual_seed(seed)
-        model = Transformer(cfg)
+        model = Transformer(cfg).to(device)
         return model, make_optimizer(model, OptimConfig(lr=lr)), training_loss
 
     return build
@@ -354,21 +371,21 @@ def training_loss(model, x, y) -> torch.Tensor:
     return out.loss + sum(v for v in out.aux.values() if v.requires_grad)
 
 
-def _build_reference(module, cfg, lr: float, seed: int):
+def _build_reference(module, cfg, lr: float, seed: int, device: torch.device | str = "cpu"):
     gpt_cfg = module.GPTConfig(block_size=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
                                n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
                                n_embd=cfg.hidden_size, dropout=0.0, bias=True)
 
     def build():
         torch.manual_seed(seed)
-        model = module.GPT(gpt_cfg)
+        model = module.GPT(gpt_cfg).to(device)
         optimizer = model.configure_optimizers(weight_decay=0.1, lr=lr, betas=(0.9, 0.95))
         return model, optimizer, lambda m, x, y: m(x, y)[1]
 
     return build
 
 
-def _build_hf(cfg, lr: float, seed: int):
+def _build_hf(cfg, lr: float, seed: int, device: torch.device | str = "cpu"):
     """transformers' model of the same architecture, initialized with nanoseek's weights for `seed`."""
     import tempfile
 
@@ -383,7 +400,7 @@ def _build_hf(cfg, lr: float, seed: int):
         with tempfile.TemporaryDirectory(prefix="nanoseek-bench-hf-") as tmp:
             Transformer(cfg).save_pretrained(tmp, format="hf")
             transformers.logging.set_verbosity_error()
-            model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device)
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
@@ -401,11 +418,13 @@ def hf_training_loss(model, x, y) -> torch.Tensor:
 def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek", "reference"), seq_len: int = 64,
                 batch: int = 12, dtype: str = "float32", ref_dtype: str = "float32", steps: int = 20,
                 warmup: int = 5, rounds: int = 3, threads: int = 2, peak_seconds: float = 1.5,
-                data: str = "shakespeare", lr: float = 1e-3, seed: int = 1337) -> list[dict]:
+                data: str = "shakespeare", lr: float = 1e-3, seed: int = 1337, device: str = "cpu") -> list[dict]:
     """Train nanoseek and its peers on the same batches; one result dict per impl, then the ratio.
 
-    `dtype` is nanoseek's (bfloat16 = CPU autocast), `ref_dtype` the reference's."""
+    `dtype` is nanoseek's (bfloat16 = autocast), `ref_dtype` the peers'; `device` is cpu, cuda,
+    cuda:N or auto (on a GPU the timers synchronize and peak_device_mib is the CUDA allocator's peak)."""
     from .config import ModelConfig
+    from .device import resolve_device
 
     impls = tuple(impls)
     for impl in impls:
@@ -421,24 +440,25 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
         if value < low:
             raise NanoseekError(f"{name}={value} must be >= {low}")
 
+    where = resolve_device(device, where="--device")
     cfg = ModelConfig.from_preset(preset).replace(vocab_size=VOCAB_SIZE, max_position_embeddings=seq_len)
     if "hf" in impls:  # transformers trains no MTP module: compare the same work
         cfg = cfg.replace(num_nextn_predict_layers=0)
     builders = {}
     if "reference" in impls:
         _check_gpt2_shape(preset, cfg)
-        builders["reference"] = (_build_reference(load_reference(), cfg, lr, seed), ref_dtype)
+        builders["reference"] = (_build_reference(load_reference(), cfg, lr, seed, where), ref_dtype)
     if "nanoseek" in impls:
-        builders["nanoseek"] = (_build_nanoseek(cfg, lr, seed), dtype)
+        builders["nanoseek"] = (_build_nanoseek(cfg, lr, seed, where), dtype)
     if "hf" in impls:
-        builders["hf"] = (_build_hf(cfg, lr, seed), ref_dtype)
+        builders["hf"] = (_build_hf(cfg, lr, seed, where), ref_dtype)
 
     with torch_threads(threads):
         n_threads = torch.get_num_threads()
-        peaks = {dt: measure_matmul_peak(dt, n_threads, peak_seconds)
+        peaks = {dt: measure_matmul_peak(dt, n_threads, peak_seconds, where)
                  for dt in sorted({d for _, d in builders.values()})}
-        batches = make_batches(warmup + rounds * steps, batch, seq_len, data, seed)
-        runners = [TrainRunner(impl, *builders[impl]) for impl in impls]
+        batches = [(x.to(where), y.to(where)) for x, y in make_batches(warmup + rounds * steps, batch, seq_len, data, seed)]
+        runners = [TrainRunner(impl, *builders[impl], where) for impl in impls]
         for runner in runners:
             runner.prime(batches)
         for r in range(rounds):
@@ -446,7 +466,7 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
                 runner.run_round(batches, steps, warmup if r == 0 else 0)
 
     flops = train_flops_per_token(cfg, seq_len)
-    machine = {"threads": n_threads, "torch": torch.__version__, "cpu": cpu_name()}
+    machine = {"threads": n_threads, "torch": torch.__version__, "cpu": cpu_name(), **device_info(where)}
     results = []
     for runner in runners:
         per_round = [batch * seq_len / s for s in runner.round_seconds]
@@ -459,6 +479,7 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
             "mfu": tps * flops / (peak * 1e9) if peak > 0 else None,
             "peak_rss_mib": round(runner.peak_rss / MIB, 1),
             "peak_heap_mib": None if runner.peak_heap is None else round(runner.peak_heap / MIB, 1),
+            "peak_device_mib": None if runner.peak_device is None else round(runner.peak_device / MIB, 1),
             "loss": runner.loss, **machine,
             "steps": steps, "warmup": warmup, "rounds": rounds, "data": data,
             "flops_per_token": flops, "peak_gflops": round(peak, 1),
@@ -472,7 +493,9 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
                         "peak_rss_nanoseek_over_hf": (ns["peak_rss_mib"] / hf["peak_rss_mib"]
                                                       if hf["peak_rss_mib"] > 0 else None),
                         "peak_heap_nanoseek_over_hf": (ns["peak_heap_mib"] / hf["peak_heap_mib"]
-                                                       if hf["peak_heap_mib"] else None), **machine})
+                                                       if hf["peak_heap_mib"] else None),
+                        "peak_device_nanoseek_over_hf": (ns["peak_device_mib"] / hf["peak_device_mib"]
+                                                         if hf["peak_device_mib"] else None), **machine})
     if "nanoseek" in by_impl and "reference" in by_impl:
         ns, ref = by_impl["nanoseek"], by_impl["reference"]
         results.append({
@@ -516,6 +539,19 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=("shakespeare", "random"), default="shakespeare")
     parser.add_argument("--peak-seconds", type=float, default=1.5,
                         help="seconds spent measuring the matmul peak per dtype")
+    add_device_arg(parser)
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (a GPU if torch sees one)")
+
+
+def device_info(device: torch.device) -> dict:
+    """The device fields of a result's machine record."""
+    info = {"device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def _run_train(args: argparse.Namespace) -> list[dict]:
@@ -526,7 +562,7 @@ def _run_train(args: argparse.Namespace) -> list[dict]:
     impls = ("nanoseek", *peers)
     return bench_train(args.preset, impls, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
                        ref_dtype=args.ref_dtype, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                       threads=args.threads, peak_seconds=args.peak_seconds, data=args.data)
+                       threads=args.threads, peak_seconds=args.peak_seconds, data=args.data, device=args.device)
 
 
 # WHAT -> (help, add the options, run -> result dicts)

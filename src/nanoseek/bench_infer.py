@@ -4,7 +4,9 @@ The model is a preset (randomly initialized, seed 0) or a checkpoint. The peer `
 transformers running the same architecture with the same weights: nanoseek saves the model in HF
 format to a temporary folder and `AutoModelForCausalLM` loads it (DeepseekV3ForCausalLM for the
 DeepSeek presets, LlamaForCausalLM for Llama). Both run fp32 in inference mode, one process,
-alternating A/B rounds to cancel machine drift; medians over the rounds.
+alternating A/B rounds to cancel machine drift; medians over the rounds. `--device cuda` runs
+both on a GPU (each timing ends when its tokens reach the host; the peak and the bandwidth are
+measured on the GPU).
 
 prefill  one forward over a (1, P) prompt that fills the KV cache:
          tokens_per_s = P / seconds; ttft_s = seconds + sampling the first token;
@@ -35,14 +37,18 @@ import torch
 from .errors import NanoseekError
 
 
-def measure_bandwidth(seconds: float = 0.5) -> float:
-    """Best GB/s of a 256 MiB fp32 copy (read + write counted)."""
-    src = torch.ones(64 << 20)
+def measure_bandwidth(seconds: float = 0.5, device: torch.device | str = "cpu") -> float:
+    """Best GB/s of a 256 MiB fp32 copy on the device (read + write counted)."""
+    from .device import synchronize
+
+    src = torch.ones(64 << 20, device=device)
     dst = torch.empty_like(src)
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
+        synchronize(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        synchronize(device)
         best = max(best, 2 * src.numel() * 4 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -50,8 +56,10 @@ def measure_bandwidth(seconds: float = 0.5) -> float:
 def build_models(args):
     from .checkpoint import load_model
     from .config import ModelConfig
+    from .device import resolve_device
     from .model import Transformer
 
+    device = resolve_device(args.device, where="--device")
     if args.ckpt:
         ours = load_model(args.ckpt)
     else:
@@ -70,9 +78,9 @@ def build_models(args):
             hf = transformers.AutoModelForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = 0
-        peers["hf"] = hf
+        peers["hf"] = hf.to(device)
         tmp.cleanup()
-    return ours, peers
+    return ours.to(device), peers
 
 
 def forward_flops_per_token(model, context: int) -> float:
@@ -86,7 +94,7 @@ def time_prefill(impl: str, model, ids: torch.Tensor) -> float:
         logits = model(ids, cache=model.make_cache(ids.shape[0], ids.shape[1] + 1), last_only=True).logits
     else:
         logits = model(ids, use_cache=True).logits[:, -1]
-    logits.argmax(-1)
+    logits.argmax(-1).cpu()  # the first token reaches the host: a GPU has finished
     return time.perf_counter() - t0
 
 
@@ -99,6 +107,7 @@ def time_generate(impl: str, model, ids: torch.Tensor, new: int) -> float:
         out = generate(model, ids, max_new_tokens=new, temperature=0, compile=impl == "nanoseek-compiled")
     else:
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, ids.shape[1]:]
+    out = out.cpu()
     assert out.shape[-1] == new
     return time.perf_counter() - t0
 
@@ -116,15 +125,16 @@ def weight_bytes_per_step(model, batch: int) -> float:
 
 
 def run_prefill(args) -> list[dict]:
-    from .bench import cpu_name, measure_matmul_peak, torch_threads
+    from .bench import cpu_name, device_info, measure_matmul_peak, torch_threads
 
     ours, peers = build_models(args)
+    device = next(ours.parameters()).device
     impls = {"nanoseek": ours, **peers}
     rows = []
     with torch_threads(args.threads):
-        peak = measure_matmul_peak("float32", args.threads)
+        peak = measure_matmul_peak("float32", args.threads, device=device)
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len), generator=g)
+        ids = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len), generator=g).to(device)
         for impl, model in impls.items():
             time_prefill(impl, model, ids)  # warm-up
         times = {impl: [] for impl in impls}
@@ -139,7 +149,7 @@ def run_prefill(args) -> list[dict]:
                          "mfu": round(tps * forward_flops_per_token(ours, args.prompt_len) / (peak * 1e9), 3),
                          "rounds": [round(t, 4) for t in times[impl]]})
         machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "matmul_peak_gflops": round(peak, 1), "model": args.ckpt or args.preset}
+                   "matmul_peak_gflops": round(peak, 1), "model": args.ckpt or args.preset, **device_info(device)}
     for r in rows:
         r["machine"] = machine
     if "hf" in impls:
@@ -149,21 +159,22 @@ def run_prefill(args) -> list[dict]:
 
 
 def run_decode(args) -> list[dict]:
-    from .bench import cpu_name, torch_threads
+    from .bench import cpu_name, device_info, torch_threads
     from .model.transformer import kv_cache_bytes_per_token
 
     ours, peers = build_models(args)
+    device = next(ours.parameters()).device
     impls = {"nanoseek": ours, **({"nanoseek-compiled": ours} if args.compile else {}), **peers}
     rows = []
     with torch_threads(args.threads):
-        bandwidth = measure_bandwidth()
+        bandwidth = measure_bandwidth(device=device)
         g = torch.Generator().manual_seed(0)
         for batch in [int(b) for b in args.batch.split(",")]:
             for context in [int(c) for c in args.context.split(",")]:
                 if context + args.new_tokens > ours.config.max_position_embeddings:
                     raise NanoseekError(f"--context {context} + --new-tokens {args.new_tokens} exceeds the model's "
                                         f"{ours.config.max_position_embeddings} positions")
-                ids = torch.randint(0, ours.config.vocab_size, (batch, context), generator=g)
+                ids = torch.randint(0, ours.config.vocab_size, (batch, context), generator=g).to(device)
                 for impl, model in impls.items():  # warm-up (and the compile, once per batch and length bucket)
                     time_generate(impl, model, ids, args.new_tokens)
                 decode = {impl: [] for impl in impls}
@@ -187,7 +198,7 @@ def run_decode(args) -> list[dict]:
                                  **{f"{impl}_over_hf": round(level[impl] / level["hf"], 2)
                                     for impl in impls if impl != "hf"}})
         machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "copy_bandwidth_gbs": round(bandwidth, 1), "model": args.ckpt or args.preset}
+                   "copy_bandwidth_gbs": round(bandwidth, 1), "model": args.ckpt or args.preset, **device_info(device)}
     for r in rows:
         if r["impl"] != "ratio":
             r["machine"] = machine
@@ -219,11 +230,14 @@ def plot_decode(rows: list[dict], path: str) -> None:
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
+    from .bench import add_device_arg
+
     parser.add_argument("ckpt", nargs="?", help="a checkpoint (default: a random --preset model)")
     parser.add_argument("--preset", default="deepseek-v3-small")
     parser.add_argument("--peers", default="hf", help="comma-separated: hf (or empty for none)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    add_device_arg(parser)
 
 
 def add_prefill_args(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@
     CKPT/model.safetensors    weights (a tied head is stored once, as the embedding)
     CKPT/tokenizer.json       the tokenizer the model was trained with
     CKPT/train_state.json     step, tokens, elapsed seconds, data-loader position, train config
-    CKPT/optimizer.safetensors optimizer moments, step counters and the torch RNG state
+    CKPT/optimizer.safetensors optimizer moments, step counters and the torch RNG state (CPU, and CUDA's)
 
 A run directory holds `checkpoints/step-NNNNNNN/` and a `LATEST` file naming the newest one.
 Saving writes everything into a temporary sibling directory, fsyncs each file, then renames it into
@@ -140,6 +140,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer_state: dict
         if optimizer_state is not None:
             tensors, meta = optimizer_tensors(optimizer_state)
             tensors["rng/torch"] = torch.get_rng_state()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on the GPU draws from its own
+                tensors["rng/cuda"] = torch.cuda.get_rng_state()
             save_file(tensors, str(tmp / OPTIM_FILE))
             (train_state := dict(train_state or {}))["optimizer"] = meta
         if train_state is not None:
@@ -299,4 +301,6 @@ def load_training_state(ckpt: Path) -> tuple[dict, dict]:
         param, name = key.rsplit("/", 1)
         opt_state.setdefault(param, {})[name] = value
     torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
     return state, {"state": opt_state, "param_groups": meta["param_groups"]}

@@ -94,11 +94,13 @@ def launch_torchrun(nproc: int) -> int:
 # ------------------------------------------------------------------------------------ sample
 
 
-def load_model_and_tokenizer(path, trust_pickle: bool = False):
+def load_model_and_tokenizer(path, trust_pickle: bool = False, device: str = "cpu"):
     from .checkpoint import load_model
+    from .device import resolve_device
     from .tokenizer import load_tokenizer
 
-    model = load_model(path, trust_pickle=trust_pickle)
+    where = resolve_device(device, where="--device")
+    model = load_model(path, trust_pickle=trust_pickle).to(where)
     tok_path = Path(model.checkpoint_dir) / "tokenizer.json"
     if not tok_path.is_file():
         raise NanoseekError(f"{model.checkpoint_dir} has no tokenizer.json")
@@ -114,7 +116,7 @@ def cmd_sample(args, extra) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle, args.device)
     prompt = args.prompt if args.prompt is not None else "\n"
     limit = model.config.max_position_embeddings
     n_prompt = len(tok.encode(prompt))
@@ -180,7 +182,7 @@ def cmd_eval(args, extra) -> int:
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
-    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle, args.device)
     state_file = Path(model.checkpoint_dir) / "train_state.json"
     run_cfg = read_json(state_file)["config"] if state_file.is_file() else {}
     limit = model.config.max_position_embeddings
@@ -191,8 +193,10 @@ def cmd_eval(args, extra) -> int:
     if len(tokens) < 2:
         raise NanoseekError("the evaluation text has fewer than 2 tokens")
     total_loss, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for x, y in iter_eval_batches(tokens, args.batch_size, seq_len, max_batches=args.max_batches):
+            x, y = x.to(device), y.to(device)
             logits = model(x).logits.float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
             total_loss += loss.item()
@@ -313,7 +317,7 @@ def cmd_serve(args, extra) -> int:
     if not loopback and not api_key:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this "
               f"address can use the model (set --api-key or NANOSEEK_API_KEY)", file=sys.stderr)
-    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle, args.device)
     name = args.model_name or Path(args.ckpt).resolve().name
     app = create_app(model, tok, name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens_limit=args.max_tokens, max_body_bytes=args.max_body_bytes)
@@ -331,7 +335,7 @@ def cmd_chat(args, extra) -> int:
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
-    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle)
+    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle, args.device)
     template = load_chat_template(model.checkpoint_dir)
     stops = None if template["template"] else ["\nUser:"]
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -448,6 +452,11 @@ def cmd_ablate(args, extra) -> int:
 # ------------------------------------------------------------------------------------ parser
 
 
+def add_device(parser: argparse.ArgumentParser):
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (default: a CUDA GPU if torch sees one, else cpu)")
+
+
 def add_trust_pickle(parser: argparse.ArgumentParser):
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
@@ -483,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy decoding with the MTP module as drafter (prints acceptance and speedup)")
     s.add_argument("--compile", action="store_true",
                    help="compiled static-shape decode step: ~25 s to compile, then ~2x faster per token")
+    add_device(s)
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text")
@@ -492,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-batches", type=int)
+    add_device(e)
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="parameters, FLOPs per token and KV-cache bytes per token")
@@ -510,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int)
     c.add_argument("--top-p", type=float, default=0.95)
     c.add_argument("--seed", type=int)
+    add_device(c)
     c.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page")
@@ -525,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     sv.add_argument("--threads", type=int, help="torch threads (default: cores - 1, leaving one core to "
                     "the HTTP loop; on 2 cores this doubles throughput under load)")
+    add_device(sv)
     sv.set_defaults(func=cmd_serve)
 
     cv = sub.add_parser("convert", help="convert a checkpoint between nanoseek and Hugging Face formats")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .device import check_device_name
 from .errors import NanoseekError
 
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
@@ -474,6 +475,7 @@ class LoopConfig:
     max_seconds: float = 0.0  # 0 = no wall-clock limit
     seed: int = 1337
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    device: str = "auto"  # auto (a CUDA GPU if torch sees one, else cpu) | cpu | cuda | cuda:N
     compile: bool = False
     threads: int = 0  # 0 = torch default
     dsa_warmup_steps: int = 0  # DSA models: dense attention, only the indexers train, for this many steps
@@ -530,6 +532,7 @@ class TrainConfig:
         _check_choice("optim.name", self.optim.name, ("adamw", "muon"))
         _check_choice("schedule.name", self.schedule.name, SCHEDULES)
         _check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
+        check_device_name("train.device", self.train.device)
         _check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
         _check_positive("train.dsa_warmup_steps", self.train.dsa_warmup_steps, allow_zero=True)
         if self.train.dsa_warmup_steps and self.dist.strategy == "ddp":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -230,10 +231,11 @@ class CompiledDecoder:
         self.model, self.batch = model, batch
         self.cache = model.make_cache(batch, length)
         self.step = torch.compile(self._step, dynamic=False, options={"cpp_wrapper": True})
+        self.on_cpu = next(model.parameters()).device.type == "cpu"  # GPUs keep their BLAS matvecs
         self.in_use = False
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        with MatvecLinear():  # acts on few-row linears and matmuls only
+        with MatvecLinear() if self.on_cpu else nullcontext():  # acts on few-row linears and matmuls only
             return self.model(token, cache=self.cache, start=positions).logits[:, -1]
 
     def __call__(self, token: torch.Tensor, positions: torch.Tensor, guarded: bool = True) -> torch.Tensor:

@@ -108,7 +108,7 @@ class RoutedExperts(nn.Module):
     def per_pair(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """sum_k w_nk Expert_{idx_nk}(x_n) with each pair's expert weights gathered (few tokens)."""
         n, k = idx_NK.shape
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_ND.dtype
+        dtype = compute_dtype(x_ND)
         idx_P = idx_NK.flatten()
         # index_select copies the P experts' weights (~6x faster than w[idx] on CPU) and each
         # pair is a row vector times W^T (a column-vector bmm is ~6x slower here)
@@ -133,7 +133,7 @@ class RoutedExperts(nn.Module):
         gathered inside the first grouped matmul and not kept for backward); counts_E: how many
         copies each expert owns; w_M: the router's weight of each copy, applied to the expert's
         hidden (None: unweighted)."""
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = compute_dtype(x)
         x = x.to(dtype)
         aligned = all(n * x.element_size() % 16 == 0 for n in x.shape[1:] + (self.hidden,))  # grouped_mm's strides
         fused = self.limit is None and aligned and has_grouped_mm(x) and (rows_M is None or len(rows_M) > 0)
@@ -152,6 +152,13 @@ class RoutedExperts(nn.Module):
 
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' matmuls run in: autocast's on x's device type when it is on (the
+    grouped matmul is not on autocast's list, so inputs and weights are cast here), else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 class GatheredGroupedMM(torch.autograd.Function):

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N -m nanoseek train --dist.strategy=ddp|fsdp ...
     nanoseek train --nproc N ...            (the same, launched for you)
 
-Process group: gloo on CPU, nccl when CUDA is available. Each rank draws its own rows of the same
+Process group: gloo on CPU, nccl when the run's device (`train.device`) is a GPU, each rank on
+cuda:LOCAL_RANK. Each rank draws its own rows of the same
 global batch (`BatchLoader(rank, world)`: the batch of step s is fixed by (seed, s), rank r takes
 rows r*B..(r+1)*B), so per-rank batch B on W ranks trains exactly like batch W*B on one process:
     global batch = per-rank batch x ranks x accumulation steps; the schedule counts global tokens.
@@ -23,7 +24,7 @@ by rank 0 only, so a checkpoint from any world size resumes on any other (and in
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ class DistContext:
     world: int = 1
     local_rank: int = 0
     strategy: str = "none"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def enabled(self) -> bool:
@@ -48,20 +50,24 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed(strategy: str) -> DistContext:
-    """Join the torchrun process group (if launched by torchrun); a single process otherwise."""
+def init_distributed(strategy: str, device: str = "cpu") -> DistContext:
+    """Join the torchrun process group (if launched by torchrun); a single process otherwise.
+    `device` is train.device ("auto", "cpu", "cuda", "cuda:N"): on a GPU each rank takes
+    cuda:LOCAL_RANK (unless an index is named) and the group talks nccl, else gloo."""
+    from ..device import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    where = resolve_device(device, local, where="train.device")
     if world <= 1:
-        return DistContext(strategy="none")
+        return DistContext(strategy="none", device=where)
     if strategy == "none":
         raise NanoseekError("launched with WORLD_SIZE > 1 but dist.strategy='none'; use --dist.strategy=ddp or fsdp")
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local, strategy)
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local, strategy, where)
 
 
 def shutdown(ctx: DistContext):
@@ -87,7 +93,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False
 
             sharded = shard_experts(model, ctx.rank, ctx.world)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
-        device_ids = [ctx.local_rank] if torch.cuda.is_available() else None
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         # buffers are kept identical by the code that updates them (sync_expert_load); broadcasting
         # rank 0's at every forward would overwrite the other ranks' expert load counts
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
@@ -134,9 +140,10 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
             group = shard.group
     ids = {id(p) for p in sharded}
     replicated = [p for p in model.parameters() if p.grad is not None and id(p) not in ids]
-    local = sum((p.grad.detach().float().pow(2).sum() for p in sharded), torch.zeros(()))
+    zero = torch.zeros((), device=next(model.parameters()).device)
+    local = sum((p.grad.detach().float().pow(2).sum() for p in sharded), zero)
     dist.all_reduce(local, group=group)
-    rest = sum((p.grad.detach().float().pow(2).sum() for p in replicated), torch.zeros(()))
+    rest = sum((p.grad.detach().float().pow(2).sum() for p in replicated), zero)
     total = (local + rest).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in sharded + replicated:
@@ -147,7 +154,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     if not ctx.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
     return t.item() / ctx.world
 
@@ -156,7 +163,7 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True on every rank if it is true on one (stop requests, time budgets)."""
     if not ctx.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

@@ -19,7 +19,6 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..config import TrainConfig
+from ..device import autocast
 from ..errors import NanoseekError
 from ..model import Transformer
 from .optim import lr_multiplier, make_optimizer, set_lr
@@ -78,12 +78,6 @@ def setup_data(cfg: TrainConfig, out: Path):
     return tok, TokenDataset(shard_dir)
 
 
-def autocast_context(dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def progress_fraction(cfg: TrainConfig, state: RunState) -> float:
     limits = cfg.train
     parts = []
@@ -101,7 +95,8 @@ def finished(cfg: TrainConfig, state: RunState) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, dtype: str, seed: int = 0) -> float:
+def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, dtype: str, seed: int = 0,
+             device: torch.device | str = "cpu") -> float:
     """Mean loss over `batches` fixed random windows of a split (the same windows every call)."""
     from ..dataset import BatchLoader
 
@@ -109,10 +104,10 @@ def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, dtype: 
     model.eval()
     loader = BatchLoader(tokens, batch_size, seq_len, seed=seed)
     total = 0.0
-    with autocast_context(dtype):
+    with autocast(device, dtype):
         for _ in range(batches):
             x, y = loader.next()
-            total += model(x, y, return_logits=False).loss.item()
+            total += model(x.to(device), y.to(device), return_logits=False).loss.item()
     model.train(was_training)
     return total / batches
 
@@ -225,7 +220,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     from ..dataset import BatchLoader
     from . import dist
 
-    ctx = dist.init_distributed(cfg.dist.strategy)
+    ctx = dist.init_distributed(cfg.dist.strategy, cfg.train.device)
     quiet = quiet or not ctx.is_main
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -236,7 +231,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     dist.barrier(ctx)
     if not ctx.is_main:
         tok, data = setup_data(cfg, out)
-    model = build_model(cfg, tok.vocab_size)
+    model = build_model(cfg, tok.vocab_size).to(ctx.device)
     model.gradient_checkpointing = cfg.dist.activation_checkpointing
     params = model.num_params()  # of the whole model, before expert parallelism shards it
     wrapped = dist.wrap_model(model, ctx, mixed_precision=cfg.dist.mixed_precision,
@@ -279,7 +274,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
 
     def run_eval():
         val = evaluate(wrapped, val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches,
-                       cfg.train.dtype, seed=cfg.train.seed + 1)
+                       cfg.train.dtype, seed=cfg.train.seed + 1, device=ctx.device)
         rec = eval_record(state.step, val, val_bpt)
         metrics.write(rec)
         return rec
@@ -290,7 +285,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
         print(f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
               f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {tok.vocab_size}, "
-              f"on {source} -> {out}" + (f" (resuming at step {state.step})" if resume_from else ""),
+              f"on {source}, {ctx.device} -> {out}" + (f" (resuming at step {state.step})" if resume_from else ""),
               file=sys.stderr)
         if ctx.enabled:
             ep = (f", expert parallel: {cfg.model.n_routed_experts // ctx.world} of "
@@ -314,8 +309,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             loss_sum = 0.0
             aux_log: dict = {}
             for _ in range(cfg.train.grad_accum):
-                x, y = loader.next()
-                with autocast_context(cfg.train.dtype):
+                x, y = (t.to(ctx.device, non_blocking=True) for t in loader.next())
+                with autocast(ctx.device, cfg.train.dtype):
                     output = step_fn(x, y, return_logits=False)  # head + loss fused (model/loss.py)
                     loss = output.loss
                     for value in output.aux.values():

@@ -1,0 +1,80 @@
+"""Where the work runs: choosing the compute device, and what changes with it.
+
+    resolve_device("auto")     -> cuda:LOCAL_RANK when torch sees a CUDA GPU, else cpu
+    resolve_device("cuda:1")   -> that GPU, checked to exist
+    autocast(device, "bfloat16") -> torch.autocast on that device type (bf16 matmuls, fp32 weights)
+    synchronize(device)        -> wait for queued GPU kernels, so a wall-clock timer sees them
+    peak_memory(device)        -> bytes the CUDA caching allocator held at most (None on CPU)
+
+Everything else is device-agnostic: the model builds its temporaries on its inputs' device, the
+trainer moves the model and every batch with `.to(device)`, checkpoints are written from host
+copies (safetensors) and load onto whatever device the model is on.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+
+import torch
+
+from .errors import NanoseekError
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(where: str, name: str) -> None:
+    """A clear error for a device string that is none of DEVICE_CHOICES (availability is checked later)."""
+    if not isinstance(name, str) or not _PATTERN.match(name):
+        raise NanoseekError(f"{where}={name!r} is not a device; choose {DEVICE_CHOICES}")
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0, where: str = "device") -> torch.device:
+    """The torch.device for `name`; "auto" is this rank's GPU when CUDA is available, else the CPU."""
+    check_device_name(where, name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NanoseekError(f"{where}={name!r} but this torch sees no CUDA GPU "
+                                f"(torch {torch.__version__}); use cpu or auto")
+        index = device.index if device.index is not None else local_rank % torch.cuda.device_count()
+        if index >= torch.cuda.device_count():
+            raise NanoseekError(f"{where}={name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        device = torch.device("cuda", index)
+    return device
+
+
+def autocast(device: torch.device | str, dtype: str):
+    """bf16 autocast on the device's type for dtype "bfloat16"; no-op for "float32"."""
+    if dtype == "bfloat16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Block until the device has finished its queued work (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device | str) -> int | None:
+    """The most bytes the CUDA allocator had allocated since the last reset; None on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return None
+
+
+def memory_allocated(device: torch.device | str) -> int | None:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return None

@@ -1,0 +1,66 @@
+"""Choosing the device: names are checked, a missing GPU is a clear error, and the CPU path is
+what `auto` gives on a machine without CUDA. (tests/test_gpu.py runs the same code on a GPU.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek import bench
+from nanoseek.cli import main as cli_main
+from nanoseek.config import build_train_config
+from nanoseek.device import autocast, peak_memory, resolve_device, synchronize
+from nanoseek.errors import NanoseekError
+from nanoseek.model.moe import compute_dtype
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "CPU", "mps", ""])
+def test_bad_device_names_list_the_choices(name):
+    with pytest.raises(NanoseekError, match="choose auto, cpu, cuda or cuda:N"):
+        resolve_device(name, where="train.device")
+
+
+def test_train_config_checks_the_device_field():
+    with pytest.raises(NanoseekError, match="train.device='gpu'"):
+        build_train_config(preset="gpt2-tiny", overrides={"train.device": "gpu"})
+    assert build_train_config(preset="gpt2-tiny").train.device == "auto"
+
+
+@no_cuda
+def test_auto_is_the_cpu_without_cuda_and_cuda_is_refused():
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(NanoseekError, match="sees no CUDA GPU"):
+            resolve_device(name, where="--device")
+
+
+@no_cuda
+@pytest.mark.parametrize("argv", [["sample", "CKPT", "--device", "cuda"],
+                                  ["bench", "train", "--preset", "gpt2-tiny", "--device", "cuda"],
+                                  ["bench", "decode", "--preset", "llama-tiny", "--device", "cuda:1"]])
+def test_cli_refuses_a_gpu_it_does_not_have(argv, capsys, tmp_path):
+    argv = [str(tmp_path) if a == "CKPT" else a for a in argv]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sees no CUDA GPU" in err and err.count("\n") == 1
+
+
+def test_cpu_helpers():
+    synchronize("cpu")  # a no-op, not an error
+    assert peak_memory("cpu") is None
+    with autocast(torch.device("cpu"), "bfloat16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert compute_dtype(torch.ones(2)) == torch.bfloat16  # the experts' matmuls follow autocast
+    with autocast("cpu", "float32"):
+        assert not torch.is_autocast_enabled("cpu")
+    assert compute_dtype(torch.ones(2, dtype=torch.float64)) == torch.float64
+
+
+def test_bench_train_records_its_device():
+    rows = bench.bench_train("gpt2-tiny", ("nanoseek",), seq_len=8, batch=2, steps=1, warmup=0, rounds=1,
+                             threads=1, peak_seconds=0.05, device="cpu")
+    assert rows[0]["device"] == "cpu" and rows[0]["peak_device_mib"] is None
+    assert rows[0]["tokens_per_s"] > 0

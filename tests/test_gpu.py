@@ -1,0 +1,132 @@
+"""The same code on a GPU: run where torch sees CUDA (skipped elsewhere, e.g. in CI).
+
+    pytest tests/test_gpu.py                              # on a CUDA machine
+    NANOSEEK_TEST_DEVICE=cpu pytest tests/test_gpu.py     # the same checks on the CPU (their own test)
+
+Each check compares the device against the CPU or against itself along another code path: forward
+and gradients equal the CPU's, bf16 autocast trains, cached and compiled decoding equal a full
+recompute, and the trainer runs, checkpoints and resumes there."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer, bench
+from nanoseek.config import build_train_config
+from nanoseek.generate import decode_step, generate, prefill
+from nanoseek.train import loop
+
+DEVICE = os.environ.get("NANOSEEK_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+                                reason="no CUDA GPU (set NANOSEEK_TEST_DEVICE=cpu to run these checks on the CPU)")
+PRESETS = ["gpt2-tiny", "llama-tiny", "deepseek-v3-tiny", "deepseek-v32-tiny", "deepseek-v4-tiny"]
+CORPUS = Path(__file__).resolve().parents[1] / "src" / "nanoseek" / "data" / "tinyshakespeare.txt"
+
+
+def tiny(preset: str, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset(preset))
+
+
+def tokens(batch: int, t: int, vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_forward_and_gradients_equal_the_cpus(preset):
+    cpu = tiny(preset)
+    dev = tiny(preset).to(DEVICE)
+    x = tokens(2, 24, cpu.config.vocab_size)
+    y = tokens(2, 24, cpu.config.vocab_size, seed=2)
+    want = cpu(x, y)
+    got = dev(x.to(DEVICE), y.to(DEVICE))
+    torch.testing.assert_close(got.logits.cpu(), want.logits, atol=2e-4, rtol=1e-3)
+    (want.loss + sum(v for v in want.aux.values() if v.requires_grad)).backward()
+    (got.loss + sum(v for v in got.aux.values() if v.requires_grad)).backward()
+    for (name, p), q in zip(cpu.named_parameters(), dev.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad.cpu(), p.grad, atol=2e-4, rtol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny"])
+def test_bf16_autocast_trains_near_fp32(preset):
+    model = tiny(preset).to(DEVICE)
+    x = tokens(2, 32, model.config.vocab_size).to(DEVICE)
+    fp32 = model(x, x).loss.item()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        out = model(x, x)
+        loss = out.loss + sum(v for v in out.aux.values() if v.requires_grad)
+    loss.backward()
+    assert abs(out.loss.item() - fp32) < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "deepseek-v32-tiny"])
+def test_cached_decode_equals_full_recompute(preset):
+    model = tiny(preset).to(DEVICE).eval()
+    ids = tokens(2, 12, model.config.vocab_size).to(DEVICE)
+    with torch.inference_mode():
+        full = model(ids).logits  # (2, 12, V)
+        cache = model.make_cache(2, 16)
+        steps = [prefill(model, ids[:, :8], cache)]
+        for pos in range(8, 11):
+            steps.append(decode_step(model, ids[:, pos:pos + 1], cache, pos))
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 7:11], atol=2e-4, rtol=1e-3)
+
+
+def test_dsa_greedy_decode_equals_full_recompute():
+    """DSA's ReLU-weighted index scores tie (at 0) at the top-k cut, where a batched and a one-query
+    pass may keep different keys: compare the greedy tokens, as tests/test_sparse.py does."""
+    model = tiny("deepseek-v32-tiny").to(DEVICE).eval()
+    prompt = tokens(1, 9, model.config.vocab_size)[0].to(DEVICE)
+    new = generate(model, prompt, max_new_tokens=12, temperature=0)
+    with torch.inference_mode():
+        logits = model(torch.cat([prompt, new])[None]).logits[0, len(prompt) - 1:-1]
+    assert torch.equal(logits.argmax(-1), new)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny"])
+def test_compiled_decode_equals_eager(preset):
+    model = tiny(preset).to(DEVICE).eval()
+    ids = tokens(1, 6, model.config.vocab_size).to(DEVICE)
+    eager = generate(model, ids, max_new_tokens=6, temperature=0)
+    compiled = generate(model, ids, max_new_tokens=6, temperature=0, compile=True)
+    assert compiled.device.type == torch.device(DEVICE).type
+    assert torch.equal(compiled, eager)
+
+
+def run_config(corpus: Path, out: Path):
+    return build_train_config(preset="deepseek-v3-tiny", overrides={
+        "data.path": [str(corpus)], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 6,
+        "train.device": DEVICE, "eval.every": 0, "eval.batches": 2, "eval.batch_size": 4, "checkpoint.every": 3,
+        "log.every": 1, "log.progress": False, "log.plot": False, "schedule.warmup_steps": 2, "out": str(out)})
+
+
+def test_train_checkpoint_and_resume_on_the_device(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(CORPUS.read_bytes()[:40_000])
+    full, part = tmp_path / "full", tmp_path / "part"
+    summary = loop.train(run_config(corpus, full), quiet=True)
+    assert summary["step"] == 6
+    loop.train(run_config(corpus, part), quiet=True, stop_after=3)
+    loop.train(run_config(corpus, part), resume=True, quiet=True)
+
+    def losses(out):
+        return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert len(losses(full)) == 6 and losses(full)[-1] < losses(full)[0]
+    assert losses(part) == pytest.approx(losses(full), abs=1e-4)
+
+
+def test_bench_train_measures_device_memory():
+    rows = bench.bench_train("gpt2-tiny", ("nanoseek",), seq_len=16, batch=2, steps=2, warmup=1, rounds=1,
+                             threads=1, peak_seconds=0.1, device=DEVICE)
+    assert rows[0]["device"].startswith(torch.device(DEVICE).type) and rows[0]["tokens_per_s"] > 0
+    if torch.device(DEVICE).type == "cuda":
+        assert rows[0]["peak_device_mib"] > 0 and rows[0]["gpu"]

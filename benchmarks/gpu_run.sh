@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7, item 6: the prepared run for a CUDA machine (the `device` tool's H200, when one is lent).
-# One call, about 8 minutes at most: the GPU tests, then training / prefill / decode against
-# transformers on the GPU. Every step has its own time limit, so the script always ends and
+# One call of at most ~9 minutes (a 60 s probe, then steps limited to 170 + 90 + 60 + 40 + 120 s):
+# the GPU tests, then training / prefill / decode against transformers on the GPU. Every step has its own time limit, so the script always ends and
 # returns what it has. Results land in $OUT (the device tool's folder) or benchmarks/out/gpu.
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh        (from the repository root, on the GPU machine)
@@ -29,16 +29,16 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, stdout to $OUT/NAME,
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  timeout 60 $PY -c "import torch, transformers, pytest; from torch.utils.cpp_extension import CUDA_HOME; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'pytest', pytest.__version__, 'CUDA_HOME', CUDA_HOME)"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-NANOSEEK_TEST_DEVICE=$DEVICE step 200 tests.txt $PY -m pytest -q -p no:cacheprovider -o addopts= tests/test_gpu.py
+NANOSEEK_TEST_DEVICE=$DEVICE step 170 tests.txt $PY -m pytest -q -p no:cacheprovider -o addopts= tests/test_gpu.py
 tail -3 "$OUT/tests.txt"
 TRAIN="--peers hf --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
 step 90 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
 step 60 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
 step 40 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
-step 150 decode.jsonl $PY -m nanoseek bench decode --preset $PRESET --batch 1,8 --context $CONTEXT --rounds 3 \
+step 120 decode.jsonl $PY -m nanoseek bench decode --preset $PRESET --batch 1,8 --context $CONTEXT --rounds 3 \
     --compile --device $DEVICE
 grep -h '"ratio"' "$OUT"/*.jsonl

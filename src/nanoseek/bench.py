@@ -193,17 +193,18 @@ def measure_matmul_peak(dtype: str | torch.dtype = "float32", threads: int = 0,
     device = torch.device(device)
     sizes = (4096, 8192, 16384) if device.type == "cuda" else (1024, 1536, 2048)
     best = 0.0
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn where they are used (16384^2 on a GPU)
     with torch_threads(threads), torch.no_grad():
         deadline = time.perf_counter() + seconds
         for i, n in enumerate(sizes):
-            a = torch.randn(n, n, generator=gen).to(device, dt)
-            b = torch.randn(n, n, generator=gen).to(device, dt)
+            a = torch.randn(n, n, generator=gen, device=device).to(dt)
+            b = torch.randn(n, n, generator=gen, device=device).to(dt)
             out = torch.empty(n, n, dtype=dt, device=device)
             share_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(sizes) - i)
             last = None
-            torch.mm(a, b, out=out)  # a GPU's first product of a shape picks its kernel
-            synchronize(device)
+            if device.type == "cuda":  # a GPU's first product of a shape picks its kernel
+                torch.mm(a, b, out=out)
+                synchronize(device)
             while True:
                 t0 = time.perf_counter()
                 torch.mm(a, b, out=out)
@@ -526,7 +527,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                        help="nanoseek's compute dtype (bfloat16 = CPU autocast)")
+                        help="nanoseek's compute dtype (bfloat16 = autocast on --device)")
     parser.add_argument("--ref-dtype", choices=tuple(DTYPES), default="float32",
                         help="the peers' compute dtype")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")

@@ -31,20 +31,23 @@ def check_device_name(where: str, name: str) -> None:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0, where: str = "device") -> torch.device:
-    """The torch.device for `name`; "auto" is this rank's GPU when CUDA is available, else the CPU."""
+    """The torch.device for `name`; "auto" is this rank's GPU when CUDA is available, else the CPU.
+    Without an index, local rank r takes GPU r (one GPU per process, as NCCL requires)."""
     check_device_name(where, name)
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise NanoseekError(f"{where}={name!r} but this torch sees no CUDA GPU "
                                 f"(torch {torch.__version__}); use cpu or auto")
-        index = device.index if device.index is not None else local_rank % torch.cuda.device_count()
-        if index >= torch.cuda.device_count():
-            raise NanoseekError(f"{where}={name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        count = torch.cuda.device_count()
+        index = device.index if device.index is not None else local_rank  # one GPU per local rank
+        if index >= count:
+            raise NanoseekError(f"{where}={name!r} needs GPU {index} (local rank {local_rank}) but only {count} "
+                                f"CUDA GPU(s) are visible: start at most {count} processes per machine, or use cpu")
         device = torch.device("cuda", index)
     return device
 

@@ -230,8 +230,10 @@ class CompiledDecoder:
     def __init__(self, model, batch: int, length: int):
         self.model, self.batch = model, batch
         self.cache = model.make_cache(batch, length)
-        self.step = torch.compile(self._step, dynamic=False, options={"cpp_wrapper": True})
         self.on_cpu = next(model.parameters()).device.type == "cpu"  # GPUs keep their BLAS matvecs
+        # the C++ wrapper is a CPU-overhead win; on CUDA it needs a CUDA toolkit (CUDA_HOME headers,
+        # -lcuda), which a pip-only torch install lacks
+        self.step = torch.compile(self._step, dynamic=False, options={"cpp_wrapper": True} if self.on_cpu else {})
         self.in_use = False
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

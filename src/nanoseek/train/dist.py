@@ -59,12 +59,12 @@ def init_distributed(strategy: str, device: str = "cpu") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     where = resolve_device(device, local, where="train.device")
+    if where.type == "cuda":  # current device = the run's (CUDA RNG state, default streams, FSDP)
+        torch.cuda.set_device(where)
     if world <= 1:
         return DistContext(strategy="none", device=where)
     if strategy == "none":
         raise NanoseekError("launched with WORLD_SIZE > 1 but dist.strategy='none'; use --dist.strategy=ddp or fsdp")
-    if where.type == "cuda":
-        torch.cuda.set_device(where)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), local, strategy, where)
@@ -98,9 +98,12 @@ def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False
         # rank 0's at every forward would overwrite the other ranks' expert load counts
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if ctx.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        kwargs = {}
+        # fully_shard's default mesh is torch's accelerator (cuda whenever one is visible) and it
+        # moves the parameters there: pin it to train.device (cpu + gloo stays on the CPU)
+        kwargs = {"mesh": init_device_mesh(ctx.device.type, (ctx.world,))}
         if mixed_precision:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in model.layers:

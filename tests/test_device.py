@@ -64,3 +64,18 @@ def test_bench_train_records_its_device():
                              threads=1, peak_seconds=0.05, device="cpu")
     assert rows[0]["device"] == "cpu" and rows[0]["peak_device_mib"] is None
     assert rows[0]["tokens_per_s"] > 0
+
+
+def test_one_gpu_per_local_rank(monkeypatch):
+    """With GPUs (faked here: two visible), local rank r takes GPU r; a rank without a GPU of its
+    own, or an index past the visible ones, is an error rather than two ranks on one GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    assert resolve_device("cuda:1", local_rank=0) == torch.device("cuda", 1)
+    assert resolve_device("cpu", local_rank=3) == torch.device("cpu")
+    with pytest.raises(NanoseekError, match="local rank 2.*only 2 CUDA GPU"):
+        resolve_device("auto", local_rank=2, where="train.device")
+    with pytest.raises(NanoseekError, match="cuda:5"):
+        resolve_device("cuda:5")

@@ -3,6 +3,7 @@
 # One call of at most ~9 minutes (a 60 s probe, then steps limited to 170 + 90 + 60 + 40 + 120 s):
 # the GPU tests, then training / prefill / decode against transformers on the GPU. Every step has its own time limit, so the script always ends and
 # returns what it has. Results land in $OUT (the device tool's folder) or benchmarks/out/gpu.
+# ATTENTION=1 adds the sparse-attention bench (dense SDPA vs each kind at 4K-32K) as an eighth file.
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh        (from the repository root, on the GPU machine)
 #
@@ -41,4 +42,7 @@ step 60 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --d
 step 40 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
 step 120 decode.jsonl $PY -m nanoseek bench decode --preset $PRESET --batch 1,8 --context $CONTEXT --rounds 3 \
     --compile --device $DEVICE
+if [ "${ATTENTION:-0}" = 1 ]; then  # issue 5 on the GPU: ~1-2 more minutes, so only when asked
+    step 120 attention.jsonl $PY -m nanoseek bench attention --seq 4096,16384,32768 --repeats 3 --device $DEVICE
+fi
 grep -h '"ratio"' "$OUT"/*.jsonl

@@ -132,3 +132,29 @@ def test_bench_train_measures_device_memory():
     assert rows[0]["device"].startswith(torch.device(DEVICE).type) and rows[0]["tokens_per_s"] > 0
     if torch.device(DEVICE).type == "cuda":
         assert rows[0]["peak_device_mib"] > 0 and rows[0]["gpu"]
+
+
+@pytest.mark.parametrize("kind", ["dense", "sliding", "nsa", "hca"])
+def test_sparse_attention_kinds_equal_the_cpus(kind):
+    """The attention bench's ops (model/attention.py, nsa.py, compressed.py) on the device against
+    the CPU, forward and the query gradient. (DSA and CSA pick keys by top-k over scores that can tie,
+    where the CPU and CUDA kernels may keep different keys.)"""
+    import argparse
+
+    from nanoseek import bench_attention as ba
+
+    parser = argparse.ArgumentParser()
+    ba.add_attention_args(parser)
+    args = parser.parse_args(["--heads", "4", "--head-dim", "32", "--window", "48", "--nsa-block", "16",
+                              "--nsa-topn", "4"])
+    outs = []
+    for device in ("cpu", DEVICE):
+        torch.manual_seed(0)
+        nsa = ba.NsaOp(4 * 32, 4, 16, 4, 48).to(device)
+        v4 = {"hca": ba.CompressedOp("hca", 4 * 32, 4, 32, 48, 16, 2, 16).to(device)}
+        q, k, v, x = ba.make_inputs(300, 4, 32, device=device)
+        out = ba.run_kind(kind, q, k, v, x, args, None, nsa, v4)
+        out.float().square().mean().backward()
+        outs.append((out.detach().cpu(), q.grad.cpu()))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=2e-5, rtol=1e-3)

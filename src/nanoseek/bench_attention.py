@@ -18,7 +18,9 @@ sequence length T:
 
 Reported per (kind, T): forward_s and backward_s (medians over the repeats; backward alone, with
 the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
-memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster).
+memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster). With
+`--device cuda` the inputs and ops live on the GPU, every timing ends with a synchronize, and
+peak_device_mib is the CUDA allocator's peak above its baseline.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class DsaOp(torch.nn.Module):
         from .model.position import rope_inv_freq
 
         t = x.shape[1]
-        angles = torch.arange(t, dtype=torch.float32)[:, None] * rope_inv_freq(self.rope_dim, 10000.0)
+        angles = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * rope_inv_freq(
+            self.rope_dim, 10000.0).to(x.device)
         rope = (angles.cos(), angles.sin())
         with torch.no_grad():
             keys = self.indexer.keys(x, rope)
@@ -105,7 +108,7 @@ class CompressedOp(torch.nn.Module):
 
     def forward(self, q, k, x):
         a, t = self.attn, x.shape[1]
-        pos = torch.arange(t)
+        pos = torch.arange(t, device=x.device)
         cos, sin = a.rope(pos)
         entries, index_entries = a.compressed_entries(x, None, 0, t)
         index_in = (x, x) if a.indexer is not None else None
@@ -113,12 +116,10 @@ class CompressedOp(torch.nn.Module):
         return o.transpose(1, 2)
 
 
-def make_inputs(t: int, heads: int, dim: int, seed: int = 0):
+def make_inputs(t: int, heads: int, dim: int, seed: int = 0, device: torch.device | str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, heads, t, dim, generator=g, requires_grad=True)
-    k = torch.randn(1, 1, t, dim, generator=g, requires_grad=True)
-    v = torch.randn(1, 1, t, dim, generator=g, requires_grad=True)
-    x = torch.randn(1, t, heads * dim, generator=g)
+    q, k, v = (torch.randn(1, n, t, dim, generator=g).to(device).requires_grad_() for n in (heads, 1, 1))
+    x = torch.randn(1, t, heads * dim, generator=g).to(device)
     return q, k, v, x
 
 
@@ -137,25 +138,34 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None =
     return dsa(q, k, v, x, scale)
 
 
-def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None) -> dict:
+def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
     from .bench import RssSampler, current_rss, release_free_memory
+    from .device import memory_allocated, peak_memory, reset_peak_memory, synchronize
 
     forward, backward = [], []
     release_free_memory()
     base = current_rss()
+    reset_peak_memory(device)
+    device_base = memory_allocated(device)
     with RssSampler() as rss:
         for _ in range(args.repeats if t <= 8192 else 1):
-            q, k, v, x = make_inputs(t, args.heads, args.head_dim)
+            q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
+            synchronize(device)
             t0 = time.perf_counter()
             out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
+            synchronize(device)
             t1 = time.perf_counter()
             out.float().square().mean().backward()
+            synchronize(device)
             t2 = time.perf_counter()
             forward.append(t1 - t0)
             backward.append(t2 - t1)
             del out, q, k, v, x
-    return {"forward_s": round(statistics.median(forward), 4), "backward_s": round(statistics.median(backward), 4),
-            "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1)}
+    row = {"forward_s": round(statistics.median(forward), 4), "backward_s": round(statistics.median(backward), 4),
+           "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1)}
+    if device_base is not None:
+        row["peak_device_mib"] = round((peak_memory(device) - device_base) / (1 << 20), 1)
+    return row
 
 
 def add_attention_args(parser: argparse.ArgumentParser) -> None:
@@ -173,10 +183,14 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--plot", help="write a log-log PNG of forward time vs length here")
+    from .bench import add_device_arg
+
+    add_device_arg(parser)
 
 
 def run_attention(args: argparse.Namespace) -> list[dict]:
-    from .bench import cpu_name, torch_threads
+    from .bench import cpu_name, device_info, torch_threads
+    from .device import resolve_device
 
     try:
         seqs = [int(s) for s in args.seq.split(",")]
@@ -188,19 +202,22 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
             raise NanoseekError(f"--kinds: unknown kind {kind!r}; choose from {', '.join(KINDS)}")
     if min(seqs) < 1 or args.heads < 1 or args.head_dim < 1:
         raise NanoseekError("--seq, --heads and --head-dim must be positive")
+    device = resolve_device(args.device, where="--device")
     torch.manual_seed(0)
     dsa = DsaOp(args.heads * args.head_dim, args.heads, args.index_heads, args.index_dim, args.topk)
     nsa = NsaOp(args.heads * args.head_dim, args.heads, args.nsa_block, args.nsa_topn, args.window)
     v4 = {kind: CompressedOp(kind, args.heads * args.head_dim, args.heads, args.head_dim, args.window, args.csa_topk,
-                             args.index_heads, args.index_dim) for kind in ("csa", "hca")}
+                             args.index_heads, args.index_dim).to(device) for kind in ("csa", "hca")}
+    dsa, nsa = dsa.to(device), nsa.to(device)
     results = []
     with torch_threads(args.threads):
-        machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   **device_info(device)}
         for t in seqs:
             dense = None
             for kind in kinds:
                 row = {"bench": "attention", "impl": "nanoseek", "kind": kind, "seq": t, "heads": args.heads,
-                       "head_dim": args.head_dim, **time_kind(kind, t, args, dsa, nsa, v4)}
+                       "head_dim": args.head_dim, **time_kind(kind, t, args, dsa, nsa, v4, device)}
                 if kind == "dense":
                     dense = row
                 if dense is not None and kind != "dense":

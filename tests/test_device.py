@@ -16,7 +16,7 @@ from nanoseek.model.moe import compute_dtype
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 
 
-@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "CPU", "mps", ""])
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "CPU", "mps", "", "cpu\n", "cuda:01", " cuda"])
 def test_bad_device_names_list_the_choices(name):
     with pytest.raises(NanoseekError, match="choose auto, cpu, cuda or cuda:N"):
         resolve_device(name, where="train.device")
@@ -77,5 +77,19 @@ def test_one_gpu_per_local_rank(monkeypatch):
     assert resolve_device("cpu", local_rank=3) == torch.device("cpu")
     with pytest.raises(NanoseekError, match="local rank 2.*only 2 CUDA GPU"):
         resolve_device("auto", local_rank=2, where="train.device")
-    with pytest.raises(NanoseekError, match="cuda:5"):
+    with pytest.raises(NanoseekError, match="'cuda:5' but only 2 CUDA GPU.*choose cuda:0 ... cuda:1"):
         resolve_device("cuda:5")
+
+
+def test_ranks_may_not_all_name_one_gpu(monkeypatch):
+    from nanoseek.train import dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(NanoseekError, match="train.device='cuda:0' would put every rank on one GPU"):
+        dist.init_distributed("ddp", "cuda:0")
+    with pytest.raises(NanoseekError, match="local rank 1"):  # and a rank without a GPU of its own
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        dist.init_distributed("ddp", "auto")

@@ -21,12 +21,12 @@ import torch
 from .errors import NanoseekError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_PATTERN = re.compile(r"auto|cpu|cuda(:(0|[1-9]\d*))?")
 
 
 def check_device_name(where: str, name: str) -> None:
     """A clear error for a device string that is none of DEVICE_CHOICES (availability is checked later)."""
-    if not isinstance(name, str) or not _PATTERN.match(name):
+    if not isinstance(name, str) or not _PATTERN.fullmatch(name):
         raise NanoseekError(f"{where}={name!r} is not a device; choose {DEVICE_CHOICES}")
 
 
@@ -44,6 +44,9 @@ def resolve_device(name: str = "auto", local_rank: int = 0, where: str = "device
             raise NanoseekError(f"{where}={name!r} but this torch sees no CUDA GPU "
                                 f"(torch {torch.__version__}); use cpu or auto")
         count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise NanoseekError(f"{where}={name!r} but only {count} CUDA GPU(s) are visible: "
+                                f"choose cuda:0 ... cuda:{count - 1}, cuda, auto or cpu")
         index = device.index if device.index is not None else local_rank  # one GPU per local rank
         if index >= count:
             raise NanoseekError(f"{where}={name!r} needs GPU {index} (local rank {local_rank}) but only {count} "

@@ -190,7 +190,7 @@ MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
 class MatvecLinear(torch.overrides.TorchFunctionMode):
-    """Inside a compiled graph, F.linear on at most MATVEC_MAX_ROWS rows as multiply-and-reduce,
+    """Inside a compiled graph on the CPU, F.linear on at most MATVEC_MAX_ROWS rows as multiply-and-reduce,
 
         y[r, n] = sum_k x[r, k] W[n, k] (+ b[n]),
 
@@ -222,8 +222,9 @@ class CompiledDecoder:
 
     The step feeds per-row positions (a tensor) against the cache with a mask, so its shapes never
     change and `torch.compile` builds one graph per (model, batch, length); built once and kept on
-    the model, it is reused by every later generation of that batch size and length bucket. Up to
-    MATVEC_MAX_ROWS rows, the step's linears (and its few-row matmuls) run as fused loops (`MatvecLinear`)."""
+    the model, it is reused by every later generation of that batch size and length bucket. On the CPU,
+    up to MATVEC_MAX_ROWS rows, the step's linears (and its few-row matmuls) run as fused loops
+    (`MatvecLinear`) and the graph has inductor's C++ wrapper; on a GPU neither."""
 
     RECOMPILE_LIMIT = 64  # graphs of the one step function (batch sizes x lengths x models)
 

@@ -53,18 +53,21 @@ class DistContext:
 def init_distributed(strategy: str, device: str = "cpu") -> DistContext:
     """Join the torchrun process group (if launched by torchrun); a single process otherwise.
     `device` is train.device ("auto", "cpu", "cuda", "cuda:N"): on a GPU each rank takes
-    cuda:LOCAL_RANK (unless an index is named) and the group talks nccl, else gloo."""
+    cuda:LOCAL_RANK and the group talks nccl, else gloo (one process may name its GPU, ranks may not)."""
     from ..device import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     where = resolve_device(device, local, where="train.device")
+    if world > 1 and strategy == "none":
+        raise NanoseekError("launched with WORLD_SIZE > 1 but dist.strategy='none'; use --dist.strategy=ddp or fsdp")
+    if world > 1 and where.type == "cuda" and ":" in device:
+        raise NanoseekError(f"train.device={device!r} would put every rank on one GPU; under torchrun use "
+                            f"cuda or auto (local rank r takes GPU r)")
     if where.type == "cuda":  # current device = the run's (CUDA RNG state, default streams, FSDP)
         torch.cuda.set_device(where)
     if world <= 1:
         return DistContext(strategy="none", device=where)
-    if strategy == "none":
-        raise NanoseekError("launched with WORLD_SIZE > 1 but dist.strategy='none'; use --dist.strategy=ddp or fsdp")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), local, strategy, where)
@@ -143,10 +146,10 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
             group = shard.group
     ids = {id(p) for p in sharded}
     replicated = [p for p in model.parameters() if p.grad is not None and id(p) not in ids]
-    zero = torch.zeros((), device=next(model.parameters()).device)
-    local = sum((p.grad.detach().float().pow(2).sum() for p in sharded), zero)
-    dist.all_reduce(local, group=group)
-    rest = sum((p.grad.detach().float().pow(2).sum() for p in replicated), zero)
+    device = next(model.parameters()).device
+    local = sum((p.grad.detach().float().pow(2).sum() for p in sharded), torch.zeros((), device=device))
+    dist.all_reduce(local, group=group)  # in place: the two sums must not share a start tensor
+    rest = sum((p.grad.detach().float().pow(2).sum() for p in replicated), torch.zeros((), device=device))
     total = (local + rest).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in sharded + replicated:

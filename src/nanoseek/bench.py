@@ -35,6 +35,8 @@ Reported per implementation:
                   window, minus its value at the start: the live tensors without the freed memory
                   glibc keeps resident (which differs from run to run with the order of frees; here
                   it was 170-240 MiB of the peak RSS of both implementations). None without glibc.
+    peak_device_mib  with --device cuda: the CUDA allocator's peak over the same window minus its
+                  allocation at the start (None on a CPU)
     loss          the training loss after the last step (both models should learn alike)
 and a last line {"impl": "ratio", "nanoseek_over_reference": tokens/s of nanoseek / reference}.
 

@@ -9,7 +9,7 @@ import torch
 from nanoseek import bench
 from nanoseek.cli import main as cli_main
 from nanoseek.config import build_train_config
-from nanoseek.device import autocast, peak_memory, resolve_device, synchronize
+from nanoseek.device import DevicePeak, autocast, peak_memory, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
 from nanoseek.model.moe import compute_dtype
 
@@ -51,6 +51,9 @@ def test_cli_refuses_a_gpu_it_does_not_have(argv, capsys, tmp_path):
 def test_cpu_helpers():
     synchronize("cpu")  # a no-op, not an error
     assert peak_memory("cpu") is None
+    with DevicePeak("cpu") as window:
+        torch.ones(1 << 20)
+    assert window.peak is None  # RSS is the CPU's measure
     with autocast(torch.device("cpu"), "bfloat16"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         assert compute_dtype(torch.ones(2)) == torch.bfloat16  # the experts' matmuls follow autocast

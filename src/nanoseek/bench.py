@@ -325,16 +325,15 @@ class TrainRunner:
         gc.collect()
 
     def run_round(self, batches, steps: int, warmup: int) -> None:
-        from .device import memory_allocated, peak_memory, reset_peak_memory, synchronize
+        from .device import DevicePeak, synchronize
 
         first = self.model is None
         sampler = RssSampler() if first else contextlib.nullcontext()
+        window = DevicePeak(self.device) if first else contextlib.nullcontext()
         if first:
             release_free_memory()
             base = current_rss()
-            reset_peak_memory(self.device)
-            device_base = memory_allocated(self.device)
-        with sampler:
+        with sampler, window:
             if first:
                 self.model, self.optimizer, self.loss_fn = self._build()
                 self.model.train()
@@ -349,8 +348,7 @@ class TrainRunner:
         if first:
             self.peak_rss = sampler.peak - base
             self.peak_heap = None if sampler.heap_peak is None else sampler.heap_peak - sampler.heap_base
-            if device_base is not None:
-                self.peak_device = peak_memory(self.device) - device_base
+            self.peak_device = window.peak
         self.round_seconds.append(elapsed / steps)
         self.loss = loss.item()
 
@@ -525,6 +523,8 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    from .device import add_device_arg
+
     parser.add_argument("--preset", default="gpt2-small", help="a GPT-2-shaped preset (default gpt2-small)")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=12)
@@ -542,11 +542,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=("shakespeare", "random"), default="shakespeare")
     parser.add_argument("--peak-seconds", type=float, default=1.5,
                         help="seconds spent measuring the matmul peak per dtype")
-    add_device_arg(parser)
-
-
-def add_device_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (a GPU if torch sees one)")
+    add_device_arg(parser, default="cpu")
 
 
 def device_info(device: torch.device) -> dict:

@@ -140,14 +140,12 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None =
 
 def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
     from .bench import RssSampler, current_rss, release_free_memory
-    from .device import memory_allocated, peak_memory, reset_peak_memory, synchronize
+    from .device import DevicePeak, synchronize
 
     forward, backward = [], []
     release_free_memory()
     base = current_rss()
-    reset_peak_memory(device)
-    device_base = memory_allocated(device)
-    with RssSampler() as rss:
+    with RssSampler() as rss, DevicePeak(device) as window:
         for _ in range(args.repeats if t <= 8192 else 1):
             q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
             synchronize(device)
@@ -163,8 +161,8 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
             del out, q, k, v, x
     row = {"forward_s": round(statistics.median(forward), 4), "backward_s": round(statistics.median(backward), 4),
            "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1)}
-    if device_base is not None:
-        row["peak_device_mib"] = round((peak_memory(device) - device_base) / (1 << 20), 1)
+    if window.peak is not None:
+        row["peak_device_mib"] = round(window.peak / (1 << 20), 1)
     return row
 
 
@@ -183,9 +181,9 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--plot", help="write a log-log PNG of forward time vs length here")
-    from .bench import add_device_arg
+    from .device import add_device_arg
 
-    add_device_arg(parser)
+    add_device_arg(parser, default="cpu")
 
 
 def run_attention(args: argparse.Namespace) -> list[dict]:

@@ -230,14 +230,14 @@ def plot_decode(rows: list[dict], path: str) -> None:
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    from .bench import add_device_arg
+    from .device import add_device_arg
 
     parser.add_argument("ckpt", nargs="?", help="a checkpoint (default: a random --preset model)")
     parser.add_argument("--preset", default="deepseek-v3-small")
     parser.add_argument("--peers", default="hf", help="comma-separated: hf (or empty for none)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
-    add_device_arg(parser)
+    add_device_arg(parser, default="cpu")
 
 
 def add_prefill_args(parser: argparse.ArgumentParser) -> None:

@@ -452,17 +452,14 @@ def cmd_ablate(args, extra) -> int:
 # ------------------------------------------------------------------------------------ parser
 
 
-def add_device(parser: argparse.ArgumentParser):
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N or auto (default: a CUDA GPU if torch sees one, else cpu)")
-
-
 def add_trust_pickle(parser: argparse.ArgumentParser):
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .device import add_device_arg
+
     p = argparse.ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -492,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy decoding with the MTP module as drafter (prints acceptance and speedup)")
     s.add_argument("--compile", action="store_true",
                    help="compiled static-shape decode step: ~25 s to compile, then ~2x faster per token")
-    add_device(s)
+    add_device_arg(s)
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text")
@@ -502,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-batches", type=int)
-    add_device(e)
+    add_device_arg(e)
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="parameters, FLOPs per token and KV-cache bytes per token")
@@ -521,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int)
     c.add_argument("--top-p", type=float, default=0.95)
     c.add_argument("--seed", type=int)
-    add_device(c)
+    add_device_arg(c)
     c.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page")
@@ -537,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     sv.add_argument("--threads", type=int, help="torch threads (default: cores - 1, leaving one core to "
                     "the HTTP loop; on 2 cores this doubles throughput under load)")
-    add_device(sv)
+    add_device_arg(sv)
     sv.set_defaults(func=cmd_serve)
 
     cv = sub.add_parser("convert", help="convert a checkpoint between nanoseek and Hugging Face formats")

@@ -4,7 +4,8 @@
     resolve_device("cuda:1")   -> that GPU, checked to exist
     autocast(device, "bfloat16") -> torch.autocast on that device type (bf16 matmuls, fp32 weights)
     synchronize(device)        -> wait for queued GPU kernels, so a wall-clock timer sees them
-    peak_memory(device)        -> bytes the CUDA caching allocator held at most (None on CPU)
+    peak_memory(device)        -> bytes the CUDA caching allocator held at most (None on CPU);
+                                  DevicePeak(device): the same over a `with` block, above its start
 
 Everything else is device-agnostic: the model builds its temporaries on its inputs' device, the
 trainer moves the model and every batch with `.to(device)`, checkpoints are written from host
@@ -28,6 +29,12 @@ def check_device_name(where: str, name: str) -> None:
     """A clear error for a device string that is none of DEVICE_CHOICES (availability is checked later)."""
     if not isinstance(name, str) or not _PATTERN.fullmatch(name):
         raise NanoseekError(f"{where}={name!r} is not a device; choose {DEVICE_CHOICES}")
+
+
+def add_device_arg(parser, default: str = "auto") -> None:
+    """The `--device` option of a command (argparse)."""
+    parser.add_argument("--device", default=default,
+                        help=f"{DEVICE_CHOICES} (default {default}; auto: a CUDA GPU if torch sees one, else cpu)")
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0, where: str = "device") -> torch.device:
@@ -68,11 +75,6 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def reset_peak_memory(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def peak_memory(device: torch.device | str) -> int | None:
     """The most bytes the CUDA allocator had allocated since the last reset; None on CPU."""
     if torch.device(device).type == "cuda":
@@ -80,7 +82,22 @@ def peak_memory(device: torch.device | str) -> int | None:
     return None
 
 
-def memory_allocated(device: torch.device | str) -> int | None:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return None
+class DevicePeak:
+    """`with DevicePeak(device) as window:` ... `window.peak`: the most bytes the CUDA allocator held
+    inside the block above what it held on entry (None on a CPU, where RSS is the measure)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.peak: int | None = None
+        self._base: int | None = None
+
+    def __enter__(self) -> DevicePeak:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._base is not None:
+            self.peak = peak_memory(self.device) - self._base
+        return False

@@ -37,7 +37,6 @@ from ..errors import NanoseekError
 class DistContext:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     strategy: str = "none"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -70,7 +69,7 @@ def init_distributed(strategy: str, device: str = "cpu") -> DistContext:
         return DistContext(strategy="none", device=where)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local, strategy, where)
+    return DistContext(dist.get_rank(), dist.get_world_size(), strategy, where)
 
 
 def shutdown(ctx: DistContext):

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 7, item 6: the prepared run for a CUDA machine (the `device` tool's H200, when one is lent).
-# One call of at most ~9 minutes (a 60 s probe, then steps limited to 170 + 90 + 60 + 40 + 120 s):
+# One call of at most 8 minutes (a 45 s probe, then steps limited to 120 + 70 + 50 + 30 + 100 + 60 s):
 # the GPU tests, then training / prefill / decode against transformers on the GPU. Every step has its own time limit, so the script always ends and
 # returns what it has. Results land in $OUT (the device tool's folder) or benchmarks/out/gpu.
-# ATTENTION=1 adds the sparse-attention bench (dense SDPA vs each kind at 4K-32K) as an eighth file.
+# ATTENTION=1 adds the sparse-attention bench (dense SDPA vs each kind at ATT_SEQ tokens) as an eighth file.
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh        (from the repository root, on the GPU machine)
 #
@@ -30,19 +30,19 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, stdout to $OUT/NAME,
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  timeout 60 $PY -c "import torch, transformers, pytest; from torch.utils.cpp_extension import CUDA_HOME; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'pytest', pytest.__version__, 'CUDA_HOME', CUDA_HOME)"
+  timeout 45 $PY -c "import torch, transformers, pytest; from torch.utils.cpp_extension import CUDA_HOME; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'pytest', pytest.__version__, 'CUDA_HOME', CUDA_HOME)"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-NANOSEEK_TEST_DEVICE=$DEVICE step 170 tests.txt $PY -m pytest -q -p no:cacheprovider -o addopts= tests/test_gpu.py
+NANOSEEK_TEST_DEVICE=$DEVICE step 120 tests.txt $PY -m pytest -q -p no:cacheprovider -o addopts= tests/test_gpu.py
 tail -3 "$OUT/tests.txt"
 TRAIN="--peers hf --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
-step 90 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
-step 60 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
-step 40 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
-step 120 decode.jsonl $PY -m nanoseek bench decode --preset $PRESET --batch 1,8 --context $CONTEXT --rounds 3 \
+step 70 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
+step 50 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
+step 30 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
+step 100 decode.jsonl $PY -m nanoseek bench decode --preset $PRESET --batch 1,8 --context $CONTEXT --rounds 3 \
     --compile --device $DEVICE
-if [ "${ATTENTION:-0}" = 1 ]; then  # issue 5 on the GPU: ~1-2 more minutes, so only when asked
-    step 120 attention.jsonl $PY -m nanoseek bench attention --seq 4096,16384,32768 --repeats 3 --device $DEVICE
+if [ "${ATTENTION:-0}" = 1 ]; then  # issue 5 on the GPU: one more minute at most, so only when asked
+    step 60 attention.jsonl $PY -m nanoseek bench attention --seq ${ATT_SEQ:-4096,16384} --repeats 3 --device $DEVICE
 fi
 grep -h '"ratio"' "$OUT"/*.jsonl

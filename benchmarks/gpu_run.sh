@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Issue 7, item 6: the prepared run for a CUDA machine (the `device` tool's H200, when one is lent).
-# One call of at most 8 minutes (a 45 s probe, then steps limited to 120 + 70 + 50 + 30 + 100 + 60 s):
-# the GPU tests, then training / prefill / decode against transformers on the GPU. Every step has its own time limit, so the script always ends and
-# returns what it has. Results land in $OUT (the device tool's folder) or benchmarks/out/gpu.
-# ATTENTION=1 adds the sparse-attention bench (dense SDPA vs each kind at ATT_SEQ tokens) as an eighth file.
+# One call; every step has its own time limit (below), so the script always ends and returns what it
+# has, in at most 8 files under $OUT (the device tool's folder) or benchmarks/out/gpu.
+# STEPS picks the steps (default "tests train prefill decode"; ~3 minutes on an H200):
+#   tests      tests/test_gpu.py on the device                                     tests.txt
+#   train      bench train vs transformers, fp32 then bf16 autocast                train.jsonl, train_bf16.jsonl
+#   prefill    bench prefill vs transformers                                       prefill.jsonl
+#   decode     bench decode vs transformers at batch 1 and 8, compiled (CUDA graphs), decode.jsonl
+#              then batch 1 with NANOSEEK_CUDA_GRAPHS=0 appended ("cuda_graphs": false)
+#   attention  bench attention at ATT_SEQ tokens, fp32 then bf16 autocast          attention.jsonl
+#   profile    benchmarks/profile_train.py: nanoseek fp32 and bf16, transformers bf16   profile.txt
+# ATTENTION=1 adds the attention step to the default set. The probe and every step's command line
+# and exit status go to log.txt.
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh        (from the repository root, on the GPU machine)
+#   STEPS="tests decode attention profile" OUT=/some/dir bash benchmarks/gpu_run.sh
 #
 # It uses the machine's own python3 and torch (no install: the device machine has no network)
 # and nanoseek from this tree (PYTHONPATH=src). A dry run of the script itself on a CPU:
@@ -21,28 +30,48 @@ DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-deepseek-v3-small}
 PROMPT=${PROMPT:-512}    # prefill prompt tokens
 CONTEXT=${CONTEXT:-256}  # decode prompt tokens (then 128 new ones)
+STEPS=${STEPS:-"tests train prefill decode"}
+[ "${ATTENTION:-0}" = 1 ] && STEPS="$STEPS attention"
 
-step() {  # step SECONDS NAME COMMAND...: run with a limit, stdout to $OUT/NAME, stderr to the log
+wanted() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+step() {  # step SECONDS FILE COMMAND...: run with a limit, stdout appended to $OUT/FILE, stderr to the log
     local limit=$1 name=$2; shift 2
     echo "== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$OUT/log.txt"
-    timeout "$limit" "$@" > "$OUT/$name" 2>> "$OUT/log.txt"
+    timeout "$limit" "$@" >> "$OUT/$name" 2>> "$OUT/log.txt"
     echo "== $name: exit $?" | tee -a "$OUT/log.txt"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   timeout 45 $PY -c "import torch, transformers, pytest; from torch.utils.cpp_extension import CUDA_HOME; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'pytest', pytest.__version__, 'CUDA_HOME', CUDA_HOME)"
-} > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+} 2>&1 | tee -a "$OUT/log.txt"
 
-NANOSEEK_TEST_DEVICE=$DEVICE step 120 tests.txt $PY -m pytest -q -p no:cacheprovider -o addopts= tests/test_gpu.py
-tail -3 "$OUT/tests.txt"
-TRAIN="--peers hf --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
-step 70 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
-step 50 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
-step 30 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
-step 100 decode.jsonl $PY -m nanoseek bench decode --preset $PRESET --batch 1,8 --context $CONTEXT --rounds 3 \
-    --compile --device $DEVICE
-if [ "${ATTENTION:-0}" = 1 ]; then  # issue 5 on the GPU: one more minute at most, so only when asked
-    step 60 attention.jsonl $PY -m nanoseek bench attention --seq ${ATT_SEQ:-4096,16384} --repeats 3 --device $DEVICE
+if wanted tests; then
+    NANOSEEK_TEST_DEVICE=$DEVICE step 100 tests.txt $PY -m pytest -q -p no:cacheprovider -o addopts= tests/test_gpu.py
+    tail -3 "$OUT/tests.txt"
+fi
+if wanted train; then
+    TRAIN="--peers hf --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
+    step 70 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
+    step 50 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
+fi
+if wanted prefill; then
+    step 30 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
+fi
+if wanted decode; then
+    DECODE="--preset $PRESET --context $CONTEXT --rounds 3 --compile --device $DEVICE"
+    step 90 decode.jsonl $PY -m nanoseek bench decode $DECODE --batch 1,8
+    NANOSEEK_CUDA_GRAPHS=0 step 60 decode.jsonl $PY -m nanoseek bench decode $DECODE --batch 1
+fi
+if wanted attention; then  # issue 5 on the GPU
+    for dtype in float32 bfloat16; do
+        step 80 attention.jsonl $PY -m nanoseek bench attention --seq ${ATT_SEQ:-4096,16384,32768} --repeats 3 \
+            --dtype $dtype --device $DEVICE
+    done
+fi
+if wanted profile; then
+    for run in "nanoseek float32" "nanoseek bfloat16" "hf bfloat16"; do
+        set -- $run
+        step 35 profile.txt $PY benchmarks/profile_train.py --preset $PRESET --impl $1 --dtype $2 --device $DEVICE
+    done
 fi
 grep -h '"ratio"' "$OUT"/*.jsonl

@@ -11,7 +11,7 @@ from nanoseek.cli import main as cli_main
 from nanoseek.config import build_train_config
 from nanoseek.device import DevicePeak, autocast, peak_memory, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
-from nanoseek.model.moe import compute_dtype
+from nanoseek.device import compute_dtype
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 

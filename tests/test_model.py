@@ -483,3 +483,39 @@ def test_bf16_weight_gradients_sum_their_row_chunks_in_fp32(monkeypatch):
         grads[dtype] = [p.grad.double() for p in model.parameters()]
     for exact, got in zip(grads[torch.float64], grads[torch.bfloat16]):
         assert ((got - exact).abs().max() / exact.abs().max()).item() < 6e-3
+
+
+@pytest.mark.parametrize("kwargs", [{"is_causal": True}, {"mask": True}])
+def test_sdpa_with_expanded_kv_heads_equals_grouped(monkeypatch, kwargs):
+    """sdpa's CUDA fallback (K/V heads expanded before the kernel) gives the grouped call's output and
+    gradients; run here by forcing the expansion on the CPU."""
+    from nanoseek.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 20, 16, generator=g) for n in (8, 2, 2))
+    if "mask" in kwargs:
+        kwargs = {"attn_mask": torch.rand(2, 1, 20, 20, generator=g) > 0.3}
+        kwargs["attn_mask"][..., 0] = True
+    results = []
+    for expand in (False, True):
+        monkeypatch.setattr(attention, "expands_kv_heads", lambda q, mask: expand)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = attention.sdpa(*leaves, scale=0.3, **kwargs)
+        out.square().sum().backward()
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_expands_kv_heads_only_where_cuda_lacks_a_grouped_kernel():
+    from types import SimpleNamespace
+
+    from nanoseek.model.attention import expands_kv_heads
+
+    def rule(device, dtype, masked):
+        return expands_kv_heads(SimpleNamespace(device=torch.device(device), dtype=dtype),
+                                torch.ones(1) if masked else None)
+
+    assert not rule("cpu", torch.float32, True) and not rule("cpu", torch.bfloat16, False)
+    assert not rule("cuda", torch.bfloat16, False) and not rule("cuda", torch.float16, False)  # flash
+    assert rule("cuda", torch.float32, False) and rule("cuda", torch.bfloat16, True)  # memory-efficient

@@ -426,3 +426,28 @@ def test_nsa_whole_selection_shortcut_equals_the_selection_path():
         for layer in m.layers:
             layer.self_attn.whole_selection_shortcut = False
         torch.testing.assert_close(m(x).logits, fast, atol=1e-5, rtol=1e-5)
+
+
+def test_nsa_op_under_bf16_autocast_with_fp32_inputs_runs_backward():
+    """The attention bench's --dtype bfloat16: fp32 q, k, v under autocast meet bf16 compressed blocks in
+    NSA's compressed-branch Function; its backward (outside autocast) used to mix the two and fail.
+    Forward and gradients stay near fp32's, and the gradients keep the inputs' dtype."""
+    import argparse
+
+    from nanoseek import bench_attention as ba
+
+    parser = argparse.ArgumentParser()
+    ba.add_attention_args(parser)
+    args = parser.parse_args(["--heads", "4", "--head-dim", "32", "--window", "48"])
+    results = []
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        nsa = ba.NsaOp(4 * 32, 4, 16, 4, 48)
+        q, k, v, x = ba.make_inputs(200, 4, 32)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = ba.run_kind("nsa", q, k, v, x, args, None, nsa)
+        out.float().square().mean().backward()
+        assert q.grad.dtype == k.grad.dtype == torch.float32
+        results.append((out.detach().float(), q.grad, k.grad))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=5e-2)

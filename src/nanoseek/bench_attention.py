@@ -4,7 +4,7 @@ Every kind gets the same queries, keys and values (B = 1, H query heads of width
 key/value head as in MLA's absorbed form, which is where DeepSeek's sparse kinds run) at each
 sequence length T:
 
-    dense    F.scaled_dot_product_attention(is_causal=True)                  O(T^2)
+    dense    sdpa(is_causal=True) (model/attention.py: PyTorch's SDPA)       O(T^2)
     sliding  causal_attention(window=w): chunked SDPA over the band           O(T (C + w))
     nsa      compressed blocks (l = 64) + the top-16 selected blocks per query block + a window of
              512, summed with fixed gates (the branch math of model/nsa.py)        O(T (T/l + n l + w))
@@ -20,7 +20,8 @@ Reported per (kind, T): forward_s and backward_s (medians over the repeats; back
 the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
 memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster). With
 `--device cuda` the inputs and ops live on the GPU, every timing ends with a synchronize, and
-peak_device_mib is the CUDA allocator's peak above its baseline.
+peak_device_mib is the CUDA allocator's peak above its baseline. `--dtype bfloat16` runs every kind
+under bf16 autocast, as training does (inputs and weights stay fp32).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .errors import NanoseekError
 
@@ -124,11 +124,11 @@ def make_inputs(t: int, heads: int, dim: int, seed: int = 0, device: torch.devic
 
 
 def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None = None, v4=None):
-    from .model.attention import causal_attention
+    from .model.attention import causal_attention, sdpa
 
     scale = q.shape[-1] ** -0.5
     if kind == "dense":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return sdpa(q, k, v, is_causal=True, scale=scale)
     if kind == "sliding":
         return causal_attention(q, k, v, 0, scale, window=args.window)
     if kind == "nsa":
@@ -140,7 +140,7 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None =
 
 def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
     from .bench import RssSampler, current_rss, release_free_memory
-    from .device import DevicePeak, synchronize
+    from .device import DevicePeak, autocast, synchronize
 
     forward, backward = [], []
     release_free_memory()
@@ -150,7 +150,8 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
             q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
             synchronize(device)
             t0 = time.perf_counter()
-            out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
+            with autocast(device, args.dtype):
+                out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
             synchronize(device)
             t1 = time.perf_counter()
             out.float().square().mean().backward()
@@ -179,6 +180,8 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-heads", type=int, default=4)
     parser.add_argument("--index-dim", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (bfloat16: autocast on --device)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--plot", help="write a log-log PNG of forward time vs length here")
     from .device import add_device_arg
@@ -210,7 +213,7 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
     results = []
     with torch_threads(args.threads):
         machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   **device_info(device)}
+                   "dtype": args.dtype, **device_info(device)}
         for t in seqs:
             dense = None
             for kind in kinds:

@@ -28,6 +28,8 @@ an incremental UTF-8 decoder (a character split over tokens waits for its last b
 from __future__ import annotations
 
 import codecs
+import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -224,17 +226,24 @@ class CompiledDecoder:
     change and `torch.compile` builds one graph per (model, batch, length); built once and kept on
     the model, it is reused by every later generation of that batch size and length bucket. On the CPU,
     up to MATVEC_MAX_ROWS rows, the step's linears (and its few-row matmuls) run as fused loops
-    (`MatvecLinear`) and the graph has inductor's C++ wrapper; on a GPU neither."""
+    (`MatvecLinear`) and the graph has inductor's C++ wrapper; on a GPU neither.
+
+    On CUDA the compiled step is also captured once as a CUDA graph (`CudaGraphStep`): a decode step
+    of a small model is hundreds of kernel launches, and a replay is one. NANOSEEK_CUDA_GRAPHS=0
+    turns this off."""
 
     RECOMPILE_LIMIT = 64  # graphs of the one step function (batch sizes x lengths x models)
 
     def __init__(self, model, batch: int, length: int):
         self.model, self.batch = model, batch
         self.cache = model.make_cache(batch, length)
-        self.on_cpu = next(model.parameters()).device.type == "cpu"  # GPUs keep their BLAS matvecs
+        device = next(model.parameters()).device
+        self.on_cpu = device.type == "cpu"  # GPUs keep their BLAS matvecs
         # the C++ wrapper is a CPU-overhead win; on CUDA it needs a CUDA toolkit (CUDA_HOME headers,
         # -lcuda), which a pip-only torch install lacks
         self.step = torch.compile(self._step, dynamic=False, options={"cpp_wrapper": True} if self.on_cpu else {})
+        graphs = device.type == "cuda" and os.environ.get("NANOSEEK_CUDA_GRAPHS", "1") != "0"
+        self.graph = CudaGraphStep(self.compiled_step, model) if graphs else None
         self.in_use = False
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -242,7 +251,14 @@ class CompiledDecoder:
             return self.model(token, cache=self.cache, start=positions).logits[:, -1]
 
     def __call__(self, token: torch.Tensor, positions: torch.Tensor, guarded: bool = True) -> torch.Tensor:
-        """One decode step. Within one generation nothing the graph depends on changes (shapes,
+        """One decode step: the logits (B, V) of `token` (B, 1) at `positions` (B,), its keys and values
+        written to the cache. On CUDA a replay of the captured graph when there is one."""
+        if self.graph is not None and self.graph.usable:
+            return self.graph(token, positions, guarded)
+        return self.compiled_step(token, positions, guarded)
+
+    def compiled_step(self, token: torch.Tensor, positions: torch.Tensor, guarded: bool = True) -> torch.Tensor:
+        """The compiled step. Within one generation nothing the graph depends on changes (shapes,
         dtypes, the model's modes and weights' identity), so after its first step, which checks the
         guards (and compiles if needed), the later steps skip guard evaluation (~0.2 ms a step)."""
         if not guarded:
@@ -277,6 +293,56 @@ class CompiledDecoder:
 
     def release(self) -> None:
         self.in_use = False
+
+
+class CudaGraphStep:
+    """A decode step captured as one CUDA graph and replayed: its inputs are copied into static
+    buffers, the graph reruns every kernel of the step on the same memory (weights, the static
+    cache), and the logits are copied out.
+
+    Capture happens at the first call, after one ordinary step (which compiles and writes this
+    step's keys and values): a warm-up on a side stream and the capture run the step again on the
+    same token and positions, so they write the same cache entries. The graph is recaptured when a
+    generation starts with weights at other addresses (parameters replaced, the model moved); a
+    capture that fails (an op that syncs with the host, say) warns once and leaves the compiled step
+    to run as it is."""
+
+    def __init__(self, step, model):
+        self.step, self.model = step, model
+        self.graph = None
+        self.usable = True
+
+    def weights_key(self) -> tuple:
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def __call__(self, token: torch.Tensor, positions: torch.Tensor, guarded: bool) -> torch.Tensor:
+        if guarded and self.graph is not None and self.key != self.weights_key():
+            self.graph = None
+        if self.graph is None:
+            logits = self.step(token, positions)
+            self.capture(token, positions)
+            return logits
+        self.token.copy_(token)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits.clone()  # the graph's buffer is overwritten by the next replay
+
+    def capture(self, token: torch.Tensor, positions: torch.Tensor) -> None:
+        self.token, self.positions = token.clone(), positions.clone()
+        try:
+            side = torch.cuda.Stream(device=token.device)
+            side.wait_stream(torch.cuda.current_stream(token.device))
+            with torch.cuda.stream(side):
+                self.step(self.token, self.positions)
+            torch.cuda.current_stream(token.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.step(self.token, self.positions)
+        except RuntimeError as error:
+            warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding without it")
+            self.usable, self.graph = False, None
+            return
+        self.graph, self.key = graph, self.weights_key()
 
 
 class TokenLoop:

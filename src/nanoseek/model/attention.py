@@ -16,7 +16,8 @@ key once for all of them (`one_query_attention`).
 Q, K and V come from one fused projection. With grouped-query attention (GQA) each of the
 H_kv key/value heads serves H / H_kv query heads; MQA is H_kv = 1. Rotary positions, when
 configured, rotate q and k before the product. The kernel is PyTorch's
-`scaled_dot_product_attention`.
+`scaled_dot_product_attention`, called through `sdpa`, which passes grouped K/V heads as they are
+where the kernel that will run accepts them and expands them to H heads where it does not (see there).
 
     >>> cfg = ModelConfig.from_preset("gpt2-tiny")
     >>> MultiHeadAttention(cfg)(torch.randn(1, 5, 64)).shape
@@ -58,19 +59,39 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
         q, k, v = (F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x for x in (q, k, v))
         return causal_attention(q, k, v, start, scale, dropout, window, keep)[..., :d_v]
     t, s = q.shape[-2], k.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
     if keep is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=scale,
-                                              dropout_p=dropout, enable_gqa=gqa)
+        return sdpa(q, k, v, attn_mask=keep[:, None], scale=scale, dropout_p=dropout)
     if window is not None and window < s:
         return banded_attention(q, k, v, start, window, scale, dropout)
     if t == s:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                              dropout_p=dropout, enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)
     query_pos = torch.arange(start, start + t, device=q.device)[:, None]
     mask = torch.arange(s, device=q.device)[None, :] <= query_pos
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                          dropout_p=dropout, enable_gqa=gqa)
+    return sdpa(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` for q (B, H, T, d) against k, v with H_kv heads, H_kv dividing H.
+
+    Grouped heads go in as `enable_gqa` (no copy) wherever the fused kernel that will run takes them:
+    the CPU's flash kernel, CUDA's flash kernel (fp16/bf16, no mask). On CUDA with a mask or in
+    fp32 only the memory-efficient kernel can run, and torch 2.11's takes no grouped heads: SDPA
+    then falls back to its math path, which holds the B x H x T x S weights (33 GB for the dense
+    causal op at 16K, 8 heads, fp32, measured on an H200). There K and V are expanded to H heads
+    first: H / H_kv times their size, never T x S."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and expands_kv_heads(q, attn_mask):
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def expands_kv_heads(q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """Whether `sdpa` expands grouped K/V heads: on CUDA, unless its flash kernel can run."""
+    return q.device.type == "cuda" and (attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16))
 
 
 def one_query_attention(q, k, v, start, scale, window: int | None = None,
@@ -123,8 +144,8 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
     instead of 1.5x the work of causal attention over all T."""
     b, h, t, d = q.shape
     if start == 0 and window < t:
-        head = F.scaled_dot_product_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True,
-                                              scale=scale, dropout_p=dropout, enable_gqa=h != k.shape[1])
+        head = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True, scale=scale,
+                    dropout_p=dropout)
         rest = banded_attention(q[:, :, window:], k, v, window, window, scale, dropout)
         return torch.cat([head, rest], dim=2)
     c = min(max(BAND_CHUNK, window // 2), t)  # bands hold at most ~3x the keys, and ~1.5x the work
@@ -145,8 +166,7 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
         else:
             mask = band
         fold = lambda x: x[:, lo:hi].reshape(b * (hi - lo), *x.shape[2:])
-        o = F.scaled_dot_product_attention(fold(q_chunks), fold(k_bands), fold(v_bands), attn_mask=mask,
-                                           scale=scale, dropout_p=dropout, enable_gqa=h != k.shape[1])
+        o = sdpa(fold(q_chunks), fold(k_bands), fold(v_bands), attn_mask=mask, scale=scale, dropout_p=dropout)
         outs.append(o.view(b, hi - lo, h, c, -1))
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).reshape(b, h, nb * c, -1)[:, :, :t]

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .attention import sdpa
 from .dsa import indexer_kl
 from .kv_cache import CompressedKVCache
 from .norm import RMSNorm
@@ -191,8 +192,7 @@ def sink_sdpa(q_BCHX, parts, sinks_H, scale: float, dropout: float = 0.0) -> tor
     k = F.pad(F.pad(keys, (0, 1)), (0, 0, 0, 1))
     k[:, -1, -1] = 1.0
     v = F.pad(keys, (0, 1, 0, 1))  # q, k and v of one width: SDPA's fused kernel, not its math path
-    out = F.scaled_dot_product_attention(q, k[:, None], v[:, None], attn_mask=mask[:, None], dropout_p=dropout,
-                                         scale=scale, enable_gqa=True)
+    out = sdpa(q, k[:, None], v[:, None], attn_mask=mask[:, None], dropout_p=dropout, scale=scale)
     return out[..., :x].transpose(1, 2)
 
 

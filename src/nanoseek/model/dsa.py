@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .attention import sdpa
 from .position import apply_rope
 
 INDEX_NORM_EPS = 1e-6
@@ -152,9 +153,7 @@ def chunked_sparse_attention(indexer: LightningIndexer, x_BTD, q_latent_BTQ, key
             # more pass over C x S_visible)
             picked = torch.zeros_like(top.values, dtype=q_chunk.dtype).masked_fill_(~valid, float("-inf"))
             keep = torch.full_like(scores, float("-inf"), dtype=q_chunk.dtype).scatter_(-1, top.indices, picked)
-        gqa = q_chunk.shape[1] != k_BGSX.shape[1]
-        out = F.scaled_dot_product_attention(q_chunk, k_BGSX[:, :, :visible], v_wide[:, :, :visible],
-                                             attn_mask=keep[:, None], scale=scale, enable_gqa=gqa)
+        out = sdpa(q_chunk, k_BGSX[:, :, :visible], v_wide[:, :, :visible], attn_mask=keep[:, None], scale=scale)
         outs.append(out[..., :d_v])
     return torch.cat(outs, dim=2)
 

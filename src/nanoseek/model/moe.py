@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..device import compute_dtype
 from .expert_parallel import run_sharded_experts
 from .ffn import SwiGLU, swiglu, swiglu_down
 
@@ -152,13 +153,6 @@ class RoutedExperts(nn.Module):
 
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the experts' matmuls run in: autocast's on x's device type when it is on (the
-    grouped matmul is not on autocast's list, so inputs and weights are cast here), else x's."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 class GatheredGroupedMM(torch.autograd.Function):

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import allowed_keys, attention_probs, causal_attention
+from ..device import compute_dtype
+from .attention import allowed_keys, attention_probs, causal_attention, sdpa
 from .kv_cache import DenseKVCache
 from .position import apply_rope, softmax_scale
 
@@ -200,8 +201,7 @@ class NativeSparseAttention(nn.Module):
             else:
                 mask = torch.ones(l, n_keys, dtype=torch.bool, device=q.device)
                 mask[:, 2 * l:3 * l] = torch.ones(l, l, dtype=torch.bool, device=q.device).tril_()
-            o = F.scaled_dot_product_attention(q_i.flatten(0, 1), k_i.flatten(0, 1), v_i.flatten(0, 1),
-                                               attn_mask=mask, scale=self.scale, enable_gqa=g != h)
+            o = sdpa(q_i.flatten(0, 1), k_i.flatten(0, 1), v_i.flatten(0, 1), attn_mask=mask, scale=self.scale)
             outs.append(o.view(b, parts[i], h, l, -1))
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, nb, H, l, d)
         return out.transpose(1, 2).reshape(b, h, nb * l, -1)[:, :, front:front + t]
@@ -270,10 +270,20 @@ class CompressedBlockAttention(torch.autograd.Function):
     backward recomputes p from q and k^cmp (flash-style,
         dS = P * (dP - rowsum(dO * O)),  dq = scale dS k,  dk = scale dS^T q,  dv = P^T dO).
     The second output is p summed over each KV group's heads (B, G, T, n), for the block selection
-    (no gradient). q (B, H, T, d); k, v (B, G, n, .)."""
+    (no gradient). q (B, H, T, d); k, v (B, G, n, .). Under autocast q, k and v are cast to its
+    dtype first and the body runs with autocast off, so backward (which autocast never reaches)
+    meets the dtypes forward used; the gradients come back in the inputs' dtypes."""
 
     @staticmethod
     def forward(ctx, q, k_blocks, v_blocks, start: int, block: int, scale: float, with_probs: bool):
+        ctx.input_dtypes = (q.dtype, k_blocks.dtype, v_blocks.dtype)
+        dtype = compute_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):
+            q, k_blocks, v_blocks = (x.to(dtype) for x in (q, k_blocks, v_blocks))
+            return CompressedBlockAttention.attend(ctx, q, k_blocks, v_blocks, start, block, scale, with_probs)
+
+    @staticmethod
+    def attend(ctx, q, k_blocks, v_blocks, start: int, block: int, scale: float, with_probs: bool):
         b, h, t, d = q.shape
         g, n, d_v = k_blocks.shape[1], k_blocks.shape[2], v_blocks.shape[-1]
         q_BGRTd = q.reshape(b, g, h // g, t, d)
@@ -310,7 +320,8 @@ class CompressedBlockAttention(torch.autograd.Function):
             dq[:, :, :, a:z] = torch.matmul(ds, k_blocks[:, :, :m]).unflatten(2, (r, -1))
             dk[:, :, :m] += torch.matmul(ds.transpose(-1, -2), q_c.flatten(2, 3))
             dv[:, :, :m] += torch.matmul(p.to(do_c.dtype).flatten(2, 3).transpose(-1, -2), do_c.flatten(2, 3))
-        return dq.view(b, h, t, d), dk, dv, None, None, None, None
+        grads = (g.to(dtype) for g, dtype in zip((dq.view(b, h, t, d), dk, dv), ctx.input_dtypes))
+        return *grads, None, None, None, None
 
 
 def compressed_chunks(start: int, t: int, block: int, n: int):

@@ -174,7 +174,8 @@ def test_sparse_attention_kinds_equal_the_cpus(kind):
 def test_grouped_query_sdpa_never_holds_the_weights(dtype):
     """Dense causal attention with 8 query heads on 1 key head (the attention bench's shape), fp32 and
     bf16, masked and not: equal to the CPU's, and on CUDA its forward and backward stay far below the
-    8 x T x T weights a math-path fallback would hold (512 MiB in fp32 at T = 4096)."""
+    8 x T x T weights a math-path fallback would hold (a 512 MiB matrix in fp32 at T = 4096, 256 in bf16,
+    several of them live in backward)."""
     from nanoseek.device import DevicePeak
     from nanoseek.model.attention import sdpa
 
@@ -185,7 +186,7 @@ def test_grouped_query_sdpa_never_holds_the_weights(dtype):
     for kwargs in ({"is_causal": True}, {"attn_mask": mask}):
         outs = []
         for device in ("cpu", DEVICE):
-            qd, kd, vd = (x.to(device).requires_grad_() for x in (q, k, v))
+            qd, kd, vd = (x.detach().to(device).requires_grad_() for x in (q, k, v))
             kw = {key: val.to(device) if torch.is_tensor(val) else val for key, val in kwargs.items()}
             with DevicePeak(device) as window:
                 out = sdpa(qd, kd, vd, **kw)
@@ -195,4 +196,4 @@ def test_grouped_query_sdpa_never_holds_the_weights(dtype):
         torch.testing.assert_close(outs[1][0], outs[0][0], **tol)
         torch.testing.assert_close(outs[1][1], outs[0][1], **tol)
         if outs[1][2] is not None:
-            assert outs[1][2] < 128 << 20, (kwargs.keys(), outs[1][2] >> 20)
+            assert outs[1][2] < 256 << 20, (kwargs.keys(), outs[1][2] >> 20)

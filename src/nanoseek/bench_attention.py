@@ -20,7 +20,8 @@ Reported per (kind, T): forward_s and backward_s (medians over the repeats; back
 the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
 memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster). With
 `--device cuda` the inputs and ops live on the GPU, every timing ends with a synchronize, and
-peak_device_mib is the CUDA allocator's peak above its baseline. `--dtype bfloat16` runs every kind
+peak_device_mib is the CUDA allocator's peak above its baseline; one untimed run per kind and length goes
+first there (a shape's first call can build kernel plans: dense bf16 at 16K took 85 ms cold on an H200). `--dtype bfloat16` runs every kind
 under bf16 autocast, as training does (inputs and weights stay fp32).
 """
 
@@ -145,8 +146,10 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
     forward, backward = [], []
     release_free_memory()
     base = current_rss()
+    repeats = args.repeats if t <= 8192 else 1
+    warmup = int(torch.device(device).type == "cuda")  # first calls per shape build kernels' plans (cuDNN)
     with RssSampler() as rss, DevicePeak(device) as window:
-        for _ in range(args.repeats if t <= 8192 else 1):
+        for i in range(warmup + repeats):
             q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
             synchronize(device)
             t0 = time.perf_counter()
@@ -157,8 +160,9 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
             out.float().square().mean().backward()
             synchronize(device)
             t2 = time.perf_counter()
-            forward.append(t1 - t0)
-            backward.append(t2 - t1)
+            if i >= warmup:
+                forward.append(t1 - t0)
+                backward.append(t2 - t1)
             del out, q, k, v, x
     row = {"forward_s": round(statistics.median(forward), 4), "backward_s": round(statistics.median(backward), 4),
            "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1)}

@@ -2,9 +2,10 @@
 # Issue 7, item 6: the prepared run for a CUDA machine (the `device` tool's H200, when one is lent).
 # One call; every step has its own time limit (below), so the script always ends and returns what it
 # has, in at most 8 files under $OUT (the device tool's folder) or benchmarks/out/gpu.
-# STEPS picks the steps (default "tests train prefill decode"; ~3 minutes on an H200):
+# STEPS picks the steps (default "tests train prefill decode"; ~4-5 minutes on an H200):
 #   tests      tests/test_gpu.py on the device                                     tests.txt
-#   train      bench train vs transformers, fp32 then bf16 autocast                train.jsonl, train_bf16.jsonl
+#   train      bench train vs transformers, fp32 then bf16 autocast, nanoseek     train.jsonl, train_bf16.jsonl
+#              eager and compiled (train.compile=true: nanoseek-compiled)
 #   prefill    bench prefill vs transformers                                       prefill.jsonl
 #   decode     bench decode vs transformers at batch 1 and 8, compiled (CUDA graphs), decode.jsonl
 #              then batch 1 with NANOSEEK_CUDA_GRAPHS=0 appended ("cuda_graphs": false)
@@ -50,9 +51,9 @@ if wanted tests; then
     tail -3 "$OUT/tests.txt"
 fi
 if wanted train; then
-    TRAIN="--peers hf --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
-    step 70 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
-    step 50 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
+    TRAIN="--peers hf --compile --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
+    step 150 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
+    step 120 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
 fi
 if wanted prefill; then
     step 30 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE

@@ -324,3 +324,22 @@ def test_speculative_decoding_equals_greedy_with_random_weights():
     for n in (1, 2, 7, 16):
         fast, _ = speculative_generate(model, prompt, max_new_tokens=n)
         assert fast.tolist() == generate(model, prompt, max_new_tokens=n, temperature=0).tolist()
+
+
+def test_opaque_grouped_mm_matches_torch_and_passes_opcheck():
+    """`nanoseek::grouped_mm` (what a compiled fp32 MoE step calls): torch._grouped_mm's product and
+    gradients, and torch.library.opcheck's schema / fake-tensor / autograd checks."""
+    from nanoseek.model.moe import opaque_grouped_mm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g, requires_grad=True)
+    w = torch.randn(4, 16, 32, generator=g, requires_grad=True)
+    offsets = torch.tensor([10, 30, 30, 64], dtype=torch.int32)  # expert 2 gets no rows
+    want = torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    want_grads = torch.autograd.grad(want.square().sum(), (x, w))
+    got = opaque_grouped_mm(x, w.transpose(1, 2), offsets)
+    got_grads = torch.autograd.grad(got.square().sum(), (x, w))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(opaque_grouped_mm, (x, w.detach().transpose(1, 2).requires_grad_(), offsets))

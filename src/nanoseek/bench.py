@@ -65,7 +65,7 @@ import torch
 from .errors import NanoseekError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TRAIN_IMPLS = ("nanoseek", "reference", "hf")
+TRAIN_IMPLS = ("nanoseek", "nanoseek-compiled", "reference", "hf")
 VOCAB_SIZE = 65  # tiny Shakespeare's characters
 REFERENCE_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_gpt.py"
 CORPUS_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
@@ -353,7 +353,7 @@ class TrainRunner:
         self.loss = loss.item()
 
 
-def _build_nanoseek(cfg, lr: float, seed: int, device: torch.device | str = "cpu"):
+def _build_nanoseek(cfg, lr: float, seed: int, device: torch.device | str = "cpu", compiled: bool = False):
     from .config import OptimConfig
     from .model import Transformer
     from .train.optim import make_optimizer
@@ -361,7 +361,8 @@ def _build_nanoseek(cfg, lr: float, seed: int, device: torch.device | str = "cpu
     def build():
         torch.manual_seed(seed)
         model = Transformer(cfg).to(device)
-        return model, make_optimizer(model, OptimConfig(lr=lr)), training_loss
+        optimizer = make_optimizer(model, OptimConfig(lr=lr))
+        return (torch.compile(model) if compiled else model), optimizer, training_loss  # as train.compile does
 
     return build
 
@@ -451,6 +452,8 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
         builders["reference"] = (_build_reference(load_reference(), cfg, lr, seed, where), ref_dtype)
     if "nanoseek" in impls:
         builders["nanoseek"] = (_build_nanoseek(cfg, lr, seed, where), dtype)
+    if "nanoseek-compiled" in impls:
+        builders["nanoseek-compiled"] = (_build_nanoseek(cfg, lr, seed, where, compiled=True), dtype)
     if "hf" in impls:
         builders["hf"] = (_build_hf(cfg, lr, seed, where), ref_dtype)
 
@@ -497,6 +500,11 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
                                                        if hf["peak_heap_mib"] else None),
                         "peak_device_nanoseek_over_hf": (ns["peak_device_mib"] / hf["peak_device_mib"]
                                                          if hf["peak_device_mib"] else None), **machine})
+    if "nanoseek-compiled" in by_impl:
+        fast = by_impl["nanoseek-compiled"]
+        results.append({"bench": "train", "impl": "ratio", "preset": preset, "seq_len": seq_len, "batch": batch,
+                        **{f"nanoseek-compiled_over_{impl}": fast["tokens_per_s"] / by_impl[impl]["tokens_per_s"]
+                           for impl in ("nanoseek", "hf", "reference") if impl in by_impl}, **machine})
     if "nanoseek" in by_impl and "reference" in by_impl:
         ns, ref = by_impl["nanoseek"], by_impl["reference"]
         results.append({
@@ -540,6 +548,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: reference (GPT-2 presets), hf (transformers, DeepSeek/Llama presets), "
                              "or none")
     parser.add_argument("--data", choices=("shakespeare", "random"), default="shakespeare")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time nanoseek under torch.compile (train.compile=true), as nanoseek-compiled")
     parser.add_argument("--peak-seconds", type=float, default=1.5,
                         help="seconds spent measuring the matmul peak per dtype")
     add_device_arg(parser, default="cpu")
@@ -558,7 +568,7 @@ def _run_train(args: argparse.Namespace) -> list[dict]:
     for peer in peers:
         if peer not in ("reference", "hf"):
             raise NanoseekError(f"--peers: unknown peer {peer!r}; choose from reference, hf, none")
-    impls = ("nanoseek", *peers)
+    impls = ("nanoseek", *(["nanoseek-compiled"] if args.compile else []), *peers)
     return bench_train(args.preset, impls, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
                        ref_dtype=args.ref_dtype, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                        threads=args.threads, peak_seconds=args.peak_seconds, data=args.data, device=args.device)

@@ -66,6 +66,10 @@ class SwiGLUFunction(torch.autograd.Function):
 def swiglu_input_grads(dh, gate, up, sig, d_gate, d_up) -> None:
     """Write d/dg = dh * u * s * (1 + g (1 - s)) and d/du = dh * g * s into d_gate, d_up
     (s = sigmoid(g), passed in as `sig` and overwritten)."""
+    if torch.compiler.is_compiling():  # dynamo traces no out= into a strided view; inductor fuses these
+        d_up.copy_(dh * gate * sig)
+        d_gate.copy_(dh * up * sig * (1 + gate * (1 - sig)))
+        return
     torch.mul(dh, gate, out=d_up).mul_(sig)
     torch.mul(dh, up, out=d_gate).mul_(sig)
     d_gate.mul_(sig.neg_().add_(1).mul_(gate).add_(1))

@@ -178,8 +178,9 @@ class GatheredGroupedMM(torch.autograd.Function):
 
 
 def has_grouped_mm(x: torch.Tensor) -> bool:
-    """torch._grouped_mm can run here: fp32/bf16/fp16 rows on CPU or CUDA (and under torch.compile,
-    whose fake-tensor rule accepts only bf16, bf16 only)."""
+    """torch._grouped_mm can run here, called directly: fp32/bf16/fp16 rows on CPU or CUDA (and under
+    torch.compile, whose fake-tensor rule accepts only bf16, bf16 only; `grouped_matmul` then goes
+    through the opaque `nanoseek::grouped_mm` op instead)."""
     return (hasattr(torch, "_grouped_mm") and x.device.type in ("cpu", "cuda") and x.shape[0] > 0
             and x.dtype in GROUPED_MM_DTYPES and not (torch.compiler.is_compiling() and x.dtype != torch.bfloat16))
 
@@ -188,13 +189,61 @@ def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tens
     """Rows of x owned by expert e times w[e]^T, for all experts at once."""
     if x_MK.shape[0] == 0:  # an empty product, not fresh zeros: keeps x and w in the autograd graph
         return x_MK @ w_EOK[0].T
+    offsets = counts_E.cumsum(0).to(torch.int32)
     if has_grouped_mm(x_MK):
         try:
-            return torch._grouped_mm(x_MK, w_EOK.transpose(1, 2), offs=counts_E.cumsum(0).to(torch.int32))
+            return torch._grouped_mm(x_MK, w_EOK.transpose(1, 2), offs=offsets)
         except (RuntimeError, NotImplementedError):
             pass
+    elif torch.compiler.is_compiling() and hasattr(torch, "_grouped_mm") and x_MK.dtype in GROUPED_MM_DTYPES:
+        return opaque_grouped_mm(x_MK, w_EOK.transpose(1, 2), offsets)  # one graph in fp32 too
     pieces = x_MK.split(counts_E.tolist())
     return torch.cat([p @ w_EOK[e].T for e, p in enumerate(pieces)])
+
+
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
+def opaque_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x (M, K), w (E, K, N), offs) -> (M, N) as an op torch.compile does not look
+    into: its own fake-tensor rule, unlike torch's, takes fp32, so a compiled fp32 MoE step keeps the
+    experts in its graph (torch's rule would break it at a host copy of the counts)."""
+    return torch._grouped_mm(x.contiguous(), w, offs=offsets)  # x may be a broadcast gradient
+
+
+@opaque_grouped_mm.register_fake
+def _(x, w, offsets):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("nanoseek::grouped_mm_weight_grad", mutates_args=())
+def opaque_grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """dW[e] = x_e^T dy_e over each expert's rows: (E, K, N)."""
+    return torch._grouped_mm(x.T, dy.contiguous(), offs=offsets)
+
+
+@opaque_grouped_mm_weight_grad.register_fake
+def _(x, dy, offsets):
+    return x.new_empty(offsets.shape[0], x.shape[1], dy.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, dy):
+    x, w, offsets = ctx.saved_tensors
+    dx = opaque_grouped_mm(dy, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    dw = opaque_grouped_mm_weight_grad(x, dy, offsets) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+opaque_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def expert_counts(idx_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Copies routed to each expert (E,): a scatter-add into E slots, whose shape, unlike bincount's,
+    does not depend on the ids (so torch.compile keeps the layer in one graph)."""
+    flat = idx_NK.flatten()
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class MoE(nn.Module):
@@ -236,7 +285,7 @@ class MoE(nn.Module):
             if self.shared_experts is not None:
                 out_ND = out_ND + self.shared_experts(x_ND)
             return out_ND.view(b, t, d).to(x_BTD.dtype)
-        counts_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
+        counts_E = expert_counts(idx_NK, self.n_experts)
         order_M = idx_NK.flatten().argsort(stable=True)
         rows_M = order_M // self.top_k  # the token of each copy, copies sorted by expert
         slot_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(len(order_M), device=order_M.device))

@@ -270,8 +270,13 @@ class Transformer(nn.Module):
                 layer.mlp.token_ids = input_ids
 
     def dsa_layers(self) -> list[nn.Module]:
-        """Attention modules with a lightning indexer (DSA, V4 CSA; MTP blocks included)."""
-        return [m for m in self.modules() if getattr(m, "indexed", False)]
+        """Attention modules with a lightning indexer (DSA, V4 CSA; MTP blocks included), block by block
+        (see `moe_layers`)."""
+        return [b.self_attn for b in self.blocks() if getattr(b.self_attn, "indexed", False)]
+
+    def blocks(self) -> list[Block]:
+        """The transformer blocks, then the MTP modules' blocks."""
+        return list(self.layers) + [m.block for m in self.mtp]
 
     def set_dsa_warmup(self, on: bool, freeze_model: bool = True) -> None:
         """DSA warm-up: every indexed layer attends densely and the indexers learn from it; only
@@ -298,7 +303,10 @@ class Transformer(nn.Module):
         return loss, aux
 
     def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        """The MoE feed-forwards of the blocks and the MTP blocks, in order. (Read block by block, not
+        through modules(): under torch.compile, walking the submodules of an MoE whose aux_loss was
+        just set breaks the graph.)"""
+        return [b.mlp for b in self.blocks() if isinstance(b.mlp, MoE)]
 
     def after_optimizer_step(self, update_bias: bool = True) -> dict:
         """Auxiliary-loss-free balancing: nudge each MoE router bias; return load statistics.

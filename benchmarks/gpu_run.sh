@@ -2,7 +2,7 @@
 # Issue 7, item 6: the prepared run for a CUDA machine (the `device` tool's H200, when one is lent).
 # One call; every step has its own time limit (below), so the script always ends and returns what it
 # has, in at most 8 files under $OUT (the device tool's folder) or benchmarks/out/gpu.
-# STEPS picks the steps (default "tests train prefill decode"; ~4-5 minutes on an H200):
+# STEPS picks the steps (default "tests train prefill decode": ~4-5 minutes on an H200, its limits 9):
 #   tests      tests/test_gpu.py on the device                                     tests.txt
 #   train      bench train vs transformers, fp32 then bf16 autocast, nanoseek     train.jsonl, train_bf16.jsonl
 #              eager and compiled (train.compile=true: nanoseek-compiled)
@@ -52,8 +52,8 @@ if wanted tests; then
 fi
 if wanted train; then
     TRAIN="--peers hf --compile --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
-    step 150 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
-    step 120 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
+    step 120 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
+    step 100 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
 fi
 if wanted prefill; then
     step 30 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE

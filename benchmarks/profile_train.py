@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -56,7 +55,8 @@ def main() -> None:
     events = prof.key_averages()
     syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     copies = sum(e.count for e in events if e.key in ("cudaMemcpyAsync", "cudaMemcpy"))
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                        "cuLaunchKernelEx"))
     print(json.dumps({"bench": "profile_train", "impl": args.impl, "preset": args.preset, "dtype": args.dtype,
                       "device": str(device), "steps": args.steps, "kernel_launches_per_step": launches / args.steps,
                       "stream_syncs_per_step": syncs / args.steps, "memcpy_calls_per_step": copies / args.steps}))

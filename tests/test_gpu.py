@@ -102,14 +102,20 @@ def test_compiled_decode_equals_eager(preset):
     assert compiled.device.type == torch.device(DEVICE).type
     assert torch.equal(compiled, eager)
     (decoder,) = model._compiled_decoders.values()
-    if torch.device(DEVICE).type == "cuda":  # the step was captured as a CUDA graph
+    on_cuda = torch.device(DEVICE).type == "cuda"
+    if on_cuda:  # the step was captured as a CUDA graph
         assert decoder.graph.usable and decoder.graph.graph is not None
-    # the next generation replays the graph from its first step, over another prompt; then the
-    # weights move (new addresses): the graph is captured again
+    # later generations capture their own graph, over another prompt; then the weights move to new
+    # addresses (the old ones are held, so the allocator cannot hand them back)
     other = tokens(1, 5, model.config.vocab_size, seed=3).to(DEVICE)
+    held = []
     for _ in range(2):
+        graph = decoder.graph.graph if on_cuda else None
         assert torch.equal(generate(model, other, max_new_tokens=7, temperature=0, compile=True),
                            generate(model, other, max_new_tokens=7, temperature=0))
+        if on_cuda:
+            assert decoder.graph.graph is not graph and decoder.graph.usable
+        held += [p.data for p in model.parameters()]
         model.to("cpu").to(DEVICE)
 
 

@@ -276,7 +276,8 @@ def test_dsa_warmup_then_sparse_training(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("preset,dtype", [("llama-tiny", torch.float32), ("deepseek-v3-tiny", torch.float32),
-                                          ("deepseek-v3-tiny", torch.bfloat16)])
+                                          ("deepseek-v3-tiny", torch.bfloat16), ("deepseek-v32-tiny", torch.float32),
+                                          ("deepseek-v4-tiny", torch.float32)])
 def test_training_forward_compiles_as_one_graph(preset, dtype):
     """`train.compile=true`: the training forward (head and loss fused, MTP and balance losses, the
     routed experts' grouped matmul: torch's own op in bf16, `nanoseek::grouped_mm` in fp32) is one

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import statistics
 import tempfile
 import time
@@ -200,8 +199,9 @@ def run_decode(args) -> list[dict]:
                                     for impl in impls if impl != "hf"}})
         machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "copy_bandwidth_gbs": round(bandwidth, 1), "model": args.ckpt or args.preset, **device_info(device)}
-        if device.type == "cuda" and args.compile:  # whether the compiled step replays as a CUDA graph
-            machine["cuda_graphs"] = os.environ.get("NANOSEEK_CUDA_GRAPHS", "1") != "0"
+        if device.type == "cuda" and args.compile:  # whether the compiled steps replayed CUDA graphs
+            graphs = [d.graph for d in ours.__dict__.get("_compiled_decoders", {}).values()]
+            machine["cuda_graphs"] = bool(graphs) and all(g is not None and g.usable for g in graphs)
     for r in rows:
         if r["impl"] != "ratio":
             r["machine"] = machine

@@ -228,9 +228,9 @@ class CompiledDecoder:
     up to MATVEC_MAX_ROWS rows, the step's linears (and its few-row matmuls) run as fused loops
     (`MatvecLinear`) and the graph has inductor's C++ wrapper; on a GPU neither.
 
-    On CUDA the compiled step is also captured once as a CUDA graph (`CudaGraphStep`): a decode step
-    of a small model is hundreds of kernel launches, and a replay is one. NANOSEEK_CUDA_GRAPHS=0
-    turns this off."""
+    On CUDA the compiled step is also captured as a CUDA graph once per generation and replayed
+    (`CudaGraphStep`): a decode step of a small model is hundreds of kernel launches, and a replay
+    is one. Not for NSA models (their step syncs with the host); NANOSEEK_CUDA_GRAPHS=0 turns it off."""
 
     RECOMPILE_LIMIT = 64  # graphs of the one step function (batch sizes x lengths x models)
 
@@ -242,8 +242,10 @@ class CompiledDecoder:
         # the C++ wrapper is a CPU-overhead win; on CUDA it needs a CUDA toolkit (CUDA_HOME headers,
         # -lcuda), which a pip-only torch install lacks
         self.step = torch.compile(self._step, dynamic=False, options={"cpp_wrapper": True} if self.on_cpu else {})
-        graphs = device.type == "cuda" and os.environ.get("NANOSEEK_CUDA_GRAPHS", "1") != "0"
-        self.graph = CudaGraphStep(self.compiled_step, model) if graphs else None
+        # NSA's step reads each row's position on the host (no capture possible)
+        capturable = all(getattr(m, "cuda_graph_safe", True) for m in model.modules())
+        graphs = device.type == "cuda" and capturable and os.environ.get("NANOSEEK_CUDA_GRAPHS", "1") != "0"
+        self.graph = CudaGraphStep(self.compiled_step) if graphs else None
         self.in_use = False
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -300,49 +302,46 @@ class CudaGraphStep:
     buffers, the graph reruns every kernel of the step on the same memory (weights, the static
     cache), and the logits are copied out.
 
-    Capture happens at the first call, after one ordinary step (which compiles and writes this
-    step's keys and values): a warm-up on a side stream and the capture run the step again on the
-    same token and positions, so they write the same cache entries. The graph is recaptured when a
-    generation starts with weights at other addresses (parameters replaced, the model moved); a
-    capture that fails (an op that syncs with the host, say) warns once and leaves the compiled step
-    to run as it is."""
+    Each generation captures its own graph at its first decode step (the guarded call): one
+    ordinary compiled step (dynamo checks its guards, so a change of autocast, module flags or
+    weights recompiles as it would without graphs), then a warm-up on a side stream and the
+    capture run the step again on the same token and positions, which writes the same cache entries.
+    Later captures reuse the first one's memory pool. A capture that fails (an op that syncs with
+    the host, say) warns once and leaves the compiled step to run as it is."""
 
-    def __init__(self, step, model):
-        self.step, self.model = step, model
-        self.graph = None
+    def __init__(self, step):
+        self.step = step
+        self.graph = self.pool = None
         self.usable = True
 
-    def weights_key(self) -> tuple:
-        return tuple(p.data_ptr() for p in self.model.parameters())
-
     def __call__(self, token: torch.Tensor, positions: torch.Tensor, guarded: bool) -> torch.Tensor:
-        if guarded and self.graph is not None and self.key != self.weights_key():
-            self.graph = None
-        if self.graph is None:
-            logits = self.step(token, positions)
-            self.capture(token, positions)
-            return logits
-        self.token.copy_(token)
-        self.positions.copy_(positions)
-        self.graph.replay()
-        return self.logits.clone()  # the graph's buffer is overwritten by the next replay
+        with torch.cuda.device(token.device):
+            if guarded or self.graph is None:
+                self.graph = None
+                logits = self.step(token, positions)
+                self.capture(token, positions)
+                return logits
+            self.token.copy_(token)
+            self.positions.copy_(positions)
+            self.graph.replay()
+            return self.logits.clone()  # the graph's buffer is overwritten by the next replay
 
     def capture(self, token: torch.Tensor, positions: torch.Tensor) -> None:
         self.token, self.positions = token.clone(), positions.clone()
         try:
-            side = torch.cuda.Stream(device=token.device)
-            side.wait_stream(torch.cuda.current_stream(token.device))
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.step(self.token, self.positions)
-            torch.cuda.current_stream(token.device).wait_stream(side)
+            torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self.logits = self.step(self.token, self.positions)
         except RuntimeError as error:
             warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding without it")
-            self.usable, self.graph = False, None
+            self.usable = False
             return
-        self.graph, self.key = graph, self.weights_key()
+        self.graph, self.pool = graph, self.pool or graph.pool()
 
 
 class TokenLoop:

@@ -17,6 +17,7 @@ plain head + `F.cross_entropy` (the backward's two products move into the forwar
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F  # noqa: F401 (the docstring's example compares against F.cross_entropy)
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MB in fp32): rows = this / vocabulary, at least 256
 # (fewer rows per chunk make dloss/dW a sum of thin products, each a pass over the V x D gradient:

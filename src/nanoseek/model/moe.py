@@ -195,10 +195,18 @@ def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tens
             return torch._grouped_mm(x_MK, w_EOK.transpose(1, 2), offs=offsets)
         except (RuntimeError, NotImplementedError):
             pass
-    elif torch.compiler.is_compiling() and hasattr(torch, "_grouped_mm") and x_MK.dtype in GROUPED_MM_DTYPES:
+    elif torch.compiler.is_compiling() and opaque_grouped_mm_fits(x_MK, w_EOK):
         return opaque_grouped_mm(x_MK, w_EOK.transpose(1, 2), offsets)  # one graph in fp32 too
     pieces = x_MK.split(counts_E.tolist())
     return torch.cat([p @ w_EOK[e].T for e, p in enumerate(pieces)])
+
+
+def opaque_grouped_mm_fits(x_MK: torch.Tensor, w_EOK: torch.Tensor) -> bool:
+    """`opaque_grouped_mm` takes these: fp32/bf16 on CPU or CUDA, rows and outputs 16-byte aligned
+    (torch's kernels need it, and its CUDA output pads unaligned rows, which the fake rule does not)."""
+    return (hasattr(torch, "_grouped_mm") and x_MK.device.type in ("cpu", "cuda")
+            and x_MK.dtype in (torch.float32, torch.bfloat16)
+            and all(n * x_MK.element_size() % 16 == 0 for n in (x_MK.shape[1], w_EOK.shape[1])))
 
 
 @torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())

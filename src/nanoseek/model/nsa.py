@@ -41,6 +41,8 @@ BRANCHES = ("cmp", "slc", "win")
 
 
 class NativeSparseAttention(nn.Module):
+    cuda_graph_safe = False  # a decode step with per-row positions reads them on the host (int(start[i]))
+
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.n_kv_heads

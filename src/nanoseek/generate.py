@@ -335,13 +335,14 @@ class CudaGraphStep:
                 self.step(self.token, self.positions)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            self.pool = self.pool or torch.cuda.graph_pool_handle()  # every capture of this decoder shares it
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self.logits = self.step(self.token, self.positions)
         except RuntimeError as error:
             warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding without it")
             self.usable = False
             return
-        self.graph, self.pool = graph, self.pool or graph.pool()
+        self.graph = graph
 
 
 class TokenLoop:

@@ -2,11 +2,11 @@
 # Issue 7, item 6: the prepared run for a CUDA machine (the `device` tool's H200, when one is lent).
 # One call; every step has its own time limit (below), so the script always ends and returns what it
 # has, in at most 8 files under $OUT (the device tool's folder) or benchmarks/out/gpu.
-# STEPS picks the steps (default "tests train prefill decode": ~4-5 minutes on an H200, its limits 9):
+# STEPS picks the steps (default "tests train prefill decode": ~5 minutes on an H200, limits < 10):
 #   tests      tests/test_gpu.py on the device                                     tests.txt
 #   train      bench train vs transformers, fp32 then bf16 autocast, nanoseek     train.jsonl, train_bf16.jsonl
 #              eager and compiled (train.compile=true: nanoseek-compiled)
-#   prefill    bench prefill vs transformers                                       prefill.jsonl
+#   prefill    bench prefill vs transformers, nanoseek eager and compiled          prefill.jsonl
 #   decode     bench decode vs transformers at batch 1 and 8, compiled (CUDA graphs), decode.jsonl
 #              then batch 1 with NANOSEEK_CUDA_GRAPHS=0 appended ("cuda_graphs": false)
 #   attention  bench attention at ATT_SEQ tokens, fp32 then bf16 autocast          attention.jsonl
@@ -52,11 +52,12 @@ if wanted tests; then
 fi
 if wanted train; then
     TRAIN="--peers hf --compile --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
-    step 120 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
-    step 100 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
+    step 110 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
+    step 90 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
 fi
 if wanted prefill; then
-    step 30 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
+    step 90 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --compile \
+        --device $DEVICE
 fi
 if wanted decode; then
     DECODE="--preset $PRESET --context $CONTEXT --rounds 3 --compile --device $DEVICE"

@@ -390,3 +390,17 @@ def test_matvec_mode_runs_few_row_matmuls_as_multiply_and_reduce():
     a, b = torch.randn(MATMUL_MAX_ROWS + 1, 8, requires_grad=True), torch.randn(8, 6)
     with MatvecLinear():  # more rows: left to BLAS
         assert torch.matmul(a, b).grad_fn.name().startswith("Mm")
+
+
+def test_compiled_prefill_equals_eager_and_compiles_once():
+    """generate(compile_prefill=True): the prompt goes through one dynamic-shape graph (a prompt of
+    another length reuses it, no recompile) and the tokens equal eager prefill's."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama-tiny", max_position_embeddings=64)).eval()
+    prompt = torch.randint(0, 128, (2, 9))
+    eager = generate(model, prompt, max_new_tokens=4, temperature=0)
+    assert torch.equal(generate(model, prompt, max_new_tokens=4, temperature=0, compile_prefill=True), eager)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        other = generate(model, prompt[:, :6], max_new_tokens=4, temperature=0, compile_prefill=True)
+    assert torch.equal(other, generate(model, prompt[:, :6], max_new_tokens=4, temperature=0))
+    assert "_compiled_prefill" in model.__dict__

@@ -88,10 +88,15 @@ def forward_flops_per_token(model, context: int) -> float:
 
 
 @torch.inference_mode()
-def time_prefill(impl: str, model, ids: torch.Tensor) -> float:
+def time_prefill(impl: str, model, ids: torch.Tensor, compiled: bool = False) -> float:
+    """Seconds to the first token; `compiled`: nanoseek through `compiled_prefill`."""
+    from .generate import compiled_prefill
+
     t0 = time.perf_counter()
     if impl.startswith("nanoseek"):
-        logits = model(ids, cache=model.make_cache(ids.shape[0], ids.shape[1] + 1), last_only=True).logits
+        cache = model.make_cache(ids.shape[0], ids.shape[1] + 1)
+        logits = (compiled_prefill(model)(ids, cache)[:, None] if compiled
+                  else model(ids, cache=cache, last_only=True).logits)
     else:
         logits = model(ids, use_cache=True).logits[:, -1]
     logits.argmax(-1).cpu()  # the first token reaches the host: a GPU has finished
@@ -129,18 +134,18 @@ def run_prefill(args) -> list[dict]:
 
     ours, peers = build_models(args)
     device = next(ours.parameters()).device
-    impls = {"nanoseek": ours, **peers}
+    impls = {"nanoseek": ours, **({"nanoseek-compiled": ours} if args.compile else {}), **peers}
     rows = []
     with torch_threads(args.threads):
         peak = measure_matmul_peak("float32", args.threads, device=device)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len), generator=g).to(device)
         for impl, model in impls.items():
-            time_prefill(impl, model, ids)  # warm-up
+            time_prefill(impl, model, ids, impl == "nanoseek-compiled")  # warm-up (and the compile)
         times = {impl: [] for impl in impls}
         for _ in range(args.rounds):
             for impl, model in impls.items():
-                times[impl].append(time_prefill(impl, model, ids))
+                times[impl].append(time_prefill(impl, model, ids, impl == "nanoseek-compiled"))
         for impl in impls:
             sec = statistics.median(times[impl])
             tps = args.prompt_len / sec
@@ -153,8 +158,9 @@ def run_prefill(args) -> list[dict]:
     for r in rows:
         r["machine"] = machine
     if "hf" in impls:
+        level = {r["impl"]: r["tokens_per_s"] for r in rows}
         rows.append({"bench": "prefill", "impl": "ratio",
-                     "nanoseek_over_hf": round(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)})
+                     **{f"{impl}_over_hf": round(level[impl] / level["hf"], 2) for impl in impls if impl != "hf"}})
     return rows
 
 
@@ -246,6 +252,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def add_prefill_args(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
     parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time nanoseek's compiled prefill (generate(compile_prefill=True); compiles once)")
 
 
 def add_decode_args(parser: argparse.ArgumentParser) -> None:

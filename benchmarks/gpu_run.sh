@@ -6,7 +6,7 @@
 #   tests      tests/test_gpu.py on the device                                     tests.txt
 #   train      bench train vs transformers, fp32 then bf16 autocast, nanoseek     train.jsonl, train_bf16.jsonl
 #              eager and compiled (train.compile=true: nanoseek-compiled)
-#   prefill    bench prefill vs transformers, nanoseek eager and compiled          prefill.jsonl
+#   prefill    bench prefill vs transformers, then again with the compiled prefill  prefill.jsonl
 #   decode     bench decode vs transformers at batch 1 and 8, compiled (CUDA graphs), decode.jsonl
 #              then batch 1 with NANOSEEK_CUDA_GRAPHS=0 appended ("cuda_graphs": false)
 #   attention  bench attention at ATT_SEQ tokens, fp32 then bf16 autocast          attention.jsonl
@@ -52,12 +52,13 @@ if wanted tests; then
 fi
 if wanted train; then
     TRAIN="--peers hf --compile --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
-    step 110 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
-    step 90 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
+    step 100 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
+    step 80 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
 fi
 if wanted prefill; then
+    step 30 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
     step 90 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --compile \
-        --device $DEVICE
+        --device $DEVICE  # apart, so that a long compile cannot take the eager figures with it
 fi
 if wanted decode; then
     DECODE="--preset $PRESET --context $CONTEXT --rounds 3 --compile --device $DEVICE"

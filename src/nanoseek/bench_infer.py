@@ -12,6 +12,8 @@ prefill  one forward over a (1, P) prompt that fills the KV cache:
          tokens_per_s = P / seconds; ttft_s = seconds + sampling the first token;
          mfu = tokens_per_s * forward FLOPs per token (a third of training's: 2 N_active + 2 L H (d_qk + d_v) P)
                / the measured fp32 matmul peak.
+         --compile adds nanoseek-compiled: the prefill through `compiled_prefill` (one dynamic-shape
+         graph; its first call, the compile, is reported as compile_s and not timed).
 decode   greedy generation of N new tokens after a short prompt, at batch b, with the KV cache
          (nanoseek: static cache, absorbed MLA, and with --compile also its compiled static-shape
          step; transformers: `generate` with its default cache);
@@ -20,7 +22,7 @@ decode   greedy generation of N new tokens after a short prompt, at batch b, wit
          bandwidth_fraction = bytes read per step / step time / the measured copy bandwidth, where
          bytes per step = the fp32 weights a step touches (active parameters plus, at batch > 1, the
          routed experts its tokens reach, bounded by all of them) + the KV cache read.
-A last line per bench gives nanoseek / hf.
+A last line per bench gives each nanoseek impl / hf (nanoseek_over_hf, nanoseek-compiled_over_hf).
 """
 
 from __future__ import annotations
@@ -140,8 +142,8 @@ def run_prefill(args) -> list[dict]:
         peak = measure_matmul_peak("float32", args.threads, device=device)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len), generator=g).to(device)
-        for impl, model in impls.items():
-            time_prefill(impl, model, ids, impl == "nanoseek-compiled")  # warm-up (and the compile)
+        first_call = {impl: time_prefill(impl, model, ids, impl == "nanoseek-compiled")  # warm-up (and the compile)
+                      for impl, model in impls.items()}
         times = {impl: [] for impl in impls}
         for _ in range(args.rounds):
             for impl, model in impls.items():
@@ -152,7 +154,8 @@ def run_prefill(args) -> list[dict]:
             rows.append({"bench": "prefill", "impl": impl, "prompt_len": args.prompt_len, "seconds": round(sec, 4),
                          "ttft_s": round(sec, 4), "tokens_per_s": round(tps, 1),
                          "mfu": round(tps * forward_flops_per_token(ours, args.prompt_len) / (peak * 1e9), 3),
-                         "rounds": [round(t, 4) for t in times[impl]]})
+                         "rounds": [round(t, 4) for t in times[impl]],
+                         **({"compile_s": round(first_call[impl], 1)} if impl == "nanoseek-compiled" else {})})
         machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "matmul_peak_gflops": round(peak, 1), "model": args.ckpt or args.preset, **device_info(device)}
     for r in rows:

@@ -52,19 +52,25 @@ def prefill(model, input_ids: torch.Tensor, cache: list) -> torch.Tensor:
 
 
 def compiled_prefill(model):
-    """`prefill` for this model under torch.compile with dynamic shapes: one graph for every prompt
-    length, batch and cache size (built at first use, kept on the model; dynamo specializes sizes of
-    1, so batch 1 and one-token prompts get a graph of their own). Opt-in (`generate(...,
-    compile_prefill=True)`): it pays once per process, and that first compile is long (on this
-    CPU ~15 s for llama-tiny, ~60 s for deepseek-v3-small, ~7 minutes for deepseek-v4-tiny); after it,
-    deepseek-v3-small prefills 512 tokens ~15% faster."""
+    """`prefill` for this model under torch.compile with dynamic shapes (built at first use, kept on
+    the model): a prompt of another length reuses the graph (tested); batch 1, one-token prompts, a
+    batch equal to another dimension of the first call (dynamo's duck sizing) or the MoE's few-token
+    path may compile graphs of their own. Opt-in (`generate(..., compile_prefill=True)`): the first
+    compile is long (on this CPU ~18 s for llama-tiny, ~60 s for deepseek-v3-small, ~7 minutes for
+    deepseek-v4-tiny); after it, deepseek-v3-small prefills 512 tokens with ~18% more tokens/s."""
     fn = model.__dict__.get("_compiled_prefill")
     if fn is None:
         fn = model.__dict__["_compiled_prefill"] = torch.compile(lambda ids, cache: prefill(model, ids, cache),
                                                                  dynamic=True)
-    # a fresh contiguous copy: a sliced prompt's stride, or a tensor made outside inference mode, would
-    # each fail a guard and compile a new graph
-    return lambda ids, cache: fn(ids.clone(memory_format=torch.contiguous_format), cache)
+    def run(ids: torch.Tensor, cache) -> torch.Tensor:
+        # a fresh contiguous copy: a sliced prompt's stride, or a tensor made outside inference mode,
+        # would each fail a guard and compile a new graph; every model's prefill is one function to
+        # dynamo, so its default of 8 graphs per function would soon turn the next model eager
+        limit = max(CompiledDecoder.RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return fn(ids.clone(memory_format=torch.contiguous_format), cache)
+
+    return run
 
 
 def decode_step(model, token: torch.Tensor, cache: list, pos: int) -> torch.Tensor:
@@ -323,18 +329,19 @@ class CudaGraphStep:
     ordinary compiled step (dynamo checks its guards, so a change of autocast, module flags or
     weights recompiles as it would without graphs), then a warm-up on a side stream and the
     capture run the step again on the same token and positions, which writes the same cache entries.
-    Later captures reuse the first one's memory pool. A capture that fails (an op that syncs with
+    The previous generation's graph and its output buffer are dropped before the next capture, so its
+    private memory pool is freed. A capture that fails (an op that syncs with
     the host, say) warns once and leaves the compiled step to run as it is."""
 
     def __init__(self, step):
         self.step = step
-        self.graph = self.pool = None
+        self.graph = self.logits = None
         self.usable = True
 
     def __call__(self, token: torch.Tensor, positions: torch.Tensor, guarded: bool) -> torch.Tensor:
         with torch.cuda.device(token.device):
             if guarded or self.graph is None:
-                self.graph = None
+                self.graph = self.logits = None
                 logits = self.step(token, positions)
                 self.capture(token, positions)
                 return logits
@@ -352,8 +359,7 @@ class CudaGraphStep:
                 self.step(self.token, self.positions)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            self.pool = self.pool or torch.cuda.graph_pool_handle()  # every capture of this decoder shares it
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self.step(self.token, self.positions)
         except RuntimeError as error:
             warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding without it")

@@ -62,6 +62,7 @@ def compiled_prefill(model):
     if fn is None:
         fn = model.__dict__["_compiled_prefill"] = torch.compile(lambda ids, cache: prefill(model, ids, cache),
                                                                  dynamic=True)
+
     def run(ids: torch.Tensor, cache) -> torch.Tensor:
         # a fresh contiguous copy: a sliced prompt's stride, or a tensor made outside inference mode,
         # would each fail a guard and compile a new graph; every model's prefill is one function to

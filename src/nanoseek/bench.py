@@ -356,13 +356,14 @@ class TrainRunner:
 def _build_nanoseek(cfg, lr: float, seed: int, device: torch.device | str = "cpu", compiled: bool = False):
     from .config import OptimConfig
     from .model import Transformer
+    from .train.loop import maybe_compile
     from .train.optim import make_optimizer
 
     def build():
         torch.manual_seed(seed)
         model = Transformer(cfg).to(device)
         optimizer = make_optimizer(model, OptimConfig(lr=lr))
-        return (torch.compile(model) if compiled else model), optimizer, training_loss  # as train.compile does
+        return maybe_compile(model, compiled), optimizer, training_loss  # as train.compile does
 
     return build
 

@@ -51,6 +51,15 @@ def prefill(model, input_ids: torch.Tensor, cache: list) -> torch.Tensor:
     return model(input_ids, cache=cache, start=0, last_only=True).logits[:, -1]
 
 
+RECOMPILE_LIMIT = 64  # graphs of one compiled function shared by every model (batch sizes x lengths x models)
+
+
+def shared_function_recompile_limit():
+    """Raise dynamo's limit of 8 graphs per function for the prefill and decode-step functions, which
+    every model, batch size and length bucket compiles (past the limit dynamo would run them eager)."""
+    return torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
+
+
 def compiled_prefill(model):
     """`prefill` for this model under torch.compile with dynamic shapes (built at first use, kept on
     the model): a prompt of another length reuses the graph (tested); batch 1, one-token prompts, a
@@ -65,10 +74,8 @@ def compiled_prefill(model):
 
     def run(ids: torch.Tensor, cache) -> torch.Tensor:
         # a fresh contiguous copy: a sliced prompt's stride, or a tensor made outside inference mode,
-        # would each fail a guard and compile a new graph; every model's prefill is one function to
-        # dynamo, so its default of 8 graphs per function would soon turn the next model eager
-        limit = max(CompiledDecoder.RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-        with torch._dynamo.config.patch(recompile_limit=limit):
+        # would each fail a guard and compile a new graph
+        with shared_function_recompile_limit():
             return fn(ids.clone(memory_format=torch.contiguous_format), cache)
 
     return run
@@ -256,8 +263,6 @@ class CompiledDecoder:
     (`CudaGraphStep`): a decode step of a small model is hundreds of kernel launches, and a replay
     is one. Not for NSA models (their step syncs with the host); NANOSEEK_CUDA_GRAPHS=0 turns it off."""
 
-    RECOMPILE_LIMIT = 64  # graphs of the one step function (batch sizes x lengths x models)
-
     def __init__(self, model, batch: int, length: int):
         self.model, self.batch = model, batch
         self.cache = model.make_cache(batch, length)
@@ -294,10 +299,7 @@ class CompiledDecoder:
             except RuntimeError as error:  # torch refuses to recompile without guards
                 if "skip_guard_eval_unsafe" not in str(error):
                     raise
-        # every decoder compiles the same function: dynamo's default of 8 graphs per function
-        # would turn the ninth (batch, length) pair to eager
-        limit = max(self.RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-        with torch._dynamo.config.patch(recompile_limit=limit):
+        with shared_function_recompile_limit():  # every decoder compiles the same function
             return self.step(token, positions)
 
     @classmethod

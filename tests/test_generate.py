@@ -336,6 +336,59 @@ def test_compiled_decode_compiles_once_per_length_bucket(monkeypatch):
     assert sorted(key[-1] for key in model._compiled_decoders) == [16, 64]
 
 
+def test_compiled_decode_runs_the_graph_entry_its_guards_choose():
+    """After each generation's first (guarded) step the compiled decoder calls the dynamo cache
+    entry whose guards pass directly: a generation under bf16 autocast gets the autocast graph, and
+    the next one without autocast the fp32 graph again (not the most recent), each equal to eager."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama-tiny", max_position_embeddings=64)).eval()
+    prompt = torch.randint(0, 128, (1, 6))
+    plain = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True)
+    (decoder,) = model._compiled_decoders.values()
+    assert decoder.direct.fn is not None  # the later steps ran without dynamo
+    fp32_code = decoder.direct.fn.__code__
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True)
+        assert torch.equal(mixed, generate(model, prompt, max_new_tokens=10, temperature=0))
+    assert decoder.direct.fn.__code__ is not fp32_code
+    again = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True)
+    assert decoder.direct.fn.__code__ is fp32_code
+    assert torch.equal(again, plain) and torch.equal(plain, generate(model, prompt, max_new_tokens=10, temperature=0))
+
+
+def test_compiled_nsa_decode_is_one_graph_for_every_position():
+    """NSA's per-row-position decode step has no host reads: one graph, called directly, the same
+    tokens as eager decoding (with top-k block picks past the first blocks)."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("llama-tiny", max_position_embeddings=64, sparse="nsa", nsa_block=4,
+                                     nsa_topn=4, sliding_window=4)
+    model = Transformer(config).eval()
+    prompt = torch.randint(0, 128, (1, 9))
+    compiled = generate(model, prompt, max_new_tokens=16, temperature=0, compile=True)
+    (decoder,) = model._compiled_decoders.values()
+    assert decoder.direct.fn is not None
+    assert torch.equal(compiled, generate(model, prompt, max_new_tokens=16, temperature=0))
+
+
+def test_a_copy_of_a_model_does_not_share_its_compiled_steps():
+    """The compiled decoders and prefill close over their model: a deepcopy gets none and compiles
+    (or reuses the cached graph) for itself, so it decodes with its own weights."""
+    import copy
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama-tiny", max_position_embeddings=64)).eval()
+    prompt = torch.randint(0, 128, (1, 6))
+    original = generate(model, prompt, max_new_tokens=8, temperature=0, compile=True)
+    twin = copy.deepcopy(model)
+    assert "_compiled_decoders" not in twin.__dict__ and "_compiled_decoders" in model.__dict__
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1.0)
+    changed = generate(twin, prompt, max_new_tokens=8, temperature=0, compile=True)
+    assert torch.equal(changed, generate(twin, prompt, max_new_tokens=8, temperature=0))
+    assert not torch.equal(changed, original)
+    assert torch.equal(generate(model, prompt, max_new_tokens=8, temperature=0, compile=True), original)
+
+
 def test_decode_cache_length_buckets():
     from nanoseek.generate import decode_cache_length
 

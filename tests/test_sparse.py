@@ -389,6 +389,31 @@ def test_nsa_cached_decode_equals_full_recompute(overrides):
     assert torch.equal(m(full[None]).logits[0, len(prompt) - 1:-1].argmax(-1), new)
 
 
+def test_nsa_decode_at_per_row_positions_equals_one_row_at_a_time():
+    """The tensor-position decode step (compiled decoding, batched serving) against the int-position
+    path row by row, with top-k picks among several complete blocks and rows before any complete block."""
+    m = nsa_model(nsa_topn=5, num_key_value_heads=2)
+    attn = m.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    cache = attn.make_cache(4, 40, torch.float32, "cpu")
+    for c in cache.caches:
+        c.k.copy_(torch.randn(c.k.shape, generator=g))
+        c.v.copy_(torch.randn(c.v.shape, generator=g))
+    reference = attn.make_cache(4, 40, torch.float32, "cpu")
+    for c, r in zip(cache.caches, reference.caches):
+        r.k.copy_(c.k)
+        r.v.copy_(c.v)
+    x = torch.randn(4, 1, m.config.hidden_size, generator=g)
+    positions = torch.tensor([2, 13, 30, 39])
+    with torch.no_grad():
+        got = attn(x, None, cache, positions)
+        rows = [attn(x[i:i + 1], None, reference.rows(i, i + 1), int(p)) for i, p in enumerate(positions)]
+    torch.testing.assert_close(got, torch.cat(rows), atol=1e-5, rtol=1e-5)
+    for c, r in zip(cache.caches, reference.caches):  # the new keys were written at each row's position
+        torch.testing.assert_close(c.k, r.k, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(c.v, r.v, atol=1e-6, rtol=1e-6)
+
+
 def test_nsa_refuses_mla():
     with pytest.raises(NanoseekError, match="sparse='nsa'"):
         ModelConfig.from_preset("deepseek-v3-tiny", sparse="nsa")

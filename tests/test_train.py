@@ -257,6 +257,29 @@ def test_sample_continues_past_the_context_with_a_sliding_window(corpus, tmp_pat
     assert out.startswith("ROMEO:") and len(out.encode()) >= len("ROMEO:") + 80  # char-level: >= 1 byte/token
 
 
+def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(corpus, tmp_path, capsys, monkeypatch):
+    """`nanoseek sample --compile-prefill` reaches generate's compiled prefill (a spy here: the
+    compile itself is tested in test_generate); greedy text equals the plain run's."""
+    import functools
+    import importlib
+
+    gen = importlib.import_module("nanoseek.generate")
+    calls = []
+
+    def spy(model):
+        calls.append(model)
+        return functools.partial(gen.prefill, model)
+
+    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
+    args = ["sample", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature", "0"]
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    plain = capsys.readouterr().out
+    monkeypatch.setattr(gen, "compiled_prefill", spy)
+    assert cli_main(args + ["--compile-prefill"]) == 0
+    assert len(calls) == 1 and capsys.readouterr().out == plain
+
+
 def test_dsa_warmup_then_sparse_training(corpus, tmp_path):
     """The first steps train only the indexers (main weights unchanged), then everything trains."""
     cfg = build_train_config(preset="deepseek-v32-tiny", overrides={

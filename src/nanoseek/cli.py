@@ -137,7 +137,7 @@ def cmd_sample(args, extra) -> int:
         stream = TextStream(model, tok, context, max_new_tokens=min(remaining, limit - len(ids)),
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
                             repetition_penalty=args.repetition_penalty, stop=args.stop or None,
-                            compile=args.compile)
+                            compile=args.compile, compile_prefill=args.compile_prefill)
         for piece in stream:
             context += piece
             sys.stdout.write(piece)
@@ -489,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy decoding with the MTP module as drafter (prints acceptance and speedup)")
     s.add_argument("--compile", action="store_true",
                    help="compiled static-shape decode step: ~25 s to compile, then ~2x faster per token")
+    s.add_argument("--compile-prefill", action="store_true",
+                   help="prompt prefill under torch.compile with dynamic shapes (one graph for every prompt "
+                        "length; the first compile takes ~20 s to minutes; pays off for long prompts)")
     add_device_arg(s)
     s.set_defaults(func=cmd_sample)
 

@@ -41,8 +41,6 @@ BRANCHES = ("cmp", "slc", "win")
 
 
 class NativeSparseAttention(nn.Module):
-    cuda_graph_safe = False  # a decode step with per-row positions reads them on the host (int(start[i]))
-
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.n_kv_heads
@@ -85,7 +83,9 @@ class NativeSparseAttention(nn.Module):
         return q, kvs
 
     def forward(self, x: torch.Tensor, rope=None, cache=None, start=0) -> torch.Tensor:
-        if isinstance(start, torch.Tensor):  # continuous batching: one row at a time
+        if isinstance(start, torch.Tensor) and x.shape[1] == 1:  # decoding at per-row positions
+            return self.decode_rows(x, rope, cache, start)
+        if isinstance(start, torch.Tensor):  # several tokens per row: one row at a time
             rows = [self.forward(x[i:i + 1], None if rope is None else (rope[0][i], rope[1][i]),
                                  cache.rows(i, i + 1), int(start[i])) for i in range(x.shape[0])]
             return torch.cat(rows)
@@ -107,6 +107,56 @@ class NativeSparseAttention(nn.Module):
         g = torch.sigmoid(self.gate_proj(x)).view(b, t, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
         o = g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+
+    def decode_rows(self, x: torch.Tensor, rope, cache: NSACache, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row at per-row positions (B,) against static caches: the same branches as
+        `forward` with an int position, in tensor ops only (no host read, so a compiled decode step
+        is one graph for every position). Row b sees the blocks complete at p_b = positions[b]
+        ((p_b + 1) // l of them) and picks among those before its own block's predecessor, as
+        `pick_blocks` does for a one-query block; the selected branch then attends over the whole
+        selected-branch cache with a (B, G, S) mask of the picked blocks' tokens up to p_b."""
+        b = x.shape[0]
+        g, hd, l = self.n_kv_heads, self.head_dim, self.block
+        q, kvs = self.project(x, rope)
+        branches = [c.update(positions, k, v) for c, k, v in zip(cache.caches, kvs[0::2], kvs[1::2])]
+        (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = branches
+        s = k_slc.shape[2]
+        q_BGRd = q.reshape(b, g, self.n_heads // g, hd)
+        o_cmp, scores_BGn = self.compressed_decode(q_BGRd, k_cmp, v_cmp, positions)
+        blocks, valid = self.pick_row_blocks(scores_BGn, positions // l, -(-s // l))
+        picked = torch.zeros(b, g, -(-s // l) + 1, dtype=torch.bool, device=x.device)
+        picked = picked.scatter_(-1, blocks.masked_fill(~valid, picked.shape[-1] - 1), True)[..., :-1]
+        seen = torch.arange(s, device=x.device) <= positions[:, None]  # (B, S)
+        keep = picked.repeat_interleave(l, dim=-1)[..., :s] & seen[:, None]  # (B, G, S)
+        o_slc = masked_one_query_attention(q_BGRd, k_slc, v_slc, keep, self.scale)
+        o_win = causal_attention(q, k_win, v_win, positions, self.scale, window=self.window)
+        g_ = torch.sigmoid(self.gate_proj(x)).view(b, 1, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
+        o = g_[0] * o_cmp.reshape_as(o_win) + g_[1] * o_slc.reshape_as(o_win) + g_[2] * o_win
+        return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.n_heads * hd))
+
+    def compressed_decode(self, q_BGRd, k_cmp, v_cmp, positions):
+        """The compressed branch for one query per row: (output (B, G, R, d), selection scores (B, G, n)
+        = its block probabilities summed over the group's heads). A row with no complete block gets 0."""
+        k_blocks, v_blocks = self.compress(k_cmp), self.compress(v_cmp, values=True)  # (B, G, n, d)
+        n = k_blocks.shape[2]
+        visible = torch.arange(n, device=q_BGRd.device) < ((positions + 1) // self.block)[:, None]  # (B, n)
+        logits = torch.matmul(q_BGRd, k_blocks.transpose(-1, -2)).float() * self.scale
+        probs = logits.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+        return torch.matmul(probs.to(v_blocks.dtype), v_blocks), probs.sum(2)
+
+    def pick_row_blocks(self, score_BGn: torch.Tensor, own: torch.Tensor, n_all: int):
+        """`pick_blocks` for one query per row in block `own` (B,): ids (B, G, K) and validity."""
+        b, g, n = score_BGn.shape
+        forced = torch.stack([torch.zeros_like(own), (own - 1).clamp(min=0), own], -1)  # (B, 3)
+        forced_ok = torch.stack([torch.ones_like(own, dtype=torch.bool), own > 1, own > 0], -1)
+        blocks, valid = forced[:, None].expand(b, g, 3), forced_ok[:, None].expand(b, g, 3)
+        n_free = min(self.n_select - 3, n)
+        if n_free <= 0:
+            return blocks, valid
+        candidate = torch.arange(n, device=own.device)[None, :]
+        usable = (candidate < own[:, None] - 1) & (candidate > 0)  # complete before, and not forced
+        top = score_BGn.masked_fill(~usable[:, None], float("-inf")).topk(n_free, dim=-1)
+        return torch.cat([blocks, top.indices], -1), torch.cat([valid, top.values > float("-inf")], -1)
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +274,14 @@ class NativeSparseAttention(nn.Module):
         usable = (candidate < qb[:, None] - 1) & (candidate > 0)  # complete before, and not forced
         top = score_BGbn.masked_fill(~usable, float("-inf")).topk(n_free, dim=-1)
         return torch.cat([blocks, top.indices], -1), torch.cat([valid, top.values > float("-inf")], -1)
+
+
+def masked_one_query_attention(q_BGRd, k, v, keep_BGS, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the keys `keep` allows, one query per row and R query heads per
+    key head: (B, G, R, d_v). Every row keeps at least one key (its own block's tokens up to itself)."""
+    scores = torch.matmul(q_BGRd, k.transpose(-1, -2)).float() * scale  # (B, G, R, S)
+    probs = scores.masked_fill(~keep_BGS[:, :, None], float("-inf")).softmax(-1)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 class NSACache:

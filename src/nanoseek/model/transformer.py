@@ -126,6 +126,14 @@ class Transformer(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
+    # generate.py's compiled prefill and decode steps, kept on the model: they close over it, so a
+    # copy (copy.deepcopy, pickle) must not carry them (its steps would run the original's weights)
+    COMPILED_STATE = ("_compiled_decoders", "_compiled_prefill")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in self.COMPILED_STATE}
+
     # ------------------------------------------------------------------ init
     def reset_parameters(self):
         """N(0, initializer_range) everywhere; output projections scaled by 1/sqrt(2 * layers)."""

@@ -350,10 +350,26 @@ def test_compiled_decode_runs_the_graph_entry_its_guards_choose():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True)
         assert torch.equal(mixed, generate(model, prompt, max_new_tokens=10, temperature=0))
+        with torch.inference_mode():  # the state the generation's steps run in
+            assert decoder.direct.usable()
     assert decoder.direct.fn.__code__ is not fp32_code
+    with torch.inference_mode():  # autocast is off again: a step now would go through dynamo
+        assert not decoder.direct.usable()
     again = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True)
     assert decoder.direct.fn.__code__ is fp32_code
     assert torch.equal(again, plain) and torch.equal(plain, generate(model, prompt, max_new_tokens=10, temperature=0))
+
+
+def test_compiled_decode_without_direct_calls_equals_eager(monkeypatch):
+    """NANOSEEK_DIRECT_DECODE=0: the later steps go through dynamo with guards skipped."""
+    monkeypatch.setenv("NANOSEEK_DIRECT_DECODE", "0")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama-tiny", max_position_embeddings=64)).eval()
+    prompt = torch.randint(0, 128, (2, 5))
+    compiled = generate(model, prompt, max_new_tokens=9, temperature=0, compile=True)
+    (decoder,) = model._compiled_decoders.values()
+    assert decoder.direct is None
+    assert torch.equal(compiled, generate(model, prompt, max_new_tokens=9, temperature=0))
 
 
 def test_compiled_nsa_decode_is_one_graph_for_every_position():
@@ -368,6 +384,9 @@ def test_compiled_nsa_decode_is_one_graph_for_every_position():
     (decoder,) = model._compiled_decoders.values()
     assert decoder.direct.fn is not None
     assert torch.equal(compiled, generate(model, prompt, max_new_tokens=16, temperature=0))
+    with torch._dynamo.config.patch(error_on_recompile=True):  # other positions, same graph
+        other = generate(model, prompt[:, :5], max_new_tokens=20, temperature=0, compile=True)
+    assert torch.equal(other, generate(model, prompt[:, :5], max_new_tokens=20, temperature=0))
 
 
 def test_a_copy_of_a_model_does_not_share_its_compiled_steps():

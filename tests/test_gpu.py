@@ -28,8 +28,13 @@ PRESETS = ["gpt2-tiny", "llama-tiny", "deepseek-v3-tiny", "deepseek-v32-tiny", "
 CORPUS = Path(__file__).resolve().parents[1] / "src" / "nanoseek" / "data" / "tinyshakespeare.txt"
 
 
+NSA_TINY = dict(sparse="nsa", nsa_block=4, nsa_topn=4, sliding_window=4)  # "llama-tiny-nsa"
+
+
 def tiny(preset: str, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
+    if preset == "llama-tiny-nsa":
+        return Transformer(ModelConfig.from_preset("llama-tiny", **NSA_TINY))
     return Transformer(ModelConfig.from_preset(preset))
 
 
@@ -93,7 +98,7 @@ def test_dsa_greedy_decode_equals_full_recompute():
     assert torch.equal(logits.argmax(-1), new)
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny"])
+@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny", "llama-tiny-nsa"])
 def test_compiled_decode_equals_eager(preset):
     model = tiny(preset).to(DEVICE).eval()
     ids = tokens(1, 6, model.config.vocab_size).to(DEVICE)

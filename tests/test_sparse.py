@@ -391,20 +391,21 @@ def test_nsa_cached_decode_equals_full_recompute(overrides):
 
 def test_nsa_decode_at_per_row_positions_equals_one_row_at_a_time():
     """The tensor-position decode step (compiled decoding, batched serving) against the int-position
-    path row by row, with top-k picks among several complete blocks and rows before any complete block."""
+    path row by row, with top-k picks among several complete blocks, rows before any complete block
+    and a cache that ends in a partial block (38 positions, blocks of 4)."""
     m = nsa_model(nsa_topn=5, num_key_value_heads=2)
     attn = m.layers[0].self_attn
     g = torch.Generator().manual_seed(0)
-    cache = attn.make_cache(4, 40, torch.float32, "cpu")
+    cache = attn.make_cache(4, 38, torch.float32, "cpu")
     for c in cache.caches:
         c.k.copy_(torch.randn(c.k.shape, generator=g))
         c.v.copy_(torch.randn(c.v.shape, generator=g))
-    reference = attn.make_cache(4, 40, torch.float32, "cpu")
+    reference = attn.make_cache(4, 38, torch.float32, "cpu")
     for c, r in zip(cache.caches, reference.caches):
         r.k.copy_(c.k)
         r.v.copy_(c.v)
     x = torch.randn(4, 1, m.config.hidden_size, generator=g)
-    positions = torch.tensor([2, 13, 30, 39])
+    positions = torch.tensor([2, 13, 30, 37])
     with torch.no_grad():
         got = attn(x, None, cache, positions)
         rows = [attn(x[i:i + 1], None, reference.rows(i, i + 1), int(p)) for i, p in enumerate(positions)]

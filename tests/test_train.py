@@ -280,6 +280,33 @@ def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(cor
     assert len(calls) == 1 and capsys.readouterr().out == plain
 
 
+def test_chat_compile_flags_reach_the_decoder_and_prefill(corpus, tmp_path, capsys, monkeypatch):
+    """`nanoseek chat --compile --compile-prefill`: each turn asks for a compiled decoder and runs its
+    prompt through the compiled prefill (spies: the compiles are tested in test_generate)."""
+    import functools
+    import importlib
+    import io
+
+    gen = importlib.import_module("nanoseek.generate")
+    prefills, decoders = [], []
+
+    def spy_prefill(model):
+        prefills.append(model)
+        return functools.partial(gen.prefill, model)
+
+    def spy_acquire(cls, model, batch, total):
+        decoders.append(batch)
+        return None  # as when the decoder is busy: this turn decodes eagerly
+
+    monkeypatch.setattr(gen, "compiled_prefill", spy_prefill)
+    monkeypatch.setattr(gen.CompiledDecoder, "acquire", classmethod(spy_acquire))
+    loop.train(tiny_cfg(corpus, tmp_path / "run", **{"train.max_steps": 2}), quiet=True)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd again\n"))
+    assert cli_main(["chat", str(tmp_path / "run"), "--max-new-tokens", "4", "--seed", "0", "--compile",
+                     "--compile-prefill"]) == 0
+    assert len(prefills) == 2 and len(decoders) == 2 and capsys.readouterr().out.strip() != ""
+
+
 def test_dsa_warmup_then_sparse_training(corpus, tmp_path):
     """The first steps train only the indexers (main weights unchanged), then everything trains."""
     cfg = build_train_config(preset="deepseek-v32-tiny", overrides={

@@ -358,7 +358,7 @@ def cmd_chat(args, extra) -> int:
             continue
         stream = TextStream(model, tok, prompt, max_new_tokens=min(args.max_new_tokens, room),
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            stop=stops)
+                            stop=stops, compile=args.compile, compile_prefill=args.compile_prefill)
         reply = []
         for piece in stream:
             reply.append(piece)
@@ -452,6 +452,14 @@ def cmd_ablate(args, extra) -> int:
 # ------------------------------------------------------------------------------------ parser
 
 
+def add_compile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="compiled static-shape decode step: ~25 s to compile, then ~4-6x faster per token")
+    parser.add_argument("--compile-prefill", action="store_true",
+                        help="prompt prefill under torch.compile with dynamic shapes (one graph for every prompt "
+                             "length; the first compile takes ~20 s to minutes; pays off for long prompts)")
+
+
 def add_trust_pickle(parser: argparse.ArgumentParser):
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
@@ -487,11 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--speculative", action="store_true",
                    help="greedy decoding with the MTP module as drafter (prints acceptance and speedup)")
-    s.add_argument("--compile", action="store_true",
-                   help="compiled static-shape decode step: ~25 s to compile, then ~2x faster per token")
-    s.add_argument("--compile-prefill", action="store_true",
-                   help="prompt prefill under torch.compile with dynamic shapes (one graph for every prompt "
-                        "length; the first compile takes ~20 s to minutes; pays off for long prompts)")
+    add_compile_args(s)
     add_device_arg(s)
     s.set_defaults(func=cmd_sample)
 
@@ -521,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int)
     c.add_argument("--top-p", type=float, default=0.95)
     c.add_argument("--seed", type=int)
+    add_compile_args(c)
     add_device_arg(c)
     c.set_defaults(func=cmd_chat)
 

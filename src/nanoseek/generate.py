@@ -299,7 +299,7 @@ class CompiledDecoder:
         guards (and compiles if needed), the later steps skip guard evaluation (~0.2 ms a step): on
         the CPU they call the graph entry those guards chose directly (`DirectStep`), elsewhere (or
         when no entry qualifies) they run under dynamo's `skip_guard_eval_unsafe` stance."""
-        if self.direct is not None and not guarded and self.direct.fn is not None:
+        if not guarded and self.direct is not None and self.direct.usable():
             return self.direct.fn(self, token, positions)
         if not guarded:
             try:
@@ -329,6 +329,8 @@ class CompiledDecoder:
         if decoder.in_use:
             return None
         decoder.in_use = True
+        if decoder.direct is not None:  # the generation's guarded first step selects again
+            decoder.direct.clear()
         return decoder
 
     def release(self) -> None:
@@ -343,32 +345,50 @@ class DirectStep:
     bytecode rewritten to call the graph. After each generation's first, guarded step, `select`
     finds the entry whose guards pass for this decoder and its inputs; the later steps run that
     code directly, without dynamo's frame evaluation (~0.1 ms of a ~0.8 ms llama-small step on this
-    CPU; the `skip_guard_eval_unsafe` stance still pays most of it). Only for a step compiled as one
-    graph (no resume functions: a step with a graph break keeps dynamo); the entry API is dynamo's
+    CPU; the `skip_guard_eval_unsafe` stance still pays most of it), as long as the global state
+    dynamo guards on (grad mode, autocast, default dtype, ...) is what it was at the selection (a
+    C++ check of ~0.3 µs a step). Only for a step compiled as one graph (no resume functions: a
+    step with a graph break keeps dynamo) under the default stance. The entry API is dynamo's
     internal one, so anything unexpected leaves `fn` None and the caller on the stance path."""
 
     def __init__(self, function):
         self.function = function  # CompiledDecoder._step, whose code object dynamo caches on
-        self.fn = None
+        self.fn = self.state = None
 
-    def select(self, *args) -> None:
-        """The cache entry valid for these arguments (the step's locals: decoder, token, positions)."""
-        self.fn = None
+    def clear(self) -> None:
+        self.fn = self.state = None
+
+    def usable(self) -> bool:
+        return self.fn is not None and self.state.check()
+
+    def select(self, decoder, token: torch.Tensor, positions: torch.Tensor) -> None:
+        """The cache entry valid for the step's arguments, called directly until the next `select`."""
+        self.clear()
         try:
-            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+            from torch._C._dynamo.guards import GlobalStateGuard
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list, _stance
 
-            names = self.function.__code__.co_varnames[:self.function.__code__.co_argcount]
-            f_locals = dict(zip(names, args))
-            for entry in _debug_get_cache_entry_list(self.function.__code__):
-                called = entry.code.co_names
-                one_graph = sum(n.startswith("__compiled_fn") for n in called) == 1 \
-                    and not any(n.startswith("__resume_at") for n in called)
-                if one_graph and entry.guard_manager.check(f_locals):
+            if _stance.stance != "default":  # e.g. force_eager: leave every call to dynamo
+                return
+            code = self.function.__code__
+            f_locals = dict(zip(code.co_varnames[:code.co_argcount], (decoder, token, positions)))
+            for entry in _debug_get_cache_entry_list(code):
+                if calls_one_graph(entry.code) and entry.guard_manager.check(f_locals):
                     f = self.function
                     self.fn = types.FunctionType(entry.code, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+                    self.state = GlobalStateGuard()
                     return
-        except (ImportError, AttributeError, TypeError):  # another torch's internals
-            self.fn = None
+        except Exception:  # noqa: BLE001 - another torch's internals: keep the stance path
+            self.clear()
+
+
+def calls_one_graph(code: types.CodeType) -> bool:
+    """Whether dynamo's rewritten bytecode calls exactly one compiled graph and resumes nowhere: its
+    resume functions appear as `__resume_at_*` globals, or as nested code objects for a closure."""
+    names = code.co_names
+    return (sum(n.startswith("__compiled_fn") for n in names) == 1
+            and not any(n.startswith("__resume_at") for n in names)
+            and not any(isinstance(c, types.CodeType) for c in code.co_consts))
 
 
 class CudaGraphStep:

@@ -123,15 +123,16 @@ class NativeSparseAttention(nn.Module):
         s = k_slc.shape[2]
         q_BGRd = q.reshape(b, g, self.n_heads // g, hd)
         o_cmp, scores_BGn = self.compressed_decode(q_BGRd, k_cmp, v_cmp, positions)
-        blocks, valid = self.pick_row_blocks(scores_BGn, positions // l, -(-s // l))
-        picked = torch.zeros(b, g, -(-s // l) + 1, dtype=torch.bool, device=x.device)
-        picked = picked.scatter_(-1, blocks.masked_fill(~valid, picked.shape[-1] - 1), True)[..., :-1]
+        blocks, valid = self.pick_row_blocks(scores_BGn, positions // l)
+        n_all = -(-s // l)  # blocks of the cache, the last one possibly partial
+        picked = torch.zeros(b, g, n_all + 1, dtype=torch.bool, device=x.device)  # + a spare column
+        picked = picked.scatter_(-1, blocks.masked_fill(~valid, n_all), True)[..., :n_all]
         seen = torch.arange(s, device=x.device) <= positions[:, None]  # (B, S)
         keep = picked.repeat_interleave(l, dim=-1)[..., :s] & seen[:, None]  # (B, G, S)
         o_slc = masked_one_query_attention(q_BGRd, k_slc, v_slc, keep, self.scale)
         o_win = causal_attention(q, k_win, v_win, positions, self.scale, window=self.window)
-        g_ = torch.sigmoid(self.gate_proj(x)).view(b, 1, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
-        o = g_[0] * o_cmp.reshape_as(o_win) + g_[1] * o_slc.reshape_as(o_win) + g_[2] * o_win
+        gates = torch.sigmoid(self.gate_proj(x)).view(b, 1, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
+        o = gates[0] * o_cmp.reshape_as(o_win) + gates[1] * o_slc.reshape_as(o_win) + gates[2] * o_win
         return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.n_heads * hd))
 
     def compressed_decode(self, q_BGRd, k_cmp, v_cmp, positions):
@@ -140,11 +141,13 @@ class NativeSparseAttention(nn.Module):
         k_blocks, v_blocks = self.compress(k_cmp), self.compress(v_cmp, values=True)  # (B, G, n, d)
         n = k_blocks.shape[2]
         visible = torch.arange(n, device=q_BGRd.device) < ((positions + 1) // self.block)[:, None]  # (B, n)
-        logits = torch.matmul(q_BGRd, k_blocks.transpose(-1, -2)).float() * self.scale
-        probs = logits.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+        logits = torch.matmul(q_BGRd, k_blocks.transpose(-1, -2))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * self.scale
+        probs = logits.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1)
+        probs = probs.masked_fill(~visible.any(-1)[:, None, None, None], 0.0)  # no complete block: 0, not NaN
         return torch.matmul(probs.to(v_blocks.dtype), v_blocks), probs.sum(2)
 
-    def pick_row_blocks(self, score_BGn: torch.Tensor, own: torch.Tensor, n_all: int):
+    def pick_row_blocks(self, score_BGn: torch.Tensor, own: torch.Tensor):
         """`pick_blocks` for one query per row in block `own` (B,): ids (B, G, K) and validity."""
         b, g, n = score_BGn.shape
         forced = torch.stack([torch.zeros_like(own), (own - 1).clamp(min=0), own], -1)  # (B, 3)
@@ -279,7 +282,8 @@ class NativeSparseAttention(nn.Module):
 def masked_one_query_attention(q_BGRd, k, v, keep_BGS, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v over the keys `keep` allows, one query per row and R query heads per
     key head: (B, G, R, d_v). Every row keeps at least one key (its own block's tokens up to itself)."""
-    scores = torch.matmul(q_BGRd, k.transpose(-1, -2)).float() * scale  # (B, G, R, S)
+    scores = torch.matmul(q_BGRd, k.transpose(-1, -2))  # (B, G, R, S)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
     probs = scores.masked_fill(~keep_BGS[:, :, None], float("-inf")).softmax(-1)
     return torch.matmul(probs.to(v.dtype), v)
 

@@ -278,6 +278,8 @@ def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(cor
     monkeypatch.setattr(gen, "compiled_prefill", spy)
     assert cli_main(args + ["--compile-prefill"]) == 0
     assert len(calls) == 1 and capsys.readouterr().out == plain
+    assert cli_main(args + ["--speculative", "--compile"]) == 2  # speculative decoding is eager: said, not ignored
+    assert "--speculative" in capsys.readouterr().err
 
 
 def test_chat_compile_flags_reach_the_decoder_and_prefill(corpus, tmp_path, capsys, monkeypatch):

@@ -112,6 +112,9 @@ def cmd_sample(args, extra) -> int:
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+    if args.speculative and (args.compile or args.compile_prefill):
+        raise NanoseekError("--speculative decodes eagerly (its draft-and-verify steps change shape); "
+                            "drop --compile / --compile-prefill")
     if args.threads:
         import torch
 

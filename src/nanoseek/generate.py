@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import threading
 import types
 import warnings
 from collections.abc import Iterator, Sequence
@@ -251,6 +252,9 @@ class MatvecLinear(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+DECODER_LOCK = threading.Lock()  # guards CompiledDecoder.in_use
+
+
 class CompiledDecoder:
     """A static cache of `length` positions and a compiled one-token step over it.
 
@@ -326,9 +330,10 @@ class CompiledDecoder:
         if key not in decoders:
             decoders[key] = cls(model, batch, length)
         decoder = decoders[key]
-        if decoder.in_use:
-            return None
-        decoder.in_use = True
+        with DECODER_LOCK:  # two threads must not both take it
+            if decoder.in_use:
+                return None
+            decoder.in_use = True
         if decoder.direct is not None:  # the generation's guarded first step selects again
             decoder.direct.clear()
         return decoder

@@ -3,6 +3,8 @@ and decode from the cache exactly as a full recompute."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -391,28 +393,45 @@ def test_nsa_cached_decode_equals_full_recompute(overrides):
 
 def test_nsa_decode_at_per_row_positions_equals_one_row_at_a_time():
     """The tensor-position decode step (compiled decoding, batched serving) against the int-position
-    path row by row, with top-k picks among several complete blocks, rows before any complete block
-    and a cache that ends in a partial block (38 positions, blocks of 4)."""
+    path row by row, after each row's own prefill: top-k picks among several complete blocks, a row
+    before any complete block, a token that completes a block (position 31, blocks of 4), and a
+    cache that ends in a partial block (38 positions). The caches' block summaries must equal a
+    fresh compression of their keys and values."""
     m = nsa_model(nsa_topn=5, num_key_value_heads=2)
     attn = m.layers[0].self_attn
     g = torch.Generator().manual_seed(0)
-    cache = attn.make_cache(4, 38, torch.float32, "cpu")
-    for c in cache.caches:
-        c.k.copy_(torch.randn(c.k.shape, generator=g))
-        c.v.copy_(torch.randn(c.v.shape, generator=g))
-    reference = attn.make_cache(4, 38, torch.float32, "cpu")
-    for c, r in zip(cache.caches, reference.caches):
-        r.k.copy_(c.k)
-        r.v.copy_(c.v)
-    x = torch.randn(4, 1, m.config.hidden_size, generator=g)
-    positions = torch.tensor([2, 13, 30, 37])
+    cache, reference = (attn.make_cache(4, 38, torch.float32, "cpu") for _ in range(2))
+    positions = torch.tensor([2, 13, 31, 37])
     with torch.no_grad():
+        for i, p in enumerate(positions.tolist()):
+            prompt = torch.randn(1, p, m.config.hidden_size, generator=g)
+            for c in (cache, reference):
+                attn(prompt, None, c.rows(i, i + 1), 0)
+        x = torch.randn(4, 1, m.config.hidden_size, generator=g)
         got = attn(x, None, cache, positions)
         rows = [attn(x[i:i + 1], None, reference.rows(i, i + 1), int(p)) for i, p in enumerate(positions)]
     torch.testing.assert_close(got, torch.cat(rows), atol=1e-5, rtol=1e-5)
-    for c, r in zip(cache.caches, reference.caches):  # the new keys were written at each row's position
-        torch.testing.assert_close(c.k, r.k, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(c.v, r.v, atol=1e-6, rtol=1e-6)
+    close = functools.partial(torch.testing.assert_close, atol=1e-6, rtol=1e-6)
+    for c, r in zip(cache.caches, reference.caches):
+        close(c.k, r.k)
+        close(c.v, r.v)
+    for c, r in zip(cache.blocks, reference.blocks):
+        close(c, r)
+    k_cmp, v_cmp = cache.caches[0].k, cache.caches[0].v
+    for i, p in enumerate(positions.tolist()):  # blocks complete after position p: (p + 1) // 4
+        n = (p + 1) // 4
+        close(cache.blocks[0][i, :, :n], attn.compress(k_cmp[i:i + 1, :, :4 * n])[0])
+        close(cache.blocks[1][i, :, :n], attn.compress(v_cmp[i:i + 1, :, :4 * n], values=True)[0])
+
+
+def test_nsa_kv_cache_bytes_count_every_branch_and_the_block_summaries():
+    from nanoseek.model import kv_cache_bytes_per_token
+
+    m = nsa_model(sparse_layers=["nsa", "dense"])
+    nsa_cache, dense_cache = m.make_cache(1, 64)
+    tensors = [t for c in nsa_cache.caches for t in (c.k, c.v)] + nsa_cache.blocks + [dense_cache.k, dense_cache.v]
+    held = sum(t.numel() * t.element_size() for t in tensors) / 64
+    assert kv_cache_bytes_per_token(m.config, dtype_bytes=4) == held
 
 
 def test_nsa_refuses_mla():

@@ -64,9 +64,12 @@ class NativeSparseAttention(nn.Module):
         nn.init.normal_(self.compress_v.weight, 0.0, std / math.sqrt(self.block))
         nn.init.zeros_(self.gate_proj.bias)
 
-    def make_cache(self, batch: int, max_len: int, dtype, device) -> list[DenseKVCache]:
-        return NSACache([DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device)
-                         for _ in BRANCHES])
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> NSACache:
+        caches = [DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device)
+                  for _ in BRANCHES]
+        blocks = [torch.zeros(batch, self.n_kv_heads, max_len // self.block, self.head_dim, dtype=dtype, device=device)
+                  for _ in range(2)]
+        return NSACache(caches, blocks, self.block)
 
     # ------------------------------------------------------------------ forward
     def project(self, x: torch.Tensor, rope):
@@ -96,7 +99,10 @@ class NativeSparseAttention(nn.Module):
         if cache is not None:
             branches = [c.update(start, k, v) for c, (k, v) in zip(cache.caches, branches)]
         (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = branches
-        k_blocks, v_blocks = self.compress(k_cmp), self.compress(v_cmp, values=True)
+        if cache is not None:
+            k_blocks, v_blocks = self.update_blocks(cache, k_cmp, v_cmp, start, t)
+        else:
+            k_blocks, v_blocks = self.compress(k_cmp), self.compress(v_cmp, values=True)
         if self.covers_every_block(start, t):  # the selection is every causal block: one causal SDPA
             o_cmp, _ = self.compressed_attention(q, k_blocks, v_blocks, start, with_scores=False)
             o_slc = causal_attention(q, k_slc, v_slc, start, self.scale)
@@ -107,6 +113,36 @@ class NativeSparseAttention(nn.Module):
         g = torch.sigmoid(self.gate_proj(x)).view(b, t, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
         o = g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+
+    def update_blocks(self, cache: NSACache, k_cmp, v_cmp, start: int, t: int):
+        """The compressed blocks after positions start..start+t-1 were written: only the blocks that
+        completed in this call are compressed (a decode step compresses one block every l tokens
+        instead of the whole prefix), the rest come from the cache. A block is recompressed whenever
+        its last position is written again, so a rewritten suffix (speculative decoding) stays exact."""
+        first, end = start // self.block, (start + t) // self.block
+        if end > first:
+            span = slice(first * self.block, end * self.block)
+            for buffer, x, values in zip(cache.blocks, (k_cmp, v_cmp), (False, True)):
+                buffer[:, :, first:end] = self.compress(x[:, :, span], values=values)
+        return cache.blocks[0][:, :, :end], cache.blocks[1][:, :, :end]
+
+    def update_row_blocks(self, cache: NSACache, k_cmp, v_cmp, positions: torch.Tensor):
+        """`update_blocks` for one token per row at per-row positions (B,), in tensor ops: a row whose
+        token ends block j = (p + 1) / l - 1 writes that block's summary; the others rewrite what they
+        had. Returns every block of the cache (B, G, L // l, d); `visible` masks the incomplete ones."""
+        b, g, s, d = k_cmp.shape
+        l = self.block
+        if cache.blocks[0].shape[2] == 0:  # a view shorter than one block: none can complete
+            return cache.blocks[0], cache.blocks[1]
+        ends = (positions + 1) % l == 0
+        j = ((positions + 1) // l - 1).clamp(min=0)  # (B,)
+        token = (j[:, None] * l + torch.arange(l, device=positions.device)).clamp(max=s - 1)  # (B, l)
+        rows = torch.arange(b, device=positions.device)
+        for buffer, x, values in zip(cache.blocks, (k_cmp, v_cmp), (False, True)):
+            tokens = x.gather(2, token[:, None, :, None].expand(b, g, l, d))  # (B, G, l, d)
+            summary = self.compress(tokens, values=values)[:, :, 0]  # (B, G, d)
+            buffer[rows, :, j] = torch.where(ends[:, None, None], summary, buffer[rows, :, j])
+        return cache.blocks[0], cache.blocks[1]
 
     def decode_rows(self, x: torch.Tensor, rope, cache: NSACache, positions: torch.Tensor) -> torch.Tensor:
         """One token per row at per-row positions (B,) against static caches: the same branches as
@@ -122,7 +158,8 @@ class NativeSparseAttention(nn.Module):
         (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = branches
         s = k_slc.shape[2]
         q_BGRd = q.reshape(b, g, self.n_heads // g, hd)
-        o_cmp, scores_BGn = self.compressed_decode(q_BGRd, k_cmp, v_cmp, positions)
+        k_blocks, v_blocks = self.update_row_blocks(cache, k_cmp, v_cmp, positions)
+        o_cmp, scores_BGn = self.compressed_decode(q_BGRd, k_blocks, v_blocks, positions)
         blocks, valid = self.pick_row_blocks(scores_BGn, positions // l)
         n_all = -(-s // l)  # blocks of the cache, the last one possibly partial
         picked = torch.zeros(b, g, n_all + 1, dtype=torch.bool, device=x.device)  # + a spare column
@@ -135,10 +172,10 @@ class NativeSparseAttention(nn.Module):
         o = gates[0] * o_cmp.reshape_as(o_win) + gates[1] * o_slc.reshape_as(o_win) + gates[2] * o_win
         return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.n_heads * hd))
 
-    def compressed_decode(self, q_BGRd, k_cmp, v_cmp, positions):
-        """The compressed branch for one query per row: (output (B, G, R, d), selection scores (B, G, n)
-        = its block probabilities summed over the group's heads). A row with no complete block gets 0."""
-        k_blocks, v_blocks = self.compress(k_cmp), self.compress(v_cmp, values=True)  # (B, G, n, d)
+    def compressed_decode(self, q_BGRd, k_blocks, v_blocks, positions):
+        """The compressed branch for one query per row over the cache's blocks (B, G, n, d): (output
+        (B, G, R, d), selection scores (B, G, n) = its block probabilities summed over the group's
+        heads). A row sees the blocks complete at its position; one with none gets 0."""
         n = k_blocks.shape[2]
         visible = torch.arange(n, device=q_BGRd.device) < ((positions + 1) // self.block)[:, None]  # (B, n)
         logits = torch.matmul(q_BGRd, k_blocks.transpose(-1, -2))
@@ -289,17 +326,22 @@ def masked_one_query_attention(q_BGRd, k, v, keep_BGS, scale: float) -> torch.Te
 
 
 class NSACache:
-    """One dense K/V cache per branch (cmp, slc, win)."""
+    """One dense K/V cache per branch (cmp, slc, win), and the compressed branch's block summaries
+    k^cmp, v^cmp (B, G, L // l, d), each written once, when its block's last token is."""
 
-    def __init__(self, caches: list[DenseKVCache]):
-        self.caches = caches
+    def __init__(self, caches: list[DenseKVCache], blocks: list[torch.Tensor], block: int):
+        self.caches, self.blocks, self.block = caches, blocks, block
 
     def rows(self, lo: int, hi: int, length: int | None = None) -> NSACache:
-        return NSACache([c.rows(lo, hi, length) for c in self.caches])
+        n = None if length is None else length // self.block
+        return NSACache([c.rows(lo, hi, length) for c in self.caches], [x[lo:hi, :, :n] for x in self.blocks],
+                        self.block)
 
     def move_row(self, src: int, dst: int) -> None:
         for c in self.caches:
             c.move_row(src, dst)
+        for x in self.blocks:
+            x[dst] = x[src]
 
 
 # ---------------------------------------------------------------------------- compressed branch

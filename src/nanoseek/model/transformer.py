@@ -422,9 +422,12 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
                          for i in range(config.num_hidden_layers)) * dtype_bytes)
     if config.attention == "mla":
         per_layer = config.kv_lora_rank + config.qk_rope_head_dim
-    else:
-        per_layer = 2 * config.n_kv_heads * config.attn_head_dim
-    return config.num_hidden_layers * per_layer * dtype_bytes
+        return config.num_hidden_layers * per_layer * dtype_bytes
+    dense = 2 * config.n_kv_heads * config.attn_head_dim
+    # NSA: a K/V pair per branch, and the compressed branch's block summaries (one per nsa_block tokens)
+    nsa = dense * (3 + 1 / config.nsa_block)
+    return round(sum(nsa if config.layer_sparse(i) == "nsa" else dense
+                     for i in range(config.num_hidden_layers)) * dtype_bytes)
 
 
 def v4_cache_width(config: ModelConfig, kind: str) -> float:

@@ -382,7 +382,7 @@ def test_nsa_is_causal_trains_and_every_parameter_gets_a_gradient():
     assert no_grad == [], no_grad
 
 
-@pytest.mark.parametrize("overrides", [{}, {"sparse_layers": ["nsa", "sliding"]}])
+@pytest.mark.parametrize("overrides", [{}, {"sparse_layers": ["nsa", "sliding"]}, {"nsa_topn": 5}])
 def test_nsa_cached_decode_equals_full_recompute(overrides):
     m = nsa_model(**overrides)
     prompt = tokens(9, batch=1)[0]
@@ -391,17 +391,44 @@ def test_nsa_cached_decode_equals_full_recompute(overrides):
     assert torch.equal(m(full[None]).logits[0, len(prompt) - 1:-1].argmax(-1), new)
 
 
+def test_nsa_chunked_prefill_and_decode_equal_full_recompute():
+    """Every block selected (so the CPU form's per-query-block selection cannot differ between
+    chunkings): chunks that start and end inside blocks and span several, then one token at a
+    time — the cached block summaries give the full forward's logits."""
+    m = nsa_model(nsa_topn=64)
+    x = tokens(40)
+    with torch.no_grad():
+        full = m(x).logits
+        cache = m.make_cache(2, 48)
+        chunks = [m(x[:, a:b], cache=cache, start=a).logits for a, b in ((0, 13), (13, 27), (27, 33))]
+        steps = [m(x[:, p:p + 1], cache=cache, start=p).logits for p in range(33, 40)]
+    torch.testing.assert_close(torch.cat(chunks + steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_nsa_speculative_decoding_rewrites_rejected_blocks():
+    """Speculative decoding writes drafts that may be rejected, some completing a block; the
+    block is compressed again when its last position is rewritten, so the tokens equal greedy's."""
+    from nanoseek.speculative import speculative_generate
+
+    m = nsa_model(nsa_topn=64, num_nextn_predict_layers=1)
+    prompt = tokens(9, batch=1)[0].tolist()
+    for n in (1, 2, 7, 16):
+        fast, _ = speculative_generate(m, prompt, max_new_tokens=n)
+        assert fast.tolist() == generate(m, prompt, max_new_tokens=n, temperature=0).tolist()
+
+
 def test_nsa_decode_at_per_row_positions_equals_one_row_at_a_time():
     """The tensor-position decode step (compiled decoding, batched serving) against the int-position
     path row by row, after each row's own prefill: top-k picks among several complete blocks, a row
-    before any complete block, a token that completes a block (position 31, blocks of 4), and a
+    before any complete block, a prefill that ends on a block boundary (16), a token that completes
+    a block (position 31, blocks of 4), and a
     cache that ends in a partial block (38 positions). The caches' block summaries must equal a
     fresh compression of their keys and values."""
     m = nsa_model(nsa_topn=5, num_key_value_heads=2)
     attn = m.layers[0].self_attn
     g = torch.Generator().manual_seed(0)
     cache, reference = (attn.make_cache(4, 38, torch.float32, "cpu") for _ in range(2))
-    positions = torch.tensor([2, 13, 31, 37])
+    positions = torch.tensor([2, 16, 31, 37])  # prefills of 2, 16, 31, 37 tokens
     with torch.no_grad():
         for i, p in enumerate(positions.tolist()):
             prompt = torch.randn(1, p, m.config.hidden_size, generator=g)

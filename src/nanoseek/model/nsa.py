@@ -118,7 +118,8 @@ class NativeSparseAttention(nn.Module):
         """The compressed blocks after positions start..start+t-1 were written: only the blocks that
         completed in this call are compressed (a decode step compresses one block every l tokens
         instead of the whole prefix), the rest come from the cache. A block is recompressed whenever
-        its last position is written again, so a rewritten suffix (speculative decoding) stays exact."""
+        its last position is written again, so a rewritten suffix (speculative decoding) stays exact;
+        callers rewrite positions only by writing on from there (every caller here does)."""
         first, end = start // self.block, (start + t) // self.block
         if end > first:
             span = slice(first * self.block, end * self.block)

@@ -21,6 +21,10 @@ n * l selected keys instead of a per-token gather: O(T * n * l) work in SDPA's f
 With n covering every block, the selected branch is exactly causal attention (tested).
 The compressed branch's attention and the selection scores p^cmp come from one pass over chunks of
 queries (`CompressedBlockAttention`, a flash-style Function that recomputes p in backward).
+
+Decoding: the cache (`NSACache`) keeps each branch's keys/values and the block summaries k^cmp_j,
+v^cmp_j, computed once when block j's last token is written. A step at per-row positions
+(`decode_rows`) picks blocks from its own query's scores, as a one-query block would.
 """
 
 from __future__ import annotations

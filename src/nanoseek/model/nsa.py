@@ -154,8 +154,9 @@ class NativeSparseAttention(nn.Module):
         `forward` with an int position, in tensor ops only (no host read, so a compiled decode step
         is one graph for every position). Row b sees the blocks complete at p_b = positions[b]
         ((p_b + 1) // l of them) and picks among those before its own block's predecessor, as
-        `pick_blocks` does for a one-query block; the selected branch then attends over the whole
-        selected-branch cache with a (B, G, S) mask of the picked blocks' tokens up to p_b."""
+        `pick_blocks` does for a one-query block. The selected branch gathers the picked blocks'
+        tokens (K l keys, those after p_b masked) and the window its last w: a step reads
+        K l + w + L / l keys per group whatever the cache length L, not 3 L."""
         b = x.shape[0]
         g, hd, l = self.n_kv_heads, self.head_dim, self.block
         q, kvs = self.project(x, rope)
@@ -166,15 +167,17 @@ class NativeSparseAttention(nn.Module):
         k_blocks, v_blocks = self.update_row_blocks(cache, k_cmp, v_cmp, positions)
         o_cmp, scores_BGn = self.compressed_decode(q_BGRd, k_blocks, v_blocks, positions)
         blocks, valid = self.pick_row_blocks(scores_BGn, positions // l)
-        n_all = -(-s // l)  # blocks of the cache, the last one possibly partial
-        picked = torch.zeros(b, g, n_all + 1, dtype=torch.bool, device=x.device)  # + a spare column
-        picked = picked.scatter_(-1, blocks.masked_fill(~valid, n_all), True)[..., :n_all]
-        seen = torch.arange(s, device=x.device) <= positions[:, None]  # (B, S)
-        keep = picked.repeat_interleave(l, dim=-1)[..., :s] & seen[:, None]  # (B, G, S)
-        o_slc = masked_one_query_attention(q_BGRd, k_slc, v_slc, keep, self.scale)
-        o_win = causal_attention(q, k_win, v_win, positions, self.scale, window=self.window)
+        token = (blocks[..., None] * l + torch.arange(l, device=x.device)).flatten(-2)  # (B, G, K l)
+        keep = valid.repeat_interleave(l, dim=-1) & (token <= positions[:, None, None])
+        o_slc = gathered_one_query_attention(q_BGRd, k_slc, v_slc, token.clamp(max=s - 1), keep, self.scale)
+        w = min(self.window, s)
+        window = positions[:, None] - w + 1 + torch.arange(w, device=x.device)  # (B, w): the last w positions
+        keep = (window >= 0)[:, None].expand(b, g, w)
+        window = window.clamp(min=0)[:, None].expand(b, g, w)
+        o_win = gathered_one_query_attention(q_BGRd, k_win, v_win, window, keep, self.scale)
         gates = torch.sigmoid(self.gate_proj(x)).view(b, 1, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
-        o = gates[0] * o_cmp.reshape_as(o_win) + gates[1] * o_slc.reshape_as(o_win) + gates[2] * o_win
+        o_cmp, o_slc, o_win = (o.reshape(b, self.n_heads, 1, hd) for o in (o_cmp, o_slc, o_win))  # (B, H, 1, d)
+        o = gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_win
         return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.n_heads * hd))
 
     def compressed_decode(self, q_BGRd, k_blocks, v_blocks, positions):
@@ -321,13 +324,17 @@ class NativeSparseAttention(nn.Module):
         return torch.cat([blocks, top.indices], -1), torch.cat([valid, top.values > float("-inf")], -1)
 
 
-def masked_one_query_attention(q_BGRd, k, v, keep_BGS, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the keys `keep` allows, one query per row and R query heads per
-    key head: (B, G, R, d_v). Every row keeps at least one key (its own block's tokens up to itself)."""
-    scores = torch.matmul(q_BGRd, k.transpose(-1, -2))  # (B, G, R, S)
+def gathered_one_query_attention(q_BGRd, k, v, index_BGN, keep_BGN, scale: float) -> torch.Tensor:
+    """softmax(q k_I^T * scale) v_I over the N cached keys each row and group reads (positions `index`,
+    those `keep` drops masked), one query per row and R query heads per key head: (B, G, R, d_v).
+    Every row keeps at least one key (its own position)."""
+    b, g, n = index_BGN.shape
+    k_I = k.gather(2, index_BGN[..., None].expand(b, g, n, k.shape[-1]))
+    v_I = v.gather(2, index_BGN[..., None].expand(b, g, n, v.shape[-1]))
+    scores = torch.matmul(q_BGRd, k_I.transpose(-1, -2))  # (B, G, R, N)
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
-    probs = scores.masked_fill(~keep_BGS[:, :, None], float("-inf")).softmax(-1)
-    return torch.matmul(probs.to(v.dtype), v)
+    probs = scores.masked_fill(~keep_BGN[:, :, None], float("-inf")).softmax(-1)
+    return torch.matmul(probs.to(v_I.dtype), v_I)
 
 
 class NSACache:

@@ -154,7 +154,7 @@ class NativeSparseAttention(nn.Module):
         `forward` with an int position, in tensor ops only (no host read, so a compiled decode step
         is one graph for every position). Row b sees the blocks complete at p_b = positions[b]
         ((p_b + 1) // l of them) and picks among those before its own block's predecessor, as
-        `pick_blocks` does for a one-query block. The selected branch gathers the picked blocks'
+        `choose_blocks` does for a one-query block. The selected branch gathers the picked blocks'
         tokens (K l keys, those after p_b masked) and the window its last w: a step reads
         K l + w + L / l keys per group whatever the cache length L, not 3 L."""
         b = x.shape[0]
@@ -166,7 +166,7 @@ class NativeSparseAttention(nn.Module):
         q_BGRd = q.reshape(b, g, self.n_heads // g, hd)
         k_blocks, v_blocks = self.update_row_blocks(cache, k_cmp, v_cmp, positions)
         o_cmp, scores_BGn = self.compressed_decode(q_BGRd, k_blocks, v_blocks, positions)
-        blocks, valid = self.pick_row_blocks(scores_BGn, positions // l)
+        blocks, valid = self.choose_blocks(scores_BGn, (positions // l)[:, None])  # (B, G, K)
         token = (blocks[..., None] * l + torch.arange(l, device=x.device)).flatten(-2)  # (B, G, K l)
         keep = valid.repeat_interleave(l, dim=-1) & (token <= positions[:, None, None])
         o_slc = gathered_one_query_attention(q_BGRd, k_slc, v_slc, token.clamp(max=s - 1), keep, self.scale)
@@ -191,20 +191,6 @@ class NativeSparseAttention(nn.Module):
         probs = logits.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1)
         probs = probs.masked_fill(~visible.any(-1)[:, None, None, None], 0.0)  # no complete block: 0, not NaN
         return torch.matmul(probs.to(v_blocks.dtype), v_blocks), probs.sum(2)
-
-    def pick_row_blocks(self, score_BGn: torch.Tensor, own: torch.Tensor):
-        """`pick_blocks` for one query per row in block `own` (B,): ids (B, G, K) and validity."""
-        b, g, n = score_BGn.shape
-        forced = torch.stack([torch.zeros_like(own), (own - 1).clamp(min=0), own], -1)  # (B, 3)
-        forced_ok = torch.stack([torch.ones_like(own, dtype=torch.bool), own > 1, own > 0], -1)
-        blocks, valid = forced[:, None].expand(b, g, 3), forced_ok[:, None].expand(b, g, 3)
-        n_free = min(self.n_select - 3, n)
-        if n_free <= 0:
-            return blocks, valid
-        candidate = torch.arange(n, device=own.device)[None, :]
-        usable = (candidate < own[:, None] - 1) & (candidate > 0)  # complete before, and not forced
-        top = score_BGn.masked_fill(~usable[:, None], float("-inf")).topk(n_free, dim=-1)
-        return torch.cat([blocks, top.indices], -1), torch.cat([valid, top.values > float("-inf")], -1)
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,21 +293,24 @@ class NativeSparseAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, h, nb * l, -1)[:, :, front:front + t]
 
     def pick_blocks(self, score_BGbn: torch.Tensor, first: int, nb: int):
-        """Block ids (B, G, nb, K) and their validity for query blocks first..first+nb-1: the first,
-        previous and own block (always slots 0, 1, 2), then the top (nsa_topn - 3) of the blocks complete before the query
-        block by their selection score."""
-        b, g, _, n = score_BGbn.shape
-        qb = torch.arange(first, first + nb, device=score_BGbn.device)
-        forced = torch.stack([torch.zeros_like(qb), (qb - 1).clamp(min=0), qb], -1)  # (nb, 3)
-        forced_ok = torch.stack([torch.ones_like(qb, dtype=torch.bool), qb > 1, qb > 0], -1)
-        blocks, valid = forced.expand(b, g, nb, 3), forced_ok.expand(b, g, nb, 3)
+        """Block ids (B, G, nb, K) and their validity for query blocks first..first+nb-1."""
+        return self.choose_blocks(score_BGbn, torch.arange(first, first + nb, device=score_BGbn.device))
+
+    def choose_blocks(self, score: torch.Tensor, own: torch.Tensor):
+        """Block ids (..., K) and their validity for score rows (..., n) whose query block is `own`
+        (broadcastable to score.shape[:-1]): the first, previous and own block (always slots 0, 1, 2),
+        then the top (nsa_topn - 3) of the blocks complete before the query block by their score."""
+        n = score.shape[-1]
+        own = own.expand(score.shape[:-1])
+        forced = torch.stack([torch.zeros_like(own), (own - 1).clamp(min=0), own], -1)
+        valid = torch.stack([torch.ones_like(own, dtype=torch.bool), own > 1, own > 0], -1)
         n_free = min(self.n_select - 3, n)
         if n_free <= 0:
-            return blocks, valid
-        candidate = torch.arange(n, device=score_BGbn.device)[None, :]
-        usable = (candidate < qb[:, None] - 1) & (candidate > 0)  # complete before, and not forced
-        top = score_BGbn.masked_fill(~usable, float("-inf")).topk(n_free, dim=-1)
-        return torch.cat([blocks, top.indices], -1), torch.cat([valid, top.values > float("-inf")], -1)
+            return forced, valid
+        candidate = torch.arange(n, device=score.device)
+        usable = (candidate < own[..., None] - 1) & (candidate > 0)  # complete before, and not forced
+        top = score.masked_fill(~usable, float("-inf")).topk(n_free, dim=-1)
+        return torch.cat([forced, top.indices], -1), torch.cat([valid, top.values > float("-inf")], -1)
 
 
 def gathered_one_query_attention(q_BGRd, k, v, index_BGN, keep_BGN, scale: float) -> torch.Tensor:

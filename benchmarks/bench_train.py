@@ -1,4 +1,4 @@
-"""Training throughput of nanoseek against the nanoGPT-style reference in `reference_gpt.py`
+"""Training throughput of nanoseek against the nanoGPT-style reference in `nanoseek/bench/reference_gpt.py`
 (or `--peers hf`: transformers on DeepSeek/Llama presets).
 
     python benchmarks/bench_train.py [--preset gpt2-small] [--seq-len 64] [--batch 12] ...

@@ -2,7 +2,7 @@
 
     python benchmarks/fusion_stability.py
 """
-import torch, math
+import torch
 from nanoseek import ModelConfig, Transformer
 torch.set_num_threads(2)
 for fusion in ["residual", "hyper", "mhc"]:

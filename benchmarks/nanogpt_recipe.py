@@ -1,6 +1,6 @@
 """The quality anchor: nanoGPT's CPU recipe on the bundled corpus, measured on this machine.
 
-Trains `reference_gpt.GPT` exactly as nanoGPT's shakespeare_char CPU command does (4 layers, 4 heads,
+Trains `nanoseek.bench.reference_gpt.GPT` exactly as nanoGPT's shakespeare_char CPU command does (4 layers, 4 heads,
 width 128, context 64, batch 12, AdamW lr 1e-3 betas (0.9, 0.99), wd 0.1, 100 warmup iters, cosine
 to 1e-4 over 2000 iters, grad clip 1, dropout 0, fp32) on nanoseek's char-level tokens of
 tinyshakespeare (same 90/10 split, vocabulary of the 65 corpus characters), and reports the wall
@@ -13,10 +13,8 @@ time and the validation loss estimated as nanoGPT does (mean over 20 random batc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,16 +26,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def load_reference():
-    spec = importlib.util.spec_from_file_location("reference_gpt", HERE / "reference_gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reference_gpt"] = module
-    spec.loader.exec_module(module)
-    return module
+    import nanoseek.bench.reference_gpt as reference_gpt
+
+    return reference_gpt
 
 
 def char_splits():
-    from nanoseek.dataset import TokenDataset, prepare_corpus
-    from nanoseek.tokenizer import CharTokenizer
+    from nanoseek.data.shards import TokenDataset, prepare_corpus
+    from nanoseek.data.tokenizer import CharTokenizer
     from nanoseek.train.loop import BUNDLED_CORPUS
 
     tok = CharTokenizer.train([BUNDLED_CORPUS.read_text()])

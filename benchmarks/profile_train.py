@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from nanoseek import bench  # noqa: E402
+import nanoseek.bench.train as bench  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.device import resolve_device, synchronize  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     python benchmarks/train_sweep.py [--preset deepseek-v3-small] [--out benchmarks/train_shapes.png]
 
-Runs `nanoseek.bench.bench_train(preset, ("nanoseek", "hf"))` at each (batch, seq_len) shape, prints
+Runs `nanoseek.bench.train.bench_train(preset, ("nanoseek", "hf"))` at each (batch, seq_len) shape, prints
 its JSON lines, and draws tokens/s against batch * seq_len for both implementations.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nanoseek.bench import bench_train
+from nanoseek.bench.train import bench_train
 
 SHAPES = ((2, 64), (4, 128), (8, 128), (8, 256), (16, 256))
 

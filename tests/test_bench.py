@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from nanoseek import bench
+import nanoseek.bench.train as bench
+from nanoseek.bench import common, run_bench
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
@@ -16,20 +17,20 @@ TINY = dict(seq_len=16, batch=2, steps=2, warmup=1, rounds=2, threads=1, peak_se
 
 
 def reference_for(cfg: ModelConfig):
-    ref = bench.load_reference()
+    ref = bench.reference_gpt
     return ref.GPT(ref.GPTConfig(block_size=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
                                  n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
                                  n_embd=cfg.hidden_size, dropout=0.0, bias=True))
 
 
 def test_heap_in_use_sees_a_live_tensor():
-    before = bench.heap_in_use()
+    before = common.heap_in_use()
     if before is None:
         pytest.skip("no glibc mallinfo2 here")
     x = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, touched
-    assert bench.heap_in_use() - before >= 15 << 20
+    assert common.heap_in_use() - before >= 15 << 20
     del x
-    assert bench.heap_in_use() - before < 4 << 20
+    assert common.heap_in_use() - before < 4 << 20
 
 
 def test_bench_train_smoke():
@@ -90,7 +91,7 @@ def test_reference_learns_a_repeated_batch():
 
 
 def test_run_bench_prints_json_lines(capsys):
-    code = bench.run_bench(["train", "--preset", "gpt2-tiny", "--seq-len", "8", "--batch", "1",
+    code = run_bench(["train", "--preset", "gpt2-tiny", "--seq-len", "8", "--batch", "1",
                             "--steps", "1", "--warmup", "0", "--rounds", "1", "--threads", "1",
                             "--peers", "none", "--peak-seconds", "0.05", "--data", "random"])
     assert code == 0
@@ -101,7 +102,7 @@ def test_run_bench_prints_json_lines(capsys):
 
 def test_unknown_benchmark_lists_choices():
     with pytest.raises(NanoseekError, match="choose one of: train"):
-        bench.run_bench(["nonsense"])
+        run_bench(["nonsense"])
 
 
 def test_reference_needs_a_gpt2_preset():
@@ -118,19 +119,12 @@ def test_bad_arguments():
         bench.bench_train("gpt2-tiny", impls=("jax",))
 
 
-def test_missing_reference_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "REFERENCE_PATH", tmp_path / "reference_gpt.py")
-    monkeypatch.delitem(sys.modules, "nanoseek_reference_gpt", raising=False)
-    with pytest.raises(NanoseekError, match="--peers none"):
-        bench.load_reference()
-
-
 def test_matmul_peak_is_positive():
-    assert bench.measure_matmul_peak("float32", threads=1, seconds=0.05) > 0
+    assert common.measure_matmul_peak("float32", threads=1, seconds=0.05) > 0
 
 
 def run_lines(argv, capsys) -> list[dict]:
-    assert bench.run_bench(argv) == 0
+    assert run_bench(argv) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nanoseek.chat import load_chat_template, render_chat
+from nanoseek.generation.chat import load_chat_template, render_chat
 from nanoseek.errors import NanoseekError
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]

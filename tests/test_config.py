@@ -4,7 +4,7 @@ import pytest
 
 from nanoseek.config import ModelConfig, TrainConfig, build_train_config
 from nanoseek.errors import NanoseekError
-from nanoseek.presets import PRESETS
+from nanoseek.config.presets import PRESETS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

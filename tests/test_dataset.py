@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoseek.dataset import (
+from nanoseek.data.shards import (
     BatchLoader,
     TokenDataset,
     iter_eval_batches,
@@ -17,7 +17,7 @@ from nanoseek.dataset import (
     token_dtype,
 )
 from nanoseek.errors import NanoseekError
-from nanoseek.tokenizer import train_tokenizer
+from nanoseek.data.tokenizer import train_tokenizer
 
 LINES = ["First Citizen:", "Before we proceed any further, hear me speak.", "",
          "秦川雄帝宅，函谷壯皇居。🙂🚀", "  indented line\twith tab", "All: Speak, speak."]

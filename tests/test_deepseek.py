@@ -7,9 +7,9 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.config import mscale
-from nanoseek.generate import decode_step, prefill
+from nanoseek.generation.loop import decode_step, prefill
 from nanoseek.model import kv_cache_bytes_per_token, model_info
-from nanoseek.model.moe import MoE, Router
+from nanoseek.model.moe.moe import MoE, Router
 from nanoseek.model.position import rope_attention_factor, rope_inv_freq, softmax_scale
 
 V3_YARN = dict(rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
@@ -129,7 +129,7 @@ def router(**kw):
 
 
 def test_gathered_grouped_mm_matches_gather_then_per_expert_products():
-    from nanoseek.model.moe import GatheredGroupedMM
+    from nanoseek.model.moe.moe import GatheredGroupedMM
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 16, generator=g, requires_grad=True)
@@ -305,7 +305,7 @@ def trained_on_a_cycle(steps=60):
 
 def test_speculative_decoding_equals_greedy_and_accepts_drafts():
     from nanoseek import generate
-    from nanoseek.speculative import speculative_generate
+    from nanoseek.generation.speculative import speculative_generate
 
     model = trained_on_a_cycle()
     prompt = [3, 4, 5, 6]
@@ -317,7 +317,7 @@ def test_speculative_decoding_equals_greedy_and_accepts_drafts():
 
 def test_speculative_decoding_equals_greedy_with_random_weights():
     from nanoseek import generate
-    from nanoseek.speculative import speculative_generate
+    from nanoseek.generation.speculative import speculative_generate
 
     model = make("deepseek-v3-tiny").eval()
     prompt = torch.randint(0, 128, (9,)).tolist()
@@ -329,7 +329,7 @@ def test_speculative_decoding_equals_greedy_with_random_weights():
 def test_opaque_grouped_mm_matches_torch_and_passes_opcheck():
     """`nanoseek::grouped_mm` (what a compiled fp32 MoE step calls): torch._grouped_mm's product and
     gradients, and torch.library.opcheck's schema / fake-tensor / autograd checks."""
-    from nanoseek.model.moe import opaque_grouped_mm
+    from nanoseek.model.moe.moe import opaque_grouped_mm
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=g, requires_grad=True)

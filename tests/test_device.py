@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanoseek import bench
+import nanoseek.bench.train as bench
 from nanoseek.cli import main as cli_main
 from nanoseek.config import build_train_config
 from nanoseek.device import DevicePeak, autocast, peak_memory, resolve_device, synchronize
@@ -85,7 +85,7 @@ def test_one_gpu_per_local_rank(monkeypatch):
 
 
 def test_ranks_may_not_all_name_one_gpu(monkeypatch):
-    from nanoseek.train import dist
+    from nanoseek.parallel import dist
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.generate import SamplingOptions, generate
+from nanoseek.generation.loop import SamplingOptions, generate
 from nanoseek.serve.engine import Engine, Event, QueueFull, Sequence
 
 VOCAB = 300

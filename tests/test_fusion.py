@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.generate import decode_step, prefill
+from nanoseek.generation.loop import decode_step, prefill
 from nanoseek.model.fusion import sinkhorn
 
 KINDS = ["residual", "dwa", "dynamic", "hyper", "mhc"]
@@ -90,7 +90,7 @@ def test_mhc_stays_finite_at_a_high_learning_rate():
 
 
 def test_embed_returns_unit_vectors_that_rank_by_similarity():
-    from nanoseek.embed import embed
+    from nanoseek.analysis.embed import embed
 
     class Bytes:
         def encode(self, text):
@@ -105,7 +105,7 @@ def test_embed_returns_unit_vectors_that_rank_by_similarity():
 
 @pytest.mark.parametrize("fusion", KINDS)
 def test_inspect_fusion_writes_a_png(fusion, tmp_path):
-    from nanoseek.inspect_plots import fusion_weights, plot_fusion
+    from nanoseek.analysis.inspect import fusion_weights, plot_fusion
 
     class Bytes:
         def encode(self, text):

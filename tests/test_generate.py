@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nanoseek import ModelConfig, NanoseekError, Transformer
-from nanoseek.generate import (
+from nanoseek.generation.loop import (
     TextStream,
     apply_repetition_penalty,
     complete,
@@ -322,7 +322,7 @@ def test_compiled_decode_compiles_once_per_length_bucket(monkeypatch):
     the generation's length, and with it the graph); a longer generation gets the next bucket."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("nanoseek.generate"), "DECODE_CACHE_MIN", 16)
+    monkeypatch.setattr(importlib.import_module("nanoseek.generation.loop"), "DECODE_CACHE_MIN", 16)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("deepseek-v3-tiny", max_position_embeddings=64)).eval()
     prompt = torch.randint(0, 128, (1, 6))
@@ -409,14 +409,14 @@ def test_a_copy_of_a_model_does_not_share_its_compiled_steps():
 
 
 def test_decode_cache_length_buckets():
-    from nanoseek.generate import decode_cache_length
+    from nanoseek.generation.loop import decode_cache_length
 
     assert [decode_cache_length(n, 4096) for n in (1, 256, 257, 1000, 1025)] == [256, 256, 512, 1024, 2048]
     assert decode_cache_length(3000, 2048) == 2048
 
 
 def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():
-    from nanoseek.generate import mask_unknown_ids
+    from nanoseek.generation.loop import mask_unknown_ids
 
     class Small:
         vocab_size = 5
@@ -430,7 +430,7 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():
 
 def test_matvec_linear_equals_linear():
     """The compiled few-row decode runs F.linear as multiply-and-reduce: same values, bias or not."""
-    from nanoseek.generate import MatvecLinear
+    from nanoseek.generation.loop import MatvecLinear
 
     torch.manual_seed(0)
     layer, plain = torch.nn.Linear(16, 5), torch.nn.Linear(16, 5, bias=False)
@@ -447,7 +447,7 @@ def test_matvec_linear_equals_linear():
 
 def test_matvec_mode_runs_few_row_matmuls_as_multiply_and_reduce():
     """Attention over the cache in the compiled decode: (..., M, K) @ (..., K, N) with M small."""
-    from nanoseek.generate import MATMUL_MAX_ROWS, MatvecLinear
+    from nanoseek.generation.loop import MATMUL_MAX_ROWS, MatvecLinear
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 10, 8)  # scores against a cache, batched

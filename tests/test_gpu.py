@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek import ModelConfig, Transformer, bench
+import nanoseek.bench.train as bench
+from nanoseek import ModelConfig, Transformer
 from nanoseek.config import build_train_config
-from nanoseek.generate import decode_step, generate, prefill
+from nanoseek.generation.loop import decode_step, generate, prefill
 from nanoseek.train import loop
 
 DEVICE = os.environ.get("NANOSEEK_TEST_DEVICE", "cuda")
@@ -162,7 +163,7 @@ def test_sparse_attention_kinds_equal_the_cpus(kind):
     where the CPU and CUDA kernels may keep different keys.)"""
     import argparse
 
-    from nanoseek import bench_attention as ba
+    from nanoseek.bench import attention as ba
 
     parser = argparse.ArgumentParser()
     ba.add_attention_args(parser)
@@ -188,7 +189,7 @@ def test_grouped_query_sdpa_never_holds_the_weights(dtype):
     8 x T x T weights a math-path fallback would hold (a 512 MiB matrix in fp32 at T = 4096, 256 in bf16,
     several of them live in backward)."""
     from nanoseek.device import DevicePeak
-    from nanoseek.model.attention import sdpa
+    from nanoseek.model.attention.core import sdpa
 
     t = 4096
     g = torch.Generator().manual_seed(0)

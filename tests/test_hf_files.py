@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from nanoseek import ModelConfig, Transformer, load_model
 from nanoseek.cli import main as cli_main
 from nanoseek.errors import NanoseekError
-from nanoseek.hf import dequantize_fp8, save_hf
+from nanoseek.io.hf import dequantize_fp8, save_hf
 
 
 def tiny(preset="deepseek-v3-tiny"):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model import model_info
-from nanoseek.model.attention import causal_attention
+from nanoseek.model.attention.core import causal_attention
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.position import apply_rope, rope_inv_freq, sinusoidal_table
 
@@ -105,7 +105,7 @@ def test_one_query_path_equals_explicit_softmax_attention(window):
 def test_rope_attention_keeps_only_its_own_tensors_for_backward():
     # q, k rotated in (B, T, H, d) layout: SDPA returns that layout, so o_proj's input is a view of
     # the output SDPA keeps anyway, and v is its own copy, not a view holding all of q/k/v
-    from nanoseek.model.attention import MultiHeadAttention
+    from nanoseek.model.attention.core import MultiHeadAttention
 
     cfg = ModelConfig.from_preset("llama-tiny")
     attn = MultiHeadAttention(cfg)
@@ -489,7 +489,7 @@ def test_bf16_weight_gradients_sum_their_row_chunks_in_fp32(monkeypatch):
 def test_sdpa_with_expanded_kv_heads_equals_grouped(monkeypatch, kwargs):
     """sdpa's CUDA fallback (K/V heads expanded before the kernel) gives the grouped call's output and
     gradients; run here by forcing the expansion on the CPU."""
-    from nanoseek.model import attention
+    from nanoseek.model.attention import core as attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, n, 20, 16, generator=g) for n in (8, 2, 2))
@@ -510,7 +510,7 @@ def test_sdpa_with_expanded_kv_heads_equals_grouped(monkeypatch, kwargs):
 def test_sdpa_expands_kv_heads_only_where_cuda_lacks_a_grouped_kernel():
     from types import SimpleNamespace
 
-    from nanoseek.model.attention import expands_kv_heads
+    from nanoseek.model.attention.core import expands_kv_heads
 
     def rule(device, dtype, masked):
         return expands_kv_heads(SimpleNamespace(device=torch.device(device), dtype=dtype),

@@ -20,10 +20,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from nanoseek import ModelConfig, Transformer  # noqa: E402
-from nanoseek.checkpoint import load_model  # noqa: E402
-from nanoseek.embed import embed  # noqa: E402
-from nanoseek.generate import complete  # noqa: E402
-from nanoseek.tokenizer import CharTokenizer, load_tokenizer  # noqa: E402
+from nanoseek.io import load_model  # noqa: E402
+from nanoseek.analysis.embed import embed  # noqa: E402
+from nanoseek.generation.loop import complete  # noqa: E402
+from nanoseek.data.tokenizer import CharTokenizer, load_tokenizer  # noqa: E402
 
 CONTEXT = 96
 KEY = "sk-test-0123456789"

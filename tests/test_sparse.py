@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, NanoseekError, Transformer
-from nanoseek.generate import generate
-from nanoseek.model import attention
-from nanoseek.model.attention import causal_attention
+from nanoseek.generation.loop import generate
+from nanoseek.model.attention import core as attention
+from nanoseek.model.attention.core import causal_attention
 
 
 def model(preset: str, seed: int = 0, **overrides) -> Transformer:
@@ -221,7 +221,7 @@ def test_dsa_warmup_trains_only_the_indexer_and_lowers_its_loss():
 def test_long_prefill_path_equals_the_masked_path(monkeypatch, topk, gather_from):
     """300 queries > SELECT_CHUNK: chunks that mask their picks, that gather them (gather_from=1), or
     (top-k 280) a first chunk that sees fewer keys than top-k and keeps every causal key."""
-    import nanoseek.model.dsa as dsa
+    import nanoseek.model.attention.dsa as dsa
 
     monkeypatch.setattr(dsa, "GATHER_FROM", gather_from)
     m = model("deepseek-v32-tiny", index_topk=topk, index_n_heads=16, max_position_embeddings=512)  # no ReLU ties
@@ -244,7 +244,7 @@ def test_long_prefill_path_equals_the_masked_path(monkeypatch, topk, gather_from
     ("deepseek-v3-tiny", {}, "dense"),
 ])
 def test_attention_map_is_what_the_layer_computes(preset, overrides, kind):
-    from nanoseek.inspect_plots import attention_maps
+    from nanoseek.analysis.inspect import attention_maps
 
     m = model(preset, **overrides)
     x = tokens(14, batch=1)
@@ -271,7 +271,7 @@ def test_inspect_attention_command_writes_a_png(tmp_path, capsys):
     import json
 
     from nanoseek.cli import main
-    from nanoseek.tokenizer import CharTokenizer
+    from nanoseek.data.tokenizer import CharTokenizer
 
     tok = CharTokenizer.train(["abcdefgh ijklmnop"])
     m = model("deepseek-v32-tiny", vocab_size=tok.vocab_size, index_topk=4)
@@ -346,7 +346,7 @@ def test_nsa_compressed_branch_sees_only_complete_past_blocks():
 
 @pytest.mark.parametrize("start,t,chunk", [(0, 23, 1024), (0, 23, 5), (6, 11, 4), (9, 1, 1024)])
 def test_nsa_compressed_block_attention_matches_masked_softmax_with_gradients(monkeypatch, start, t, chunk):
-    from nanoseek.model import nsa
+    from nanoseek.model.attention import nsa
 
     monkeypatch.setattr(nsa, "CMP_CHUNK", chunk)  # several chunks, each over its own visible blocks
     g = torch.Generator().manual_seed(0)
@@ -408,7 +408,7 @@ def test_nsa_chunked_prefill_and_decode_equal_full_recompute():
 def test_nsa_speculative_decoding_rewrites_rejected_blocks():
     """Speculative decoding writes drafts that may be rejected, some completing a block; the
     block is compressed again when its last position is rewritten, so the tokens equal greedy's."""
-    from nanoseek.speculative import speculative_generate
+    from nanoseek.generation.speculative import speculative_generate
 
     m = nsa_model(nsa_topn=64, num_nextn_predict_layers=1)
     prompt = tokens(9, batch=1)[0].tolist()
@@ -467,7 +467,7 @@ def test_nsa_refuses_mla():
 
 
 def test_nsa_attention_map_shows_the_selected_blocks_and_window():
-    from nanoseek.inspect_plots import attention_maps
+    from nanoseek.analysis.inspect import attention_maps
 
     m = model("llama-tiny", sparse="nsa", nsa_block=4, nsa_topn=4, sliding_window=3)
     x = tokens(30, batch=1)
@@ -481,7 +481,7 @@ def test_nsa_attention_map_shows_the_selected_blocks_and_window():
 
 
 def test_v4_attention_map_in_inspect():
-    from nanoseek.inspect_plots import attention_maps
+    from nanoseek.analysis.inspect import attention_maps
 
     m = model("deepseek-v4-tiny")
     weights, allowed, kind = attention_maps(m, tokens(20, batch=1), layer=1)
@@ -506,7 +506,7 @@ def test_nsa_op_under_bf16_autocast_with_fp32_inputs_runs_backward():
     Forward and gradients stay near fp32's, and the gradients keep the inputs' dtype."""
     import argparse
 
-    from nanoseek import bench_attention as ba
+    from nanoseek.bench import attention as ba
 
     parser = argparse.ArgumentParser()
     ba.add_attention_args(parser)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import nanoseek.tokenizer as tokenizer_module
+import nanoseek.data.tokenizer as tokenizer_module
+from nanoseek.data import BUNDLED_CORPUS
 from nanoseek.errors import NanoseekError
-from nanoseek.tokenizer import (
+from nanoseek.data.tokenizer import (
     BPETokenizer,
     CharTokenizer,
     StreamDecoder,
@@ -35,7 +36,7 @@ SAMPLES = [
 ]
 INVALID_BYTES = [b"\xff\xfe abc \xe4\xb8", b"\x80", b"\xed\xa0\x80 surrogate", b"ok\xc3",
                  "秦🙂".encode()[:-1]]
-SHAKESPEARE = Path(tokenizer_module.__file__).parent / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = BUNDLED_CORPUS
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek import checkpoint as ckpt_io
+from nanoseek.io import checkpoint as ckpt_io
 from nanoseek import load_model
 from nanoseek.cli import main as cli_main
 from nanoseek.config import ScheduleConfig, build_train_config
@@ -263,7 +263,7 @@ def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(cor
     import functools
     import importlib
 
-    gen = importlib.import_module("nanoseek.generate")
+    gen = importlib.import_module("nanoseek.generation.loop")
     calls = []
 
     def spy(model):
@@ -289,7 +289,7 @@ def test_chat_compile_flags_reach_the_decoder_and_prefill(corpus, tmp_path, caps
     import importlib
     import io
 
-    gen = importlib.import_module("nanoseek.generate")
+    gen = importlib.import_module("nanoseek.generation.loop")
     prefills, decoders = [], []
 
     def spy_prefill(model):

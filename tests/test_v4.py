@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.errors import NanoseekError
-from nanoseek.model import compressed
-from nanoseek.model.compressed import CompressedAttention, rotate_tail
+from nanoseek.model.attention import compressed
+from nanoseek.model.attention.compressed import CompressedAttention, rotate_tail
 
 KINDS = ["dense", "sliding", "csa", "hca"]
 
@@ -203,7 +203,7 @@ def test_trains_and_loss_falls():
 
 
 def test_earliest_topk_breaks_ties_by_position():
-    from nanoseek.model.compressed import earliest_topk
+    from nanoseek.model.attention.compressed import earliest_topk
 
     s = torch.tensor([[0.5, 0.0, -0.0, 0.0, -1.0, float("-inf"), 2.0, 0.5]])
     assert earliest_topk(s, 5).tolist() == [[6, 0, 7, 1, 2]]
@@ -268,7 +268,7 @@ def test_per_row_decode_with_a_cache_shorter_than_a_window():
 
 
 def test_hf_export_routing_rules(tmp_path):
-    from nanoseek.hf import config_to_hf
+    from nanoseek.io.hf import config_to_hf
 
     cfg = ModelConfig.from_preset("deepseek-v4-tiny")
     assert config_to_hf(cfg.replace(scoring_func="sigmoid"))["scoring_func"] == "sigmoid"

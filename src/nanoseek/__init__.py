@@ -1,18 +1,17 @@
-"""nanoseek: understand, train, ablate and run DeepSeek-architecture language models."""
+"""nanoseek: understand, train, ablate and run DeepSeek-architecture language models.
 
-from .config import ModelConfig, TrainConfig
-from .errors import NanoseekError
-from .generate import generate
-from .model import Transformer
+    >>> from nanoseek import ModelConfig, Transformer, generate
+    >>> model = Transformer(ModelConfig.from_preset("deepseek-v3-tiny")).eval()
+    >>> generate(model, [1, 2, 3], max_new_tokens=4, temperature=0).shape
+    torch.Size([4])
+"""
+
+from nanoseek.config import ModelConfig, TrainConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.generation.loop import generate
+from nanoseek.io import load_model, save_model
+from nanoseek.model import Transformer
 
 __version__ = "0.1.0"
 
-
-def load_model(path, dtype=None, trust_pickle=False):
-    """Load a checkpoint directory (nanoseek or HF format) and return the model in eval mode."""
-    from .checkpoint import load_model as _load
-
-    return _load(path, dtype=dtype, trust_pickle=trust_pickle)
-
-
-__all__ = ["ModelConfig", "TrainConfig", "Transformer", "NanoseekError", "load_model", "generate"]
+__all__ = ["ModelConfig", "TrainConfig", "Transformer", "NanoseekError", "load_model", "save_model", "generate"]

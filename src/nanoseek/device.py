@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .errors import NanoseekError
+from nanoseek.errors import NanoseekError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _PATTERN = re.compile(r"auto|cpu|cuda(:(0|[1-9]\d*))?")

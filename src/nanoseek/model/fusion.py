@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from nanoseek.config import ModelConfig
 
 
 def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

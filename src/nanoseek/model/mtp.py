@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from .norm import RMSNorm
+from nanoseek.config import ModelConfig
+from nanoseek.model.norm import RMSNorm
 
 
 class SharedHead(nn.Module):

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import ModelConfig, mscale
+from nanoseek.config import ModelConfig, mscale
 
 
 def sinusoidal_table(max_positions: int, dim: int) -> torch.Tensor:

@@ -20,23 +20,27 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .attention import MultiHeadAttention
-from .compressed import CompressedAttention
-from .fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, StreamHead
-from .ffn import make_dense_ffn
-from .loss import linear_cross_entropy
-from .mla import MultiHeadLatentAttention
-from .moe import MoE
-from .mtp import MTPModule
-from .nsa import NativeSparseAttention
-from .norm import make_norm, recomputed_norm_outputs
-from .position import ADDITIVE_POSITIONS, RotaryEmbedding
+from nanoseek.config import ModelConfig
+from nanoseek.model.attention.core import MultiHeadAttention
+from nanoseek.model.attention.compressed import CompressedAttention
+from nanoseek.model.fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, StreamHead
+from nanoseek.model.ffn import make_dense_ffn
+from nanoseek.model.loss import linear_cross_entropy
+from nanoseek.model.attention.mla import MultiHeadLatentAttention
+from nanoseek.model.moe.moe import MoE
+from nanoseek.model.mtp import MTPModule
+from nanoseek.model.attention.nsa import NativeSparseAttention
+from nanoseek.model.norm import make_norm, recomputed_norm_outputs
+from nanoseek.model.position import ADDITIVE_POSITIONS, RotaryEmbedding
+
+# checkpoint format -> writer(model, directory, tokenizer_dir), installed by nanoseek.io
+CHECKPOINT_WRITERS: dict[str, Callable] = {}
 
 ATTENTIONS = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mqa": MultiHeadAttention,
               "mla": MultiHeadLatentAttention, "v4": CompressedAttention}
@@ -341,22 +345,12 @@ class Transformer(nn.Module):
         return [layer.self_attn.make_cache(batch, max_len, dtype, device) for layer in self.layers]
 
     def save_pretrained(self, directory, format: str = "nanoseek", tokenizer_dir=None):
-        """Write a checkpoint folder: format="nanoseek" (native) or "hf" (transformers-loadable)."""
-        from pathlib import Path
+        """Write a checkpoint folder: format="nanoseek" (native) or "hf" (transformers-loadable).
 
-        if format == "hf":
-            from ..hf import save_hf
-
-            return save_hf(self, directory, tokenizer_dir)
-        if format != "nanoseek":
-            raise ValueError(f"format={format!r}; choose 'nanoseek' or 'hf'")
-        from ..checkpoint import write_model_files
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        source = Path(tokenizer_dir or getattr(self, "checkpoint_dir", "") or "") / "tokenizer.json"
-        write_model_files(self, directory, source.read_text() if source.is_file() else None)
-        return directory
+        A convenience over `nanoseek.io.save_model`, whose import installs the writers."""
+        if format not in CHECKPOINT_WRITERS:
+            raise ValueError(f"format={format!r}; choose 'nanoseek' or 'hf' (import nanoseek.io)")
+        return CHECKPOINT_WRITERS[format](self, directory, tokenizer_dir)
 
     # ------------------------------------------------------------------ estimators
     def num_params(self) -> dict:

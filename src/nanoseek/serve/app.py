@@ -31,11 +31,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat import load_chat_template, render_chat
-from ..errors import NanoseekError
-from ..generate import SamplingOptions
-from .engine import Engine, QueueFull, Sequence
-from .protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
+from nanoseek.generation.chat import load_chat_template, render_chat
+from nanoseek.errors import NanoseekError
+from nanoseek.generation.loop import SamplingOptions
+from nanoseek.serve.engine import Engine, QueueFull, Sequence
+from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
 
 log = logging.getLogger("nanoseek.serve")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -367,7 +367,7 @@ def model_card(service: Service) -> dict:
 
 
 def embed_ids(model, inputs: list[list[int]]) -> list:
-    """Mean-pooled, L2-normalized scalar mix of the layer outputs (see nanoseek.embed)."""
+    """Mean-pooled, L2-normalized scalar mix of the layer outputs (see nanoseek.analysis.embed)."""
     import torch
     import torch.nn.functional as F
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import Detokenizer, SamplingOptions, mask_unknown_ids, sample_next
+from nanoseek.generation.loop import Detokenizer, SamplingOptions, mask_unknown_ids, sample_next
 
 log = logging.getLogger("nanoseek.serve")
 

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import NanoseekError
-from ..presets import PRESETS
+from nanoseek.errors import NanoseekError
+from nanoseek.config.presets import PRESETS
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt_io
-from ..config import TrainConfig
-from ..device import autocast
-from ..errors import NanoseekError
-from ..model import Transformer
-from .optim import lr_multiplier, make_optimizer, set_lr
-
-BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
+from nanoseek.io import checkpoint as ckpt_io
+from nanoseek.config import TrainConfig
+from nanoseek.device import autocast
+from nanoseek.errors import NanoseekError
+from nanoseek.model import Transformer
+from nanoseek.train.optim import lr_multiplier, make_optimizer, set_lr
+from nanoseek.data import BUNDLED_CORPUS
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,7 +48,7 @@ class RunState:
 
 
 def setup_tokenizer(cfg: TrainConfig, out: Path, files: list[str]):
-    from ..tokenizer import load_tokenizer, train_tokenizer
+    from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 
     saved = out / "tokenizer.json"
     if saved.is_file():
@@ -64,7 +63,7 @@ def setup_tokenizer(cfg: TrainConfig, out: Path, files: list[str]):
 
 
 def setup_data(cfg: TrainConfig, out: Path):
-    from ..dataset import TokenDataset, prepare_corpus
+    from nanoseek.data.shards import TokenDataset, prepare_corpus
 
     files = cfg.data.path or [str(BUNDLED_CORPUS)]
     for f in files:
@@ -98,7 +97,7 @@ def finished(cfg: TrainConfig, state: RunState) -> bool:
 def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, dtype: str, seed: int = 0,
              device: torch.device | str = "cpu") -> float:
     """Mean loss over `batches` fixed random windows of a split (the same windows every call)."""
-    from ..dataset import BatchLoader
+    from nanoseek.data.shards import BatchLoader
 
     was_training = model.training
     model.eval()
@@ -217,8 +216,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
 
     `stop_after`: behave as if Ctrl-C arrived during that step (scripted interruption).
     """
-    from ..dataset import BatchLoader
-    from . import dist
+    from nanoseek.data.shards import BatchLoader
+    from nanoseek.parallel import dist
 
     ctx = dist.init_distributed(cfg.dist.strategy, cfg.train.device)
     quiet = quiet or not ctx.is_main

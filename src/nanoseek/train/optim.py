@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import OptimConfig, ScheduleConfig
+from nanoseek.config import OptimConfig, ScheduleConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,65 @@
+"""Benchmarks: `nanoseek bench WHAT [options]`, one JSON object per line on stdout.
+
+WHAT is a key of `BENCHES`; each entry adds its options to an argparse parser and runs, returning
+result dicts. Each benchmark lives in its own module (train, infer, attention, serve); `common`
+holds what they measure of the machine.
+
+    >>> run_bench(["train", "--preset", "gpt2-tiny", "--steps", "2"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from nanoseek.bench.attention import add_attention_args, run_attention
+from nanoseek.bench.infer import add_decode_args, add_prefill_args, run_decode, run_prefill
+from nanoseek.bench.serve import add_serve_args, run_serve
+from nanoseek.bench.train import add_train_args, run_train
+from nanoseek.errors import NanoseekError
+
+# WHAT -> (help, add the options, run -> result dicts)
+BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], list]]] = {
+    "train": ("training throughput, nanoseek vs a nanoGPT-style reference", add_train_args, run_train),
+    "serve": ("concurrent streaming clients against `nanoseek serve`", add_serve_args, run_serve),
+    "attention": ("dense causal SDPA vs each sparse attention kind, by sequence length",
+                  add_attention_args, run_attention),
+    "prefill": ("prompt prefill tokens/s, TTFT and MFU, nanoseek vs transformers", add_prefill_args, run_prefill),
+    "decode": ("KV-cache decode tokens/s and memory-bandwidth use, nanoseek vs transformers",
+               add_decode_args, run_decode),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: nanoseek bench WHAT [options]   (WHAT --help for its options)", "", "WHAT:"]
+    lines += [f"  {name:10s} {help_}" for name, (help_, _, _) in BENCHES.items()]
+    return "\n".join(lines)
+
+
+def run_bench(argv: list[str]) -> int:
+    """`nanoseek bench WHAT ...`: print one JSON line per result to stdout, flushed; return 0."""
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    what, rest = argv[0], argv[1:]
+    if what not in BENCHES:
+        raise NanoseekError(f"unknown benchmark {what!r}; choose one of: {', '.join(BENCHES)}")
+    help_, add_args, run = BENCHES[what]
+    parser = argparse.ArgumentParser(prog=f"nanoseek bench {what}", description=help_)
+    add_args(parser)
+    args = parser.parse_args(rest)
+    for result in run(args):
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Script entry (benchmarks/bench_train.py): bench errors print as one line, exit status 2."""
+    try:
+        return run_bench(sys.argv[1:] if argv is None else argv)
+    except NanoseekError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,260 @@
+"""`nanoseek bench attention`: dense causal SDPA against each sparse kind, the attention op alone.
+
+Every kind gets the same queries, keys and values (B = 1, H query heads of width D, one shared
+key/value head as in MLA's absorbed form, which is where DeepSeek's sparse kinds run) at each
+sequence length T:
+
+    dense    sdpa(is_causal=True) (model/attention.py: PyTorch's SDPA)       O(T^2)
+    sliding  causal_attention(window=w): chunked SDPA over the band           O(T (C + w))
+    nsa      compressed blocks (l = 64) + the top-16 selected blocks per query block + a window of
+             512, summed with fixed gates (the branch math of model/nsa.py)        O(T (T/l + n l + w))
+    dsa      lightning indexer (H_I heads of width d_I) scores the visible keys per chunk of
+             queries, top-k, attention over the gathered picks               O(T^2 H_I d_I + T k H D)
+    csa      DeepSeek-V4: the window of w keys + compressed entries (rate 4) of which an indexer picks
+             the top-k (--csa-topk, V4's 512), one softmax with a sink      O(T (w + k) H D + T^2/4 H_I d_I)
+    hca      DeepSeek-V4: the window + every closed entry at rate 128       O(T (w + T/128) H D)
+             (csa/hca pool their entries from the layer input x, as the model does; keys = values = k;
+             the indexer's KL loss, a training-only extra pass, is not included, as for dsa)
+
+Reported per (kind, T): forward_s and backward_s (medians over the repeats; backward alone, with
+the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
+memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster). With
+`--device cuda` the inputs and ops live on the GPU, every timing ends with a synchronize, and
+peak_device_mib is the CUDA allocator's peak above its baseline; one untimed run per kind and length goes
+first there (a shape's first call can build kernel plans: dense bf16 at 16K took 85 ms cold on an H200). `--dtype bfloat16` runs every kind
+under bf16 autocast, as training does (inputs and weights stay fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from nanoseek.errors import NanoseekError
+
+KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
+
+
+class DsaOp(torch.nn.Module):
+    """The DSA attention of one layer, fed with ready-made q/k/v (the indexer keeps its weights)."""
+
+    def __init__(self, dim: int, heads: int, index_heads: int, index_dim: int, topk: int):
+        super().__init__()
+        from nanoseek.config import ModelConfig
+        from nanoseek.model.attention.dsa import LightningIndexer
+
+        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, attention="mla", q_lora_rank=dim,
+                          kv_lora_rank=dim, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                          index_topk=topk, index_n_heads=index_heads, index_head_dim=index_dim, sparse="dsa",
+                          max_position_embeddings=8)
+        self.indexer = LightningIndexer(cfg)
+        self.rope_dim = cfg.qk_rope_head_dim
+
+    def forward(self, q, k, v, x, scale):
+        from nanoseek.model.attention.dsa import chunked_sparse_attention
+        from nanoseek.model.position import rope_inv_freq
+
+        t = x.shape[1]
+        angles = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * rope_inv_freq(
+            self.rope_dim, 10000.0).to(x.device)
+        rope = (angles.cos(), angles.sin())
+        with torch.no_grad():
+            keys = self.indexer.keys(x, rope)
+        return chunked_sparse_attention(self.indexer, x, x, keys, rope, 0, q, k, v, scale)
+
+
+class NsaOp(torch.nn.Module):
+    """The three NSA branches over ready-made q/k/v (one k/v set shared by the branches)."""
+
+    def __init__(self, dim: int, heads: int, block: int, topn: int, window: int):
+        super().__init__()
+        from nanoseek.config import ModelConfig
+        from nanoseek.model.attention.nsa import NativeSparseAttention
+
+        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, attention="mqa", sparse="nsa",  # 1 k/v head
+                          nsa_block=block, nsa_topn=topn, sliding_window=window, max_position_embeddings=8)
+        self.attn = NativeSparseAttention(cfg)
+
+    def forward(self, q, k, v, scale):
+        from nanoseek.model.attention.core import causal_attention
+
+        a, t = self.attn, q.shape[2]
+        if a.covers_every_block(0, t):
+            o_cmp, _ = a.compressed_attention(q, a.compress(k), a.compress(v, values=True), 0, with_scores=False)
+            o_slc = causal_attention(q, k, v, 0, scale)
+        else:
+            o_cmp, p_cmp = a.compressed_attention(q, a.compress(k), a.compress(v, values=True), 0)
+            o_slc = a.selected_attention(q, k, v, p_cmp, 0)
+        o_win = causal_attention(q, k, v, 0, scale, window=a.window)
+        return (o_cmp + o_slc + o_win) / 3
+
+
+class CompressedOp(torch.nn.Module):
+    """A V4 CSA or HCA layer's attention (model/compressed.py) over ready-made q and shared k."""
+
+    def __init__(self, kind: str, dim: int, heads: int, head_dim: int, window: int, topk: int,
+                 index_heads: int, index_dim: int):
+        super().__init__()
+        from nanoseek.config import ModelConfig
+        from nanoseek.model.attention.compressed import CompressedAttention
+
+        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, head_dim=head_dim, attention="v4",
+                          q_lora_rank=dim, qk_rope_head_dim=16, o_groups=1, o_lora_rank=8, sliding_window=window,
+                          sparse=kind, index_topk=topk, index_n_heads=index_heads, index_head_dim=index_dim,
+                          max_position_embeddings=8)
+        self.attn = CompressedAttention(cfg, 0).eval()  # no indexer KL pass, as dsa's op has none
+
+    def forward(self, q, k, x):
+        a, t = self.attn, x.shape[1]
+        pos = torch.arange(t, device=x.device)
+        cos, sin = a.rope(pos)
+        entries, index_entries = a.compressed_entries(x, None, 0, t)
+        index_in = (x, x) if a.indexer is not None else None
+        o = a.attend(q.transpose(1, 2), k[:, 0], 0, 0, pos, entries, index_entries, index_in, cos, sin)
+        return o.transpose(1, 2)
+
+
+def make_inputs(t: int, heads: int, dim: int, seed: int = 0, device: torch.device | str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, n, t, dim, generator=g).to(device).requires_grad_() for n in (heads, 1, 1))
+    x = torch.randn(1, t, heads * dim, generator=g).to(device)
+    return q, k, v, x
+
+
+def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None = None, v4=None):
+    from nanoseek.model.attention.core import causal_attention, sdpa
+
+    scale = q.shape[-1] ** -0.5
+    if kind == "dense":
+        return sdpa(q, k, v, is_causal=True, scale=scale)
+    if kind == "sliding":
+        return causal_attention(q, k, v, 0, scale, window=args.window)
+    if kind == "nsa":
+        return nsa(q, k, v, scale)
+    if kind in ("csa", "hca"):
+        return v4[kind](q, k, x)
+    return dsa(q, k, v, x, scale)
+
+
+def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
+    from nanoseek.bench.common import RssSampler, current_rss, release_free_memory
+    from nanoseek.device import DevicePeak, autocast, synchronize
+
+    forward, backward = [], []
+    release_free_memory()
+    base = current_rss()
+    repeats = args.repeats if t <= 8192 else 1
+    warmup = int(torch.device(device).type == "cuda")  # first calls per shape build kernels' plans (cuDNN)
+    with RssSampler() as rss, DevicePeak(device) as window:
+        for i in range(warmup + repeats):
+            q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
+            synchronize(device)
+            t0 = time.perf_counter()
+            with autocast(device, args.dtype):
+                out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
+            synchronize(device)
+            t1 = time.perf_counter()
+            out.float().square().mean().backward()
+            synchronize(device)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                forward.append(t1 - t0)
+                backward.append(t2 - t1)
+            del out, q, k, v, x
+    row = {"forward_s": round(statistics.median(forward), 4), "backward_s": round(statistics.median(backward), 4),
+           "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1)}
+    if window.peak is not None:
+        row["peak_device_mib"] = round(window.peak / (1 << 20), 1)
+    return row
+
+
+def add_attention_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seq", default="1024,4096,16384,32768", help="comma-separated sequence lengths")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--window", type=int, default=512, help="sliding window")
+    parser.add_argument("--topk", type=int, default=2048, help="DSA keys per query")
+    parser.add_argument("--nsa-block", type=int, default=64, help="NSA block length")
+    parser.add_argument("--nsa-topn", type=int, default=16, help="NSA selected blocks per query block")
+    parser.add_argument("--csa-topk", type=int, default=512, help="CSA compressed entries per query (V4: 512)")
+    parser.add_argument("--index-heads", type=int, default=4)
+    parser.add_argument("--index-dim", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (bfloat16: autocast on --device)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--plot", help="write a log-log PNG of forward time vs length here")
+    from nanoseek.device import add_device_arg
+
+    add_device_arg(parser, default="cpu")
+
+
+def run_attention(args: argparse.Namespace) -> list[dict]:
+    from nanoseek.bench.common import cpu_name, device_info, torch_threads
+    from nanoseek.device import resolve_device
+
+    try:
+        seqs = [int(s) for s in args.seq.split(",")]
+    except ValueError:
+        raise NanoseekError(f"--seq={args.seq!r} must be comma-separated integers") from None
+    kinds = args.kinds.split(",")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise NanoseekError(f"--kinds: unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    if min(seqs) < 1 or args.heads < 1 or args.head_dim < 1:
+        raise NanoseekError("--seq, --heads and --head-dim must be positive")
+    device = resolve_device(args.device, where="--device")
+    torch.manual_seed(0)
+    dsa = DsaOp(args.heads * args.head_dim, args.heads, args.index_heads, args.index_dim, args.topk)
+    nsa = NsaOp(args.heads * args.head_dim, args.heads, args.nsa_block, args.nsa_topn, args.window)
+    v4 = {kind: CompressedOp(kind, args.heads * args.head_dim, args.heads, args.head_dim, args.window, args.csa_topk,
+                             args.index_heads, args.index_dim).to(device) for kind in ("csa", "hca")}
+    dsa, nsa = dsa.to(device), nsa.to(device)
+    results = []
+    with torch_threads(args.threads):
+        machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "dtype": args.dtype, **device_info(device)}
+        for t in seqs:
+            dense = None
+            for kind in kinds:
+                row = {"bench": "attention", "impl": "nanoseek", "kind": kind, "seq": t, "heads": args.heads,
+                       "head_dim": args.head_dim, **time_kind(kind, t, args, dsa, nsa, v4, device)}
+                if kind == "dense":
+                    dense = row
+                if dense is not None and kind != "dense":
+                    row["forward_over_dense"] = round(row["forward_s"] / dense["forward_s"], 3)
+                    row["backward_over_dense"] = round(row["backward_s"] / dense["backward_s"], 3)
+                row["machine"] = machine
+                results.append(row)
+                print(__import__("json").dumps(row), flush=True)
+    if args.plot:
+        plot_times(results, args.plot)
+    return []  # printed as they came
+
+
+def plot_times(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for kind in dict.fromkeys(r["kind"] for r in results):
+        rows = [r for r in results if r["kind"] == kind]
+        for axis, key in zip(ax, ("forward_s", "backward_s")):
+            axis.plot([r["seq"] for r in rows], [r[key] for r in rows], marker="o", label=kind)
+    for axis, title in zip(ax, ("forward", "backward")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length (tokens)")
+        axis.set_ylabel("seconds")
+        axis.set_title(f"attention {title}")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

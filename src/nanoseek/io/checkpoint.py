@@ -1,0 +1,285 @@
+"""Checkpoints: a directory of safetensors + JSON, written atomically, never pickled.
+
+    CKPT/config.json          {"model_type": "nanoseek", "nanoseek": {ModelConfig fields}}
+    CKPT/model.safetensors    weights (a tied head is stored once, as the embedding)
+    CKPT/tokenizer.json       the tokenizer the model was trained with
+    CKPT/train_state.json     step, tokens, elapsed seconds, data-loader position, train config
+    CKPT/optimizer.safetensors optimizer moments, step counters and the torch RNG state (CPU, and CUDA's)
+
+A run directory holds `checkpoints/step-NNNNNNN/` and a `LATEST` file naming the newest one.
+Saving writes everything into a temporary sibling directory, fsyncs each file, then renames it into
+place and updates `LATEST` with an atomic replace, so an interrupted save never leaves a partial or
+overwritten checkpoint. `resolve_checkpoint` accepts a checkpoint dir or a run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nanoseek.config import ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.io.safetensors import SafetensorsFile
+from nanoseek.model import Transformer
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.json"
+OPTIM_FILE = "optimizer.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+LATEST = "LATEST"
+
+
+# ------------------------------------------------------------------------------------ paths
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir itself, or a run dir's latest checkpoint (LATEST, else the newest complete one)."""
+    path = Path(path)
+    if not path.exists():
+        raise NanoseekError(f"checkpoint path {path} does not exist")
+    if (path / CONFIG_FILE).is_file() and not (path / "checkpoints").is_dir():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        ckpt = path / "checkpoints" / latest.read_text().strip()
+        if (ckpt / CONFIG_FILE).is_file():
+            return ckpt
+    complete = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / CONFIG_FILE).is_file()) \
+        if (path / "checkpoints").is_dir() else []
+    if complete:
+        return complete[-1]
+    raise NanoseekError(f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run dir holding one")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from; None for a run dir that never saved one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / LATEST).is_file() and not (run_dir / "checkpoints").is_dir():
+        return None
+    return resolve_checkpoint(run_dir)
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def _fsync_file(path: Path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def model_state_for_save(model, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The state dict with a tied head dropped (stored once, as the embedding)."""
+    state = dict(model.state_dict() if state is None else state)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def write_model_files(model, directory: Path, tokenizer_json: str | None = None, state: dict | None = None):
+    """config.json + model.safetensors (+ tokenizer.json) into an existing directory."""
+    config = {"model_type": "nanoseek", "nanoseek": model.config.to_dict()}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(model_state_for_save(model, state), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    if tokenizer_json is not None:
+        (directory / TOKENIZER_FILE).write_text(tokenizer_json)
+
+
+def optimizer_tensors(optimizer_state: dict) -> tuple[dict, dict]:
+    """Split an optimizer state dict (keyed by parameter name) into tensors and JSON metadata."""
+    tensors, scalars = {}, {}
+    for param, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state/{param}/{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{param}/{key}"] = value
+    return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer_state: dict | None = None,
+                    train_state: dict | None = None, tokenizer_json: str | None = None, keep_last: int = 2,
+                    model_state: dict | None = None) -> Path:
+    """Atomically write checkpoints/step-NNNNNNN under run_dir, update LATEST, prune old ones.
+
+    `model_state` defaults to the model's own state dict (pass the gathered one under FSDP);
+    `optimizer_state` is keyed by parameter name (torch.distributed.checkpoint's full form)."""
+    final = checkpoint_path(run_dir, step)
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
+    try:
+        write_model_files(model, tmp, tokenizer_json, model_state)
+        if optimizer_state is not None:
+            tensors, meta = optimizer_tensors(optimizer_state)
+            tensors["rng/torch"] = torch.get_rng_state()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on the GPU draws from its own
+                tensors["rng/cuda"] = torch.cuda.get_rng_state()
+            save_file(tensors, str(tmp / OPTIM_FILE))
+            (train_state := dict(train_state or {}))["optimizer"] = meta
+        if train_state is not None:
+            (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=2))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: swap, never leave a gap without a checkpoint
+            trash = root / f".{final.name}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            final.rename(trash)
+            tmp.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(Path(run_dir) / LATEST, final.name + "\n")
+    prune_checkpoints(root, keep_last)
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int):
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # temporaries of interrupted saves
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise NanoseekError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoseekError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; corrupt or truncated files name themselves."""
+    return SafetensorsFile(path).load_all()
+
+
+def model_config_from_json(cfg: dict, path: Path) -> ModelConfig:
+    if cfg.get("model_type") != "nanoseek" or "nanoseek" not in cfg:
+        raise NanoseekError(f"{path} is not a nanoseek config (model_type={cfg.get('model_type')!r})")
+    return ModelConfig.from_dict(cfg["nanoseek"])
+
+
+# state that formats other than nanoseek's own do not carry; defaults are rebuilt on load
+OPTIONAL_PREFIXES = ("scalar_mix.",)
+
+
+def materialize_buffers(model):
+    """Rebuild buffers left on the meta device (RoPE/sinusoid tables, optional state) from the config."""
+    config = model.config
+    for name, module in model.named_modules():
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            fresh = module.fresh() if hasattr(module, "fresh") else type(module)(config)
+            for bname, buf in fresh.named_buffers(recurse=False):
+                setattr(module, bname, buf)
+
+
+def check_state(model, state: dict[str, torch.Tensor], source: Path):
+    """Every key the model needs is there, nothing else is, and every shape matches."""
+    expected = model.state_dict()
+    tied = model.config.tie_word_embeddings
+    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")
+               and not k.startswith(OPTIONAL_PREFIXES)]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise NanoseekError(f"{source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise NanoseekError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
+                                f"the config needs {tuple(expected[key].shape)}")
+
+
+def with_tied_head(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The state dict as the module lists it (a tied head re-added, optional state filled in)."""
+    full = dict(state)
+    if model.config.tie_word_embeddings and "lm_head.weight" not in full:
+        full["lm_head.weight"] = full["embed_tokens.weight"]
+    for key, value in model.state_dict().items():
+        if key.startswith(OPTIONAL_PREFIXES) and key not in full:
+            full[key] = value.detach().clone()
+    return full
+
+
+def load_state_into(model, state: dict[str, torch.Tensor], source: Path, dtype=None):
+    """Assign checked tensors into a model built on the meta device; re-tie the head."""
+    check_state(model, state, source)
+    for key, tensor in state.items():
+        if dtype is not None and tensor.is_floating_point() and not _keep_fp32(key):
+            state[key] = tensor.to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    materialize_buffers(model)
+
+
+def _keep_fp32(key: str) -> bool:
+    """Router weights and balancing biases stay fp32 (as HF keeps them)."""
+    return key.endswith(("gate.weight", "e_score_correction_bias"))
+
+
+def load_native_model(ckpt: Path, cfg: dict, dtype=None):
+    """A nanoseek checkpoint folder (config.json's model_type "nanoseek") as a model in eval mode."""
+    config = model_config_from_json(cfg, ckpt / CONFIG_FILE)
+    with torch.device("meta"):
+        model = Transformer(config)
+    load_state_into(model, read_safetensors(ckpt / MODEL_FILE), ckpt / MODEL_FILE, dtype)
+    model.checkpoint_dir = ckpt
+    return model.eval()
+
+
+def load_training_state(ckpt: Path) -> tuple[dict, dict]:
+    """(train_state.json, optimizer state keyed by parameter name); restores the torch RNG."""
+    state = read_json(ckpt / STATE_FILE)
+    tensors = read_safetensors(ckpt / OPTIM_FILE)
+    meta = state.pop("optimizer")
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("state/"):
+            _, param, name = key.split("/", 2)
+            opt_state.setdefault(param, {})[name] = value
+    for key, value in meta["scalars"].items():
+        param, name = key.rsplit("/", 1)
+        opt_state.setdefault(param, {})[name] = value
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return state, {"state": opt_state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,256 @@
+"""Scaled dot-product attention and multi-head attention (MHA, GQA, MQA).
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V          (M = causal mask: -inf above the diagonal)
+    MHA(x) = Concat_i(Attention(x W_i^Q, x W_i^K, x W_i^V)) W^O
+
+Sliding-window attention (`window` = w) keeps only the last w keys of each query,
+    M[t, s] = 0 if t - w < s <= t else -inf,
+and never builds the T x T mask: queries go in chunks of C, each against its band of
+C + w - 1 keys (batched SDPA over the chunks with one C x (C + w - 1) boolean mask), so time and
+memory grow as T * (C + w).
+
+A decode step (one query per row) skips the fused kernel: the H / H_kv query heads of each key
+head become that head's queries, and two small matmuls with an explicit softmax read every cached
+key once for all of them (`one_query_attention`).
+
+Q, K and V come from one fused projection. With grouped-query attention (GQA) each of the
+H_kv key/value heads serves H / H_kv query heads; MQA is H_kv = 1. Rotary positions, when
+configured, rotate q and k before the product. The kernel is PyTorch's
+`scaled_dot_product_attention`, called through `sdpa`, which passes grouped K/V heads as they are
+where the kernel that will run accepts them and expands them to H heads where it does not (see there).
+
+    >>> cfg = ModelConfig.from_preset("gpt2-tiny")
+    >>> MultiHeadAttention(cfg)(torch.randn(1, 5, 64)).shape
+    torch.Size([1, 5, 64])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.kv_cache import DenseKVCache
+from nanoseek.model.position import apply_rope, seq_first_tables, softmax_scale
+
+
+BAND_CHUNK = 256  # queries per chunk of the sliding window (one batched SDPA over all chunks);
+# windows longer than 2 * BAND_CHUNK use chunks of window / 2, so the copied bands stay ~3x the keys
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
+                     scale: float | None = None, dropout: float = 0.0, window: int | None = None,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v for queries at positions start..start+T-1.
+
+    q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v) where S = start + T keys. `start` may
+    also be a LongTensor (B,) of per-row positions for one query per row (T = 1): row b then sees
+    keys 0..start[b] of the S cached positions. With `window`, a query sees only its last
+    `window` keys (itself included). `keep` (B, T, S), a boolean mask that already includes
+    causality (DSA's selected keys), replaces the causal mask.
+    """
+    if q.shape[-2] == 1:
+        return one_query_attention(q, k, v, start, scale, window, keep, dropout)
+    d_v = v.shape[-1]
+    if d_v != q.shape[-1]:  # the CPU flash kernel needs equal head dims; zero padding changes nothing
+        scale = scale if scale is not None else q.shape[-1] ** -0.5
+        width = max(d_v, q.shape[-1])
+        q, k, v = (F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x for x in (q, k, v))
+        return causal_attention(q, k, v, start, scale, dropout, window, keep)[..., :d_v]
+    t, s = q.shape[-2], k.shape[-2]
+    if keep is not None:
+        return sdpa(q, k, v, attn_mask=keep[:, None], scale=scale, dropout_p=dropout)
+    if window is not None and window < s:
+        return banded_attention(q, k, v, start, window, scale, dropout)
+    if t == s:
+        return sdpa(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)
+    query_pos = torch.arange(start, start + t, device=q.device)[:, None]
+    mask = torch.arange(s, device=q.device)[None, :] <= query_pos
+    return sdpa(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` for q (B, H, T, d) against k, v with H_kv heads, H_kv dividing H.
+
+    Grouped heads go in as `enable_gqa` (no copy) wherever the fused kernel that will run takes them:
+    the CPU's flash kernel, CUDA's flash kernel (fp16/bf16, no mask). On CUDA with a mask or in
+    fp32 only the memory-efficient kernel can run, and torch 2.11's takes no grouped heads: SDPA
+    then falls back to its math path, which holds the B x H x T x S weights (33 GB for the dense
+    causal op at 16K, 8 heads, fp32, measured on an H200). There K and V are expanded to H heads
+    first: H / H_kv times their size, never T x S."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and expands_kv_heads(q, attn_mask):
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def expands_kv_heads(q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """Whether `sdpa` expands grouped K/V heads: on CUDA, unless its flash kernel can run."""
+    return q.device.type == "cuda" and (attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16))
+
+
+def one_query_attention(q, k, v, start, scale, window: int | None = None,
+                        keep: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """One query per row (decoding): two small matmuls instead of a fused kernel.
+
+    The G = H / H_kv query heads of a key head become G queries of that head, so a single key
+    head (MQA, MLA's absorbed latent) is read once for all heads: scores (B, H_kv, G, S)."""
+    b, h, _, d = q.shape
+    h_kv, s = k.shape[1], k.shape[-2]
+    scale = scale if scale is not None else d ** -0.5
+    q_BKGD = q.reshape(b, h_kv, h // h_kv, d)
+    scores_BKGS = torch.matmul(q_BKGD, k.transpose(-1, -2)).float() * scale
+    mask = one_query_mask(start, s, window, keep, q.device)
+    if mask is not None:
+        scores_BKGS = scores_BKGS.masked_fill(~mask, float("-inf"))
+    probs_BKGS = torch.softmax(scores_BKGS, dim=-1).to(v.dtype)
+    if dropout:
+        probs_BKGS = F.dropout(probs_BKGS, dropout)
+    return torch.matmul(probs_BKGS, v).reshape(b, h, 1, v.shape[-1])
+
+
+def one_query_mask(start, s: int, window: int | None, keep: torch.Tensor | None, device):
+    """The keys one query per row may see, broadcastable to (B, H_kv, G, S); None = all of them."""
+    if keep is not None:  # (B, 1, S), causality included
+        return keep[:, None]
+    key_pos = torch.arange(s, device=device)
+    if isinstance(start, torch.Tensor):  # per-row positions against a longer cache
+        mask = key_pos[None, :] <= start[:, None]
+        if window is not None:
+            mask &= key_pos[None, :] > start[:, None] - window
+        return mask[:, None, None]
+    if window is None or window >= s:
+        return None
+    return key_pos > start - window
+
+
+def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) -> torch.Tensor:
+    """Sliding-window causal attention as batched SDPA: the queries in chunks of C, each chunk
+    against its band of the C + w - 1 keys it can see, all chunks side by side in the batch.
+
+    Query r of a chunk sees band key j iff r <= j <= r + w - 1: one (C, C + w - 1) mask shared by
+    every chunk, except the first few, whose bands reach before position 0 (they get their own
+    mask, in a second SDPA call). The bands are windows of the keys padded by w - 1 rows in front
+    (`unfold`, one copy): no per-chunk slices, whose backward would each zero-fill a gradient of
+    the whole sequence (at 16K that was half of NSA's backward).
+
+    From position 0, the first w queries see every earlier key: they run as one causal SDPA (whose
+    kernel skips the blocks above the diagonal) and only the rest as bands; at T = 2w that is 1.0x
+    instead of 1.5x the work of causal attention over all T."""
+    b, h, t, d = q.shape
+    if start == 0 and window < t:
+        head = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True, scale=scale,
+                    dropout_p=dropout)
+        rest = banded_attention(q[:, :, window:], k, v, window, window, scale, dropout)
+        return torch.cat([head, rest], dim=2)
+    c = min(max(BAND_CHUNK, window // 2), t)  # bands hold at most ~3x the keys, and ~1.5x the work
+    nb, span = -(-t // c), c + window - 1
+    q_chunks = F.pad(q, (0, 0, 0, nb * c - t)).view(b, h, nb, c, d).transpose(1, 2)  # (B, nb, H, C, d)
+    k_bands, v_bands = (band_windows(x[..., :start + t, :], start, window, nb, c) for x in (k, v))
+    j = torch.arange(span, device=q.device)
+    r = torch.arange(c, device=q.device)[:, None]
+    band = (j >= r) & (j <= r + window - 1)  # (C, span)
+    early = min(nb, max(0, -(-(window - 1 - start) // c)))  # chunks whose band starts before position 0
+    outs = []
+    for lo, hi in ((0, early), (early, nb)):
+        if hi == lo:
+            continue
+        if hi == early:  # key positions start + iC - w + 1 + j must be >= 0
+            key_pos = start + torch.arange(hi, device=q.device)[:, None] * c - window + 1 + j
+            mask = (band & (key_pos[:, None, :] >= 0)).repeat(b, 1, 1)[:, None]
+        else:
+            mask = band
+        fold = lambda x: x[:, lo:hi].reshape(b * (hi - lo), *x.shape[2:])
+        o = sdpa(fold(q_chunks), fold(k_bands), fold(v_bands), attn_mask=mask, scale=scale, dropout_p=dropout)
+        outs.append(o.view(b, hi - lo, h, c, -1))
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2).reshape(b, h, nb * c, -1)[:, :, :t]
+
+
+def band_windows(x: torch.Tensor, start: int, window: int, nb: int, c: int) -> torch.Tensor:
+    """(B, nb, H_kv, C + w - 1, d): chunk i's keys at positions start + iC - w + 1 ... start + iC + C - 1
+    (zeros before position 0 and past the last key; the mask hides them)."""
+    s = x.shape[2]
+    padded = F.pad(x, (0, 0, window - 1, start + nb * c - s))  # index = position + w - 1
+    windows = padded[:, :, start:].unfold(2, c + window - 1, c)  # (B, H_kv, nb, d, C + w - 1)
+    return windows.permute(0, 2, 1, 4, 3)
+
+
+def allowed_keys(t: int, window: int | None, device=None) -> torch.Tensor:
+    """(T, T) boolean: causal, and within the window when there is one."""
+    pos = torch.arange(t, device=device)
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+        mask &= pos[None, :] > pos[:, None] - window
+    return mask
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) over the allowed keys, (B, H, T, S), for pictures and tests."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def layer_window(config: ModelConfig, layer: int) -> int | None:
+    """The sliding window of this layer, or None for full causal attention."""
+    return config.sliding_window if config.layer_sparse(layer) == "sliding" else None
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int = 0):
+        super().__init__()
+        self.window = layer_window(config, layer)
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.attn_head_dim
+        self.dropout = config.attention_dropout
+        self.interleave = config.rope_interleave
+        self.scale = softmax_scale(config, self.head_dim)
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> DenseKVCache:
+        return DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, rope=None, cache: DenseKVCache | None = None,
+                start: int | torch.Tensor = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = q.view(b, t, self.n_heads, hd)
+        k = k.view(b, t, self.n_kv_heads, hd)
+        v = v.view(b, t, self.n_kv_heads, hd)
+        if rope is not None:  # rotated in (B, T, H, d) layout, so SDPA's output comes back in it too
+            cos, sin = seq_first_tables(*rope)
+            q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
+            if torch.is_grad_enabled() and v.requires_grad:  # a view would keep all of qkv for backward
+                v = v.contiguous()
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d) views
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+        dropout = self.dropout if self.training else 0.0
+        y = causal_attention(q, k, v, start, self.scale, dropout, self.window)
+        # a view when y is laid out (B, T, H, d), as SDPA returns it for such q: no copy kept for o_proj
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+
+    @torch.no_grad()
+    def attention_map(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (B, H, T, T), allowed keys (B, T, T)) for a whole sequence from position 0."""
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, _ = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope, self.interleave), apply_rope(k, *rope, self.interleave)
+        allowed = allowed_keys(t, self.window, x.device).expand(b, t, t)
+        return attention_probs(q, k, allowed[:, None], self.scale), allowed

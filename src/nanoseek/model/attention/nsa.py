@@ -1,0 +1,440 @@
+"""Native Sparse Attention (NSA, Yuan et al. 2025): three branches mixed by per-head gates.
+
+For query t (H heads in H_kv groups), with keys/values of its own per branch c:
+    o_t = sum_{c in {cmp, slc, win}} g^c_t * Attn(q_t, K^c_t, V^c_t),   g_t = sigmoid(W_g x_t)  (per head)
+Compressed (cmp): the sequence in blocks of l tokens (stride d = l here), each block j summarized as
+    k^cmp_j = W_k phi(k_{jl} .. k_{jl+l-1}),  phi = flatten(k_block + P),  P = a learned intra-block
+    position table (l, d_k); likewise v^cmp_j. Query t sees block j once it is complete: jl + l - 1 <= t.
+Selected (slc): blocks of l' = l tokens are ranked by the compressed attention the group gives them,
+    p^slc_j = sum_{h in group} softmax_j(q_{t,h} . k^cmp_j)  (with l' = l = d, p^slc = p^cmp);
+    the top-n blocks, plus always the first block and the query's own and previous block, are
+    attended token by token.
+Window (win): the last w tokens (sliding-window attention).
+
+When the sequence has no more blocks than nsa_topn, every block is selected and the selected
+branch is plain causal attention (one SDPA, no selection pass).
+
+CPU form (one deviation, stated): the block selection is shared by the l queries of a query
+block (their p^slc summed, using only blocks that are complete before the query block starts, so
+the choice never depends on the future). Each query block then runs ONE dense SDPA over its
+n * l selected keys instead of a per-token gather: O(T * n * l) work in SDPA's fast kernel.
+With n covering every block, the selected branch is exactly causal attention (tested).
+The compressed branch's attention and the selection scores p^cmp come from one pass over chunks of
+queries (`CompressedBlockAttention`, a flash-style Function that recomputes p in backward).
+
+Decoding: the cache (`NSACache`) keeps each branch's keys/values and the block summaries k^cmp_j,
+v^cmp_j, computed once when block j's last token is written. A step at per-row positions
+(`decode_rows`) picks blocks from its own query's scores, as a one-query block would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.device import compute_dtype
+from nanoseek.model.attention.core import allowed_keys, attention_probs, causal_attention, sdpa
+from nanoseek.model.kv_cache import DenseKVCache
+from nanoseek.model.position import apply_rope, softmax_scale
+
+BRANCHES = ("cmp", "slc", "win")
+
+
+class NativeSparseAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int = 0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.n_kv_heads
+        self.head_dim = hd = config.attn_head_dim
+        self.block, self.n_select, self.window = config.nsa_block, config.nsa_topn, config.sliding_window
+        self.interleave = config.rope_interleave
+        self.scale = softmax_scale(config, hd)
+        kv = self.n_kv_heads * hd
+        # q, then k/v for each of the three branches
+        self.qkv_proj = nn.Linear(config.hidden_size, self.n_heads * hd + 6 * kv, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, config.hidden_size, bias=config.attention_bias)
+        self.gate_proj = nn.Linear(config.hidden_size, 3 * self.n_heads, bias=True)
+        self.block_pos = nn.Parameter(torch.zeros(self.block, hd))
+        self.compress_k = nn.Linear(self.block * hd, hd, bias=False)
+        self.compress_v = nn.Linear(self.block * hd, hd, bias=False)
+        self.whole_selection_shortcut = True  # False: always run the block selection (for tests)
+
+    def reset_extra_parameters(self, std: float, out_std: float):
+        nn.init.normal_(self.block_pos, 0.0, std)
+        nn.init.normal_(self.compress_k.weight, 0.0, std / math.sqrt(self.block))
+        nn.init.normal_(self.compress_v.weight, 0.0, std / math.sqrt(self.block))
+        nn.init.zeros_(self.gate_proj.bias)
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> NSACache:
+        caches = [DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device)
+                  for _ in BRANCHES]
+        blocks = [torch.zeros(batch, self.n_kv_heads, max_len // self.block, self.head_dim, dtype=dtype, device=device)
+                  for _ in range(2)]
+        return NSACache(caches, blocks, self.block)
+
+    # ------------------------------------------------------------------ forward
+    def project(self, x: torch.Tensor, rope):
+        """q (B, H, T, d) and the branches' [k_cmp, v_cmp, k_slc, v_slc, k_win, v_win] (B, G, T, d),
+        keys rotated."""
+        b, t, _ = x.shape
+        hd, kv = self.head_dim, self.n_kv_heads * self.head_dim
+        parts = self.qkv_proj(x).split([self.n_heads * hd] + [kv] * 6, dim=-1)
+        q = parts[0].view(b, t, self.n_heads, hd).transpose(1, 2)
+        kvs = [p.view(b, t, self.n_kv_heads, hd).transpose(1, 2) for p in parts[1:]]
+        if rope is not None:
+            q = apply_rope(q, *rope, self.interleave)
+            kvs = [apply_rope(p, *rope, self.interleave) if i % 2 == 0 else p for i, p in enumerate(kvs)]
+        return q, kvs
+
+    def forward(self, x: torch.Tensor, rope=None, cache=None, start=0) -> torch.Tensor:
+        if isinstance(start, torch.Tensor) and x.shape[1] == 1:  # decoding at per-row positions
+            return self.decode_rows(x, rope, cache, start)
+        if isinstance(start, torch.Tensor):  # several tokens per row: one row at a time
+            rows = [self.forward(x[i:i + 1], None if rope is None else (rope[0][i], rope[1][i]),
+                                 cache.rows(i, i + 1), int(start[i])) for i in range(x.shape[0])]
+            return torch.cat(rows)
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, kvs = self.project(x, rope)
+        branches = [(kvs[0], kvs[1]), (kvs[2], kvs[3]), (kvs[4], kvs[5])]
+        if cache is not None:
+            branches = [c.update(start, k, v) for c, (k, v) in zip(cache.caches, branches)]
+        (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = branches
+        if cache is not None:
+            k_blocks, v_blocks = self.update_blocks(cache, k_cmp, v_cmp, start, t)
+        else:
+            k_blocks, v_blocks = self.compress(k_cmp), self.compress(v_cmp, values=True)
+        if self.covers_every_block(start, t):  # the selection is every causal block: one causal SDPA
+            o_cmp, _ = self.compressed_attention(q, k_blocks, v_blocks, start, with_scores=False)
+            o_slc = causal_attention(q, k_slc, v_slc, start, self.scale)
+        else:
+            o_cmp, p_cmp = self.compressed_attention(q, k_blocks, v_blocks, start)
+            o_slc = self.selected_attention(q, k_slc, v_slc, p_cmp, start)
+        o_win = causal_attention(q, k_win, v_win, start, self.scale, window=self.window)
+        g = torch.sigmoid(self.gate_proj(x)).view(b, t, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
+        o = g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+
+    def update_blocks(self, cache: NSACache, k_cmp, v_cmp, start: int, t: int):
+        """The compressed blocks after positions start..start+t-1 were written: only the blocks that
+        completed in this call are compressed (a decode step compresses one block every l tokens
+        instead of the whole prefix), the rest come from the cache. A block is recompressed whenever
+        its last position is written again, so a rewritten suffix (speculative decoding) stays exact;
+        callers rewrite positions only by writing on from there (every caller here does)."""
+        first, end = start // self.block, (start + t) // self.block
+        if end > first:
+            span = slice(first * self.block, end * self.block)
+            for buffer, x, values in zip(cache.blocks, (k_cmp, v_cmp), (False, True)):
+                buffer[:, :, first:end] = self.compress(x[:, :, span], values=values)
+        return cache.blocks[0][:, :, :end], cache.blocks[1][:, :, :end]
+
+    def update_row_blocks(self, cache: NSACache, k_cmp, v_cmp, positions: torch.Tensor):
+        """`update_blocks` for one token per row at per-row positions (B,), in tensor ops: a row whose
+        token ends block j = (p + 1) / l - 1 writes that block's summary; the others rewrite what they
+        had. Returns every block of the cache (B, G, L // l, d); `visible` masks the incomplete ones."""
+        b, g, s, d = k_cmp.shape
+        l = self.block
+        if cache.blocks[0].shape[2] == 0:  # a view shorter than one block: none can complete
+            return cache.blocks[0], cache.blocks[1]
+        ends = (positions + 1) % l == 0
+        j = ((positions + 1) // l - 1).clamp(min=0)  # (B,)
+        token = (j[:, None] * l + torch.arange(l, device=positions.device)).clamp(max=s - 1)  # (B, l)
+        rows = torch.arange(b, device=positions.device)
+        for buffer, x, values in zip(cache.blocks, (k_cmp, v_cmp), (False, True)):
+            tokens = x.gather(2, token[:, None, :, None].expand(b, g, l, d))  # (B, G, l, d)
+            summary = self.compress(tokens, values=values)[:, :, 0]  # (B, G, d)
+            buffer[rows, :, j] = torch.where(ends[:, None, None], summary, buffer[rows, :, j])
+        return cache.blocks[0], cache.blocks[1]
+
+    def decode_rows(self, x: torch.Tensor, rope, cache: NSACache, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row at per-row positions (B,) against static caches: the same branches as
+        `forward` with an int position, in tensor ops only (no host read, so a compiled decode step
+        is one graph for every position). Row b sees the blocks complete at p_b = positions[b]
+        ((p_b + 1) // l of them) and picks among those before its own block's predecessor, as
+        `choose_blocks` does for a one-query block. The selected branch gathers the picked blocks'
+        tokens (K l keys, those after p_b masked) and the window its last w: a step reads
+        K l + w + L / l keys per group whatever the cache length L, not 3 L."""
+        b = x.shape[0]
+        g, hd, l = self.n_kv_heads, self.head_dim, self.block
+        q, kvs = self.project(x, rope)
+        branches = [c.update(positions, k, v) for c, k, v in zip(cache.caches, kvs[0::2], kvs[1::2])]
+        (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = branches
+        s = k_slc.shape[2]
+        q_BGRd = q.reshape(b, g, self.n_heads // g, hd)
+        k_blocks, v_blocks = self.update_row_blocks(cache, k_cmp, v_cmp, positions)
+        o_cmp, scores_BGn = self.compressed_decode(q_BGRd, k_blocks, v_blocks, positions)
+        blocks, valid = self.choose_blocks(scores_BGn, (positions // l)[:, None])  # (B, G, K)
+        token = (blocks[..., None] * l + torch.arange(l, device=x.device)).flatten(-2)  # (B, G, K l)
+        keep = valid.repeat_interleave(l, dim=-1) & (token <= positions[:, None, None])
+        o_slc = gathered_one_query_attention(q_BGRd, k_slc, v_slc, token.clamp(max=s - 1), keep, self.scale)
+        w = min(self.window, s)
+        window = positions[:, None] - w + 1 + torch.arange(w, device=x.device)  # (B, w): the last w positions
+        keep = (window >= 0)[:, None].expand(b, g, w)
+        window = window.clamp(min=0)[:, None].expand(b, g, w)
+        o_win = gathered_one_query_attention(q_BGRd, k_win, v_win, window, keep, self.scale)
+        gates = torch.sigmoid(self.gate_proj(x)).view(b, 1, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
+        o_cmp, o_slc, o_win = (o.reshape(b, self.n_heads, 1, hd) for o in (o_cmp, o_slc, o_win))  # (B, H, 1, d)
+        o = gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_win
+        return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.n_heads * hd))
+
+    def compressed_decode(self, q_BGRd, k_blocks, v_blocks, positions):
+        """The compressed branch for one query per row over the cache's blocks (B, G, n, d): (output
+        (B, G, R, d), selection scores (B, G, n) = its block probabilities summed over the group's
+        heads). A row sees the blocks complete at its position; one with none gets 0."""
+        n = k_blocks.shape[2]
+        visible = torch.arange(n, device=q_BGRd.device) < ((positions + 1) // self.block)[:, None]  # (B, n)
+        logits = torch.matmul(q_BGRd, k_blocks.transpose(-1, -2))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * self.scale
+        probs = logits.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1)
+        probs = probs.masked_fill(~visible.any(-1)[:, None, None, None], 0.0)  # no complete block: 0, not NaN
+        return torch.matmul(probs.to(v_blocks.dtype), v_blocks), probs.sum(2)
+
+    @torch.no_grad()
+    def attention_map(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (B, H, T, T), allowed (B, T, T)) per token key: the gated selected and window
+        attention plus the compressed attention spread evenly over each block's tokens; allowed = the
+        tokens of the selected blocks (any KV group) and the window."""
+        b, t, _ = x.shape
+        l = self.block
+        q, kvs = self.project(x, rope)
+        k_blocks = self.compress(kvs[0])
+        _, scores = self.compressed_attention(q, k_blocks, self.compress(kvs[1], values=True), 0)
+        nb, n = (t - 1) // l + 1, k_blocks.shape[2]
+        blocks, valid = self.pick_blocks(scores, 0, nb)  # (B, G, nb, K)
+        chosen = torch.zeros(b, self.n_kv_heads, nb, nb + 1, dtype=torch.bool, device=x.device)
+        chosen = chosen.scatter_(-1, blocks.masked_fill(~valid, nb), True)[..., :nb]  # invalid picks: a spare column
+        block_of = torch.arange(t, device=x.device) // l
+        selected = chosen[:, :, block_of][..., block_of] & allowed_keys(t, None, x.device)  # (B, G, T, T)
+        group = self.n_heads // self.n_kv_heads
+        p_slc = attention_probs(q, kvs[2], selected.repeat_interleave(group, dim=1), self.scale)
+        p_win = attention_probs(q, kvs[4], allowed_keys(t, self.window, x.device), self.scale)
+        p_cmp = torch.zeros_like(p_win)
+        if n:
+            visible = (torch.arange(n, device=x.device) * l + l - 1)[None, :] <= torch.arange(t, device=x.device)[:, None]
+            p_blocks = attention_probs(q, k_blocks, visible, self.scale).nan_to_num(0.0)  # (B, H, T, n)
+            p_cmp[..., :n * l] = p_blocks.repeat_interleave(l, dim=-1) / l
+        g = torch.sigmoid(self.gate_proj(x)).view(b, t, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
+        weights = g[0] * p_cmp + g[1] * p_slc + g[2] * p_win
+        return weights, selected.any(1) | allowed_keys(t, self.window, x.device)
+
+    # ------------------------------------------------------------------ branches
+    def compress(self, x_BGSD: torch.Tensor, values: bool = False) -> torch.Tensor:
+        """One summary per complete block of l tokens: (B, G, S // l, d)."""
+        b, g, s, d = x_BGSD.shape
+        n = s // self.block
+        blocks = x_BGSD[:, :, :n * self.block].reshape(b, g, n, self.block, d) + self.block_pos
+        proj = self.compress_v if values else self.compress_k
+        return proj(blocks.flatten(-2))
+
+    def covers_every_block(self, start: int, t: int) -> bool:
+        """True when the last query block may select every block before it (first, previous, own and
+        nsa_topn - 3 chosen): the selected branch is then exactly causal attention (tested)."""
+        return self.whole_selection_shortcut and (start + t - 1) // self.block + 1 <= self.n_select
+
+    def compressed_attention(self, q, k_blocks, v_blocks, start: int, with_scores: bool = True):
+        """Attention over the complete blocks, and per query block the selection scores
+        p^slc (B, G, nb, n): softmax_j(q_t . k^cmp_j) summed over the block's queries and the group's
+        heads (no gradient: the choice of blocks is not differentiable). One pass gives both
+        (`CompressedBlockAttention`)."""
+        b, _, t, _ = q.shape
+        n, l = k_blocks.shape[2], self.block
+        nb = (start + t - 1) // l - start // l + 1
+        out, probs_BGTn = CompressedBlockAttention.apply(q, k_blocks, v_blocks, start, l, self.scale, with_scores)
+        if not with_scores:
+            return out, None
+        front = start - (start // l) * l
+        if front or (front + t) % l:  # partial first or last query block: pad to whole blocks
+            probs_BGTn = F.pad(probs_BGTn, (0, 0, front, nb * l - front - t))
+        return out, probs_BGTn.view(b, self.n_kv_heads, nb, l, n).sum(3)
+
+    def selected_attention(self, q, k, v, p_cmp, start: int):
+        """Every query block at once: batched SDPA, each block over its own selected key blocks.
+        `p_cmp` holds the selection scores (B, G, nb, n) from `compressed_attention`.
+
+        Slot 2 of every block's keys is its own block (`pick_blocks`), so once a query block has a
+        valid pick in every slot (absolute block >= max(2, K - 1)) its mask is the same for all:
+        every key visible but the own block's future, one shared (l, K l) mask. Only the first
+        blocks (missing picks) build per-block masks, in a second SDPA call."""
+        b, h, t, d = q.shape
+        l, g, s = self.block, self.n_kv_heads, k.shape[2]
+        first, last = start // l, (start + t - 1) // l
+        nb, front, back = last - first + 1, start - first * l, (last + 1) * l - (start + t)
+        blocks, valid = self.pick_blocks(p_cmp, first, nb)  # (B, G, nb, K)
+        n_keys = blocks.shape[-1] * l
+        token = (blocks[..., None] * l + torch.arange(l, device=q.device)).flatten(-2)  # (B, G, nb, K*l)
+        # rows of the flattened (B * G * S, d) keys, in (B, nb, G, K*l) order: index_select copies whole
+        # rows (a gather with an expanded index reads one index per element: 2.4x slower at 16K here)
+        rows = (token.clamp(max=s - 1) + torch.arange(b * g, device=q.device).view(b, g, 1, 1) * s).transpose(1, 2)
+        k_sel = k.reshape(b * g * s, d).index_select(0, rows.flatten()).view(b, nb, g, n_keys, d)
+        v_sel = v.reshape(b * g * s, v.shape[-1]).index_select(0, rows.flatten()).view(b, nb, g, n_keys, -1)
+        q_blocks = (F.pad(q, (0, 0, front, back)) if front or back else q).view(b, h, nb, l, d).transpose(1, 2)
+        early = min(nb, max(0, max(2, blocks.shape[-1] - 1) - first))  # query blocks with a missing pick
+        parts = [early, nb - early]
+        outs = []
+        for i, (q_i, k_i, v_i) in enumerate(zip(*(x.split(parts, dim=1) for x in (q_blocks, k_sel, v_sel)))):
+            if not parts[i]:
+                continue
+            if i == 0:
+                query_pos = first * l + torch.arange(early * l, device=q.device).view(early, l)
+                token_ok = valid[:, :, :early].repeat_interleave(l, dim=-1) & (token[:, :, :early] < s)
+                mask = token_ok[..., None, :] & (token[:, :, :early, None, :] <= query_pos[None, None, :, :, None])
+                mask = mask.transpose(1, 2).flatten(0, 1)  # (B * early, G, l, K*l)
+                if g > 1:
+                    mask = mask.repeat_interleave(h // g, dim=1)
+            else:
+                mask = torch.ones(l, n_keys, dtype=torch.bool, device=q.device)
+                mask[:, 2 * l:3 * l] = torch.ones(l, l, dtype=torch.bool, device=q.device).tril_()
+            o = sdpa(q_i.flatten(0, 1), k_i.flatten(0, 1), v_i.flatten(0, 1), attn_mask=mask, scale=self.scale)
+            outs.append(o.view(b, parts[i], h, l, -1))
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, nb, H, l, d)
+        return out.transpose(1, 2).reshape(b, h, nb * l, -1)[:, :, front:front + t]
+
+    def pick_blocks(self, score_BGbn: torch.Tensor, first: int, nb: int):
+        """Block ids (B, G, nb, K) and their validity for query blocks first..first+nb-1."""
+        return self.choose_blocks(score_BGbn, torch.arange(first, first + nb, device=score_BGbn.device))
+
+    def choose_blocks(self, score: torch.Tensor, own: torch.Tensor):
+        """Block ids (..., K) and their validity for score rows (..., n) whose query block is `own`
+        (broadcastable to score.shape[:-1]): the first, previous and own block (always slots 0, 1, 2),
+        then the top (nsa_topn - 3) of the blocks complete before the query block by their score."""
+        n = score.shape[-1]
+        own = own.expand(score.shape[:-1])
+        forced = torch.stack([torch.zeros_like(own), (own - 1).clamp(min=0), own], -1)
+        valid = torch.stack([torch.ones_like(own, dtype=torch.bool), own > 1, own > 0], -1)
+        n_free = min(self.n_select - 3, n)
+        if n_free <= 0:
+            return forced, valid
+        candidate = torch.arange(n, device=score.device)
+        usable = (candidate < own[..., None] - 1) & (candidate > 0)  # complete before, and not forced
+        top = score.masked_fill(~usable, float("-inf")).topk(n_free, dim=-1)
+        return torch.cat([forced, top.indices], -1), torch.cat([valid, top.values > float("-inf")], -1)
+
+
+def gathered_one_query_attention(q_BGRd, k, v, index_BGN, keep_BGN, scale: float) -> torch.Tensor:
+    """softmax(q k_I^T * scale) v_I over the N cached keys each row and group reads (positions `index`,
+    those `keep` drops masked), one query per row and R query heads per key head: (B, G, R, d_v).
+    Every row keeps at least one key (its own position)."""
+    b, g, n = index_BGN.shape
+    k_I = k.gather(2, index_BGN[..., None].expand(b, g, n, k.shape[-1]))
+    v_I = v.gather(2, index_BGN[..., None].expand(b, g, n, v.shape[-1]))
+    scores = torch.matmul(q_BGRd, k_I.transpose(-1, -2))  # (B, G, R, N)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    probs = scores.masked_fill(~keep_BGN[:, :, None], float("-inf")).softmax(-1)
+    return torch.matmul(probs.to(v_I.dtype), v_I)
+
+
+class NSACache:
+    """One dense K/V cache per branch (cmp, slc, win), and the compressed branch's block summaries
+    k^cmp, v^cmp (B, G, L // l, d), each written once, when its block's last token is."""
+
+    def __init__(self, caches: list[DenseKVCache], blocks: list[torch.Tensor], block: int):
+        self.caches, self.blocks, self.block = caches, blocks, block
+
+    def rows(self, lo: int, hi: int, length: int | None = None) -> NSACache:
+        n = None if length is None else length // self.block
+        return NSACache([c.rows(lo, hi, length) for c in self.caches], [x[lo:hi, :, :n] for x in self.blocks],
+                        self.block)
+
+    def move_row(self, src: int, dst: int) -> None:
+        for c in self.caches:
+            c.move_row(src, dst)
+        for x in self.blocks:
+            x[dst] = x[src]
+
+
+# ---------------------------------------------------------------------------- compressed branch
+
+CMP_CHUNK = 1024  # queries per step of the compressed branch (bounds its (C, n) score tiles)
+
+
+def visible_blocks(start: int, t: int, block: int, n: int, device):
+    """(T, n) boolean: block j is complete at query position p (j * l + l - 1 <= p)."""
+    seen = (torch.arange(start, start + t, device=device) + 1) // block  # complete blocks per query
+    return torch.arange(n, device=device)[None, :] < seen[:, None]
+
+
+def block_probs(q_BGRCd, k_BGnd, start: int, block: int, scale: float) -> torch.Tensor:
+    """softmax over the complete blocks, in fp32 or wider (B, G, R, C, n); queries with no complete
+    block get 0."""
+    b, g, r, c, d = q_BGRCd.shape
+    n = k_BGnd.shape[2]
+    logits = torch.matmul(q_BGRCd.reshape(b, g, r * c, d), k_BGnd.transpose(-1, -2)).view(b, g, r, c, n)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    visible = visible_blocks(start, c, block, n, q_BGRCd.device)
+    blind = ~visible.any(-1, keepdim=True)  # (C, 1): all-masked rows would give NaN
+    probs = logits.mul_(scale).masked_fill_(~(visible | blind), float("-inf")).softmax(-1)
+    return probs.masked_fill_(blind, 0.0) if bool(blind[0]) else probs
+
+
+class CompressedBlockAttention(torch.autograd.Function):
+    """NSA's compressed branch: o_t = sum_j p_tj v^cmp_j, p_t = softmax over the blocks complete at t.
+
+    Forward and backward go over chunks of CMP_CHUNK queries, each against only the blocks its
+    last query can see (half the causal work is skipped), and keep nothing of size T x n: the
+    backward recomputes p from q and k^cmp (flash-style,
+        dS = P * (dP - rowsum(dO * O)),  dq = scale dS k,  dk = scale dS^T q,  dv = P^T dO).
+    The second output is p summed over each KV group's heads (B, G, T, n), for the block selection
+    (no gradient). q (B, H, T, d); k, v (B, G, n, .). Under autocast q, k and v are cast to its
+    dtype first and the body runs with autocast off, so backward (which autocast never reaches)
+    meets the dtypes forward used; the gradients come back in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, q, k_blocks, v_blocks, start: int, block: int, scale: float, with_probs: bool):
+        ctx.input_dtypes = (q.dtype, k_blocks.dtype, v_blocks.dtype)
+        dtype = compute_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):
+            q, k_blocks, v_blocks = (x.to(dtype) for x in (q, k_blocks, v_blocks))
+            return CompressedBlockAttention.attend(ctx, q, k_blocks, v_blocks, start, block, scale, with_probs)
+
+    @staticmethod
+    def attend(ctx, q, k_blocks, v_blocks, start: int, block: int, scale: float, with_probs: bool):
+        b, h, t, d = q.shape
+        g, n, d_v = k_blocks.shape[1], k_blocks.shape[2], v_blocks.shape[-1]
+        q_BGRTd = q.reshape(b, g, h // g, t, d)
+        out = q.new_zeros(b, g, h // g, t, d_v)
+        probs_BGTn = q.new_zeros(b, g, t if with_probs else 0, n, dtype=torch.float32)
+        for a, z, m in compressed_chunks(start, t, block, n):
+            p = block_probs(q_BGRTd[:, :, :, a:z], k_blocks[:, :, :m], start + a, block, scale)
+            out[:, :, :, a:z] = torch.matmul(p.to(v_blocks.dtype).flatten(2, 3), v_blocks[:, :, :m]).unflatten(2, (h // g, -1))
+            if with_probs:
+                probs_BGTn[:, :, a:z, :m] = p.sum(2)
+        ctx.save_for_backward(q, k_blocks, v_blocks, out)
+        ctx.meta = (start, block, scale)
+        ctx.mark_non_differentiable(probs_BGTn)
+        return out.view(b, h, t, d_v), probs_BGTn
+
+    @staticmethod
+    def backward(ctx, d_out, _d_probs):
+        q, k_blocks, v_blocks, out = ctx.saved_tensors
+        start, block, scale = ctx.meta
+        b, h, t, d = q.shape
+        g, n = k_blocks.shape[1], k_blocks.shape[2]
+        r = h // g
+        q_BGRTd = q.reshape(b, g, r, t, d)
+        do_BGRTv = d_out.reshape(b, g, r, t, -1).to(out.dtype)
+        delta = (do_BGRTv * out).sum(-1, keepdim=True)  # rowsum(dO * O)
+        delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
+        dq = torch.zeros_like(q_BGRTd)
+        dk, dv = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        for a, z, m in compressed_chunks(start, t, block, n):
+            q_c, do_c = q_BGRTd[:, :, :, a:z], do_BGRTv[:, :, :, a:z]
+            p = block_probs(q_c, k_blocks[:, :, :m], start + a, block, scale)
+            dp = torch.matmul(do_c.flatten(2, 3), v_blocks[:, :, :m].transpose(-1, -2)).view_as(p)
+            ds = (p * (dp - delta[:, :, :, a:z])).mul_(scale).to(q.dtype).flatten(2, 3)  # (B, G, R*C, m)
+            dq[:, :, :, a:z] = torch.matmul(ds, k_blocks[:, :, :m]).unflatten(2, (r, -1))
+            dk[:, :, :m] += torch.matmul(ds.transpose(-1, -2), q_c.flatten(2, 3))
+            dv[:, :, :m] += torch.matmul(p.to(do_c.dtype).flatten(2, 3).transpose(-1, -2), do_c.flatten(2, 3))
+        grads = (g.to(dtype) for g, dtype in zip((dq.view(b, h, t, d), dk, dv), ctx.input_dtypes))
+        return *grads, None, None, None, None
+
+
+def compressed_chunks(start: int, t: int, block: int, n: int):
+    """(first query, end query, blocks the chunk's last query sees) per chunk with any complete block."""
+    for a in range(0, t, CMP_CHUNK):
+        z = min(t, a + CMP_CHUNK)
+        m = min(n, (start + z) // block)
+        if m:
+            yield a, z, m

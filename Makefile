@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,hf,serve,e2e
 
-.PHONY: demo test test-all bench clean install
+.PHONY: demo test test-all lint format bench clean install
 
 install: $(STAMP)
 
@@ -25,6 +25,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "slow or not slow"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7, item 6: the prepared run for a CUDA machine (the `device` tool's H200, when one is lent).
+# The prepared run for a CUDA machine (an H100 or H200 lent for a few minutes): tests, benchmarks, profiles.
 # One call; every step has its own time limit (below), so the script always ends and returns what it
 # has, in at most 8 files under $OUT (the device tool's folder) or benchmarks/out/gpu.
 # STEPS picks the steps (default "tests train prefill decode": ~5 minutes on an H200, limits < 10):
@@ -65,7 +65,7 @@ if wanted decode; then
     step 90 decode.jsonl $PY -m nanoseek bench decode $DECODE --batch 1,8
     NANOSEEK_CUDA_GRAPHS=0 step 60 decode.jsonl $PY -m nanoseek bench decode $DECODE --batch 1
 fi
-if wanted attention; then  # issue 5 on the GPU
+if wanted attention; then  # sparse attention vs dense on the GPU
     for dtype in float32 bfloat16; do
         step 80 attention.jsonl $PY -m nanoseek bench attention --seq ${ATT_SEQ:-4096,16384,32768} --repeats 3 \
             --dtype $dtype --device $DEVICE

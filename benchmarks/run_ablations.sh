@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ablations of benchmarks/RESULTS.md (issue 6): fusion kinds, LR schedules, optimizers. ~20 min, alone.
+# The ablations of benchmarks/RESULTS.md: fusion kinds, LR schedules, optimizers. ~20 min, alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NS=.venv/bin/nanoseek

@@ -6,19 +6,19 @@ NS=.venv/bin/nanoseek
 PY=.venv/bin/python
 OUT=${OUT:-/tmp/nanoseek-results}
 mkdir -p "$OUT"
-# issue 2: nanoseek gpt2 presets vs the plain reference GPT (identical shapes), alternating
+# nanoseek gpt2 presets vs the plain reference GPT (identical shapes), alternating
 $NS bench train --preset gpt2-small --seq-len 64 --batch 12 --threads 2 --rounds 3 --steps 20 | tee "$OUT/train_small_t2.jsonl"
 $NS bench train --preset gpt2-small --seq-len 64 --batch 12 --threads 1 --rounds 3 --steps 20 | tee "$OUT/train_small_t1.jsonl"
 $NS bench train --preset gpt2-baby --seq-len 256 --batch 8 --threads 2 --rounds 2 --steps 5 --warmup 2 | tee "$OUT/train_baby_t2.jsonl"
 # bf16 autocast only where the CPU has AVX-512 bf16 / AMX: measure the matmul peaks first
-$PY -c "from nanoseek.bench import measure_matmul_peak as m; import json; print(json.dumps({'bench': 'matmul_peak', 'float32_gflops': m('float32', 2), 'bfloat16_gflops': m('bfloat16', 2)}))" | tee "$OUT/peak.jsonl"
-# issue 3: DeepSeek-V3 vs dense models, throughput and memory at seq 256, batch 8
+$PY -c "from nanoseek.bench.common import measure_matmul_peak as m; import json; print(json.dumps({'bench': 'matmul_peak', 'float32_gflops': m('float32', 2), 'bfloat16_gflops': m('bfloat16', 2)}))" | tee "$OUT/peak.jsonl"
+# DeepSeek-V3 vs dense models, throughput and memory at seq 256, batch 8
 for p in deepseek-v3-small llama-small gpt2-small; do
   $NS bench train --preset $p --seq-len 256 --batch 8 --threads 2 --rounds 2 --steps 5 --warmup 2 --peers none | tee "$OUT/train_$p.jsonl"
 done
-# issue 4: load time and peak RSS of a ~1 GB HF checkpoint, nanoseek vs transformers
+# load time and peak RSS of a ~1 GB HF checkpoint, nanoseek vs transformers
 $PY benchmarks/bench_load.py --rounds 2 | tee "$OUT/load.jsonl"
-# issue 3: validation loss at equal wall-clock on the bundled corpus with a trained BPE tokenizer
+# validation loss at equal wall-clock on the bundled corpus with a trained BPE tokenizer
 $NS tokenizer train --vocab-size 2048 --out "$OUT/bpe2048.json" src/nanoseek/data/tinyshakespeare.txt
 for p in deepseek-v3-small llama-small gpt2-small; do
   $NS train --preset $p --out "$OUT/eq-$p" --data.tokenizer="$OUT/bpe2048.json" --data.seq_len=256 \

@@ -21,8 +21,8 @@ the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib 
 memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster). With
 `--device cuda` the inputs and ops live on the GPU, every timing ends with a synchronize, and
 peak_device_mib is the CUDA allocator's peak above its baseline; one untimed run per kind and length goes
-first there (a shape's first call can build kernel plans: dense bf16 at 16K took 85 ms cold on an H200). `--dtype bfloat16` runs every kind
-under bf16 autocast, as training does (inputs and weights stay fp32).
+first there (a shape's first call can build kernel plans, which would be charged to the first kind).
+`--dtype bfloat16` runs every kind under bf16 autocast, as training does (inputs and weights stay fp32).
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ Reported per implementation:
                   ru_maxrss, which is process-wide and never decreases.
     peak_heap_mib the highest bytes in use from the C allocator (glibc mallinfo2) over the same
                   window, minus its value at the start: the live tensors without the freed memory
-                  glibc keeps resident (which differs from run to run with the order of frees; here
-                  it was 170-240 MiB of the peak RSS of both implementations). None without glibc.
+                  glibc keeps resident (which differs from run to run with the order of frees and can be
+                  a large part of the peak RSS). None without glibc.
     peak_device_mib  with --device cuda: the CUDA allocator's peak over the same window minus its
                   allocation at the start (None on a CPU)
     loss          the training loss after the last step (both models should learn alike)

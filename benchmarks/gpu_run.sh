@@ -8,7 +8,7 @@
 #              eager and compiled (train.compile=true: nanoseek-compiled)
 #   prefill    bench prefill vs transformers, then again with the compiled prefill  prefill.jsonl
 #   decode     bench decode vs transformers at batch 1 and 8, compiled (CUDA graphs), decode.jsonl
-#              then batch 1 with NANOSEEK_CUDA_GRAPHS=0 appended ("cuda_graphs": false)
+#              then batch 1 with --no-cuda-graphs appended ("cuda_graphs": false)
 #   attention  bench attention at ATT_SEQ tokens, fp32 then bf16 autocast          attention.jsonl
 #   profile    benchmarks/profile_train.py: nanoseek fp32 and bf16, transformers bf16   profile.txt
 # ATTENTION=1 adds the attention step to the default set. The probe and every step's command line
@@ -63,7 +63,7 @@ fi
 if wanted decode; then
     DECODE="--preset $PRESET --context $CONTEXT --rounds 3 --compile --device $DEVICE"
     step 90 decode.jsonl $PY -m nanoseek bench decode $DECODE --batch 1,8
-    NANOSEEK_CUDA_GRAPHS=0 step 60 decode.jsonl $PY -m nanoseek bench decode $DECODE --batch 1
+    step 60 decode.jsonl $PY -m nanoseek bench decode $DECODE --batch 1 --no-cuda-graphs
 fi
 if wanted attention; then  # sparse attention vs dense on the GPU
     for dtype in float32 bfloat16; do

@@ -343,3 +343,24 @@ def test_opaque_grouped_mm_matches_torch_and_passes_opcheck():
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
     torch.library.opcheck(opaque_grouped_mm, (x, w.detach().transpose(1, 2).requires_grad_(), offsets))
+
+
+def test_speculative_text_report_equals_greedy_through_the_detokenizer():
+    """`nanoseek sample --speculative`'s library call: the text comes from the one detokenizer and the
+    report says the ids equal greedy decoding's."""
+    from nanoseek import generate
+    from nanoseek.generation.speculative import compare_with_greedy
+
+    class Ascii:
+        eos_id, vocab_size = None, 128
+
+        def encode(self, text):
+            return list(text.encode())
+
+        def decode_bytes(self, ids):
+            return bytes(ids)
+
+    model = make("deepseek-v3-tiny").eval()
+    text, report = compare_with_greedy(model, Ascii(), "abc", 8)
+    assert report["same_as_greedy"] and report["speculative_tokens"] == 8
+    assert text == bytes(generate(model, list(b"abc"), max_new_tokens=8, temperature=0).tolist()).decode()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.generation.loop import SamplingOptions, generate
+from nanoseek.generation import SamplingOptions, generate
 from nanoseek.serve.engine import Engine, Event, QueueFull, Sequence
 
 VOCAB = 300
@@ -138,3 +138,58 @@ def test_queue_is_bounded_and_cancel_frees_the_row():
     finally:
         engine.stop()
     assert sum(len(c.events) for c in (first, second)) < 60  # cancelled before their 60 tokens
+
+
+class SplitCharTokenizer:
+    """Whatever the id, the next byte of "秦秦秦...": every character is split over three tokens."""
+
+    eos_id = None
+
+    def __init__(self):
+        self.stream = "秦".encode() * 100
+        self.at = 0
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode_bytes(self, ids):
+        out = self.stream[self.at:self.at + len(ids)]
+        self.at += len(ids)
+        return out
+
+
+def test_engine_text_goes_through_the_one_detokenizer():
+    """A character split over tokens reaches the client whole, as in TextStream."""
+    from nanoseek.generation.streaming import Detokenizer
+
+    model = tiny_model("gpt2-tiny")
+    engine = Engine(model, SplitCharTokenizer(), max_batch=1, max_queue=1)
+    collector = Collector()
+    seq = Sequence([1, 2, 3], 7, SamplingOptions(temperature=0), collector)
+    engine.start()
+    try:
+        engine.submit([seq])
+        assert collector.done.wait(30)
+    finally:
+        engine.stop()
+    assert isinstance(seq.detok, Detokenizer)
+    assert [e.text for e in collector.events] == ["秦", "秦", "\ufffd"]  # the 7th token: a cut character
+    assert collector.events[-1].finish_reason == "length" and collector.events[-1].completion_tokens == 7
+
+
+def test_engine_rows_sample_with_their_repetition_penalty():
+    """Each row's Sampler applies its penalty over the row's prompt and output, as generate does."""
+    model = tiny_model("llama-tiny")
+    opts = SamplingOptions(temperature=0, repetition_penalty=1.8)
+    got, _, _ = run_engine(model, [[5, 6, 7], [9]], [10, 6], options=opts)
+    assert got[0] == generate(model, [5, 6, 7], max_new_tokens=10, temperature=0, repetition_penalty=1.8).tolist()
+    assert got[1] == generate(model, [9], max_new_tokens=6, temperature=0, repetition_penalty=1.8).tolist()
+
+
+def test_bad_options_fail_their_request_at_submit():
+    from nanoseek.errors import NanoseekError
+
+    engine = Engine(tiny_model("gpt2-tiny"), ByteTokenizer(), max_batch=1, max_queue=1)
+    with pytest.raises(NanoseekError, match="top_p"):
+        engine.submit([Sequence([1], 3, SamplingOptions(top_p=0.0), Collector())])
+    assert engine.stats()["waiting"] == 0

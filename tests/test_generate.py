@@ -10,17 +10,14 @@ import torch
 from torch import nn
 
 from nanoseek import ModelConfig, NanoseekError, Transformer
-from nanoseek.generation.loop import (
-    TextStream,
+from nanoseek.generation.loop import decode_step, generate, prefill
+from nanoseek.generation.sampling import (
     apply_repetition_penalty,
-    complete,
-    decode_step,
-    generate,
-    prefill,
     sample_next,
     top_k_filter,
     top_p_filter,
 )
+from nanoseek.generation.streaming import TextStream, complete
 
 EOS = 256  # the fake byte tokenizer: ids 0..255 are bytes, 256+ are special
 
@@ -322,7 +319,7 @@ def test_compiled_decode_compiles_once_per_length_bucket(monkeypatch):
     the generation's length, and with it the graph); a longer generation gets the next bucket."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("nanoseek.generation.loop"), "DECODE_CACHE_MIN", 16)
+    monkeypatch.setattr(importlib.import_module("nanoseek.generation.compiled"), "DECODE_CACHE_MIN", 16)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("deepseek-v3-tiny", max_position_embeddings=64)).eval()
     prompt = torch.randint(0, 128, (1, 6))
@@ -360,16 +357,41 @@ def test_compiled_decode_runs_the_graph_entry_its_guards_choose():
     assert torch.equal(again, plain) and torch.equal(plain, generate(model, prompt, max_new_tokens=10, temperature=0))
 
 
-def test_compiled_decode_without_direct_calls_equals_eager(monkeypatch):
-    """NANOSEEK_DIRECT_DECODE=0: the later steps go through dynamo with guards skipped."""
-    monkeypatch.setenv("NANOSEEK_DIRECT_DECODE", "0")
+def test_compiled_decode_without_direct_calls_equals_eager_and_direct():
+    """direct_calls=False: the later steps go through dynamo with guards skipped; the same tokens as
+    eager decoding and as the direct calls, greedy and seeded sampling alike, on the same decoder
+    (each generation sets its options)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("llama-tiny", max_position_embeddings=64)).eval()
     prompt = torch.randint(0, 128, (2, 5))
-    compiled = generate(model, prompt, max_new_tokens=9, temperature=0, compile=True)
+    off = generate(model, prompt, max_new_tokens=9, temperature=0, compile=True, direct_calls=False)
     (decoder,) = model._compiled_decoders.values()
-    assert decoder.direct is None
-    assert torch.equal(compiled, generate(model, prompt, max_new_tokens=9, temperature=0))
+    assert decoder.direct is None and not decoder.options.direct_calls
+    assert torch.equal(off, generate(model, prompt, max_new_tokens=9, temperature=0))
+    on = generate(model, prompt, max_new_tokens=9, temperature=0, compile=True)
+    assert decoder.direct is not None and decoder.direct.fn is not None  # the later steps ran direct
+    assert torch.equal(on, off)
+    sampled = {"max_new_tokens": 9, "temperature": 1.0, "top_k": 20, "seed": 3, "compile": True}
+    assert torch.equal(generate(model, prompt, direct_calls=False, **sampled), generate(model, prompt, **sampled))
+
+
+def test_decode_options_default_to_the_fast_paths_and_reach_the_loop():
+    from nanoseek.generation.compiled import DecodeOptions
+
+    assert DecodeOptions() == DecodeOptions(direct_calls=True, cuda_graphs=True)
+    stream = TextStream(scripted("ok"), ByteTokenizer(), "hi", temperature=0, direct_calls=False, cuda_graphs=False)
+    assert stream._loop.decode_options == DecodeOptions(direct_calls=False, cuda_graphs=False)
+    assert "".join(stream) == "ok"
+
+
+def test_generation_reads_no_environment_switches():
+    """The decode switches are options: generation/ reads no environment variables."""
+    from pathlib import Path
+
+    from nanoseek import generation
+
+    for source in Path(generation.__file__).parent.glob("*.py"):
+        assert "os.environ" not in source.read_text() and "getenv" not in source.read_text(), source.name
 
 
 def test_compiled_nsa_decode_is_one_graph_for_every_position():
@@ -409,14 +431,14 @@ def test_a_copy_of_a_model_does_not_share_its_compiled_steps():
 
 
 def test_decode_cache_length_buckets():
-    from nanoseek.generation.loop import decode_cache_length
+    from nanoseek.generation.compiled import decode_cache_length
 
     assert [decode_cache_length(n, 4096) for n in (1, 256, 257, 1000, 1025)] == [256, 256, 512, 1024, 2048]
     assert decode_cache_length(3000, 2048) == 2048
 
 
 def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():
-    from nanoseek.generation.loop import mask_unknown_ids
+    from nanoseek.generation.sampling import mask_unknown_ids
 
     class Small:
         vocab_size = 5
@@ -430,7 +452,7 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():
 
 def test_matvec_linear_equals_linear():
     """The compiled few-row decode runs F.linear as multiply-and-reduce: same values, bias or not."""
-    from nanoseek.generation.loop import MatvecLinear
+    from nanoseek.generation.compiled import MatvecLinear
 
     torch.manual_seed(0)
     layer, plain = torch.nn.Linear(16, 5), torch.nn.Linear(16, 5, bias=False)
@@ -447,7 +469,7 @@ def test_matvec_linear_equals_linear():
 
 def test_matvec_mode_runs_few_row_matmuls_as_multiply_and_reduce():
     """Attention over the cache in the compiled decode: (..., M, K) @ (..., K, N) with M small."""
-    from nanoseek.generation.loop import MATMUL_MAX_ROWS, MatvecLinear
+    from nanoseek.generation.compiled import MATMUL_MAX_ROWS, MatvecLinear
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 10, 8)  # scores against a cache, batched
@@ -476,3 +498,79 @@ def test_compiled_prefill_equals_eager_and_compiles_once():
         other = generate(model, prompt[:, :6], max_new_tokens=4, temperature=0, compile_prefill=True)
     assert torch.equal(other, generate(model, prompt[:, :6], max_new_tokens=4, temperature=0))
     assert "_compiled_prefill" in model.__dict__
+
+
+# ---------------------------------------------------------------------------- the one detokenizer
+
+
+def test_detokenizer_holds_a_character_split_over_tokens_until_its_last_byte():
+    from nanoseek.generation.streaming import Detokenizer
+
+    text = Detokenizer(ByteTokenizer())
+    ids = list("a秦🙂".encode())  # 1 + 3 + 4 bytes, one token each
+    pieces = [text.push(i) for i in ids]
+    assert pieces == ["a", "", "", "秦", "", "", "", "🙂"]
+    assert text.finish() == "" and text.finish_reason == "length" and text.tokens == len(ids)
+
+
+def test_detokenizer_finishing_rule_eos_and_max_tokens():
+    from nanoseek.generation.streaming import Detokenizer
+
+    text = Detokenizer(ByteTokenizer(), stops=["xyz"], max_tokens=4)
+    pieces = [text.push(i) for i in list(b"abxy") + [ord("z")]]
+    assert pieces == ["", "", "a", "bxy", ""]  # 2 characters held back; the 4th id finishes and releases them
+    assert text.finish_reason == "length" and text.tokens == 4
+    eos = Detokenizer(ByteTokenizer())
+    assert [eos.push(i) for i in ["秦".encode()[0], EOS, ord("a")]] == ["", "\ufffd", ""]
+    assert eos.finish_reason == "stop" and eos.finish() == ""
+
+
+def test_text_stream_and_the_old_stream_decoder_name_use_the_one_detokenizer():
+    from nanoseek.data.tokenizer import StreamDecoder
+    from nanoseek.generation.streaming import Detokenizer
+
+    assert StreamDecoder is Detokenizer
+    s = TextStream(scripted("é!"), ByteTokenizer(), "hi", temperature=0)
+    assert list(s) == ["é", "!"] and isinstance(s._text, Detokenizer)
+
+
+# ---------------------------------------------------------------------------- past the context
+
+
+class LetterTokenizer:
+    """26 ids, one lowercase letter each; no eos."""
+
+    eos_id = None
+    vocab_size = 26
+
+    def encode(self, text):
+        return [ord(c) - 97 for c in text]
+
+    def decode_bytes(self, ids):
+        return bytes(97 + i for i in ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode()
+
+
+def test_stream_past_context_restarts_from_the_last_half_of_the_context():
+    from nanoseek.generation.streaming import stream_past_context
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("gpt2-tiny", vocab_size=26, max_position_embeddings=16)).eval()
+    tok = LetterTokenizer()
+    text = "".join(stream_past_context(model, tok, "abc", max_new_tokens=40, temperature=0))
+    assert len(text) == 40  # more tokens than the 16-position context holds
+    first = generate(model, tok.encode("abc"), max_new_tokens=13, temperature=0).tolist()
+    assert text[:13] == tok.decode(first)  # the prompt's own chunk fills the context
+    restart = tok.encode(("abc" + text[:13])[-8:])  # then half the context is kept
+    assert text[13:21] == tok.decode(generate(model, restart, max_new_tokens=8, temperature=0).tolist())
+
+
+@pytest.mark.parametrize("prompt,match", [("", "empty"), ("a" * 16, "16 tokens")])
+def test_stream_past_context_checks_the_prompt_before_the_first_piece(prompt, match):
+    from nanoseek.generation.streaming import stream_past_context
+
+    model = Transformer(ModelConfig.from_preset("gpt2-tiny", vocab_size=26, max_position_embeddings=16)).eval()
+    with pytest.raises(NanoseekError, match=match):
+        stream_past_context(model, LetterTokenizer(), prompt, max_new_tokens=4)

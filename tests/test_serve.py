@@ -22,7 +22,7 @@ pytest.importorskip("uvicorn")
 from nanoseek import ModelConfig, Transformer  # noqa: E402
 from nanoseek.io import load_model  # noqa: E402
 from nanoseek.analysis.embed import embed  # noqa: E402
-from nanoseek.generation.loop import complete  # noqa: E402
+from nanoseek.generation.streaming import complete  # noqa: E402
 from nanoseek.data.tokenizer import CharTokenizer, load_tokenizer  # noqa: E402
 
 CONTEXT = 96

@@ -92,7 +92,7 @@ def forward_flops_per_token(model, context: int) -> float:
 @torch.inference_mode()
 def time_prefill(impl: str, model, ids: torch.Tensor, compiled: bool = False) -> float:
     """Seconds to the first token; `compiled`: nanoseek through `compiled_prefill`."""
-    from nanoseek.generation.loop import compiled_prefill
+    from nanoseek.generation import compiled_prefill
 
     t0 = time.perf_counter()
     if impl.startswith("nanoseek"):
@@ -106,12 +106,13 @@ def time_prefill(impl: str, model, ids: torch.Tensor, compiled: bool = False) ->
 
 
 @torch.inference_mode()
-def time_generate(impl: str, model, ids: torch.Tensor, new: int) -> float:
-    from nanoseek.generation.loop import generate
+def time_generate(impl: str, model, ids: torch.Tensor, new: int, cuda_graphs: bool = True) -> float:
+    from nanoseek.generation import generate
 
     t0 = time.perf_counter()
     if impl.startswith("nanoseek"):
-        out = generate(model, ids, max_new_tokens=new, temperature=0, compile=impl == "nanoseek-compiled")
+        out = generate(model, ids, max_new_tokens=new, temperature=0, compile=impl == "nanoseek-compiled",
+                       cuda_graphs=cuda_graphs)
     else:
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, ids.shape[1]:]
     out = out.cpu()
@@ -185,11 +186,11 @@ def run_decode(args) -> list[dict]:
                                         f"{ours.config.max_position_embeddings} positions")
                 ids = torch.randint(0, ours.config.vocab_size, (batch, context), generator=g).to(device)
                 for impl, model in impls.items():  # warm-up (and the compile, once per batch and length bucket)
-                    time_generate(impl, model, ids, args.new_tokens)
+                    time_generate(impl, model, ids, args.new_tokens, not args.no_cuda_graphs)
                 decode = {impl: [] for impl in impls}
                 for _ in range(args.rounds):
                     for impl, model in impls.items():
-                        total = time_generate(impl, model, ids, args.new_tokens)
+                        total = time_generate(impl, model, ids, args.new_tokens, not args.no_cuda_graphs)
                         decode[impl].append(total - time_prefill(impl, model, ids))
                 kv = kv_cache_bytes_per_token(ours.config, 4) * (context + args.new_tokens / 2) * batch
                 step_bytes = weight_bytes_per_step(ours, batch) + kv
@@ -267,3 +268,5 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", help="PNG of decode tokens/s vs context")
     parser.add_argument("--compile", action="store_true",
                         help="also time nanoseek's compiled static-shape decode step (compiles once per batch)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="the compiled step without CUDA-graph replay (generate(..., cuda_graphs=False))")

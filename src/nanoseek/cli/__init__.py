@@ -108,7 +108,7 @@ def load_model_and_tokenizer(path, trust_pickle: bool = False, device: str = "cp
 
 
 def cmd_sample(args, extra) -> int:
-    from nanoseek.generation.loop import TextStream
+    from nanoseek.generation.streaming import stream_past_context
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
@@ -121,56 +121,27 @@ def cmd_sample(args, extra) -> int:
         torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle, args.device)
     prompt = args.prompt if args.prompt is not None else "\n"
-    limit = model.config.max_position_embeddings
-    n_prompt = len(tok.encode(prompt))
-    if n_prompt == 0:
-        raise NanoseekError("--prompt is empty; give at least one character")
-    if n_prompt >= limit:
-        raise NanoseekError(f"--prompt is {n_prompt} tokens; the model's context is {limit} tokens")
+    pieces = stream_past_context(model, tok, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 repetition_penalty=args.repetition_penalty, stop=args.stop or None,
+                                 compile=args.compile, compile_prefill=args.compile_prefill)  # checks the prompt
     if args.speculative:
-        return sample_speculative(model, tok, prompt, min(args.max_new_tokens, limit - n_prompt))
+        return sample_speculative(model, tok, prompt, args.max_new_tokens)
     sys.stdout.write(prompt)
-    context, remaining, chunk = prompt, args.max_new_tokens, 0
-    while remaining > 0:  # past the context, continue from the most recent half of it
-        ids = tok.encode(context)
-        if chunk and len(ids) > limit // 2:
-            context = tok.decode(ids[-(limit // 2):])
-            ids = tok.encode(context)
-        seed = None if args.seed is None else args.seed + chunk
-        stream = TextStream(model, tok, context, max_new_tokens=min(remaining, limit - len(ids)),
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                            repetition_penalty=args.repetition_penalty, stop=args.stop or None,
-                            compile=args.compile, compile_prefill=args.compile_prefill)
-        for piece in stream:
-            context += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        remaining -= stream.completion_tokens
-        chunk += 1
-        if stream.finish_reason == "stop":
-            break
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
 
 def sample_speculative(model, tok, prompt: str, max_new: int) -> int:
     """Greedy decoding with the MTP module drafting; prints acceptance and speed on stderr."""
-    import time
+    from nanoseek.generation.speculative import compare_with_greedy
 
-    from nanoseek.generation.loop import generate
-    from nanoseek.generation.speculative import speculative_generate
-
-    ids = tok.encode(prompt)
-    t0 = time.perf_counter()
-    new, stats = speculative_generate(model, ids, max_new_tokens=max_new, eos_id=tok.eos_id)
-    t1 = time.perf_counter()
-    plain = generate(model, ids, max_new_tokens=len(new), temperature=0)
-    t2 = time.perf_counter()
-    print(prompt + tok.decode(new.tolist()))
-    print(json.dumps({"speculative_tokens": len(new), "acceptance_rate": round(stats.acceptance_rate, 4),
-                      "main_forwards": stats.forwards, "speculative_s": round(t1 - t0, 4),
-                      "greedy_s": round(t2 - t1, 4), "speedup": round((t2 - t1) / max(t1 - t0, 1e-9), 3),
-                      "same_as_greedy": plain.tolist() == new.tolist()}), file=sys.stderr)
+    text, report = compare_with_greedy(model, tok, prompt, max_new)
+    print(prompt + text)
+    print(json.dumps(report), file=sys.stderr)
     return 0
 
 
@@ -333,42 +304,27 @@ def cmd_serve(args, extra) -> int:
 
 def cmd_chat(args, extra) -> int:
     """Interactive chat on stdin/stdout; the checkpoint's chat template when it has one."""
-    from nanoseek.generation.chat import load_chat_template, render_chat
-    from nanoseek.generation.loop import TextStream
+    from nanoseek.generation.chat import Chat, MessageTooLong
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
     model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle, args.device)
-    template = load_chat_template(model.checkpoint_dir)
-    stops = None if template["template"] else ["\nUser:"]
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    limit = model.config.max_position_embeddings
+    chat = Chat(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile,
+                compile_prefill=args.compile_prefill)
     print("chat: type a message and press Enter (Ctrl-D to quit)", file=sys.stderr)
     for line in sys.stdin:
         text = line.strip()
         if not text:
             continue
-        messages.append({"role": "user", "content": text})
-        prompt = render_chat(messages, template)
-        first = 1 if messages[0]["role"] == "system" else 0
-        while len(tok.encode(prompt)) + args.max_new_tokens > limit and len(messages) > first + 1:
-            del messages[first:first + 2]  # drop the oldest user/assistant exchange, keep roles alternating
-            prompt = render_chat(messages, template)
-        room = limit - len(tok.encode(prompt))
-        if room < 1:
+        try:
+            for piece in chat.reply(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except MessageTooLong:
             print("(message too long for the model's context)", file=sys.stderr)
-            messages.pop()
             continue
-        stream = TextStream(model, tok, prompt, max_new_tokens=min(args.max_new_tokens, room),
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            stop=stops, compile=args.compile, compile_prefill=args.compile_prefill)
-        reply = []
-        for piece in stream:
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply).strip()})
     return 0
 
 

@@ -26,7 +26,6 @@ bytes instead of tokens gives bits-per-byte, a number comparable across tokenize
 from __future__ import annotations
 
 import abc
-import codecs
 import hashlib
 import itertools
 import json
@@ -428,23 +427,15 @@ def _iter_text_blocks(files: list[str], block_chars: int = 1 << 20) -> Iterator[
 # ----------------------------------------------------------------------------- streaming
 
 
-class StreamDecoder:
-    """Decode ids one at a time (for printing while generating).
+def __getattr__(name: str):
+    """`StreamDecoder`: the former name of `nanoseek.generation.streaming.Detokenizer`, the one
+    incremental decoder (`push(id)` returns only whole characters, `flush()` the tail), looked up
+    on first use so that this module imports nothing from the generation layer above it."""
+    if name == "StreamDecoder":
+        from nanoseek.generation.streaming import Detokenizer
 
-    ``push`` returns only completed characters: a multi-byte character split over several
-    tokens is held back until its last byte arrives.
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        return self._decoder.decode(self.tokenizer.decode_bytes([int(token_id)]))
-
-    def flush(self) -> str:
-        """The buffered tail; an incomplete character becomes U+FFFD."""
-        return self._decoder.decode(b"", final=True)
+        return Detokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- train / load

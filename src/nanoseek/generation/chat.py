@@ -1,4 +1,5 @@
-"""Chat prompts: render a list of messages into the text a model continues.
+"""Chat: render a list of messages into the text a model continues, keep a history that fits the
+context, and stream the replies (`Chat`, what `nanoseek chat` runs).
 
 A checkpoint folder's `tokenizer_config.json` may carry a Jinja `chat_template` (as HF checkpoints
 do). It is rendered in Jinja's immutable sandbox: templates cannot reach Python internals, files or
@@ -9,14 +10,21 @@ the network. Models without a template (e.g. nanoseek's own char-level demo) get
 
     >>> render_chat([{"role": "user", "content": "Hi"}])
     'User: Hi\\nAssistant:'
+
+History trimming: when the rendered prompt plus the reply's `max_new_tokens` would not fit the
+model's context, the oldest user/assistant exchange is dropped (a system message stays, the roles
+keep alternating) until it fits or only the newest message is left; the reply then gets the room
+that is left.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from nanoseek.errors import NanoseekError
+from nanoseek.generation.streaming import TextStream
 
 ROLES = ("system", "user", "assistant")
 
@@ -81,3 +89,53 @@ def _render_jinja(template: dict, messages: list[dict], add_generation_prompt: b
             bos_token=template.get("bos_token", ""), eos_token=template.get("eos_token", ""))
     except TemplateError as e:
         raise NanoseekError(f"chat template failed: {e}") from None
+
+
+def trim_history(messages: list[dict], render: Callable[[list[dict]], str], count: Callable[[str], int],
+                 max_new_tokens: int, context: int) -> tuple[str, int]:
+    """Drop the oldest exchanges of `messages` (in place) until the prompt leaves `max_new_tokens` of
+    `context`, or only the system message and the newest message are left. Returns the prompt and
+    the room left for the reply (< 1: the newest message alone does not fit)."""
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    prompt = render(messages)
+    while count(prompt) + max_new_tokens > context and len(messages) > first + 1:
+        del messages[first:first + 2]  # the oldest user/assistant exchange: roles keep alternating
+        prompt = render(messages)
+    return prompt, context - count(prompt)
+
+
+class MessageTooLong(NanoseekError):
+    """The newest message alone leaves no room for a reply in the model's context."""
+
+
+class Chat:
+    """A conversation with `model`: `reply(text)` streams the assistant's answer as text pieces and
+    records both turns. The checkpoint's chat template when it has one; otherwise the plain transcript,
+    with "\\nUser:" as a stop string. `options` go to `TextStream` (temperature, top_k, top_p, seed,
+    compile, ...)."""
+
+    def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256, **options):
+        self.model, self.tokenizer = model, tokenizer
+        self.template = load_chat_template(getattr(model, "checkpoint_dir", None))
+        self.stops = None if self.template["template"] else ["\nUser:"]
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.max_new_tokens = max_new_tokens
+        self.options = options
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the reply to the user's `text`; MessageTooLong (the message forgotten, the history
+        as it was) when it does not fit the context even after the history was trimmed."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        prompt, room = trim_history(messages, lambda m: render_chat(m, self.template),
+                                    lambda t: len(self.tokenizer.encode(t)), self.max_new_tokens,
+                                    self.model.config.max_position_embeddings)
+        if room < 1:
+            raise MessageTooLong("message too long for the model's context")
+        self.messages = messages
+        stream = TextStream(self.model, self.tokenizer, prompt, max_new_tokens=min(self.max_new_tokens, room),
+                            stop=self.stops, **self.options)
+        pieces = []
+        for piece in stream:
+            pieces.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})

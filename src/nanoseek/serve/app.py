@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.generation.chat import load_chat_template, render_chat
 from nanoseek.errors import NanoseekError
-from nanoseek.generation.loop import SamplingOptions
+from nanoseek.generation.sampling import SamplingOptions
 from nanoseek.serve.engine import Engine, QueueFull, Sequence
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
 

@@ -16,8 +16,14 @@ Requests join and leave between decode steps, so a short request never waits for
 16 concurrent clients share one forward pass per token instead of taking turns. Admission is
 bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_batch + max_queue.
 
-Text leaves through `Detokenizer` (UTF-8 safe, stop strings held back), one `Event` per piece,
-through the request's `emit` callback (the server hands them to its asyncio loop).
+What it shares with the token loop of `nanoseek.generation` (`TokenLoop`, `TextStream`): each row
+samples with its own `Sampler` (options, seeded generator, unknown ids masked, repetition penalty
+over the row's prompt and output), and its text and finishing rule come from its `Detokenizer`
+(UTF-8 safe, stop strings held back; "stop" at eos or a stop string, "length" at max_tokens or the
+end of the context). What stays here is the scheduling, which `TokenLoop` (one batch of equal
+prompts, one cache of its own) cannot express: rows of different lengths in one cache, joining and
+leaving between steps. Text leaves one `Event` per piece, through the request's `emit` callback
+(the server hands them to its asyncio loop).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.generation.loop import Detokenizer, SamplingOptions, mask_unknown_ids, sample_next
+from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
+from nanoseek.generation.streaming import Detokenizer
 
 log = logging.getLogger("nanoseek.serve")
 
@@ -63,6 +70,7 @@ class Sequence:
     cancelled: bool = False
     generated: int = 0
     last_token: int = -1
+    output_ids: list[int] = field(default_factory=list)
 
     @property
     def position(self) -> int:
@@ -100,6 +108,8 @@ class Engine:
         self.thread.join(timeout=10)
 
     def submit(self, seqs: list[Sequence]) -> None:
+        for s in seqs:  # a bad option fails its request here, not the engine thread
+            s.options.validate()
         with self.wakeup:
             busy = len(self.running) + len(self.waiting)
             if busy + len(seqs) > self.max_batch + self.max_queue:
@@ -173,8 +183,9 @@ class Engine:
                 seq = self.waiting.popleft()
             row = len(self.running)
             self.running.append(seq)  # from here on, a failure reaches this request too
-            seq.detok = Detokenizer(self.tokenizer, seq.stops)
-            seq.generator = seq.options.make_generator(self.device)
+            room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
+            seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
+            seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
             ids = torch.tensor([seq.prompt_ids], device=self.device)
             view = [c.rows(row, row + 1) for c in self.cache]
             logits = self.model(ids, cache=view, start=0, last_only=True).logits[:, -1]
@@ -195,26 +206,24 @@ class Engine:
         self._release(done)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row: greedy rows in one argmax, the others with their own options.
-        Ids the tokenizer does not have (a model vocabulary padded past it) are never sampled."""
-        logits = mask_unknown_ids(logits, self.tokenizer)
-        tokens = logits.argmax(dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            o = seq.options
-            if o.temperature > 0:
-                tokens[i] = int(sample_next(logits[i:i + 1], o.temperature, o.top_k, o.top_p,
-                                            seq.generator)[0])
-        return tokens
+        """One token per row, each by its own sampler (the greedy rows in one argmax)."""
+        seen = [self._seen(s) for s in seqs]
+        return sample_rows(logits, [s.sampler for s in seqs], seen)
+
+    def _seen(self, seq: Sequence) -> torch.Tensor | None:
+        """The ids the repetition penalty acts on, for rows that have one."""
+        if seq.options.repetition_penalty == 1.0:
+            return None
+        return torch.tensor([seq.prompt_ids + seq.output_ids], device=self.device)
 
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Record the sampled token, emit its text; True when the sequence has finished."""
         seq.generated += 1
         seq.last_token = token
+        seq.output_ids.append(token)
         self.tokens_out += 1
         text = seq.detok.push(token)
-        out_of_room = seq.generated >= seq.max_tokens or seq.position + 1 >= self.context
-        if seq.detok.finish_reason or out_of_room:
-            text += seq.detok.finish()
+        if seq.detok.finish_reason:
             seq.emit(Event(seq.index, text, seq.detok.finish_reason, seq.generated))
             return True
         if text:

@@ -33,14 +33,21 @@ from nanoseek.model.fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, Stre
 from nanoseek.model.ffn import make_dense_ffn
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
-from nanoseek.model.moe.moe import MoE
+from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.attention.nsa import NativeSparseAttention
-from nanoseek.model.norm import make_norm, recomputed_norm_outputs
+from nanoseek.model.norm import make_norm
 from nanoseek.model.position import ADDITIVE_POSITIONS, RotaryEmbedding
 
 # checkpoint format -> writer(model, directory, tokenizer_dir), installed by nanoseek.io
 CHECKPOINT_WRITERS: dict[str, Callable] = {}
+
+# The fast paths, installed by nanoseek.kernels and used when config.kernels (see kernels/__init__.py):
+# a reference module class -> its fast subclass (same parameters, state dict and values), swapped in
+KERNEL_MODULES: dict[type, type] = {}
+# "linear_cross_entropy": (h, head weight, targets) -> mean loss, the fused head + loss;
+# "training_forward": () -> the context manager the eager training forward runs in
+KERNEL_FUNCTIONS: dict[str, Callable] = {}
 
 ATTENTIONS = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mqa": MultiHeadAttention,
               "mla": MultiHeadLatentAttention, "v4": CompressedAttention}
@@ -127,6 +134,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.embed_scale = math.sqrt(d) if config.embedding_scale else 1.0
         self.gradient_checkpointing = False  # set by training (dist.activation_checkpointing)
+        self.set_kernels(config.kernels)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -179,18 +187,35 @@ class Transformer(nn.Module):
 
         `start` may be a LongTensor (B,) of per-row positions for a one-token decode step against
         a cache (continuous batching); the caller keeps those positions inside the context.
-        With `targets` and `return_logits=False` (what the trainer asks for) the head and the
-        loss run fused in chunks (model/loss.py) and `logits` is None: the (B, T, V) logits and
-        their gradient are never held whole.
+        With `targets` and `return_logits=False` (what the trainer asks for) `logits` is None and
+        the head and the loss run together (`head_loss`; with kernels, fused in chunks: the
+        (B, T, V) logits and their gradient are never held whole).
         """
         if isinstance(start, torch.Tensor):
             if cache is None or input_ids.shape[1] != 1:
                 raise ValueError("per-row positions need a cache and one token per row")
         else:
             self._check_length(start + input_ids.shape[1])
-        recompute = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        with recomputed_norm_outputs() if recompute else contextlib.nullcontext():
+        eager_training = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        context = self.kernel_function("training_forward") if eager_training else None
+        with context() if context is not None else contextlib.nullcontext():
             return self._forward(input_ids, targets, cache, start, last_only, return_logits)
+
+    def set_kernels(self, on: bool) -> None:
+        """Run the fast paths nanoseek.kernels installed (on) or the plain reference (off). Only the
+        classes of the swapped modules change: parameters, buffers and the state dict stay."""
+        table = KERNEL_MODULES if on else {fast: ref for ref, fast in KERNEL_MODULES.items()}
+        for module in self.modules():
+            if type(module) in table:
+                module.__class__ = table[type(module)]
+        self.kernels = on
+
+    def kernel_function(self, name: str) -> Callable | None:
+        return KERNEL_FUNCTIONS.get(name) if self.kernels else None
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits h W^T against targets (model/loss.py)."""
+        return (self.kernel_function("linear_cross_entropy") or linear_cross_entropy)(h, self.lm_head.weight, targets)
 
     def _forward(self, input_ids, targets, cache, start, last_only: bool, return_logits: bool) -> ModelOutput:
         self.route_tokens(input_ids)
@@ -206,7 +231,7 @@ class Transformer(nn.Module):
         loss, aux = None, {}
         if targets is not None:
             if fused:
-                loss = linear_cross_entropy(h, self.lm_head.weight, targets)
+                loss = self.head_loss(h, targets)
             else:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
             if len(self.mtp):
@@ -271,7 +296,7 @@ class Transformer(nn.Module):
             emb_next = self.embed_tokens(targets[:, k - 1:k - 1 + t].clamp(min=0)) * self.embed_scale
             rope_k = None if rope is None else (rope[0][:t], rope[1][:t])
             h, normed = module(h[:, :t], emb_next, rope_k)
-            total = total + linear_cross_entropy(normed, self.lm_head.weight, targets[:, k:k + t])
+            total = total + self.head_loss(normed, targets[:, k:k + t])
         return self.config.mtp_loss_weight / depth * total
 
     def route_tokens(self, input_ids: torch.Tensor) -> None:

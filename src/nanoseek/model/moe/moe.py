@@ -58,7 +58,6 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(config.n_routed_experts, d, config.moe_intermediate_size, limit)
         shared = config.moe_intermediate_size * config.n_shared_experts
         self.shared_experts = SwiGLU(d, shared, limit=limit) if shared else None
-        self.token_ids: torch.Tensor | None = None  # hash routing: the ids of the tokens in x (set per forward)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         # expert parallelism (parallel/expert.py) installs here a function (x_MD sorted by expert,
@@ -75,10 +74,11 @@ class MoE(nn.Module):
         per_expert = self.experts.gate_up_proj[0].numel() + self.experts.down_proj[0].numel()
         return (self.n_experts - self.top_k) * per_expert
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); `token_ids` (B, T): the tokens of x, which hash routing needs."""
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(-1, d)
-        idx_NK, w_NK, scores_NE = self.gate(x_ND, self.token_ids)
+        idx_NK, w_NK, scores_NE = self.gate(x_ND, token_ids)
         pairs = idx_NK.numel()
         few = pairs <= self.n_experts or (torch.compiler.is_compiling() and pairs <= PER_PAIR_MAX_COMPILED)
         if self.remote_experts is None and few and not self.training:

@@ -9,7 +9,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.config import mscale
 from nanoseek.generation.loop import decode_step, prefill
 from nanoseek.model import kv_cache_bytes_per_token, model_info
-from nanoseek.model.moe.moe import MoE, Router
+from nanoseek.model.moe import MoE, Router
 from nanoseek.model.position import rope_attention_factor, rope_inv_freq, softmax_scale
 
 V3_YARN = dict(rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
@@ -129,7 +129,7 @@ def router(**kw):
 
 
 def test_gathered_grouped_mm_matches_gather_then_per_expert_products():
-    from nanoseek.model.moe.moe import GatheredGroupedMM
+    from nanoseek.kernels.grouped_mm import GatheredGroupedMM
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 16, generator=g, requires_grad=True)
@@ -329,7 +329,7 @@ def test_speculative_decoding_equals_greedy_with_random_weights():
 def test_opaque_grouped_mm_matches_torch_and_passes_opcheck():
     """`nanoseek::grouped_mm` (what a compiled fp32 MoE step calls): torch._grouped_mm's product and
     gradients, and torch.library.opcheck's schema / fake-tensor / autograd checks."""
-    from nanoseek.model.moe.moe import opaque_grouped_mm
+    from nanoseek.kernels.grouped_mm import opaque_grouped_mm
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=g, requires_grad=True)

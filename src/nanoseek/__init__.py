@@ -11,6 +11,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.generation.loop import generate
 from nanoseek.io import load_model, save_model
 from nanoseek.model import Transformer
+import nanoseek.kernels  # noqa: E402,F401 (installs the fast paths into the model; see kernels/__init__.py)
 
 __version__ = "0.1.0"
 

@@ -219,6 +219,8 @@ class ModelConfig:
     embedding_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Vaswani)
     final_norm: bool = True  # post-norm models already end in a norm
     depth_scaled_init: bool = True  # output projections get std / sqrt(2 * layers)
+    # how the model runs (no effect on its weights or math; never exported to HF)
+    kernels: bool = True  # fused/recomputing fast paths from nanoseek.kernels where installed; False = the plain reference
 
     def __post_init__(self):
         self.validate()
@@ -254,6 +256,8 @@ class ModelConfig:
 
     # ----- validation
     def validate(self):
+        if not isinstance(self.kernels, bool):
+            raise NanoseekError(f"kernels={self.kernels!r}: expected true/false")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings"):
             _check_positive(name, getattr(self, name))

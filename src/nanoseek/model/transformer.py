@@ -33,14 +33,21 @@ from nanoseek.model.fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, Stre
 from nanoseek.model.ffn import make_dense_ffn
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
-from nanoseek.model.moe.moe import MoE
+from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.attention.nsa import NativeSparseAttention
-from nanoseek.model.norm import make_norm, recomputed_norm_outputs
+from nanoseek.model.norm import make_norm
 from nanoseek.model.position import ADDITIVE_POSITIONS, RotaryEmbedding
 
 # checkpoint format -> writer(model, directory, tokenizer_dir), installed by nanoseek.io
 CHECKPOINT_WRITERS: dict[str, Callable] = {}
+
+# The fast paths, installed by nanoseek.kernels and used when config.kernels (see kernels/__init__.py):
+# a reference module class -> its fast subclass (same parameters, state dict and values), swapped in
+KERNEL_MODULES: dict[type, type] = {}
+# "linear_cross_entropy": (h, head weight, targets) -> mean loss, the fused head + loss;
+# "training_forward": () -> the context manager the eager training forward runs in
+KERNEL_FUNCTIONS: dict[str, Callable] = {}
 
 ATTENTIONS = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mqa": MultiHeadAttention,
               "mla": MultiHeadLatentAttention, "v4": CompressedAttention}
@@ -87,18 +94,24 @@ class Block(nn.Module):
             self.attn_hc = STREAM_FUSIONS[config.fusion](config, 2 * layer)
             self.ffn_hc = STREAM_FUSIONS[config.fusion](config, 2 * layer + 1)
 
-    def forward_streams(self, streams: torch.Tensor, rope=None, cache=None, start: int = 0) -> torch.Tensor:
+    def ffn(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+        """The feed-forward; an MoE layer also gets the token ids (hash routing chooses by them)."""
+        return self.mlp(x, token_ids) if isinstance(self.mlp, MoE) else self.mlp(x)
+
+    def forward_streams(self, streams: torch.Tensor, rope=None, cache=None, start: int = 0,
+                        token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, n, D) -> (B, T, n, D): each sublayer reads and writes the n residual streams."""
         streams = self.attn_hc(streams, lambda x: self.dropout(
             self.self_attn(self.input_layernorm(x), rope, cache, start)))
-        return self.ffn_hc(streams, lambda x: self.dropout(self.mlp(self.post_attention_layernorm(x))))
+        return self.ffn_hc(streams, lambda x: self.dropout(self.ffn(self.post_attention_layernorm(x), token_ids)))
 
-    def forward(self, h: torch.Tensor, rope=None, cache=None, start: int = 0) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope=None, cache=None, start: int = 0,
+                token_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:
             h = h + self.dropout(self.self_attn(self.input_layernorm(h), rope, cache, start))
-            return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
+            return h + self.dropout(self.ffn(self.post_attention_layernorm(h), token_ids))
         h = self.input_layernorm(h + self.dropout(self.self_attn(h, rope, cache, start)))
-        return self.post_attention_layernorm(h + self.dropout(self.mlp(h)))
+        return self.post_attention_layernorm(h + self.dropout(self.ffn(h, token_ids)))
 
 
 class Transformer(nn.Module):
@@ -127,6 +140,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.embed_scale = math.sqrt(d) if config.embedding_scale else 1.0
         self.gradient_checkpointing = False  # set by training (dist.activation_checkpointing)
+        self.set_kernels(config.kernels)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -179,24 +193,40 @@ class Transformer(nn.Module):
 
         `start` may be a LongTensor (B,) of per-row positions for a one-token decode step against
         a cache (continuous batching); the caller keeps those positions inside the context.
-        With `targets` and `return_logits=False` (what the trainer asks for) the head and the
-        loss run fused in chunks (model/loss.py) and `logits` is None: the (B, T, V) logits and
-        their gradient are never held whole.
+        With `targets` and `return_logits=False` (what the trainer asks for) `logits` is None and
+        the head and the loss run together (`head_loss`; with kernels, fused in chunks: the
+        (B, T, V) logits and their gradient are never held whole).
         """
         if isinstance(start, torch.Tensor):
             if cache is None or input_ids.shape[1] != 1:
                 raise ValueError("per-row positions need a cache and one token per row")
         else:
             self._check_length(start + input_ids.shape[1])
-        recompute = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        with recomputed_norm_outputs() if recompute else contextlib.nullcontext():
+        eager_training = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        context = self.kernel_function("training_forward") if eager_training else None
+        with context() if context is not None else contextlib.nullcontext():
             return self._forward(input_ids, targets, cache, start, last_only, return_logits)
 
+    def set_kernels(self, on: bool) -> None:
+        """Run the fast paths nanoseek.kernels installed (on) or the plain reference (off). Only the
+        classes of the swapped modules change: parameters, buffers and the state dict stay."""
+        table = KERNEL_MODULES if on else {fast: ref for ref, fast in KERNEL_MODULES.items()}
+        for module in self.modules():
+            if type(module) in table:
+                module.__class__ = table[type(module)]
+        self.kernels = on
+
+    def kernel_function(self, name: str) -> Callable | None:
+        return KERNEL_FUNCTIONS.get(name) if self.kernels else None
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits h W^T against targets (model/loss.py)."""
+        return (self.kernel_function("linear_cross_entropy") or linear_cross_entropy)(h, self.lm_head.weight, targets)
+
     def _forward(self, input_ids, targets, cache, start, last_only: bool, return_logits: bool) -> ModelOutput:
-        self.route_tokens(input_ids)
         h = self.embed(input_ids, start)
         rope = self.rope(start, input_ids.shape[1], input_ids.device)
-        h = self.run_layers(h, rope, cache, start)
+        h = self.run_layers(h, rope, cache, start, token_ids=input_ids)
         hidden = h
         h = self.norm(h)
         if last_only:
@@ -206,7 +236,7 @@ class Transformer(nn.Module):
         loss, aux = None, {}
         if targets is not None:
             if fused:
-                loss = linear_cross_entropy(h, self.lm_head.weight, targets)
+                loss = self.head_loss(h, targets)
             else:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
             if len(self.mtp):
@@ -217,19 +247,22 @@ class Transformer(nn.Module):
             loss, aux = self.add_index_loss(loss, aux)
         return ModelOutput(logits=logits, loss=loss, aux=aux, hidden=hidden)
 
-    def run_layers(self, h: torch.Tensor, rope, cache, start: int, outputs: list | None = None) -> torch.Tensor:
-        """The block stack under the configured fusion; appends X_0..X_L to `outputs` if given."""
+    def run_layers(self, h: torch.Tensor, rope, cache, start: int, outputs: list | None = None,
+                   token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The block stack under the configured fusion; appends X_0..X_L to `outputs` if given.
+        `token_ids` (B, T): the tokens of h, for the hash-routed MoE layers (V4)."""
         record = outputs if outputs is not None else []
         record.append(h)
         if self.stream_head is not None:
             streams = h[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()
             for i, layer in enumerate(self.layers):
-                streams = self.call_block(layer.forward_streams, streams, rope, None if cache is None else cache[i], start)
+                streams = self.call_block(layer.forward_streams, streams, rope, None if cache is None else cache[i],
+                                          start, token_ids)
                 if outputs is not None:
                     outputs.append(self.stream_head(streams))
             return self.stream_head(streams)
         for i, layer in enumerate(self.layers):
-            h = self.call_block(layer, h, rope, None if cache is None else cache[i], start)
+            h = self.call_block(layer, h, rope, None if cache is None else cache[i], start, token_ids)
             if self.fusions is not None:
                 record.append(h)
                 h = self.fusions[i](record)
@@ -237,26 +270,19 @@ class Transformer(nn.Module):
                 outputs.append(h)
         return h
 
-    def call_block(self, fn, x, rope, cache, start):
+    def call_block(self, fn, x, rope, cache, start, token_ids=None):
         """fn(x, ...), with its activations recomputed in backward when gradient_checkpointing is on."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            ids = getattr(self, "routed_ids", None)
-
-            def recomputable(*args):  # recomputed in backward: hand the hash layers this step's ids again
-                if ids is not None:
-                    self.route_tokens(ids)
-                return fn(*args)
-
-            return checkpoint(recomputable, x, rope, cache, start, use_reentrant=False)
-        return fn(x, rope, cache, start)
+            return checkpoint(fn, x, rope, cache, start, token_ids, use_reentrant=False)
+        return fn(x, rope, cache, start, token_ids)
 
     def layer_outputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """X_0 (embeddings) and every block's output, for embeddings and fusion inspection."""
         outputs: list[torch.Tensor] = []
-        self.route_tokens(input_ids)
-        self.run_layers(self.embed(input_ids), self.rope(0, input_ids.shape[1], input_ids.device), None, 0, outputs)
+        self.run_layers(self.embed(input_ids), self.rope(0, input_ids.shape[1], input_ids.device), None, 0, outputs,
+                        token_ids=input_ids)
         return outputs
 
     def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, rope) -> torch.Tensor:
@@ -271,15 +297,8 @@ class Transformer(nn.Module):
             emb_next = self.embed_tokens(targets[:, k - 1:k - 1 + t].clamp(min=0)) * self.embed_scale
             rope_k = None if rope is None else (rope[0][:t], rope[1][:t])
             h, normed = module(h[:, :t], emb_next, rope_k)
-            total = total + linear_cross_entropy(normed, self.lm_head.weight, targets[:, k:k + t])
+            total = total + self.head_loss(normed, targets[:, k:k + t])
         return self.config.mtp_loss_weight / depth * total
-
-    def route_tokens(self, input_ids: torch.Tensor) -> None:
-        """Hand the token ids to the hash-routed MoE layers (V4), which choose experts by id."""
-        self.routed_ids = input_ids
-        for layer in self.layers:
-            if isinstance(layer.mlp, MoE) and layer.mlp.gate.hash_routing:
-                layer.mlp.token_ids = input_ids
 
     def dsa_layers(self) -> list[nn.Module]:
         """Attention modules with a lightning indexer (DSA, V4 CSA; MTP blocks included), block by block

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanoseek.model.moe.moe import MoE
+from nanoseek.model.moe import MoE
 
 
 class ExpertShard:

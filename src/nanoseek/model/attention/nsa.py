@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.device import compute_dtype
 from nanoseek.model.attention.core import allowed_keys, attention_probs, causal_attention, sdpa
 from nanoseek.model.kv_cache import DenseKVCache
 from nanoseek.model.position import apply_rope, softmax_scale
@@ -354,6 +353,12 @@ def visible_blocks(start: int, t: int, block: int, n: int, device):
     """(T, n) boolean: block j is complete at query position p (j * l + l - 1 <= p)."""
     seen = (torch.arange(start, start + t, device=device) + 1) // block  # complete blocks per query
     return torch.arange(n, device=device)[None, :] < seen[:, None]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in at x: autocast's on x's device type when it is on, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def block_probs(q_BGRCd, k_BGnd, start: int, block: int, scale: float) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""Fast paths of the model: each computes what its model/ reference computes, with less memory or time.
+
+    norm.py           FusedRMSNorm (RMSNormFunction: x and rstd kept, not the output) and
+                      recomputed_norm_outputs() (norm outputs saved for backward are recomputed there)
+    swiglu.py         FusedSwiGLU and swiglu_down (SwiGLU Functions: the hidden recomputed in backward)
+    cross_entropy.py  linear_cross_entropy (head + loss in row chunks; the logits never held whole)
+    grouped_mm.py     GroupedExperts (one grouped matmul for all routed experts; opaque ops for compile)
+
+How they are chosen: model/ never imports this package. model/transformer.py keeps two registries
+that importing this package fills (as nanoseek.io fills CHECKPOINT_WRITERS):
+    KERNEL_MODULES[ReferenceClass] = FastSubclass   (RMSNorm, SwiGLU, RoutedExperts)
+    KERNEL_FUNCTIONS[name] = function               ("linear_cross_entropy", "training_forward")
+A `Transformer` built with `ModelConfig.kernels` (default True; `--model.kernels=false` turns it off)
+swaps each reference module's class for its fast subclass (`Transformer.set_kernels`: parameters,
+buffers and the state dict are unchanged, so checkpoints do not know) and looks the functions up
+when it runs. `import nanoseek` imports this package, so every user of the library gets the fast
+paths; without it (or with kernels off) the model is the plain reference. tests/test_kernels.py
+checks each fast path against its reference, values and gradients.
+
+    >>> from nanoseek import ModelConfig, Transformer
+    >>> model = Transformer(ModelConfig.from_preset("llama-tiny"))
+    >>> type(model.norm).__name__
+    'FusedRMSNorm'
+"""
+
+from nanoseek.kernels import cross_entropy, grouped_mm, norm, swiglu
+from nanoseek.model.ffn import SwiGLU
+from nanoseek.model.moe.experts import RoutedExperts
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.transformer import KERNEL_FUNCTIONS, KERNEL_MODULES
+
+KERNEL_MODULES.update({RMSNorm: norm.FusedRMSNorm, SwiGLU: swiglu.FusedSwiGLU,
+                       RoutedExperts: grouped_mm.GroupedExperts})
+KERNEL_FUNCTIONS.update(linear_cross_entropy=cross_entropy.linear_cross_entropy,
+                        training_forward=norm.recomputed_norm_outputs)

@@ -1,0 +1,533 @@
+"""The fast paths of nanoseek.kernels against their model/ references: values and gradients."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.kernels.norm import FusedRMSNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_backward_equals_autograd_of_the_formula(dtype):
+    """The memory-saving backward (keeps x and rstd only) against autograd through the formula."""
+    torch.manual_seed(0)
+    norm = FusedRMSNorm(16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(3, 5, 16)
+    (norm(x).float() * grad_y).sum().backward()
+    got_x, got_w = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    x32 = x.float()
+    formula = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+    (formula.float() * grad_y).sum().backward()
+    torch.testing.assert_close(got_x, x.grad, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got_w, norm.weight.grad, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_inference_path_equals_the_training_function(dtype):
+    """Without autograd RMSNorm runs torch's fused rms_norm; same values, same rounding order."""
+    torch.manual_seed(0)
+    norm = FusedRMSNorm(16).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 16, dtype=dtype) * 3
+    with torch.inference_mode():
+        fast = norm(x)
+    recorded = norm(x.clone().requires_grad_())
+    assert recorded.grad_fn.name().startswith("RMSNormFunction")
+    assert fast.dtype == dtype
+    torch.testing.assert_close(fast, recorded.detach(), atol=0, rtol=0)
+
+
+def test_swiglu_backward_passes_gradcheck():
+    from nanoseek.kernels.swiglu import swiglu
+
+    gate, up = (torch.randn(4, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(swiglu, (gate, up))
+    assert swiglu(gate, up).grad_fn.name().startswith("SwiGLUFunction")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_down_dense_passes_gradcheck_and_keeps_no_hidden(bias, monkeypatch):
+    from nanoseek.kernels import swiglu as ffn
+    from nanoseek.kernels.swiglu import swiglu_down
+
+    monkeypatch.setattr(ffn, "BACKWARD_ROWS", 4)  # the backward's row chunks: 4 + 2 rows
+
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(2, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)  # [gate, up]
+    w = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a), (gate_up, w, b))
+    scale = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a[:3], row_scale=a[3]), (gate_up.flatten(0, 1), w, b, scale))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = swiglu_down(gate_up, w, b)
+    assert y.grad_fn.name().startswith("SwiGLUDownFunction")
+    assert torch.Size([2, 3, 8]) not in saved and torch.Size([2, 3, 16]) in saved  # [g, u] kept, h not
+    gate, up = gate_up.split(8, dim=-1)
+    want = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w, b)
+    torch.testing.assert_close(y, want)
+
+
+def test_swiglu_down_grouped_matches_per_expert_products():
+    from nanoseek.kernels.swiglu import swiglu_down
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 2])  # an expert with no rows too
+    gate_up = torch.randn(10, 16, generator=g, requires_grad=True)  # grouped_mm: no fp64
+    w = torch.randn(4, 16, 8, generator=g, requires_grad=True)
+    s = torch.rand(10, generator=g, requires_grad=True)  # the router weight of each row
+    y = swiglu_down(gate_up, w, offsets=counts.cumsum(0).to(torch.int32), row_scale=s)
+    assert y.grad_fn.name().startswith("SwiGLUDownFunction")
+    gate, up = gate_up.split(8, dim=-1)
+    h = torch.nn.functional.silu(gate) * up
+    want = torch.cat([piece @ w[e].T for e, piece in enumerate(h.split(counts.tolist()))]) * s[:, None]
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (gate_up, w, s), dy)
+    ref = torch.autograd.grad(want, (gate_up, w, s), dy)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_mlp_function_passes_gradcheck_in_row_chunks_and_keeps_no_hidden(bias, monkeypatch):
+    from nanoseek.kernels import swiglu as ffn
+
+    monkeypatch.setattr(ffn, "BACKWARD_ROWS", 4)  # 7 rows: chunks of 4 + 3
+    torch.manual_seed(0)
+    mlp = ffn.FusedSwiGLU(6, 5, bias=bias).double()
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    params = (mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+    assert torch.autograd.gradcheck(lambda *a: ffn.SwiGLUMLPFunction.apply(*a), (x, *params))
+    y = mlp(x)
+    assert y.grad_fn.name().startswith("SwiGLUMLPFunction")
+    assert [t.shape for t in y.grad_fn.saved_tensors] == [(7, 6), (10, 6), (7, 10), (6, 5)]  # x, W_gu, [g, u], W_down
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    torch.testing.assert_close(y, mlp.down_proj(torch.nn.functional.silu(gate) * up))
+
+
+def test_swiglu_ffn_under_bf16_autocast_matches_the_unfused_products():
+    from nanoseek.kernels.swiglu import FusedSwiGLU as SwiGLU, swiglu
+
+    torch.manual_seed(0)
+    ffn = SwiGLU(16, 32)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ffn(x)
+        gate, up = ffn.gate_up_proj(x).split(32, dim=-1)
+        want = ffn.down_proj(swiglu(gate, up))
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, atol=0, rtol=0)
+    got = torch.autograd.grad(y.float().sum(), (x, ffn.down_proj.weight, ffn.gate_up_proj.weight))
+    ref = torch.autograd.grad(want.float().sum(), (x, ffn.down_proj.weight, ffn.gate_up_proj.weight))
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_linear_cross_entropy_equals_head_then_cross_entropy(monkeypatch):
+    """Fused head + loss (gradient formed in the forward, several chunks, ignored rows) against
+    F.cross_entropy of the full logits: same loss, same gradients for h and W."""
+    from nanoseek.kernels import cross_entropy as L
+
+    monkeypatch.setattr(L, "chunk_rows", lambda vocab: 64)  # 3 chunks below
+    torch.manual_seed(0)
+    h = torch.randn(150, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 10, (150,))
+    y[::7] = -1
+    fused = L.linear_cross_entropy(h, w, y)
+    (2.5 * fused).backward()
+    got_h, got_w = h.grad.clone(), w.grad.clone()
+    h.grad, w.grad = None, None
+    plain = F.cross_entropy(h @ w.T, y, ignore_index=-1)
+    (2.5 * plain).backward()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(got_h, h.grad)
+    torch.testing.assert_close(got_w, w.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(L.linear_cross_entropy(h, w, y), plain.detach())
+
+
+def rmsnorm_then_linear(norm, linear, x):
+    return linear(norm(x))
+
+
+def test_recomputed_norm_outputs_frees_the_norm_output_and_forgets_dead_ones():
+    import weakref
+
+    from nanoseek.kernels.norm import active_recipes, recomputed_norm_outputs
+
+    torch.manual_seed(0)
+    norm, linear = FusedRMSNorm(16), torch.nn.Linear(16, 8)
+    x = torch.randn(4, 3, 16, requires_grad=True)
+    held, grads = {}, {}
+    for recompute in (False, True):
+        with recomputed_norm_outputs() if recompute else contextlib.nullcontext():
+            normed = norm(x)
+            y = linear(normed)  # saves (a view of) normed for its weight gradient
+            probe = weakref.ref(normed)
+            del normed
+            held[recompute] = probe() is not None
+            if recompute:
+                dead = norm(x).untyped_storage().data_ptr()  # an output nobody keeps
+                assert dead not in active_recipes()  # its entry went with it
+        grads[recompute] = torch.autograd.grad(y.square().sum(), (x, norm.weight, linear.weight))
+    assert held == {False: True, True: False}
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny", "deepseek-v4-tiny"])
+def test_model_gradients_are_bit_identical_with_recomputed_norm_outputs(preset, monkeypatch):
+    from nanoseek.model import transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset)
+    model = Transformer(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+
+    def grads():
+        out = model(ids, ids, return_logits=False)
+        loss = out.loss + sum(out.aux.values())
+        return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    recomputed = grads()
+    monkeypatch.setitem(transformer.KERNEL_FUNCTIONS, "training_forward", contextlib.nullcontext)
+    kept = grads()
+    assert sum(g is not None for g in kept) > 10
+    for a, b in zip(recomputed, kept):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_an_in_place_edit_of_a_norm_output_is_kept_not_recomputed():
+    from nanoseek.kernels.norm import recomputed_norm_outputs
+
+    torch.manual_seed(0)
+    norm, linear = FusedRMSNorm(8), torch.nn.Linear(8, 4)
+    x = torch.randn(5, 8, requires_grad=True)
+    grads = []
+    for recompute in (False, True):
+        with recomputed_norm_outputs() if recompute else contextlib.nullcontext():
+            h = norm(x).mul_(2)  # then saved by the linear: must be the edited values
+            y = linear(h)
+        grads.append(torch.autograd.grad(y.square().sum(), (x, linear.weight)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_recomputed_norm_outputs_leaves_the_callers_saved_tensor_hooks_alone():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama-tiny")).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+        loss = model(ids, ids, return_logits=False).loss
+    assert len(packed) > 10  # every saved tensor still reaches the outer hook
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_swiglu_mlp_with_no_rows_gives_zero_weight_gradients():
+    from nanoseek.kernels.swiglu import FusedSwiGLU as SwiGLU
+
+    mlp = SwiGLU(8, 6, bias=True)
+    mlp(torch.randn(0, 8, requires_grad=True)).sum().backward()
+    for p in mlp.parameters():
+        assert p.grad is not None and not p.grad.any()
+
+
+def test_bf16_weight_gradients_sum_their_row_chunks_in_fp32(monkeypatch):
+    """Many row chunks: the weight gradients stay as close to fp64 as one bf16 matmul's."""
+    from nanoseek.kernels import swiglu as ffn
+
+    monkeypatch.setattr(ffn, "BACKWARD_ROWS", 64)
+    torch.manual_seed(0)
+    mlp = ffn.FusedSwiGLU(32, 16)
+    x = torch.randn(8192, 32)
+    grads = {}
+    for dtype in (torch.float64, torch.bfloat16):
+        model = ffn.FusedSwiGLU(32, 16).to(dtype)
+        model.load_state_dict(mlp.state_dict())
+        model(x.to(dtype)).float().square().mean().backward()
+        grads[dtype] = [p.grad.double() for p in model.parameters()]
+    for exact, got in zip(grads[torch.float64], grads[torch.bfloat16]):
+        assert ((got - exact).abs().max() / exact.abs().max()).item() < 6e-3
+
+
+# ---------------------------------------------------------------------------- fast path == reference
+
+
+def assert_near(got, want, dtype):
+    """fp32: elementwise within 1e-5; bf16: within 2% of the largest magnitude (sums of many bf16
+    products round differently when one side accumulates in fp32)."""
+    if dtype == torch.bfloat16:
+        assert got.dtype == want.dtype
+        assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max() + 1e-3
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rmsnorm_equals_the_reference(dtype):
+    from nanoseek.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    ref = RMSNorm(16)
+    with torch.no_grad():
+        ref.weight.normal_()
+    fast = FusedRMSNorm(16)
+    fast.load_state_dict(ref.state_dict())
+    x = (torch.randn(3, 5, 16) * 3).to(dtype).requires_grad_()
+    assert fast(x).grad_fn.name().startswith("RMSNormFunction")
+    tol = TOLERANCE[dtype] if dtype == torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)
+    want, got = ref(x), fast(x)
+    torch.testing.assert_close(got, want, **tol)
+    dy = torch.randn(want.shape).to(dtype)
+    ref_grads = torch.autograd.grad(want, (x, ref.weight), dy)
+    fast_grads = torch.autograd.grad(got, (x, fast.weight), dy)
+    for a, b in zip(ref_grads, fast_grads):
+        assert_near(b, a, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_norm_outputs_give_the_reference_gradients(dtype):
+    from nanoseek.kernels.norm import recomputed_norm_outputs
+    from nanoseek.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    ref, linear = RMSNorm(16).to(dtype), torch.nn.Linear(16, 8).to(dtype)
+    fast = FusedRMSNorm(16).to(dtype)
+    x = torch.randn(4, 3, 16, dtype=dtype, requires_grad=True)
+    want = linear(ref(x)).float().square().sum()
+    with recomputed_norm_outputs():
+        got = linear(fast(x)).float().square().sum()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(torch.autograd.grad(want, (x, ref.weight, linear.weight)),
+                    torch.autograd.grad(got, (x, fast.weight, linear.weight))):
+        assert_near(b, a, dtype)
+
+
+def twin_ffns(bias: bool, limit=None, dtype=torch.float32):
+    from nanoseek.kernels.swiglu import FusedSwiGLU
+    from nanoseek.model.ffn import SwiGLU
+
+    torch.manual_seed(0)
+    ref = SwiGLU(16, 24, bias=bias, limit=limit).to(dtype)
+    fast = FusedSwiGLU(16, 24, bias=bias, limit=limit).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_fused_swiglu_equals_the_reference(dtype, bias, limit):
+    ref, fast = twin_ffns(bias, limit, dtype)
+    x = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+    want, got = ref(x), fast(x)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, **tol)
+    dy = torch.randn(want.shape).to(dtype)
+    for a, b in zip(torch.autograd.grad(want, [x, *ref.parameters()], dy),
+                    torch.autograd.grad(got, [x, *fast.parameters()], dy)):
+        assert_near(b, a, dtype)
+
+
+def test_fused_swiglu_under_bf16_autocast_equals_the_reference():
+    ref, fast = twin_ffns(bias=True)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ref(x), fast(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for a, b in zip(torch.autograd.grad(want.float().sum(), [x, *ref.parameters()]),
+                    torch.autograd.grad(got.float().sum(), [x, *fast.parameters()])):
+        assert_near(b, a, torch.bfloat16)
+
+
+def test_forward_hooks_on_the_reference_swiglu_linears_run():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama-tiny", kernels=False)).train()
+    seen = []
+    model.layers[0].mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    model.layers[0].mlp.gate_up_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    ids = torch.randint(0, 128, (2, 6))
+    model(ids, ids).loss.backward()
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_down_dense_equals_the_reference(dtype):
+    from nanoseek.kernels.swiglu import swiglu_down
+    from nanoseek.model.ffn import swiglu
+
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(300, 16, generator=g).to(dtype).requires_grad_()  # two row chunks
+    w = torch.randn(4, 8, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(4, generator=g).to(dtype).requires_grad_()
+    s = torch.rand(300, generator=g).to(dtype).requires_grad_()
+    want = F.linear(swiglu(*gate_up.chunk(2, dim=-1)) * s[:, None], w, b)
+    got = swiglu_down(gate_up, w, b, row_scale=s)
+    assert got.grad_fn.name().startswith("SwiGLUDownFunction")
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, **tol)
+    dy = torch.randn(want.shape, generator=g).to(dtype)
+    for a, b_ in zip(torch.autograd.grad(want, (gate_up, w, b, s), dy), torch.autograd.grad(got, (gate_up, w, b, s), dy)):
+        assert_near(b_, a, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_cross_entropy_equals_the_reference(dtype, monkeypatch):
+    from nanoseek.kernels import cross_entropy
+    from nanoseek.model import loss
+
+    monkeypatch.setattr(cross_entropy, "chunk_rows", lambda vocab: 64)  # 3 chunks
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 75, 16, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(40, 16, generator=g).to(dtype).requires_grad_()
+    y = torch.randint(0, 40, (2, 75), generator=g)
+    y[:, ::7] = -1
+    want, got = loss.linear_cross_entropy(h, w, y), cross_entropy.linear_cross_entropy(h, w, y)
+    tol = TOLERANCE[dtype] if dtype == torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(torch.autograd.grad(3 * want, (h, w)), torch.autograd.grad(3 * got, (h, w))):
+        assert_near(b, a, dtype)
+
+
+def twin_experts(dtype=torch.float32, limit=None):
+    from nanoseek.kernels.grouped_mm import GroupedExperts
+    from nanoseek.model.moe import RoutedExperts
+
+    torch.manual_seed(0)
+    ref = RoutedExperts(4, 16, 8, limit).to(dtype)
+    torch.nn.init.normal_(ref.gate_up_proj, 0, 0.3)
+    torch.nn.init.normal_(ref.down_proj, 0, 0.3)
+    fast = GroupedExperts(4, 16, 8, limit).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gathered", [False, True])
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_grouped_experts_equal_the_reference_loop(dtype, gathered, limit):
+    ref, fast = twin_experts(dtype, limit)
+    counts = torch.tensor([3, 0, 5, 2])  # an expert without rows too
+    rows = torch.tensor([0, 1, 2, 0, 3, 4, 5, 1, 5, 2]) if gathered else None
+    x = torch.randn(6 if gathered else 10, 16, dtype=dtype, requires_grad=True)
+    w = torch.rand(10, dtype=dtype, requires_grad=True)
+    want, got = ref(x, counts, w, rows), fast(x, counts, w, rows)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, **tol)
+    dy = torch.randn(want.shape).to(dtype)
+    wrt_ref, wrt_fast = (x, w, ref.gate_up_proj, ref.down_proj), (x, w, fast.gate_up_proj, fast.down_proj)
+    for a, b in zip(torch.autograd.grad(want, wrt_ref, dy), torch.autograd.grad(got, wrt_fast, dy)):
+        assert_near(b, a, dtype)
+
+
+def test_grouped_matmul_equals_per_expert_products():
+    from nanoseek.kernels.grouped_mm import grouped_matmul
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(5, 8, generator=g, requires_grad=True)
+    w = torch.randn(3, 4, 8, generator=g, requires_grad=True)
+    want = torch.cat([p @ w[e].T for e, p in enumerate(x.split(counts.tolist()))])
+    got = grouped_matmul(x, w, counts)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    dy = torch.randn(want.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(want, (x, w), dy), torch.autograd.grad(got, (x, w), dy)):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- whole models
+
+
+def twin_models(preset: str, **kw):
+    torch.manual_seed(0)
+    fast = Transformer(ModelConfig.from_preset(preset, **kw)).train()
+    ref = Transformer(ModelConfig.from_preset(preset, kernels=False, **kw)).train()
+    ref.load_state_dict(fast.state_dict())
+    return ref, fast
+
+
+def test_kernels_swap_module_classes_and_keep_the_state_dict():
+    from nanoseek.kernels.grouped_mm import GroupedExperts
+    from nanoseek.kernels.swiglu import FusedSwiGLU
+
+    ref, fast = twin_models("deepseek-v3-tiny")
+    kinds = {type(m) for m in fast.modules()}
+    assert {FusedRMSNorm, FusedSwiGLU, GroupedExperts} <= kinds
+    assert not kinds & {FusedRMSNorm, FusedSwiGLU, GroupedExperts} - {type(m) for m in ref.modules()} - kinds
+    assert not {FusedRMSNorm, FusedSwiGLU, GroupedExperts} & {type(m) for m in ref.modules()}
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    fast.set_kernels(False)
+    assert not {FusedRMSNorm, FusedSwiGLU, GroupedExperts} & {type(m) for m in fast.modules()}
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny", "deepseek-v4-tiny"])
+@pytest.mark.parametrize("return_logits", [False, True])
+def test_model_with_kernels_equals_the_reference_model(preset, return_logits):
+    ref, fast = twin_models(preset)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for model in (ref, fast):
+        out = model(ids, ids, return_logits=return_logits)
+        loss = out.loss + sum(out.aux.values())
+        losses.append(loss.detach())
+        grads.append(dict(zip([n for n, _ in model.named_parameters()],
+                              torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    assert sum(g is not None for g in grads[0].values()) > 10
+    for name, want in grads[0].items():
+        got = grads[1][name]
+        assert (want is None) == (got is None), name
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny"])
+def test_model_with_kernels_equals_the_reference_model_in_bf16(preset):
+    ref, fast = twin_models(preset)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for model in (ref, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, ids, return_logits=False).loss
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-2, rtol=1e-2)
+    for want, got in zip(*grads):
+        if want is not None:
+            assert (got - want).abs().max() <= 3e-2 * want.abs().max() + 1e-4
+
+
+def test_kernels_are_an_option_not_in_the_hf_config():
+    from nanoseek.config import build_train_config
+    from nanoseek.errors import NanoseekError
+    from nanoseek.io.hf import config_to_hf
+
+    cfg = build_train_config(preset="llama-tiny", overrides={"model.kernels": False})
+    assert cfg.model.kernels is False
+    assert Transformer(cfg.model).kernels is False
+    assert ModelConfig.from_preset("llama-tiny").kernels is True
+    assert "kernels" not in config_to_hf(cfg.model)
+    assert ModelConfig.from_dict(cfg.model.to_dict()) == cfg.model
+    with pytest.raises(NanoseekError, match="kernels"):
+        ModelConfig.from_preset("llama-tiny", kernels="yes")

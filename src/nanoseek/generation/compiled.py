@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.generation.direct import DirectStep
+from nanoseek.generation.steps import prefill
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,6 @@ def compiled_prefill(model):
     compile is long, so it pays off for long or many prompts (figures in benchmarks/RESULTS.md)."""
     fn = model.__dict__.get("_compiled_prefill")
     if fn is None:
-        from nanoseek.generation.loop import prefill  # loop imports this module
 
         fn = model.__dict__["_compiled_prefill"] = torch.compile(lambda ids, cache: prefill(model, ids, cache),
                                                                  dynamic=True)

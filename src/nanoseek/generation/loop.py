@@ -36,18 +36,9 @@ from nanoseek.generation.compiled import (
     compiled_prefill,
 )
 from nanoseek.generation.sampling import Sampler, SamplingOptions
+from nanoseek.generation.steps import decode_step, prefill
 
 # ---------------------------------------------------------------------------- forward passes
-
-
-def prefill(model, input_ids: torch.Tensor, cache: list) -> torch.Tensor:
-    """Run the prompt (B, P) at positions 0..P-1, filling `cache`; return the last logits (B, V)."""
-    return model(input_ids, cache=cache, start=0, last_only=True).logits[:, -1]
-
-
-def decode_step(model, token: torch.Tensor, cache: list, pos: int) -> torch.Tensor:
-    """Run one token (B, 1) at position `pos` against the cache; return its logits (B, V)."""
-    return model(token, cache=cache, start=pos).logits[:, -1]
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -103,7 +103,7 @@ def test_one_query_path_equals_explicit_softmax_attention(window):
 def test_rope_attention_keeps_only_its_own_tensors_for_backward():
     # q, k rotated in (B, T, H, d) layout: SDPA returns that layout, so o_proj's input is a view of
     # the output SDPA keeps anyway, and v is its own copy, not a view holding all of q/k/v
-    from nanoseek.model.attention.core import MultiHeadAttention
+    from nanoseek.model.attention.mha import MultiHeadAttention
 
     cfg = ModelConfig.from_preset("llama-tiny")
     attn = MultiHeadAttention(cfg)

@@ -17,6 +17,7 @@ schedules rows of different lengths itself but samples and detokenizes with the 
 (`Sampler`, `streaming.Detokenizer`); speculative decoding samples its main model's choice with a
 greedy `Sampler`. `compile=True` decodes with `compiled.CompiledDecoder`.
 
+    >>> from nanoseek import ModelConfig, Transformer
     >>> model = Transformer(ModelConfig.from_preset("gpt2-tiny")).eval()
     >>> generate(model, [1, 2, 3], max_new_tokens=4, temperature=0).shape
     torch.Size([4])

@@ -9,8 +9,13 @@ It also owns the finishing rule of a text sequence:
     "stop"    the tokenizer's eos arrived, or a stop string appeared (the text ends before it)
     "length"  `max_tokens` ids were pushed, or `finish()` was called before anything stopped it
 
-    >>> model = Transformer(ModelConfig.from_preset("gpt2-tiny")).eval()
+    >>> from nanoseek import ModelConfig, Transformer
+    >>> from nanoseek.data.tokenizer import CharTokenizer
+    >>> tokenizer = CharTokenizer.train(["ROMEO: a rose by any other name"])
+    >>> model = Transformer(ModelConfig.from_preset("gpt2-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
     >>> text, reason = complete(model, tokenizer, "ROMEO:", max_new_tokens=8, temperature=0)
+    >>> reason
+    'length'
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention.core import MultiHeadAttention
+from nanoseek.model.attention.mha import MultiHeadAttention
 from nanoseek.model.attention.compressed import CompressedAttention
 from nanoseek.model.fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, StreamHead
 from nanoseek.model.ffn import make_dense_ffn

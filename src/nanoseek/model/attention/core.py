@@ -1,7 +1,7 @@
-"""Scaled dot-product attention and multi-head attention (MHA, GQA, MQA).
+"""Scaled dot-product attention: the causal, sliding-window and one-query forms every attention
+module of the model runs through.
 
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V          (M = causal mask: -inf above the diagonal)
-    MHA(x) = Concat_i(Attention(x W_i^Q, x W_i^K, x W_i^V)) W^O
 
 Sliding-window attention (`window` = w) keeps only the last w keys of each query,
     M[t, s] = 0 if t - w < s <= t else -inf,
@@ -13,26 +13,21 @@ A decode step (one query per row) skips the fused kernel: the H / H_kv query hea
 head become that head's queries, and two small matmuls with an explicit softmax read every cached
 key once for all of them (`one_query_attention`).
 
-Q, K and V come from one fused projection. With grouped-query attention (GQA) each of the
-H_kv key/value heads serves H / H_kv query heads; MQA is H_kv = 1. Rotary positions, when
-configured, rotate q and k before the product. The kernel is PyTorch's
-`scaled_dot_product_attention`, called through `sdpa`, which passes grouped K/V heads as they are
-where the kernel that will run accepts them and expands them to H heads where it does not (see there).
+The kernel is PyTorch's `scaled_dot_product_attention`, called through `sdpa`, which passes grouped
+K/V heads as they are where the kernel that will run accepts them and expands them to H heads where
+it does not (see there).
 
-    >>> cfg = ModelConfig.from_preset("gpt2-tiny")
-    >>> MultiHeadAttention(cfg)(torch.randn(1, 5, 64)).shape
-    torch.Size([1, 5, 64])
+    >>> q = k = v = torch.randn(1, 2, 5, 8)
+    >>> causal_attention(q, k, v, 0, 8 ** -0.5).shape
+    torch.Size([1, 2, 5, 8])
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.kv_cache import DenseKVCache
-from nanoseek.model.position import apply_rope, seq_first_tables, softmax_scale
 
 
 BAND_CHUNK = 256  # queries per chunk of the sliding window (one batched SDPA over all chunks);
@@ -201,56 +196,3 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, sca
 def layer_window(config: ModelConfig, layer: int) -> int | None:
     """The sliding window of this layer, or None for full causal attention."""
     return config.sliding_window if config.layer_sparse(layer) == "sliding" else None
-
-
-class MultiHeadAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int = 0):
-        super().__init__()
-        self.window = layer_window(config, layer)
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.n_kv_heads
-        self.head_dim = config.attn_head_dim
-        self.dropout = config.attention_dropout
-        self.interleave = config.rope_interleave
-        self.scale = softmax_scale(config, self.head_dim)
-        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
-
-    def make_cache(self, batch: int, max_len: int, dtype, device) -> DenseKVCache:
-        return DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device)
-
-    def forward(self, x: torch.Tensor, rope=None, cache: DenseKVCache | None = None,
-                start: int | torch.Tensor = 0) -> torch.Tensor:
-        b, t, _ = x.shape
-        hd = self.head_dim
-        q, k, v = self.qkv_proj(x).split(
-            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = q.view(b, t, self.n_heads, hd)
-        k = k.view(b, t, self.n_kv_heads, hd)
-        v = v.view(b, t, self.n_kv_heads, hd)
-        if rope is not None:  # rotated in (B, T, H, d) layout, so SDPA's output comes back in it too
-            cos, sin = seq_first_tables(*rope)
-            q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
-            if torch.is_grad_enabled() and v.requires_grad:  # a view would keep all of qkv for backward
-                v = v.contiguous()
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d) views
-        if cache is not None:
-            k, v = cache.update(start, k, v)
-        dropout = self.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, start, self.scale, dropout, self.window)
-        # a view when y is laid out (B, T, H, d), as SDPA returns it for such q: no copy kept for o_proj
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
-
-    @torch.no_grad()
-    def attention_map(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights (B, H, T, T), allowed keys (B, T, T)) for a whole sequence from position 0."""
-        b, t, _ = x.shape
-        hd = self.head_dim
-        q, k, _ = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope, self.interleave), apply_rope(k, *rope, self.interleave)
-        allowed = allowed_keys(t, self.window, x.device).expand(b, t, t)
-        return attention_probs(q, k, allowed[:, None], self.scale), allowed

@@ -14,13 +14,15 @@ runs as multi-query attention over the latent itself,
     o_i = W_UV_i (softmax([W_UK_i^T q_C_i ; q_R_i] . [c_KV ; k_R] * scale) c_KV),
 so the per-head keys and values are never materialized. Training and prefill use the expanded form.
 A "sliding" layer attends to its last `sliding_window` keys; a "dsa" layer to the keys its
-lightning indexer selects (model/dsa.py).
+lightning indexer selects (attention/dsa.py).
 
 Weights carry Hugging Face names (`q_a_proj`, `q_a_layernorm`, `q_b_proj`/`q_proj`,
 `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`); q heads are laid out [nope | rope].
 
+    >>> from nanoseek.model.position import RotaryEmbedding
     >>> cfg = ModelConfig.from_preset("deepseek-v3-tiny")
-    >>> MultiHeadLatentAttention(cfg)(torch.randn(1, 5, cfg.hidden_size)).shape
+    >>> rope = RotaryEmbedding(cfg)(torch.arange(5))
+    >>> MultiHeadLatentAttention(cfg)(torch.randn(1, 5, cfg.hidden_size), rope).shape
     torch.Size([1, 5, 64])
 """
 

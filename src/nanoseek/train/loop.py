@@ -24,13 +24,15 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.config import TrainConfig
+from nanoseek.data import BUNDLED_CORPUS
 from nanoseek.device import autocast
 from nanoseek.errors import NanoseekError
+from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.model import Transformer
+from nanoseek.train.evaluate import evaluate, fixed_batches
+from nanoseek.train.metrics import MetricsLog, eval_record, plot_losses
 from nanoseek.train.optim import lr_multiplier, make_optimizer, set_lr
-from nanoseek.data import BUNDLED_CORPUS
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,78 +93,6 @@ def progress_fraction(cfg: TrainConfig, state: RunState) -> float:
 
 def finished(cfg: TrainConfig, state: RunState) -> bool:
     return progress_fraction(cfg, state) >= 1.0
-
-
-@torch.no_grad()
-def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, dtype: str, seed: int = 0,
-             device: torch.device | str = "cpu") -> float:
-    """Mean loss over `batches` fixed random windows of a split (the same windows every call)."""
-    from nanoseek.data.shards import BatchLoader
-
-    was_training = model.training
-    model.eval()
-    loader = BatchLoader(tokens, batch_size, seq_len, seed=seed)
-    total = 0.0
-    with autocast(device, dtype):
-        for _ in range(batches):
-            x, y = loader.next()
-            total += model(x.to(device), y.to(device), return_logits=False).loss.item()
-    model.train(was_training)
-    return total / batches
-
-
-def eval_record(step: int, val_loss: float, bytes_per_token: float) -> dict:
-    return {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
-            "val_bits_per_byte": val_loss / math.log(2) / bytes_per_token}
-
-
-# ------------------------------------------------------------------------------------ metrics
-
-
-class MetricsLog:
-    """metrics.jsonl, truncated on resume to what the checkpoint had seen."""
-
-    def __init__(self, path: Path | None, resume_step: int | None):
-        self.path = path  # None: a rank other than 0 keeps records in memory only
-        self.records: list[dict] = []
-        if path is None:
-            return
-        if resume_step is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("step", 0) <= resume_step:
-                    self.records.append(rec)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-
-    def write(self, record: dict):
-        self.records.append(record)
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def plot_losses(records: list[dict], path: Path, title: str = ""):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if train:
-        ax.plot(*zip(*train), label="train", alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -239,7 +169,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     loader = BatchLoader(data.split("train"), cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
                          rank=ctx.rank, world_size=ctx.world)
     val_tokens = data.split("val")
-    val_bpt = data.bytes_per_token("val")
+    byte_lengths = tok.token_byte_lengths()
     state = RunState()
 
     resume_from = ckpt_io.latest_checkpoint(out) if resume else None
@@ -272,9 +202,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         return path or ckpt_io.checkpoint_path(out, state.step)
 
     def run_eval():
-        val = evaluate(wrapped, val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches,
-                       cfg.train.dtype, seed=cfg.train.seed + 1, device=ctx.device)
-        rec = eval_record(state.step, val, val_bpt)
+        batches = fixed_batches(val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches,
+                                seed=cfg.train.seed + 1)
+        rec = eval_record(state.step, evaluate(wrapped, batches, byte_lengths, ctx.device, cfg.train.dtype))
         metrics.write(rec)
         return rec
 

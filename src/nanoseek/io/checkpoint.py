@@ -220,7 +220,6 @@ def load_native_model(ckpt: Path, cfg: dict, dtype=None):
     with torch.device("meta"):
         model = Transformer(config)
     load_state_into(model, read_safetensors(ckpt / MODEL_FILE), ckpt / MODEL_FILE, dtype)
-    model.checkpoint_dir = ckpt
     return model.eval()
 
 

@@ -66,13 +66,13 @@ def load_hf_model(folder: str | Path, dtype=None, trust_pickle: bool = False):
     if dtype is None:
         dtype = checkpoint_dtype(cfg)
     load_state_into(model, state, folder, dtype)
-    model.checkpoint_dir = folder
     return model.eval()
 
 
 def save_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None,
             max_shard_bytes: int = 5 * 1024 ** 3):
-    """Write an HF-format folder that transformers' AutoModelForCausalLM loads."""
+    """Write an HF-format folder that transformers' AutoModelForCausalLM loads (+ the tokenizer files of
+    `tokenizer_dir`: tokenizer.json, tokenizer_config.json, special_tokens_map.json)."""
     folder = Path(folder)
     hf_config = config_to_hf(model.config)
     state = nanoseek_to_hf_state(model)
@@ -81,8 +81,7 @@ def save_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     write_shards(state, folder, max_shard_bytes)
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else getattr(model, "checkpoint_dir", None)
-    if tokenizer_dir is not None:
+    if tokenizer_dir:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy(Path(tokenizer_dir) / name, folder / name)

@@ -141,6 +141,34 @@ def maybe_compile(model, enabled: bool):
         return model
 
 
+def restore(ckpt: Path, model, optimizer, loader) -> RunState:
+    """Weights, optimizer moments, RNG and data position of `ckpt` into this run; its counters back."""
+    from nanoseek.parallel import dist
+
+    weights = ckpt_io.read_safetensors(ckpt / ckpt_io.MODEL_FILE)
+    ckpt_io.check_state(model, dist.local_model_state(model, weights), ckpt / ckpt_io.MODEL_FILE)
+    saved, optimizer_state = ckpt_io.load_training_state(ckpt)
+    dist.load_full_state(model, optimizer, ckpt_io.with_tied_head(weights, model), optimizer_state)
+    loader.load_state_dict(saved["loader"])
+    return RunState(saved["step"], saved["tokens"], saved["elapsed"])
+
+
+def describe_run(cfg: TrainConfig, model, params: dict, vocab_size: int, ctx, resume_step: int | None) -> str:
+    """The lines printed when a run starts: model size, data, device, output, ranks."""
+    from nanoseek.parallel import dist
+
+    source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
+    text = (f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
+            f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {vocab_size}, "
+            f"on {source}, {ctx.device} -> {cfg.out}"
+            + (f" (resuming at step {resume_step})" if resume_step is not None else ""))
+    if ctx.enabled:
+        ep = (f", expert parallel: {cfg.model.n_routed_experts // ctx.world} of "
+              f"{cfg.model.n_routed_experts} routed experts per rank" if dist.is_expert_sharded(model) else "")
+        text += f"\ndistributed: {ctx.world} ranks, {ctx.strategy}{ep}"
+    return text
+
+
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> dict:
     """Run training as configured (one process, or one rank under torchrun); return a summary dict.
 
@@ -176,12 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     if resume and resume_from is None and not quiet:
         print(f"no checkpoint under {out}; starting from scratch", file=sys.stderr)
     if resume_from is not None:
-        weights = ckpt_io.read_safetensors(resume_from / ckpt_io.MODEL_FILE)
-        ckpt_io.check_state(model, dist.local_model_state(model, weights), resume_from / ckpt_io.MODEL_FILE)
-        saved, optimizer_state = ckpt_io.load_training_state(resume_from)
-        dist.load_full_state(model, optimizer, ckpt_io.with_tied_head(weights, model), optimizer_state)
-        state = RunState(saved["step"], saved["tokens"], saved["elapsed"])
-        loader.load_state_dict(saved["loader"])
+        state = restore(resume_from, model, optimizer, loader)
     if ctx.is_main:
         (out / "train_config.json").write_text(cfg.to_json())
     metrics = MetricsLog(out / "metrics.jsonl" if ctx.is_main else None, state.step if resume_from else None)
@@ -211,15 +234,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     from tqdm.auto import tqdm
 
     if not quiet:
-        source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
-        print(f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
-              f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {tok.vocab_size}, "
-              f"on {source}, {ctx.device} -> {out}" + (f" (resuming at step {state.step})" if resume_from else ""),
+        print(describe_run(cfg, model, params, tok.vocab_size, ctx, state.step if resume_from else None),
               file=sys.stderr)
-        if ctx.enabled:
-            ep = (f", expert parallel: {cfg.model.n_routed_experts // ctx.world} of "
-                  f"{cfg.model.n_routed_experts} routed experts per rank" if dist.is_expert_sharded(model) else "")
-            print(f"distributed: {ctx.world} ranks, {ctx.strategy}{ep}", file=sys.stderr)
 
     # the bar counts percent of the budget (steps, tokens or seconds, whichever ends first)
     bar = tqdm(total=100.0, initial=100 * progress_fraction(cfg, state), disable=quiet or not cfg.log.progress,
@@ -296,14 +312,13 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     path = save()
     if cfg.log.plot and ctx.is_main:
         plot_losses(metrics.records, out / "loss.png", title=f"{cfg.preset} on {', '.join(map(str, cfg.data.path)) or 'tinyshakespeare'}")
-    import resource
+    import resource  # POSIX only
 
     summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 2),
                "checkpoint": str(path), "stopped_by": stopped_by, "params_total": params["total"],
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "world_size": ctx.world, **last_eval}
     if ctx.is_main:
-        with open(out / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     dist.shutdown(ctx)
     return summary

@@ -34,7 +34,7 @@ def load_reference():
 def char_splits():
     from nanoseek.data.shards import TokenDataset, prepare_corpus
     from nanoseek.data.tokenizer import CharTokenizer
-    from nanoseek.train.loop import BUNDLED_CORPUS
+    from nanoseek.data import BUNDLED_CORPUS
 
     tok = CharTokenizer.train([BUNDLED_CORPUS.read_text()])
     out = Path(tempfile.mkdtemp())

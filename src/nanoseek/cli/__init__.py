@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import math
 import sys
 from pathlib import Path
 
@@ -94,17 +93,17 @@ def launch_torchrun(nproc: int) -> int:
 # ------------------------------------------------------------------------------------ sample
 
 
-def load_model_and_tokenizer(path, trust_pickle: bool = False, device: str = "cpu"):
-    from nanoseek.io import load_model
+def load_checkpoint_on(path, trust_pickle: bool = False, device: str = "cpu"):
+    """`nanoseek.io.load_checkpoint` on the `--device` given: (model, tokenizer, folder)."""
     from nanoseek.device import resolve_device
-    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.io import load_checkpoint
 
-    where = resolve_device(device, where="--device")
-    model = load_model(path, trust_pickle=trust_pickle).to(where)
-    tok_path = Path(model.checkpoint_dir) / "tokenizer.json"
-    if not tok_path.is_file():
-        raise NanoseekError(f"{model.checkpoint_dir} has no tokenizer.json")
-    return model, load_tokenizer(tok_path)
+    return load_checkpoint(path, trust_pickle=trust_pickle, device=resolve_device(device, where="--device"))
+
+
+def load_model_and_tokenizer(path, trust_pickle: bool = False, device: str = "cpu"):
+    model, tok, _ = load_checkpoint_on(path, trust_pickle, device)
+    return model, tok
 
 
 def cmd_sample(args, extra) -> int:
@@ -149,68 +148,14 @@ def sample_speculative(model, tok, prompt: str, max_new: int) -> int:
 
 
 def cmd_eval(args, extra) -> int:
-    import torch
-
-    from nanoseek.io.checkpoint import read_json
-    from nanoseek.data.shards import iter_eval_batches
+    from nanoseek.train.evaluate import evaluate_checkpoint
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
-    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle, args.device)
-    state_file = Path(model.checkpoint_dir) / "train_state.json"
-    run_cfg = read_json(state_file)["config"] if state_file.is_file() else {}
-    limit = model.config.max_position_embeddings
-    seq_len = args.seq_len or run_cfg.get("data", {}).get("seq_len") or min(limit, 1024)
-    if not 1 <= seq_len <= limit:
-        raise NanoseekError(f"--seq-len={seq_len} must be in [1, {limit}] (the model's context)")
-    tokens = eval_tokens(args.data, tok, run_cfg, Path(model.checkpoint_dir))
-    if len(tokens) < 2:
-        raise NanoseekError("the evaluation text has fewer than 2 tokens")
-    total_loss, total_tokens = 0.0, 0
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        for x, y in iter_eval_batches(tokens, args.batch_size, seq_len, max_batches=args.max_batches):
-            x, y = x.to(device), y.to(device)
-            logits = model(x).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-            total_loss += loss.item()
-            total_tokens += y.numel()
-    n_bytes = int(tok.token_byte_lengths()[tokens[1:1 + total_tokens]].sum()) if total_tokens else 0
-    loss = total_loss / total_tokens
-    print(json.dumps({"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens,
-                      "bits_per_byte": total_loss / math.log(2) / max(n_bytes, 1), "bytes": n_bytes,
-                      "seq_len": seq_len}))
+    model, tok, folder = load_checkpoint_on(args.ckpt, args.trust_pickle, args.device)
+    print(json.dumps(evaluate_checkpoint(model, tok, folder, args.data, args.seq_len, args.batch_size,
+                                         args.max_batches)))
     return 0
-
-
-def eval_tokens(data_path, tok, run_cfg: dict, ckpt: Path):
-    """Tokens of --data (the whole file), else the validation split of the training corpus."""
-    import numpy as np
-
-    from nanoseek.data import BUNDLED_CORPUS
-
-    if data_path:
-        path = Path(data_path)
-        if not path.is_file():
-            raise NanoseekError(f"data file {path} does not exist")
-        raw = path.read_bytes()
-        if not raw:
-            raise NanoseekError(f"data file {path} is empty")
-        return np.asarray(tok.encode(raw), dtype=np.int64)
-    from nanoseek.data.shards import TokenDataset, prepare_corpus
-
-    if not run_cfg:
-        raise NanoseekError("this checkpoint has no training record (train_state.json); pass --data PATH")
-    data = run_cfg.get("data", {})
-    files = data.get("path") or [str(BUNDLED_CORPUS)]
-    for f in files:
-        if not Path(f).is_file():
-            raise NanoseekError(f"training data file {f} is gone; pass --data PATH")
-    # the run's own token shards (reused when they match; rebuilt otherwise): the same split as training
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-    shard_dir = Path(data.get("cache_dir") or run_dir / "data")
-    prepare_corpus(files, shard_dir, tok, val_fraction=data.get("val_fraction", 0.1))
-    return np.asarray(TokenDataset(shard_dir).split("val"), dtype=np.int64)
 
 
 def cmd_info(args, extra) -> int:
@@ -223,10 +168,10 @@ def cmd_info(args, extra) -> int:
         config = ModelConfig.from_preset(args.preset)
         source = {"preset": args.preset}
     elif args.ckpt:
-        from nanoseek.io import load_model
+        from nanoseek.io import load_checkpoint
 
-        model = load_model(args.ckpt, trust_pickle=args.trust_pickle)
-        config, source = model.config, {"checkpoint": str(model.checkpoint_dir)}
+        model, _, folder = load_checkpoint(args.ckpt, trust_pickle=args.trust_pickle, tokenizer=False)
+        config, source = model.config, {"checkpoint": str(folder)}
     else:
         raise NanoseekError("give a checkpoint path or --preset NAME")
     info = {**source, **model_info(config, args.seq_len),
@@ -291,9 +236,9 @@ def cmd_serve(args, extra) -> int:
     if not loopback and not api_key:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this "
               f"address can use the model (set --api-key or NANOSEEK_API_KEY)", file=sys.stderr)
-    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle, args.device)
+    model, tok, folder = load_checkpoint_on(args.ckpt, args.trust_pickle, args.device)
     name = args.model_name or Path(args.ckpt).resolve().name
-    app = create_app(model, tok, name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+    app = create_app(model, tok, name, folder=folder, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens_limit=args.max_tokens, max_body_bytes=args.max_body_bytes)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"serving {name} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
@@ -308,10 +253,10 @@ def cmd_chat(args, extra) -> int:
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
-    model, tok = load_model_and_tokenizer(args.ckpt, args.trust_pickle, args.device)
-    chat = Chat(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile,
-                compile_prefill=args.compile_prefill)
+    model, tok, folder = load_checkpoint_on(args.ckpt, args.trust_pickle, args.device)
+    chat = Chat(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, folder=folder,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                compile=args.compile, compile_prefill=args.compile_prefill)
     print("chat: type a message and press Enter (Ctrl-D to quit)", file=sys.stderr)
     for line in sys.stdin:
         text = line.strip()
@@ -329,31 +274,12 @@ def cmd_chat(args, extra) -> int:
 
 
 def cmd_convert(args, extra) -> int:
-    import torch
-
-    from nanoseek.io import load_model
+    from nanoseek.io import convert
 
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
-    import shutil
-    import tempfile
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
-    dst = Path(args.dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise NanoseekError(f"destination {dst} exists and is not empty")
-    model = load_model(args.src, dtype=dtype, trust_pickle=args.trust_pickle)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:  # written beside the destination, renamed into place when complete
-        model.save_pretrained(tmp, format="hf" if args.to == "hf" else "nanoseek", tokenizer_dir=model.checkpoint_dir)
-        if dst.exists():
-            dst.rmdir()
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(json.dumps({"converted": str(args.src), "to": args.to, "out": str(dst)}))
+    out = convert(args.src, args.dst, args.to, args.dtype, args.trust_pickle)
+    print(json.dumps({"converted": str(args.src), "to": args.to, "out": str(out)}))
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Preparing a corpus tokenizes it once and stores the ids as one flat binary file, ``tokens.bin``
 (uint16 when the vocabulary fits, else uint32), plus ``meta.json`` describing it. Files are read
-in chunks of about 1 MB cut at newlines, so the corpus never has to fit in memory, and in binary,
-so bytes that are not valid UTF-8 survive tokenization. As in nanoGPT, the last
+in chunks of about 1 MB cut at newlines (``data.files.iter_file_chunks``), so the corpus never has
+to fit in memory, and in binary, so bytes that are not valid UTF-8 survive tokenization. Both files
+are written atomically: an interrupted preparation leaves no tokens.bin without its meta.json. As in nanoGPT, the last
 ``val_fraction`` of the tokens (10% by default) is the validation split.
 
 Training reads ``tokens.bin`` through a read-only memory map and samples random windows:
@@ -17,63 +18,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from nanoseek.errors import NanoseekError
+from nanoseek.data.files import atomic_write, atomic_write_text, iter_file_chunks
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.errors import NanoseekError
 
 TOKENS_FILENAME = "tokens.bin"
 META_FILENAME = "meta.json"
 META_FORMAT = "nanoseek-tokens"
 SPLITS = ("train", "val")
 _BYTE_COUNT_CHUNK = 1 << 22
-# A newline between two non-space bytes: no BPE pre-token crosses it.
-_SAFE_NEWLINE = re.compile(rb"\S\n(?=\S)")
-
-
-# ----------------------------------------------------------------------------- reading files
-
-
-def _cut_point(buffer: bytes) -> int:
-    """Where to end a chunk: after a safe newline, else any newline, else a character boundary.
-
-    Only the second half of the buffer is searched for newlines, so chunks stay near the
-    requested size. The fallback cuts before the last (possibly incomplete) UTF-8 character.
-    """
-    half = len(buffer) // 2
-    last_safe = None
-    for last_safe in _SAFE_NEWLINE.finditer(buffer, half):
-        pass
-    if last_safe is not None:
-        return last_safe.end()
-    newline = buffer.rfind(b"\n", half)
-    if newline >= 0:
-        return newline + 1
-    cut = len(buffer)
-    while cut > len(buffer) - 4 and cut > 0 and 0x80 <= buffer[cut - 1] < 0xC0:
-        cut -= 1  # step back over UTF-8 continuation bytes
-    if cut > 0 and buffer[cut - 1] >= 0xC0:
-        cut -= 1  # and the lead byte of the character they continue
-    return cut  # 0 (one incomplete character so far): read more before cutting
-
-
-def iter_file_chunks(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
-    """The bytes of a file in chunks of about ``chunk_bytes``, cut between lines."""
-    with open(path, "rb") as handle:
-        leftover = b""
-        while block := handle.read(chunk_bytes):
-            buffer = leftover + block
-            cut = _cut_point(buffer)
-            leftover = buffer[cut:]
-            if cut:
-                yield buffer[:cut]
-        if leftover:
-            yield leftover
 
 
 # ----------------------------------------------------------------------------- preparing
@@ -125,20 +85,19 @@ def _cached_meta(out_dir: Path, key: dict) -> dict | None:
     return meta
 
 
-def _write_tokens(sources: list[dict], tokenizer: Tokenizer, path: Path, dtype: np.dtype,
+def _write_tokens(sources: list[dict], tokenizer: Tokenizer, out: BinaryIO, dtype: np.dtype,
                   chunk_bytes: int) -> int:
-    """Tokenize each file chunk by chunk, appending ids to ``path``; returns the token count."""
+    """Tokenize each file chunk by chunk, appending ids to ``out``; returns the token count."""
     n_tokens = 0
-    with open(path, "wb") as out:
-        for source in sources:
-            file_tokens = 0
-            for chunk in iter_file_chunks(source["path"], chunk_bytes):
-                ids = np.asarray(tokenizer.encode(chunk), dtype=dtype)
-                out.write(ids.tobytes())
-                file_tokens += len(ids)
-            if file_tokens == 0:
-                raise NanoseekError(f"corpus file {source['path']} is empty (0 tokens)")
-            n_tokens += file_tokens
+    for source in sources:
+        file_tokens = 0
+        for chunk in iter_file_chunks(source["path"], chunk_bytes):
+            ids = np.asarray(tokenizer.encode(chunk), dtype=dtype)
+            out.write(ids.tobytes())
+            file_tokens += len(ids)
+        if file_tokens == 0:
+            raise NanoseekError(f"corpus file {source['path']} is empty (0 tokens)")
+        n_tokens += file_tokens
     return n_tokens
 
 
@@ -158,12 +117,6 @@ def _split_point(n_tokens: int, val_fraction: float, files: list[dict]) -> int:
             f"corpus ({names}) has only {n_tokens} tokens: too small for a train and a "
             f"validation split with val_fraction={val_fraction}")
     return n_tokens - n_val
-
-
-def _write_json_atomic(path: Path, content: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def prepare_corpus(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -187,14 +140,9 @@ def prepare_corpus(files: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILENAME).unlink(missing_ok=True)  # never leave a meta for other tokens
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp_tokens = out / (TOKENS_FILENAME + ".tmp")
-    try:
-        n_tokens = _write_tokens(sources, tokenizer, tmp_tokens, dtype, chunk_bytes)
+    with atomic_write(out / TOKENS_FILENAME, "wb") as handle:
+        n_tokens = _write_tokens(sources, tokenizer, handle, dtype, chunk_bytes)
         val_start = _split_point(n_tokens, val_fraction, sources)
-    except BaseException:
-        tmp_tokens.unlink(missing_ok=True)
-        raise
-    os.replace(tmp_tokens, out / TOKENS_FILENAME)
     tokens = np.memmap(out / TOKENS_FILENAME, dtype=dtype, mode="r", shape=(n_tokens,))
     byte_lengths = tokenizer.token_byte_lengths()
     meta = {"format": META_FORMAT, "version": 1, **key, "dtype": dtype.name,
@@ -203,7 +151,7 @@ def prepare_corpus(files: Sequence[str | os.PathLike], out_dir: str | os.PathLik
             "train_bytes": count_bytes(tokens[:val_start], byte_lengths),
             "val_bytes": count_bytes(tokens[val_start:], byte_lengths)}
     del tokens
-    _write_json_atomic(out / META_FILENAME, meta)
+    atomic_write_text(out / META_FILENAME, json.dumps(meta, indent=1))
     return meta
 
 

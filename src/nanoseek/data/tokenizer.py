@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanoseek.data.files import atomic_write_text, iter_text_chunks
 from nanoseek.errors import NanoseekError
 
 BOS_TOKEN = "<|bos|>"
@@ -200,9 +201,7 @@ class Tokenizer(abc.ABC):
         if target.is_dir() or target.suffix != ".json":
             target = target / TOKENIZER_FILENAME
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(self.to_json_str(), encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write_text(target, self.to_json_str())
         return target
 
     def __repr__(self) -> str:
@@ -365,7 +364,8 @@ class BPETokenizer(Tokenizer):
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        hf_tokenizer.train_from_iterator(_iter_text_blocks(files), trainer=trainer)
+        # invalid UTF-8 shows as U+FFFD: the byte tokens spell such bytes anyway
+        hf_tokenizer.train_from_iterator(iter_text_chunks(files, errors="replace"), trainer=trainer)
         return cls(hf_tokenizer, source="trained BPE tokenizer")
 
     @classmethod
@@ -416,14 +416,6 @@ class BPETokenizer(Tokenizer):
         return self._hf.to_str(pretty=True)  # encode_special_tokens is not serialized
 
 
-def _iter_text_blocks(files: list[str], block_chars: int = 1 << 20) -> Iterator[str]:
-    """Training text in blocks of whole lines (invalid UTF-8 shown as U+FFFD)."""
-    for file in files:
-        with open(file, encoding="utf-8", errors="replace", newline="") as handle:
-            while lines := handle.readlines(block_chars):
-                yield "".join(lines)
-
-
 # ----------------------------------------------------------------------------- streaming
 
 
@@ -450,13 +442,6 @@ def _check_files_exist(files: Sequence[str | os.PathLike]) -> list[str]:
     return [str(file) for file in files]
 
 
-def _iter_file_text(files: list[str], block_chars: int = 1 << 20) -> Iterator[str]:
-    for file in files:
-        with open(file, encoding="utf-8", errors="surrogateescape", newline="") as handle:
-            while block := handle.read(block_chars):
-                yield block
-
-
 def train_tokenizer(kind: str, files: Sequence[str | os.PathLike],
                     vocab_size: int | None = None) -> Tokenizer:
     """Train a "char" (``vocab_size`` ignored) or "bpe" tokenizer on text files."""
@@ -465,7 +450,7 @@ def train_tokenizer(kind: str, files: Sequence[str | os.PathLike],
             f"tokenizer kind {kind!r} is unknown (valid: {', '.join(TOKENIZER_KINDS)})")
     paths = _check_files_exist(files)
     if kind == "char":
-        return CharTokenizer.train(_iter_file_text(paths))
+        return CharTokenizer.train(iter_text_chunks(paths, errors="surrogateescape"))
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size is None or vocab_size < minimum:
         raise NanoseekError(

@@ -112,11 +112,12 @@ class Chat:
     """A conversation with `model`: `reply(text)` streams the assistant's answer as text pieces and
     records both turns. The checkpoint's chat template when it has one; otherwise the plain transcript,
     with "\\nUser:" as a stop string. `options` go to `TextStream` (temperature, top_k, top_p, seed,
-    compile, ...)."""
+    compile, ...). `folder` is the checkpoint folder the chat template is read from (None: no template)."""
 
-    def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256, **options):
+    def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
+                 folder: str | Path | None = None, **options):
         self.model, self.tokenizer = model, tokenizer
-        self.template = load_chat_template(getattr(model, "checkpoint_dir", None))
+        self.template = load_chat_template(folder)
         self.stops = None if self.template["template"] else ["\nUser:"]
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.max_new_tokens = max_new_tokens

@@ -8,22 +8,21 @@
 
 A run directory holds `checkpoints/step-NNNNNNN/` and a `LATEST` file naming the newest one.
 Saving writes everything into a temporary sibling directory, fsyncs each file, then renames it into
-place and updates `LATEST` with an atomic replace, so an interrupted save never leaves a partial or
+place (`data.files.publish_dir`) and updates `LATEST` with an atomic replace, so an interrupted save never leaves a partial or
 overwritten checkpoint. `resolve_checkpoint` accepts a checkpoint dir or a run dir.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.data.files import atomic_write_text, publish_dir
 from nanoseek.errors import NanoseekError
 from nanoseek.io.safetensors import SafetensorsFile
 from nanoseek.model import Transformer
@@ -69,29 +68,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 # ------------------------------------------------------------------------------------ writing
 
 
-def _fsync_file(path: Path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def model_state_for_save(model, state: dict | None = None) -> dict[str, torch.Tensor]:
     """The state dict with a tied head dropped (stored once, as the embedding)."""
     state = dict(model.state_dict() if state is None else state)
@@ -133,10 +109,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer_state: dict
     `model_state` defaults to the model's own state dict (pass the gathered one under FSDP);
     `optimizer_state` is keyed by parameter name (torch.distributed.checkpoint's full form)."""
     final = checkpoint_path(run_dir, step)
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
-    try:
+    with publish_dir(final) as tmp:  # re-saving a step swaps the folder: never a gap without a checkpoint
         write_model_files(model, tmp, tokenizer_json, model_state)
         if optimizer_state is not None:
             tensors, meta = optimizer_tensors(optimizer_state)
@@ -147,23 +120,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer_state: dict
             (train_state := dict(train_state or {}))["optimizer"] = meta
         if train_state is not None:
             (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=2))
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step: swap, never leave a gap without a checkpoint
-            trash = root / f".{final.name}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            final.rename(trash)
-            tmp.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(Path(run_dir) / LATEST, final.name + "\n")
-    prune_checkpoints(root, keep_last)
+    prune_checkpoints(final.parent, keep_last)
     return final
 
 
@@ -262,7 +220,6 @@ def load_native_model(ckpt: Path, cfg: dict, dtype=None):
     with torch.device("meta"):
         model = Transformer(config)
     load_state_into(model, read_safetensors(ckpt / MODEL_FILE), ckpt / MODEL_FILE, dtype)
-    model.checkpoint_dir = ckpt
     return model.eval()
 
 

@@ -103,11 +103,11 @@ class Guard:
 class Service:
     """What the routes share: the model's name and context, the tokenizer, the engine, limits."""
 
-    def __init__(self, model, tokenizer, model_name: str, engine: Engine, max_tokens_limit: int):
+    def __init__(self, model, tokenizer, model_name: str, engine: Engine, max_tokens_limit: int, folder=None):
         self.model, self.tokenizer, self.name, self.engine = model, tokenizer, model_name, engine
         self.context = model.config.max_position_embeddings
         self.max_tokens_limit = max_tokens_limit
-        self.template = load_chat_template(getattr(model, "checkpoint_dir", None))
+        self.template = load_chat_template(folder)  # the checkpoint folder's tokenizer_config.json, if any
         self.created = int(time.time())
 
     def check_model(self, name: str) -> None:
@@ -278,10 +278,10 @@ class Run:
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 32, max_tokens_limit: int | None = None,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
+               max_body_bytes: int = 1 << 20, folder=None) -> FastAPI:
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     context = model.config.max_position_embeddings
-    service = Service(model, tokenizer, model_name, engine, max_tokens_limit or context)
+    service = Service(model, tokenizer, model_name, engine, max_tokens_limit or context, folder)
 
     @asynccontextmanager
     async def lifespan(app):

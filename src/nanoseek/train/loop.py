@@ -24,13 +24,15 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.config import TrainConfig
+from nanoseek.data import BUNDLED_CORPUS
 from nanoseek.device import autocast
 from nanoseek.errors import NanoseekError
+from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.model import Transformer
+from nanoseek.train.evaluate import evaluate, fixed_batches
+from nanoseek.train.metrics import MetricsLog, eval_record, plot_losses
 from nanoseek.train.optim import lr_multiplier, make_optimizer, set_lr
-from nanoseek.data import BUNDLED_CORPUS
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,78 +95,6 @@ def finished(cfg: TrainConfig, state: RunState) -> bool:
     return progress_fraction(cfg, state) >= 1.0
 
 
-@torch.no_grad()
-def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, dtype: str, seed: int = 0,
-             device: torch.device | str = "cpu") -> float:
-    """Mean loss over `batches` fixed random windows of a split (the same windows every call)."""
-    from nanoseek.data.shards import BatchLoader
-
-    was_training = model.training
-    model.eval()
-    loader = BatchLoader(tokens, batch_size, seq_len, seed=seed)
-    total = 0.0
-    with autocast(device, dtype):
-        for _ in range(batches):
-            x, y = loader.next()
-            total += model(x.to(device), y.to(device), return_logits=False).loss.item()
-    model.train(was_training)
-    return total / batches
-
-
-def eval_record(step: int, val_loss: float, bytes_per_token: float) -> dict:
-    return {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
-            "val_bits_per_byte": val_loss / math.log(2) / bytes_per_token}
-
-
-# ------------------------------------------------------------------------------------ metrics
-
-
-class MetricsLog:
-    """metrics.jsonl, truncated on resume to what the checkpoint had seen."""
-
-    def __init__(self, path: Path | None, resume_step: int | None):
-        self.path = path  # None: a rank other than 0 keeps records in memory only
-        self.records: list[dict] = []
-        if path is None:
-            return
-        if resume_step is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("step", 0) <= resume_step:
-                    self.records.append(rec)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-
-    def write(self, record: dict):
-        self.records.append(record)
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def plot_losses(records: list[dict], path: Path, title: str = ""):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if train:
-        ax.plot(*zip(*train), label="train", alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------ the loop
 
 
@@ -211,6 +141,34 @@ def maybe_compile(model, enabled: bool):
         return model
 
 
+def restore(ckpt: Path, model, optimizer, loader) -> RunState:
+    """Weights, optimizer moments, RNG and data position of `ckpt` into this run; its counters back."""
+    from nanoseek.parallel import dist
+
+    weights = ckpt_io.read_safetensors(ckpt / ckpt_io.MODEL_FILE)
+    ckpt_io.check_state(model, dist.local_model_state(model, weights), ckpt / ckpt_io.MODEL_FILE)
+    saved, optimizer_state = ckpt_io.load_training_state(ckpt)
+    dist.load_full_state(model, optimizer, ckpt_io.with_tied_head(weights, model), optimizer_state)
+    loader.load_state_dict(saved["loader"])
+    return RunState(saved["step"], saved["tokens"], saved["elapsed"])
+
+
+def describe_run(cfg: TrainConfig, model, params: dict, vocab_size: int, ctx, resume_step: int | None) -> str:
+    """The lines printed when a run starts: model size, data, device, output, ranks."""
+    from nanoseek.parallel import dist
+
+    source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
+    text = (f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
+            f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {vocab_size}, "
+            f"on {source}, {ctx.device} -> {cfg.out}"
+            + (f" (resuming at step {resume_step})" if resume_step is not None else ""))
+    if ctx.enabled:
+        ep = (f", expert parallel: {cfg.model.n_routed_experts // ctx.world} of "
+              f"{cfg.model.n_routed_experts} routed experts per rank" if dist.is_expert_sharded(model) else "")
+        text += f"\ndistributed: {ctx.world} ranks, {ctx.strategy}{ep}"
+    return text
+
+
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> dict:
     """Run training as configured (one process, or one rank under torchrun); return a summary dict.
 
@@ -239,19 +197,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     loader = BatchLoader(data.split("train"), cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
                          rank=ctx.rank, world_size=ctx.world)
     val_tokens = data.split("val")
-    val_bpt = data.bytes_per_token("val")
+    byte_lengths = tok.token_byte_lengths()
     state = RunState()
 
     resume_from = ckpt_io.latest_checkpoint(out) if resume else None
     if resume and resume_from is None and not quiet:
         print(f"no checkpoint under {out}; starting from scratch", file=sys.stderr)
     if resume_from is not None:
-        weights = ckpt_io.read_safetensors(resume_from / ckpt_io.MODEL_FILE)
-        ckpt_io.check_state(model, dist.local_model_state(model, weights), resume_from / ckpt_io.MODEL_FILE)
-        saved, optimizer_state = ckpt_io.load_training_state(resume_from)
-        dist.load_full_state(model, optimizer, ckpt_io.with_tied_head(weights, model), optimizer_state)
-        state = RunState(saved["step"], saved["tokens"], saved["elapsed"])
-        loader.load_state_dict(saved["loader"])
+        state = restore(resume_from, model, optimizer, loader)
     if ctx.is_main:
         (out / "train_config.json").write_text(cfg.to_json())
     metrics = MetricsLog(out / "metrics.jsonl" if ctx.is_main else None, state.step if resume_from else None)
@@ -272,24 +225,17 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         return path or ckpt_io.checkpoint_path(out, state.step)
 
     def run_eval():
-        val = evaluate(wrapped, val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches,
-                       cfg.train.dtype, seed=cfg.train.seed + 1, device=ctx.device)
-        rec = eval_record(state.step, val, val_bpt)
+        batches = fixed_batches(val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches,
+                                seed=cfg.train.seed + 1)
+        rec = eval_record(state.step, evaluate(wrapped, batches, byte_lengths, ctx.device, cfg.train.dtype))
         metrics.write(rec)
         return rec
 
     from tqdm.auto import tqdm
 
     if not quiet:
-        source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
-        print(f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
-              f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {tok.vocab_size}, "
-              f"on {source}, {ctx.device} -> {out}" + (f" (resuming at step {state.step})" if resume_from else ""),
+        print(describe_run(cfg, model, params, tok.vocab_size, ctx, state.step if resume_from else None),
               file=sys.stderr)
-        if ctx.enabled:
-            ep = (f", expert parallel: {cfg.model.n_routed_experts // ctx.world} of "
-                  f"{cfg.model.n_routed_experts} routed experts per rank" if dist.is_expert_sharded(model) else "")
-            print(f"distributed: {ctx.world} ranks, {ctx.strategy}{ep}", file=sys.stderr)
 
     # the bar counts percent of the budget (steps, tokens or seconds, whichever ends first)
     bar = tqdm(total=100.0, initial=100 * progress_fraction(cfg, state), disable=quiet or not cfg.log.progress,
@@ -366,14 +312,13 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     path = save()
     if cfg.log.plot and ctx.is_main:
         plot_losses(metrics.records, out / "loss.png", title=f"{cfg.preset} on {', '.join(map(str, cfg.data.path)) or 'tinyshakespeare'}")
-    import resource
+    import resource  # POSIX only
 
     summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 2),
                "checkpoint": str(path), "stopped_by": stopped_by, "params_total": params["total"],
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "world_size": ctx.world, **last_eval}
     if ctx.is_main:
-        with open(out / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     dist.shutdown(ctx)
     return summary

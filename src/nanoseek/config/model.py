@@ -1,0 +1,336 @@
+"""`ModelConfig`: every architectural choice of a `Transformer`, and the kinds each axis allows.
+
+Field names are the Hugging Face DeepSeek `config.json` names wherever HF has the concept
+(`hidden_size`, `num_attention_heads`, `q_lora_rank`, `n_routed_experts`, ...). The choices HF has no
+field for are plain strings naming an entry of a registry (`position`, `attention`, `sparse`, `ffn`,
+`norm`, `norm_position`, `fusion`); in an exported HF `config.json` they sit under the key `nanoseek`.
+Impossible shapes and unknown kinds raise `NanoseekError` at construction, naming the field.
+
+    >>> cfg = ModelConfig.from_preset("gpt2-tiny")
+    >>> cfg.replace(hidden_size=128).hidden_size
+    128
+    >>> round(mscale(40.0), 4)  # YaRN: 0.1 ln(s) + 1
+    1.3689
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from nanoseek.config.parse import check_choice, check_positive, from_dict, to_dict
+from nanoseek.errors import NanoseekError
+
+POSITIONS = ("sinusoidal", "learned", "rope", "none")
+ATTENTIONS = ("mha", "gqa", "mqa", "mla", "v4")
+SPARSE_KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
+FFNS = ("relu", "gelu", "swiglu", "moe")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+FUSIONS = ("residual", "dwa", "dynamic", "hyper", "mhc")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+ROPE_TYPES = ("default", "yarn")
+
+
+
+@dataclass
+class ModelConfig:
+    """Every architectural choice of a `Transformer`. HF DeepSeek field names where HF has one."""
+
+    # sizes (HF names)
+    vocab_size: int = 128
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: Optional[int] = None  # None = num_attention_heads (MHA)
+    head_dim: Optional[int] = None  # None = hidden_size // num_attention_heads
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    # norms, init, biases, dropout
+    rms_norm_eps: float = 1e-6  # eps of every norm (LayerNorm too)
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # rotary positions
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": "yarn", "factor": .., ...}
+    rope_interleave: bool = True  # DeepSeek pairs (2i, 2i+1); False = Llama half-split
+    # multi-head latent attention
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # DeepSeekMoE
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 128
+    first_k_dense_replace: int = 0
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    num_hash_layers: int = 0  # the first MoE layers route by a fixed token-id -> experts table (V4)
+    swiglu_limit: Optional[float] = None  # clamp expert gate (max) and up (+-) pre-activations (V4: 10)
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight
+    bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing
+    # multi-token prediction
+    num_nextn_predict_layers: int = 0
+    mtp_loss_weight: float = 0.3
+    # special tokens
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    # nanoseek kinds (no HF field; exported under "nanoseek")
+    position: str = "rope"
+    attention: str = "mha"
+    sparse: str = "dense"  # the attention pattern of every layer (see sparse_layers)
+    sparse_layers: Optional[list] = None  # per-layer kinds; a shorter list repeats (["sliding", "dense"])
+    sliding_window: int = 512  # keys a "sliding" query sees, itself included
+    nsa_block: int = 64  # NSA: tokens per compressed / selected block (l = l' = d)
+    nsa_topn: int = 16  # NSA: blocks each query block attends to (first, previous and own included)
+    index_topk: int = 2048  # DSA: keys each query attends to (HF deepseek_v32 names)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    # DeepSeek-V4 attention (attention="v4"; HF deepseek_v4 names, legacy scalar forms of compress_rates)
+    o_groups: int = 8  # head groups of the grouped output projection
+    o_lora_rank: int = 1024  # width each group projects to
+    compress_rate_csa: int = 4  # tokens per compressed entry in "csa" layers
+    compress_rate_hca: int = 128  # tokens per compressed entry in "hca" layers
+    compress_rope_theta: float = 160000.0  # RoPE base of csa/hca layers (YaRN from rope_scaling)
+    ffn: str = "swiglu"
+    norm: str = "rmsnorm"
+    norm_position: str = "pre"
+    fusion: str = "residual"
+    hc_mult: int = 4  # residual streams of hyper / mhc fusion
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    embedding_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Vaswani)
+    final_norm: bool = True  # post-norm models already end in a norm
+    depth_scaled_init: bool = True  # output projections get std / sqrt(2 * layers)
+    # how the model runs (no effect on its weights or math; never exported to HF)
+    kernels: bool = True  # fused/recomputing fast paths from nanoseek.kernels where installed; False = the plain reference
+
+    def __post_init__(self):
+        self.validate()
+
+    # ----- derived
+    @property
+    def n_kv_heads(self) -> int:
+        if self.attention in ("mqa", "v4"):
+            return 1
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions of a head that rotate: the decoupled slice in MLA, the whole head otherwise."""
+        return self.qk_rope_head_dim if self.attention in ("mla", "v4") else self.attn_head_dim
+
+    def layer_sparse(self, i: int) -> str:
+        """The attention pattern of layer i: dense (causal), sliding, nsa, dsa, csa or hca."""
+        if self.sparse_layers:
+            return self.sparse_layers[i % len(self.sparse_layers)]
+        return self.sparse
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.ffn == "moe" and i >= self.first_k_dense_replace
+
+    # ----- validation
+    def validate(self):
+        if not isinstance(self.kernels, bool):
+            raise NanoseekError(f"kernels={self.kernels!r}: expected true/false")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            check_positive(name, getattr(self, name))
+        for name in ("num_key_value_heads", "head_dim", "q_lora_rank"):
+            check_positive(name, getattr(self, name))
+        check_choice("position", self.position, POSITIONS)
+        check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("sparse", self.sparse, SPARSE_KINDS)
+        self._validate_sparse()
+        check_choice("ffn", self.ffn, FFNS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        check_choice("fusion", self.fusion, FUSIONS)
+        for name in ("attention_dropout", "hidden_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise NanoseekError(f"{name}={p} must be in [0, 1)")
+        if self.rms_norm_eps <= 0:
+            raise NanoseekError(f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+        if self.attention == "mla":
+            self._validate_mla()
+        elif self.attention == "v4":
+            self._validate_v4()
+        else:
+            self._validate_heads()
+        if self.ffn == "moe":
+            self._validate_moe()
+        if self.rope_scaling is not None:
+            self._validate_rope_scaling()
+        check_positive("num_nextn_predict_layers", self.num_nextn_predict_layers, allow_zero=True)
+        if self.norm_position == "post" and self.fusion != "residual":
+            raise NanoseekError("norm_position='post' works only with fusion='residual'")
+        check_positive("hc_mult", self.hc_mult)
+        check_positive("hc_sinkhorn_iters", self.hc_sinkhorn_iters)
+
+    def _validate_sparse(self):
+        if self.sparse_layers is not None:
+            if not isinstance(self.sparse_layers, list) or not self.sparse_layers:
+                raise NanoseekError("sparse_layers must be a non-empty list of kinds, one per layer "
+                                    f"(or a pattern that repeats): {', '.join(SPARSE_KINDS)}")
+            for i, kind in enumerate(self.sparse_layers):
+                check_choice(f"sparse_layers[{i}]", kind, SPARSE_KINDS)
+        kinds = {self.layer_sparse(i) for i in range(self.num_hidden_layers)}
+        check_positive("sliding_window", self.sliding_window)
+        if "nsa" in kinds:
+            check_positive("nsa_block", self.nsa_block)
+            if self.nsa_topn < 3:
+                raise NanoseekError(f"nsa_topn={self.nsa_topn} must be >= 3 (the first, previous and own block "
+                                    f"are always selected)")
+            if self.attention == "mla":
+                raise NanoseekError("sparse='nsa' has its own key/value projections per branch; use "
+                                    "attention='mha', 'gqa' or 'mqa' (for MLA models use sparse='dsa')")
+        v4_kinds = {"csa", "hca"} & kinds
+        if v4_kinds and self.attention != "v4":
+            raise NanoseekError(f"sparse={sorted(v4_kinds)[0]!r} is DeepSeek-V4 compressed attention; it needs "
+                                "attention='v4'")
+        if self.attention == "v4" and {"nsa", "dsa"} & kinds:
+            raise NanoseekError("attention='v4' layers are one of: dense, sliding, csa, hca")
+        if "csa" in kinds:
+            for name in ("index_topk", "index_n_heads", "index_head_dim"):
+                check_positive(name, getattr(self, name))
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise NanoseekError(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                                    f"{self.qk_rope_head_dim} (the indexer rotates its last rope dims)")
+        if "dsa" in kinds:
+            for name in ("index_topk", "index_n_heads", "index_head_dim"):
+                check_positive(name, getattr(self, name))
+            if self.attention != "mla" or not self.q_lora_rank:
+                raise NanoseekError("sparse='dsa' (the lightning indexer) needs attention='mla' with a "
+                                    "q_lora_rank, as DeepSeek-V3.2 has")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise NanoseekError(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                                    f"{self.qk_rope_head_dim} (the indexer rotates its first rope dims)")
+
+    def _validate_v4(self):
+        h, hd = self.num_attention_heads, self.attn_head_dim
+        if self.num_key_value_heads not in (None, 1):
+            raise NanoseekError(f"num_key_value_heads={self.num_key_value_heads}: attention='v4' has one shared "
+                                "key/value head (set 1 or leave it unset)")
+        if not self.q_lora_rank:
+            raise NanoseekError("attention='v4' needs q_lora_rank (its queries are low-rank)")
+        for name in ("o_groups", "o_lora_rank", "compress_rate_csa", "compress_rate_hca"):
+            check_positive(name, getattr(self, name))
+        if h % self.o_groups:
+            raise NanoseekError(f"o_groups={self.o_groups} does not divide num_attention_heads={h}")
+        if self.qk_rope_head_dim % 2 or not 0 < self.qk_rope_head_dim <= hd:
+            raise NanoseekError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and in (0, head_dim={hd}]")
+        if self.position != "rope":
+            raise NanoseekError(f"attention='v4' needs position='rope' (got {self.position!r})")
+        for name in ("compress_rate_csa", "compress_rate_hca"):
+            if getattr(self, name) < 2:
+                raise NanoseekError(f"{name}={getattr(self, name)} must be >= 2")
+
+    def _validate_heads(self):
+        h = self.num_attention_heads
+        if self.head_dim is None and self.hidden_size % h:
+            raise NanoseekError(
+                f"num_attention_heads={h} does not divide hidden_size={self.hidden_size}; "
+                f"pick a divisor of {self.hidden_size} or set head_dim"
+            )
+        if self.attention == "mha" and self.num_key_value_heads not in (None, h):
+            raise NanoseekError(
+                f"num_key_value_heads={self.num_key_value_heads} needs attention='gqa' "
+                f"(attention='mha' uses num_key_value_heads = num_attention_heads = {h})"
+            )
+        kv = self.n_kv_heads
+        if h % kv:
+            raise NanoseekError(
+                f"num_key_value_heads={kv} does not divide num_attention_heads={h}"
+            )
+        if self.position == "rope" and self.attn_head_dim % 2:
+            raise NanoseekError(f"head_dim={self.attn_head_dim} must be even for position='rope'")
+
+    def _validate_mla(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            check_positive(name, getattr(self, name))
+        if self.qk_rope_head_dim % 2:
+            raise NanoseekError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+        if self.position != "rope":
+            raise NanoseekError(f"attention='mla' needs position='rope' (got {self.position!r})")
+
+    def _validate_moe(self):
+        check_positive("n_routed_experts", self.n_routed_experts)
+        check_positive("moe_intermediate_size", self.moe_intermediate_size)
+        check_positive("n_shared_experts", self.n_shared_experts, allow_zero=True)
+        check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
+        check_choice("topk_method", self.topk_method, TOPK_METHODS)
+        e, k = self.n_routed_experts, self.num_experts_per_tok
+        if not 1 <= k <= e:
+            raise NanoseekError(f"num_experts_per_tok={k} must be in [1, n_routed_experts={e}]")
+        if e % self.n_group:
+            raise NanoseekError(f"n_group={self.n_group} does not divide n_routed_experts={e}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise NanoseekError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.topk_group * (e // self.n_group) < k:
+            raise NanoseekError(
+                f"topk_group={self.topk_group} groups of {e // self.n_group} experts hold fewer than "
+                f"num_experts_per_tok={k} experts"
+            )
+        check_positive("first_k_dense_replace", self.first_k_dense_replace, allow_zero=True)
+        check_positive("num_hash_layers", self.num_hash_layers, allow_zero=True)
+        if self.swiglu_limit is not None:
+            check_positive("swiglu_limit", self.swiglu_limit)
+        if self.scoring_func == "sqrtsoftplus" and self.n_group > 1:
+            raise NanoseekError("scoring_func='sqrtsoftplus' (V4) routes without groups; set n_group=1")
+
+    def _validate_rope_scaling(self):
+        rs = self.rope_scaling
+        kind = rs.get("rope_type", rs.get("type", "default"))
+        check_choice("rope_scaling.rope_type", kind, ROPE_TYPES)
+        if kind == "yarn":
+            factor = rs.get("factor")
+            if not isinstance(factor, (int, float)) or factor < 1:
+                raise NanoseekError(f"rope_scaling.factor={factor!r} must be a number >= 1")
+            if not isinstance(rs.get("original_max_position_embeddings", 0), int):
+                raise NanoseekError("rope_scaling.original_max_position_embeddings must be an integer")
+
+    # ----- construction helpers
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        return from_dict(cls, data, "model")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        from nanoseek.config.presets import get_preset
+
+        return cls.from_dict({**get_preset(name), **overrides})
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+
+
+def mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN attention magnitude correction: 0.1 * m * ln(s) + 1 for s > 1."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0

@@ -1,0 +1,169 @@
+"""Reading configs: type coercion of plain dicts into dataclasses, TOML/JSON files, dotted overrides.
+
+`from_dict(cls, data)` builds a config dataclass from JSON-like data, refusing unknown keys and wrong
+types with a `NanoseekError` that names the field (`optim.lr: expected a number, got 'fast'`).
+
+    >>> parse_value("3e-4"), parse_value("true"), parse_value("rope")
+    (0.0003, True, 'rope')
+    >>> data = {}; apply_override(data, "optim.lr", 3e-4); data
+    {'optim': {'lr': 0.0003}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+from nanoseek.errors import NanoseekError
+
+# --------------------------------------------------------------------------------------------
+# generic dataclass <-> dict with validation
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check `value` against the annotation `tp`; accept ints for floats. Raise naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise NanoseekError(f"{where}: must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except NanoseekError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else NanoseekError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+    if tp is Any:
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise NanoseekError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise NanoseekError(f"{where}: expected a table/object, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise NanoseekError(f"{where}: expected a table/object, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise NanoseekError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise NanoseekError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise NanoseekError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise NanoseekError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise NanoseekError(
+            f"unknown config key {prefix}{unknown[0]!r}; valid keys: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def check_choice(where: str, value: str, valid: tuple[str, ...]):
+    if value not in valid:
+        raise NanoseekError(f"{where}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def check_positive(where: str, value, allow_zero: bool = False):
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise NanoseekError(f"{where}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# --------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a TOML or JSON file into a plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoseekError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        raise NanoseekError(f"config file {path} could not be parsed: {e}") from None
+
+
+def parse_value(text: str):
+    """Parse an override value as JSON (numbers, true/false, lists, null), else keep the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        if lowered in ("none", "null"):
+            return None
+        return text
+
+
+def apply_override(data: dict, dotted: str, value) -> None:
+    """Set `data[a][b] = value` for `dotted = "a.b"`, creating tables as needed."""
+    keys = dotted.split(".")
+    if not all(keys):
+        raise NanoseekError(f"bad override key {dotted!r}; use --section.field=VALUE")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise NanoseekError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def deep_update(dst: dict, src: dict):
+    """Merge `src` into `dst` table by table; a later value wins over an earlier one."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            deep_update(dst[k], v)
+        else:
+            dst[k] = v
+

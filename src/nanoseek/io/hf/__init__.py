@@ -1,0 +1,92 @@
+"""Hugging Face checkpoint interop: load and save `deepseek_v2`, `deepseek_v3`, `deepseek_v32`,
+`deepseek_v4` and `llama` folders.
+
+    config.py  config.json <-> ModelConfig for llama and DeepSeek-V2/V3/V3.2
+    v4.py      the same for DeepSeek-V4, and its tensor names
+    state.py   tensor names and fused layouts, both directions
+    files.py   TensorSource (memory-mapped, sharded), FP8 dequantization, writing shards
+
+Loading maps the config to a `ModelConfig` and every key to nanoseek's module tree, one tensor at a
+time from memory-mapped safetensors into a model built on the meta device. Saving writes the same
+layout back (experts unpacked per expert), a config.json that transformers' `AutoModelForCausalLM`
+reads, and the tokenizer files. What transformers cannot express is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.io.checkpoint import load_state_into, read_json
+from nanoseek.io.hf.config import deepseek_config_from_hf, deepseek_config_to_hf
+from nanoseek.io.hf.files import FP8_BLOCK, TensorSource, checkpoint_dtype, dequantize_fp8, write_shards
+from nanoseek.io.hf.state import mtp_layers_on_disk, nanoseek_to_hf_state, read_state
+from nanoseek.io.hf.v4 import v4_config_from_hf, v4_config_to_hf
+from nanoseek.model import Transformer
+
+SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama")
+
+
+def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
+    """A ModelConfig from an HF config.json dict; `source` names the file in errors."""
+    kind = cfg.get("model_type")
+    if kind not in SUPPORTED:
+        raise NanoseekError(f"{source}: unknown model_type={kind!r}; supported: {', '.join(SUPPORTED)}")
+    if cfg.get("auto_map"):
+        print(f"note: {source} names custom code (auto_map); nanoseek never executes it")
+    if kind == "deepseek_v4":
+        return v4_config_from_hf(cfg, source)
+    return deepseek_config_from_hf(cfg, source)
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """A config.json for transformers; refuses what it cannot express."""
+    if config.attention == "v4":
+        return v4_config_to_hf(config)
+    return deepseek_config_to_hf(config)
+
+
+def load_hf_model(folder: str | Path, dtype=None, trust_pickle: bool = False):
+    """Build a nanoseek Transformer from an HF-format folder, in eval mode."""
+    folder = Path(folder)
+    cfg = read_json(folder / "config.json")
+    config = config_from_hf(cfg, folder / "config.json")
+    source = TensorSource(folder, trust_pickle)
+    stored = mtp_layers_on_disk(source, config.num_hidden_layers)
+    if stored < config.num_nextn_predict_layers:  # e.g. saved by transformers, which drops MTP
+        config = config.replace(num_nextn_predict_layers=stored)
+    state = read_state(source, config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    if dtype is None:
+        dtype = checkpoint_dtype(cfg)
+    load_state_into(model, state, folder, dtype)
+    return model.eval()
+
+
+def save_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None,
+            max_shard_bytes: int = 5 * 1024 ** 3):
+    """Write an HF-format folder that transformers' AutoModelForCausalLM loads (+ the tokenizer files of
+    `tokenizer_dir`: tokenizer.json, tokenizer_config.json, special_tokens_map.json)."""
+    folder = Path(folder)
+    hf_config = config_to_hf(model.config)
+    state = nanoseek_to_hf_state(model)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    hf_config["torch_dtype"] = str(next(iter(dtypes))).replace("torch.", "") if len(dtypes) == 1 else "float32"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    write_shards(state, folder, max_shard_bytes)
+    if tokenizer_dir:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy(Path(tokenizer_dir) / name, folder / name)
+    return folder
+
+
+__all__ = ["FP8_BLOCK", "SUPPORTED", "TensorSource", "config_from_hf", "config_to_hf", "dequantize_fp8",
+           "load_hf_model", "save_hf"]

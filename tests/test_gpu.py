@@ -26,7 +26,7 @@ DEVICE = os.environ.get("NANOSEEK_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
                                 reason="no CUDA GPU (set NANOSEEK_TEST_DEVICE=cpu to run these checks on the CPU)")
 PRESETS = ["gpt2-tiny", "llama-tiny", "deepseek-v3-tiny", "deepseek-v32-tiny", "deepseek-v4-tiny"]
-CORPUS = Path(__file__).resolve().parents[1] / "src" / "nanoseek" / "data" / "tinyshakespeare.txt"
+from nanoseek.data import BUNDLED_CORPUS as CORPUS  # noqa: E402
 
 
 NSA_TINY = dict(sparse="nsa", nsa_block=4, nsa_topn=4, sliding_window=4)  # "llama-tiny-nsa"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import Server, checkpoint  # noqa: F401  (the session fixture)
+from serving import Server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -156,7 +156,7 @@ def test_every_bench_runs_as_a_script_in_benchmarks(kind):
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"bench_{kind}.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"bench_{kind}.py"
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"nanoseek bench {kind}" in done.stdout  # argparse's prog: the same command
@@ -166,7 +166,7 @@ def test_attention_script_prints_json_lines():
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_attention.py"
     done = subprocess.run([sys.executable, str(script), "--seq", "64", "--kinds", "dense,sliding", "--window", "16",
                            "--repeats", "1", "--heads", "2", "--head-dim", "16", "--threads", "1"],
                           capture_output=True, text=True, timeout=120)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,82 +16,9 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from nanoseek import ModelConfig, Transformer  # noqa: E402
-from nanoseek.io import load_model  # noqa: E402
 from nanoseek.analysis.embed import embed  # noqa: E402
+from serving import CONTEXT, KEY, Server  # noqa: E402
 from nanoseek.generation.streaming import complete  # noqa: E402
-from nanoseek.data.tokenizer import CharTokenizer, load_tokenizer  # noqa: E402
-
-CONTEXT = 96
-KEY = "sk-test-0123456789"
-ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:!?\n'éü日本"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("serve") / "tiny-chat"
-    tok = CharTokenizer.train([ALPHABET])
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("deepseek-v3-tiny").replace(vocab_size=tok.vocab_size,
-                                                              max_position_embeddings=CONTEXT)
-    Transformer(cfg).save_pretrained(path)
-    tok.save(path)
-    return path
-
-
-class Server:
-    def __init__(self, ckpt: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_API_KEY": ""}
-        self.proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(ckpt), "--port", str(self.port),
-                                      "--threads", "1", *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start in 90 s")
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=5).json()
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-@pytest.fixture(scope="session")
-def server(checkpoint):
-    s = Server(checkpoint, "--max-batch", "2", "--max-queue", "2", "--max-body-bytes", "20000")
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="session")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="session")
-def local(checkpoint):
-    """The same model and tokenizer in this process: what the server must reproduce."""
-    return load_model(checkpoint), load_tokenizer(checkpoint / "tokenizer.json")
-
 
 # ---------------------------------------------------------------------------- the happy paths
 

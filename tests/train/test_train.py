@@ -20,18 +20,12 @@ from nanoseek.errors import NanoseekError
 from nanoseek.train import loop
 from nanoseek.train.optim import lr_multiplier, parameter_groups
 
-CORPUS = Path(__file__).resolve().parents[1] / "src" / "nanoseek" / "data" / "tinyshakespeare.txt"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_bytes(CORPUS.read_bytes()[:60_000])
-    return str(path)
 
 
-def tiny_cfg(corpus, out, **overrides):
-    base = {"data.path": [corpus], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 12,
+def tiny_cfg(small_corpus, out, **overrides):
+    base = {"data.path": [small_corpus], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 12,
             "train.threads": 1, "eval.every": 0, "eval.batches": 2, "eval.batch_size": 4,
             "checkpoint.every": 6, "checkpoint.keep_last": 5, "log.every": 1, "log.progress": False,
             "log.plot": False, "schedule.warmup_steps": 3, "out": str(out)}
@@ -43,8 +37,8 @@ def losses(out) -> list:
     return [r["loss"] for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_run_writes_metrics_plot_and_checkpoint(corpus, tmp_path):
-    summary = loop.train(tiny_cfg(corpus, tmp_path, **{"log.plot": True, "eval.every": 6}), quiet=True)
+def test_run_writes_metrics_plot_and_checkpoint(small_corpus, tmp_path):
+    summary = loop.train(tiny_cfg(small_corpus, tmp_path, **{"log.plot": True, "eval.every": 6}), quiet=True)
     assert summary["step"] == 12 and summary["stopped_by"] == "budget"
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(records[0])
@@ -54,22 +48,22 @@ def test_run_writes_metrics_plot_and_checkpoint(corpus, tmp_path):
     assert losses(tmp_path)[-1] < losses(tmp_path)[0]
 
 
-def test_resume_after_interrupt_is_bitwise_identical(corpus, tmp_path):
+def test_resume_after_interrupt_is_bitwise_identical(small_corpus, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    loop.train(tiny_cfg(corpus, full), quiet=True)
-    first = loop.train(tiny_cfg(corpus, part), quiet=True, stop_after=5)  # "Ctrl-C" during step 5
+    loop.train(tiny_cfg(small_corpus, full), quiet=True)
+    first = loop.train(tiny_cfg(small_corpus, part), quiet=True, stop_after=5)  # "Ctrl-C" during step 5
     assert first["stopped_by"] == "interrupt" and first["step"] == 5
-    loop.train(tiny_cfg(corpus, part), resume=True, quiet=True)
+    loop.train(tiny_cfg(small_corpus, part), resume=True, quiet=True)
     assert losses(part) == losses(full)  # exact float equality, every step
     a, b = load_model(full), load_model(part)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
 
 
-def test_kill_9_after_a_checkpoint_then_resume_matches(corpus, tmp_path):
+def test_kill_9_after_a_checkpoint_then_resume_matches(small_corpus, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    loop.train(tiny_cfg(corpus, full, **{"train.max_steps": 30}), quiet=True)
-    args = [sys.executable, "-m", "nanoseek", "train", "--preset", "gpt2-tiny", "--data", corpus,
+    loop.train(tiny_cfg(small_corpus, full, **{"train.max_steps": 30}), quiet=True)
+    args = [sys.executable, "-m", "nanoseek", "train", "--preset", "gpt2-tiny", "--data", small_corpus,
             "--out", str(killed), "--max-steps", "30", "--data.seq_len=32", "--train.batch_size=4",
             "--train.threads=1", "--eval.every=0", "--eval.batches=2", "--eval.batch_size=4",
             "--checkpoint.every=6", "--checkpoint.keep_last=5", "--log.every=1", "--log.progress=false",
@@ -85,8 +79,8 @@ def test_kill_9_after_a_checkpoint_then_resume_matches(corpus, tmp_path):
     assert losses(killed) == losses(full)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
-    args = [sys.executable, "-m", "nanoseek", "train", "--preset", "gpt2-tiny", "--data", corpus,
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(small_corpus, tmp_path):
+    args = [sys.executable, "-m", "nanoseek", "train", "--preset", "gpt2-tiny", "--data", small_corpus,
             "--out", str(tmp_path), "--max-steps", "100000", "--data.seq_len=32", "--train.batch_size=2",
             "--train.threads=1", "--eval.every=0", "--checkpoint.every=0", "--log.every=1",
             "--log.progress=false", "--log.plot=false"]
@@ -104,7 +98,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert b"--resume" in err
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, tmp_path, monkeypatch):
     build = loop.build_model
 
     def poisoned(cfg, vocab):
@@ -124,13 +118,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
 
     monkeypatch.setattr(loop, "build_model", poisoned)
     with pytest.raises(loop.TrainingDiverged, match="step 9"):
-        loop.train(tiny_cfg(corpus, tmp_path), quiet=True)
+        loop.train(tiny_cfg(small_corpus, tmp_path), quiet=True)
     assert ckpt_io.resolve_checkpoint(tmp_path).name == "step-0000006"
     assert all(torch.isfinite(p).all() for p in load_model(tmp_path).parameters())
 
 
-def test_interrupted_save_leaves_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
-    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 6}), quiet=True)
+def test_interrupted_save_leaves_the_previous_checkpoint(small_corpus, tmp_path, monkeypatch):
+    loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 6}), quiet=True)
     before = (tmp_path / "LATEST").read_text()
     model = load_model(tmp_path)
 
@@ -145,8 +139,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint(corpus, tmp_path, monke
     load_model(tmp_path)
 
 
-def test_corrupt_or_truncated_checkpoint_is_a_clear_error(corpus, tmp_path, capsys):
-    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
+def test_corrupt_or_truncated_checkpoint_is_a_clear_error(small_corpus, tmp_path, capsys):
+    loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
     weights = ckpt_io.resolve_checkpoint(tmp_path) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(NanoseekError, match="model.safetensors"):
@@ -156,8 +150,8 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(corpus, tmp_path, caps
     assert err.count("\n") == 1 and "model.safetensors" in err and "Traceback" not in err
 
 
-def test_eval_and_info_commands(corpus, tmp_path, capsys):
-    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
+def test_eval_and_info_commands(small_corpus, tmp_path, capsys):
+    loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
     capsys.readouterr()
     assert cli_main(["eval", str(tmp_path), "--max-batches", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -209,27 +203,27 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert id(model.embed_tokens.weight) not in decayed
 
 
-def test_token_budget_accumulation_and_keep_last(corpus, tmp_path):
-    cfg = tiny_cfg(corpus, tmp_path, **{"train.max_steps": 0, "train.max_tokens": 4 * 32 * 2 * 5,
+def test_token_budget_accumulation_and_keep_last(small_corpus, tmp_path):
+    cfg = tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 0, "train.max_tokens": 4 * 32 * 2 * 5,
                                         "train.grad_accum": 2, "checkpoint.every": 1, "checkpoint.keep_last": 2})
     summary = loop.train(cfg, quiet=True)
     assert summary["step"] == 5 and summary["tokens"] == 4 * 32 * 2 * 5
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
 
 
-def test_wall_clock_budget_stops_the_run(corpus, tmp_path):
-    summary = loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 0, "train.max_seconds": 0.5}), quiet=True)
+def test_wall_clock_budget_stops_the_run(small_corpus, tmp_path):
+    summary = loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 0, "train.max_seconds": 0.5}), quiet=True)
     assert summary["stopped_by"] == "budget" and 0.5 <= summary["elapsed_s"] < 5
 
 
-def test_bf16_autocast_trains(corpus, tmp_path):
-    summary = loop.train(tiny_cfg(corpus, tmp_path, **{"train.dtype": "bfloat16", "train.max_steps": 3}), quiet=True)
+def test_bf16_autocast_trains(small_corpus, tmp_path):
+    summary = loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.dtype": "bfloat16", "train.max_steps": 3}), quiet=True)
     assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
 
 
-def test_moe_training_logs_expert_load(corpus, tmp_path):
+def test_moe_training_logs_expert_load(small_corpus, tmp_path):
     cfg = build_train_config(preset="deepseek-v3-tiny", overrides={
-        "data.path": [corpus], "data.seq_len": 32, "train.batch_size": 2, "train.max_steps": 3, "train.threads": 1,
+        "data.path": [small_corpus], "data.seq_len": 32, "train.batch_size": 2, "train.max_steps": 3, "train.threads": 1,
         "eval.batches": 1, "eval.batch_size": 2, "log.every": 1, "log.progress": False, "log.plot": False,
         "out": str(tmp_path)})
     loop.train(cfg, quiet=True)
@@ -238,26 +232,26 @@ def test_moe_training_logs_expert_load(corpus, tmp_path):
     assert rec["mtp_loss"] > 0
 
 
-def test_tokenizer_and_chat_commands(corpus, tmp_path, capsys, monkeypatch):
+def test_tokenizer_and_chat_commands(small_corpus, tmp_path, capsys, monkeypatch):
     import io
 
-    assert cli_main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok.json"), corpus]) == 0
+    assert cli_main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok.json"), small_corpus]) == 0
     assert json.loads(capsys.readouterr().out)["vocab_size"] == 300
-    loop.train(tiny_cfg(corpus, tmp_path / "run", **{"train.max_steps": 2}), quiet=True)
+    loop.train(tiny_cfg(small_corpus, tmp_path / "run", **{"train.max_steps": 2}), quiet=True)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
     assert cli_main(["chat", str(tmp_path / "run"), "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.strip() != ""
 
 
-def test_sample_continues_past_the_context_with_a_sliding_window(corpus, tmp_path, capsys):
-    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 2, "model.max_position_embeddings": 32}), quiet=True)
+def test_sample_continues_past_the_context_with_a_sliding_window(small_corpus, tmp_path, capsys):
+    loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 2, "model.max_position_embeddings": 32}), quiet=True)
     capsys.readouterr()
     assert cli_main(["sample", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "80", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ROMEO:") and len(out.encode()) >= len("ROMEO:") + 80  # char-level: >= 1 byte/token
 
 
-def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(corpus, tmp_path, capsys, monkeypatch):
+def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(small_corpus, tmp_path, capsys, monkeypatch):
     """`nanoseek sample --compile-prefill` reaches generate's compiled prefill (a spy here: the
     compile itself is tested in test_generate); greedy text equals the plain run's."""
     import functools
@@ -270,7 +264,7 @@ def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(cor
         calls.append(model)
         return functools.partial(gen.prefill, model)
 
-    loop.train(tiny_cfg(corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
+    loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
     args = ["sample", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature", "0"]
     capsys.readouterr()
     assert cli_main(args) == 0
@@ -282,7 +276,7 @@ def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(cor
     assert "--speculative" in capsys.readouterr().err
 
 
-def test_chat_compile_flags_reach_the_decoder_and_prefill(corpus, tmp_path, capsys, monkeypatch):
+def test_chat_compile_flags_reach_the_decoder_and_prefill(small_corpus, tmp_path, capsys, monkeypatch):
     """`nanoseek chat --compile --compile-prefill`: each turn asks for a compiled decoder and runs its
     prompt through the compiled prefill (spies: the compiles are tested in test_generate)."""
     import functools
@@ -302,17 +296,17 @@ def test_chat_compile_flags_reach_the_decoder_and_prefill(corpus, tmp_path, caps
 
     monkeypatch.setattr(gen, "compiled_prefill", spy_prefill)
     monkeypatch.setattr(gen.CompiledDecoder, "acquire", classmethod(spy_acquire))
-    loop.train(tiny_cfg(corpus, tmp_path / "run", **{"train.max_steps": 2}), quiet=True)
+    loop.train(tiny_cfg(small_corpus, tmp_path / "run", **{"train.max_steps": 2}), quiet=True)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd again\n"))
     assert cli_main(["chat", str(tmp_path / "run"), "--max-new-tokens", "4", "--seed", "0", "--compile",
                      "--compile-prefill"]) == 0
     assert len(prefills) == 2 and len(decoders) == 2 and capsys.readouterr().out.strip() != ""
 
 
-def test_dsa_warmup_then_sparse_training(corpus, tmp_path):
+def test_dsa_warmup_then_sparse_training(small_corpus, tmp_path):
     """The first steps train only the indexers (main weights unchanged), then everything trains."""
     cfg = build_train_config(preset="deepseek-v32-tiny", overrides={
-        "data.path": [corpus], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 4,
+        "data.path": [small_corpus], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 4,
         "train.threads": 1, "eval.every": 0, "eval.batches": 1, "eval.batch_size": 4, "checkpoint.every": 2,
         "checkpoint.keep_last": 5, "log.every": 1, "log.progress": False, "log.plot": False,
         "train.dsa_warmup_steps": 2, "out": str(tmp_path)})

@@ -1,0 +1,96 @@
+"""`nanoseek sample` and `nanoseek chat`: text from a checkpoint on the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from nanoseek.cli.common import Command, add_checkpoint_args, add_compile_args, load, reject_extra
+from nanoseek.errors import NanoseekError
+from nanoseek.generation.chat import Chat, MessageTooLong
+from nanoseek.generation.speculative import compare_with_greedy
+from nanoseek.generation.streaming import stream_past_context
+
+
+def add_sample_arguments(s) -> None:
+    add_checkpoint_args(s)
+    s.add_argument("--prompt")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--speculative", action="store_true",
+                   help="greedy decoding with the MTP module as drafter (prints acceptance and speedup)")
+    add_compile_args(s)
+
+
+def run_sample(args, extra) -> int:
+    reject_extra(extra)
+    if args.speculative and (args.compile or args.compile_prefill):
+        raise NanoseekError("--speculative decodes eagerly (its draft-and-verify steps change shape); "
+                            "drop --compile / --compile-prefill")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok, _ = load(args)
+    prompt = args.prompt if args.prompt is not None else "\n"
+    pieces = stream_past_context(model, tok, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 repetition_penalty=args.repetition_penalty, stop=args.stop or None,
+                                 compile=args.compile, compile_prefill=args.compile_prefill)  # checks the prompt
+    if args.speculative:
+        text, report = compare_with_greedy(model, tok, prompt, args.max_new_tokens)
+        print(prompt + text)
+        print(json.dumps(report), file=sys.stderr)
+        return 0
+    sys.stdout.write(prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def add_chat_arguments(c) -> None:
+    add_checkpoint_args(c)
+    c.add_argument("--system", help="a system message")
+    c.add_argument("--max-new-tokens", type=int, default=200)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--top-k", type=int)
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--seed", type=int)
+    add_compile_args(c)
+
+
+def run_chat(args, extra) -> int:
+    """Interactive chat on stdin/stdout; the checkpoint's chat template when it has one."""
+    reject_extra(extra)
+    model, tok, folder = load(args)
+    chat = Chat(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, folder=folder,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                compile=args.compile, compile_prefill=args.compile_prefill)
+    print("chat: type a message and press Enter (Ctrl-D to quit)", file=sys.stderr)
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            for piece in chat.reply(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except MessageTooLong:
+            print("(message too long for the model's context)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+    return 0
+
+
+COMMANDS = [
+    Command("sample", "generate text from a checkpoint", add_sample_arguments, run_sample),
+    Command("chat", "chat with a checkpoint on the terminal", add_chat_arguments, run_chat),
+]

@@ -1,0 +1,73 @@
+"""`nanoseek eval`, `nanoseek info` and `nanoseek convert`: a checkpoint's quality, size and format."""
+
+from __future__ import annotations
+
+import json
+
+from nanoseek.cli.common import Command, add_checkpoint_args, load, reject_extra
+from nanoseek.config import ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.io import convert
+from nanoseek.model import model_info
+from nanoseek.train.evaluate import evaluate_checkpoint
+
+
+def add_eval_arguments(e) -> None:
+    add_checkpoint_args(e)
+    e.add_argument("--data", help="evaluate on this whole file (default: the training corpus's val split)")
+    e.add_argument("--seq-len", type=int)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-batches", type=int)
+
+
+def run_eval(args, extra) -> int:
+    reject_extra(extra)
+    model, tok, folder = load(args)
+    print(json.dumps(evaluate_checkpoint(model, tok, folder, args.data, args.seq_len, args.batch_size,
+                                         args.max_batches)))
+    return 0
+
+
+def add_info_arguments(i) -> None:
+    i.add_argument("ckpt", nargs="?", help="a checkpoint folder, a run folder or an HF folder")
+    i.add_argument("--preset", help="a named config instead of a checkpoint")
+    i.add_argument("--seq-len", type=int, help="context length for the FLOPs estimate")
+    i.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+
+
+def run_info(args, extra) -> int:
+    reject_extra(extra)
+    if args.preset:
+        config, source = ModelConfig.from_preset(args.preset), {"preset": args.preset}
+    elif args.ckpt:
+        model, _, folder = load(args, tokenizer=False)
+        config, source = model.config, {"checkpoint": str(folder)}
+    else:
+        raise NanoseekError("give a checkpoint path or --preset NAME")
+    print(json.dumps({**source, **model_info(config, args.seq_len), "config": config.to_dict()}))
+    return 0
+
+
+def add_convert_arguments(cv) -> None:
+    cv.add_argument("src")
+    cv.add_argument("dst")
+    cv.add_argument("--to", choices=("hf", "nanoseek"), required=True)
+    cv.add_argument("--dtype", choices=("float32", "bfloat16"))
+    cv.add_argument("--trust-pickle", action="store_true",
+                    help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+
+
+def run_convert(args, extra) -> int:
+    reject_extra(extra)
+    out = convert(args.src, args.dst, args.to, args.dtype, args.trust_pickle)
+    print(json.dumps({"converted": str(args.src), "to": args.to, "out": str(out)}))
+    return 0
+
+
+COMMANDS = [
+    Command("eval", "loss, perplexity and bits per byte on held-out text", add_eval_arguments, run_eval),
+    Command("info", "parameters, FLOPs per token and KV-cache bytes per token", add_info_arguments, run_info),
+    Command("convert", "convert a checkpoint between nanoseek and Hugging Face formats", add_convert_arguments,
+            run_convert),
+]

@@ -6,7 +6,13 @@ X_0 is the embedding layer and X_j the output of block j; the mix weights live i
 (`scalar_mix.logits`, uniform unless tuned). Vectors are L2-normalized, so cosine similarity is a
 dot product.
 
-    >>> vecs = embed(model, tokenizer, ["to be", "or not to be"])   # (2, hidden_size)
+    >>> from nanoseek import ModelConfig, Transformer
+    >>> from nanoseek.data.tokenizer import CharTokenizer
+    >>> tokenizer = CharTokenizer.train(["to be or not to be"])
+    >>> model = Transformer(ModelConfig.from_preset("gpt2-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+    >>> vecs = embed(model, tokenizer, ["to be", "or not to be"])
+    >>> vecs.shape, round(float(vecs[0].norm()), 4)
+    (torch.Size([2, 64]), 1.0)
 """
 
 from __future__ import annotations

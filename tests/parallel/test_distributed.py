@@ -59,9 +59,13 @@ def strategy_flags(strategy: str) -> list[str]:
     return [f"--dist.strategy={strategy}"]
 
 
-@pytest.mark.parametrize("strategy, preset", [("ddp", "gpt2-tiny"), ("fsdp", "llama-tiny"), ("ddp", "deepseek-v3-tiny"),
-                                              ("fsdp", "deepseek-v3-tiny-dense"), ("ddp+ep", "deepseek-v3-tiny"),
-                                              ("fsdp", "deepseek-v3-tiny")])
+SLOW = pytest.mark.slow  # the same property as a default case on another architecture: `make test-all`
+
+
+@pytest.mark.parametrize("strategy, preset", [
+    pytest.param("ddp", "gpt2-tiny", marks=SLOW), pytest.param("fsdp", "llama-tiny", marks=SLOW),
+    ("ddp", "deepseek-v3-tiny"), pytest.param("fsdp", "deepseek-v3-tiny-dense", marks=SLOW),
+    ("ddp+ep", "deepseek-v3-tiny"), ("fsdp", "deepseek-v3-tiny")])
 def test_two_ranks_equal_one_process_and_resume_across_world_sizes(small_corpus, tmp_path, strategy, preset):
     one, two = tmp_path / "one", tmp_path / "two"
     run(train_args(small_corpus, one, preset, batch=4))

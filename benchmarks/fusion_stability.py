@@ -16,5 +16,5 @@ for fusion in ["residual", "hyper", "mhc"]:
             out = m(x[:, :-1], targets=x[:, 1:]); loss = out.loss + sum(out.aux.values())
             if not torch.isfinite(loss):
                 first_bad = step; break
-            opt.zero_grad(); loss.backward(); opt.step(); m.after_optimizer_step(); last = loss.item()
+            opt.zero_grad(); loss.backward(); opt.step(); m.update_balance_bias(out.expert_load); last = loss.item()
         print(f"{fusion:9s} lr={lr:g}: " + (f"non-finite at step {first_bad}" if first_bad is not None else f"finite for 200 steps, last loss {last:.3f}"))

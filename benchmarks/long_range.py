@@ -119,7 +119,7 @@ def run(kind: str, steps: int, n: int, tokens: int, lr: float, warmup_fraction: 
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        model.after_optimizer_step()
+        model.update_balance_bias(out.expert_load)
         loss = out.loss.item()
     model.set_dsa_warmup(False)
     wall = time.perf_counter() - start

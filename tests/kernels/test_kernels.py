@@ -531,3 +531,69 @@ def test_kernels_are_an_option_not_in_the_hf_config():
     assert ModelConfig.from_dict(cfg.model.to_dict()) == cfg.model
     with pytest.raises(NanoseekError, match="kernels"):
         ModelConfig.from_preset("llama-tiny", kernels="yes")
+
+
+# ---------------------------------------------------------------------------- NSA compressed branch
+
+
+def nsa_inputs(start: int, t: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    n = (start + t) // 4  # blocks of 4 tokens
+    q = torch.randn(2, 6, t, 5, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, n, w, generator=g).to(dtype).requires_grad_() for w in (5, 3))
+    return q, k, v
+
+
+def values_and_grads(fn, q, k, v, start: int):
+    out, probs = fn(q, k, v, start, 4, 0.4, True)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    return [out.float(), probs, *torch.autograd.grad((out.float() * weight).sum(), (q, k, v))]
+
+
+@pytest.mark.parametrize("start,t,chunk", [(0, 23, 1024), (0, 23, 5), (6, 11, 4), (9, 1, 1024), (0, 3, 1024)])
+def test_nsa_compressed_block_attention_equals_the_reference(monkeypatch, start, t, chunk):
+    """In chunks (each over the blocks its last query sees), p recomputed in backward: the plain
+    softmax's values, selection scores and gradients (also before any block completes)."""
+    from nanoseek.kernels import nsa as fast
+    from nanoseek.model.attention.nsa import compressed_block_attention
+
+    monkeypatch.setattr(fast, "CMP_CHUNK", chunk)
+    q, k, v = nsa_inputs(start, t)
+    want = values_and_grads(compressed_block_attention, q, k, v, start)
+    got = values_and_grads(fast.CompressedBlockAttention.apply, q, k, v, start)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_nsa_compressed_block_attention_under_bf16_autocast_equals_the_reference(monkeypatch):
+    """Under autocast both run their matmuls in bf16; gradients come back in the inputs' fp32."""
+    from nanoseek.kernels import nsa as fast
+    from nanoseek.model.attention.nsa import compressed_block_attention
+
+    monkeypatch.setattr(fast, "CMP_CHUNK", 8)
+    q, k, v = nsa_inputs(0, 37)
+    results = []
+    for fn in (compressed_block_attention, fast.CompressedBlockAttention.apply):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(values_and_grads(fn, q, k, v, 0))
+    assert [r.dtype for r in results[1][2:]] == [torch.float32] * 3
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("topn", [3, 64])  # blocks chosen by the compressed scores / every block (no selection)
+def test_nsa_model_with_kernels_equals_the_reference_model(topn):
+    from nanoseek.kernels.nsa import ChunkedNativeSparseAttention
+
+    ref, fast = twin_models("llama-tiny", sparse="nsa", nsa_block=4, nsa_topn=topn, sliding_window=6)
+    assert isinstance(fast.layers[0].self_attn, ChunkedNativeSparseAttention)
+    assert not isinstance(ref.layers[0].self_attn, ChunkedNativeSparseAttention)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for model in (ref, fast):
+        loss = model(ids, ids, return_logits=False).loss
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for (name, _), got, want in zip(ref.named_parameters(), grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)

@@ -11,6 +11,7 @@ from nanoseek.generation.loop import decode_step, prefill
 from nanoseek.model import kv_cache_bytes_per_token, model_info
 from nanoseek.model.moe import MoE, Router
 from nanoseek.model.position import rope_attention_factor, rope_inv_freq, softmax_scale
+from nanoseek.model.side_outputs import SideOutputs
 
 V3_YARN = dict(rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
                mscale=1.0, mscale_all_dim=1.0)
@@ -216,15 +217,15 @@ def test_aux_free_balancing_lowers_imbalance_on_a_skewed_stream():
         moe.gate.weight[0] += 0.5  # expert 0 favoured by a constant direction in the input
     stream = torch.randn(40, 64, 64) * 0.5 + 1.0
 
-    def imbalance():
-        return moe.update_balance_bias()["max_over_mean"]
+    def step(batch):  # a forward reports its load; the bias update takes it back
+        side = SideOutputs()
+        moe(batch[None], side=side)
+        return moe.update_balance_bias(side.expert_loads[0])["max_over_mean"]
 
     with torch.no_grad():
-        moe(stream[0][None])
-        before = imbalance()
+        before = step(stream[0])
         for batch in stream[1:]:
-            moe(batch[None])
-            after = imbalance()
+            after = step(batch)
     assert before > 2.0 and after < before / 1.5
     assert moe.gate.e_score_correction_bias[0] < 0  # the overloaded expert was pushed down
 
@@ -235,6 +236,29 @@ def test_sequence_balance_loss_is_positive_and_differentiable():
     x = torch.randint(0, 128, (2, 8))
     out = model(x, targets=x)
     assert out.aux["balance_loss"].item() > 0 and out.aux["balance_loss"].requires_grad
+
+
+def test_training_forward_returns_the_expert_load_of_every_moe_layer():
+    model = make("deepseek-v3-tiny", num_nextn_predict_layers=1).train()
+    x = torch.randint(0, 128, (2, 8))
+    out = model(x, targets=x)
+    moe = model.moe_layers()
+    assert out.expert_load.shape == (len(moe), moe[0].n_experts) and not out.expert_load.requires_grad
+    assert out.expert_load[0].sum() == 2 * 8 * moe[0].top_k  # every token's k copies, main layer
+    assert out.expert_load[-1].sum() == 2 * 7 * moe[0].top_k  # the MTP block sees one position less
+    assert all(not hasattr(m, "tokens_per_expert") and not hasattr(m, "aux_loss") for m in moe)
+    assert model.eval()(x, targets=x).expert_load is None
+
+
+def test_balance_bias_update_takes_the_summed_load():
+    model = make("deepseek-v3-tiny", num_nextn_predict_layers=0)
+    load = torch.tensor([[6, 1, 1, 0]])
+    stats = model.update_balance_bias(load)
+    gamma = model.config.bias_update_speed
+    bias = model.moe_layers()[0].gate.e_score_correction_bias
+    torch.testing.assert_close(bias, gamma * torch.tensor([-1.0, 1.0, 1.0, 1.0]))
+    assert stats == {"moe_max_over_mean": 3.0, "moe_load": [[0.75, 0.125, 0.125, 0.0]]}
+    assert model.update_balance_bias(None) == {}
 
 
 def test_moe_bias_is_not_trained_by_the_optimizer():

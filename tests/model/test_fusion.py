@@ -86,7 +86,7 @@ def test_mhc_stays_finite_at_a_high_learning_rate():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        model.after_optimizer_step()
+        model.update_balance_bias(out.expert_load)
 
 
 def test_embed_returns_unit_vectors_that_rank_by_similarity():

@@ -72,11 +72,11 @@ class NsaOp(torch.nn.Module):
     def __init__(self, dim: int, heads: int, block: int, topn: int, window: int):
         super().__init__()
         from nanoseek.config import ModelConfig
-        from nanoseek.model.attention.nsa import NativeSparseAttention
+        from nanoseek.kernels.nsa import ChunkedNativeSparseAttention
 
         cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, attention="mqa", sparse="nsa",  # 1 k/v head
                           nsa_block=block, nsa_topn=topn, sliding_window=window, max_position_embeddings=8)
-        self.attn = NativeSparseAttention(cfg)
+        self.attn = ChunkedNativeSparseAttention(cfg)  # the default (kernels) path
 
     def forward(self, q, k, v, scale):
         from nanoseek.model.attention.core import causal_attention

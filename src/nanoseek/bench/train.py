@@ -121,12 +121,13 @@ class TrainRunner:
         self.step_index += 1
         with self.autocast():
             loss = self.loss_fn(self.model, x, y)
+        loss, expert_load = loss if isinstance(loss, tuple) else (loss, None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if hasattr(self.model, "after_optimizer_step"):  # MoE bias balancing, as in training
-            self.model.after_optimizer_step()
+        if expert_load is not None:  # MoE bias balancing, as in training
+            self.model.update_balance_bias(expert_load)
         return loss
 
     def prime(self, batches) -> None:
@@ -182,10 +183,11 @@ def _build_nanoseek(cfg, lr: float, seed: int, device: torch.device | str = "cpu
     return build
 
 
-def training_loss(model, x, y) -> torch.Tensor:
-    """The loss a nanoseek training step backpropagates: LM loss + MTP loss + balance loss."""
+def training_loss(model, x, y) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss a nanoseek training step backpropagates (LM loss + MTP loss + balance loss) and the
+    MoE expert load its forward returned (for the balancing-bias update after the step)."""
     out = model(x, y, return_logits=False)  # as the trainer runs it: head + loss fused
-    return out.loss + sum(v for v in out.aux.values() if v.requires_grad)
+    return out.loss + sum(v for v in out.aux.values() if v.requires_grad), out.expert_load
 
 
 def _build_reference(module, cfg, lr: float, seed: int, device: torch.device | str = "cpu"):

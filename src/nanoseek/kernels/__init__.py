@@ -5,10 +5,12 @@
     swiglu.py         FusedSwiGLU and swiglu_down (SwiGLU Functions: the hidden recomputed in backward)
     cross_entropy.py  linear_cross_entropy (head + loss in row chunks; the logits never held whole)
     grouped_mm.py     GroupedExperts (one grouped matmul for all routed experts; opaque ops for compile)
+    nsa.py            ChunkedNativeSparseAttention (NSA's compressed branch in query chunks, p recomputed
+                      in backward: `CompressedBlockAttention`)
 
 How they are chosen: model/ never imports this package. model/transformer.py keeps two registries
 that importing this package fills (as nanoseek.io fills CHECKPOINT_WRITERS):
-    KERNEL_MODULES[ReferenceClass] = FastSubclass   (RMSNorm, SwiGLU, RoutedExperts)
+    KERNEL_MODULES[ReferenceClass] = FastSubclass   (RMSNorm, SwiGLU, RoutedExperts, NativeSparseAttention)
     KERNEL_FUNCTIONS[name] = function               ("linear_cross_entropy", "training_forward")
 A `Transformer` built with `ModelConfig.kernels` (default True; `--model.kernels=false` turns it off)
 swaps each reference module's class for its fast subclass (`Transformer.set_kernels`: parameters,
@@ -23,13 +25,15 @@ checks each fast path against its reference, values and gradients.
     'FusedRMSNorm'
 """
 
-from nanoseek.kernels import cross_entropy, grouped_mm, norm, swiglu
+from nanoseek.kernels import cross_entropy, grouped_mm, norm, nsa, swiglu
+from nanoseek.model.attention.nsa import NativeSparseAttention
 from nanoseek.model.ffn import SwiGLU
 from nanoseek.model.moe.experts import RoutedExperts
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.transformer import KERNEL_FUNCTIONS, KERNEL_MODULES
 
 KERNEL_MODULES.update({RMSNorm: norm.FusedRMSNorm, SwiGLU: swiglu.FusedSwiGLU,
-                       RoutedExperts: grouped_mm.GroupedExperts})
+                       RoutedExperts: grouped_mm.GroupedExperts,
+                       NativeSparseAttention: nsa.ChunkedNativeSparseAttention})
 KERNEL_FUNCTIONS.update(linear_cross_entropy=cross_entropy.linear_cross_entropy,
                         training_forward=norm.recomputed_norm_outputs)

@@ -37,11 +37,11 @@ class MTPModule(nn.Module):
         self.shared_head = SharedHead(config)
 
     def forward(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, rope, cache=None,
-                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                start: int = 0, side=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h^k, RMSNorm_head(h^k)): the state the next depth reads and the input of the shared head.
 
         Both come out of forward so that every parameter is used inside it (FSDP gathers a module's
-        parameters only for its forward)."""
+        parameters only for its forward). `side` (training) collects what the block's layers report."""
         joined = torch.cat([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], dim=-1)
-        h_BTD = self.block(self.eh_proj(joined), rope, cache, start)
+        h_BTD = self.block(self.eh_proj(joined), rope, cache, start, side=side)
         return h_BTD, self.shared_head.norm(h_BTD)

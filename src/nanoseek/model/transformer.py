@@ -8,7 +8,10 @@ Input:  h_0 = E[token] * (sqrt(d) if embedding_scale) + PE[pos]   (additive posi
 Output: logits = Norm(h_N) W_head^T   (W_head = E when the head is tied)
 
 Every swappable part is chosen by name through the registries of its module. The model knows
-nothing of training; `forward` takes optional targets and returns the loss with the logits.
+nothing of training; `forward` takes optional targets and returns the loss with the logits, and a
+training forward also returns what its layers report (model/side_outputs.py): the MoE balance and
+indexer losses in `aux`, each MoE layer's expert load in `expert_load`, which the trainer hands
+back to `update_balance_bias` after the optimizer step.
 
     >>> model = Transformer(ModelConfig.from_preset("gpt2-tiny"))
     >>> model(torch.zeros(1, 4, dtype=torch.long)).logits.shape
@@ -38,6 +41,7 @@ from nanoseek.model.mtp import MTPModule
 from nanoseek.model.attention.nsa import NativeSparseAttention
 from nanoseek.model.norm import make_norm
 from nanoseek.model.position import ADDITIVE_POSITIONS, RotaryEmbedding
+from nanoseek.model.side_outputs import SideOutputs
 
 # checkpoint format -> writer(model, directory, tokenizer_dir), installed by nanoseek.io
 CHECKPOINT_WRITERS: dict[str, Callable] = {}
@@ -57,8 +61,10 @@ ATTENTIONS = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mqa": Multi
 class ModelOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
-    aux: dict = field(default_factory=dict)  # extra losses and statistics (detached where logged)
+    aux: dict = field(default_factory=dict)  # extra scalar losses (training): mtp_loss, balance_loss, index_loss
     hidden: torch.Tensor | None = None
+    # (n_moe_layers, E) token copies each routed expert received, in `moe_layers()` order (training forwards)
+    expert_load: torch.Tensor | None = None
 
 
 def positions(start: int | torch.Tensor, length: int, device) -> torch.Tensor:
@@ -94,24 +100,33 @@ class Block(nn.Module):
             self.attn_hc = STREAM_FUSIONS[config.fusion](config, 2 * layer)
             self.ffn_hc = STREAM_FUSIONS[config.fusion](config, 2 * layer + 1)
 
-    def ffn(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
-        """The feed-forward; an MoE layer also gets the token ids (hash routing chooses by them)."""
-        return self.mlp(x, token_ids) if isinstance(self.mlp, MoE) else self.mlp(x)
+    def attn(self, x: torch.Tensor, rope, cache, start, side: SideOutputs | None) -> torch.Tensor:
+        """The attention; one with a lightning indexer (DSA, CSA) also gets `side`, for its loss."""
+        if getattr(self.self_attn, "indexed", False):
+            return self.self_attn(x, rope, cache, start, side)
+        return self.self_attn(x, rope, cache, start)
+
+    def ffn(self, x: torch.Tensor, token_ids: torch.Tensor | None, side: SideOutputs | None) -> torch.Tensor:
+        """The feed-forward; an MoE layer also gets the token ids (hash routing chooses by them) and
+        `side`, for its load and balance loss."""
+        return self.mlp(x, token_ids, side) if isinstance(self.mlp, MoE) else self.mlp(x)
 
     def forward_streams(self, streams: torch.Tensor, rope=None, cache=None, start: int = 0,
-                        token_ids: torch.Tensor | None = None) -> torch.Tensor:
+                        token_ids: torch.Tensor | None = None, side: SideOutputs | None = None) -> torch.Tensor:
         """(B, T, n, D) -> (B, T, n, D): each sublayer reads and writes the n residual streams."""
         streams = self.attn_hc(streams, lambda x: self.dropout(
-            self.self_attn(self.input_layernorm(x), rope, cache, start)))
-        return self.ffn_hc(streams, lambda x: self.dropout(self.ffn(self.post_attention_layernorm(x), token_ids)))
+            self.attn(self.input_layernorm(x), rope, cache, start, side)))
+        return self.ffn_hc(streams, lambda x: self.dropout(
+            self.ffn(self.post_attention_layernorm(x), token_ids, side)))
 
     def forward(self, h: torch.Tensor, rope=None, cache=None, start: int = 0,
-                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_ids: torch.Tensor | None = None, side: SideOutputs | None = None) -> torch.Tensor:
+        """h (B, T, D) -> (B, T, D); `side` (training) collects what the sublayers report."""
         if self.pre_norm:
-            h = h + self.dropout(self.self_attn(self.input_layernorm(h), rope, cache, start))
-            return h + self.dropout(self.ffn(self.post_attention_layernorm(h), token_ids))
-        h = self.input_layernorm(h + self.dropout(self.self_attn(h, rope, cache, start)))
-        return self.post_attention_layernorm(h + self.dropout(self.ffn(h, token_ids)))
+            h = h + self.dropout(self.attn(self.input_layernorm(h), rope, cache, start, side))
+            return h + self.dropout(self.ffn(self.post_attention_layernorm(h), token_ids, side))
+        h = self.input_layernorm(h + self.dropout(self.attn(h, rope, cache, start, side)))
+        return self.post_attention_layernorm(h + self.dropout(self.ffn(h, token_ids, side)))
 
 
 class Transformer(nn.Module):
@@ -139,7 +154,10 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.embed_scale = math.sqrt(d) if config.embedding_scale else 1.0
-        self.gradient_checkpointing = False  # set by training (dist.activation_checkpointing)
+        # training modes, set like train(): recompute each block in backward (the trainer sets it from
+        # dist.activation_checkpointing); DSA warm-up (set_dsa_warmup)
+        self.gradient_checkpointing = False
+        self.dsa_warmup, self.dsa_freeze_model = False, True
         self.set_kernels(config.kernels)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -196,6 +214,8 @@ class Transformer(nn.Module):
         With `targets` and `return_logits=False` (what the trainer asks for) `logits` is None and
         the head and the loss run together (`head_loss`; with kernels, fused in chunks: the
         (B, T, V) logits and their gradient are never held whole).
+        In training the output also carries the layers' side outputs: with targets, their losses in
+        `aux` (for the trainer to add to `loss`), and always the MoE layers' `expert_load`.
         """
         if isinstance(start, torch.Tensor):
             if cache is None or input_ids.shape[1] != 1:
@@ -224,9 +244,10 @@ class Transformer(nn.Module):
         return (self.kernel_function("linear_cross_entropy") or linear_cross_entropy)(h, self.lm_head.weight, targets)
 
     def _forward(self, input_ids, targets, cache, start, last_only: bool, return_logits: bool) -> ModelOutput:
+        side = SideOutputs() if self.training else None
         h = self.embed(input_ids, start)
         rope = self.rope(start, input_ids.shape[1], input_ids.device)
-        h = self.run_layers(h, rope, cache, start, token_ids=input_ids)
+        h = self.run_layers(h, rope, cache, start, token_ids=input_ids, side=side)
         hidden = h
         h = self.norm(h)
         if last_only:
@@ -240,29 +261,51 @@ class Transformer(nn.Module):
             else:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
             if len(self.mtp):
-                aux["mtp_loss"] = self.mtp_loss(hidden, targets, rope)
-            balance = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-            if balance and self.training:
-                aux["balance_loss"] = torch.stack(balance).sum()
-            loss, aux = self.add_index_loss(loss, aux)
-        return ModelOutput(logits=logits, loss=loss, aux=aux, hidden=hidden)
+                aux["mtp_loss"] = self.mtp_loss(hidden, targets, rope, side)
+            if side is not None:
+                loss, aux = self.side_losses(loss, aux, side)
+        return ModelOutput(logits=logits, loss=loss, aux=aux, hidden=hidden, expert_load=self.stack_expert_load(side))
+
+    def side_losses(self, loss: torch.Tensor, aux: dict, side: SideOutputs) -> tuple[torch.Tensor, dict]:
+        """The layers' losses into aux: `balance_loss` summed over the MoE layers, `index_loss` averaged
+        over the indexed layers. In DSA warm-up (freezing the model) only the index loss trains."""
+        if side.balance_losses:
+            aux["balance_loss"] = torch.stack(side.balance_losses).sum()
+        if side.index_losses:
+            aux["index_loss"] = torch.stack(side.index_losses).mean()
+            if self.dsa_warmup and self.dsa_freeze_model:
+                loss = loss.detach()
+                aux = {k: (v.detach() if k != "index_loss" else v) for k, v in aux.items()}
+        return loss, aux
+
+    def stack_expert_load(self, side: SideOutputs | None) -> torch.Tensor | None:
+        """(n_moe_layers, E) token counts of one forward, one row per `moe_layers()` entry. The MTP
+        blocks come last and run only with targets inside the sequence: rows of those that did not run
+        are zero (their router bias is then left alone)."""
+        n_moe = len(self.moe_layers())
+        if side is None or not n_moe:
+            return None
+        missing = n_moe - len(side.expert_loads)
+        zeros = [torch.zeros(self.config.n_routed_experts, dtype=torch.long, device=self.lm_head.weight.device)]
+        return torch.stack(side.expert_loads + zeros * missing)
 
     def run_layers(self, h: torch.Tensor, rope, cache, start: int, outputs: list | None = None,
-                   token_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   token_ids: torch.Tensor | None = None, side: SideOutputs | None = None) -> torch.Tensor:
         """The block stack under the configured fusion; appends X_0..X_L to `outputs` if given.
-        `token_ids` (B, T): the tokens of h, for the hash-routed MoE layers (V4)."""
+        `token_ids` (B, T): the tokens of h, for the hash-routed MoE layers (V4); `side` (training):
+        where the layers report their side outputs."""
         record = outputs if outputs is not None else []
         record.append(h)
         if self.stream_head is not None:
             streams = h[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()
             for i, layer in enumerate(self.layers):
                 streams = self.call_block(layer.forward_streams, streams, rope, None if cache is None else cache[i],
-                                          start, token_ids)
+                                          start, token_ids, side)
                 if outputs is not None:
                     outputs.append(self.stream_head(streams))
             return self.stream_head(streams)
         for i, layer in enumerate(self.layers):
-            h = self.call_block(layer, h, rope, None if cache is None else cache[i], start, token_ids)
+            h = self.call_block(layer, h, rope, None if cache is None else cache[i], start, token_ids, side)
             if self.fusions is not None:
                 record.append(h)
                 h = self.fusions[i](record)
@@ -270,13 +313,14 @@ class Transformer(nn.Module):
                 outputs.append(h)
         return h
 
-    def call_block(self, fn, x, rope, cache, start, token_ids=None):
-        """fn(x, ...), with its activations recomputed in backward when gradient_checkpointing is on."""
+    def call_block(self, fn, x, rope, cache, start, token_ids=None, side=None):
+        """fn(x, ...), with its activations recomputed in backward when gradient_checkpointing is on
+        (the side outputs come from the forward; the recomputation's go to the same, already read, `side`)."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(fn, x, rope, cache, start, token_ids, use_reentrant=False)
-        return fn(x, rope, cache, start, token_ids)
+            return checkpoint(fn, x, rope, cache, start, token_ids, side, use_reentrant=False)
+        return fn(x, rope, cache, start, token_ids, side)
 
     def layer_outputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """X_0 (embeddings) and every block's output, for embeddings and fusion inspection."""
@@ -285,7 +329,8 @@ class Transformer(nn.Module):
                         token_ids=input_ids)
         return outputs
 
-    def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, rope) -> torch.Tensor:
+    def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, rope,
+                 side: SideOutputs | None = None) -> torch.Tensor:
         """(lambda / D) sum_k CE of module k predicting t_{i+1+k} from h^{k-1}_i and t_{i+k}."""
         depth, total = len(self.mtp), 0.0
         h = hidden
@@ -296,7 +341,7 @@ class Transformer(nn.Module):
             # targets[:, i] = t_{i+1}, so t_{i+k} = targets[:, i+k-1] and t_{i+1+k} = targets[:, i+k]
             emb_next = self.embed_tokens(targets[:, k - 1:k - 1 + t].clamp(min=0)) * self.embed_scale
             rope_k = None if rope is None else (rope[0][:t], rope[1][:t])
-            h, normed = module(h[:, :t], emb_next, rope_k)
+            h, normed = module(h[:, :t], emb_next, rope_k, side=side)
             total = total + self.head_loss(normed, targets[:, k:k + t])
         return self.config.mtp_loss_weight / depth * total
 
@@ -310,40 +355,27 @@ class Transformer(nn.Module):
         return list(self.layers) + [m.block for m in self.mtp]
 
     def set_dsa_warmup(self, on: bool, freeze_model: bool = True) -> None:
-        """DSA warm-up: every indexed layer attends densely and the indexers learn from it; only
-        they learn (V3.2's recipe, from a trained dense model), or, with `freeze_model=False`
-        (training from scratch), the whole model trains densely beside them."""
-        self.dsa_freeze_model = freeze_model
+        """DSA warm-up, a training phase switched like train(): every indexed layer attends densely and
+        the indexers learn from it; only they learn (V3.2's recipe, from a trained dense model: the
+        forward detaches every other loss), or, with `freeze_model=False` (training from scratch), the
+        whole model trains densely beside them."""
+        self.dsa_warmup, self.dsa_freeze_model = on, freeze_model
         for attn in self.dsa_layers():
             attn.dsa_warmup = on
 
-    def add_index_loss(self, loss: torch.Tensor, aux: dict) -> tuple[torch.Tensor, dict]:
-        """Add the indexers' distillation loss (training only); in warm-up, train nothing else."""
-        layers = self.dsa_layers()
-        if not layers:
-            return loss, aux
-        losses = [a.index_loss for a in layers if a.index_loss is not None]
-        for a in layers:
-            a.index_loss = None
-        if not losses or not self.training:
-            return loss, aux
-        aux["index_loss"] = torch.stack(losses).mean()
-        if layers[0].dsa_warmup and getattr(self, "dsa_freeze_model", True):
-            loss = loss.detach()
-            aux = {k: (v.detach() if k != "index_loss" else v) for k, v in aux.items()}
-        return loss, aux
-
     def moe_layers(self) -> list[MoE]:
-        """The MoE feed-forwards of the blocks and the MTP blocks, in order. (Read block by block, not
-        through modules(): under torch.compile, walking the submodules of an MoE whose aux_loss was
-        just set breaks the graph.)"""
+        """The MoE feed-forwards of the blocks and the MTP blocks, in order (the rows of `expert_load`)."""
         return [b.mlp for b in self.blocks() if isinstance(b.mlp, MoE)]
 
-    def after_optimizer_step(self, update_bias: bool = True) -> dict:
-        """Auxiliary-loss-free balancing: nudge each MoE router bias; return load statistics.
+    def update_balance_bias(self, expert_load: torch.Tensor | None, update: bool = True) -> dict:
+        """Auxiliary-loss-free balancing, called by the trainer after the optimizer step: nudge each MoE
+        router bias by its row of `expert_load` (n_moe_layers, E), the forwards' `expert_load` summed
+        over the step's micro-batches and ranks; return load statistics ({} for None: no MoE).
 
-        `update_bias=False` (DSA warm-up, when only the indexers train) only reads and resets the load."""
-        stats = [m.update_balance_bias(update_bias) for m in self.moe_layers()]
+        `update=False` (DSA warm-up, when only the indexers train) only reads the load."""
+        if expert_load is None:
+            return {}
+        stats = [m.update_balance_bias(load_E, update) for m, load_E in zip(self.moe_layers(), expert_load)]
         stats = [s for s in stats if s]
         if not stats:
             return {}

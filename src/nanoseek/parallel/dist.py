@@ -96,8 +96,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False
             sharded = shard_experts(model, ctx.rank, ctx.world)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        # buffers are kept identical by the code that updates them (sync_expert_load); broadcasting
-        # rank 0's at every forward would overwrite the other ranks' expert load counts
+        # buffers (the router bias) are kept identical by the code that updates them (from the load
+        # sync_expert_load summed over ranks); no need to broadcast rank 0's at every forward
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if ctx.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -173,13 +173,12 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(t.item())
 
 
-def sync_expert_load(model: nn.Module, ctx: DistContext):
-    """Sum every MoE layer's token counts over ranks before the balancing-bias update."""
-    if not ctx.enabled:
-        return
-    for name, buf in model.named_buffers():
-        if name.endswith("tokens_per_expert"):
-            dist.all_reduce(buf)
+def sync_expert_load(expert_load: torch.Tensor | None, ctx: DistContext) -> torch.Tensor | None:
+    """The step's expert load (n_moe_layers, E), summed over ranks (in place) before the balancing-bias
+    update, so every rank nudges the router bias alike."""
+    if ctx.enabled and expert_load is not None:
+        dist.all_reduce(expert_load)
+    return expert_load
 
 
 def barrier(ctx: DistContext):

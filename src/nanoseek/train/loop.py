@@ -3,7 +3,7 @@
     for step:  lr = peak * schedule(step, progress)
                for micro in accumulation:  loss = model(x, y) / accum;  loss.backward()
                g = clip(grads, max_norm)     (the pre-clip norm is logged)
-               optimizer.step();  model.after_optimizer_step()  (e.g. MoE bias balancing)
+               optimizer.step();  model.update_balance_bias(the forwards' expert load, summed)  (MoE)
                log / eval / checkpoint;  stop on steps, tokens, wall-clock, Ctrl-C or a non-finite loss
 
 Outputs under `out`: metrics.jsonl (one JSON object per logged step and per eval), loss.png,
@@ -253,6 +253,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             set_lr(optimizer, lr)
             loss_sum = 0.0
             aux_log: dict = {}
+            expert_load = None  # MoE: tokens per expert, summed over the micro-batches
             for _ in range(cfg.train.grad_accum):
                 x, y = (t.to(ctx.device, non_blocking=True) for t in loader.next())
                 with autocast(ctx.device, cfg.train.dtype):
@@ -265,6 +266,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                 loss_sum += output.loss.item()
                 for k, v in output.aux.items():  # mean over the micro-batches (and ranks, below)
                     aux_log[k] = aux_log.get(k, 0.0) + v.detach().item() / cfg.train.grad_accum
+                if output.expert_load is not None:
+                    expert_load = output.expert_load if expert_load is None else expert_load + output.expert_load
             loss_value = dist.all_reduce_mean(loss_sum / cfg.train.grad_accum, ctx)
             aux_log = {k: dist.all_reduce_mean(v, ctx) for k, v in aux_log.items()}
             if not math.isfinite(loss_value):
@@ -276,8 +279,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             grad_norm = dist.clip_grad_norm(model, clip).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            dist.sync_expert_load(model, ctx)  # one router bias for all ranks
-            balance_stats = model.after_optimizer_step(update_bias=state.step >= cfg.train.dsa_warmup_steps)
+            expert_load = dist.sync_expert_load(expert_load, ctx)  # one router bias for all ranks
+            balance_stats = model.update_balance_bias(expert_load, update=state.step >= cfg.train.dsa_warmup_steps)
             state.step += 1
             state.tokens += tokens_per_step
             state.elapsed += time.perf_counter() - t0

@@ -23,8 +23,8 @@ HCA layers use the `compress` rotary table (compress_rope_theta, YaRN from rope_
 rescaled), the others the plain one (rope_theta).
 
 The indexer's top-k is not differentiable; in training it learns from a KL loss toward the heads'
-attention over the entries it picked (`index_loss`, as DSA in model/dsa.py; `train.dsa_warmup_steps`
-runs CSA layers over every visible entry while only the indexers learn).
+attention over the entries it picked (the `index_loss` a training forward returns, as DSA in
+model/dsa.py; `train.dsa_warmup_steps` runs CSA layers over every visible entry while only the indexers learn).
 
 Queries run in chunks of CHUNK through SDPA (the sink enters as one extra key): each chunk reads only
 its band of local keys plus the entries (CSA: a mask of the indexer's picks), so no T x T tensor
@@ -50,6 +50,7 @@ from nanoseek.model.attention.dsa import indexer_kl
 from nanoseek.model.kv_cache import CompressedKVCache
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.position import rope_inv_freq
+from nanoseek.model.side_outputs import SideOutputs
 
 CHUNK = 256  # queries per step in prefill and training
 
@@ -222,8 +223,7 @@ class CompressedAttention(nn.Module):
             self.compressor = Compressor(d, self.head_dim, rate, self.kind == "csa", config.rms_norm_eps)
             self.compressor.indexer = Indexer(config, rate) if self.kind == "csa" else None
         self.indexed = self.kind == "csa"  # has a lightning indexer (Transformer.dsa_layers)
-        self.dsa_warmup = False
-        self.index_loss: torch.Tensor | None = None
+        self.dsa_warmup = False  # a training phase (Transformer.set_dsa_warmup): every visible entry attended
 
     @property
     def indexer(self) -> Indexer | None:
@@ -246,8 +246,10 @@ class CompressedAttention(nn.Module):
         return CompressedKVCache.allocate(batch, max_len, widths, dtype, device)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, rope=None, cache: CompressedKVCache | None = None, start=0) -> torch.Tensor:
-        """x (B, T, D) at positions start.. (or per-row positions, a LongTensor (B,), for one token)."""
+    def forward(self, x: torch.Tensor, rope=None, cache: CompressedKVCache | None = None, start=0,
+                side: SideOutputs | None = None) -> torch.Tensor:
+        """x (B, T, D) at positions start.. (or per-row positions, a LongTensor (B,), for one token).
+        A CSA layer given `side` (training) appends its indexer's loss there."""
         b, t, _ = x.shape
         pos = (start[:, None] if isinstance(start, torch.Tensor) else start) + torch.arange(t, device=x.device)
         cos, sin = self.rope(pos)
@@ -258,13 +260,14 @@ class CompressedAttention(nn.Module):
         keys, offset = (kv, start) if cache is None else (self.cached_keys(cache, start, kv), 0)
         entries, index_entries = self.compressed_entries(x, cache, start, t)
         index_in = (x.detach(), q_latent.detach()) if self.indexer is not None else None
-        o = self.attend(q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin)
+        o = self.attend(q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side)
         o = rotate_tail(o, cos.unsqueeze(-2), -sin.unsqueeze(-2))
         return self.project_out(o)
 
-    def attend(self, q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin) -> torch.Tensor:
-        """o (B, T, H, D_h) over the local keys and the entries, CHUNK queries at a time; in training
-        also sets `index_loss` (CSA)."""
+    def attend(self, q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin,
+               side: SideOutputs | None = None) -> torch.Tensor:
+        """o (B, T, H, D_h) over the local keys and the entries, CHUNK queries at a time; given `side`
+        also the indexer's loss (CSA), appended there."""
         t = q.shape[1]
         outs, losses = [], []
         # split, not sliced per chunk: a slice's backward zero-fills a gradient of all of q each time
@@ -274,11 +277,12 @@ class CompressedAttention(nn.Module):
             parts, index_scores = self.key_parts(keys, start, offset, pos[..., c0:c1], entries, index_entries,
                                                  index_in, (cos[..., c0:c1, :], sin[..., c0:c1, :]), c0, c1)
             outs.append(sink_sdpa(q_chunk, parts, self.sinks, self.scale, self.dropout if self.training else 0.0))
-            if index_scores is not None and self.training:  # the indexer's KL target: the heads' weights on its picks
+            if index_scores is not None and side is not None:  # KL target: the heads' weights on its picks
                 with torch.no_grad():
                     probs = sink_probs(q_chunk, parts, self.sinks, self.scale)
                 losses.append(indexer_kl(probs[-1].transpose(1, 2), index_scores, parts[-1][1]) * (c1 - c0))
-        self.index_loss = torch.stack(losses).sum() / t if losses else None
+        if losses:
+            side.index_losses.append(torch.stack(losses).sum() / t)
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     @torch.no_grad()

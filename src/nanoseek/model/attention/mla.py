@@ -37,6 +37,7 @@ from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_
 from nanoseek.model.kv_cache import LatentKVCache
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.position import apply_rope, softmax_scale
+from nanoseek.model.side_outputs import SideOutputs
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
 
@@ -72,9 +73,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
         self.indexer = LightningIndexer(config) if config.layer_sparse(layer) == "dsa" else None
         self.indexed = self.indexer is not None
-        self.dsa_warmup = False  # DSA warm-up: dense attention while the indexer learns
+        self.dsa_warmup = False  # a training phase (Transformer.set_dsa_warmup): dense while the indexer learns
         self.long_prefill = SELECT_CHUNK  # DSA inference over more queries: chunked (model/dsa.py)
-        self.index_loss: torch.Tensor | None = None
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> LatentKVCache:
         index_dim = self.indexer.head_dim if self.indexer is not None else 0
@@ -88,7 +88,8 @@ class MultiHeadLatentAttention(nn.Module):
         return self.q_b_proj(q_latent), q_latent
 
     def forward(self, x_BTD: torch.Tensor, rope, cache: LatentKVCache | None = None,
-                start: int | torch.Tensor = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0, side: SideOutputs | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). A DSA layer given `side` (training) appends its indexer's loss there."""
         b, t, _ = x_BTD.shape
         cos, sin = rope
         q_BTX, q_latent_BTQ = self.query(x_BTD)
@@ -117,11 +118,13 @@ class MultiHeadLatentAttention(nn.Module):
             key_BSX = cache.key[:, :latent_BTC.shape[1]]  # [c_KV ; k_R] as stored: no concatenation
             o_BHTV = self.attend_absorbed(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep, key_BSX)
         else:
-            o_BHTV = self.attend_expanded(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep, scores)
+            o_BHTV = self.attend_expanded(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep, scores, side)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
 
-    def attend_expanded(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None, scores=None):
-        """Materialize per-head keys and values from the latents, then SDPA."""
+    def attend_expanded(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None, scores=None,
+                        side: SideOutputs | None = None):
+        """Materialize per-head keys and values from the latents, then SDPA; with the indexer's `scores`
+        and a `side`, also its distillation loss."""
         b, s, _ = latent_BSC.shape
         kv_BHSX = self.kv_b_proj(latent_BSC).view(b, s, self.n_heads, -1).transpose(1, 2)
         k_nope_BHSN, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
@@ -129,8 +132,8 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
         k = torch.cat([k_nope_BHSN, k_rope_BHSR], dim=-1)
         dropout = self.dropout if self.training else 0.0
-        if scores is not None and self.training and torch.is_grad_enabled():
-            self.index_loss = self.distillation_loss(q, k, keep, scores)
+        if scores is not None and side is not None and torch.is_grad_enabled():
+            side.index_losses.append(self.distillation_loss(q, k, keep, scores))
         return causal_attention(q, k, v_BHSV, start, self.scale, dropout, self.window, keep)
 
     @torch.no_grad()

@@ -19,8 +19,9 @@ block (their p^slc summed, using only blocks that are complete before the query 
 the choice never depends on the future). Each query block then runs ONE dense SDPA over its
 n * l selected keys instead of a per-token gather: O(T * n * l) work in SDPA's fast kernel.
 With n covering every block, the selected branch is exactly causal attention (tested).
-The compressed branch's attention and the selection scores p^cmp come from one pass over chunks of
-queries (`CompressedBlockAttention`, a flash-style Function that recomputes p in backward).
+The compressed branch's attention and the selection scores p^cmp come from one softmax
+(`compressed_block_attention`); the fast path (kernels/nsa.py) runs it over chunks of queries and
+recomputes p in backward.
 
 Decoding: the cache (`NSACache`) keeps each branch's keys/values and the block summaries k^cmp_j,
 v^cmp_j, computed once when block j's last token is written. A step at per-row positions
@@ -237,17 +238,22 @@ class NativeSparseAttention(nn.Module):
         """Attention over the complete blocks, and per query block the selection scores
         p^slc (B, G, nb, n): softmax_j(q_t . k^cmp_j) summed over the block's queries and the group's
         heads (no gradient: the choice of blocks is not differentiable). One pass gives both
-        (`CompressedBlockAttention`)."""
+        (`block_attention`)."""
         b, _, t, _ = q.shape
         n, l = k_blocks.shape[2], self.block
         nb = (start + t - 1) // l - start // l + 1
-        out, probs_BGTn = CompressedBlockAttention.apply(q, k_blocks, v_blocks, start, l, self.scale, with_scores)
+        out, probs_BGTn = self.block_attention(q, k_blocks, v_blocks, start, with_scores)
         if not with_scores:
             return out, None
         front = start - (start // l) * l
         if front or (front + t) % l:  # partial first or last query block: pad to whole blocks
             probs_BGTn = F.pad(probs_BGTn, (0, 0, front, nb * l - front - t))
         return out, probs_BGTn.view(b, self.n_kv_heads, nb, l, n).sum(3)
+
+    def block_attention(self, q, k_blocks, v_blocks, start: int, with_probs: bool):
+        """The compressed branch's output and block probabilities (`compressed_block_attention`); the
+        kernels' subclass (kernels/nsa.py) computes them in chunks, recomputing p in backward."""
+        return compressed_block_attention(q, k_blocks, v_blocks, start, self.block, self.scale, with_probs)
 
     def selected_attention(self, q, k, v, p_cmp, start: int):
         """Every query block at once: batched SDPA, each block over its own selected key blocks.
@@ -346,8 +352,6 @@ class NSACache:
 
 # ---------------------------------------------------------------------------- compressed branch
 
-CMP_CHUNK = 1024  # queries per step of the compressed branch (bounds its (C, n) score tiles)
-
 
 def visible_blocks(start: int, t: int, block: int, n: int, device):
     """(T, n) boolean: block j is complete at query position p (j * l + l - 1 <= p)."""
@@ -355,91 +359,29 @@ def visible_blocks(start: int, t: int, block: int, n: int, device):
     return torch.arange(n, device=device)[None, :] < seen[:, None]
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in at x: autocast's on x's device type when it is on, else x's."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
-def block_probs(q_BGRCd, k_BGnd, start: int, block: int, scale: float) -> torch.Tensor:
-    """softmax over the complete blocks, in fp32 or wider (B, G, R, C, n); queries with no complete
-    block get 0."""
-    b, g, r, c, d = q_BGRCd.shape
+def block_probs(q_BGRTd, k_BGnd, start: int, block: int, scale: float) -> torch.Tensor:
+    """p (B, G, R, T, n): softmax_j(q_t . k^cmp_j * scale) over the blocks complete at each query, in
+    fp32 or wider; queries with no complete block get 0."""
+    b, g, r, t, d = q_BGRTd.shape
     n = k_BGnd.shape[2]
-    logits = torch.matmul(q_BGRCd.reshape(b, g, r * c, d), k_BGnd.transpose(-1, -2)).view(b, g, r, c, n)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    visible = visible_blocks(start, c, block, n, q_BGRCd.device)
-    blind = ~visible.any(-1, keepdim=True)  # (C, 1): all-masked rows would give NaN
-    probs = logits.mul_(scale).masked_fill_(~(visible | blind), float("-inf")).softmax(-1)
-    return probs.masked_fill_(blind, 0.0) if bool(blind[0]) else probs
+    logits = torch.matmul(q_BGRTd.reshape(b, g, r * t, d), k_BGnd.transpose(-1, -2)).view(b, g, r, t, n)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
+    visible = visible_blocks(start, t, block, n, q_BGRTd.device)
+    blind = ~visible.any(-1, keepdim=True)  # (T, 1): rows with every block masked would give NaN
+    return logits.masked_fill(~(visible | blind), float("-inf")).softmax(-1).masked_fill(blind, 0.0)
 
 
-class CompressedBlockAttention(torch.autograd.Function):
-    """NSA's compressed branch: o_t = sum_j p_tj v^cmp_j, p_t = softmax over the blocks complete at t.
+def compressed_block_attention(q, k_blocks, v_blocks, start: int, block: int, scale: float,
+                               with_probs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """NSA's compressed branch: o_t = sum_j p_tj v^cmp_j, p_t = softmax over the blocks complete at t
+    (`block_probs`; o_t = 0 before the first block completes). q (B, H, T, d); k, v (B, G, n, .).
 
-    Forward and backward go over chunks of CMP_CHUNK queries, each against only the blocks its
-    last query can see (half the causal work is skipped), and keep nothing of size T x n: the
-    backward recomputes p from q and k^cmp (flash-style,
-        dS = P * (dP - rowsum(dO * O)),  dq = scale dS k,  dk = scale dS^T q,  dv = P^T dO).
-    The second output is p summed over each KV group's heads (B, G, T, n), for the block selection
-    (no gradient). q (B, H, T, d); k, v (B, G, n, .). Under autocast q, k and v are cast to its
-    dtype first and the body runs with autocast off, so backward (which autocast never reaches)
-    meets the dtypes forward used; the gradients come back in the inputs' dtypes."""
-
-    @staticmethod
-    def forward(ctx, q, k_blocks, v_blocks, start: int, block: int, scale: float, with_probs: bool):
-        ctx.input_dtypes = (q.dtype, k_blocks.dtype, v_blocks.dtype)
-        dtype = compute_dtype(q)
-        with torch.autocast(q.device.type, enabled=False):
-            q, k_blocks, v_blocks = (x.to(dtype) for x in (q, k_blocks, v_blocks))
-            return CompressedBlockAttention.attend(ctx, q, k_blocks, v_blocks, start, block, scale, with_probs)
-
-    @staticmethod
-    def attend(ctx, q, k_blocks, v_blocks, start: int, block: int, scale: float, with_probs: bool):
-        b, h, t, d = q.shape
-        g, n, d_v = k_blocks.shape[1], k_blocks.shape[2], v_blocks.shape[-1]
-        q_BGRTd = q.reshape(b, g, h // g, t, d)
-        out = q.new_zeros(b, g, h // g, t, d_v)
-        probs_BGTn = q.new_zeros(b, g, t if with_probs else 0, n, dtype=torch.float32)
-        for a, z, m in compressed_chunks(start, t, block, n):
-            p = block_probs(q_BGRTd[:, :, :, a:z], k_blocks[:, :, :m], start + a, block, scale)
-            out[:, :, :, a:z] = torch.matmul(p.to(v_blocks.dtype).flatten(2, 3), v_blocks[:, :, :m]).unflatten(2, (h // g, -1))
-            if with_probs:
-                probs_BGTn[:, :, a:z, :m] = p.sum(2)
-        ctx.save_for_backward(q, k_blocks, v_blocks, out)
-        ctx.meta = (start, block, scale)
-        ctx.mark_non_differentiable(probs_BGTn)
-        return out.view(b, h, t, d_v), probs_BGTn
-
-    @staticmethod
-    def backward(ctx, d_out, _d_probs):
-        q, k_blocks, v_blocks, out = ctx.saved_tensors
-        start, block, scale = ctx.meta
-        b, h, t, d = q.shape
-        g, n = k_blocks.shape[1], k_blocks.shape[2]
-        r = h // g
-        q_BGRTd = q.reshape(b, g, r, t, d)
-        do_BGRTv = d_out.reshape(b, g, r, t, -1).to(out.dtype)
-        delta = (do_BGRTv * out).sum(-1, keepdim=True)  # rowsum(dO * O)
-        delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
-        dq = torch.zeros_like(q_BGRTd)
-        dk, dv = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
-        for a, z, m in compressed_chunks(start, t, block, n):
-            q_c, do_c = q_BGRTd[:, :, :, a:z], do_BGRTv[:, :, :, a:z]
-            p = block_probs(q_c, k_blocks[:, :, :m], start + a, block, scale)
-            dp = torch.matmul(do_c.flatten(2, 3), v_blocks[:, :, :m].transpose(-1, -2)).view_as(p)
-            ds = (p * (dp - delta[:, :, :, a:z])).mul_(scale).to(q.dtype).flatten(2, 3)  # (B, G, R*C, m)
-            dq[:, :, :, a:z] = torch.matmul(ds, k_blocks[:, :, :m]).unflatten(2, (r, -1))
-            dk[:, :, :m] += torch.matmul(ds.transpose(-1, -2), q_c.flatten(2, 3))
-            dv[:, :, :m] += torch.matmul(p.to(do_c.dtype).flatten(2, 3).transpose(-1, -2), do_c.flatten(2, 3))
-        grads = (g.to(dtype) for g, dtype in zip((dq.view(b, h, t, d), dk, dv), ctx.input_dtypes))
-        return *grads, None, None, None, None
-
-
-def compressed_chunks(start: int, t: int, block: int, n: int):
-    """(first query, end query, blocks the chunk's last query sees) per chunk with any complete block."""
-    for a in range(0, t, CMP_CHUNK):
-        z = min(t, a + CMP_CHUNK)
-        m = min(n, (start + z) // block)
-        if m:
-            yield a, z, m
+    Returns o (B, H, T, d_v) and p summed over each KV group's heads (B, G, T, n) in fp32, for the
+    block selection (no gradient; (B, G, 0, n) without `with_probs`). The plain form holds p whole;
+    kernels/nsa.py computes the same over chunks of queries and recomputes p in backward."""
+    b, h, t, d = q.shape
+    g, n = k_blocks.shape[1], k_blocks.shape[2]
+    p = block_probs(q.reshape(b, g, h // g, t, d), k_blocks, start, block, scale)
+    out = torch.matmul(p.to(v_blocks.dtype).flatten(2, 3), v_blocks).view(b, h, t, -1)
+    probs = p.detach().sum(2).float() if with_probs else p.new_zeros(b, g, 0, n, dtype=torch.float32)
+    return out, probs

@@ -6,7 +6,9 @@ Router (model/moe/router.py): TopK and the weights w from the affinities s of x 
 (softmax, sigmoid with a balancing bias b used only for the choice, or V4's sqrt-softplus / hash table).
 
 Auxiliary-loss-free balancing (V3): after each optimizer step, b_e += gamma * sign(mean_load - load_e),
-so an overloaded expert gets chosen less. b is a buffer, never trained by the optimizer.
+so an overloaded expert gets chosen less. b is a buffer, never trained by the optimizer. The load is
+what the training forward returned (a training forward appends each layer's (E,) token counts to its
+`SideOutputs`); the trainer sums it over micro-batches and ranks and calls `update_balance_bias`.
 Optional sequence-wise balance loss: alpha * sum_e f_e P_e with f_e = E/(K T) * #tokens of the
 sequence routed to e and P_e = mean_t s'_{e,t} (s' = scores normalized per token).
 
@@ -33,6 +35,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.ffn import SwiGLU
 from nanoseek.model.moe.experts import RoutedExperts
 from nanoseek.model.moe.router import Router
+from nanoseek.model.side_outputs import SideOutputs
 
 
 PER_PAIR_MAX_COMPILED = 64  # compiled decode steps gather per-pair weights up to this many pairs
@@ -58,8 +61,6 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(config.n_routed_experts, d, config.moe_intermediate_size, limit)
         shared = config.moe_intermediate_size * config.n_shared_experts
         self.shared_experts = SwiGLU(d, shared, limit=limit) if shared else None
-        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
-        self.aux_loss: torch.Tensor | None = None
         # expert parallelism (parallel/expert.py) installs here a function (x_MD sorted by expert,
         # counts_E) -> y_MD that runs the routed experts on the ranks that hold them
         self.remote_experts = None
@@ -74,8 +75,10 @@ class MoE(nn.Module):
         per_expert = self.experts.gate_up_proj[0].numel() + self.experts.down_proj[0].numel()
         return (self.n_experts - self.top_k) * per_expert
 
-    def forward(self, x_BTD: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D); `token_ids` (B, T): the tokens of x, which hash routing needs."""
+    def forward(self, x_BTD: torch.Tensor, token_ids: torch.Tensor | None = None,
+                side: SideOutputs | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); `token_ids` (B, T): the tokens of x, which hash routing needs.
+        `side` (given in training): gets this layer's load (E,) and, with aux_loss_alpha, its balance loss."""
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(-1, d)
         idx_NK, w_NK, scores_NE = self.gate(x_ND, token_ids)
@@ -103,9 +106,10 @@ class MoE(nn.Module):
             out_ND = torch.bmm(w_NK[:, None, :].to(y_NKD.dtype), y_NKD)[:, 0]
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND)
-        if self.training:
-            self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
-            self.aux_loss = self.sequence_balance_loss(scores_NE, idx_NK, b, t) if self.aux_alpha else None
+        if side is not None:
+            side.expert_loads.append(counts_E.detach())
+            if self.aux_alpha:
+                side.balance_losses.append(self.sequence_balance_loss(scores_NE, idx_NK, b, t))
         return out_ND.view(b, t, d).to(x_BTD.dtype)
 
     def sequence_balance_loss(self, scores_NE, idx_NK, b: int, t: int) -> torch.Tensor:
@@ -118,15 +122,14 @@ class MoE(nn.Module):
         return self.aux_alpha * (f_BE * s_BTE.mean(1)).sum(-1).mean()
 
     @torch.no_grad()
-    def update_balance_bias(self, update: bool = True) -> dict:
-        """b_e += gamma * sign(mean load - load_e); returns load statistics of the last step."""
-        load = self.tokens_per_expert
+    def update_balance_bias(self, load_E: torch.Tensor, update: bool = True) -> dict:
+        """b_e += gamma * sign(mean load - load_e) from the token counts load_E (E,) of a step; returns
+        their statistics ({} when no token was routed). `update=False` only reads the load."""
+        load = load_E.float()
         total = load.sum()
-        stats = {}
-        if total > 0:
-            mean = load.mean()
-            stats = {"max_over_mean": (load.max() / mean).item(), "load": (load / total).tolist()}
-            if self.balance_bias and self.gamma and update:
-                self.gate.e_score_correction_bias += self.gamma * torch.sign(mean - load)
-        self.tokens_per_expert.zero_()
-        return stats
+        if not total > 0:
+            return {}
+        mean = load.mean()
+        if self.balance_bias and self.gamma and update:
+            self.gate.e_score_correction_bias += self.gamma * torch.sign(mean - load)
+        return {"max_over_mean": (load.max() / mean).item(), "load": (load / total).tolist()}

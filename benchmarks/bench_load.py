@@ -35,11 +35,27 @@ hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 print(json.dumps({"impl": impl, "seconds": seconds, "peak_rss_kib": hwm, "logit0": float(logits[0, -1, 0])}))
 """
 
-CONFIG = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, q_lora_rank=384,
-              kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=2816,
-              moe_intermediate_size=512, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2,
-              first_k_dense_replace=1, n_group=1, topk_group=1, num_nextn_predict_layers=0,
-              max_position_embeddings=4096)
+CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    q_lora_rank=384,
+    kv_lora_rank=256,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    intermediate_size=2816,
+    moe_intermediate_size=512,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=4096,
+)
 
 
 def write_checkpoint(folder: Path) -> int:
@@ -57,8 +73,7 @@ def write_checkpoint(folder: Path) -> int:
 
 def baseline_rss_kib() -> int:
     """Peak RSS of a child that only imports torch (the floor every loader pays)."""
-    code = ("import torch; print(next(int(l.split()[1]) for l in open('/proc/self/status') "
-            "if l.startswith('VmHWM:')))")
+    code = "import torch; print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -79,19 +94,32 @@ def main():
     results: dict[str, list[dict]] = {"nanoseek": [], "hf": []}
     for _ in range(args.rounds):
         for impl in ("nanoseek", "hf"):
-            out = subprocess.run([sys.executable, "-c", CHILD, impl, str(folder)], capture_output=True, text=True,
-                                 env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, impl, str(folder)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+            )
             if out.returncode:
                 raise SystemExit(out.stderr[-2000:])
             results[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
     for impl, runs in results.items():
         best = min(runs, key=lambda r: r["seconds"])
         peak = max(r["peak_rss_kib"] for r in runs) * 1024
-        print(json.dumps({"bench": "load", "impl": impl, "checkpoint_mib": round(size / 2**20, 1),
-                          "seconds": round(best["seconds"], 2), "peak_rss_mib": round(peak / 2**20, 1),
-                          "peak_rss_over_size": round(peak / size, 3),
-                          "peak_rss_minus_torch_import_over_size": round((peak - floor * 1024) / size, 3),
-                          "logit0": round(best["logit0"], 5)}))
+        print(
+            json.dumps(
+                {
+                    "bench": "load",
+                    "impl": impl,
+                    "checkpoint_mib": round(size / 2**20, 1),
+                    "seconds": round(best["seconds"], 2),
+                    "peak_rss_mib": round(peak / 2**20, 1),
+                    "peak_rss_over_size": round(peak / size, 3),
+                    "peak_rss_minus_torch_import_over_size": round((peak - floor * 1024) / size, 3),
+                    "logit0": round(best["logit0"], 5),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

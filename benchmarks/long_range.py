@@ -61,9 +61,21 @@ def make_batch(batch: int, n: int, g: torch.Generator):
 
 
 def config(kind: str, n: int) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=256, max_position_embeddings=2 * n, ffn="swiglu", attention="mla",
-                q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=2 * n,
+        ffn="swiglu",
+        attention="mla",
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+    )
     if kind == "sliding":
         base.update(sparse="sliding", sliding_window=32)
     if kind == "dsa":
@@ -73,9 +85,20 @@ def config(kind: str, n: int) -> ModelConfig:
     if kind == "nsa":
         base.update(sparse="nsa", nsa_block=32, nsa_topn=8, sliding_window=32)
     if kind in ("dense-v4", "csa", "hca"):
-        base.update(attention="v4", head_dim=64, qk_rope_head_dim=16, o_groups=2, o_lora_rank=64,
-                    sparse="dense" if kind == "dense-v4" else kind, sliding_window=32, compress_rate_csa=4,
-                    compress_rate_hca=128, index_topk=64, index_n_heads=4, index_head_dim=32)
+        base.update(
+            attention="v4",
+            head_dim=64,
+            qk_rope_head_dim=16,
+            o_groups=2,
+            o_lora_rank=64,
+            sparse="dense" if kind == "dense-v4" else kind,
+            sliding_window=32,
+            compress_rate_csa=4,
+            compress_rate_hca=128,
+            index_topk=64,
+            index_n_heads=4,
+            index_head_dim=32,
+        )
     return ModelConfig(**base)
 
 
@@ -123,9 +146,18 @@ def run(kind: str, steps: int, n: int, tokens: int, lr: float, warmup_fraction: 
         loss = out.loss.item()
     model.set_dsa_warmup(False)
     wall = time.perf_counter() - start
-    return {"bench": "long_range", "kind": kind, "seq": 2 * n, "accuracy": round(accuracy(model, n), 4),
-            "chance": round(1 / VALUES, 4), "steps": steps, "tokens_per_step": tokens, "seconds_per_step": round(wall / steps, 3),
-            "final_train_loss": round(loss, 4), "threads": torch.get_num_threads()}
+    return {
+        "bench": "long_range",
+        "kind": kind,
+        "seq": 2 * n,
+        "accuracy": round(accuracy(model, n), 4),
+        "chance": round(1 / VALUES, 4),
+        "steps": steps,
+        "tokens_per_step": tokens,
+        "seconds_per_step": round(wall / steps, 3),
+        "final_train_loss": round(loss, 4),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main():

@@ -32,9 +32,9 @@ def load_reference():
 
 
 def char_splits():
+    from nanoseek.data import BUNDLED_CORPUS
     from nanoseek.data.shards import TokenDataset, prepare_corpus
     from nanoseek.data.tokenizer import CharTokenizer
-    from nanoseek.data import BUNDLED_CORPUS
 
     tok = CharTokenizer.train([BUNDLED_CORPUS.read_text()])
     out = Path(tempfile.mkdtemp())
@@ -45,8 +45,8 @@ def char_splits():
 
 def batch(data, block, size, gen):
     ix = torch.randint(len(data) - block, (size,), generator=gen)
-    x = torch.stack([torch.from_numpy(data[i:i + block]) for i in ix.tolist()])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block]) for i in ix.tolist()])
+    x = torch.stack([torch.from_numpy(data[i : i + block]) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block]) for i in ix.tolist()])
     return x, y
 
 
@@ -88,10 +88,21 @@ def main():
         opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
     val_loss = estimate(model, val, 64, torch.Generator().manual_seed(0))
-    print(json.dumps({"bench": "nanogpt_recipe", "impl": "reference", "iters": args.iters, "seconds": round(seconds, 1),
-                      "tokens_per_s": round(args.iters * 12 * 64 / seconds), "val_loss": round(val_loss, 4),
-                      "val_bits_per_byte": round(val_loss / math.log(2), 4), "threads": args.threads,
-                      "torch": torch.__version__}))
+    print(
+        json.dumps(
+            {
+                "bench": "nanogpt_recipe",
+                "impl": "reference",
+                "iters": args.iters,
+                "seconds": round(seconds, 1),
+                "tokens_per_s": round(args.iters * 12 * 64 / seconds),
+                "val_loss": round(val_loss, 4),
+                "val_bits_per_byte": round(val_loss / math.log(2), 4),
+                "threads": args.threads,
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

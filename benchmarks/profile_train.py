@@ -37,11 +37,14 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device, where="--device")
-    cfg = ModelConfig.from_preset(args.preset).replace(vocab_size=bench.VOCAB_SIZE, max_position_embeddings=args.seq_len,
-                                                       num_nextn_predict_layers=0)
+    cfg = ModelConfig.from_preset(args.preset).replace(
+        vocab_size=bench.VOCAB_SIZE, max_position_embeddings=args.seq_len, num_nextn_predict_layers=0
+    )
     build = (bench._build_nanoseek if args.impl == "nanoseek" else bench._build_hf)(cfg, 1e-3, 1337, device)
-    batches = [(x.to(device), y.to(device)) for x, y in bench.make_batches(3 + args.steps, args.batch, args.seq_len,
-                                                                             "shakespeare", 1337)]
+    batches = [
+        (x.to(device), y.to(device))
+        for x, y in bench.make_batches(3 + args.steps, args.batch, args.seq_len, "shakespeare", 1337)
+    ]
     runner = bench.TrainRunner(args.impl, build, args.dtype, device)
     runner.model, runner.optimizer, runner.loss_fn = build()
     for _ in range(3):
@@ -55,11 +58,26 @@ def main() -> None:
     events = prof.key_averages()
     syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     copies = sum(e.count for e in events if e.key in ("cudaMemcpyAsync", "cudaMemcpy"))
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
-                                                        "cuLaunchKernelEx"))
-    print(json.dumps({"bench": "profile_train", "impl": args.impl, "preset": args.preset, "dtype": args.dtype,
-                      "device": str(device), "steps": args.steps, "kernel_launches_per_step": launches / args.steps,
-                      "stream_syncs_per_step": syncs / args.steps, "memcpy_calls_per_step": copies / args.steps}))
+    launches = sum(
+        e.count
+        for e in events
+        if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "profile_train",
+                "impl": args.impl,
+                "preset": args.preset,
+                "dtype": args.dtype,
+                "device": str(device),
+                "steps": args.steps,
+                "kernel_launches_per_step": launches / args.steps,
+                "stream_syncs_per_step": syncs / args.steps,
+                "memcpy_calls_per_step": copies / args.steps,
+            }
+        )
+    )
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
     if device.type == "cuda":
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))

@@ -24,8 +24,17 @@ def main():
     args = parser.parse_args()
     rows = []
     for batch, seq in SHAPES:
-        for r in bench_train(args.preset, ("nanoseek", "hf"), seq_len=seq, batch=batch, steps=args.steps, warmup=2,
-                             rounds=3, threads=2, peak_seconds=0.5):
+        for r in bench_train(
+            args.preset,
+            ("nanoseek", "hf"),
+            seq_len=seq,
+            batch=batch,
+            steps=args.steps,
+            warmup=2,
+            rounds=3,
+            threads=2,
+            peak_seconds=0.5,
+        ):
             print(json.dumps(r), flush=True)
             rows.append(r)
     import matplotlib

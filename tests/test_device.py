@@ -9,9 +9,8 @@ import torch
 import nanoseek.bench.train as bench
 from nanoseek.cli import main as cli_main
 from nanoseek.config import build_train_config
-from nanoseek.device import DevicePeak, autocast, peak_memory, resolve_device, synchronize
+from nanoseek.device import DevicePeak, autocast, compute_dtype, peak_memory, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
-from nanoseek.device import compute_dtype
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 
@@ -38,9 +37,14 @@ def test_auto_is_the_cpu_without_cuda_and_cuda_is_refused():
 
 
 @no_cuda
-@pytest.mark.parametrize("argv", [["sample", "CKPT", "--device", "cuda"],
-                                  ["bench", "train", "--preset", "gpt2-tiny", "--device", "cuda"],
-                                  ["bench", "decode", "--preset", "llama-tiny", "--device", "cuda:1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "CKPT", "--device", "cuda"],
+        ["bench", "train", "--preset", "gpt2-tiny", "--device", "cuda"],
+        ["bench", "decode", "--preset", "llama-tiny", "--device", "cuda:1"],
+    ],
+)
 def test_cli_refuses_a_gpu_it_does_not_have(argv, capsys, tmp_path):
     argv = [str(tmp_path) if a == "CKPT" else a for a in argv]
     assert cli_main(argv) == 2
@@ -63,8 +67,18 @@ def test_cpu_helpers():
 
 
 def test_bench_train_records_its_device():
-    rows = bench.bench_train("gpt2-tiny", ("nanoseek",), seq_len=8, batch=2, steps=1, warmup=0, rounds=1,
-                             threads=1, peak_seconds=0.05, device="cpu")
+    rows = bench.bench_train(
+        "gpt2-tiny",
+        ("nanoseek",),
+        seq_len=8,
+        batch=2,
+        steps=1,
+        warmup=0,
+        rounds=1,
+        threads=1,
+        peak_seconds=0.05,
+        device="cpu",
+    )
     assert rows[0]["device"] == "cpu" and rows[0]["peak_device_mib"] is None
     assert rows[0]["tokens_per_s"] > 0
 

@@ -23,11 +23,12 @@ from nanoseek.generation.loop import decode_step, generate, prefill
 from nanoseek.train import loop
 
 DEVICE = os.environ.get("NANOSEEK_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                                reason="no CUDA GPU (set NANOSEEK_TEST_DEVICE=cpu to run these checks on the CPU)")
+pytestmark = pytest.mark.skipif(
+    DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+    reason="no CUDA GPU (set NANOSEEK_TEST_DEVICE=cpu to run these checks on the CPU)",
+)
 PRESETS = ["gpt2-tiny", "llama-tiny", "deepseek-v3-tiny", "deepseek-v32-tiny", "deepseek-v4-tiny"]
 from nanoseek.data import BUNDLED_CORPUS as CORPUS  # noqa: E402
-
 
 NSA_TINY = dict(sparse="nsa", nsa_block=4, nsa_topn=4, sliding_window=4)  # "llama-tiny-nsa"
 
@@ -84,7 +85,7 @@ def test_cached_decode_equals_full_recompute(preset):
         cache = model.make_cache(2, 16)
         steps = [prefill(model, ids[:, :8], cache)]
         for pos in range(8, 11):
-            steps.append(decode_step(model, ids[:, pos:pos + 1], cache, pos))
+            steps.append(decode_step(model, ids[:, pos : pos + 1], cache, pos))
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 7:11], atol=2e-4, rtol=1e-3)
 
 
@@ -95,7 +96,7 @@ def test_dsa_greedy_decode_equals_full_recompute():
     prompt = tokens(1, 9, model.config.vocab_size)[0].to(DEVICE)
     new = generate(model, prompt, max_new_tokens=12, temperature=0)
     with torch.inference_mode():
-        logits = model(torch.cat([prompt, new])[None]).logits[0, len(prompt) - 1:-1]
+        logits = model(torch.cat([prompt, new])[None]).logits[0, len(prompt) - 1 : -1]
     assert torch.equal(logits.argmax(-1), new)
 
 
@@ -117,8 +118,10 @@ def test_compiled_decode_equals_eager(preset):
     held = []
     for _ in range(2):
         graph = decoder.graph.graph if on_cuda else None
-        assert torch.equal(generate(model, other, max_new_tokens=7, temperature=0, compile=True),
-                           generate(model, other, max_new_tokens=7, temperature=0))
+        assert torch.equal(
+            generate(model, other, max_new_tokens=7, temperature=0, compile=True),
+            generate(model, other, max_new_tokens=7, temperature=0),
+        )
         if on_cuda:
             assert decoder.graph.graph is not graph and decoder.graph.usable
         held += [p.data for p in model.parameters()]
@@ -126,10 +129,25 @@ def test_compiled_decode_equals_eager(preset):
 
 
 def run_config(corpus: Path, out: Path):
-    return build_train_config(preset="deepseek-v3-tiny", overrides={
-        "data.path": [str(corpus)], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 6,
-        "train.device": DEVICE, "eval.every": 0, "eval.batches": 2, "eval.batch_size": 4, "checkpoint.every": 3,
-        "log.every": 1, "log.progress": False, "log.plot": False, "schedule.warmup_steps": 2, "out": str(out)})
+    return build_train_config(
+        preset="deepseek-v3-tiny",
+        overrides={
+            "data.path": [str(corpus)],
+            "data.seq_len": 32,
+            "train.batch_size": 4,
+            "train.max_steps": 6,
+            "train.device": DEVICE,
+            "eval.every": 0,
+            "eval.batches": 2,
+            "eval.batch_size": 4,
+            "checkpoint.every": 3,
+            "log.every": 1,
+            "log.progress": False,
+            "log.plot": False,
+            "schedule.warmup_steps": 2,
+            "out": str(out),
+        },
+    )
 
 
 def test_train_checkpoint_and_resume_on_the_device(tmp_path):
@@ -149,8 +167,18 @@ def test_train_checkpoint_and_resume_on_the_device(tmp_path):
 
 
 def test_bench_train_measures_device_memory():
-    rows = bench.bench_train("gpt2-tiny", ("nanoseek",), seq_len=16, batch=2, steps=2, warmup=1, rounds=1,
-                             threads=1, peak_seconds=0.1, device=DEVICE)
+    rows = bench.bench_train(
+        "gpt2-tiny",
+        ("nanoseek",),
+        seq_len=16,
+        batch=2,
+        steps=2,
+        warmup=1,
+        rounds=1,
+        threads=1,
+        peak_seconds=0.1,
+        device=DEVICE,
+    )
     assert rows[0]["device"].startswith(torch.device(DEVICE).type) and rows[0]["tokens_per_s"] > 0
     if torch.device(DEVICE).type == "cuda":
         assert rows[0]["peak_device_mib"] > 0 and rows[0]["gpu"]
@@ -167,8 +195,9 @@ def test_sparse_attention_kinds_equal_the_cpus(kind):
 
     parser = argparse.ArgumentParser()
     ba.add_attention_args(parser)
-    args = parser.parse_args(["--heads", "4", "--head-dim", "32", "--window", "48", "--nsa-block", "16",
-                              "--nsa-topn", "4"])
+    args = parser.parse_args(
+        ["--heads", "4", "--head-dim", "32", "--window", "48", "--nsa-block", "16", "--nsa-topn", "4"]
+    )
     outs = []
     for device in ("cpu", DEVICE):
         torch.manual_seed(0)

@@ -35,8 +35,11 @@ def check_device_name(where: str, name: str) -> None:
 
 def add_device_arg(parser, default: str = "auto") -> None:
     """The `--device` option of a command (argparse)."""
-    parser.add_argument("--device", default=default,
-                        help=f"{DEVICE_CHOICES} (default {default}; auto: a CUDA GPU if torch sees one, else cpu)")
+    parser.add_argument(
+        "--device",
+        default=default,
+        help=f"{DEVICE_CHOICES} (default {default}; auto: a CUDA GPU if torch sees one, else cpu)",
+    )
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0, where: str = "device") -> torch.device:
@@ -50,16 +53,21 @@ def resolve_device(name: str = "auto", local_rank: int = 0, where: str = "device
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise NanoseekError(f"{where}={name!r} but this torch sees no CUDA GPU "
-                                f"(torch {torch.__version__}); use cpu or auto")
+            raise NanoseekError(
+                f"{where}={name!r} but this torch sees no CUDA GPU (torch {torch.__version__}); use cpu or auto"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise NanoseekError(f"{where}={name!r} but only {count} CUDA GPU(s) are visible: "
-                                f"choose cuda:0 ... cuda:{count - 1}, cuda, auto or cpu")
+            raise NanoseekError(
+                f"{where}={name!r} but only {count} CUDA GPU(s) are visible: "
+                f"choose cuda:0 ... cuda:{count - 1}, cuda, auto or cpu"
+            )
         index = device.index if device.index is not None else local_rank  # one GPU per local rank
         if index >= count:
-            raise NanoseekError(f"{where}={name!r} needs GPU {index} (local rank {local_rank}) but only {count} "
-                                f"CUDA GPU(s) are visible: start at most {count} processes per machine, or use cpu")
+            raise NanoseekError(
+                f"{where}={name!r} needs GPU {index} (local rank {local_rank}) but only {count} "
+                f"CUDA GPU(s) are visible: start at most {count} processes per machine, or use cpu"
+            )
         device = torch.device("cuda", index)
     return device
 

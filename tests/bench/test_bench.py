@@ -18,9 +18,17 @@ TINY = dict(seq_len=16, batch=2, steps=2, warmup=1, rounds=2, threads=1, peak_se
 
 def reference_for(cfg: ModelConfig):
     ref = bench.reference_gpt
-    return ref.GPT(ref.GPTConfig(block_size=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
-                                 n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
-                                 n_embd=cfg.hidden_size, dropout=0.0, bias=True))
+    return ref.GPT(
+        ref.GPTConfig(
+            block_size=cfg.max_position_embeddings,
+            vocab_size=cfg.vocab_size,
+            n_layer=cfg.num_hidden_layers,
+            n_head=cfg.num_attention_heads,
+            n_embd=cfg.hidden_size,
+            dropout=0.0,
+            bias=True,
+        )
+    )
 
 
 def test_heap_in_use_sees_a_live_tensor():
@@ -91,9 +99,31 @@ def test_reference_learns_a_repeated_batch():
 
 
 def test_run_bench_prints_json_lines(capsys):
-    code = run_bench(["train", "--preset", "gpt2-tiny", "--seq-len", "8", "--batch", "1",
-                            "--steps", "1", "--warmup", "0", "--rounds", "1", "--threads", "1",
-                            "--peers", "none", "--peak-seconds", "0.05", "--data", "random"])
+    code = run_bench(
+        [
+            "train",
+            "--preset",
+            "gpt2-tiny",
+            "--seq-len",
+            "8",
+            "--batch",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--threads",
+            "1",
+            "--peers",
+            "none",
+            "--peak-seconds",
+            "0.05",
+            "--data",
+            "random",
+        ]
+    )
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["impl"] for r in lines] == ["nanoseek"]
@@ -131,12 +161,29 @@ def run_lines(argv, capsys) -> list[dict]:
 @pytest.mark.hf
 def test_bench_prefill_and_decode_against_transformers(capsys):
     pytest.importorskip("transformers")
-    rows = run_lines(["prefill", "--preset", "deepseek-v3-tiny", "--rounds", "1", "--prompt-len", "16",
-                      "--threads", "1"], capsys)
+    rows = run_lines(
+        ["prefill", "--preset", "deepseek-v3-tiny", "--rounds", "1", "--prompt-len", "16", "--threads", "1"], capsys
+    )
     assert [r["impl"] for r in rows] == ["nanoseek", "hf", "ratio"]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in rows[:2])
-    rows = run_lines(["decode", "--preset", "deepseek-v3-tiny", "--rounds", "1", "--batch", "1,2", "--context", "8",
-                      "--new-tokens", "4", "--threads", "1"], capsys)
+    rows = run_lines(
+        [
+            "decode",
+            "--preset",
+            "deepseek-v3-tiny",
+            "--rounds",
+            "1",
+            "--batch",
+            "1,2",
+            "--context",
+            "8",
+            "--new-tokens",
+            "4",
+            "--threads",
+            "1",
+        ],
+        capsys,
+    )
     decode = [r for r in rows if r["impl"] != "ratio"]
     assert {(r["impl"], r["batch"]) for r in decode} == {("nanoseek", 1), ("hf", 1), ("nanoseek", 2), ("hf", 2)}
     assert all(r["tokens_per_s"] > 0 and r["bandwidth_fraction"] > 0 for r in decode)
@@ -144,8 +191,28 @@ def test_bench_prefill_and_decode_against_transformers(capsys):
 
 
 def test_bench_attention_smoke(capsys):
-    rows = run_lines(["attention", "--seq", "256", "--kinds", "dense,sliding,nsa,dsa", "--window", "64",
-                      "--topk", "32", "--repeats", "1", "--heads", "2", "--head-dim", "16", "--threads", "1"], capsys)
+    rows = run_lines(
+        [
+            "attention",
+            "--seq",
+            "256",
+            "--kinds",
+            "dense,sliding,nsa,dsa",
+            "--window",
+            "64",
+            "--topk",
+            "32",
+            "--repeats",
+            "1",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--threads",
+            "1",
+        ],
+        capsys,
+    )
     assert [r["kind"] for r in rows] == ["dense", "sliding", "nsa", "dsa"]
     assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
     assert all("forward_over_dense" in r for r in rows[1:])
@@ -167,9 +234,29 @@ def test_attention_script_prints_json_lines():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_attention.py"
-    done = subprocess.run([sys.executable, str(script), "--seq", "64", "--kinds", "dense,sliding", "--window", "16",
-                           "--repeats", "1", "--heads", "2", "--head-dim", "16", "--threads", "1"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--seq",
+            "64",
+            "--kinds",
+            "dense,sliding",
+            "--window",
+            "16",
+            "--repeats",
+            "1",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["kind"] for line in done.stdout.splitlines()] == ["dense", "sliding"]
 
@@ -177,8 +264,17 @@ def test_attention_script_prints_json_lines():
 @pytest.mark.hf
 def test_bench_train_against_transformers_same_weights_same_loss():
     pytest.importorskip("transformers")
-    results = bench.bench_train("deepseek-v3-tiny", ("nanoseek", "hf"), seq_len=16, batch=2, steps=2, warmup=1,
-                                rounds=1, threads=1, peak_seconds=0.1)
+    results = bench.bench_train(
+        "deepseek-v3-tiny",
+        ("nanoseek", "hf"),
+        seq_len=16,
+        batch=2,
+        steps=2,
+        warmup=1,
+        rounds=1,
+        threads=1,
+        peak_seconds=0.1,
+    )
     by_impl = {r["impl"]: r for r in results}
     assert set(by_impl) == {"nanoseek", "hf", "ratio"}
     # the same initial weights and batches: the two implementations train alike

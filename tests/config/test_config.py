@@ -3,8 +3,8 @@ import json
 import pytest
 
 from nanoseek.config import ModelConfig, TrainConfig, build_train_config
-from nanoseek.errors import NanoseekError
 from nanoseek.config.presets import PRESETS
+from nanoseek.errors import NanoseekError
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -28,18 +28,21 @@ def test_toml_file_then_overrides(tmp_path):
     assert cfg.optim.lr == 5e-4 and cfg.train.max_steps == 9
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"optim.lrr": 1.0}, "lrr"),
-    ({"model.hidden_sise": 64}, "hidden_sise"),
-    ({"optim.lr": "fast"}, "optim.lr"),
-    ({"train.max_steps": 1.5}, "train.max_steps"),
-    ({"model.num_attention_heads": 5}, "num_attention_heads=5"),
-    ({"model.norm": "batchnorm"}, "norm='batchnorm'"),
-    ({"model.position": "alibi"}, "position"),
-    ({"schedule.name": "exp"}, "schedule.name"),
-    ({"data.seq_len": 4096}, "data.seq_len"),
-    ({"model.tie_word_embeddings": "yes"}, "tie_word_embeddings"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"optim.lrr": 1.0}, "lrr"),
+        ({"model.hidden_sise": 64}, "hidden_sise"),
+        ({"optim.lr": "fast"}, "optim.lr"),
+        ({"train.max_steps": 1.5}, "train.max_steps"),
+        ({"model.num_attention_heads": 5}, "num_attention_heads=5"),
+        ({"model.norm": "batchnorm"}, "norm='batchnorm'"),
+        ({"model.position": "alibi"}, "position"),
+        ({"schedule.name": "exp"}, "schedule.name"),
+        ({"data.seq_len": 4096}, "data.seq_len"),
+        ({"model.tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+    ],
+)
 def test_bad_input_names_the_field(overrides, field):
     with pytest.raises(NanoseekError, match=field.replace("(", r"\(")):
         build_train_config(preset="gpt2-tiny", overrides=overrides)

@@ -16,11 +16,17 @@ from nanoseek.data.shards import (
     prepare_corpus,
     token_dtype,
 )
-from nanoseek.errors import NanoseekError
 from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.errors import NanoseekError
 
-LINES = ["First Citizen:", "Before we proceed any further, hear me speak.", "",
-         "秦川雄帝宅，函谷壯皇居。🙂🚀", "  indented line\twith tab", "All: Speak, speak."]
+LINES = [
+    "First Citizen:",
+    "Before we proceed any further, hear me speak.",
+    "",
+    "秦川雄帝宅，函谷壯皇居。🙂🚀",
+    "  indented line\twith tab",
+    "All: Speak, speak.",
+]
 CORPUS_BYTES = ("\n".join(LINES * 40) + "\n").encode() + b"\xff\xfe raw \xe4\xb8 bytes\n"
 
 
@@ -189,8 +195,7 @@ def test_loader_is_deterministic_and_seed_dependent():
     first, second = (BatchLoader(TOKENS, 4, 8, seed=1) for _ in range(2))
     for _ in range(3):
         assert torch.equal(first.next()[0], second.next()[0])
-    assert not torch.equal(BatchLoader(TOKENS, 4, 8, seed=2).next()[0],
-                           BatchLoader(TOKENS, 4, 8, seed=1).next()[0])
+    assert not torch.equal(BatchLoader(TOKENS, 4, 8, seed=2).next()[0], BatchLoader(TOKENS, 4, 8, seed=1).next()[0])
 
 
 def test_loader_state_restores_exact_batches():
@@ -209,8 +214,7 @@ def test_loader_state_restores_exact_batches():
 
 def test_ranks_split_the_global_batch():
     single = BatchLoader(TOKENS, batch_size=6, block_size=8, seed=5)
-    ranks = [BatchLoader(TOKENS, batch_size=3, block_size=8, seed=5, rank=r, world_size=2)
-             for r in range(2)]
+    ranks = [BatchLoader(TOKENS, batch_size=3, block_size=8, seed=5, rank=r, world_size=2) for r in range(2)]
     for _ in range(2):
         x, _ = single.next()
         assert torch.equal(torch.cat([loader.next()[0] for loader in ranks]), x)

@@ -11,7 +11,6 @@ import pytest
 
 import nanoseek.data.tokenizer as tokenizer_module
 from nanoseek.data import BUNDLED_CORPUS
-from nanoseek.errors import NanoseekError
 from nanoseek.data.tokenizer import (
     BPETokenizer,
     CharTokenizer,
@@ -21,10 +20,13 @@ from nanoseek.data.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
+from nanoseek.errors import NanoseekError
 
-ENGLISH = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-           "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than "
-           "to famish?\n")
+ENGLISH = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than "
+    "to famish?\n"
+)
 CHINESE = "帝京篇十首 一\n太宗皇帝\n秦川雄帝宅，函谷壯皇居。\n綺殿千尋起，離宮百雉餘。\n"
 SAMPLES = [
     "",
@@ -34,8 +36,7 @@ SAMPLES = [
     "🙂🚀 mixed 中文 and ASCII\r\n\ttabs  and   spaces\n\n",
     "\x00\x01 control \x7f bytes",
 ]
-INVALID_BYTES = [b"\xff\xfe abc \xe4\xb8", b"\x80", b"\xed\xa0\x80 surrogate", b"ok\xc3",
-                 "秦🙂".encode()[:-1]]
+INVALID_BYTES = [b"\xff\xfe abc \xe4\xb8", b"\x80", b"\xed\xa0\x80 surrogate", b"ok\xc3", "秦🙂".encode()[:-1]]
 SHAKESPEARE = BUNDLED_CORPUS
 
 
@@ -141,7 +142,7 @@ def test_stream_decoder_emits_only_whole_characters(tokenizer):
 
 def test_stream_decoder_flush_replaces_incomplete_tail(tokenizer):
     decoder = StreamDecoder(tokenizer)
-    emitted = "".join(decoder.push(i) for i in tokenizer.encode("a".encode() + "秦".encode()[:2]))
+    emitted = "".join(decoder.push(i) for i in tokenizer.encode(b"a" + "秦".encode()[:2]))
     assert emitted == "a" and decoder.flush() == "\ufffd"
 
 
@@ -182,9 +183,11 @@ def test_char_saved_json_format(char_tokenizer, tmp_path):
     content = json.loads(char_tokenizer.save(tmp_path / "t.json").read_text(encoding="utf-8"))
     assert content["type"] == "nanoseek-char" and content["version"] == 1
     assert content["chars"] == char_tokenizer.chars
-    assert content["special_tokens"] == {"<|bos|>": char_tokenizer.bos_id,
-                                         "<|eos|>": char_tokenizer.eos_id,
-                                         "<|pad|>": char_tokenizer.pad_id}
+    assert content["special_tokens"] == {
+        "<|bos|>": char_tokenizer.bos_id,
+        "<|eos|>": char_tokenizer.eos_id,
+        "<|pad|>": char_tokenizer.pad_id,
+    }
 
 
 def test_char_tiny_shakespeare_has_65_chars_and_encodes_fast():
@@ -210,8 +213,7 @@ def test_bpe_file_is_a_standard_hf_tokenizer(bpe_tokenizer, tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer.from_file(str(bpe_tokenizer.save(tmp_path)))
-    assert hf.encode(ENGLISH + CHINESE, add_special_tokens=False).ids \
-        == bpe_tokenizer.encode(ENGLISH + CHINESE)
+    assert hf.encode(ENGLISH + CHINESE, add_special_tokens=False).ids == bpe_tokenizer.encode(ENGLISH + CHINESE)
 
 
 def test_bpe_long_text_parallel_path_matches_whole_encode(bpe_tokenizer):
@@ -237,8 +239,11 @@ def _save_foreign_tokenizer(path: Path, corpus_file: Path) -> Path:
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=300,
+        special_tokens=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     hf.train([str(corpus_file)], trainer)
     hf.add_tokens(["<think>"])
     hf.save(str(path))

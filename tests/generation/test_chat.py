@@ -14,10 +14,13 @@ def test_plain_transcript_without_a_template():
 
 def test_checkpoint_template_is_rendered(tmp_path):
     pytest.importorskip("jinja2")
-    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": template, "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, "bos_token": {"content": "<s>"}, "eos_token": "</s>"})
+    )
     info = load_chat_template(tmp_path)
     assert render_chat(MESSAGES, info) == "<s><|system|>Be brief.<|user|>Hi<|assistant|>"
 
@@ -43,8 +46,12 @@ def count_chars(text: str) -> int:
 def test_trim_history_drops_the_oldest_exchange_and_keeps_the_system_message():
     from nanoseek.generation.chat import trim_history
 
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "u1" * 10},
-                {"role": "assistant", "content": "a1" * 10}, {"role": "user", "content": "u2"}]
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "u1" * 10},
+        {"role": "assistant", "content": "a1" * 10},
+        {"role": "user", "content": "u2"},
+    ]
     full = render_chat(messages)
     prompt, room = trim_history(messages, render_chat, count_chars, max_new_tokens=10, context=len(full) + 9)
     assert [m["content"] for m in messages] == ["S", "u2"]  # one exchange dropped, roles still alternate
@@ -54,8 +61,11 @@ def test_trim_history_drops_the_oldest_exchange_and_keeps_the_system_message():
 def test_trim_history_keeps_everything_that_fits_and_reports_no_room_for_a_long_message():
     from nanoseek.generation.chat import trim_history
 
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                {"role": "user", "content": "again"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "again"},
+    ]
     prompt, room = trim_history(messages, render_chat, count_chars, max_new_tokens=4, context=200)
     assert len(messages) == 3 and room == 200 - len(prompt)
     long = [{"role": "user", "content": "x" * 50}]

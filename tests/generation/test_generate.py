@@ -84,7 +84,7 @@ def argmax_by_recompute(model: Transformer, prompt: torch.Tensor, n: int) -> tor
         for _ in range(n):
             next_id = model(seq).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, next_id], dim=1)
-    return seq[:, prompt.shape[1]:]
+    return seq[:, prompt.shape[1] :]
 
 
 # ---------------------------------------------------------------------------- cache correctness
@@ -100,7 +100,7 @@ def test_cached_logits_equal_full_recompute(preset):
         cache = model.make_cache(2, seq.shape[1])
         step_logits = [prefill(model, seq[:, :prompt_len], cache)]
         for pos in range(prompt_len, seq.shape[1] - 1):
-            step_logits.append(decode_step(model, seq[:, pos:pos + 1], cache, pos))
+            step_logits.append(decode_step(model, seq[:, pos : pos + 1], cache, pos))
     assert len(step_logits) == 6  # prefill + 5 decode steps
     for i, logits in enumerate(step_logits):
         assert logits.shape == (2, model.config.vocab_size)
@@ -186,8 +186,9 @@ def test_sample_next_batched_respects_top_k():
     assert set(picks.flatten().tolist()) == {2, 7}
 
 
-@pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0),
-                                     dict(top_p=1.5), dict(repetition_penalty=0.0)])
+@pytest.mark.parametrize(
+    "options", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=0.0)]
+)
 def test_bad_sampling_options_raise(options):
     with pytest.raises(NanoseekError):
         generate(tiny_model(), [1, 2], max_new_tokens=2, **options)
@@ -242,8 +243,7 @@ def test_stop_ids_end_generation():
 
 
 def stream(text: str, max_new_tokens: int = 64, **options) -> tuple[list[str], TextStream]:
-    s = TextStream(scripted(text), ByteTokenizer(), "hi", max_new_tokens=max_new_tokens,
-                   temperature=0, **options)
+    s = TextStream(scripted(text), ByteTokenizer(), "hi", max_new_tokens=max_new_tokens, temperature=0, **options)
     return list(s), s
 
 
@@ -398,8 +398,9 @@ def test_compiled_nsa_decode_is_one_graph_for_every_position():
     """NSA's per-row-position decode step has no host reads: one graph, called directly, the same
     tokens as eager decoding (with top-k block picks past the first blocks)."""
     torch.manual_seed(0)
-    config = ModelConfig.from_preset("llama-tiny", max_position_embeddings=64, sparse="nsa", nsa_block=4,
-                                     nsa_topn=4, sliding_window=4)
+    config = ModelConfig.from_preset(
+        "llama-tiny", max_position_embeddings=64, sparse="nsa", nsa_block=4, nsa_topn=4, sliding_window=4
+    )
     model = Transformer(config).eval()
     prompt = torch.randint(0, 128, (1, 9))
     compiled = generate(model, prompt, max_new_tokens=16, temperature=0, compile=True)

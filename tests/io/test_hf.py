@@ -11,26 +11,66 @@ from nanoseek.errors import NanoseekError
 transformers = pytest.importorskip("transformers", reason="needs the optional extra: pip install -e '.[hf]'")
 pytestmark = pytest.mark.hf
 
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
-        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
-MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=32,
-           n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+)
+MLA = dict(
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+)
 
 CASES = {
-    "v3_group_limited_yarn": ("DeepseekV3Config", dict(TINY, **MLA, q_lora_rank=24, n_group=2, topk_group=1,
-                                                      routed_scaling_factor=2.5, rope_scaling=YARN)),
+    "v3_group_limited_yarn": (
+        "DeepseekV3Config",
+        dict(TINY, **MLA, q_lora_rank=24, n_group=2, topk_group=1, routed_scaling_factor=2.5, rope_scaling=YARN),
+    ),
     "v3_no_q_lora": ("DeepseekV3Config", dict(TINY, **MLA, q_lora_rank=None, n_group=1, topk_group=1)),
-    "v2_greedy": ("DeepseekV2Config", dict(TINY, **MLA, q_lora_rank=None, topk_method="greedy", n_group=1,
-                                           topk_group=1)),
-    "v2_group_limited": ("DeepseekV2Config", dict(TINY, **{**MLA, "n_routed_experts": 8}, q_lora_rank=24,
-                                                  topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                                                  routed_scaling_factor=16.0)),
+    "v2_greedy": (
+        "DeepseekV2Config",
+        dict(TINY, **MLA, q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1),
+    ),
+    "v2_group_limited": (
+        "DeepseekV2Config",
+        dict(
+            TINY,
+            **{**MLA, "n_routed_experts": 8},
+            q_lora_rank=24,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=16.0,
+        ),
+    ),
     "llama_gqa": ("LlamaConfig", dict(TINY, num_key_value_heads=2)),
     # V3.2: 24-token inputs, each query keeps its top 6 keys by the lightning indexer
-    "v32_dsa": ("DeepseekV32Config", dict(TINY, **MLA, q_lora_rank=24, n_group=2, topk_group=1, index_topk=6,
-                                          index_n_heads=4, index_head_dim=16)),
+    "v32_dsa": (
+        "DeepseekV32Config",
+        dict(TINY, **MLA, q_lora_rank=24, n_group=2, topk_group=1, index_topk=6, index_n_heads=4, index_head_dim=16),
+    ),
 }
 
 
@@ -96,7 +136,7 @@ def test_bf16_load_matches_transformers_in_bf16(saved):
     if model.config.model_type == "deepseek_v32":
         # bf16 rounding moves near-tied indexer scores across the top-k cut, which changes the
         # selected keys (a discontinuity, not an error); before index_topk every key is selected
-        a, b = a[:, :model.config.index_topk], b[:, :model.config.index_topk]
+        a, b = a[:, : model.config.index_topk], b[:, : model.config.index_topk]
     scale = b.abs().max().item()
     assert (a - b).abs().max().item() <= 0.02 * scale  # bf16: 8 mantissa bits
 
@@ -140,8 +180,9 @@ def test_mhc_equals_transformers_deepseek_v4_hyper_connection():
 
     from nanoseek.model.fusion import ManifoldHyperConnection, StreamHead
 
-    hf_cfg = transformers.DeepseekV4Config(hidden_size=32, hc_mult=3, hc_sinkhorn_iters=20, hc_eps=1e-6,
-                                           rms_norm_eps=1e-6)
+    hf_cfg = transformers.DeepseekV4Config(
+        hidden_size=32, hc_mult=3, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6
+    )
     ours_cfg = ModelConfig.from_preset("deepseek-v3-tiny", hidden_size=32, fusion="mhc", hc_mult=3)
     torch.manual_seed(0)
     hf_hc, ours_hc = v4.DeepseekV4HyperConnection(hf_cfg), ManifoldHyperConnection(ours_cfg)
@@ -161,15 +202,32 @@ def test_mhc_equals_transformers_deepseek_v4_hyper_connection():
     torch.testing.assert_close(ours_head(streams), hf_head(streams), atol=1e-6, rtol=1e-6)
 
 
-V4_TINY = dict(vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-               head_dim=32, partial_rotary_factor=0.25, q_lora_rank=24, o_groups=2, o_lora_rank=16,
-               index_n_heads=8, index_head_dim=16, index_topk=4, sliding_window=8, hc_mult=2,
-               layer_types=["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"],
-               compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
-               mlp_layer_types=["hash_moe", "moe", "moe"], n_routed_experts=4, num_experts_per_tok=2,
-               n_shared_experts=1, max_position_embeddings=256, initializer_range=0.1,
-               rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
-                                 beta_fast=32, beta_slow=1))
+V4_TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    head_dim=32,
+    partial_rotary_factor=0.25,
+    q_lora_rank=24,
+    o_groups=2,
+    o_lora_rank=16,
+    index_n_heads=8,
+    index_head_dim=16,
+    index_topk=4,
+    sliding_window=8,
+    hc_mult=2,
+    layer_types=["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"],
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    mlp_layer_types=["hash_moe", "moe", "moe"],
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1),
+)
 
 
 def v4_hf_model():
@@ -214,6 +272,7 @@ def test_deepseek_v4_to_transformers(tmp_path):
     reference = v4_hf_model()
     reference.save_pretrained(tmp_path / "hf")
     from safetensors import safe_open
+
     names = {k.split(".", 3)[-1] for k in safe_open(str(tmp_path / "model.safetensors"), "pt").keys()}
     hf_names = {k.split(".", 3)[-1] for k in safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt").keys()}
     assert names <= hf_names  # the names transformers itself writes

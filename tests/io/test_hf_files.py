@@ -61,10 +61,13 @@ def test_dequantize_uses_128_blocks():
     assert out[0, 0] == 1 and out[127, 127] == 1 and out[128, 0] == 4 and out[199, 299] == 6
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda cfg: {**cfg, "model_type": "gpt_neox"}, "unknown model_type"),
-    (lambda cfg: {**cfg, "model_type": "deepseek_v4", "layer_types": ["full_attention"] * 2}, "layer_types"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda cfg: {**cfg, "model_type": "gpt_neox"}, "unknown model_type"),
+        (lambda cfg: {**cfg, "model_type": "deepseek_v4", "layer_types": ["full_attention"] * 2}, "layer_types"),
+    ],
+)
 def test_bad_config_names_the_problem(tmp_path, change, message):
     save_hf(tiny(), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -91,11 +94,11 @@ def test_header_with_impossible_offsets_is_refused(tmp_path, capsys):
     path = tmp_path / "model.safetensors"
     raw = bytearray(path.read_bytes())
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     first = next(k for k in header if k != "__metadata__")
-    header[first]["data_offsets"] = [0, 10 ** 12]
+    header[first]["data_offsets"] = [0, 10**12]
     blob = json.dumps(header).encode().ljust(n)
-    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
     with pytest.raises(NanoseekError, match="model.safetensors"):
         load_model(tmp_path)
     assert cli_main(["info", str(tmp_path)]) == 2

@@ -66,7 +66,9 @@ def test_swiglu_down_dense_passes_gradcheck_and_keeps_no_hidden(bias, monkeypatc
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
     assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a), (gate_up, w, b))
     scale = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: swiglu_down(*a[:3], row_scale=a[3]), (gate_up.flatten(0, 1), w, b, scale))
+    assert torch.autograd.gradcheck(
+        lambda *a: swiglu_down(*a[:3], row_scale=a[3]), (gate_up.flatten(0, 1), w, b, scale)
+    )
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         y = swiglu_down(gate_up, w, b)
@@ -116,7 +118,8 @@ def test_swiglu_mlp_function_passes_gradcheck_in_row_chunks_and_keeps_no_hidden(
 
 
 def test_swiglu_ffn_under_bf16_autocast_matches_the_unfused_products():
-    from nanoseek.kernels.swiglu import FusedSwiGLU as SwiGLU, swiglu
+    from nanoseek.kernels.swiglu import FusedSwiGLU as SwiGLU
+    from nanoseek.kernels.swiglu import swiglu
 
     torch.manual_seed(0)
     ffn = SwiGLU(16, 32)
@@ -318,8 +321,10 @@ def test_recomputed_norm_outputs_give_the_reference_gradients(dtype):
         got = linear(fast(x)).float().square().sum()
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got, want, **tol)
-    for a, b in zip(torch.autograd.grad(want, (x, ref.weight, linear.weight)),
-                    torch.autograd.grad(got, (x, fast.weight, linear.weight))):
+    for a, b in zip(
+        torch.autograd.grad(want, (x, ref.weight, linear.weight)),
+        torch.autograd.grad(got, (x, fast.weight, linear.weight)),
+    ):
         assert_near(b, a, dtype)
 
 
@@ -344,8 +349,9 @@ def test_fused_swiglu_equals_the_reference(dtype, bias, limit):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got, want, **tol)
     dy = torch.randn(want.shape).to(dtype)
-    for a, b in zip(torch.autograd.grad(want, [x, *ref.parameters()], dy),
-                    torch.autograd.grad(got, [x, *fast.parameters()], dy)):
+    for a, b in zip(
+        torch.autograd.grad(want, [x, *ref.parameters()], dy), torch.autograd.grad(got, [x, *fast.parameters()], dy)
+    ):
         assert_near(b, a, dtype)
 
 
@@ -356,8 +362,10 @@ def test_fused_swiglu_under_bf16_autocast_equals_the_reference():
         want, got = ref(x), fast(x)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, atol=0, rtol=0)
-    for a, b in zip(torch.autograd.grad(want.float().sum(), [x, *ref.parameters()]),
-                    torch.autograd.grad(got.float().sum(), [x, *fast.parameters()])):
+    for a, b in zip(
+        torch.autograd.grad(want.float().sum(), [x, *ref.parameters()]),
+        torch.autograd.grad(got.float().sum(), [x, *fast.parameters()]),
+    ):
         assert_near(b, a, torch.bfloat16)
 
 
@@ -388,7 +396,9 @@ def test_swiglu_down_dense_equals_the_reference(dtype):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got, want, **tol)
     dy = torch.randn(want.shape, generator=g).to(dtype)
-    for a, b_ in zip(torch.autograd.grad(want, (gate_up, w, b, s), dy), torch.autograd.grad(got, (gate_up, w, b, s), dy)):
+    for a, b_ in zip(
+        torch.autograd.grad(want, (gate_up, w, b, s), dy), torch.autograd.grad(got, (gate_up, w, b, s), dy)
+    ):
         assert_near(b_, a, dtype)
 
 
@@ -491,8 +501,14 @@ def test_model_with_kernels_equals_the_reference_model(preset, return_logits):
         out = model(ids, ids, return_logits=return_logits)
         loss = out.loss + sum(out.aux.values())
         losses.append(loss.detach())
-        grads.append(dict(zip([n for n, _ in model.named_parameters()],
-                              torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))))
+        grads.append(
+            dict(
+                zip(
+                    [n for n, _ in model.named_parameters()],
+                    torch.autograd.grad(loss, list(model.parameters()), allow_unused=True),
+                )
+            )
+        )
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
     assert sum(g is not None for g in grads[0].values()) > 10
     for name, want in grads[0].items():

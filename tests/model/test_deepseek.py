@@ -13,8 +13,15 @@ from nanoseek.model.moe import MoE, Router
 from nanoseek.model.position import rope_attention_factor, rope_inv_freq, softmax_scale
 from nanoseek.model.side_outputs import SideOutputs
 
-V3_YARN = dict(rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-               mscale=1.0, mscale_all_dim=1.0)
+V3_YARN = dict(
+    rope_type="yarn",
+    factor=40,
+    original_max_position_embeddings=4096,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
 
 
 def make(name, **kw):
@@ -78,7 +85,7 @@ def test_mla_decode_equals_full_recompute(name, absorb):
     with torch.no_grad():
         steps = [prefill(model, seq[:, :7], cache)]
         for pos in range(7, 11):
-            steps.append(decode_step(model, seq[:, pos:pos + 1], cache, pos))
+            steps.append(decode_step(model, seq[:, pos : pos + 1], cache, pos))
     for i, logits in enumerate(steps):
         torch.testing.assert_close(logits, full[:, 6 + i], atol=2e-5, rtol=1e-4)
 
@@ -155,11 +162,14 @@ def test_moe_layer_in_float64_falls_back_from_grouped_mm():
     assert torch.isfinite(loss) and all(p.grad is not None for p in m.layers[1].mlp.experts.parameters())
 
 
-@pytest.mark.parametrize("kw", [
-    dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1, norm_topk_prob=True),
-    dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False),
-    dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=2, topk_group=1, norm_topk_prob=False),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1, norm_topk_prob=True),
+        dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False),
+        dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=2, topk_group=1, norm_topk_prob=False),
+    ],
+)
 def test_router_picks_exactly_k_distinct_experts(kw):
     r = router(n_routed_experts=8, num_experts_per_tok=3, **{**kw, "topk_group": 2 if kw["n_group"] > 1 else 1})
     idx, w, scores = r(torch.randn(50, 64))
@@ -209,8 +219,9 @@ def test_moe_dispatch_equals_a_per_token_reference():
 
 def test_aux_free_balancing_lowers_imbalance_on_a_skewed_stream():
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("deepseek-v3-tiny", n_routed_experts=8, n_group=1, topk_group=1,
-                                   bias_update_speed=0.01)
+    cfg = ModelConfig.from_preset(
+        "deepseek-v3-tiny", n_routed_experts=8, n_group=1, topk_group=1, bias_update_speed=0.01
+    )
     moe = MoE(cfg).train()
     moe.reset_extra_parameters(0.02, 0.02)
     with torch.no_grad():

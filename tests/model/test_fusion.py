@@ -69,7 +69,9 @@ def test_cached_decode_equals_full_recompute(fusion):
     full = model(seq).logits
     cache = model.make_cache(1, 10)
     with torch.no_grad():
-        got = [prefill(model, seq[:, :6], cache)] + [decode_step(model, seq[:, p:p + 1], cache, p) for p in range(6, 9)]
+        got = [prefill(model, seq[:, :6], cache)] + [
+            decode_step(model, seq[:, p : p + 1], cache, p) for p in range(6, 9)
+        ]
     for i, logits in enumerate(got):
         torch.testing.assert_close(logits, full[:, 5 + i], atol=2e-5, rtol=1e-4)
 
@@ -127,9 +129,21 @@ def test_ablate_runs_variants_writes_a_table_and_resumes(tmp_path):
     assert parse_variant("gpt2-tiny")[1] == ["--preset", "gpt2-tiny"]
     corpus = tmp_path / "c.txt"
     corpus.write_text("to be or not to be, that is the question\n" * 200)
-    common = ["--preset", "llama-tiny", "--data", str(corpus), "--data.seq_len=16", "--train.batch_size=2",
-              "--train.max_steps=3", "--eval.every=2", "--eval.batches=1", "--eval.batch_size=2",
-              "--log.progress=false", "--log.plot=false", "--train.threads=1"]
+    common = [
+        "--preset",
+        "llama-tiny",
+        "--data",
+        str(corpus),
+        "--data.seq_len=16",
+        "--train.batch_size=2",
+        "--train.max_steps=3",
+        "--eval.every=2",
+        "--eval.batches=1",
+        "--eval.batch_size=2",
+        "--log.progress=false",
+        "--log.plot=false",
+        "--train.threads=1",
+    ]
     report = ablate(["res:model.fusion=residual", "dwa:model.fusion=dwa"], common, tmp_path / "abl")
     text = report.read_text()
     assert "| res |" in text and "| dwa |" in text

@@ -91,13 +91,16 @@ def test_one_query_path_equals_explicit_softmax_attention(window):
     mask = pos[None] <= start[:, None]
     if window is not None:
         mask &= pos[None] > start[:, None] - window
-    torch.testing.assert_close(causal_attention(q, k, v, start, 0.3, window=window), explicit(mask), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        causal_attention(q, k, v, start, 0.3, window=window), explicit(mask), atol=1e-6, rtol=1e-5
+    )
     keep = torch.rand(2, 1, 9) > 0.5
     keep[..., 0] = True
     torch.testing.assert_close(causal_attention(q, k, v, 8, 0.3, keep=keep), explicit(keep[:, 0]), atol=1e-6, rtol=1e-5)
     whole = (pos > 8 - window) if window else torch.ones(9, dtype=torch.bool)
-    torch.testing.assert_close(causal_attention(q, k, v, 8, 0.3, window=window), explicit(whole.expand(2, 9)),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        causal_attention(q, k, v, 8, 0.3, window=window), explicit(whole.expand(2, 9)), atol=1e-6, rtol=1e-5
+    )
 
 
 def test_rope_attention_keeps_only_its_own_tensors_for_backward():
@@ -130,7 +133,7 @@ def test_rmsnorm_formula():
     norm = RMSNorm(16, eps=1e-6)
     with torch.no_grad():
         norm.weight.mul_(2.0)
-    expected = 2.0 * x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6)
+    expected = 2.0 * x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(norm(x), expected)
 
 
@@ -143,8 +146,10 @@ def test_rope_makes_scores_depend_on_relative_position(interleave):
     cos, sin = angles.cos(), angles.sin()
 
     def score(m, n):
-        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1], interleave)
-                * apply_rope(k, cos[n:n + 1], sin[n:n + 1], interleave)).sum()
+        return (
+            apply_rope(q, cos[m : m + 1], sin[m : m + 1], interleave)
+            * apply_rope(k, cos[n : n + 1], sin[n : n + 1], interleave)
+        ).sum()
 
     assert score(5, 2).item() == pytest.approx(score(30, 27).item(), abs=1e-4)
     assert score(5, 2).item() != pytest.approx(score(5, 4).item(), abs=1e-4)
@@ -158,7 +163,7 @@ def test_info_counts_parameters_and_kv_bytes():
     # active excludes the embedding lookup tables (token + learned positions)
     assert info["params_active"] == info["params_total"] - (128 + 256) * 128
     assert info["kv_cache_bytes_per_token"] == 4 * 2 * 128 * 2
-    assert info["flops_per_token"] > 6 * 4 * 12 * 128 ** 2
+    assert info["flops_per_token"] > 6 * 4 * 12 * 128**2
     gqa = model_info(ModelConfig.from_preset("llama-tiny"))
     assert gqa["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # layers, k+v, kv heads, head dim, bf16
 
@@ -240,7 +245,7 @@ def test_sdpa_with_expanded_kv_heads_equals_grouped(monkeypatch, kwargs):
         kwargs["attn_mask"][..., 0] = True
     results = []
     for expand in (False, True):
-        monkeypatch.setattr(attention, "expands_kv_heads", lambda q, mask: expand)
+        monkeypatch.setattr(attention, "expands_kv_heads", lambda q, mask, expand=expand: expand)
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         out = attention.sdpa(*leaves, scale=0.3, **kwargs)
         out.square().sum().backward()
@@ -255,8 +260,9 @@ def test_sdpa_expands_kv_heads_only_where_cuda_lacks_a_grouped_kernel():
     from nanoseek.model.attention.core import expands_kv_heads
 
     def rule(device, dtype, masked):
-        return expands_kv_heads(SimpleNamespace(device=torch.device(device), dtype=dtype),
-                                torch.ones(1) if masked else None)
+        return expands_kv_heads(
+            SimpleNamespace(device=torch.device(device), dtype=dtype), torch.ones(1) if masked else None
+        )
 
     assert not rule("cpu", torch.float32, True) and not rule("cpu", torch.bfloat16, False)
     assert not rule("cuda", torch.bfloat16, False) and not rule("cuda", torch.float16, False)  # flash

@@ -14,9 +14,6 @@ import torch
 pytestmark = pytest.mark.distributed
 
 
-
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,20 +23,49 @@ def free_port() -> int:
 def train_args(small_corpus, out, preset, batch, steps=20, extra=()):
     if preset == "deepseek-v3-tiny-dense":  # MLA + MTP with dense SwiGLU layers (FSDP refuses MoE)
         preset, extra = "deepseek-v3-tiny", ["--model.ffn=swiglu", *extra]
-    return ["train", "--preset", preset, "--data", small_corpus, "--out", str(out), "--max-steps", str(steps),
-            "--data.seq_len=32", f"--train.batch_size={batch}", "--train.threads=1", "--eval.every=0",
-            "--eval.batches=1", "--eval.batch_size=2", "--checkpoint.every=10", "--checkpoint.keep_last=5",
-            "--log.every=1", "--log.progress=false", "--log.plot=false", "--schedule.warmup_steps=5", *extra]
+    return [
+        "train",
+        "--preset",
+        preset,
+        "--data",
+        small_corpus,
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--data.seq_len=32",
+        f"--train.batch_size={batch}",
+        "--train.threads=1",
+        "--eval.every=0",
+        "--eval.batches=1",
+        "--eval.batch_size=2",
+        "--checkpoint.every=10",
+        "--checkpoint.keep_last=5",
+        "--log.every=1",
+        "--log.progress=false",
+        "--log.plot=false",
+        "--schedule.warmup_steps=5",
+        *extra,
+    ]
 
 
 def run(args, nproc=1):
     if nproc == 1:
         cmd = [sys.executable, "-m", "nanoseek", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", "-m", "nanoseek", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}",
+            "-m",
+            "nanoseek",
+            *args,
+        ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -62,10 +88,17 @@ def strategy_flags(strategy: str) -> list[str]:
 SLOW = pytest.mark.slow  # the same property as a default case on another architecture: `make test-all`
 
 
-@pytest.mark.parametrize("strategy, preset", [
-    pytest.param("ddp", "gpt2-tiny", marks=SLOW), pytest.param("fsdp", "llama-tiny", marks=SLOW),
-    ("ddp", "deepseek-v3-tiny"), pytest.param("fsdp", "deepseek-v3-tiny-dense", marks=SLOW),
-    ("ddp+ep", "deepseek-v3-tiny"), ("fsdp", "deepseek-v3-tiny")])
+@pytest.mark.parametrize(
+    "strategy, preset",
+    [
+        pytest.param("ddp", "gpt2-tiny", marks=SLOW),
+        pytest.param("fsdp", "llama-tiny", marks=SLOW),
+        ("ddp", "deepseek-v3-tiny"),
+        pytest.param("fsdp", "deepseek-v3-tiny-dense", marks=SLOW),
+        ("ddp+ep", "deepseek-v3-tiny"),
+        ("fsdp", "deepseek-v3-tiny"),
+    ],
+)
 def test_two_ranks_equal_one_process_and_resume_across_world_sizes(small_corpus, tmp_path, strategy, preset):
     one, two = tmp_path / "one", tmp_path / "two"
     run(train_args(small_corpus, one, preset, batch=4))
@@ -89,11 +122,29 @@ def test_two_ranks_equal_one_process_and_resume_across_world_sizes(small_corpus,
 def test_fsdp_activation_checkpointing_is_exact_and_bf16_policy_stays_close(small_corpus, tmp_path):
     one, ckpt, bf16 = tmp_path / "one", tmp_path / "ckpt", tmp_path / "bf16"
     run(train_args(small_corpus, one, "llama-tiny", batch=4, steps=10))
-    run(train_args(small_corpus, ckpt, "llama-tiny", batch=2, steps=10,
-                   extra=["--dist.strategy=fsdp", "--dist.activation_checkpointing=true"]), nproc=2)
+    run(
+        train_args(
+            small_corpus,
+            ckpt,
+            "llama-tiny",
+            batch=2,
+            steps=10,
+            extra=["--dist.strategy=fsdp", "--dist.activation_checkpointing=true"],
+        ),
+        nproc=2,
+    )
     close(losses(ckpt), losses(one))
-    run(train_args(small_corpus, bf16, "llama-tiny", batch=2, steps=10,
-                   extra=["--dist.strategy=fsdp", "--dist.mixed_precision=true"]), nproc=2)
+    run(
+        train_args(
+            small_corpus,
+            bf16,
+            "llama-tiny",
+            batch=2,
+            steps=10,
+            extra=["--dist.strategy=fsdp", "--dist.mixed_precision=true"],
+        ),
+        nproc=2,
+    )
     close(losses(bf16), losses(one), tol=0.03)  # bf16 compute: close, not equal
     assert losses(bf16) != losses(one)
 

@@ -23,8 +23,9 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve") / "tiny-chat"
     tok = CharTokenizer.train([ALPHABET])
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("deepseek-v3-tiny").replace(vocab_size=tok.vocab_size,
-                                                              max_position_embeddings=CONTEXT)
+    cfg = ModelConfig.from_preset("deepseek-v3-tiny").replace(
+        vocab_size=tok.vocab_size, max_position_embeddings=CONTEXT
+    )
     Transformer(cfg).save_pretrained(path)
     tok.save(path)
     return path

@@ -27,9 +27,13 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_API_KEY": ""}
-        self.proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(ckpt), "--port", str(self.port),
-                                      "--threads", "1", *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nanoseek", "serve", str(ckpt), "--port", str(self.port), "--threads", "1", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from serving import Server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -36,8 +35,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1000,800"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1000,800",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -60,7 +64,8 @@ def test_chat_page_streams_a_reply(browser, checkpoint, tmp_path):  # noqa: F811
         assert user.text == "Hello there"
         # streamed text appears in the assistant bubble, and the send button comes back when it ends
         reply = WebDriverWait(browser, 30).until(
-            lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant").text or None)
+            lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant").text or None
+        )
         WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "send").is_enabled())
         assert reply and not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
         shot = Path(os.environ.get("NANOSEEK_SCREENSHOT_DIR", tmp_path)) / "chat_page.png"

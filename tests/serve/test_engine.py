@@ -64,16 +64,19 @@ def run_engine(model, prompts, max_tokens, max_batch=4, options=SamplingOptions(
     return tokens, collectors, engine
 
 
-@pytest.mark.parametrize("preset,overrides", [
-    ("gpt2-tiny", {}),                      # learned positions, MHA
-    ("llama-tiny", {}),                     # RoPE, GQA
-    ("deepseek-v3-tiny", {}),               # MLA absorbed decode + MoE
-    ("deepseek-v3-tiny", {"fusion": "mhc"}),  # residual streams
-    ("llama-tiny", {"sparse": "sliding", "sliding_window": 4}),  # per-row windows
-    ("deepseek-v32-tiny", {"index_topk": 5}),  # per-row DSA selection
-    ("llama-tiny", {"sparse": "nsa", "nsa_block": 4, "nsa_topn": 3, "sliding_window": 6}),  # NSA rows
-    ("deepseek-v4-tiny", {"index_n_heads": 8}),  # V4: CSA + HCA rows pooling their own windows, hash MoE
-])
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [
+        ("gpt2-tiny", {}),  # learned positions, MHA
+        ("llama-tiny", {}),  # RoPE, GQA
+        ("deepseek-v3-tiny", {}),  # MLA absorbed decode + MoE
+        ("deepseek-v3-tiny", {"fusion": "mhc"}),  # residual streams
+        ("llama-tiny", {"sparse": "sliding", "sliding_window": 4}),  # per-row windows
+        ("deepseek-v32-tiny", {"index_topk": 5}),  # per-row DSA selection
+        ("llama-tiny", {"sparse": "nsa", "nsa_block": 4, "nsa_topn": 3, "sliding_window": 6}),  # NSA rows
+        ("deepseek-v4-tiny", {"index_n_heads": 8}),  # V4: CSA + HCA rows pooling their own windows, hash MoE
+    ],
+)
 def test_batched_rows_match_generating_alone(preset, overrides):
     model = tiny_model(preset, **overrides)
     g = torch.Generator().manual_seed(1)
@@ -94,15 +97,19 @@ def test_finish_reasons_usage_and_stop_strings():
     engine = Engine(model, ByteTokenizer(), max_batch=2, max_queue=2).start()
     try:
         free, stopped = Collector(), Collector()
-        engine.submit([Sequence(prompt, 12, SamplingOptions(temperature=0), free, index=0),
-                       Sequence(prompt, 12, SamplingOptions(temperature=0), stopped, stops=[stop], index=1)])
+        engine.submit(
+            [
+                Sequence(prompt, 12, SamplingOptions(temperature=0), free, index=0),
+                Sequence(prompt, 12, SamplingOptions(temperature=0), stopped, stops=[stop], index=1),
+            ]
+        )
         assert free.done.wait(30) and stopped.done.wait(30)
     finally:
         engine.stop()
     assert free.events[-1].finish_reason == "length" and free.events[-1].completion_tokens == 12
     assert stopped.events[-1].finish_reason == "stop"
     text = "".join(e.text for e in stopped.events)
-    assert text == alone[:alone.find(stop)]
+    assert text == alone[: alone.find(stop)]
     assert "".join(e.text for e in free.events) == alone
 
 
@@ -153,7 +160,7 @@ class SplitCharTokenizer:
         return list(text.encode())
 
     def decode_bytes(self, ids):
-        out = self.stream[self.at:self.at + len(ids)]
+        out = self.stream[self.at : self.at + len(ids)]
         self.at += len(ids)
         return out
 

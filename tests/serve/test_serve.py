@@ -16,8 +16,9 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from nanoseek.analysis.embed import embed  # noqa: E402
 from serving import CONTEXT, KEY, Server  # noqa: E402
+
+from nanoseek.analysis.embed import embed  # noqa: E402
 from nanoseek.generation.streaming import complete  # noqa: E402
 
 # ---------------------------------------------------------------------------- the happy paths
@@ -41,8 +42,9 @@ def test_streamed_completion_equals_the_whole_answer(client, local):
     model, tok = local
     expected, _ = complete(model, tok, "日本 is", max_new_tokens=30, temperature=0)
     pieces, reasons = [], []
-    for chunk in client.completions.create(model="tiny-chat", prompt="日本 is", max_tokens=30, temperature=0,
-                                           stream=True):
+    for chunk in client.completions.create(
+        model="tiny-chat", prompt="日本 is", max_tokens=30, temperature=0, stream=True
+    ):
         pieces.append(chunk.choices[0].text)
         reasons.append(chunk.choices[0].finish_reason)
     assert "".join(pieces) == expected
@@ -50,8 +52,13 @@ def test_streamed_completion_equals_the_whole_answer(client, local):
 
 
 def test_sse_wire_format_ends_with_done_and_counts_usage(server):
-    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
@@ -64,9 +71,12 @@ def test_sse_wire_format_ends_with_done_and_counts_usage(server):
 
 
 def test_chat_completion(client, local):
-    out = client.chat.completions.create(model="tiny-chat", max_tokens=12, temperature=0,
-                                         messages=[{"role": "system", "content": "Be brief."},
-                                                   {"role": "user", "content": "Hello"}])
+    out = client.chat.completions.create(
+        model="tiny-chat",
+        max_tokens=12,
+        temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+    )
     choice = out.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
@@ -78,7 +88,7 @@ def test_stop_sequence_cuts_the_text(client):
     full = client.completions.create(model="tiny-chat", prompt="The", max_tokens=24, temperature=0).choices[0].text
     stop = full[6:8]
     cut = client.completions.create(model="tiny-chat", prompt="The", max_tokens=24, temperature=0, stop=[stop])
-    assert cut.choices[0].text == full[:full.find(stop)]
+    assert cut.choices[0].text == full[: full.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
 
@@ -104,8 +114,11 @@ def test_embeddings_match_nanoseek_embed(client, local):
 
 
 def test_embeddings_float_format(server):
-    r = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny-chat", "input": "abc",
-                                                        "encoding_format": "float"}, timeout=30)
+    r = httpx.post(
+        server.url + "/v1/embeddings",
+        json={"model": "tiny-chat", "input": "abc", "encoding_format": "float"},
+        timeout=30,
+    )
     vec = torch.tensor(r.json()["data"][0]["embedding"])
     assert abs(float(vec.norm()) - 1.0) < 1e-5
 
@@ -127,28 +140,35 @@ def post(server, path, **kw):
     return r.status_code, err
 
 
-@pytest.mark.parametrize("path,body,status,param", [
-    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
-    ("/v1/chat/completions", {"model": "tiny-chat"}, 400, "messages"),
-    ("/v1/chat/completions", {"model": "tiny-chat", "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "robot", "content": "x"}]}, 400,
-     "messages.0.role"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x" * CONTEXT}, 400, "prompt"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "temperature": 5}, 400, "temperature"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "n": 0}, 400, "n"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": [1, 2, 99999]}, 400, "prompt"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "stop": [""]}, 400, "stop"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": []}, 400, "prompt"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "seed": 2 ** 64}, 400, "seed"),
-    ("/v1/embeddings", {"model": "tiny-chat", "input": []}, 400, "input"),
-    ("/v1/embeddings", {"model": "tiny-chat", "input": "x" * CONTEXT}, 400, "input"),
-    ("/v1/embeddings", {"model": "tiny-chat", "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
-])
+@pytest.mark.parametrize(
+    "path,body,status,param",
+    [
+        ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+        ("/v1/chat/completions", {"model": "tiny-chat"}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "tiny-chat", "messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny-chat", "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "messages.0.role",
+        ),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x" * CONTEXT}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "temperature": 5}, 400, "temperature"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "n": 0}, 400, "n"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": [1, 2, 99999]}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "stop": [""]}, 400, "stop"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": []}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "seed": 2**64}, 400, "seed"),
+        ("/v1/embeddings", {"model": "tiny-chat", "input": []}, 400, "input"),
+        ("/v1/embeddings", {"model": "tiny-chat", "input": "x" * CONTEXT}, 400, "input"),
+        ("/v1/embeddings", {"model": "tiny-chat", "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ],
+)
 def test_bad_requests_get_openai_errors(server, path, body, status, param):
     got_status, err = post(server, path, json=body)
     assert got_status == status
@@ -156,8 +176,9 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
 
 
 def test_invalid_json_and_oversized_bodies(server):
-    status, err = post(server, "/v1/completions", content=b'{"model": "tiny-chat",',
-                       headers={"content-type": "application/json"})
+    status, err = post(
+        server, "/v1/completions", content=b'{"model": "tiny-chat",', headers={"content-type": "application/json"}
+    )
     assert status == 400 and err["code"] == "invalid_json"
     status, err = post(server, "/v1/completions", json={"model": "tiny-chat", "prompt": "x" * 30000})
     assert status == 413 and "20000" in err["message"]
@@ -221,6 +242,10 @@ def test_api_key_is_required_on_every_route_but_health(keyed):
 
 
 def test_serve_refuses_bad_arguments(checkpoint):
-    r = subprocess.run([sys.executable, "-m", "nanoseek", "serve", str(checkpoint), "--max-batch", "0"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "nanoseek", "serve", str(checkpoint), "--max-batch", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--max-batch=0" in r.stderr

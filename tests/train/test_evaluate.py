@@ -47,8 +47,9 @@ def test_loss_is_token_weighted_cross_entropy_and_bits_per_byte_counts_target_by
     assert len({y.numel() for _, y in batches}) > 1
     result = evaluate(model, batches, tok.token_byte_lengths())
     with torch.no_grad():
-        nats = sum(F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-                   for x, y in batches)
+        nats = sum(
+            F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), reduction="sum").item() for x, y in batches
+        )
     assert result.tokens == len(tokens) - 1 and result.bytes == len(TEXT.encode()) - 1  # the first char is 1 byte
     assert result.loss == pytest.approx(nats / result.tokens, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(result.loss))
@@ -69,8 +70,9 @@ def test_eval_of_a_file_matches_the_loop(model, tok, ckpt, tmp_path):
     data.write_text(TEXT[:200], encoding="utf-8")
     loaded = load_checkpoint(ckpt)
     report = evaluate_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, data, seq_len=32, batch_size=4)
-    direct = evaluate(model, iter_eval_batches(np.asarray(tok.encode(data.read_bytes())), 4, 32),
-                      tok.token_byte_lengths())
+    direct = evaluate(
+        model, iter_eval_batches(np.asarray(tok.encode(data.read_bytes())), 4, 32), tok.token_byte_lengths()
+    )
     assert report["loss"] == pytest.approx(direct.loss, rel=1e-6) and report["tokens"] == direct.tokens
     assert report["bits_per_byte"] == pytest.approx(direct.bits_per_byte, rel=1e-6)
 

@@ -11,24 +11,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek import ModelConfig, Transformer
-from nanoseek.io import checkpoint as ckpt_io
-from nanoseek import load_model
+from nanoseek import ModelConfig, Transformer, load_model
 from nanoseek.cli import main as cli_main
 from nanoseek.config import ScheduleConfig, build_train_config
 from nanoseek.errors import NanoseekError
+from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.train import loop
 from nanoseek.train.optim import lr_multiplier, parameter_groups
 
 
-
-
-
 def tiny_cfg(small_corpus, out, **overrides):
-    base = {"data.path": [small_corpus], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 12,
-            "train.threads": 1, "eval.every": 0, "eval.batches": 2, "eval.batch_size": 4,
-            "checkpoint.every": 6, "checkpoint.keep_last": 5, "log.every": 1, "log.progress": False,
-            "log.plot": False, "schedule.warmup_steps": 3, "out": str(out)}
+    base = {
+        "data.path": [small_corpus],
+        "data.seq_len": 32,
+        "train.batch_size": 4,
+        "train.max_steps": 12,
+        "train.threads": 1,
+        "eval.every": 0,
+        "eval.batches": 2,
+        "eval.batch_size": 4,
+        "checkpoint.every": 6,
+        "checkpoint.keep_last": 5,
+        "log.every": 1,
+        "log.progress": False,
+        "log.plot": False,
+        "schedule.warmup_steps": 3,
+        "out": str(out),
+    }
     base.update(overrides)
     return build_train_config(preset="gpt2-tiny", overrides=base)
 
@@ -63,11 +72,32 @@ def test_resume_after_interrupt_is_bitwise_identical(small_corpus, tmp_path):
 def test_kill_9_after_a_checkpoint_then_resume_matches(small_corpus, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     loop.train(tiny_cfg(small_corpus, full, **{"train.max_steps": 30}), quiet=True)
-    args = [sys.executable, "-m", "nanoseek", "train", "--preset", "gpt2-tiny", "--data", small_corpus,
-            "--out", str(killed), "--max-steps", "30", "--data.seq_len=32", "--train.batch_size=4",
-            "--train.threads=1", "--eval.every=0", "--eval.batches=2", "--eval.batch_size=4",
-            "--checkpoint.every=6", "--checkpoint.keep_last=5", "--log.every=1", "--log.progress=false",
-            "--log.plot=false", "--schedule.warmup_steps=3"]
+    args = [
+        sys.executable,
+        "-m",
+        "nanoseek",
+        "train",
+        "--preset",
+        "gpt2-tiny",
+        "--data",
+        small_corpus,
+        "--out",
+        str(killed),
+        "--max-steps",
+        "30",
+        "--data.seq_len=32",
+        "--train.batch_size=4",
+        "--train.threads=1",
+        "--eval.every=0",
+        "--eval.batches=2",
+        "--eval.batch_size=4",
+        "--checkpoint.every=6",
+        "--checkpoint.keep_last=5",
+        "--log.every=1",
+        "--log.progress=false",
+        "--log.plot=false",
+        "--schedule.warmup_steps=3",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "LATEST").exists() and proc.poll() is None and time.time() < deadline:
@@ -80,10 +110,28 @@ def test_kill_9_after_a_checkpoint_then_resume_matches(small_corpus, tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(small_corpus, tmp_path):
-    args = [sys.executable, "-m", "nanoseek", "train", "--preset", "gpt2-tiny", "--data", small_corpus,
-            "--out", str(tmp_path), "--max-steps", "100000", "--data.seq_len=32", "--train.batch_size=2",
-            "--train.threads=1", "--eval.every=0", "--checkpoint.every=0", "--log.every=1",
-            "--log.progress=false", "--log.plot=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "nanoseek",
+        "train",
+        "--preset",
+        "gpt2-tiny",
+        "--data",
+        small_corpus,
+        "--out",
+        str(tmp_path),
+        "--max-steps",
+        "100000",
+        "--data.seq_len=32",
+        "--train.batch_size=2",
+        "--train.threads=1",
+        "--eval.every=0",
+        "--checkpoint.every=0",
+        "--log.every=1",
+        "--log.progress=false",
+        "--log.plot=false",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
@@ -162,15 +210,18 @@ def test_eval_and_info_commands(small_corpus, tmp_path, capsys):
     assert {"params_total", "params_active", "kv_cache_bytes_per_token", "flops_per_token"} <= set(info)
 
 
-@pytest.mark.parametrize("argv", [
-    ["train", "--preset", "nope"],
-    ["train", "--optim.lr=abc"],
-    ["train", "--bogus"],
-    ["train", "--data", "/does/not/exist"],
-    ["sample", "/does/not/exist"],
-    ["eval", "/does/not/exist"],
-    ["train", "--optim.lr", "1e-3"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--preset", "nope"],
+        ["train", "--optim.lr=abc"],
+        ["train", "--bogus"],
+        ["train", "--data", "/does/not/exist"],
+        ["sample", "/does/not/exist"],
+        ["eval", "/does/not/exist"],
+        ["train", "--optim.lr", "1e-3"],
+    ],
+)
 def test_bad_cli_input_exits_2_with_one_line(argv, capsys, tmp_path):
     assert cli_main(argv + ["--out", str(tmp_path)] if argv[0] == "train" else argv) == 2
     err = capsys.readouterr().err
@@ -185,7 +236,7 @@ def test_schedules():
     wsd = ScheduleConfig(name="wsd", warmup_steps=0, decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_multiplier(wsd, 10, 0.7) == 1.0 and lr_multiplier(wsd, 10, 0.9) == pytest.approx(0.5)
     ms = ScheduleConfig(name="multistep", warmup_steps=0)
-    assert [lr_multiplier(ms, 1, p) for p in (0.5, 0.85, 0.95)] == pytest.approx([1, 0.316, 0.316 ** 2])
+    assert [lr_multiplier(ms, 1, p) for p in (0.5, 0.85, 0.95)] == pytest.approx([1, 0.316, 0.316**2])
     inv = ScheduleConfig(name="inverse_sqrt", warmup_steps=100)
     assert lr_multiplier(inv, 99, 0) == pytest.approx(1.0)
     assert lr_multiplier(inv, 399, 0) == pytest.approx(0.5)
@@ -204,38 +255,67 @@ def test_no_weight_decay_on_norms_biases_embeddings():
 
 
 def test_token_budget_accumulation_and_keep_last(small_corpus, tmp_path):
-    cfg = tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 0, "train.max_tokens": 4 * 32 * 2 * 5,
-                                        "train.grad_accum": 2, "checkpoint.every": 1, "checkpoint.keep_last": 2})
+    cfg = tiny_cfg(
+        small_corpus,
+        tmp_path,
+        **{
+            "train.max_steps": 0,
+            "train.max_tokens": 4 * 32 * 2 * 5,
+            "train.grad_accum": 2,
+            "checkpoint.every": 1,
+            "checkpoint.keep_last": 2,
+        },
+    )
     summary = loop.train(cfg, quiet=True)
     assert summary["step"] == 5 and summary["tokens"] == 4 * 32 * 2 * 5
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
 
 
 def test_wall_clock_budget_stops_the_run(small_corpus, tmp_path):
-    summary = loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 0, "train.max_seconds": 0.5}), quiet=True)
+    summary = loop.train(
+        tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 0, "train.max_seconds": 0.5}), quiet=True
+    )
     assert summary["stopped_by"] == "budget" and 0.5 <= summary["elapsed_s"] < 5
 
 
 def test_bf16_autocast_trains(small_corpus, tmp_path):
-    summary = loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.dtype": "bfloat16", "train.max_steps": 3}), quiet=True)
+    summary = loop.train(
+        tiny_cfg(small_corpus, tmp_path, **{"train.dtype": "bfloat16", "train.max_steps": 3}), quiet=True
+    )
     assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
 
 
 def test_moe_training_logs_expert_load(small_corpus, tmp_path):
-    cfg = build_train_config(preset="deepseek-v3-tiny", overrides={
-        "data.path": [small_corpus], "data.seq_len": 32, "train.batch_size": 2, "train.max_steps": 3, "train.threads": 1,
-        "eval.batches": 1, "eval.batch_size": 2, "log.every": 1, "log.progress": False, "log.plot": False,
-        "out": str(tmp_path)})
+    cfg = build_train_config(
+        preset="deepseek-v3-tiny",
+        overrides={
+            "data.path": [small_corpus],
+            "data.seq_len": 32,
+            "train.batch_size": 2,
+            "train.max_steps": 3,
+            "train.threads": 1,
+            "eval.batches": 1,
+            "eval.batch_size": 2,
+            "log.every": 1,
+            "log.progress": False,
+            "log.plot": False,
+            "out": str(tmp_path),
+        },
+    )
     loop.train(cfg, quiet=True)
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert rec["moe_max_over_mean"] >= 1.0 and len(rec["moe_load"]) == 2 and len(rec["moe_load"][0]) == 4  # layer 1 + MTP
+    assert (
+        rec["moe_max_over_mean"] >= 1.0 and len(rec["moe_load"]) == 2 and len(rec["moe_load"][0]) == 4
+    )  # layer 1 + MTP
     assert rec["mtp_loss"] > 0
 
 
 def test_tokenizer_and_chat_commands(small_corpus, tmp_path, capsys, monkeypatch):
     import io
 
-    assert cli_main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok.json"), small_corpus]) == 0
+    assert (
+        cli_main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok.json"), small_corpus]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["vocab_size"] == 300
     loop.train(tiny_cfg(small_corpus, tmp_path / "run", **{"train.max_steps": 2}), quiet=True)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
@@ -244,14 +324,18 @@ def test_tokenizer_and_chat_commands(small_corpus, tmp_path, capsys, monkeypatch
 
 
 def test_sample_continues_past_the_context_with_a_sliding_window(small_corpus, tmp_path, capsys):
-    loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 2, "model.max_position_embeddings": 32}), quiet=True)
+    loop.train(
+        tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 2, "model.max_position_embeddings": 32}), quiet=True
+    )
     capsys.readouterr()
     assert cli_main(["sample", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "80", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ROMEO:") and len(out.encode()) >= len("ROMEO:") + 80  # char-level: >= 1 byte/token
 
 
-def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(small_corpus, tmp_path, capsys, monkeypatch):
+def test_sample_compile_prefill_runs_the_prompt_through_the_compiled_prefill(
+    small_corpus, tmp_path, capsys, monkeypatch
+):
     """`nanoseek sample --compile-prefill` reaches generate's compiled prefill (a spy here: the
     compile itself is tested in test_generate); greedy text equals the plain run's."""
     import functools
@@ -298,32 +382,60 @@ def test_chat_compile_flags_reach_the_decoder_and_prefill(small_corpus, tmp_path
     monkeypatch.setattr(gen.CompiledDecoder, "acquire", classmethod(spy_acquire))
     loop.train(tiny_cfg(small_corpus, tmp_path / "run", **{"train.max_steps": 2}), quiet=True)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd again\n"))
-    assert cli_main(["chat", str(tmp_path / "run"), "--max-new-tokens", "4", "--seed", "0", "--compile",
-                     "--compile-prefill"]) == 0
+    assert (
+        cli_main(
+            ["chat", str(tmp_path / "run"), "--max-new-tokens", "4", "--seed", "0", "--compile", "--compile-prefill"]
+        )
+        == 0
+    )
     assert len(prefills) == 2 and len(decoders) == 2 and capsys.readouterr().out.strip() != ""
 
 
 def test_dsa_warmup_then_sparse_training(small_corpus, tmp_path):
     """The first steps train only the indexers (main weights unchanged), then everything trains."""
-    cfg = build_train_config(preset="deepseek-v32-tiny", overrides={
-        "data.path": [small_corpus], "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 4,
-        "train.threads": 1, "eval.every": 0, "eval.batches": 1, "eval.batch_size": 4, "checkpoint.every": 2,
-        "checkpoint.keep_last": 5, "log.every": 1, "log.progress": False, "log.plot": False,
-        "train.dsa_warmup_steps": 2, "out": str(tmp_path)})
+    cfg = build_train_config(
+        preset="deepseek-v32-tiny",
+        overrides={
+            "data.path": [small_corpus],
+            "data.seq_len": 32,
+            "train.batch_size": 4,
+            "train.max_steps": 4,
+            "train.threads": 1,
+            "eval.every": 0,
+            "eval.batches": 1,
+            "eval.batch_size": 4,
+            "checkpoint.every": 2,
+            "checkpoint.keep_last": 5,
+            "log.every": 1,
+            "log.progress": False,
+            "log.plot": False,
+            "train.dsa_warmup_steps": 2,
+            "out": str(tmp_path),
+        },
+    )
     loop.train(cfg, quiet=True)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["index_loss"] >= 0 for r in records if "loss" in r)
-    weights = {step: ckpt_io.read_safetensors(tmp_path / "checkpoints" / f"step-000000{step}" / ckpt_io.MODEL_FILE)
-               for step in (2, 4)}
+    weights = {
+        step: ckpt_io.read_safetensors(tmp_path / "checkpoints" / f"step-000000{step}" / ckpt_io.MODEL_FILE)
+        for step in (2, 4)
+    }
     init = loop.build_model(cfg, cfg.model.vocab_size).state_dict()  # the same seed as the run
     moved = [k for k in weights[2] if not torch.equal(weights[2][k], init[k])]
     assert moved and all(".indexer." in k for k in moved), moved
     assert not torch.equal(weights[4]["embed_tokens.weight"], weights[2]["embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("preset,dtype", [("llama-tiny", torch.float32), ("deepseek-v3-tiny", torch.float32),
-                                          ("deepseek-v3-tiny", torch.bfloat16), ("deepseek-v32-tiny", torch.float32),
-                                          ("deepseek-v4-tiny", torch.float32)])
+@pytest.mark.parametrize(
+    "preset,dtype",
+    [
+        ("llama-tiny", torch.float32),
+        ("deepseek-v3-tiny", torch.float32),
+        ("deepseek-v3-tiny", torch.bfloat16),
+        ("deepseek-v32-tiny", torch.float32),
+        ("deepseek-v4-tiny", torch.float32),
+    ],
+)
 def test_training_forward_compiles_as_one_graph(preset, dtype):
     """`train.compile=true`: the training forward (head and loss fused, MTP and balance losses, the
     routed experts' grouped matmul: torch's own op in bf16, `nanoseek::grouped_mm` in fp32) is one

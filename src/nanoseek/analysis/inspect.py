@@ -47,8 +47,11 @@ def fusion_weights(model, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(model.layers):
         for name in ("attn_hc", "ffn_hc"):
             module = getattr(layer, name)
-            hooks.append(module.register_forward_pre_hook(
-                lambda mod, args, tag=f"layer {i} {name}": captured.append((tag, args[0]))))
+            hooks.append(
+                module.register_forward_pre_hook(
+                    lambda mod, args, tag=f"layer {i} {name}": captured.append((tag, args[0]))
+                )
+            )
     try:
         model(input_ids)
     finally:
@@ -85,7 +88,7 @@ def plot_fusion(model, tokenizer, prompt: str, out: str | Path) -> Path:
         image = ax.imshow(grid.cpu().numpy(), aspect="auto", cmap="viridis")
         ax.set_title(title, fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(f"fusion={model.config.fusion}: {prompt[:60]!r}", fontsize=10)
     return save_figure(fig, out, dpi=100)
@@ -146,14 +149,16 @@ def plot_attention(model, tokenizer, prompt: str, layer: int, out: str | Path) -
     axes[0].set_title(f"layer {layer} ({kind}): attention weights, mean over heads")
     axes[1].imshow(allowed.float().numpy(), cmap="Greys", aspect="auto", vmin=0, vmax=1)
     c = model.config
-    picked = {"dense": "causal keys", "sliding": f"window of {c.sliding_window}",
-              "dsa": f"indexer top-{c.index_topk}",
-              "nsa": f"selected blocks of {c.nsa_block} + window of {c.sliding_window}; "
-                     "weights: gated branches, compressed spread over its blocks",
-              "csa": f"window of {c.sliding_window}; columns past the last token: entries of "
-                     f"{c.compress_rate_csa} tokens, indexer top-{c.index_topk}",
-              "hca": f"window of {c.sliding_window}; columns past the last token: entries of "
-                     f"{c.compress_rate_hca} tokens"}.get(kind, kind)
+    picked = {
+        "dense": "causal keys",
+        "sliding": f"window of {c.sliding_window}",
+        "dsa": f"indexer top-{c.index_topk}",
+        "nsa": f"selected blocks of {c.nsa_block} + window of {c.sliding_window}; "
+        "weights: gated branches, compressed spread over its blocks",
+        "csa": f"window of {c.sliding_window}; columns past the last token: entries of "
+        f"{c.compress_rate_csa} tokens, indexer top-{c.index_topk}",
+        "hca": f"window of {c.sliding_window}; columns past the last token: entries of {c.compress_rate_hca} tokens",
+    }.get(kind, kind)
     if weights.shape[1] > len(ids):  # V4: compressed entries after the token keys
         for ax in axes:
             ax.axvline(len(ids) - 0.5, color="red", linewidth=0.8)

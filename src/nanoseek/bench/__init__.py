@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from nanoseek.bench.attention import add_attention_args, run_attention
 from nanoseek.bench.infer import add_decode_args, add_prefill_args, run_decode, run_prefill
@@ -24,11 +24,17 @@ from nanoseek.errors import NanoseekError
 BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], list]]] = {
     "train": ("training throughput, nanoseek vs a nanoGPT-style reference", add_train_args, run_train),
     "serve": ("concurrent streaming clients against `nanoseek serve`", add_serve_args, run_serve),
-    "attention": ("dense causal SDPA vs each sparse attention kind, by sequence length",
-                  add_attention_args, run_attention),
+    "attention": (
+        "dense causal SDPA vs each sparse attention kind, by sequence length",
+        add_attention_args,
+        run_attention,
+    ),
     "prefill": ("prompt prefill tokens/s, TTFT and MFU, nanoseek vs transformers", add_prefill_args, run_prefill),
-    "decode": ("KV-cache decode tokens/s and memory-bandwidth use, nanoseek vs transformers",
-               add_decode_args, run_decode),
+    "decode": (
+        "KV-cache decode tokens/s and memory-bandwidth use, nanoseek vs transformers",
+        add_decode_args,
+        run_decode,
+    ),
 }
 
 

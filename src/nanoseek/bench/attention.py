@@ -46,10 +46,21 @@ class DsaOp(torch.nn.Module):
         from nanoseek.config import ModelConfig
         from nanoseek.model.attention.dsa import LightningIndexer
 
-        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, attention="mla", q_lora_rank=dim,
-                          kv_lora_rank=dim, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
-                          index_topk=topk, index_n_heads=index_heads, index_head_dim=index_dim, sparse="dsa",
-                          max_position_embeddings=8)
+        cfg = ModelConfig(
+            hidden_size=dim,
+            num_attention_heads=heads,
+            attention="mla",
+            q_lora_rank=dim,
+            kv_lora_rank=dim,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=16,
+            v_head_dim=16,
+            index_topk=topk,
+            index_n_heads=index_heads,
+            index_head_dim=index_dim,
+            sparse="dsa",
+            max_position_embeddings=8,
+        )
         self.indexer = LightningIndexer(cfg)
         self.rope_dim = cfg.qk_rope_head_dim
 
@@ -59,7 +70,8 @@ class DsaOp(torch.nn.Module):
 
         t = x.shape[1]
         angles = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * rope_inv_freq(
-            self.rope_dim, 10000.0).to(x.device)
+            self.rope_dim, 10000.0
+        ).to(x.device)
         rope = (angles.cos(), angles.sin())
         with torch.no_grad():
             keys = self.indexer.keys(x, rope)
@@ -74,8 +86,16 @@ class NsaOp(torch.nn.Module):
         from nanoseek.config import ModelConfig
         from nanoseek.kernels.nsa import ChunkedNativeSparseAttention
 
-        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, attention="mqa", sparse="nsa",  # 1 k/v head
-                          nsa_block=block, nsa_topn=topn, sliding_window=window, max_position_embeddings=8)
+        cfg = ModelConfig(
+            hidden_size=dim,
+            num_attention_heads=heads,
+            attention="mqa",
+            sparse="nsa",  # 1 k/v head
+            nsa_block=block,
+            nsa_topn=topn,
+            sliding_window=window,
+            max_position_embeddings=8,
+        )
         self.attn = ChunkedNativeSparseAttention(cfg)  # the default (kernels) path
 
     def forward(self, q, k, v, scale):
@@ -95,16 +115,29 @@ class NsaOp(torch.nn.Module):
 class CompressedOp(torch.nn.Module):
     """A V4 CSA or HCA layer's attention (model/compressed.py) over ready-made q and shared k."""
 
-    def __init__(self, kind: str, dim: int, heads: int, head_dim: int, window: int, topk: int,
-                 index_heads: int, index_dim: int):
+    def __init__(
+        self, kind: str, dim: int, heads: int, head_dim: int, window: int, topk: int, index_heads: int, index_dim: int
+    ):
         super().__init__()
         from nanoseek.config import ModelConfig
         from nanoseek.model.attention.compressed import CompressedAttention
 
-        cfg = ModelConfig(hidden_size=dim, num_attention_heads=heads, head_dim=head_dim, attention="v4",
-                          q_lora_rank=dim, qk_rope_head_dim=16, o_groups=1, o_lora_rank=8, sliding_window=window,
-                          sparse=kind, index_topk=topk, index_n_heads=index_heads, index_head_dim=index_dim,
-                          max_position_embeddings=8)
+        cfg = ModelConfig(
+            hidden_size=dim,
+            num_attention_heads=heads,
+            head_dim=head_dim,
+            attention="v4",
+            q_lora_rank=dim,
+            qk_rope_head_dim=16,
+            o_groups=1,
+            o_lora_rank=8,
+            sliding_window=window,
+            sparse=kind,
+            index_topk=topk,
+            index_n_heads=index_heads,
+            index_head_dim=index_dim,
+            max_position_embeddings=8,
+        )
         self.attn = CompressedAttention(cfg, 0).eval()  # no indexer KL pass, as dsa's op has none
 
     def forward(self, q, k, x):
@@ -164,8 +197,11 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
                 forward.append(t1 - t0)
                 backward.append(t2 - t1)
             del out, q, k, v, x
-    row = {"forward_s": round(statistics.median(forward), 4), "backward_s": round(statistics.median(backward), 4),
-           "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1)}
+    row = {
+        "forward_s": round(statistics.median(forward), 4),
+        "backward_s": round(statistics.median(backward), 4),
+        "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1),
+    }
     if window.peak is not None:
         row["peak_device_mib"] = round(window.peak / (1 << 20), 1)
     return row
@@ -184,8 +220,12 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-heads", type=int, default=4)
     parser.add_argument("--index-dim", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype (bfloat16: autocast on --device)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype (bfloat16: autocast on --device)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--plot", help="write a log-log PNG of forward time vs length here")
     from nanoseek.device import add_device_arg
@@ -211,18 +251,41 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     dsa = DsaOp(args.heads * args.head_dim, args.heads, args.index_heads, args.index_dim, args.topk)
     nsa = NsaOp(args.heads * args.head_dim, args.heads, args.nsa_block, args.nsa_topn, args.window)
-    v4 = {kind: CompressedOp(kind, args.heads * args.head_dim, args.heads, args.head_dim, args.window, args.csa_topk,
-                             args.index_heads, args.index_dim).to(device) for kind in ("csa", "hca")}
+    v4 = {
+        kind: CompressedOp(
+            kind,
+            args.heads * args.head_dim,
+            args.heads,
+            args.head_dim,
+            args.window,
+            args.csa_topk,
+            args.index_heads,
+            args.index_dim,
+        ).to(device)
+        for kind in ("csa", "hca")
+    }
     dsa, nsa = dsa.to(device), nsa.to(device)
     results = []
     with torch_threads(args.threads):
-        machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "dtype": args.dtype, **device_info(device)}
+        machine = {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "dtype": args.dtype,
+            **device_info(device),
+        }
         for t in seqs:
             dense = None
             for kind in kinds:
-                row = {"bench": "attention", "impl": "nanoseek", "kind": kind, "seq": t, "heads": args.heads,
-                       "head_dim": args.head_dim, **time_kind(kind, t, args, dsa, nsa, v4, device)}
+                row = {
+                    "bench": "attention",
+                    "impl": "nanoseek",
+                    "kind": kind,
+                    "seq": t,
+                    "heads": args.heads,
+                    "head_dim": args.head_dim,
+                    **time_kind(kind, t, args, dsa, nsa, v4, device),
+                }
                 if kind == "dense":
                     dense = row
                 if dense is not None and kind != "dense":

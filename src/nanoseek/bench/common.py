@@ -16,7 +16,6 @@ MIB = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -50,9 +49,21 @@ def release_free_memory() -> None:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _load_mallinfo2():
@@ -88,7 +99,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self.peak = current_rss()
         self.heap_base = self.heap_peak = heap_in_use()
         self._stop.clear()
@@ -124,8 +135,9 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
-def measure_matmul_peak(dtype: str | torch.dtype = "float32", threads: int = 0,
-                        seconds: float = 1.5, device: torch.device | str = "cpu") -> float:
+def measure_matmul_peak(
+    dtype: str | torch.dtype = "float32", threads: int = 0, seconds: float = 1.5, device: torch.device | str = "cpu"
+) -> float:
     """Best torch.mm rate in GFLOP/s over square n x n products, n in 1024..2048 on a CPU
     (4096..16384 on a GPU, timed after a device synchronize).
 
@@ -154,7 +166,7 @@ def measure_matmul_peak(dtype: str | torch.dtype = "float32", threads: int = 0,
                 torch.mm(a, b, out=out)
                 synchronize(device)
                 last = time.perf_counter() - t0
-                best = max(best, 2 * n ** 3 / last / 1e9)
+                best = max(best, 2 * n**3 / last / 1e9)
                 if time.perf_counter() + last > share_end:
                     break
             del a, b, out
@@ -170,4 +182,3 @@ def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-

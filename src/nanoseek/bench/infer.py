@@ -56,9 +56,9 @@ def measure_bandwidth(seconds: float = 0.5, device: torch.device | str = "cpu") 
 
 
 def build_models(args):
-    from nanoseek.io import load_model
     from nanoseek.config import ModelConfig
     from nanoseek.device import resolve_device
+    from nanoseek.io import load_model
     from nanoseek.model import Transformer
 
     device = resolve_device(args.device, where="--device")
@@ -97,8 +97,9 @@ def time_prefill(impl: str, model, ids: torch.Tensor, compiled: bool = False) ->
     t0 = time.perf_counter()
     if impl.startswith("nanoseek"):
         cache = model.make_cache(ids.shape[0], ids.shape[1] + 1)
-        logits = (compiled_prefill(model)(ids, cache)[:, None] if compiled
-                  else model(ids, cache=cache, last_only=True).logits)
+        logits = (
+            compiled_prefill(model)(ids, cache)[:, None] if compiled else model(ids, cache=cache, last_only=True).logits
+        )
     else:
         logits = model(ids, use_cache=True).logits[:, -1]
     logits.argmax(-1).cpu()  # the first token reaches the host: a GPU has finished
@@ -111,10 +112,11 @@ def time_generate(impl: str, model, ids: torch.Tensor, new: int, cuda_graphs: bo
 
     t0 = time.perf_counter()
     if impl.startswith("nanoseek"):
-        out = generate(model, ids, max_new_tokens=new, temperature=0, compile=impl == "nanoseek-compiled",
-                       cuda_graphs=cuda_graphs)
+        out = generate(
+            model, ids, max_new_tokens=new, temperature=0, compile=impl == "nanoseek-compiled", cuda_graphs=cuda_graphs
+        )
     else:
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, ids.shape[1]:]
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, ids.shape[1] :]
     out = out.cpu()
     assert out.shape[-1] == new
     return time.perf_counter() - t0
@@ -143,8 +145,10 @@ def run_prefill(args) -> list[dict]:
         peak = measure_matmul_peak("float32", args.threads, device=device)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len), generator=g).to(device)
-        first_call = {impl: time_prefill(impl, model, ids, impl == "nanoseek-compiled")  # warm-up (and the compile)
-                      for impl, model in impls.items()}
+        first_call = {
+            impl: time_prefill(impl, model, ids, impl == "nanoseek-compiled")  # warm-up (and the compile)
+            for impl, model in impls.items()
+        }
         times = {impl: [] for impl in impls}
         for _ in range(args.rounds):
             for impl, model in impls.items():
@@ -152,19 +156,38 @@ def run_prefill(args) -> list[dict]:
         for impl in impls:
             sec = statistics.median(times[impl])
             tps = args.prompt_len / sec
-            rows.append({"bench": "prefill", "impl": impl, "prompt_len": args.prompt_len, "seconds": round(sec, 4),
-                         "ttft_s": round(sec, 4), "tokens_per_s": round(tps, 1),
-                         "mfu": round(tps * forward_flops_per_token(ours, args.prompt_len) / (peak * 1e9), 3),
-                         "rounds": [round(t, 4) for t in times[impl]],
-                         **({"compile_s": round(first_call[impl], 1)} if impl == "nanoseek-compiled" else {})})
-        machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "matmul_peak_gflops": round(peak, 1), "model": args.ckpt or args.preset, **device_info(device)}
+            rows.append(
+                {
+                    "bench": "prefill",
+                    "impl": impl,
+                    "prompt_len": args.prompt_len,
+                    "seconds": round(sec, 4),
+                    "ttft_s": round(sec, 4),
+                    "tokens_per_s": round(tps, 1),
+                    "mfu": round(tps * forward_flops_per_token(ours, args.prompt_len) / (peak * 1e9), 3),
+                    "rounds": [round(t, 4) for t in times[impl]],
+                    **({"compile_s": round(first_call[impl], 1)} if impl == "nanoseek-compiled" else {}),
+                }
+            )
+        machine = {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "matmul_peak_gflops": round(peak, 1),
+            "model": args.ckpt or args.preset,
+            **device_info(device),
+        }
     for r in rows:
         r["machine"] = machine
     if "hf" in impls:
         level = {r["impl"]: r["tokens_per_s"] for r in rows}
-        rows.append({"bench": "prefill", "impl": "ratio",
-                     **{f"{impl}_over_hf": round(level[impl] / level["hf"], 2) for impl in impls if impl != "hf"}})
+        rows.append(
+            {
+                "bench": "prefill",
+                "impl": "ratio",
+                **{f"{impl}_over_hf": round(level[impl] / level["hf"], 2) for impl in impls if impl != "hf"},
+            }
+        )
     return rows
 
 
@@ -182,8 +205,10 @@ def run_decode(args) -> list[dict]:
         for batch in [int(b) for b in args.batch.split(",")]:
             for context in [int(c) for c in args.context.split(",")]:
                 if context + args.new_tokens > ours.config.max_position_embeddings:
-                    raise NanoseekError(f"--context {context} + --new-tokens {args.new_tokens} exceeds the model's "
-                                        f"{ours.config.max_position_embeddings} positions")
+                    raise NanoseekError(
+                        f"--context {context} + --new-tokens {args.new_tokens} exceeds the model's "
+                        f"{ours.config.max_position_embeddings} positions"
+                    )
                 ids = torch.randint(0, ours.config.vocab_size, (batch, context), generator=g).to(device)
                 for impl, model in impls.items():  # warm-up (and the compile, once per batch and length bucket)
                     time_generate(impl, model, ids, args.new_tokens, not args.no_cuda_graphs)
@@ -197,18 +222,40 @@ def run_decode(args) -> list[dict]:
                 for impl in impls:
                     sec = statistics.median(decode[impl])
                     step = sec / args.new_tokens
-                    rows.append({"bench": "decode", "impl": impl, "batch": batch, "context": context,
-                                 "new_tokens": args.new_tokens, "seconds": round(sec, 4),
-                                 "tokens_per_s": round(batch * args.new_tokens / sec, 1),
-                                 "ms_per_step": round(1000 * step, 3),
-                                 "bandwidth_fraction": round(step_bytes / step / (bandwidth * 1e9), 3)})
+                    rows.append(
+                        {
+                            "bench": "decode",
+                            "impl": impl,
+                            "batch": batch,
+                            "context": context,
+                            "new_tokens": args.new_tokens,
+                            "seconds": round(sec, 4),
+                            "tokens_per_s": round(batch * args.new_tokens / sec, 1),
+                            "ms_per_step": round(1000 * step, 3),
+                            "bandwidth_fraction": round(step_bytes / step / (bandwidth * 1e9), 3),
+                        }
+                    )
                 if "hf" in impls:
-                    level = {r["impl"]: r["tokens_per_s"] for r in rows[-len(impls):]}
-                    rows.append({"bench": "decode", "impl": "ratio", "batch": batch, "context": context,
-                                 **{f"{impl}_over_hf": round(level[impl] / level["hf"], 2)
-                                    for impl in impls if impl != "hf"}})
-        machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "copy_bandwidth_gbs": round(bandwidth, 1), "model": args.ckpt or args.preset, **device_info(device)}
+                    level = {r["impl"]: r["tokens_per_s"] for r in rows[-len(impls) :]}
+                    rows.append(
+                        {
+                            "bench": "decode",
+                            "impl": "ratio",
+                            "batch": batch,
+                            "context": context,
+                            **{
+                                f"{impl}_over_hf": round(level[impl] / level["hf"], 2) for impl in impls if impl != "hf"
+                            },
+                        }
+                    )
+        machine = {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "copy_bandwidth_gbs": round(bandwidth, 1),
+            "model": args.ckpt or args.preset,
+            **device_info(device),
+        }
         if device.type == "cuda" and args.compile:  # whether the compiled steps replayed CUDA graphs
             graphs = [d.graph for d in ours.__dict__.get("_compiled_decoders", {}).values()]
             machine["cuda_graphs"] = bool(graphs) and all(g is not None and g.usable for g in graphs)
@@ -230,8 +277,12 @@ def plot_decode(rows: list[dict], path: str) -> None:
     for impl in dict.fromkeys(r["impl"] for r in rows if r["impl"] != "ratio"):
         for batch in sorted({r["batch"] for r in rows if r["impl"] == impl}):
             pts = [r for r in rows if r["impl"] == impl and r["batch"] == batch]
-            ax.plot([r["context"] for r in pts], [r["tokens_per_s"] for r in pts], marker="o",
-                    label=f"{impl}, batch {batch}")
+            ax.plot(
+                [r["context"] for r in pts],
+                [r["tokens_per_s"] for r in pts],
+                marker="o",
+                label=f"{impl}, batch {batch}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (prompt tokens)")
     ax.set_ylabel("decode tokens/s")
@@ -256,8 +307,11 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def add_prefill_args(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
     parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--compile", action="store_true",
-                        help="also time nanoseek's compiled prefill (generate(compile_prefill=True); compiles once)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time nanoseek's compiled prefill (generate(compile_prefill=True); compiles once)",
+    )
 
 
 def add_decode_args(parser: argparse.ArgumentParser) -> None:
@@ -266,7 +320,13 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", default="16", help="comma-separated prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--plot", help="PNG of decode tokens/s vs context")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time nanoseek's compiled static-shape decode step (compiles once per batch)")
-    parser.add_argument("--no-cuda-graphs", action="store_true",
-                        help="the compiled step without CUDA-graph replay (generate(..., cuda_graphs=False))")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time nanoseek's compiled static-shape decode step (compiles once per batch)",
+    )
+    parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="the compiled step without CUDA-graph replay (generate(..., cuda_graphs=False))",
+    )

@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanoseek.errors import NanoseekError
 from nanoseek.data import BUNDLED_CORPUS
+from nanoseek.errors import NanoseekError
 
 MIB = 1 << 20
 
@@ -67,8 +67,8 @@ def random_checkpoint(preset: str, folder: Path) -> Path:
     import torch
 
     from nanoseek.config import ModelConfig
-    from nanoseek.model import Transformer
     from nanoseek.data.tokenizer import CharTokenizer
+    from nanoseek.model import Transformer
 
     corpus = BUNDLED_CORPUS
     tok = CharTokenizer.train([corpus.read_text()])
@@ -82,8 +82,21 @@ class ServerProcess:
     def __init__(self, ckpt: Path, max_batch: int, threads: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "nanoseek", "serve", str(ckpt), "--port", str(self.port),
-                "--max-batch", str(max_batch), "--max-queue", "256", "--model-name", "bench"]
+        args = [
+            sys.executable,
+            "-m",
+            "nanoseek",
+            "serve",
+            str(ckpt),
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(max_batch),
+            "--max-queue",
+            "256",
+            "--model-name",
+            "bench",
+        ]
         if threads:
             args += ["--threads", str(threads)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -167,13 +180,19 @@ async def run_level(url: str, clients: int, seconds: float, body: dict, headers:
         await asyncio.gather(*(client(i) for i in range(clients)))
         elapsed = time.perf_counter() - start
     ms = 1000.0
-    return {"requests": stats["requests"], "errors": stats["errors"], "error_samples": stats["error_samples"],
-            "wall_s": round(elapsed, 2),
-            "requests_per_s": round(stats["requests"] / elapsed, 3),
-            "tokens_per_s": round(stats["tokens"] / elapsed, 1),
-            "ttft_p50_ms": _ms(percentile(stats["ttft"], 50), ms), "ttft_p99_ms": _ms(percentile(stats["ttft"], 99), ms),
-            "itl_p50_ms": _ms(percentile(stats["itl"], 50), ms), "itl_p99_ms": _ms(percentile(stats["itl"], 99), ms),
-            "itl_mean_ms": _ms(statistics.fmean(stats["itl"]) if stats["itl"] else None, ms)}
+    return {
+        "requests": stats["requests"],
+        "errors": stats["errors"],
+        "error_samples": stats["error_samples"],
+        "wall_s": round(elapsed, 2),
+        "requests_per_s": round(stats["requests"] / elapsed, 3),
+        "tokens_per_s": round(stats["tokens"] / elapsed, 1),
+        "ttft_p50_ms": _ms(percentile(stats["ttft"], 50), ms),
+        "ttft_p99_ms": _ms(percentile(stats["ttft"], 99), ms),
+        "itl_p50_ms": _ms(percentile(stats["itl"], 50), ms),
+        "itl_p99_ms": _ms(percentile(stats["itl"], 99), ms),
+        "itl_mean_ms": _ms(statistics.fmean(stats["itl"]) if stats["itl"] else None, ms),
+    }
 
 
 def _ms(value: float | None, scale: float) -> float | None:
@@ -191,8 +210,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--prompt", default="ROMEO:\nWhat light through yonder window breaks?\n")
     parser.add_argument("--max-batch", type=int, default=16, help="rows of the started server")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads of the started server (0: serve's default, cores - 1)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads of the started server (0: serve's default, cores - 1)"
+    )
 
 
 def run_serve(args: argparse.Namespace) -> list[dict]:
@@ -218,22 +238,42 @@ def run_serve(args: argparse.Namespace) -> list[dict]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         model = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
-        body = {"model": model, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0.8,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "prompt": args.prompt,
+            "max_tokens": args.max_tokens,
+            "temperature": 0.8,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         asyncio.run(run_level(url, 1, min(3.0, args.seconds), body, headers))  # warm-up, not reported
         results = []
         for clients in levels:
             before = process_rss_mib(pid)
             figures = asyncio.run(run_level(url, clients, args.seconds, body, headers))
-            results.append({"bench": "serve", "impl": "nanoseek", "clients": clients, "seconds": args.seconds,
-                            "max_tokens": args.max_tokens, **figures,
-                            "server_rss_mib_before": before, "server_rss_mib_after": process_rss_mib(pid),
-                            "machine": _machine(args.threads)})
+            results.append(
+                {
+                    "bench": "serve",
+                    "impl": "nanoseek",
+                    "clients": clients,
+                    "seconds": args.seconds,
+                    "max_tokens": args.max_tokens,
+                    **figures,
+                    "server_rss_mib_before": before,
+                    "server_rss_mib_after": process_rss_mib(pid),
+                    "machine": _machine(args.threads),
+                }
+            )
         one = next((r for r in results if r["clients"] == 1), None)
         top = max(results, key=lambda r: r["clients"])
         if one and top is not one and one["tokens_per_s"]:
-            results.append({"bench": "serve", "impl": "ratio",
-                            f"tokens_per_s_{top['clients']}_over_1": round(top["tokens_per_s"] / one["tokens_per_s"], 2)})
+            results.append(
+                {
+                    "bench": "serve",
+                    "impl": "ratio",
+                    f"tokens_per_s_{top['clients']}_over_1": round(top["tokens_per_s"] / one["tokens_per_s"], 2),
+                }
+            )
         return results
     finally:
         if server:
@@ -247,5 +287,9 @@ def _machine(threads: int) -> dict:
 
     from nanoseek.bench.common import cpu_name
 
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "server_threads": threads or max(1, (os.cpu_count() or 2) - 1),
-            "torch": torch.__version__}
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "server_threads": threads or max(1, (os.cpu_count() or 2) - 1),
+        "torch": torch.__version__,
+    }

@@ -47,24 +47,45 @@ import gc
 import statistics
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 import nanoseek.bench.reference_gpt as reference_gpt
-from nanoseek.bench.common import DTYPES, MIB, RssSampler, cpu_name, current_rss, device_info, measure_matmul_peak, release_free_memory, torch_threads
+from nanoseek.bench.common import (
+    DTYPES,
+    MIB,
+    RssSampler,
+    cpu_name,
+    current_rss,
+    device_info,
+    measure_matmul_peak,
+    release_free_memory,
+    torch_threads,
+)
 from nanoseek.data import BUNDLED_CORPUS
 from nanoseek.errors import NanoseekError
-
 
 TRAIN_IMPLS = ("nanoseek", "nanoseek-compiled", "reference", "hf")
 VOCAB_SIZE = 65  # tiny Shakespeare's characters
 
+
 def _check_gpt2_shape(preset: str, cfg) -> None:
     """The reference is a GPT-2; comparing it with another architecture would mislead."""
-    wanted = dict(position="learned", attention="mha", ffn="gelu", norm="layernorm", norm_position="pre",
-                  tie_word_embeddings=True, attention_bias=True, mlp_bias=True, final_norm=True,
-                  embedding_scale=False, intermediate_size=4 * cfg.hidden_size, head_dim=None)
+    wanted = dict(
+        position="learned",
+        attention="mha",
+        ffn="gelu",
+        norm="layernorm",
+        norm_position="pre",
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        final_norm=True,
+        embedding_scale=False,
+        intermediate_size=4 * cfg.hidden_size,
+        head_dim=None,
+    )
     wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in wanted.items() if getattr(cfg, k) != v]
     if wrong:
         raise NanoseekError(
@@ -88,7 +109,7 @@ def make_batches(n: int, batch: int, seq_len: int, data: str, seed: int) -> list
         lookup[torch.tensor([ord(c) for c in chars])] = torch.arange(len(chars))
         tokens = lookup[torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8).long()]
         starts = torch.randint(0, len(tokens) - seq_len - 1, (n, batch), generator=gen)
-        windows = [torch.stack([tokens[s:s + seq_len + 1] for s in row.tolist()]) for row in starts]
+        windows = [torch.stack([tokens[s : s + seq_len + 1] for s in row.tolist()]) for row in starts]
     elif data == "random":
         windows = list(torch.randint(0, VOCAB_SIZE, (n, batch, seq_len + 1), generator=gen))
     else:
@@ -99,8 +120,13 @@ def make_batches(n: int, batch: int, seq_len: int, data: str, seed: int) -> list
 class TrainRunner:
     """One implementation: builds lazily, then runs steps on the shared batches."""
 
-    def __init__(self, impl: str, build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, Callable]],
-                 dtype: str, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        impl: str,
+        build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, Callable]],
+        dtype: str,
+        device: torch.device | str = "cpu",
+    ):
         self.impl, self._build, self.dtype = impl, build, dtype
         self.device = torch.device(device)
         self.model = self.optimizer = self.loss_fn = None
@@ -191,9 +217,15 @@ def training_loss(model, x, y) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _build_reference(module, cfg, lr: float, seed: int, device: torch.device | str = "cpu"):
-    gpt_cfg = module.GPTConfig(block_size=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
-                               n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
-                               n_embd=cfg.hidden_size, dropout=0.0, bias=True)
+    gpt_cfg = module.GPTConfig(
+        block_size=cfg.max_position_embeddings,
+        vocab_size=cfg.vocab_size,
+        n_layer=cfg.num_hidden_layers,
+        n_head=cfg.num_attention_heads,
+        n_embd=cfg.hidden_size,
+        dropout=0.0,
+        bias=True,
+    )
 
     def build():
         torch.manual_seed(seed)
@@ -221,8 +253,9 @@ def _build_hf(cfg, lr: float, seed: int, device: torch.device | str = "cpu"):
             model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device)
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                      lr=lr, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+        )
         return model, optimizer, hf_training_loss
 
     return build
@@ -233,10 +266,23 @@ def hf_training_loss(model, x, y) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
-def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek", "reference"), seq_len: int = 64,
-                batch: int = 12, dtype: str = "float32", ref_dtype: str = "float32", steps: int = 20,
-                warmup: int = 5, rounds: int = 3, threads: int = 2, peak_seconds: float = 1.5,
-                data: str = "shakespeare", lr: float = 1e-3, seed: int = 1337, device: str = "cpu") -> list[dict]:
+def bench_train(
+    preset: str = "gpt2-small",
+    impls: tuple[str, ...] = ("nanoseek", "reference"),
+    seq_len: int = 64,
+    batch: int = 12,
+    dtype: str = "float32",
+    ref_dtype: str = "float32",
+    steps: int = 20,
+    warmup: int = 5,
+    rounds: int = 3,
+    threads: int = 2,
+    peak_seconds: float = 1.5,
+    data: str = "shakespeare",
+    lr: float = 1e-3,
+    seed: int = 1337,
+    device: str = "cpu",
+) -> list[dict]:
     """Train nanoseek and its peers on the same batches; one result dict per impl, then the ratio.
 
     `dtype` is nanoseek's (bfloat16 = autocast), `ref_dtype` the peers'; `device` is cpu, cuda,
@@ -253,8 +299,14 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
     for name, value in (("dtype", dtype), ("ref_dtype", ref_dtype)):
         if value not in DTYPES:
             raise NanoseekError(f"{name}={value!r} is not valid; choose one of: {', '.join(DTYPES)}")
-    for name, value, low in (("seq_len", seq_len, 1), ("batch", batch, 1), ("steps", steps, 1),
-                             ("warmup", warmup, 0), ("rounds", rounds, 1), ("threads", threads, 0)):
+    for name, value, low in (
+        ("seq_len", seq_len, 1),
+        ("batch", batch, 1),
+        ("steps", steps, 1),
+        ("warmup", warmup, 0),
+        ("rounds", rounds, 1),
+        ("threads", threads, 0),
+    ):
         if value < low:
             raise NanoseekError(f"{name}={value} must be >= {low}")
 
@@ -275,9 +327,13 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
 
     with torch_threads(threads):
         n_threads = torch.get_num_threads()
-        peaks = {dt: measure_matmul_peak(dt, n_threads, peak_seconds, where)
-                 for dt in sorted({d for _, d in builders.values()})}
-        batches = [(x.to(where), y.to(where)) for x, y in make_batches(warmup + rounds * steps, batch, seq_len, data, seed)]
+        peaks = {
+            dt: measure_matmul_peak(dt, n_threads, peak_seconds, where)
+            for dt in sorted({d for _, d in builders.values()})
+        }
+        batches = [
+            (x.to(where), y.to(where)) for x, y in make_batches(warmup + rounds * steps, batch, seq_len, data, seed)
+        ]
         runners = [TrainRunner(impl, *builders[impl], where) for impl in impls]
         for runner in runners:
             runner.prime(batches)
@@ -292,47 +348,92 @@ def bench_train(preset: str = "gpt2-small", impls: tuple[str, ...] = ("nanoseek"
         per_round = [batch * seq_len / s for s in runner.round_seconds]
         tps = statistics.median(per_round)
         peak = peaks[runner.dtype]
-        results.append({
-            "bench": "train", "impl": runner.impl, "preset": preset, "dtype": runner.dtype,
-            "seq_len": seq_len, "batch": batch, "tokens_per_s": round(tps, 1),
-            "seconds": statistics.median(runner.round_seconds),
-            "mfu": tps * flops / (peak * 1e9) if peak > 0 else None,
-            "peak_rss_mib": round(runner.peak_rss / MIB, 1),
-            "peak_heap_mib": None if runner.peak_heap is None else round(runner.peak_heap / MIB, 1),
-            "peak_device_mib": None if runner.peak_device is None else round(runner.peak_device / MIB, 1),
-            "loss": runner.loss, **machine,
-            "steps": steps, "warmup": warmup, "rounds": rounds, "data": data,
-            "flops_per_token": flops, "peak_gflops": round(peak, 1),
-            "tokens_per_s_rounds": [round(t, 1) for t in per_round],
-        })
+        results.append(
+            {
+                "bench": "train",
+                "impl": runner.impl,
+                "preset": preset,
+                "dtype": runner.dtype,
+                "seq_len": seq_len,
+                "batch": batch,
+                "tokens_per_s": round(tps, 1),
+                "seconds": statistics.median(runner.round_seconds),
+                "mfu": tps * flops / (peak * 1e9) if peak > 0 else None,
+                "peak_rss_mib": round(runner.peak_rss / MIB, 1),
+                "peak_heap_mib": None if runner.peak_heap is None else round(runner.peak_heap / MIB, 1),
+                "peak_device_mib": None if runner.peak_device is None else round(runner.peak_device / MIB, 1),
+                "loss": runner.loss,
+                **machine,
+                "steps": steps,
+                "warmup": warmup,
+                "rounds": rounds,
+                "data": data,
+                "flops_per_token": flops,
+                "peak_gflops": round(peak, 1),
+                "tokens_per_s_rounds": [round(t, 1) for t in per_round],
+            }
+        )
     by_impl = {r["impl"]: r for r in results}
     if "nanoseek" in by_impl and "hf" in by_impl:
         ns, hf = by_impl["nanoseek"], by_impl["hf"]
-        results.append({"bench": "train", "impl": "ratio", "preset": preset, "seq_len": seq_len, "batch": batch,
-                        "nanoseek_over_hf": ns["tokens_per_s"] / hf["tokens_per_s"],
-                        "peak_rss_nanoseek_over_hf": (ns["peak_rss_mib"] / hf["peak_rss_mib"]
-                                                      if hf["peak_rss_mib"] > 0 else None),
-                        "peak_heap_nanoseek_over_hf": (ns["peak_heap_mib"] / hf["peak_heap_mib"]
-                                                       if hf["peak_heap_mib"] else None),
-                        "peak_device_nanoseek_over_hf": (ns["peak_device_mib"] / hf["peak_device_mib"]
-                                                         if hf["peak_device_mib"] else None), **machine})
+        results.append(
+            {
+                "bench": "train",
+                "impl": "ratio",
+                "preset": preset,
+                "seq_len": seq_len,
+                "batch": batch,
+                "nanoseek_over_hf": ns["tokens_per_s"] / hf["tokens_per_s"],
+                "peak_rss_nanoseek_over_hf": (
+                    ns["peak_rss_mib"] / hf["peak_rss_mib"] if hf["peak_rss_mib"] > 0 else None
+                ),
+                "peak_heap_nanoseek_over_hf": (
+                    ns["peak_heap_mib"] / hf["peak_heap_mib"] if hf["peak_heap_mib"] else None
+                ),
+                "peak_device_nanoseek_over_hf": (
+                    ns["peak_device_mib"] / hf["peak_device_mib"] if hf["peak_device_mib"] else None
+                ),
+                **machine,
+            }
+        )
     if "nanoseek-compiled" in by_impl:
         fast = by_impl["nanoseek-compiled"]
-        results.append({"bench": "train", "impl": "ratio", "preset": preset, "seq_len": seq_len, "batch": batch,
-                        **{f"nanoseek-compiled_over_{impl}": fast["tokens_per_s"] / by_impl[impl]["tokens_per_s"]
-                           for impl in ("nanoseek", "hf", "reference") if impl in by_impl}, **machine})
+        results.append(
+            {
+                "bench": "train",
+                "impl": "ratio",
+                "preset": preset,
+                "seq_len": seq_len,
+                "batch": batch,
+                **{
+                    f"nanoseek-compiled_over_{impl}": fast["tokens_per_s"] / by_impl[impl]["tokens_per_s"]
+                    for impl in ("nanoseek", "hf", "reference")
+                    if impl in by_impl
+                },
+                **machine,
+            }
+        )
     if "nanoseek" in by_impl and "reference" in by_impl:
         ns, ref = by_impl["nanoseek"], by_impl["reference"]
-        results.append({
-            "bench": "train", "impl": "ratio", "preset": preset, "dtype": ns["dtype"],
-            "ref_dtype": ref["dtype"], "seq_len": seq_len, "batch": batch,
-            "nanoseek_over_reference": ns["tokens_per_s"] / ref["tokens_per_s"],
-            "peak_rss_nanoseek_over_reference": (ns["peak_rss_mib"] / ref["peak_rss_mib"]
-                                                 if ref["peak_rss_mib"] > 0 else None),
-            "peak_heap_nanoseek_over_reference": (ns["peak_heap_mib"] / ref["peak_heap_mib"]
-                                                  if ref["peak_heap_mib"] else None),
-            **machine,
-        })
+        results.append(
+            {
+                "bench": "train",
+                "impl": "ratio",
+                "preset": preset,
+                "dtype": ns["dtype"],
+                "ref_dtype": ref["dtype"],
+                "seq_len": seq_len,
+                "batch": batch,
+                "nanoseek_over_reference": ns["tokens_per_s"] / ref["tokens_per_s"],
+                "peak_rss_nanoseek_over_reference": (
+                    ns["peak_rss_mib"] / ref["peak_rss_mib"] if ref["peak_rss_mib"] > 0 else None
+                ),
+                "peak_heap_nanoseek_over_reference": (
+                    ns["peak_heap_mib"] / ref["peak_heap_mib"] if ref["peak_heap_mib"] else None
+                ),
+                **machine,
+            }
+        )
     return results
 
 
@@ -352,22 +453,31 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="gpt2-small", help="a GPT-2-shaped preset (default gpt2-small)")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=12)
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                        help="nanoseek's compute dtype (bfloat16 = autocast on --device)")
-    parser.add_argument("--ref-dtype", choices=tuple(DTYPES), default="float32",
-                        help="the peers' compute dtype")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="nanoseek's compute dtype (bfloat16 = autocast on --device)",
+    )
+    parser.add_argument("--ref-dtype", choices=tuple(DTYPES), default="float32", help="the peers' compute dtype")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the first round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
-    parser.add_argument("--peers", default="reference",
-                        help="comma-separated: reference (GPT-2 presets), hf (transformers, DeepSeek/Llama presets), "
-                             "or none")
+    parser.add_argument(
+        "--peers",
+        default="reference",
+        help="comma-separated: reference (GPT-2 presets), hf (transformers, DeepSeek/Llama presets), or none",
+    )
     parser.add_argument("--data", choices=("shakespeare", "random"), default="shakespeare")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time nanoseek under torch.compile (train.compile=true), as nanoseek-compiled")
-    parser.add_argument("--peak-seconds", type=float, default=1.5,
-                        help="seconds spent measuring the matmul peak per dtype")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time nanoseek under torch.compile (train.compile=true), as nanoseek-compiled",
+    )
+    parser.add_argument(
+        "--peak-seconds", type=float, default=1.5, help="seconds spent measuring the matmul peak per dtype"
+    )
     add_device_arg(parser, default="cpu")
 
 
@@ -377,6 +487,18 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         if peer not in ("reference", "hf"):
             raise NanoseekError(f"--peers: unknown peer {peer!r}; choose from reference, hf, none")
     impls = ("nanoseek", *(["nanoseek-compiled"] if args.compile else []), *peers)
-    return bench_train(args.preset, impls, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
-                       ref_dtype=args.ref_dtype, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                       threads=args.threads, peak_seconds=args.peak_seconds, data=args.data, device=args.device)
+    return bench_train(
+        args.preset,
+        impls,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        dtype=args.dtype,
+        ref_dtype=args.ref_dtype,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        threads=args.threads,
+        peak_seconds=args.peak_seconds,
+        data=args.data,
+        device=args.device,
+    )

@@ -27,8 +27,20 @@ from nanoseek.cli import analysis, bench, generate, models, serve, train
 from nanoseek.cli.common import Command
 from nanoseek.errors import NanoseekError
 
-ORDER = ("train", "sample", "eval", "info", "chat", "serve", "convert", "embed", "inspect", "ablate", "tokenizer",
-         "bench")
+ORDER = (
+    "train",
+    "sample",
+    "eval",
+    "info",
+    "chat",
+    "serve",
+    "convert",
+    "embed",
+    "inspect",
+    "ablate",
+    "tokenizer",
+    "bench",
+)
 _ALL = {c.name: c for module in (train, generate, models, serve, analysis, bench) for c in module.COMMANDS}
 COMMANDS: dict[str, Command] = {name: _ALL[name] for name in ORDER}
 

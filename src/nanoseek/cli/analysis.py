@@ -50,8 +50,16 @@ def run_inspect(args, extra) -> int:
     model, tok, _ = load(args)
     if args.what == "attention":
         out = plot_attention(model, tok, args.prompt, args.layer, args.out or "attention.png")
-        print(json.dumps({"inspect": "attention", "layer": args.layer,
-                          "kind": model.config.layer_sparse(args.layer), "out": str(out)}))
+        print(
+            json.dumps(
+                {
+                    "inspect": "attention",
+                    "layer": args.layer,
+                    "kind": model.config.layer_sparse(args.layer),
+                    "out": str(out),
+                }
+            )
+        )
         return 0
     out = plot_fusion(model, tok, args.prompt, args.out or "fusion.png")
     print(json.dumps({"inspect": args.what, "fusion": model.config.fusion, "out": str(out)}))
@@ -60,6 +68,5 @@ def run_inspect(args, extra) -> int:
 
 COMMANDS = [
     Command("embed", "sentence vectors (scalar mix of all layers, mean-pooled)", add_embed_arguments, run_embed),
-    Command("inspect", "pictures of a trained model (fusion weights, attention)", add_inspect_arguments,
-            run_inspect),
+    Command("inspect", "pictures of a trained model (fusion weights, attention)", add_inspect_arguments, run_inspect),
 ]

@@ -47,18 +47,27 @@ def split_overrides(extra: list[str]) -> dict:
 def add_checkpoint_args(parser: argparse.ArgumentParser, device: bool = True) -> None:
     """The positional CKPT (checkpoint, run folder or HF folder), --trust-pickle and --device."""
     parser.add_argument("ckpt", help="a checkpoint folder, a run folder (its latest checkpoint) or an HF folder")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)",
+    )
     if device:
         add_device_arg(parser)
 
 
 def add_compile_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--compile", action="store_true",
-                        help="compiled static-shape decode step (compiles once, then much faster per token)")
-    parser.add_argument("--compile-prefill", action="store_true",
-                        help="prompt prefill under torch.compile with dynamic shapes (one graph for every prompt "
-                             "length; its first compile is long, so it pays off for long or many prompts)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled static-shape decode step (compiles once, then much faster per token)",
+    )
+    parser.add_argument(
+        "--compile-prefill",
+        action="store_true",
+        help="prompt prefill under torch.compile with dynamic shapes (one graph for every prompt "
+        "length; its first compile is long, so it pays off for long or many prompts)",
+    )
 
 
 def load(args: argparse.Namespace, tokenizer: bool = True) -> LoadedCheckpoint:

@@ -25,24 +25,39 @@ def add_sample_arguments(s) -> None:
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--threads", type=int)
-    s.add_argument("--speculative", action="store_true",
-                   help="greedy decoding with the MTP module as drafter (prints acceptance and speedup)")
+    s.add_argument(
+        "--speculative",
+        action="store_true",
+        help="greedy decoding with the MTP module as drafter (prints acceptance and speedup)",
+    )
     add_compile_args(s)
 
 
 def run_sample(args, extra) -> int:
     reject_extra(extra)
     if args.speculative and (args.compile or args.compile_prefill):
-        raise NanoseekError("--speculative decodes eagerly (its draft-and-verify steps change shape); "
-                            "drop --compile / --compile-prefill")
+        raise NanoseekError(
+            "--speculative decodes eagerly (its draft-and-verify steps change shape); "
+            "drop --compile / --compile-prefill"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, _ = load(args)
     prompt = args.prompt if args.prompt is not None else "\n"
-    pieces = stream_past_context(model, tok, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 repetition_penalty=args.repetition_penalty, stop=args.stop or None,
-                                 compile=args.compile, compile_prefill=args.compile_prefill)  # checks the prompt
+    pieces = stream_past_context(
+        model,
+        tok,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop or None,
+        compile=args.compile,
+        compile_prefill=args.compile_prefill,
+    )  # checks the prompt
     if args.speculative:
         text, report = compare_with_greedy(model, tok, prompt, args.max_new_tokens)
         print(prompt + text)
@@ -71,9 +86,19 @@ def run_chat(args, extra) -> int:
     """Interactive chat on stdin/stdout; the checkpoint's chat template when it has one."""
     reject_extra(extra)
     model, tok, folder = load(args)
-    chat = Chat(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, folder=folder,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                compile=args.compile, compile_prefill=args.compile_prefill)
+    chat = Chat(
+        model,
+        tok,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        folder=folder,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        compile=args.compile,
+        compile_prefill=args.compile_prefill,
+    )
     print("chat: type a message and press Enter (Ctrl-D to quit)", file=sys.stderr)
     for line in sys.stdin:
         text = line.strip()

@@ -23,8 +23,9 @@ def add_eval_arguments(e) -> None:
 def run_eval(args, extra) -> int:
     reject_extra(extra)
     model, tok, folder = load(args)
-    print(json.dumps(evaluate_checkpoint(model, tok, folder, args.data, args.seq_len, args.batch_size,
-                                         args.max_batches)))
+    print(
+        json.dumps(evaluate_checkpoint(model, tok, folder, args.data, args.seq_len, args.batch_size, args.max_batches))
+    )
     return 0
 
 
@@ -32,8 +33,11 @@ def add_info_arguments(i) -> None:
     i.add_argument("ckpt", nargs="?", help="a checkpoint folder, a run folder or an HF folder")
     i.add_argument("--preset", help="a named config instead of a checkpoint")
     i.add_argument("--seq-len", type=int, help="context length for the FLOPs estimate")
-    i.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+    i.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)",
+    )
 
 
 def run_info(args, extra) -> int:
@@ -54,8 +58,11 @@ def add_convert_arguments(cv) -> None:
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("hf", "nanoseek"), required=True)
     cv.add_argument("--dtype", choices=("float32", "bfloat16"))
-    cv.add_argument("--trust-pickle", action="store_true",
-                    help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)")
+    cv.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)",
+    )
 
 
 def run_convert(args, extra) -> int:
@@ -68,6 +75,7 @@ def run_convert(args, extra) -> int:
 COMMANDS = [
     Command("eval", "loss, perplexity and bits per byte on held-out text", add_eval_arguments, run_eval),
     Command("info", "parameters, FLOPs per token and KV-cache bytes per token", add_info_arguments, run_info),
-    Command("convert", "convert a checkpoint between nanoseek and Hugging Face formats", add_convert_arguments,
-            run_convert),
+    Command(
+        "convert", "convert a checkpoint between nanoseek and Hugging Face formats", add_convert_arguments, run_convert
+    ),
 ]

@@ -21,8 +21,12 @@ def add_serve_arguments(sv) -> None:
     sv.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a row; beyond: 429")
     sv.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the context)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    sv.add_argument("--threads", type=int, help="torch threads (default: cores - 1, leaving one core to "
-                    "the HTTP loop; on 2 cores this doubles throughput under load)")
+    sv.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: cores - 1, leaving one core to "
+        "the HTTP loop; on 2 cores this doubles throughput under load)",
+    )
 
 
 def check_limits(args) -> None:
@@ -42,10 +46,19 @@ def run_serve(args, extra) -> int:
     check_limits(args)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     model, tok, folder = load(args)
-    serve(model, tok, name=args.model_name or Path(args.ckpt).resolve().name, folder=folder, host=args.host,
-          port=args.port, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY") or None,
-          max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
-          max_body_bytes=args.max_body_bytes)
+    serve(
+        model,
+        tok,
+        name=args.model_name or Path(args.ckpt).resolve().name,
+        folder=folder,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens=args.max_tokens,
+        max_body_bytes=args.max_body_bytes,
+    )
     return 0
 
 

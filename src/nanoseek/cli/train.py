@@ -46,8 +46,11 @@ def run_train(args, extra) -> int:
         return 0
     print(json.dumps(summary))
     if summary.get("stopped_by") == "interrupt":
-        print(f"interrupted: checkpoint saved; continue with: nanoseek train --out {cfg.out} --resume "
-              f"(plus the same arguments)", file=sys.stderr)
+        print(
+            f"interrupted: checkpoint saved; continue with: nanoseek train --out {cfg.out} --resume "
+            f"(plus the same arguments)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -63,8 +66,16 @@ def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
             rest.append(arg)
     if not any(a.startswith("--dist.strategy") for a in rest):
         rest.append("--dist.strategy=ddp")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "nanoseek", *rest]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "nanoseek",
+        *rest,
+    ]
 
 
 def launch_torchrun(nproc: int) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from nanoseek.config.parse import check_choice, check_positive, from_dict, to_dict
 from nanoseek.errors import NanoseekError
@@ -34,7 +33,6 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
 
 
-
 @dataclass
 class ModelConfig:
     """Every architectural choice of a `Transformer`. HF DeepSeek field names where HF has one."""
@@ -44,8 +42,8 @@ class ModelConfig:
     hidden_size: int = 64
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
-    num_key_value_heads: Optional[int] = None  # None = num_attention_heads (MHA)
-    head_dim: Optional[int] = None  # None = hidden_size // num_attention_heads
+    num_key_value_heads: int | None = None  # None = num_attention_heads (MHA)
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads
     intermediate_size: int = 256
     max_position_embeddings: int = 256
     # norms, init, biases, dropout
@@ -58,10 +56,10 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     # rotary positions
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None  # {"rope_type": "yarn", "factor": .., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "yarn", "factor": .., ...}
     rope_interleave: bool = True  # DeepSeek pairs (2i, 2i+1); False = Llama half-split
     # multi-head latent attention
-    q_lora_rank: Optional[int] = None
+    q_lora_rank: int | None = None
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
@@ -79,21 +77,21 @@ class ModelConfig:
     topk_group: int = 1
     norm_topk_prob: bool = True
     num_hash_layers: int = 0  # the first MoE layers route by a fixed token-id -> experts table (V4)
-    swiglu_limit: Optional[float] = None  # clamp expert gate (max) and up (+-) pre-activations (V4: 10)
+    swiglu_limit: float | None = None  # clamp expert gate (max) and up (+-) pre-activations (V4: 10)
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight
     bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing
     # multi-token prediction
     num_nextn_predict_layers: int = 0
     mtp_loss_weight: float = 0.3
     # special tokens
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
     # nanoseek kinds (no HF field; exported under "nanoseek")
     position: str = "rope"
     attention: str = "mha"
     sparse: str = "dense"  # the attention pattern of every layer (see sparse_layers)
-    sparse_layers: Optional[list] = None  # per-layer kinds; a shorter list repeats (["sliding", "dense"])
+    sparse_layers: list | None = None  # per-layer kinds; a shorter list repeats (["sliding", "dense"])
     sliding_window: int = 512  # keys a "sliding" query sees, itself included
     nsa_block: int = 64  # NSA: tokens per compressed / selected block (l = l' = d)
     nsa_topn: int = 16  # NSA: blocks each query block attends to (first, previous and own included)
@@ -117,7 +115,9 @@ class ModelConfig:
     final_norm: bool = True  # post-norm models already end in a norm
     depth_scaled_init: bool = True  # output projections get std / sqrt(2 * layers)
     # how the model runs (no effect on its weights or math; never exported to HF)
-    kernels: bool = True  # fused/recomputing fast paths from nanoseek.kernels where installed; False = the plain reference
+    kernels: bool = (
+        True  # fused/recomputing fast paths from nanoseek.kernels where installed; False = the plain reference
+    )
 
     def __post_init__(self):
         self.validate()
@@ -155,8 +155,14 @@ class ModelConfig:
     def validate(self):
         if not isinstance(self.kernels, bool):
             raise NanoseekError(f"kernels={self.kernels!r}: expected true/false")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             check_positive(name, getattr(self, name))
         for name in ("num_key_value_heads", "head_dim", "q_lora_rank"):
             check_positive(name, getattr(self, name))
@@ -193,8 +199,10 @@ class ModelConfig:
     def _validate_sparse(self):
         if self.sparse_layers is not None:
             if not isinstance(self.sparse_layers, list) or not self.sparse_layers:
-                raise NanoseekError("sparse_layers must be a non-empty list of kinds, one per layer "
-                                    f"(or a pattern that repeats): {', '.join(SPARSE_KINDS)}")
+                raise NanoseekError(
+                    "sparse_layers must be a non-empty list of kinds, one per layer "
+                    f"(or a pattern that repeats): {', '.join(SPARSE_KINDS)}"
+                )
             for i, kind in enumerate(self.sparse_layers):
                 check_choice(f"sparse_layers[{i}]", kind, SPARSE_KINDS)
         kinds = {self.layer_sparse(i) for i in range(self.num_hidden_layers)}
@@ -202,38 +210,50 @@ class ModelConfig:
         if "nsa" in kinds:
             check_positive("nsa_block", self.nsa_block)
             if self.nsa_topn < 3:
-                raise NanoseekError(f"nsa_topn={self.nsa_topn} must be >= 3 (the first, previous and own block "
-                                    f"are always selected)")
+                raise NanoseekError(
+                    f"nsa_topn={self.nsa_topn} must be >= 3 (the first, previous and own block are always selected)"
+                )
             if self.attention == "mla":
-                raise NanoseekError("sparse='nsa' has its own key/value projections per branch; use "
-                                    "attention='mha', 'gqa' or 'mqa' (for MLA models use sparse='dsa')")
+                raise NanoseekError(
+                    "sparse='nsa' has its own key/value projections per branch; use "
+                    "attention='mha', 'gqa' or 'mqa' (for MLA models use sparse='dsa')"
+                )
         v4_kinds = {"csa", "hca"} & kinds
         if v4_kinds and self.attention != "v4":
-            raise NanoseekError(f"sparse={sorted(v4_kinds)[0]!r} is DeepSeek-V4 compressed attention; it needs "
-                                "attention='v4'")
+            raise NanoseekError(
+                f"sparse={sorted(v4_kinds)[0]!r} is DeepSeek-V4 compressed attention; it needs attention='v4'"
+            )
         if self.attention == "v4" and {"nsa", "dsa"} & kinds:
             raise NanoseekError("attention='v4' layers are one of: dense, sliding, csa, hca")
         if "csa" in kinds:
             for name in ("index_topk", "index_n_heads", "index_head_dim"):
                 check_positive(name, getattr(self, name))
             if self.index_head_dim < self.qk_rope_head_dim:
-                raise NanoseekError(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
-                                    f"{self.qk_rope_head_dim} (the indexer rotates its last rope dims)")
+                raise NanoseekError(
+                    f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                    f"{self.qk_rope_head_dim} (the indexer rotates its last rope dims)"
+                )
         if "dsa" in kinds:
             for name in ("index_topk", "index_n_heads", "index_head_dim"):
                 check_positive(name, getattr(self, name))
             if self.attention != "mla" or not self.q_lora_rank:
-                raise NanoseekError("sparse='dsa' (the lightning indexer) needs attention='mla' with a "
-                                    "q_lora_rank, as DeepSeek-V3.2 has")
+                raise NanoseekError(
+                    "sparse='dsa' (the lightning indexer) needs attention='mla' with a "
+                    "q_lora_rank, as DeepSeek-V3.2 has"
+                )
             if self.index_head_dim < self.qk_rope_head_dim:
-                raise NanoseekError(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
-                                    f"{self.qk_rope_head_dim} (the indexer rotates its first rope dims)")
+                raise NanoseekError(
+                    f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                    f"{self.qk_rope_head_dim} (the indexer rotates its first rope dims)"
+                )
 
     def _validate_v4(self):
         h, hd = self.num_attention_heads, self.attn_head_dim
         if self.num_key_value_heads not in (None, 1):
-            raise NanoseekError(f"num_key_value_heads={self.num_key_value_heads}: attention='v4' has one shared "
-                                "key/value head (set 1 or leave it unset)")
+            raise NanoseekError(
+                f"num_key_value_heads={self.num_key_value_heads}: attention='v4' has one shared "
+                "key/value head (set 1 or leave it unset)"
+            )
         if not self.q_lora_rank:
             raise NanoseekError("attention='v4' needs q_lora_rank (its queries are low-rank)")
         for name in ("o_groups", "o_lora_rank", "compress_rate_csa", "compress_rate_hca"):
@@ -262,9 +282,7 @@ class ModelConfig:
             )
         kv = self.n_kv_heads
         if h % kv:
-            raise NanoseekError(
-                f"num_key_value_heads={kv} does not divide num_attention_heads={h}"
-            )
+            raise NanoseekError(f"num_key_value_heads={kv} does not divide num_attention_heads={h}")
         if self.position == "rope" and self.attn_head_dim % 2:
             raise NanoseekError(f"head_dim={self.attn_head_dim} must be even for position='rope'")
 
@@ -314,11 +332,11 @@ class ModelConfig:
 
     # ----- construction helpers
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         return from_dict(cls, data, "model")
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
         from nanoseek.config.presets import get_preset
 
         return cls.from_dict({**get_preset(name), **overrides})
@@ -326,9 +344,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return to_dict(self)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return ModelConfig.from_dict({**self.to_dict(), **changes})
-
 
 
 def mscale(scale: float, m: float = 1.0) -> float:

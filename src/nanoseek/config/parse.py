@@ -23,6 +23,7 @@ from nanoseek.errors import NanoseekError
 # --------------------------------------------------------------------------------------------
 # generic dataclass <-> dict with validation
 
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
@@ -90,9 +91,7 @@ def from_dict(cls, data: dict, where: str = ""):
     unknown = [k for k in data if k not in names]
     if unknown:
         prefix = f"{where}." if where else ""
-        raise NanoseekError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys: {', '.join(names)}"
-        )
+        raise NanoseekError(f"unknown config key {prefix}{unknown[0]!r}; valid keys: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -166,4 +165,3 @@ def deep_update(dst: dict, src: dict):
             deep_update(dst[k], v)
         else:
             dst[k] = v
-

@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config.model import ModelConfig
-from nanoseek.config.parse import (apply_override, check_choice, check_positive, deep_update, from_dict,
-                                   load_config_file, to_dict)
+from nanoseek.config.parse import (
+    apply_override,
+    check_choice,
+    check_positive,
+    deep_update,
+    from_dict,
+    load_config_file,
+    to_dict,
+)
 from nanoseek.config.presets import DEFAULT_PRESET, get_preset, get_run_defaults
 from nanoseek.device import check_device_name
 from nanoseek.errors import NanoseekError
@@ -129,17 +136,29 @@ class TrainConfig:
         check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
         check_positive("train.dsa_warmup_steps", self.train.dsa_warmup_steps, allow_zero=True)
         if self.train.dsa_warmup_steps and self.dist.strategy == "ddp":
-            raise NanoseekError("train.dsa_warmup_steps trains only the indexers, which DDP cannot do "
-                                "(it expects a gradient for every parameter); warm up in one process")
-        for where, value in (("optim.lr", self.optim.lr), ("train.batch_size", self.train.batch_size),
-                             ("train.grad_accum", self.train.grad_accum), ("data.seq_len", self.data.seq_len),
-                             ("eval.batch_size", self.eval.batch_size), ("log.every", self.log.every)):
+            raise NanoseekError(
+                "train.dsa_warmup_steps trains only the indexers, which DDP cannot do "
+                "(it expects a gradient for every parameter); warm up in one process"
+            )
+        for where, value in (
+            ("optim.lr", self.optim.lr),
+            ("train.batch_size", self.train.batch_size),
+            ("train.grad_accum", self.train.grad_accum),
+            ("data.seq_len", self.data.seq_len),
+            ("eval.batch_size", self.eval.batch_size),
+            ("log.every", self.log.every),
+        ):
             check_positive(where, value)
-        for where, value in (("train.max_steps", self.train.max_steps), ("train.max_tokens", self.train.max_tokens),
-                             ("train.max_seconds", self.train.max_seconds), ("optim.grad_clip", self.optim.grad_clip),
-                             ("schedule.warmup_steps", self.schedule.warmup_steps),
-                             ("checkpoint.every", self.checkpoint.every), ("eval.every", self.eval.every),
-                             ("optim.weight_decay", self.optim.weight_decay)):
+        for where, value in (
+            ("train.max_steps", self.train.max_steps),
+            ("train.max_tokens", self.train.max_tokens),
+            ("train.max_seconds", self.train.max_seconds),
+            ("optim.grad_clip", self.optim.grad_clip),
+            ("schedule.warmup_steps", self.schedule.warmup_steps),
+            ("checkpoint.every", self.checkpoint.every),
+            ("eval.every", self.eval.every),
+            ("optim.weight_decay", self.optim.weight_decay),
+        ):
             check_positive(where, value, allow_zero=True)
         if self.checkpoint.keep_last < 1:
             raise NanoseekError(f"checkpoint.keep_last={self.checkpoint.keep_last} must be >= 1")
@@ -154,7 +173,7 @@ class TrainConfig:
             )
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         return from_dict(cls, data)
 
     def to_dict(self) -> dict:
@@ -164,9 +183,9 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
-
-def build_train_config(file: str | Path | None = None, preset: str | None = None,
-                       overrides: dict[str, Any] | None = None) -> TrainConfig:
+def build_train_config(
+    file: str | Path | None = None, preset: str | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
     """Preset (model + run defaults) < config file < dotted overrides."""
     data: dict = load_config_file(file) if file else {}
     name = preset or data.get("preset") or DEFAULT_PRESET

@@ -44,8 +44,8 @@ def _cut_point(buffer: bytes) -> int:
     """
     half = len(buffer) // 2
     last_safe = None
-    for last_safe in _SAFE_NEWLINE.finditer(buffer, half):
-        pass
+    for match in _SAFE_NEWLINE.finditer(buffer, half):
+        last_safe = match
     if last_safe is not None:
         return last_safe.end()
     newline = buffer.rfind(b"\n", half)
@@ -73,8 +73,9 @@ def iter_file_chunks(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> Ite
             yield leftover
 
 
-def iter_text_chunks(files: Sequence[str | os.PathLike], chunk_bytes: int = 1 << 20,
-                     errors: str = "strict") -> Iterator[str]:
+def iter_text_chunks(
+    files: Sequence[str | os.PathLike], chunk_bytes: int = 1 << 20, errors: str = "strict"
+) -> Iterator[str]:
     """The text of each file in turn, in chunks of about `chunk_bytes` bytes, decoded as UTF-8.
 
     `errors` is the codec's: "replace" shows invalid bytes as U+FFFD, "surrogateescape" keeps them
@@ -118,8 +119,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     tmp = _sibling(path)
     binary = "b" in mode
     try:
-        with open(tmp, mode.replace("w", "x"), encoding=None if binary else encoding,
-                  newline=None if binary else "") as handle:
+        with open(
+            tmp, mode.replace("w", "x"), encoding=None if binary else encoding, newline=None if binary else ""
+        ) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -53,17 +53,13 @@ def _describe_sources(files: Sequence[str | os.PathLike]) -> list[dict]:
         if not path.is_file():
             raise NanoseekError(f"corpus file {file} does not exist")
         stat = path.stat()
-        sources.append({"path": str(path.resolve()), "size": stat.st_size,
-                        "mtime_ns": stat.st_mtime_ns})
+        sources.append({"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     return sources
 
 
-def _cache_key(sources: list[dict], tokenizer: Tokenizer, val_fraction: float,
-               chunk_bytes: int) -> dict:
-    tokenizer_id = {"kind": tokenizer.name, "sha256": tokenizer.fingerprint(),
-                    "vocab_size": tokenizer.vocab_size}
-    return {"sources": sources, "tokenizer": tokenizer_id, "val_fraction": val_fraction,
-            "chunk_bytes": chunk_bytes}
+def _cache_key(sources: list[dict], tokenizer: Tokenizer, val_fraction: float, chunk_bytes: int) -> dict:
+    tokenizer_id = {"kind": tokenizer.name, "sha256": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size}
+    return {"sources": sources, "tokenizer": tokenizer_id, "val_fraction": val_fraction, "chunk_bytes": chunk_bytes}
 
 
 def _read_meta(out_dir: Path) -> dict | None:
@@ -85,8 +81,7 @@ def _cached_meta(out_dir: Path, key: dict) -> dict | None:
     return meta
 
 
-def _write_tokens(sources: list[dict], tokenizer: Tokenizer, out: BinaryIO, dtype: np.dtype,
-                  chunk_bytes: int) -> int:
+def _write_tokens(sources: list[dict], tokenizer: Tokenizer, out: BinaryIO, dtype: np.dtype, chunk_bytes: int) -> int:
     """Tokenize each file chunk by chunk, appending ids to ``out``; returns the token count."""
     n_tokens = 0
     for source in sources:
@@ -105,7 +100,7 @@ def count_bytes(tokens: np.ndarray, byte_lengths: np.ndarray) -> int:
     """Total bytes the tokens decode to, summed chunk by chunk (works on memmaps)."""
     total = 0
     for start in range(0, len(tokens), _BYTE_COUNT_CHUNK):
-        total += int(byte_lengths[tokens[start:start + _BYTE_COUNT_CHUNK]].sum())
+        total += int(byte_lengths[tokens[start : start + _BYTE_COUNT_CHUNK]].sum())
     return total
 
 
@@ -115,13 +110,18 @@ def _split_point(n_tokens: int, val_fraction: float, files: list[dict]) -> int:
         names = ", ".join(source["path"] for source in files)
         raise NanoseekError(
             f"corpus ({names}) has only {n_tokens} tokens: too small for a train and a "
-            f"validation split with val_fraction={val_fraction}")
+            f"validation split with val_fraction={val_fraction}"
+        )
     return n_tokens - n_val
 
 
-def prepare_corpus(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                   tokenizer: Tokenizer, val_fraction: float = 0.1,
-                   chunk_bytes: int = 1 << 20) -> dict:
+def prepare_corpus(
+    files: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    tokenizer: Tokenizer,
+    val_fraction: float = 0.1,
+    chunk_bytes: int = 1 << 20,
+) -> dict:
     """Tokenize text files into ``out_dir/tokens.bin`` + ``meta.json``; returns the meta.
 
     Reuses an existing preparation made from the same files (path, size, mtime), the same
@@ -145,11 +145,19 @@ def prepare_corpus(files: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         val_start = _split_point(n_tokens, val_fraction, sources)
     tokens = np.memmap(out / TOKENS_FILENAME, dtype=dtype, mode="r", shape=(n_tokens,))
     byte_lengths = tokenizer.token_byte_lengths()
-    meta = {"format": META_FORMAT, "version": 1, **key, "dtype": dtype.name,
-            "vocab_size": tokenizer.vocab_size, "n_tokens": n_tokens, "val_start": val_start,
-            "train_tokens": val_start, "val_tokens": n_tokens - val_start,
-            "train_bytes": count_bytes(tokens[:val_start], byte_lengths),
-            "val_bytes": count_bytes(tokens[val_start:], byte_lengths)}
+    meta = {
+        "format": META_FORMAT,
+        "version": 1,
+        **key,
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "n_tokens": n_tokens,
+        "val_start": val_start,
+        "train_tokens": val_start,
+        "val_tokens": n_tokens - val_start,
+        "train_bytes": count_bytes(tokens[:val_start], byte_lengths),
+        "val_bytes": count_bytes(tokens[val_start:], byte_lengths),
+    }
     del tokens
     atomic_write_text(out / META_FILENAME, json.dumps(meta, indent=1))
     return meta
@@ -165,15 +173,13 @@ class TokenDataset:
         self.dir = Path(out_dir)
         meta = _read_meta(self.dir)
         if meta is None or meta.get("format") != META_FORMAT:
-            raise NanoseekError(
-                f"{self.dir / META_FILENAME} is missing or unreadable: prepare the corpus first")
+            raise NanoseekError(f"{self.dir / META_FILENAME} is missing or unreadable: prepare the corpus first")
         self.meta = meta
         path = self.dir / TOKENS_FILENAME
         dtype = np.dtype(meta["dtype"])
         expected = meta["n_tokens"] * dtype.itemsize
         if not path.is_file() or path.stat().st_size != expected:
-            raise NanoseekError(
-                f"{path} is missing or not {expected} bytes as {META_FILENAME} says: prepare again")
+            raise NanoseekError(f"{path} is missing or not {expected} bytes as {META_FILENAME} says: prepare again")
         self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
 
     @property
@@ -220,16 +226,16 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> Batch:
 class BatchLoader:
     """Deterministic random windows; batch ``step`` depends only on (seed, step)."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         _require_positive(batch_size=batch_size, block_size=block_size, world_size=world_size)
         if not 0 <= rank < world_size:
             raise NanoseekError(f"rank must be in 0..{world_size - 1}, got {rank}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise NanoseekError(f"seed must be a non-negative integer, got {seed!r}")
         if len(tokens) <= block_size:
-            raise NanoseekError(
-                f"split has {len(tokens)} tokens, needs more than block_size={block_size}")
+            raise NanoseekError(f"split has {len(tokens)} tokens, needs more than block_size={block_size}")
         self.tokens = tokens
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size = rank, world_size
@@ -238,9 +244,8 @@ class BatchLoader:
     def offsets(self, step: int) -> np.ndarray:
         """This rank's window starts for batch ``step``."""
         rng = np.random.default_rng([self.seed, step])
-        global_starts = rng.integers(0, len(self.tokens) - self.block_size,
-                                     size=self.batch_size * self.world_size)
-        return global_starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        global_starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
+        return global_starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def next(self) -> Batch:
         """(x, y) int64 tensors [batch_size, block_size]; advances ``step``."""
@@ -259,13 +264,13 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         for name in ("step", "seed"):
             if not isinstance(state.get(name), (int, np.integer)) or state[name] < 0:
-                raise NanoseekError(
-                    f"loader state needs a non-negative integer {name!r}, got {state!r}")
+                raise NanoseekError(f"loader state needs a non-negative integer {name!r}, got {state!r}")
         self.step, self.seed = int(state["step"]), int(state["seed"])
 
 
-def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
-                      max_batches: int | None = None) -> Iterator[Batch]:
+def iter_eval_batches(
+    tokens: np.ndarray, batch_size: int, block_size: int, max_batches: int | None = None
+) -> Iterator[Batch]:
     """Non-overlapping windows over the whole split, in order, for full evaluation.
 
     Every token after the first is a target exactly once: full windows come in batches (the

@@ -49,10 +49,8 @@ CHAR_FORMAT = "nanoseek-char"
 TOKENIZER_KINDS = ("char", "bpe")
 
 # Names other tokenizers give to their begin/end/pad tokens, in order of preference.
-BOS_ALIASES = (BOS_TOKEN, "<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "[BOS]",
-               "<|endoftext|>")
-EOS_ALIASES = (EOS_TOKEN, "<｜end▁of▁sentence｜>", "<|end_of_text|>", "</s>", "[EOS]",
-               "<|endoftext|>")
+BOS_ALIASES = (BOS_TOKEN, "<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "[BOS]", "<|endoftext|>")
+EOS_ALIASES = (EOS_TOKEN, "<｜end▁of▁sentence｜>", "<|end_of_text|>", "</s>", "[EOS]", "<|endoftext|>")
 PAD_ALIASES = (PAD_TOKEN, "<｜▁pad▁｜>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -91,7 +89,7 @@ def split_at_safe_newlines(text: str, piece_chars: int) -> list[str]:
         match = _SAFE_NEWLINE.search(text, start + piece_chars)
         if match is None:
             break
-        pieces.append(text[start:match.start()])
+        pieces.append(text[start : match.start()])
         start = match.start()
     pieces.append(text[start:])
     return pieces
@@ -105,8 +103,7 @@ def bytes_to_unicode() -> dict[int, str]:
     space, ...) is shifted to the character 256+n, n counting those bytes in order, so that every
     byte has a visible, non-whitespace character and token strings can be stored as JSON text.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
     shifted = (b for b in range(256) if b not in table)
     for n, b in enumerate(shifted):
@@ -162,8 +159,7 @@ class Tokenizer(abc.ABC):
         ids = self._encode_escaped(to_escaped_str(text))
         return self._add_specials(ids, bos, eos)
 
-    def encode_batch(self, texts: Sequence[str | bytes], bos: bool = False,
-                     eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str | bytes], bos: bool = False, eos: bool = False) -> list[list[int]]:
         """``encode`` of each text (subclasses may run them in parallel)."""
         return [self.encode(text, bos=bos, eos=eos) for text in texts]
 
@@ -179,8 +175,7 @@ class Tokenizer(abc.ABC):
         ids = _ids_to_list(ids)
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise NanoseekError(
-                f"token id {bad} is outside the vocabulary (valid ids: 0..{self.vocab_size - 1})")
+            raise NanoseekError(f"token id {bad} is outside the vocabulary (valid ids: 0..{self.vocab_size - 1})")
         return b"".join(map(self._token_bytes.__getitem__, ids))
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -224,8 +219,9 @@ class CharTokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.pad_id = n_chars, n_chars + 1, n_chars + 2
         self._byte_base = n_chars + len(SPECIAL_TOKENS)
         self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
-        self._token_bytes = ([c.encode("utf-8") for c in self.chars]
-                             + [b""] * len(SPECIAL_TOKENS) + [bytes([b]) for b in range(256)])
+        self._token_bytes = (
+            [c.encode("utf-8") for c in self.chars] + [b""] * len(SPECIAL_TOKENS) + [bytes([b]) for b in range(256)]
+        )
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -241,8 +237,11 @@ class CharTokenizer(Tokenizer):
     def _encode_escaped(self, text: str) -> list[int]:
         codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
         ids = np.searchsorted(self._codepoints, codepoints).astype(np.int64)
-        known = self._codepoints[np.minimum(ids, len(self.chars) - 1)] == codepoints \
-            if len(self.chars) else np.zeros(len(codepoints), dtype=bool)
+        known = (
+            self._codepoints[np.minimum(ids, len(self.chars) - 1)] == codepoints
+            if len(self.chars)
+            else np.zeros(len(codepoints), dtype=bool)
+        )
         if known.all():
             return ids.tolist()
         return self._with_byte_fallback(text, ids, ~known).tolist()
@@ -260,18 +259,22 @@ class CharTokenizer(Tokenizer):
 
     def to_json_str(self) -> str:
         specials = dict(zip(SPECIAL_TOKENS, self.special_ids))
-        content = {"type": CHAR_FORMAT, "version": 1, "chars": self.chars,
-                   "special_tokens": specials, "byte_fallback_start": self._byte_base}
+        content = {
+            "type": CHAR_FORMAT,
+            "version": 1,
+            "chars": self.chars,
+            "special_tokens": specials,
+            "byte_fallback_start": self._byte_base,
+        }
         return json.dumps(content, ensure_ascii=False, indent=1)
 
     @classmethod
     def from_json(cls, content: dict, source: str) -> CharTokenizer:
         chars = content.get("chars")
-        if content.get("version") != 1 or not isinstance(chars, str) or not chars \
-                or len(set(chars)) != len(chars):
+        if content.get("version") != 1 or not isinstance(chars, str) or not chars or len(set(chars)) != len(chars):
             raise NanoseekError(
-                f"{source}: char tokenizer needs 'version': 1 and a 'chars' string of distinct "
-                "characters")
+                f"{source}: char tokenizer needs 'version': 1 and a 'chars' string of distinct characters"
+            )
         return cls(chars)
 
 
@@ -304,14 +307,15 @@ class BPETokenizer(Tokenizer):
         config = json.loads(hf_tokenizer.to_str())
         if not _is_byte_level(config.get("pre_tokenizer")):
             raise NanoseekError(
-                f"{source}: only byte-level BPE tokenizers are supported (pre_tokenizer must "
-                "contain ByteLevel)")
+                f"{source}: only byte-level BPE tokenizers are supported (pre_tokenizer must contain ByteLevel)"
+            )
         self._hf = hf_tokenizer
         self._hf.no_truncation()
         self._hf.no_padding()
         self._hf.encode_special_tokens = True  # "<|eos|>" typed by a user stays text
-        self._parallel_safe = config["pre_tokenizer"].get("type") == "ByteLevel" \
-            and config["pre_tokenizer"].get("use_regex", True)
+        self._parallel_safe = config["pre_tokenizer"].get("type") == "ByteLevel" and config["pre_tokenizer"].get(
+            "use_regex", True
+        )
         self._token_bytes = self._build_token_bytes()
         self._byte_ids = self._build_byte_ids(source)
         self._find_special_ids(source)
@@ -335,15 +339,13 @@ class BPETokenizer(Tokenizer):
         ids = [self._hf.token_to_id(char) for char in bytes_to_unicode().values()]
         if None in ids:
             missing = ids.index(None)
-            raise NanoseekError(
-                f"{source}: byte-level vocabulary lacks the single-byte token for byte {missing}")
+            raise NanoseekError(f"{source}: byte-level vocabulary lacks the single-byte token for byte {missing}")
         return np.array(ids, dtype=np.int64)
 
     def _find_special_ids(self, source: str) -> None:
         eos_id = _find_token_id(self._hf, EOS_ALIASES)
         if eos_id is None:
-            raise NanoseekError(
-                f"{source}: no end-of-text token found (looked for {', '.join(EOS_ALIASES)})")
+            raise NanoseekError(f"{source}: no end-of-text token found (looked for {', '.join(EOS_ALIASES)})")
         bos_id = _find_token_id(self._hf, BOS_ALIASES)
         pad_id = _find_token_id(self._hf, PAD_ALIASES)
         self.eos_id = eos_id
@@ -362,8 +364,11 @@ class BPETokenizer(Tokenizer):
         hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf_tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            show_progress=show_progress,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         # invalid UTF-8 shows as U+FFFD: the byte tokens spell such bytes anyway
         hf_tokenizer.train_from_iterator(iter_text_chunks(files, errors="replace"), trainer=trainer)
         return cls(hf_tokenizer, source="trained BPE tokenizer")
@@ -404,8 +409,7 @@ class BPETokenizer(Tokenizer):
         encodings = encode_batch(texts, add_special_tokens=False)
         return (encoding.ids for encoding in encodings)
 
-    def encode_batch(self, texts: Sequence[str | bytes], bos: bool = False,
-                     eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str | bytes], bos: bool = False, eos: bool = False) -> list[list[int]]:
         """Parallel ``encode`` of many texts (HF ``encode_batch``)."""
         escaped = [to_escaped_str(text) for text in texts]
         if any(_SURROGATE.search(text) for text in escaped):
@@ -442,12 +446,10 @@ def _check_files_exist(files: Sequence[str | os.PathLike]) -> list[str]:
     return [str(file) for file in files]
 
 
-def train_tokenizer(kind: str, files: Sequence[str | os.PathLike],
-                    vocab_size: int | None = None) -> Tokenizer:
+def train_tokenizer(kind: str, files: Sequence[str | os.PathLike], vocab_size: int | None = None) -> Tokenizer:
     """Train a "char" (``vocab_size`` ignored) or "bpe" tokenizer on text files."""
     if kind not in TOKENIZER_KINDS:
-        raise NanoseekError(
-            f"tokenizer kind {kind!r} is unknown (valid: {', '.join(TOKENIZER_KINDS)})")
+        raise NanoseekError(f"tokenizer kind {kind!r} is unknown (valid: {', '.join(TOKENIZER_KINDS)})")
     paths = _check_files_exist(files)
     if kind == "char":
         return CharTokenizer.train(iter_text_chunks(paths, errors="surrogateescape"))
@@ -455,7 +457,8 @@ def train_tokenizer(kind: str, files: Sequence[str | os.PathLike],
     if vocab_size is None or vocab_size < minimum:
         raise NanoseekError(
             f"vocab_size must be at least {minimum} for a bpe tokenizer (256 bytes + 3 special "
-            f"tokens), got {vocab_size}")
+            f"tokens), got {vocab_size}"
+        )
     return BPETokenizer.train(paths, vocab_size)
 
 
@@ -478,5 +481,4 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     model = content.get("model")
     if isinstance(model, dict) and model.get("type", "BPE") == "BPE" and "merges" in model:
         return BPETokenizer.from_json_str(text, str(file))
-    raise NanoseekError(
-        f"tokenizer file {file} is neither a nanoseek char tokenizer nor an HF BPE tokenizer.json")
+    raise NanoseekError(f"tokenizer file {file} is neither a nanoseek char tokenizer nor an HF BPE tokenizer.json")

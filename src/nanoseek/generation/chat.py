@@ -75,8 +75,9 @@ def _render_jinja(template: dict, messages: list[dict], add_generation_prompt: b
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise NanoseekError("this checkpoint has a chat template; rendering it needs jinja2 "
-                            "(pip install 'nanoseek[hf]')") from None
+        raise NanoseekError(
+            "this checkpoint has a chat template; rendering it needs jinja2 (pip install 'nanoseek[hf]')"
+        ) from None
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -85,21 +86,29 @@ def _render_jinja(template: dict, messages: list[dict], add_generation_prompt: b
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template["template"]).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=template.get("bos_token", ""), eos_token=template.get("eos_token", ""))
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=template.get("bos_token", ""),
+            eos_token=template.get("eos_token", ""),
+        )
     except TemplateError as e:
         raise NanoseekError(f"chat template failed: {e}") from None
 
 
-def trim_history(messages: list[dict], render: Callable[[list[dict]], str], count: Callable[[str], int],
-                 max_new_tokens: int, context: int) -> tuple[str, int]:
+def trim_history(
+    messages: list[dict],
+    render: Callable[[list[dict]], str],
+    count: Callable[[str], int],
+    max_new_tokens: int,
+    context: int,
+) -> tuple[str, int]:
     """Drop the oldest exchanges of `messages` (in place) until the prompt leaves `max_new_tokens` of
     `context`, or only the system message and the newest message are left. Returns the prompt and
     the room left for the reply (< 1: the newest message alone does not fit)."""
     first = 1 if messages and messages[0]["role"] == "system" else 0
     prompt = render(messages)
     while count(prompt) + max_new_tokens > context and len(messages) > first + 1:
-        del messages[first:first + 2]  # the oldest user/assistant exchange: roles keep alternating
+        del messages[first : first + 2]  # the oldest user/assistant exchange: roles keep alternating
         prompt = render(messages)
     return prompt, context - count(prompt)
 
@@ -114,8 +123,15 @@ class Chat:
     with "\\nUser:" as a stop string. `options` go to `TextStream` (temperature, top_k, top_p, seed,
     compile, ...). `folder` is the checkpoint folder the chat template is read from (None: no template)."""
 
-    def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
-                 folder: str | Path | None = None, **options):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        folder: str | Path | None = None,
+        **options,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.template = load_chat_template(folder)
         self.stops = None if self.template["template"] else ["\nUser:"]
@@ -127,14 +143,24 @@ class Chat:
         """Stream the reply to the user's `text`; MessageTooLong (the message forgotten, the history
         as it was) when it does not fit the context even after the history was trimmed."""
         messages = [*self.messages, {"role": "user", "content": text}]
-        prompt, room = trim_history(messages, lambda m: render_chat(m, self.template),
-                                    lambda t: len(self.tokenizer.encode(t)), self.max_new_tokens,
-                                    self.model.config.max_position_embeddings)
+        prompt, room = trim_history(
+            messages,
+            lambda m: render_chat(m, self.template),
+            lambda t: len(self.tokenizer.encode(t)),
+            self.max_new_tokens,
+            self.model.config.max_position_embeddings,
+        )
         if room < 1:
             raise MessageTooLong("message too long for the model's context")
         self.messages = messages
-        stream = TextStream(self.model, self.tokenizer, prompt, max_new_tokens=min(self.max_new_tokens, room),
-                            stop=self.stops, **self.options)
+        stream = TextStream(
+            self.model,
+            self.tokenizer,
+            prompt,
+            max_new_tokens=min(self.max_new_tokens, room),
+            stop=self.stops,
+            **self.options,
+        )
         pieces = []
         for piece in stream:
             pieces.append(piece)

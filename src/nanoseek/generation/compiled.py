@@ -52,9 +52,9 @@ def compiled_prefill(model):
     compile is long, so it pays off for long or many prompts (figures in benchmarks/RESULTS.md)."""
     fn = model.__dict__.get("_compiled_prefill")
     if fn is None:
-
-        fn = model.__dict__["_compiled_prefill"] = torch.compile(lambda ids, cache: prefill(model, ids, cache),
-                                                                 dynamic=True)
+        fn = model.__dict__["_compiled_prefill"] = torch.compile(
+            lambda ids, cache: prefill(model, ids, cache), dynamic=True
+        )
 
     def run(ids: torch.Tensor, cache) -> torch.Tensor:
         # a fresh contiguous copy: a sliced prompt's stride, or a tensor made outside inference mode,
@@ -101,8 +101,12 @@ class MatvecLinear(torch.overrides.TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             y = (x.unsqueeze(-2) * weight).sum(-1)
             return y if bias is None else y + bias
-        if func in MATMULS and not kwargs and min(args[0].dim(), args[1].dim()) >= 2 \
-                and args[0].shape[-2] <= MATMUL_MAX_ROWS:
+        if (
+            func in MATMULS
+            and not kwargs
+            and min(args[0].dim(), args[1].dim()) >= 2
+            and args[0].shape[-2] <= MATMUL_MAX_ROWS
+        ):
             a, b = args  # (..., M, K) @ (..., K, N) with few rows M: a fused loop, no BLAS call
             return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
         return func(*args, **kwargs)
@@ -255,7 +259,7 @@ class CudaGraphStep:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self.step(self.token, self.positions)
         except RuntimeError as error:
-            warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding without it")
+            warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding without it", stacklevel=2)
             self.usable = False
             return
         self.graph = graph

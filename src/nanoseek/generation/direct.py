@@ -28,9 +28,9 @@ class DirectStep:
     finds the entry whose guards pass for this decoder and its inputs; the later steps run that
     code directly, without dynamo's frame evaluation (which the `skip_guard_eval_unsafe` stance
     still pays most of), as long as the global state dynamo guards on (grad mode, autocast, default
-    dtype, ...) is what it was at the selection (one C++ check a step). Only for a step compiled as one graph (no resume functions: a
-    step with a graph break keeps dynamo) under the default stance. The entry API is dynamo's
-    internal one, so anything unexpected leaves `fn` None and the caller on the stance path."""
+    dtype, ...) is what it was at the selection (one C++ check a step). Only for a step compiled as
+    one graph (no resume functions: a step with a graph break keeps dynamo) under the default stance.
+    The entry API is dynamo's internal one, so anything unexpected leaves `fn` None and the caller on the stance path."""
 
     def __init__(self, function):
         self.function = function  # CompiledDecoder._step, whose code object dynamo caches on
@@ -52,7 +52,7 @@ class DirectStep:
             if _stance.stance != "default":  # e.g. force_eager: leave every call to dynamo
                 return
             code = self.function.__code__
-            f_locals = dict(zip(code.co_varnames[:code.co_argcount], (decoder, token, positions)))
+            f_locals = dict(zip(code.co_varnames[: code.co_argcount], (decoder, token, positions)))
             for entry in _debug_get_cache_entry_list(code):
                 if calls_one_graph(entry.code) and entry.guard_manager.check(f_locals):
                     f = self.function
@@ -67,8 +67,8 @@ def calls_one_graph(code: types.CodeType) -> bool:
     """Whether dynamo's rewritten bytecode calls exactly one compiled graph and resumes nowhere: its
     resume functions appear as `__resume_at_*` globals, or as nested code objects for a closure."""
     names = code.co_names
-    return (sum(n.startswith("__compiled_fn") for n in names) == 1
-            and not any(n.startswith("__resume_at") for n in names)
-            and not any(isinstance(c, types.CodeType) for c in code.co_consts))
-
-
+    return (
+        sum(n.startswith("__compiled_fn") for n in names) == 1
+        and not any(n.startswith("__resume_at") for n in names)
+        and not any(isinstance(c, types.CodeType) for c in code.co_consts)
+    )

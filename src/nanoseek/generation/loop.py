@@ -52,8 +52,7 @@ def model_device(model, fallback: torch.device) -> torch.device:
     return fallback if first is None else first.device
 
 
-def as_batch(input_ids: torch.Tensor | Sequence[int], device: torch.device | None = None
-             ) -> tuple[torch.Tensor, bool]:
+def as_batch(input_ids: torch.Tensor | Sequence[int], device: torch.device | None = None) -> tuple[torch.Tensor, bool]:
     """(B, P) int64 prompt ids and whether the input was a single 1-D prompt."""
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.tensor(list(input_ids), dtype=torch.long)
@@ -76,7 +75,8 @@ def check_lengths(prompt_len: int, max_new_tokens: int, context: int) -> None:
         raise NanoseekError(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
             f"{prompt_len + max_new_tokens} exceeds the context limit of {context} positions "
-            f"(max_position_embeddings); shorten the prompt or lower max_new_tokens")
+            f"(max_position_embeddings); shorten the prompt or lower max_new_tokens"
+        )
 
 
 class TokenLoop:
@@ -87,9 +87,18 @@ class TokenLoop:
     `torch.inference_mode()`; nothing happens between steps, so a consumer can stream.
     """
 
-    def __init__(self, model, input_ids: torch.Tensor, max_new_tokens: int,
-                 options: SamplingOptions, stop_ids: Sequence[int] = (), compile: bool = False,
-                 tokenizer=None, compile_prefill: bool = False, decode_options: DecodeOptions | None = None):
+    def __init__(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        options: SamplingOptions,
+        stop_ids: Sequence[int] = (),
+        compile: bool = False,
+        tokenizer=None,
+        compile_prefill: bool = False,
+        decode_options: DecodeOptions | None = None,
+    ):
         # when `tokenizer` is given, ids it does not know are never sampled
         self.sampler = Sampler(options, input_ids.device, tokenizer)
         self.compile, self.compile_prefill = compile, compile_prefill
@@ -129,7 +138,7 @@ class TokenLoop:
             self.decoder.configure(self.decode_options)
         self.cache = self.decoder.cache if self.decoder else self.model.make_cache(batch, total)
         self.history = torch.zeros(batch, total, dtype=torch.long, device=self.input_ids.device)
-        self.history[:, :self.prompt_len] = self.input_ids
+        self.history[:, : self.prompt_len] = self.input_ids
         self.finished = torch.zeros(batch, dtype=torch.bool, device=self.input_ids.device)
 
     @torch.inference_mode()
@@ -142,10 +151,10 @@ class TokenLoop:
             positions = torch.full((self.input_ids.shape[0],), end - 1, device=self.input_ids.device)
             # a fresh (B, 1) tensor: a view of the history would carry its length in its stride
             # (batch 1: .contiguous() keeps the view), and a new stride means a new graph
-            token = self.history[:, end - 1:end].clone(memory_format=torch.contiguous_format)
+            token = self.history[:, end - 1 : end].clone(memory_format=torch.contiguous_format)
             logits = self.decoder(token, positions, guarded=step == 1)
         else:
-            logits = decode_step(self.model, self.history[:, end - 1:end], self.cache, end - 1)
+            logits = decode_step(self.model, self.history[:, end - 1 : end], self.cache, end - 1)
         token = self.sampler(logits, self.history[:, :end])
         if self.stop_ids.numel():
             token = torch.where(self.finished, self.stop_ids[0], token)
@@ -166,11 +175,22 @@ def stop_id_list(eos_id: int | None, stop_ids: Sequence[int] | None) -> list[int
 # ---------------------------------------------------------------------------- token ids
 
 
-def generate(model, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 32,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float = 1.0, seed: int | None = None, eos_id: int | None = None,
-             stop_ids: Sequence[int] | None = None, compile: bool = False,
-             compile_prefill: bool = False, direct_calls: bool = True, cuda_graphs: bool = True) -> torch.Tensor:
+def generate(
+    model,
+    input_ids: torch.Tensor | Sequence[int],
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    stop_ids: Sequence[int] | None = None,
+    compile: bool = False,
+    compile_prefill: bool = False,
+    direct_calls: bool = True,
+    cuda_graphs: bool = True,
+) -> torch.Tensor:
     """The new token ids after `input_ids` (B, T) -> (B, n_new); a 1-D prompt gives (n_new,).
 
     Rows that emit `eos_id` (or one of `stop_ids`) repeat it afterwards; generation ends early
@@ -183,8 +203,16 @@ def generate(model, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int
     """
     ids, single = as_batch(input_ids, model_device(model, torch.device("cpu")))
     options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed)
-    loop = TokenLoop(model, ids, max_new_tokens, options, stop_id_list(eos_id, stop_ids), compile=compile,
-                     compile_prefill=compile_prefill, decode_options=DecodeOptions(direct_calls, cuda_graphs))
+    loop = TokenLoop(
+        model,
+        ids,
+        max_new_tokens,
+        options,
+        stop_id_list(eos_id, stop_ids),
+        compile=compile,
+        compile_prefill=compile_prefill,
+        decode_options=DecodeOptions(direct_calls, cuda_graphs),
+    )
     steps = list(loop)
     # stacking outside inference mode gives an ordinary tensor the caller may use freely
     new = torch.stack(steps, dim=1) if steps else ids.new_empty((ids.shape[0], 0))

@@ -25,8 +25,7 @@ import torch
 from nanoseek.errors import NanoseekError
 
 
-def apply_repetition_penalty(logits: torch.Tensor, recent_tokens: torch.Tensor | None,
-                             penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, recent_tokens: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """CTRL penalty: divide positive logits of seen tokens by `penalty`, multiply negative ones."""
     if penalty == 1.0 or recent_tokens is None or recent_tokens.numel() == 0:
         return logits
@@ -53,10 +52,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None,
-                recent_tokens: torch.Tensor | None = None,
-                repetition_penalty: float = 1.0) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    recent_tokens: torch.Tensor | None = None,
+    repetition_penalty: float = 1.0,
+) -> torch.Tensor:
     """Next token ids (B,) int64 from logits (B, V); temperature 0 is greedy."""
     logits = apply_repetition_penalty(logits.float(), recent_tokens, repetition_penalty)
     if temperature == 0:
@@ -124,12 +128,20 @@ class Sampler:
         if self.tokenizer is not None:
             logits = mask_unknown_ids(logits, self.tokenizer)
         o = self.options
-        return sample_next(logits, o.temperature, o.top_k, o.top_p, self.generator,
-                           recent_tokens=seen, repetition_penalty=o.repetition_penalty)
+        return sample_next(
+            logits,
+            o.temperature,
+            o.top_k,
+            o.top_p,
+            self.generator,
+            recent_tokens=seen,
+            repetition_penalty=o.repetition_penalty,
+        )
 
 
-def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
-                seen: Sequence[torch.Tensor | None] | None = None) -> list[int]:
+def sample_rows(
+    logits: torch.Tensor, samplers: Sequence[Sampler], seen: Sequence[torch.Tensor | None] | None = None
+) -> list[int]:
     """One token per row of `logits` (B, V), row i by `samplers[i]` (seen ids `seen[i]`, (1, T)):
     the greedy rows in one argmax, the others each with its own options and generator. The rows
     share the first sampler's tokenizer (one server, one tokenizer)."""
@@ -138,5 +150,5 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
     tokens = mask_unknown_ids(logits, samplers[0].tokenizer).argmax(dim=-1).tolist()
     for i, sampler in enumerate(samplers):
         if not sampler.greedy:
-            tokens[i] = int(sampler(logits[i:i + 1], None if seen is None else seen[i])[0])
+            tokens[i] = int(sampler(logits[i : i + 1], None if seen is None else seen[i])[0])
     return tokens

@@ -52,7 +52,7 @@ class _MTPDrafter:
         """Feed positions fed..upto-1 (hidden H_i of main positions, embedding of x_{i+1}); draft x_{upto+1}."""
         start = self.fed
         h = hidden_BTD[:, start:upto]
-        emb = self.model.embed_tokens(tokens[:, start + 1:upto + 1]) * self.model.embed_scale
+        emb = self.model.embed_tokens(tokens[:, start + 1 : upto + 1]) * self.model.embed_scale
         rope = self.model.rope(start, upto - start, tokens.device)
         _, normed = self.module(h, emb, rope, self.cache, start)
         self.fed = upto
@@ -61,8 +61,7 @@ class _MTPDrafter:
 
 
 @torch.inference_mode()
-def speculative_generate(model, input_ids, max_new_tokens: int = 32, eos_id: int | None = None,
-                         tokenizer=None):
+def speculative_generate(model, input_ids, max_new_tokens: int = 32, eos_id: int | None = None, tokenizer=None):
     """Greedy decoding, two tokens per forward when the MTP draft is right. Returns (new ids, stats)."""
     if not len(getattr(model, "mtp", [])):
         raise NanoseekError("speculative decoding needs a model with num_nextn_predict_layers >= 1")
@@ -80,8 +79,9 @@ def speculative_generate(model, input_ids, max_new_tokens: int = 32, eos_id: int
     stats = SpeculativeStats()
     seq = torch.zeros(1, max_len + 1, dtype=torch.long, device=tokens.device)
     seq[:, :prompt_len] = tokens
-    hidden = torch.zeros(1, max_len + 1, model.config.hidden_size, device=tokens.device,
-                         dtype=next(model.parameters()).dtype)
+    hidden = torch.zeros(
+        1, max_len + 1, model.config.hidden_size, device=tokens.device, dtype=next(model.parameters()).dtype
+    )
     out = model(tokens, cache=cache)
     hidden[:, :prompt_len] = out.hidden
     m = prompt_len  # main has processed seq[:m]; seq[m] is known
@@ -97,7 +97,7 @@ def speculative_generate(model, input_ids, max_new_tokens: int = 32, eos_id: int
             stats.drafts += 1
             g = choose(out.logits[0])  # the main model's choice at positions m and m + 1
             seq[0, m + 1] = g[0]
-            hidden[:, m:m + 2] = out.hidden
+            hidden[:, m : m + 2] = out.hidden
             if int(g[0]) == d:
                 stats.accepted += 1
                 seq[0, m + 2] = g[1]
@@ -106,7 +106,7 @@ def speculative_generate(model, input_ids, max_new_tokens: int = 32, eos_id: int
                 m += 1
     finally:
         model.train(was_training)
-    new = seq[0, prompt_len:min(m + 1, end)]
+    new = seq[0, prompt_len : min(m + 1, end)]
     if eos_id is not None and (new == eos_id).any():
         new = new[: int((new == eos_id).nonzero()[0]) + 1]
     return new, stats
@@ -123,8 +123,9 @@ def compare_with_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> t
     ids = tokenizer.encode(prompt)
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
     t0 = time.perf_counter()
-    new, stats = speculative_generate(model, ids, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                                      tokenizer=tokenizer)
+    new, stats = speculative_generate(
+        model, ids, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, tokenizer=tokenizer
+    )
     t1 = time.perf_counter()
     batch, _ = as_batch(ids, new.device)  # greedy with the same unknown-id mask
     steps = list(TokenLoop(model, batch, len(new), SamplingOptions(temperature=0), tokenizer=tokenizer))
@@ -132,8 +133,13 @@ def compare_with_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> t
     t2 = time.perf_counter()
     text = Detokenizer(tokenizer)
     completion = "".join(text.push(i) for i in new.tolist()) + text.finish()
-    report = {"speculative_tokens": len(new), "acceptance_rate": round(stats.acceptance_rate, 4),
-              "main_forwards": stats.forwards, "speculative_s": round(t1 - t0, 4),
-              "greedy_s": round(t2 - t1, 4), "speedup": round((t2 - t1) / max(t1 - t0, 1e-9), 3),
-              "same_as_greedy": plain.tolist() == new.tolist()}
+    report = {
+        "speculative_tokens": len(new),
+        "acceptance_rate": round(stats.acceptance_rate, 4),
+        "main_forwards": stats.forwards,
+        "speculative_s": round(t1 - t0, 4),
+        "greedy_s": round(t2 - t1, 4),
+        "speedup": round((t2 - t1) / max(t1 - t0, 1e-9), 3),
+        "same_as_greedy": plain.tolist() == new.tolist(),
+    }
     return completion, report

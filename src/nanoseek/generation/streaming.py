@@ -132,11 +132,23 @@ class TextStream:
     `compile`, `compile_prefill`, `direct_calls` and `cuda_graphs` are `generate`'s.
     """
 
-    def __init__(self, model, tokenizer, prompt: str, max_new_tokens: int = 128,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | None = None, compile: bool = False, compile_prefill: bool = False,
-                 direct_calls: bool = True, cuda_graphs: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt: str,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        compile: bool = False,
+        compile_prefill: bool = False,
+        direct_calls: bool = True,
+        cuda_graphs: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.stops = check_stop_strings(stop)
         prompt_ids = tokenizer.encode(prompt)
@@ -145,9 +157,17 @@ class TextStream:
         self.finish_reason: str | None = None
         ids, _ = as_batch(prompt_ids, model_device(model, torch.device("cpu")))
         options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed)
-        self._loop = TokenLoop(model, ids, max_new_tokens, options, stop_id_list(tokenizer.eos_id, None),
-                               compile=compile, tokenizer=tokenizer, compile_prefill=compile_prefill,
-                               decode_options=DecodeOptions(direct_calls, cuda_graphs))
+        self._loop = TokenLoop(
+            model,
+            ids,
+            max_new_tokens,
+            options,
+            stop_id_list(tokenizer.eos_id, None),
+            compile=compile,
+            tokenizer=tokenizer,
+            compile_prefill=compile_prefill,
+            decode_options=DecodeOptions(direct_calls, cuda_graphs),
+        )
         self._text = Detokenizer(tokenizer, self.stops, max_tokens=max_new_tokens)
         self._pieces = self._generate_pieces()
 
@@ -187,8 +207,9 @@ def complete(model, tokenizer, prompt: str, **options) -> tuple[str, str]:
     return text, stream.finish_reason
 
 
-def stream_past_context(model, tokenizer, prompt: str, max_new_tokens: int = 128, seed: int | None = None,
-                        **options) -> Iterator[str]:
+def stream_past_context(
+    model, tokenizer, prompt: str, max_new_tokens: int = 128, seed: int | None = None, **options
+) -> Iterator[str]:
     """The text continuing `prompt`, `max_new_tokens` tokens of it even past the model's context.
 
     `TextStream` chunks: while the context has room, one stream; once it is full, generation starts
@@ -206,16 +227,23 @@ def stream_past_context(model, tokenizer, prompt: str, max_new_tokens: int = 128
     return _chunks(model, tokenizer, prompt, max_new_tokens, seed, limit, options)
 
 
-def _chunks(model, tokenizer, prompt: str, max_new_tokens: int, seed: int | None, limit: int,
-            options: dict) -> Iterator[str]:
+def _chunks(
+    model, tokenizer, prompt: str, max_new_tokens: int, seed: int | None, limit: int, options: dict
+) -> Iterator[str]:
     context, remaining, chunk = prompt, max_new_tokens, 0
     while remaining > 0:
         ids = tokenizer.encode(context)
         if chunk and len(ids) > limit // 2:
-            context = tokenizer.decode(ids[-(limit // 2):])
+            context = tokenizer.decode(ids[-(limit // 2) :])
             ids = tokenizer.encode(context)
-        stream = TextStream(model, tokenizer, context, max_new_tokens=min(remaining, limit - len(ids)),
-                            seed=None if seed is None else seed + chunk, **options)
+        stream = TextStream(
+            model,
+            tokenizer,
+            context,
+            max_new_tokens=min(remaining, limit - len(ids)),
+            seed=None if seed is None else seed + chunk,
+            **options,
+        )
         for piece in stream:
             context += piece
             yield piece

@@ -25,8 +25,14 @@ import torch
 from nanoseek.data.files import publish_dir
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek.io.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, load_native_model, read_json, resolve_checkpoint,
-                                   write_model_files)
+from nanoseek.io.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    load_native_model,
+    read_json,
+    resolve_checkpoint,
+    write_model_files,
+)
 from nanoseek.io.hf import load_hf_model, save_hf
 from nanoseek.model.transformer import CHECKPOINT_WRITERS
 
@@ -44,8 +50,9 @@ class LoadedCheckpoint(NamedTuple):
     folder: Path
 
 
-def load_checkpoint(path: str | Path, dtype=None, trust_pickle: bool = False, tokenizer: bool = True,
-                    device=None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path, dtype=None, trust_pickle: bool = False, tokenizer: bool = True, device=None
+) -> LoadedCheckpoint:
     """Model, tokenizer and folder of a nanoseek checkpoint, a run folder or an HF-format folder.
 
     `trust_pickle` allows an HF folder's pytorch_model.bin (read with torch.load(weights_only=True));

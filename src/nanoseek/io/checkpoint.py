@@ -8,8 +8,8 @@
 
 A run directory holds `checkpoints/step-NNNNNNN/` and a `LATEST` file naming the newest one.
 Saving writes everything into a temporary sibling directory, fsyncs each file, then renames it into
-place (`data.files.publish_dir`) and updates `LATEST` with an atomic replace, so an interrupted save never leaves a partial or
-overwritten checkpoint. `resolve_checkpoint` accepts a checkpoint dir or a run dir.
+place (`data.files.publish_dir`) and updates `LATEST` with an atomic replace, so an interrupted
+save never leaves a partial or overwritten checkpoint. `resolve_checkpoint` accepts a checkpoint dir or a run dir.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         ckpt = path / "checkpoints" / latest.read_text().strip()
         if (ckpt / CONFIG_FILE).is_file():
             return ckpt
-    complete = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / CONFIG_FILE).is_file()) \
-        if (path / "checkpoints").is_dir() else []
+    complete = (
+        sorted(p for p in (path / "checkpoints").glob("step-*") if (p / CONFIG_FILE).is_file())
+        if (path / "checkpoints").is_dir()
+        else []
+    )
     if complete:
         return complete[-1]
     raise NanoseekError(f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run dir holding one")
@@ -101,9 +104,16 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer_state: dict | None = None,
-                    train_state: dict | None = None, tokenizer_json: str | None = None, keep_last: int = 2,
-                    model_state: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model,
+    optimizer_state: dict | None = None,
+    train_state: dict | None = None,
+    tokenizer_json: str | None = None,
+    keep_last: int = 2,
+    model_state: dict | None = None,
+) -> Path:
     """Atomically write checkpoints/step-NNNNNNN under run_dir, update LATEST, prune old ones.
 
     `model_state` defaults to the model's own state dict (pass the gathered one under FSDP);
@@ -163,7 +173,7 @@ OPTIONAL_PREFIXES = ("scalar_mix.",)
 def materialize_buffers(model):
     """Rebuild buffers left on the meta device (RoPE/sinusoid tables, optional state) from the config."""
     config = model.config
-    for name, module in model.named_modules():
+    for module in model.modules():
         if any(b.is_meta for b in module.buffers(recurse=False)):
             fresh = module.fresh() if hasattr(module, "fresh") else type(module)(config)
             for bname, buf in fresh.named_buffers(recurse=False):
@@ -174,16 +184,20 @@ def check_state(model, state: dict[str, torch.Tensor], source: Path):
     """Every key the model needs is there, nothing else is, and every shape matches."""
     expected = model.state_dict()
     tied = model.config.tie_word_embeddings
-    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")
-               and not k.startswith(OPTIONAL_PREFIXES)]
+    missing = [
+        k
+        for k in expected
+        if k not in state and not (tied and k == "lm_head.weight") and not k.startswith(OPTIONAL_PREFIXES)
+    ]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
         raise NanoseekError(f"{source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise NanoseekError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
-                                f"the config needs {tuple(expected[key].shape)}")
+            raise NanoseekError(
+                f"{source}: key {key!r} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[key].shape)}"
+            )
 
 
 def with_tied_head(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:

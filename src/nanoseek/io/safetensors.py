@@ -22,12 +22,24 @@ import torch
 from nanoseek.errors import NanoseekError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 MAX_HEADER = 100 * 1024 * 1024
@@ -66,10 +78,16 @@ class SafetensorsFile:
 
     def _check_entry(self, key: str, entry, data_len: int):
         if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
-            self._fail(f"tensor {key!r} has an unknown dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}")
+            self._fail(
+                f"tensor {key!r} has an unknown dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}"
+            )
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2):
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+        ):
             self._fail(f"tensor {key!r} has a malformed shape or data_offsets")
         begin, end = offsets
         nbytes = math.prod(shape) * DTYPES[entry["dtype"]].itemsize
@@ -99,4 +117,3 @@ class SafetensorsFile:
 
     def load_all(self) -> dict[str, torch.Tensor]:
         return {key: self.get(key) for key in self.keys()}
-

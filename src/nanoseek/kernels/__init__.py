@@ -32,8 +32,14 @@ from nanoseek.model.moe.experts import RoutedExperts
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.transformer import KERNEL_FUNCTIONS, KERNEL_MODULES
 
-KERNEL_MODULES.update({RMSNorm: norm.FusedRMSNorm, SwiGLU: swiglu.FusedSwiGLU,
-                       RoutedExperts: grouped_mm.GroupedExperts,
-                       NativeSparseAttention: nsa.ChunkedNativeSparseAttention})
-KERNEL_FUNCTIONS.update(linear_cross_entropy=cross_entropy.linear_cross_entropy,
-                        training_forward=norm.recomputed_norm_outputs)
+KERNEL_MODULES.update(
+    {
+        RMSNorm: norm.FusedRMSNorm,
+        SwiGLU: swiglu.FusedSwiGLU,
+        RoutedExperts: grouped_mm.GroupedExperts,
+        NativeSparseAttention: nsa.ChunkedNativeSparseAttention,
+    }
+)
+KERNEL_FUNCTIONS.update(
+    linear_cross_entropy=cross_entropy.linear_cross_entropy, training_forward=norm.recomputed_norm_outputs
+)

@@ -54,15 +54,16 @@ def head_loss_and_grads(h_ND, weight_VD, targets_N, ignore_index: int, want_h: b
     grad_w = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if want_w else None
     total = torch.zeros((), dtype=acc, device=h_ND.device)
     for a in range(0, n, rows):
-        h_CD = h_ND[a:a + rows]
-        loss, dz_CV = chunk_loss_and_grad(h_CD, weight_VD, targets_N[a:a + rows], ignore_index, scale,
-                                          want_h or want_w)
+        h_CD = h_ND[a : a + rows]
+        loss, dz_CV = chunk_loss_and_grad(
+            h_CD, weight_VD, targets_N[a : a + rows], ignore_index, scale, want_h or want_w
+        )
         total += loss
         if dz_CV is None:
             continue
         dz_CV = dz_CV.to(h_CD.dtype)
         if want_h:
-            grad_h[a:a + rows] = dz_CV @ weight_VD.to(h_CD.dtype)
+            grad_h[a : a + rows] = dz_CV @ weight_VD.to(h_CD.dtype)
         if want_w and dz_CV.dtype == grad_w.dtype:
             grad_w.addmm_(dz_CV.T, h_CD)
         elif want_w:  # bf16 products into the fp32 sum
@@ -73,20 +74,26 @@ def head_loss_and_grads(h_ND, weight_VD, targets_N, ignore_index: int, want_h: b
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND, weight_VD, targets_N, ignore_index: int):
-        loss, grad_h, grad_w = head_loss_and_grads(h_ND, weight_VD, targets_N, ignore_index,
-                                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        loss, grad_h, grad_w = head_loss_and_grads(
+            h_ND, weight_VD, targets_N, ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None)
+        return (
+            None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+            None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype),
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -1) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1
+) -> torch.Tensor:
     """Mean cross-entropy of the logits h @ weight^T against `targets`, never forming all logits.
     h (..., D), targets (...) of the same leading shape."""
     h_ND, targets_N = h.reshape(-1, h.shape[-1]), targets.reshape(-1)

@@ -27,8 +27,13 @@ from nanoseek.model.moe.experts import RoutedExperts, matmul_dtype
 class GroupedExperts(RoutedExperts):
     """RoutedExperts (same weights, same values) applied with grouped matmuls."""
 
-    def forward(self, x: torch.Tensor, counts_E: torch.Tensor, w_M: torch.Tensor | None = None,
-                rows_M: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        counts_E: torch.Tensor,
+        w_M: torch.Tensor | None = None,
+        rows_M: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Expert outputs (M, D) for the M token copies sorted by expert. x: the copies (M, D), or
         with `rows_M` the tokens (N, D) and the token of each copy (the copies x[rows_M] are then
         gathered inside the first grouped matmul and not kept for backward); counts_E: how many
@@ -81,8 +86,13 @@ def has_grouped_mm(x: torch.Tensor) -> bool:
     """torch._grouped_mm can run here, called directly: fp32/bf16/fp16 rows on CPU or CUDA (and under
     torch.compile, whose fake-tensor rule accepts only bf16, bf16 only; `grouped_matmul` then goes
     through the opaque `nanoseek::grouped_mm` op instead)."""
-    return (hasattr(torch, "_grouped_mm") and x.device.type in ("cpu", "cuda") and x.shape[0] > 0
-            and x.dtype in GROUPED_MM_DTYPES and not (torch.compiler.is_compiling() and x.dtype != torch.bfloat16))
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.device.type in ("cpu", "cuda")
+        and x.shape[0] > 0
+        and x.dtype in GROUPED_MM_DTYPES
+        and not (torch.compiler.is_compiling() and x.dtype != torch.bfloat16)
+    )
 
 
 def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -104,9 +114,12 @@ def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tens
 def opaque_grouped_mm_fits(x_MK: torch.Tensor, w_EOK: torch.Tensor) -> bool:
     """`opaque_grouped_mm` takes these: fp32/bf16 on CPU or CUDA, rows and outputs 16-byte aligned
     (torch's kernels need it, and its CUDA output pads unaligned rows, which the fake rule does not)."""
-    return (hasattr(torch, "_grouped_mm") and x_MK.device.type in ("cpu", "cuda")
-            and x_MK.dtype in (torch.float32, torch.bfloat16)
-            and all(n * x_MK.element_size() % 16 == 0 for n in (x_MK.shape[1], w_EOK.shape[1])))
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x_MK.device.type in ("cpu", "cuda")
+        and x_MK.dtype in (torch.float32, torch.bfloat16)
+        and all(n * x_MK.element_size() % 16 == 0 for n in (x_MK.shape[1], w_EOK.shape[1]))
+    )
 
 
 @torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())

@@ -130,8 +130,10 @@ def unpack_saved(packed):
         return packed
     (x, weight, rstd, x_version, w_version), view_shape, stride, offset = packed
     if x._version != x_version or weight._version != w_version:
-        raise RuntimeError("an RMSNorm input or weight was modified in place between forward and backward; "
-                           "its output cannot be recomputed")
+        raise RuntimeError(
+            "an RMSNorm input or weight was modified in place between forward and backward; "
+            "its output cannot be recomputed"
+        )
     with torch.no_grad():
         out = rms_norm_output(x, weight, rstd)
     return out.as_strided(view_shape, stride, offset)  # the saved tensor may be a view of the output

@@ -61,9 +61,14 @@ def swiglu_input_grads(dh, gate, up, sig, d_gate, d_up) -> None:
     d_gate.mul_(sig.neg_().add_(1).mul_(gate).add_(1))
 
 
-def swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                offsets: torch.Tensor | None = None, limit: float | None = None,
-                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def swiglu_down(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+    limit: float | None = None,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """W_down (s * SiLU(gate) * up) + b from the fused [gate, up] projection (..., 2I): a dense down
     projection (weight (D, I)), or with `offsets` the grouped one of the routed experts (weight
     (E, D, I), rows of expert e end at offsets[e]); `row_scale` s (M,) weights each row (the router's
@@ -235,7 +240,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         w_d, w_gu = w_down.to(dy.dtype), w_gate_up.to(dy.dtype)
         dw_gu = db_gu = dw_d = None
         for a, z in row_chunks(gu.shape[0]):
-            d_gu_c = d_gu[:z - a]
+            d_gu_c = d_gu[: z - a]
             dh = torch.matmul(dy2[a:z], w_d)
             gate, up, sig, h, _ = swiglu_hidden(gu[a:z], dh, None, False)
             if need_wd:
@@ -248,9 +253,13 @@ class SwiGLUMLPFunction(torch.autograd.Function):
                 dw_gu = accumulate_mm(dw_gu, d_gu_c.T, x2[a:z].to(d_gu_c.dtype))
             if need_bgu:  # needs_input_grad is False for an absent bias
                 db_gu = accumulate_sum(db_gu, d_gu_c)
-        return (None if dx is None else dx.view_as(x), finished_grad(dw_gu, w_gate_up, need_wgu),
-                finished_grad(db_gu, w_gate_up[:, 0], need_bgu), finished_grad(dw_d, w_down, need_wd),
-                dy2.sum(0) if need_bd else None)
+        return (
+            None if dx is None else dx.view_as(x),
+            finished_grad(dw_gu, w_gate_up, need_wgu),
+            finished_grad(db_gu, w_gate_up[:, 0], need_bgu),
+            finished_grad(dw_d, w_down, need_wd),
+            dy2.sum(0) if need_bd else None,
+        )
 
 
 class FusedSwiGLU(SwiGLU):
@@ -268,5 +277,9 @@ class FusedSwiGLU(SwiGLU):
                 x, params = x.to(dtype), tuple(None if p is None else p.to(dtype) for p in params)
             return SwiGLUMLPFunction.apply(x, *params)
         gate_up = up(x)
-        return swiglu_down(gate_up, down.weight.to(gate_up.dtype),
-                           None if down.bias is None else down.bias.to(gate_up.dtype), limit=self.limit)
+        return swiglu_down(
+            gate_up,
+            down.weight.to(gate_up.dtype),
+            None if down.bias is None else down.bias.to(gate_up.dtype),
+            limit=self.limit,
+        )

@@ -112,7 +112,7 @@ class HyperConnection(nn.Module):
         """a_m (B,T,n), A_r (B,T,n,n), b (B,T,n)."""
         dyn = torch.tanh(self.dynamic_proj(rms(streams, self.eps).to(streams.dtype))).float()  # (B,T,n,n+2)
         a_m = self.static_m + self.dynamic_scale[0] * dyn[..., 0]
-        a_r = self.static_r + self.dynamic_scale[1] * dyn[..., 1:1 + self.n]
+        a_r = self.static_r + self.dynamic_scale[1] * dyn[..., 1 : 1 + self.n]
         b = self.static_b + self.dynamic_scale[2] * dyn[..., -1]
         return a_m, a_r, b
 

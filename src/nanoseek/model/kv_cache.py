@@ -34,8 +34,18 @@ def write_positions(buffer: torch.Tensor, start, new: torch.Tensor, time_dim: in
 
 
 class DenseKVCache:
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, k_dim: int, v_dim: int,
-                 dtype: torch.dtype, device=None, *, buffers=None):
+    def __init__(
+        self,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        k_dim: int,
+        v_dim: int,
+        dtype: torch.dtype,
+        device=None,
+        *,
+        buffers=None,
+    ):
         if buffers is not None:
             self.k, self.v = buffers
             return
@@ -65,23 +75,32 @@ class LatentKVCache:
     """MLA: [c_KV ; k_R] per token in one buffer `key` (B, L, d_c + d_r), so the absorbed decode
     reads its single key head without a copy; with DSA also the indexer's key k^I (B, L, d_I)."""
 
-    def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int,
-                 dtype: torch.dtype, device=None, index_dim: int = 0, *, buffers=None):
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        latent_dim: int,
+        rope_dim: int,
+        dtype: torch.dtype,
+        device=None,
+        index_dim: int = 0,
+        *,
+        buffers=None,
+    ):
         if buffers is not None:
             self.key, self.latent_dim, self.index_keys = buffers
             return
         self.latent_dim = latent_dim
         self.key = torch.zeros(batch, max_len, latent_dim + rope_dim, dtype=dtype, device=device)
-        self.index_keys = (torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
-                           if index_dim else None)
+        self.index_keys = torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device) if index_dim else None
 
     @property
     def latent(self) -> torch.Tensor:
-        return self.key[..., :self.latent_dim]
+        return self.key[..., : self.latent_dim]
 
     @property
     def k_rope(self) -> torch.Tensor:
-        return self.key[..., self.latent_dim:]
+        return self.key[..., self.latent_dim :]
 
     @property
     def max_len(self) -> int:
@@ -122,8 +141,12 @@ class CompressedKVCache:
     @classmethod
     def allocate(cls, batch: int, max_len: int, widths: dict[str, tuple[int, int]], dtype, device=None):
         """widths: name -> (positions per row, channels)."""
-        return cls({name: torch.zeros(batch, length, dim, dtype=dtype, device=device)
-                    for name, (length, dim) in widths.items()})
+        return cls(
+            {
+                name: torch.zeros(batch, length, dim, dtype=dtype, device=device)
+                for name, (length, dim) in widths.items()
+            }
+        )
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.buffers[name]
@@ -139,8 +162,9 @@ class CompressedKVCache:
         """Rows lo..hi-1; per-token buffers cut at `length`, per-window ones kept whole (the attention
         reads only the windows its positions have closed)."""
         length = self.max_len if length is None else length
-        return CompressedKVCache({name: b[lo:hi, :length] if b.shape[1] == self.max_len else b[lo:hi]
-                                  for name, b in self.buffers.items()})
+        return CompressedKVCache(
+            {name: b[lo:hi, :length] if b.shape[1] == self.max_len else b[lo:hi] for name, b in self.buffers.items()}
+        )
 
     def move_row(self, src: int, dst: int) -> None:
         for b in self.buffers.values():

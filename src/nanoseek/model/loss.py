@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -1) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1
+) -> torch.Tensor:
     """Mean cross-entropy of the logits h @ weight^T against `targets`. h (..., D), targets (...) of
     the same leading shape."""
     logits = h.reshape(-1, h.shape[-1]) @ weight.T

@@ -36,8 +36,9 @@ class MTPModule(nn.Module):
         self.block = block_cls(config, layer)
         self.shared_head = SharedHead(config)
 
-    def forward(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, rope, cache=None,
-                start: int = 0, side=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, rope, cache=None, start: int = 0, side=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(h^k, RMSNorm_head(h^k)): the state the next depth reads and the input of the shared head.
 
         Both come out of forward so that every parameter is used inside it (FSDP gathers a module's

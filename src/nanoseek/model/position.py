@@ -102,7 +102,7 @@ def rope_attention_factor(scaling: dict | None) -> float:
 
 def softmax_scale(config: ModelConfig, head_dim: int) -> float:
     """head_dim^-0.5, times mscale(s, mscale_all_dim)^2 under YaRN (the MLA correction)."""
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     rs = config.rope_scaling
     if rs and rs.get("rope_type", rs.get("type")) == "yarn" and rs.get("mscale_all_dim"):
         scale *= mscale(float(rs["factor"]), float(rs["mscale_all_dim"])) ** 2

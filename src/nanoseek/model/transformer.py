@@ -22,23 +22,23 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention.mha import MultiHeadAttention
 from nanoseek.model.attention.compressed import CompressedAttention
-from nanoseek.model.fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, StreamHead
-from nanoseek.model.ffn import make_dense_ffn
-from nanoseek.model.loss import linear_cross_entropy
+from nanoseek.model.attention.mha import MultiHeadAttention
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
+from nanoseek.model.attention.nsa import NativeSparseAttention
+from nanoseek.model.ffn import make_dense_ffn
+from nanoseek.model.fusion import BLOCK_FUSIONS, STREAM_FUSIONS, ScalarMix, StreamHead
+from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
-from nanoseek.model.attention.nsa import NativeSparseAttention
 from nanoseek.model.norm import make_norm
 from nanoseek.model.position import ADDITIVE_POSITIONS, RotaryEmbedding
 from nanoseek.model.side_outputs import SideOutputs
@@ -53,8 +53,13 @@ KERNEL_MODULES: dict[type, type] = {}
 # "training_forward": () -> the context manager the eager training forward runs in
 KERNEL_FUNCTIONS: dict[str, Callable] = {}
 
-ATTENTIONS = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mqa": MultiHeadAttention,
-              "mla": MultiHeadLatentAttention, "v4": CompressedAttention}
+ATTENTIONS = {
+    "mha": MultiHeadAttention,
+    "gqa": MultiHeadAttention,
+    "mqa": MultiHeadAttention,
+    "mla": MultiHeadLatentAttention,
+    "v4": CompressedAttention,
+}
 
 
 @dataclass
@@ -111,16 +116,30 @@ class Block(nn.Module):
         `side`, for its load and balance loss."""
         return self.mlp(x, token_ids, side) if isinstance(self.mlp, MoE) else self.mlp(x)
 
-    def forward_streams(self, streams: torch.Tensor, rope=None, cache=None, start: int = 0,
-                        token_ids: torch.Tensor | None = None, side: SideOutputs | None = None) -> torch.Tensor:
+    def forward_streams(
+        self,
+        streams: torch.Tensor,
+        rope=None,
+        cache=None,
+        start: int = 0,
+        token_ids: torch.Tensor | None = None,
+        side: SideOutputs | None = None,
+    ) -> torch.Tensor:
         """(B, T, n, D) -> (B, T, n, D): each sublayer reads and writes the n residual streams."""
-        streams = self.attn_hc(streams, lambda x: self.dropout(
-            self.attn(self.input_layernorm(x), rope, cache, start, side)))
-        return self.ffn_hc(streams, lambda x: self.dropout(
-            self.ffn(self.post_attention_layernorm(x), token_ids, side)))
+        streams = self.attn_hc(
+            streams, lambda x: self.dropout(self.attn(self.input_layernorm(x), rope, cache, start, side))
+        )
+        return self.ffn_hc(streams, lambda x: self.dropout(self.ffn(self.post_attention_layernorm(x), token_ids, side)))
 
-    def forward(self, h: torch.Tensor, rope=None, cache=None, start: int = 0,
-                token_ids: torch.Tensor | None = None, side: SideOutputs | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        rope=None,
+        cache=None,
+        start: int = 0,
+        token_ids: torch.Tensor | None = None,
+        side: SideOutputs | None = None,
+    ) -> torch.Tensor:
         """h (B, T, D) -> (B, T, D); `side` (training) collects what the sublayers report."""
         if self.pre_norm:
             h = h + self.dropout(self.attn(self.input_layernorm(h), rope, cache, start, side))
@@ -135,20 +154,21 @@ class Transformer(nn.Module):
         self.config = config
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
-        self.pos_embed = (ADDITIVE_POSITIONS[config.position](config)
-                          if config.position in ADDITIVE_POSITIONS else None)
+        self.pos_embed = ADDITIVE_POSITIONS[config.position](config) if config.position in ADDITIVE_POSITIONS else None
         # V4 attention rotates with its own tables (two bases, positions up to 1M): no shared table
         self.rotary = RotaryEmbedding(config) if config.position == "rope" and config.attention != "v4" else None
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         n_layers = config.num_hidden_layers
         streams = config.fusion in STREAM_FUSIONS
         self.layers = nn.ModuleList(Block(config, i, streams) for i in range(n_layers))
-        self.fusions = (nn.ModuleList(BLOCK_FUSIONS[config.fusion](config, i) for i in range(n_layers))
-                        if config.fusion in BLOCK_FUSIONS else None)
+        self.fusions = (
+            nn.ModuleList(BLOCK_FUSIONS[config.fusion](config, i) for i in range(n_layers))
+            if config.fusion in BLOCK_FUSIONS
+            else None
+        )
         self.stream_head = StreamHead(config) if streams else None
         self.scalar_mix = ScalarMix(config)
-        self.mtp = nn.ModuleList(MTPModule(config, n_layers + k, Block)
-                                 for k in range(config.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(MTPModule(config, n_layers + k, Block) for k in range(config.num_nextn_predict_layers))
         self.norm = make_norm(config.norm, d, config.rms_norm_eps) if config.final_norm else nn.Identity()
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -182,7 +202,7 @@ class Transformer(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                emb_std = self.config.hidden_size ** -0.5 if self.config.embedding_scale else std
+                emb_std = self.config.hidden_size**-0.5 if self.config.embedding_scale else std
                 nn.init.normal_(module.weight, 0.0, emb_std)
         if self.pos_embed is not None and hasattr(self.pos_embed, "weight"):
             nn.init.normal_(self.pos_embed.weight, 0.0, std)
@@ -204,9 +224,15 @@ class Transformer(nn.Module):
             return None
         return self.rotary(positions(start, length, device))
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: list | None = None, start: int | torch.Tensor = 0,
-                last_only: bool = False, return_logits: bool = True) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: list | None = None,
+        start: int | torch.Tensor = 0,
+        last_only: bool = False,
+        return_logits: bool = True,
+    ) -> ModelOutput:
         """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, V) (or (B, 1, V)).
 
         `start` may be a LongTensor (B,) of per-row positions for a one-token decode step against
@@ -289,8 +315,16 @@ class Transformer(nn.Module):
         zeros = [torch.zeros(self.config.n_routed_experts, dtype=torch.long, device=self.lm_head.weight.device)]
         return torch.stack(side.expert_loads + zeros * missing)
 
-    def run_layers(self, h: torch.Tensor, rope, cache, start: int, outputs: list | None = None,
-                   token_ids: torch.Tensor | None = None, side: SideOutputs | None = None) -> torch.Tensor:
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        rope,
+        cache,
+        start: int,
+        outputs: list | None = None,
+        token_ids: torch.Tensor | None = None,
+        side: SideOutputs | None = None,
+    ) -> torch.Tensor:
         """The block stack under the configured fusion; appends X_0..X_L to `outputs` if given.
         `token_ids` (B, T): the tokens of h, for the hash-routed MoE layers (V4); `side` (training):
         where the layers report their side outputs."""
@@ -299,8 +333,9 @@ class Transformer(nn.Module):
         if self.stream_head is not None:
             streams = h[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()
             for i, layer in enumerate(self.layers):
-                streams = self.call_block(layer.forward_streams, streams, rope, None if cache is None else cache[i],
-                                          start, token_ids, side)
+                streams = self.call_block(
+                    layer.forward_streams, streams, rope, None if cache is None else cache[i], start, token_ids, side
+                )
                 if outputs is not None:
                     outputs.append(self.stream_head(streams))
             return self.stream_head(streams)
@@ -325,12 +360,19 @@ class Transformer(nn.Module):
     def layer_outputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """X_0 (embeddings) and every block's output, for embeddings and fusion inspection."""
         outputs: list[torch.Tensor] = []
-        self.run_layers(self.embed(input_ids), self.rope(0, input_ids.shape[1], input_ids.device), None, 0, outputs,
-                        token_ids=input_ids)
+        self.run_layers(
+            self.embed(input_ids),
+            self.rope(0, input_ids.shape[1], input_ids.device),
+            None,
+            0,
+            outputs,
+            token_ids=input_ids,
+        )
         return outputs
 
-    def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, rope,
-                 side: SideOutputs | None = None) -> torch.Tensor:
+    def mtp_loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, rope, side: SideOutputs | None = None
+    ) -> torch.Tensor:
         """(lambda / D) sum_k CE of module k predicting t_{i+1+k} from h^{k-1}_i and t_{i+k}."""
         depth, total = len(self.mtp), 0.0
         h = hidden
@@ -339,10 +381,10 @@ class Transformer(nn.Module):
             if t < 1:
                 break
             # targets[:, i] = t_{i+1}, so t_{i+k} = targets[:, i+k-1] and t_{i+1+k} = targets[:, i+k]
-            emb_next = self.embed_tokens(targets[:, k - 1:k - 1 + t].clamp(min=0)) * self.embed_scale
+            emb_next = self.embed_tokens(targets[:, k - 1 : k - 1 + t].clamp(min=0)) * self.embed_scale
             rope_k = None if rope is None else (rope[0][:t], rope[1][:t])
             h, normed = module(h[:, :t], emb_next, rope_k, side=side)
-            total = total + self.head_loss(normed, targets[:, k:k + t])
+            total = total + self.head_loss(normed, targets[:, k : k + t])
         return self.config.mtp_loss_weight / depth * total
 
     def dsa_layers(self) -> list[nn.Module]:
@@ -379,8 +421,10 @@ class Transformer(nn.Module):
         stats = [s for s in stats if s]
         if not stats:
             return {}
-        return {"moe_max_over_mean": sum(s["max_over_mean"] for s in stats) / len(stats),
-                "moe_load": [[round(x, 4) for x in s["load"]] for s in stats]}
+        return {
+            "moe_max_over_mean": sum(s["max_over_mean"] for s in stats) / len(stats),
+            "moe_load": [[round(x, 4) for x in s["load"]] for s in stats],
+        }
 
     def _check_length(self, end: int):
         limit = self.config.max_position_embeddings
@@ -441,8 +485,14 @@ def count_params(model: Transformer) -> dict:
     if model.pos_embed is not None and hasattr(model.pos_embed, "weight"):
         lookup += model.pos_embed.weight.numel()
     head = model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
-    return {"total": total, "active": used - lookup, "active_with_embeddings": used,
-            "matmul_active": used - lookup + head, "mtp": mtp, "mtp_active": mtp - _inactive(model.mtp)}
+    return {
+        "total": total,
+        "active": used - lookup,
+        "active_with_embeddings": used,
+        "matmul_active": used - lookup + head,
+        "mtp": mtp,
+        "mtp_active": mtp - _inactive(model.mtp),
+    }
 
 
 def attention_dims(config: ModelConfig) -> tuple[int, int]:
@@ -463,16 +513,18 @@ def flops_per_token(config: ModelConfig, matmul_params: int, seq_len: int | None
 def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
     """Bytes the KV cache holds per token over all layers (default bf16)."""
     if config.attention == "v4":  # what CompressedKVCache holds: key, compressor inputs, entries
-        return round(sum(v4_cache_width(config, config.layer_sparse(i))
-                         for i in range(config.num_hidden_layers)) * dtype_bytes)
+        return round(
+            sum(v4_cache_width(config, config.layer_sparse(i)) for i in range(config.num_hidden_layers)) * dtype_bytes
+        )
     if config.attention == "mla":
         per_layer = config.kv_lora_rank + config.qk_rope_head_dim
         return config.num_hidden_layers * per_layer * dtype_bytes
     dense = 2 * config.n_kv_heads * config.attn_head_dim
     # NSA: a K/V pair per branch, and the compressed branch's block summaries (one per nsa_block tokens)
     nsa = dense * (3 + 1 / config.nsa_block)
-    return round(sum(nsa if config.layer_sparse(i) == "nsa" else dense
-                     for i in range(config.num_hidden_layers)) * dtype_bytes)
+    return round(
+        sum(nsa if config.layer_sparse(i) == "nsa" else dense for i in range(config.num_hidden_layers)) * dtype_bytes
+    )
 
 
 def v4_cache_width(config: ModelConfig, kind: str) -> float:
@@ -483,7 +535,7 @@ def v4_cache_width(config: ModelConfig, kind: str) -> float:
     if kind not in ("csa", "hca"):
         return hd
     rate = config.compress_rate_csa if kind == "csa" else config.compress_rate_hca
-    width = (2 * hd if kind == "csa" else hd)
+    width = 2 * hd if kind == "csa" else hd
     total = hd + 2 * width + hd / rate
     if kind == "csa":
         total += 2 * 2 * config.index_head_dim + config.index_head_dim / rate

@@ -61,8 +61,10 @@ def init_distributed(strategy: str, device: str = "cpu") -> DistContext:
     if world > 1 and strategy == "none":
         raise NanoseekError("launched with WORLD_SIZE > 1 but dist.strategy='none'; use --dist.strategy=ddp or fsdp")
     if world > 1 and where.type == "cuda" and ":" in device:
-        raise NanoseekError(f"train.device={device!r} would put every rank on one GPU; under torchrun use "
-                            f"cuda or auto (local rank r takes GPU r)")
+        raise NanoseekError(
+            f"train.device={device!r} would put every rank on one GPU; under torchrun use "
+            f"cuda or auto (local rank r takes GPU r)"
+        )
     if where.type == "cuda":  # current device = the run's (CUDA RNG state, default streams, FSDP)
         torch.cuda.set_device(where)
     if world <= 1:
@@ -77,8 +79,9 @@ def shutdown(ctx: DistContext):
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, mixed_precision: bool = False,
-               expert_parallel: bool = False) -> nn.Module:
+def wrap_model(
+    model: nn.Module, ctx: DistContext, mixed_precision: bool = False, expert_parallel: bool = False
+) -> nn.Module:
     """The module the training step calls: DDP, FSDP2-sharded, or the model itself.
 
     (Activation checkpointing is the model's own `gradient_checkpointing` flag, so that parameter
@@ -124,8 +127,10 @@ def check_expert_parallel(model: nn.Module, ctx: DistContext) -> None:
     if ctx.enabled and ctx.strategy != "ddp":
         raise NanoseekError(f"dist.expert_parallel works with dist.strategy='ddp', not {ctx.strategy!r}")
     if ctx.enabled and config.n_routed_experts % ctx.world:
-        raise NanoseekError(f"dist.expert_parallel: n_routed_experts={config.n_routed_experts} must be "
-                            f"divisible by the {ctx.world} ranks")
+        raise NanoseekError(
+            f"dist.expert_parallel: n_routed_experts={config.n_routed_experts} must be "
+            f"divisible by the {ctx.world} ranks"
+        )
 
 
 def is_expert_sharded(model: nn.Module) -> bool:
@@ -216,8 +221,10 @@ def full_optimizer_state(model: nn.Module, optimizer) -> dict:
 
     state = get_optimizer_state_dict(model, optimizer, options=_options(model))
     if is_expert_sharded(unwrap(model)):
-        state["state"] = {name: map_expert_tensors(per_param, unwrap(model), "gather", name)
-                          for name, per_param in state["state"].items()}
+        state["state"] = {
+            name: map_expert_tensors(per_param, unwrap(model), "gather", name)
+            for name, per_param in state["state"].items()
+        }
     return state
 
 
@@ -233,9 +240,13 @@ def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_st
     inner = unwrap(model)
     if is_expert_sharded(inner):
         model_state = map_expert_tensors(model_state, inner, "slice")
-        optimizer_state = {**optimizer_state, "state": {
-            name: map_expert_tensors(per_param, inner, "slice", name)
-            for name, per_param in optimizer_state["state"].items()}}
+        optimizer_state = {
+            **optimizer_state,
+            "state": {
+                name: map_expert_tensors(per_param, inner, "slice", name)
+                for name, per_param in optimizer_state["state"].items()
+            },
+        }
     set_model_state_dict(model, model_state, options=_options())
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=_options())
 
@@ -248,5 +259,7 @@ def map_expert_tensors(state: dict, model: nn.Module, how: str, param_name: str 
     from nanoseek.parallel.expert import gather_full, local_slice
 
     fn = gather_full if how == "gather" else local_slice
-    return {key: fn(param_name or key, value, model) if isinstance(value, torch.Tensor) else value
-            for key, value in state.items()}
+    return {
+        key: fn(param_name or key, value, model) if isinstance(value, torch.Tensor) else value
+        for key, value in state.items()
+    }

@@ -52,15 +52,17 @@ class ExpertShard:
         return all_to_all_single(out, x.contiguous(), receive, send, group=self.group)
 
 
-def run_sharded_experts(experts: nn.Module, shard: ExpertShard, x_MD: torch.Tensor,
-                        counts_E: torch.Tensor) -> torch.Tensor:
+def run_sharded_experts(
+    experts: nn.Module, shard: ExpertShard, x_MD: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
     """Expert outputs for the rows x_MD (sorted by global expert id, `counts_E` per expert)."""
     received_WL = shard.all_to_all_counts(counts_E)
     send = counts_E.view(shard.world, shard.local).sum(1).tolist()
     receive = received_WL.sum(1).tolist()
     x_RD = shard.exchange(x_MD, send, receive)  # grouped by source rank, then by local expert
     local_expert_R = torch.repeat_interleave(
-        torch.arange(shard.local, device=x_MD.device).repeat(shard.world), received_WL.flatten())
+        torch.arange(shard.local, device=x_MD.device).repeat(shard.world), received_WL.flatten()
+    )
     by_expert = local_expert_R.argsort(stable=True)
     y_RD = experts(x_RD[by_expert], received_WL.sum(0))
     y_RD = y_RD[by_expert.argsort()]  # back to (source rank, expert) order
@@ -77,7 +79,7 @@ def shard_experts(model: nn.Module, rank: int, world: int) -> list[str]:
             module.expert_shard = shard
             module.remote_experts = partial(run_sharded_experts, module.experts, shard)
             for pname, param in list(module.experts.named_parameters(recurse=False)):
-                local = nn.Parameter(param.data[shard.first:shard.first + shard.local].clone())
+                local = nn.Parameter(param.data[shard.first : shard.first + shard.local].clone())
                 local.register_hook(lambda g, w=world: g / w)
                 setattr(module.experts, pname, local)
                 names.append(f"{name}.experts.{pname}")
@@ -90,7 +92,7 @@ def local_slice(name: str, tensor: torch.Tensor, model: nn.Module) -> torch.Tens
     shard = getattr(module, "expert_shard", None)
     if shard is None or tensor.dim() == 0:
         return tensor
-    return tensor[shard.first:shard.first + shard.local]
+    return tensor[shard.first : shard.first + shard.local]
 
 
 def gather_full(name: str, tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:

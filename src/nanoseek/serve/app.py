@@ -31,8 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.generation.chat import load_chat_template, render_chat
 from nanoseek.errors import NanoseekError
+from nanoseek.generation.chat import load_chat_template, render_chat
 from nanoseek.generation.sampling import SamplingOptions
 from nanoseek.serve.engine import Engine, QueueFull, Sequence
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
@@ -61,13 +61,18 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key and scope["path"] != "/health" and not self.authorized(headers.get("authorization", "")):
-            err = APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                           None, "invalid_api_key")
+            err = APIError(
+                401, "missing or incorrect API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key"
+            )
             return await error_response(err)(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            err = APIError(413, f"request body of {length} bytes is over the limit of {self.max_body} bytes",
-                           None, "request_too_large")
+            err = APIError(
+                413,
+                f"request body of {length} bytes is over the limit of {self.max_body} bytes",
+                None,
+                "request_too_large",
+            )
             return await error_response(err)(scope, receive, send)
         await self.app(scope, self.limited(receive), send)
 
@@ -90,8 +95,9 @@ class Guard:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_body:
-                raise APIError(413, f"request body is over the limit of {self.max_body} bytes",
-                               None, "request_too_large")
+                raise APIError(
+                    413, f"request body is over the limit of {self.max_body} bytes", None, "request_too_large"
+                )
             return message
 
         return receive_limited
@@ -112,8 +118,9 @@ class Service:
 
     def check_model(self, name: str) -> None:
         if name != self.name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {self.name!r}",
-                           "model", "model_not_found")
+            raise APIError(
+                404, f"model {name!r} does not exist; this server serves {self.name!r}", "model", "model_not_found"
+            )
 
     def encode(self, prompt, param: str = "prompt") -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -123,8 +130,13 @@ class Service:
         if any(not 0 <= i < vocab for i in ids):
             raise APIError(400, f"{param} has token ids outside 0..{vocab - 1}", param)
         if len(ids) >= self.context:
-            raise APIError(400, f"{param} is {len(ids)} tokens; the context is {self.context} tokens "
-                                f"and at least one must be left for the reply", param, "context_length_exceeded")
+            raise APIError(
+                400,
+                f"{param} is {len(ids)} tokens; the context is {self.context} tokens "
+                f"and at least one must be left for the reply",
+                param,
+                "context_length_exceeded",
+            )
         return ids
 
     def max_tokens(self, asked: int | None, prompts: list[list[int]], default: int | None) -> int:
@@ -134,11 +146,16 @@ class Service:
         if asked is None:
             return min(room, self.max_tokens_limit, default or room)
         if asked > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens={asked} is over this server's limit of {self.max_tokens_limit}",
-                           "max_tokens")
+            raise APIError(
+                400, f"max_tokens={asked} is over this server's limit of {self.max_tokens_limit}", "max_tokens"
+            )
         if asked > room:
-            raise APIError(400, f"max_tokens={asked} does not fit: the prompt leaves {room} of the "
-                                f"{self.context}-token context", "max_tokens", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens={asked} does not fit: the prompt leaves {room} of the {self.context}-token context",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         return asked
 
     def sequences(self, body, prompts: list[list[int]], max_tokens: int, stops: list[str], emit) -> list[Sequence]:
@@ -203,8 +220,11 @@ class Run:
             raise APIError(429, f"{e}; retry later", None, "rate_limit_exceeded", "rate_limit_error") from None
 
     def usage(self, completion_tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
 
     def choice(self, index: int, text: str, finish_reason, delta: bool) -> dict:
         if not self.chat:
@@ -217,8 +237,14 @@ class Run:
 
     def envelope(self, choices: list, chunk: bool) -> dict:
         obj = self.object + (".chunk" if chunk and self.chat else "")
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.service.name,
-                "system_fingerprint": None, "choices": choices}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.service.name,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
 
     async def events(self):
         """Engine events until every sequence has finished; cancels them all if the client leaves."""
@@ -253,8 +279,12 @@ class Run:
         started = [False] * len(self.seqs)
         if self.chat:
             for i in range(len(self.seqs)):
-                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}
+                first = {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
                 yield sse(self.envelope([first], chunk=True))
         try:
             async for event in self.events():
@@ -276,9 +306,17 @@ class Run:
 # ---------------------------------------------------------------------------- the app
 
 
-def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 32, max_tokens_limit: int | None = None,
-               max_body_bytes: int = 1 << 20, folder=None) -> FastAPI:
+def create_app(
+    model,
+    tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 32,
+    max_tokens_limit: int | None = None,
+    max_body_bytes: int = 1 << 20,
+    folder=None,
+) -> FastAPI:
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     context = model.config.max_position_embeddings
     service = Service(model, tokenizer, model_name, engine, max_tokens_limit or context, folder)
@@ -332,17 +370,22 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         service.check_model(body.model)
         hidden = model.config.hidden_size
         if body.dimensions not in (None, hidden):
-            raise APIError(400, f"dimensions={body.dimensions}: this model's embeddings have {hidden}",
-                           "dimensions", "unsupported_parameter")
+            raise APIError(
+                400,
+                f"dimensions={body.dimensions}: this model's embeddings have {hidden}",
+                "dimensions",
+                "unsupported_parameter",
+            )
         inputs = [service.encode(x, "input") for x in prompt_list(body.input)]
         if not inputs:
             raise APIError(400, "input is an empty list; give at least one text", "input")
         vectors = await asyncio.wrap_future(engine.call(lambda: embed_ids(model, inputs)))
-        data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
-                for i, v in enumerate(vectors)]
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(vectors)
+        ]
         n = sum(len(x) for x in inputs)
-        return {"object": "list", "data": data, "model": service.name,
-                "usage": {"prompt_tokens": n, "total_tokens": n}}
+        return {"object": "list", "data": data, "model": service.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
@@ -351,8 +394,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     async def respond(run: Run):
         if run.body.stream:
-            return StreamingResponse(run.stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                run.stream(),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         try:
             return await run.answer()
         except RuntimeError as e:
@@ -362,8 +408,13 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
 
 def model_card(service: Service) -> dict:
-    return {"id": service.name, "object": "model", "created": service.created, "owned_by": "nanoseek",
-            "context_length": service.context}
+    return {
+        "id": service.name,
+        "object": "model",
+        "created": service.created,
+        "owned_by": "nanoseek",
+        "context_length": service.context,
+    }
 
 
 def embed_ids(model, inputs: list[list[int]]) -> list:

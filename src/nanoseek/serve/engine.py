@@ -113,8 +113,10 @@ class Engine:
         with self.wakeup:
             busy = len(self.running) + len(self.waiting)
             if busy + len(seqs) > self.max_batch + self.max_queue:
-                raise QueueFull(f"server busy: {busy} sequences running or waiting "
-                                f"(limit {self.max_batch} running + {self.max_queue} queued)")
+                raise QueueFull(
+                    f"server busy: {busy} sequences running or waiting "
+                    f"(limit {self.max_batch} running + {self.max_queue} queued)"
+                )
             self.waiting.extend(seqs)
             self.wakeup.notify()
 
@@ -134,9 +136,14 @@ class Engine:
 
     def stats(self) -> dict:
         with self.wakeup:
-            return {"running": len(self.running), "waiting": len(self.waiting),
-                    "max_batch": self.max_batch, "max_queue": self.max_queue,
-                    "decode_steps": self.steps, "tokens_generated": self.tokens_out}
+            return {
+                "running": len(self.running),
+                "waiting": len(self.waiting),
+                "max_batch": self.max_batch,
+                "max_queue": self.max_queue,
+                "decode_steps": self.steps,
+                "tokens_generated": self.tokens_out,
+            }
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:

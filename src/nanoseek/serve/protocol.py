@@ -19,8 +19,14 @@ MAX_STOPS = 4  # stop strings per request, as OpenAI
 class APIError(Exception):
     """An error the client caused; becomes {"error": {...}} with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -39,7 +45,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = Field(None, ge=0, le=2 ** 63 - 1 - MAX_N)  # choice i uses seed + i
+    seed: int | None = Field(None, ge=0, le=2**63 - 1 - MAX_N)  # choice i uses seed + i
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

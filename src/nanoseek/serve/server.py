@@ -22,16 +22,42 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(model, tokenizer, name: str, folder=None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_batch: int = 16, max_queue: int = 64, max_tokens: int | None = None,
-          max_body_bytes: int = 1 << 20) -> None:
+def serve(
+    model,
+    tokenizer,
+    name: str,
+    folder=None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_tokens: int | None = None,
+    max_body_bytes: int = 1 << 20,
+) -> None:
     """Serve `model` as `name` on http://host:port (blocks until the server stops)."""
     if not is_loopback(host) and not api_key:
-        print(f"warning: listening on {host} without an API key: anyone who can reach this "
-              f"address can use the model (set --api-key or NANOSEEK_API_KEY)", file=sys.stderr)
-    app = create_app(model, tokenizer, name, folder=folder, api_key=api_key, max_batch=max_batch,
-                     max_queue=max_queue, max_tokens_limit=max_tokens, max_body_bytes=max_body_bytes)
+        print(
+            f"warning: listening on {host} without an API key: anyone who can reach this "
+            f"address can use the model (set --api-key or NANOSEEK_API_KEY)",
+            file=sys.stderr,
+        )
+    app = create_app(
+        model,
+        tokenizer,
+        name,
+        folder=folder,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_tokens_limit=max_tokens,
+        max_body_bytes=max_body_bytes,
+    )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(f"serving {name} on http://{host}:{port} (max batch {max_batch}, "
-          f"queue {max_queue}, API key {'on' if api_key else 'off'})", file=sys.stderr, flush=True)
+    print(
+        f"serving {name} on http://{host}:{port} (max batch {max_batch}, "
+        f"queue {max_queue}, API key {'on' if api_key else 'off'})",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

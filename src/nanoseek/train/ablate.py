@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from nanoseek.errors import NanoseekError
 from nanoseek.config.presets import PRESETS
+from nanoseek.errors import NanoseekError
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -56,8 +56,10 @@ def run_variant(name: str, args: list[str], common: list[str], out: Path) -> dic
     t0 = time.perf_counter()
     done = subprocess.run(cmd)
     if done.returncode != 0:
-        raise NanoseekError(f"variant {name} failed (exit {done.returncode}); rerun `nanoseek ablate` with the "
-                            f"same arguments to resume it")
+        raise NanoseekError(
+            f"variant {name} failed (exit {done.returncode}); rerun `nanoseek ablate` with the "
+            f"same arguments to resume it"
+        )
     result = json.loads(summary.read_text())
     result.setdefault("wall_s", round(time.perf_counter() - t0, 1))
     summary.write_text(json.dumps(result, indent=2))
@@ -72,10 +74,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def table_row(name: str, result: dict, records: list[dict]) -> dict:
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:] or [0.0]
-    return {"variant": name, "final_val_loss": result.get("val_loss"), "best_val_loss": min(vals) if vals else None,
-            "tokens_per_s": sum(speeds) / len(speeds), "params": result.get("params_total"),
-            "peak_rss_mib": result.get("peak_rss_mib"), "wall_s": result.get("wall_s"),
-            "tokens": result.get("tokens"), "steps": result.get("step")}
+    return {
+        "variant": name,
+        "final_val_loss": result.get("val_loss"),
+        "best_val_loss": min(vals) if vals else None,
+        "tokens_per_s": sum(speeds) / len(speeds),
+        "params": result.get("params_total"),
+        "peak_rss_mib": result.get("peak_rss_mib"),
+        "wall_s": result.get("wall_s"),
+        "tokens": result.get("tokens"),
+        "steps": result.get("step"),
+    }
 
 
 def _fmt(value, spec: str) -> str:
@@ -86,8 +95,15 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]]) -> 
     header = "| variant | final val loss | best val loss | tokens/s | params | peak RSS MiB | wall s | tokens |"
     lines = [header, "|" + "---|" * 8]
     for r in rows:
-        cells = [_fmt(r["final_val_loss"], ".4f"), _fmt(r["best_val_loss"], ".4f"), _fmt(r["tokens_per_s"], ",.0f"),
-                 _fmt(r["params"], ","), _fmt(r["peak_rss_mib"], ".0f"), _fmt(r["wall_s"], ".0f"), _fmt(r["tokens"], ",")]
+        cells = [
+            _fmt(r["final_val_loss"], ".4f"),
+            _fmt(r["best_val_loss"], ".4f"),
+            _fmt(r["tokens_per_s"], ",.0f"),
+            _fmt(r["params"], ","),
+            _fmt(r["peak_rss_mib"], ".0f"),
+            _fmt(r["wall_s"], ".0f"),
+            _fmt(r["tokens"], ","),
+        ]
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     (out / "ablation.json").write_text(json.dumps(rows, indent=2))

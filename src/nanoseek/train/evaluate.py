@@ -58,8 +58,13 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], byte_lengths: np.ndarray | None = None,
-             device: torch.device | str = "cpu", dtype: str = "float32") -> EvalResult:
+def evaluate(
+    model,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    byte_lengths: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
+    dtype: str = "float32",
+) -> EvalResult:
     """Token-weighted cross-entropy of `model` over (x, y) batches; `byte_lengths[id]` = bytes of a token.
 
     The head and the loss run fused (the (B, T, V) logits are never formed); the model's mode is kept."""
@@ -113,8 +118,15 @@ def eval_tokens(data_path, tokenizer, run_cfg: dict, folder: Path) -> np.ndarray
     return np.asarray(TokenDataset(shard_dir).split("val"), dtype=np.int64)
 
 
-def evaluate_checkpoint(model, tokenizer, folder: Path, data=None, seq_len: int | None = None,
-                        batch_size: int = 16, max_batches: int | None = None) -> dict:
+def evaluate_checkpoint(
+    model,
+    tokenizer,
+    folder: Path,
+    data=None,
+    seq_len: int | None = None,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+) -> dict:
     """{"loss", "perplexity", "tokens", "bits_per_byte", "bytes", "seq_len"} of a loaded checkpoint on
     `data` (a text file) or its training run's validation split; `seq_len` defaults to the run's."""
     state_file = Path(folder) / STATE_FILE
@@ -127,7 +139,17 @@ def evaluate_checkpoint(model, tokenizer, folder: Path, data=None, seq_len: int 
     if len(tokens) < 2:
         raise NanoseekError("the evaluation text has fewer than 2 tokens")
     device = next(model.parameters()).device
-    result = evaluate(model, iter_eval_batches(tokens, batch_size, seq_len, max_batches=max_batches),
-                      tokenizer.token_byte_lengths(), device)
-    return {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
-            "bits_per_byte": result.bits_per_byte, "bytes": result.bytes, "seq_len": seq_len}
+    result = evaluate(
+        model,
+        iter_eval_batches(tokens, batch_size, seq_len, max_batches=max_batches),
+        tokenizer.token_byte_lengths(),
+        device,
+    )
+    return {
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+        "tokens": result.tokens,
+        "bits_per_byte": result.bits_per_byte,
+        "bytes": result.bytes,
+        "seq_len": seq_len,
+    }

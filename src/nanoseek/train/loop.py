@@ -158,13 +158,19 @@ def describe_run(cfg: TrainConfig, model, params: dict, vocab_size: int, ctx, re
     from nanoseek.parallel import dist
 
     source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
-    text = (f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
-            f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {vocab_size}, "
-            f"on {source}, {ctx.device} -> {cfg.out}"
-            + (f" (resuming at step {resume_step})" if resume_step is not None else ""))
+    text = (
+        f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
+        f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {vocab_size}, "
+        f"on {source}, {ctx.device} -> {cfg.out}"
+        + (f" (resuming at step {resume_step})" if resume_step is not None else "")
+    )
     if ctx.enabled:
-        ep = (f", expert parallel: {cfg.model.n_routed_experts // ctx.world} of "
-              f"{cfg.model.n_routed_experts} routed experts per rank" if dist.is_expert_sharded(model) else "")
+        ep = (
+            f", expert parallel: {cfg.model.n_routed_experts // ctx.world} of "
+            f"{cfg.model.n_routed_experts} routed experts per rank"
+            if dist.is_expert_sharded(model)
+            else ""
+        )
         text += f"\ndistributed: {ctx.world} ranks, {ctx.strategy}{ep}"
     return text
 
@@ -191,11 +197,18 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     model = build_model(cfg, tok.vocab_size).to(ctx.device)
     model.gradient_checkpointing = cfg.dist.activation_checkpointing
     params = model.num_params()  # of the whole model, before expert parallelism shards it
-    wrapped = dist.wrap_model(model, ctx, mixed_precision=cfg.dist.mixed_precision,
-                              expert_parallel=cfg.dist.expert_parallel)
+    wrapped = dist.wrap_model(
+        model, ctx, mixed_precision=cfg.dist.mixed_precision, expert_parallel=cfg.dist.expert_parallel
+    )
     optimizer = make_optimizer(model, cfg.optim)
-    loader = BatchLoader(data.split("train"), cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
-                         rank=ctx.rank, world_size=ctx.world)
+    loader = BatchLoader(
+        data.split("train"),
+        cfg.train.batch_size,
+        cfg.data.seq_len,
+        seed=cfg.train.seed,
+        rank=ctx.rank,
+        world_size=ctx.world,
+    )
     val_tokens = data.split("val")
     byte_lengths = tok.token_byte_lengths()
     state = RunState()
@@ -217,16 +230,31 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         optimizer_state = dist.full_optimizer_state(wrapped, optimizer)
         path = None
         if ctx.is_main:
-            train_state = {"step": state.step, "tokens": state.tokens, "elapsed": state.elapsed,
-                           "loader": loader.state_dict(), "config": cfg.to_dict(), "world_size": ctx.world}
-            path = ckpt_io.save_checkpoint(out, state.step, model, optimizer_state, train_state, tokenizer_json,
-                                           cfg.checkpoint.keep_last, model_state=model_state)
+            train_state = {
+                "step": state.step,
+                "tokens": state.tokens,
+                "elapsed": state.elapsed,
+                "loader": loader.state_dict(),
+                "config": cfg.to_dict(),
+                "world_size": ctx.world,
+            }
+            path = ckpt_io.save_checkpoint(
+                out,
+                state.step,
+                model,
+                optimizer_state,
+                train_state,
+                tokenizer_json,
+                cfg.checkpoint.keep_last,
+                model_state=model_state,
+            )
         dist.barrier(ctx)
         return path or ckpt_io.checkpoint_path(out, state.step)
 
     def run_eval():
-        batches = fixed_batches(val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches,
-                                seed=cfg.train.seed + 1)
+        batches = fixed_batches(
+            val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches, seed=cfg.train.seed + 1
+        )
         rec = eval_record(state.step, evaluate(wrapped, batches, byte_lengths, ctx.device, cfg.train.dtype))
         metrics.write(rec)
         return rec
@@ -234,13 +262,20 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     from tqdm.auto import tqdm
 
     if not quiet:
-        print(describe_run(cfg, model, params, tok.vocab_size, ctx, state.step if resume_from else None),
-              file=sys.stderr)
+        print(
+            describe_run(cfg, model, params, tok.vocab_size, ctx, state.step if resume_from else None), file=sys.stderr
+        )
 
     # the bar counts percent of the budget (steps, tokens or seconds, whichever ends first)
-    bar = tqdm(total=100.0, initial=100 * progress_fraction(cfg, state), disable=quiet or not cfg.log.progress,
-               dynamic_ncols=True, desc="train", unit="%",
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+    bar = tqdm(
+        total=100.0,
+        initial=100 * progress_fraction(cfg, state),
+        disable=quiet or not cfg.log.progress,
+        dynamic_ncols=True,
+        desc="train",
+        unit="%",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
+    )
     model.train()
     last_eval: dict = {}
     stopped_by = "budget"
@@ -274,7 +309,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                 bar.close()
                 raise TrainingDiverged(
                     f"loss became {loss_value} at step {state.step + 1}; stopping. The last good checkpoint "
-                    f"is kept in {out} (try a lower --optim.lr, currently {cfg.optim.lr})")
+                    f"is kept in {out} (try a lower --optim.lr, currently {cfg.optim.lr})"
+                )
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = dist.clip_grad_norm(model, clip).item()
             optimizer.step()
@@ -291,8 +327,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_t0, 1e-9)
                 window_t0, window_tokens = now, 0
-                rec = {"step": state.step, "loss": loss_value, "lr": lr, "tokens_per_s": tps,
-                       "grad_norm": grad_norm, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 3)}
+                rec = {
+                    "step": state.step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "tokens_per_s": tps,
+                    "grad_norm": grad_norm,
+                    "tokens": state.tokens,
+                    "elapsed_s": round(state.elapsed, 3),
+                }
                 rec.update(aux_log)
                 rec.update(balance_stats)
                 metrics.write(rec)
@@ -300,8 +343,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             done = dist.any_rank(finished(cfg, state), ctx)
             if cfg.eval.every and state.step % cfg.eval.every == 0 and not done:
                 last_eval = run_eval()
-                bar.write(f"step {state.step}: val loss {last_eval['val_loss']:.4f}, "
-                          f"{last_eval['val_bits_per_byte']:.3f} bits/byte")
+                bar.write(
+                    f"step {state.step}: val loss {last_eval['val_loss']:.4f}, "
+                    f"{last_eval['val_bits_per_byte']:.3f} bits/byte"
+                )
                 window_t0 = time.perf_counter()  # evaluation time is not training throughput
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not done:
                 save()
@@ -314,13 +359,24 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         last_eval = run_eval()
     path = save()
     if cfg.log.plot and ctx.is_main:
-        plot_losses(metrics.records, out / "loss.png", title=f"{cfg.preset} on {', '.join(map(str, cfg.data.path)) or 'tinyshakespeare'}")
+        plot_losses(
+            metrics.records,
+            out / "loss.png",
+            title=f"{cfg.preset} on {', '.join(map(str, cfg.data.path)) or 'tinyshakespeare'}",
+        )
     import resource  # POSIX only
 
-    summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 2),
-               "checkpoint": str(path), "stopped_by": stopped_by, "params_total": params["total"],
-               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               "world_size": ctx.world, **last_eval}
+    summary = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "elapsed_s": round(state.elapsed, 2),
+        "checkpoint": str(path),
+        "stopped_by": stopped_by,
+        "params_total": params["total"],
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "world_size": ctx.world,
+        **last_eval,
+    }
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     dist.shutdown(ctx)

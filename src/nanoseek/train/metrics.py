@@ -18,8 +18,12 @@ from nanoseek.train.evaluate import EvalResult
 
 def eval_record(step: int, result: EvalResult) -> dict:
     """The metrics.jsonl line of a validation pass."""
-    return {"step": step, "val_loss": result.loss, "val_perplexity": result.perplexity,
-            "val_bits_per_byte": result.bits_per_byte}
+    return {
+        "step": step,
+        "val_loss": result.loss,
+        "val_perplexity": result.perplexity,
+        "val_bits_per_byte": result.bits_per_byte,
+    }
 
 
 class MetricsLog:

@@ -43,20 +43,26 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(p)
         else:
             no_decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "muon":
-        return Muon(muon_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                    momentum=cfg.muon_momentum)
+        return Muon(
+            muon_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, momentum=cfg.muon_momentum
+        )
     groups = parameter_groups(model, cfg.weight_decay)
     # the fused kernel updates each tensor in one pass with no temporaries (foreach allocates a
     # copy of every parameter per elementwise op); it needs floating CPU/CUDA parameters
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=fused or None, foreach=None if fused else True)
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
 
 
 def lr_multiplier(cfg: ScheduleConfig, step: int, progress: float) -> float:
@@ -111,10 +117,10 @@ class Muon(torch.optim.Optimizer):
     AdamW (other groups): as torch's AdamW. A group's "muon" flag picks the rule.
     """
 
-    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                 momentum: float = 0.95):
-        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, weight_decay=0.0,
-                                      muon=False, lr_scale=1.0))
+    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95):
+        super().__init__(
+            groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, weight_decay=0.0, muon=False, lr_scale=1.0)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -146,20 +152,25 @@ class Muon(torch.optim.Optimizer):
         t = state["step"].item()
         state["exp_avg"].lerp_(p.grad, 1 - b1)
         state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-        denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+        denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
         p.mul_(1 - lr * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
 
 
 def muon_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """2-D weights inside the blocks -> Muon; embeddings, head, norms, biases, routers -> AdamW."""
     adam = parameter_groups(model, cfg.weight_decay)
-    not_muon = {id(model.lm_head.weight)} | {id(p) for n, p in model.named_parameters()
-                                            if n.endswith("gate.weight") or "_hc." in n or n.startswith("stream_head.")}
+    not_muon = {id(model.lm_head.weight)} | {
+        id(p)
+        for n, p in model.named_parameters()
+        if n.endswith("gate.weight") or "_hc." in n or n.startswith("stream_head.")
+    }
     muon, decay = [], []
     for p in adam[0]["params"]:
         (muon if p.dim() == 2 and id(p) not in not_muon else decay).append(p)
     scale = cfg.muon_lr / cfg.lr  # the schedule multiplies every group's lr alike
-    return [{"params": muon, "weight_decay": cfg.weight_decay, "muon": True, "lr_scale": scale},
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": adam[1]["params"], "weight_decay": 0.0}]
+    return [
+        {"params": muon, "weight_decay": cfg.weight_decay, "muon": True, "lr_scale": scale},
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": adam[1]["params"], "weight_decay": 0.0},
+    ]

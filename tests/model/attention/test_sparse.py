@@ -119,18 +119,21 @@ def test_one_layer_window_ignores_keys_outside_it():
     assert not torch.equal(m(x).logits[:, 4], m(y).logits[:, 4])
 
 
-@pytest.mark.parametrize("preset,overrides", [
-    ("llama-tiny", dict(sparse="sliding", sliding_window=5)),
-    ("deepseek-v3-tiny", dict(sparse_layers=["sliding", "dense"], sliding_window=6)),
-    ("deepseek-v32-tiny", dict(index_topk=5)),
-    ("deepseek-v32-tiny", dict(sparse_layers=["dsa", "sliding"], index_topk=6, sliding_window=7)),
-])
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [
+        ("llama-tiny", dict(sparse="sliding", sliding_window=5)),
+        ("deepseek-v3-tiny", dict(sparse_layers=["sliding", "dense"], sliding_window=6)),
+        ("deepseek-v32-tiny", dict(index_topk=5)),
+        ("deepseek-v32-tiny", dict(sparse_layers=["dsa", "sliding"], index_topk=6, sliding_window=7)),
+    ],
+)
 def test_cached_decode_equals_full_recompute(preset, overrides):
     m = model(preset, **overrides)
     prompt = tokens(9, batch=1)[0]
     new = generate(m, prompt, max_new_tokens=20, temperature=0)
     full = torch.cat([prompt, new])
-    logits = m(full[None]).logits[0, len(prompt) - 1:-1]
+    logits = m(full[None]).logits[0, len(prompt) - 1 : -1]
     assert torch.equal(logits.argmax(-1), new)
 
 
@@ -162,7 +165,7 @@ def brute_force_keep(attn, x, rope_all, t):
     keep = torch.zeros(x.shape[0], t, t, dtype=torch.bool)
     for b in range(x.shape[0]):
         for i in range(t):
-            picked = scores[b, i, :i + 1].topk(min(attn.indexer.topk, i + 1)).indices
+            picked = scores[b, i, : i + 1].topk(min(attn.indexer.topk, i + 1)).indices
             keep[b, i, picked] = True
     return keep
 
@@ -238,11 +241,14 @@ def test_long_prefill_path_equals_the_masked_path(monkeypatch, topk, gather_from
 # ---------------------------------------------------------------------------- inspect attention
 
 
-@pytest.mark.parametrize("preset,overrides,kind", [
-    ("llama-tiny", dict(sparse="sliding", sliding_window=4), "sliding"),
-    ("deepseek-v32-tiny", dict(index_topk=5, index_n_heads=16), "dsa"),
-    ("deepseek-v3-tiny", {}, "dense"),
-])
+@pytest.mark.parametrize(
+    "preset,overrides,kind",
+    [
+        ("llama-tiny", dict(sparse="sliding", sliding_window=4), "sliding"),
+        ("deepseek-v32-tiny", dict(index_topk=5, index_n_heads=16), "dsa"),
+        ("deepseek-v3-tiny", {}, "dense"),
+    ],
+)
 def test_attention_map_is_what_the_layer_computes(preset, overrides, kind):
     from nanoseek.analysis.inspect import attention_maps
 
@@ -252,8 +258,11 @@ def test_attention_map_is_what_the_layer_computes(preset, overrides, kind):
     assert got_kind == kind and weights.shape == allowed.shape == (14, 14)
     torch.testing.assert_close(weights.sum(-1), torch.ones(14))
     assert (weights[~allowed] == 0).all()
-    expected_per_row = {"sliding": torch.arange(14).clamp(max=3) + 1, "dsa": torch.arange(14).clamp(max=4) + 1,
-                        "dense": torch.arange(14) + 1}[kind]
+    expected_per_row = {
+        "sliding": torch.arange(14).clamp(max=3) + 1,
+        "dsa": torch.arange(14).clamp(max=4) + 1,
+        "dense": torch.arange(14) + 1,
+    }[kind]
     assert torch.equal(allowed.sum(-1), expected_per_row)
     if kind == "sliding":  # rebuild the layer's output from the map: softmax weights times values
         attn = m.layers[0].self_attn
@@ -261,7 +270,7 @@ def test_attention_map_is_what_the_layer_computes(preset, overrides, kind):
         rope = m.rope(0, 14, x.device)
         full, _ = attn.attention_map(h, rope)
         hd = attn.head_dim
-        v = attn.qkv_proj(h)[..., (attn.n_heads + attn.n_kv_heads) * hd:].view(1, 14, attn.n_kv_heads, hd)
+        v = attn.qkv_proj(h)[..., (attn.n_heads + attn.n_kv_heads) * hd :].view(1, 14, attn.n_kv_heads, hd)
         v = v.transpose(1, 2).repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
         y = (full @ v).transpose(1, 2).reshape(1, 14, -1)
         torch.testing.assert_close(attn.o_proj(y), attn(h, rope), atol=1e-5, rtol=1e-5)
@@ -278,8 +287,22 @@ def test_inspect_attention_command_writes_a_png(tmp_path, capsys):
     m.save_pretrained(tmp_path / "ckpt")
     tok.save(tmp_path / "ckpt")
     out = tmp_path / "attn.png"
-    assert main(["inspect", "attention", str(tmp_path / "ckpt"), "--prompt", "abc defg hij", "--layer", "1",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "attention",
+                str(tmp_path / "ckpt"),
+                "--prompt",
+                "abc defg hij",
+                "--layer",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.stat().st_size > 5000
     assert json.loads(capsys.readouterr().out)["kind"] == "dsa"
     assert main(["inspect", "attention", str(tmp_path / "ckpt"), "--prompt", "abc", "--layer", "7"]) == 2
@@ -360,7 +383,7 @@ def test_nsa_compressed_block_attention_matches_masked_softmax_with_gradients(st
     ref_out = (ref_p @ vb[:, :, None]).flatten(1, 2)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(probs, ref_p.sum(2).float())
-    assert (out[:, :, :max(0, l - 1 - start)] == 0).all()
+    assert (out[:, :, : max(0, l - 1 - start)] == 0).all()
     w = torch.randn_like(out)
     got = torch.autograd.grad((out * w).sum(), (q, kb, vb))
     want = torch.autograd.grad((ref_out * w).sum(), (q, kb, vb))
@@ -387,7 +410,7 @@ def test_nsa_cached_decode_equals_full_recompute(overrides):
     prompt = tokens(9, batch=1)[0]
     new = generate(m, prompt, max_new_tokens=20, temperature=0)
     full = torch.cat([prompt, new])
-    assert torch.equal(m(full[None]).logits[0, len(prompt) - 1:-1].argmax(-1), new)
+    assert torch.equal(m(full[None]).logits[0, len(prompt) - 1 : -1].argmax(-1), new)
 
 
 def test_nsa_chunked_prefill_and_decode_equal_full_recompute():
@@ -400,7 +423,7 @@ def test_nsa_chunked_prefill_and_decode_equal_full_recompute():
         full = m(x).logits
         cache = m.make_cache(2, 48)
         chunks = [m(x[:, a:b], cache=cache, start=a).logits for a, b in ((0, 13), (13, 27), (27, 33))]
-        steps = [m(x[:, p:p + 1], cache=cache, start=p).logits for p in range(33, 40)]
+        steps = [m(x[:, p : p + 1], cache=cache, start=p).logits for p in range(33, 40)]
     torch.testing.assert_close(torch.cat(chunks + steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -435,7 +458,7 @@ def test_nsa_decode_at_per_row_positions_equals_one_row_at_a_time():
                 attn(prompt, None, c.rows(i, i + 1), 0)
         x = torch.randn(4, 1, m.config.hidden_size, generator=g)
         got = attn(x, None, cache, positions)
-        rows = [attn(x[i:i + 1], None, reference.rows(i, i + 1), int(p)) for i, p in enumerate(positions)]
+        rows = [attn(x[i : i + 1], None, reference.rows(i, i + 1), int(p)) for i, p in enumerate(positions)]
     torch.testing.assert_close(got, torch.cat(rows), atol=1e-5, rtol=1e-5)
     close = functools.partial(torch.testing.assert_close, atol=1e-6, rtol=1e-6)
     for c, r in zip(cache.caches, reference.caches):
@@ -446,8 +469,8 @@ def test_nsa_decode_at_per_row_positions_equals_one_row_at_a_time():
     k_cmp, v_cmp = cache.caches[0].k, cache.caches[0].v
     for i, p in enumerate(positions.tolist()):  # blocks complete after position p: (p + 1) // 4
         n = (p + 1) // 4
-        close(cache.blocks[0][i, :, :n], attn.compress(k_cmp[i:i + 1, :, :4 * n])[0])
-        close(cache.blocks[1][i, :, :n], attn.compress(v_cmp[i:i + 1, :, :4 * n], values=True)[0])
+        close(cache.blocks[0][i, :, :n], attn.compress(k_cmp[i : i + 1, :, : 4 * n])[0])
+        close(cache.blocks[1][i, :, :n], attn.compress(v_cmp[i : i + 1, :, : 4 * n], values=True)[0])
 
 
 def test_nsa_kv_cache_bytes_count_every_branch_and_the_block_summaries():

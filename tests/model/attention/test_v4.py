@@ -34,7 +34,7 @@ def test_decode_and_chunked_prefill_equal_full_recompute(kind):
         full = model(x).logits
         cache = model.make_cache(2, 64)
         steps = [model(x[:, :11], cache=cache).logits]
-        steps += [model(x[:, p:p + 1], cache=cache, start=p).logits for p in range(11, 40)]
+        steps += [model(x[:, p : p + 1], cache=cache, start=p).logits for p in range(11, 40)]
         assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
         cache = model.make_cache(2, 64)
         chunks = [model(x[:, a:b], cache=cache, start=a).logits for a, b in ((0, 13), (13, 27), (27, 40))]
@@ -97,7 +97,7 @@ def pooled_reference(c, raw_kv, raw_gate, m, overlap):
     """Entries by the formula, one window at a time (before norm and RoPE)."""
     d, out = c.dim, []
     for w in range(raw_kv.shape[1] // m):
-        kv, gate = raw_kv[:, w * m:(w + 1) * m], raw_gate[:, w * m:(w + 1) * m] + c.position_bias
+        kv, gate = raw_kv[:, w * m : (w + 1) * m], raw_gate[:, w * m : (w + 1) * m] + c.position_bias
         if overlap:
             kv, gate = kv[..., d:], gate[..., d:]
             if w > 0:
@@ -175,13 +175,19 @@ def test_swiglu_clamp():
     torch.testing.assert_close(swiglu(gate, up, 10.0), F.silu(torch.tensor([10.0, -3.0])) * torch.tensor([-10.0, 2.0]))
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(attention="mla", sparse_layers=["csa"], kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8), "attention='v4'"),
-    (dict(o_groups=3), "o_groups"),
-    (dict(num_key_value_heads=2), "one shared"),
-    (dict(compress_rate_csa=1), "compress_rate_csa"),
-    (dict(sparse_layers=["nsa"]), "dense, sliding, csa, hca"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(attention="mla", sparse_layers=["csa"], kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8),
+            "attention='v4'",
+        ),
+        (dict(o_groups=3), "o_groups"),
+        (dict(num_key_value_heads=2), "one shared"),
+        (dict(compress_rate_csa=1), "compress_rate_csa"),
+        (dict(sparse_layers=["nsa"]), "dense, sliding, csa, hca"),
+    ],
+)
 def test_bad_v4_configs_name_the_field(change, message):
     with pytest.raises(NanoseekError, match=message):
         ModelConfig.from_preset("deepseek-v4-tiny", **change)
@@ -228,8 +234,9 @@ def test_attention_map_rebuilds_the_layer_output(kind):
     o = (weights @ keys[:, None]).transpose(1, 2)
     with torch.no_grad():
         expected = layer(x)
-    torch.testing.assert_close(layer.project_out(rotate_tail(o, cos[:, None], -sin[:, None])), expected,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        layer.project_out(rotate_tail(o, cos[:, None], -sin[:, None])), expected, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_deepseek_v4_flash_counts_and_cache_estimate():

@@ -69,8 +69,7 @@ def load_hf_model(folder: str | Path, dtype=None, trust_pickle: bool = False):
     return model.eval()
 
 
-def save_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None,
-            max_shard_bytes: int = 5 * 1024 ** 3):
+def save_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 1024**3):
     """Write an HF-format folder that transformers' AutoModelForCausalLM loads (+ the tokenizer files of
     `tokenizer_dir`: tokenizer.json, tokenizer_config.json, special_tokens_map.json)."""
     folder = Path(folder)
@@ -88,5 +87,13 @@ def save_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None,
     return folder
 
 
-__all__ = ["FP8_BLOCK", "SUPPORTED", "TensorSource", "config_from_hf", "config_to_hf", "dequantize_fp8",
-           "load_hf_model", "save_hf"]
+__all__ = [
+    "FP8_BLOCK",
+    "SUPPORTED",
+    "TensorSource",
+    "config_from_hf",
+    "config_to_hf",
+    "dequantize_fp8",
+    "load_hf_model",
+    "save_hf",
+]

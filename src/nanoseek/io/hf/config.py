@@ -44,12 +44,13 @@ def _dense_prefix(cfg: dict, source: Path) -> int:
         return cfg.get("first_k_dense_replace", 3)
     n_dense = next((i for i, t in enumerate(types) if t != "dense"), len(types))
     if any(t != "sparse" for t in types[n_dense:]):
-        raise NanoseekError(f"{source}: mlp_layer_types={types} must be dense layers followed by MoE "
-                            f"('sparse') layers")
+        raise NanoseekError(f"{source}: mlp_layer_types={types} must be dense layers followed by MoE ('sparse') layers")
     layer_types = set(cfg.get("layer_types") or ["indexed_attention"])
     if layer_types != {"indexed_attention"}:
-        raise NanoseekError(f"{source}: layer_types={sorted(layer_types)}: nanoseek reads V3.2 checkpoints "
-                            f"whose layers are all 'indexed_attention'")
+        raise NanoseekError(
+            f"{source}: layer_types={sorted(layer_types)}: nanoseek reads V3.2 checkpoints "
+            f"whose layers are all 'indexed_attention'"
+        )
     return n_dense
 
 
@@ -58,44 +59,75 @@ def deepseek_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
     kind = cfg["model_type"]
     theta, scaling = rope_from_hf(cfg)
     common = dict(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"], intermediate_size=cfg["intermediate_size"],
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        initializer_range=cfg.get("initializer_range", 0.02), tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        attention_bias=cfg.get("attention_bias", False), rope_theta=theta, rope_scaling=scaling,
-        bos_token_id=first_id(cfg.get("bos_token_id")), eos_token_id=first_id(cfg.get("eos_token_id")),
-        pad_token_id=first_id(cfg.get("pad_token_id")), position="rope", norm="rmsnorm", norm_position="pre",
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        intermediate_size=cfg["intermediate_size"],
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        initializer_range=cfg.get("initializer_range", 0.02),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        attention_bias=cfg.get("attention_bias", False),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        bos_token_id=first_id(cfg.get("bos_token_id")),
+        eos_token_id=first_id(cfg.get("eos_token_id")),
+        pad_token_id=first_id(cfg.get("pad_token_id")),
+        position="rope",
+        norm="rmsnorm",
+        norm_position="pre",
     )
     if kind == "llama":
         kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-        return ModelConfig(**common, attention="gqa", num_key_value_heads=kv, head_dim=cfg.get("head_dim"),
-                           ffn="swiglu", mlp_bias=cfg.get("mlp_bias", False), rope_interleave=False)
+        return ModelConfig(
+            **common,
+            attention="gqa",
+            num_key_value_heads=kv,
+            head_dim=cfg.get("head_dim"),
+            ffn="swiglu",
+            mlp_bias=cfg.get("mlp_bias", False),
+            rope_interleave=False,
+        )
     v2 = kind == "deepseek_v2"
     moe = bool(cfg.get("n_routed_experts"))
     if kind == "deepseek_v32":
         cfg = {**cfg, "first_k_dense_replace": _dense_prefix(cfg, source)}
     deepseek = dict(
-        attention="mla", q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
-        qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
-        v_head_dim=cfg["v_head_dim"], rope_interleave=True, ffn="moe" if moe else "swiglu",
+        attention="mla",
+        q_lora_rank=cfg.get("q_lora_rank"),
+        kv_lora_rank=cfg["kv_lora_rank"],
+        qk_nope_head_dim=cfg["qk_nope_head_dim"],
+        qk_rope_head_dim=cfg["qk_rope_head_dim"],
+        v_head_dim=cfg["v_head_dim"],
+        rope_interleave=True,
+        ffn="moe" if moe else "swiglu",
         num_nextn_predict_layers=cfg.get("num_nextn_predict_layers", 0) or 0,
     )
     if moe:
         method = cfg.get("topk_method") or ("greedy" if v2 else "noaux_tc")
         deepseek.update(
-            n_routed_experts=cfg["n_routed_experts"], n_shared_experts=cfg.get("n_shared_experts") or 0,
-            num_experts_per_tok=cfg["num_experts_per_tok"], moe_intermediate_size=cfg["moe_intermediate_size"],
+            n_routed_experts=cfg["n_routed_experts"],
+            n_shared_experts=cfg.get("n_shared_experts") or 0,
+            num_experts_per_tok=cfg["num_experts_per_tok"],
+            moe_intermediate_size=cfg["moe_intermediate_size"],
             first_k_dense_replace=cfg.get("first_k_dense_replace", 0),
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-            scoring_func=cfg.get("scoring_func") or ("softmax" if v2 else "sigmoid"), topk_method=method,
-            n_group=cfg.get("n_group") or 1, topk_group=cfg.get("topk_group") or 1,
+            scoring_func=cfg.get("scoring_func") or ("softmax" if v2 else "sigmoid"),
+            topk_method=method,
+            n_group=cfg.get("n_group") or 1,
+            topk_group=cfg.get("topk_group") or 1,
             # HF DeepSeek-V2 never normalizes the top-k weights, whatever norm_topk_prob says
             norm_topk_prob=False if v2 else bool(cfg.get("norm_topk_prob", True)),
             aux_loss_alpha=float(cfg.get("aux_loss_alpha", 0.0) or 0.0) if not v2 else 0.0,
         )
     if kind == "deepseek_v32":
-        deepseek.update(sparse="dsa", index_topk=cfg.get("index_topk", 2048),
-                        index_n_heads=cfg.get("index_n_heads", 64), index_head_dim=cfg.get("index_head_dim", 128))
+        deepseek.update(
+            sparse="dsa",
+            index_topk=cfg.get("index_topk", 2048),
+            index_n_heads=cfg.get("index_n_heads", 64),
+            index_head_dim=cfg.get("index_head_dim", 128),
+        )
     return ModelConfig(**common, **deepseek)
 
 
@@ -121,50 +153,93 @@ def deepseek_config_to_hf(config: ModelConfig) -> dict:
         if config.tie_word_embeddings or not config.rope_interleave:
             problems.append("DeepSeek checkpoints need an untied head and interleaved RoPE")
         if config.ffn not in ("swiglu", "moe") or config.mlp_bias:
-            problems.append(f"DeepSeek layers are SwiGLU without biases (got ffn={config.ffn!r}, mlp_bias={config.mlp_bias})")
+            problems.append(
+                f"DeepSeek layers are SwiGLU without biases (got ffn={config.ffn!r}, mlp_bias={config.mlp_bias})"
+            )
         if kind == "deepseek_v2" and (config.norm_topk_prob or config.topk_method == "noaux_tc"):
             problems.append("softmax routing with normalized top-k or noaux_tc has no deepseek_v2 form")
     elif config.ffn == "swiglu" and not config.rope_interleave:
         kind = "llama"
     else:
-        problems.append(f"attention={config.attention!r} with ffn={config.ffn!r} and "
-                        f"rope_interleave={config.rope_interleave} matches no transformers model "
-                        f"(llama needs swiglu + half-split RoPE; DeepSeek needs mla)")
+        problems.append(
+            f"attention={config.attention!r} with ffn={config.ffn!r} and "
+            f"rope_interleave={config.rope_interleave} matches no transformers model "
+            f"(llama needs swiglu + half-split RoPE; DeepSeek needs mla)"
+        )
         kind = None
     if problems:
         raise NanoseekError("cannot save in HF format: " + "; ".join(problems))
     out = dict(
-        model_type=kind, architectures=[{"llama": "LlamaForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-                                         "deepseek_v3": "DeepseekV3ForCausalLM",
-                                         "deepseek_v32": "DeepseekV32ForCausalLM"}[kind]],
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        initializer_range=config.initializer_range, tie_word_embeddings=config.tie_word_embeddings,
-        attention_bias=config.attention_bias, rope_theta=config.rope_theta, rope_scaling=config.rope_scaling,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        hidden_act="silu", torch_dtype="float32", attention_dropout=config.attention_dropout,
+        model_type=kind,
+        architectures=[
+            {
+                "llama": "LlamaForCausalLM",
+                "deepseek_v2": "DeepseekV2ForCausalLM",
+                "deepseek_v3": "DeepseekV3ForCausalLM",
+                "deepseek_v32": "DeepseekV32ForCausalLM",
+            }[kind]
+        ],
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        initializer_range=config.initializer_range,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=config.attention_bias,
+        rope_theta=config.rope_theta,
+        rope_scaling=config.rope_scaling,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        hidden_act="silu",
+        torch_dtype="float32",
+        attention_dropout=config.attention_dropout,
     )
     if kind == "llama":
         out.update(num_key_value_heads=config.n_kv_heads, head_dim=config.attn_head_dim, mlp_bias=config.mlp_bias)
         return out
-    out.update(num_key_value_heads=config.num_attention_heads, q_lora_rank=config.q_lora_rank,
-               kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
-               qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
-               head_dim=config.qk_rope_head_dim, rope_interleave=True,
-               num_nextn_predict_layers=config.num_nextn_predict_layers)
+    out.update(
+        num_key_value_heads=config.num_attention_heads,
+        q_lora_rank=config.q_lora_rank,
+        kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_nope_head_dim,
+        qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=config.v_head_dim,
+        head_dim=config.qk_rope_head_dim,
+        rope_interleave=True,
+        num_nextn_predict_layers=config.num_nextn_predict_layers,
+    )
     if config.ffn == "moe":
-        out.update(n_routed_experts=config.n_routed_experts, n_shared_experts=config.n_shared_experts,
-                   num_experts_per_tok=config.num_experts_per_tok,
-                   moe_intermediate_size=config.moe_intermediate_size,
-                   first_k_dense_replace=config.first_k_dense_replace, moe_layer_freq=1,
-                   routed_scaling_factor=config.routed_scaling_factor, scoring_func=config.scoring_func,
-                   topk_method=config.topk_method, n_group=config.n_group, topk_group=config.topk_group,
-                   norm_topk_prob=config.norm_topk_prob)
+        out.update(
+            n_routed_experts=config.n_routed_experts,
+            n_shared_experts=config.n_shared_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            first_k_dense_replace=config.first_k_dense_replace,
+            moe_layer_freq=1,
+            routed_scaling_factor=config.routed_scaling_factor,
+            scoring_func=config.scoring_func,
+            topk_method=config.topk_method,
+            n_group=config.n_group,
+            topk_group=config.topk_group,
+            norm_topk_prob=config.norm_topk_prob,
+        )
     else:  # a dense MLA model: every layer dense
-        out.update(n_routed_experts=None, first_k_dense_replace=config.num_hidden_layers,
-                   moe_intermediate_size=config.intermediate_size, n_shared_experts=None, num_experts_per_tok=None)
+        out.update(
+            n_routed_experts=None,
+            first_k_dense_replace=config.num_hidden_layers,
+            moe_intermediate_size=config.intermediate_size,
+            n_shared_experts=None,
+            num_experts_per_tok=None,
+        )
     if kind == "deepseek_v32":
-        out.update(index_topk=config.index_topk, index_n_heads=config.index_n_heads,
-                   index_head_dim=config.index_head_dim, layer_types=["indexed_attention"] * config.num_hidden_layers)
+        out.update(
+            index_topk=config.index_topk,
+            index_n_heads=config.index_n_heads,
+            index_head_dim=config.index_head_dim,
+            layer_types=["indexed_attention"] * config.num_hidden_layers,
+        )
     return out

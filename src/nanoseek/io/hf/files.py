@@ -50,8 +50,10 @@ class TensorSource:
                         self.files[key] = shard
             elif (folder / "pytorch_model.bin").is_file():
                 if not trust_pickle:
-                    raise NanoseekError(f"{folder / 'pytorch_model.bin'} is a pickle file; refusing to load it "
-                                        f"(pass --trust-pickle to load it with torch.load(weights_only=True))")
+                    raise NanoseekError(
+                        f"{folder / 'pytorch_model.bin'} is a pickle file; refusing to load it "
+                        f"(pass --trust-pickle to load it with torch.load(weights_only=True))"
+                    )
                 self._pickled = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
                 self.files = {k: folder / "pytorch_model.bin" for k in self._pickled}
             else:

@@ -29,7 +29,7 @@ def hf_key_to_nanoseek(key: str, n_layers: int) -> str | None:
     if key in ("lm_head.weight",):
         return key
     if key.startswith("model.") and not key.startswith("model.layers."):
-        return key[len("model."):]
+        return key[len("model.") :]
     m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
     if not m:
         return None
@@ -101,7 +101,9 @@ def assemble(source: TensorSource, target: str, parts: dict[str, str], config: M
         rows = []
         for e in range(n_experts):
             _require(parts, (f"{e}.gate_proj", f"{e}.up_proj"), target)
-            rows.append(torch.cat([load_tensor(source, parts[f"{e}.gate_proj"]), load_tensor(source, parts[f"{e}.up_proj"])]))
+            rows.append(
+                torch.cat([load_tensor(source, parts[f"{e}.gate_proj"]), load_tensor(source, parts[f"{e}.up_proj"])])
+            )
         return torch.stack(rows)
     _require(parts, tuple(f"{e}.down_proj" for e in range(n_experts)), target)
     return torch.stack([load_tensor(source, parts[f"{e}.down_proj"]) for e in range(n_experts)])

@@ -28,8 +28,8 @@ model/dsa.py; `train.dsa_warmup_steps` runs CSA layers over every visible entry 
 
 Queries run in chunks of CHUNK through SDPA (the sink enters as one extra key): each chunk reads only
 its band of local keys plus the entries (CSA: a mask of the indexer's picks), so no T x T tensor
-exists and backward keeps no attention weights; a decode step gathers its window of keys per row. Weight names follow Hugging Face
-(`q_a_proj`, `q_a_norm`, `q_b_proj`, `kv_proj`, `kv_norm`, `o_a_proj`, `o_b_proj`, `sinks`,
+exists and backward keeps no attention weights; a decode step gathers its window of keys per row.
+Weight names follow Hugging Face (`q_a_proj`, `q_a_norm`, `q_b_proj`, `kv_proj`, `kv_norm`, `o_a_proj`, `o_b_proj`, `sinks`,
 `compressor.{kv_proj,gate_proj,position_bias,kv_norm}`, `compressor.indexer.{..., q_b_proj,
 scorer.weights_proj}`).
 
@@ -160,9 +160,10 @@ class Indexer(Compressor):
     def scores(self, x_BCD, q_latent_BCQ, cos, sin, entries_BWI) -> torch.Tensor:
         """I (B, C, W) in fp32."""
         b, c, _ = x_BCD.shape
-        q_BCHI = rotate_tail(self.q_b_proj(q_latent_BCQ).view(b, c, self.n_heads, self.dim),
-                             cos.unsqueeze(-2), sin.unsqueeze(-2))
-        dots_BCHW = (q_BCHI.float().reshape(b, c * self.n_heads, self.dim) @ entries_BWI.float().transpose(1, 2))
+        q_BCHI = rotate_tail(
+            self.q_b_proj(q_latent_BCQ).view(b, c, self.n_heads, self.dim), cos.unsqueeze(-2), sin.unsqueeze(-2)
+        )
+        dots_BCHW = q_BCHI.float().reshape(b, c * self.n_heads, self.dim) @ entries_BWI.float().transpose(1, 2)
         relu_BCHW = F.relu(dots_BCHW.view(b, c, self.n_heads, -1))
         w_BC1H = self.scorer.weights_proj(x_BCD).float()[:, :, None] * (self.n_heads * self.dim) ** -0.5
         return (w_BC1H @ relu_BCHW)[:, :, 0]
@@ -174,8 +175,10 @@ def sink_probs(q_BCHX, parts, sinks_H, scale: float) -> list[torch.Tensor]:
     forward pass runs `sink_sdpa`). parts: (keys (B, S, X) shared by the chunk's queries, mask
     (B or 1, C, S))."""
     b, c, h, _ = q_BCHX.shape
-    logits = [torch.einsum("bchx,bsx->bchs", q_BCHX, keys).float().mul(scale).masked_fill(~mask.unsqueeze(-2), float("-inf"))
-              for keys, mask in parts]
+    logits = [
+        torch.einsum("bchx,bsx->bchs", q_BCHX, keys).float().mul(scale).masked_fill(~mask.unsqueeze(-2), float("-inf"))
+        for keys, mask in parts
+    ]
     sink = sinks_H.float().view(1, 1, h, 1).expand(b, c, h, 1)
     probs = torch.cat(logits + [sink], dim=-1).softmax(-1).to(q_BCHX.dtype)
     return list(probs.split([lg.shape[-1] for lg in logits] + [1], dim=-1)[:-1])
@@ -205,10 +208,13 @@ class CompressedAttention(nn.Module):
         self.n_heads, self.head_dim, self.eps = h, config.attn_head_dim, config.rms_norm_eps
         self.window = None if self.kind == "dense" else config.sliding_window
         self.groups, self.dropout = config.o_groups, config.attention_dropout
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         compressed = self.kind in ("csa", "hca")
-        self.rope = (RopeTable(config.qk_rope_head_dim, config.compress_rope_theta, config.rope_scaling) if compressed
-                     else RopeTable(config.qk_rope_head_dim, config.rope_theta))
+        self.rope = (
+            RopeTable(config.qk_rope_head_dim, config.compress_rope_theta, config.rope_scaling)
+            if compressed
+            else RopeTable(config.qk_rope_head_dim, config.rope_theta)
+        )
         self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
         self.q_b_proj = nn.Linear(config.q_lora_rank, h * self.head_dim, bias=False)
@@ -237,17 +243,29 @@ class CompressedAttention(nn.Module):
         if self.compressor is not None:
             c = self.compressor
             n_windows = max(max_len // c.rate, 1)
-            widths |= {"raw_kv": (max_len, c.kv_proj.out_features), "raw_gate": (max_len, c.kv_proj.out_features),
-                       "entries": (n_windows, self.head_dim)}
+            widths |= {
+                "raw_kv": (max_len, c.kv_proj.out_features),
+                "raw_gate": (max_len, c.kv_proj.out_features),
+                "entries": (n_windows, self.head_dim),
+            }
             if self.indexer is not None:
                 i = self.indexer
-                widths |= {"index_raw_kv": (max_len, 2 * i.dim), "index_raw_gate": (max_len, 2 * i.dim),
-                           "index_entries": (n_windows, i.dim)}
+                widths |= {
+                    "index_raw_kv": (max_len, 2 * i.dim),
+                    "index_raw_gate": (max_len, 2 * i.dim),
+                    "index_entries": (n_windows, i.dim),
+                }
         return CompressedKVCache.allocate(batch, max_len, widths, dtype, device)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, rope=None, cache: CompressedKVCache | None = None, start=0,
-                side: SideOutputs | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope=None,
+        cache: CompressedKVCache | None = None,
+        start=0,
+        side: SideOutputs | None = None,
+    ) -> torch.Tensor:
         """x (B, T, D) at positions start.. (or per-row positions, a LongTensor (B,), for one token).
         A CSA layer given `side` (training) appends its indexer's loss there."""
         b, t, _ = x.shape
@@ -264,8 +282,9 @@ class CompressedAttention(nn.Module):
         o = rotate_tail(o, cos.unsqueeze(-2), -sin.unsqueeze(-2))
         return self.project_out(o)
 
-    def attend(self, q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin,
-               side: SideOutputs | None = None) -> torch.Tensor:
+    def attend(
+        self, q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side: SideOutputs | None = None
+    ) -> torch.Tensor:
         """o (B, T, H, D_h) over the local keys and the entries, CHUNK queries at a time; given `side`
         also the indexer's loss (CSA), appended there."""
         t = q.shape[1]
@@ -274,8 +293,18 @@ class CompressedAttention(nn.Module):
         # (at 8K tokens that was 60% of HCA's backward)
         for c0, q_chunk in zip(range(0, t, CHUNK), q.split(CHUNK, dim=1)):
             c1 = min(t, c0 + CHUNK)
-            parts, index_scores = self.key_parts(keys, start, offset, pos[..., c0:c1], entries, index_entries,
-                                                 index_in, (cos[..., c0:c1, :], sin[..., c0:c1, :]), c0, c1)
+            parts, index_scores = self.key_parts(
+                keys,
+                start,
+                offset,
+                pos[..., c0:c1],
+                entries,
+                index_entries,
+                index_in,
+                (cos[..., c0:c1, :], sin[..., c0:c1, :]),
+                c0,
+                c1,
+            )
             outs.append(sink_sdpa(q_chunk, parts, self.sinks, self.scale, self.dropout if self.training else 0.0))
             if index_scores is not None and side is not None:  # KL target: the heads' weights on its picks
                 with torch.no_grad():
@@ -293,8 +322,11 @@ class CompressedAttention(nn.Module):
         pos = torch.arange(t, device=x.device)
         cos, sin = self.rope(pos)
         q_latent = self.q_a_norm(self.q_a_proj(x))
-        q = rotate_tail(unit_rms(self.q_b_proj(q_latent).view(b, t, self.n_heads, self.head_dim), self.eps),
-                        cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q = rotate_tail(
+            unit_rms(self.q_b_proj(q_latent).view(b, t, self.n_heads, self.head_dim), self.eps),
+            cos.unsqueeze(-2),
+            sin.unsqueeze(-2),
+        )
         kv = rotate_tail(self.kv_norm(self.kv_proj(x)), cos, sin)
         entries, index_entries = self.compressed_entries(x, None, 0, t)
         index_in = (x, q_latent) if self.indexer is not None else None
@@ -340,10 +372,11 @@ class CompressedAttention(nn.Module):
                 continue
             windows = torch.arange(start // m, end // m, device=x.device)
             if len(windows):
-                new = module.pool(cache[prefix + "raw_kv"][:, :end], cache[prefix + "raw_gate"][:, :end],
-                                  windows, 0, self.rope)
-                buffer[:, start // m:end // m] = new.to(buffer.dtype)
-            found.append(buffer[:, :end // m])
+                new = module.pool(
+                    cache[prefix + "raw_kv"][:, :end], cache[prefix + "raw_gate"][:, :end], windows, 0, self.rope
+                )
+                buffer[:, start // m : end // m] = new.to(buffer.dtype)
+            found.append(buffer[:, : end // m])
         return found[0], (found[1] if len(found) > 1 else None)
 
     def key_parts(self, keys, start, offset, pos_q, entries, index_entries, index_in, rope_q, c0: int, c1: int):
@@ -366,7 +399,7 @@ class CompressedAttention(nn.Module):
             mask = key_idx <= rel[..., None]
             if self.window is not None:
                 mask = mask & (key_idx > rel[..., None] - self.window)
-            parts = [(keys[:, lo:last + 1], mask[None])]
+            parts = [(keys[:, lo : last + 1], mask[None])]
         if entries is None or entries.shape[1] == 0:
             return parts, None
         m = self.compressor.rate

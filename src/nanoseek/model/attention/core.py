@@ -29,14 +29,20 @@ import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
 
-
 BAND_CHUNK = 256  # queries per chunk of the sliding window (one batched SDPA over all chunks);
 # windows longer than 2 * BAND_CHUNK use chunks of window / 2, so the copied bands stay ~3x the keys
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
-                     scale: float | None = None, dropout: float = 0.0, window: int | None = None,
-                     keep: torch.Tensor | None = None) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start,
+    scale: float | None = None,
+    dropout: float = 0.0,
+    window: int | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v for queries at positions start..start+T-1.
 
     q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v) where S = start + T keys. `start` may
@@ -65,8 +71,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start,
     return sdpa(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-         is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     """`F.scaled_dot_product_attention` for q (B, H, T, d) against k, v with H_kv heads, H_kv dividing H.
 
     Grouped heads go in as `enable_gqa` (no copy) wherever the fused kernel that will run takes them:
@@ -80,8 +93,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         gqa = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                          dropout_p=dropout_p, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+    )
 
 
 def expands_kv_heads(q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
@@ -89,15 +103,16 @@ def expands_kv_heads(q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
     return q.device.type == "cuda" and (attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16))
 
 
-def one_query_attention(q, k, v, start, scale, window: int | None = None,
-                        keep: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+def one_query_attention(
+    q, k, v, start, scale, window: int | None = None, keep: torch.Tensor | None = None, dropout: float = 0.0
+) -> torch.Tensor:
     """One query per row (decoding): two small matmuls instead of a fused kernel.
 
     The G = H / H_kv query heads of a key head become G queries of that head, so a single key
     head (MQA, MLA's absorbed latent) is read once for all heads: scores (B, H_kv, G, S)."""
     b, h, _, d = q.shape
     h_kv, s = k.shape[1], k.shape[-2]
-    scale = scale if scale is not None else d ** -0.5
+    scale = scale if scale is not None else d**-0.5
     q_BKGD = q.reshape(b, h_kv, h // h_kv, d)
     scores_BKGS = torch.matmul(q_BKGD, k.transpose(-1, -2)).float() * scale
     mask = one_query_mask(start, s, window, keep, q.device)
@@ -139,14 +154,15 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
     instead of 1.5x the work of causal attention over all T."""
     b, h, t, d = q.shape
     if start == 0 and window < t:
-        head = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True, scale=scale,
-                    dropout_p=dropout)
+        head = sdpa(
+            q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True, scale=scale, dropout_p=dropout
+        )
         rest = banded_attention(q[:, :, window:], k, v, window, window, scale, dropout)
         return torch.cat([head, rest], dim=2)
     c = min(max(BAND_CHUNK, window // 2), t)  # bands hold at most ~3x the keys, and ~1.5x the work
     nb, span = -(-t // c), c + window - 1
     q_chunks = F.pad(q, (0, 0, 0, nb * c - t)).view(b, h, nb, c, d).transpose(1, 2)  # (B, nb, H, C, d)
-    k_bands, v_bands = (band_windows(x[..., :start + t, :], start, window, nb, c) for x in (k, v))
+    k_bands, v_bands = (band_windows(x[..., : start + t, :], start, window, nb, c) for x in (k, v))
     j = torch.arange(span, device=q.device)
     r = torch.arange(c, device=q.device)[:, None]
     band = (j >= r) & (j <= r + window - 1)  # (C, span)
@@ -160,8 +176,8 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
             mask = (band & (key_pos[:, None, :] >= 0)).repeat(b, 1, 1)[:, None]
         else:
             mask = band
-        fold = lambda x: x[:, lo:hi].reshape(b * (hi - lo), *x.shape[2:])
-        o = sdpa(fold(q_chunks), fold(k_bands), fold(v_bands), attn_mask=mask, scale=scale, dropout_p=dropout)
+        q_f, k_f, v_f = (x[:, lo:hi].reshape(b * (hi - lo), *x.shape[2:]) for x in (q_chunks, k_bands, v_bands))
+        o = sdpa(q_f, k_f, v_f, attn_mask=mask, scale=scale, dropout_p=dropout)
         outs.append(o.view(b, hi - lo, h, c, -1))
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).reshape(b, h, nb * c, -1)[:, :, :t]

@@ -119,8 +119,9 @@ def gathered_attention(q_BHTX, k_BGSX, v_BGSV, picked_BTK, valid_BTK, scale: flo
     return out.reshape(b, t, h, -1).transpose(1, 2)
 
 
-def chunked_sparse_attention(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int,
-                             q_BHTX, k_BGSX, v_BGSV, scale: float) -> torch.Tensor:
+def chunked_sparse_attention(
+    indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int, q_BHTX, k_BGSX, v_BGSV, scale: float
+) -> torch.Tensor:
     """DSA for long sequences, per chunk of C queries: score only the keys up to the chunk's end,
     take the top-k, and attend to the picks through a (C, S_visible) mask in one fused SDPA (no
     T x S score matrix, nothing kept for backward but the mask). A chunk that sees no more keys
@@ -141,13 +142,15 @@ def chunked_sparse_attention(indexer: LightningIndexer, x_BTD, q_latent_BTQ, key
         if visible <= indexer.topk:
             keep = causal.expand(x_BTD.shape[0], -1, -1)
         else:
-            scores = indexer.scores(x_BTD[:, a:bnd], q_latent_BTQ[:, a:bnd], keys_BSI[:, :visible],
-                                    (cos[a:bnd], sin[a:bnd]))
+            scores = indexer.scores(
+                x_BTD[:, a:bnd], q_latent_BTQ[:, a:bnd], keys_BSI[:, :visible], (cos[a:bnd], sin[a:bnd])
+            )
             top = scores.masked_fill(~causal, float("-inf")).topk(indexer.topk, dim=-1, sorted=False)
             valid = top.values > float("-inf")
             if visible > GATHER_FROM * indexer.topk:
-                outs.append(gathered_chunk(q_chunk, k_BGSX[:, :, :visible], v_BGSV[:, :, :visible],
-                                           top.indices, valid, scale))
+                outs.append(
+                    gathered_chunk(q_chunk, k_BGSX[:, :, :visible], v_BGSV[:, :, :visible], top.indices, valid, scale)
+                )
                 continue
             # the picks as an additive mask built directly (a boolean one is converted by SDPA: one
             # more pass over C x S_visible)

@@ -39,12 +39,12 @@ class MultiHeadAttention(nn.Module):
     def make_cache(self, batch: int, max_len: int, dtype, device) -> DenseKVCache:
         return DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device)
 
-    def forward(self, x: torch.Tensor, rope=None, cache: DenseKVCache | None = None,
-                start: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope=None, cache: DenseKVCache | None = None, start: int | torch.Tensor = 0
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.head_dim
-        q, k, v = self.qkv_proj(x).split(
-            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = q.view(b, t, self.n_heads, hd)
         k = k.view(b, t, self.n_kv_heads, hd)
         v = v.view(b, t, self.n_kv_heads, hd)

@@ -33,7 +33,13 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention.core import allowed_keys, attention_probs, causal_attention, layer_window
-from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_mask, chunked_sparse_attention, indexer_kl
+from nanoseek.model.attention.dsa import (
+    SELECT_CHUNK,
+    LightningIndexer,
+    causal_mask,
+    chunked_sparse_attention,
+    indexer_kl,
+)
 from nanoseek.model.kv_cache import LatentKVCache
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.position import apply_rope, softmax_scale
@@ -87,8 +93,14 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = self.q_a_layernorm(self.q_a_proj(x))
         return self.q_b_proj(q_latent), q_latent
 
-    def forward(self, x_BTD: torch.Tensor, rope, cache: LatentKVCache | None = None,
-                start: int | torch.Tensor = 0, side: SideOutputs | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope,
+        cache: LatentKVCache | None = None,
+        start: int | torch.Tensor = 0,
+        side: SideOutputs | None = None,
+    ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). A DSA layer given `side` (training) appends its indexer's loss there."""
         b, t, _ = x_BTD.shape
         cos, sin = rope
@@ -104,10 +116,16 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             latent_BTC, k_rope_BTR, index_keys_BTI = cache.update(start, latent_BTC, k_rope_BTR, index_keys_BTI)
         keep, scores = None, None
-        if (self.indexer is not None and not self.training and not self.dsa_warmup and t > self.long_prefill
-                and not isinstance(start, torch.Tensor)):
-            o_BHTV = self.attend_long_sparse(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start,
-                                             x_BTD, q_latent_BTQ, index_keys_BTI, rope)
+        if (
+            self.indexer is not None
+            and not self.training
+            and not self.dsa_warmup
+            and t > self.long_prefill
+            and not isinstance(start, torch.Tensor)
+        ):
+            o_BHTV = self.attend_long_sparse(
+                q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, x_BTD, q_latent_BTQ, index_keys_BTI, rope
+            )
             return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
         if self.indexer is not None:
             s = latent_BTC.shape[1]
@@ -115,14 +133,23 @@ class MultiHeadLatentAttention(nn.Module):
             scores = self.indexer.scores(x_BTD.detach(), q_latent_BTQ.detach(), index_keys_BTI, rope)
             keep = causal if self.dsa_warmup else self.indexer.select(scores, causal)
         if cache is not None and is_decoding(start) and self.absorb:
-            key_BSX = cache.key[:, :latent_BTC.shape[1]]  # [c_KV ; k_R] as stored: no concatenation
+            key_BSX = cache.key[:, : latent_BTC.shape[1]]  # [c_KV ; k_R] as stored: no concatenation
             o_BHTV = self.attend_absorbed(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep, key_BSX)
         else:
             o_BHTV = self.attend_expanded(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep, scores, side)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
 
-    def attend_expanded(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None, scores=None,
-                        side: SideOutputs | None = None):
+    def attend_expanded(
+        self,
+        q_nope_BHTN,
+        q_rope_BHTR,
+        latent_BSC,
+        k_rope_BSR,
+        start,
+        keep=None,
+        scores=None,
+        side: SideOutputs | None = None,
+    ):
         """Materialize per-head keys and values from the latents, then SDPA; with the indexer's `scores`
         and a `side`, also its distillation loss."""
         b, s, _ = latent_BSC.shape
@@ -147,7 +174,7 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         k_rope = apply_rope(k_rope, *rope, self.interleave)
         kv = self.kv_b_proj(latent).view(b, t, self.n_heads, -1).transpose(1, 2)
-        k_nope = kv[..., :self.nope]
+        k_nope = kv[..., : self.nope]
         q = torch.cat([q_nope, apply_rope(q_rope, *rope, self.interleave)], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None].expand(b, self.n_heads, t, self.rope_dim)], dim=-1)
         allowed = allowed_keys(t, self.window, x_BTD.device).expand(b, t, t)
@@ -166,7 +193,7 @@ class MultiHeadLatentAttention(nn.Module):
     def absorbed_inputs(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, key_BSX=None):
         """The absorbed query [W_UK^T q_C ; q_R] (B, H, T, C+R), the single key head [c_KV ; k_R]
         (B, 1, S, C+R), given as `key_BSX` when the cache already holds it joined."""
-        w_uk_HNC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, :self.nope]
+        w_uk_HNC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, : self.nope]
         q_latent_BHTC = torch.matmul(q_nope_BHTN, w_uk_HNC.to(q_nope_BHTN.dtype))  # per head: (T, N) @ (N, C)
         q = torch.cat([q_latent_BHTC, q_rope_BHTR], dim=-1)
         k = key_BSX if key_BSX is not None else torch.cat([latent_BSC, k_rope_BSR], dim=-1)
@@ -174,7 +201,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def expand_output(self, o_latent_BHTC):
         """W_UV applied after attention over the latent values."""
-        w_uv_HVC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, self.nope:]
+        w_uv_HVC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent_dim)[:, self.nope :]
         return torch.matmul(o_latent_BHTC, w_uv_HVC.to(o_latent_BHTC.dtype).transpose(-1, -2))  # (T, C) @ (C, V)
 
     def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None, key_BSX=None):
@@ -183,10 +210,12 @@ class MultiHeadLatentAttention(nn.Module):
         o_latent_BHTC = causal_attention(q, k, latent_BSC[:, None], start, self.scale, window=self.window, keep=keep)
         return self.expand_output(o_latent_BHTC)
 
-    def attend_long_sparse(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ,
-                           index_keys_BSI, rope):
+    def attend_long_sparse(
+        self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope
+    ):
         """DSA prefill of many tokens: absorbed MQA over each query's gathered top-k latents."""
         q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
-        o_latent_BHTC = chunked_sparse_attention(self.indexer, x_BTD, q_latent_BTQ, index_keys_BSI, rope, start,
-                                                 q, k, latent_BSC[:, None], self.scale)
+        o_latent_BHTC = chunked_sparse_attention(
+            self.indexer, x_BTD, q_latent_BTQ, index_keys_BSI, rope, start, q, k, latent_BSC[:, None], self.scale
+        )
         return self.expand_output(o_latent_BHTC)

@@ -69,10 +69,13 @@ class NativeSparseAttention(nn.Module):
         nn.init.zeros_(self.gate_proj.bias)
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> NSACache:
-        caches = [DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device)
-                  for _ in BRANCHES]
-        blocks = [torch.zeros(batch, self.n_kv_heads, max_len // self.block, self.head_dim, dtype=dtype, device=device)
-                  for _ in range(2)]
+        caches = [
+            DenseKVCache(batch, self.n_kv_heads, max_len, self.head_dim, self.head_dim, dtype, device) for _ in BRANCHES
+        ]
+        blocks = [
+            torch.zeros(batch, self.n_kv_heads, max_len // self.block, self.head_dim, dtype=dtype, device=device)
+            for _ in range(2)
+        ]
         return NSACache(caches, blocks, self.block)
 
     # ------------------------------------------------------------------ forward
@@ -93,8 +96,15 @@ class NativeSparseAttention(nn.Module):
         if isinstance(start, torch.Tensor) and x.shape[1] == 1:  # decoding at per-row positions
             return self.decode_rows(x, rope, cache, start)
         if isinstance(start, torch.Tensor):  # several tokens per row: one row at a time
-            rows = [self.forward(x[i:i + 1], None if rope is None else (rope[0][i], rope[1][i]),
-                                 cache.rows(i, i + 1), int(start[i])) for i in range(x.shape[0])]
+            rows = [
+                self.forward(
+                    x[i : i + 1],
+                    None if rope is None else (rope[0][i], rope[1][i]),
+                    cache.rows(i, i + 1),
+                    int(start[i]),
+                )
+                for i in range(x.shape[0])
+            ]
             return torch.cat(rows)
         b, t, _ = x.shape
         hd = self.head_dim
@@ -213,9 +223,11 @@ class NativeSparseAttention(nn.Module):
         p_win = attention_probs(q, kvs[4], allowed_keys(t, self.window, x.device), self.scale)
         p_cmp = torch.zeros_like(p_win)
         if n:
-            visible = (torch.arange(n, device=x.device) * l + l - 1)[None, :] <= torch.arange(t, device=x.device)[:, None]
+            visible = (torch.arange(n, device=x.device) * l + l - 1)[None, :] <= torch.arange(t, device=x.device)[
+                :, None
+            ]
             p_blocks = attention_probs(q, k_blocks, visible, self.scale).nan_to_num(0.0)  # (B, H, T, n)
-            p_cmp[..., :n * l] = p_blocks.repeat_interleave(l, dim=-1) / l
+            p_cmp[..., : n * l] = p_blocks.repeat_interleave(l, dim=-1) / l
         g = torch.sigmoid(self.gate_proj(x)).view(b, t, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
         weights = g[0] * p_cmp + g[1] * p_slc + g[2] * p_win
         return weights, selected.any(1) | allowed_keys(t, self.window, x.device)
@@ -225,7 +237,7 @@ class NativeSparseAttention(nn.Module):
         """One summary per complete block of l tokens: (B, G, S // l, d)."""
         b, g, s, d = x_BGSD.shape
         n = s // self.block
-        blocks = x_BGSD[:, :, :n * self.block].reshape(b, g, n, self.block, d) + self.block_pos
+        blocks = x_BGSD[:, :, : n * self.block].reshape(b, g, n, self.block, d) + self.block_pos
         proj = self.compress_v if values else self.compress_k
         return proj(blocks.flatten(-2))
 
@@ -291,11 +303,11 @@ class NativeSparseAttention(nn.Module):
                     mask = mask.repeat_interleave(h // g, dim=1)
             else:
                 mask = torch.ones(l, n_keys, dtype=torch.bool, device=q.device)
-                mask[:, 2 * l:3 * l] = torch.ones(l, l, dtype=torch.bool, device=q.device).tril_()
+                mask[:, 2 * l : 3 * l] = torch.ones(l, l, dtype=torch.bool, device=q.device).tril_()
             o = sdpa(q_i.flatten(0, 1), k_i.flatten(0, 1), v_i.flatten(0, 1), attn_mask=mask, scale=self.scale)
             outs.append(o.view(b, parts[i], h, l, -1))
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, nb, H, l, d)
-        return out.transpose(1, 2).reshape(b, h, nb * l, -1)[:, :, front:front + t]
+        return out.transpose(1, 2).reshape(b, h, nb * l, -1)[:, :, front : front + t]
 
     def pick_blocks(self, score_BGbn: torch.Tensor, first: int, nb: int):
         """Block ids (B, G, nb, K) and their validity for query blocks first..first+nb-1."""
@@ -340,8 +352,9 @@ class NSACache:
 
     def rows(self, lo: int, hi: int, length: int | None = None) -> NSACache:
         n = None if length is None else length // self.block
-        return NSACache([c.rows(lo, hi, length) for c in self.caches], [x[lo:hi, :, :n] for x in self.blocks],
-                        self.block)
+        return NSACache(
+            [c.rows(lo, hi, length) for c in self.caches], [x[lo:hi, :, :n] for x in self.blocks], self.block
+        )
 
     def move_row(self, src: int, dst: int) -> None:
         for c in self.caches:
@@ -371,8 +384,9 @@ def block_probs(q_BGRTd, k_BGnd, start: int, block: int, scale: float) -> torch.
     return logits.masked_fill(~(visible | blind), float("-inf")).softmax(-1).masked_fill(blind, 0.0)
 
 
-def compressed_block_attention(q, k_blocks, v_blocks, start: int, block: int, scale: float,
-                               with_probs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def compressed_block_attention(
+    q, k_blocks, v_blocks, start: int, block: int, scale: float, with_probs: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NSA's compressed branch: o_t = sum_j p_tj v^cmp_j, p_t = softmax over the blocks complete at t
     (`block_probs`; o_t = 0 before the first block completes). q (B, H, T, d); k, v (B, G, n, .).
 

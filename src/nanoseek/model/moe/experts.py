@@ -57,8 +57,13 @@ class RoutedExperts(nn.Module):
         y_PD = torch.bmm(swiglu(gate_P1I, up_P1I, self.limit), down_PDI.transpose(1, 2))[:, 0]
         return (y_PD.view(n, k, -1) * w_NK[..., None].to(dtype)).sum(1)
 
-    def forward(self, x: torch.Tensor, counts_E: torch.Tensor, w_M: torch.Tensor | None = None,
-                rows_M: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        counts_E: torch.Tensor,
+        w_M: torch.Tensor | None = None,
+        rows_M: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Expert outputs (M, D) for the M token copies sorted by expert. x: the copies (M, D), or
         with `rows_M` the tokens (N, D) and the token of each copy (x[rows_M] are the copies);
         counts_E: how many copies each expert owns; w_M: the router's weight of each copy, which

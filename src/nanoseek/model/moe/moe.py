@@ -37,7 +37,6 @@ from nanoseek.model.moe.experts import RoutedExperts
 from nanoseek.model.moe.router import Router
 from nanoseek.model.side_outputs import SideOutputs
 
-
 PER_PAIR_MAX_COMPILED = 64  # compiled decode steps gather per-pair weights up to this many pairs
 
 
@@ -75,8 +74,9 @@ class MoE(nn.Module):
         per_expert = self.experts.gate_up_proj[0].numel() + self.experts.down_proj[0].numel()
         return (self.n_experts - self.top_k) * per_expert
 
-    def forward(self, x_BTD: torch.Tensor, token_ids: torch.Tensor | None = None,
-                side: SideOutputs | None = None) -> torch.Tensor:
+    def forward(
+        self, x_BTD: torch.Tensor, token_ids: torch.Tensor | None = None, side: SideOutputs | None = None
+    ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D); `token_ids` (B, T): the tokens of x, which hash routing needs.
         `side` (given in training): gets this layer's load (E,) and, with aux_loss_alpha, its balance loss."""
         b, t, d = x_BTD.shape
@@ -117,7 +117,8 @@ class MoE(nn.Module):
         e, k = self.n_experts, self.top_k
         s_BTE = (scores_NE / scores_NE.sum(-1, keepdim=True)).view(b, t, e)
         hits_BE = torch.zeros(b, e, device=scores_NE.device).scatter_add_(
-            1, idx_NK.view(b, t * k), torch.ones(b, t * k, device=scores_NE.device))
+            1, idx_NK.view(b, t * k), torch.ones(b, t * k, device=scores_NE.device)
+        )
         f_BE = hits_BE * e / (k * t)
         return self.aux_alpha * (f_BE * s_BTE.mean(1)).sum(-1).mean()
 

@@ -38,7 +38,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(e, config.hidden_size))
         self.hash_routing = hash_routing
         if hash_routing:  # a fixed random table of distinct experts per token id (never trained)
-            self.register_buffer("tid2eid", torch.rand(config.vocab_size, e).argsort(-1)[:, :self.top_k].contiguous())
+            self.register_buffer("tid2eid", torch.rand(config.vocab_size, e).argsort(-1)[:, : self.top_k].contiguous())
         elif self.method == "noaux_tc":  # the balancing bias exists only where it steers selection
             self.register_buffer("e_score_correction_bias", torch.zeros(e))
 

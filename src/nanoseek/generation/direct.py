@@ -30,7 +30,8 @@ class DirectStep:
     still pays most of), as long as the global state dynamo guards on (grad mode, autocast, default
     dtype, ...) is what it was at the selection (one C++ check a step). Only for a step compiled as
     one graph (no resume functions: a step with a graph break keeps dynamo) under the default stance.
-    The entry API is dynamo's internal one, so anything unexpected leaves `fn` None and the caller on the stance path."""
+    The entry API is dynamo's internal one, so anything unexpected leaves `fn` None and the caller on
+    the stance path."""
 
     def __init__(self, function):
         self.function = function  # CompiledDecoder._step, whose code object dynamo caches on

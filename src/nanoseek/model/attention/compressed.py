@@ -30,8 +30,8 @@ Queries run in chunks of CHUNK through SDPA (the sink enters as one extra key): 
 its band of local keys plus the entries (CSA: a mask of the indexer's picks), so no T x T tensor
 exists and backward keeps no attention weights; a decode step gathers its window of keys per row.
 Weight names follow Hugging Face (`q_a_proj`, `q_a_norm`, `q_b_proj`, `kv_proj`, `kv_norm`,
-`o_a_proj`, `o_b_proj`, `sinks`, `compressor.{kv_proj,gate_proj,position_bias,kv_norm}`, `compressor.indexer.{..., q_b_proj,
-scorer.weights_proj}`).
+`o_a_proj`, `o_b_proj`, `sinks`, `compressor.{kv_proj,gate_proj,position_bias,kv_norm}`,
+`compressor.indexer.{..., q_b_proj, scorer.weights_proj}`).
 
     >>> cfg = ModelConfig.from_preset("deepseek-v4-tiny")
     >>> CompressedAttention(cfg, 0)(torch.randn(1, 9, cfg.hidden_size)).shape

@@ -23,7 +23,7 @@ from nanoseek.model import loss as reference  # noqa: F401 (the docstring's exam
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MB in fp32): rows = this / vocabulary, at least 256
 # (fewer rows per chunk make dloss/dW a sum of thin products, each a pass over the V x D gradient:
-# with 64 rows at a 32K vocabulary the step was 25% slower than the unfused head)
+# with a few dozen rows per chunk at a 32K vocabulary the step is slower than the unfused head)
 
 
 def chunk_rows(vocab: int) -> int:

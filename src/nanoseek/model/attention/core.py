@@ -85,8 +85,8 @@ def sdpa(
     Grouped heads go in as `enable_gqa` (no copy) wherever the fused kernel that will run takes them:
     the CPU's flash kernel, CUDA's flash kernel (fp16/bf16, no mask). On CUDA with a mask or in
     fp32 only the memory-efficient kernel can run, and torch 2.11's takes no grouped heads: SDPA
-    then falls back to its math path, which holds the B x H x T x S weights (33 GB for the dense
-    causal op at 16K, 8 heads, fp32, measured on an H200). There K and V are expanded to H heads
+    then falls back to its math path, which holds the B x H x T x S weights (tens of GB at 16K
+    tokens). There K and V are expanded to H heads
     first: H / H_kv times their size, never T x S."""
     gqa = q.shape[1] != k.shape[1]
     if gqa and expands_kv_heads(q, attn_mask):

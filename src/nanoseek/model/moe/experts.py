@@ -47,8 +47,8 @@ class RoutedExperts(nn.Module):
         n, k = idx_NK.shape
         dtype = matmul_dtype(x_ND)
         idx_P = idx_NK.flatten()
-        # index_select copies the P experts' weights (~6x faster than w[idx] on CPU) and each
-        # pair is a row vector times W^T (a column-vector bmm is ~6x slower here)
+        # index_select copies the P experts' weights whole (advanced indexing w[idx] goes element by
+        # element) and each pair is a row vector times W^T (a column-vector bmm is much slower)
         up_PXD = torch.index_select(self.gate_up_proj, 0, idx_P).to(dtype)
         down_PDI = torch.index_select(self.down_proj, 0, idx_P).to(dtype)
         x_P1D = x_ND.to(dtype).repeat_interleave(k, dim=0)[:, None, :]

@@ -22,13 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-
-
-def load_reference():
-    import nanoseek.bench.reference_gpt as reference_gpt
-
-    return reference_gpt
+import nanoseek.bench.reference_gpt as reference_gpt
 
 
 def char_splits():
@@ -72,7 +66,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(1337)
-    ref = load_reference()
+    ref = reference_gpt
     train, val = char_splits()
     model = ref.GPT(ref.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))

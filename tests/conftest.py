@@ -8,8 +8,6 @@ from nanoseek.data import BUNDLED_CORPUS
 # Two cores: a test runner that spawns a second thread pool stalls at every barrier.
 torch.set_num_threads(1)
 
-REPO = BUNDLED_CORPUS.parents[3]  # the checkout: src/nanoseek/data/tinyshakespeare.txt
-
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> str:

@@ -9,8 +9,9 @@ import torch
 import nanoseek.bench.train as bench
 from nanoseek.cli import main as cli_main
 from nanoseek.config import build_train_config
-from nanoseek.device import DevicePeak, autocast, compute_dtype, peak_memory, resolve_device, synchronize
+from nanoseek.device import DevicePeak, autocast, peak_memory, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
+from nanoseek.model.moe.experts import matmul_dtype
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 
@@ -60,10 +61,10 @@ def test_cpu_helpers():
     assert window.peak is None  # RSS is the CPU's measure
     with autocast(torch.device("cpu"), "bfloat16"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        assert compute_dtype(torch.ones(2)) == torch.bfloat16  # the experts' matmuls follow autocast
+        assert matmul_dtype(torch.ones(2)) == torch.bfloat16  # the experts' matmuls follow autocast
     with autocast("cpu", "float32"):
         assert not torch.is_autocast_enabled("cpu")
-    assert compute_dtype(torch.ones(2, dtype=torch.float64)) == torch.float64
+    assert matmul_dtype(torch.ones(2, dtype=torch.float64)) == torch.float64
 
 
 def test_bench_train_records_its_device():

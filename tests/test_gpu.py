@@ -19,6 +19,7 @@ import torch
 import nanoseek.bench.train as bench
 from nanoseek import ModelConfig, Transformer
 from nanoseek.config import build_train_config
+from nanoseek.generation.compiled import compiled_decoders
 from nanoseek.generation.loop import decode_step, generate, prefill
 from nanoseek.train import loop
 
@@ -91,7 +92,7 @@ def test_cached_decode_equals_full_recompute(preset):
 
 def test_dsa_greedy_decode_equals_full_recompute():
     """DSA's ReLU-weighted index scores tie (at 0) at the top-k cut, where a batched and a one-query
-    pass may keep different keys: compare the greedy tokens, as tests/test_sparse.py does."""
+    pass may keep different keys: compare the greedy tokens, as tests/model/attention/test_sparse.py does."""
     model = tiny("deepseek-v32-tiny").to(DEVICE).eval()
     prompt = tokens(1, 9, model.config.vocab_size)[0].to(DEVICE)
     new = generate(model, prompt, max_new_tokens=12, temperature=0)
@@ -108,7 +109,7 @@ def test_compiled_decode_equals_eager(preset):
     compiled = generate(model, ids, max_new_tokens=6, temperature=0, compile=True)
     assert compiled.device.type == torch.device(DEVICE).type
     assert torch.equal(compiled, eager)
-    (decoder,) = model._compiled_decoders.values()
+    (decoder,) = compiled_decoders(model).values()
     on_cuda = torch.device(DEVICE).type == "cuda"
     if on_cuda:  # the step was captured as a CUDA graph
         assert decoder.graph.usable and decoder.graph.graph is not None
@@ -186,7 +187,7 @@ def test_bench_train_measures_device_memory():
 
 @pytest.mark.parametrize("kind", ["dense", "sliding", "nsa", "hca"])
 def test_sparse_attention_kinds_equal_the_cpus(kind):
-    """The attention bench's ops (model/attention.py, nsa.py, compressed.py) on the device against
+    """The attention bench's ops (model/attention/core.py, nsa.py, compressed.py) on the device against
     the CPU, forward and the query gradient. (DSA and CSA pick keys by top-k over scores that can tie,
     where the CPU and CUDA kernels may keep different keys.)"""
     import argparse

@@ -6,7 +6,7 @@
 torch.Size([4])
 """
 
-import nanoseek.kernels  # noqa: E402,F401 (installs the fast paths into the model; see kernels/__init__.py)
+import nanoseek.kernels  # noqa: F401 (installs the fast paths into the model; see kernels/__init__.py)
 from nanoseek.config import ModelConfig, TrainConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.generation.loop import generate

@@ -3,8 +3,6 @@
     resolve_device("auto")     -> cuda:LOCAL_RANK when torch sees a CUDA GPU, else cpu
     resolve_device("cuda:1")   -> that GPU, checked to exist
     autocast(device, "bfloat16") -> torch.autocast on that device type (bf16 matmuls, fp32 weights)
-    compute_dtype(x)           -> the dtype autocast gives matmuls on x's device (x's own when off),
-                                  for ops autocast does not cover (grouped matmuls, custom Functions)
     synchronize(device)        -> wait for queued GPU kernels, so a wall-clock timer sees them
     peak_memory(device)        -> bytes the CUDA caching allocator held at most (None on CPU);
                                   DevicePeak(device): the same over a `with` block, above its start
@@ -77,14 +75,6 @@ def autocast(device: torch.device | str, dtype: str):
     if dtype == "bfloat16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in at x: autocast's on x's device type when it is on, else x's. For the
-    ops autocast does not cast (torch._grouped_mm, custom autograd Functions), which cast their
-    inputs to it themselves."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def synchronize(device: torch.device | str) -> None:

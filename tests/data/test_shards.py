@@ -109,7 +109,7 @@ def test_val_split_is_the_last_tenth(corpus, char_tokenizer, tmp_path):
     assert np.array_equal(np.concatenate([train, val]), dataset.tokens)
     assert len(val) == round(len(dataset.tokens) * 0.1)
     lengths = char_tokenizer.token_byte_lengths()
-    assert dataset.bytes_per_token("val") == pytest.approx(lengths[val].sum() / len(val))
+    assert dataset.meta["val_bytes"] == lengths[val].sum()
     assert dataset.vocab_size == char_tokenizer.vocab_size
     with pytest.raises(ValueError):
         train[0] = 1  # read-only memmap

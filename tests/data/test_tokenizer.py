@@ -14,13 +14,13 @@ from nanoseek.data import BUNDLED_CORPUS
 from nanoseek.data.tokenizer import (
     BPETokenizer,
     CharTokenizer,
-    StreamDecoder,
     Tokenizer,
     bytes_to_unicode,
     load_tokenizer,
     train_tokenizer,
 )
 from nanoseek.errors import NanoseekError
+from nanoseek.generation.streaming import Detokenizer
 
 ENGLISH = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -130,20 +130,20 @@ def test_save_load_round_trip_encodes_identically(tokenizer, tmp_path):
             assert loaded.encode(text) == tokenizer.encode(text)
 
 
-def test_stream_decoder_emits_only_whole_characters(tokenizer):
+def test_detokenizer_emits_only_whole_characters(tokenizer):
     text = "秦🙂"
     ids = tokenizer.encode(text)
     assert len(ids) > 2  # multi-byte characters split over several tokens
-    decoder = StreamDecoder(tokenizer)
-    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    decoder = Detokenizer(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.finish()]
     assert "".join(pieces) == text
     assert all(piece in ("", "秦", "🙂") for piece in pieces)
 
 
-def test_stream_decoder_flush_replaces_incomplete_tail(tokenizer):
-    decoder = StreamDecoder(tokenizer)
+def test_detokenizer_finish_replaces_incomplete_tail(tokenizer):
+    decoder = Detokenizer(tokenizer)
     emitted = "".join(decoder.push(i) for i in tokenizer.encode(b"a" + "秦".encode()[:2]))
-    assert emitted == "a" and decoder.flush() == "\ufffd"
+    assert emitted == "a" and decoder.finish() == "\ufffd"
 
 
 def test_encode_batch_matches_encode(tokenizer):

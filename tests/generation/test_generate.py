@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from nanoseek import ModelConfig, NanoseekError, Transformer
+from nanoseek.generation.compiled import compiled_decoders, model_steps
 from nanoseek.generation.loop import decode_step, generate, prefill
 from nanoseek.generation.sampling import (
     apply_repetition_penalty,
@@ -330,7 +331,7 @@ def test_compiled_decode_compiles_once_per_length_bucket(monkeypatch):
     assert torch.equal(other, generate(model, prompt[:, :3], max_new_tokens=12, temperature=0))
     longer = generate(model, prompt[:, :3], max_new_tokens=30, temperature=0, compile=True)  # 33: 64
     assert torch.equal(longer, generate(model, prompt[:, :3], max_new_tokens=30, temperature=0))
-    assert sorted(key[-1] for key in model._compiled_decoders) == [16, 64]
+    assert sorted(key[-1] for key in compiled_decoders(model)) == [16, 64]
 
 
 def test_compiled_decode_runs_the_graph_entry_its_guards_choose():
@@ -341,7 +342,7 @@ def test_compiled_decode_runs_the_graph_entry_its_guards_choose():
     model = Transformer(ModelConfig.from_preset("llama-tiny", max_position_embeddings=64)).eval()
     prompt = torch.randint(0, 128, (1, 6))
     plain = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True)
-    (decoder,) = model._compiled_decoders.values()
+    (decoder,) = compiled_decoders(model).values()
     assert decoder.direct.fn is not None  # the later steps ran without dynamo
     fp32_code = decoder.direct.fn.__code__
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -365,7 +366,7 @@ def test_compiled_decode_without_direct_calls_equals_eager_and_direct():
     model = Transformer(ModelConfig.from_preset("llama-tiny", max_position_embeddings=64)).eval()
     prompt = torch.randint(0, 128, (2, 5))
     off = generate(model, prompt, max_new_tokens=9, temperature=0, compile=True, direct_calls=False)
-    (decoder,) = model._compiled_decoders.values()
+    (decoder,) = compiled_decoders(model).values()
     assert decoder.direct is None and not decoder.options.direct_calls
     assert torch.equal(off, generate(model, prompt, max_new_tokens=9, temperature=0))
     on = generate(model, prompt, max_new_tokens=9, temperature=0, compile=True)
@@ -404,7 +405,7 @@ def test_compiled_nsa_decode_is_one_graph_for_every_position():
     model = Transformer(config).eval()
     prompt = torch.randint(0, 128, (1, 9))
     compiled = generate(model, prompt, max_new_tokens=16, temperature=0, compile=True)
-    (decoder,) = model._compiled_decoders.values()
+    (decoder,) = compiled_decoders(model).values()
     assert decoder.direct.fn is not None
     assert torch.equal(compiled, generate(model, prompt, max_new_tokens=16, temperature=0))
     with torch._dynamo.config.patch(error_on_recompile=True):  # other positions, same graph
@@ -422,7 +423,7 @@ def test_a_copy_of_a_model_does_not_share_its_compiled_steps():
     prompt = torch.randint(0, 128, (1, 6))
     original = generate(model, prompt, max_new_tokens=8, temperature=0, compile=True)
     twin = copy.deepcopy(model)
-    assert "_compiled_decoders" not in twin.__dict__ and "_compiled_decoders" in model.__dict__
+    assert not compiled_decoders(twin) and compiled_decoders(model)
     with torch.no_grad():
         twin.lm_head.weight.mul_(-1.0)
     changed = generate(twin, prompt, max_new_tokens=8, temperature=0, compile=True)
@@ -498,7 +499,7 @@ def test_compiled_prefill_equals_eager_and_compiles_once():
     with torch._dynamo.config.patch(error_on_recompile=True):
         other = generate(model, prompt[:, :6], max_new_tokens=4, temperature=0, compile_prefill=True)
     assert torch.equal(other, generate(model, prompt[:, :6], max_new_tokens=4, temperature=0))
-    assert "_compiled_prefill" in model.__dict__
+    assert "prefill" in model_steps(model)
 
 
 # ---------------------------------------------------------------------------- the one detokenizer
@@ -526,11 +527,9 @@ def test_detokenizer_finishing_rule_eos_and_max_tokens():
     assert eos.finish_reason == "stop" and eos.finish() == ""
 
 
-def test_text_stream_and_the_old_stream_decoder_name_use_the_one_detokenizer():
-    from nanoseek.data.tokenizer import StreamDecoder
+def test_text_stream_uses_the_one_detokenizer():
     from nanoseek.generation.streaming import Detokenizer
 
-    assert StreamDecoder is Detokenizer
     s = TextStream(scripted("é!"), ByteTokenizer(), "hi", temperature=0)
     assert list(s) == ["é", "!"] and isinstance(s._text, Detokenizer)
 

@@ -4,10 +4,10 @@ Every kind gets the same queries, keys and values (B = 1, H query heads of width
 key/value head as in MLA's absorbed form, which is where DeepSeek's sparse kinds run) at each
 sequence length T:
 
-    dense    sdpa(is_causal=True) (model/attention.py: PyTorch's SDPA)       O(T^2)
+    dense    sdpa(is_causal=True) (model/attention/core.py: PyTorch's SDPA)       O(T^2)
     sliding  causal_attention(window=w): chunked SDPA over the band           O(T (C + w))
     nsa      compressed blocks (l = 64) + the top-16 selected blocks per query block + a window of
-             512, summed with fixed gates (the branch math of model/nsa.py)        O(T (T/l + n l + w))
+             512, summed with fixed gates (model/attention/nsa.py, kernels/nsa.py)        O(T (T/l + n l + w))
     dsa      lightning indexer (H_I heads of width d_I) scores the visible keys per chunk of
              queries, top-k, attention over the gathered picks               O(T^2 H_I d_I + T k H D)
     csa      DeepSeek-V4: the window of w keys + compressed entries (rate 4) of which an indexer picks
@@ -33,7 +33,15 @@ import time
 
 import torch
 
+from nanoseek.bench.common import RssSampler, cpu_name, current_rss, device_info, release_free_memory, torch_threads
+from nanoseek.config import ModelConfig
+from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
+from nanoseek.kernels.nsa import ChunkedNativeSparseAttention
+from nanoseek.model.attention.compressed import CompressedAttention
+from nanoseek.model.attention.core import causal_attention, sdpa
+from nanoseek.model.attention.dsa import LightningIndexer, chunked_sparse_attention
+from nanoseek.model.position import rope_inv_freq
 
 KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
 
@@ -43,8 +51,6 @@ class DsaOp(torch.nn.Module):
 
     def __init__(self, dim: int, heads: int, index_heads: int, index_dim: int, topk: int):
         super().__init__()
-        from nanoseek.config import ModelConfig
-        from nanoseek.model.attention.dsa import LightningIndexer
 
         cfg = ModelConfig(
             hidden_size=dim,
@@ -65,9 +71,6 @@ class DsaOp(torch.nn.Module):
         self.rope_dim = cfg.qk_rope_head_dim
 
     def forward(self, q, k, v, x, scale):
-        from nanoseek.model.attention.dsa import chunked_sparse_attention
-        from nanoseek.model.position import rope_inv_freq
-
         t = x.shape[1]
         angles = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * rope_inv_freq(
             self.rope_dim, 10000.0
@@ -83,8 +86,6 @@ class NsaOp(torch.nn.Module):
 
     def __init__(self, dim: int, heads: int, block: int, topn: int, window: int):
         super().__init__()
-        from nanoseek.config import ModelConfig
-        from nanoseek.kernels.nsa import ChunkedNativeSparseAttention
 
         cfg = ModelConfig(
             hidden_size=dim,
@@ -99,8 +100,6 @@ class NsaOp(torch.nn.Module):
         self.attn = ChunkedNativeSparseAttention(cfg)  # the default (kernels) path
 
     def forward(self, q, k, v, scale):
-        from nanoseek.model.attention.core import causal_attention
-
         a, t = self.attn, q.shape[2]
         if a.covers_every_block(0, t):
             o_cmp, _ = a.compressed_attention(q, a.compress(k), a.compress(v, values=True), 0, with_scores=False)
@@ -113,14 +112,12 @@ class NsaOp(torch.nn.Module):
 
 
 class CompressedOp(torch.nn.Module):
-    """A V4 CSA or HCA layer's attention (model/compressed.py) over ready-made q and shared k."""
+    """A V4 CSA or HCA layer's attention (model/attention/compressed.py) over ready-made q and shared k."""
 
     def __init__(
         self, kind: str, dim: int, heads: int, head_dim: int, window: int, topk: int, index_heads: int, index_dim: int
     ):
         super().__init__()
-        from nanoseek.config import ModelConfig
-        from nanoseek.model.attention.compressed import CompressedAttention
 
         cfg = ModelConfig(
             hidden_size=dim,
@@ -158,8 +155,6 @@ def make_inputs(t: int, heads: int, dim: int, seed: int = 0, device: torch.devic
 
 
 def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None = None, v4=None):
-    from nanoseek.model.attention.core import causal_attention, sdpa
-
     scale = q.shape[-1] ** -0.5
     if kind == "dense":
         return sdpa(q, k, v, is_causal=True, scale=scale)
@@ -173,9 +168,6 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None =
 
 
 def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
-    from nanoseek.bench.common import RssSampler, current_rss, release_free_memory
-    from nanoseek.device import DevicePeak, autocast, synchronize
-
     forward, backward = [], []
     release_free_memory()
     base = current_rss()
@@ -228,15 +220,11 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--plot", help="write a log-log PNG of forward time vs length here")
-    from nanoseek.device import add_device_arg
 
     add_device_arg(parser, default="cpu")
 
 
 def run_attention(args: argparse.Namespace) -> list[dict]:
-    from nanoseek.bench.common import cpu_name, device_info, torch_threads
-    from nanoseek.device import resolve_device
-
     try:
         seqs = [int(s) for s in args.seq.split(",")]
     except ValueError:

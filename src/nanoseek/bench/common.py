@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from nanoseek.device import synchronize
+
 MIB = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -143,8 +145,6 @@ def measure_matmul_peak(
 
     Each size gets an equal share of `seconds`; a size whose single product would overrun the
     remaining time is skipped (slow dtypes then measure at 1024 only). 2 n^3 FLOPs per product."""
-    from nanoseek.device import synchronize
-
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
     sizes = (4096, 8192, 16384) if device.type == "cuda" else (1024, 1536, 2048)

@@ -36,13 +36,19 @@ import time
 
 import torch
 
+from nanoseek.bench.common import cpu_name, device_info, measure_matmul_peak, torch_threads
+from nanoseek.config import ModelConfig
+from nanoseek.device import add_device_arg, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
+from nanoseek.generation import compiled_prefill, generate
+from nanoseek.generation.compiled import compiled_decoders
+from nanoseek.io import load_model
+from nanoseek.model import Transformer
+from nanoseek.model.transformer import kv_cache_bytes_per_token
 
 
 def measure_bandwidth(seconds: float = 0.5, device: torch.device | str = "cpu") -> float:
     """Best GB/s of a 256 MiB fp32 copy on the device (read + write counted)."""
-    from nanoseek.device import synchronize
-
     src = torch.ones(64 << 20, device=device)
     dst = torch.empty_like(src)
     best, end = 0.0, time.perf_counter() + seconds
@@ -56,11 +62,6 @@ def measure_bandwidth(seconds: float = 0.5, device: torch.device | str = "cpu") 
 
 
 def build_models(args):
-    from nanoseek.config import ModelConfig
-    from nanoseek.device import resolve_device
-    from nanoseek.io import load_model
-    from nanoseek.model import Transformer
-
     device = resolve_device(args.device, where="--device")
     if args.ckpt:
         ours = load_model(args.ckpt)
@@ -92,8 +93,6 @@ def forward_flops_per_token(model, context: int) -> float:
 @torch.inference_mode()
 def time_prefill(impl: str, model, ids: torch.Tensor, compiled: bool = False) -> float:
     """Seconds to the first token; `compiled`: nanoseek through `compiled_prefill`."""
-    from nanoseek.generation import compiled_prefill
-
     t0 = time.perf_counter()
     if impl.startswith("nanoseek"):
         cache = model.make_cache(ids.shape[0], ids.shape[1] + 1)
@@ -108,8 +107,6 @@ def time_prefill(impl: str, model, ids: torch.Tensor, compiled: bool = False) ->
 
 @torch.inference_mode()
 def time_generate(impl: str, model, ids: torch.Tensor, new: int, cuda_graphs: bool = True) -> float:
-    from nanoseek.generation import generate
-
     t0 = time.perf_counter()
     if impl.startswith("nanoseek"):
         out = generate(
@@ -135,8 +132,6 @@ def weight_bytes_per_step(model, batch: int) -> float:
 
 
 def run_prefill(args) -> list[dict]:
-    from nanoseek.bench.common import cpu_name, device_info, measure_matmul_peak, torch_threads
-
     ours, peers = build_models(args)
     device = next(ours.parameters()).device
     impls = {"nanoseek": ours, **({"nanoseek-compiled": ours} if args.compile else {}), **peers}
@@ -192,9 +187,6 @@ def run_prefill(args) -> list[dict]:
 
 
 def run_decode(args) -> list[dict]:
-    from nanoseek.bench.common import cpu_name, device_info, torch_threads
-    from nanoseek.model.transformer import kv_cache_bytes_per_token
-
     ours, peers = build_models(args)
     device = next(ours.parameters()).device
     impls = {"nanoseek": ours, **({"nanoseek-compiled": ours} if args.compile else {}), **peers}
@@ -257,7 +249,7 @@ def run_decode(args) -> list[dict]:
             **device_info(device),
         }
         if device.type == "cuda" and args.compile:  # whether the compiled steps replayed CUDA graphs
-            graphs = [d.graph for d in ours.__dict__.get("_compiled_decoders", {}).values()]
+            graphs = [d.graph for d in compiled_decoders(ours).values()]
             machine["cuda_graphs"] = bool(graphs) and all(g is not None and g.usable for g in graphs)
     for r in rows:
         if r["impl"] != "ratio":
@@ -294,8 +286,6 @@ def plot_decode(rows: list[dict], path: str) -> None:
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    from nanoseek.device import add_device_arg
-
     parser.add_argument("ckpt", nargs="?", help="a checkpoint (default: a random --preset model)")
     parser.add_argument("--preset", default="deepseek-v3-small")
     parser.add_argument("--peers", default="hf", help="comma-separated: hf (or empty for none)")

@@ -30,8 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanoseek.bench.common import cpu_name
+from nanoseek.config import ModelConfig
 from nanoseek.data import BUNDLED_CORPUS
+from nanoseek.data.tokenizer import CharTokenizer
 from nanoseek.errors import NanoseekError
+from nanoseek.model import Transformer
 
 MIB = 1 << 20
 
@@ -65,10 +69,6 @@ def free_port() -> int:
 def random_checkpoint(preset: str, folder: Path) -> Path:
     """A randomly initialized `preset` with the bundled corpus's character tokenizer (speed only)."""
     import torch
-
-    from nanoseek.config import ModelConfig
-    from nanoseek.data.tokenizer import CharTokenizer
-    from nanoseek.model import Transformer
 
     corpus = BUNDLED_CORPUS
     tok = CharTokenizer.train([corpus.read_text()])
@@ -284,8 +284,6 @@ def run_serve(args: argparse.Namespace) -> list[dict]:
 
 def _machine(threads: int) -> dict:
     import torch
-
-    from nanoseek.bench.common import cpu_name
 
     return {
         "cpu": cpu_name(),

@@ -63,8 +63,13 @@ from nanoseek.bench.common import (
     release_free_memory,
     torch_threads,
 )
+from nanoseek.config import ModelConfig, OptimConfig
 from nanoseek.data import BUNDLED_CORPUS
+from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
+from nanoseek.model import Transformer
+from nanoseek.train.loop import maybe_compile
+from nanoseek.train.optim import make_optimizer
 
 TRAIN_IMPLS = ("nanoseek", "nanoseek-compiled", "reference", "hf")
 VOCAB_SIZE = 65  # tiny Shakespeare's characters
@@ -138,8 +143,6 @@ class TrainRunner:
         self.peak_device: int | None = None  # bytes, on a GPU
 
     def autocast(self):
-        from nanoseek.device import autocast
-
         return autocast(self.device, self.dtype)
 
     def step(self, batches) -> torch.Tensor:
@@ -166,8 +169,6 @@ class TrainRunner:
         gc.collect()
 
     def run_round(self, batches, steps: int, warmup: int) -> None:
-        from nanoseek.device import DevicePeak, synchronize
-
         first = self.model is None
         sampler = RssSampler() if first else contextlib.nullcontext()
         window = DevicePeak(self.device) if first else contextlib.nullcontext()
@@ -195,11 +196,6 @@ class TrainRunner:
 
 
 def _build_nanoseek(cfg, lr: float, seed: int, device: torch.device | str = "cpu", compiled: bool = False):
-    from nanoseek.config import OptimConfig
-    from nanoseek.model import Transformer
-    from nanoseek.train.loop import maybe_compile
-    from nanoseek.train.optim import make_optimizer
-
     def build():
         torch.manual_seed(seed)
         model = Transformer(cfg).to(device)
@@ -243,7 +239,6 @@ def _build_hf(cfg, lr: float, seed: int, device: torch.device | str = "cpu"):
         import transformers
     except ImportError:
         raise NanoseekError("the hf peer needs transformers (pip install 'nanoseek[bench]')") from None
-    from nanoseek.model import Transformer
 
     def build():
         torch.manual_seed(seed)
@@ -287,9 +282,6 @@ def bench_train(
 
     `dtype` is nanoseek's (bfloat16 = autocast), `ref_dtype` the peers'; `device` is cpu, cuda,
     cuda:N or auto (on a GPU the timers synchronize and peak_device_mib is the CUDA allocator's peak)."""
-    from nanoseek.config import ModelConfig
-    from nanoseek.device import resolve_device
-
     impls = tuple(impls)
     for impl in impls:
         if impl not in TRAIN_IMPLS:
@@ -441,15 +433,11 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
     """nanoseek's `model.flops_per_token(seq_len)`, for every implementation (identical shapes).
 
     Built on the meta device, so it costs no memory and works when nanoseek is not benchmarked."""
-    from nanoseek.model import Transformer
-
     with torch.device("meta"):
         return Transformer(cfg).flops_per_token(seq_len)
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    from nanoseek.device import add_device_arg
-
     parser.add_argument("--preset", default="gpt2-small", help="a GPT-2-shaped preset (default gpt2-small)")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=12)

@@ -42,6 +42,7 @@ ORDER = (
     "bench",
 )
 _ALL = {c.name: c for module in (train, generate, models, serve, analysis, bench) for c in module.COMMANDS}
+assert set(_ALL) == set(ORDER), f"ORDER must list every command: {sorted(set(_ALL) ^ set(ORDER))}"
 COMMANDS: dict[str, Command] = {name: _ALL[name] for name in ORDER}
 
 

@@ -47,13 +47,17 @@ def split_overrides(extra: list[str]) -> dict:
 def add_checkpoint_args(parser: argparse.ArgumentParser, device: bool = True) -> None:
     """The positional CKPT (checkpoint, run folder or HF folder), --trust-pickle and --device."""
     parser.add_argument("ckpt", help="a checkpoint folder, a run folder (its latest checkpoint) or an HF folder")
+    add_trust_pickle(parser)
+    if device:
+        add_device_arg(parser)
+
+
+def add_trust_pickle(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)",
     )
-    if device:
-        add_device_arg(parser)
 
 
 def add_compile_args(parser: argparse.ArgumentParser) -> None:

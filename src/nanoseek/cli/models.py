@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from nanoseek.cli.common import Command, add_checkpoint_args, load, reject_extra
+from nanoseek.cli.common import Command, add_checkpoint_args, add_trust_pickle, load, reject_extra
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.io import convert
@@ -33,11 +33,7 @@ def add_info_arguments(i) -> None:
     i.add_argument("ckpt", nargs="?", help="a checkpoint folder, a run folder or an HF folder")
     i.add_argument("--preset", help="a named config instead of a checkpoint")
     i.add_argument("--seq-len", type=int, help="context length for the FLOPs estimate")
-    i.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)",
-    )
+    add_trust_pickle(i)
 
 
 def run_info(args, extra) -> int:
@@ -58,11 +54,7 @@ def add_convert_arguments(cv) -> None:
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("hf", "nanoseek"), required=True)
     cv.add_argument("--dtype", choices=("float32", "bfloat16"))
-    cv.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow a pickle-based pytorch_model.bin (loaded with weights_only=True)",
-    )
+    add_trust_pickle(cv)
 
 
 def run_convert(args, extra) -> int:

@@ -40,10 +40,12 @@ def check_limits(args) -> None:
 def run_serve(args, extra) -> int:
     reject_extra(extra)
     try:
-        from nanoseek.serve.server import serve
+        from nanoseek.serve.server import serve, warn_if_open
     except ImportError as e:
         raise NanoseekError(f"serving needs the serve extra (pip install 'nanoseek[serve]'): {e}") from None
     check_limits(args)
+    api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+    warn_if_open(args.host, api_key)  # before the model loads, which can take minutes
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     model, tok, folder = load(args)
     serve(
@@ -53,7 +55,7 @@ def run_serve(args, extra) -> int:
         folder=folder,
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY") or None,
+        api_key=api_key,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_tokens=args.max_tokens,

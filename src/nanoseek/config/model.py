@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from nanoseek.config.parse import check_choice, check_positive, from_dict, to_dict
+from nanoseek.config.presets import get_preset
 from nanoseek.errors import NanoseekError
 
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
@@ -337,8 +338,6 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
-        from nanoseek.config.presets import get_preset
-
         return cls.from_dict({**get_preset(name), **overrides})
 
     def to_dict(self) -> dict:

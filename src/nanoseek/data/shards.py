@@ -195,13 +195,6 @@ class TokenDataset:
             return self.tokens[val_start:]
         raise NanoseekError(f"split {name!r} is unknown (valid: {', '.join(SPLITS)})")
 
-    def bytes_per_token(self, name: str) -> float:
-        """Average bytes per token of a split: bits-per-byte = nats-per-token / ln 2 / this."""
-        n_tokens = len(self.split(name))
-        if n_tokens == 0:
-            raise NanoseekError(f"split {name!r} of {self.dir} has no tokens")
-        return self.meta[f"{name}_bytes"] / n_tokens
-
 
 # ----------------------------------------------------------------------------- batches
 

@@ -420,20 +420,6 @@ class BPETokenizer(Tokenizer):
         return self._hf.to_str(pretty=True)  # encode_special_tokens is not serialized
 
 
-# ----------------------------------------------------------------------------- streaming
-
-
-def __getattr__(name: str):
-    """`StreamDecoder`: the former name of `nanoseek.generation.streaming.Detokenizer`, the one
-    incremental decoder (`push(id)` returns only whole characters, `flush()` the tail), looked up
-    on first use so that this module imports nothing from the generation layer above it."""
-    if name == "StreamDecoder":
-        from nanoseek.generation.streaming import Detokenizer
-
-        return Detokenizer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------- train / load
 
 

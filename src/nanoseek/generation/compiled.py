@@ -44,17 +44,41 @@ def shared_function_recompile_limit():
     return torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
 
 
+class ModelSteps(dict):
+    """The compiled steps of one model, kept on it (`model_steps`): they close over the model, so a
+    copy of it (copy.deepcopy, pickle) starts with none, since a copied step would run the original's
+    weights."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
+def model_steps(model) -> ModelSteps:
+    """{"prefill": compiled prefill, "decoders": {(batch, dtype, device, length): CompiledDecoder}}."""
+    steps = model.__dict__.get("_compiled_steps")
+    if steps is None:
+        steps = model.__dict__["_compiled_steps"] = ModelSteps()
+    return steps
+
+
+def compiled_decoders(model) -> dict:
+    """The model's compiled decoders by (batch, dtype, device, cache length)."""
+    return model_steps(model).setdefault("decoders", {})
+
+
 def compiled_prefill(model):
     """`prefill` for this model under torch.compile with dynamic shapes (built at first use, kept on
     the model): a prompt of another length reuses the graph (tested); batch 1, one-token prompts, a
     batch equal to another dimension of the first call (dynamo's duck sizing) or the MoE's few-token
     path may compile graphs of their own. Opt-in (`generate(..., compile_prefill=True)`): the first
     compile is long, so it pays off for long or many prompts (figures in benchmarks/RESULTS.md)."""
-    fn = model.__dict__.get("_compiled_prefill")
+    steps = model_steps(model)
+    fn = steps.get("prefill")
     if fn is None:
-        fn = model.__dict__["_compiled_prefill"] = torch.compile(
-            lambda ids, cache: prefill(model, ids, cache), dynamic=True
-        )
+        fn = steps["prefill"] = torch.compile(lambda ids, cache: prefill(model, ids, cache), dynamic=True)
 
     def run(ids: torch.Tensor, cache) -> torch.Tensor:
         # a fresh contiguous copy: a sliced prompt's stride, or a tensor made outside inference mode,
@@ -202,7 +226,7 @@ class CompiledDecoder:
         length = decode_cache_length(total, model.config.max_position_embeddings)
         key = (batch, param.dtype, param.device, length)
         with DECODER_LOCK:  # two threads must neither build nor take the same decoder
-            decoders = model.__dict__.setdefault("_compiled_decoders", {})
+            decoders = compiled_decoders(model)
             if key not in decoders:
                 decoders[key] = cls(model, batch, length)
             decoder = decoders[key]

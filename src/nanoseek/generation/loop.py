@@ -39,9 +39,6 @@ from nanoseek.generation.compiled import (
 from nanoseek.generation.sampling import Sampler, SamplingOptions
 from nanoseek.generation.steps import decode_step, prefill
 
-# ---------------------------------------------------------------------------- forward passes
-
-
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -170,9 +167,6 @@ def stop_id_list(eos_id: int | None, stop_ids: Sequence[int] | None) -> list[int
     """eos first (finished rows repeat the first id), then the other stop ids."""
     ids = [] if eos_id is None else [int(eos_id)]
     return ids + [int(i) for i in (stop_ids or ()) if int(i) not in ids]
-
-
-# ---------------------------------------------------------------------------- token ids
 
 
 def generate(

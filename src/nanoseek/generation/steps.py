@@ -15,6 +15,7 @@ def prefill(model, input_ids: torch.Tensor, cache: list) -> torch.Tensor:
     return model(input_ids, cache=cache, start=0, last_only=True).logits[:, -1]
 
 
-def decode_step(model, token: torch.Tensor, cache: list, pos: int) -> torch.Tensor:
-    """Run one token (B, 1) at position `pos` against the cache; return its logits (B, V)."""
+def decode_step(model, token: torch.Tensor, cache: list, pos: int | torch.Tensor) -> torch.Tensor:
+    """Run one token (B, 1) at position `pos` (or per-row positions (B,)) against the cache; return
+    its logits (B, V)."""
     return model(token, cache=cache, start=pos).logits[:, -1]

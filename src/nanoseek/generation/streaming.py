@@ -30,8 +30,6 @@ from nanoseek.generation.compiled import DecodeOptions
 from nanoseek.generation.loop import TokenLoop, as_batch, model_device, stop_id_list
 from nanoseek.generation.sampling import SamplingOptions
 
-FINISH_REASONS = ("stop", "length")
-
 
 class StopStringFilter:
     """Passes text through, holding back what could still become the start of a stop string."""
@@ -77,7 +75,7 @@ class Detokenizer:
 
     `push(id)` returns the text that became safe; the push that finishes the sequence (eos, a stop
     string, or the `max_tokens`-th id) also returns everything held back, and later pushes return
-    "". `finish()` (alias `flush()`) returns what is still held back (an incomplete character becomes
+    "". `finish()` returns what is still held back (an incomplete character becomes
     U+FFFD) and sets `finish_reason` to "length" if nothing stopped the sequence. `tokens` counts
     the ids pushed until the sequence finished (the eos or stop-completing one included).
     """
@@ -112,8 +110,6 @@ class Detokenizer:
             return ""
         self.finish_reason = "length"
         return self._drain()
-
-    flush = finish  # the name of data.tokenizer's former StreamDecoder
 
     def _drain(self) -> str:
         safe, stopped = self.stop_filter.push(self.utf8.decode(b"", final=True))

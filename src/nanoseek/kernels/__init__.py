@@ -16,7 +16,7 @@ A `Transformer` built with `ModelConfig.kernels` (default True; `--model.kernels
 swaps each reference module's class for its fast subclass (`Transformer.set_kernels`: parameters,
 buffers and the state dict are unchanged, so checkpoints do not know) and looks the functions up
 when it runs. `import nanoseek` imports this package, so every user of the library gets the fast
-paths; without it (or with kernels off) the model is the plain reference. tests/kernels/test_kernels.py
+paths; with `kernels=false` the model is the plain reference. tests/kernels/test_kernels.py
 checks each fast path against its reference, values and gradients.
 
     >>> from nanoseek import ModelConfig, Transformer

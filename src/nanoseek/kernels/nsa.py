@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.device import compute_dtype
 from nanoseek.model.attention.nsa import NativeSparseAttention, visible_blocks
+from nanoseek.model.moe.experts import matmul_dtype
 
 CMP_CHUNK = 1024  # queries per step of the compressed branch (bounds its (C, n) score tiles)
 
@@ -64,7 +64,7 @@ class CompressedBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_blocks, v_blocks, start: int, block: int, scale: float, with_probs: bool):
         ctx.input_dtypes = (q.dtype, k_blocks.dtype, v_blocks.dtype)
-        dtype = compute_dtype(q)
+        dtype = matmul_dtype(q)
         with torch.autocast(q.device.type, enabled=False):
             q, k_blocks, v_blocks = (x.to(dtype) for x in (q, k_blocks, v_blocks))
             return CompressedBlockAttention.attend(ctx, q, k_blocks, v_blocks, start, block, scale, with_probs)

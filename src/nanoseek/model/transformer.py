@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention.compressed import CompressedAttention
@@ -181,14 +182,6 @@ class Transformer(nn.Module):
         self.set_kernels(config.kernels)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
-
-    # generate.py's compiled prefill and decode steps, kept on the model: they close over it, so a
-    # copy (copy.deepcopy, pickle) must not carry them (its steps would run the original's weights)
-    COMPILED_STATE = ("_compiled_decoders", "_compiled_prefill")
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        return {k: v for k, v in state.items() if k not in self.COMPILED_STATE}
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self):
@@ -352,8 +345,6 @@ class Transformer(nn.Module):
         """fn(x, ...), with its activations recomputed in backward when gradient_checkpointing is on
         (the side outputs come from the forward; the recomputation's go to the same, already read, `side`)."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
             return checkpoint(fn, x, rope, cache, start, token_ids, side, use_reentrant=False)
         return fn(x, rope, cache, start, token_ids, side)
 

@@ -14,7 +14,7 @@ rows r*B..(r+1)*B), so per-rank batch B on W ranks trains exactly like batch W*B
         activation checkpointing per block and a bf16 mixed-precision policy. MoE blocks are sharded
         like the rest (each rank holds a slice of every expert; use expert_parallel for whole experts).
 - ddp + expert_parallel: as ddp, but each MoE layer's routed experts are split across the ranks and
-        tokens travel to their experts by all-to-all (model/expert_parallel.py); DDP skips the
+        tokens travel to their experts by all-to-all (parallel/expert.py); DDP skips the
         expert weights, whose gradients already combine every rank's tokens.
 MoE load counts are summed over ranks before the balancing-bias update, so the router bias stays
 identical everywhere. Checkpoints hold full (gathered) state dicts keyed by parameter name, written
@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanoseek.device import resolve_device
 from nanoseek.errors import NanoseekError
+from nanoseek.parallel.expert import gather_full, local_slice, shard_experts
 
 
 @dataclass
@@ -53,8 +55,6 @@ def init_distributed(strategy: str, device: str = "cpu") -> DistContext:
     """Join the torchrun process group (if launched by torchrun); a single process otherwise.
     `device` is train.device ("auto", "cpu", "cuda", "cuda:N"): on a GPU each rank takes
     cuda:LOCAL_RANK and the group talks nccl, else gloo (one process may name its GPU, ranks may not)."""
-    from nanoseek.device import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     where = resolve_device(device, local, where="train.device")
@@ -94,8 +94,6 @@ def wrap_model(
         from torch.nn.parallel import DistributedDataParallel
 
         if expert_parallel:
-            from nanoseek.parallel.expert import shard_experts
-
             sharded = shard_experts(model, ctx.rank, ctx.world)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -256,7 +254,6 @@ def map_expert_tensors(state: dict, model: nn.Module, how: str, param_name: str 
     of a state dict; `param_name` names the parameter when `state` is one parameter's optimizer state."""
     if not is_expert_sharded(model):
         return state
-    from nanoseek.parallel.expert import gather_full, local_slice
 
     fn = gather_full if how == "gather" else local_slice
     return {

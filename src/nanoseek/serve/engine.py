@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
+from nanoseek.generation.steps import decode_step, prefill
 from nanoseek.generation.streaming import Detokenizer
 
 log = logging.getLogger("nanoseek.serve")
@@ -195,7 +196,7 @@ class Engine:
             seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
             ids = torch.tensor([seq.prompt_ids], device=self.device)
             view = [c.rows(row, row + 1) for c in self.cache]
-            logits = self.model(ids, cache=view, start=0, last_only=True).logits[:, -1]
+            logits = prefill(self.model, ids, view)
             token = self._sample(logits, [seq])[0]
             if self._accept(seq, token):
                 self._release([seq])
@@ -206,7 +207,7 @@ class Engine:
         positions = torch.tensor([s.position for s in self.running], device=self.device)
         kv_len = max(s.position for s in self.running) + 1
         view = [c.rows(0, n, kv_len) for c in self.cache]
-        logits = self.model(tokens, cache=view, start=positions).logits[:, -1]
+        logits = decode_step(self.model, tokens, view, positions)
         self.steps += 1
         sampled = self._sample(logits, self.running)
         done = [s for s, t in zip(self.running, sampled) if self._accept(s, t)]

@@ -22,6 +22,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def warn_if_open(host: str, api_key: str | None) -> None:
+    """A warning on stderr when `host` is reachable beyond this machine and no API key is set."""
+    if not is_loopback(host) and not api_key:
+        print(
+            f"warning: listening on {host} without an API key: anyone who can reach this "
+            f"address can use the model (set --api-key or NANOSEEK_API_KEY)",
+            file=sys.stderr,
+        )
+
+
 def serve(
     model,
     tokenizer,
@@ -36,12 +46,6 @@ def serve(
     max_body_bytes: int = 1 << 20,
 ) -> None:
     """Serve `model` as `name` on http://host:port (blocks until the server stops)."""
-    if not is_loopback(host) and not api_key:
-        print(
-            f"warning: listening on {host} without an API key: anyone who can reach this "
-            f"address can use the model (set --api-key or NANOSEEK_API_KEY)",
-            file=sys.stderr,
-        )
     app = create_app(
         model,
         tokenizer,

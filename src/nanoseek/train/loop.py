@@ -26,10 +26,13 @@ import torch
 
 from nanoseek.config import TrainConfig
 from nanoseek.data import BUNDLED_CORPUS
+from nanoseek.data.shards import BatchLoader, TokenDataset, prepare_corpus
+from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.device import autocast
 from nanoseek.errors import NanoseekError
 from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.model import Transformer
+from nanoseek.parallel import dist
 from nanoseek.train.evaluate import evaluate, fixed_batches
 from nanoseek.train.metrics import MetricsLog, eval_record, plot_losses
 from nanoseek.train.optim import lr_multiplier, make_optimizer, set_lr
@@ -50,8 +53,6 @@ class RunState:
 
 
 def setup_tokenizer(cfg: TrainConfig, out: Path, files: list[str]):
-    from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
-
     saved = out / "tokenizer.json"
     if saved.is_file():
         return load_tokenizer(saved)
@@ -65,8 +66,6 @@ def setup_tokenizer(cfg: TrainConfig, out: Path, files: list[str]):
 
 
 def setup_data(cfg: TrainConfig, out: Path):
-    from nanoseek.data.shards import TokenDataset, prepare_corpus
-
     files = cfg.data.path or [str(BUNDLED_CORPUS)]
     for f in files:
         if not Path(f).is_file():
@@ -143,8 +142,6 @@ def maybe_compile(model, enabled: bool):
 
 def restore(ckpt: Path, model, optimizer, loader) -> RunState:
     """Weights, optimizer moments, RNG and data position of `ckpt` into this run; its counters back."""
-    from nanoseek.parallel import dist
-
     weights = ckpt_io.read_safetensors(ckpt / ckpt_io.MODEL_FILE)
     ckpt_io.check_state(model, dist.local_model_state(model, weights), ckpt / ckpt_io.MODEL_FILE)
     saved, optimizer_state = ckpt_io.load_training_state(ckpt)
@@ -155,8 +152,6 @@ def restore(ckpt: Path, model, optimizer, loader) -> RunState:
 
 def describe_run(cfg: TrainConfig, model, params: dict, vocab_size: int, ctx, resume_step: int | None) -> str:
     """The lines printed when a run starts: model size, data, device, output, ranks."""
-    from nanoseek.parallel import dist
-
     source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
     text = (
         f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
@@ -180,9 +175,6 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
 
     `stop_after`: behave as if Ctrl-C arrived during that step (scripted interruption).
     """
-    from nanoseek.data.shards import BatchLoader
-    from nanoseek.parallel import dist
-
     ctx = dist.init_distributed(cfg.dist.strategy, cfg.train.device)
     quiet = quiet or not ctx.is_main
     if cfg.train.threads:

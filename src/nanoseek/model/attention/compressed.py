@@ -24,7 +24,7 @@ rescaled), the others the plain one (rope_theta).
 
 The indexer's top-k is not differentiable; in training it learns from a KL loss toward the heads'
 attention over the entries it picked (the `index_loss` a training forward returns, as DSA in
-model/dsa.py; `train.dsa_warmup_steps` runs CSA layers over every visible entry while only the indexers learn).
+attention/dsa.py; `train.dsa_warmup_steps` runs CSA layers over every visible entry while only the indexers learn).
 
 Queries run in chunks of CHUNK through SDPA (the sink enters as one extra key): each chunk reads only
 its band of local keys plus the entries (CSA: a mask of the indexer's picks), so no T x T tensor

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention.core import sdpa
@@ -164,7 +165,5 @@ def chunked_sparse_attention(
 def gathered_chunk(q, k, v, picked, valid, scale: float) -> torch.Tensor:
     """`gathered_attention`; under autograd the gathered keys are recomputed in backward, not kept."""
     if torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-
         return checkpoint(gathered_attention, q, k, v, picked, valid, scale, use_reentrant=False)
     return gathered_attention(q, k, v, picked, valid, scale)

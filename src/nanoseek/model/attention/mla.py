@@ -80,7 +80,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.indexer = LightningIndexer(config) if config.layer_sparse(layer) == "dsa" else None
         self.indexed = self.indexer is not None
         self.dsa_warmup = False  # a training phase (Transformer.set_dsa_warmup): dense while the indexer learns
-        self.long_prefill = SELECT_CHUNK  # DSA inference over more queries: chunked (model/dsa.py)
+        self.long_prefill = SELECT_CHUNK  # DSA inference over more queries: chunked (attention/dsa.py)
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> LatentKVCache:
         index_dim = self.indexer.head_dim if self.indexer is not None else 0

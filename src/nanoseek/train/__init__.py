@@ -1,0 +1,1 @@
+"""Training: the loop, evaluation, metrics and plots, optimizers and LR schedules, ablations."""

@@ -9,6 +9,7 @@ arguments and calls one library function.
     nanoseek chat CKPT [--system TEXT ...]
     nanoseek eval CKPT [--data PATH --seq-len N --batch-size B --max-batches M]
     nanoseek info (CKPT | --preset NAME) [--seq-len N]
+    nanoseek presets [--json]
     nanoseek convert SRC DST --to {hf,nanoseek} [--dtype float32|bfloat16]
     nanoseek serve CKPT [--host H --port P --api-key KEY ...]
     nanoseek embed CKPT (--text TEXT ... | --file FILE)
@@ -21,6 +22,8 @@ Bad input (NanoseekError) prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 from nanoseek.cli import analysis, bench, generate, models, serve, train
@@ -32,6 +35,7 @@ ORDER = (
     "sample",
     "eval",
     "info",
+    "presets",
     "chat",
     "serve",
     "convert",
@@ -50,15 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS.values():
-        p = sub.add_parser(command.name, help=command.help, add_help=command.add_help)
+        p = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.help,
+            add_help=command.add_help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser
 
 
+OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.\w+)+=")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the arguments argparse parses, the `--section.field=VALUE` overrides). Overrides are set
+    aside first: argparse would take one whose value holds a space (a JSON list) for a positional."""
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    return [a for a in argv if not OVERRIDE.match(a)], overrides
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = split_argv(list(sys.argv[1:] if argv is None else argv))
     args, extra = build_parser().parse_known_args(argv)
+    extra += overrides
     try:
         return args.run(args, extra)
     except NanoseekError as e:
@@ -67,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nanoseek: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`nanoseek presets | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

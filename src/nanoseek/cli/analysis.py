@@ -38,7 +38,7 @@ def run_embed(args, extra) -> int:
 def add_inspect_arguments(ins) -> None:
     ins.add_argument("what", help="fusion | attention")
     add_checkpoint_args(ins, device=False)
-    ins.add_argument("--prompt", required=True)
+    ins.add_argument("--prompt", required=True, help="the text whose attention or fusion weights are drawn")
     ins.add_argument("--layer", type=int, default=0, help="attention: which layer")
     ins.add_argument("--out", help="PNG path (default: fusion.png / attention.png)")
 

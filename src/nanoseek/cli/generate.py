@@ -16,15 +16,25 @@ from nanoseek.generation.streaming import stream_past_context
 
 def add_sample_arguments(s) -> None:
     add_checkpoint_args(s)
-    s.add_argument("--prompt")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--prompt", help="the text to continue (default: a newline)")
+    s.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        help="tokens to generate (past the context, generation continues from its recent half)",
+    )
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    s.add_argument("--top-p", type=float, help="sample within the smallest set of tokens whose probability reaches p")
+    s.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens already seen by this (1 = off)",
+    )
+    s.add_argument("--seed", type=int, help="seed of the sampling generator (reproducible output)")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     s.add_argument(
         "--speculative",
         action="store_true",
@@ -74,11 +84,13 @@ def run_sample(args, extra) -> int:
 def add_chat_arguments(c) -> None:
     add_checkpoint_args(c)
     c.add_argument("--system", help="a system message")
-    c.add_argument("--max-new-tokens", type=int, default=200)
-    c.add_argument("--temperature", type=float, default=0.7)
-    c.add_argument("--top-k", type=int)
-    c.add_argument("--top-p", type=float, default=0.95)
-    c.add_argument("--seed", type=int)
+    c.add_argument("--max-new-tokens", type=int, default=200, help="longest reply, in tokens")
+    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    c.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    c.add_argument(
+        "--top-p", type=float, default=0.95, help="sample within the smallest set of tokens whose probability reaches p"
+    )
+    c.add_argument("--seed", type=int, help="seed of the sampling generator")
     add_compile_args(c)
 
 

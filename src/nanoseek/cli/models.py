@@ -6,6 +6,7 @@ import json
 
 from nanoseek.cli.common import Command, add_checkpoint_args, add_trust_pickle, load, reject_extra
 from nanoseek.config import ModelConfig
+from nanoseek.config.presets import PRESETS
 from nanoseek.errors import NanoseekError
 from nanoseek.io import convert
 from nanoseek.model import model_info
@@ -15,9 +16,9 @@ from nanoseek.train.evaluate import evaluate_checkpoint
 def add_eval_arguments(e) -> None:
     add_checkpoint_args(e)
     e.add_argument("--data", help="evaluate on this whole file (default: the training corpus's val split)")
-    e.add_argument("--seq-len", type=int)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-batches", type=int)
+    e.add_argument("--seq-len", type=int, help="window length (default: the run's, else min(context, 1024))")
+    e.add_argument("--batch-size", type=int, default=16, help="windows per forward")
+    e.add_argument("--max-batches", type=int, help="stop after this many batches (default: the whole text)")
 
 
 def run_eval(args, extra) -> int:
@@ -49,9 +50,55 @@ def run_info(args, extra) -> int:
     return 0
 
 
+def human_count(n: int) -> str:
+    """1234567 -> '1.23M' (K, M, B)."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def preset_rows() -> list[dict]:
+    """Every preset: its parameters (total, active per token) and its kinds, from `model_info`."""
+    rows = []
+    for name in sorted(PRESETS):
+        config = ModelConfig.from_preset(name)
+        info = model_info(config)
+        rows.append({
+            "preset": name, "params_total": info["params_total"], "params_active": info["params_active"],
+            "attention": config.attention, "sparse": config.layer_sparse(0), "ffn": config.ffn,
+            "context": config.max_position_embeddings,
+        })  # fmt: skip
+    return rows
+
+
+def add_presets_arguments(p) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object per preset instead of a table")
+
+
+def run_presets(args, extra) -> int:
+    reject_extra(extra)
+    rows = preset_rows()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    header = ("preset", "params", "active", "attention", "sparse", "ffn", "context")
+    table = [header] + [
+        (r["preset"], human_count(r["params_total"]), human_count(r["params_active"]), r["attention"],
+         r["sparse"], r["ffn"], str(r["context"]))
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\nparams count every weight but the MTP modules; active: those one token uses (MoE: its experts only).")
+    return 0
+
+
 def add_convert_arguments(cv) -> None:
-    cv.add_argument("src")
-    cv.add_argument("dst")
+    cv.add_argument("src", help="a checkpoint, run or HF folder")
+    cv.add_argument("dst", help="the new folder (must not exist or be empty)")
     cv.add_argument("--to", choices=("hf", "nanoseek"), required=True)
     cv.add_argument("--dtype", choices=("float32", "bfloat16"))
     add_trust_pickle(cv)
@@ -65,6 +112,7 @@ def run_convert(args, extra) -> int:
 
 
 COMMANDS = [
+    Command("presets", "the named model configs: parameters, kinds, context", add_presets_arguments, run_presets),
     Command("eval", "loss, perplexity and bits per byte on held-out text", add_eval_arguments, run_eval),
     Command("info", "parameters, FLOPs per token and KV-cache bytes per token", add_info_arguments, run_info),
     Command(

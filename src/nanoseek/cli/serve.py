@@ -14,7 +14,7 @@ from nanoseek.errors import NanoseekError
 def add_serve_arguments(sv) -> None:
     add_checkpoint_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env NANOSEEK_API_KEY)")
     sv.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache rows)")

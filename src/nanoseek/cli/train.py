@@ -9,20 +9,32 @@ import sys
 from pathlib import Path
 
 from nanoseek.cli.common import Command, reject_extra, split_overrides
-from nanoseek.config import build_train_config
+from nanoseek.config import TrainConfig, build_resume_config, build_train_config, saved_run_config
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.train.ablate import ablate
 from nanoseek.train.loop import TrainingDiverged, train
 
+OVERRIDES_HELP = (
+    "Any config field can be set as --section.field=VALUE (JSON where it parses, else a string), e.g. "
+    "--optim.lr=3e-4 --model.hidden_size=256 --train.max_seconds=60; the sections and fields are in "
+    "docs/configuration.md. `nanoseek presets` lists the presets."
+)
+
 
 def add_train_arguments(t) -> None:
+    t.epilog = OVERRIDES_HELP
     t.add_argument("config", nargs="?", help="a TOML or JSON config file")
-    t.add_argument("--preset", help="named model config (see `nanoseek info --preset`)")
+    t.add_argument("--preset", help="named model config (list them with `nanoseek presets`)")
     t.add_argument("--data", nargs="+", help="text files to train on (default: bundled tiny Shakespeare)")
     t.add_argument("--out", help="run directory (default runs/default)")
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--max-steps", type=int, help="= --train.max_steps (default: the preset's)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run directory's latest checkpoint, with the run's saved config (flags may change "
+        "budgets and cadences, not the model)",
+    )
     t.add_argument("--nproc", type=int, help="launch N processes with torchrun (DDP unless --dist.strategy=fsdp)")
 
 
@@ -36,7 +48,12 @@ def run_train(args, extra) -> int:
         overrides["out"] = args.out
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
-    cfg = build_train_config(args.config, args.preset, overrides)
+    out = args.out or TrainConfig.out
+    if args.resume and not (args.config or args.preset) and saved_run_config(out):
+        overrides.pop("out", None)
+        cfg = build_resume_config(out, overrides)  # the run's own config: no need to repeat its arguments
+    else:
+        cfg = build_train_config(args.config, args.preset, overrides)
     try:
         summary = train(cfg, resume=args.resume)
     except TrainingDiverged as e:
@@ -47,8 +64,7 @@ def run_train(args, extra) -> int:
     print(json.dumps(summary))
     if summary.get("stopped_by") == "interrupt":
         print(
-            f"interrupted: checkpoint saved; continue with: nanoseek train --out {cfg.out} --resume "
-            f"(plus the same arguments)",
+            f"interrupted: checkpoint saved; continue with: nanoseek train --out {cfg.out} --resume",
             file=sys.stderr,
         )
     return 0
@@ -86,9 +102,10 @@ def launch_torchrun(nproc: int) -> int:
 
 
 def add_ablate_arguments(ab) -> None:
+    ab.epilog = OVERRIDES_HELP + " Overrides apply to every variant."
     ab.add_argument("--variant", action="append", help="preset or a,b overrides; NAME:spec to name it")
     ab.add_argument("--preset", help="base preset for every variant")
-    ab.add_argument("--out", default="runs/ablate")
+    ab.add_argument("--out", default="runs/ablate", help="folder of the variants' runs and the report")
 
 
 def run_ablate(args, extra) -> int:
@@ -103,10 +120,10 @@ def run_ablate(args, extra) -> int:
 def add_tokenizer_arguments(tk) -> None:
     tk_sub = tk.add_subparsers(dest="tokenizer_command", required=True)
     tt = tk_sub.add_parser("train", help="train a tokenizer and write tokenizer.json")
-    tt.add_argument("files", nargs="+")
-    tt.add_argument("--vocab-size", type=int, default=2048)
+    tt.add_argument("files", nargs="+", help="text files to learn the vocabulary from")
+    tt.add_argument("--vocab-size", type=int, default=2048, help="tokens in the vocabulary (bpe)")
     tt.add_argument("--kind", default="bpe", help="bpe (byte-level BPE) or char")
-    tt.add_argument("--out", default="tokenizer.json")
+    tt.add_argument("--out", default="tokenizer.json", help="where to write the tokenizer")
 
 
 def run_tokenizer(args, extra) -> int:

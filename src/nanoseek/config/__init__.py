@@ -35,7 +35,9 @@ from nanoseek.config.train import (
     OptimConfig,
     ScheduleConfig,
     TrainConfig,
+    build_resume_config,
     build_train_config,
+    saved_run_config,
 )
 
 __all__ = [
@@ -66,5 +68,7 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
+    "build_resume_config",
     "build_train_config",
+    "saved_run_config",
 ]

@@ -12,6 +12,7 @@ types with a `NanoseekError` that names the field (`optim.lr: expected a number,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -84,6 +85,12 @@ def _coerce(value: Any, tp, where: str):
     return value
 
 
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices` to a misspelt `name`, else ''."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
@@ -91,7 +98,10 @@ def from_dict(cls, data: dict, where: str = ""):
     unknown = [k for k in data if k not in names]
     if unknown:
         prefix = f"{where}." if where else ""
-        raise NanoseekError(f"unknown config key {prefix}{unknown[0]!r}; valid keys: {', '.join(names)}")
+        raise NanoseekError(
+            f"unknown config key {prefix + unknown[0]!r}{did_you_mean(unknown[0], names)}; "
+            f"valid keys: {', '.join(names)}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -9,6 +9,7 @@ and full-size names for counting parameters and loading published checkpoints.
 
 from __future__ import annotations
 
+from nanoseek.config.parse import did_you_mean
 from nanoseek.errors import NanoseekError
 
 # The original block in decoder-only form: post-LayerNorm, sinusoidal positions added to the
@@ -513,7 +514,9 @@ RUN_DEFAULTS: dict[str, dict] = {
 
 def get_preset(name: str) -> dict:
     if name not in PRESETS:
-        raise NanoseekError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        raise NanoseekError(
+            f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; choose one of: {', '.join(sorted(PRESETS))}"
+        )
     return dict(PRESETS[name])
 
 

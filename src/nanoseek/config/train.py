@@ -196,3 +196,34 @@ def build_train_config(
     for key, value in (overrides or {}).items():
         apply_override(merged, key, value)
     return TrainConfig.from_dict(merged)
+
+
+RUN_CONFIG_FILE = "train_config.json"  # the full config a run writes into its folder
+FIXED_ON_RESUME = ("model.", "data.tokenizer", "data.vocab_size", "data.seq_len")
+
+
+def saved_run_config(out: str | Path) -> Path | None:
+    """The config file of the run in folder `out`, when it holds one."""
+    path = Path(out) / RUN_CONFIG_FILE
+    return path if path.is_file() else None
+
+
+def build_resume_config(out: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The run in `out` as it was configured (its train_config.json), with `overrides` for what may
+    change when it continues (budgets, checkpoint, log and eval cadence, optimizer, ...). A change of
+    the model or of the tokenization is an error naming the field: the checkpoint holds that model."""
+    saved_file = saved_run_config(out)
+    if saved_file is None:
+        raise NanoseekError(f"{out} holds no {RUN_CONFIG_FILE}: nothing to resume")
+    saved = load_config_file(saved_file)
+    for key, value in (overrides or {}).items():
+        if key.startswith(FIXED_ON_RESUME):
+            old: Any = saved
+            for part in key.split("."):
+                old = old.get(part) if isinstance(old, dict) else None
+            if old != value:
+                raise NanoseekError(
+                    f"--{key}={value!r}: a resumed run keeps {key}={old!r} (its checkpoint holds that model); "
+                    f"train a new run into another --out to change it"
+                )
+    return build_train_config(saved_file, None, {**(overrides or {}), "out": str(out)})

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from nanoseek.cli import analysis, bench, generate, models, serve, train
-from nanoseek.cli.common import Command
+from nanoseek.cli.common import Command, split_argv
 from nanoseek.errors import NanoseekError
 
 ORDER = (
@@ -64,16 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser
-
-
-OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.\w+)+=")
-
-
-def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(the arguments argparse parses, the `--section.field=VALUE` overrides). Overrides are set
-    aside first: argparse would take one whose value holds a space (a JSON list) for a positional."""
-    overrides = [a for a in argv if OVERRIDE.match(a)]
-    return [a for a in argv if not OVERRIDE.match(a)], overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ device `--device` names."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,16 @@ def reject_extra(extra: list[str]) -> None:
     """Commands without overrides: the first unknown argument is an error."""
     if extra:
         raise NanoseekError(f"unrecognized argument {extra[0]!r}")
+
+
+OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.\w+)+=")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the arguments argparse parses, the `--section.field=VALUE` overrides). Overrides are set
+    aside first: argparse would take one whose value holds a space (a JSON list) for a positional."""
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    return [a for a in argv if not OVERRIDE.match(a)], overrides
 
 
 def split_overrides(extra: list[str]) -> dict:

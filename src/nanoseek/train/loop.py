@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from nanoseek.config import TrainConfig
 from nanoseek.data import BUNDLED_CORPUS
@@ -251,8 +252,6 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         metrics.write(rec)
         return rec
 
-    from tqdm.auto import tqdm
-
     if not quiet:
         print(
             describe_run(cfg, model, params, tok.vocab_size, ctx, state.step if resume_from else None), file=sys.stderr
@@ -284,7 +283,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             for _ in range(cfg.train.grad_accum):
                 x, y = (t.to(ctx.device, non_blocking=True) for t in loader.next())
                 with autocast(ctx.device, cfg.train.dtype):
-                    output = step_fn(x, y, return_logits=False)  # head + loss fused (model/loss.py)
+                    output = step_fn(x, y, return_logits=False)  # head + loss fused (kernels/cross_entropy.py)
                     loss = output.loss
                     for value in output.aux.values():
                         if isinstance(value, torch.Tensor) and value.requires_grad:

@@ -18,7 +18,7 @@ from nanoseek.bench.attention import add_attention_args, run_attention
 from nanoseek.bench.infer import add_decode_args, add_prefill_args, run_decode, run_prefill
 from nanoseek.bench.serve import add_serve_args, run_serve
 from nanoseek.bench.train import add_train_args, run_train
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import ArgumentParser, NanoseekError
 
 # WHAT -> (help, add the options, run -> result dicts)
 BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], list]]] = {
@@ -54,7 +54,7 @@ def run_bench(argv: list[str]) -> int:
     if what not in BENCHES:
         raise NanoseekError(f"unknown benchmark {what!r}; choose one of: {', '.join(BENCHES)}")
     help_, add_args, run = BENCHES[what]
-    parser = argparse.ArgumentParser(prog=f"nanoseek bench {what}", description=help_)
+    parser = ArgumentParser(prog=f"nanoseek bench {what}", description=help_)
     add_args(parser)
     args = parser.parse_args(rest)
     for result in run(args):

@@ -26,8 +26,8 @@ import os
 import sys
 
 from nanoseek.cli import analysis, bench, generate, models, serve, train
-from nanoseek.cli.common import Command, split_argv
-from nanoseek.errors import NanoseekError
+from nanoseek.cli.common import Command, check_flags, describe_os_error, split_argv
+from nanoseek.errors import ArgumentParser, NanoseekError
 
 ORDER = (
     "train",
@@ -50,7 +50,7 @@ COMMANDS: dict[str, Command] = {name: _ALL[name] for name in ORDER}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
+    parser = ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS.values():
         p = sub.add_parser(
@@ -67,19 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv, overrides = split_argv(list(sys.argv[1:] if argv is None else argv))
-    args, extra = build_parser().parse_known_args(argv)
-    extra += overrides
     try:
-        return args.run(args, extra)
+        args, extra = build_parser().parse_known_args(argv)
+        check_flags(args)
+        return args.run(args, extra + overrides)
     except NanoseekError as e:
-        print(f"nanoseek: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except KeyboardInterrupt:
         print("nanoseek: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`nanoseek presets | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # the file system refused (disk full, read-only, not a folder): one line naming the file
+        return fail(describe_os_error(e))
+
+
+def fail(message: str) -> int:
+    """Bad input: one line on stderr (a message holding newlines is folded), exit status 2."""
+    print("nanoseek: error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from nanoseek.cli.common import Command, add_checkpoint_args, add_trust_pickle, load, reject_extra
+from nanoseek.cli.common import Command, add_checkpoint_args, add_trust_pickle, check_output_path, load, reject_extra
 from nanoseek.config import ModelConfig
 from nanoseek.config.presets import PRESETS
 from nanoseek.errors import NanoseekError
-from nanoseek.io import convert
+from nanoseek.io import convert, read_model_config
 from nanoseek.model import model_info
 from nanoseek.train.evaluate import evaluate_checkpoint
 
@@ -41,9 +41,9 @@ def run_info(args, extra) -> int:
     reject_extra(extra)
     if args.preset:
         config, source = ModelConfig.from_preset(args.preset), {"preset": args.preset}
-    elif args.ckpt:
-        model, _, folder = load(args, tokenizer=False)
-        config, source = model.config, {"checkpoint": str(folder)}
+    elif args.ckpt:  # the config alone: info allocates nothing, whatever the model's size
+        config, folder = read_model_config(args.ckpt)
+        source = {"checkpoint": str(folder)}
     else:
         raise NanoseekError("give a checkpoint path or --preset NAME")
     print(json.dumps({**source, **model_info(config, args.seq_len), "config": config.to_dict()}))
@@ -106,6 +106,7 @@ def add_convert_arguments(cv) -> None:
 
 def run_convert(args, extra) -> int:
     reject_extra(extra)
+    check_output_path(args.dst, "destination")
     out = convert(args.src, args.dst, args.to, args.dtype, args.trust_pickle)
     print(json.dumps({"converted": str(args.src), "to": args.to, "out": str(out)}))
     return 0

@@ -37,6 +37,24 @@ def check_limits(args) -> None:
         raise NanoseekError("--max-queue must be >= 0 and --max-tokens >= 1")
 
 
+def check_cache_fits(args) -> None:
+    """The weights and a KV cache of --max-batch rows of the whole context fit in memory (the engine
+    allocates that cache at start), judged from the checkpoint's config before anything loads."""
+    from nanoseek.config.memory import check_memory
+    from nanoseek.io import read_model_config
+    from nanoseek.model.transformer import kv_cache_bytes_per_token
+
+    config, _ = read_model_config(args.ckpt)
+    check_memory(
+        config,
+        f"serving {args.max_batch} sequences",
+        bytes_per_param=2,
+        kv_cache_tokens=args.max_batch * config.max_position_embeddings,
+        kv_bytes_per_token=kv_cache_bytes_per_token(config, dtype_bytes=2),
+        flag=f"--max-batch={args.max_batch}",
+    )
+
+
 def run_serve(args, extra) -> int:
     reject_extra(extra)
     try:
@@ -44,6 +62,7 @@ def run_serve(args, extra) -> int:
     except ImportError as e:
         raise NanoseekError(f"serving needs the serve extra (pip install 'nanoseek[serve]'): {e}") from None
     check_limits(args)
+    check_cache_fits(args)
     api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     warn_if_open(args.host, api_key)  # before the model loads, which can take minutes
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanoseek.cli.common import Command, reject_extra, split_overrides
+from nanoseek.cli.common import Command, check_output_path, reject_extra, split_argv, split_overrides
 from nanoseek.config import TrainConfig, build_resume_config, build_train_config, saved_run_config
-from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.config.memory import TRAIN_BYTES_PER_PARAM, check_memory
+from nanoseek.data.files import check_input_file
+from nanoseek.data.tokenizer import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek.train.ablate import ablate
+from nanoseek.train.ablate import ablate, parse_variant
 from nanoseek.train.loop import TrainingDiverged, train
 
 OVERRIDES_HELP = (
@@ -38,9 +40,8 @@ def add_train_arguments(t) -> None:
     t.add_argument("--nproc", type=int, help="launch N processes with torchrun (DDP unless --dist.strategy=fsdp)")
 
 
-def run_train(args, extra) -> int:
-    if args.nproc and args.nproc > 1:
-        return launch_torchrun(args.nproc)
+def config_from_args(args, extra) -> TrainConfig:
+    """The run `nanoseek train` was asked for: preset < config file < flags and overrides."""
     overrides = split_overrides(extra)
     if args.data:
         overrides["data.path"] = args.data
@@ -51,9 +52,47 @@ def run_train(args, extra) -> int:
     out = args.out or TrainConfig.out
     if args.resume and not (args.config or args.preset) and saved_run_config(out):
         overrides.pop("out", None)
-        cfg = build_resume_config(out, overrides)  # the run's own config: no need to repeat its arguments
-    else:
-        cfg = build_train_config(args.config, args.preset, overrides)
+        return build_resume_config(out, overrides)  # the run's own config: no need to repeat its arguments
+    return build_train_config(args.config, args.preset, overrides)
+
+
+def check_train_inputs(cfg: TrainConfig) -> None:
+    """What a run reads and writes, checked before it writes anything: the data files and the
+    tokenizer file exist, the run folder can be made, and the model fits in memory."""
+    for f in cfg.data.path:
+        if check_input_file(f, "data file").stat().st_size == 0:
+            raise NanoseekError(f"data file {f} is empty")
+    if cfg.data.tokenizer not in TOKENIZER_KINDS:
+        load_tokenizer(cfg.data.tokenizer)
+    check_output_path(cfg.out, "--out")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.dist.strategy == "fsdp" else 1
+    check_memory(
+        cfg.model,
+        "training",
+        TRAIN_BYTES_PER_PARAM / world,
+        batch_tokens=cfg.train.batch_size * cfg.data.seq_len,
+        flag=f"train.batch_size={cfg.train.batch_size}",
+        limit=device_memory(cfg.train.device),
+    )
+
+
+def device_memory(device: str) -> int | None:
+    """Free memory of the GPU a run trains on (None: the CPU, whose memory check_memory reads itself)."""
+    import torch
+
+    from nanoseek.device import resolve_device
+
+    resolved = resolve_device(device, where="train.device")
+    if resolved.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(resolved)[0]
+
+
+def run_train(args, extra) -> int:
+    if args.nproc and args.nproc > 1:
+        return launch_torchrun(args.nproc)
+    cfg = config_from_args(args, extra)
+    check_train_inputs(cfg)
     try:
         summary = train(cfg, resume=args.resume)
     except TrainingDiverged as e:
@@ -112,9 +151,24 @@ def run_ablate(args, extra) -> int:
     common = list(extra)
     if args.preset:
         common = ["--preset", args.preset, *common]
+    check_output_path(args.out, "--out")
+    for spec in args.variant or []:  # every variant's config, checked before the first one trains
+        _, variant_args = parse_variant(spec)
+        rest, overrides = split_argv([*common, *variant_args])
+        train_args, train_extra = train_parser().parse_known_args(rest)
+        check_train_inputs(config_from_args(train_args, train_extra + overrides))
     report = ablate(args.variant or [], common, args.out)
     print(report.read_text(), end="")
     return 0
+
+
+def train_parser():
+    """The argument parser of `nanoseek train` alone (ablate checks its variants' command lines with it)."""
+    from nanoseek.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="nanoseek train")
+    add_train_arguments(parser)
+    return parser
 
 
 def add_tokenizer_arguments(tk) -> None:
@@ -129,8 +183,11 @@ def add_tokenizer_arguments(tk) -> None:
 def run_tokenizer(args, extra) -> int:
     reject_extra(extra)
     for f in args.files:
-        if not Path(f).is_file():
-            raise NanoseekError(f"data file {f} does not exist")
+        check_input_file(f, "data file")
+    out = Path(args.out)
+    if out.is_file() and out.suffix != ".json":
+        raise NanoseekError(f"--out {out} is a file that is not a .json; give a .json path or a folder")
+    check_output_path(out, "--out", folder=out.is_dir() or out.suffix != ".json")
     tok = train_tokenizer(args.kind, args.files, args.vocab_size)
     path = tok.save(args.out)
     print(json.dumps({"tokenizer": args.kind, "vocab_size": tok.vocab_size, "out": str(path)}))

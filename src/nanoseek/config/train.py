@@ -20,17 +20,18 @@ from nanoseek.config.model import ModelConfig
 from nanoseek.config.parse import (
     apply_override,
     check_choice,
-    check_positive,
     deep_update,
     from_dict,
     load_config_file,
     to_dict,
 )
 from nanoseek.config.presets import DEFAULT_PRESET, get_preset, get_run_defaults
+from nanoseek.config.validate import SECTIONS, check_fields
 from nanoseek.device import check_device_name
 from nanoseek.errors import NanoseekError
 
 SCHEDULES = ("constant", "cosine", "wsd", "multistep", "inverse_sqrt")
+BPE_MIN_VOCAB = 256 + 3  # every byte, and the three special tokens
 
 
 @dataclass
@@ -129,41 +130,24 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
+        check_fields(self, {})
+        for section, ranges in SECTIONS.items():  # each field: its type and range (config/validate.py)
+            check_fields(getattr(self, section), ranges, f"{section}.")
         check_choice("optim.name", self.optim.name, ("adamw", "muon"))
         check_choice("schedule.name", self.schedule.name, SCHEDULES)
         check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
         check_device_name("train.device", self.train.device)
         check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
-        check_positive("train.dsa_warmup_steps", self.train.dsa_warmup_steps, allow_zero=True)
         if self.train.dsa_warmup_steps and self.dist.strategy == "ddp":
             raise NanoseekError(
                 "train.dsa_warmup_steps trains only the indexers, which DDP cannot do "
                 "(it expects a gradient for every parameter); warm up in one process"
             )
-        for where, value in (
-            ("optim.lr", self.optim.lr),
-            ("train.batch_size", self.train.batch_size),
-            ("train.grad_accum", self.train.grad_accum),
-            ("data.seq_len", self.data.seq_len),
-            ("eval.batch_size", self.eval.batch_size),
-            ("log.every", self.log.every),
-        ):
-            check_positive(where, value)
-        for where, value in (
-            ("train.max_steps", self.train.max_steps),
-            ("train.max_tokens", self.train.max_tokens),
-            ("train.max_seconds", self.train.max_seconds),
-            ("optim.grad_clip", self.optim.grad_clip),
-            ("schedule.warmup_steps", self.schedule.warmup_steps),
-            ("checkpoint.every", self.checkpoint.every),
-            ("eval.every", self.eval.every),
-            ("optim.weight_decay", self.optim.weight_decay),
-        ):
-            check_positive(where, value, allow_zero=True)
-        if self.checkpoint.keep_last < 1:
-            raise NanoseekError(f"checkpoint.keep_last={self.checkpoint.keep_last} must be >= 1")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise NanoseekError(f"data.val_fraction={self.data.val_fraction} must be in [0, 1)")
+        if self.data.tokenizer == "bpe" and self.data.vocab_size < BPE_MIN_VOCAB:
+            raise NanoseekError(
+                f"data.vocab_size={self.data.vocab_size} must be >= {BPE_MIN_VOCAB} for data.tokenizer='bpe' "
+                "(256 bytes + 3 special tokens)"
+            )
         if not (self.train.max_steps or self.train.max_tokens or self.train.max_seconds):
             raise NanoseekError("set at least one of train.max_steps, train.max_tokens, train.max_seconds")
         if self.data.seq_len > self.model.max_position_embeddings:
@@ -189,6 +173,8 @@ def build_train_config(
     """Preset (model + run defaults) < config file < dotted overrides."""
     data: dict = load_config_file(file) if file else {}
     name = preset or data.get("preset") or DEFAULT_PRESET
+    if not isinstance(name, str):
+        raise NanoseekError(f"preset: expected a preset name (a string), got {name!r}")
     merged: dict = {"preset": name, "model": dict(get_preset(name))}
     for section, values in get_run_defaults(name).items():
         merged.setdefault(section, {}).update(values)

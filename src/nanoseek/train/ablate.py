@@ -135,11 +135,11 @@ def ablate(variants: list[str], common: list[str], out: str | Path) -> Path:
     if len(variants) < 1:
         raise NanoseekError("give at least one --variant")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     parsed = [parse_variant(v) for v in variants]
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
         raise NanoseekError(f"variant names repeat: {names}; name them with NAME:spec")
+    out.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
     for name, args in parsed:
         result = run_variant(name, args, common, out)

@@ -18,9 +18,15 @@ from nanoseek.errors import NanoseekError
 
 def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from `rope_scaling` (legacy) or `rope_parameters` (transformers 5)."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or None
-    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    params, scaling = cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or None
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise NanoseekError(f"rope_scaling: {name}={value!r} must be an object (or null)")
+    params = dict(params)
+    theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise NanoseekError(f"rope_theta={theta!r} must be a number > 0")
+    theta = float(theta)
     if scaling is None and params.get("rope_type", "default") not in ("default", None):
         scaling = params
     if scaling:
@@ -33,8 +39,10 @@ def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
 
 
 def first_id(value):
-    """The first of a list of token ids (HF allows several eos ids), or the id itself."""
-    return value[0] if isinstance(value, list) and value else value
+    """The first of a list of token ids (HF allows several eos ids), or the id itself; a negative
+    id (some configs write pad_token_id=-1 for none) is none."""
+    value = value[0] if isinstance(value, list) and value else value
+    return None if isinstance(value, int) and value < 0 else value
 
 
 def _dense_prefix(cfg: dict, source: Path) -> int:

@@ -18,6 +18,7 @@ from workspace import build_workspace  # noqa: E402
 from nanoseek.cli import main
 
 SRC = Path(__file__).resolve().parents[2] / "src"
+MEMORY_LIMIT = str(4 << 30)  # the memory check judges every case against 4 GiB, whatever this machine has
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,7 @@ def check_one_line(err: str, names: str) -> None:
 @pytest.mark.parametrize("command, names", CASES, ids=[c or "<empty>" for c, _ in CASES])
 def test_bad_command_line_exits_2_with_one_line(command, names, workspace, monkeypatch, capsys):
     monkeypatch.chdir(workspace)
+    monkeypatch.setenv("NANOSEEK_MEMORY_LIMIT", MEMORY_LIMIT)
     before = snapshot(workspace)
     status = run_in_process(shlex.split(command))
     err = capsys.readouterr().err
@@ -78,7 +80,7 @@ PROCESS_CASES = ["train --optim.lr=NaN", "info hf_layers", "sample st_deep", "to
 
 def test_real_processes_exit_2(workspace):
     """The exit status a shell sees (the cases run side by side: each pays for importing torch)."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "NANOSEEK_MEMORY_LIMIT": MEMORY_LIMIT}
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "nanoseek", *shlex.split(command)],

@@ -117,9 +117,8 @@ def os_reason(error: OSError) -> str:
 
 
 def describe_os_error(error: OSError) -> str:
-    """One line for a file-system error the command hit: what failed, and on which file."""
-    target = f" {error.filename}" if error.filename else ""
-    return f"cannot access{target}: {os_reason(error)}"
+    """One line for a file-system error the command hit: the file, and the reason in words."""
+    return f"{error.filename}: {os_reason(error)}" if error.filename else f"file system error: {os_reason(error)}"
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, device: bool = True) -> None:

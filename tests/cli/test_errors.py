@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pathlib
 import threading
 
@@ -64,10 +65,10 @@ def test_a_full_disk_while_writing_is_one_line_naming_the_file(tmp_path, monkeyp
 
 
 def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    def read_only(self, *args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    monkeypatch.setattr(os, "mkdir", read_only)
     assert main(["train", "--preset", "gpt2-tiny", "--out", str(tmp_path / "run")]) == 2
     assert "Read-only file system" in one_line_error(capsys)
     assert not (tmp_path / "run").exists()

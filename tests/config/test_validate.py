@@ -47,7 +47,7 @@ def test_an_optional_field_of_the_wrong_type_is_a_user_error(field, value):
         ("train.seed", 10**23, r"\[0, 9223372036854775807\]"),
         ("schedule.milestones", [0.5, 1.5], r"milestones\[1\]"),
         ("model.num_hidden_layers", 10_000_000, r"\[1, 10000\]"),
-        ("model.eos_token_id", 10_000, "below vocab_size"),
+        ("model.pad_token_id", -5, ">= 0"),
         ("data.vocab_size", 10, "tokenizer='bpe'"),
     ],
 )

@@ -73,7 +73,7 @@ TRAIN = [
     ("train --model.num_nextn_predict_layers=-1", "num_nextn_predict_layers"),
     ("train --model.sliding_window=0", "sliding_window"),
     ("train --model.bos_token_id=-1", "bos_token_id"),
-    ("train --model.eos_token_id=100000", "eos_token_id"),
+    ("train --model.pad_token_id=-5", "pad_token_id"),
     ("train --model.hidden_size=0", "hidden_size"),
     ("train --model.hidden_size=-64", "hidden_size"),
     ("train --preset gpt2-tiny --model.num_attention_heads=5", "num_attention_heads"),
@@ -242,11 +242,11 @@ CHAT = [
 ]
 
 EVAL = [
-    ("eval ckpt --seq-len 0", "--seq-len"),
-    ("eval ckpt --seq-len -1", "--seq-len"),
-    ("eval ckpt --batch-size 0", "--batch-size"),
-    ("eval ckpt --max-batches 0", "--max-batches"),
-    ("eval ckpt --max-batches -1", "--max-batches"),
+    ("eval ckpt --data corpus.txt --seq-len 0", "--seq-len"),
+    ("eval ckpt --data corpus.txt --seq-len -1", "--seq-len"),
+    ("eval ckpt --data corpus.txt --batch-size 0", "--batch-size"),
+    ("eval ckpt --data corpus.txt --max-batches 0", "--max-batches"),
+    ("eval ckpt --data corpus.txt --max-batches -1", "--max-batches"),
     ("eval ckpt --data nosuch.txt", "nosuch.txt"),
     ("eval ckpt --data files", "is a folder"),
     ("eval ckpt --data files/empty.txt", "empty.txt"),

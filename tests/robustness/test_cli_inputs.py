@@ -54,6 +54,7 @@ def check_one_line(err: str, names: str) -> None:
     assert names.lower() in err.lower(), f"the error should name {names!r}: {err}"
 
 
+@pytest.mark.timeout(120)  # a case that wrongly starts training or serving ends as a failure
 @pytest.mark.parametrize("command, names", CASES, ids=[c or "<empty>" for c, _ in CASES])
 def test_bad_command_line_exits_2_with_one_line(command, names, workspace, monkeypatch, capsys):
     monkeypatch.chdir(workspace)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +104,8 @@ def check_output_path(path: str | Path, what: str, folder: bool = True) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise NanoseekError(f"{what} {path}: {parent} is a file, not a folder")
-    probe = parent / f".nanoseek-write-test-{path.name[:32]}"
-    try:
-        probe.mkdir()
-        probe.rmdir()
+    try:  # a folder made and removed: what the command will do there (processes side by side get their own)
+        os.rmdir(tempfile.mkdtemp(prefix=".nanoseek-write-test-", dir=parent))
     except OSError as e:
         raise NanoseekError(f"{what} {path}: cannot write in {parent} ({os_reason(e)})") from None
     return path

@@ -156,10 +156,6 @@ class ModelConfig:
     # ----- validation
     def validate(self):
         check_fields(self, MODEL)  # each field: its type and range (config/validate.py)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            token = getattr(self, name)
-            if token is not None and token >= self.vocab_size:
-                raise NanoseekError(f"{name}={token} must be a token id below vocab_size={self.vocab_size}")
         check_choice("position", self.position, POSITIONS)
         check_choice("attention", self.attention, ATTENTIONS)
         check_choice("sparse", self.sparse, SPARSE_KINDS)

@@ -72,11 +72,11 @@ def deepseek_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
         num_hidden_layers=cfg["num_hidden_layers"],
         num_attention_heads=cfg["num_attention_heads"],
         intermediate_size=cfg["intermediate_size"],
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        initializer_range=cfg.get("initializer_range", 0.02),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        attention_bias=cfg.get("attention_bias", False),
+        max_position_embeddings=cfg.get("max_position_embeddings") or 2048,  # null means the default
+        rms_norm_eps=cfg.get("rms_norm_eps") or 1e-6,
+        initializer_range=cfg.get("initializer_range") or 0.02,
+        tie_word_embeddings=cfg.get("tie_word_embeddings") or False,
+        attention_bias=cfg.get("attention_bias") or False,
         rope_theta=theta,
         rope_scaling=scaling,
         bos_token_id=first_id(cfg.get("bos_token_id")),
@@ -94,7 +94,7 @@ def deepseek_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
             num_key_value_heads=kv,
             head_dim=cfg.get("head_dim"),
             ffn="swiglu",
-            mlp_bias=cfg.get("mlp_bias", False),
+            mlp_bias=cfg.get("mlp_bias") or False,
             rope_interleave=False,
         )
     v2 = kind == "deepseek_v2"

@@ -87,6 +87,7 @@ def test_overwrite_replaces_the_old_run_whole(small_corpus, tmp_path):
     run, fresh = tmp_path / "R", tmp_path / "fresh"
     assert cli_main(cli_run(small_corpus, run, "--max-steps", "12")) == 0
     (run / "notes.txt").write_text("mine")  # not a run's file: left alone
+    (run / ".overwritten.0badcafe.tmp" / "checkpoints").mkdir(parents=True)  # an overwrite that was killed
     assert cli_main(cli_run(small_corpus, run, "--max-steps", "4", "--overwrite")) == 0
     assert cli_main(cli_run(small_corpus, fresh, "--max-steps", "4")) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]

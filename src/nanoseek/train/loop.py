@@ -179,7 +179,7 @@ def final_eval(metrics: MetricsLog, step: int, run_eval, checkpoint: Path, quiet
     except BaseException:
         if not quiet:
             print(
-                f"the final evaluation failed; the trained model is saved in {checkpoint} "
+                f"the final evaluation did not complete; the trained model is saved in {checkpoint} "
                 f"(`nanoseek train --out {checkpoint.parent.parent} --resume` evaluates it again)",
                 file=sys.stderr,
             )
@@ -407,7 +407,7 @@ def train(
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not done:
                 save()
                 window_t0 = time.perf_counter()
-            if dist.any_rank(stop.requested or state.step == stop_after, ctx):
+            if dist.any_rank(stop.requested or state.step == stop_after, ctx) and not done:  # done: ends anyway
                 stopped_by = "interrupt"
                 break
     bar.close()

@@ -83,6 +83,9 @@ def prepare(out: Path, overwrite: bool, config_json: str) -> None:
         remove_run(out)
     for stale in out.glob(".overwritten.*.tmp"):  # an --overwrite that was interrupted
         shutil.rmtree(stale, ignore_errors=True)
+    for name in RUN_FILES:  # files whose atomic write was interrupted
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     remove_stale_temporaries(out)
     if not (out / RUN_CONFIG).exists():
         atomic_write_text(out / RUN_CONFIG, config_json)

@@ -16,8 +16,8 @@ A weak model may never end it (a random one writes strings without end), and a r
 max_tokens would be unfinished JSON. So when the tokens left (max_tokens or the context, whichever
 ends first) come down to what closing takes (open strings, objects and arrays, counted as the
 JSON is written, plus a margin), the constraint steers: of the tokens the grammar accepts, it keeps
-the first of end-of-text, '"', '}', ']', '0' (close what is open, write the shortest value) and
-masks the rest. A reply closed that way is valid JSON but shortened by the budget: its
+the first of '"' inside a string, of end-of-text, '}', ']', '0', '"' outside (close what is open,
+write the shortest value) and masks the rest. A reply closed that way is valid JSON but shortened by the budget: its
 finish_reason is "length".
 The output is compact (no whitespace between tokens: "," and ":" separators), and tokens holding
 a control character (U+0000..U+001F) are never allowed: JSON needs none (strings escape them).
@@ -55,7 +55,7 @@ TYPES = {"string", "integer", "number", "boolean", "null", "object", "array"}
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")  # name -> subschema
 SCHEMA_LISTS = ("anyOf", "allOf", "prefixItems")
 SCHEMA_VALUES = ("additionalProperties", "items", "propertyNames")
-CLOSERS = ('"', "}", "]", "0")  # steering to an end: close a string, an object, an array; a short value
+CLOSERS = ("}", "]", "0", '"')  # steering to an end outside strings: close, else the shortest value
 CLOSING_MARGIN = 4  # tokens beyond the open brackets: a key's ':' and value, the end-of-text token
 
 
@@ -162,6 +162,7 @@ class StructuredOutput:
         self.control[[i for i, b in enumerate(vocab) if any(c < 0x20 for c in b)]] = True
         closers = [tokenizer.encode(c) for c in CLOSERS]
         self.closers = [tokenizer.eos_id] + [ids[0] for ids in closers if len(ids) == 1]
+        self.quote = self.closers[-1:]  # inside a string, only '"' ends it
         self.token_bytes = vocab
         self.lock = threading.Lock()
 
@@ -191,7 +192,7 @@ class Constraint:
         self.bitmask = xgr.allocate_token_bitmask(1, structured.vocab_size)
         self.control = structured.control
         self.vocab_size = structured.vocab_size
-        self.closers, self.token_bytes = structured.closers, structured.token_bytes
+        self.closers, self.quote, self.token_bytes = structured.closers, structured.quote, structured.token_bytes
         self.shifts = torch.arange(32, dtype=torch.int32)
         self.depth, self.in_string, self.escaped = 0, False, False  # what closing the JSON takes
         self.steered = False
@@ -231,7 +232,7 @@ class Constraint:
         `tokens_left`, for all but the first closer it accepts)."""
         allowed = self.allowed()
         if tokens_left is not None and tokens_left <= self.closing_cost():
-            closer = next((t for t in self.closers if allowed[t]), None)
+            closer = next((t for t in (self.quote if self.in_string else self.closers) if allowed[t]), None)
             if closer is not None:
                 allowed = torch.zeros_like(allowed)
                 allowed[closer] = True

@@ -24,6 +24,12 @@ end of the context). What stays here is the scheduling, which `TokenLoop` (one b
 prompts, one cache of its own) cannot express: rows of different lengths in one cache, joining and
 leaving between steps. Text leaves one `Event` per piece, through the request's `emit` callback
 (the server hands them to its asyncio loop).
+
+Per-sequence extras, each off unless asked: `logprobs` records the model's logprobs of each sampled
+token (and of the prompt with `echo_logprobs`: the prefill then keeps every position's logits),
+handed out with the events (serve/logprobs.py); `constraint` masks the row's logits before sampling
+and follows the sampled tokens (response_format, serve/structured.py); an `EngineObserver` hears of
+prefills, decode steps and tokens (serve/metrics.py).
 """
 
 from __future__ import annotations

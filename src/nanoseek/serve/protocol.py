@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 8  # choices per request
-MAX_STOPS = 4  # stop strings per request, as OpenAI
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; evaluation harnesses send more, as vLLM takes)
 MAX_LOGPROBS = 20  # top-N logprobs per position, as vLLM's default limit
 
 

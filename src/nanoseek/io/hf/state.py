@@ -79,9 +79,9 @@ def fused_target(name: str, config: ModelConfig) -> tuple[str | None, str | None
     if m:
         which = "down_proj" if m.group(3) == "down_proj" else "gate_up_proj"
         return f"{m.group(1)}.experts.{which}", f"{m.group(2)}.{m.group(3)}"
-    m = re.match(r"(.*\.mlp(?:\.shared_experts)?)\.(gate_proj|up_proj)\.weight$", name)
+    m = re.match(r"(.*\.mlp(?:\.shared_experts)?)\.(gate_proj|up_proj)\.(weight|bias)$", name)
     if m:
-        return f"{m.group(1)}.gate_up_proj.weight", m.group(2)
+        return f"{m.group(1)}.gate_up_proj.{m.group(3)}", m.group(2)
     m = re.match(r"(.*self_attn)\.(q_proj|k_proj|v_proj)\.(weight|bias)$", name)
     if m and config.attention != "mla":
         return f"{m.group(1)}.qkv_proj.{m.group(3)}", m.group(2)
@@ -93,7 +93,7 @@ def assemble(source: TensorSource, target: str, parts: dict[str, str], config: M
     if target.endswith("qkv_proj.weight") or target.endswith("qkv_proj.bias"):
         _require(parts, ("q_proj", "k_proj", "v_proj"), target)
         return torch.cat([load_tensor(source, parts[p]) for p in ("q_proj", "k_proj", "v_proj")])
-    if target.endswith("gate_up_proj.weight"):
+    if target.endswith(("gate_up_proj.weight", "gate_up_proj.bias")):
         _require(parts, ("gate_proj", "up_proj"), target)
         return torch.cat([load_tensor(source, parts["gate_proj"]), load_tensor(source, parts["up_proj"])])
     n_experts = config.n_routed_experts
@@ -139,9 +139,10 @@ def nanoseek_to_hf_state(model) -> dict[str, torch.Tensor]:
             hf = "model." + name
         for key, value in split_fused(hf, tensor, config).items():
             out[key] = value.contiguous()
+    head = out.get("lm_head.weight", out["model.embed_tokens.weight"])
     for k in range(config.num_nextn_predict_layers):  # MTP layers store their own copies
         out[f"model.layers.{n + k}.embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
-        out[f"model.layers.{n + k}.shared_head.head.weight"] = out["lm_head.weight"].clone()
+        out[f"model.layers.{n + k}.shared_head.head.weight"] = head.clone()
     return out
 
 
@@ -157,10 +158,10 @@ def split_fused(key: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str
     if key.endswith("experts.down_proj"):
         base = key[: -len("down_proj")]
         return {f"{base}{e}.down_proj.weight": tensor[e] for e in range(tensor.shape[0])}
-    if key.endswith("gate_up_proj.weight"):
-        half = tensor.shape[0] // 2
-        base = key[: -len("gate_up_proj.weight")]
-        return {f"{base}gate_proj.weight": tensor[:half], f"{base}up_proj.weight": tensor[half:]}
+    m = re.match(r"(.*)gate_up_proj\.(weight|bias)$", key)
+    if m:
+        half, base, kind = tensor.shape[0] // 2, m.group(1), m.group(2)
+        return {f"{base}gate_proj.{kind}": tensor[:half], f"{base}up_proj.{kind}": tensor[half:]}
     m = re.match(r"(.*)\.qkv_proj\.(weight|bias)$", key)
     if m:
         hd = config.attn_head_dim

@@ -189,6 +189,11 @@ def deepseek_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
             f"{source}: num_key_value_heads={kv} is not supported: MLA expands one latent into all "
             f"{cfg['num_attention_heads']} heads (set it to num_attention_heads)"
         )
+    if kind == "deepseek_v3" and cfg.get("head_dim") not in (None, cfg["qk_rope_head_dim"]):
+        raise NanoseekError(  # transformers' V3 sizes its RoPE tables by head_dim and breaks
+            f"{source}: head_dim={cfg['head_dim']} is not supported: deepseek_v3 rotates "
+            f"qk_rope_head_dim={cfg['qk_rope_head_dim']} dims (leave head_dim out or equal to it)"
+        )
     v2 = kind == "deepseek_v2"
     moe = bool(cfg.get("n_routed_experts"))
     if kind == "deepseek_v32":

@@ -119,7 +119,7 @@ def v4_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
             raise NanoseekError(f"{source}: mlp_layer_types={mlp_types} must be hash_moe layers followed by moe layers")
     params = cfg.get("rope_parameters") or {}
     main, compress = params.get("main"), params.get("compress")
-    if isinstance(main, dict) and isinstance(compress, dict):
+    if isinstance(main, dict) and isinstance(compress, dict) and not cfg.get("rope_scaling"):  # rope_scaling wins
         if main.get("rope_type", main.get("type", "default")) != "default":
             raise NanoseekError(
                 f"{source}: rope_parameters.main.rope_type={main.get('rope_type', main.get('type'))!r} is not "

@@ -25,7 +25,7 @@ from nanoseek.errors import NanoseekError
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "v4")
 SPARSE_KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
-FFNS = ("relu", "gelu", "swiglu", "moe")
+FFNS = ("relu", "gelu", "gelu_tanh", "swiglu", "moe")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 FUSIONS = ("residual", "dwa", "dynamic", "hyper", "mhc")

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint interop: load and save `deepseek_v2`, `deepseek_v3`, `deepseek_v32`,
-`deepseek_v4` and `llama` folders.
+`deepseek_v4`, `llama` and `gpt2` folders.
 
-    config.py  config.json <-> ModelConfig for llama and DeepSeek-V2/V3/V3.2
+    config.py  config.json <-> ModelConfig for llama and DeepSeek-V2/V3/V3.2; fields refused by name
     v4.py      the same for DeepSeek-V4, and its tensor names
+    gpt2.py    the same for GPT-2 (learned positions, LayerNorm, GELU, Conv1D weights)
     state.py   tensor names and fused layouts, both directions
     files.py   TensorSource (memory-mapped, sharded), FP8 dequantization, writing shards
 
@@ -24,12 +25,13 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.io.checkpoint import load_state_into, read_json
 from nanoseek.io.hf.config import deepseek_config_from_hf, deepseek_config_to_hf
+from nanoseek.io.hf.gpt2 import gpt2_config_from_hf, gpt2_config_to_hf
 from nanoseek.io.hf.files import FP8_BLOCK, TensorSource, checkpoint_dtype, dequantize_fp8, write_shards
 from nanoseek.io.hf.state import mtp_layers_on_disk, nanoseek_to_hf_state, read_state
 from nanoseek.io.hf.v4 import v4_config_from_hf, v4_config_to_hf
 from nanoseek.model import Transformer
 
-SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama")
+SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama", "gpt2")
 
 
 def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
@@ -41,6 +43,8 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
         print(f"note: {source} names custom code (auto_map); nanoseek never executes it")
     if kind == "deepseek_v4":
         return v4_config_from_hf(cfg, source)
+    if kind == "gpt2":
+        return gpt2_config_from_hf(cfg, source)
     return deepseek_config_from_hf(cfg, source)
 
 
@@ -48,6 +52,8 @@ def config_to_hf(config: ModelConfig) -> dict:
     """A config.json for transformers; refuses what it cannot express."""
     if config.attention == "v4":
         return v4_config_to_hf(config)
+    if config.position == "learned":
+        return gpt2_config_to_hf(config)
     return deepseek_config_to_hf(config)
 
 

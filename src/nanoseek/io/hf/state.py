@@ -9,7 +9,8 @@
     model.layers.(L+k).{enorm,hnorm,eh_proj,shared_head.norm, block keys}  -> mtp.k.*  (MTP after the last layer)
     model.norm.weight, lm_head.weight              -> norm.weight, lm_head.weight
 
-DeepSeek-V4 names go through `nanoseek.io.hf.v4` first; the fusing and stacking is the same.
+DeepSeek-V4 names go through `nanoseek.io.hf.v4` first; the fusing and stacking is the same. GPT-2's
+(`nanoseek.io.hf.gpt2`) map one to one, Conv1D weights transposed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.io.hf.files import TensorSource, load_tensor
+from nanoseek.io.hf.gpt2 import gpt2_key_to_nanoseek, gpt2_state
 from nanoseek.io.hf.v4 import v4_key_to_hf, v4_key_to_nanoseek
 
 
@@ -56,8 +58,13 @@ def read_state(source: TensorSource, config: ModelConfig) -> dict[str, torch.Ten
     raw_keys = [k for k in source.keys() if not k.endswith("weight_scale_inv")]
     grouped: dict[str, dict[str, str]] = {}  # nanoseek target -> {part: hf key}
     state: dict[str, torch.Tensor] = {}
-    v4 = config.attention == "v4"
+    v4, gpt2 = config.attention == "v4", config.position == "learned"
     for key in raw_keys:
+        if gpt2:
+            name, transpose = gpt2_key_to_nanoseek(key)
+            if name is not None:
+                state[name] = load_tensor(source, key).t() if transpose else load_tensor(source, key)
+            continue
         name = v4_key_to_nanoseek(key) if v4 else hf_key_to_nanoseek(key, n)
         if name is None:
             continue
@@ -118,6 +125,8 @@ def _require(parts: dict, names: tuple, target: str):
 def nanoseek_to_hf_state(model) -> dict[str, torch.Tensor]:
     """The HF on-disk layout of a nanoseek model's weights (experts unpacked, fusions split)."""
     config = model.config
+    if config.position == "learned":
+        return gpt2_state(model)
     n = config.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():

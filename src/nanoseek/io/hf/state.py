@@ -122,8 +122,9 @@ def _require(parts: dict, names: tuple, target: str):
             raise NanoseekError(f"checkpoint is missing {name!r} needed for {target}")
 
 
-def nanoseek_to_hf_state(model) -> dict[str, torch.Tensor]:
-    """The HF on-disk layout of a nanoseek model's weights (experts unpacked, fusions split)."""
+def nanoseek_to_hf_state(model, mtp: bool = True) -> dict[str, torch.Tensor]:
+    """The HF on-disk layout of a nanoseek model's weights (experts unpacked, fusions split); `mtp=False`
+    leaves the MTP modules out."""
     config = model.config
     if config.position == "learned":
         return gpt2_state(model)
@@ -131,6 +132,8 @@ def nanoseek_to_hf_state(model) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("scalar_mix."):  # nanoseek's embedding mix has no place in transformers
+            continue
+        if name.startswith("mtp.") and not mtp:
             continue
         tensor = tensor.detach().contiguous()
         if config.attention == "v4":
@@ -149,7 +152,7 @@ def nanoseek_to_hf_state(model) -> dict[str, torch.Tensor]:
         for key, value in split_fused(hf, tensor, config).items():
             out[key] = value.contiguous()
     head = out.get("lm_head.weight", out["model.embed_tokens.weight"])
-    for k in range(config.num_nextn_predict_layers):  # MTP layers store their own copies
+    for k in range(config.num_nextn_predict_layers if mtp else 0):  # MTP layers store their own copies
         out[f"model.layers.{n + k}.embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
         out[f"model.layers.{n + k}.shared_head.head.weight"] = head.clone()
     return out

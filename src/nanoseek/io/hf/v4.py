@@ -216,7 +216,7 @@ def v4_config_to_hf(config: ModelConfig) -> dict:
     if config.swiglu_limit is None:
         problems.append("deepseek_v4 always clamps its SwiGLU: set swiglu_limit")
     if config.num_nextn_predict_layers:
-        problems.append("transformers' deepseek_v4 drops MTP modules: set num_nextn_predict_layers=0 to export")
+        problems.append("transformers' deepseek_v4 drops MTP modules: export with drop_mtp (convert --drop-mtp)")
     if (
         config.tie_word_embeddings
         or config.norm != "rmsnorm"

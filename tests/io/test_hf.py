@@ -66,7 +66,10 @@ CASES = {
         ),
     ),
     "llama_gqa": ("LlamaConfig", dict(TINY, num_key_value_heads=2)),
-    "gpt2": ("GPT2Config", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1)),
+    "gpt2": (
+        "GPT2Config",
+        dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1),
+    ),
     # V3.2: 24-token inputs, each query keeps its top 6 keys by the lightning indexer
     "v32_dsa": (
         "DeepseekV32Config",

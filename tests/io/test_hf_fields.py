@@ -93,7 +93,11 @@ def rope(kind: str, rotary_dim: int = 16, **extra) -> dict:
         "dynamic": dict(rope_type="dynamic", factor=2.0),
         "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=16, beta_slow=2),
         "llama3": dict(
-            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8,
         ),
         "longrope": dict(
             rope_type="longrope",
@@ -244,7 +248,11 @@ WALK: dict[str, list] = {
             dict(layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]),
             SAME,
         ),
-        ("compress_rates", dict(compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4}), SAME),
+        (
+            "compress_rates",
+            dict(compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4}),
+            SAME,
+        ),
         ("compress_rope_theta", dict(compress_rope_theta=80000.0), SAME),
         ("hc_mult", dict(hc_mult=3), SAME),
         ("hc_sinkhorn_iters", dict(hc_sinkhorn_iters=5), SAME),

@@ -2,8 +2,9 @@
 context, and stream the replies (`Chat`, what `nanoseek chat` runs).
 
 A checkpoint folder's `tokenizer_config.json` may carry a Jinja `chat_template` (as HF checkpoints
-do; transformers 5 writes it to `chat_template.jinja`). It is rendered in Jinja's immutable sandbox: templates cannot reach Python internals, files or
-the network. Models without a template (e.g. nanoseek's own char-level demo) get a plain transcript:
+do; transformers 5 writes it to `chat_template.jinja`). It is rendered in Jinja's immutable sandbox:
+templates cannot reach Python internals, files or the network. Models without a template (e.g.
+nanoseek's own char-level demo) get a plain transcript:
 
     User: Hello
     Assistant:

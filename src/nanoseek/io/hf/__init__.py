@@ -24,8 +24,8 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.io.checkpoint import load_state_into, read_json
 from nanoseek.io.hf.config import deepseek_config_from_hf, deepseek_config_to_hf
-from nanoseek.io.hf.gpt2 import gpt2_config_from_hf, gpt2_config_to_hf
 from nanoseek.io.hf.files import FP8_BLOCK, TensorSource, checkpoint_dtype, dequantize_fp8, write_shards
+from nanoseek.io.hf.gpt2 import gpt2_config_from_hf, gpt2_config_to_hf
 from nanoseek.io.hf.state import mtp_layers_on_disk, nanoseek_to_hf_state, read_state
 from nanoseek.io.hf.tokenizer import write_hf_tokenizer
 from nanoseek.io.hf.v4 import v4_config_from_hf, v4_config_to_hf

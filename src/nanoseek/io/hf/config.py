@@ -78,8 +78,10 @@ def rope_from_hf(cfg: dict, source: Path | None = None, whole_heads: bool = True
     theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
     if scaling is None and params.get("rope_type", params.get("type", "default")) not in ("default", None):
         scaling = params
-    partial = cfg.get("partial_rotary_factor") or params.get("partial_rotary_factor") or (scaling or {}).get(
-        "partial_rotary_factor"
+    partial = (
+        cfg.get("partial_rotary_factor")
+        or params.get("partial_rotary_factor")
+        or (scaling or {}).get("partial_rotary_factor")
     )
     if whole_heads and partial not in (None, 1, 1.0):
         raise NanoseekError(

@@ -159,6 +159,21 @@ def test_sharded_checkpoint_loads(tmp_path):
         assert (load_model(tmp_path)(x).logits - hf(x).logits).abs().max().item() <= 1e-4
 
 
+def test_gpt2_folder_in_openai_layout_loads(tmp_path):
+    """OpenAI's GPT-2 folders name tensors without `transformer.` and store each layer's causal mask."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_model("gpt2")
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    state.update({f"h.{i}.attn.bias": torch.ones(1, 1, 256, 256).tril() for i in range(2)})
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert (load_model(tmp_path)(x).logits - hf(x).logits).abs().max().item() <= 1e-4
+
+
 def test_bad_folders_are_clear_errors(tmp_path):
     hf = hf_model("llama_gqa")
     hf.save_pretrained(tmp_path)

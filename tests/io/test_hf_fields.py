@@ -407,3 +407,32 @@ def test_length_dependent_rope_generates_like_transformers(kind, tmp_path):
     hf.generation_config.eos_token_id = None
     expected = hf.generate(prompt, max_new_tokens=14, do_sample=False, pad_token_id=0)[0, 10:]
     assert generate(ours, prompt[0], max_new_tokens=14, temperature=0).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [
+        ("llama-tiny", dict(rope_scaling=dict(rope_type="dynamic", factor=2.0, original_max_position_embeddings=16))),
+        ("llama-tiny", dict(rope_scaling=rope("longrope"), tie_word_embeddings=True, mlp_bias=True)),
+        ("deepseek-v3-tiny", dict(rope_interleave=False, rope_scaling=rope("llama3"), tie_word_embeddings=True)),
+        pytest.param("llama-tiny", dict(rope_scaling=rope("linear"), head_dim=32), marks=pytest.mark.slow),
+        pytest.param("llama-tiny", dict(rope_scaling=rope("yarn", truncate=False)), marks=pytest.mark.slow),
+        pytest.param("deepseek-v2-tiny", dict(rope_scaling=rope("dynamic")), marks=pytest.mark.slow),
+    ],
+)
+def test_exports_what_transformers_reads_back(preset, overrides, tmp_path):
+    """nanoseek -> HF: the same fields, written so that transformers computes the same logits."""
+    from nanoseek import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig.from_preset(preset, initializer_range=0.1, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    ours.save_pretrained(tmp_path, format="hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for length in (24, 10):
+            assert (hf(x[:, :length]).logits - ours(x[:, :length]).logits).abs().max().item() <= 1e-4

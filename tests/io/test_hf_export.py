@@ -104,3 +104,22 @@ def test_mtp_layers_kept_by_default_and_dropped_on_request(tmp_path):
     _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "keep", output_loading_info=True)
     assert all(k.startswith("model.layers.2.") for k in info["unexpected_keys"]) and not info["missing_keys"]
     assert cli_main(["convert", str(tmp_path / "native"), str(tmp_path / "x"), "--to", "nanoseek", "--drop-mtp"]) == 2
+
+
+def test_a_tokenizer_nanoseek_does_not_run_is_passed_on(tmp_path):
+    """A SentencePiece-style tokenizer.json (no byte-level step) and its files go over unchanged."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf_tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "▁": 2}, merges=[], byte_fallback=False))
+    hf_tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    src = tmp_path / "src"
+    src.mkdir()
+    hf_tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizerFast"}))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama-tiny")).eval()
+    save_model(model, tmp_path / "hf", "hf", tokenizer_dir=src)
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "LlamaTokenizerFast"
+    }

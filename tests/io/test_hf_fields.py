@@ -198,6 +198,7 @@ WALK: dict[str, list] = {
         ("topk_group", dict(topk_group=2), SAME),
         ("norm_topk_prob", dict(norm_topk_prob=False), SAME),
         ("rope_interleave", dict(rope_interleave=False), SAME),
+        ("rope_interleave", dict(rope_interleave=False, q_lora_rank=None), SAME),
         ("num_mtp_layers", dict(num_mtp_layers=2), SAME),  # transformers saves no MTP weights
         ("scoring_func", dict(scoring_func="softmax"), REFUSE),
         ("topk_method", dict(topk_method="greedy"), REFUSE),

@@ -9,8 +9,9 @@
     generation_config.json   bos / eos / pad ids (generation stops at eos, as `nanoseek sample` does)
 
 Files the source folder already has (an HF checkpoint fine-tuned in nanoseek, say) are kept; what they
-lack is filled in. The chat template is the source's (tokenizer_config.json or chat_template.jinja),
-else the plain transcript `nanoseek chat` renders for models without one (`PLAIN_CHAT_TEMPLATE`).
+lack is filled in. A tokenizer nanoseek does not run itself is passed on with its files as they are.
+The chat template is the source's (tokenizer_config.json or chat_template.jinja), else the plain
+transcript `nanoseek chat` renders for models without one (`PLAIN_CHAT_TEMPLATE`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from nanoseek.config import ModelConfig
 from nanoseek.data.tokenizer import CharTokenizer, load_tokenizer
+from nanoseek.errors import NanoseekError
 
 # generation/chat.py's plain transcript ("User: Hi\nAssistant:") as a Jinja chat template
 PLAIN_CHAT_TEMPLATE = (  # newlines as expressions: chat templates render with trim_blocks
@@ -42,11 +44,24 @@ def write_hf_tokenizer(src: Path, dst: Path, config: ModelConfig) -> dict:
     ({"bos_token_id", "eos_token_id", "pad_token_id"}; {} when `src` has no tokenizer.json)."""
     if not (src / "tokenizer.json").is_file():
         return {}
-    tok = load_tokenizer(src / "tokenizer.json")
+    try:
+        tok = load_tokenizer(src / "tokenizer.json")
+    except NanoseekError:  # a tokenizer nanoseek does not run (e.g. SentencePiece-style): pass it on as it is
+        tok = None
     if isinstance(tok, CharTokenizer):
         (dst / "tokenizer.json").write_text(tok.to_hf_json_str())
     else:
         shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    if tok is None:
+        for name in (
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+            "chat_template.jinja",
+        ):
+            if (src / name).is_file():
+                shutil.copy(src / name, dst / name)
+        return {}
     names = tok.special_token_names()
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 

@@ -25,7 +25,7 @@ the server engine and speculative decoding all sample through it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -177,15 +177,28 @@ class Sampler:
 
 
 def sample_rows(
-    logits: torch.Tensor, samplers: Sequence[Sampler], seen: Sequence[torch.Tensor | None] | None = None
-) -> list[int]:
+    logits: torch.Tensor,
+    samplers: Sequence[Sampler],
+    seen: Sequence[torch.Tensor | None] | None = None,
+    on_error: Callable[[int, Exception], None] | None = None,
+) -> list[int | None]:
     """One token per row of `logits` (B, V), row i by `samplers[i]` (seen ids `seen[i]`, (1, T)):
     the greedy rows in one argmax, the others each with its own options and generator. The rows
-    share the first sampler's tokenizer (one server, one tokenizer)."""
+    share the first sampler's tokenizer (one server, one tokenizer). With `on_error`, a row whose
+    sampling raises gets None and `on_error(i, error)`; the other rows (and their generators) are
+    untouched by it."""
     if not samplers:
         return []
-    tokens = finite_logits(mask_unknown_ids(logits, samplers[0].tokenizer).float()).argmax(dim=-1).tolist()
+    tokens: list[int | None] = (
+        finite_logits(mask_unknown_ids(logits, samplers[0].tokenizer).float()).argmax(-1).tolist()
+    )
     for i, sampler in enumerate(samplers):
         if not sampler.greedy:
-            tokens[i] = int(sampler(logits[i : i + 1], None if seen is None else seen[i])[0])
+            try:
+                tokens[i] = int(sampler(logits[i : i + 1], None if seen is None else seen[i])[0])
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(i, e)
+                tokens[i] = None
     return tokens

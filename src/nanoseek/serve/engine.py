@@ -45,6 +45,9 @@ from nanoseek.generation.streaming import Detokenizer
 log = logging.getLogger("nanoseek.serve")
 
 
+FAILED = "internal error in the generation engine"
+
+
 class QueueFull(Exception):
     """More requests than running rows plus queue places."""
 
@@ -163,12 +166,12 @@ class Engine:
                     self._admit()
                     if self.running:
                         self._decode()
-            except Exception:  # a bug must not kill the engine: fail the running requests, go on
+            except Exception:  # a bug outside any one request must not kill the engine: fail the running ones
                 message = traceback.format_exc(limit=3)
                 log.error("engine step failed:\n%s", message)
-                for seq in self.running:
-                    seq.emit(Event(seq.index, error="internal error in the generation engine"))
-                self.running.clear()
+                failed, self.running = self.running, []
+                for seq in failed:
+                    self._report_failure(seq)
 
     def _run_jobs(self, jobs) -> None:
         for fn, fut in jobs:
@@ -189,34 +192,89 @@ class Engine:
                 if not self.waiting:
                     return
                 seq = self.waiting.popleft()
-            row = len(self.running)
             self.running.append(seq)  # from here on, a failure reaches this request too
-            room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
-            seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
-            seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
-            ids = torch.tensor([seq.prompt_ids], device=self.device)
-            view = [c.rows(row, row + 1) for c in self.cache]
-            logits = prefill(self.model, ids, view)
-            token = self._sample(logits, [seq])[0]
-            if self._accept(seq, token):
+            try:
+                token = self._prefill(seq, len(self.running) - 1)
+                finished = token is not None and self._accept(seq, token)
+            except Exception:
+                log.exception("prefill failed; ending that request")
+                token = None
+            if token is None:
+                self._fail([seq])
+            elif finished:
                 self._release([seq])
 
-    def _decode(self) -> None:
-        n = len(self.running)
-        tokens = torch.tensor([[s.last_token] for s in self.running], device=self.device)
-        positions = torch.tensor([s.position for s in self.running], device=self.device)
-        kv_len = max(s.position for s in self.running) + 1
-        view = [c.rows(0, n, kv_len) for c in self.cache]
-        logits = decode_step(self.model, tokens, view, positions)
-        self.steps += 1
-        sampled = self._sample(logits, self.running)
-        done = [s for s, t in zip(self.running, sampled) if self._accept(s, t)]
-        self._release(done)
+    def _prefill(self, seq: Sequence, row: int) -> int | None:
+        """Prompt of `seq` into cache row `row`; its first token (None: its sampling failed)."""
+        room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
+        seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
+        seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
+        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        view = [c.rows(row, row + 1) for c in self.cache]
+        return self._sample(prefill(self.model, ids, view), [seq])[0]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row, each by its own sampler (the greedy rows in one argmax)."""
+    def _decode(self) -> None:
+        """One step for every running row. Isolation: when the batched step raises, each row is
+        stepped alone (rewriting its cache position is harmless), so only the rows that fail on
+        their own end, with an error event; a row whose sampling or text fails ends alone too."""
+        seqs = list(self.running)
+        try:
+            tokens = self._sample(self._forward(0, len(seqs)), seqs)
+        except Exception:
+            log.exception("decode step of %d rows failed; stepping them one by one", len(seqs))
+            tokens = [self._decode_alone(row) for row in range(len(seqs))]
+        self.steps += 1
+        done, failed = [], []
+        for seq, token in zip(seqs, tokens):
+            try:
+                if token is None:
+                    failed.append(seq)
+                elif self._accept(seq, token):
+                    done.append(seq)
+            except Exception:
+                log.exception("emitting a token failed; ending that request")
+                failed.append(seq)
+        self._release(done)
+        self._fail(failed)
+
+    def _decode_alone(self, row: int) -> int | None:
+        try:
+            return self._sample(self._forward(row, row + 1), [self.running[row]])[0]
+        except Exception:
+            log.exception("decode step of one request failed; ending that request")
+            return None
+
+    def _forward(self, lo: int, hi: int) -> torch.Tensor:
+        """Logits (hi - lo, V) of one decode step of running rows lo..hi-1, each at its own position."""
+        seqs = self.running[lo:hi]
+        tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
+        positions = torch.tensor([s.position for s in seqs], device=self.device)
+        kv_len = max(s.position for s in seqs) + 1
+        view = [c.rows(lo, hi, kv_len) for c in self.cache]
+        return decode_step(self.model, tokens, view, positions)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """One token per row, each by its own sampler (the greedy rows in one argmax); None for a row
+        whose sampling raised (the others draw exactly as they would without it)."""
         seen = [self._seen(s) for s in seqs]
-        return sample_rows(logits, [s.sampler for s in seqs], seen)
+
+        def failed(i: int, error: Exception) -> None:
+            log.error("sampling failed (%s: %s); ending that request", type(error).__name__, error)
+
+        return sample_rows(logits, [s.sampler for s in seqs], seen, on_error=failed)
+
+    def _fail(self, seqs: list[Sequence]) -> None:
+        """End `seqs` with an error event and free their rows; nobody else is touched."""
+        for seq in seqs:
+            self._report_failure(seq)
+        self._release(seqs)
+
+    @staticmethod
+    def _report_failure(seq: Sequence) -> None:
+        try:
+            seq.emit(Event(seq.index, error=FAILED))
+        except Exception:  # the client's loop is gone: nothing left to tell
+            log.exception("could not report a failed request")
 
     def _seen(self, seq: Sequence) -> torch.Tensor | None:
         """The ids the repetition penalty acts on, for rows that have one."""

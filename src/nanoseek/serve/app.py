@@ -31,11 +31,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.errors import NanoseekError
-from nanoseek.generation.chat import load_chat_template, render_chat
 from nanoseek.generation.sampling import SamplingOptions
 from nanoseek.serve.engine import Engine, QueueFull, Sequence
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
+from nanoseek.serve.templates import ServedTemplate
 
 log = logging.getLogger("nanoseek.serve")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -113,7 +112,8 @@ class Service:
         self.model, self.tokenizer, self.name, self.engine = model, tokenizer, model_name, engine
         self.context = model.config.max_position_embeddings
         self.max_tokens_limit = max_tokens_limit
-        self.template = load_chat_template(folder)  # the checkpoint folder's tokenizer_config.json, if any
+        self.chat_template = ServedTemplate(folder)  # the checkpoint folder's tokenizer_config.json, if any
+        self.template = self.chat_template.info
         self.created = int(time.time())
 
     def check_model(self, name: str) -> None:
@@ -356,10 +356,7 @@ def create_app(
     async def chat_completions(body: ChatRequest, request: Request):
         service.check_model(body.model)
         body.unsupported()
-        try:
-            text = render_chat(body.plain_messages(), service.template)
-        except NanoseekError as e:
-            raise APIError(400, str(e), "messages") from None
+        text = await service.chat_template.render(body.plain_messages())
         prompts = [service.encode(text, "messages")]
         max_tokens = service.max_tokens(body.max_completion_tokens or body.max_tokens, prompts, None)
         stops = list(body.stop) + ([] if service.template["template"] else ["\nUser:"])

@@ -24,14 +24,16 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.generation.sampling import SamplingOptions
+from nanoseek.serve.embeddings import check_inputs, embed_in_turns
 from nanoseek.serve.engine import Engine, QueueFull, Sequence
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
 from nanoseek.serve.templates import ServedTemplate
@@ -363,7 +365,7 @@ def create_app(
         return await respond(Run(service, request, body, prompts, max_tokens, stops, chat=True))
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
+    async def embeddings(body: EmbeddingRequest, request: Request):
         service.check_model(body.model)
         hidden = model.config.hidden_size
         if body.dimensions not in (None, hidden):
@@ -374,9 +376,10 @@ def create_app(
                 "unsupported_parameter",
             )
         inputs = [service.encode(x, "input") for x in prompt_list(body.input)]
-        if not inputs:
-            raise APIError(400, "input is an empty list; give at least one text", "input")
-        vectors = await asyncio.wrap_future(engine.call(lambda: embed_ids(model, inputs)))
+        check_inputs(inputs)
+        vectors = await embed_in_turns(engine, partial(embed_ids, model), inputs, request.is_disconnected)
+        if vectors is None:  # the client left
+            return Response(status_code=499)
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
             for i, v in enumerate(vectors)

@@ -14,7 +14,9 @@ The engine owns the model and one static KV cache of `max_batch` rows; a backgro
 
 Requests join and leave between decode steps, so a short request never waits for a long one and
 16 concurrent clients share one forward pass per token instead of taking turns. Admission is
-bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_batch + max_queue.
+bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_batch + max_queue;
+an embeddings request holds one of those places while it runs (`reserve`), in `call` jobs of a few
+hundred tokens each, so it takes turns with the decode steps instead of stalling them.
 
 What it shares with the token loop of `nanoseek.generation` (`TokenLoop`, `TextStream`): each row
 samples with its own `Sampler` (options, seeded generator, unknown ids masked, repetition penalty
@@ -97,6 +99,7 @@ class Engine:
         self.jobs: deque[tuple[Callable, Future]] = deque()
         self.wakeup = threading.Condition()
         self.stopping = False
+        self.reserved = 0  # places held by work beside the batch (embeddings requests)
         self.steps = self.tokens_out = 0
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
@@ -115,14 +118,28 @@ class Engine:
         for s in seqs:  # a bad option fails its request here, not the engine thread
             s.options.validate()
         with self.wakeup:
-            busy = len(self.running) + len(self.waiting)
-            if busy + len(seqs) > self.max_batch + self.max_queue:
-                raise QueueFull(
-                    f"server busy: {busy} sequences running or waiting "
-                    f"(limit {self.max_batch} running + {self.max_queue} queued)"
-                )
+            self._check_room(len(seqs))
             self.waiting.extend(seqs)
             self.wakeup.notify()
+
+    def reserve(self) -> None:
+        """Hold one place of the admission limit for work beside the batch (an embeddings request, run
+        in `call` jobs); QueueFull when none is free. Give it back with `unreserve`."""
+        with self.wakeup:
+            self._check_room(1)
+            self.reserved += 1
+
+    def unreserve(self) -> None:
+        with self.wakeup:
+            self.reserved -= 1
+
+    def _check_room(self, places: int) -> None:
+        busy = len(self.running) + len(self.waiting) + self.reserved
+        if busy + places > self.max_batch + self.max_queue:
+            raise QueueFull(
+                f"server busy: {busy} sequences or embedding requests running or waiting "
+                f"(limit {self.max_batch} running + {self.max_queue} queued)"
+            )
 
     def cancel(self, seqs: list[Sequence]) -> None:
         with self.wakeup:
@@ -143,6 +160,7 @@ class Engine:
             return {
                 "running": len(self.running),
                 "waiting": len(self.waiting),
+                "embedding": self.reserved,
                 "max_batch": self.max_batch,
                 "max_queue": self.max_queue,
                 "decode_steps": self.steps,

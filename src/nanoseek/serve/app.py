@@ -21,6 +21,7 @@ import base64
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -56,12 +57,14 @@ class Guard:
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.key = os.fsencode(api_key) if api_key else b""  # the bytes a client sends: UTF-8 (as given on argv)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health" and not self.authorized(headers.get("authorization", "")):
+        raw_authorization = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
+        if self.api_key and scope["path"] != "/health" and not self.authorized(raw_authorization):
             err = APIError(
                 401, "missing or incorrect API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key"
             )
@@ -77,16 +80,18 @@ class Guard:
             return await error_response(err)(scope, receive, send)
         await self.app(scope, self.limited(receive), send)
 
-    def authorized(self, header: str) -> bool:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "basic":
+    def authorized(self, header: bytes) -> bool:
+        """Whether the Authorization header carries the key, compared as bytes in constant time (a
+        non-ASCII key travels as its UTF-8 bytes, which a latin-1 or ASCII round trip would change)."""
+        scheme, _, value = header.strip().partition(b" ")
+        if scheme.lower() == b"basic":
             try:
-                value = base64.b64decode(value, validate=True).decode().partition(":")[2]
-            except (ValueError, UnicodeDecodeError):
+                value = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except ValueError:
                 return False
-        elif scheme.lower() != "bearer":
+        elif scheme.lower() != b"bearer":
             return False
-        return hmac.compare_digest(value.strip().encode(), self.api_key.encode())
+        return hmac.compare_digest(value.strip(), self.key)
 
     def limited(self, receive):
         seen = 0

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.errors import NanoseekError
 from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
 from nanoseek.generation.steps import decode_step, prefill
 from nanoseek.generation.streaming import Detokenizer
@@ -84,6 +85,39 @@ class Sequence:
         return len(self.prompt_ids) + self.generated - 1
 
 
+def cache_bytes_per_row(model, context: int) -> int:
+    """Bytes of one row of the static KV cache for `context` positions (measured on the meta device)."""
+    tensors = []
+    for layer in model.make_cache(1, context, device="meta"):
+        for value in vars(layer).values():
+            tensors += value.values() if isinstance(value, dict) else [value]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (MemAvailable for the CPU, on Linux); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            return None
+    return None
+
+
+def check_cache_fits(model, rows: int, context: int, device: torch.device) -> None:
+    """NanoseekError, before anything is allocated, when `rows` cache rows cannot fit in free memory."""
+    need = rows * cache_bytes_per_row(model, context)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise NanoseekError(
+            f"max batch {rows} needs a KV cache of {need / 2**30:,.1f} GiB ({rows} rows x {context} positions); "
+            f"{device} has {free / 2**30:,.1f} GiB free: lower --max-batch"
+        )
+
+
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 32):
         if max_batch < 1 or max_queue < 0:
@@ -93,6 +127,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = model.config.max_position_embeddings
         self.device = next(model.parameters()).device
+        check_cache_fits(model, max_batch, self.context, self.device)
         self.cache = model.make_cache(max_batch, self.context)
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.waiting: deque[Sequence] = deque()

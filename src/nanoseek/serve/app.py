@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -100,10 +100,8 @@ class Guard:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise APIError(
-                    413, f"request body is over the limit of {self.max_body} bytes", None, "request_too_large"
-                )
+            if seen > self.max_body:  # an HTTPException, which FastAPI's body parsing passes on as it is
+                raise HTTPException(413, f"request body is over the limit of {self.max_body} bytes")
             return message
 
         return receive_limited
@@ -461,8 +459,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return error_response(APIError(err.status_code, str(err.detail), None, code))
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        message = str(err.detail)
+        if message == "There was an error parsing the body":  # FastAPI's: not UTF-8, nested too deeply, ...
+            message = "the request body could not be parsed: send UTF-8 JSON of reasonable depth and numbers"
+        return error_response(APIError(err.status_code, message, None, code.get(err.status_code)))
 
     @app.exception_handler(Exception)
     async def server_error(request, err: Exception):

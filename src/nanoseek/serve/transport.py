@@ -64,7 +64,8 @@ class JSONErrorProtocol(H11Protocol):
         error = self.protocol_error
         status = error.error_status_hint if error is not None else 400
         status = status if 400 <= status < 500 else 400
-        detail = f": {error}" if error is not None and str(error) else ""
+        reason = str(error).split(": bytearray(")[0] if error is not None else ""  # not the request's bytes again
+        detail = f": {reason}" if reason else ""
         body = json.dumps(APIError(status, f"invalid HTTP request{detail}", None, "invalid_http_request").body())
         body = body.encode()
         headers = [

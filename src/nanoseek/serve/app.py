@@ -10,8 +10,12 @@ Guarantees:
 - with an API key, every route but /health needs `Authorization: Bearer KEY` (or HTTP Basic with
   KEY as the password, so a browser can open the chat page); keys are compared in constant time;
 - bodies above `max_body_bytes` are refused (413) before they are read;
-- the engine refuses work beyond max_batch + max_queue sequences: 429, never an unbounded queue;
-- a client that goes away has its sequences cancelled and their cache rows freed.
+- the engine refuses work beyond max_batch + max_queue sequences (an embeddings request counts as
+  one): 429, never an unbounded queue;
+- a client that goes away has its sequences cancelled and their cache rows freed;
+- a request that fails in the engine ends alone (engine.py); a chat template renders off the event
+  loop with a time budget and fails as a 422 (templates.py); embeddings take turns with decode steps
+  (embeddings.py); unparsable HTTP is answered in the same JSON shape (transport.py).
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 context, and stream the replies (`Chat`, what `nanoseek chat` runs).
 
 A checkpoint folder's `tokenizer_config.json` may carry a Jinja `chat_template` (as HF checkpoints
-do). It is rendered in Jinja's immutable sandbox, in a worker process with a time and size budget
-(template_sandbox.py): templates cannot reach Python internals, files or the network, nor hold up the
-caller; a template that fails or runs past its budget raises ChatTemplateError (a NanoseekError).
-Models without a template (e.g. nanoseek's own char-level demo) get a plain transcript:
+do; transformers 5 writes it to `chat_template.jinja`). It is rendered in Jinja's immutable sandbox,
+in a worker process with a time and size budget (template_sandbox.py): templates cannot reach Python
+internals, files or the network, nor hold up the caller; a template that fails or runs past its
+budget raises ChatTemplateError (a NanoseekError). Models without a template (e.g. nanoseek's own
+char-level demo) get a plain transcript:
 
     User: Hello
     Assistant:
@@ -34,16 +35,19 @@ ROLES = ("system", "user", "assistant")
 
 def load_chat_template(folder: str | Path | None) -> dict:
     """{"template": str | None, "bos_token": str, "eos_token": str, "source": path} from the folder's
-    tokenizer_config.json; NanoseekError (one line naming the file and the field) when it is malformed."""
+    tokenizer_config.json (or chat_template.jinja beside it); NanoseekError (one line naming the file
+    and the field) when one is malformed."""
     info = {"template": None, "bos_token": "", "eos_token": "", "source": "tokenizer_config.json"}
     if folder is None:
         return info
     path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
-        return info
+    jinja = Path(folder) / "chat_template.jinja"  # where transformers 5 saves it
+    cfg = _read_json_object(path) if path.is_file() else {}
+    template = _template_source(path, cfg.get("chat_template"))
     info["source"] = str(path)
-    cfg = _read_json_object(path)
-    info["template"] = _template_source(path, cfg.get("chat_template"))
+    if template is None and jinja.is_file():
+        template, info["source"] = _read_text(jinja), str(jinja)
+    info["template"] = template
     for key in ("bos_token", "eos_token"):
         value = cfg.get(key) or ""
         value = value.get("content", "") if isinstance(value, dict) else value
@@ -53,13 +57,19 @@ def load_chat_template(folder: str | Path | None) -> dict:
     return info
 
 
-def _read_json_object(path: Path) -> dict:
+def _read_text(path: Path) -> str:
     try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))
+        return path.read_bytes().decode("utf-8")
     except OSError as e:
         raise NanoseekError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise NanoseekError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def _read_json_object(path: Path) -> dict:
+    text = _read_text(path)
+    try:
+        cfg = json.loads(text)
     except json.JSONDecodeError as e:
         raise NanoseekError(f"{path} is not valid JSON ({e})") from None
     except RecursionError:

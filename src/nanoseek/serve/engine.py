@@ -26,12 +26,19 @@ end of the context). What stays here is the scheduling, which `TokenLoop` (one b
 prompts, one cache of its own) cannot express: rows of different lengths in one cache, joining and
 leaving between steps. Text leaves one `Event` per piece, through the request's `emit` callback
 (the server hands them to its asyncio loop).
+
+Per-sequence extras, each off unless asked: `logprobs` records the model's logprobs of each sampled
+token (and of the prompt with `echo_logprobs`: the prefill then keeps every position's logits),
+handed out with the events (serve/logprobs.py); `constraint` masks the row's logits before sampling
+and follows the sampled tokens (response_format, serve/structured.py); an `EngineObserver` hears of
+prefills, decode steps and tokens (serve/metrics.py).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +51,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
 from nanoseek.generation.steps import decode_step, prefill
 from nanoseek.generation.streaming import Detokenizer
+from nanoseek.serve.logprobs import position_logprobs, prefill_with_prompt_logprobs
 
 log = logging.getLogger("nanoseek.serve")
 
@@ -62,6 +70,17 @@ class Event:
     finish_reason: str | None = None  # "stop" / "length" on the last event of a choice
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list | None = None  # TokenLogprobs recorded since the previous event (logprobs asked)
+
+
+class EngineObserver:
+    """What the engine reports as it works (serve/metrics.py counts it); called on the engine thread."""
+
+    def prefilled(self, seq: Sequence) -> None: ...
+
+    def decoded(self, rows: int) -> None: ...
+
+    def token(self, seq: Sequence, finished: bool) -> None: ...
 
 
 @dataclass(eq=False)
@@ -78,6 +97,11 @@ class Sequence:
     generated: int = 0
     last_token: int = -1
     output_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # record each generated token's logprob and the top-N (None: off)
+    echo_logprobs: bool = False  # record the prompt's logprobs too (prefill keeps every position)
+    constraint: object | None = None  # a response_format grammar (serve/structured.py): masks, accepts
+    recorded: list = field(default_factory=list)  # TokenLogprobs, prompt first, not yet emitted
+    arrival: float = field(default_factory=time.monotonic)
 
     @property
     def position(self) -> int:
@@ -119,7 +143,7 @@ def check_cache_fits(model, rows: int, context: int, device: torch.device) -> No
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 32):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 32, observer=None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
         self.model = model.eval()
@@ -136,6 +160,7 @@ class Engine:
         self.stopping = False
         self.reserved = 0  # places held by work beside the batch (embeddings requests)
         self.steps = self.tokens_out = 0
+        self.observer = observer or EngineObserver()
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
     # ------------------------------------------------------------------ the server's side
@@ -247,7 +272,12 @@ class Engine:
                 seq = self.waiting.popleft()
             self.running.append(seq)  # from here on, a failure reaches this request too
             try:
-                token = self._prefill(seq, len(self.running) - 1)
+                logits = self._prefill(seq, len(self.running) - 1)
+                if seq.max_tokens == 0:  # echo only: the prompt (and its logprobs), nothing generated
+                    seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
+                    self._release([seq])
+                    continue
+                token = self._sample(logits, [seq])[0]
                 finished = token is not None and self._accept(seq, token)
             except Exception:
                 log.exception("prefill failed; ending that request")
@@ -257,14 +287,18 @@ class Engine:
             elif finished:
                 self._release([seq])
 
-    def _prefill(self, seq: Sequence, row: int) -> int | None:
-        """Prompt of `seq` into cache row `row`; its first token (None: its sampling failed)."""
+    def _prefill(self, seq: Sequence, row: int) -> torch.Tensor:
+        """Prompt of `seq` into cache row `row`; the logits (1, V) of its first token."""
         room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
         seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
         seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
         view = [c.rows(row, row + 1) for c in self.cache]
-        return self._sample(prefill(self.model, ids, view), [seq])[0]
+        if seq.echo_logprobs:
+            logits, seq.recorded = prefill_with_prompt_logprobs(self.model, seq.prompt_ids, view, seq.logprobs)
+        else:
+            logits = prefill(self.model, torch.tensor([seq.prompt_ids], device=self.device), view)
+        self.observer.prefilled(seq)
+        return logits
 
     def _decode(self) -> None:
         """One step for every running row. Isolation: when the batched step raises, each row is
@@ -277,6 +311,7 @@ class Engine:
             log.exception("decode step of %d rows failed; stepping them one by one", len(seqs))
             tokens = [self._decode_alone(row) for row in range(len(seqs))]
         self.steps += 1
+        self.observer.decoded(len(seqs))
         done, failed = [], []
         for seq, token in zip(seqs, tokens):
             try:
@@ -307,14 +342,56 @@ class Engine:
         return decode_step(self.model, tokens, view, positions)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
-        """One token per row, each by its own sampler (the greedy rows in one argmax); None for a row
-        whose sampling raised (the others draw exactly as they would without it)."""
-        seen = [self._seen(s) for s in seqs]
+        """One token per row, each by its own sampler (the greedy rows in one argmax), after the row's
+        grammar mask; None for a row whose masking, sampling or bookkeeping raised (the others draw
+        exactly as they would without it)."""
+        failed: set[int] = set()
 
-        def failed(i: int, error: Exception) -> None:
+        def fail(i: int, error: Exception) -> None:
             log.error("sampling failed (%s: %s); ending that request", type(error).__name__, error)
+            failed.add(i)
 
-        return sample_rows(logits, [s.sampler for s in seqs], seen, on_error=failed)
+        seen = [self._seen(s) for s in seqs]
+        masked = logits
+        for i, s in enumerate(seqs):
+            if s.constraint is not None:  # response_format: only what the grammar accepts next
+                try:
+                    masked = masked.clone() if masked is logits else masked
+                    masked[i] = s.constraint.mask(logits[i], s.detok.max_tokens - s.generated)
+                except Exception as e:
+                    fail(i, e)
+        tokens = sample_rows(masked, [s.sampler for s in seqs], seen, on_error=fail)
+        tokens = [None if i in failed else t for i, t in enumerate(tokens)]
+        self._record_logprobs(logits, seqs, tokens, fail)
+        for i, (s, t) in enumerate(zip(seqs, tokens)):
+            if s.constraint is not None and t is not None and i not in failed:
+                try:
+                    s.constraint.accept(t)
+                except Exception as e:
+                    fail(i, e)
+        return [None if i in failed else t for i, t in enumerate(tokens)]
+
+    def _record_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list, fail) -> None:
+        """The model's own logprobs of the sampled tokens (before any mask), for rows that asked; a row
+        whose recording raises is handed to `fail`."""
+        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None and tokens[i] is not None]
+        try:
+            self._record_rows(logits, seqs, tokens, rows)
+        except Exception:
+            for i in rows:  # find the row that fails alone; the others record as they would have
+                try:
+                    self._record_rows(logits, seqs, tokens, [i])
+                except Exception as e:
+                    fail(i, e)
+
+    @staticmethod
+    def _record_rows(logits: torch.Tensor, seqs: list[Sequence], tokens: list, rows: list[int]) -> None:
+        if rows:
+            top = max(seqs[i].logprobs for i in rows)
+            entries = position_logprobs(logits[rows], [tokens[i] for i in rows], top)
+            for i, e in zip(rows, entries):
+                e.top = e.top[: seqs[i].logprobs]
+                seqs[i].recorded.append(e)
 
     def _fail(self, seqs: list[Sequence]) -> None:
         """End `seqs` with an error event and free their rows; nobody else is touched."""
@@ -342,12 +419,14 @@ class Engine:
         seq.output_ids.append(token)
         self.tokens_out += 1
         text = seq.detok.push(token)
-        if seq.detok.finish_reason:
-            seq.emit(Event(seq.index, text, seq.detok.finish_reason, seq.generated))
-            return True
-        if text:
-            seq.emit(Event(seq.index, text, None, seq.generated))
-        return False
+        reason = seq.detok.finish_reason
+        if reason == "stop" and getattr(seq.constraint, "steered", False):
+            reason = "length"  # the JSON was closed early for lack of tokens
+        self.observer.token(seq, reason is not None)
+        if reason or text:
+            recorded, seq.recorded = (seq.recorded, []) if seq.logprobs is not None else (None, seq.recorded)
+            seq.emit(Event(seq.index, text, reason, seq.generated, logprobs=recorded))
+        return reason is not None
 
     def _release(self, seqs: list[Sequence]) -> None:
         """Remove finished or cancelled sequences; move the last running rows into the gaps."""

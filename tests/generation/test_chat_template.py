@@ -129,3 +129,13 @@ def test_chat_command_reports_a_broken_template_in_one_line(checkpoint, config, 
         (checkpoint / "tokenizer_config.json").unlink()
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("nanoseek: error:") and "Traceback" not in "\n".join(err)
+
+
+def test_a_chat_template_jinja_file_is_read_as_utf8_and_named_in_errors(tmp_path):
+    jinja = tmp_path / "chat_template.jinja"
+    jinja.write_bytes(b"\xff{{ 1 }}")
+    with pytest.raises(NanoseekError, match="chat_template.jinja is not UTF-8 text"):
+        load_chat_template(tmp_path)
+    jinja.write_text("{{ 1/0 }}")
+    with pytest.raises(ChatTemplateError, match="chat_template.jinja failed: ZeroDivisionError"):
+        render_chat(MESSAGES, load_chat_template(tmp_path))

@@ -20,6 +20,8 @@ httpx = pytest.importorskip("httpx")
 
 from serving import CONTEXT, Server  # noqa: E402
 
+from nanoseek.serve.protocol import MAX_STOPS  # noqa: E402
+
 KEY = "clé-日本-ключ"
 AUTH = b"Authorization: Bearer " + KEY.encode()
 MODEL = "tiny-chat"
@@ -208,7 +210,7 @@ FIELDS = [
     Case("top-p-1.5", completion(top_p=1.5), 400),
     Case("n-100", completion(n=100), 400),
     Case("n-over-the-queue", completion(n=5), 429, "rate_limit_exceeded"),
-    Case("stop-five-strings", completion(stop=["a", "b", "c", "d", "e"]), 400),
+    Case("stop-over-the-limit", completion(stop=[f"s{i}" for i in range(MAX_STOPS + 1)]), 400),
     Case("stop-empty-string", completion(stop=[""]), 400),
     Case("stop-int", completion(stop=123), 400),
     Case("seed-negative", completion(seed=-1), 400),

@@ -14,7 +14,7 @@ length; mean cross-entropy over every position of a window, in nats per characte
     learned      added learned table; rows past 255 never trained, so at evaluation every position
                  >= 256 uses row 255 (clamped), reported as "learned (clamped)"
 
-    python benchmarks/length_extrapolation.py [--steps 300] [--threads 2] [--out FILE.jsonl] [--plot FILE.png]
+    python benchmarks/length_extrapolation.py [--steps 150] [--threads 2] [--out FILE.jsonl] [--plot FILE.png]
 
 Prints (and writes to --out) one JSON line per kind and length: kind, train/eval length, val loss,
 steps, training seconds. --plot draws val loss against evaluation length, one line per kind.
@@ -143,13 +143,13 @@ def plot(rows: list[dict], path: str, args) -> None:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kinds", default=",".join(KINDS))
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--eval-lens", default="256,1024,4096")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored at each length")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored at each length")
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)

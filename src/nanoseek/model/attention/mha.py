@@ -75,5 +75,7 @@ class MultiHeadAttention(nn.Module):
         if rope is not None and bias is None:
             q, k = apply_rope(q, *rope, self.interleave), apply_rope(k, *rope, self.interleave)
         allowed = allowed_keys(t, self.window, x.device).expand(b, t, t)
-        logit_bias = None if bias is None else bias(torch.arange(t, device=x.device)[:, None] - torch.arange(t))
+        logit_bias = (
+            None if bias is None else bias(torch.arange(t, device=x.device)[:, None] - torch.arange(t, device=x.device))
+        )
         return attention_probs(q, k, allowed[:, None], self.scale, logit_bias), allowed

@@ -112,3 +112,13 @@ def test_gradients_reach_the_t5_bias_table():
 def test_bias_positions_refuse_what_they_do_not_fit(kw, match):
     with pytest.raises(NanoseekError, match=match):
         tiny("t5", **kw)
+
+
+def test_attention_map_includes_the_bias():
+    torch.manual_seed(0)
+    model = Transformer(tiny("alibi")).eval()
+    attn, x = model.layers[0].self_attn, torch.randn(1, 6, 48)
+    with_bias, _ = attn.attention_map(x, model.position_bias)
+    plain, _ = attn.attention_map(x)
+    torch.testing.assert_close(with_bias.sum(-1), torch.ones(1, 6, 6))
+    assert not torch.allclose(with_bias, plain)

@@ -50,3 +50,13 @@ def test_bench_attention_reports_counted_flops_and_efficiency(capsys):
         expected = dense["forward_s"] * row["forward_flops"] / dense["forward_flops"] / row["forward_s"]
         assert abs(row["forward_efficiency"] - expected) < 1e-2
     assert rows[1]["forward_flops"] < dense["forward_flops"] * 2  # the band: about T (C + w) pairs
+
+
+def test_flops_by_op_splits_sdpa_from_matmuls():
+    from nanoseek.bench.flops import flops_by_op
+
+    q = torch.randn(1, 2, 8, 4)
+    with flop_counter() as counter:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch.randn(3, 5) @ torch.randn(5, 7)
+    assert flops_by_op(counter) == {"sdpa": 2 * 2 * 36 * 4 * 2, "mm": 2 * 3 * 5 * 7}

@@ -56,7 +56,7 @@ import time
 import torch
 
 from nanoseek.bench.common import RssSampler, cpu_name, current_rss, device_info, release_free_memory, torch_threads
-from nanoseek.bench.flops import flop_counter
+from nanoseek.bench.flops import flop_counter, flops_by_op
 from nanoseek.config import ModelConfig
 from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
@@ -193,12 +193,16 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None =
 def count_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
     """Forward and backward FLOPs of one run of `kind` at length t, counted (see bench/flops.py)."""
     q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
-    with flop_counter() as counter, autocast(device, args.dtype):
+    with flop_counter() as forward, autocast(device, args.dtype):
         out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
-    forward = counter.get_total_flops()
-    with flop_counter() as counter:
+    with flop_counter() as backward:
         out.float().square().mean().backward()
-    return {"forward_flops": forward, "backward_flops": counter.get_total_flops()}
+    return {
+        "forward_flops": forward.get_total_flops(),
+        "backward_flops": backward.get_total_flops(),
+        "forward_flops_by_op": flops_by_op(forward),
+        "backward_flops_by_op": flops_by_op(backward),
+    }
 
 
 def efficiency_columns(row: dict, dense: dict) -> dict:

@@ -87,6 +87,15 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=SDPA_FORMULAS)
 
 
+def flops_by_op(counter: FlopCounterMode) -> dict[str, int]:
+    """A finished counter's FLOPs per op kind: "sdpa" (every SDPA kernel), "mm", "bmm", ... ."""
+    totals: dict[str, int] = {}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        name = "sdpa" if "scaled_dot_product" in str(op) else str(op).split(".")[-1]
+        totals[name] = totals.get(name, 0) + flops
+    return totals
+
+
 def count_flops(fn) -> int:
     """FLOPs that calling `fn()` performs, counted."""
     with flop_counter() as counter:

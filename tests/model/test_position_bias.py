@@ -122,3 +122,12 @@ def test_attention_map_includes_the_bias():
     plain, _ = attn.attention_map(x)
     torch.testing.assert_close(with_bias.sum(-1), torch.ones(1, 6, 6))
     assert not torch.allclose(with_bias, plain)
+
+
+def test_t5_buckets_match_transformers_causal_buckets():
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    query, key = torch.arange(300)[:, None], torch.arange(300)[None, :]
+    theirs = t5.T5Attention._relative_position_bucket(
+        key - query, bidirectional=False, num_buckets=32, max_distance=128
+    )
+    torch.testing.assert_close(t5_buckets(query - key, 32, 128), theirs)

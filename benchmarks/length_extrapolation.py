@@ -11,7 +11,7 @@ length; mean cross-entropy over every position of a window, in nats per characte
     rope         rotary, unscaled at every length
     rope+yarn    the rope model's weights, evaluated under YaRN with factor = L / 256
                  (original_max_position_embeddings = 256); at 256 the same as rope
-    sinusoidal   added sinusoidal table (Vaswani)
+    sinusoidal   added sinusoidal table, embeddings scaled by sqrt(d) as in Vaswani et al.
     learned      added learned table; rows past 255 never trained, so at evaluation every position
                  >= 256 uses row 255 (clamped), reported as "learned (clamped)"
 
@@ -61,6 +61,8 @@ def config(position: str, vocab: int, args, eval_len: int | None = None) -> Mode
         ffn="gelu",
         norm="layernorm",
         rope_interleave=False,
+        # the sinusoidal table has entries of size 1: Vaswani scales the embeddings by sqrt(d) to match it
+        embedding_scale=position == "sinusoidal",
     )
     if eval_len is not None and eval_len > args.train_len:  # rope+yarn at evaluation
         cfg["rope_scaling"] = {

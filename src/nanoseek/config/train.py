@@ -30,7 +30,8 @@ from nanoseek.config.presets import DEFAULT_PRESET, get_preset, get_run_defaults
 from nanoseek.device import check_device_name
 from nanoseek.errors import NanoseekError
 
-SCHEDULES = ("constant", "cosine", "wsd", "multistep", "inverse_sqrt")
+SCHEDULES = ("constant", "cosine", "wsd", "multistep", "inverse_sqrt", "plateau")
+OPTIMIZERS = ("adamw", "muon", "schedule_free")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
     muon_lr: float = 0.02  # optim.name="muon": lr of the hidden matrices
     muon_momentum: float = 0.95
+    # optim.name="schedule_free": x = the average the model is evaluated and saved at (Defazio et al. 2024);
+    # gradients are taken at y = (1 - beta1) z + beta1 x, so beta1 interpolates between z and x
 
 
 @dataclass
@@ -64,6 +67,24 @@ class ScheduleConfig:
     decay_fraction: float = 0.2  # wsd: final fraction of training that decays
     milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # multistep
     gamma: float = 0.316  # multistep factor per milestone
+    # plateau: multiply the lr by plateau_factor when val_loss has not improved by plateau_threshold
+    # (relative) for plateau_patience evaluations; then wait plateau_cooldown evaluations
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    plateau_cooldown: int = 0
+    plateau_threshold: float = 1e-3
+    plateau_min_ratio: float = 0.01  # the lr never drops below this fraction of optim.lr
+    # spike guard (any schedule): a step whose loss or grad norm exceeds EMA mean + spike_k * std
+    # is skipped ("skip") or rolls weights and optimizer back to the last good snapshot ("rollback");
+    # the lr is multiplied by spike_lr_factor and recovers geometrically over spike_recover_steps
+    spike_guard: bool = False
+    spike_action: str = "rollback"  # skip | rollback
+    spike_k: float = 6.0
+    spike_ema: float = 0.98  # decay of the running mean / variance
+    spike_min_steps: int = 20  # observations before the guard may fire
+    spike_lr_factor: float = 0.5
+    spike_recover_steps: int = 100
+    spike_snapshot_every: int = 50  # rollback: steps between in-memory snapshots of good state
 
 
 @dataclass
@@ -129,8 +150,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
-        check_choice("optim.name", self.optim.name, ("adamw", "muon"))
+        check_choice("optim.name", self.optim.name, OPTIMIZERS)
         check_choice("schedule.name", self.schedule.name, SCHEDULES)
+        check_choice("schedule.spike_action", self.schedule.spike_action, ("skip", "rollback"))
+        self.check_adaptive()
         check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
         check_device_name("train.device", self.train.device)
         check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
@@ -170,6 +193,38 @@ class TrainConfig:
             raise NanoseekError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}"
+            )
+
+    def check_adaptive(self):
+        s = self.schedule
+        for where, value in (
+            ("schedule.plateau_factor", s.plateau_factor),
+            ("schedule.spike_lr_factor", s.spike_lr_factor),
+        ):
+            if not 0.0 < value <= 1.0:
+                raise NanoseekError(f"{where}={value} must be in (0, 1]")
+        if not 0.0 <= s.spike_ema < 1.0:
+            raise NanoseekError(f"schedule.spike_ema={s.spike_ema} must be in [0, 1)")
+        for where, value in (
+            ("schedule.plateau_patience", s.plateau_patience),
+            ("schedule.plateau_cooldown", s.plateau_cooldown),
+            ("schedule.plateau_threshold", s.plateau_threshold),
+            ("schedule.plateau_min_ratio", s.plateau_min_ratio),
+            ("schedule.spike_min_steps", s.spike_min_steps),
+        ):
+            check_positive(where, value, allow_zero=True)
+        for where, value in (
+            ("schedule.spike_k", s.spike_k),
+            ("schedule.spike_recover_steps", s.spike_recover_steps),
+            ("schedule.spike_snapshot_every", s.spike_snapshot_every),
+        ):
+            check_positive(where, value)
+        if s.name == "plateau" and not self.eval.every:
+            raise NanoseekError("schedule.name=plateau reacts to the validation loss: set eval.every > 0")
+        if self.optim.name == "schedule_free" and s.name not in ("constant", "plateau"):
+            raise NanoseekError(
+                f"optim.name=schedule_free replaces the decay: use schedule.name=constant (with warmup_steps), "
+                f"not {s.name}"
             )
 
     @classmethod

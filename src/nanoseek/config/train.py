@@ -84,7 +84,7 @@ class ScheduleConfig:
     spike_min_steps: int = 20  # observations before the guard may fire
     spike_lr_factor: float = 0.5
     spike_recover_steps: int = 100
-    spike_snapshot_every: int = 50  # rollback: steps between in-memory snapshots of good state
+    spike_snapshot_every: int = 10  # rollback: steps between in-memory snapshots of good state
 
 
 @dataclass

@@ -14,7 +14,8 @@ pre-clip gradient norm g, keeping exponential moving means and variances of both
     normal -> update the statistics;  guard_scale = min(1, guard_scale * lr_factor^(-1/recover_steps))
 The learning rate is multiplied by guard_scale, so it returns to the schedule's value after
 `recover_steps` quiet steps. A rollback snapshot is one copy of the parameters and the optimizer
-state (for AdamW: 3x the parameters' memory), taken every `snapshot_every` quiet steps and at every
+state (for AdamW: 3x the parameters' memory, copied in one pass: cheap next to a training step),
+with the running statistics, taken every `snapshot_every` quiet steps and at every
 checkpoint, so a resumed run rolls back to the same state an uninterrupted one would.
 
 Both controllers keep plain numbers only: `state_dict()` goes into the checkpoint's train_state.
@@ -102,7 +103,7 @@ class SpikeGuard:
         self.scale = 1.0
         self.events = 0
         self.quiet_steps = 0  # steps since the last snapshot
-        self._snapshot: tuple[dict, dict] | None = None
+        self._snapshot: tuple[dict, dict, dict] | None = None
         self.snapshot_step: int | None = None
 
     def check(self, loss: float, grad_norm: float) -> dict | None:
@@ -141,14 +142,18 @@ class SpikeGuard:
 
     def snapshot(self, model, optimizer, step: int):
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self._snapshot = (weights, copy.deepcopy(optimizer.state_dict()))
+        stats = {"loss": self.loss.state_dict(), "grad": self.grad.state_dict()}
+        self._snapshot = (weights, copy.deepcopy(optimizer.state_dict()), stats)
         self.snapshot_step, self.quiet_steps = step, 0
 
     def rollback(self, model, optimizer) -> int | None:
-        """Restore the last snapshot's weights and optimizer state; its step (None when there is none)."""
+        """Restore the last snapshot's weights, optimizer state and running statistics; its step (None
+        when there is none). The learning-rate scale stays lowered."""
         if self._snapshot is None:
             return None
-        weights, opt_state = self._snapshot
+        weights, opt_state, stats = self._snapshot
+        self.loss.load_state_dict(stats["loss"])
+        self.grad.load_state_dict(stats["grad"])
         with torch.no_grad():
             for k, v in model.state_dict().items():
                 v.copy_(weights[k])

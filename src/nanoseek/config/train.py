@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | muon | schedule_free
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -61,7 +61,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # constant | cosine | wsd | multistep | inverse_sqrt
+    name: str = "cosine"  # constant | cosine | wsd | multistep | inverse_sqrt | plateau
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine / wsd floor as a fraction of lr
     decay_fraction: float = 0.2  # wsd: final fraction of training that decays

@@ -52,6 +52,7 @@ def run_one(args, stress: str, variant: str, out: Path) -> dict:
     lr = args.lr * (args.lr_mult if stress == "high_lr" else 1.0)
     overrides = {
         "optim.lr": lr,
+        "optim.grad_clip": args.grad_clip,
         "schedule.name": "cosine",
         "schedule.warmup_steps": args.warmup,
         "schedule.spike_guard": variant == "guard",
@@ -144,12 +145,13 @@ def main() -> None:
     p.add_argument("--out", default="runs/lr_stress")
     p.add_argument("--preset", default="deepseek-v3-mini")
     p.add_argument("--data", default="", help="a text file (default: the bundled tiny Shakespeare)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="the normal peak learning rate")
+    p.add_argument("--lr", type=float, default=2e-3, help="the normal peak learning rate (deepseek-v3-mini's)")
     p.add_argument("--lr-mult", type=float, default=10.0, help="high_lr: this many times --lr")
     p.add_argument("--corrupt-every", type=int, default=50, help="corrupt: one random batch every this many")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="optim.grad_clip (0 = off)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=10)

@@ -103,7 +103,7 @@ def test_spike_rollback_restores_the_pre_spike_weights_and_optimizer_exactly():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("gpt2-tiny"))
     optimizer = make_optimizer(model, build_train_config(preset="gpt2-tiny").optim)
-    guard = SpikeGuard(guard_cfg(spike_snapshot_every=3))
+    guard = SpikeGuard(guard_cfg(spike_snapshot_every=3, spike_action="rollback"))
     x = torch.randint(0, 64, (2, 16))
     for step in range(1, 6):  # snapshots after steps 1 and 4
         assert train_step(model, optimizer, guard, x, step) is None
@@ -117,6 +117,19 @@ def test_spike_rollback_restores_the_pre_spike_weights_and_optimizer_exactly():
     moments = optimizer.state_dict()["state"]
     for i, s in guard._snapshot[1]["state"].items():
         assert all(torch.equal(s[n], moments[i][n]) for n in s)
+
+
+def test_auto_skips_a_lone_spike_and_rolls_back_a_repeated_or_non_finite_one():
+    guard = SpikeGuard(guard_cfg(spike_recover_steps=5, spike_min_steps=2, spike_k=3.0))
+    for v in (1.0, 1.1, 0.9, 1.0):
+        assert guard.check(v, 1.0) is None
+    assert guard.check(50.0, 1.0)["action"] == "skip"  # a bad batch: nothing to undo
+    assert guard.check(1.0, 1.0) is None
+    assert guard.check(50.0, 1.0)["action"] == "rollback"  # again, soon: the weights went bad
+    for _ in range(6):
+        guard.check(1.0, 1.0)
+    assert guard.check(50.0, 1.0)["action"] == "skip"
+    assert guard.check(float("inf"), 1.0)["action"] == "rollback"
 
 
 def test_spike_guard_recovers_the_lr_geometrically():
@@ -147,7 +160,8 @@ def test_guard_keeps_a_too_high_lr_run_alive_and_logs_events(small_corpus, tmp_p
     summary = loop.train(cfg, quiet=True)
     events = [r for r in records(tmp_path) if r.get("event") == "spike"]
     assert summary["step"] == 16 and events
-    assert {"spike", "spike_loss", "spike_grad_norm", "lr_scale", "rolled_back_to", "action"} <= set(events[0])
+    assert all({"spike", "spike_loss", "spike_grad_norm", "lr_scale", "action"} <= set(e) for e in events)
+    assert all("rolled_back_to" in e for e in events if e["action"] == "rollback")
     assert all(torch.isfinite(p).all() for p in load_model(tmp_path).parameters())
 
 

@@ -76,9 +76,10 @@ class ScheduleConfig:
     plateau_min_ratio: float = 0.01  # the lr never drops below this fraction of optim.lr
     # spike guard (any schedule): a step whose loss or grad norm exceeds EMA mean + spike_k * std
     # is skipped ("skip") or rolls weights and optimizer back to the last good snapshot ("rollback");
+    # "auto" skips a lone spike and rolls back a non-finite one or one soon after another;
     # the lr is multiplied by spike_lr_factor and recovers geometrically over spike_recover_steps
     spike_guard: bool = False
-    spike_action: str = "rollback"  # skip | rollback
+    spike_action: str = "auto"  # auto (skip a lone spike, roll back a repeated or non-finite one) | skip | rollback
     spike_k: float = 6.0
     spike_ema: float = 0.98  # decay of the running mean / variance
     spike_min_steps: int = 20  # observations before the guard may fire
@@ -152,7 +153,7 @@ class TrainConfig:
     def validate(self):
         check_choice("optim.name", self.optim.name, OPTIMIZERS)
         check_choice("schedule.name", self.schedule.name, SCHEDULES)
-        check_choice("schedule.spike_action", self.schedule.spike_action, ("skip", "rollback"))
+        check_choice("schedule.spike_action", self.schedule.spike_action, ("auto", "skip", "rollback"))
         self.check_adaptive()
         check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
         check_device_name("train.device", self.train.device)

@@ -10,7 +10,9 @@ Spike guard (schedule.spike_guard=true, any schedule), before each optimizer ste
 pre-clip gradient norm g, keeping exponential moving means and variances of both:
     spike  = l or g not finite,  or  (n >= min_steps  and  x > mean_x + k * std_x  for x in {l, g})
     spike  -> skip the update ("skip") or restore the last good snapshot of weights and optimizer
-              ("rollback"), then  guard_scale *= lr_factor
+              ("rollback"); "auto" skips an isolated spike (a bad batch) and rolls back a non-finite
+              one or a spike within `recover_steps` of the last (the weights themselves went bad);
+              then  guard_scale *= lr_factor
     normal -> update the statistics;  guard_scale = min(1, guard_scale * lr_factor^(-1/recover_steps))
 The learning rate is multiplied by guard_scale, so it returns to the schedule's value after
 `recover_steps` quiet steps. A rollback snapshot is one copy of the parameters and the optimizer
@@ -103,6 +105,7 @@ class SpikeGuard:
         self.scale = 1.0
         self.events = 0
         self.quiet_steps = 0  # steps since the last snapshot
+        self.since_event: int | None = None  # steps since the last spike
         self._snapshot: tuple[dict, dict, dict] | None = None
         self.snapshot_step: int | None = None
 
@@ -117,12 +120,19 @@ class SpikeGuard:
         else:
             self.loss.update(loss)
             self.grad.update(grad_norm)
+            self.since_event = None if self.since_event is None else self.since_event + 1
             self.scale = min(1.0, self.scale * self.cfg.spike_lr_factor ** (-1.0 / self.cfg.spike_recover_steps))
             return None
         self.events += 1
         self.scale *= self.cfg.spike_lr_factor
+        action = self.cfg.spike_action
+        if action == "auto":
+            repeated = self.since_event is not None and self.since_event < self.cfg.spike_recover_steps
+            action = "rollback" if reason == "non-finite" or repeated else "skip"
+        self.since_event = 0
         return {
             "spike": reason,
+            "action": action,
             "spike_loss": loss,
             "spike_grad_norm": grad_norm,
             "loss_limit": self.loss.limit(self.cfg.spike_k),
@@ -134,7 +144,7 @@ class SpikeGuard:
 
     def maybe_snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, force=False):
         """Keep a copy of weights and optimizer state every `snapshot_every` quiet steps (or now)."""
-        if self.cfg.spike_action != "rollback":
+        if self.cfg.spike_action == "skip":
             return
         self.quiet_steps += 1
         if force or self._snapshot is None or self.quiet_steps >= self.cfg.spike_snapshot_every:
@@ -167,6 +177,7 @@ class SpikeGuard:
             "scale": self.scale,
             "events": self.events,
             "quiet_steps": self.quiet_steps,
+            "since_event": self.since_event,
         }
 
     def load_state_dict(self, state: dict):
@@ -174,3 +185,4 @@ class SpikeGuard:
         self.grad.load_state_dict(state["grad"])
         self.scale, self.events = float(state["scale"]), int(state["events"])
         self.quiet_steps = int(state["quiet_steps"])
+        self.since_event = state.get("since_event")

@@ -417,16 +417,13 @@ def train(
                 optimizer.step()
                 expert_load = dist.sync_expert_load(expert_load, ctx)  # one router bias for all ranks
                 balance_stats = model.update_balance_bias(expert_load, update=state.step >= cfg.train.dsa_warmup_steps)
-            elif cfg.schedule.spike_action == "rollback":
+            elif spike["action"] == "rollback":
                 spike["rolled_back_to"] = adaptive.guard.rollback(model, optimizer)
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             if spike is not None:
-                metrics.write({"step": state.step, "event": "spike", "action": cfg.schedule.spike_action, **spike})
-                bar.write(
-                    f"step {state.step}: {spike['spike']} spike ({cfg.schedule.spike_action}), "
-                    f"lr x{spike['lr_scale']:.3g}"
-                )
+                metrics.write({"step": state.step, "event": "spike", **spike})
+                bar.write(f"step {state.step}: {spike['spike']} spike ({spike['action']}), lr x{spike['lr_scale']:.3g}")
             elif adaptive.guard:
                 adaptive.guard.maybe_snapshot(model, optimizer, state.step)
             state.tokens += tokens_per_step

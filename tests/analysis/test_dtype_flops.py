@@ -41,6 +41,7 @@ def test_counter_counts_each_product_with_its_dtype():
         torch.bmm(a[None], b[None].bfloat16().float())
         torch.nn.functional.linear(a.bfloat16(), b.T.bfloat16())
     assert c.flops_by_dtype() == {"float32": 2 * 2 * 4 * 8 * 16, "bfloat16": 2 * 4 * 8 * 16}
+    assert c.conversions[("", "float32", "bfloat16")] == (3, 8 * 16 + 4 * 8 + 8 * 16)
 
 
 def test_an_fp32_product_outside_the_routers_fails_the_share():

@@ -8,6 +8,8 @@ the backward. Each matrix product is counted with its FLOPs and its inputs' dtyp
     scaled dot-product attention:       2 B H L S (E + Ev) forward; its backward op counted 2x that
 `linear`, `matmul` and `einsum` reach these ops, so they are counted there. ModuleTracker names the
 module each op ran in (forward and backward), so products kept in fp32 on purpose can be told apart.
+`conversions` counts the dtype casts (calls and elements per module and direction): where a bf16
+step pays for round trips through fp32.
 
     >>> import torch
     >>> with MatmulCounter() as c:
@@ -40,6 +42,10 @@ class MatmulRecord:
     flops: int
     module: str  # the innermost module that ran it ("" outside any)
     dims: tuple = ()  # the product's sizes, sorted (matches a forward product to its backward ones)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _shape(t) -> tuple:
@@ -111,6 +117,8 @@ class MatmulCounter(TorchDispatchMode):
         self._table = _op_flops()
         self._tracker = ModuleTracker()
         self._signatures: dict = {}
+        # dtype conversions (autocast's casts, .float(), .to()): (module, from, to) -> (calls, elements)
+        self.conversions: dict[tuple[str, str, str], tuple[int, int]] = {}
 
     def __enter__(self):
         self._tracker.__enter__()
@@ -121,10 +129,14 @@ class MatmulCounter(TorchDispatchMode):
         self._tracker.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is aten._to_copy.default and "dtype" in (kwargs or {}) and kwargs["dtype"] != args[0].dtype:
+            key = (self._innermost(), _name(args[0].dtype), _name(kwargs["dtype"]))
+            calls, elements = self.conversions.get(key, (0, 0))
+            self.conversions[key] = (calls + 1, elements + args[0].numel())
         entry = self._table.get(func)
         if entry is not None:
             flops_of, operands = entry
-            dtypes = sorted({str(args[i].dtype).removeprefix("torch.") for i in operands})
+            dtypes = sorted({_name(args[i].dtype) for i in operands})
             dtype = dtypes[0] if len(dtypes) == 1 else "mixed:" + ",".join(dtypes)
             dims = tuple(sorted({d for i in operands[:2] for d in args[i].shape[-2:]}))
             self._signatures.clear()

@@ -120,7 +120,7 @@ def test_spike_rollback_restores_the_pre_spike_weights_and_optimizer_exactly():
 
 
 def test_auto_skips_a_lone_spike_and_rolls_back_a_repeated_or_non_finite_one():
-    guard = SpikeGuard(guard_cfg(spike_recover_steps=5, spike_min_steps=2, spike_k=3.0))
+    guard = SpikeGuard(guard_cfg(spike_repeat_window=5, spike_min_steps=2, spike_k=3.0))
     for v in (1.0, 1.1, 0.9, 1.0):
         assert guard.check(v, 1.0) is None
     assert guard.check(50.0, 1.0)["action"] == "skip"  # a bad batch: nothing to undo

@@ -80,6 +80,7 @@ class ScheduleConfig:
     # the lr is multiplied by spike_lr_factor and recovers geometrically over spike_recover_steps
     spike_guard: bool = False
     spike_action: str = "auto"  # auto (skip a lone spike, roll back a repeated or non-finite one) | skip | rollback
+    spike_repeat_window: int = 10  # auto: a spike this many steps or fewer after the last rolls back
     spike_k: float = 6.0
     spike_ema: float = 0.98  # decay of the running mean / variance
     spike_min_steps: int = 20  # observations before the guard may fire
@@ -212,6 +213,7 @@ class TrainConfig:
             ("schedule.plateau_threshold", s.plateau_threshold),
             ("schedule.plateau_min_ratio", s.plateau_min_ratio),
             ("schedule.spike_min_steps", s.spike_min_steps),
+            ("schedule.spike_repeat_window", s.spike_repeat_window),
         ):
             check_positive(where, value, allow_zero=True)
         for where, value in (

@@ -11,7 +11,7 @@ pre-clip gradient norm g, keeping exponential moving means and variances of both
     spike  = l or g not finite,  or  (n >= min_steps  and  x > mean_x + k * std_x  for x in {l, g})
     spike  -> skip the update ("skip") or restore the last good snapshot of weights and optimizer
               ("rollback"); "auto" skips an isolated spike (a bad batch) and rolls back a non-finite
-              one or a spike within `recover_steps` of the last (the weights themselves went bad);
+              one or a spike within `repeat_window` steps of the last (the weights themselves went bad);
               then  guard_scale *= lr_factor
     normal -> update the statistics;  guard_scale = min(1, guard_scale * lr_factor^(-1/recover_steps))
 The learning rate is multiplied by guard_scale, so it returns to the schedule's value after
@@ -127,7 +127,7 @@ class SpikeGuard:
         self.scale *= self.cfg.spike_lr_factor
         action = self.cfg.spike_action
         if action == "auto":
-            repeated = self.since_event is not None and self.since_event < self.cfg.spike_recover_steps
+            repeated = self.since_event is not None and self.since_event < self.cfg.spike_repeat_window
             action = "rollback" if reason == "non-finite" or repeated else "skip"
         self.since_event = 0
         return {

@@ -1,9 +1,9 @@
 """Stress test of the learning rate: a fixed cosine schedule against the same schedule with the spike guard.
 
 Two stresses, each trained twice (cosine, cosine + schedule.spike_guard) with the same seed and data:
-    high_lr   the peak learning rate is --lr-mult times the preset's (default 10x)
-    corrupt   every --corrupt-every steps the batch is replaced by uniformly random tokens
-              (a corrupt shard), at the normal learning rate
+    high_lr   the peak learning rate is --lr-mult times the normal one (default 10x)
+    corrupt   every --corrupt-every steps the batch is replaced by a corrupt one (--corrupt-kind:
+              one token repeated, or uniformly random tokens), at the normal learning rate
 Writes OUT/lr_stress.jsonl (one line per run: final and best validation loss, spikes, divergence,
 the train-loss curve) and OUT/lr_stress.png (train loss against step, spikes marked).
 
@@ -33,18 +33,24 @@ from nanoseek.train.metrics import read_records
 
 
 class CorruptingLoader(BatchLoader):
-    """Every `every`-th batch is uniformly random tokens (inputs and targets): a corrupt shard."""
+    """Every `every`-th batch is corrupt: one token repeated ("constant", a shard of padding or a
+    decoding error) or uniformly random tokens ("random", binary junk)."""
 
     every = 0
     vocab = 0
+    kind = "constant"
 
     def next(self):
         x, y = super().next()
         self._served = getattr(self, "_served", 0) + 1
         if self.every and self._served % self.every == 0:
             g = torch.Generator().manual_seed(self._served)
-            x = torch.randint(0, self.vocab, x.shape, generator=g)
-            y = torch.randint(0, self.vocab, y.shape, generator=g)
+            if self.kind == "constant":
+                token = int(torch.randint(0, self.vocab, (), generator=g))
+                x, y = torch.full_like(x, token), torch.full_like(y, token)
+            else:
+                x = torch.randint(0, self.vocab, x.shape, generator=g)
+                y = torch.randint(0, self.vocab, y.shape, generator=g)
         return x, y
 
 
@@ -74,6 +80,7 @@ def run_one(args, stress: str, variant: str, out: Path) -> dict:
     cfg = build_train_config(preset=args.preset, overrides=overrides)
     CorruptingLoader.every = args.corrupt_every if stress == "corrupt" else 0
     CorruptingLoader.vocab = 0
+    CorruptingLoader.kind = args.corrupt_kind
     diverged = None
     with mock.patch.object(loop, "BatchLoader", CorruptingLoader):
         original = loop.setup_data
@@ -96,6 +103,7 @@ def run_one(args, stress: str, variant: str, out: Path) -> dict:
         "lr": lr,
         "seed": args.seed,
         "preset": args.preset,
+        "corrupt_kind": args.corrupt_kind if stress == "corrupt" else None,
         "steps": args.steps,
         "final_val_loss": summary.get("val_loss"),
         "best_val_loss": min(vals) if vals else None,
@@ -151,6 +159,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="the normal peak learning rate (deepseek-v3-mini's)")
     p.add_argument("--lr-mult", type=float, default=10.0, help="high_lr: this many times --lr")
     p.add_argument("--corrupt-every", type=int, default=50, help="corrupt: one random batch every this many")
+    p.add_argument("--corrupt-kind", choices=("constant", "random"), default="constant")
     p.add_argument("--grad-clip", type=float, default=1.0, help="optim.grad_clip (0 = off)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=50)

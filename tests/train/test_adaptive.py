@@ -124,8 +124,10 @@ def test_auto_skips_a_lone_spike_and_rolls_back_a_repeated_or_non_finite_one():
     for v in (1.0, 1.1, 0.9, 1.0):
         assert guard.check(v, 1.0) is None
     assert guard.check(50.0, 1.0)["action"] == "skip"  # a bad batch: nothing to undo
+    assert guard.scale == 1.0  # nor is the lr to blame
     assert guard.check(1.0, 1.0) is None
     assert guard.check(50.0, 1.0)["action"] == "rollback"  # again, soon: the weights went bad
+    assert guard.scale == 0.5
     for _ in range(6):
         guard.check(1.0, 1.0)
     assert guard.check(50.0, 1.0)["action"] == "skip"

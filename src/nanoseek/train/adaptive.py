@@ -10,9 +10,9 @@ Spike guard (schedule.spike_guard=true, any schedule), before each optimizer ste
 pre-clip gradient norm g, keeping exponential moving means and variances of both:
     spike  = l or g not finite,  or  (n >= min_steps  and  x > mean_x + k * std_x  for x in {l, g})
     spike  -> skip the update ("skip") or restore the last good snapshot of weights and optimizer
-              ("rollback"); "auto" skips an isolated spike (a bad batch) and rolls back a non-finite
-              one or a spike within `repeat_window` steps of the last (the weights themselves went bad);
-              then  guard_scale *= lr_factor
+              ("rollback"), then  guard_scale *= lr_factor.  "auto" skips an isolated spike (a bad
+              batch: the lr is not to blame and stays) and rolls back, lowering the lr, a non-finite
+              spike or one within `repeat_window` steps of the last (the weights themselves went bad)
     normal -> update the statistics;  guard_scale = min(1, guard_scale * lr_factor^(-1/recover_steps))
 The learning rate is multiplied by guard_scale, so it returns to the schedule's value after
 `recover_steps` quiet steps. A rollback snapshot is one copy of the parameters and the optimizer
@@ -124,11 +124,12 @@ class SpikeGuard:
             self.scale = min(1.0, self.scale * self.cfg.spike_lr_factor ** (-1.0 / self.cfg.spike_recover_steps))
             return None
         self.events += 1
-        self.scale *= self.cfg.spike_lr_factor
         action = self.cfg.spike_action
         if action == "auto":
             repeated = self.since_event is not None and self.since_event < self.cfg.spike_repeat_window
             action = "rollback" if reason == "non-finite" or repeated else "skip"
+        if action == "rollback" or self.cfg.spike_action == "skip":  # auto: a lone bad batch keeps the lr
+            self.scale *= self.cfg.spike_lr_factor
         self.since_event = 0
         return {
             "spike": reason,

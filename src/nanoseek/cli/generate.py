@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from nanoseek.analysis.poems import annotate
 from nanoseek.cli.common import Command, add_checkpoint_args, add_compile_args, load, reject_extra
 from nanoseek.errors import NanoseekError
 from nanoseek.generation.chat import Chat, MessageTooLong
@@ -35,6 +36,12 @@ def add_sample_arguments(s) -> None:
     s.add_argument("--seed", type=int, help="seed of the sampling generator (reproducible output)")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    s.add_argument(
+        "--format",
+        choices=("text", "poem"),
+        default="text",
+        help="poem: after the text, each line's verse lengths and how many verses have 5 or 7 characters (on stderr)",
+    )
     s.add_argument(
         "--speculative",
         action="store_true",
@@ -74,10 +81,15 @@ def run_sample(args, extra) -> int:
         print(json.dumps(report), file=sys.stderr)
         return 0
     sys.stdout.write(prompt)
+    written = [prompt]
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
+        written.append(piece)
     sys.stdout.write("\n")
+    if args.format == "poem":
+        sys.stdout.flush()
+        print(annotate("".join(written)), file=sys.stderr)
     return 0
 
 

@@ -26,7 +26,11 @@ def add_train_arguments(t) -> None:
     t.epilog = OVERRIDES_HELP
     t.add_argument("config", nargs="?", help="a TOML or JSON config file")
     t.add_argument("--preset", help="named model config (list them with `nanoseek presets`)")
-    t.add_argument("--data", nargs="+", help="text files to train on (default: bundled tiny Shakespeare)")
+    t.add_argument(
+        "--data",
+        nargs="+",
+        help="text files to train on, or a bundled corpus by name: shakespeare (the default), tang (Tang poems)",
+    )
     t.add_argument("--out", help="run directory (default runs/default)")
     t.add_argument("--max-steps", type=int, help="= --train.max_steps (default: the preset's)")
     t.add_argument(

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanoseek.config import TrainConfig
-from nanoseek.data import BUNDLED_CORPUS
+from nanoseek.data import BUNDLED_CORPUS, CORPORA, corpus_path
 from nanoseek.data.shards import BatchLoader, TokenDataset, prepare_corpus
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.device import autocast
@@ -67,10 +67,10 @@ def setup_tokenizer(cfg: TrainConfig, out: Path, files: list[str]):
 
 
 def setup_data(cfg: TrainConfig, out: Path):
-    files = cfg.data.path or [str(BUNDLED_CORPUS)]
+    files = [corpus_path(f) for f in cfg.data.path] or [str(BUNDLED_CORPUS)]
     for f in files:
         if not Path(f).is_file():
-            raise NanoseekError(f"data file {f} does not exist")
+            raise NanoseekError(f"data file {f} does not exist (bundled corpora by name: {', '.join(CORPORA)})")
         if Path(f).stat().st_size == 0:
             raise NanoseekError(f"data file {f} is empty")
     tok = setup_tokenizer(cfg, out, files)

@@ -194,9 +194,9 @@ def test_stream_fusions_read_write_and_mix_per_sublayer(fusion):
     sublayers = ["layer 0 attention", "layer 0 FFN", "layer 1 attention", "layer 1 FFN"]
     assert write.rows == mix.rows == sublayers
     assert read.rows == sublayers + (["final head"] if fusion == "mhc" else [])
-    assert read.cols == ["stream 0", "stream 1"] and mix.cols == ["0→0", "0→1", "1→0", "1→1"]
+    assert read.cols == ["0", "1"] and read.col_name == "stream" and mix.cols == ["0→0", "0→1", "1→0", "1→1"]
     if fusion == "mhc":  # comb is doubly stochastic: each row of the 2x2 sums to 1
         np.testing.assert_allclose(mix.grid.reshape(4, 2, 2).sum(-1), 1.0, atol=1e-3)
     fig = fusion_figure(pic, PROMPT)
     assert len(fig.axes) == 6  # three panels, three colour bars
-    assert ticks(fig.axes[0], "x") == ["stream 0", "stream 1"]
+    assert ticks(fig.axes[0], "x") == ["0", "1"] and fig.axes[0].get_xticks().tolist() == [0, 1]

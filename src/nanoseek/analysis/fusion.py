@@ -165,7 +165,7 @@ def stream_panels(model, input_ids: torch.Tensor) -> list[Panel]:
         writes.append(write)
         mixes.append(a_r_or_comb.flatten())
     read_rows = tags + (["final head"] if mhc else [])
-    streams_cols = [f"stream {k}" for k in range(n)]
+    streams_cols = [str(k) for k in range(n)]
     pairs = [f"{j}→{k}" for j in range(n) for k in range(n)]
     return [
         Panel(
@@ -237,9 +237,10 @@ def fusion_figure(pic: FusionPicture, prompt: str):
 def draw_panel(fig, ax, panel: Panel) -> None:
     plt = pyplot()
     grid = np.ma.masked_invalid(panel.grid)
-    top = max(1.0, float(np.nanmax(panel.grid)))  # from 0: near-uniform weights look near-uniform
+    # from 0 (or below): near-uniform weights look near-uniform
+    bottom, top = min(0.0, float(np.nanmin(panel.grid))), max(1.0, float(np.nanmax(panel.grid)))
     viridis = plt.get_cmap("viridis").with_extremes(bad="#f0f0f0")
-    image = ax.imshow(grid, cmap=viridis, aspect="auto", interpolation="nearest", vmin=0.0, vmax=top)
+    image = ax.imshow(grid, cmap=viridis, aspect="auto", interpolation="nearest", vmin=bottom, vmax=top)
     fig.colorbar(image, ax=ax, label=panel.value, shrink=0.9)
     chars = int(6 * max(2.5, 0.55 * len(panel.cols)) + 10)
     ax.set_title(textwrap.fill(panel.title, chars), fontsize=9)
@@ -253,7 +254,7 @@ def draw_panel(fig, ax, panel: Panel) -> None:
     if grid.size <= ANNOTATE_CELLS and not panel.token_rows:
         for (r, c), value in np.ndenumerate(panel.grid):
             if not np.isnan(value):
-                dark = value / top < 0.6
+                dark = (value - bottom) / (top - bottom) < 0.6
                 ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
 
 

@@ -19,7 +19,7 @@ from nanoseek.analysis.attention import (
     mask_categories,
     reconfigured,
 )
-from nanoseek.analysis.figures import image_path, thinned_ticks, visible
+from nanoseek.analysis.figures import image_path, save_figure, thinned_ticks, visible
 from nanoseek.analysis.fusion import fusion_figure, fusion_picture
 from nanoseek.data.tokenizer import CharTokenizer
 from nanoseek.errors import NanoseekError
@@ -60,6 +60,15 @@ def test_out_is_a_file_or_a_folder_as_meant(tmp_path):
     (tmp_path / "plain").write_text("x")
     with pytest.raises(NanoseekError, match="without an image suffix"):
         image_path(tmp_path / "plain", "fusion.png")
+
+
+def test_an_unwritable_out_is_one_line_and_leaves_nothing(tmp_path):
+    import matplotlib.pyplot as plt
+
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(NanoseekError, match="cannot write there"):
+        save_figure(plt.figure(), image_path(tmp_path / "plain" / "sub/", "attention.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
 
 
 def test_inspect_command_writes_into_a_folder_and_says_where(tmp_path, capsys):

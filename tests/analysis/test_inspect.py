@@ -157,6 +157,13 @@ def test_mask_categories_close_a_compressed_entry_at_its_last_token():
     assert (grid[:, :8] == np.where(np.tri(8, dtype=bool), ALLOWED, LATER)).all()
 
 
+def test_characters_no_font_draws_are_labelled_by_code_point_with_a_hint():
+    from nanoseek.analysis.figures import font_note
+
+    assert visible("\ue000") == "U+E000" and visible("\n") == "\\n"  # a private-use character
+    assert font_note("ROMEO") == "" and "font" in font_note("x\ue000")
+
+
 def test_long_prompts_thin_their_labels():
     assert thinned_ticks(64) == (list(range(64)), 1)
     positions, step = thinned_ticks(200)

@@ -84,16 +84,18 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     fallbacks = installed_fallback_fonts()
-    if fallbacks:
-        default = plt.rcParams["font.sans-serif"][:1] or ["DejaVu Sans"]
-        plt.rcParams["font.sans-serif"] = [*default, *fallbacks]
+    if fallbacks:  # a list of families: matplotlib takes each glyph from the first that has it
+        plt.rcParams["font.family"] = ["sans-serif", *fallbacks]
     return plt
 
 
 @lru_cache(maxsize=1)
 def installed_fallback_fonts() -> tuple[str, ...]:
+    import logging
+
     from matplotlib import font_manager
 
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # a font without a "normal" weight
     names = {f.name for f in font_manager.fontManager.ttflist}
     return tuple(name for name in FALLBACK_FONTS if name in names)
 
@@ -118,6 +120,17 @@ def visible(text: str) -> str:
     """A token as a tick label: spaces and newlines shown, characters no font has as U+XXXX."""
     shown = "".join(VISIBLE.get(c, c) for c in text)
     return "".join(c if c.isascii() or drawable(c) else f"U+{ord(c):04X}" for c in shown) or "∅"
+
+
+def font_note(text: str) -> str:
+    """A hint when some characters of `text` have no installed font (their labels read U+XXXX)."""
+    if all(c.isascii() or drawable(c) for c in text):
+        return ""
+    return (
+        "no installed font draws some of the prompt's characters (labelled U+XXXX); install one that does "
+        "(for Chinese, e.g. Noto Sans CJK or WenQuanYi Zen Hei) and delete matplotlib's font cache "
+        "(~/.cache/matplotlib/fontlist-*.json)"
+    )
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from nanoseek.analysis import plot_attention, plot_fusion
 from nanoseek.analysis.embed import embed
+from nanoseek.analysis.figures import font_note
 from nanoseek.cli.common import Command, add_checkpoint_args, load, reject_extra, split_overrides
 from nanoseek.errors import NanoseekError
 
@@ -64,6 +65,8 @@ def run_inspect(args, extra) -> int:
         out, pic = plot_attention(model, tok, args.prompt, args.layer, args.out, changes)
         if pic.note:
             print(f"note: layer {args.layer} ({pic.kind}): {pic.note}", file=sys.stderr)
+        if font_note(args.prompt):
+            print(f"note: {font_note(args.prompt)}", file=sys.stderr)
         print(json.dumps({"inspect": "attention", "layer": args.layer, "kind": pic.kind, "out": str(out)}))
         return 0
     out, _ = plot_fusion(model, tok, args.prompt, args.out)

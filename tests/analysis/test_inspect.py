@@ -103,7 +103,7 @@ def test_attention_figure_has_token_labels_a_colour_bar_and_a_mask_legend():
         "earlier, left out by the sparse pattern",
         "later (causal mask)",
     ]
-    assert "layer 0 of 2: sliding window" in fig._suptitle.get_text()
+    assert "layer 0 (of 0..1): sliding window" in fig._suptitle.get_text()
     assert "last 4 keys" in fig._suptitle.get_text() and not pic.note
 
 

@@ -194,7 +194,10 @@ def attention_figure(pic: AttentionPicture, n_layers: int, changed: dict | None 
     n_tokens = len(pic.query_labels)
     cell = min(0.2, 8.5 / max(t, k))  # inches per token: the labels' font fits up to 64 tokens
     width = 2 * k * cell + 3.4
-    lines = [f"layer {pic.layer} of {n_layers}: {KIND_NAMES.get(pic.kind, pic.kind)}", f"keys read: {pic.pattern}"]
+    lines = [
+        f"layer {pic.layer} (of 0..{n_layers - 1}): {KIND_NAMES.get(pic.kind, pic.kind)}",
+        f"keys read: {pic.pattern}",
+    ]
     if changed:
         lines.append("drawn as if " + ", ".join(f"{f}={v}" for f, v in changed.items()) + " (same weights)")
     if pic.note:

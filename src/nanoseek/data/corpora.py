@@ -1,7 +1,7 @@
 """The corpora bundled with the package, by name: `--data tang` trains on the Tang poems wherever
 nanoseek is installed. A path that exists always wins over a name.
 
-    >>> corpus_path("shakespeare") == CORPORA["shakespeare"]
+    >>> corpus_path("shakespeare") == str(CORPORA["shakespeare"])
     True
     >>> corpus_path("notes.txt")      # not a name: a path, as given
     'notes.txt'

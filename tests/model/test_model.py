@@ -160,8 +160,9 @@ def test_info_counts_parameters_and_kv_bytes():
     # 4 layers x 12 d^2 + (vocab 128 + 256 positions) x d + norms/biases
     model = make("gpt2-small")
     assert info["params_total"] == sum(p.numel() for p in model.parameters())
-    # active excludes the embedding lookup tables (token + learned positions)
-    assert info["params_active"] == info["params_total"] - (128 + 256) * 128
+    assert info["params_active"] == info["params_total"]  # dense: a token uses every weight
+    # non-embedding excludes the lookup tables (token + learned positions)
+    assert info["params_active_non_embedding"] == info["params_total"] - (128 + 256) * 128
     assert info["kv_cache_bytes_per_token"] == 4 * 2 * 128 * 2
     assert info["flops_per_token"] > 6 * 4 * 12 * 128**2
     gqa = model_info(ModelConfig.from_preset("llama-tiny"))

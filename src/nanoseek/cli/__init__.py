@@ -10,6 +10,7 @@ arguments and calls one library function.
     nanoseek eval CKPT [--data PATH --seq-len N --batch-size B --max-batches M]
     nanoseek info (CKPT | --preset NAME) [--seq-len N]
     nanoseek presets [--json]
+    nanoseek config [RUN | CONFIG.toml] [--preset NAME] [--section.field=VALUE ...] [--json]
     nanoseek convert SRC DST --to {hf,nanoseek} [--dtype float32|bfloat16]
     nanoseek serve CKPT [--host H --port P --api-key KEY ...]
     nanoseek embed CKPT (--text TEXT ... | --file FILE)
@@ -24,10 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
-from nanoseek.cli import analysis, bench, generate, models, serve, train
+from nanoseek.cli import analysis, bench, configs, generate, models, serve, train
 from nanoseek.cli.common import Command, split_argv
-from nanoseek.errors import NanoseekError
+from nanoseek.config.parse import did_you_mean
+from nanoseek.errors import NanoseekError, NanoseekWarning
 
 ORDER = (
     "train",
@@ -35,6 +38,7 @@ ORDER = (
     "eval",
     "info",
     "presets",
+    "config",
     "chat",
     "serve",
     "convert",
@@ -44,7 +48,7 @@ ORDER = (
     "tokenizer",
     "bench",
 )
-_ALL = {c.name: c for module in (train, generate, models, serve, analysis, bench) for c in module.COMMANDS}
+_ALL = {c.name: c for module in (train, generate, models, configs, serve, analysis, bench) for c in module.COMMANDS}
 assert set(_ALL) == set(ORDER), f"ORDER must list every command: {sorted(set(_ALL) ^ set(ORDER))}"
 COMMANDS: dict[str, Command] = {name: _ALL[name] for name in ORDER}
 
@@ -65,12 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_command(argv: list[str]) -> None:
+    """An unknown command is one line with the closest command (argparse would list them all)."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in COMMANDS and argv and argv[0] == first:
+        raise NanoseekError(f"unknown command {first!r}{did_you_mean(first, COMMANDS)}; commands: {', '.join(ORDER)}")
+
+
+def show_note(message, category, filename, lineno, file=None, line=None) -> None:
+    """Notes (`NanoseekWarning`) as one line on stderr; other warnings as Python shows them."""
+    if issubclass(category, NanoseekWarning):
+        print(f"nanoseek: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, overrides = split_argv(list(sys.argv[1:] if argv is None else argv))
-    args, extra = build_parser().parse_known_args(argv)
-    extra += overrides
     try:
-        return args.run(args, extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("once", NanoseekWarning)
+            warnings.showwarning = show_note
+            check_command(argv)
+            args, extra = build_parser().parse_known_args(argv)
+            return args.run(args, extra + overrides)
     except NanoseekError as e:
         print(f"nanoseek: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,8 @@ The engine owns the model and one static KV cache of `max_batch` rows; a backgro
             sample each row with its own options and seeded generator
         a request that finishes (stop string, eos, max_tokens) or is cancelled leaves; the last
             running row moves into its place, so the running rows are always rows 0..n-1
+        a row whose cache is full slides: its most recent context // 2 tokens are prefilled again
+            into its row, and it goes on from there (the rule `sample` and `chat` follow too)
 
 Requests join and leave between decode steps, so a short request never waits for a long one and
 16 concurrent clients share one forward pass per token instead of taking turns. Admission is
@@ -19,8 +21,7 @@ bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_ba
 What it shares with the token loop of `nanoseek.generation` (`TokenLoop`, `TextStream`): each row
 samples with its own `Sampler` (options, seeded generator, unknown ids masked, repetition penalty
 over the row's prompt and output), and its text and finishing rule come from its `Detokenizer`
-(UTF-8 safe, stop strings held back; "stop" at eos or a stop string, "length" at max_tokens or the
-end of the context). What stays here is the scheduling, which `TokenLoop` (one batch of equal
+(UTF-8 safe, stop strings held back; "stop" at eos or a stop string, "length" at max_tokens). What stays here is the scheduling, which `TokenLoop` (one batch of equal
 prompts, one cache of its own) cannot express: rows of different lengths in one cache, joining and
 leaving between steps. Text leaves one `Event` per piece, through the request's `emit` callback
 (the server hands them to its asyncio loop).
@@ -72,11 +73,12 @@ class Sequence:
     generated: int = 0
     last_token: int = -1
     output_ids: list[int] = field(default_factory=list)
+    dropped: int = 0  # tokens slid out of the row's cache (past the context)
 
     @property
     def position(self) -> int:
-        """Position of `last_token`, the token the next decode step feeds."""
-        return len(self.prompt_ids) + self.generated - 1
+        """Position of `last_token` in the row's cache, the token the next decode step feeds."""
+        return len(self.prompt_ids) + self.generated - 1 - self.dropped
 
 
 class Engine:
@@ -191,15 +193,23 @@ class Engine:
                 seq = self.waiting.popleft()
             row = len(self.running)
             self.running.append(seq)  # from here on, a failure reaches this request too
-            room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
-            seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
+            seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=seq.max_tokens)
             seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
-            ids = torch.tensor([seq.prompt_ids], device=self.device)
-            view = [c.rows(row, row + 1) for c in self.cache]
-            logits = prefill(self.model, ids, view)
-            token = self._sample(logits, [seq])[0]
-            if self._accept(seq, token):
+            if self._prefill(seq, row, seq.prompt_ids):
                 self._release([seq])
+
+    def _prefill(self, seq: Sequence, row: int, ids: list[int]) -> bool:
+        """Prefill `ids` into cache row `row`, sample the next token; True when the sequence finished."""
+        view = [c.rows(row, row + 1) for c in self.cache]
+        logits = prefill(self.model, torch.tensor([ids], device=self.device), view)
+        return self._accept(seq, self._sample(logits, [seq])[0])
+
+    def _slide(self, seq: Sequence) -> bool:
+        """The row's cache is full: keep its most recent context // 2 tokens (the newest sampled one
+        last), prefill them into its row again and sample on; True when the sequence finished."""
+        keep = (seq.prompt_ids + seq.output_ids)[-(self.context // 2) :]
+        seq.dropped = len(seq.prompt_ids) + seq.generated - len(keep)
+        return self._prefill(seq, self.running.index(seq), keep)
 
     def _decode(self) -> None:
         n = len(self.running)
@@ -236,7 +246,7 @@ class Engine:
             return True
         if text:
             seq.emit(Event(seq.index, text, None, seq.generated))
-        return False
+        return self._slide(seq) if seq.position >= self.context else False
 
     def _release(self, seqs: list[Sequence]) -> None:
         """Remove finished or cancelled sequences; move the last running rows into the gaps."""

@@ -420,9 +420,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
 
 
 class Reserve:
-    """Seconds a wall-clock budget keeps for after the last step: the final evaluation (as long as the
-    last one took, or estimated from the step time: a forward is about a third of a training step)
-    and the final checkpoint (as long as the last save took)."""
+    """Seconds a wall-clock budget keeps for what is still to come: the next step (so the last one
+    does not overshoot), the final evaluation (as long as the last one took, or estimated from the
+    step time: a forward is about a third of a training step) and the final checkpoint (as long as
+    the last save took)."""
 
     def __init__(self, cfg: TrainConfig):
         self.enabled = bool(cfg.train.max_seconds)
@@ -443,5 +444,6 @@ class Reserve:
     def seconds(self) -> float:
         if not self.enabled:
             return 0.0
-        eval_s = self.eval_s if self.eval_s is not None else (self.step_s or 0.0) * self.eval_steps
-        return eval_s + (self.save_s or 0.0)
+        step_s = self.step_s or 0.0
+        eval_s = self.eval_s if self.eval_s is not None else step_s * self.eval_steps
+        return step_s + eval_s + (self.save_s or 0.0)

@@ -162,6 +162,7 @@ def add_ablate_arguments(ab) -> None:
         "--variant", action="append", help="a preset, or a,b overrides like model.fusion=dwa; NAME:spec to name it"
     )
     ab.add_argument("--preset", help="base preset for every variant")
+    ab.add_argument("--data", nargs="+", help="text files every variant trains on (default: bundled tiny Shakespeare)")
     ab.add_argument("--out", default="runs/ablate", help="folder of the variants' runs and the report")
     add_run_flags(ab)
     add_json_arg(ab, "the table")
@@ -169,6 +170,8 @@ def add_ablate_arguments(ab) -> None:
 
 def run_ablate(args, extra) -> int:
     common = {**split_overrides(extra), **flag_overrides(args)}
+    if args.data:
+        common["data.path"] = args.data
     report = ablate(args.variant or [], common, args.out, preset=args.preset)
     if args.json:
         for row in json.loads((report.parent / "ablation.json").read_text())["variants"]:

@@ -131,7 +131,7 @@ def run_variant(variant: Variant, cfg: TrainConfig, out: Path) -> dict:
     cmd += ["--resume"] if resume else []
     note(f"{variant.name}: {' '.join(cmd[3:])}")
     t0 = time.perf_counter()
-    done = subprocess.run(cmd)
+    done = subprocess.run(cmd, stdout=sys.stderr)  # stdout is the ablation's own result
     if done.returncode != 0:
         raise NanoseekError(
             f"variant {variant.name} failed (exit {done.returncode}); rerun `nanoseek ablate` with the "
@@ -245,21 +245,24 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, subtitle: str = ""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter
+
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>p"  # curves that coincide stay told apart by their markers
     for i, (name, records) in enumerate(curves.items()):
-        color = colors[i % len(colors)]
+        color, marker = colors[i % len(colors)], markers[i % len(markers)]
         train = [(r["tokens"], r["loss"]) for r in records if "loss" in r and "tokens" in r]
         val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r and "tokens" in r]
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.25, linewidth=1)
         if val:
-            ax.plot(*zip(*val), "o-", color=color, label=name, markersize=4, linewidth=2)
+            ax.plot(*zip(*val), f"{marker}-", color=color, label=name, markersize=5, linewidth=2, alpha=0.85)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("validation loss (lines with points); training loss (faint)" + (f"\n{subtitle}" if subtitle else ""))
     ax.grid(alpha=0.3)
-    ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}K"))
     if curves:
         ax.legend(title="variant")
     fig.tight_layout()

@@ -379,7 +379,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                 reserve.eval_took(time.perf_counter() - eval_t0)
                 bar.write(
                     f"step {state.step}: val loss {last_eval['val_loss']:.4f}, "
-                    f"{last_eval['val_bits_per_byte']:.3f} bits/byte"
+                    f"{last_eval['val_bits_per_byte']:.3f} bits/byte",
+                    file=sys.stderr,  # stdout is the command's result (--json: JSON only)
                 )
                 window_t0 = time.perf_counter()  # evaluation time is not training throughput
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not done:
@@ -430,9 +431,12 @@ class Reserve:
         per_step = cfg.train.batch_size * cfg.train.grad_accum
         self.eval_steps = cfg.eval.batches * cfg.eval.batch_size / per_step / 3  # eval cost in training steps
         self.step_s = self.eval_s = self.save_s = None
+        self.steps = 0
 
     def step_took(self, seconds: float):
-        self.step_s = seconds if self.step_s is None else 0.9 * self.step_s + 0.1 * seconds
+        """A moving average of the step time; the first step (allocations, warm-up) only until a second."""
+        self.steps += 1
+        self.step_s = seconds if self.steps <= 2 else 0.9 * self.step_s + 0.1 * seconds
 
     def eval_took(self, seconds: float):
         self.eval_s = seconds

@@ -22,7 +22,7 @@ def runs(monkeypatch):
     """Each variant's `nanoseek train` runs in this process (the same command, without a new interpreter)."""
     calls = []
 
-    def run(cmd, stdout=None):
+    def run(cmd, stdout=None, env=None):
         calls.append(cmd[3:])
         with contextlib.redirect_stdout(stdout):
             return subprocess.CompletedProcess(cmd, cli_main(cmd[3:]))
@@ -80,3 +80,11 @@ def test_ablate_cli_takes_the_shared_flags(tmp_path, runs, capsys):
     assert cli_main(argv) == 0
     (row,) = map(json.loads, capsys.readouterr().out.splitlines())
     assert row["variant"] == "hidden_size=32" and row["budget"] == "max_steps=2" and row["machine"]["threads"] == 1
+
+
+@pytest.mark.slow
+def test_a_variant_trains_in_its_own_process(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 200)
+    report = ablate(["model.hidden_size=32"], common(corpus, 2), tmp_path / "abl", preset="gpt2-tiny")
+    assert "| hidden_size=32 |" in report.read_text()

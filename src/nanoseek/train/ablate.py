@@ -24,6 +24,7 @@ time), OUT/ablation.json the same as data, and OUT/ablation.png the validation-l
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -131,7 +132,7 @@ def run_variant(variant: Variant, cfg: TrainConfig, out: Path) -> dict:
     cmd += ["--resume"] if resume else []
     note(f"{variant.name}: {' '.join(cmd[3:])}")
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, stdout=sys.stderr)  # stdout is the ablation's own result
+    done = subprocess.run(cmd, stdout=sys.stderr, env=same_package_env())  # stdout: the ablation's own result
     if done.returncode != 0:
         raise NanoseekError(
             f"variant {variant.name} failed (exit {done.returncode}); rerun `nanoseek ablate` with the "
@@ -143,6 +144,13 @@ def run_variant(variant: Variant, cfg: TrainConfig, out: Path) -> dict:
     result["machine"] = machine(cfg.train.threads)
     summary_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def same_package_env() -> dict:
+    """The environment of a variant's process: this one's, with this nanoseek first on the path (a
+    checkout run without installing trains its variants with its own code)."""
+    here = str(Path(__file__).resolve().parents[2])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -156,9 +156,9 @@ def test_rope_makes_scores_depend_on_relative_position(interleave):
 
 
 def test_info_counts_parameters_and_kv_bytes():
-    info = model_info(ModelConfig.from_preset("gpt2-small"))
+    info = model_info(ModelConfig.from_preset("gpt2-mini"))
     # 4 layers x 12 d^2 + (vocab 128 + 256 positions) x d + norms/biases
-    model = make("gpt2-small")
+    model = make("gpt2-mini")
     assert info["params_total"] == sum(p.numel() for p in model.parameters())
     assert info["params_active"] == info["params_total"]  # dense: a token uses every weight
     # non-embedding excludes the lookup tables (token + learned positions)
@@ -170,7 +170,7 @@ def test_info_counts_parameters_and_kv_bytes():
 
 
 def test_depth_scaled_init_of_output_projections():
-    model = make("gpt2-small")
+    model = make("gpt2-mini")
     std_out = model.layers[0].self_attn.o_proj.weight.std().item()
     std_in = model.layers[0].self_attn.qkv_proj.weight.std().item()
     assert std_out == pytest.approx(0.02 / math.sqrt(8), rel=0.1)

@@ -38,6 +38,15 @@ def common(corpus, steps: int) -> dict:
     }  # fmt: skip
 
 
+def test_a_variant_overrides_what_all_share():
+    from pathlib import Path
+
+    from nanoseek.train.ablate import resolve
+
+    cfg = resolve(parse_variant("optim.lr=2e-3"), "gpt2-tiny", {"optim.lr": 1e-4, "train.max_steps": 7}, Path("x"))
+    assert cfg.optim.lr == 2e-3 and cfg.train.max_steps == 7 and cfg.eval.points == 10
+
+
 def test_parse_variant():
     dwa = parse_variant("dwa:model.fusion=dwa,optim.lr=2e-3")
     assert (dwa.name, dwa.overrides, dwa.preset) == ("dwa", {"model.fusion": "dwa", "optim.lr": 2e-3}, None)

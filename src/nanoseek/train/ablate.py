@@ -2,7 +2,7 @@
 
 A variant is a preset name (`gpt2-mini`) or comma-separated overrides (`model.fusion=dwa,optim.lr=2e-3`),
 optionally named with `name:` in front (`dwa:model.fusion=dwa`). Each variant's config is resolved
-here (base preset < variant < the overrides common to all) and written to OUT/variants/<name>.json;
+here (base preset < the overrides common to all < the variant's own) and written to OUT/variants/<name>.json;
 the variant then runs as one ordinary `nanoseek train OUT/variants/<name>.json` in its own process (so
 its peak memory is its own), into OUT/<name>/.
 
@@ -79,9 +79,9 @@ def parse_variant(spec: str) -> Variant:
 
 
 def resolve(variant: Variant, preset: str | None, common: dict, run_dir: Path) -> TrainConfig:
-    """The variant's whole config: base preset (or the variant's) < the variant < the common overrides,
-    evaluating at EVAL_POINTS fractions of the budget unless an evaluation cadence is given."""
-    overrides = {**variant.overrides, **common}
+    """The variant's whole config: base preset (or the variant's) < the overrides common to all < the
+    variant's own, evaluating at EVAL_POINTS fractions of the budget unless a cadence is given."""
+    overrides = {**common, **variant.overrides}
     if "eval.every" not in overrides and "eval.points" not in overrides:
         overrides["eval.points"] = EVAL_POINTS
     return build_train_config(None, variant.preset or preset, {**overrides, "out": str(run_dir)})

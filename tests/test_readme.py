@@ -1,9 +1,10 @@
 """Every shell command of README.md runs as pasted, in order, in one fresh folder.
 
-The commands run in this process (`nanoseek.cli.main`; ablate's variants too, which `nanoseek ablate`
-starts as processes of their own: tests/train/test_ablate.py runs that path) with tiny budgets appended (later flags win: fewer steps, short windows, a few new tokens); the ones
-that need minutes, a download, a GPU pair or a server that runs until Ctrl-C are skipped, each
-with its reason in `SKIP`. A README command that matches no rule runs as it is.
+The commands run in this process (`nanoseek.cli.main`; ablate's variants too, which `nanoseek
+ablate` starts as processes of their own: tests/train/test_ablate.py runs that path) with tiny
+budgets appended (later flags win: fewer steps, short windows, a few new tokens); the ones that need
+minutes, a download, a GPU pair or a server that runs until Ctrl-C are skipped, each with its reason
+in `SKIP`. A README command that matches no rule runs as it is.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import tomllib
 
 import pytest
+import tomllib
 import torch
 
 from nanoseek import ModelConfig, Transformer

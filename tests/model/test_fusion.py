@@ -1,7 +1,5 @@
 """Layer fusion: residual, dwa, dynamic, hyper, mhc; Sinkhorn; scalar-mix embeddings; inspect."""
 
-import json
-
 import pytest
 import torch
 

@@ -62,7 +62,7 @@ def test_ablate_reruns_what_changed_and_only_that(tmp_path, runs):
     report = ablate(VARIANTS, common(corpus, 4), out, preset="llama-tiny")
     assert len(runs) == 2
     text = report.read_text()
-    assert "| res | model.fusion=\"residual\" | max_steps=4 | 1337 |" in text
+    assert '| res | model.fusion="residual" | max_steps=4 | 1337 |' in text
     assert "machine:" in text and "threads" in text and "torch" in text
     rows = json.loads((out / "ablation.json").read_text())["variants"]
     assert all(r["steps"] == 4 and r["evaluations"] >= 4 for r in rows)  # a curve, not a dot

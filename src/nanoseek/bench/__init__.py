@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable
 
 from nanoseek.bench.attention import add_attention_args, run_attention
-from nanoseek.bench.report import results_table
 from nanoseek.bench.infer import add_decode_args, add_prefill_args, run_decode, run_prefill
+from nanoseek.bench.report import results_table
 from nanoseek.bench.serve import add_serve_args, run_serve
 from nanoseek.bench.train import add_train_args, run_train
 from nanoseek.config.parse import did_you_mean
@@ -56,7 +56,8 @@ def run_bench(argv: list[str], json_lines: bool = False) -> int:
         return 0
     what, rest = argv[0], argv[1:]
     if what not in BENCHES:
-        raise NanoseekError(f"unknown benchmark {what!r}{did_you_mean(what, BENCHES)}; choose one of: {', '.join(BENCHES)}")
+        hint = did_you_mean(what, BENCHES)
+        raise NanoseekError(f"unknown benchmark {what!r}{hint}; choose one of: {', '.join(BENCHES)}")
     help_, add_args, run = BENCHES[what]
     parser = argparse.ArgumentParser(
         prog=f"nanoseek bench {what}", description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter

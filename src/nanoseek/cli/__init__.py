@@ -28,7 +28,7 @@ import sys
 import warnings
 
 from nanoseek.cli import analysis, bench, configs, generate, models, serve, train
-from nanoseek.cli.common import Command, split_argv
+from nanoseek.cli.common import OVERRIDE, Command, split_argv
 from nanoseek.config.parse import did_you_mean
 from nanoseek.errors import NanoseekError, NanoseekWarning
 
@@ -56,8 +56,9 @@ COMMANDS: dict[str, Command] = {name: _ALL[name] for name in ORDER}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = {}  # name -> its parser, for the options an unknown flag is compared with
     for command in COMMANDS.values():
-        p = sub.add_parser(
+        p = parser.commands[command.name] = sub.add_parser(
             command.name,
             help=command.help,
             description=command.help,
@@ -76,6 +77,17 @@ def check_command(argv: list[str]) -> None:
         raise NanoseekError(f"unknown command {first!r}{did_you_mean(first, COMMANDS)}; commands: {', '.join(ORDER)}")
 
 
+def check_options(command: argparse.ArgumentParser, extra: list[str]) -> None:
+    """An unknown --flag is one line with the command's closest option (bench parses its own)."""
+    if command.add_help is False:
+        return
+    for arg in extra:
+        if arg.startswith("--") and not OVERRIDE.match(arg):
+            flag = arg.split("=", 1)[0]
+            options = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
+            raise NanoseekError(f"unrecognized option {flag!r}{did_you_mean(flag, options)}; see --help")
+
+
 def show_note(message, category, filename, lineno, file=None, line=None) -> None:
     """Notes (`NanoseekWarning`) as one line on stderr; other warnings as Python shows them."""
     if issubclass(category, NanoseekWarning):
@@ -91,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("once", NanoseekWarning)
             warnings.showwarning = show_note
             check_command(argv)
-            args, extra = build_parser().parse_known_args(argv)
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            check_options(parser.commands[args.command], extra)
             return args.run(args, extra + overrides)
     except NanoseekError as e:
         print(f"nanoseek: error: {e}", file=sys.stderr)

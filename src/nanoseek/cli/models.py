@@ -88,11 +88,13 @@ def info_lines(source: str, config: ModelConfig, info: dict) -> str:
     )
     rows = [("model", source), ("parameters", params)]
     if info["params_mtp"]:
-        rows.append(("MTP modules", f"{human_count(info['params_mtp'])} more ({human_count(info['params_mtp_active'])} active)"))
+        mtp, mtp_active = human_count(info["params_mtp"]), human_count(info["params_mtp_active"])
+        rows.append(("MTP modules", f"{mtp} more ({mtp_active} active)"))
+    flops = human_count(info["flops_per_token"])
     rows += [
         ("architecture", describe_kinds(config)),
         ("context", f"{config.max_position_embeddings:,} tokens, vocabulary {config.vocab_size:,}"),
-        ("FLOPs per token", f"{human_count(info['flops_per_token'])} (training, at {info['flops_seq_len']:,} positions)"),
+        ("FLOPs per token", f"{flops} (training, at {info['flops_seq_len']:,} positions)"),
         ("KV cache", f"{info['kv_cache_bytes_per_token']:,} bytes per token ({info['kv_cache_dtype']})"),
     ]  # fmt: skip
     return aligned(rows) + "\n(--json: these figures and the whole config)"

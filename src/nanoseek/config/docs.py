@@ -5,6 +5,7 @@ field is explained; `field_docs` reads them (with `ast` for the fields and `toke
 comments) and `describe` lays a whole config out section by section, each field with its value and
 meaning, for `nanoseek config`. A test checks that every field has one.
 
+    >>> from nanoseek.config import ModelConfig
     >>> field_docs(ModelConfig)["hidden_size"]
     'width d of the residual stream'
 """
@@ -19,7 +20,6 @@ import io
 import textwrap
 import tokenize
 
-from nanoseek.config.model import ModelConfig
 from nanoseek.config.train import TrainConfig
 
 

@@ -162,8 +162,9 @@ class Chat:
             raise MessageTooLong("message too long for the model's context")
         self.messages = messages
         options = dict(self.options)
+        seed = options.pop("seed", None)
         stream = stream_past_context(
-            self.model, self.tokenizer, prompt, self.max_new_tokens, options.pop("seed", None), stop=self.stops, **options
+            self.model, self.tokenizer, prompt, self.max_new_tokens, seed, stop=self.stops, **options
         )
         pieces = []
         for piece in stream:

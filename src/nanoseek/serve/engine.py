@@ -21,9 +21,10 @@ bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_ba
 What it shares with the token loop of `nanoseek.generation` (`TokenLoop`, `TextStream`): each row
 samples with its own `Sampler` (options, seeded generator, unknown ids masked, repetition penalty
 over the row's prompt and output), and its text and finishing rule come from its `Detokenizer`
-(UTF-8 safe, stop strings held back; "stop" at eos or a stop string, "length" at max_tokens). What stays here is the scheduling, which `TokenLoop` (one batch of equal
-prompts, one cache of its own) cannot express: rows of different lengths in one cache, joining and
-leaving between steps. Text leaves one `Event` per piece, through the request's `emit` callback
+(UTF-8 safe, stop strings held back; "stop" at eos or a stop string, "length" at max_tokens). What
+stays here is the scheduling, which `TokenLoop` (one batch of equal prompts, one cache of its own)
+cannot express: rows of different lengths in one cache, joining and leaving between steps. Text
+leaves one `Event` per piece, through the request's `emit` callback
 (the server hands them to its asyncio loop).
 """
 

@@ -252,7 +252,6 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, subtitle: str = ""):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -2,16 +2,16 @@
 
 A variant is a preset name (`gpt2-mini`) or comma-separated overrides (`model.fusion=dwa,optim.lr=2e-3`),
 optionally named with `name:` in front (`dwa:model.fusion=dwa`). Each variant's config is resolved
-here (base preset < the overrides common to all < the variant's own) and written to OUT/variants/<name>.json;
-the variant then runs as one ordinary `nanoseek train OUT/variants/<name>.json` in its own process (so
-its peak memory is its own), into OUT/<name>/.
+here (base preset < the overrides common to all < the variant's own) and written to
+OUT/variants/<name>.json; the variant then runs as one ordinary `nanoseek train
+OUT/variants/<name>.json` in its own process (so its peak memory is its own), into OUT/<name>/.
 
 That resolved config is the variant's key. On a second call, a variant whose key is unchanged and
 whose run finished is skipped; one with a checkpoint but no summary is resumed (an interrupted
-ablation continues where it stopped); one whose key changed (a new budget, lr, seed, ...) is trained
-again from scratch, its old run folder removed. Without an explicit `eval.every`, each variant
-evaluates at `EVAL_POINTS` evenly spaced fractions of its budget (`eval.points`), so every curve has
-points whatever the budget.
+ablation continues where it stopped); one whose key changed (a new budget, lr, seed, ...) is
+trained again from scratch (`nanoseek train --overwrite`: its old run's files go). Without an
+explicit `eval.every`, each variant evaluates at `EVAL_POINTS` evenly spaced fractions of its
+budget (`eval.points`), so every curve has points whatever the budget.
 
 At the end OUT/ablation.md holds what was compared (each variant's overrides, budget and seed, the
 machine) and the table (final and best validation loss, tokens/s, parameters, peak memory, wall
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from nanoseek.config import TrainConfig, build_train_config, parse_value
 from nanoseek.config.presets import ALIASES, PRESETS
 from nanoseek.device import machine
 from nanoseek.errors import NanoseekError
+from nanoseek.train.run_folder import finished_summary
 
 EVAL_POINTS = 10  # evaluations per variant when eval.every is not given
 BUDGETS = ("max_steps", "max_tokens", "max_seconds")
@@ -104,11 +104,6 @@ def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def finished(run_dir: Path) -> bool:
-    summary = run_dir / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("stopped_by") != "interrupt"
-
-
 def note(text: str) -> None:
     print(f"[ablate] {text}", file=sys.stderr, flush=True)
 
@@ -118,18 +113,18 @@ def run_variant(variant: Variant, cfg: TrainConfig, out: Path) -> dict:
     run_dir, key_file = Path(cfg.out), out / "variants" / f"{variant.name}.json"
     key = config_key(cfg)
     old = json.loads(key_file.read_text()) if key_file.is_file() else None
-    if run_dir.exists() and old == key and finished(run_dir):
+    done_before = finished_summary(run_dir) if old == key else None
+    if done_before is not None:
         note(f"{variant.name}: finished with this config; skipped")
-        return json.loads((run_dir / "summary.json").read_text())
-    resume = run_dir.exists() and old == key and (run_dir / "LATEST").is_file()
-    if run_dir.exists() and not resume:  # an older config, or a start that left no checkpoint
+        return done_before
+    resume = old == key and (run_dir / "LATEST").is_file()
+    if not resume and (run_dir / "train_config.json").is_file():  # an older config, or a start without checkpoint
         why = "; ".join(changed_fields(old, key)[:4]) if old else "its config is unknown"
         note(f"{variant.name}: config changed ({why}); training it again from scratch")
-        shutil.rmtree(run_dir)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_text(json.dumps(key, indent=2))  # the config file the run trains with
     cmd = [sys.executable, "-m", "nanoseek", "train", str(key_file), "--out", str(run_dir)]
-    cmd += ["--resume"] if resume else []
+    cmd.append("--resume" if resume else "--overwrite")  # --overwrite: the old run's files go, others stay
     note(f"{variant.name}: {' '.join(cmd[3:])}")
     t0 = time.perf_counter()
     done = subprocess.run(cmd, stdout=sys.stderr, env=same_package_env())  # stdout: the ablation's own result

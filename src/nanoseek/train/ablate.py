@@ -36,10 +36,10 @@ from nanoseek.config import TrainConfig, build_train_config, parse_value
 from nanoseek.config.presets import ALIASES, PRESETS
 from nanoseek.device import machine
 from nanoseek.errors import NanoseekError
-from nanoseek.train.run_folder import finished_summary
+from nanoseek.train.run_folder import BUDGETS, finished_summary
 
 EVAL_POINTS = 10  # evaluations per variant when eval.every is not given
-BUDGETS = ("max_steps", "max_tokens", "max_seconds")
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
 
 

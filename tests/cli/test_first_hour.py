@@ -93,7 +93,7 @@ def test_a_vocab_size_that_would_be_ignored_is_an_error(capsys, tmp_path):
 
 def test_train_flags_are_the_overrides_they_name(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr("nanoseek.cli.train.train", lambda cfg, resume: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr("nanoseek.cli.train.train", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
     argv = ["train", "--preset", "gpt2-tiny", "--out", str(tmp_path), "--max-seconds", "45", "--max-tokens", "9"]
     argv += ["--threads", "1", "--device", "cpu", "--dtype", "bfloat16", "--compile", "--json"]
     assert main(argv) == 0

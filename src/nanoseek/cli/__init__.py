@@ -1,8 +1,8 @@
 """The `nanoseek` command: a table of verbs, each a `Command` of one module here that parses its
 arguments and calls one library function.
 
-    nanoseek train [CONFIG.toml] [--preset NAME] [--data PATH ...] [--out DIR] [--max-steps N]
-                   [--resume] [--nproc N] [--section.field=VALUE ...]
+    nanoseek train [CONFIG.toml] [--preset NAME] [--data PATH ...] [--out DIR] [--resume | --overwrite]
+                   [--max-steps N --max-tokens N --max-seconds S] [--nproc N] [--section.field=VALUE ...]
     nanoseek ablate --variant [NAME:]SPEC ... [--preset NAME] [--out DIR] [--section.field=VALUE ...]
     nanoseek tokenizer train FILE... [--vocab-size N] [--kind bpe|char] [--out FILE]
     nanoseek sample CKPT [--prompt TEXT --max-new-tokens N --temperature T --top-k K --top-p P --seed S ...]
@@ -17,7 +17,10 @@ arguments and calls one library function.
     nanoseek inspect {fusion,attention} CKPT --prompt TEXT [--layer L --out PNG]
     nanoseek bench WHAT ...
 
-Bad input (NanoseekError) prints one line on stderr and exits with status 2.
+Shared options are spelled the same everywhere (--threads, --device, --compile, --json; train and
+ablate also --dtype and the budgets). Output is for people; --json prints JSON lines for programs.
+Bad input (NanoseekError) prints one line on stderr and exits with status 2; an unknown command or
+option names the closest one; a note (NanoseekWarning, e.g. an old preset name) is one line.
 """
 
 from __future__ import annotations

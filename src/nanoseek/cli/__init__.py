@@ -56,6 +56,17 @@ assert set(_ALL) == set(ORDER), f"ORDER must list every command: {sorted(set(_AL
 COMMANDS: dict[str, Command] = {name: _ALL[name] for name in ORDER}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help already says it or there is none to show
+    (an unset option, an off switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=command.help,
             description=command.help,
             add_help=command.add_help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         command.add_arguments(p)
         p.set_defaults(run=command.run)

@@ -36,13 +36,15 @@ RUN_FLAGS = {
 
 def add_run_flags(t) -> None:
     """The options `train` and `ablate` share with the other commands, each = a --train.FIELD override."""
-    t.add_argument("--max-steps", type=int, help="stop after N optimizer steps (= --train.max_steps; 0 = no limit)")
-    t.add_argument("--max-tokens", type=int, help="stop after N training tokens (= --train.max_tokens)")
+    t.add_argument(
+        "--max-steps", type=int, help="stop after N optimizer steps (= --train.max_steps; default: the preset's)"
+    )
+    t.add_argument("--max-tokens", type=int, help="stop after N training tokens (= --train.max_tokens; 0 = no limit)")
     t.add_argument(
         "--max-seconds",
         type=float,
         help="wall-clock budget of the whole command: tokenizer, tokenizing, training, evaluations and the "
-        "final evaluation (= --train.max_seconds)",
+        "final checkpoint and evaluation (= --train.max_seconds; default: the preset's)",
     )
     t.add_argument("--threads", type=int, help=THREADS_HELP + " (= --train.threads)")
     t.add_argument("--device", help=f"{DEVICE_CHOICES} (= --train.device; default auto: a CUDA GPU if torch sees one)")

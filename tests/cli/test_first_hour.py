@@ -150,3 +150,15 @@ def test_eval_and_tokenizer_speak_to_people_and_to_programs(tiny_checkpoint, tmp
     out_file = tmp_path / "tok.json"
     assert main(["tokenizer", "train", "--kind", "char", "--out", str(out_file), str(corpus)]) == 0
     assert f"--data.tokenizer={out_file}" in capsys.readouterr().out
+
+
+def test_a_finished_run_reads_as_a_few_aligned_lines():
+    from nanoseek.cli.train import summary_lines
+
+    summary = {"step": 2000, "tokens": 4096000, "elapsed_s": 139.6, "stopped_by": "max_seconds",
+               "checkpoint": "runs/default/checkpoints/step-0002000", "val_loss": 1.4962,
+               "val_perplexity": 4.46, "val_bits_per_byte": 2.159}  # fmt: skip
+    lines = summary_lines(summary, "runs/default").splitlines()
+    assert lines[0] == "stopped     after 2,000 steps, 4,096,000 tokens, 140 s (max_seconds)"
+    assert lines[1].startswith("validation  loss 1.4962, perplexity 4.46")
+    assert all(line[10:12] == "  " and line[12] != " " for line in lines)  # the values in one column

@@ -1,10 +1,16 @@
-"""The one exception type for bad user input, and the argument parser that raises it."""
+"""The one exception type for bad user input, the one warning type for notes to the user, and the
+argument parser whose mistakes are that exception."""
 
 import argparse
 
 
 class NanoseekError(ValueError):
     """Bad user input; the CLI prints it as one line and exits with status 2."""
+
+
+class NanoseekWarning(UserWarning):
+    """A note for the user (an old preset name, a setting that has no effect); the CLI prints it as
+    one line on stderr, Python shows it as a warning."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

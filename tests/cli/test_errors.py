@@ -6,35 +6,21 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pathlib
 import threading
 
 import pytest
-import torch
 
 import nanoseek.data.tokenizer as tokenizer_module
 from nanoseek.cli import main
 from nanoseek.config import ModelConfig
-from nanoseek.data.tokenizer import CharTokenizer, run_interruptibly
-from nanoseek.io import save_model
+from nanoseek.data.tokenizer import run_interruptibly
 from nanoseek.io.hf import config_to_hf
-from nanoseek.model import Transformer
 
 
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1, err
     return err
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> pathlib.Path:
-    folder = tmp_path_factory.mktemp("ckpt")
-    tok = CharTokenizer.train(["hello world\n" * 10])
-    torch.manual_seed(0)
-    save_model(Transformer(ModelConfig.from_preset("gpt2-tiny", vocab_size=tok.vocab_size)), folder)
-    tok.save(folder / "tokenizer.json")
-    return folder
 
 
 def test_an_argparse_mistake_is_one_line_and_exit_2(capsys):
@@ -46,7 +32,7 @@ def test_an_argparse_mistake_is_one_line_and_exit_2(capsys):
 
 def test_info_reads_a_huge_config_without_its_weights(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(ModelConfig.from_preset("deepseek-v3"))))
-    assert main(["info", str(tmp_path)]) == 0  # a 671B-parameter model: only its config.json is there
+    assert main(["info", str(tmp_path), "--json"]) == 0  # a 671B-parameter model: only its config.json is there
     assert json.loads(capsys.readouterr().out)["params_total"] > 6e11
 
 
@@ -72,14 +58,6 @@ def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, monkeypa
     assert main(["train", "--preset", "gpt2-tiny", "--out", str(tmp_path / "run")]) == 2
     assert "Read-only file system" in one_line_error(capsys)
     assert not (tmp_path / "run").exists()
-
-
-def test_inspect_out_a_folder_draws_inside_it(checkpoint, tmp_path, capsys):
-    folder = tmp_path / "pictures"
-    argv = ["inspect", "attention", str(checkpoint), "--prompt", "hello", "--out", str(folder)]
-    assert main(argv) == 0
-    assert (folder / "attention.png").is_file() and not (tmp_path / "pictures.png").exists()
-    assert json.loads(capsys.readouterr().out)["out"] == str(folder / "attention.png")
 
 
 def test_ctrl_c_reaches_the_caller_while_the_work_runs_on():

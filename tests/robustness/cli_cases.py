@@ -272,6 +272,17 @@ PRESETS = [
     ("presets extra", "extra"),
 ]
 
+CONFIG = [
+    ("config nosuch", "nosuch"),
+    ("config files/list.json", "list.json"),
+    ("config files/nonutf8.toml", "nonutf8.toml"),
+    ("config files/deep.json", "deep.json"),
+    ("config --optim.lr=NaN", "optim.lr"),
+    ("config --model.head_dim=abc", "head_dim"),
+    ("config --preset nosuch", "nosuch"),
+    ("config --preset gpt2-tiny --train.seed=1e23", "train.seed"),
+]
+
 CONVERT = [
     ("convert ckpt out --to onnx", "--to"),
     ("convert ckpt", "dst"),
@@ -282,7 +293,7 @@ CONVERT = [
     ("convert ckpt file.txt/sub --to nanoseek", "file.txt"),
     ("convert ckpt hf --to hf", "hf"),
     ("convert ckpt out --to hf --dtype int8", "--dtype"),
-    ("convert ckpt out --to hf", "cannot save in HF format"),
+    ("convert ckpt ckpt --to nanoseek", "ckpt"),
     ("convert st_i32 out --to nanoseek", "int32"),
     ("convert idx_passwd out --to nanoseek", "/etc/passwd"),
 ]
@@ -350,5 +361,5 @@ TOP = [
 ]
 
 CASES: list[tuple[str, str]] = (
-    TRAIN + ABLATE + SAMPLE + CHAT + EVAL + INFO + PRESETS + CONVERT + INSPECT + EMBED + TOKENIZER + BENCH + SERVE + TOP
+    TRAIN + ABLATE + SAMPLE + CHAT + EVAL + INFO + PRESETS + CONFIG + CONVERT + INSPECT + EMBED + TOKENIZER + BENCH + SERVE + TOP
 )

@@ -81,6 +81,8 @@ MODEL = {
     "attention_dropout": PROBABILITY,
     "hidden_dropout": PROBABILITY,
     "rope_theta": POSITIVE_REAL,
+    "relative_attention_num_buckets": POSITIVE,
+    "relative_attention_max_distance": POSITIVE,
     "q_lora_rank": POSITIVE,
     "kv_lora_rank": POSITIVE,
     "qk_nope_head_dim": COUNT,
@@ -122,6 +124,8 @@ MODEL = {
 # rope_scaling is a free-form table (HF's); the keys nanoseek reads, and their ranges
 ROPE_SCALING = {
     "factor": Range(1),
+    "low_freq_factor": POSITIVE_REAL,
+    "high_freq_factor": POSITIVE_REAL,
     "original_max_position_embeddings": POSITIVE,
     "beta_fast": POSITIVE_REAL,
     "beta_slow": POSITIVE_REAL,
@@ -148,6 +152,18 @@ SECTIONS = {
         "decay_fraction": FRACTION,
         "milestones": FRACTION,  # each of them
         "gamma": POSITIVE_REAL,
+        "plateau_factor": Range(0, 1, low_open=True),
+        "plateau_patience": COUNT,
+        "plateau_cooldown": COUNT,
+        "plateau_threshold": NON_NEGATIVE,
+        "plateau_min_ratio": FRACTION,
+        "spike_repeat_window": COUNT,
+        "spike_k": POSITIVE_REAL,
+        "spike_ema": PROBABILITY,
+        "spike_min_steps": COUNT,
+        "spike_lr_factor": Range(0, 1, low_open=True),
+        "spike_recover_steps": POSITIVE,
+        "spike_snapshot_every": POSITIVE,
     },
     "train": {
         "batch_size": POSITIVE,
@@ -161,7 +177,7 @@ SECTIONS = {
     },
     "checkpoint": {"every": COUNT, "keep_last": POSITIVE},
     "log": {"every": POSITIVE},
-    "eval": {"every": COUNT, "batches": POSITIVE, "batch_size": POSITIVE},
+    "eval": {"every": COUNT, "points": COUNT, "batches": POSITIVE, "batch_size": POSITIVE},
     "dist": {},
 }
 

@@ -41,7 +41,7 @@ from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import make_norm
-from nanoseek.model.position import ADDITIVE_POSITIONS, RotaryEmbedding
+from nanoseek.model.position import ADDITIVE_POSITIONS, DISTANCE_BIASES, DistanceBias, RotaryEmbedding
 from nanoseek.model.side_outputs import SideOutputs
 
 # checkpoint format -> writer(model, directory, tokenizer_dir), installed by nanoseek.io
@@ -158,6 +158,9 @@ class Transformer(nn.Module):
         self.pos_embed = ADDITIVE_POSITIONS[config.position](config) if config.position in ADDITIVE_POSITIONS else None
         # V4 attention rotates with its own tables (two bases, positions up to 1M): no shared table
         self.rotary = RotaryEmbedding(config) if config.position == "rope" and config.attention != "v4" else None
+        # ALiBi / T5 bias: one module for all layers (T5 shares its table across layers), passed where
+        # the rotary tables would go
+        self.position_bias = DISTANCE_BIASES[config.position](config) if config.position in DISTANCE_BIASES else None
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         n_layers = config.num_hidden_layers
         streams = config.fusion in STREAM_FUSIONS
@@ -213,6 +216,9 @@ class Transformer(nn.Module):
         return self.embed_dropout(h)
 
     def rope(self, start: int | torch.Tensor, length: int, device):
+        """What the attention layers get for positions: RoPE's (cos, sin), a `DistanceBias`, or None."""
+        if self.position_bias is not None:
+            return self.position_bias
         if self.rotary is None:
             return None
         return self.rotary(positions(start, length, device))
@@ -373,7 +379,7 @@ class Transformer(nn.Module):
                 break
             # targets[:, i] = t_{i+1}, so t_{i+k} = targets[:, i+k-1] and t_{i+1+k} = targets[:, i+k]
             emb_next = self.embed_tokens(targets[:, k - 1 : k - 1 + t].clamp(min=0)) * self.embed_scale
-            rope_k = None if rope is None else (rope[0][:t], rope[1][:t])
+            rope_k = rope if rope is None or isinstance(rope, DistanceBias) else (rope[0][:t], rope[1][:t])
             h, normed = module(h[:, :t], emb_next, rope_k, side=side)
             total = total + self.head_loss(normed, targets[:, k : k + t])
         return self.config.mtp_loss_weight / depth * total
@@ -430,13 +436,14 @@ class Transformer(nn.Module):
         device = device or param.device
         return [layer.self_attn.make_cache(batch, max_len, dtype, device) for layer in self.layers]
 
-    def save_pretrained(self, directory, format: str = "nanoseek", tokenizer_dir=None):
-        """Write a checkpoint folder: format="nanoseek" (native) or "hf" (transformers-loadable).
+    def save_pretrained(self, directory, format: str = "nanoseek", tokenizer_dir=None, **options):
+        """Write a checkpoint folder: format="nanoseek" (native) or "hf" (transformers-loadable; option
+        `drop_mtp=True` leaves the MTP layers out).
 
         A convenience over `nanoseek.io.save_model`, whose import installs the writers."""
         if format not in CHECKPOINT_WRITERS:
             raise ValueError(f"format={format!r}; choose 'nanoseek' or 'hf' (import nanoseek.io)")
-        return CHECKPOINT_WRITERS[format](self, directory, tokenizer_dir)
+        return CHECKPOINT_WRITERS[format](self, directory, tokenizer_dir, **options)
 
     # ------------------------------------------------------------------ estimators
     def num_params(self) -> dict:
@@ -465,9 +472,10 @@ def _inactive(module: nn.Module) -> int:
 def count_params(model: Transformer) -> dict:
     """Parameters of the main model (MTP modules counted apart, as DeepSeek publishes them).
 
-    `active` = what one token uses, DeepSeek's way: routed experts it is not sent to excluded, and the
-    input embedding table excluded (a lookup, not compute); `active_with_embeddings` adds it back.
-    `matmul_active` is `active` plus a tied head (for FLOPs).
+    `active` = the parameters one token uses: all of them but the routed experts it is not sent to
+    (a dense model: `total`). `active_non_embedding` also leaves out the input embedding tables (a
+    lookup, not compute), as DeepSeek counts its "37B activated". `matmul_active` is
+    `active_non_embedding` plus a tied head (the weights of the token's matmuls, for FLOPs).
     """
     mtp = _unique_numel(model.mtp.parameters())
     total = _unique_numel(model.parameters()) - mtp
@@ -478,8 +486,8 @@ def count_params(model: Transformer) -> dict:
     head = model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
     return {
         "total": total,
-        "active": used - lookup,
-        "active_with_embeddings": used,
+        "active": used,
+        "active_non_embedding": used - lookup,
         "matmul_active": used - lookup + head,
         "mtp": mtp,
         "mtp_active": mtp - _inactive(model.mtp),
@@ -541,7 +549,7 @@ def model_info(config: ModelConfig, seq_len: int | None = None) -> dict:
     return {
         "params_total": params["total"],
         "params_active": params["active"],
-        "params_active_with_embeddings": params["active_with_embeddings"],
+        "params_active_non_embedding": params["active_non_embedding"],
         "params_mtp": params["mtp"],
         "params_mtp_active": params["mtp_active"],
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config),

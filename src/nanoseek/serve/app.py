@@ -1,17 +1,24 @@
 """The OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI + uvicorn).
 
 Routes: GET /health (no key), GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
-POST /v1/embeddings, GET / (the chat page). Streaming answers are server-sent events in OpenAI's
-chunk format ending with `data: [DONE]`. Text reaches the client only in whole UTF-8 characters
-(the engine's Detokenizer), so a multi-byte character is never split across chunks.
+POST /v1/embeddings, POST /tokenize, POST /detokenize, GET /tokenizer_info (tokenization.py),
+GET /metrics (metrics.py), GET / (the chat page). Streaming answers are server-sent events in OpenAI's
+chunk format ending with `data: [DONE]`. Completions take `echo` and `logprobs`, chat `logprobs` and
+`top_logprobs` (logprobs.py); both take `response_format` JSON (structured.py). Text reaches the
+client only in whole UTF-8 characters (the engine's Detokenizer), so a multi-byte character is never
+split across chunks.
 
 Guarantees:
 - every error the client can cause is a 4xx with {"error": {"message", "type", "param", "code"}};
 - with an API key, every route but /health needs `Authorization: Bearer KEY` (or HTTP Basic with
   KEY as the password, so a browser can open the chat page); keys are compared in constant time;
 - bodies above `max_body_bytes` are refused (413) before they are read;
-- the engine refuses work beyond max_batch + max_queue sequences: 429, never an unbounded queue;
-- a client that goes away has its sequences cancelled and their cache rows freed.
+- the engine refuses work beyond max_batch + max_queue sequences (an embeddings request counts as
+  one): 429, never an unbounded queue;
+- a client that goes away has its sequences cancelled and their cache rows freed;
+- a request that fails in the engine ends alone (engine.py); a chat template renders off the event
+  loop with a time budget and fails as a 422 (templates.py); embeddings take turns with decode steps
+  (embeddings.py); unparsable HTTP is answered in the same JSON shape (transport.py).
 """
 
 from __future__ import annotations
@@ -21,21 +28,28 @@ import base64
 import hmac
 import json
 import logging
+import os
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.errors import NanoseekError
-from nanoseek.generation.chat import load_chat_template, render_chat
 from nanoseek.generation.sampling import SamplingOptions
+from nanoseek.serve.embeddings import check_inputs, embed_in_turns
 from nanoseek.serve.engine import Engine, QueueFull, Sequence
+from nanoseek.serve.logprobs import TextOffsets, TokenStrings, chat_logprobs, completion_logprobs
+from nanoseek.serve.metrics import CONTENT_TYPE, ServerMetrics
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
+from nanoseek.serve.structured import StructuredOutput, json_schema_of
+from nanoseek.serve.templates import ServedTemplate
+from nanoseek.serve.tokenization import install_tokenizer_routes
 
 log = logging.getLogger("nanoseek.serve")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -55,12 +69,14 @@ class Guard:
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.key = os.fsencode(api_key) if api_key else b""  # the bytes a client sends: UTF-8 (as given on argv)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health" and not self.authorized(headers.get("authorization", "")):
+        raw_authorization = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
+        if self.api_key and scope["path"] != "/health" and not self.authorized(raw_authorization):
             err = APIError(
                 401, "missing or incorrect API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key"
             )
@@ -76,16 +92,18 @@ class Guard:
             return await error_response(err)(scope, receive, send)
         await self.app(scope, self.limited(receive), send)
 
-    def authorized(self, header: str) -> bool:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "basic":
+    def authorized(self, header: bytes) -> bool:
+        """Whether the Authorization header carries the key, compared as bytes in constant time (a
+        non-ASCII key travels as its UTF-8 bytes, which a latin-1 or ASCII round trip would change)."""
+        scheme, _, value = header.strip().partition(b" ")
+        if scheme.lower() == b"basic":
             try:
-                value = base64.b64decode(value, validate=True).decode().partition(":")[2]
-            except (ValueError, UnicodeDecodeError):
+                value = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except ValueError:
                 return False
-        elif scheme.lower() != "bearer":
+        elif scheme.lower() != b"bearer":
             return False
-        return hmac.compare_digest(value.strip().encode(), self.api_key.encode())
+        return hmac.compare_digest(value.strip(), self.key)
 
     def limited(self, receive):
         seen = 0
@@ -94,10 +112,8 @@ class Guard:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise APIError(
-                    413, f"request body is over the limit of {self.max_body} bytes", None, "request_too_large"
-                )
+            if seen > self.max_body:  # an HTTPException, which FastAPI's body parsing passes on as it is
+                raise HTTPException(413, f"request body is over the limit of {self.max_body} bytes")
             return message
 
         return receive_limited
@@ -113,8 +129,27 @@ class Service:
         self.model, self.tokenizer, self.name, self.engine = model, tokenizer, model_name, engine
         self.context = model.config.max_position_embeddings
         self.max_tokens_limit = max_tokens_limit
-        self.template = load_chat_template(folder)  # the checkpoint folder's tokenizer_config.json, if any
+        self.chat_template = ServedTemplate(folder)  # the checkpoint folder's tokenizer_config.json, if any
+        self.template = self.chat_template.info
         self.created = int(time.time())
+        self.strings = TokenStrings(tokenizer)
+        self.structured: StructuredOutput | None = None  # built at the first response_format request
+        self.structured_lock = threading.Lock()
+
+    async def grammar(self, response_format):
+        """A factory of per-choice constraints for `response_format`, or None (plain text)."""
+        schema = json_schema_of(response_format) if response_format is not None else None
+        if schema is None:
+            return None
+
+        def compile_schema():
+            with self.structured_lock:
+                if self.structured is None:
+                    self.structured = StructuredOutput(self.tokenizer, self.model.config.vocab_size)
+            return self.structured.compile(schema)
+
+        compiled = await asyncio.to_thread(compile_schema)
+        return lambda: self.structured.constraint(compiled)
 
     def check_model(self, name: str) -> None:
         if name != self.name:
@@ -140,6 +175,8 @@ class Service:
         return ids
 
     def max_tokens(self, asked: int | None, prompts: list[list[int]], default: int | None) -> int:
+        """The tokens a request generates: what it asks, up to the server's limit. Past the context
+        generation slides (the engine keeps the recent half); unasked, it stops where the context ends."""
         if not prompts:
             raise APIError(400, "prompt is an empty list; give at least one prompt", "prompt")
         room = self.context - max(len(p) for p in prompts)
@@ -149,23 +186,21 @@ class Service:
             raise APIError(
                 400, f"max_tokens={asked} is over this server's limit of {self.max_tokens_limit}", "max_tokens"
             )
-        if asked > room:
-            raise APIError(
-                400,
-                f"max_tokens={asked} does not fit: the prompt leaves {room} of the {self.context}-token context",
-                "max_tokens",
-                "context_length_exceeded",
-            )
         return asked
 
-    def sequences(self, body, prompts: list[list[int]], max_tokens: int, stops: list[str], emit) -> list[Sequence]:
+    def sequences(
+        self, body, prompts: list[list[int]], max_tokens: int, stops: list[str], emit, logprobs, echo, grammar
+    ) -> list[Sequence]:
         seqs = []
         for p, ids in enumerate(prompts):
             for j in range(body.n):
                 index = p * body.n + j
                 seed = None if body.seed is None else body.seed + index
                 opts = SamplingOptions(temperature=body.temperature, top_p=body.top_p, seed=seed)
-                seqs.append(Sequence(ids, max_tokens, opts, emit, stops, index))
+                seq = Sequence(ids, max_tokens, opts, emit, stops, index, logprobs=logprobs)
+                seq.echo_logprobs = echo and logprobs is not None
+                seq.constraint = grammar() if grammar else None
+                seqs.append(seq)
         return seqs
 
 
@@ -206,10 +241,17 @@ def sse(obj) -> str:
 class Run:
     """One request's sequences in the engine, answered as one JSON body or as a stream."""
 
-    def __init__(self, service: Service, request: Request, body, prompts, max_tokens, stops, chat: bool):
+    def __init__(self, service: Service, request: Request, body, prompts, max_tokens, stops, chat: bool, grammar=None):
         self.service, self.request, self.body, self.chat = service, request, body, chat
         self.queue, emit = make_emitter()
-        self.seqs = service.sequences(body, prompts, max_tokens, stops, emit)
+        if chat:  # chat: logprobs true/false and top_logprobs N; completions: logprobs N (or null)
+            self.logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            self.echo = False
+        else:
+            self.logprobs, self.echo = body.logprobs, body.echo
+        self.seqs = service.sequences(body, prompts, max_tokens, stops, emit, self.logprobs, self.echo, grammar)
+        self.echoed = [service.tokenizer.decode(s.prompt_ids) if self.echo else "" for s in self.seqs]
+        self.offsets = [TextOffsets(service.tokenizer) for _ in self.seqs]
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.id = completion_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
@@ -226,14 +268,21 @@ class Run:
             "total_tokens": self.prompt_tokens + completion_tokens,
         }
 
-    def choice(self, index: int, text: str, finish_reason, delta: bool) -> dict:
+    def choice(self, index: int, text: str, finish_reason, delta: bool, entries=None) -> dict:
+        logprobs = None
+        if self.logprobs is not None and entries is not None:
+            strings = self.service.strings
+            if self.chat:
+                logprobs = chat_logprobs(entries, strings, self.logprobs)
+            else:
+                logprobs = completion_logprobs(entries, strings, self.offsets[index])
         if not self.chat:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         key = "delta" if delta else "message"
         message = {"content": text} if delta else {"role": "assistant", "content": text}
         if delta and finish_reason and not text:
             message = {}
-        return {"index": index, key: message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, key: message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def envelope(self, choices: list, chunk: bool) -> dict:
         obj = self.object + (".chunk" if chunk and self.chat else "")
@@ -262,16 +311,18 @@ class Run:
             self.service.engine.cancel(self.seqs)
 
     async def answer(self) -> dict | None:
-        texts = [[] for _ in self.seqs]
+        texts = [[e] for e in self.echoed]
+        entries = [[] for _ in self.seqs]
         reasons, tokens = [None] * len(self.seqs), [0] * len(self.seqs)
         async for event in self.events():
             texts[event.index].append(event.text)
+            entries[event.index] += event.logprobs or []
             reasons[event.index] = event.finish_reason
             tokens[event.index] = event.completion_tokens
         text = ["".join(t) for t in texts]
         if self.chat:
             text = [t.lstrip() for t in text] if not self.service.template["template"] else text
-        choices = [self.choice(i, text[i], reasons[i], delta=False) for i in range(len(self.seqs))]
+        choices = [self.choice(i, text[i], reasons[i], False, entries[i]) for i in range(len(self.seqs))]
         return {**self.envelope(choices, chunk=False), "usage": self.usage(sum(tokens))}
 
     async def stream(self):
@@ -286,15 +337,18 @@ class Run:
                     "finish_reason": None,
                 }
                 yield sse(self.envelope([first], chunk=True))
+        echoed = list(self.echoed)  # sent with each choice's first chunk
         try:
             async for event in self.events():
-                tokens[event.index] = event.completion_tokens
-                text = event.text
-                if self.chat and not self.service.template["template"] and not started[event.index]:
+                i = event.index
+                tokens[i] = event.completion_tokens
+                text, echoed[i] = echoed[i] + event.text, ""
+                if self.chat and not self.service.template["template"] and not started[i]:
                     text = text.lstrip()  # the plain transcript puts a space after "Assistant:"
-                    started[event.index] = bool(text)
-                if text or event.finish_reason:
-                    yield sse(self.envelope([self.choice(event.index, text, event.finish_reason, True)], True))
+                    started[i] = bool(text)
+                if text or event.finish_reason or event.logprobs:
+                    choice = self.choice(i, text, event.finish_reason, True, event.logprobs)
+                    yield sse(self.envelope([choice], True))
         except RuntimeError as e:
             yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
             return
@@ -317,7 +371,9 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     folder=None,
 ) -> FastAPI:
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    metrics = ServerMetrics()
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, observer=metrics)
+    metrics.watch(engine)
     context = model.config.max_position_embeddings
     service = Service(model, tokenizer, model_name, engine, max_tokens_limit or context, folder)
 
@@ -350,23 +406,22 @@ def create_app(
         body.unsupported()
         prompts = [service.encode(p) for p in prompt_list(body.prompt)]
         max_tokens = service.max_tokens(body.max_tokens, prompts, DEFAULT_COMPLETION_TOKENS)
-        return await respond(Run(service, request, body, prompts, max_tokens, body.stop, chat=False))
+        grammar = await service.grammar(body.response_format)
+        return await respond(Run(service, request, body, prompts, max_tokens, body.stop, False, grammar))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         service.check_model(body.model)
         body.unsupported()
-        try:
-            text = render_chat(body.plain_messages(), service.template)
-        except NanoseekError as e:
-            raise APIError(400, str(e), "messages") from None
+        text = await service.chat_template.render(body.plain_messages())
         prompts = [service.encode(text, "messages")]
         max_tokens = service.max_tokens(body.max_completion_tokens or body.max_tokens, prompts, None)
         stops = list(body.stop) + ([] if service.template["template"] else ["\nUser:"])
-        return await respond(Run(service, request, body, prompts, max_tokens, stops, chat=True))
+        grammar = await service.grammar(body.response_format)
+        return await respond(Run(service, request, body, prompts, max_tokens, stops, True, grammar))
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
+    async def embeddings(body: EmbeddingRequest, request: Request):
         service.check_model(body.model)
         hidden = model.config.hidden_size
         if body.dimensions not in (None, hidden):
@@ -377,15 +432,22 @@ def create_app(
                 "unsupported_parameter",
             )
         inputs = [service.encode(x, "input") for x in prompt_list(body.input)]
-        if not inputs:
-            raise APIError(400, "input is an empty list; give at least one text", "input")
-        vectors = await asyncio.wrap_future(engine.call(lambda: embed_ids(model, inputs)))
+        check_inputs(inputs)
+        vectors = await embed_in_turns(engine, partial(embed_ids, model), inputs, request.is_disconnected)
+        if vectors is None:  # the client left
+            return Response(status_code=499)
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
             for i, v in enumerate(vectors)
         ]
         n = sum(len(x) for x in inputs)
         return {"object": "list", "data": data, "model": service.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    install_tokenizer_routes(app, service)
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
@@ -404,7 +466,8 @@ def create_app(
         except RuntimeError as e:
             raise APIError(500, str(e), type="server_error") from None
 
-    return Guard(app, api_key, max_body_bytes)
+    metrics.routes = {route.path for route in app.routes}
+    return metrics.count_requests(Guard(app, api_key, max_body_bytes))
 
 
 def model_card(service: Service) -> dict:
@@ -456,8 +519,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return error_response(APIError(err.status_code, str(err.detail), None, code))
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        message = str(err.detail)
+        if message == "There was an error parsing the body":  # FastAPI's: not UTF-8, nested too deeply, ...
+            message = "the request body could not be parsed: send UTF-8 JSON of reasonable depth and numbers"
+        return error_response(APIError(err.status_code, message, None, code.get(err.status_code)))
 
     @app.exception_handler(Exception)
     async def server_error(request, err: Exception):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.data import BUNDLED_CORPUS
+from nanoseek.data import BUNDLED_CORPUS, corpus_path
 from nanoseek.data.files import check_input_file
 from nanoseek.data.shards import BatchLoader, TokenDataset, iter_eval_batches, prepare_corpus
 from nanoseek.device import autocast
@@ -98,7 +98,7 @@ def fixed_batches(tokens, batch_size: int, seq_len: int, batches: int, seed: int
 def eval_tokens(data_path, tokenizer, run_cfg: dict, folder: Path) -> np.ndarray:
     """Tokens of `data_path` (the whole file), else the validation split of the run's training corpus."""
     if data_path:
-        path = check_input_file(data_path, "data file")
+        path = check_input_file(corpus_path(data_path), "data file")
         raw = path.read_bytes()
         if not raw:
             raise NanoseekError(f"data file {path} is empty")
@@ -106,7 +106,7 @@ def eval_tokens(data_path, tokenizer, run_cfg: dict, folder: Path) -> np.ndarray
     if not run_cfg:
         raise NanoseekError(f"this checkpoint has no training record ({STATE_FILE}); pass --data PATH")
     data = run_cfg.get("data", {})
-    files = data.get("path") or [str(BUNDLED_CORPUS)]
+    files = [corpus_path(f) for f in data.get("path") or []] or [str(BUNDLED_CORPUS)]
     for f in files:
         if not Path(f).is_file():
             raise NanoseekError(f"training data file {f} is gone; pass --data PATH")

@@ -51,11 +51,13 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
         raise NanoseekError(f"{source}: unknown model_type={kind!r}; supported: {', '.join(SUPPORTED)}")
     if cfg.get("auto_map"):
         print(f"note: {source} names custom code (auto_map); nanoseek never executes it", file=sys.stderr)
-    layers = cfg.get("num_hidden_layers")
-    if not isinstance(layers, int) or isinstance(layers, bool):  # checked first: the readers loop over layers
-        raise NanoseekError(f"{source}: num_hidden_layers={layers!r} must be an integer")
+    field = "n_layer" if kind == "gpt2" else "num_hidden_layers"
+    layers = cfg.get(field)  # checked first: the readers loop over the layers
+    if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool)):
+        raise NanoseekError(f"{source}: {field}={layers!r} must be an integer")
     try:
-        check_range("num_hidden_layers", layers, MODEL["num_hidden_layers"])
+        if layers is not None:
+            check_range(field, layers, MODEL["num_hidden_layers"])
         if kind == "deepseek_v4":
             return v4_config_from_hf(cfg, source)
         if kind == "gpt2":

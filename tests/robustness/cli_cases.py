@@ -360,6 +360,5 @@ TOP = [
     ("frobnicate", "frobnicate"),
 ]
 
-CASES: list[tuple[str, str]] = (
-    TRAIN + ABLATE + SAMPLE + CHAT + EVAL + INFO + PRESETS + CONFIG + CONVERT + INSPECT + EMBED + TOKENIZER + BENCH + SERVE + TOP
-)
+GROUPS = [TRAIN, ABLATE, SAMPLE, CHAT, EVAL, INFO, PRESETS, CONFIG, CONVERT, INSPECT, EMBED, TOKENIZER, BENCH, SERVE, TOP]
+CASES: list[tuple[str, str]] = [case for group in GROUPS for case in group]

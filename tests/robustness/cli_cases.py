@@ -360,5 +360,21 @@ TOP = [
     ("frobnicate", "frobnicate"),
 ]
 
-GROUPS = [TRAIN, ABLATE, SAMPLE, CHAT, EVAL, INFO, PRESETS, CONFIG, CONVERT, INSPECT, EMBED, TOKENIZER, BENCH, SERVE, TOP]
+GROUPS = [
+    TRAIN,
+    ABLATE,
+    SAMPLE,
+    CHAT,
+    EVAL,
+    INFO,
+    PRESETS,
+    CONFIG,
+    CONVERT,
+    INSPECT,
+    EMBED,
+    TOKENIZER,
+    BENCH,
+    SERVE,
+    TOP,
+]
 CASES: list[tuple[str, str]] = [case for group in GROUPS for case in group]

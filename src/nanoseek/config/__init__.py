@@ -10,6 +10,7 @@ presets.py  named configs
 """
 
 from nanoseek.config.model import (
+    ARCHITECTURES,
     ATTENTIONS,
     FFNS,
     FUSIONS,
@@ -26,6 +27,7 @@ from nanoseek.config.model import (
 from nanoseek.config.parse import apply_override, from_dict, load_config_file, parse_value, to_dict
 from nanoseek.config.train import (
     SCHEDULES,
+    TASKS,
     CheckpointConfig,
     DataConfig,
     DistConfig,
@@ -41,6 +43,7 @@ from nanoseek.config.train import (
 )
 
 __all__ = [
+    "ARCHITECTURES",
     "ATTENTIONS",
     "FFNS",
     "FUSIONS",
@@ -59,6 +62,7 @@ __all__ = [
     "parse_value",
     "to_dict",
     "SCHEDULES",
+    "TASKS",
     "CheckpointConfig",
     "DataConfig",
     "DistConfig",

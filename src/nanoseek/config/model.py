@@ -32,6 +32,7 @@ FUSIONS = ("residual", "dwa", "dynamic", "hyper", "mhc")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
+ARCHITECTURES = ("decoder", "encoder_decoder")
 
 
 @dataclass
@@ -89,6 +90,8 @@ class ModelConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     # nanoseek kinds (no HF field; exported under "nanoseek")
+    architecture: str = "decoder"  # "decoder" (one causal stack) | "encoder_decoder" (Vaswani et al. 2017)
+    encoder_layers: int | None = None  # encoder_decoder: encoder depth (None = num_hidden_layers, the decoder's)
     position: str = "rope"
     attention: str = "mha"
     sparse: str = "dense"  # the attention pattern of every layer (see sparse_layers)
@@ -167,6 +170,7 @@ class ModelConfig:
             check_positive(name, getattr(self, name))
         for name in ("num_key_value_heads", "head_dim", "q_lora_rank"):
             check_positive(name, getattr(self, name))
+        check_choice("architecture", self.architecture, ARCHITECTURES)
         check_choice("position", self.position, POSITIONS)
         check_choice("attention", self.attention, ATTENTIONS)
         check_choice("sparse", self.sparse, SPARSE_KINDS)
@@ -196,6 +200,8 @@ class ModelConfig:
             raise NanoseekError("norm_position='post' works only with fusion='residual'")
         check_positive("hc_mult", self.hc_mult)
         check_positive("hc_sinkhorn_iters", self.hc_sinkhorn_iters)
+        if self.architecture == "encoder_decoder":
+            self._validate_encoder_decoder()
 
     def _validate_sparse(self):
         if self.sparse_layers is not None:
@@ -247,6 +253,31 @@ class ModelConfig:
                     f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
                     f"{self.qk_rope_head_dim} (the indexer rotates its first rope dims)"
                 )
+
+    @property
+    def n_encoder_layers(self) -> int:
+        """Encoder depth of an encoder-decoder model (0 for a decoder-only one)."""
+        if self.architecture != "encoder_decoder":
+            return 0
+        return self.num_hidden_layers if self.encoder_layers is None else self.encoder_layers
+
+    def _validate_encoder_decoder(self):
+        """The encoder-decoder stacks are built from the dense parts: MHA/GQA/MQA attention, a dense FFN,
+        a plain residual, no MTP."""
+        check_positive("encoder_layers", self.encoder_layers)
+        choices = {
+            "attention": (self.attention, ("mha", "gqa", "mqa")),
+            "sparse": (self.sparse if not self.sparse_layers else "per-layer", ("dense",)),
+            "ffn": (self.ffn, ("relu", "gelu", "swiglu")),
+            "fusion": (self.fusion, ("residual",)),
+        }
+        for name, (value, valid) in choices.items():
+            if value not in valid:
+                raise NanoseekError(
+                    f"{name}={value!r}: architecture='encoder_decoder' supports {name} = {', '.join(valid)}"
+                )
+        if self.num_nextn_predict_layers:
+            raise NanoseekError("num_nextn_predict_layers must be 0 for architecture='encoder_decoder'")
 
     def _validate_v4(self):
         h, hd = self.num_attention_heads, self.attn_head_dim

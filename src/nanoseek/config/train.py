@@ -31,6 +31,8 @@ from nanoseek.device import check_device_name
 from nanoseek.errors import NanoseekError
 
 SCHEDULES = ("constant", "cosine", "wsd", "multistep", "inverse_sqrt")
+# "lm": next-token prediction over text files; the others are sequence-to-sequence pair tasks (data/pairs.py)
+TASKS = ("lm", "couplets", "copy", "reverse", "sort")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class DataConfig:
     val_fraction: float = 0.1  # the last 10% of tokens, as nanoGPT splits
     seq_len: int = 128
     cache_dir: str = ""  # where token shards go; "" = OUT/data
+    task: str = "lm"  # lm | couplets (data.path = tang_poems.txt) | copy | reverse | sort (synthetic)
 
 
 @dataclass
@@ -79,6 +82,7 @@ class LoopConfig:
     compile: bool = False
     threads: int = 0  # 0 = torch default
     dsa_warmup_steps: int = 0  # DSA models: dense attention, only the indexers train, for this many steps
+    label_smoothing: float = 0.0  # epsilon_ls: targets (1 - eps) one-hot + eps uniform (Vaswani: 0.1)
 
 
 @dataclass
@@ -134,6 +138,7 @@ class TrainConfig:
         check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
         check_device_name("train.device", self.train.device)
         check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
+        self._validate_task()
         check_positive("train.dsa_warmup_steps", self.train.dsa_warmup_steps, allow_zero=True)
         if self.train.dsa_warmup_steps and self.dist.strategy == "ddp":
             raise NanoseekError(
@@ -172,6 +177,19 @@ class TrainConfig:
                 f"{self.model.max_position_embeddings}"
             )
 
+    def _validate_task(self):
+        check_choice("data.task", self.data.task, TASKS)
+        if not 0.0 <= self.train.label_smoothing < 1.0:
+            raise NanoseekError(f"train.label_smoothing={self.train.label_smoothing} must be in [0, 1)")
+        if self.model.architecture == "encoder_decoder":
+            if self.data.task == "lm":
+                raise NanoseekError(
+                    "model.architecture='encoder_decoder' translates a source into a target: set a pair task, "
+                    f"--data.task={'|'.join(TASKS[1:])}"
+                )
+            if self.dist.strategy == "fsdp":
+                raise NanoseekError("dist.strategy='fsdp' shards decoder-only models; use 'ddp' for encoder_decoder")
+
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         return from_dict(cls, data)
@@ -199,7 +217,7 @@ def build_train_config(
 
 
 RUN_CONFIG_FILE = "train_config.json"  # the full config a run writes into its folder
-FIXED_ON_RESUME = ("model.", "data.tokenizer", "data.vocab_size", "data.seq_len")
+FIXED_ON_RESUME = ("model.", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.task")
 
 
 def saved_run_config(out: str | Path) -> Path | None:

@@ -69,9 +69,19 @@ def load_hf_model(folder: str | Path, dtype=None, trust_pickle: bool = False):
     return model.eval()
 
 
+ENCODER_DECODER_EXPORT = (
+    "cannot save an encoder-decoder model in HF format: no transformers class matches it exactly (MarianMT lays "
+    "its sinusoidal table out as [sin | cos] where nanoseek interleaves sin and cos; BART learns its positions "
+    "with an offset of 2 and normalizes the embeddings); keep the nanoseek checkpoint, which nanoseek sample, "
+    "eval and serve read"
+)
+
+
 def save_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 1024**3):
     """Write an HF-format folder that transformers' AutoModelForCausalLM loads (+ the tokenizer files of
     `tokenizer_dir`: tokenizer.json, tokenizer_config.json, special_tokens_map.json)."""
+    if model.config.architecture == "encoder_decoder":
+        raise NanoseekError(ENCODER_DECODER_EXPORT)
     folder = Path(folder)
     hf_config = config_to_hf(model.config)
     state = nanoseek_to_hf_state(model)

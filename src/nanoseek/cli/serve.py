@@ -47,7 +47,7 @@ def run_serve(args, extra) -> int:
     api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     warn_if_open(args.host, api_key)  # before the model loads, which can take minutes
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    model, tok, folder = load(args)
+    model, tok, folder = load(args, encoder_decoder=True)
     serve(
         model,
         tok,

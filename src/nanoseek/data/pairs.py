@@ -135,8 +135,9 @@ COLLATE: dict[str, Callable] = {"encoder_decoder": encoder_decoder_batch, "decod
 class PairLoader:
     """Batches of random pairs; batch `step` depends only on (seed, step), as `BatchLoader`'s windows do."""
 
-    def __init__(self, pairs: Sequence[IdPair], batch_size: int, collate: Callable, seed: int, rank: int = 0,
-                 world_size: int = 1):  # fmt: skip
+    def __init__(
+        self, pairs: Sequence[IdPair], batch_size: int, collate: Callable, seed: int, rank: int = 0, world_size: int = 1
+    ):
         if not pairs:
             raise NanoseekError("no training pairs fit data.seq_len")
         self.pairs, self.batch_size, self.collate = pairs, batch_size, collate
@@ -208,14 +209,24 @@ class PairData:
             yield self.collate(self.val[lo : min(lo + batch_size, stop)])
 
 
-def load_pair_data(task: str, layout: str, files: Sequence[str], val_fraction: float, seq_len: int,
-                   tokenizer: Tokenizer | str, vocab_size: int = 2048, work_dir: Path | None = None) -> PairData:  # fmt: skip
+def load_pair_data(
+    task: str,
+    layout: str,
+    files: Sequence[str],
+    val_fraction: float,
+    seq_len: int,
+    tokenizer: Tokenizer | str,
+    vocab_size: int = 2048,
+    work_dir: Path | None = None,
+) -> PairData:
     """A pair task, ready to train: its texts split, a tokenizer (a loaded one, or of kind "char" / "bpe" /
     a tokenizer.json path, made from the texts), its ids in `layout`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}; choose one of {LAYOUTS}")
     texts = pair_texts(task, files, val_fraction, seq_len)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else pair_tokenizer(
-        tokenizer, texts[0] + texts[1], vocab_size, Path(work_dir or ".")
-    )  # fmt: skip
+    tok = (
+        tokenizer
+        if isinstance(tokenizer, Tokenizer)
+        else pair_tokenizer(tokenizer, texts[0] + texts[1], vocab_size, Path(work_dir or "."))
+    )
     return PairData.build(task, layout, tok, texts, seq_len)

@@ -107,8 +107,9 @@ def beam_search(
                     next_lp[b, alive], next_beam[b, alive], next_token[b, alive] = lp, beam, token
                     alive += 1
             done[b] = alive == 0 or cannot_improve(finished[b], next_lp[b, 0].item(), k, length, max_len, alpha)
-        history = torch.cat([history.gather(1, next_beam[:, :, None].expand(-1, -1, length - 1)),
-                             next_token[:, :, None]], dim=2)  # fmt: skip
+        history = torch.cat(
+            [history.gather(1, next_beam[:, :, None].expand(-1, -1, length - 1)), next_token[:, :, None]], dim=2
+        )
         if all(done) or length == max_len:
             break
         decoder.reorder((torch.arange(batch, device=device)[:, None] * k + next_beam).view(-1))
@@ -122,8 +123,9 @@ def beam_search(
     return [sorted(hyps, key=lambda h: -h.score) for hyps in finished]
 
 
-def cannot_improve(finished: list[Hypothesis], best_alive: float, k: int, length: int, max_len: int,
-                   alpha: float) -> bool:  # fmt: skip
+def cannot_improve(
+    finished: list[Hypothesis], best_alive: float, k: int, length: int, max_len: int, alpha: float
+) -> bool:
     """Whether a source has K finished hypotheses that no live one (log P <= best_alive, length > `length`)
     can beat."""
     if len(finished) < k:

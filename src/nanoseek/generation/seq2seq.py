@@ -26,7 +26,7 @@ import torch
 
 from nanoseek.data.pairs import encode_texts
 from nanoseek.errors import NanoseekError
-from nanoseek.generation.beam import beam_search, greedy_search
+from nanoseek.generation.beam import Hypothesis, beam_search, greedy_search
 from nanoseek.generation.steps import decode_step, prefill
 
 
@@ -37,8 +37,15 @@ def is_encoder_decoder(model) -> bool:
 class EncoderDecoderSteps:
     """beam.Decoder over an encoder-decoder: `rows` rows per source, decoding from <bos> at position 0."""
 
-    def __init__(self, model, source_ids: torch.Tensor, rows: int, max_len: int, bos_id: int,
-                 source_mask: torch.Tensor | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        source_ids: torch.Tensor,
+        rows: int,
+        max_len: int,
+        bos_id: int,
+        source_mask: torch.Tensor | None = None,
+    ):
         self.model = model
         memory = model.encode(source_ids, source_mask)
         self.memory = memory.repeat_rows(rows) if rows > 1 else memory
@@ -98,9 +105,17 @@ def target_room(model, source_len: int, max_new_tokens: int | None) -> int:
 
 
 @torch.no_grad()
-def translate_ids(model, tok, sources: Sequence[Sequence[int]], beam_size: int = 1, length_penalty: float = 0.6,
-                  max_new_tokens: int | None = None, batch_size: int = 64) -> list[list[int]]:  # fmt: skip
-    """The best target ids of each source: greedy when beam_size is 1, else beam search."""
+def search(
+    model,
+    tok,
+    sources: Sequence[Sequence[int]],
+    beam_size: int = 1,
+    length_penalty: float = 0.6,
+    max_new_tokens: int | None = None,
+    batch_size: int = 64,
+) -> list[list[Hypothesis]]:
+    """Each source's finished hypotheses, best first: the greedy one (log P not computed: nan) when beam_size
+    is 1, else beam search's."""
     if beam_size < 1:
         raise NanoseekError(f"beam size {beam_size} must be >= 1")
     if any(len(s) == 0 for s in sources):
@@ -109,7 +124,7 @@ def translate_ids(model, tok, sources: Sequence[Sequence[int]], beam_size: int =
     by_length: dict[int, list[int]] = {}
     for i, s in enumerate(sources):
         by_length.setdefault(len(s), []).append(i)
-    out: list[list[int]] = [[] for _ in sources]
+    out: list[list[Hypothesis]] = [[] for _ in sources]
     for length, members in sorted(by_length.items()):
         max_len = target_room(model, length, max_new_tokens)
         for lo in range(0, len(members), batch_size):
@@ -117,17 +132,42 @@ def translate_ids(model, tok, sources: Sequence[Sequence[int]], beam_size: int =
             ids = torch.tensor([list(sources[i]) for i in chunk], dtype=torch.long, device=device)
             decoder = make_decoder(model, tok, ids, beam_size, max_len)
             if beam_size == 1:
-                best = greedy_search(decoder, len(chunk), tok.eos_id, max_len)
+                found = [
+                    [Hypothesis(t, float("nan"), float("nan"))]
+                    for t in greedy_search(decoder, len(chunk), tok.eos_id, max_len)
+                ]
             else:
-                hyps = beam_search(decoder, len(chunk), beam_size, tok.eos_id, max_len, length_penalty)
-                best = [h[0].tokens for h in hyps]
-            for i, tokens in zip(chunk, best):
-                out[i] = tokens
+                found = beam_search(decoder, len(chunk), beam_size, tok.eos_id, max_len, length_penalty)
+            for i, hyps in zip(chunk, found):
+                out[i] = hyps
     return out
 
 
-def translate(model, tok, sources: Sequence[str], beam_size: int = 1, length_penalty: float = 0.6,
-              max_new_tokens: int | None = None, batch_size: int = 64) -> list[str]:  # fmt: skip
+def translate_ids(
+    model,
+    tok,
+    sources: Sequence[Sequence[int]],
+    beam_size: int = 1,
+    length_penalty: float = 0.6,
+    max_new_tokens: int | None = None,
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """The best target ids of each source: greedy when beam_size is 1, else beam search."""
+    found = search(model, tok, sources, beam_size, length_penalty, max_new_tokens, batch_size)
+    return [hyps[0].tokens for hyps in found]
+
+
+def translate(
+    model,
+    tok,
+    sources: Sequence[str],
+    beam_size: int = 1,
+    length_penalty: float = 0.6,
+    max_new_tokens: int | None = None,
+    batch_size: int = 64,
+) -> list[str]:
     """The best target text of each source text (see `translate_ids`)."""
     ids = encode_texts(tok, list(sources))
-    return [tok.decode(t) for t in translate_ids(model, tok, ids, beam_size, length_penalty, max_new_tokens, batch_size)]
+    return [
+        tok.decode(t) for t in translate_ids(model, tok, ids, beam_size, length_penalty, max_new_tokens, batch_size)
+    ]

@@ -13,6 +13,7 @@ import sys
 import uvicorn
 
 from nanoseek.serve.app import create_app
+from nanoseek.serve.seq2seq import create_seq2seq_app
 
 
 def is_loopback(host: str) -> bool:
@@ -45,8 +46,10 @@ def serve(
     max_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
 ) -> None:
-    """Serve `model` as `name` on http://host:port (blocks until the server stops)."""
-    app = create_app(
+    """Serve `model` as `name` on http://host:port (blocks until the server stops); an encoder-decoder
+    model through serve/seq2seq.py."""
+    make_app = create_seq2seq_app if model.config.architecture == "encoder_decoder" else create_app
+    app = make_app(
         model,
         tokenizer,
         name,

@@ -103,9 +103,11 @@ def data_streams(cfg: TrainConfig, data, ctx) -> tuple:
     """(the training loader, a function giving the fixed validation batches) of a token corpus or a pair task."""
     t, e = cfg.train, cfg.eval
     if isinstance(data, PairData):
-        return data.loader(t.batch_size, t.seed, ctx.rank, ctx.world), lambda: data.eval_batches(e.batch_size, e.batches)
-    loader = BatchLoader(data.split("train"), t.batch_size, cfg.data.seq_len, seed=t.seed, rank=ctx.rank,
-                         world_size=ctx.world)  # fmt: skip
+        loader = data.loader(t.batch_size, t.seed, ctx.rank, ctx.world)
+        return loader, lambda: data.eval_batches(e.batch_size, e.batches)
+    loader = BatchLoader(
+        data.split("train"), t.batch_size, cfg.data.seq_len, seed=t.seed, rank=ctx.rank, world_size=ctx.world
+    )
     val_tokens = data.split("val")
     return loader, lambda: fixed_batches(val_tokens, e.batch_size, cfg.data.seq_len, e.batches, seed=t.seed + 1)
 

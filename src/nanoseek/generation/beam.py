@@ -11,7 +11,8 @@ model call. A hypothesis Y is scored with the length penalty of Wu et al. 2016 (
     score(Y) = log P(Y | X) / lp(Y),   lp(Y) = ((5 + |Y|) / 6)^alpha     (|Y| counts <eos>; alpha = 0: none)
 
 Each step extends every live hypothesis by every token (K x V candidates per source) and keeps the 2K best
-by log P; those that end in <eos> join the source's finished list, the best K others live on. A source is
+by log P; those among the K best that end in <eos> join the source's finished list (as in fairseq; so K = 1
+is greedy), the best K others live on. A source is
 done when it has K finished hypotheses and no live one can still beat the K-th best of them: log P only
 falls as a hypothesis grows, so a live one's best reachable score is log P / lp at the length where lp is
 largest (max_len for alpha > 0). With that bound the search is exact once K covers every hypothesis (the
@@ -97,10 +98,12 @@ def beam_search(
             if done[b]:
                 continue
             alive = 0
-            for lp, beam, token in zip(top_l[b], beams_l[b], tokens_l[b]):
+            for rank, (lp, beam, token) in enumerate(zip(top_l[b], beams_l[b], tokens_l[b])):
                 if lp == float("-inf"):
                     break
                 if token == eos_id:
+                    if rank >= k:  # as fairseq: an <eos> below the K best candidates is not a hypothesis yet
+                        continue
                     prefix = history[b, beam].tolist()
                     finished[b].append(Hypothesis(prefix, lp, lp / length_penalty(length, alpha)))
                 elif alive < k:

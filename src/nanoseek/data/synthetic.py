@@ -34,7 +34,8 @@ def synthetic_target(task: str, source: str) -> str:
 
 def random_strings(rng: np.random.Generator, n: int, max_length: int) -> list[str]:
     lengths = rng.integers(1, max_length + 1, size=n)
-    return ["".join(ALPHABET[d] for d in rng.integers(0, len(ALPHABET), size=k)) for k in lengths]
+    digits = np.array(list(ALPHABET))[rng.integers(0, len(ALPHABET), size=(n, max_length))]
+    return ["".join(row[:k]) for row, k in zip(digits.tolist(), lengths.tolist())]
 
 
 def synthetic_split(task: str, max_length: int) -> tuple[list[Pair], list[Pair]]:

@@ -397,7 +397,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         "params_total": params["total"],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "world_size": ctx.world,
-        **last_eval,
+        **{k: v for k, v in last_eval.items() if k != "step"},  # an interrupted run's last eval is older
     }
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -4,7 +4,7 @@ skipped rather than failing the whole run (their tests skip with a reason on the
 import importlib.util
 
 OPTIONAL = {
-    "src/nanoseek/serve/*.py": ("fastapi", "uvicorn", "httpx"),
+    "src/nanoseek/serve/*.py": ("fastapi", "uvicorn", "httpx", "prometheus_client"),
     "src/nanoseek/train/evaluate_pairs.py": ("sacrebleu",),
 }
 

@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
 
 from serving import ALPHABET, CONTEXT, Server  # noqa: E402
 

@@ -161,7 +161,7 @@ def post(server, path, **kw):
         ("/v1/completions", {"model": "tiny-chat", "prompt": ""}, 400, "prompt"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": [1, 2, 99999]}, 400, "prompt"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "stop": [""]}, 400, "stop"),
-        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": []}, 400, "prompt"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "seed": 2**64}, 400, "seed"),
         ("/v1/embeddings", {"model": "tiny-chat", "input": []}, 400, "input"),

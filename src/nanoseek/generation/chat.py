@@ -2,8 +2,9 @@
 context, and stream the replies (`Chat`, what `nanoseek chat` runs).
 
 A checkpoint folder's `tokenizer_config.json` may carry a Jinja `chat_template` (as HF checkpoints
-do). It is rendered in Jinja's immutable sandbox: templates cannot reach Python internals, files or
-the network. Models without a template (e.g. nanoseek's own char-level demo) get a plain transcript:
+do; transformers 5 writes it to `chat_template.jinja`). It is rendered in Jinja's immutable sandbox:
+templates cannot reach Python internals, files or the network. Models without a template (e.g.
+nanoseek's own char-level demo) get a plain transcript:
 
     User: Hello
     Assistant:
@@ -35,7 +36,10 @@ def load_chat_template(folder: str | Path | None) -> dict:
     if folder is None:
         return info
     path = Path(folder) / "tokenizer_config.json"
+    jinja = Path(folder) / "chat_template.jinja"  # where transformers 5 saves it
     if not path.is_file():
+        if jinja.is_file():
+            info["template"] = jinja.read_text()
         return info
     try:
         cfg = json.loads(path.read_text())
@@ -44,6 +48,8 @@ def load_chat_template(folder: str | Path | None) -> dict:
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: take "default"
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and jinja.is_file():
+        template = jinja.read_text()
     info["template"] = template
     for key in ("bos_token", "eos_token"):
         value = cfg.get(key) or ""

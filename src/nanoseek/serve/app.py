@@ -1,9 +1,12 @@
 """The OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI + uvicorn).
 
 Routes: GET /health (no key), GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
-POST /v1/embeddings, GET / (the chat page). Streaming answers are server-sent events in OpenAI's
-chunk format ending with `data: [DONE]`. Text reaches the client only in whole UTF-8 characters
-(the engine's Detokenizer), so a multi-byte character is never split across chunks.
+POST /v1/embeddings, POST /tokenize, POST /detokenize, GET /tokenizer_info (tokenization.py),
+GET /metrics (metrics.py), GET / (the chat page). Streaming answers are server-sent events in OpenAI's
+chunk format ending with `data: [DONE]`. Completions take `echo` and `logprobs`, chat `logprobs` and
+`top_logprobs` (logprobs.py); both take `response_format` JSON (structured.py). Text reaches the
+client only in whole UTF-8 characters (the engine's Detokenizer), so a multi-byte character is never
+split across chunks.
 
 Guarantees:
 - every error the client can cause is a 4xx with {"error": {"message", "type", "param", "code"}};
@@ -21,6 +24,7 @@ import base64
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -28,14 +32,18 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.errors import NanoseekError
 from nanoseek.generation.chat import load_chat_template, render_chat
 from nanoseek.generation.sampling import SamplingOptions
 from nanoseek.serve.engine import Engine, QueueFull, Sequence
+from nanoseek.serve.logprobs import TextOffsets, TokenStrings, chat_logprobs, completion_logprobs
+from nanoseek.serve.metrics import CONTENT_TYPE, ServerMetrics
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
+from nanoseek.serve.structured import StructuredOutput, json_schema_of
+from nanoseek.serve.tokenization import install_tokenizer_routes
 
 log = logging.getLogger("nanoseek.serve")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -115,6 +123,24 @@ class Service:
         self.max_tokens_limit = max_tokens_limit
         self.template = load_chat_template(folder)  # the checkpoint folder's tokenizer_config.json, if any
         self.created = int(time.time())
+        self.strings = TokenStrings(tokenizer)
+        self.structured: StructuredOutput | None = None  # built at the first response_format request
+        self.structured_lock = threading.Lock()
+
+    async def grammar(self, response_format):
+        """A factory of per-choice constraints for `response_format`, or None (plain text)."""
+        schema = json_schema_of(response_format) if response_format is not None else None
+        if schema is None:
+            return None
+
+        def compile_schema():
+            with self.structured_lock:
+                if self.structured is None:
+                    self.structured = StructuredOutput(self.tokenizer, self.model.config.vocab_size)
+            return self.structured.compile(schema)
+
+        compiled = await asyncio.to_thread(compile_schema)
+        return lambda: self.structured.constraint(compiled)
 
     def check_model(self, name: str) -> None:
         if name != self.name:
@@ -158,14 +184,19 @@ class Service:
             )
         return asked
 
-    def sequences(self, body, prompts: list[list[int]], max_tokens: int, stops: list[str], emit) -> list[Sequence]:
+    def sequences(
+        self, body, prompts: list[list[int]], max_tokens: int, stops: list[str], emit, logprobs, echo, grammar
+    ) -> list[Sequence]:
         seqs = []
         for p, ids in enumerate(prompts):
             for j in range(body.n):
                 index = p * body.n + j
                 seed = None if body.seed is None else body.seed + index
                 opts = SamplingOptions(temperature=body.temperature, top_p=body.top_p, seed=seed)
-                seqs.append(Sequence(ids, max_tokens, opts, emit, stops, index))
+                seq = Sequence(ids, max_tokens, opts, emit, stops, index, logprobs=logprobs)
+                seq.echo_logprobs = echo and logprobs is not None
+                seq.constraint = grammar() if grammar else None
+                seqs.append(seq)
         return seqs
 
 
@@ -206,10 +237,17 @@ def sse(obj) -> str:
 class Run:
     """One request's sequences in the engine, answered as one JSON body or as a stream."""
 
-    def __init__(self, service: Service, request: Request, body, prompts, max_tokens, stops, chat: bool):
+    def __init__(self, service: Service, request: Request, body, prompts, max_tokens, stops, chat: bool, grammar=None):
         self.service, self.request, self.body, self.chat = service, request, body, chat
         self.queue, emit = make_emitter()
-        self.seqs = service.sequences(body, prompts, max_tokens, stops, emit)
+        if chat:  # chat: logprobs true/false and top_logprobs N; completions: logprobs N (or null)
+            self.logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            self.echo = False
+        else:
+            self.logprobs, self.echo = body.logprobs, body.echo
+        self.seqs = service.sequences(body, prompts, max_tokens, stops, emit, self.logprobs, self.echo, grammar)
+        self.echoed = [service.tokenizer.decode(s.prompt_ids) if self.echo else "" for s in self.seqs]
+        self.offsets = [TextOffsets(service.tokenizer) for _ in self.seqs]
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.id = completion_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
@@ -226,14 +264,21 @@ class Run:
             "total_tokens": self.prompt_tokens + completion_tokens,
         }
 
-    def choice(self, index: int, text: str, finish_reason, delta: bool) -> dict:
+    def choice(self, index: int, text: str, finish_reason, delta: bool, entries=None) -> dict:
+        logprobs = None
+        if self.logprobs is not None and entries is not None:
+            strings = self.service.strings
+            if self.chat:
+                logprobs = chat_logprobs(entries, strings, self.logprobs)
+            else:
+                logprobs = completion_logprobs(entries, strings, self.offsets[index])
         if not self.chat:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         key = "delta" if delta else "message"
         message = {"content": text} if delta else {"role": "assistant", "content": text}
         if delta and finish_reason and not text:
             message = {}
-        return {"index": index, key: message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, key: message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def envelope(self, choices: list, chunk: bool) -> dict:
         obj = self.object + (".chunk" if chunk and self.chat else "")
@@ -262,16 +307,18 @@ class Run:
             self.service.engine.cancel(self.seqs)
 
     async def answer(self) -> dict | None:
-        texts = [[] for _ in self.seqs]
+        texts = [[e] for e in self.echoed]
+        entries = [[] for _ in self.seqs]
         reasons, tokens = [None] * len(self.seqs), [0] * len(self.seqs)
         async for event in self.events():
             texts[event.index].append(event.text)
+            entries[event.index] += event.logprobs or []
             reasons[event.index] = event.finish_reason
             tokens[event.index] = event.completion_tokens
         text = ["".join(t) for t in texts]
         if self.chat:
             text = [t.lstrip() for t in text] if not self.service.template["template"] else text
-        choices = [self.choice(i, text[i], reasons[i], delta=False) for i in range(len(self.seqs))]
+        choices = [self.choice(i, text[i], reasons[i], False, entries[i]) for i in range(len(self.seqs))]
         return {**self.envelope(choices, chunk=False), "usage": self.usage(sum(tokens))}
 
     async def stream(self):
@@ -286,15 +333,18 @@ class Run:
                     "finish_reason": None,
                 }
                 yield sse(self.envelope([first], chunk=True))
+        echoed = list(self.echoed)  # sent with each choice's first chunk
         try:
             async for event in self.events():
-                tokens[event.index] = event.completion_tokens
-                text = event.text
-                if self.chat and not self.service.template["template"] and not started[event.index]:
+                i = event.index
+                tokens[i] = event.completion_tokens
+                text, echoed[i] = echoed[i] + event.text, ""
+                if self.chat and not self.service.template["template"] and not started[i]:
                     text = text.lstrip()  # the plain transcript puts a space after "Assistant:"
-                    started[event.index] = bool(text)
-                if text or event.finish_reason:
-                    yield sse(self.envelope([self.choice(event.index, text, event.finish_reason, True)], True))
+                    started[i] = bool(text)
+                if text or event.finish_reason or event.logprobs:
+                    choice = self.choice(i, text, event.finish_reason, True, event.logprobs)
+                    yield sse(self.envelope([choice], True))
         except RuntimeError as e:
             yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
             return
@@ -317,7 +367,9 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     folder=None,
 ) -> FastAPI:
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    metrics = ServerMetrics()
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, observer=metrics)
+    metrics.watch(engine)
     context = model.config.max_position_embeddings
     service = Service(model, tokenizer, model_name, engine, max_tokens_limit or context, folder)
 
@@ -350,7 +402,8 @@ def create_app(
         body.unsupported()
         prompts = [service.encode(p) for p in prompt_list(body.prompt)]
         max_tokens = service.max_tokens(body.max_tokens, prompts, DEFAULT_COMPLETION_TOKENS)
-        return await respond(Run(service, request, body, prompts, max_tokens, body.stop, chat=False))
+        grammar = await service.grammar(body.response_format)
+        return await respond(Run(service, request, body, prompts, max_tokens, body.stop, False, grammar))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -363,7 +416,8 @@ def create_app(
         prompts = [service.encode(text, "messages")]
         max_tokens = service.max_tokens(body.max_completion_tokens or body.max_tokens, prompts, None)
         stops = list(body.stop) + ([] if service.template["template"] else ["\nUser:"])
-        return await respond(Run(service, request, body, prompts, max_tokens, stops, chat=True))
+        grammar = await service.grammar(body.response_format)
+        return await respond(Run(service, request, body, prompts, max_tokens, stops, True, grammar))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
@@ -387,6 +441,12 @@ def create_app(
         n = sum(len(x) for x in inputs)
         return {"object": "list", "data": data, "model": service.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    install_tokenizer_routes(app, service)
+
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
         page = resources.files("nanoseek.serve").joinpath("chat.html").read_text()
@@ -404,7 +464,8 @@ def create_app(
         except RuntimeError as e:
             raise APIError(500, str(e), type="server_error") from None
 
-    return Guard(app, api_key, max_body_bytes)
+    metrics.routes = {route.path for route in app.routes}
+    return metrics.count_requests(Guard(app, api_key, max_body_bytes))
 
 
 def model_card(service: Service) -> dict:

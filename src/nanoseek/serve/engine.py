@@ -24,12 +24,19 @@ end of the context). What stays here is the scheduling, which `TokenLoop` (one b
 prompts, one cache of its own) cannot express: rows of different lengths in one cache, joining and
 leaving between steps. Text leaves one `Event` per piece, through the request's `emit` callback
 (the server hands them to its asyncio loop).
+
+Per-sequence extras, each off unless asked: `logprobs` records the model's logprobs of each sampled
+token (and of the prompt with `echo_logprobs`: the prefill then keeps every position's logits),
+handed out with the events (serve/logprobs.py); `constraint` masks the row's logits before sampling
+and follows the sampled tokens (response_format, serve/structured.py); an `EngineObserver` hears of
+prefills, decode steps and tokens (serve/metrics.py).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +48,7 @@ import torch
 from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
 from nanoseek.generation.steps import decode_step, prefill
 from nanoseek.generation.streaming import Detokenizer
+from nanoseek.serve.logprobs import position_logprobs, prefill_with_prompt_logprobs
 
 log = logging.getLogger("nanoseek.serve")
 
@@ -56,6 +64,17 @@ class Event:
     finish_reason: str | None = None  # "stop" / "length" on the last event of a choice
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list | None = None  # TokenLogprobs recorded since the previous event (logprobs asked)
+
+
+class EngineObserver:
+    """What the engine reports as it works (serve/metrics.py counts it); called on the engine thread."""
+
+    def prefilled(self, seq: Sequence) -> None: ...
+
+    def decoded(self, rows: int) -> None: ...
+
+    def token(self, seq: Sequence, finished: bool) -> None: ...
 
 
 @dataclass(eq=False)
@@ -72,6 +91,11 @@ class Sequence:
     generated: int = 0
     last_token: int = -1
     output_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # record each generated token's logprob and the top-N (None: off)
+    echo_logprobs: bool = False  # record the prompt's logprobs too (prefill keeps every position)
+    constraint: object | None = None  # a response_format grammar (serve/structured.py): masks, accepts
+    recorded: list = field(default_factory=list)  # TokenLogprobs, prompt first, not yet emitted
+    arrival: float = field(default_factory=time.monotonic)
 
     @property
     def position(self) -> int:
@@ -80,7 +104,7 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 32):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 32, observer=None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
         self.model = model.eval()
@@ -95,6 +119,7 @@ class Engine:
         self.wakeup = threading.Condition()
         self.stopping = False
         self.steps = self.tokens_out = 0
+        self.observer = observer or EngineObserver()
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
     # ------------------------------------------------------------------ the server's side
@@ -194,9 +219,16 @@ class Engine:
             room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
             seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
             seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
-            ids = torch.tensor([seq.prompt_ids], device=self.device)
             view = [c.rows(row, row + 1) for c in self.cache]
-            logits = prefill(self.model, ids, view)
+            if seq.echo_logprobs:
+                logits, seq.recorded = prefill_with_prompt_logprobs(self.model, seq.prompt_ids, view, seq.logprobs)
+            else:
+                logits = prefill(self.model, torch.tensor([seq.prompt_ids], device=self.device), view)
+            self.observer.prefilled(seq)
+            if seq.max_tokens == 0:  # echo only: the prompt (and its logprobs), nothing generated
+                seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
+                self._release([seq])
+                continue
             token = self._sample(logits, [seq])[0]
             if self._accept(seq, token):
                 self._release([seq])
@@ -209,6 +241,7 @@ class Engine:
         view = [c.rows(0, n, kv_len) for c in self.cache]
         logits = decode_step(self.model, tokens, view, positions)
         self.steps += 1
+        self.observer.decoded(n)
         sampled = self._sample(logits, self.running)
         done = [s for s, t in zip(self.running, sampled) if self._accept(s, t)]
         self._release(done)
@@ -216,7 +249,27 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """One token per row, each by its own sampler (the greedy rows in one argmax)."""
         seen = [self._seen(s) for s in seqs]
-        return sample_rows(logits, [s.sampler for s in seqs], seen)
+        masked = logits
+        for i, s in enumerate(seqs):
+            if s.constraint is not None:  # response_format: only what the grammar accepts next
+                masked = masked.clone() if masked is logits else masked
+                masked[i] = s.constraint.mask(logits[i], s.detok.max_tokens - s.generated)
+        tokens = sample_rows(masked, [s.sampler for s in seqs], seen)
+        self._record_logprobs(logits, seqs, tokens)
+        for s, t in zip(seqs, tokens):
+            if s.constraint is not None:
+                s.constraint.accept(t)
+        return tokens
+
+    def _record_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+        """The model's own logprobs of the sampled tokens (before any mask), for rows that asked."""
+        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        if rows:
+            top = max(seqs[i].logprobs for i in rows)
+            entries = position_logprobs(logits[rows], [tokens[i] for i in rows], top)
+            for i, e in zip(rows, entries):
+                e.top = e.top[: seqs[i].logprobs]
+                seqs[i].recorded.append(e)
 
     def _seen(self, seq: Sequence) -> torch.Tensor | None:
         """The ids the repetition penalty acts on, for rows that have one."""
@@ -231,12 +284,14 @@ class Engine:
         seq.output_ids.append(token)
         self.tokens_out += 1
         text = seq.detok.push(token)
-        if seq.detok.finish_reason:
-            seq.emit(Event(seq.index, text, seq.detok.finish_reason, seq.generated))
-            return True
-        if text:
-            seq.emit(Event(seq.index, text, None, seq.generated))
-        return False
+        reason = seq.detok.finish_reason
+        if reason == "stop" and getattr(seq.constraint, "steered", False):
+            reason = "length"  # the JSON was closed early for lack of tokens
+        self.observer.token(seq, reason is not None)
+        if reason or text:
+            recorded, seq.recorded = (seq.recorded, []) if seq.logprobs is not None else (None, seq.recorded)
+            seq.emit(Event(seq.index, text, reason, seq.generated, logprobs=recorded))
+        return reason is not None
 
     def _release(self, seqs: list[Sequence]) -> None:
         """Remove finished or cancelled sequences; move the last running rows into the gaps."""

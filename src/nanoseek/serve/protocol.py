@@ -2,8 +2,8 @@
 
 Every field has a type and a range; a value outside them is a 400 with an OpenAI-style error body
 that names the field (`param`). Unknown fields are ignored, as OpenAI's API does; known fields
-whose non-default values nanoseek cannot honour (logprobs, echo, penalties, ...) are refused
-rather than silently dropped.
+whose non-default values nanoseek cannot honour (penalties, logit_bias, suffix, ...) are refused
+rather than silently dropped. The tokenizer routes' bodies (/tokenize, /detokenize) follow vLLM's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 8  # choices per request
-MAX_STOPS = 4  # stop strings per request, as OpenAI
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; evaluation harnesses send more, as vLLM takes)
+MAX_LOGPROBS = 20  # top-N logprobs per position, as vLLM's default limit
 
 
 class APIError(Exception):
@@ -34,6 +35,13 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None  # {"name", "schema", "strict", "description"}, as OpenAI's
+
+
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -49,8 +57,8 @@ class Sampling(BaseModel):
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
     logit_bias: dict | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -65,8 +73,6 @@ class Sampling(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise APIError(400, f"{name} is not supported (only 0)", name, "unsupported_parameter")
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported", "logprobs", "unsupported_parameter")
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias", "unsupported_parameter")
 
@@ -76,14 +82,16 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt's logprobs only
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.echo:
-            raise APIError(400, "echo is not supported", "echo", "unsupported_parameter")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 needs echo=true (the prompt is all the reply holds)", "max_tokens")
         if self.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
         if self.best_of not in (None, self.n):
@@ -108,6 +116,13 @@ class ChatMessage(BaseModel):
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
 
     def plain_messages(self) -> list[dict]:
         role = {"developer": "system"}
@@ -122,6 +137,26 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a completion prompt or chat messages."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
 
 
 def prompt_list(prompt) -> list:

@@ -75,7 +75,8 @@ def test_a_decoder_only_model_learns_the_answer_only(tmp_path, poems_file, capsy
             "--log.progress=false", "--eval.batches=1", "--log.plot=false"]  # fmt: skip
     assert cli_main(argv) == 0
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r for r in records if "tokens" in r][-1]["tokens"] == 3 * 4 * 6  # 3 steps of 4 pairs: 5 characters + <eos> each, the source not
+    # 3 steps of 4 pairs: each 5 characters + <eos> of targets; the source is not a target
+    assert [r for r in records if "tokens" in r][-1]["tokens"] == 3 * 4 * 6
     capsys.readouterr()
     assert cli_main(["sample", str(out), "--source", "天地一二三", "--beam", "2"]) == 0
     assert capsys.readouterr().out.endswith("\n")
@@ -107,6 +108,7 @@ def test_the_commands_of_an_encoder_decoder_run(tmp_path, poems_file, capsys):
         (["convert", str(out), str(tmp_path / "hf"), "--to", "hf"], "MarianMT"),
         (["sample", str(out), "--source", "天", "--beam", "0"], "beam size 0"),
         (["train", "--out", str(out), "--resume", "--data.task=copy"], "data.task"),
+        (["bench", "decode", "--preset", "vaswani-tiny-ed"], "the benches time decoder-only models"),
     ]:
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -18,6 +18,7 @@ from nanoseek.bench.attention import add_attention_args, run_attention
 from nanoseek.bench.infer import add_decode_args, add_prefill_args, run_decode, run_prefill
 from nanoseek.bench.serve import add_serve_args, run_serve
 from nanoseek.bench.train import add_train_args, run_train
+from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 
 # WHAT -> (help, add the options, run -> result dicts)
@@ -44,6 +45,12 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def check_decoder_preset(name: str | None) -> None:
+    """The benches time decoder-only models: an encoder-decoder preset is one line of error."""
+    if name and ModelConfig.from_preset(name).architecture != "decoder":
+        raise NanoseekError(f"--preset {name}: the benches time decoder-only models; {name} is an encoder-decoder")
+
+
 def run_bench(argv: list[str]) -> int:
     """`nanoseek bench WHAT ...`: print one JSON line per result to stdout, flushed; return 0."""
     argv = list(argv)
@@ -57,6 +64,7 @@ def run_bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"nanoseek bench {what}", description=help_)
     add_args(parser)
     args = parser.parse_args(rest)
+    check_decoder_preset(getattr(args, "preset", None))
     for result in run(args):
         print(json.dumps(result), flush=True)
     return 0

@@ -6,8 +6,8 @@ so the completions route maps OpenAI's fields onto it:
 - `best_of`: the beam size (default: the server's `--beam`), `n` <= best_of: the n best hypotheses of the
   beam, best first; `max_tokens`: the longest target (default 2 x the source + 10);
 - `temperature` and `top_p` are accepted and have no effect (the search is deterministic); `stop` cuts the
-  target at the first stop string; `stream`, `echo`, `suffix`, `logprobs`, penalties and `logit_bias` are
-  refused with a 400 that names them.
+  target at the first stop string; `stream`, `echo`, `suffix`, `logprobs`, `response_format`, penalties
+  and `logit_bias` are refused with a 400 that names them.
 Chat and embeddings do not fit a model that translates one text into another: /v1/chat/completions,
 /v1/embeddings and the chat page answer a 400 saying so. /health and /v1/models are as for decoder-only
 models, and the API key and body-size guard is the same (`app.Guard`).
@@ -87,10 +87,20 @@ class Seq2SeqService:
 
 def check_options(body: CompletionRequest) -> None:
     """Refuse what a deterministic search cannot honour (temperature and top_p are accepted and unused)."""
-    Sampling.unsupported(body)  # penalties, logprobs, logit_bias
-    for name in ("stream", "echo", "suffix"):
-        if getattr(body, name):
+    Sampling.unsupported(body)  # penalties, logit_bias
+    format_type = body.response_format.type if body.response_format is not None else "text"
+    asked = {
+        "stream": body.stream,
+        "echo": body.echo,
+        "suffix": body.suffix,
+        "logprobs": body.logprobs is not None,
+        "response_format": format_type != "text",
+    }
+    for name, value in asked.items():
+        if value:
             raise APIError(400, f"{name} is not supported by an encoder-decoder model", name, "unsupported_parameter")
+    if body.max_tokens == 0:
+        raise APIError(400, "max_tokens must be >= 1", "max_tokens")
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

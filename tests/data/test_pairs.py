@@ -112,3 +112,10 @@ def test_pair_task_errors_name_what_to_do():
         pair_texts("reverse", [], 0.1, 2)
     with pytest.raises(NanoseekError, match="does not exist"):
         pair_texts("couplets", ["/nonexistent/poems.txt"], 0.1, 32)
+
+
+def test_a_bpe_tokenizer_is_trained_on_the_pairs(tmp_path):
+    data = load_pair_data("reverse", "encoder_decoder", [], 0.1, 10, "bpe", vocab_size=300, work_dir=tmp_path)
+    assert data.tokenizer.name == "bpe" and (tmp_path / "pairs.txt").is_file()
+    source, target = data.val_text[0]
+    assert data.tokenizer.decode(data.val[0][0]) == source and data.tokenizer.decode(data.val[0][1]) == target

@@ -67,6 +67,8 @@ def run_translate(args, model, tok, folder) -> int:
         raise NanoseekError("give --source or --prompt, not both")
     if not args.source:
         raise NanoseekError("--source is empty; give the text to translate")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise NanoseekError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     (text,) = translate(model.eval(), tok, [args.source], args.beam, args.length_penalty, args.max_new_tokens)
     print(text)
     return 0

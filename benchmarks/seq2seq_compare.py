@@ -9,8 +9,9 @@ Each trained model then decodes the first --sentences held-out couplets greedily
 is scored with BLEU, chrF, the exact-length rate and the exact-match rate (train/evaluate_pairs.py).
 
 Outputs in --out: results.jsonl (one JSON object per model and decoding), seq2seq_compare.png (held-out
-loss against training seconds; chrF and exact-length rate per model and decoding), samples.txt (the first
---show held-out couplets with both models' beam outputs) and the two runs (encoder_decoder/, decoder/).
+loss against training seconds; chrF, BLEU and exact-length rate per model and decoding), samples.txt
+(the first --show held-out couplets with both models' beam outputs) and the two runs (encoder_decoder/,
+decoder/).
 
     python benchmarks/seq2seq_compare.py --data ../shared/data/tang_poems.txt --seconds 180 --threads 2
 """
@@ -137,7 +138,7 @@ def plot(rows: list[dict], curves: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4))
     names = {"encoder_decoder": "encoder-decoder", "decoder": "decoder-only"}
     for arch, curve in curves.items():
         if curve:
@@ -147,7 +148,8 @@ def plot(rows: list[dict], curves: dict, path: Path, title: str) -> None:
     axes[0].legend()
     decodings = sorted({r["decoding"] for r in rows}, key=lambda d: (d != "greedy", d))
     width = 0.8 / len(decodings)
-    for ax, metric, label in ((axes[1], "chrf", "chrF"), (axes[2], "exact_length_rate", "exact-length rate")):
+    panels = ((axes[1], "chrf", "chrF"), (axes[2], "bleu", "BLEU"), (axes[3], "exact_length_rate", "exact-length rate"))
+    for ax, metric, label in panels:
         for j, decoding in enumerate(decodings):
             values = [next(r[metric] for r in rows if r["architecture"] == a and r["decoding"] == decoding)
                       for a in ARCHITECTURES]  # fmt: skip

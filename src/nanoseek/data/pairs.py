@@ -96,6 +96,11 @@ def encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [tok.encode(t) for t in texts]
 
 
+def encode_pairs(tok: Tokenizer, pairs: Sequence[TextPair]) -> list[IdPair]:
+    ids = encode_texts(tok, [text for pair in pairs for text in pair])
+    return list(zip(ids[0::2], ids[1::2]))
+
+
 def fits(pair: IdPair, layout: str, seq_len: int) -> bool:
     src, tgt = pair
     if layout == "decoder":
@@ -188,8 +193,7 @@ class PairData:
 
     @classmethod
     def build(cls, task: str, layout: str, tok: Tokenizer, texts: tuple[list, list], seq_len: int) -> PairData:
-        encode = lambda pairs: list(zip(*[iter(encode_texts(tok, [s for pair in pairs for s in pair]))] * 2))
-        train_all, val_all = encode(texts[0]), encode(texts[1])
+        train_all, val_all = encode_pairs(tok, texts[0]), encode_pairs(tok, texts[1])
         train = [p for p in train_all if fits(p, layout, seq_len)]
         val = [p for p in val_all if fits(p, layout, seq_len)]
         if not val:

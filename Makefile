@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/nanoseek train --out runs/demo
+	$(VENV)/bin/nanoseek train --out runs/demo --overwrite
 	$(VENV)/bin/nanoseek sample runs/demo --prompt "ROMEO:" --max-new-tokens 400 --seed 1
 
 test: $(STAMP)
@@ -38,7 +38,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -m "slow or not slow"
 
 bench: $(STAMP)
-	$(VENV)/bin/nanoseek bench train --preset gpt2-small --seq-len 64 --batch 12
+	$(VENV)/bin/nanoseek bench train --preset gpt2-mini --seq-len 64 --batch 12
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

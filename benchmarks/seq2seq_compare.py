@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", help="the Tang poems file (tang_poems.txt); needed for --task couplets")
     p.add_argument("--task", default="couplets", help="the pair task (couplets; copy, reverse, sort for a smoke run)")
-    p.add_argument("--preset", default="vaswani-tiny-ed", help="the encoder-decoder preset (and its run defaults)")
+    p.add_argument("--preset", default="vaswani-mini-ed", help="the encoder-decoder preset (and its run defaults)")
     p.add_argument("--seconds", type=float, default=180.0, help="training seconds of each model")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--eval-every", type=int, default=250, help="steps between held-out loss evaluations")
@@ -80,9 +80,10 @@ def decoder_twin(ed: ModelConfig) -> ModelConfig:
     """The decoder-only model with the encoder-decoder's parts and the depth whose non-embedding parameters
     come closest to the encoder-decoder's."""
     base = ed.replace(architecture="decoder", encoder_layers=None)
-    target = model_info(ed)["params_active"]
+    size = lambda config: model_info(config)["params_active_non_embedding"]
+    target = size(ed)
     depths = range(1, 4 * (ed.num_hidden_layers + ed.n_encoder_layers) + 1)
-    best = min(depths, key=lambda n: abs(model_info(base.replace(num_hidden_layers=n))["params_active"] - target))
+    best = min(depths, key=lambda n: abs(size(base.replace(num_hidden_layers=n)) - target))
     return base.replace(num_hidden_layers=best)
 
 
@@ -126,7 +127,7 @@ def evaluate(args, arch: str, cfg, summary: dict) -> tuple[list[dict], list]:
             "decoding": "greedy" if beam == 1 else f"beam{beam}", **scores, "eval_seconds":
             round(time.perf_counter() - t0, 2), "train_seconds": summary["elapsed_s"], "train_steps": summary["step"],
             "train_tokens": summary["tokens"], "val_loss_end": summary.get("val_loss"), "params_total": params["total"],
-            "params_non_embedding": params["active"], "layers": [model.config.n_encoder_layers,
+            "params_non_embedding": params["active_non_embedding"], "layers": [model.config.n_encoder_layers,
             model.config.num_hidden_layers], "threads": args.threads, "cpu": cpu_name(), "torch": torch.__version__,
         })  # fmt: skip
     return rows, [(s, r, o) for (s, r), o in zip(texts, outputs)]
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     rows, curves, samples = [], {}, {}
     for arch, cfg in configs(args, out).items():
         print(f"training {arch} for {args.seconds:g} s -> {cfg.out}", file=sys.stderr)
-        summary = loop.train(cfg, quiet=True)
+        summary = loop.train(cfg, quiet=True, overwrite=True)
         found, samples[arch] = evaluate(args, arch, cfg, summary)
         for row in found:
             print(json.dumps(row, ensure_ascii=False), flush=True)

@@ -42,7 +42,7 @@ def test_the_decoder_twin_has_the_closest_depth():
 
     ed = ModelConfig.from_preset("vaswani-tiny-ed")
     twin = load_script().decoder_twin(ed)
-    target = model_info(ed)["params_active"]
-    gaps = {n: abs(model_info(twin.replace(num_hidden_layers=n))["params_active"] - target) for n in range(1, 9)}
+    size = lambda config: model_info(config)["params_active_non_embedding"]
+    gaps = {n: abs(size(twin.replace(num_hidden_layers=n)) - size(ed)) for n in range(1, 9)}
     assert twin.architecture == "decoder" and gaps[twin.num_hidden_layers] == min(gaps.values())
     assert twin.hidden_size == ed.hidden_size and twin.intermediate_size == ed.intermediate_size

@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import gc
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -64,8 +65,9 @@ from nanoseek.bench.common import (
     torch_threads,
 )
 from nanoseek.config import ModelConfig, OptimConfig
+from nanoseek.config.presets import canonical_name
 from nanoseek.data import BUNDLED_CORPUS
-from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
+from nanoseek.device import DevicePeak, add_device_arg, autocast, bf16_support, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
 from nanoseek.train.loop import maybe_compile
@@ -262,7 +264,7 @@ def hf_training_loss(model, x, y) -> torch.Tensor:
 
 
 def bench_train(
-    preset: str = "gpt2-small",
+    preset: str = "gpt2-mini",
     impls: tuple[str, ...] = ("nanoseek", "reference"),
     seq_len: int = 64,
     batch: int = 12,
@@ -282,6 +284,7 @@ def bench_train(
 
     `dtype` is nanoseek's (bfloat16 = autocast), `ref_dtype` the peers'; `device` is cpu, cuda,
     cuda:N or auto (on a GPU the timers synchronize and peak_device_mib is the CUDA allocator's peak)."""
+    preset = canonical_name(preset)  # results name the preset by its current name
     impls = tuple(impls)
     for impl in impls:
         if impl not in TRAIN_IMPLS:
@@ -334,7 +337,13 @@ def bench_train(
                 runner.run_round(batches, steps, warmup if r == 0 else 0)
 
     flops = train_flops_per_token(cfg, seq_len)
-    machine = {"threads": n_threads, "torch": torch.__version__, "cpu": cpu_name(), **device_info(where)}
+    machine = {
+        "threads": n_threads,
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        **device_info(where),
+        **bf16_support(where),
+    }
     results = []
     for runner in runners:
         per_round = [batch * seq_len / s for s in runner.round_seconds]
@@ -438,14 +447,15 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="gpt2-small", help="a GPT-2-shaped preset (default gpt2-small)")
+    parser.add_argument("--preset", default="gpt2-mini", help="a GPT-2-shaped preset (default gpt2-mini)")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        choices=(*DTYPES, "auto"),
         default="float32",
-        help="nanoseek's compute dtype (bfloat16 = autocast on --device)",
+        help="nanoseek's compute dtype (bfloat16 = autocast on --device; auto = bfloat16 where the device "
+        "has native bf16 matmuls, else float32)",
     )
     parser.add_argument("--ref-dtype", choices=tuple(DTYPES), default="float32", help="the peers' compute dtype")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
@@ -475,6 +485,14 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         if peer not in ("reference", "hf"):
             raise NanoseekError(f"--peers: unknown peer {peer!r}; choose from reference, hf, none")
     impls = ("nanoseek", *(["nanoseek-compiled"] if args.compile else []), *peers)
+    support = bf16_support(resolve_device(args.device))
+    print(
+        f"bf16 matmuls: {'native' if support['bf16_native'] else 'emulated'} ({support['bf16_evidence']}); "
+        f"train with --train.dtype={support['recommended_dtype']}",
+        file=sys.stderr,
+    )
+    if args.dtype == "auto":
+        args.dtype = support["recommended_dtype"]
     return bench_train(
         args.preset,
         impls,

@@ -329,8 +329,8 @@ class EncoderDecoder(nn.Module):
 
 
 def count_params(model: EncoderDecoder) -> dict:
-    """Parameters (the shared embedding once); `active` leaves out the embedding lookups, as the decoder-only
-    count does, and `matmul_active` adds a tied head back."""
+    """Parameters (the shared embedding once), with the decoder-only count's keys: every one is active (dense);
+    `active_non_embedding` leaves out the embedding lookups, `matmul_active` adds a tied head back."""
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     lookup = model.embed_tokens.weight.numel()
     if model.pos_embed is not None and hasattr(model.pos_embed, "weight"):
@@ -338,8 +338,8 @@ def count_params(model: EncoderDecoder) -> dict:
     head = model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
     return {
         "total": total,
-        "active": total - lookup,
-        "active_with_embeddings": total,
+        "active": total,
+        "active_non_embedding": total - lookup,
         "matmul_active": total - lookup + head,
         "mtp": 0,
         "mtp_active": 0,
@@ -368,7 +368,7 @@ def model_info(config: ModelConfig, seq_len: int | None = None) -> dict:
     return {
         "params_total": params["total"],
         "params_active": params["active"],
-        "params_active_with_embeddings": params["active_with_embeddings"],
+        "params_active_non_embedding": params["active_non_embedding"],
         "params_mtp": 0,
         "params_mtp_active": 0,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config),

@@ -11,16 +11,20 @@ The engine owns the model and one static KV cache of `max_batch` rows; a backgro
             sample each row with its own options and seeded generator
         a request that finishes (stop string, eos, max_tokens) or is cancelled leaves; the last
             running row moves into its place, so the running rows are always rows 0..n-1
+        a row whose cache is full slides: its most recent context // 2 tokens are prefilled again
+            into its row, and it goes on from there (the rule `sample` and `chat` follow too)
 
 Requests join and leave between decode steps, so a short request never waits for a long one and
 16 concurrent clients share one forward pass per token instead of taking turns. Admission is
-bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_batch + max_queue.
+bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_batch + max_queue;
+an embeddings request holds one of those places while it runs (`reserve`), in `call` jobs of a few
+hundred tokens each, so it takes turns with the decode steps instead of stalling them.
 
 What it shares with the token loop of `nanoseek.generation` (`TokenLoop`, `TextStream`): each row
 samples with its own `Sampler` (options, seeded generator, unknown ids masked, repetition penalty
 over the row's prompt and output), and its text and finishing rule come from its `Detokenizer`
-(UTF-8 safe, stop strings held back; "stop" at eos or a stop string, "length" at max_tokens or the
-end of the context). What stays here is the scheduling, which `TokenLoop` (one batch of equal
+(UTF-8 safe, stop strings held back; "stop" at eos or a stop string, "length" at max_tokens). What
+stays here is the scheduling, which `TokenLoop` (one batch of equal
 prompts, one cache of its own) cannot express: rows of different lengths in one cache, joining and
 leaving between steps. Text leaves one `Event` per piece, through the request's `emit` callback
 (the server hands them to its asyncio loop).
@@ -45,12 +49,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.errors import NanoseekError
 from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
 from nanoseek.generation.steps import decode_step, prefill
 from nanoseek.generation.streaming import Detokenizer
 from nanoseek.serve.logprobs import position_logprobs, prefill_with_prompt_logprobs
 
 log = logging.getLogger("nanoseek.serve")
+
+
+FAILED = "internal error in the generation engine"
 
 
 class QueueFull(Exception):
@@ -96,11 +104,45 @@ class Sequence:
     constraint: object | None = None  # a response_format grammar (serve/structured.py): masks, accepts
     recorded: list = field(default_factory=list)  # TokenLogprobs, prompt first, not yet emitted
     arrival: float = field(default_factory=time.monotonic)
+    dropped: int = 0  # tokens slid out of the row's cache (past the context)
 
     @property
     def position(self) -> int:
-        """Position of `last_token`, the token the next decode step feeds."""
-        return len(self.prompt_ids) + self.generated - 1
+        """Position of `last_token` in the row's cache, the token the next decode step feeds."""
+        return len(self.prompt_ids) + self.generated - 1 - self.dropped
+
+
+def cache_bytes_per_row(model, context: int) -> int:
+    """Bytes of one row of the static KV cache for `context` positions (measured on the meta device)."""
+    tensors = []
+    for layer in model.make_cache(1, context, device="meta"):
+        for value in vars(layer).values():
+            tensors += value.values() if isinstance(value, dict) else [value]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (MemAvailable for the CPU, on Linux); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            return None
+    return None
+
+
+def check_cache_fits(model, rows: int, context: int, device: torch.device) -> None:
+    """NanoseekError, before anything is allocated, when `rows` cache rows cannot fit in free memory."""
+    need = rows * cache_bytes_per_row(model, context)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise NanoseekError(
+            f"max batch {rows} needs a KV cache of {need / 2**30:,.1f} GiB ({rows} rows x {context} positions); "
+            f"{device} has {free / 2**30:,.1f} GiB free: lower --max-batch"
+        )
 
 
 class Engine:
@@ -112,12 +154,14 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = model.config.max_position_embeddings
         self.device = next(model.parameters()).device
+        check_cache_fits(model, max_batch, self.context, self.device)
         self.cache = model.make_cache(max_batch, self.context)
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.waiting: deque[Sequence] = deque()
         self.jobs: deque[tuple[Callable, Future]] = deque()
         self.wakeup = threading.Condition()
         self.stopping = False
+        self.reserved = 0  # places held by work beside the batch (embeddings requests)
         self.steps = self.tokens_out = 0
         self.observer = observer or EngineObserver()
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
@@ -137,14 +181,28 @@ class Engine:
         for s in seqs:  # a bad option fails its request here, not the engine thread
             s.options.validate()
         with self.wakeup:
-            busy = len(self.running) + len(self.waiting)
-            if busy + len(seqs) > self.max_batch + self.max_queue:
-                raise QueueFull(
-                    f"server busy: {busy} sequences running or waiting "
-                    f"(limit {self.max_batch} running + {self.max_queue} queued)"
-                )
+            self._check_room(len(seqs))
             self.waiting.extend(seqs)
             self.wakeup.notify()
+
+    def reserve(self) -> None:
+        """Hold one place of the admission limit for work beside the batch (an embeddings request, run
+        in `call` jobs); QueueFull when none is free. Give it back with `unreserve`."""
+        with self.wakeup:
+            self._check_room(1)
+            self.reserved += 1
+
+    def unreserve(self) -> None:
+        with self.wakeup:
+            self.reserved -= 1
+
+    def _check_room(self, places: int) -> None:
+        busy = len(self.running) + len(self.waiting) + self.reserved
+        if busy + places > self.max_batch + self.max_queue:
+            raise QueueFull(
+                f"server busy: {busy} sequences or embedding requests running or waiting "
+                f"(limit {self.max_batch} running + {self.max_queue} queued)"
+            )
 
     def cancel(self, seqs: list[Sequence]) -> None:
         with self.wakeup:
@@ -165,6 +223,7 @@ class Engine:
             return {
                 "running": len(self.running),
                 "waiting": len(self.waiting),
+                "embedding": self.reserved,
                 "max_batch": self.max_batch,
                 "max_queue": self.max_queue,
                 "decode_steps": self.steps,
@@ -188,12 +247,12 @@ class Engine:
                     self._admit()
                     if self.running:
                         self._decode()
-            except Exception:  # a bug must not kill the engine: fail the running requests, go on
+            except Exception:  # a bug outside any one request must not kill the engine: fail the running ones
                 message = traceback.format_exc(limit=3)
                 log.error("engine step failed:\n%s", message)
-                for seq in self.running:
-                    seq.emit(Event(seq.index, error="internal error in the generation engine"))
-                self.running.clear()
+                failed, self.running = self.running, []
+                for seq in failed:
+                    self._report_failure(seq)
 
     def _run_jobs(self, jobs) -> None:
         for fn, fut in jobs:
@@ -214,62 +273,140 @@ class Engine:
                 if not self.waiting:
                     return
                 seq = self.waiting.popleft()
-            row = len(self.running)
             self.running.append(seq)  # from here on, a failure reaches this request too
-            room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
-            seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
-            seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
-            view = [c.rows(row, row + 1) for c in self.cache]
-            if seq.echo_logprobs:
-                logits, seq.recorded = prefill_with_prompt_logprobs(self.model, seq.prompt_ids, view, seq.logprobs)
-            else:
-                logits = prefill(self.model, torch.tensor([seq.prompt_ids], device=self.device), view)
-            self.observer.prefilled(seq)
-            if seq.max_tokens == 0:  # echo only: the prompt (and its logprobs), nothing generated
-                seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
+            try:
+                logits = self._prefill(seq, len(self.running) - 1)
+                if seq.max_tokens == 0:  # echo only: the prompt (and its logprobs), nothing generated
+                    seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
+                    self._release([seq])
+                    continue
+                token = self._sample(logits, [seq])[0]
+                finished = token is not None and self._accept(seq, token)
+            except Exception:
+                log.exception("prefill failed; ending that request")
+                token = None
+            if token is None:
+                self._fail([seq])
+            elif finished:
                 self._release([seq])
-                continue
-            token = self._sample(logits, [seq])[0]
-            if self._accept(seq, token):
-                self._release([seq])
+
+    def _prefill(self, seq: Sequence, row: int) -> torch.Tensor:
+        """Prompt of `seq` into cache row `row`; the logits (1, V) of its first token."""
+        seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=seq.max_tokens)  # past the context: slides
+        seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
+        view = [c.rows(row, row + 1) for c in self.cache]
+        if seq.echo_logprobs:
+            logits, seq.recorded = prefill_with_prompt_logprobs(self.model, seq.prompt_ids, view, seq.logprobs)
+        else:
+            logits = prefill(self.model, torch.tensor([seq.prompt_ids], device=self.device), view)
+        self.observer.prefilled(seq)
+        return logits
 
     def _decode(self) -> None:
-        n = len(self.running)
-        tokens = torch.tensor([[s.last_token] for s in self.running], device=self.device)
-        positions = torch.tensor([s.position for s in self.running], device=self.device)
-        kv_len = max(s.position for s in self.running) + 1
-        view = [c.rows(0, n, kv_len) for c in self.cache]
-        logits = decode_step(self.model, tokens, view, positions)
+        """One step for every running row. Isolation: when the batched step raises, each row is
+        stepped alone (rewriting its cache position is harmless), so only the rows that fail on
+        their own end, with an error event; a row whose sampling or text fails ends alone too."""
+        seqs = list(self.running)
+        try:
+            tokens = self._sample(self._forward(0, len(seqs)), seqs)
+        except Exception:
+            log.exception("decode step of %d rows failed; stepping them one by one", len(seqs))
+            tokens = [self._decode_alone(row) for row in range(len(seqs))]
         self.steps += 1
-        self.observer.decoded(n)
-        sampled = self._sample(logits, self.running)
-        done = [s for s, t in zip(self.running, sampled) if self._accept(s, t)]
+        self.observer.decoded(len(seqs))
+        done, failed = [], []
+        for seq, token in zip(seqs, tokens):
+            try:
+                if token is None:
+                    failed.append(seq)
+                elif self._accept(seq, token):
+                    done.append(seq)
+            except Exception:
+                log.exception("emitting a token failed; ending that request")
+                failed.append(seq)
         self._release(done)
+        self._fail(failed)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row, each by its own sampler (the greedy rows in one argmax)."""
+    def _decode_alone(self, row: int) -> int | None:
+        try:
+            return self._sample(self._forward(row, row + 1), [self.running[row]])[0]
+        except Exception:
+            log.exception("decode step of one request failed; ending that request")
+            return None
+
+    def _forward(self, lo: int, hi: int) -> torch.Tensor:
+        """Logits (hi - lo, V) of one decode step of running rows lo..hi-1, each at its own position."""
+        seqs = self.running[lo:hi]
+        tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
+        positions = torch.tensor([s.position for s in seqs], device=self.device)
+        kv_len = max(s.position for s in seqs) + 1
+        view = [c.rows(lo, hi, kv_len) for c in self.cache]
+        return decode_step(self.model, tokens, view, positions)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """One token per row, each by its own sampler (the greedy rows in one argmax), after the row's
+        grammar mask; None for a row whose masking, sampling or bookkeeping raised (the others draw
+        exactly as they would without it)."""
+        failed: set[int] = set()
+
+        def fail(i: int, error: Exception) -> None:
+            log.error("sampling failed (%s: %s); ending that request", type(error).__name__, error)
+            failed.add(i)
+
         seen = [self._seen(s) for s in seqs]
         masked = logits
         for i, s in enumerate(seqs):
             if s.constraint is not None:  # response_format: only what the grammar accepts next
-                masked = masked.clone() if masked is logits else masked
-                masked[i] = s.constraint.mask(logits[i], s.detok.max_tokens - s.generated)
-        tokens = sample_rows(masked, [s.sampler for s in seqs], seen)
-        self._record_logprobs(logits, seqs, tokens)
-        for s, t in zip(seqs, tokens):
-            if s.constraint is not None:
-                s.constraint.accept(t)
-        return tokens
+                try:
+                    masked = masked.clone() if masked is logits else masked
+                    masked[i] = s.constraint.mask(logits[i], s.detok.max_tokens - s.generated)
+                except Exception as e:
+                    fail(i, e)
+        tokens = sample_rows(masked, [s.sampler for s in seqs], seen, on_error=fail)
+        tokens = [None if i in failed else t for i, t in enumerate(tokens)]
+        self._record_logprobs(logits, seqs, tokens, fail)
+        for i, (s, t) in enumerate(zip(seqs, tokens)):
+            if s.constraint is not None and t is not None and i not in failed:
+                try:
+                    s.constraint.accept(t)
+                except Exception as e:
+                    fail(i, e)
+        return [None if i in failed else t for i, t in enumerate(tokens)]
 
-    def _record_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
-        """The model's own logprobs of the sampled tokens (before any mask), for rows that asked."""
-        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+    def _record_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list, fail) -> None:
+        """The model's own logprobs of the sampled tokens (before any mask), for rows that asked; a row
+        whose recording raises is handed to `fail`."""
+        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None and tokens[i] is not None]
+        try:
+            self._record_rows(logits, seqs, tokens, rows)
+        except Exception:
+            for i in rows:  # find the row that fails alone; the others record as they would have
+                try:
+                    self._record_rows(logits, seqs, tokens, [i])
+                except Exception as e:
+                    fail(i, e)
+
+    @staticmethod
+    def _record_rows(logits: torch.Tensor, seqs: list[Sequence], tokens: list, rows: list[int]) -> None:
         if rows:
             top = max(seqs[i].logprobs for i in rows)
             entries = position_logprobs(logits[rows], [tokens[i] for i in rows], top)
             for i, e in zip(rows, entries):
                 e.top = e.top[: seqs[i].logprobs]
                 seqs[i].recorded.append(e)
+
+    def _fail(self, seqs: list[Sequence]) -> None:
+        """End `seqs` with an error event and free their rows; nobody else is touched."""
+        for seq in seqs:
+            self._report_failure(seq)
+        self._release(seqs)
+
+    @staticmethod
+    def _report_failure(seq: Sequence) -> None:
+        try:
+            seq.emit(Event(seq.index, error=FAILED))
+        except Exception:  # the client's loop is gone: nothing left to tell
+            log.exception("could not report a failed request")
 
     def _seen(self, seq: Sequence) -> torch.Tensor | None:
         """The ids the repetition penalty acts on, for rows that have one."""
@@ -291,7 +428,23 @@ class Engine:
         if reason or text:
             recorded, seq.recorded = (seq.recorded, []) if seq.logprobs is not None else (None, seq.recorded)
             seq.emit(Event(seq.index, text, reason, seq.generated, logprobs=recorded))
+        if reason is None and seq.position >= self.context:
+            return self._slide(seq)
         return reason is not None
+
+    def _slide(self, seq: Sequence) -> bool:
+        """The row's cache is full: keep its most recent context // 2 tokens (the newest sampled one
+        last), prefill them into its row again and sample on; True when the sequence finished. A
+        failure raises, to end this request alone as any failure of its step does."""
+        keep = (seq.prompt_ids + seq.output_ids)[-(self.context // 2) :]
+        seq.dropped = len(seq.prompt_ids) + seq.generated - len(keep)
+        row = self.running.index(seq)
+        view = [c.rows(row, row + 1) for c in self.cache]
+        logits = prefill(self.model, torch.tensor([keep], device=self.device), view)
+        token = self._sample(logits, [seq])[0]
+        if token is None:
+            raise RuntimeError("sampling after sliding past the context failed")
+        return self._accept(seq, token)
 
     def _release(self, seqs: list[Sequence]) -> None:
         """Remove finished or cancelled sequences; move the last running rows into the gaps."""

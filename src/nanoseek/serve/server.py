@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import sys
 
 import uvicorn
 
 from nanoseek.serve.app import create_app
 from nanoseek.serve.seq2seq import create_seq2seq_app
+from nanoseek.serve.transport import JSONErrorProtocol, listen_socket
 
 
 def is_loopback(host: str) -> bool:
@@ -45,21 +47,28 @@ def serve(
     max_queue: int = 64,
     max_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve `model` as `name` on http://host:port (blocks until the server stops); an encoder-decoder
-    model through serve/seq2seq.py."""
+    """Serve `model` as `name` on http://host:port (blocks until the server stops); `sock`: that address,
+    already bound (by `listen_socket`, before the model loaded). An encoder-decoder model is served by
+    serve/seq2seq.py."""
+    sock = sock or listen_socket(host, port)
     make_app = create_seq2seq_app if model.config.architecture == "encoder_decoder" else create_app
-    app = make_app(
-        model,
-        tokenizer,
-        name,
-        folder=folder,
-        api_key=api_key,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        max_tokens_limit=max_tokens,
-        max_body_bytes=max_body_bytes,
-    )
+    try:
+        app = make_app(
+            model,
+            tokenizer,
+            name,
+            folder=folder,
+            api_key=api_key,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_tokens_limit=max_tokens,
+            max_body_bytes=max_body_bytes,
+        )
+    except BaseException:
+        sock.close()
+        raise
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(
         f"serving {name} on http://{host}:{port} (max batch {max_batch}, "
@@ -67,4 +76,7 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, http=JSONErrorProtocol
+    )
+    uvicorn.Server(config).run(sockets=[sock])

@@ -13,7 +13,7 @@ loss against training seconds; chrF, BLEU and exact-length rate per model and de
 (the first --show held-out couplets with both models' beam outputs) and the two runs (encoder_decoder/,
 decoder/).
 
-    python benchmarks/seq2seq_compare.py --data ../shared/data/tang_poems.txt --seconds 180 --threads 2
+    python benchmarks/seq2seq_compare.py --seconds 180 --threads 2
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ ARCHITECTURES = ("encoder_decoder", "decoder")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", help="the Tang poems file (tang_poems.txt); needed for --task couplets")
+    p.add_argument("--data", default="tang", help="the poems of --task couplets (default: the bundled Tang poems)")
     p.add_argument("--task", default="couplets", help="the pair task (couplets; copy, reverse, sort for a smoke run)")
     p.add_argument("--preset", default="vaswani-mini-ed", help="the encoder-decoder preset (and its run defaults)")
     p.add_argument("--seconds", type=float, default=180.0, help="training seconds of each model")
@@ -169,8 +169,6 @@ def plot(rows: list[dict], curves: dict, path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.task == "couplets" and not args.data:
-        raise SystemExit("--task couplets needs --data tang_poems.txt")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

@@ -1,7 +1,5 @@
 """Pair tasks: couplets built from the poems and split by poem, the synthetic tasks, both batch layouts, the loader."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,8 +8,6 @@ from nanoseek.data.pairs import PairData, decoder_batch, encoder_decoder_batch, 
 from nanoseek.data.synthetic import synthetic_split, synthetic_target
 from nanoseek.data.tokenizer import CharTokenizer
 from nanoseek.errors import NanoseekError
-
-TANG = Path("/work/shared/data/tang_poems.txt")
 
 
 def test_a_couplet_is_two_clauses_of_equal_length():
@@ -53,9 +49,9 @@ def test_the_held_out_split_is_by_poem_fixed_and_without_repeats(poems_file, tmp
     assert not {s for s, _ in val2} & {s for s, _ in train2}
 
 
-@pytest.mark.skipif(not TANG.is_file(), reason="the Tang poems corpus is not on this machine")
-def test_the_tang_poems_make_some_ninety_thousand_couplets():
-    train, val = couplet_split([TANG], 0.1)
+def test_the_bundled_tang_poems_make_some_ninety_thousand_couplets():
+    train, val = pair_texts("couplets", [], 0.1, 32)  # no --data: the bundled poems
+    assert (train, val) == pair_texts("couplets", ["tang"], 0.1, 32)
     assert 75_000 < len(train) < 90_000 and 7_000 < len(val) < 10_000
     assert all(len(a) == len(b) >= 3 for a, b in train[:1000] + val[:1000])
     assert train[0] == ("秦川雄帝宅", "函谷壯皇居")
@@ -104,8 +100,6 @@ def test_pairs_longer_than_seq_len_are_left_out_of_training(poems_file):
 
 
 def test_pair_task_errors_name_what_to_do():
-    with pytest.raises(NanoseekError, match="--data tang_poems.txt"):
-        pair_texts("couplets", [], 0.1, 32)
     with pytest.raises(NanoseekError, match="drop --data"):
         pair_texts("copy", ["x.txt"], 0.1, 32)
     with pytest.raises(NanoseekError, match="too short"):

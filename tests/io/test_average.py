@@ -51,7 +51,7 @@ def test_averaging_needs_k_checkpoints_of_one_model(tmp_path):
 
 def test_the_average_command(tmp_path, capsys):
     run_with_checkpoints(tmp_path, [1, 2], preset="vaswani-tiny")
-    assert cli_main(["average", str(tmp_path), "--last", "2", "--out", str(tmp_path / "avg")]) == 0
+    assert cli_main(["average", str(tmp_path), "--last", "2", "--out", str(tmp_path / "avg"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "avg")
     assert (tmp_path / "avg" / MODEL_FILE).is_file()
     assert cli_main(["average", str(tmp_path), "--last", "0"]) == 2

@@ -80,12 +80,15 @@ def test_a_decoder_only_model_learns_the_answer_only(tmp_path, poems_file, capsy
     capsys.readouterr()
     assert cli_main(["sample", str(out), "--source", "天地一二三", "--beam", "2"]) == 0
     assert capsys.readouterr().out.endswith("\n")
-    assert cli_main(["eval", str(out), "--max-sentences", "4", "--samples", "2", "--beam", "1"]) == 0
+    assert cli_main(["eval", str(out), "--max-sentences", "4", "--samples", "2", "--beam", "1", "--json"]) == 0
     captured = capsys.readouterr()
     scores = json.loads(captured.out)
     assert {"bleu", "chrf", "exact_length_rate", "exact_match", "loss", "perplexity", "tokens"} <= set(scores)
     assert scores["sentences"] == 4 and scores["task"] == "couplets"
     assert captured.err.count("reference:") == 2
+    assert cli_main(["eval", str(out), "--max-sentences", "4", "--samples", "3", "--beam", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()  # on a terminal: the samples, then the scores
+    assert sum("reference:" in line for line in lines) == 3 and any(line.startswith("chrF") for line in lines)
 
 
 def test_the_commands_of_an_encoder_decoder_run(tmp_path, poems_file, capsys):
@@ -96,12 +99,14 @@ def test_the_commands_of_an_encoder_decoder_run(tmp_path, poems_file, capsys):
     assert cli_main(argv) == 0
     capsys.readouterr()
     assert cli_main(["sample", str(out), "--source", "天地一二三"]) == 0
-    assert cli_main(["eval", str(out), "--max-sentences", "3"]) == 0
+    assert cli_main(["eval", str(out), "--max-sentences", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["sentences"] == 3
     assert cli_main(["average", str(out), "--last", "2"]) == 0
     assert cli_main(["eval", str(out / "average-last-2"), "--max-sentences", "3", "--beam", "1"]) == 0
-    assert cli_main(["info", str(out)]) == 0
+    assert cli_main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["encoder_layers"] == 1
+    assert cli_main(["info", str(out)]) == 0
+    assert "encoder-decoder, 1 + 1 layers" in capsys.readouterr().out
     for argv, message in [
         (["chat", str(out)], "needs a decoder-only one"),
         (["sample", str(out), "--prompt", "天"], "give the text to translate with --source"),

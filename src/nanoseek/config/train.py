@@ -46,7 +46,7 @@ class DataConfig:
     val_fraction: float = 0.1  # the last fraction of tokens, held out for validation (nanoGPT's split)
     seq_len: int = 128  # tokens per training window (at most model.max_position_embeddings)
     cache_dir: str = ""  # where token shards go; "" = OUT/data
-    task: str = "lm"  # lm | couplets (data.path: the poems, default the bundled "tang") | copy | reverse | sort
+    task: str = "lm"  # lm | couplets (data.path: the poems, default the bundled tang) | copy | reverse | sort
 
 
 @dataclass

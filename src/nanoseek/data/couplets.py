@@ -2,8 +2,9 @@
 
 A Tang regulated poem is written in couplets (聯): two lines of the same length whose characters answer
 each other one by one, in tone, part of speech and meaning (秦川雄帝宅 / 函谷壯皇居). The poems file
-(`tang_poems.txt`, from the chinese-poetry project's 全唐詩) holds one poem per block, blocks separated by a
-blank line: a title line, an author line, then one line per couplet, e.g. `秦川雄帝宅，函谷壯皇居。`.
+(the bundled `tang_poems.txt`, from the chinese-poetry project's 全唐詩; `--data tang`) holds one poem per
+block, blocks separated by a blank line: a title line, an author line, then one line per couplet, e.g.
+`秦川雄帝宅，函谷壯皇居。`.
 
 A body line is a couplet pair when it is exactly two clauses, the first ended by ，？！ or ；, the second by
 。？！ or ；, of equal length (3 characters or more) and made only of CJK characters (lines with the corpus's

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoseek.data.corpora import CORPORA, corpus_path
 from nanoseek.data.couplets import couplet_split
 from nanoseek.data.files import atomic_write_text
 from nanoseek.data.synthetic import SYNTHETIC_TASKS, synthetic_split
@@ -53,15 +54,11 @@ IdPair = tuple[list[int], list[int]]
 
 
 def pair_texts(task: str, files: Sequence[str], val_fraction: float, seq_len: int) -> tuple[list, list]:
-    """(training, held-out) text pairs of `task`. Couplets come from the poem `files`; the synthetic tasks
-    make their own, sources up to (seq_len - 1) // 2 digits (so x <bos> y fits either layout)."""
+    """(training, held-out) text pairs of `task`. Couplets come from the poem `files` (default: the bundled
+    Tang poems, `tang`); the synthetic tasks make their own, sources up to (seq_len - 1) // 2 digits (so
+    x <bos> y fits either layout)."""
     if task == "couplets":
-        if not files:
-            raise NanoseekError(
-                "data.task='couplets' reads Tang poems: pass the poems file, e.g. --data tang_poems.txt "
-                "(blocks of title, author and couplet lines separated by blank lines)"
-            )
-        return couplet_split(files, val_fraction)
+        return couplet_split([corpus_path(f) for f in files] or [str(CORPORA["tang"])], val_fraction)
     if task not in SYNTHETIC_TASKS:
         raise NanoseekError(f"data.task={task!r} is not a pair task; choose one of: {', '.join(PAIR_TASKS)}")
     if files:

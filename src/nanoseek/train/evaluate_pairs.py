@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nanoseek.data.corpora import corpus_path
 from nanoseek.data.pairs import PairData, pair_texts
 from nanoseek.errors import NanoseekError
 from nanoseek.generation.seq2seq import is_encoder_decoder, translate
@@ -111,7 +112,7 @@ def evaluate_pair_checkpoint(
     task = data_cfg.get("task", "lm")
     if task == "lm":
         raise NanoseekError(f"{folder} was not trained on a pair task (data.task is 'lm')")
-    files = [str(data_path)] if data_path else data_cfg.get("path") or []
+    files = [corpus_path(f) for f in ([str(data_path)] if data_path else data_cfg.get("path") or [])]
     for f in files:
         if not Path(f).is_file():
             raise NanoseekError(f"data file {f} is gone; pass --data PATH")

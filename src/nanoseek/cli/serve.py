@@ -70,7 +70,7 @@ def run_serve(args, extra) -> int:
     warn_if_open(args.host, api_key)  # before the model loads, which can take minutes
     sock = listen_socket(args.host, args.port)  # a port in use or a bad host: an error now, not after loading
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    model, tok, folder = load(args)
+    model, tok, folder = load(args, encoder_decoder=True)
     serve(
         model,
         tok,

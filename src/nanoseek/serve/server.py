@@ -14,6 +14,7 @@ import sys
 import uvicorn
 
 from nanoseek.serve.app import create_app
+from nanoseek.serve.seq2seq import create_seq2seq_app
 from nanoseek.serve.transport import JSONErrorProtocol, listen_socket
 
 
@@ -49,10 +50,12 @@ def serve(
     sock: socket.socket | None = None,
 ) -> None:
     """Serve `model` as `name` on http://host:port (blocks until the server stops); `sock`: that address,
-    already bound (by `listen_socket`, before the model loaded)."""
+    already bound (by `listen_socket`, before the model loaded). An encoder-decoder model is served by
+    serve/seq2seq.py."""
     sock = sock or listen_socket(host, port)
+    make_app = create_seq2seq_app if model.config.architecture == "encoder_decoder" else create_app
     try:
-        app = create_app(
+        app = make_app(
             model,
             tokenizer,
             name,

@@ -366,9 +366,21 @@ def create_app(
     max_tokens_limit: int | None = None,
     max_body_bytes: int = 1 << 20,
     folder=None,
+    compile: bool = False,
+    prefix_cache_bytes: int = 0,
 ) -> FastAPI:
+    """The app; `compile` and `prefix_cache_bytes` as `Engine` takes them (the decode step is
+    compiled before the app answers its first request)."""
     metrics = ServerMetrics()
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, observer=metrics)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        observer=metrics,
+        compile=compile,
+        prefix_cache_bytes=prefix_cache_bytes,
+    )
     metrics.watch(engine)
     context = model.config.max_position_embeddings
     service = Service(model, tokenizer, model_name, engine, max_tokens_limit or context, folder)
@@ -376,6 +388,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
+        await asyncio.to_thread(engine.ready.wait)  # the compiled step's warm-up, before any request
         yield
         engine.stop()
 

@@ -210,7 +210,10 @@ async def next_event(queue: asyncio.Queue, request: Request):
     """The next engine event, or None once the client has gone away.
 
     One `queue.get()` task is awaited across the disconnect polls (asyncio.wait, not wait_for:
-    on Python 3.11 a wait_for that times out just as the item arrives drops the item)."""
+    on Python 3.11 a wait_for that times out just as the item arrives drops the item). An event
+    already waiting is taken at once: under load most are, and a task per token would cost more."""
+    if not queue.empty():
+        return queue.get_nowait()
     getter = asyncio.ensure_future(queue.get())
     try:
         while True:

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/nanoseek train --out runs/demo
+	$(VENV)/bin/nanoseek train --out runs/demo --overwrite
 	$(VENV)/bin/nanoseek sample runs/demo --prompt "ROMEO:" --max-new-tokens 400 --seed 1
 
 test: $(STAMP)

@@ -21,7 +21,7 @@ $PY benchmarks/bench_load.py --rounds 2 | tee "$OUT/load.jsonl"
 # validation loss at equal wall-clock on the bundled corpus with a trained BPE tokenizer
 $NS tokenizer train --vocab-size 2048 --out "$OUT/bpe2048.json" src/nanoseek/data/tinyshakespeare.txt
 for p in deepseek-v3-small llama-small gpt2-small; do
-  $NS train --preset $p --out "$OUT/eq-$p" --data.tokenizer="$OUT/bpe2048.json" --data.seq_len=256 \
+  $NS train --preset $p --out "$OUT/eq-$p" --overwrite --data.tokenizer="$OUT/bpe2048.json" --data.seq_len=256 \
     --train.batch_size=8 --train.max_steps=0 --train.max_seconds=150 --optim.lr=1e-3 --schedule.warmup_steps=50 \
     --eval.every=0 --checkpoint.every=0 --log.progress=false --train.threads=2 | tee "$OUT/eq-$p.json"
 done

@@ -66,6 +66,10 @@ CASES = {
         ),
     ),
     "llama_gqa": ("LlamaConfig", dict(TINY, num_key_value_heads=2)),
+    "gpt2": (
+        "GPT2Config",
+        dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1),
+    ),
     # V3.2: 24-token inputs, each query keeps its top 6 keys by the lightning indexer
     "v32_dsa": (
         "DeepseekV32Config",
@@ -107,7 +111,9 @@ def test_hf_to_nanoseek_logits_and_greedy(saved):
     assert generate(ours, prompt[0], max_new_tokens=16, temperature=0).tolist() == hf_new.tolist()
 
 
-@pytest.mark.parametrize("preset", ["deepseek-v3-tiny", "deepseek-v2-tiny", "llama-tiny", "deepseek-v32-tiny"])
+@pytest.mark.parametrize(
+    "preset", ["deepseek-v3-tiny", "deepseek-v2-tiny", "llama-tiny", "deepseek-v32-tiny", "gpt2-tiny"]
+)
 def test_nanoseek_to_hf_logits(preset, tmp_path):
     torch.manual_seed(0)
     ours = Transformer(ModelConfig.from_preset(preset, initializer_range=0.1)).eval()
@@ -115,6 +121,9 @@ def test_nanoseek_to_hf_logits(preset, tmp_path):
         for name, buf in ours.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn_like(buf) * 0.05)
+        for name, p in ours.named_parameters():
+            if name.endswith("bias"):  # zero at init: make a misplaced one show
+                p.normal_(0, 0.1)
     ours.save_pretrained(tmp_path, format="hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
     x = torch.randint(0, 128, (2, 20))
@@ -145,6 +154,21 @@ def test_sharded_checkpoint_loads(tmp_path):
     hf = hf_model("v3_group_limited_yarn")
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert (load_model(tmp_path)(x).logits - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_gpt2_folder_in_openai_layout_loads(tmp_path):
+    """OpenAI's GPT-2 folders name tensors without `transformer.` and store each layer's causal mask."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_model("gpt2")
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    state.update({f"h.{i}.attn.bias": torch.ones(1, 1, 256, 256).tril() for i in range(2)})
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     x = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
         assert (load_model(tmp_path)(x).logits - hf(x).logits).abs().max().item() <= 1e-4

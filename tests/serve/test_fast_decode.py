@@ -89,3 +89,16 @@ def test_a_failed_warm_up_leaves_the_engine_decoding_eagerly(monkeypatch):
     got, _, engine = run(model, compile=True)
     assert engine.fast is None and not engine.stats()["compiled"]
     assert got == run(model, compile=False)[0]
+
+
+def test_a_failing_compiled_step_leaves_each_row_to_the_eager_step(monkeypatch):
+    """Isolation on the compiled path: the rows of a failed batched step are stepped alone, eagerly."""
+
+    def broken(self, tokens, positions):
+        raise RuntimeError("a broken graph")
+
+    monkeypatch.setattr(FastDecode, "warm_up", lambda self: 0.0)
+    monkeypatch.setattr(FastDecode, "step", broken)
+    model = tiny_model("gpt2-tiny")
+    got, _, engine = run(model, compile=True)
+    assert engine.fast is not None and got == run(model, compile=False)[0]

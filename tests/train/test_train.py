@@ -48,7 +48,7 @@ def losses(out) -> list:
 
 def test_run_writes_metrics_plot_and_checkpoint(small_corpus, tmp_path):
     summary = loop.train(tiny_cfg(small_corpus, tmp_path, **{"log.plot": True, "eval.every": 6}), quiet=True)
-    assert summary["step"] == 12 and summary["stopped_by"] == "budget"
+    assert summary["step"] == 12 and summary["stopped_by"] == "max_steps"
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(records[0])
     assert any("val_loss" in r for r in records)
@@ -275,7 +275,7 @@ def test_wall_clock_budget_stops_the_run(small_corpus, tmp_path):
     summary = loop.train(
         tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 0, "train.max_seconds": 0.5}), quiet=True
     )
-    assert summary["stopped_by"] == "budget" and 0.5 <= summary["elapsed_s"] < 5
+    assert summary["stopped_by"] == "max_seconds" and 0.5 <= summary["elapsed_s"] < 5
 
 
 def test_bf16_autocast_trains(small_corpus, tmp_path):

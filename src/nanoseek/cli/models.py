@@ -101,12 +101,17 @@ def add_convert_arguments(cv) -> None:
     cv.add_argument("dst", help="the new folder (must not exist or be empty)")
     cv.add_argument("--to", choices=("hf", "nanoseek"), required=True)
     cv.add_argument("--dtype", choices=("float32", "bfloat16"))
+    cv.add_argument(
+        "--drop-mtp",
+        action="store_true",
+        help="--to hf: leave DeepSeek's MTP layers out (kept by default, as DeepSeek's checkpoints keep them)",
+    )
     add_trust_pickle(cv)
 
 
 def run_convert(args, extra) -> int:
     reject_extra(extra)
-    out = convert(args.src, args.dst, args.to, args.dtype, args.trust_pickle)
+    out = convert(args.src, args.dst, args.to, args.dtype, args.trust_pickle, args.drop_mtp)
     print(json.dumps({"converted": str(args.src), "to": args.to, "out": str(out)}))
     return 0
 

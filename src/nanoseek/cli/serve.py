@@ -48,6 +48,8 @@ def check_limits(args) -> None:
     for name in ("port", "max_batch", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise NanoseekError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.port > 65535:
+        raise NanoseekError(f"--port={args.port} must be a TCP port, 1..65535")
     if args.max_queue < 0 or (args.max_tokens is not None and args.max_tokens < 1):
         raise NanoseekError("--max-queue must be >= 0 and --max-tokens >= 1")
     if not 0 <= args.prefix_cache_mb < float("inf"):  # also refuses nan
@@ -58,11 +60,13 @@ def run_serve(args, extra) -> int:
     reject_extra(extra)
     try:
         from nanoseek.serve.server import serve, warn_if_open
+        from nanoseek.serve.transport import listen_socket
     except ImportError as e:
         raise NanoseekError(f"serving needs the serve extra (pip install 'nanoseek[serve]'): {e}") from None
     check_limits(args)
     api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     warn_if_open(args.host, api_key)  # before the model loads, which can take minutes
+    sock = listen_socket(args.host, args.port)  # a port in use or a bad host: an error now, not after loading
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     model, tok, folder = load(args)
     serve(
@@ -79,6 +83,7 @@ def run_serve(args, extra) -> int:
         max_body_bytes=args.max_body_bytes,
         compile=args.compile,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+        sock=sock,
     )
     return 0
 

@@ -27,13 +27,19 @@ def add_train_arguments(t) -> None:
     t.add_argument("config", nargs="?", help="a TOML or JSON config file")
     t.add_argument("--preset", help="named model config (list them with `nanoseek presets`)")
     t.add_argument("--data", nargs="+", help="text files to train on (default: bundled tiny Shakespeare)")
-    t.add_argument("--out", help="run directory (default runs/default)")
+    t.add_argument("--out", help="run directory, one run per folder (default runs/default)")
     t.add_argument("--max-steps", type=int, help="= --train.max_steps (default: the preset's)")
     t.add_argument(
         "--resume",
         action="store_true",
         help="continue from the run directory's latest checkpoint, with the run's saved config (flags may change "
         "budgets and cadences, not the model)",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in --out even though it holds one: deletes that run's files first (without this, "
+        "a folder holding a run is an error)",
     )
     t.add_argument("--nproc", type=int, help="launch N processes with torchrun (DDP unless --dist.strategy=fsdp)")
 
@@ -55,7 +61,7 @@ def run_train(args, extra) -> int:
     else:
         cfg = build_train_config(args.config, args.preset, overrides)
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as e:
         print(f"nanoseek: {e}", file=sys.stderr)
         return 1

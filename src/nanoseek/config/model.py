@@ -25,13 +25,13 @@ from nanoseek.errors import NanoseekError
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "v4")
 SPARSE_KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
-FFNS = ("relu", "gelu", "swiglu", "moe")
+FFNS = ("relu", "gelu", "gelu_tanh", "swiglu", "moe")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 FUSIONS = ("residual", "dwa", "dynamic", "hyper", "mhc")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-ROPE_TYPES = ("default", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")  # model/position.py
 
 
 @dataclass
@@ -322,14 +322,35 @@ class ModelConfig:
 
     def _validate_rope_scaling(self):
         rs = self.rope_scaling
+        if not isinstance(rs, dict):
+            raise NanoseekError(f"rope_scaling={rs!r} must be a table with a rope_type ({', '.join(ROPE_TYPES)})")
         kind = rs.get("rope_type", rs.get("type", "default"))
         check_choice("rope_scaling.rope_type", kind, ROPE_TYPES)
-        if kind == "yarn":
+        if kind in ("linear", "dynamic", "yarn", "llama3"):
             factor = rs.get("factor")
             if not isinstance(factor, (int, float)) or factor < 1:
                 raise NanoseekError(f"rope_scaling.factor={factor!r} must be a number >= 1")
-            if not isinstance(rs.get("original_max_position_embeddings", 0), int):
-                raise NanoseekError("rope_scaling.original_max_position_embeddings must be an integer")
+        if not isinstance(rs.get("original_max_position_embeddings", 0), int):
+            raise NanoseekError("rope_scaling.original_max_position_embeddings must be an integer")
+        if kind == "llama3":
+            low, high = rs.get("low_freq_factor"), rs.get("high_freq_factor")
+            if not all(isinstance(v, (int, float)) for v in (low, high)) or not 0 < low < high:
+                raise NanoseekError(
+                    f"rope_scaling low_freq_factor={low!r}, high_freq_factor={high!r}: llama3 needs numbers "
+                    "with 0 < low_freq_factor < high_freq_factor"
+                )
+        if kind == "longrope":
+            for name in ("short_factor", "long_factor"):
+                factors = rs.get(name)
+                if not isinstance(factors, list) or len(factors) != self.rope_dim // 2:
+                    raise NanoseekError(
+                        f"rope_scaling.{name} must be a list of {self.rope_dim // 2} numbers (rotary dims / 2)"
+                    )
+        if self.attention == "v4" and kind in ("dynamic", "longrope"):
+            raise NanoseekError(
+                f"rope_scaling.rope_type={kind!r} changes with the sequence length; attention='v4' takes "
+                "default, linear, yarn or llama3"
+            )
 
     # ----- construction helpers
     @classmethod

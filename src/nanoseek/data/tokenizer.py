@@ -6,7 +6,9 @@ A language model only sees integers. A tokenizer fixes the vocabulary: the list 
 * ``CharTokenizer`` — one token per character, like nanoGPT's ``shakespeare_char``. The vocabulary
   is the set of distinct characters of the training corpus (tiny Shakespeare: 65), followed by
   the three special tokens and 256 *byte-fallback* tokens. A character the corpus never showed
-  (a Chinese character, an emoji) is spelled with the byte tokens of its UTF-8 encoding.
+  (a Chinese character, an emoji) is spelled with the byte tokens of its UTF-8 encoding. In an HF
+  export it is written in the HF ``tokenizers`` format (``to_hf_json_str``: a BPE vocabulary with
+  byte fallback and no merges) and read back as the same char tokenizer.
 * ``BPETokenizer`` — byte-level Byte-Pair Encoding, the scheme of GPT-2, Llama 3 and DeepSeek.
   Text is first viewed as UTF-8 bytes; training starts from the 256 single bytes and repeatedly
   merges the most frequent adjacent pair into a new token until the vocabulary is full. Training
@@ -147,6 +149,10 @@ class Tokenizer(abc.ABC):
         return (self.bos_id, self.eos_id, self.pad_id)
 
     @abc.abstractmethod
+    def special_token_names(self) -> dict[str, str]:
+        """{"bos_token", "eos_token", "pad_token"}: the strings of the special ids (as HF names them)."""
+
+    @abc.abstractmethod
     def _encode_escaped(self, text: str) -> list[int]:
         """Ids of an escaped str (see ``to_escaped_str``), without special tokens."""
 
@@ -234,6 +240,9 @@ class CharTokenizer(Tokenizer):
             raise NanoseekError("char tokenizer training text is empty: no characters to learn")
         return cls(chars)
 
+    def special_token_names(self) -> dict[str, str]:
+        return dict(zip(("bos_token", "eos_token", "pad_token"), SPECIAL_TOKENS))
+
     def _encode_escaped(self, text: str) -> list[int]:
         codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
         ids = np.searchsorted(self._codepoints, codepoints).astype(np.int64)
@@ -267,6 +276,43 @@ class CharTokenizer(Tokenizer):
             "byte_fallback_start": self._byte_base,
         }
         return json.dumps(content, ensure_ascii=False, indent=1)
+
+    def to_hf_json_str(self) -> str:
+        """The same tokenizer in the HF `tokenizers` format (what `AutoTokenizer` loads): a BPE model
+        without merges over the same ids, whose `byte_fallback` spells an unknown character with the
+        `<0xXX>` tokens of its UTF-8 bytes, decoded back by ByteFallback + Fuse. Encodes and decodes
+        valid text exactly as this tokenizer does; `from_hf_content` reads it back."""
+        from tokenizers import AddedToken, decoders, models
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {c: i for i, c in enumerate(self.chars)}
+        vocab.update(zip(SPECIAL_TOKENS, self.special_ids))
+        vocab.update({f"<0x{b:02X}>": self._byte_base + b for b in range(256)})
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        return hf.to_str(pretty=True)
+
+    @classmethod
+    def from_hf_content(cls, content: dict) -> CharTokenizer | None:
+        """The char tokenizer an HF tokenizer.json written by `to_hf_json_str` holds (None if it is not one)."""
+        model = content.get("model") or {}
+        if not (model.get("type") == "BPE" and model.get("byte_fallback") and not model.get("merges")):
+            return None
+        by_id = sorted((i, t) for t, i in (model.get("vocab") or {}).items())
+        tokens = [t for _, t in by_id]
+        n = len(tokens) - len(SPECIAL_TOKENS) - 256
+        layout = [f"<0x{b:02X}>" for b in range(256)]
+        if (
+            n < 1
+            or [i for i, _ in by_id] != list(range(len(tokens)))
+            or tokens[n : n + len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS)
+            or tokens[n + len(SPECIAL_TOKENS) :] != layout
+            or any(len(t) != 1 for t in tokens[:n])
+            or "".join(sorted(tokens[:n])) != "".join(tokens[:n])
+        ):
+            return None
+        return cls("".join(tokens[:n]))
 
     @classmethod
     def from_json(cls, content: dict, source: str) -> CharTokenizer:
@@ -383,6 +429,10 @@ class BPETokenizer(Tokenizer):
             raise NanoseekError(f"{source}: not a valid HF tokenizer.json ({error})") from None
         return cls(hf_tokenizer, source=source)
 
+    def special_token_names(self) -> dict[str, str]:
+        ids = dict(zip(("bos_token", "eos_token", "pad_token"), self.special_ids))
+        return {name: self._hf.id_to_token(token_id) for name, token_id in ids.items()}
+
     def _encode_escaped(self, text: str) -> list[int]:
         if not text:
             return []
@@ -464,6 +514,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise NanoseekError(f"tokenizer file {file} must hold a JSON object")
     if content.get("type") == CHAR_FORMAT:
         return CharTokenizer.from_json(content, str(file))
+    char = CharTokenizer.from_hf_content(content)  # a char tokenizer exported in the HF format
+    if char is not None:
+        return char
     model = content.get("model")
     if isinstance(model, dict) and model.get("type", "BPE") == "BPE" and "merges" in model:
         return BPETokenizer.from_json_str(text, str(file))

@@ -2,8 +2,11 @@
 context, and stream the replies (`Chat`, what `nanoseek chat` runs).
 
 A checkpoint folder's `tokenizer_config.json` may carry a Jinja `chat_template` (as HF checkpoints
-do). It is rendered in Jinja's immutable sandbox: templates cannot reach Python internals, files or
-the network. Models without a template (e.g. nanoseek's own char-level demo) get a plain transcript:
+do; transformers 5 writes it to `chat_template.jinja`). It is rendered in Jinja's immutable sandbox,
+in a worker process with a time and size budget (template_sandbox.py): templates cannot reach Python
+internals, files or the network, nor hold up the caller; a template that fails or runs past its
+budget raises ChatTemplateError (a NanoseekError). Models without a template (e.g. nanoseek's own
+char-level demo) get a plain transcript:
 
     User: Hello
     Assistant:
@@ -25,30 +28,68 @@ from pathlib import Path
 
 from nanoseek.errors import NanoseekError
 from nanoseek.generation.streaming import TextStream
+from nanoseek.generation.template_sandbox import render_template
 
 ROLES = ("system", "user", "assistant")
 
 
 def load_chat_template(folder: str | Path | None) -> dict:
-    """{"template": str | None, "bos_token": str, "eos_token": str} from tokenizer_config.json."""
-    info = {"template": None, "bos_token": "", "eos_token": ""}
+    """{"template": str | None, "bos_token": str, "eos_token": str, "source": path} from the folder's
+    tokenizer_config.json (or chat_template.jinja beside it); NanoseekError (one line naming the file
+    and the field) when one is malformed."""
+    info = {"template": None, "bos_token": "", "eos_token": "", "source": "tokenizer_config.json"}
     if folder is None:
         return info
     path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
-        return info
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise NanoseekError(f"{path} is not valid JSON ({e})") from None
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # named templates: take "default"
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja = Path(folder) / "chat_template.jinja"  # where transformers 5 saves it
+    cfg = _read_json_object(path) if path.is_file() else {}
+    template = _template_source(path, cfg.get("chat_template"))
+    info["source"] = str(path)
+    if template is None and jinja.is_file():
+        template, info["source"] = _read_text(jinja), str(jinja)
     info["template"] = template
     for key in ("bos_token", "eos_token"):
         value = cfg.get(key) or ""
-        info[key] = value.get("content", "") if isinstance(value, dict) else value
+        value = value.get("content", "") if isinstance(value, dict) else value
+        if not isinstance(value, str):
+            raise NanoseekError(f"{path}: {key} must be a string or {{content: string}}, not {type(value).__name__}")
+        info[key] = value
     return info
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise NanoseekError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise NanoseekError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def _read_json_object(path: Path) -> dict:
+    text = _read_text(path)
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise NanoseekError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise NanoseekError(f"{path} is nested too deeply") from None
+    if not isinstance(cfg, dict):
+        raise NanoseekError(f"{path} must hold a JSON object, not a {type(cfg).__name__}")
+    return cfg
+
+
+def _template_source(path: Path, template) -> str | None:
+    """The template text: a string, or the "default" one of a list of {name, template} (HF's form)."""
+    if isinstance(template, list):
+        if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+            raise NanoseekError(f"{path}: chat_template as a list must hold {{name, template: string}} objects")
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise NanoseekError(
+            f"{path}: chat_template must be a string or a list of {{name, template}}, not {type(template).__name__}"
+        )
+    return template or None
 
 
 def check_messages(messages) -> list[dict]:
@@ -71,28 +112,14 @@ def render_chat(messages: list[dict], template: dict | None = None, add_generati
 
 
 def _render_jinja(template: dict, messages: list[dict], add_generation_prompt: bool) -> str:
-    try:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise NanoseekError(
-            "this checkpoint has a chat template; rendering it needs jinja2 (pip install 'nanoseek[hf]')"
-        ) from None
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template["template"]).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=template.get("bos_token", ""),
-            eos_token=template.get("eos_token", ""),
-        )
-    except TemplateError as e:
-        raise NanoseekError(f"chat template failed: {e}") from None
+    """The checkpoint's template in the sandboxed, time- and size-bounded worker (template_sandbox.py)."""
+    variables = {
+        "messages": messages,
+        "add_generation_prompt": add_generation_prompt,
+        "bos_token": template.get("bos_token", ""),
+        "eos_token": template.get("eos_token", ""),
+    }
+    return render_template(template["template"], variables, template.get("source", "tokenizer_config.json"))
 
 
 def trim_history(

@@ -2,10 +2,17 @@
 
     unknown ids: -inf for ids past the tokenizer's vocabulary (a model may pad its vocabulary)
     repetition penalty (CTRL): for tokens already seen, l -> l / r if l > 0 else l * r
+    finite logits: NaN -> -inf (never drawn); a row holding +inf draws among its +inf entries
     temperature 0: argmax (greedy)
-    l -> l / T;  top-k: keep the k largest;  top-p (nucleus): keep the smallest set of most
-    likely tokens whose total probability is >= p (the most likely token always stays)
+    l -> (l - max l) / T;  top-k: keep the k largest;  top-p (nucleus): keep the smallest set of
+    most likely tokens whose total probability is >= p (the most likely token always stays)
     x ~ Multinomial(softmax(l)), drawn from a local `torch.Generator` when a seed is given.
+
+Whatever the logits and options, the probabilities are finite, >= 0 and sum to 1: after the shift
+the most likely token sits at exactly 0, so the softmax has a term exp(0) = 1 in every row, and a
+tiny temperature (1e-40, 5e-324: below float32's smallest normal number, where l / T would
+overflow or divide by zero) is clamped to that smallest normal, which leaves all the mass on the
+most likely tokens: it acts as greedy. A row with no finite logit at all is drawn uniformly.
 
 `Sampler` holds one sequence's (or one batch's) options and seeded generator; the token loop,
 the server engine and speculative decoding all sample through it.
@@ -17,7 +24,8 @@ the server engine and speculative decoding all sample through it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +60,40 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+# below this, l / T overflows float32 (or T itself rounds to 0): such temperatures act as this one
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits with a finite maximum in every row: NaN -> -inf; a row holding +inf keeps only its +inf
+    entries (as 0, the rest -inf); a row of only -inf (or NaN) becomes all 0 (uniform)."""
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    has_posinf = (logits == float("inf")).any(dim=-1, keepdim=True)
+    if has_posinf.any():
+        certain = torch.where(logits == float("inf"), 0.0, float("-inf"))
+        logits = torch.where(has_posinf, certain, logits)
+    nothing = (logits == float("-inf")).all(dim=-1, keepdim=True)
+    if nothing.any():
+        logits = logits.masked_fill(nothing, 0.0)
+    return logits
+
+
+def next_token_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The sampling distribution (B, V) of float logits (B, V) at temperature > 0, after top-k and top-p:
+    always finite, >= 0, each row summing to 1 (see the module docstring)."""
+    logits = finite_logits(logits)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # max exactly 0, the rest <= 0 or -inf
+    scaled = shifted / (temperature if temperature > MIN_TEMPERATURE else MIN_TEMPERATURE)  # nan: MIN too
+    scaled = scaled.nan_to_num(nan=float("-inf"))  # -inf / inf
+    if top_k is not None:
+        scaled = top_k_filter(scaled, top_k)
+    if top_p is not None and top_p < 1.0:
+        scaled = top_p_filter(scaled, top_p)
+    return torch.softmax(scaled, dim=-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -64,13 +106,8 @@ def sample_next(
     """Next token ids (B,) int64 from logits (B, V); temperature 0 is greedy."""
     logits = apply_repetition_penalty(logits.float(), recent_tokens, repetition_penalty)
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
+        return finite_logits(logits).argmax(dim=-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -92,14 +129,14 @@ class SamplingOptions:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise NanoseekError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise NanoseekError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
         if self.top_k is not None and self.top_k < 1:
             raise NanoseekError(f"top_k={self.top_k} must be >= 1 (or None for no limit)")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise NanoseekError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise NanoseekError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise NanoseekError(f"repetition_penalty={self.repetition_penalty} must be a finite number > 0 (1 = off)")
 
     def make_generator(self, device: torch.device) -> torch.Generator | None:
         """A local generator seeded with `seed`; None (the global RNG) when there is no seed."""
@@ -140,15 +177,28 @@ class Sampler:
 
 
 def sample_rows(
-    logits: torch.Tensor, samplers: Sequence[Sampler], seen: Sequence[torch.Tensor | None] | None = None
-) -> list[int]:
+    logits: torch.Tensor,
+    samplers: Sequence[Sampler],
+    seen: Sequence[torch.Tensor | None] | None = None,
+    on_error: Callable[[int, Exception], None] | None = None,
+) -> list[int | None]:
     """One token per row of `logits` (B, V), row i by `samplers[i]` (seen ids `seen[i]`, (1, T)):
     the greedy rows in one argmax, the others each with its own options and generator. The rows
-    share the first sampler's tokenizer (one server, one tokenizer)."""
+    share the first sampler's tokenizer (one server, one tokenizer). With `on_error`, a row whose
+    sampling raises gets None and `on_error(i, error)`; the other rows (and their generators) are
+    untouched by it."""
     if not samplers:
         return []
-    tokens = mask_unknown_ids(logits, samplers[0].tokenizer).argmax(dim=-1).tolist()
+    tokens: list[int | None] = (
+        finite_logits(mask_unknown_ids(logits, samplers[0].tokenizer).float()).argmax(-1).tolist()
+    )
     for i, sampler in enumerate(samplers):
         if not sampler.greedy:
-            tokens[i] = int(sampler(logits[i : i + 1], None if seen is None else seen[i])[0])
+            try:
+                tokens[i] = int(sampler(logits[i : i + 1], None if seen is None else seen[i])[0])
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(i, e)
+                tokens[i] = None
     return tokens

@@ -3,8 +3,8 @@
     load_checkpoint(path, dtype=None, trust_pickle=False, tokenizer=True, device=None)
         -> LoadedCheckpoint(model, tokenizer, folder)
     load_model(path, dtype=None, trust_pickle=False) -> model in eval mode
-    save_model(model, directory, format="nanoseek" | "hf", tokenizer_dir=None) -> directory
-    convert(src, dst, format, dtype=None, trust_pickle=False) -> dst
+    save_model(model, directory, format="nanoseek" | "hf", tokenizer_dir=None, drop_mtp=False) -> directory
+    convert(src, dst, format, dtype=None, trust_pickle=False, drop_mtp=False) -> dst
 
 `path` may be a checkpoint folder, a run folder (its latest checkpoint) or an HF-format folder;
 `folder` is the checkpoint folder it resolved to, where tokenizer.json, tokenizer_config.json (chat
@@ -91,25 +91,34 @@ def save_native(model, directory, tokenizer_dir=None) -> Path:
     return directory
 
 
-def save_model(model, directory, format: str = "nanoseek", tokenizer_dir=None) -> Path:
-    """Write `model` to `directory` as a nanoseek checkpoint or a transformers-loadable HF folder."""
+def save_model(model, directory, format: str = "nanoseek", tokenizer_dir=None, drop_mtp: bool = False) -> Path:
+    """Write `model` to `directory` as a nanoseek checkpoint or a transformers-loadable HF folder
+    (`drop_mtp`: an HF folder without the DeepSeek MTP layers)."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}; choose 'nanoseek' or 'hf'")
-    return CHECKPOINT_WRITERS[format](model, directory, tokenizer_dir)
+    if drop_mtp and format != "hf":
+        raise NanoseekError("drop_mtp (--drop-mtp) applies to HF exports (--to hf) only")
+    options = {"drop_mtp": True} if drop_mtp else {}
+    return CHECKPOINT_WRITERS[format](model, directory, tokenizer_dir, **options)
 
 
-def convert(src: str | Path, dst: str | Path, format: str, dtype=None, trust_pickle: bool = False) -> Path:
-    """Rewrite the checkpoint at `src` as `format` in `dst` (absent or empty), tokenizer included.
+def convert(
+    src: str | Path, dst: str | Path, format: str, dtype=None, trust_pickle: bool = False, drop_mtp: bool = False
+) -> Path:
+    """Rewrite the checkpoint at `src` as `format` in `dst` (absent or empty), tokenizer included
+    (`drop_mtp`: leave DeepSeek's MTP layers out of an HF export).
 
     `dst` appears complete or not at all (written beside it, then renamed into place)."""
     if format not in FORMATS:
         raise NanoseekError(f"--to {format!r}: choose one of: {', '.join(FORMATS)}")
+    if drop_mtp and format != "hf":
+        raise NanoseekError("--drop-mtp applies to --to hf only")
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise NanoseekError(f"destination {dst} exists and is not empty")
     loaded = load_checkpoint(src, dtype, trust_pickle, tokenizer=False)
     with publish_dir(dst) as tmp:
-        save_model(loaded.model, tmp, format, tokenizer_dir=loaded.folder)
+        save_model(loaded.model, tmp, format, tokenizer_dir=loaded.folder, drop_mtp=drop_mtp)
     return dst
 
 

@@ -7,14 +7,18 @@
     CKPT/optimizer.safetensors optimizer moments, step counters and the torch RNG state (CPU, and CUDA's)
 
 A run directory holds `checkpoints/step-NNNNNNN/` and a `LATEST` file naming the newest one.
-Saving writes everything into a temporary sibling directory, fsyncs each file, then renames it into
-place (`data.files.publish_dir`) and updates `LATEST` with an atomic replace, so an interrupted
-save never leaves a partial or overwritten checkpoint. `resolve_checkpoint` accepts a checkpoint dir or a run dir.
+Saving writes everything into a temporary sibling directory (`.step-NNNNNNN.<random>.tmp`), fsyncs
+each file, then renames it into place (`data.files.publish_dir`) and only then replaces `LATEST`
+atomically, so `LATEST` only ever names a complete checkpoint and an interrupted save never leaves a
+partial or overwritten one. Temporaries of interrupted saves are never read and are removed by the
+next save (or `remove_stale_temporaries`). Checkpoints are ordered by their step number, never by
+name. `resolve_checkpoint` accepts a checkpoint dir or a run dir.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -33,9 +37,42 @@ STATE_FILE = "train_state.json"
 OPTIM_FILE = "optimizer.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 LATEST = "LATEST"
+CHECKPOINTS_DIR = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+# what train_state.json must hold for a run to continue from it
+TRAIN_STATE_KEYS = ("step", "tokens", "elapsed", "loader", "optimizer")
 
 
 # ------------------------------------------------------------------------------------ paths
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a `step-NNNNNNN` checkpoint folder name; None for anything else (temporaries included)."""
+    match = _CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: str | Path, complete: bool = True) -> list[Path]:
+    """The run's checkpoint folders by step number, oldest first (only complete ones unless told)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    if complete:
+        found = [p for p in found if (p / CONFIG_FILE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def named_by_latest(run_dir: Path) -> Path | None:
+    """The complete checkpoint `LATEST` names; None when it is absent, unreadable or names no such one."""
+    try:
+        name = (run_dir / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if checkpoint_step(Path(name)) is None or name != Path(name).name:
+        return None
+    ckpt = run_dir / CHECKPOINTS_DIR / name
+    return ckpt if (ckpt / CONFIG_FILE).is_file() else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -43,29 +80,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise NanoseekError(f"checkpoint path {path} does not exist")
-    if (path / CONFIG_FILE).is_file() and not (path / "checkpoints").is_dir():
+    if (path / CONFIG_FILE).is_file() and not (path / CHECKPOINTS_DIR).is_dir():
         return path
-    latest = path / LATEST
-    if latest.is_file():
-        ckpt = path / "checkpoints" / latest.read_text().strip()
-        if (ckpt / CONFIG_FILE).is_file():
-            return ckpt
-    complete = (
-        sorted(p for p in (path / "checkpoints").glob("step-*") if (p / CONFIG_FILE).is_file())
-        if (path / "checkpoints").is_dir()
-        else []
-    )
-    if complete:
-        return complete[-1]
+    found = latest_checkpoint(path)
+    if found is not None:
+        return found
+    if (path / CHECKPOINTS_DIR).is_dir() or (path / LATEST).is_file():
+        raise NanoseekError(f"{path} is a run folder without a complete checkpoint yet")
     raise NanoseekError(f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run dir holding one")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from; None for a run dir that never saved one."""
+    """The checkpoint to resume from: the one `LATEST` names, else the newest complete one; None when
+    the run never completed a save (a temporary of an interrupted first save does not count)."""
     run_dir = Path(run_dir)
-    if not (run_dir / LATEST).is_file() and not (run_dir / "checkpoints").is_dir():
-        return None
-    return resolve_checkpoint(run_dir)
+    complete = list_checkpoints(run_dir)
+    return named_by_latest(run_dir) or (complete[-1] if complete else None)
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Delete what interrupted saves left behind: `.step-*` folders and `.LATEST.*` files."""
+    run_dir = Path(run_dir)
+    for stale in [*run_dir.glob(f".{LATEST}.*.tmp"), *(run_dir / CHECKPOINTS_DIR).glob(".step-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -101,7 +141,7 @@ def optimizer_tensors(optimizer_state: dict) -> tuple[dict, dict]:
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:07d}"
 
 
 def save_checkpoint(
@@ -131,16 +171,22 @@ def save_checkpoint(
         if train_state is not None:
             (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=2))
     atomic_write_text(Path(run_dir) / LATEST, final.name + "\n")
-    prune_checkpoints(final.parent, keep_last)
+    prune_checkpoints(Path(run_dir), keep_last, step)
     return final
 
 
-def prune_checkpoints(root: Path, keep_last: int):
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # temporaries of interrupted saves
-        shutil.rmtree(stale, ignore_errors=True)
+def prune_checkpoints(run_dir: Path, keep_last: int, newest_step: int):
+    """Keep the `keep_last` checkpoints of the highest steps up to `newest_step` (the one just saved).
+
+    Folders of steps above it belong to a timeline the run left when it resumed from an earlier
+    checkpoint (a kill between publishing a folder and replacing LATEST): they go too, so the folder
+    never holds a checkpoint newer than the one LATEST names."""
+    found = list_checkpoints(run_dir, complete=False)
+    kept = [p for p in found if checkpoint_step(p) <= newest_step][-max(keep_last, 1) :]
+    for old in found:
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
+    remove_stale_temporaries(run_dir)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -237,10 +283,28 @@ def load_native_model(ckpt: Path, cfg: dict, dtype=None):
     return model.eval()
 
 
+def check_training_state(state, source: Path) -> None:
+    """train_state.json holds what resuming reads (a run's own checkpoint does); else one line naming the gap."""
+    if not isinstance(state, dict):
+        raise NanoseekError(f"{source} is not a JSON object")
+    missing = [key for key in TRAIN_STATE_KEYS if key not in state]
+    optimizer = state.get("optimizer")
+    if not missing and not (isinstance(optimizer, dict) and {"param_groups", "scalars"} <= optimizer.keys()):
+        missing = ["optimizer.param_groups/scalars"]
+    if missing:
+        raise NanoseekError(
+            f"{source} has no {missing[0]!r} (it needs {', '.join(TRAIN_STATE_KEYS)}): "
+            f"not a checkpoint a run can continue from; start a new run with --overwrite"
+        )
+
+
 def load_training_state(ckpt: Path) -> tuple[dict, dict]:
     """(train_state.json, optimizer state keyed by parameter name); restores the torch RNG."""
     state = read_json(ckpt / STATE_FILE)
+    check_training_state(state, ckpt / STATE_FILE)
     tensors = read_safetensors(ckpt / OPTIM_FILE)
+    if "rng/torch" not in tensors:
+        raise NanoseekError(f"{ckpt / OPTIM_FILE} has no 'rng/torch' tensor: not a checkpoint a run can continue from")
     meta = state.pop("optimizer")
     opt_state: dict = {}
     for key, value in tensors.items():

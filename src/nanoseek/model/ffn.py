@@ -1,7 +1,9 @@
 """Position-wise feed-forward networks.
 
     ReLU (Vaswani):  FFN(x) = max(0, x W1 + b1) W2 + b2
-    GELU (GPT-2):    FFN(x) = GELU(x W1 + b1) W2 + b2
+    GELU (GPT-2):    FFN(x) = GELU(x W1 + b1) W2 + b2,   GELU(x) = x Phi(x)
+    GELU, tanh form (OpenAI's GPT-2 checkpoints, HF "gelu_new"):
+                     GELU(x) ~ 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     SwiGLU (Llama, DeepSeek dense layers):  FFN(x) = W_down (SiLU(W_gate x) * W_up x)
     DeepSeek-V4 clamps the pre-activations at a limit L: SiLU(min(W_gate x, L)) * clamp(W_up x, -L, L)
 
@@ -15,19 +17,23 @@ the hidden recomputed in backward instead of kept).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+
 
 class MLP(nn.Module):
-    """Two linear layers around a ReLU or GELU."""
+    """Two linear layers around a ReLU or GELU (exact or tanh form)."""
 
     def __init__(self, dim: int, hidden: int, activation: str = "relu", bias: bool = True):
         super().__init__()
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.act = F.relu if activation == "relu" else F.gelu
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))

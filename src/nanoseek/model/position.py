@@ -1,4 +1,4 @@
-"""Positional information: additive absolute encodings and rotary embeddings (RoPE, YaRN).
+"""Positional information: additive absolute encodings and rotary embeddings (RoPE and its scalings).
 
 Sinusoidal (Vaswani et al.), added to the token embedding:
     PE[pos, 2i] = sin(pos / 10000^(2i/d)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d))
@@ -12,12 +12,22 @@ Two layouts choose which dimensions pair up: interleaved (2i, 2i+1), as DeepSeek
 them, or half-split (i, i + d_r/2), as Llama does. The interleaved form here returns its output
 de-interleaved ([evens | odds]); q and k are permuted identically, so q . k is unchanged.
 
-YaRN extends the context by a factor s: with original length L0 and the ramp
-    corr(r) = d_r * ln(L0 / (2 pi r)) / (2 ln theta),  low = floor(corr(beta_fast)),
-    high = ceil(corr(beta_slow)),  ramp_i = clamp((i - low) / (high - low), 0, 1),
-    inv_freq_i = inv_freq_i / s * ramp_i + inv_freq_i * (1 - ramp_i),
-and cos/sin are multiplied by mscale(s, mscale) / mscale(s, mscale_all_dim), where
-mscale(s, m) = 0.1 m ln s + 1. MLA's softmax scale is multiplied by mscale(s, mscale_all_dim)^2.
+Scaled RoPE (`rope_scaling`, the kinds transformers implements; s = `factor`, L0 = the original
+context `original_max_position_embeddings`, default the model's, f_i = theta^(-2i/d_r)):
+  linear   f_i / s                                        (positions interpolated by s)
+  dynamic  f_i under a base grown with the length L of the sequence once L > L0 (NTK-aware):
+           theta' = theta * (s L / L0 - (s - 1))^(d_r / (d_r - 2)),  f_i = theta'^(-2i/d_r)
+  yarn     with the ramp corr(r) = d_r ln(L0 / (2 pi r)) / (2 ln theta), low = floor(corr(beta_fast)),
+           high = ceil(corr(beta_slow)) (no floor/ceil when truncate=false),
+           ramp_i = clamp((i - low) / (high - low), 0, 1):  f_i / s * ramp_i + f_i * (1 - ramp_i);
+           cos/sin times mscale(s, mscale) / mscale(s, mscale_all_dim) (or `attention_factor`),
+           mscale(s, m) = 0.1 m ln s + 1
+  llama3   by wavelength w_i = 2 pi / f_i, with bands L0 / low_freq_factor > L0 / high_freq_factor:
+           w_i above the first: f_i / s;  below the second: f_i;  between: (1 - a) f_i / s + a f_i,
+           a = (L0 / w_i - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  longrope f_i / short_factor_i, or f_i / long_factor_i once L > L0; cos/sin times
+           sqrt(1 + ln s / ln L0) (or `attention_factor`), s = max_position_embeddings / L0 if unset
+MLA's softmax scale is multiplied by mscale(s, mscale_all_dim)^2 under any scaled kind that sets it.
 
     >>> rope_inv_freq(4, 10000.0).tolist()
     [1.0, 0.009999999776482582]
@@ -67,33 +77,90 @@ ADDITIVE_POSITIONS = {"sinusoidal": SinusoidalPosition, "learned": LearnedPositi
 # ----------------------------------------------------------------------------------------- RoPE
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies of RoPE over `dim` rotary dimensions, with optional YaRN scaling."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        return inv_freq
-    factor = float(scaling["factor"])
-    original = scaling.get("original_max_position_embeddings", 4096)
-    beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+def rope_kind(scaling: dict | None) -> str:
+    """The rope_type of a `rope_scaling` dict ("default" when there is none)."""
+    if not scaling:
+        return "default"
+    return scaling.get("rope_type", scaling.get("type", "default")) or "default"
+
+
+def original_length(scaling: dict | None, max_positions: int | None) -> int:
+    """The pre-training context the scaling extends: `original_max_position_embeddings`, else the model's."""
+    value = (scaling or {}).get("original_max_position_embeddings") or max_positions
+    return int(value) if value else 4096
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, scaling: dict, max_positions) -> torch.Tensor:
+    original = original_length(scaling, max_positions)
+    factor = float(scaling.get("factor") or (max_positions or original) / original)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     return inv_freq / factor * ramp + inv_freq * (1 - ramp)
 
 
-def rope_attention_factor(scaling: dict | None) -> float:
-    """Multiplier of cos/sin under YaRN (1.0 for every released DeepSeek config)."""
-    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) != "yarn":
-        return 1.0
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict, max_positions) -> torch.Tensor:
     factor = float(scaling["factor"])
-    if "attention_factor" in scaling and scaling["attention_factor"] is not None:
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = original_length(scaling, max_positions)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_inv_freq(
+    dim: int, theta: float, scaling: dict | None = None, max_positions: int | None = None, long: bool = False
+) -> torch.Tensor:
+    """Inverse frequencies of RoPE over `dim` rotary dimensions under `scaling` (see the module docstring).
+
+    `dynamic` gives the unscaled frequencies (those it uses up to the original length; `dynamic_inv_freq`
+    gives them beyond); `longrope` the short factors' frequencies, or with `long` the long factors'."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    kind = rope_kind(scaling)
+    if kind == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (factors * theta**exponents)
+    inv_freq = 1.0 / theta**exponents
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling, max_positions)
+    if kind == "yarn":
+        return _yarn_inv_freq(inv_freq, dim, theta, scaling, max_positions)
+    return inv_freq  # default, dynamic
+
+
+def dynamic_inv_freq(dim: int, theta: float, factor: float, original: int, seq_len: torch.Tensor) -> torch.Tensor:
+    """Dynamic NTK frequencies for sequences of length `seq_len` (a tensor (..., 1); >= original)."""
+    length = seq_len.clamp(min=original).float()
+    base = theta * ((factor * length / original) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=seq_len.device) / dim)
+
+
+def rope_attention_factor(scaling: dict | None, max_positions: int | None = None) -> float:
+    """Multiplier of cos/sin: YaRN's mscale ratio (1.0 for every released DeepSeek config), LongRoPE's
+    sqrt(1 + ln s / ln L0); 1.0 for the other kinds."""
+    kind = rope_kind(scaling)
+    if kind not in ("yarn", "longrope"):
+        return 1.0
+    if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
+    original = original_length(scaling, max_positions)
+    factor = float(scaling.get("factor") or (max_positions or original) / original)
+    if kind == "longrope":
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
     m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
     if m and m_all:
         return mscale(factor, m) / mscale(factor, m_all)
@@ -101,28 +168,56 @@ def rope_attention_factor(scaling: dict | None) -> float:
 
 
 def softmax_scale(config: ModelConfig, head_dim: int) -> float:
-    """head_dim^-0.5, times mscale(s, mscale_all_dim)^2 under YaRN (the MLA correction)."""
+    """head_dim^-0.5, times mscale(s, mscale_all_dim)^2 under a scaled RoPE that sets `mscale_all_dim`
+    (the MLA correction; Llama-style attention uses head_dim^-0.5 alone)."""
     scale = head_dim**-0.5
     rs = config.rope_scaling
-    if rs and rs.get("rope_type", rs.get("type")) == "yarn" and rs.get("mscale_all_dim"):
+    if rope_kind(rs) != "default" and rs.get("mscale_all_dim"):
         scale *= mscale(float(rs["factor"]), float(rs["mscale_all_dim"])) ** 2
     return scale
 
 
+def rope_tables(inv_freq: torch.Tensor, max_positions: int, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq
+    return angles.cos() * factor, angles.sin() * factor
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables of shape (max_positions, d_r/2), shared by all layers."""
+    """cos/sin tables of shape (max_positions, d_r/2), shared by all layers.
+
+    The length-dependent kinds switch tables when a sequence (a row, under per-row positions) passes
+    the original length: `longrope` to its long factors' table, `dynamic` to frequencies computed for
+    that length. The switch is a `torch.where` on tensors: no host sync, one graph when compiled."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.interleave = config.rope_interleave
-        inv_freq = rope_inv_freq(config.rope_dim, config.rope_theta, config.rope_scaling)
-        angles = torch.arange(config.max_position_embeddings, dtype=torch.float32)[:, None] * inv_freq
-        factor = rope_attention_factor(config.rope_scaling)
-        self.register_buffer("cos", angles.cos() * factor, persistent=False)
-        self.register_buffer("sin", angles.sin() * factor, persistent=False)
+        scaling, n = config.rope_scaling, config.max_position_embeddings
+        self.kind = rope_kind(scaling)
+        self.dim, self.theta, self.original = config.rope_dim, config.rope_theta, original_length(scaling, n)
+        factor = rope_attention_factor(scaling, n)
+        cos, sin = rope_tables(rope_inv_freq(self.dim, self.theta, scaling, n), n, factor)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        if self.kind == "longrope":
+            cos, sin = rope_tables(rope_inv_freq(self.dim, self.theta, scaling, n, long=True), n, factor)
+            self.register_buffer("cos_long", cos, persistent=False)
+            self.register_buffer("sin_long", sin, persistent=False)
+        self.scale_factor = float(scaling["factor"]) if self.kind == "dynamic" else 1.0
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions], self.sin[positions]
+        cos, sin = self.cos[positions], self.sin[positions]
+        if self.kind not in ("dynamic", "longrope"):
+            return cos, sin
+        seq_len = positions.amax(-1, keepdim=True) + 1  # (1,) or per row (B, 1)
+        if self.kind == "longrope":
+            cos_long, sin_long = self.cos_long[positions], self.sin_long[positions]
+        else:
+            inv_freq = dynamic_inv_freq(self.dim, self.theta, self.scale_factor, self.original, seq_len)
+            angles = positions[..., None].float() * inv_freq[..., None, :]
+            cos_long, sin_long = angles.cos(), angles.sin()
+        longer = (seq_len > self.original)[..., None]
+        return torch.where(longer, cos_long, cos), torch.where(longer, sin_long, sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

@@ -430,13 +430,14 @@ class Transformer(nn.Module):
         device = device or param.device
         return [layer.self_attn.make_cache(batch, max_len, dtype, device) for layer in self.layers]
 
-    def save_pretrained(self, directory, format: str = "nanoseek", tokenizer_dir=None):
-        """Write a checkpoint folder: format="nanoseek" (native) or "hf" (transformers-loadable).
+    def save_pretrained(self, directory, format: str = "nanoseek", tokenizer_dir=None, **options):
+        """Write a checkpoint folder: format="nanoseek" (native) or "hf" (transformers-loadable; option
+        `drop_mtp=True` leaves the MTP layers out).
 
         A convenience over `nanoseek.io.save_model`, whose import installs the writers."""
         if format not in CHECKPOINT_WRITERS:
             raise ValueError(f"format={format!r}; choose 'nanoseek' or 'hf' (import nanoseek.io)")
-        return CHECKPOINT_WRITERS[format](self, directory, tokenizer_dir)
+        return CHECKPOINT_WRITERS[format](self, directory, tokenizer_dir, **options)
 
     # ------------------------------------------------------------------ estimators
     def num_params(self) -> dict:

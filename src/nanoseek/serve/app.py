@@ -13,8 +13,12 @@ Guarantees:
 - with an API key, every route but /health needs `Authorization: Bearer KEY` (or HTTP Basic with
   KEY as the password, so a browser can open the chat page); keys are compared in constant time;
 - bodies above `max_body_bytes` are refused (413) before they are read;
-- the engine refuses work beyond max_batch + max_queue sequences: 429, never an unbounded queue;
-- a client that goes away has its sequences cancelled and their cache rows freed.
+- the engine refuses work beyond max_batch + max_queue sequences (an embeddings request counts as
+  one): 429, never an unbounded queue;
+- a client that goes away has its sequences cancelled and their cache rows freed;
+- a request that fails in the engine ends alone (engine.py); a chat template renders off the event
+  loop with a time budget and fails as a 422 (templates.py); embeddings take turns with decode steps
+  (embeddings.py); unparsable HTTP is answered in the same JSON shape (transport.py).
 """
 
 from __future__ import annotations
@@ -24,25 +28,27 @@ import base64
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.errors import NanoseekError
-from nanoseek.generation.chat import load_chat_template, render_chat
 from nanoseek.generation.sampling import SamplingOptions
+from nanoseek.serve.embeddings import check_inputs, embed_in_turns
 from nanoseek.serve.engine import Engine, QueueFull, Sequence
 from nanoseek.serve.logprobs import TextOffsets, TokenStrings, chat_logprobs, completion_logprobs
 from nanoseek.serve.metrics import CONTENT_TYPE, ServerMetrics
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
 from nanoseek.serve.structured import StructuredOutput, json_schema_of
+from nanoseek.serve.templates import ServedTemplate
 from nanoseek.serve.tokenization import install_tokenizer_routes
 
 log = logging.getLogger("nanoseek.serve")
@@ -63,12 +69,14 @@ class Guard:
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.key = os.fsencode(api_key) if api_key else b""  # the bytes a client sends: UTF-8 (as given on argv)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health" and not self.authorized(headers.get("authorization", "")):
+        raw_authorization = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
+        if self.api_key and scope["path"] != "/health" and not self.authorized(raw_authorization):
             err = APIError(
                 401, "missing or incorrect API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key"
             )
@@ -84,16 +92,18 @@ class Guard:
             return await error_response(err)(scope, receive, send)
         await self.app(scope, self.limited(receive), send)
 
-    def authorized(self, header: str) -> bool:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "basic":
+    def authorized(self, header: bytes) -> bool:
+        """Whether the Authorization header carries the key, compared as bytes in constant time (a
+        non-ASCII key travels as its UTF-8 bytes, which a latin-1 or ASCII round trip would change)."""
+        scheme, _, value = header.strip().partition(b" ")
+        if scheme.lower() == b"basic":
             try:
-                value = base64.b64decode(value, validate=True).decode().partition(":")[2]
-            except (ValueError, UnicodeDecodeError):
+                value = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except ValueError:
                 return False
-        elif scheme.lower() != "bearer":
+        elif scheme.lower() != b"bearer":
             return False
-        return hmac.compare_digest(value.strip().encode(), self.api_key.encode())
+        return hmac.compare_digest(value.strip(), self.key)
 
     def limited(self, receive):
         seen = 0
@@ -102,10 +112,8 @@ class Guard:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise APIError(
-                    413, f"request body is over the limit of {self.max_body} bytes", None, "request_too_large"
-                )
+            if seen > self.max_body:  # an HTTPException, which FastAPI's body parsing passes on as it is
+                raise HTTPException(413, f"request body is over the limit of {self.max_body} bytes")
             return message
 
         return receive_limited
@@ -121,7 +129,8 @@ class Service:
         self.model, self.tokenizer, self.name, self.engine = model, tokenizer, model_name, engine
         self.context = model.config.max_position_embeddings
         self.max_tokens_limit = max_tokens_limit
-        self.template = load_chat_template(folder)  # the checkpoint folder's tokenizer_config.json, if any
+        self.chat_template = ServedTemplate(folder)  # the checkpoint folder's tokenizer_config.json, if any
+        self.template = self.chat_template.info
         self.created = int(time.time())
         self.strings = TokenStrings(tokenizer)
         self.structured: StructuredOutput | None = None  # built at the first response_format request
@@ -425,10 +434,7 @@ def create_app(
     async def chat_completions(body: ChatRequest, request: Request):
         service.check_model(body.model)
         body.unsupported()
-        try:
-            text = render_chat(body.plain_messages(), service.template)
-        except NanoseekError as e:
-            raise APIError(400, str(e), "messages") from None
+        text = await service.chat_template.render(body.plain_messages())
         prompts = [service.encode(text, "messages")]
         max_tokens = service.max_tokens(body.max_completion_tokens or body.max_tokens, prompts, None)
         stops = list(body.stop) + ([] if service.template["template"] else ["\nUser:"])
@@ -436,7 +442,7 @@ def create_app(
         return await respond(Run(service, request, body, prompts, max_tokens, stops, True, grammar))
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
+    async def embeddings(body: EmbeddingRequest, request: Request):
         service.check_model(body.model)
         hidden = model.config.hidden_size
         if body.dimensions not in (None, hidden):
@@ -447,9 +453,10 @@ def create_app(
                 "unsupported_parameter",
             )
         inputs = [service.encode(x, "input") for x in prompt_list(body.input)]
-        if not inputs:
-            raise APIError(400, "input is an empty list; give at least one text", "input")
-        vectors = await asyncio.wrap_future(engine.call(lambda: embed_ids(model, inputs)))
+        check_inputs(inputs)
+        vectors = await embed_in_turns(engine, partial(embed_ids, model), inputs, request.is_disconnected)
+        if vectors is None:  # the client left
+            return Response(status_code=499)
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
             for i, v in enumerate(vectors)
@@ -533,8 +540,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return error_response(APIError(err.status_code, str(err.detail), None, code))
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        message = str(err.detail)
+        if message == "There was an error parsing the body":  # FastAPI's: not UTF-8, nested too deeply, ...
+            message = "the request body could not be parsed: send UTF-8 JSON of reasonable depth and numbers"
+        return error_response(APIError(err.status_code, message, None, code.get(err.status_code)))
 
     @app.exception_handler(Exception)
     async def server_error(request, err: Exception):

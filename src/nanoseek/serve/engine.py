@@ -14,7 +14,9 @@ The engine owns the model and one static KV cache of `max_batch` rows; a backgro
 
 Requests join and leave between decode steps, so a short request never waits for a long one and
 16 concurrent clients share one forward pass per token instead of taking turns. Admission is
-bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_batch + max_queue.
+bounded: `submit` refuses (QueueFull) once running + waiting would exceed max_batch + max_queue;
+an embeddings request holds one of those places while it runs (`reserve`), in `call` jobs of a few
+hundred tokens each, so it takes turns with the decode steps instead of stalling them.
 
 What it shares with the token loop of `nanoseek.generation` (`TokenLoop`, `TextStream`): each row
 samples with its own `Sampler` (options, seeded generator, unknown ids masked, repetition penalty
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.errors import NanoseekError
 from nanoseek.generation.compiled import DecodeOptions
 from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
 from nanoseek.generation.steps import decode_step, prefill
@@ -60,6 +63,9 @@ from nanoseek.serve.logprobs import position_logprobs, prefill_with_prompt_logpr
 from nanoseek.serve.prefix_cache import PrefixCache, refusal
 
 log = logging.getLogger("nanoseek.serve")
+
+
+FAILED = "internal error in the generation engine"
 
 
 class QueueFull(Exception):
@@ -113,6 +119,39 @@ class Sequence:
         return len(self.prompt_ids) + self.generated - 1
 
 
+def cache_bytes_per_row(model, context: int) -> int:
+    """Bytes of one row of the static KV cache for `context` positions (measured on the meta device)."""
+    tensors = []
+    for layer in model.make_cache(1, context, device="meta"):
+        for value in vars(layer).values():
+            tensors += value.values() if isinstance(value, dict) else [value]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (MemAvailable for the CPU, on Linux); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            return None
+    return None
+
+
+def check_cache_fits(model, rows: int, context: int, device: torch.device) -> None:
+    """NanoseekError, before anything is allocated, when `rows` cache rows cannot fit in free memory."""
+    need = rows * cache_bytes_per_row(model, context)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise NanoseekError(
+            f"max batch {rows} needs a KV cache of {need / 2**30:,.1f} GiB ({rows} rows x {context} positions); "
+            f"{device} has {free / 2**30:,.1f} GiB free: lower --max-batch"
+        )
+
+
 class Engine:
     """`compile`: decode with the compiled step (`FastDecode`: its padded batch sizes
     `compile_batch_sizes`, default powers of two up to max_batch; `decode_options` its fast paths),
@@ -141,6 +180,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = model.config.max_position_embeddings
         self.device = next(model.parameters()).device
+        check_cache_fits(model, max_batch, self.context, self.device)
         self.cache = model.make_cache(max_batch, self.context)
         self.fast = (
             FastDecode(model, self.cache, max_batch, self.context, decode_options, compile_batch_sizes)
@@ -154,6 +194,7 @@ class Engine:
         self.jobs: deque[tuple[Callable, Future]] = deque()
         self.wakeup = threading.Condition()
         self.stopping = False
+        self.reserved = 0  # places held by work beside the batch (embeddings requests)
         self.steps = self.tokens_out = 0
         self.observer = observer or EngineObserver()
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
@@ -185,14 +226,28 @@ class Engine:
         for s in seqs:  # a bad option fails its request here, not the engine thread
             s.options.validate()
         with self.wakeup:
-            busy = len(self.running) + len(self.waiting)
-            if busy + len(seqs) > self.max_batch + self.max_queue:
-                raise QueueFull(
-                    f"server busy: {busy} sequences running or waiting "
-                    f"(limit {self.max_batch} running + {self.max_queue} queued)"
-                )
+            self._check_room(len(seqs))
             self.waiting.extend(seqs)
             self.wakeup.notify()
+
+    def reserve(self) -> None:
+        """Hold one place of the admission limit for work beside the batch (an embeddings request, run
+        in `call` jobs); QueueFull when none is free. Give it back with `unreserve`."""
+        with self.wakeup:
+            self._check_room(1)
+            self.reserved += 1
+
+    def unreserve(self) -> None:
+        with self.wakeup:
+            self.reserved -= 1
+
+    def _check_room(self, places: int) -> None:
+        busy = len(self.running) + len(self.waiting) + self.reserved
+        if busy + places > self.max_batch + self.max_queue:
+            raise QueueFull(
+                f"server busy: {busy} sequences or embedding requests running or waiting "
+                f"(limit {self.max_batch} running + {self.max_queue} queued)"
+            )
 
     def cancel(self, seqs: list[Sequence]) -> None:
         with self.wakeup:
@@ -213,6 +268,7 @@ class Engine:
             return {
                 "running": len(self.running),
                 "waiting": len(self.waiting),
+                "embedding": self.reserved,
                 "max_batch": self.max_batch,
                 "max_queue": self.max_queue,
                 "decode_steps": self.steps,
@@ -239,12 +295,12 @@ class Engine:
                     self._admit()
                     if self.running:
                         self._decode()
-            except Exception:  # a bug must not kill the engine: fail the running requests, go on
+            except Exception:  # a bug outside any one request must not kill the engine: fail the running ones
                 message = traceback.format_exc(limit=3)
                 log.error("engine step failed:\n%s", message)
-                for seq in self.running:
-                    seq.emit(Event(seq.index, error="internal error in the generation engine"))
-                self.running.clear()
+                failed, self.running = self.running, []
+                for seq in failed:
+                    self._report_failure(seq)
 
     def _warm_up(self) -> None:
         """Compile the decode step's shapes before any request arrives; on failure decode eagerly."""
@@ -278,24 +334,30 @@ class Engine:
                 if not self.waiting:
                     return
                 seq = self.waiting.popleft()
-            row = len(self.running)
             self.running.append(seq)  # from here on, a failure reaches this request too
-            room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
-            seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
-            seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
-            logits = self._prefill_row(seq, row)
-            self.observer.prefilled(seq)
-            if seq.max_tokens == 0:  # echo only: the prompt (and its logprobs), nothing generated
-                seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
-                self._release([seq])
-                continue
-            token = self._sample(logits, [seq])[0]
-            if self._accept(seq, token):
+            try:
+                logits = self._prefill(seq, len(self.running) - 1)
+                if seq.max_tokens == 0:  # echo only: the prompt (and its logprobs), nothing generated
+                    seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
+                    self._release([seq])
+                    continue
+                token = self._sample(logits, [seq])[0]
+                finished = token is not None and self._accept(seq, token)
+            except Exception:
+                log.exception("prefill failed; ending that request")
+                token = None
+            if token is None:
+                self._fail([seq])
+            elif finished:
                 self._release([seq])
 
-    def _prefill_row(self, seq: Sequence, row: int) -> torch.Tensor:
-        """`seq`'s prompt into cache row `row`, after the blocks the prefix cache has of it (none when
-        the prompt's own logprobs are asked: they need every position); its last logits (1, V)."""
+    def _prefill(self, seq: Sequence, row: int) -> torch.Tensor:
+        """Prompt of `seq` into cache row `row`, after the blocks the prefix cache has of it (none when
+        the prompt's own logprobs are asked: they need every position); the logits (1, V) of its
+        first token."""
+        room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
+        seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
+        seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
         view = [c.rows(row, row + 1) for c in self.cache]
         chain = self.prefix.match(seq.prompt_ids) if self.prefix is not None and not seq.echo_logprobs else []
         if seq.echo_logprobs:
@@ -306,53 +368,118 @@ class Engine:
             logits = prefill(self.model, rest, view, start=seq.cached_tokens)
         if self.prefix is not None:
             self.prefix.store(seq.prompt_ids, view, chain)
+        self.observer.prefilled(seq)
         return logits
 
-    def _forward(self, lo: int, hi: int) -> torch.Tensor:
+    def _decode(self) -> None:
+        """One step for every running row. Isolation: when the batched step raises, each row is
+        stepped alone, eagerly (rewriting its cache position is harmless), so only the rows that fail
+        on their own end, with an error event; a row whose sampling or text fails ends alone too."""
+        seqs = list(self.running)
+        try:
+            tokens = self._sample(self._forward(0, len(seqs)), seqs)
+        except Exception:
+            log.exception("decode step of %d rows failed; stepping them one by one", len(seqs))
+            tokens = [self._decode_alone(row) for row in range(len(seqs))]
+        self.steps += 1
+        self.observer.decoded(len(seqs))
+        done, failed = [], []
+        for seq, token in zip(seqs, tokens):
+            try:
+                if token is None:
+                    failed.append(seq)
+                elif self._accept(seq, token):
+                    done.append(seq)
+            except Exception:
+                log.exception("emitting a token failed; ending that request")
+                failed.append(seq)
+        self._release(done)
+        self._fail(failed)
+
+    def _decode_alone(self, row: int) -> int | None:
+        try:
+            return self._sample(self._forward(row, row + 1, compiled=False), [self.running[row]])[0]
+        except Exception:
+            log.exception("decode step of one request failed; ending that request")
+            return None
+
+    def _forward(self, lo: int, hi: int, compiled: bool = True) -> torch.Tensor:
         """Logits (hi - lo, V) of one decode step of running rows lo..hi-1, each at its own position:
-        compiled for the rows from 0 when the engine compiles, else eagerly over the keys in use."""
+        by the compiled step for the rows from 0 when the engine compiles, else eagerly over the keys
+        in use."""
         seqs = self.running[lo:hi]
         tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         positions = torch.tensor([s.position for s in seqs], device=self.device)
-        if self.fast is not None and lo == 0:
+        if compiled and self.fast is not None and lo == 0:
             return self.fast.step(tokens, positions)
         kv_len = max(s.position for s in seqs) + 1
         view = [c.rows(lo, hi, kv_len) for c in self.cache]
         return decode_step(self.model, tokens, view, positions)
 
-    def _decode(self) -> None:
-        n = len(self.running)
-        logits = self._forward(0, n)
-        self.steps += 1
-        self.observer.decoded(n)
-        sampled = self._sample(logits, self.running)
-        done = [s for s, t in zip(self.running, sampled) if self._accept(s, t)]
-        self._release(done)
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """One token per row, each by its own sampler (the greedy rows in one argmax), after the row's
+        grammar mask; None for a row whose masking, sampling or bookkeeping raised (the others draw
+        exactly as they would without it)."""
+        failed: set[int] = set()
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row, each by its own sampler (the greedy rows in one argmax)."""
+        def fail(i: int, error: Exception) -> None:
+            log.error("sampling failed (%s: %s); ending that request", type(error).__name__, error)
+            failed.add(i)
+
         seen = [self._seen(s) for s in seqs]
         masked = logits
         for i, s in enumerate(seqs):
             if s.constraint is not None:  # response_format: only what the grammar accepts next
-                masked = masked.clone() if masked is logits else masked
-                masked[i] = s.constraint.mask(logits[i], s.detok.max_tokens - s.generated)
-        tokens = sample_rows(masked, [s.sampler for s in seqs], seen)
-        self._record_logprobs(logits, seqs, tokens)
-        for s, t in zip(seqs, tokens):
-            if s.constraint is not None:
-                s.constraint.accept(t)
-        return tokens
+                try:
+                    masked = masked.clone() if masked is logits else masked
+                    masked[i] = s.constraint.mask(logits[i], s.detok.max_tokens - s.generated)
+                except Exception as e:
+                    fail(i, e)
+        tokens = sample_rows(masked, [s.sampler for s in seqs], seen, on_error=fail)
+        tokens = [None if i in failed else t for i, t in enumerate(tokens)]
+        self._record_logprobs(logits, seqs, tokens, fail)
+        for i, (s, t) in enumerate(zip(seqs, tokens)):
+            if s.constraint is not None and t is not None and i not in failed:
+                try:
+                    s.constraint.accept(t)
+                except Exception as e:
+                    fail(i, e)
+        return [None if i in failed else t for i, t in enumerate(tokens)]
 
-    def _record_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
-        """The model's own logprobs of the sampled tokens (before any mask), for rows that asked."""
-        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+    def _record_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list, fail) -> None:
+        """The model's own logprobs of the sampled tokens (before any mask), for rows that asked; a row
+        whose recording raises is handed to `fail`."""
+        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None and tokens[i] is not None]
+        try:
+            self._record_rows(logits, seqs, tokens, rows)
+        except Exception:
+            for i in rows:  # find the row that fails alone; the others record as they would have
+                try:
+                    self._record_rows(logits, seqs, tokens, [i])
+                except Exception as e:
+                    fail(i, e)
+
+    @staticmethod
+    def _record_rows(logits: torch.Tensor, seqs: list[Sequence], tokens: list, rows: list[int]) -> None:
         if rows:
             top = max(seqs[i].logprobs for i in rows)
             entries = position_logprobs(logits[rows], [tokens[i] for i in rows], top)
             for i, e in zip(rows, entries):
                 e.top = e.top[: seqs[i].logprobs]
                 seqs[i].recorded.append(e)
+
+    def _fail(self, seqs: list[Sequence]) -> None:
+        """End `seqs` with an error event and free their rows; nobody else is touched."""
+        for seq in seqs:
+            self._report_failure(seq)
+        self._release(seqs)
+
+    @staticmethod
+    def _report_failure(seq: Sequence) -> None:
+        try:
+            seq.emit(Event(seq.index, error=FAILED))
+        except Exception:  # the client's loop is gone: nothing left to tell
+            log.exception("could not report a failed request")
 
     def _seen(self, seq: Sequence) -> torch.Tensor | None:
         """The ids the repetition penalty acts on, for rows that have one."""

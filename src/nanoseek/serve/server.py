@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import sys
 
 import uvicorn
 
 from nanoseek.serve.app import create_app
+from nanoseek.serve.transport import JSONErrorProtocol, listen_socket
 
 
 def is_loopback(host: str) -> bool:
@@ -44,23 +46,30 @@ def serve(
     max_queue: int = 64,
     max_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
+    sock: socket.socket | None = None,
     compile: bool = False,
     prefix_cache_bytes: int = 0,
 ) -> None:
-    """Serve `model` as `name` on http://host:port (blocks until the server stops)."""
-    app = create_app(
-        model,
-        tokenizer,
-        name,
-        folder=folder,
-        api_key=api_key,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        max_tokens_limit=max_tokens,
-        max_body_bytes=max_body_bytes,
-        compile=compile,
-        prefix_cache_bytes=prefix_cache_bytes,
-    )
+    """Serve `model` as `name` on http://host:port (blocks until the server stops); `sock`: that address,
+    already bound (by `listen_socket`, before the model loaded)."""
+    sock = sock or listen_socket(host, port)
+    try:
+        app = create_app(
+            model,
+            tokenizer,
+            name,
+            folder=folder,
+            api_key=api_key,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_tokens_limit=max_tokens,
+            max_body_bytes=max_body_bytes,
+            compile=compile,
+            prefix_cache_bytes=prefix_cache_bytes,
+        )
+    except BaseException:
+        sock.close()
+        raise
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cache = f"{prefix_cache_bytes / 2**20:g} MiB" if prefix_cache_bytes else "off"
     print(
@@ -77,4 +86,7 @@ def serve(
             file=sys.stderr,
             flush=True,
         )
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, http=JSONErrorProtocol
+    )
+    uvicorn.Server(config).run(sockets=[sock])

@@ -14,8 +14,6 @@ exactly one special token's name (as /tokenizer_info gives it) is that token's i
 
 from __future__ import annotations
 
-from nanoseek.errors import NanoseekError
-from nanoseek.generation.chat import render_chat
 from nanoseek.serve.logprobs import TokenStrings, special_names
 from nanoseek.serve.protocol import APIError, DetokenizeRequest, TokenizeRequest
 
@@ -57,10 +55,7 @@ def install_tokenizer_routes(app, service) -> None:
         if body.messages is not None:
             role = {"developer": "system"}
             messages = [{"role": role.get(m.role, m.role), "content": m.text()} for m in body.messages]
-            try:
-                text = render_chat(messages, service.template, add_generation_prompt=body.add_generation_prompt)
-            except NanoseekError as e:
-                raise APIError(400, str(e), "messages") from None
+            text = await service.chat_template.render(messages, body.add_generation_prompt)  # off the event loop
             ids = service.tokenizer.encode(text)
         elif body.prompt in names:
             ids = [names[body.prompt]]

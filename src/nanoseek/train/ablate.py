@@ -3,8 +3,9 @@
 A variant is a preset name (`gpt2-small`) or comma-separated overrides (`model.fusion=dwa,optim.lr=2e-3`),
 optionally named with `name:` in front (`dwa:model.fusion=dwa`). Every variant is one ordinary
 `nanoseek train` run in its own process (so its peak memory is its own), into OUT/<name>/. A variant
-with a summary.json is done and skipped; one with a checkpoint but no summary is resumed; so an
-interrupted ablation continues where it stopped. At the end OUT/ablation.md holds the table (final
+whose run finished (its summary.json names a budget) is skipped; one with a checkpoint but no
+summary is resumed (`--resume`); any other is started over (`--overwrite`); so an interrupted
+ablation continues where it stopped. At the end OUT/ablation.md holds the table (final
 and best validation loss, tokens/s, parameters, peak memory, wall time) and OUT/ablation.png every
 validation-loss curve.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from nanoseek.config.presets import PRESETS
 from nanoseek.errors import NanoseekError
+from nanoseek.train.run_folder import finished_summary
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -47,11 +49,11 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 def run_variant(name: str, args: list[str], common: list[str], out: Path) -> dict:
     run_dir = out / name
     summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("stopped_by") == "budget":
-        return json.loads(summary.read_text())  # finished: skip
+    finished = finished_summary(run_dir)
+    if finished is not None:
+        return finished  # skip
     cmd = [sys.executable, "-m", "nanoseek", "train", *common, *args, "--out", str(run_dir)]
-    if (run_dir / "LATEST").is_file():
-        cmd.append("--resume")
+    cmd.append("--resume" if (run_dir / "LATEST").is_file() else "--overwrite")  # a run without a checkpoint
     print(f"[ablate] {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     done = subprocess.run(cmd)

@@ -10,6 +10,9 @@ Outputs under `out`: metrics.jsonl (one JSON object per logged step and per eval
 train_config.json (the full TrainConfig), tokenizer.json, data/ (token shards) and checkpoints/.
 Resume (`resume=True`) restores weights, optimizer moments, RNG, data position and counters, so a
 run interrupted after step N continues with bitwise-identical losses (fp32, same thread count).
+The folder `out` belongs to one run (train/run_folder.py): a fresh run refuses a folder holding
+another unless `overwrite=True`. The final checkpoint is written before the final evaluation, so a
+failing evaluation loses no training.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 
 from nanoseek.config import TrainConfig
 from nanoseek.data import BUNDLED_CORPUS
+from nanoseek.data.files import atomic_write_text
 from nanoseek.data.shards import BatchLoader, TokenDataset, prepare_corpus
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.device import autocast
@@ -34,6 +38,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.model import Transformer
 from nanoseek.parallel import dist
+from nanoseek.train import run_folder
 from nanoseek.train.evaluate import evaluate, fixed_batches
 from nanoseek.train.metrics import MetricsLog, eval_record, plot_losses
 from nanoseek.train.optim import lr_multiplier, make_optimizer, set_lr
@@ -95,6 +100,19 @@ def finished(cfg: TrainConfig, state: RunState) -> bool:
     return progress_fraction(cfg, state) >= 1.0
 
 
+def budget_reached(cfg: TrainConfig, state: RunState) -> str | None:
+    """The limit that ends the run ("max_steps", "max_tokens" or "max_seconds"); None while none has."""
+    used = {"max_steps": state.step, "max_tokens": state.tokens, "max_seconds": state.elapsed}
+    return next(
+        (
+            name
+            for name in run_folder.BUDGETS
+            if getattr(cfg.train, name) and used[name] / getattr(cfg.train, name) >= 1.0
+        ),
+        None,
+    )
+
+
 # ------------------------------------------------------------------------------------ the loop
 
 
@@ -151,6 +169,23 @@ def restore(ckpt: Path, model, optimizer, loader) -> RunState:
     return RunState(saved["step"], saved["tokens"], saved["elapsed"])
 
 
+def final_eval(metrics: MetricsLog, step: int, run_eval, checkpoint: Path, quiet: bool, ctx) -> dict:
+    """The validation at the end (the one already logged at this step, when a resumed run has it)."""
+    logged = [r for r in metrics.records if r.get("step") == step and "val_loss" in r]
+    if dist.any_rank(bool(logged), ctx):  # rank 0 holds the log: every rank follows its answer
+        return logged[-1] if logged else {}
+    try:
+        return run_eval()
+    except BaseException:
+        if not quiet:
+            print(
+                f"the final evaluation did not complete; the trained model is saved in {checkpoint} "
+                f"(`nanoseek train --out {checkpoint.parent.parent} --resume` evaluates it again)",
+                file=sys.stderr,
+            )
+        raise
+
+
 def describe_run(cfg: TrainConfig, model, params: dict, vocab_size: int, ctx, resume_step: int | None) -> str:
     """The lines printed when a run starts: model size, data, device, output, ranks."""
     source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
@@ -171,9 +206,17 @@ def describe_run(cfg: TrainConfig, model, params: dict, vocab_size: int, ctx, re
     return text
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> dict:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Run training as configured (one process, or one rank under torchrun); return a summary dict.
 
+    `resume`: continue the run in `cfg.out` from its latest checkpoint (from scratch when it has none);
+    a run that already reached its budgets returns its summary. `overwrite`: replace a run in `cfg.out`.
     `stop_after`: behave as if Ctrl-C arrived during that step (scripted interruption).
     """
     ctx = dist.init_distributed(cfg.dist.strategy, cfg.train.device)
@@ -181,7 +224,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    run_folder.claim(out, resume, overwrite)  # every rank checks before any of them writes
+    dist.barrier(ctx)
+    if ctx.is_main:
+        run_folder.prepare(out, overwrite, cfg.to_json())
     if ctx.is_main:  # rank 0 tokenizes; the others then find its caches
         tok, data = setup_data(cfg, out)
     dist.barrier(ctx)
@@ -208,17 +254,30 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
 
     resume_from = ckpt_io.latest_checkpoint(out) if resume else None
     if resume and resume_from is None and not quiet:
-        print(f"no checkpoint under {out}; starting from scratch", file=sys.stderr)
+        print(f"no complete checkpoint under {out}; starting from scratch", file=sys.stderr)
     if resume_from is not None:
         state = restore(resume_from, model, optimizer, loader)
+        done_summary = run_folder.finished_summary(out) if budget_reached(cfg, state) else None
+        if done_summary is not None:  # nothing to add: no second final evaluation, no rewritten files
+            if not quiet:
+                print(
+                    f"{out} already finished at step {state.step} (stopped by {budget_reached(cfg, state)}); "
+                    f"raise a budget (e.g. --max-steps) to continue it",
+                    file=sys.stderr,
+                )
+            dist.shutdown(ctx)
+            return done_summary
+    saved_step = state.step if resume_from is not None else None  # the step of the newest checkpoint
     if ctx.is_main:
-        (out / "train_config.json").write_text(cfg.to_json())
+        (out / run_folder.SUMMARY).unlink(missing_ok=True)  # a run under way has no summary
+        atomic_write_text(out / run_folder.RUN_CONFIG, cfg.to_json())
     metrics = MetricsLog(out / "metrics.jsonl" if ctx.is_main else None, state.step if resume_from else None)
     step_fn = maybe_compile(wrapped, cfg.train.compile)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * ctx.world
     tokenizer_json = (out / "tokenizer.json").read_text()
 
     def save():
+        nonlocal saved_step
         model_state = dist.full_model_state(wrapped)  # collective: every rank takes part
         optimizer_state = dist.full_optimizer_state(wrapped, optimizer)
         path = None
@@ -242,6 +301,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                 model_state=model_state,
             )
         dist.barrier(ctx)
+        saved_step = state.step
         return path or ckpt_io.checkpoint_path(out, state.step)
 
     def run_eval():
@@ -269,7 +329,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     )
     model.train()
     last_eval: dict = {}
-    stopped_by = "budget"
+    stopped_by = None
     window_t0, window_tokens = time.perf_counter(), 0
     with StopFlag() as stop:
         while not dist.any_rank(finished(cfg, state), ctx):
@@ -298,9 +358,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             aux_log = {k: dist.all_reduce_mean(v, ctx) for k, v in aux_log.items()}
             if not math.isfinite(loss_value):
                 bar.close()
+                kept = (
+                    f"the last good checkpoint (step {saved_step}) is kept in {out}"
+                    if saved_step is not None
+                    else "no checkpoint had been saved yet"
+                )
                 raise TrainingDiverged(
-                    f"loss became {loss_value} at step {state.step + 1}; stopping. The last good checkpoint "
-                    f"is kept in {out} (try a lower --optim.lr, currently {cfg.optim.lr})"
+                    f"loss became {loss_value} at step {state.step + 1}; stopping: {kept} "
+                    f"(try a lower --optim.lr, currently {cfg.optim.lr})"
                 )
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = dist.clip_grad_norm(model, clip).item()
@@ -342,13 +407,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not done:
                 save()
                 window_t0 = time.perf_counter()
-            if dist.any_rank(stop.requested or state.step == stop_after, ctx):
+            if dist.any_rank(stop.requested or state.step == stop_after, ctx) and not done:  # done: ends anyway
                 stopped_by = "interrupt"
                 break
     bar.close()
-    if stopped_by == "budget":
-        last_eval = run_eval()
-    path = save()
+    stopped_by = stopped_by or budget_reached(cfg, state)
+    # the trained weights reach the disk before anything else can fail
+    path = save() if saved_step != state.step else ckpt_io.checkpoint_path(out, state.step)
+    if stopped_by != "interrupt":
+        last_eval = final_eval(metrics, state.step, run_eval, path, quiet, ctx)
     if cfg.log.plot and ctx.is_main:
         plot_losses(
             metrics.records,
@@ -362,6 +429,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         "tokens": state.tokens,
         "elapsed_s": round(state.elapsed, 2),
         "checkpoint": str(path),
+        "checkpoint_step": saved_step,
         "stopped_by": stopped_by,
         "params_total": params["total"],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -369,6 +437,6 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         **last_eval,
     }
     if ctx.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / run_folder.SUMMARY, json.dumps(summary, indent=2))
     dist.shutdown(ctx)
     return summary

@@ -5,14 +5,17 @@
     {"step": 250, "val_loss": 2.05, "val_perplexity": 7.77, "val_bits_per_byte": 2.96}
 
 On resume the log is cut back to the steps the checkpoint had seen, so a resumed run's file reads
-as if it had never stopped.
+as if it had never stopped; a line a kill cut short (the last one) is dropped with a note, and the
+shortened log replaces the old one atomically.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from nanoseek.data.files import atomic_write_text
 from nanoseek.train.evaluate import EvalResult
 
 
@@ -26,6 +29,23 @@ def eval_record(step: int, result: EvalResult) -> dict:
     }
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; lines that are not JSON objects (cut short by a kill) are skipped."""
+    records, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        elif line.strip():
+            torn += 1
+    if torn:
+        print(f"{path}: dropped {torn} unreadable line(s) (a write cut short)", file=sys.stderr)
+    return records
+
+
 class MetricsLog:
     """metrics.jsonl, truncated on resume to what the checkpoint had seen."""
 
@@ -35,11 +55,9 @@ class MetricsLog:
         if path is None:
             return
         if resume_step is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("step", 0) <= resume_step:
-                    self.records.append(rec)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            records = read_records(path)
+            self.records = [r for r in records if r.get("step", 0) <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict):
         self.records.append(record)

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint interop: load and save `deepseek_v2`, `deepseek_v3`, `deepseek_v32`,
-`deepseek_v4` and `llama` folders.
+`deepseek_v4`, `llama` and `gpt2` folders.
 
-    config.py  config.json <-> ModelConfig for llama and DeepSeek-V2/V3/V3.2
+    config.py  config.json <-> ModelConfig for llama and DeepSeek-V2/V3/V3.2; fields refused by name
     v4.py      the same for DeepSeek-V4, and its tensor names
+    gpt2.py    the same for GPT-2 (learned positions, LayerNorm, GELU, Conv1D weights)
     state.py   tensor names and fused layouts, both directions
     files.py   TensorSource (memory-mapped, sharded), FP8 dequantization, writing shards
 
@@ -15,7 +16,6 @@ reads, and the tokenizer files. What transformers cannot express is refused.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,11 +25,13 @@ from nanoseek.errors import NanoseekError
 from nanoseek.io.checkpoint import load_state_into, read_json
 from nanoseek.io.hf.config import deepseek_config_from_hf, deepseek_config_to_hf
 from nanoseek.io.hf.files import FP8_BLOCK, TensorSource, checkpoint_dtype, dequantize_fp8, write_shards
+from nanoseek.io.hf.gpt2 import gpt2_config_from_hf, gpt2_config_to_hf
 from nanoseek.io.hf.state import mtp_layers_on_disk, nanoseek_to_hf_state, read_state
+from nanoseek.io.hf.tokenizer import write_hf_tokenizer
 from nanoseek.io.hf.v4 import v4_config_from_hf, v4_config_to_hf
 from nanoseek.model import Transformer
 
-SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama")
+SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama", "gpt2")
 
 
 def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
@@ -41,6 +43,8 @@ def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
         print(f"note: {source} names custom code (auto_map); nanoseek never executes it")
     if kind == "deepseek_v4":
         return v4_config_from_hf(cfg, source)
+    if kind == "gpt2":
+        return gpt2_config_from_hf(cfg, source)
     return deepseek_config_from_hf(cfg, source)
 
 
@@ -48,6 +52,8 @@ def config_to_hf(config: ModelConfig) -> dict:
     """A config.json for transformers; refuses what it cannot express."""
     if config.attention == "v4":
         return v4_config_to_hf(config)
+    if config.position == "learned":
+        return gpt2_config_to_hf(config)
     return deepseek_config_to_hf(config)
 
 
@@ -69,21 +75,31 @@ def load_hf_model(folder: str | Path, dtype=None, trust_pickle: bool = False):
     return model.eval()
 
 
-def save_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 1024**3):
-    """Write an HF-format folder that transformers' AutoModelForCausalLM loads (+ the tokenizer files of
-    `tokenizer_dir`: tokenizer.json, tokenizer_config.json, special_tokens_map.json)."""
+def save_hf(
+    model,
+    folder: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    drop_mtp: bool = False,
+):
+    """Write an HF-format folder that transformers' AutoModelForCausalLM loads, with the tokenizer of
+    `tokenizer_dir` in the HF `tokenizers` format and its configs (`nanoseek.io.hf.tokenizer`).
+
+    DeepSeek MTP modules are kept as layers after the last decoder layer (as DeepSeek's checkpoints
+    keep them); `drop_mtp` leaves them out (and sets num_nextn_predict_layers=0)."""
     folder = Path(folder)
-    hf_config = config_to_hf(model.config)
-    state = nanoseek_to_hf_state(model)
+    config = model.config.replace(num_nextn_predict_layers=0) if drop_mtp else model.config
+    hf_config = config_to_hf(config)
+    state = nanoseek_to_hf_state(model, mtp=not drop_mtp)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     hf_config["torch_dtype"] = str(next(iter(dtypes))).replace("torch.", "") if len(dtypes) == 1 else "float32"
     folder.mkdir(parents=True, exist_ok=True)
+    special_ids = write_hf_tokenizer(Path(tokenizer_dir), folder, config) if tokenizer_dir else {}
+    for key, value in special_ids.items():  # the tokenizer's ids where the model config names none
+        if hf_config.get(key) is None:
+            hf_config[key] = value
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     write_shards(state, folder, max_shard_bytes)
-    if tokenizer_dir:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, folder / name)
     return folder
 
 

@@ -9,7 +9,8 @@
     model.layers.(L+k).{enorm,hnorm,eh_proj,shared_head.norm, block keys}  -> mtp.k.*  (MTP after the last layer)
     model.norm.weight, lm_head.weight              -> norm.weight, lm_head.weight
 
-DeepSeek-V4 names go through `nanoseek.io.hf.v4` first; the fusing and stacking is the same.
+DeepSeek-V4 names go through `nanoseek.io.hf.v4` first; the fusing and stacking is the same. GPT-2's
+(`nanoseek.io.hf.gpt2`) map one to one, Conv1D weights transposed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.io.hf.files import TensorSource, load_tensor
+from nanoseek.io.hf.gpt2 import gpt2_key_to_nanoseek, gpt2_state
 from nanoseek.io.hf.v4 import v4_key_to_hf, v4_key_to_nanoseek
 
 
@@ -56,8 +58,13 @@ def read_state(source: TensorSource, config: ModelConfig) -> dict[str, torch.Ten
     raw_keys = [k for k in source.keys() if not k.endswith("weight_scale_inv")]
     grouped: dict[str, dict[str, str]] = {}  # nanoseek target -> {part: hf key}
     state: dict[str, torch.Tensor] = {}
-    v4 = config.attention == "v4"
+    v4, gpt2 = config.attention == "v4", config.position == "learned"
     for key in raw_keys:
+        if gpt2:
+            name, transpose = gpt2_key_to_nanoseek(key)
+            if name is not None:
+                state[name] = load_tensor(source, key).t() if transpose else load_tensor(source, key)
+            continue
         name = v4_key_to_nanoseek(key) if v4 else hf_key_to_nanoseek(key, n)
         if name is None:
             continue
@@ -79,9 +86,9 @@ def fused_target(name: str, config: ModelConfig) -> tuple[str | None, str | None
     if m:
         which = "down_proj" if m.group(3) == "down_proj" else "gate_up_proj"
         return f"{m.group(1)}.experts.{which}", f"{m.group(2)}.{m.group(3)}"
-    m = re.match(r"(.*\.mlp(?:\.shared_experts)?)\.(gate_proj|up_proj)\.weight$", name)
+    m = re.match(r"(.*\.mlp(?:\.shared_experts)?)\.(gate_proj|up_proj)\.(weight|bias)$", name)
     if m:
-        return f"{m.group(1)}.gate_up_proj.weight", m.group(2)
+        return f"{m.group(1)}.gate_up_proj.{m.group(3)}", m.group(2)
     m = re.match(r"(.*self_attn)\.(q_proj|k_proj|v_proj)\.(weight|bias)$", name)
     if m and config.attention != "mla":
         return f"{m.group(1)}.qkv_proj.{m.group(3)}", m.group(2)
@@ -93,7 +100,7 @@ def assemble(source: TensorSource, target: str, parts: dict[str, str], config: M
     if target.endswith("qkv_proj.weight") or target.endswith("qkv_proj.bias"):
         _require(parts, ("q_proj", "k_proj", "v_proj"), target)
         return torch.cat([load_tensor(source, parts[p]) for p in ("q_proj", "k_proj", "v_proj")])
-    if target.endswith("gate_up_proj.weight"):
+    if target.endswith(("gate_up_proj.weight", "gate_up_proj.bias")):
         _require(parts, ("gate_proj", "up_proj"), target)
         return torch.cat([load_tensor(source, parts["gate_proj"]), load_tensor(source, parts["up_proj"])])
     n_experts = config.n_routed_experts
@@ -115,13 +122,18 @@ def _require(parts: dict, names: tuple, target: str):
             raise NanoseekError(f"checkpoint is missing {name!r} needed for {target}")
 
 
-def nanoseek_to_hf_state(model) -> dict[str, torch.Tensor]:
-    """The HF on-disk layout of a nanoseek model's weights (experts unpacked, fusions split)."""
+def nanoseek_to_hf_state(model, mtp: bool = True) -> dict[str, torch.Tensor]:
+    """The HF on-disk layout of a nanoseek model's weights (experts unpacked, fusions split); `mtp=False`
+    leaves the MTP modules out."""
     config = model.config
+    if config.position == "learned":
+        return gpt2_state(model)
     n = config.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("scalar_mix."):  # nanoseek's embedding mix has no place in transformers
+            continue
+        if name.startswith("mtp.") and not mtp:
             continue
         tensor = tensor.detach().contiguous()
         if config.attention == "v4":
@@ -139,9 +151,10 @@ def nanoseek_to_hf_state(model) -> dict[str, torch.Tensor]:
             hf = "model." + name
         for key, value in split_fused(hf, tensor, config).items():
             out[key] = value.contiguous()
-    for k in range(config.num_nextn_predict_layers):  # MTP layers store their own copies
+    head = out.get("lm_head.weight", out["model.embed_tokens.weight"])
+    for k in range(config.num_nextn_predict_layers if mtp else 0):  # MTP layers store their own copies
         out[f"model.layers.{n + k}.embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
-        out[f"model.layers.{n + k}.shared_head.head.weight"] = out["lm_head.weight"].clone()
+        out[f"model.layers.{n + k}.shared_head.head.weight"] = head.clone()
     return out
 
 
@@ -157,10 +170,10 @@ def split_fused(key: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str
     if key.endswith("experts.down_proj"):
         base = key[: -len("down_proj")]
         return {f"{base}{e}.down_proj.weight": tensor[e] for e in range(tensor.shape[0])}
-    if key.endswith("gate_up_proj.weight"):
-        half = tensor.shape[0] // 2
-        base = key[: -len("gate_up_proj.weight")]
-        return {f"{base}gate_proj.weight": tensor[:half], f"{base}up_proj.weight": tensor[half:]}
+    m = re.match(r"(.*)gate_up_proj\.(weight|bias)$", key)
+    if m:
+        half, base, kind = tensor.shape[0] // 2, m.group(1), m.group(2)
+        return {f"{base}gate_proj.{kind}": tensor[:half], f"{base}up_proj.{kind}": tensor[half:]}
     m = re.match(r"(.*)\.qkv_proj\.(weight|bias)$", key)
     if m:
         hd = config.attn_head_dim

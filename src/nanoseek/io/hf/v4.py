@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nanoseek.config import ModelConfig, mscale
 from nanoseek.errors import NanoseekError
-from nanoseek.io.hf.config import first_id, rope_from_hf
+from nanoseek.io.hf.config import SILU, first_id, refuse_fields, rope_from_hf
 
 V4_LAYER_TYPES = {
     "sliding_attention": "sliding",
@@ -77,11 +77,24 @@ V4_SAVE_RENAMES = [
 ]
 
 
+V4_FIELD_RULES = [
+    ("hidden_act", "silu", SILU, "the SwiGLU experts gate with SiLU"),
+    ("scoring_func", "sqrtsoftplus", ("sqrtsoftplus", "sigmoid"), "V4 routers score by sqrt-softplus or sigmoid"),
+    ("n_shared_experts", 1, (1,), "transformers' deepseek_v4 has one shared expert"),
+    ("mlp_bias", False, (False,), "DeepSeek-V4 checkpoints have no MLP biases"),
+    ("tie_word_embeddings", False, (False,), "deepseek_v4 has an untied head"),
+]
+
+
 def v4_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
     """A ModelConfig from a deepseek_v4 config.json (current and legacy field forms)."""
+    refuse_fields(cfg, source, V4_FIELD_RULES)
     n = cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim", 512)
-    rope = cfg.get("qk_rope_head_dim") or int(head_dim * (cfg.get("partial_rotary_factor") or 0.125))
+    if cfg.get("partial_rotary_factor") is not None:  # transformers: it wins over the legacy qk_rope_head_dim
+        rope = int(head_dim * cfg["partial_rotary_factor"])
+    else:
+        rope = cfg.get("qk_rope_head_dim") or int(head_dim * 0.125)
     types = cfg.get("layer_types")
     if types is None and cfg.get("compress_ratios") is not None:
         types = [V4_COMPRESS_RATIOS.get(r, f"compress_ratio={r}") for r in cfg["compress_ratios"]]
@@ -106,7 +119,12 @@ def v4_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
             raise NanoseekError(f"{source}: mlp_layer_types={mlp_types} must be hash_moe layers followed by moe layers")
     params = cfg.get("rope_parameters") or {}
     main, compress = params.get("main"), params.get("compress")
-    if isinstance(main, dict) and isinstance(compress, dict):
+    if isinstance(main, dict) and isinstance(compress, dict) and not cfg.get("rope_scaling"):  # rope_scaling wins
+        if main.get("rope_type", main.get("type", "default")) != "default":
+            raise NanoseekError(
+                f"{source}: rope_parameters.main.rope_type={main.get('rope_type', main.get('type'))!r} is not "
+                "supported (V4's sliding layers rotate with plain RoPE; scaling goes in rope_parameters.compress)"
+            )
         theta, compress_theta = main.get("rope_theta", 10000.0), compress.get("rope_theta", 160000.0)
         scaling = {
             k: v for k, v in compress.items() if k not in ("rope_theta", "partial_rotary_factor", "attention_factor")
@@ -119,7 +137,7 @@ def v4_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
                     f"V4 layers rotate with unscaled cos/sin (DeepSeek-V4 uses 1.0)"
                 )
     else:
-        theta, scaling = rope_from_hf(cfg)
+        theta, scaling = rope_from_hf(cfg, source, whole_heads=False)
         compress_theta = cfg.get("compress_rope_theta", 160000.0)
     if scaling and scaling.get("rope_type", "default") == "default":
         scaling = None
@@ -198,7 +216,7 @@ def v4_config_to_hf(config: ModelConfig) -> dict:
     if config.swiglu_limit is None:
         problems.append("deepseek_v4 always clamps its SwiGLU: set swiglu_limit")
     if config.num_nextn_predict_layers:
-        problems.append("transformers' deepseek_v4 drops MTP modules: set num_nextn_predict_layers=0 to export")
+        problems.append("transformers' deepseek_v4 drops MTP modules: export with drop_mtp (convert --drop-mtp)")
     if (
         config.tie_word_embeddings
         or config.norm != "rmsnorm"

@@ -89,10 +89,10 @@ def earliest_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 class RopeTable(nn.Module):
     """cos/sin of the rotary angles at any positions (computed, not tabled: V4 contexts reach 1M)."""
 
-    def __init__(self, dim: int, theta: float, scaling: dict | None = None):
+    def __init__(self, dim: int, theta: float, scaling: dict | None = None, max_positions: int | None = None):
         super().__init__()
-        self.args = (dim, theta, scaling)
-        self.register_buffer("inv_freq", rope_inv_freq(dim, theta, scaling), persistent=False)
+        self.args = (dim, theta, scaling, max_positions)
+        self.register_buffer("inv_freq", rope_inv_freq(dim, theta, scaling, max_positions), persistent=False)
 
     def fresh(self) -> RopeTable:
         """A copy with real buffers (a model built on the meta device rebuilds them from this)."""
@@ -211,7 +211,12 @@ class CompressedAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         compressed = self.kind in ("csa", "hca")
         self.rope = (
-            RopeTable(config.qk_rope_head_dim, config.compress_rope_theta, config.rope_scaling)
+            RopeTable(
+                config.qk_rope_head_dim,
+                config.compress_rope_theta,
+                config.rope_scaling,
+                config.max_position_embeddings,
+            )
             if compressed
             else RopeTable(config.qk_rope_head_dim, config.rope_theta)
         )

@@ -19,7 +19,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention.core import allowed_keys, attention_probs, causal_attention, layer_window
 from nanoseek.model.kv_cache import DenseKVCache
-from nanoseek.model.position import apply_rope, seq_first_tables, softmax_scale
+from nanoseek.model.position import apply_rope, seq_first_tables
 
 
 class MultiHeadAttention(nn.Module):
@@ -31,7 +31,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = config.attn_head_dim
         self.dropout = config.attention_dropout
         self.interleave = config.rope_interleave
-        self.scale = softmax_scale(config, self.head_dim)
+        self.scale = self.head_dim**-0.5  # no YaRN correction here: that one is MLA's (as in transformers)
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)

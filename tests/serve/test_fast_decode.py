@@ -94,7 +94,7 @@ def test_a_failed_warm_up_leaves_the_engine_decoding_eagerly(monkeypatch):
 def test_a_failing_compiled_step_leaves_each_row_to_the_eager_step(monkeypatch):
     """Isolation on the compiled path: the rows of a failed batched step are stepped alone, eagerly."""
 
-    def broken(self, tokens, positions):
+    def broken(self, tokens, positions, last):
         raise RuntimeError("a broken graph")
 
     monkeypatch.setattr(FastDecode, "warm_up", lambda self: 0.0)

@@ -203,6 +203,7 @@ def sample_rows(
             batches.setdefault((o.temperature, o.top_k, o.top_p), []).append(i)
         else:
             alone.append(i)
+
     def failed(i: int, error: Exception) -> None:
         if on_error is None:
             raise error

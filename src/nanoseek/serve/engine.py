@@ -410,10 +410,10 @@ class Engine:
         seqs = self.running[lo:hi]
         tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         positions = torch.tensor([s.position for s in seqs], device=self.device)
+        last = max(s.position for s in seqs)
         if compiled and self.fast is not None and lo == 0:
-            return self.fast.step(tokens, positions)
-        kv_len = max(s.position for s in seqs) + 1
-        view = [c.rows(lo, hi, kv_len) for c in self.cache]
+            return self.fast.step(tokens, positions, last)
+        view = [c.rows(lo, hi, last + 1) for c in self.cache]
         return decode_step(self.model, tokens, view, positions)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:

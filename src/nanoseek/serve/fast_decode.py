@@ -94,11 +94,12 @@ class FastDecode:
             log.info("compiled the decode step for %d rows x %d positions", batch, length)
         return time.perf_counter() - t0
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits (n, V) of `tokens` (n, 1) at per-row `positions` (n,) against cache rows 0..n-1."""
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, last: int) -> torch.Tensor:
+        """Logits (n, V) of `tokens` (n, 1) at per-row `positions` (n,) against cache rows 0..n-1;
+        `last`: the largest position (known to the caller, so a GPU need not be asked)."""
         n = tokens.shape[0]
         batch = bucket(n, self.batch_sizes)
-        length = bucket(int(positions.max()) + 1, self.lengths)
+        length = bucket(last + 1, self.lengths)
         if batch > n:  # pad rows: token 0 at position 0 of a free row
             tokens = torch.cat([tokens, tokens.new_zeros(batch - n, 1)])
             positions = torch.cat([positions, positions.new_zeros(batch - n)])

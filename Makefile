@@ -38,7 +38,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -m "slow or not slow"
 
 bench: $(STAMP)
-	$(VENV)/bin/nanoseek bench train --preset gpt2-small --seq-len 64 --batch 12
+	$(VENV)/bin/nanoseek bench train --preset gpt2-mini --seq-len 64 --batch 12
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -52,22 +52,22 @@ if wanted tests; then
 fi
 if wanted train; then
     TRAIN="--peers hf --compile --seq-len 256 --batch 8 --steps 10 --warmup 3 --rounds 3 --device $DEVICE"
-    step 100 train.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN
-    step 80 train_bf16.jsonl $PY -m nanoseek bench train --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
+    step 100 train.jsonl $PY -m nanoseek bench train --json --preset $PRESET $TRAIN
+    step 80 train_bf16.jsonl $PY -m nanoseek bench train --json --preset $PRESET $TRAIN --dtype bfloat16 --ref-dtype bfloat16
 fi
 if wanted prefill; then
-    step 30 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
-    step 90 prefill.jsonl $PY -m nanoseek bench prefill --preset $PRESET --rounds 5 --prompt-len $PROMPT --compile \
+    step 30 prefill.jsonl $PY -m nanoseek bench prefill --json --preset $PRESET --rounds 5 --prompt-len $PROMPT --device $DEVICE
+    step 90 prefill.jsonl $PY -m nanoseek bench prefill --json --preset $PRESET --rounds 5 --prompt-len $PROMPT --compile \
         --device $DEVICE  # apart, so that a long compile cannot take the eager figures with it
 fi
 if wanted decode; then
     DECODE="--preset $PRESET --context $CONTEXT --rounds 3 --compile --device $DEVICE"
-    step 90 decode.jsonl $PY -m nanoseek bench decode $DECODE --batch 1,8
-    step 60 decode.jsonl $PY -m nanoseek bench decode $DECODE --batch 1 --no-cuda-graphs
+    step 90 decode.jsonl $PY -m nanoseek bench decode --json $DECODE --batch 1,8
+    step 60 decode.jsonl $PY -m nanoseek bench decode --json $DECODE --batch 1 --no-cuda-graphs
 fi
 if wanted attention; then  # sparse attention vs dense on the GPU
     for dtype in float32 bfloat16; do
-        step 80 attention.jsonl $PY -m nanoseek bench attention --seq ${ATT_SEQ:-4096,16384,32768} --repeats 3 \
+        step 80 attention.jsonl $PY -m nanoseek bench attention --json --seq ${ATT_SEQ:-4096,16384,32768} --repeats 3 \
             --dtype $dtype --device $DEVICE
     done
 fi

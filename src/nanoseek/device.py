@@ -6,6 +6,7 @@
     synchronize(device)        -> wait for queued GPU kernels, so a wall-clock timer sees them
     peak_memory(device)        -> bytes the CUDA caching allocator held at most (None on CPU);
                                   DevicePeak(device): the same over a `with` block, above its start
+    machine(threads)           -> {"cpu", "threads", "torch", "python"[, "gpu"]}: what a result ran on
 
 Everything else is device-agnostic: the model builds its temporaries on its inputs' device, the
 trainer moves the model and every batch with `.to(device)`, checkpoints are written from host
@@ -14,6 +15,7 @@ copies (safetensors) and load onto whatever device the model is on.
 
 from __future__ import annotations
 
+import platform
 import re
 from contextlib import nullcontext
 
@@ -109,3 +111,29 @@ class DevicePeak:
         if self._base is not None:
             self.peak = peak_memory(self.device) - self._base
         return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(threads: int = 0) -> dict:
+    """What a measurement ran on: CPU model, torch threads (`threads`, 0 = torch's default now),
+    torch and Python versions, and the GPU when torch sees one."""
+    record = {
+        "cpu": cpu_name(),
+        "threads": threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        record["gpu"] = torch.cuda.get_device_name(0)
+    return record

@@ -64,7 +64,7 @@ def test_bench_train_smoke():
     assert torch.get_num_threads() == 1  # restored
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt2-small"])
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt2-mini"])
 def test_reference_has_nanoseeks_parameters(preset):
     cfg = ModelConfig.from_preset(preset).replace(vocab_size=65, max_position_embeddings=16)
     model, ref = Transformer(cfg), reference_for(cfg)
@@ -122,12 +122,28 @@ def test_run_bench_prints_json_lines(capsys):
             "0.05",
             "--data",
             "random",
+            "--json",
         ]
     )
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["impl"] for r in lines] == ["nanoseek"]
     assert lines[0]["data"] == "random" and lines[0]["tokens_per_s"] > 0
+
+
+def test_bench_results_are_a_table_for_people():
+    from nanoseek.bench.report import results_table
+
+    shared = {"bench": "train", "preset": "gpt2-mini", "cpu": "EPYC", "threads": 2}
+    rows = [
+        {**shared, "impl": "nanoseek", "tokens_per_s": 15263.4},
+        {**shared, "impl": "reference", "tokens_per_s": 14536.0},
+        {**shared, "impl": "ratio", "nanoseek_over_reference": 1.05},
+    ]
+    text = results_table(rows)
+    assert text.count("EPYC") == 1  # the machine once, not on every line
+    assert "preset: gpt2-mini" in text and "15,263" in text and "1.05" in text
+    assert text.splitlines()[3].split() == ["impl", "tokens_per_s"]
 
 
 def test_unknown_benchmark_lists_choices():
@@ -154,7 +170,7 @@ def test_matmul_peak_is_positive():
 
 
 def run_lines(argv, capsys) -> list[dict]:
-    assert run_bench(argv) == 0
+    assert run_bench([*argv, "--json"]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 

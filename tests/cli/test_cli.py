@@ -55,13 +55,14 @@ def test_presets_lists_every_preset_with_its_size(capsys):
     assert rows["llama-tiny"]["ffn"] == "swiglu"
     assert main(["presets"]) == 0
     table = capsys.readouterr().out
-    assert "deepseek-v3 " in table and "671B" in table and "36.6B" in table
+    assert "deepseek-v3 " in table and "671.0B" in table and "37.6B" in table  # active: per token
+    assert "gpt2-small = gpt2-mini" in table  # old names listed with what they are now
 
 
 @pytest.mark.parametrize(
     "argv, hint",
     [
-        (["info", "--preset", "gpt2-smal"], "did you mean 'gpt2-small'"),
+        (["info", "--preset", "gpt2-mni"], "did you mean 'gpt2-mini'"),
         (["train", "--preset", "gpt2-tiny", "--model.hiden_size=3"], "did you mean 'hidden_size'"),
         (["train", "--preset", "gpt2-tiny", "--optm.lr=3"], "did you mean 'optim'"),
     ],

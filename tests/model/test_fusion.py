@@ -1,6 +1,4 @@
-"""Layer fusion: residual, dwa, dynamic, hyper, mhc; Sinkhorn; scalar-mix embeddings; inspect; ablate."""
-
-import json
+"""Layer fusion: residual, dwa, dynamic, hyper, mhc; Sinkhorn; scalar-mix embeddings; inspect."""
 
 import pytest
 import torch
@@ -105,54 +103,24 @@ def test_embed_returns_unit_vectors_that_rank_by_similarity():
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
 
 
-@pytest.mark.parametrize("fusion", KINDS)
+@pytest.mark.parametrize("fusion", KINDS[1:])
 def test_inspect_fusion_writes_a_png(fusion, tmp_path):
-    from nanoseek.analysis.inspect import fusion_weights, plot_fusion
+    from nanoseek.analysis import fusion_picture, plot_fusion
 
     class Bytes:
         def encode(self, text):
             return list(text.encode())
 
+        def decode(self, ids):
+            return bytes(ids).decode(errors="replace")
+
     model = make(fusion, vocab_size=256).eval()
-    panels = fusion_weights(model, torch.tensor([list(b"hello")]))
-    assert panels and all(p.dim() == 2 for p in panels.values())
-    if fusion in ("dynamic", "hyper", "mhc"):
-        assert any(p.shape[0] == 5 for p in panels.values())  # per token
-    out = plot_fusion(model, Bytes(), "hello", tmp_path / "f.png")
+    pic = fusion_picture(model, torch.tensor([list(b"hello")]))
+    assert pic.panels and all(p.grid.ndim == 2 for p in pic.panels)
+    if fusion == "dynamic":
+        assert pic.panels[-1].grid.shape[0] == 5  # per token
+    out, _ = plot_fusion(model, Bytes(), "hello", tmp_path / "f.png")
     assert out.stat().st_size > 2000
-
-
-def test_ablate_runs_variants_writes_a_table_and_resumes(tmp_path):
-    from nanoseek.train.ablate import ablate, parse_variant
-
-    assert parse_variant("dwa:model.fusion=dwa") == ("dwa", ["--model.fusion=dwa"])
-    assert parse_variant("gpt2-tiny")[1] == ["--preset", "gpt2-tiny"]
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("to be or not to be, that is the question\n" * 200)
-    common = [
-        "--preset",
-        "llama-tiny",
-        "--data",
-        str(corpus),
-        "--data.seq_len=16",
-        "--train.batch_size=2",
-        "--train.max_steps=3",
-        "--eval.every=2",
-        "--eval.batches=1",
-        "--eval.batch_size=2",
-        "--log.progress=false",
-        "--log.plot=false",
-        "--train.threads=1",
-    ]
-    report = ablate(["res:model.fusion=residual", "dwa:model.fusion=dwa"], common, tmp_path / "abl")
-    text = report.read_text()
-    assert "| res |" in text and "| dwa |" in text
-    assert (tmp_path / "abl" / "ablation.png").stat().st_size > 2000
-    rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())
-    assert all(r["steps"] == 3 and r["final_val_loss"] > 0 for r in rows)
-    mtime = (tmp_path / "abl" / "res" / "summary.json").stat().st_mtime
-    ablate(["res:model.fusion=residual", "dwa:model.fusion=dwa"], common, tmp_path / "abl")  # done: skipped
-    assert (tmp_path / "abl" / "res" / "summary.json").stat().st_mtime == mtime
 
 
 def test_muon_optimizer_trains_and_resumes_exactly(tmp_path):

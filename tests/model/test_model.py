@@ -156,12 +156,13 @@ def test_rope_makes_scores_depend_on_relative_position(interleave):
 
 
 def test_info_counts_parameters_and_kv_bytes():
-    info = model_info(ModelConfig.from_preset("gpt2-small"))
+    info = model_info(ModelConfig.from_preset("gpt2-mini"))
     # 4 layers x 12 d^2 + (vocab 128 + 256 positions) x d + norms/biases
-    model = make("gpt2-small")
+    model = make("gpt2-mini")
     assert info["params_total"] == sum(p.numel() for p in model.parameters())
-    # active excludes the embedding lookup tables (token + learned positions)
-    assert info["params_active"] == info["params_total"] - (128 + 256) * 128
+    assert info["params_active"] == info["params_total"]  # dense: a token uses every weight
+    # non-embedding excludes the lookup tables (token + learned positions)
+    assert info["params_active_non_embedding"] == info["params_total"] - (128 + 256) * 128
     assert info["kv_cache_bytes_per_token"] == 4 * 2 * 128 * 2
     assert info["flops_per_token"] > 6 * 4 * 12 * 128**2
     gqa = model_info(ModelConfig.from_preset("llama-tiny"))
@@ -169,7 +170,7 @@ def test_info_counts_parameters_and_kv_bytes():
 
 
 def test_depth_scaled_init_of_output_projections():
-    model = make("gpt2-small")
+    model = make("gpt2-mini")
     std_out = model.layers[0].self_attn.o_proj.weight.std().item()
     std_in = model.layers[0].self_attn.qkv_proj.weight.std().item()
     assert std_out == pytest.approx(0.02 / math.sqrt(8), rel=0.1)

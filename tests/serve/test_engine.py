@@ -89,6 +89,28 @@ def test_batched_rows_match_generating_alone(preset, overrides):
     assert engine.stats()["running"] == 0
 
 
+def sliding_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens by full recompute, keeping the recent half of the context once it is full."""
+    context, window, out = model.config.max_position_embeddings, list(prompt), []
+    with torch.no_grad():
+        while len(out) < n:
+            out.append(int(model(torch.tensor([window])).logits[0, -1].argmax()))
+            window.append(out[-1])
+            if len(window) > context:
+                window = window[-(context // 2) :]
+    return out
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "deepseek-v3-tiny"])
+def test_a_row_past_the_context_slides_to_its_recent_half(preset):
+    model = tiny_model(preset)  # context 64
+    prompts, max_tokens = [[5, 6, 7] * 4, [9, 8]], [150, 20]  # the first slides twice, beside a short row
+    got, collectors, _ = run_engine(model, prompts, max_tokens, max_batch=2)
+    assert got[0] == sliding_greedy(model, prompts[0], 150)
+    assert got[1] == generate(model, prompts[1], max_new_tokens=20, temperature=0).tolist()
+    assert collectors[0].events[-1].finish_reason == "length" and collectors[0].events[-1].completion_tokens == 150
+
+
 def test_finish_reasons_usage_and_stop_strings():
     model = tiny_model("gpt2-tiny")
     prompt = list(b"abc")

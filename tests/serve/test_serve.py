@@ -153,7 +153,7 @@ def post(server, path, **kw):
             "messages.0.role",
         ),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": CONTEXT + 1}, 400, "max_tokens"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x" * CONTEXT}, 400, "prompt"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "temperature": 5}, 400, "temperature"),

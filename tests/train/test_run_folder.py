@@ -118,21 +118,27 @@ def test_ablate_starts_over_a_variant_without_a_checkpoint_and_resumes_one_with(
     class Done:
         returncode = 0
 
-    def fake_run(cmd):
+    def fake_run(cmd, **kwargs):
         commands.append(cmd)
         out = Path(cmd[cmd.index("--out") + 1])
         (out / "summary.json").write_text(json.dumps({"stopped_by": "max_steps", "step": 1}))
         return Done()
 
     monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    variants = {}
     for name, files in {"a": ["train_config.json", "metrics.jsonl"], "b": ["train_config.json", "LATEST"]}.items():
+        variant = ablate.parse_variant(f"{name}:model.hidden_size=32")
+        cfg = ablate.resolve(variant, "gpt2-tiny", {}, tmp_path / name)
+        variants[name] = (variant, cfg)
         (tmp_path / name).mkdir()
         for f in files:
             (tmp_path / name / f).write_text("{}")
-    ablate.run_variant("a", ["--preset", "gpt2-tiny"], [], tmp_path)
-    ablate.run_variant("b", ["--preset", "gpt2-tiny"], [], tmp_path)
+        (tmp_path / "variants").mkdir(exist_ok=True)  # both were started with this config before
+        (tmp_path / "variants" / f"{name}.json").write_text(json.dumps(ablate.config_key(cfg)))
+    ablate.run_variant(*variants["a"], tmp_path)
+    ablate.run_variant(*variants["b"], tmp_path)
     assert commands[0][-1] == "--overwrite" and commands[1][-1] == "--resume"
-    ablate.run_variant("a", ["--preset", "gpt2-tiny"], [], tmp_path)  # finished: not run again
+    ablate.run_variant(*variants["a"], tmp_path)  # finished: not run again
     assert len(commands) == 2
 
 

@@ -131,6 +131,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(small_corpus, tmp_path):
         "--log.every=1",
         "--log.progress=false",
         "--log.plot=false",
+        "--json",
     ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = tmp_path / "metrics.jsonl"
@@ -201,11 +202,11 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(small_corpus, tmp_path
 def test_eval_and_info_commands(small_corpus, tmp_path, capsys):
     loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 2}), quiet=True)
     capsys.readouterr()
-    assert cli_main(["eval", str(tmp_path), "--max-batches", "2"]) == 0
+    assert cli_main(["eval", str(tmp_path), "--max-batches", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"loss", "perplexity", "tokens", "bits_per_byte"} <= set(result)
     assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
-    assert cli_main(["info", "--preset", "gpt2-small"]) == 0
+    assert cli_main(["info", "--preset", "gpt2-mini", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert {"params_total", "params_active", "kv_cache_bytes_per_token", "flops_per_token"} <= set(info)
 
@@ -273,9 +274,41 @@ def test_token_budget_accumulation_and_keep_last(small_corpus, tmp_path):
 
 def test_wall_clock_budget_stops_the_run(small_corpus, tmp_path):
     summary = loop.train(
-        tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 0, "train.max_seconds": 0.5}), quiet=True
+        tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 0, "train.max_seconds": 1.0}), quiet=True
     )
-    assert summary["stopped_by"] == "max_seconds" and 0.5 <= summary["elapsed_s"] < 5
+    assert summary["stopped_by"] == "max_seconds" and summary["step"] >= 1 and summary["elapsed_s"] >= 1.0
+    assert summary["elapsed_s"] <= 1.2 or summary["step"] == 1  # a slow setup leaves room for one step only
+
+
+def test_a_wall_clock_budget_counts_the_setup_and_evaluations(small_corpus, tmp_path, monkeypatch):
+    """Tokenizing that takes 10 s (a clock pushed forward) spends all of a 10 s budget: the run
+    stops after its one guaranteed step instead of training 10 s more."""
+    clock = {"offset": 0.0}
+    real_clock, setup = time.perf_counter, loop.setup_data
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: real_clock() + clock["offset"])
+
+    def slow_setup(*args):
+        result = setup(*args)
+        clock["offset"] += 10.0
+        return result
+
+    monkeypatch.setattr(loop, "setup_data", slow_setup)
+    cfg = tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 0, "train.max_seconds": 10.0, "eval.points": 4})
+    summary = loop.train(cfg, quiet=True)
+    assert summary["step"] == 1 and summary["elapsed_s"] >= 10.0
+
+
+def test_eval_points_spread_evaluations_over_any_budget(small_corpus, tmp_path):
+    loop.train(tiny_cfg(small_corpus, tmp_path, **{"train.max_steps": 20, "eval.points": 5}), quiet=True)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12, 16, 20]  # the last one: the final eval
+
+
+def test_the_progress_label_counts_steps():
+    cfg = build_train_config(preset="gpt2-tiny", overrides={"train.max_steps": 2000})
+    assert loop.step_label(cfg, loop.RunState(step=120), 0.06) == "step 120/2000"
+    cfg = build_train_config(preset="gpt2-tiny", overrides={"train.max_steps": 0, "train.max_seconds": 60})
+    assert loop.step_label(cfg, loop.RunState(step=120), 0.25) == "step 120/~480"  # the total the time implies
 
 
 def test_bf16_autocast_trains(small_corpus, tmp_path):
@@ -314,7 +347,10 @@ def test_tokenizer_and_chat_commands(small_corpus, tmp_path, capsys, monkeypatch
     import io
 
     assert (
-        cli_main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok.json"), small_corpus]) == 0
+        cli_main(
+            ["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok.json"), small_corpus, "--json"]
+        )
+        == 0
     )
     assert json.loads(capsys.readouterr().out)["vocab_size"] == 300
     loop.train(tiny_cfg(small_corpus, tmp_path / "run", **{"train.max_steps": 2}), quiet=True)

@@ -1,8 +1,9 @@
-"""Benchmarks: `nanoseek bench WHAT [options]`, one JSON object per line on stdout.
+"""Benchmarks: `nanoseek bench WHAT [options]`: a table on stdout, or with `--json` one JSON object
+per result line (what the benchmarks/ scripts print and RESULTS.md is made from).
 
 WHAT is a key of `BENCHES`; each entry adds its options to an argparse parser and runs, returning
 result dicts. Each benchmark lives in its own module (train, infer, attention, serve); `common`
-holds what they measure of the machine.
+holds what they measure of the machine; `report` lays results out for people.
 
     >>> run_bench(["train", "--preset", "gpt2-tiny", "--steps", "2"])  # doctest: +SKIP
 """
@@ -16,8 +17,10 @@ from collections.abc import Callable
 
 from nanoseek.bench.attention import add_attention_args, run_attention
 from nanoseek.bench.infer import add_decode_args, add_prefill_args, run_decode, run_prefill
+from nanoseek.bench.report import results_table
 from nanoseek.bench.serve import add_serve_args, run_serve
 from nanoseek.bench.train import add_train_args, run_train
+from nanoseek.config.parse import did_you_mean
 from nanoseek.errors import NanoseekError
 
 # WHAT -> (help, add the options, run -> result dicts)
@@ -44,28 +47,38 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def run_bench(argv: list[str]) -> int:
-    """`nanoseek bench WHAT ...`: print one JSON line per result to stdout, flushed; return 0."""
+def run_bench(argv: list[str], json_lines: bool = False) -> int:
+    """`nanoseek bench WHAT ...`: the results as a table (with `--json` or `json_lines`: one JSON line
+    per result, each printed as soon as it is measured); return 0."""
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     what, rest = argv[0], argv[1:]
     if what not in BENCHES:
-        raise NanoseekError(f"unknown benchmark {what!r}; choose one of: {', '.join(BENCHES)}")
+        hint = did_you_mean(what, BENCHES)
+        raise NanoseekError(f"unknown benchmark {what!r}{hint}; choose one of: {', '.join(BENCHES)}")
     help_, add_args, run = BENCHES[what]
-    parser = argparse.ArgumentParser(prog=f"nanoseek bench {what}", description=help_)
+    parser = argparse.ArgumentParser(
+        prog=f"nanoseek bench {what}", description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_args(parser)
+    parser.add_argument("--json", action="store_true", help="one JSON object per result line, for programs")
     args = parser.parse_args(rest)
+    results = []
     for result in run(args):
-        print(json.dumps(result), flush=True)
+        if args.json or json_lines:
+            print(json.dumps(result), flush=True)
+        results.append(result)
+    if not (args.json or json_lines):
+        print(results_table(results))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Script entry (benchmarks/bench_train.py): bench errors print as one line, exit status 2."""
+    """Script entry (benchmarks/bench_train.py): JSON lines; bench errors print as one line, exit status 2."""
     try:
-        return run_bench(sys.argv[1:] if argv is None else argv)
+        return run_bench(sys.argv[1:] if argv is None else argv, json_lines=True)
     except NanoseekError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

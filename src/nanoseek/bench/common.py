@@ -6,27 +6,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import platform
 import threading
 import time
 
 import torch
 
-from nanoseek.device import synchronize
+from nanoseek.device import cpu_name, synchronize
+
+__all__ = ["cpu_name"]  # the machine record's CPU name, from nanoseek.device
 
 MIB = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def current_rss() -> int:

@@ -123,7 +123,7 @@ def weight_bytes_per_step(model, batch: int) -> float:
     """fp32 bytes of the weights one decode step reads (active experts only at batch 1)."""
     params = model.num_params()
     moe = model.moe_layers()
-    touched = params["active"] + model.lm_head.weight.numel() * (not model.config.tie_word_embeddings)
+    touched = params["matmul_active"]  # the token's matmul weights, a tied head included once
     if moe and batch > 1:
         per_expert = moe[0].experts.gate_up_proj[0].numel() + moe[0].experts.down_proj[0].numel()
         extra = min(batch * moe[0].top_k, moe[0].n_experts) - moe[0].top_k

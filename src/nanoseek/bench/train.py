@@ -64,6 +64,7 @@ from nanoseek.bench.common import (
     torch_threads,
 )
 from nanoseek.config import ModelConfig, OptimConfig
+from nanoseek.config.presets import canonical_name
 from nanoseek.data import BUNDLED_CORPUS
 from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
@@ -262,7 +263,7 @@ def hf_training_loss(model, x, y) -> torch.Tensor:
 
 
 def bench_train(
-    preset: str = "gpt2-small",
+    preset: str = "gpt2-mini",
     impls: tuple[str, ...] = ("nanoseek", "reference"),
     seq_len: int = 64,
     batch: int = 12,
@@ -282,6 +283,7 @@ def bench_train(
 
     `dtype` is nanoseek's (bfloat16 = autocast), `ref_dtype` the peers'; `device` is cpu, cuda,
     cuda:N or auto (on a GPU the timers synchronize and peak_device_mib is the CUDA allocator's peak)."""
+    preset = canonical_name(preset)  # results name the preset by its current name
     impls = tuple(impls)
     for impl in impls:
         if impl not in TRAIN_IMPLS:
@@ -438,7 +440,7 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="gpt2-small", help="a GPT-2-shaped preset (default gpt2-small)")
+    parser.add_argument("--preset", default="gpt2-mini", help="a GPT-2-shaped preset (default gpt2-mini)")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""`nanoseek bench WHAT ...`: the benchmarks (JSON lines), each parsing its own options."""
+"""`nanoseek bench WHAT ...`: the benchmarks (a table; `--json`: JSON lines), each parsing its own options."""
 
 from __future__ import annotations
 
@@ -14,4 +14,4 @@ def run(args, extra) -> int:
     return run_bench([args.what, *extra])
 
 
-COMMANDS = [Command("bench", "benchmarks (JSON lines)", add_bench_arguments, run, add_help=False)]
+COMMANDS = [Command("bench", "benchmarks: a table (--json: JSON lines)", add_bench_arguments, run, add_help=False)]

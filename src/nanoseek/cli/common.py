@@ -1,5 +1,9 @@
 """What the commands share: the command record, argument helpers, and loading a checkpoint on the
-device `--device` names."""
+device `--device` names.
+
+One spelling for what several commands take: `--threads N`, `--device D`, `--compile`, `--json`
+(`train` and `ablate` also `--dtype`, `--max-steps`, `--max-tokens`, `--max-seconds`, each the same as
+its `--train.FIELD=VALUE` override)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import argparse
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from nanoseek.config import parse_value
 from nanoseek.device import add_device_arg, resolve_device
@@ -83,6 +89,59 @@ def add_compile_args(parser: argparse.ArgumentParser) -> None:
         help="prompt prefill under torch.compile with dynamic shapes (one graph for every prompt "
         "length; its first compile is long, so it pays off for long or many prompts)",
     )
+
+
+THREADS_HELP = (
+    "torch threads (default: torch's, one per core). On a machine other busy processes share, "
+    "fewer is faster: about cores / busy processes (docs/performance.md#threads)"
+)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
+
+
+def set_threads(threads: int | None) -> None:
+    """`--threads N`: N torch threads (unset or 0: torch's default)."""
+    if threads is not None and threads < 0:
+        raise NanoseekError(f"--threads={threads} must be >= 1 (or 0 for torch's default)")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def add_json_arg(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    parser.add_argument("--json", action="store_true", help=f"{what} as JSON (one object per line) for programs")
+
+
+def aligned(rows: list[tuple[str, str]]) -> str:
+    """Label/value lines with the values in one column.
+
+    >>> print(aligned([("loss", "1.5"), ("perplexity", "4.5")]))
+    loss        1.5
+    perplexity  4.5
+    """
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label.ljust(width)}  {value}".rstrip() for label, value in rows)
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A plain text table, columns padded to their widest cell (numbers too are given as text)."""
+    cells = [header, *rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def human_count(n: float) -> str:
+    """A count with its unit: 671026404352 -> '671.0B', 1234567 -> '1.23M', 950 -> '950'.
+
+    >>> human_count(671026404352), human_count(36625603584), human_count(1720000), human_count(65)
+    ('671.0B', '36.6B', '1.72M', '65')
+    """
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if round(n / size, 2) >= 1:
+            value = n / size
+            return f"{value:.1f}{unit}" if value >= 10 else f"{value:.2f}{unit}"
+    return f"{n:g}"
 
 
 def load(args: argparse.Namespace, tokenizer: bool = True) -> LoadedCheckpoint:

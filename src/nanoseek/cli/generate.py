@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
-
-from nanoseek.cli.common import Command, add_checkpoint_args, add_compile_args, load, reject_extra
+from nanoseek.analysis.poems import annotate
+from nanoseek.cli.common import (
+    Command,
+    add_checkpoint_args,
+    add_compile_args,
+    add_threads_arg,
+    load,
+    reject_extra,
+    set_threads,
+)
+from nanoseek.config.parse import did_you_mean
 from nanoseek.errors import NanoseekError
 from nanoseek.generation.chat import Chat, MessageTooLong
 from nanoseek.generation.speculative import compare_with_greedy
@@ -21,7 +29,7 @@ def add_sample_arguments(s) -> None:
         "--max-new-tokens",
         type=int,
         default=200,
-        help="tokens to generate (past the context, generation continues from its recent half)",
+        help="tokens to generate; past the model's context, generation goes on from the context's recent half",
     )
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
@@ -34,7 +42,13 @@ def add_sample_arguments(s) -> None:
     )
     s.add_argument("--seed", type=int, help="seed of the sampling generator (reproducible output)")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    add_threads_arg(s)
+    s.add_argument(
+        "--format",
+        choices=("text", "poem"),
+        default="text",
+        help="poem: after the text, each line's verse lengths and how many verses have 5 or 7 characters (on stderr)",
+    )
     s.add_argument(
         "--speculative",
         action="store_true",
@@ -50,8 +64,7 @@ def run_sample(args, extra) -> int:
             "--speculative decodes eagerly (its draft-and-verify steps change shape); "
             "drop --compile / --compile-prefill"
         )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, tok, _ = load(args)
     prompt = args.prompt if args.prompt is not None else "\n"
     pieces = stream_past_context(
@@ -74,29 +87,67 @@ def run_sample(args, extra) -> int:
         print(json.dumps(report), file=sys.stderr)
         return 0
     sys.stdout.write(prompt)
+    written = [prompt]
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
+        written.append(piece)
     sys.stdout.write("\n")
+    if args.format == "poem":
+        sys.stdout.flush()
+        print(annotate("".join(written)), file=sys.stderr)
     return 0
 
 
 def add_chat_arguments(c) -> None:
     add_checkpoint_args(c)
     c.add_argument("--system", help="a system message")
-    c.add_argument("--max-new-tokens", type=int, default=200, help="longest reply, in tokens")
+    c.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        help="longest reply, in tokens; past the context it goes on from the context's recent half",
+    )
     c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     c.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     c.add_argument(
         "--top-p", type=float, default=0.95, help="sample within the smallest set of tokens whose probability reaches p"
     )
     c.add_argument("--seed", type=int, help="seed of the sampling generator")
+    add_threads_arg(c)
     add_compile_args(c)
+    c.epilog = "In the chat: " + "; ".join(f"{k} {v}" for k, v in CHAT_COMMANDS.items()) + "."
+
+
+CHAT_COMMANDS = {
+    "/reset": "forget the conversation (the system message stays)",
+    "/exit": "quit (so does Ctrl-D)",
+    "/help": "this list",
+}
+USER, ASSISTANT = "you> ", "model> "
+
+
+def chat_command(text: str, chat: Chat) -> bool | None:
+    """Run a /command: True to go on, False to quit; None when `text` is a message for the model."""
+    if not text.startswith("/"):
+        return None
+    word = text.split()[0]
+    if word in ("/exit", "/quit"):
+        return False
+    if word == "/reset":
+        chat.reset()
+        print("(conversation forgotten)", file=sys.stderr)
+    elif word == "/help":
+        print("\n".join(f"{k:7s} {v}" for k, v in CHAT_COMMANDS.items()), file=sys.stderr)
+    else:
+        print(f"unknown command {word}{did_you_mean(word, CHAT_COMMANDS)}; /help lists them", file=sys.stderr)
+    return True
 
 
 def run_chat(args, extra) -> int:
     """Interactive chat on stdin/stdout; the checkpoint's chat template when it has one."""
     reject_extra(extra)
+    set_threads(args.threads)
     model, tok, folder = load(args)
     chat = Chat(
         model,
@@ -111,18 +162,34 @@ def run_chat(args, extra) -> int:
         compile=args.compile,
         compile_prefill=args.compile_prefill,
     )
-    print("chat: type a message and press Enter (Ctrl-D to quit)", file=sys.stderr)
-    for line in sys.stdin:
+    template = "its chat template" if chat.template["template"] else "a plain User:/Assistant: transcript"
+    print(f"chat with {folder} ({template}); /help for commands, /exit or Ctrl-D to quit", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input(USER) if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break
         text = line.strip()
         if not text:
             continue
+        go_on = chat_command(text, chat)
+        if go_on is False:
+            break
+        if go_on:
+            continue
+        reply = chat.reply(text)
         try:
-            for piece in chat.reply(text):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            first = next(reply, "")
         except MessageTooLong:
             print("(message too long for the model's context)", file=sys.stderr)
             continue
+        sys.stdout.write(ASSISTANT + first)
+        for piece in reply:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
         sys.stdout.write("\n")
     return 0
 

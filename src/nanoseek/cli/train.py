@@ -8,27 +8,68 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanoseek.cli.common import Command, reject_extra, split_overrides
+from nanoseek.cli.common import THREADS_HELP, Command, add_json_arg, aligned, reject_extra, split_overrides
 from nanoseek.config import TrainConfig, build_resume_config, build_train_config, saved_run_config
 from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.device import DEVICE_CHOICES
 from nanoseek.errors import NanoseekError
 from nanoseek.train.ablate import ablate
 from nanoseek.train.loop import TrainingDiverged, train
 
 OVERRIDES_HELP = (
     "Any config field can be set as --section.field=VALUE (JSON where it parses, else a string), e.g. "
-    "--optim.lr=3e-4 --model.hidden_size=256 --train.max_seconds=60; the sections and fields are in "
-    "docs/configuration.md. `nanoseek presets` lists the presets."
+    "--optim.lr=3e-4 --model.hidden_size=256 --train.max_seconds=60; `nanoseek config --preset NAME` "
+    "lists every field with its value and meaning. `nanoseek presets` lists the presets."
 )
+
+# flag -> the TrainConfig field it sets (the same as --FIELD=VALUE)
+RUN_FLAGS = {
+    "max_steps": "train.max_steps",
+    "max_tokens": "train.max_tokens",
+    "max_seconds": "train.max_seconds",
+    "threads": "train.threads",
+    "device": "train.device",
+    "dtype": "train.dtype",
+    "compile": "train.compile",
+}
+
+
+def add_run_flags(t) -> None:
+    """The options `train` and `ablate` share with the other commands, each = a --train.FIELD override."""
+    t.add_argument(
+        "--max-steps", type=int, help="stop after N optimizer steps (= --train.max_steps; default: the preset's)"
+    )
+    t.add_argument("--max-tokens", type=int, help="stop after N training tokens (= --train.max_tokens; 0 = no limit)")
+    t.add_argument(
+        "--max-seconds",
+        type=float,
+        help="wall-clock budget of the whole command: tokenizer, tokenizing, training, evaluations and the "
+        "final checkpoint and evaluation (= --train.max_seconds; default: the preset's)",
+    )
+    t.add_argument("--threads", type=int, help=THREADS_HELP + " (= --train.threads)")
+    t.add_argument("--device", help=f"{DEVICE_CHOICES} (= --train.device; default auto: a CUDA GPU if torch sees one)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (= --train.dtype)")
+    t.add_argument(
+        "--compile", action="store_const", const=True, help="train a torch.compile'd model (= --train.compile=true)"
+    )
+
+
+def flag_overrides(args) -> dict:
+    """The run flags given on the command line, as overrides."""
+    return {field: getattr(args, flag) for flag, field in RUN_FLAGS.items() if getattr(args, flag) is not None}
 
 
 def add_train_arguments(t) -> None:
     t.epilog = OVERRIDES_HELP
     t.add_argument("config", nargs="?", help="a TOML or JSON config file")
     t.add_argument("--preset", help="named model config (list them with `nanoseek presets`)")
-    t.add_argument("--data", nargs="+", help="text files to train on (default: bundled tiny Shakespeare)")
+    t.add_argument(
+        "--data",
+        nargs="+",
+        help="text files to train on, or a bundled corpus by name: shakespeare (the default), tang (Tang poems)",
+    )
     t.add_argument("--out", help="run directory, one run per folder (default runs/default)")
-    t.add_argument("--max-steps", type=int, help="= --train.max_steps (default: the preset's)")
+    add_run_flags(t)
     t.add_argument(
         "--resume",
         action="store_true",
@@ -42,6 +83,7 @@ def add_train_arguments(t) -> None:
         "a folder holding a run is an error)",
     )
     t.add_argument("--nproc", type=int, help="launch N processes with torchrun (DDP unless --dist.strategy=fsdp)")
+    add_json_arg(t, "the final summary")
 
 
 def run_train(args, extra) -> int:
@@ -52,8 +94,7 @@ def run_train(args, extra) -> int:
         overrides["data.path"] = args.data
     if args.out:
         overrides["out"] = args.out
-    if args.max_steps is not None:
-        overrides["train.max_steps"] = args.max_steps
+    overrides.update(flag_overrides(args))
     out = args.out or TrainConfig.out
     if args.resume and not (args.config or args.preset) and saved_run_config(out):
         overrides.pop("out", None)
@@ -67,13 +108,33 @@ def run_train(args, extra) -> int:
         return 1
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
-    print(json.dumps(summary))
+    print(json.dumps(summary) if args.json else summary_lines(summary, cfg.out))
     if summary.get("stopped_by") == "interrupt":
         print(
             f"interrupted: checkpoint saved; continue with: nanoseek train --out {cfg.out} --resume",
             file=sys.stderr,
         )
     return 0
+
+
+def summary_lines(summary: dict, out: str) -> str:
+    """A finished run in a few aligned lines (`--json`: the summary.json object on one line)."""
+    rows = [
+        ("stopped", f"after {summary['step']:,} steps, {summary['tokens']:,} tokens, {summary['elapsed_s']:.0f} s"
+                    f" ({summary.get('stopped_by', '?')})"),
+    ]  # fmt: skip
+    if "val_loss" in summary:
+        rows.append((
+            "validation",
+            f"loss {summary['val_loss']:.4f}, perplexity {summary['val_perplexity']:.2f}, "
+            f"{summary['val_bits_per_byte']:.3f} bits/byte",
+        ))  # fmt: skip
+    rows += [
+        ("checkpoint", str(summary.get("checkpoint", ""))),
+        ("run folder", f"{out} (metrics.jsonl, loss.png, summary.json)"),
+        ("next", f"nanoseek sample {out} --prompt TEXT"),
+    ]
+    return aligned(rows)
 
 
 def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
@@ -108,18 +169,27 @@ def launch_torchrun(nproc: int) -> int:
 
 
 def add_ablate_arguments(ab) -> None:
-    ab.epilog = OVERRIDES_HELP + " Overrides apply to every variant."
-    ab.add_argument("--variant", action="append", help="preset or a,b overrides; NAME:spec to name it")
+    ab.epilog = OVERRIDES_HELP + " Overrides and flags apply to every variant."
+    ab.add_argument(
+        "--variant", action="append", help="a preset, or a,b overrides like model.fusion=dwa; NAME:spec to name it"
+    )
     ab.add_argument("--preset", help="base preset for every variant")
+    ab.add_argument("--data", nargs="+", help="text files every variant trains on (default: bundled tiny Shakespeare)")
     ab.add_argument("--out", default="runs/ablate", help="folder of the variants' runs and the report")
+    add_run_flags(ab)
+    add_json_arg(ab, "the table")
 
 
 def run_ablate(args, extra) -> int:
-    common = list(extra)
-    if args.preset:
-        common = ["--preset", args.preset, *common]
-    report = ablate(args.variant or [], common, args.out)
-    print(report.read_text(), end="")
+    common = {**split_overrides(extra), **flag_overrides(args)}
+    if args.data:
+        common["data.path"] = args.data
+    report = ablate(args.variant or [], common, args.out, preset=args.preset)
+    if args.json:
+        for row in json.loads((report.parent / "ablation.json").read_text())["variants"]:
+            print(json.dumps(row))
+    else:
+        print(report.read_text(), end="")
     return 0
 
 
@@ -130,6 +200,7 @@ def add_tokenizer_arguments(tk) -> None:
     tt.add_argument("--vocab-size", type=int, default=2048, help="tokens in the vocabulary (bpe)")
     tt.add_argument("--kind", default="bpe", help="bpe (byte-level BPE) or char")
     tt.add_argument("--out", default="tokenizer.json", help="where to write the tokenizer")
+    add_json_arg(tt)
 
 
 def run_tokenizer(args, extra) -> int:
@@ -139,7 +210,10 @@ def run_tokenizer(args, extra) -> int:
             raise NanoseekError(f"data file {f} does not exist")
     tok = train_tokenizer(args.kind, args.files, args.vocab_size)
     path = tok.save(args.out)
-    print(json.dumps({"tokenizer": args.kind, "vocab_size": tok.vocab_size, "out": str(path)}))
+    if args.json:
+        print(json.dumps({"tokenizer": args.kind, "vocab_size": tok.vocab_size, "out": str(path)}))
+    else:
+        print(f"{args.kind} tokenizer, {tok.vocab_size:,} tokens -> {path} (use it with --data.tokenizer={path})")
     return 0
 
 

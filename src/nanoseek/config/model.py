@@ -39,86 +39,84 @@ class ModelConfig:
     """Every architectural choice of a `Transformer`. HF DeepSeek field names where HF has one."""
 
     # sizes (HF names)
-    vocab_size: int = 128
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None  # None = num_attention_heads (MHA)
-    head_dim: int | None = None  # None = hidden_size // num_attention_heads
-    intermediate_size: int = 256
-    max_position_embeddings: int = 256
+    vocab_size: int = 128  # tokens in the vocabulary (training raises it to the tokenizer's)
+    hidden_size: int = 64  # width d of the residual stream
+    num_hidden_layers: int = 2  # transformer blocks
+    num_attention_heads: int = 4  # query heads per layer
+    num_key_value_heads: int | None = None  # key/value heads (gqa); None = num_attention_heads (MHA)
+    head_dim: int | None = None  # width of a head; None = hidden_size // num_attention_heads
+    intermediate_size: int = 256  # hidden width of a dense FFN (and of MoE models' first dense layers)
+    max_position_embeddings: int = 256  # context: the most positions the model takes
     # norms, init, biases, dropout
     rms_norm_eps: float = 1e-6  # eps of every norm (LayerNorm too)
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
+    initializer_range: float = 0.02  # std of the normal weight init
+    tie_word_embeddings: bool = False  # the output head shares the input embedding matrix
+    attention_bias: bool = False  # biases on the attention projections
+    mlp_bias: bool = False  # biases on the FFN projections
+    attention_dropout: float = 0.0  # dropout on attention probabilities (training)
+    hidden_dropout: float = 0.0  # dropout on each block's output (training)
     # rotary positions
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "yarn", "factor": .., ...}
+    rope_theta: float = 10000.0  # RoPE base: the longest wavelength's scale
+    rope_scaling: dict | None = None  # {"rope_type": "yarn", "factor": .., ...}: YaRN context extension
     rope_interleave: bool = True  # DeepSeek pairs (2i, 2i+1); False = Llama half-split
     # multi-head latent attention
-    q_lora_rank: int | None = None
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
+    q_lora_rank: int | None = None  # MLA/V4: rank of the low-rank query projection; None = full-rank queries
+    kv_lora_rank: int = 512  # MLA: width of the cached key/value latent
+    qk_nope_head_dim: int = 128  # MLA: query/key dims per head without RoPE
+    qk_rope_head_dim: int = 64  # MLA/V4: query/key dims per head that carry RoPE (shared key for MLA)
+    v_head_dim: int = 128  # MLA: value dims per head
     # DeepSeekMoE
-    n_routed_experts: int = 0
-    n_shared_experts: int = 0
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int = 128
-    first_k_dense_replace: int = 0
-    routed_scaling_factor: float = 1.0
-    scoring_func: str = "sigmoid"
-    topk_method: str = "noaux_tc"
-    n_group: int = 1
-    topk_group: int = 1
-    norm_topk_prob: bool = True
+    n_routed_experts: int = 0  # ffn="moe": experts a router chooses from
+    n_shared_experts: int = 0  # ffn="moe": experts every token goes through
+    num_experts_per_tok: int = 2  # routed experts per token (top-k)
+    moe_intermediate_size: int = 128  # hidden width of each expert
+    first_k_dense_replace: int = 0  # the first k layers keep a dense FFN
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' weighted sum
+    scoring_func: str = "sigmoid"  # router scores: softmax (V2), sigmoid (V3), sqrtsoftplus (V4)
+    topk_method: str = "noaux_tc"  # expert choice: greedy, group_limited_greedy, noaux_tc (bias-balanced)
+    n_group: int = 1  # expert groups for group-limited routing
+    topk_group: int = 1  # groups a token's experts may come from
+    norm_topk_prob: bool = True  # renormalize the chosen experts' weights to sum to 1
     num_hash_layers: int = 0  # the first MoE layers route by a fixed token-id -> experts table (V4)
     swiglu_limit: float | None = None  # clamp expert gate (max) and up (+-) pre-activations (V4: 10)
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight
     bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing
     # multi-token prediction
-    num_nextn_predict_layers: int = 0
-    mtp_loss_weight: float = 0.3
+    num_nextn_predict_layers: int = 0  # MTP modules: each predicts one more token ahead
+    mtp_loss_weight: float = 0.3  # lambda: weight of the MTP loss in training
     # special tokens
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
+    bos_token_id: int | None = None  # beginning-of-sequence token id (HF checkpoints)
+    eos_token_id: int | None = None  # end-of-sequence token id: generation stops there
+    pad_token_id: int | None = None  # padding token id (HF checkpoints)
     # nanoseek kinds (no HF field; exported under "nanoseek")
-    position: str = "rope"
-    attention: str = "mha"
+    position: str = "rope"  # positions: sinusoidal, learned, rope, none
+    attention: str = "mha"  # attention: mha, gqa, mqa, mla (latent KV), v4 (shared-KV with sinks)
     sparse: str = "dense"  # the attention pattern of every layer (see sparse_layers)
     sparse_layers: list | None = None  # per-layer kinds; a shorter list repeats (["sliding", "dense"])
     sliding_window: int = 512  # keys a "sliding" query sees, itself included
     nsa_block: int = 64  # NSA: tokens per compressed / selected block (l = l' = d)
     nsa_topn: int = 16  # NSA: blocks each query block attends to (first, previous and own included)
-    index_topk: int = 2048  # DSA: keys each query attends to (HF deepseek_v32 names)
-    index_n_heads: int = 64
-    index_head_dim: int = 128
+    index_topk: int = 2048  # DSA/CSA: keys (entries) each query attends to, chosen by the indexer
+    index_n_heads: int = 64  # DSA/CSA: heads of the lightning indexer
+    index_head_dim: int = 128  # DSA/CSA: width of an indexer head
     # DeepSeek-V4 attention (attention="v4"; HF deepseek_v4 names, legacy scalar forms of compress_rates)
     o_groups: int = 8  # head groups of the grouped output projection
     o_lora_rank: int = 1024  # width each group projects to
     compress_rate_csa: int = 4  # tokens per compressed entry in "csa" layers
     compress_rate_hca: int = 128  # tokens per compressed entry in "hca" layers
     compress_rope_theta: float = 160000.0  # RoPE base of csa/hca layers (YaRN from rope_scaling)
-    ffn: str = "swiglu"
-    norm: str = "rmsnorm"
-    norm_position: str = "pre"
-    fusion: str = "residual"
+    ffn: str = "swiglu"  # feed-forward: relu, gelu, swiglu, moe (DeepSeekMoE)
+    norm: str = "rmsnorm"  # norm: layernorm, rmsnorm
+    norm_position: str = "pre"  # pre (before each sublayer) or post (after the residual add, Vaswani)
+    fusion: str = "residual"  # how layers combine: residual, dwa, dynamic, hyper, mhc
     hc_mult: int = 4  # residual streams of hyper / mhc fusion
-    hc_sinkhorn_iters: int = 20
-    hc_eps: float = 1e-6
+    hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn iterations making the stream mix doubly stochastic
+    hc_eps: float = 1e-6  # mhc: eps of the Sinkhorn normalization
     embedding_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Vaswani)
-    final_norm: bool = True  # post-norm models already end in a norm
+    final_norm: bool = True  # a norm before the head (post-norm models already end in one)
     depth_scaled_init: bool = True  # output projections get std / sqrt(2 * layers)
     # how the model runs (no effect on its weights or math; never exported to HF)
-    kernels: bool = (
-        True  # fused/recomputing fast paths from nanoseek.kernels where installed; False = the plain reference
-    )
+    kernels: bool = True  # fused fast paths of nanoseek.kernels where installed; False = the plain reference
 
     def __post_init__(self):
         self.validate()

@@ -26,7 +26,7 @@ from nanoseek.config.parse import (
     load_config_file,
     to_dict,
 )
-from nanoseek.config.presets import DEFAULT_PRESET, get_preset, get_run_defaults
+from nanoseek.config.presets import DEFAULT_PRESET, canonical_name, get_preset, get_run_defaults
 from nanoseek.device import check_device_name
 from nanoseek.errors import NanoseekError
 
@@ -35,31 +35,37 @@ SCHEDULES = ("constant", "cosine", "wsd", "multistep", "inverse_sqrt")
 
 @dataclass
 class DataConfig:
-    path: list[str] = field(default_factory=list)  # text files; empty = the bundled corpus
-    tokenizer: str = "char"  # "char", "bpe", or a path to a tokenizer.json
-    vocab_size: int = 2048  # for tokenizer="bpe"
-    val_fraction: float = 0.1  # the last 10% of tokens, as nanoGPT splits
-    seq_len: int = 128
+    """The text to train on, its tokenizer and its windows."""
+
+    path: list[str] = field(default_factory=list)  # text files; empty = the bundled tiny Shakespeare
+    tokenizer: str = "char"  # "char", "bpe" (trained on the data), or a path to a tokenizer.json
+    vocab_size: int = 2048  # tokens of a trained BPE vocabulary (tokenizer="bpe" only)
+    val_fraction: float = 0.1  # the last fraction of tokens, held out for validation (nanoGPT's split)
+    seq_len: int = 128  # tokens per training window (at most model.max_position_embeddings)
     cache_dir: str = ""  # where token shards go; "" = OUT/data
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = off
+    """The optimizer."""
+
+    name: str = "adamw"  # adamw, or muon (Muon for the hidden matrices, AdamW for the rest)
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not norms, biases, embeddings' gains)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator eps
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     muon_lr: float = 0.02  # optim.name="muon": lr of the hidden matrices
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # optim.name="muon": Nesterov momentum
 
 
 @dataclass
 class ScheduleConfig:
+    """The learning-rate schedule over the budget."""
+
     name: str = "cosine"  # constant | cosine | wsd | multistep | inverse_sqrt
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to optim.lr over these steps
     min_lr_ratio: float = 0.1  # cosine / wsd floor as a fraction of lr
     decay_fraction: float = 0.2  # wsd: final fraction of training that decays
     milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # multistep
@@ -68,41 +74,52 @@ class ScheduleConfig:
 
 @dataclass
 class LoopConfig:
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 2000  # 0 = no step limit
-    max_tokens: int = 0  # 0 = no token limit
-    max_seconds: float = 0.0  # 0 = no wall-clock limit
-    seed: int = 1337
+    """The training loop: batches, budgets, seed, device, precision."""
+
+    batch_size: int = 32  # windows per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000  # stop after this many optimizer steps; 0 = no step limit
+    max_tokens: int = 0  # stop after this many training tokens; 0 = no token limit
+    max_seconds: float = 0.0  # wall-clock budget of the whole command (setup and evals too); 0 = none
+    seed: int = 1337  # seeds the weights, the batch order and the evaluation windows
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     device: str = "auto"  # auto (a CUDA GPU if torch sees one, else cpu) | cpu | cuda | cuda:N
-    compile: bool = False
-    threads: int = 0  # 0 = torch default
+    compile: bool = False  # train a torch.compile'd model
+    threads: int = 0  # torch threads; 0 = torch's default (one per core; fewer on a busy shared machine)
     dsa_warmup_steps: int = 0  # DSA models: dense attention, only the indexers train, for this many steps
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500  # steps; 0 = only at the end
-    keep_last: int = 2
+    """When checkpoints are written."""
+
+    every: int = 500  # save every N steps; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept (older ones are deleted)
 
 
 @dataclass
 class LogConfig:
-    every: int = 10
-    progress: bool = True
-    plot: bool = True
+    """What a run shows and records as it goes."""
+
+    every: int = 10  # write a metrics.jsonl line every N steps
+    progress: bool = True  # show the progress bar
+    plot: bool = True  # draw loss.png at the end
 
 
 @dataclass
 class EvalConfig:
-    every: int = 250  # 0 = only at the end
-    batches: int = 20
-    batch_size: int = 32
+    """Validation during training."""
+
+    every: int = 250  # evaluate every N steps; 0 = only at the end
+    points: int = 0  # evaluate at this many evenly spaced fractions of the budget instead of every N steps
+    batches: int = 20  # batches per evaluation (the same fixed windows each time)
+    batch_size: int = 32  # windows per evaluation batch
 
 
 @dataclass
 class DistConfig:
+    """Training on several processes (under torchrun)."""
+
     strategy: str = "none"  # none | ddp | fsdp (under torchrun)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     mixed_precision: bool = False  # fsdp: bf16 parameters in compute, fp32 gradient reduction
@@ -113,17 +130,17 @@ class DistConfig:
 class TrainConfig:
     """A training run: the model plus data, optimizer, schedule, loop, checkpoint, log, eval."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: LoopConfig = field(default_factory=LoopConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    preset: str = ""
-    out: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)  # the architecture
+    data: DataConfig = field(default_factory=DataConfig)  # text, tokenizer, windows
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the optimizer
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the learning-rate schedule
+    train: LoopConfig = field(default_factory=LoopConfig)  # the loop: batches, budgets, device
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint cadence
+    log: LogConfig = field(default_factory=LogConfig)  # logging, progress bar, plot
+    eval: EvalConfig = field(default_factory=EvalConfig)  # validation during training
+    dist: DistConfig = field(default_factory=DistConfig)  # several processes
+    preset: str = ""  # the named config the model (and run defaults) came from
+    out: str = "runs/default"  # the run folder: checkpoints, metrics, summary
 
     def __post_init__(self):
         self.validate()
@@ -157,6 +174,7 @@ class TrainConfig:
             ("schedule.warmup_steps", self.schedule.warmup_steps),
             ("checkpoint.every", self.checkpoint.every),
             ("eval.every", self.eval.every),
+            ("eval.points", self.eval.points),
             ("optim.weight_decay", self.optim.weight_decay),
         ):
             check_positive(where, value, allow_zero=True)
@@ -188,14 +206,33 @@ def build_train_config(
 ) -> TrainConfig:
     """Preset (model + run defaults) < config file < dotted overrides."""
     data: dict = load_config_file(file) if file else {}
-    name = preset or data.get("preset") or DEFAULT_PRESET
-    merged: dict = {"preset": name, "model": dict(get_preset(name))}
+    asked = preset or data.get("preset") or DEFAULT_PRESET
+    merged: dict = {"preset": canonical_name(asked), "model": dict(get_preset(asked))}
+    name = merged["preset"]
     for section, values in get_run_defaults(name).items():
         merged.setdefault(section, {}).update(values)
     deep_update(merged, data)
     for key, value in (overrides or {}).items():
         apply_override(merged, key, value)
-    return TrainConfig.from_dict(merged)
+    cfg = TrainConfig.from_dict(merged)
+    check_vocab_size_used(cfg)
+    return cfg
+
+
+def check_vocab_size_used(cfg: TrainConfig) -> None:
+    """data.vocab_size sizes a BPE vocabulary that is trained; with any other tokenizer a value set
+    away from its default would be ignored without a word, so it is an error naming both fields."""
+    if cfg.data.tokenizer == "bpe" or cfg.data.vocab_size == DataConfig.vocab_size:
+        return
+    what = (
+        "a char tokenizer's vocabulary is the corpus's characters"
+        if cfg.data.tokenizer == "char"
+        else f"the tokenizer file {cfg.data.tokenizer} brings its own vocabulary"
+    )
+    raise NanoseekError(
+        f"data.vocab_size={cfg.data.vocab_size} has no effect with data.tokenizer={cfg.data.tokenizer!r} ({what}); "
+        "drop it, or train one with data.tokenizer=bpe"
+    )
 
 
 RUN_CONFIG_FILE = "train_config.json"  # the full config a run writes into its folder

@@ -16,8 +16,9 @@ char-level demo) get a plain transcript:
 
 History trimming: when the rendered prompt plus the reply's `max_new_tokens` would not fit the
 model's context, the oldest user/assistant exchange is dropped (a system message stays, the roles
-keep alternating) until it fits or only the newest message is left; the reply then gets the room
-that is left.
+keep alternating) until it fits or only the newest message is left. A reply longer than the room
+left slides past the context as `sample` does (`stream_past_context`: it goes on from the most
+recent half of the context).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from nanoseek.errors import NanoseekError
-from nanoseek.generation.streaming import TextStream
+from nanoseek.generation.streaming import stream_past_context
 from nanoseek.generation.template_sandbox import render_template
 
 ROLES = ("system", "user", "assistant")
@@ -146,9 +147,10 @@ class MessageTooLong(NanoseekError):
 
 class Chat:
     """A conversation with `model`: `reply(text)` streams the assistant's answer as text pieces and
-    records both turns. The checkpoint's chat template when it has one; otherwise the plain transcript,
-    with "\\nUser:" as a stop string. `options` go to `TextStream` (temperature, top_k, top_p, seed,
-    compile, ...). `folder` is the checkpoint folder the chat template is read from (None: no template)."""
+    records both turns; `reset()` forgets them (the system message stays). The checkpoint's chat
+    template when it has one; otherwise the plain transcript, with "\\nUser:" as a stop string.
+    `options` go to the text stream (temperature, top_k, top_p, seed, compile, ...). `folder` is the
+    checkpoint folder the chat template is read from (None: no template)."""
 
     def __init__(
         self,
@@ -162,9 +164,15 @@ class Chat:
         self.model, self.tokenizer = model, tokenizer
         self.template = load_chat_template(folder)
         self.stops = None if self.template["template"] else ["\nUser:"]
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.system = system
+        self.messages: list[dict] = []
+        self.reset()
         self.max_new_tokens = max_new_tokens
         self.options = options
+
+    def reset(self) -> None:
+        """Forget the conversation; keep the system message."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the reply to the user's `text`; MessageTooLong (the message forgotten, the history
@@ -180,13 +188,10 @@ class Chat:
         if room < 1:
             raise MessageTooLong("message too long for the model's context")
         self.messages = messages
-        stream = TextStream(
-            self.model,
-            self.tokenizer,
-            prompt,
-            max_new_tokens=min(self.max_new_tokens, room),
-            stop=self.stops,
-            **self.options,
+        options = dict(self.options)
+        seed = options.pop("seed", None)
+        stream = stream_past_context(
+            self.model, self.tokenizer, prompt, self.max_new_tokens, seed, stop=self.stops, **options
         )
         pieces = []
         for piece in stream:

@@ -466,9 +466,10 @@ def _inactive(module: nn.Module) -> int:
 def count_params(model: Transformer) -> dict:
     """Parameters of the main model (MTP modules counted apart, as DeepSeek publishes them).
 
-    `active` = what one token uses, DeepSeek's way: routed experts it is not sent to excluded, and the
-    input embedding table excluded (a lookup, not compute); `active_with_embeddings` adds it back.
-    `matmul_active` is `active` plus a tied head (for FLOPs).
+    `active` = the parameters one token uses: all of them but the routed experts it is not sent to
+    (a dense model: `total`). `active_non_embedding` also leaves out the input embedding tables (a
+    lookup, not compute), as DeepSeek counts its "37B activated". `matmul_active` is
+    `active_non_embedding` plus a tied head (the weights of the token's matmuls, for FLOPs).
     """
     mtp = _unique_numel(model.mtp.parameters())
     total = _unique_numel(model.parameters()) - mtp
@@ -479,8 +480,8 @@ def count_params(model: Transformer) -> dict:
     head = model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
     return {
         "total": total,
-        "active": used - lookup,
-        "active_with_embeddings": used,
+        "active": used,
+        "active_non_embedding": used - lookup,
         "matmul_active": used - lookup + head,
         "mtp": mtp,
         "mtp_active": mtp - _inactive(model.mtp),
@@ -542,7 +543,7 @@ def model_info(config: ModelConfig, seq_len: int | None = None) -> dict:
     return {
         "params_total": params["total"],
         "params_active": params["active"],
-        "params_active_with_embeddings": params["active_with_embeddings"],
+        "params_active_non_embedding": params["active_non_embedding"],
         "params_mtp": params["mtp"],
         "params_mtp_active": params["mtp_active"],
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config),

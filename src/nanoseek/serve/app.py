@@ -175,6 +175,8 @@ class Service:
         return ids
 
     def max_tokens(self, asked: int | None, prompts: list[list[int]], default: int | None) -> int:
+        """The tokens a request generates: what it asks, up to the server's limit. Past the context
+        generation slides (the engine keeps the recent half); unasked, it stops where the context ends."""
         if not prompts:
             raise APIError(400, "prompt is an empty list; give at least one prompt", "prompt")
         room = self.context - max(len(p) for p in prompts)
@@ -183,13 +185,6 @@ class Service:
         if asked > self.max_tokens_limit:
             raise APIError(
                 400, f"max_tokens={asked} is over this server's limit of {self.max_tokens_limit}", "max_tokens"
-            )
-        if asked > room:
-            raise APIError(
-                400,
-                f"max_tokens={asked} does not fit: the prompt leaves {room} of the {self.context}-token context",
-                "max_tokens",
-                "context_length_exceeded",
             )
         return asked
 

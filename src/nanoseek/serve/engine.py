@@ -11,6 +11,8 @@ The engine owns the model and one static KV cache of `max_batch` rows; a backgro
             sample each row with its own options and seeded generator
         a request that finishes (stop string, eos, max_tokens) or is cancelled leaves; the last
             running row moves into its place, so the running rows are always rows 0..n-1
+        a row whose cache is full slides: its most recent context // 2 tokens are prefilled again
+            into its row, and it goes on from there (the rule `sample` and `chat` follow too)
 
 Requests join and leave between decode steps, so a short request never waits for a long one and
 16 concurrent clients share one forward pass per token instead of taking turns. Admission is
@@ -21,8 +23,8 @@ hundred tokens each, so it takes turns with the decode steps instead of stalling
 What it shares with the token loop of `nanoseek.generation` (`TokenLoop`, `TextStream`): each row
 samples with its own `Sampler` (options, seeded generator, unknown ids masked, repetition penalty
 over the row's prompt and output), and its text and finishing rule come from its `Detokenizer`
-(UTF-8 safe, stop strings held back; "stop" at eos or a stop string, "length" at max_tokens or the
-end of the context). What stays here is the scheduling, which `TokenLoop` (one batch of equal
+(UTF-8 safe, stop strings held back; "stop" at eos or a stop string, "length" at max_tokens). What
+stays here is the scheduling, which `TokenLoop` (one batch of equal
 prompts, one cache of its own) cannot express: rows of different lengths in one cache, joining and
 leaving between steps. Text leaves one `Event` per piece, through the request's `emit` callback
 (the server hands them to its asyncio loop).
@@ -111,12 +113,13 @@ class Sequence:
     constraint: object | None = None  # a response_format grammar (serve/structured.py): masks, accepts
     recorded: list = field(default_factory=list)  # TokenLogprobs, prompt first, not yet emitted
     arrival: float = field(default_factory=time.monotonic)
+    dropped: int = 0  # tokens slid out of the row's cache (past the context)
     cached_tokens: int = 0  # prompt positions whose cache entries came from the prefix cache
 
     @property
     def position(self) -> int:
-        """Position of `last_token`, the token the next decode step feeds."""
-        return len(self.prompt_ids) + self.generated - 1
+        """Position of `last_token` in the row's cache, the token the next decode step feeds."""
+        return len(self.prompt_ids) + self.generated - 1 - self.dropped
 
 
 def cache_bytes_per_row(model, context: int) -> int:
@@ -355,8 +358,7 @@ class Engine:
         """Prompt of `seq` into cache row `row`, after the blocks the prefix cache has of it (none when
         the prompt's own logprobs are asked: they need every position); the logits (1, V) of its
         first token."""
-        room = self.context - len(seq.prompt_ids)  # the row's cache ends at the context
-        seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=min(seq.max_tokens, room))
+        seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=seq.max_tokens)  # past the context: slides
         seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
         view = [c.rows(row, row + 1) for c in self.cache]
         chain = self.prefix.match(seq.prompt_ids) if self.prefix is not None and not seq.echo_logprobs else []
@@ -501,7 +503,23 @@ class Engine:
         if reason or text:
             recorded, seq.recorded = (seq.recorded, []) if seq.logprobs is not None else (None, seq.recorded)
             seq.emit(Event(seq.index, text, reason, seq.generated, logprobs=recorded))
+        if reason is None and seq.position >= self.context:
+            return self._slide(seq)
         return reason is not None
+
+    def _slide(self, seq: Sequence) -> bool:
+        """The row's cache is full: keep its most recent context // 2 tokens (the newest sampled one
+        last), prefill them into its row again and sample on; True when the sequence finished. A
+        failure raises, to end this request alone as any failure of its step does."""
+        keep = (seq.prompt_ids + seq.output_ids)[-(self.context // 2) :]
+        seq.dropped = len(seq.prompt_ids) + seq.generated - len(keep)
+        row = self.running.index(seq)
+        view = [c.rows(row, row + 1) for c in self.cache]
+        logits = prefill(self.model, torch.tensor([keep], device=self.device), view)
+        token = self._sample(logits, [seq])[0]
+        if token is None:
+            raise RuntimeError("sampling after sliding past the context failed")
+        return self._accept(seq, token)
 
     def _release(self, seqs: list[Sequence]) -> None:
         """Remove finished or cancelled sequences; move the last running rows into the gaps."""

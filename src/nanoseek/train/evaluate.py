@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.data import BUNDLED_CORPUS
+from nanoseek.data import BUNDLED_CORPUS, corpus_path
 from nanoseek.data.shards import BatchLoader, TokenDataset, iter_eval_batches, prepare_corpus
 from nanoseek.device import autocast
 from nanoseek.errors import NanoseekError
@@ -97,7 +97,7 @@ def fixed_batches(tokens, batch_size: int, seq_len: int, batches: int, seed: int
 def eval_tokens(data_path, tokenizer, run_cfg: dict, folder: Path) -> np.ndarray:
     """Tokens of `data_path` (the whole file), else the validation split of the run's training corpus."""
     if data_path:
-        path = Path(data_path)
+        path = Path(corpus_path(data_path))
         if not path.is_file():
             raise NanoseekError(f"data file {path} does not exist")
         raw = path.read_bytes()
@@ -107,7 +107,7 @@ def eval_tokens(data_path, tokenizer, run_cfg: dict, folder: Path) -> np.ndarray
     if not run_cfg:
         raise NanoseekError(f"this checkpoint has no training record ({STATE_FILE}); pass --data PATH")
     data = run_cfg.get("data", {})
-    files = data.get("path") or [str(BUNDLED_CORPUS)]
+    files = [corpus_path(f) for f in data.get("path") or []] or [str(BUNDLED_CORPUS)]
     for f in files:
         if not Path(f).is_file():
             raise NanoseekError(f"training data file {f} is gone; pass --data PATH")

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanoseek.config import TrainConfig
-from nanoseek.data import BUNDLED_CORPUS
+from nanoseek.data import BUNDLED_CORPUS, CORPORA, corpus_path
 from nanoseek.data.files import atomic_write_text
 from nanoseek.data.shards import BatchLoader, TokenDataset, prepare_corpus
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
@@ -72,10 +72,10 @@ def setup_tokenizer(cfg: TrainConfig, out: Path, files: list[str]):
 
 
 def setup_data(cfg: TrainConfig, out: Path):
-    files = cfg.data.path or [str(BUNDLED_CORPUS)]
+    files = [corpus_path(f) for f in cfg.data.path] or [str(BUNDLED_CORPUS)]
     for f in files:
         if not Path(f).is_file():
-            raise NanoseekError(f"data file {f} does not exist")
+            raise NanoseekError(f"data file {f} does not exist (bundled corpora by name: {', '.join(CORPORA)})")
         if Path(f).stat().st_size == 0:
             raise NanoseekError(f"data file {f} is empty")
     tok = setup_tokenizer(cfg, out, files)
@@ -84,7 +84,9 @@ def setup_data(cfg: TrainConfig, out: Path):
     return tok, TokenDataset(shard_dir)
 
 
-def progress_fraction(cfg: TrainConfig, state: RunState) -> float:
+def progress_fraction(cfg: TrainConfig, state: RunState, reserve: float = 0.0) -> float:
+    """How much of the budget is spent: the largest of steps, tokens and seconds (`reserve`: seconds the
+    run still needs after its last step, the final evaluation and checkpoint, counted as spent)."""
     limits = cfg.train
     parts = []
     if limits.max_steps:
@@ -92,12 +94,21 @@ def progress_fraction(cfg: TrainConfig, state: RunState) -> float:
     if limits.max_tokens:
         parts.append(state.tokens / limits.max_tokens)
     if limits.max_seconds:
-        parts.append(state.elapsed / limits.max_seconds)
+        parts.append((state.elapsed + reserve) / limits.max_seconds)
     return max(parts) if parts else 0.0
 
 
-def finished(cfg: TrainConfig, state: RunState) -> bool:
-    return progress_fraction(cfg, state) >= 1.0
+def finished(cfg: TrainConfig, state: RunState, reserve: float = 0.0) -> bool:
+    return progress_fraction(cfg, state, reserve) >= 1.0
+
+
+def step_label(cfg: TrainConfig, state: RunState, fraction: float) -> str:
+    """'step 120/2000' for a step budget, else 'step 120/~800' (the total the budget spent so far implies)."""
+    if cfg.train.max_steps and state.step / cfg.train.max_steps >= fraction - 1e-9:
+        return f"step {state.step}/{cfg.train.max_steps}"
+    if fraction > 0.02 and state.step:
+        return f"step {state.step}/~{max(state.step, round(state.step / fraction))}"
+    return f"step {state.step}"
 
 
 def budget_reached(cfg: TrainConfig, state: RunState) -> str | None:
@@ -186,14 +197,31 @@ def final_eval(metrics: MetricsLog, step: int, run_eval, checkpoint: Path, quiet
         raise
 
 
+def describe_budget(cfg: TrainConfig) -> str:
+    """'budget: 2,000 steps or 60 s, whichever comes first (the seconds count the whole command ...)'."""
+    limits = cfg.train
+    parts = [f"{limits.max_steps:,} steps"] if limits.max_steps else []
+    parts += [f"{limits.max_tokens:,} tokens"] if limits.max_tokens else []
+    parts += [f"{limits.max_seconds:g} s"] if limits.max_seconds else []
+    text = "budget: " + " or ".join(parts) + (", whichever comes first" if len(parts) > 1 else "")
+    if limits.max_seconds:
+        text += " (the seconds count the whole command: tokenizer, tokenizing, training, evaluations, final checkpoint)"
+    return text
+
+
 def describe_run(cfg: TrainConfig, model, params: dict, vocab_size: int, ctx, resume_step: int | None) -> str:
-    """The lines printed when a run starts: model size, data, device, output, ranks."""
+    """The lines printed when a run starts: model size, data, device, output, budget, ranks."""
     source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
+    size = f"{params['total'] / 1e6:.2f}M parameters"
+    if params["active"] != params["total"]:
+        size += f" ({params['active'] / 1e6:.2f}M active per token)"
+    if params["mtp"]:
+        size += f" + MTP {params['mtp'] / 1e6:.2f}M"
     text = (
-        f"training {cfg.preset or 'custom'}: {params['total'] / 1e6:.2f}M parameters "
-        f"({params['active'] / 1e6:.2f}M active, MTP {params['mtp'] / 1e6:.2f}M), vocab {vocab_size}, "
-        f"on {source}, {ctx.device} -> {cfg.out}"
+        f"training {cfg.preset or 'custom'}: {size}, vocab {vocab_size}, on {source}, {ctx.device} -> {cfg.out}"
         + (f" (resuming at step {resume_step})" if resume_step is not None else "")
+        + "\n"
+        + describe_budget(cfg)
     )
     if ctx.enabled:
         ep = (
@@ -219,6 +247,7 @@ def train(
     a run that already reached its budgets returns its summary. `overwrite`: replace a run in `cfg.out`.
     `stop_after`: behave as if Ctrl-C arrived during that step (scripted interruption).
     """
+    command_t0 = time.perf_counter()  # a wall-clock budget counts from here: setup, tokenizing, evals included
     ctx = dist.init_distributed(cfg.dist.strategy, cfg.train.device)
     quiet = quiet or not ctx.is_main
     if cfg.train.threads:
@@ -317,13 +346,14 @@ def train(
             describe_run(cfg, model, params, tok.vocab_size, ctx, state.step if resume_from else None), file=sys.stderr
         )
 
+    state.elapsed += time.perf_counter() - command_t0  # this command's setup spends budget too
     # the bar counts percent of the budget (steps, tokens or seconds, whichever ends first)
     bar = tqdm(
         total=100.0,
         initial=100 * progress_fraction(cfg, state),
         disable=quiet or not cfg.log.progress,
         dynamic_ncols=True,
-        desc="train",
+        desc=step_label(cfg, state, progress_fraction(cfg, state)),
         unit="%",
         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
     )
@@ -331,11 +361,15 @@ def train(
     last_eval: dict = {}
     stopped_by = None
     window_t0, window_tokens = time.perf_counter(), 0
+    clock = time.perf_counter()  # elapsed is wall-clock: evaluations and checkpoints spend the budget too
+    reserve = Reserve(cfg)  # the final evaluation's and checkpoint's seconds, kept out of the training time
+    eval_point = int(progress_fraction(cfg, state) * cfg.eval.points)
     with StopFlag() as stop:
-        while not dist.any_rank(finished(cfg, state), ctx):
+        while state.step == 0 or not dist.any_rank(finished(cfg, state, reserve.seconds), ctx):
             t0 = time.perf_counter()
             model.set_dsa_warmup(state.step < cfg.train.dsa_warmup_steps)
-            lr = cfg.optim.lr * lr_multiplier(cfg.schedule, state.step, progress_fraction(cfg, state))
+            progress = progress_fraction(cfg, state, reserve.seconds)
+            lr = cfg.optim.lr * lr_multiplier(cfg.schedule, state.step, progress)
             set_lr(optimizer, lr)
             loss_sum = 0.0
             aux_log: dict = {}
@@ -375,11 +409,15 @@ def train(
             balance_stats = model.update_balance_bias(expert_load, update=state.step >= cfg.train.dsa_warmup_steps)
             state.step += 1
             state.tokens += tokens_per_step
-            state.elapsed += time.perf_counter() - t0
+            now = time.perf_counter()
+            state.elapsed, clock = state.elapsed + now - clock, now
+            reserve.step_took(now - t0)
             window_tokens += tokens_per_step
-            bar.update(min(100.0, 100 * progress_fraction(cfg, state)) - bar.n)
+            fraction = progress_fraction(cfg, state, reserve.seconds)
+            bar.set_description_str(step_label(cfg, state, fraction), refresh=False)
+            bar.update(min(100.0, 100 * fraction) - bar.n)
 
-            if state.step % cfg.log.every == 0 or finished(cfg, state):
+            if state.step % cfg.log.every == 0 or finished(cfg, state, reserve.seconds):
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_t0, 1e-9)
                 window_t0, window_tokens = now, 0
@@ -396,21 +434,31 @@ def train(
                 rec.update(balance_stats)
                 metrics.write(rec)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            done = dist.any_rank(finished(cfg, state), ctx)
-            if cfg.eval.every and state.step % cfg.eval.every == 0 and not done:
+            done = dist.any_rank(finished(cfg, state, reserve.seconds), ctx)
+            point = int(fraction * cfg.eval.points)
+            every = not cfg.eval.points and cfg.eval.every and state.step % cfg.eval.every == 0
+            if (every or point > eval_point) and not done:
+                eval_point = point
+                eval_t0 = time.perf_counter()
                 last_eval = run_eval()
+                reserve.eval_took(time.perf_counter() - eval_t0)
                 bar.write(
                     f"step {state.step}: val loss {last_eval['val_loss']:.4f}, "
-                    f"{last_eval['val_bits_per_byte']:.3f} bits/byte"
+                    f"{last_eval['val_bits_per_byte']:.3f} bits/byte",
+                    file=sys.stderr,  # stdout is the command's result (--json: JSON only)
                 )
                 window_t0 = time.perf_counter()  # evaluation time is not training throughput
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not done:
+                save_t0 = time.perf_counter()
                 save()
+                reserve.save_took(time.perf_counter() - save_t0)
                 window_t0 = time.perf_counter()
             if dist.any_rank(stop.requested or state.step == stop_after, ctx) and not done:  # done: ends anyway
                 stopped_by = "interrupt"
                 break
     bar.close()
+    if stopped_by is None and not budget_reached(cfg, state) and finished(cfg, state, reserve.seconds):
+        state.elapsed = cfg.train.max_seconds  # the budget's rest goes to the final checkpoint and evaluation
     stopped_by = stopped_by or budget_reached(cfg, state)
     # the trained weights reach the disk before anything else can fail
     path = save() if saved_step != state.step else ckpt_io.checkpoint_path(out, state.step)
@@ -440,3 +488,36 @@ def train(
         atomic_write_text(out / run_folder.SUMMARY, json.dumps(summary, indent=2))
     dist.shutdown(ctx)
     return summary
+
+
+class Reserve:
+    """Seconds a wall-clock budget keeps for what is still to come: the next step (so the last one
+    does not overshoot), the final evaluation (as long as the last one took, or estimated from the
+    step time: a forward is about a third of a training step) and the final checkpoint (as long as
+    the last save took)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.enabled = bool(cfg.train.max_seconds)
+        per_step = cfg.train.batch_size * cfg.train.grad_accum
+        self.eval_steps = cfg.eval.batches * cfg.eval.batch_size / per_step / 3  # eval cost in training steps
+        self.step_s = self.eval_s = self.save_s = None
+        self.steps = 0
+
+    def step_took(self, seconds: float):
+        """A moving average of the step time; the first step (allocations, warm-up) only until a second."""
+        self.steps += 1
+        self.step_s = seconds if self.steps <= 2 else 0.9 * self.step_s + 0.1 * seconds
+
+    def eval_took(self, seconds: float):
+        self.eval_s = seconds
+
+    def save_took(self, seconds: float):
+        self.save_s = seconds
+
+    @property
+    def seconds(self) -> float:
+        if not self.enabled:
+            return 0.0
+        step_s = self.step_s or 0.0
+        eval_s = self.eval_s if self.eval_s is not None else step_s * self.eval_steps
+        return step_s + eval_s + (self.save_s or 0.0)

@@ -250,7 +250,7 @@ def test_long_prefill_path_equals_the_masked_path(monkeypatch, topk, gather_from
     ],
 )
 def test_attention_map_is_what_the_layer_computes(preset, overrides, kind):
-    from nanoseek.analysis.inspect import attention_maps
+    from nanoseek.analysis import attention_maps
 
     m = model(preset, **overrides)
     x = tokens(14, batch=1)
@@ -489,7 +489,7 @@ def test_nsa_refuses_mla():
 
 
 def test_nsa_attention_map_shows_the_selected_blocks_and_window():
-    from nanoseek.analysis.inspect import attention_maps
+    from nanoseek.analysis import attention_maps
 
     m = model("llama-tiny", sparse="nsa", nsa_block=4, nsa_topn=4, sliding_window=3)
     x = tokens(30, batch=1)
@@ -503,7 +503,7 @@ def test_nsa_attention_map_shows_the_selected_blocks_and_window():
 
 
 def test_v4_attention_map_in_inspect():
-    from nanoseek.analysis.inspect import attention_maps
+    from nanoseek.analysis import attention_maps
 
     m = model("deepseek-v4-tiny")
     weights, allowed, kind = attention_maps(m, tokens(20, batch=1), layer=1)

@@ -18,7 +18,7 @@ TINY += ["--threads", "1", "--ttft-rounds", "2"]
 
 
 def run_lines(argv, capsys) -> list[dict]:
-    assert run_bench(argv) == 0
+    assert run_bench([*argv, "--json"]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
@@ -62,3 +62,11 @@ def test_bench_serve_compiled_against_eager(capsys):
 def test_bench_serve_refuses_bad_options(args, message):
     with pytest.raises(NanoseekError, match=message):
         run_bench(["serve", *args])
+
+
+def test_bench_serve_table_has_one_table_per_measurement(capsys):
+    assert run_bench([*TINY, "--clients", "1", "--engines", "eager", "--prefix-tokens", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "ttft_hit_ms_p50" in out and "tokens_per_s" in out
+    levels = next(block for block in out.split("\n\n") if "tokens_per_s" in block)
+    assert "ttft_hit_ms_p50" not in levels  # the prefix-cache phase has its own table

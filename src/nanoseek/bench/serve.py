@@ -374,8 +374,7 @@ def hf_generate_levels(ckpt: Path, args, levels: list[int]) -> list[dict]:
         import transformers
     except ImportError:
         raise NanoseekError("--peers hf needs transformers (pip install 'nanoseek[bench]')") from None
-    from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.io import load_model
+    from nanoseek.io import load_checkpoint
 
     transformers.logging.set_verbosity_error()  # its load report lists the MTP layers it ignores
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
@@ -383,9 +382,10 @@ def hf_generate_levels(ckpt: Path, args, levels: list[int]) -> list[dict]:
     torch.set_num_threads(threads)  # the server's share of the machine
     try:
         with tempfile.TemporaryDirectory(prefix="nanoseek-bench-hf-") as tmp, quiet():
-            load_model(ckpt).save_pretrained(tmp, format="hf")
+            model, tokenizer, _ = load_checkpoint(ckpt)  # a run folder too
+            model.save_pretrained(tmp, format="hf")
             hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        ids = load_tokenizer(ckpt).encode(args.prompt)
+        ids = tokenizer.encode(args.prompt)
         results = []
         for clients in levels:
             batch = torch.tensor([ids] * clients)

@@ -55,9 +55,12 @@ def test_prefix_cache_hits_and_hit_rate(server):
     blocks of 32 tokens of the character tokenizer) is served them from the cache."""
     before = scrape(server)
     shared = "You are a helpful assistant. Answer in one short line, politely! "  # 65 characters
+    cached = []
     for question in ("Hi", "Who are you"):
         body = {"model": "tiny-chat", "prompt": shared + question, "max_tokens": 2, "temperature": 0}
-        assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached == [0, 64]  # as OpenAI's usage reports them
     after = scrape(server)
 
     def grew(name, **labels):

@@ -265,10 +265,14 @@ class Run:
             raise APIError(429, f"{e}; retry later", None, "rate_limit_exceeded", "rate_limit_error") from None
 
     def usage(self, completion_tokens: int) -> dict:
+        """OpenAI's usage; `cached_tokens`: prompt tokens the prefix cache held (each prompt's first
+        choice: the others reuse that one's blocks, as `prompt_tokens` counts each prompt once)."""
+        cached = sum(s.cached_tokens for s in self.seqs[:: self.body.n])
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": self.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def choice(self, index: int, text: str, finish_reason, delta: bool, entries=None) -> dict:

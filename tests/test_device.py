@@ -9,7 +9,7 @@ import torch
 import nanoseek.bench.train as bench
 from nanoseek.cli import main as cli_main
 from nanoseek.config import build_train_config
-from nanoseek.device import DevicePeak, autocast, peak_memory, resolve_device, synchronize
+from nanoseek.device import DevicePeak, autocast, bf16_support, cpu_flags, peak_memory, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
 from nanoseek.model.moe.experts import matmul_dtype
 
@@ -82,6 +82,18 @@ def test_bench_train_records_its_device():
     )
     assert rows[0]["device"] == "cpu" and rows[0]["peak_device_mib"] is None
     assert rows[0]["tokens_per_s"] > 0
+    assert rows[0]["recommended_dtype"] in ("float32", "bfloat16") and "bf16_native" in rows[0]
+
+
+def test_bf16_support_reads_the_cpu_flags():
+    assert cpu_flags("processor : 0\nflags : fpu avx2 amx_bf16 amx_tile\n") == {"fpu", "avx2", "amx_bf16", "amx_tile"}
+    assert bf16_support("cpu", {"avx2", "avx512_bf16"}) == {
+        "bf16_native": True,
+        "bf16_evidence": "cpu flags avx512_bf16",
+        "recommended_dtype": "bfloat16",
+    }
+    plain = bf16_support("cpu", {"avx2", "fma"})
+    assert not plain["bf16_native"] and plain["recommended_dtype"] == "float32"
 
 
 def test_one_gpu_per_local_rank(monkeypatch):

@@ -3,6 +3,7 @@
     resolve_device("auto")     -> cuda:LOCAL_RANK when torch sees a CUDA GPU, else cpu
     resolve_device("cuda:1")   -> that GPU, checked to exist
     autocast(device, "bfloat16") -> torch.autocast on that device type (bf16 matmuls, fp32 weights)
+    bf16_support(device)       -> whether bf16 matmuls run natively here, and the dtype to train in
     synchronize(device)        -> wait for queued GPU kernels, so a wall-clock timer sees them
     peak_memory(device)        -> bytes the CUDA caching allocator held at most (None on CPU);
                                   DevicePeak(device): the same over a `with` block, above its start
@@ -77,6 +78,44 @@ def autocast(device: torch.device | str, dtype: str):
     if dtype == "bfloat16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 dot products
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def bf16_support(device: torch.device | str = "cpu", flags: set[str] | None = None) -> dict:
+    """{"bf16_native": bool, "bf16_evidence": why, "recommended_dtype": "bfloat16" | "float32"}.
+
+    CPU: native with AMX-BF16 or AVX512-BF16 (oneDNN's bf16 GEMMs); without them bf16 matmuls are
+    emulated and far slower than fp32, so fp32 is the better choice. CUDA: torch.cuda.is_bf16_supported
+    without emulation (compute capability 8.0+)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        major, minor = torch.cuda.get_device_capability(device)
+        evidence = f"compute capability {major}.{minor}"
+    elif device.type == "mps":
+        native, evidence = False, "mps"
+    else:
+        have = sorted((cpu_flags() if flags is None else flags) & set(CPU_BF16_FLAGS))
+        native = bool(have)
+        capability = torch.backends.cpu.get_cpu_capability()
+        evidence = f"cpu flags {', '.join(have)}" if have else f"no amx_bf16/avx512_bf16 (torch cpu: {capability})"
+    return {"bf16_native": native, "bf16_evidence": evidence, "recommended_dtype": "bfloat16" if native else "float32"}
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import gc
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -66,7 +67,7 @@ from nanoseek.bench.common import (
 from nanoseek.config import ModelConfig, OptimConfig
 from nanoseek.config.presets import canonical_name
 from nanoseek.data import BUNDLED_CORPUS
-from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
+from nanoseek.device import DevicePeak, add_device_arg, autocast, bf16_support, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
 from nanoseek.train.loop import maybe_compile
@@ -336,7 +337,13 @@ def bench_train(
                 runner.run_round(batches, steps, warmup if r == 0 else 0)
 
     flops = train_flops_per_token(cfg, seq_len)
-    machine = {"threads": n_threads, "torch": torch.__version__, "cpu": cpu_name(), **device_info(where)}
+    machine = {
+        "threads": n_threads,
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        **device_info(where),
+        **bf16_support(where),
+    }
     results = []
     for runner in runners:
         per_round = [batch * seq_len / s for s in runner.round_seconds]
@@ -445,9 +452,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        choices=(*DTYPES, "auto"),
         default="float32",
-        help="nanoseek's compute dtype (bfloat16 = autocast on --device)",
+        help="nanoseek's compute dtype (bfloat16 = autocast on --device; auto = bfloat16 where the device "
+        "has native bf16 matmuls, else float32)",
     )
     parser.add_argument("--ref-dtype", choices=tuple(DTYPES), default="float32", help="the peers' compute dtype")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
@@ -477,6 +485,14 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         if peer not in ("reference", "hf"):
             raise NanoseekError(f"--peers: unknown peer {peer!r}; choose from reference, hf, none")
     impls = ("nanoseek", *(["nanoseek-compiled"] if args.compile else []), *peers)
+    support = bf16_support(resolve_device(args.device))
+    print(
+        f"bf16 matmuls: {'native' if support['bf16_native'] else 'emulated'} ({support['bf16_evidence']}); "
+        f"train with --train.dtype={support['recommended_dtype']}",
+        file=sys.stderr,
+    )
+    if args.dtype == "auto":
+        args.dtype = support["recommended_dtype"]
     return bench_train(
         args.preset,
         impls,

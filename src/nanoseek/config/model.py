@@ -22,7 +22,8 @@ from nanoseek.config.parse import check_choice, check_positive, from_dict, to_di
 from nanoseek.config.presets import get_preset
 from nanoseek.errors import NanoseekError
 
-POSITIONS = ("sinusoidal", "learned", "rope", "none")
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")
+BIAS_POSITIONS = ("alibi", "t5")  # biases on the attention logits by distance (model/position.py)
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "v4")
 SPARSE_KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
 FFNS = ("relu", "gelu", "gelu_tanh", "swiglu", "moe")
@@ -59,6 +60,9 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base: the longest wavelength's scale
     rope_scaling: dict | None = None  # {"rope_type": "yarn", "factor": .., ...}: YaRN context extension
     rope_interleave: bool = True  # DeepSeek pairs (2i, 2i+1); False = Llama half-split
+    # T5 relative bias (position="t5"; HF T5 names)
+    relative_attention_num_buckets: int = 32  # learned biases per head: exact below half, log-spaced above
+    relative_attention_max_distance: int = 128  # distances from here on share the last bucket
     # multi-head latent attention
     q_lora_rank: int | None = None  # MLA/V4: rank of the low-rank query projection; None = full-rank queries
     kv_lora_rank: int = 512  # MLA: width of the cached key/value latent
@@ -169,6 +173,8 @@ class ModelConfig:
         check_choice("attention", self.attention, ATTENTIONS)
         check_choice("sparse", self.sparse, SPARSE_KINDS)
         self._validate_sparse()
+        if self.position in BIAS_POSITIONS:
+            self._validate_bias_position()
         check_choice("ffn", self.ffn, FFNS)
         check_choice("norm", self.norm, NORMS)
         check_choice("norm_position", self.norm_position, NORM_POSITIONS)
@@ -246,6 +252,25 @@ class ModelConfig:
                     f"{self.qk_rope_head_dim} (the indexer rotates its first rope dims)"
                 )
 
+    def _validate_bias_position(self):
+        kinds = {self.layer_sparse(i) for i in range(self.num_hidden_layers)}
+        if kinds - {"dense", "sliding"}:
+            raise NanoseekError(
+                f"position={self.position!r} (a bias on the attention logits) works with sparse kinds dense and "
+                f"sliding only (got {sorted(kinds - {'dense', 'sliding'})[0]!r})"
+            )
+        if self.position == "t5":
+            check_positive("relative_attention_num_buckets", self.relative_attention_num_buckets)
+            if self.relative_attention_num_buckets < 2:
+                raise NanoseekError(
+                    f"relative_attention_num_buckets={self.relative_attention_num_buckets} must be >= 2"
+                )
+            if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+                raise NanoseekError(
+                    f"relative_attention_max_distance={self.relative_attention_max_distance} must be > "
+                    f"relative_attention_num_buckets / 2 = {self.relative_attention_num_buckets // 2}"
+                )
+
     def _validate_v4(self):
         h, hd = self.num_attention_heads, self.attn_head_dim
         if self.num_key_value_heads not in (None, 1):
@@ -291,7 +316,10 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise NanoseekError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         if self.position != "rope":
-            raise NanoseekError(f"attention='mla' needs position='rope' (got {self.position!r})")
+            raise NanoseekError(
+                f"attention='mla' needs position='rope' (got {self.position!r}): its decoupled rotary key carries "
+                "the positions; distance biases (alibi, t5) work with attention='mha', 'gqa' or 'mqa'"
+            )
 
     def _validate_moe(self):
         check_positive("n_routed_experts", self.n_routed_experts)

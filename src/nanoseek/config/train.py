@@ -30,7 +30,8 @@ from nanoseek.config.presets import DEFAULT_PRESET, canonical_name, get_preset, 
 from nanoseek.device import check_device_name
 from nanoseek.errors import NanoseekError
 
-SCHEDULES = ("constant", "cosine", "wsd", "multistep", "inverse_sqrt")
+SCHEDULES = ("constant", "cosine", "wsd", "multistep", "inverse_sqrt", "plateau")
+OPTIMIZERS = ("adamw", "muon", "schedule_free")
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DataConfig:
 class OptimConfig:
     """The optimizer."""
 
-    name: str = "adamw"  # adamw, or muon (Muon for the hidden matrices, AdamW for the rest)
+    name: str = "adamw"  # adamw, muon (Muon for the hidden matrices, AdamW for the rest), schedule_free
     lr: float = 1e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.1  # decoupled weight decay on matrices (not norms, biases, embeddings' gains)
     beta1: float = 0.9  # AdamW first-moment decay
@@ -58,18 +59,34 @@ class OptimConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     muon_lr: float = 0.02  # optim.name="muon": lr of the hidden matrices
     muon_momentum: float = 0.95  # optim.name="muon": Nesterov momentum
+    # optim.name="schedule_free": x = the average the model is evaluated and saved at (Defazio et al. 2024);
+    # gradients are taken at y = (1 - beta1) z + beta1 x, so beta1 interpolates between z and x
 
 
 @dataclass
 class ScheduleConfig:
     """The learning-rate schedule over the budget."""
 
-    name: str = "cosine"  # constant | cosine | wsd | multistep | inverse_sqrt
+    name: str = "cosine"  # constant | cosine | wsd | multistep | inverse_sqrt | plateau
     warmup_steps: int = 100  # linear warmup from 0 to optim.lr over these steps
     min_lr_ratio: float = 0.1  # cosine / wsd floor as a fraction of lr
     decay_fraction: float = 0.2  # wsd: final fraction of training that decays
     milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # multistep
     gamma: float = 0.316  # multistep factor per milestone
+    plateau_factor: float = 0.5  # plateau: multiply the lr by this when val_loss stops improving
+    plateau_patience: int = 2  # plateau: evaluations without improvement tolerated before lowering
+    plateau_cooldown: int = 0  # plateau: evaluations to wait after lowering before counting again
+    plateau_threshold: float = 1e-3  # plateau: relative improvement of val_loss that counts as one
+    plateau_min_ratio: float = 0.01  # plateau: the lr never drops below this fraction of optim.lr
+    spike_guard: bool = False  # skip or roll back a step whose loss or grad norm jumps above mean + k std
+    spike_action: str = "auto"  # auto (skip a lone spike, roll back a repeated or non-finite one) | skip | rollback
+    spike_repeat_window: int = 10  # auto: a spike this many steps or fewer after the last rolls back
+    spike_k: float = 6.0  # spike threshold in running standard deviations above the running mean
+    spike_ema: float = 0.98  # decay of the running mean and variance of loss and grad norm
+    spike_min_steps: int = 20  # steps observed before the guard may fire
+    spike_lr_factor: float = 0.5  # lr multiplier after a rolled-back spike (every spike with skip)
+    spike_recover_steps: int = 100  # quiet steps over which the lr grows back to the schedule's
+    spike_snapshot_every: int = 10  # rollback: steps between in-memory copies of weights and optimizer
 
 
 @dataclass
@@ -146,8 +163,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
-        check_choice("optim.name", self.optim.name, ("adamw", "muon"))
+        check_choice("optim.name", self.optim.name, OPTIMIZERS)
         check_choice("schedule.name", self.schedule.name, SCHEDULES)
+        check_choice("schedule.spike_action", self.schedule.spike_action, ("auto", "skip", "rollback"))
+        self.check_adaptive()
         check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
         check_device_name("train.device", self.train.device)
         check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
@@ -188,6 +207,41 @@ class TrainConfig:
             raise NanoseekError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}"
+            )
+
+    def check_adaptive(self):
+        s = self.schedule
+        for where, value in (
+            ("schedule.plateau_factor", s.plateau_factor),
+            ("schedule.spike_lr_factor", s.spike_lr_factor),
+        ):
+            if not 0.0 < value <= 1.0:
+                raise NanoseekError(f"{where}={value} must be in (0, 1]")
+        if not 0.0 <= s.spike_ema < 1.0:
+            raise NanoseekError(f"schedule.spike_ema={s.spike_ema} must be in [0, 1)")
+        for where, value in (
+            ("schedule.plateau_patience", s.plateau_patience),
+            ("schedule.plateau_cooldown", s.plateau_cooldown),
+            ("schedule.plateau_threshold", s.plateau_threshold),
+            ("schedule.plateau_min_ratio", s.plateau_min_ratio),
+            ("schedule.spike_min_steps", s.spike_min_steps),
+            ("schedule.spike_repeat_window", s.spike_repeat_window),
+        ):
+            check_positive(where, value, allow_zero=True)
+        for where, value in (
+            ("schedule.spike_k", s.spike_k),
+            ("schedule.spike_recover_steps", s.spike_recover_steps),
+            ("schedule.spike_snapshot_every", s.spike_snapshot_every),
+        ):
+            check_positive(where, value)
+        if s.name == "plateau" and not (self.eval.every or self.eval.points):
+            raise NanoseekError(
+                "schedule.name=plateau reacts to the validation loss: set eval.every or eval.points > 0"
+            )
+        if self.optim.name == "schedule_free" and s.name not in ("constant", "plateau"):
+            raise NanoseekError(
+                f"optim.name=schedule_free replaces the decay: use schedule.name=constant (with warmup_steps), "
+                f"not {s.name}"
             )
 
     @classmethod

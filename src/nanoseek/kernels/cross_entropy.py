@@ -53,6 +53,7 @@ def head_loss_and_grads(h_ND, weight_VD, targets_N, ignore_index: int, want_h: b
     grad_h = torch.empty_like(h_ND) if want_h else None
     grad_w = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if want_w else None
     total = torch.zeros((), dtype=acc, device=h_ND.device)
+    autocasting = torch.is_autocast_enabled(h_ND.device.type)  # bf16 products even where h is fp32
     for a in range(0, n, rows):
         h_CD = h_ND[a : a + rows]
         loss, dz_CV = chunk_loss_and_grad(
@@ -64,7 +65,7 @@ def head_loss_and_grads(h_ND, weight_VD, targets_N, ignore_index: int, want_h: b
         dz_CV = dz_CV.to(h_CD.dtype)
         if want_h:
             grad_h[a : a + rows] = dz_CV @ weight_VD.to(h_CD.dtype)
-        if want_w and dz_CV.dtype == grad_w.dtype:
+        if want_w and dz_CV.dtype == grad_w.dtype and not autocasting:  # addmm_ would escape autocast
             grad_w.addmm_(dz_CV.T, h_CD)
         elif want_w:  # bf16 products into the fp32 sum
             grad_w.add_(dz_CV.T @ h_CD)

@@ -1,8 +1,9 @@
 """The training loop: one explicit loop from data to checkpoint.
 
-    for step:  lr = peak * schedule(step, progress)
+    for step:  lr = peak * schedule(step, progress) * plateau scale * spike-guard scale
                for micro in accumulation:  loss = model(x, y) / accum;  loss.backward()
                g = clip(grads, max_norm)     (the pre-clip norm is logged)
+               spike guard (optional): a spike skips the step or rolls back (train/adaptive.py)
                optimizer.step();  model.update_balance_bias(the forwards' expert load, summed)  (MoE)
                log / eval / checkpoint;  stop on steps, tokens, wall-clock, Ctrl-C or a non-finite loss
 
@@ -39,9 +40,11 @@ from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.model import Transformer
 from nanoseek.parallel import dist
 from nanoseek.train import run_folder
+from nanoseek.train.adaptive import PlateauController, SpikeGuard
 from nanoseek.train.evaluate import evaluate, fixed_batches
 from nanoseek.train.metrics import MetricsLog, eval_record, plot_losses
-from nanoseek.train.optim import lr_multiplier, make_optimizer, set_lr
+from nanoseek.train.optim import eval_weights, lr_multiplier, make_optimizer, set_lr
+from nanoseek.train.schedule_free import ScheduleFreeAdamW
 
 
 class TrainingDiverged(RuntimeError):
@@ -170,13 +173,41 @@ def maybe_compile(model, enabled: bool):
         return model
 
 
-def restore(ckpt: Path, model, optimizer, loader) -> RunState:
+@dataclass
+class Adaptive:
+    """The state-driven parts of the learning rate (None when not configured)."""
+
+    plateau: PlateauController | None
+    guard: SpikeGuard | None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Adaptive:
+        plateau = PlateauController(cfg.schedule) if cfg.schedule.name == "plateau" else None
+        return cls(plateau, SpikeGuard(cfg.schedule) if cfg.schedule.spike_guard else None)
+
+    def scale(self) -> float:
+        return (self.plateau.scale if self.plateau else 1.0) * (self.guard.scale if self.guard else 1.0)
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in (("plateau", self.plateau), ("guard", self.guard)) if part}
+
+    def load_state_dict(self, state: dict):
+        for name, part in (("plateau", self.plateau), ("guard", self.guard)):
+            if part and name in state:
+                part.load_state_dict(state[name])
+
+
+def restore(ckpt: Path, model, optimizer, loader, adaptive: Adaptive | None = None) -> RunState:
     """Weights, optimizer moments, RNG and data position of `ckpt` into this run; its counters back."""
     weights = ckpt_io.read_safetensors(ckpt / ckpt_io.MODEL_FILE)
     ckpt_io.check_state(model, dist.local_model_state(model, weights), ckpt / ckpt_io.MODEL_FILE)
     saved, optimizer_state = ckpt_io.load_training_state(ckpt)
     dist.load_full_state(model, optimizer, ckpt_io.with_tied_head(weights, model), optimizer_state)
     loader.load_state_dict(saved["loader"])
+    if isinstance(optimizer, ScheduleFreeAdamW):  # the saved weights are x; training continues from y
+        optimizer.restore_y()
+    if adaptive is not None:
+        adaptive.load_state_dict(saved.get("adaptive", {}))
     return RunState(saved["step"], saved["tokens"], saved["elapsed"])
 
 
@@ -269,6 +300,7 @@ def train(
         model, ctx, mixed_precision=cfg.dist.mixed_precision, expert_parallel=cfg.dist.expert_parallel
     )
     optimizer = make_optimizer(model, cfg.optim)
+    adaptive = Adaptive.from_config(cfg)
     loader = BatchLoader(
         data.split("train"),
         cfg.train.batch_size,
@@ -285,7 +317,7 @@ def train(
     if resume and resume_from is None and not quiet:
         print(f"no complete checkpoint under {out}; starting from scratch", file=sys.stderr)
     if resume_from is not None:
-        state = restore(resume_from, model, optimizer, loader)
+        state = restore(resume_from, model, optimizer, loader, adaptive)
         done_summary = run_folder.finished_summary(out) if budget_reached(cfg, state) else None
         if done_summary is not None:  # nothing to add: no second final evaluation, no rewritten files
             if not quiet:
@@ -297,6 +329,8 @@ def train(
             dist.shutdown(ctx)
             return done_summary
     saved_step = state.step if resume_from is not None else None  # the step of the newest checkpoint
+    if adaptive.guard and resume_from is not None:  # the snapshot an uninterrupted run took at that save
+        adaptive.guard.snapshot(model, optimizer, state.step)
     if ctx.is_main:
         (out / run_folder.SUMMARY).unlink(missing_ok=True)  # a run under way has no summary
         atomic_write_text(out / run_folder.RUN_CONFIG, cfg.to_json())
@@ -307,8 +341,11 @@ def train(
 
     def save():
         nonlocal saved_step
-        model_state = dist.full_model_state(wrapped)  # collective: every rank takes part
-        optimizer_state = dist.full_optimizer_state(wrapped, optimizer)
+        if adaptive.guard:  # a resumed run rolls back to this same state
+            adaptive.guard.maybe_snapshot(model, optimizer, state.step, force=True)
+        with eval_weights(optimizer):  # schedule-free: the checkpoint holds x
+            model_state = dist.full_model_state(wrapped)  # collective: every rank takes part
+            optimizer_state = dist.full_optimizer_state(wrapped, optimizer)
         path = None
         if ctx.is_main:
             train_state = {
@@ -318,6 +355,7 @@ def train(
                 "loader": loader.state_dict(),
                 "config": cfg.to_dict(),
                 "world_size": ctx.world,
+                "adaptive": adaptive.state_dict(),
             }
             path = ckpt_io.save_checkpoint(
                 out,
@@ -337,7 +375,9 @@ def train(
         batches = fixed_batches(
             val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches, seed=cfg.train.seed + 1
         )
-        rec = eval_record(state.step, evaluate(wrapped, batches, byte_lengths, ctx.device, cfg.train.dtype))
+        with eval_weights(optimizer):
+            result = evaluate(wrapped, batches, byte_lengths, ctx.device, cfg.train.dtype)
+        rec = eval_record(state.step, result)
         metrics.write(rec)
         return rec
 
@@ -369,7 +409,7 @@ def train(
             t0 = time.perf_counter()
             model.set_dsa_warmup(state.step < cfg.train.dsa_warmup_steps)
             progress = progress_fraction(cfg, state, reserve.seconds)
-            lr = cfg.optim.lr * lr_multiplier(cfg.schedule, state.step, progress)
+            lr = cfg.optim.lr * lr_multiplier(cfg.schedule, state.step, progress) * adaptive.scale()
             set_lr(optimizer, lr)
             loss_sum = 0.0
             aux_log: dict = {}
@@ -390,7 +430,7 @@ def train(
                     expert_load = output.expert_load if expert_load is None else expert_load + output.expert_load
             loss_value = dist.all_reduce_mean(loss_sum / cfg.train.grad_accum, ctx)
             aux_log = {k: dist.all_reduce_mean(v, ctx) for k, v in aux_log.items()}
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss_value) and not adaptive.guard:
                 bar.close()
                 kept = (
                     f"the last good checkpoint (step {saved_step}) is kept in {out}"
@@ -403,11 +443,21 @@ def train(
                 )
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = dist.clip_grad_norm(model, clip).item()
-            optimizer.step()
+            spike = adaptive.guard.check(loss_value, grad_norm) if adaptive.guard else None
+            balance_stats = {}
+            if spike is None:
+                optimizer.step()
+                expert_load = dist.sync_expert_load(expert_load, ctx)  # one router bias for all ranks
+                balance_stats = model.update_balance_bias(expert_load, update=state.step >= cfg.train.dsa_warmup_steps)
+            elif spike["action"] == "rollback":
+                spike["rolled_back_to"] = adaptive.guard.rollback(model, optimizer)
             optimizer.zero_grad(set_to_none=True)
-            expert_load = dist.sync_expert_load(expert_load, ctx)  # one router bias for all ranks
-            balance_stats = model.update_balance_bias(expert_load, update=state.step >= cfg.train.dsa_warmup_steps)
             state.step += 1
+            if spike is not None:
+                metrics.write({"step": state.step, "event": "spike", **spike})
+                bar.write(f"step {state.step}: {spike['spike']} spike ({spike['action']}), lr x{spike['lr_scale']:.3g}")
+            elif adaptive.guard:
+                adaptive.guard.maybe_snapshot(model, optimizer, state.step)
             state.tokens += tokens_per_step
             now = time.perf_counter()
             state.elapsed, clock = state.elapsed + now - clock, now
@@ -442,6 +492,9 @@ def train(
                 eval_t0 = time.perf_counter()
                 last_eval = run_eval()
                 reserve.eval_took(time.perf_counter() - eval_t0)
+                if adaptive.plateau and adaptive.plateau.observe(last_eval["val_loss"]):
+                    metrics.write({"step": state.step, "event": "plateau", "lr_scale": adaptive.plateau.scale})
+                    bar.write(f"step {state.step}: validation plateau, lr x{adaptive.plateau.scale:.3g}")
                 bar.write(
                     f"step {state.step}: val loss {last_eval['val_loss']:.4f}, "
                     f"{last_eval['val_bits_per_byte']:.3f} bits/byte",

@@ -4,7 +4,9 @@ AdamW (Loshchilov & Hutter): m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
     w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)
 Weight decay applies to matrices only: norms, biases and embedding tables are not decayed.
 Muon (optim.name="muon") orthogonalizes the momentum of the hidden matrices (Newton-Schulz) and
-keeps AdamW for embeddings, head, norms and biases.
+keeps AdamW for embeddings, head, norms and biases. optim.name="schedule_free" is schedule-free
+AdamW (train/schedule_free.py). schedule.name="plateau" and the spike guard react to the training
+state (train/adaptive.py); their factor multiplies the one below.
 
 A schedule maps the step (and the fraction of training done, p in [0, 1]) to a multiplier of the
 peak learning rate. All start with a linear warmup over `warmup_steps` (except inverse_sqrt, whose
@@ -23,12 +25,14 @@ The fraction p counts whichever budget ends training first (steps, tokens or sec
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
 from nanoseek.config import OptimConfig, ScheduleConfig
+from nanoseek.train.schedule_free import ScheduleFreeAdamW
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -52,6 +56,8 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
             muon_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, momentum=cfg.muon_momentum
         )
     groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.name == "schedule_free":
+        return ScheduleFreeAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     # the fused kernel updates each tensor in one pass with no temporaries (foreach allocates a
     # copy of every parameter per elementwise op); it needs floating CPU/CUDA parameters
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
@@ -75,7 +81,7 @@ def lr_multiplier(cfg: ScheduleConfig, step: int, progress: float) -> float:
         return (step + 1) / warmup
     p = min(max(progress, 0.0), 1.0)
     floor = cfg.min_lr_ratio
-    if cfg.name == "constant":
+    if cfg.name in ("constant", "plateau"):  # plateau: its controller scales this (train/adaptive.py)
         return 1.0
     if cfg.name == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
@@ -87,6 +93,11 @@ def lr_multiplier(cfg: ScheduleConfig, step: int, progress: float) -> float:
     if cfg.name == "multistep":
         return cfg.gamma ** sum(p >= m for m in cfg.milestones)
     raise ValueError(f"unknown schedule {cfg.name!r}")
+
+
+def eval_weights(optimizer: torch.optim.Optimizer):
+    """A context in which the parameters hold the weights to evaluate and save (schedule-free: x)."""
+    return optimizer.eval_weights() if isinstance(optimizer, ScheduleFreeAdamW) else contextlib.nullcontext()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -43,7 +43,8 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(e))
 
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        with torch.autocast(x_ND.device.type, enabled=False):  # autocast would make this product bf16
+            logits_NE = F.linear(x_ND.float(), self.weight.float())
         if self.scoring == "sqrtsoftplus":
             return F.softplus(logits_NE).sqrt()
         return logits_NE.sigmoid() if self.scoring == "sigmoid" else logits_NE.softmax(-1)

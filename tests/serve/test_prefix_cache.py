@@ -50,6 +50,8 @@ def shared_prompts() -> list[list[int]]:
     "preset,overrides",
     [
         ("llama-tiny", {}),  # dense K/V
+        ("llama-tiny", {"position": "alibi"}),  # distance biases: the rest prefilled at its true positions
+        ("llama-tiny", {"position": "t5"}),
         ("deepseek-v3-tiny", {}),  # MLA's latent cache
         ("llama-tiny", {"sparse": "sliding", "sliding_window": 4}),
         ("deepseek-v32-tiny", {"index_topk": 5}),  # DSA: the indexer's keys too

@@ -48,6 +48,8 @@ def serve(
     max_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
     sock: socket.socket | None = None,
+    compile: bool = False,
+    prefix_cache_bytes: int = 0,
 ) -> None:
     """Serve `model` as `name` on http://host:port (blocks until the server stops); `sock`: that address,
     already bound (by `listen_socket`, before the model loaded). An encoder-decoder model is served by
@@ -65,17 +67,28 @@ def serve(
             max_queue=max_queue,
             max_tokens_limit=max_tokens,
             max_body_bytes=max_body_bytes,
+            compile=compile,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
     except BaseException:
         sock.close()
         raise
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cache = f"{prefix_cache_bytes / 2**20:g} MiB" if prefix_cache_bytes else "off"
     print(
         f"serving {name} on http://{host}:{port} (max batch {max_batch}, "
-        f"queue {max_queue}, API key {'on' if api_key else 'off'})",
+        f"queue {max_queue}, API key {'on' if api_key else 'off'}, "
+        f"decode {'compiled' if compile else 'eager'}, prefix cache {cache})",
         file=sys.stderr,
         flush=True,
     )
+    if compile:
+        print(
+            "compiling the decode step before the first request: minutes the first time on a small CPU, "
+            "seconds once torch has cached it (--no-compile skips it)",
+            file=sys.stderr,
+            flush=True,
+        )
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, http=JSONErrorProtocol
     )

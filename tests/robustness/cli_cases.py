@@ -361,5 +361,19 @@ TOP = [
 ]
 
 CASES: list[tuple[str, str]] = (
-    TRAIN + ABLATE + SAMPLE + CHAT + EVAL + INFO + PRESETS + CONFIG + CONVERT + INSPECT + EMBED + TOKENIZER + BENCH + SERVE + TOP
+    TRAIN
+    + ABLATE
+    + SAMPLE
+    + CHAT
+    + EVAL
+    + INFO
+    + PRESETS
+    + CONFIG
+    + CONVERT
+    + INSPECT
+    + EMBED
+    + TOKENIZER
+    + BENCH
+    + SERVE
+    + TOP
 )

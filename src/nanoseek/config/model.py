@@ -274,6 +274,11 @@ class ModelConfig:
                 )
         if self.num_nextn_predict_layers:
             raise NanoseekError("num_nextn_predict_layers must be 0 for architecture='encoder_decoder'")
+        if self.position in BIAS_POSITIONS:
+            raise NanoseekError(
+                f"position={self.position!r}: architecture='encoder_decoder' takes positions that add to or rotate "
+                "the embeddings (sinusoidal, learned, rope), not a bias on the attention logits"
+            )
 
     def _validate_v4(self):
         h, hd = self.num_attention_heads, self.attn_head_dim

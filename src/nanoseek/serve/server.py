@@ -35,6 +35,16 @@ def warn_if_open(host: str, api_key: str | None) -> None:
         )
 
 
+def build_app(model, tokenizer, name: str, compile: bool, prefix_cache_bytes: int, **options):
+    """(the app serving `model`, whether it decodes compiled, its prefix cache's bytes). An
+    encoder-decoder is served by serve/seq2seq.py, whose beam search has neither the compiled step
+    nor the prefix cache: both are off there, whatever was asked."""
+    if model.config.architecture == "encoder_decoder":
+        return create_seq2seq_app(model, tokenizer, name, **options), False, 0
+    app = create_app(model, tokenizer, name, compile=compile, prefix_cache_bytes=prefix_cache_bytes, **options)
+    return app, compile, prefix_cache_bytes
+
+
 def serve(
     model,
     tokenizer,
@@ -55,20 +65,19 @@ def serve(
     already bound (by `listen_socket`, before the model loaded). An encoder-decoder model is served by
     serve/seq2seq.py."""
     sock = sock or listen_socket(host, port)
-    make_app = create_seq2seq_app if model.config.architecture == "encoder_decoder" else create_app
     try:
-        app = make_app(
+        app, compile, prefix_cache_bytes = build_app(
             model,
             tokenizer,
             name,
+            compile,
+            prefix_cache_bytes,
             folder=folder,
             api_key=api_key,
             max_batch=max_batch,
             max_queue=max_queue,
             max_tokens_limit=max_tokens,
             max_body_bytes=max_body_bytes,
-            compile=compile,
-            prefix_cache_bytes=prefix_cache_bytes,
         )
     except BaseException:
         sock.close()

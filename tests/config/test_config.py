@@ -37,7 +37,7 @@ def test_toml_file_then_overrides(tmp_path):
         ({"train.max_steps": 1.5}, "train.max_steps"),
         ({"model.num_attention_heads": 5}, "num_attention_heads=5"),
         ({"model.norm": "batchnorm"}, "norm='batchnorm'"),
-        ({"model.position": "alibi"}, "position"),
+        ({"model.position": "xpos"}, "position"),
         ({"schedule.name": "exp"}, "schedule.name"),
         ({"data.seq_len": 4096}, "data.seq_len"),
         ({"model.tie_word_embeddings": "yes"}, "tie_word_embeddings"),

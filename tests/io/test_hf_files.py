@@ -101,8 +101,9 @@ def test_header_with_impossible_offsets_is_refused(tmp_path, capsys):
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
     with pytest.raises(NanoseekError, match="model.safetensors"):
         load_model(tmp_path)
-    assert cli_main(["info", str(tmp_path)]) == 2
+    assert cli_main(["convert", str(tmp_path), str(tmp_path / "out"), "--to", "nanoseek"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+    assert cli_main(["info", str(tmp_path)]) == 0  # info reads the config alone, not the weights
 
 
 def test_pickle_is_refused_unless_trusted(tmp_path):

@@ -71,3 +71,15 @@ def test_health_and_models(served):
     assert client.get("/health").json()["architecture"] == "encoder_decoder"
     assert client.get("/v1/models").json()["data"][0]["id"] == "couplets"
     assert client.get("/").status_code == 400
+
+
+def test_serve_builds_the_seq2seq_app_without_the_decoder_only_speedups(served):
+    """`nanoseek serve` asks for the compiled step and the prefix cache by default; an encoder-decoder's
+    app has neither, and says so."""
+    from nanoseek.serve.server import build_app
+
+    _, model, tok = served
+    app, compiled, prefix = build_app(model, tok, "couplets", True, 512 << 20, max_tokens_limit=20)
+    assert (compiled, prefix) == (False, 0)
+    r = testclient.TestClient(app).post("/v1/completions", json={"model": "couplets", "prompt": "12", "max_tokens": 3})
+    assert r.status_code == 200, r.text

@@ -22,7 +22,7 @@ from nanoseek.bench.serve import add_serve_args, run_serve
 from nanoseek.bench.train import add_train_args, run_train
 from nanoseek.config import ModelConfig
 from nanoseek.config.parse import did_you_mean
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import ArgumentParser, NanoseekError
 
 # WHAT -> (help, add the options, run -> result dicts)
 BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], list]]] = {
@@ -66,7 +66,7 @@ def run_bench(argv: list[str], json_lines: bool = False) -> int:
         hint = did_you_mean(what, BENCHES)
         raise NanoseekError(f"unknown benchmark {what!r}{hint}; choose one of: {', '.join(BENCHES)}")
     help_, add_args, run = BENCHES[what]
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=f"nanoseek bench {what}", description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add_args(parser)

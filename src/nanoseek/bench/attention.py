@@ -2,7 +2,18 @@
 
 Every kind gets the same queries, keys and values (B = 1, H query heads of width D, one shared
 key/value head as in MLA's absorbed form, which is where DeepSeek's sparse kinds run) at each
-sequence length T:
+sequence length T. The shapes (`--layout`) follow the released models' per-head proportions with
+fewer heads:
+
+    deepseek (default)  H = 8 query heads of D = 512 (V3.2's latent width, V4's head width; one
+                        K/V head). DSA's indexer: H/2 heads of 128 (V3.2: 64 heads of 128 beside 128
+                        query heads), about 1/16 of the attention's work per query-key pair, top-k
+                        2048; CSA's indexer: H heads of 128 (V4: 64 beside 64), top-k 512; V4 window
+                        128 (csa/hca), rates 4 and 128. Sliding window and NSA's window: 512 (NSA's).
+    8x64                H = 8 heads of 64, every indexer 4 heads of 32, every window 512 (the
+                        earlier layout)
+Any of --heads, --head-dim, --index-heads, --index-dim, --v4-index-heads, --window, --v4-window
+overrides its layout value.
 
     dense    sdpa(is_causal=True) (model/attention/core.py: PyTorch's SDPA)       O(T^2)
     sliding  causal_attention(window=w): chunked SDPA over the band           O(T (C + w))
@@ -15,6 +26,17 @@ sequence length T:
     hca      DeepSeek-V4: the window + every closed entry at rate 128       O(T (w + T/128) H D)
              (csa/hca pool their entries from the layer input x, as the model does; keys = values = k;
              the indexer's KL loss, a training-only extra pass, is not included, as for dsa)
+
+FLOPs are counted, not estimated: one extra, untimed forward and backward per (kind, T) runs under
+`bench/flops.py`'s counter (torch's FlopCounterMode plus the CPU SDPA kernel and causal block
+skipping; matrix products only, elementwise work uncounted). Per (kind, T): forward_flops,
+backward_flops, dense's (dense_forward_flops, ...), achieved GFLOP/s (forward_gflops_s, ...),
+flops_over_dense (the ideal time ratio) and the efficiency ratio
+
+    forward_efficiency = (dense forward_s * forward_flops / dense_forward_flops) / forward_s
+
+(1.0: the kind runs its FLOPs as fast as dense SDPA runs its own; backward likewise; dense must be
+among --kinds for the dense columns and the ratios).
 
 Reported per (kind, T): forward_s and backward_s (medians over the repeats; backward alone, with
 the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
@@ -34,6 +56,7 @@ import time
 import torch
 
 from nanoseek.bench.common import RssSampler, cpu_name, current_rss, device_info, release_free_memory, torch_threads
+from nanoseek.bench.flops import flop_counter, flops_by_op
 from nanoseek.config import ModelConfig
 from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
@@ -167,6 +190,37 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None =
     return dsa(q, k, v, x, scale)
 
 
+def count_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
+    """Forward and backward FLOPs of one run of `kind` at length t, counted (see bench/flops.py)."""
+    q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
+    with flop_counter() as forward, autocast(device, args.dtype):
+        out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
+    with flop_counter() as backward:
+        out.float().square().mean().backward()
+    return {
+        "forward_flops": forward.get_total_flops(),
+        "backward_flops": backward.get_total_flops(),
+        "forward_flops_by_op": flops_by_op(forward),
+        "backward_flops_by_op": flops_by_op(backward),
+    }
+
+
+def efficiency_columns(row: dict, dense: dict) -> dict:
+    """Dense's FLOPs, achieved GFLOP/s and the efficiency ratios of `row` against the dense row."""
+    cols = {}
+    for phase in ("forward", "backward"):
+        flops, seconds = row[f"{phase}_flops"], row[f"{phase}_s"]
+        dense_flops, dense_s = dense[f"{phase}_flops"], dense[f"{phase}_s"]
+        cols[f"dense_{phase}_flops"] = dense_flops
+        cols[f"{phase}_gflops_s"] = round(flops / seconds / 1e9, 2) if seconds > 0 else None
+        ideal_s = dense_s * flops / dense_flops if dense_flops else None
+        cols[f"{phase}_efficiency"] = round(ideal_s / seconds, 3) if ideal_s is not None and seconds > 0 else None
+    cols["flops_over_dense"] = (
+        round(row["forward_flops"] / dense["forward_flops"], 4) if dense["forward_flops"] else None
+    )
+    return cols
+
+
 def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
     forward, backward = [], []
     release_free_memory()
@@ -199,18 +253,42 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
     return row
 
 
+# per-head proportions of the released models with fewer heads, and the earlier 8 x 64 layout
+LAYOUTS = {
+    "deepseek": dict(heads=8, head_dim=512, index_heads=4, index_dim=128, v4_index_heads=8, window=512, v4_window=128),
+    "8x64": dict(heads=8, head_dim=64, index_heads=4, index_dim=32, v4_index_heads=4, window=512, v4_window=512),
+}
+
+
+def apply_layout(args: argparse.Namespace) -> None:
+    """Fill every shape argument left unset from --layout."""
+    if args.layout not in LAYOUTS:
+        raise NanoseekError(f"--layout={args.layout!r}: choose from {', '.join(LAYOUTS)}")
+    for name, value in LAYOUTS[args.layout].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+        if getattr(args, name) < 1:
+            raise NanoseekError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+
+
 def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", default="1024,4096,16384,32768", help="comma-separated sequence lengths")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--window", type=int, default=512, help="sliding window")
+    parser.add_argument(
+        "--layout", default="deepseek", help=f"shape defaults, one of: {', '.join(LAYOUTS)} (see the module doc)"
+    )
+    parser.add_argument("--heads", type=int, default=None, help="query heads (deepseek: 8)")
+    parser.add_argument("--head-dim", type=int, default=None, help="head width (deepseek: 512)")
+    parser.add_argument("--window", type=int, default=None, help="sliding and NSA window (512)")
+    parser.add_argument("--v4-window", type=int, default=None, help="csa/hca window (deepseek: V4's 128)")
     parser.add_argument("--topk", type=int, default=2048, help="DSA keys per query")
     parser.add_argument("--nsa-block", type=int, default=64, help="NSA block length")
     parser.add_argument("--nsa-topn", type=int, default=16, help="NSA selected blocks per query block")
     parser.add_argument("--csa-topk", type=int, default=512, help="CSA compressed entries per query (V4: 512)")
-    parser.add_argument("--index-heads", type=int, default=4)
-    parser.add_argument("--index-dim", type=int, default=32)
+    parser.add_argument("--index-heads", type=int, default=None, help="DSA indexer heads (deepseek: heads / 2)")
+    parser.add_argument("--index-dim", type=int, default=None, help="indexer head width (deepseek: 128)")
+    parser.add_argument("--v4-index-heads", type=int, default=None, help="CSA indexer heads (deepseek: heads)")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
     parser.add_argument(
         "--dtype",
@@ -233,8 +311,9 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
     for kind in kinds:
         if kind not in KINDS:
             raise NanoseekError(f"--kinds: unknown kind {kind!r}; choose from {', '.join(KINDS)}")
-    if min(seqs) < 1 or args.heads < 1 or args.head_dim < 1:
-        raise NanoseekError("--seq, --heads and --head-dim must be positive")
+    if min(seqs) < 1:
+        raise NanoseekError("--seq must be positive")
+    apply_layout(args)
     device = resolve_device(args.device, where="--device")
     torch.manual_seed(0)
     dsa = DsaOp(args.heads * args.head_dim, args.heads, args.index_heads, args.index_dim, args.topk)
@@ -245,9 +324,9 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
             args.heads * args.head_dim,
             args.heads,
             args.head_dim,
-            args.window,
+            args.v4_window,
             args.csa_topk,
-            args.index_heads,
+            args.v4_index_heads,
             args.index_dim,
         ).to(device)
         for kind in ("csa", "hca")
@@ -262,6 +341,7 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
             "dtype": args.dtype,
             **device_info(device),
         }
+        shapes = {name: getattr(args, name) for name in LAYOUTS[args.layout]}
         for t in seqs:
             dense = None
             for kind in kinds:
@@ -270,15 +350,19 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
                     "impl": "nanoseek",
                     "kind": kind,
                     "seq": t,
-                    "heads": args.heads,
-                    "head_dim": args.head_dim,
+                    "layout": args.layout,
+                    **shapes,
                     **time_kind(kind, t, args, dsa, nsa, v4, device),
                 }
+                if not args.no_flops:
+                    row.update(count_kind(kind, t, args, dsa, nsa, v4, device))
                 if kind == "dense":
                     dense = row
                 if dense is not None and kind != "dense":
                     row["forward_over_dense"] = round(row["forward_s"] / dense["forward_s"], 3)
                     row["backward_over_dense"] = round(row["backward_s"] / dense["backward_s"], 3)
+                if dense is not None and not args.no_flops:
+                    row.update(efficiency_columns(row, dense))
                 row["machine"] = machine
                 results.append(row)
                 print(__import__("json").dumps(row), flush=True)

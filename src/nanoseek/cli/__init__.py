@@ -34,9 +34,9 @@ import sys
 import warnings
 
 from nanoseek.cli import analysis, bench, configs, generate, models, serve, train
-from nanoseek.cli.common import OVERRIDE, Command, split_argv
+from nanoseek.cli.common import OVERRIDE, Command, check_flags, describe_os_error, split_argv
 from nanoseek.config.parse import did_you_mean
-from nanoseek.errors import NanoseekError, NanoseekWarning
+from nanoseek.errors import ArgumentParser, NanoseekError, NanoseekWarning
 
 ORDER = (
     "train",
@@ -72,7 +72,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
+    parser = ArgumentParser(prog="nanoseek", description="Train, evaluate and run DeepSeek-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = {}  # name -> its parser, for the options an unknown flag is compared with
     for command in COMMANDS.values():
@@ -124,16 +124,24 @@ def main(argv: list[str] | None = None) -> int:
             parser = build_parser()
             args, extra = parser.parse_known_args(argv)
             check_options(parser.commands[args.command], extra)
+            check_flags(args)
             return args.run(args, extra + overrides)
     except NanoseekError as e:
-        print(f"nanoseek: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except KeyboardInterrupt:
         print("nanoseek: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`nanoseek presets | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # the file system refused (disk full, read-only, not a folder): one line naming the file
+        return fail(describe_os_error(e))
+
+
+def fail(message: str) -> int:
+    """Bad input: one line on stderr (a message holding newlines is folded), exit status 2."""
+    print("nanoseek: error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

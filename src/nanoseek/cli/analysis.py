@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from nanoseek.analysis import plot_attention, plot_fusion
 from nanoseek.analysis.embed import embed
 from nanoseek.analysis.figures import font_note
 from nanoseek.cli.common import Command, add_checkpoint_args, load, reject_extra, split_overrides
+from nanoseek.data.files import read_utf8
 from nanoseek.errors import NanoseekError
 
 INSPECT_KINDS = ("fusion", "attention")
@@ -25,10 +25,7 @@ def run_embed(args, extra) -> int:
     reject_extra(extra)
     texts = list(args.text or [])
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise NanoseekError(f"--file {path} does not exist")
-        texts += [line for line in path.read_text().splitlines() if line.strip()]
+        texts += [line for line in read_utf8(args.file, "--file").splitlines() if line.strip()]
     if not texts:
         raise NanoseekError("give --text TEXT (repeatable) or --file FILE (one text per line)")
     model, tok, _ = load(args)
@@ -60,6 +57,8 @@ def run_inspect(args, extra) -> int:
     changes = model_overrides(split_overrides(extra))
     if changes and args.what != "attention":
         raise NanoseekError("--model.* overrides apply to inspect attention only")
+    if not args.prompt:
+        raise NanoseekError("--prompt is empty; give the text whose weights are drawn")
     model, tok, _ = load(args)
     if args.what == "attention":
         out, pic = plot_attention(model, tok, args.prompt, args.layer, args.out, changes)

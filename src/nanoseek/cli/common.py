@@ -8,13 +8,18 @@ its `--train.FIELD=VALUE` override)."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from nanoseek.config import parse_value
+from nanoseek.config.validate import MAX_INT, MAX_THREADS, Range, check_range
 from nanoseek.device import add_device_arg, resolve_device
 from nanoseek.errors import NanoseekError
 from nanoseek.io import LoadedCheckpoint, load_checkpoint
@@ -59,6 +64,67 @@ def split_overrides(extra: list[str]) -> dict:
         key, value = arg[2:].split("=", 1)
         overrides[key] = parse_value(value)
     return overrides
+
+
+# Every numeric flag, by name, with its valid values: a flag means the same in every command that has it.
+FLAG_RANGES = {
+    "threads": Range(0, MAX_THREADS),  # 0 = torch's default
+    "temperature": Range(0),
+    "max_new_tokens": Range(1),
+    "top_k": Range(1),
+    "top_p": Range(0, 1, low_open=True),
+    "repetition_penalty": Range(0, low_open=True),
+    "seed": Range(0, MAX_INT),
+    "seq_len": Range(1),
+    "batch_size": Range(1),
+    "max_batches": Range(1),
+    "layer": Range(0),
+    "max_steps": Range(0),
+    "nproc": Range(1),
+    "port": Range(1, 65535),
+    "max_batch": Range(1),
+    "max_queue": Range(0),
+    "max_tokens": Range(1),
+    "max_body_bytes": Range(1),
+}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag given is finite and within its `FLAG_RANGES` entry; else one line naming it."""
+    for name, valid in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_range(f"--{name.replace('_', '-')}", value, valid)
+
+
+def check_output_path(path: str | Path, what: str, folder: bool = True) -> Path:
+    """`path` can be created (or replaced) as a folder (or a file): no file where a folder must be,
+    and the nearest existing folder above it is writable. Checked before any work is done."""
+    path = Path(path)
+    if path.exists() and folder and not path.is_dir():
+        raise NanoseekError(f"{what} {path} is a file; give a folder")
+    if path.is_dir() and not folder:
+        raise NanoseekError(f"{what} {path} is a folder; give a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NanoseekError(f"{what} {path}: {parent} is a file, not a folder")
+    try:  # a folder made and removed: what the command will do there (processes side by side get their own)
+        os.rmdir(tempfile.mkdtemp(prefix=".nanoseek-write-test-", dir=parent))
+    except OSError as e:
+        raise NanoseekError(f"{what} {path}: cannot write in {parent} ({os_reason(e)})") from None
+    return path
+
+
+def os_reason(error: OSError) -> str:
+    """The reason of a file-system error in words ("No space left on device")."""
+    return error.strerror or errno.errorcode.get(error.errno or 0, "") or str(error)
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a file-system error the command hit: the file, and the reason in words."""
+    return f"{error.filename}: {os_reason(error)}" if error.filename else f"file system error: {os_reason(error)}"
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, device: bool = True) -> None:

@@ -13,6 +13,7 @@ from nanoseek.cli.common import (
     add_threads_arg,
     add_trust_pickle,
     aligned,
+    check_output_path,
     human_count,
     load,
     reject_extra,
@@ -22,7 +23,7 @@ from nanoseek.cli.common import (
 from nanoseek.config import ModelConfig
 from nanoseek.config.presets import ALIASES, PRESETS, canonical_name
 from nanoseek.errors import NanoseekError
-from nanoseek.io import convert
+from nanoseek.io import convert, read_model_config
 from nanoseek.io.average import average_checkpoints
 from nanoseek.model import model_info
 from nanoseek.train.evaluate import evaluate_checkpoint
@@ -153,9 +154,9 @@ def run_info(args, extra) -> int:
         config = ModelConfig.from_preset(args.preset)
         name = canonical_name(args.preset)
         source, label = {"preset": name}, f"preset {name}"
-    elif args.ckpt:
-        model, _, folder = load(args, tokenizer=False, encoder_decoder=True)
-        config, source, label = model.config, {"checkpoint": str(folder)}, str(folder)
+    elif args.ckpt:  # the config alone: info allocates nothing, whatever the model's size
+        config, folder = read_model_config(args.ckpt)
+        source, label = {"checkpoint": str(folder)}, str(folder)
     else:
         raise NanoseekError("give a checkpoint path or --preset NAME (list them with `nanoseek presets`)")
     info = model_info(config, args.seq_len)
@@ -226,6 +227,7 @@ def add_convert_arguments(cv) -> None:
 
 def run_convert(args, extra) -> int:
     reject_extra(extra)
+    check_output_path(args.dst, "destination")
     out = convert(args.src, args.dst, args.to, args.dtype, args.trust_pickle, args.drop_mtp)
     if args.json:
         print(json.dumps({"converted": str(args.src), "to": args.to, "out": str(out)}))

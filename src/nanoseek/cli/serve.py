@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -22,6 +23,20 @@ def add_serve_arguments(sv) -> None:
     sv.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the context)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     sv.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode with the compiled step, compiled for every padded batch size before the first request "
+        "(default on: several times faster decoding; --no-compile starts at once)",
+    )
+    sv.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=512,
+        help="memory for the KV blocks of earlier prompts, reused by prompts that start the same way "
+        "(default 512; 0 turns the prefix cache off)",
+    )
+    sv.add_argument(
         "--threads",
         type=int,
         help="torch threads (default: cores - 1, leaving one core to "
@@ -37,6 +52,26 @@ def check_limits(args) -> None:
         raise NanoseekError(f"--port={args.port} must be a TCP port, 1..65535")
     if args.max_queue < 0 or (args.max_tokens is not None and args.max_tokens < 1):
         raise NanoseekError("--max-queue must be >= 0 and --max-tokens >= 1")
+    if not 0 <= args.prefix_cache_mb < float("inf"):  # also refuses nan
+        raise NanoseekError(f"--prefix-cache-mb={args.prefix_cache_mb} must be >= 0 (0 turns the cache off)")
+
+
+def check_cache_fits(args) -> None:
+    """The weights and a KV cache of --max-batch rows of the whole context fit in memory (the engine
+    allocates that cache at start), judged from the checkpoint's config before anything loads."""
+    from nanoseek.config.memory import check_memory
+    from nanoseek.io import read_model_config
+    from nanoseek.model.transformer import kv_cache_bytes_per_token
+
+    config, _ = read_model_config(args.ckpt)
+    check_memory(
+        config,
+        f"serving {args.max_batch} sequences",
+        bytes_per_param=2,
+        kv_cache_tokens=args.max_batch * config.max_position_embeddings,
+        kv_bytes_per_token=kv_cache_bytes_per_token(config, dtype_bytes=2),
+        flag=f"--max-batch={args.max_batch}",
+    )
 
 
 def run_serve(args, extra) -> int:
@@ -47,6 +82,7 @@ def run_serve(args, extra) -> int:
     except ImportError as e:
         raise NanoseekError(f"serving needs the serve extra (pip install 'nanoseek[serve]'): {e}") from None
     check_limits(args)
+    check_cache_fits(args)
     api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     warn_if_open(args.host, api_key)  # before the model loads, which can take minutes
     sock = listen_socket(args.host, args.port)  # a port in use or a bad host: an error now, not after loading
@@ -64,6 +100,8 @@ def run_serve(args, extra) -> int:
         max_queue=args.max_queue,
         max_tokens=args.max_tokens,
         max_body_bytes=args.max_body_bytes,
+        compile=args.compile,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         sock=sock,
     )
     return 0

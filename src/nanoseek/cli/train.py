@@ -8,9 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanoseek.cli.common import THREADS_HELP, Command, add_json_arg, aligned, reject_extra, split_overrides
+from nanoseek.cli.common import (
+    THREADS_HELP,
+    Command,
+    add_json_arg,
+    aligned,
+    check_output_path,
+    reject_extra,
+    split_overrides,
+)
 from nanoseek.config import TrainConfig, build_resume_config, build_train_config, saved_run_config
-from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.config.memory import TRAIN_BYTES_PER_PARAM, check_memory
+from nanoseek.data import corpus_path
+from nanoseek.data.files import check_input_file
+from nanoseek.data.tokenizer import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
 from nanoseek.device import DEVICE_CHOICES
 from nanoseek.errors import NanoseekError
 from nanoseek.train.ablate import ablate
@@ -101,6 +112,7 @@ def run_train(args, extra) -> int:
         cfg = build_resume_config(out, overrides)  # the run's own config: no need to repeat its arguments
     else:
         cfg = build_train_config(args.config, args.preset, overrides)
+    check_train_inputs(cfg)
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as e:
@@ -115,6 +127,38 @@ def run_train(args, extra) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def check_train_inputs(cfg: TrainConfig) -> None:
+    """What a run reads and writes, checked before it writes anything: the data files and the
+    tokenizer file exist, the run folder can be made, and the model fits in memory."""
+    for f in cfg.data.path:
+        if check_input_file(corpus_path(f), "data file").stat().st_size == 0:
+            raise NanoseekError(f"data file {f} is empty")
+    if cfg.data.tokenizer not in TOKENIZER_KINDS:
+        load_tokenizer(cfg.data.tokenizer)
+    check_output_path(cfg.out, "--out")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.dist.strategy == "fsdp" else 1
+    check_memory(
+        cfg.model,
+        "training",
+        TRAIN_BYTES_PER_PARAM / world,
+        batch_tokens=cfg.train.batch_size * cfg.data.seq_len,
+        flag=f"train.batch_size={cfg.train.batch_size}",
+        limit=device_memory(cfg.train.device),
+    )
+
+
+def device_memory(device: str) -> int | None:
+    """Free memory of the GPU a run trains on (None: the CPU, whose memory check_memory reads itself)."""
+    import torch
+
+    from nanoseek.device import resolve_device
+
+    resolved = resolve_device(device, where="train.device")
+    if resolved.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(resolved)[0]
 
 
 def summary_lines(summary: dict, out: str, pairs: bool = False) -> str:
@@ -184,6 +228,7 @@ def run_ablate(args, extra) -> int:
     common = {**split_overrides(extra), **flag_overrides(args)}
     if args.data:
         common["data.path"] = args.data
+    check_output_path(args.out, "--out")
     report = ablate(args.variant or [], common, args.out, preset=args.preset)
     if args.json:
         for row in json.loads((report.parent / "ablation.json").read_text())["variants"]:
@@ -206,8 +251,11 @@ def add_tokenizer_arguments(tk) -> None:
 def run_tokenizer(args, extra) -> int:
     reject_extra(extra)
     for f in args.files:
-        if not Path(f).is_file():
-            raise NanoseekError(f"data file {f} does not exist")
+        check_input_file(f, "data file")
+    out = Path(args.out)
+    if out.is_file() and out.suffix != ".json":
+        raise NanoseekError(f"--out {out} is a file that is not a .json; give a .json path or a folder")
+    check_output_path(out, "--out", folder=out.is_dir() or out.suffix != ".json")
     tok = train_tokenizer(args.kind, args.files, args.vocab_size)
     path = tok.save(args.out)
     if args.json:

@@ -3,6 +3,8 @@
 model.py    ModelConfig, the kinds each axis allows, its validation; `mscale` (YaRN)
 train.py    TrainConfig and its sections; build_train_config (preset < file < overrides)
 parse.py    from_dict / to_dict coercion, TOML/JSON files, parse_value, apply_override
+validate.py every field's type and range (one table per section), checked when a config is built
+memory.py   the memory a model needs, from its config alone; check_memory refuses what does not fit
 presets.py  named configs
 
 >>> ModelConfig.from_preset("gpt2-tiny").replace(hidden_size=128).hidden_size

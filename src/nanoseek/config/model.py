@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 from nanoseek.config.parse import check_choice, check_positive, from_dict, to_dict
 from nanoseek.config.presets import get_preset
+from nanoseek.config.validate import MODEL, check_fields, check_rope_scaling
 from nanoseek.errors import NanoseekError
 
-POSITIONS = ("sinusoidal", "learned", "rope", "none")
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")
+BIAS_POSITIONS = ("alibi", "t5")  # biases on the attention logits by distance (model/position.py)
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "v4")
 SPARSE_KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
 FFNS = ("relu", "gelu", "gelu_tanh", "swiglu", "moe")
@@ -60,6 +62,9 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base: the longest wavelength's scale
     rope_scaling: dict | None = None  # {"rope_type": "yarn", "factor": .., ...}: YaRN context extension
     rope_interleave: bool = True  # DeepSeek pairs (2i, 2i+1); False = Llama half-split
+    # T5 relative bias (position="t5"; HF T5 names)
+    relative_attention_num_buckets: int = 32  # learned biases per head: exact below half, log-spaced above
+    relative_attention_max_distance: int = 128  # distances from here on share the last bucket
     # multi-head latent attention
     q_lora_rank: int | None = None  # MLA/V4: rank of the low-rank query projection; None = full-rank queries
     kv_lora_rank: int = 512  # MLA: width of the cached key/value latent
@@ -155,34 +160,18 @@ class ModelConfig:
 
     # ----- validation
     def validate(self):
-        if not isinstance(self.kernels, bool):
-            raise NanoseekError(f"kernels={self.kernels!r}: expected true/false")
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
-            check_positive(name, getattr(self, name))
-        for name in ("num_key_value_heads", "head_dim", "q_lora_rank"):
-            check_positive(name, getattr(self, name))
+        check_fields(self, MODEL)  # each field: its type and range (config/validate.py)
         check_choice("architecture", self.architecture, ARCHITECTURES)
         check_choice("position", self.position, POSITIONS)
         check_choice("attention", self.attention, ATTENTIONS)
         check_choice("sparse", self.sparse, SPARSE_KINDS)
         self._validate_sparse()
+        if self.position in BIAS_POSITIONS:
+            self._validate_bias_position()
         check_choice("ffn", self.ffn, FFNS)
         check_choice("norm", self.norm, NORMS)
         check_choice("norm_position", self.norm_position, NORM_POSITIONS)
         check_choice("fusion", self.fusion, FUSIONS)
-        for name in ("attention_dropout", "hidden_dropout"):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                raise NanoseekError(f"{name}={p} must be in [0, 1)")
-        if self.rms_norm_eps <= 0:
-            raise NanoseekError(f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         if self.attention == "mla":
             self._validate_mla()
         elif self.attention == "v4":
@@ -193,11 +182,8 @@ class ModelConfig:
             self._validate_moe()
         if self.rope_scaling is not None:
             self._validate_rope_scaling()
-        check_positive("num_nextn_predict_layers", self.num_nextn_predict_layers, allow_zero=True)
         if self.norm_position == "post" and self.fusion != "residual":
             raise NanoseekError("norm_position='post' works only with fusion='residual'")
-        check_positive("hc_mult", self.hc_mult)
-        check_positive("hc_sinkhorn_iters", self.hc_sinkhorn_iters)
         if self.architecture == "encoder_decoder":
             self._validate_encoder_decoder()
 
@@ -211,9 +197,7 @@ class ModelConfig:
             for i, kind in enumerate(self.sparse_layers):
                 check_choice(f"sparse_layers[{i}]", kind, SPARSE_KINDS)
         kinds = {self.layer_sparse(i) for i in range(self.num_hidden_layers)}
-        check_positive("sliding_window", self.sliding_window)
         if "nsa" in kinds:
-            check_positive("nsa_block", self.nsa_block)
             if self.nsa_topn < 3:
                 raise NanoseekError(
                     f"nsa_topn={self.nsa_topn} must be >= 3 (the first, previous and own block are always selected)"
@@ -231,16 +215,12 @@ class ModelConfig:
         if self.attention == "v4" and {"nsa", "dsa"} & kinds:
             raise NanoseekError("attention='v4' layers are one of: dense, sliding, csa, hca")
         if "csa" in kinds:
-            for name in ("index_topk", "index_n_heads", "index_head_dim"):
-                check_positive(name, getattr(self, name))
             if self.index_head_dim < self.qk_rope_head_dim:
                 raise NanoseekError(
                     f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
                     f"{self.qk_rope_head_dim} (the indexer rotates its last rope dims)"
                 )
         if "dsa" in kinds:
-            for name in ("index_topk", "index_n_heads", "index_head_dim"):
-                check_positive(name, getattr(self, name))
             if self.attention != "mla" or not self.q_lora_rank:
                 raise NanoseekError(
                     "sparse='dsa' (the lightning indexer) needs attention='mla' with a "
@@ -250,6 +230,24 @@ class ModelConfig:
                 raise NanoseekError(
                     f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
                     f"{self.qk_rope_head_dim} (the indexer rotates its first rope dims)"
+                )
+
+    def _validate_bias_position(self):
+        kinds = {self.layer_sparse(i) for i in range(self.num_hidden_layers)}
+        if kinds - {"dense", "sliding"}:
+            raise NanoseekError(
+                f"position={self.position!r} (a bias on the attention logits) works with sparse kinds dense and "
+                f"sliding only (got {sorted(kinds - {'dense', 'sliding'})[0]!r})"
+            )
+        if self.position == "t5":
+            if self.relative_attention_num_buckets < 2:
+                raise NanoseekError(
+                    f"relative_attention_num_buckets={self.relative_attention_num_buckets} must be >= 2"
+                )
+            if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+                raise NanoseekError(
+                    f"relative_attention_max_distance={self.relative_attention_max_distance} must be > "
+                    f"relative_attention_num_buckets / 2 = {self.relative_attention_num_buckets // 2}"
                 )
 
     @property
@@ -276,6 +274,11 @@ class ModelConfig:
                 )
         if self.num_nextn_predict_layers:
             raise NanoseekError("num_nextn_predict_layers must be 0 for architecture='encoder_decoder'")
+        if self.position in BIAS_POSITIONS:
+            raise NanoseekError(
+                f"position={self.position!r}: architecture='encoder_decoder' takes positions that add to or rotate "
+                "the embeddings (sinusoidal, learned, rope), not a bias on the attention logits"
+            )
 
     def _validate_v4(self):
         h, hd = self.num_attention_heads, self.attn_head_dim
@@ -286,8 +289,6 @@ class ModelConfig:
             )
         if not self.q_lora_rank:
             raise NanoseekError("attention='v4' needs q_lora_rank (its queries are low-rank)")
-        for name in ("o_groups", "o_lora_rank", "compress_rate_csa", "compress_rate_hca"):
-            check_positive(name, getattr(self, name))
         if h % self.o_groups:
             raise NanoseekError(f"o_groups={self.o_groups} does not divide num_attention_heads={h}")
         if self.qk_rope_head_dim % 2 or not 0 < self.qk_rope_head_dim <= hd:
@@ -317,17 +318,18 @@ class ModelConfig:
             raise NanoseekError(f"head_dim={self.attn_head_dim} must be even for position='rope'")
 
     def _validate_mla(self):
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        for name in ("qk_nope_head_dim", "qk_rope_head_dim"):  # 0 is in their range, not in MLA's
             check_positive(name, getattr(self, name))
         if self.qk_rope_head_dim % 2:
             raise NanoseekError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         if self.position != "rope":
-            raise NanoseekError(f"attention='mla' needs position='rope' (got {self.position!r})")
+            raise NanoseekError(
+                f"attention='mla' needs position='rope' (got {self.position!r}): its decoupled rotary key carries "
+                "the positions; distance biases (alibi, t5) work with attention='mha', 'gqa' or 'mqa'"
+            )
 
     def _validate_moe(self):
         check_positive("n_routed_experts", self.n_routed_experts)
-        check_positive("moe_intermediate_size", self.moe_intermediate_size)
-        check_positive("n_shared_experts", self.n_shared_experts, allow_zero=True)
         check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
         check_choice("topk_method", self.topk_method, TOPK_METHODS)
         e, k = self.n_routed_experts, self.num_experts_per_tok
@@ -342,10 +344,6 @@ class ModelConfig:
                 f"topk_group={self.topk_group} groups of {e // self.n_group} experts hold fewer than "
                 f"num_experts_per_tok={k} experts"
             )
-        check_positive("first_k_dense_replace", self.first_k_dense_replace, allow_zero=True)
-        check_positive("num_hash_layers", self.num_hash_layers, allow_zero=True)
-        if self.swiglu_limit is not None:
-            check_positive("swiglu_limit", self.swiglu_limit)
         if self.scoring_func == "sqrtsoftplus" and self.n_group > 1:
             raise NanoseekError("scoring_func='sqrtsoftplus' (V4) routes without groups; set n_group=1")
 
@@ -355,12 +353,9 @@ class ModelConfig:
             raise NanoseekError(f"rope_scaling={rs!r} must be a table with a rope_type ({', '.join(ROPE_TYPES)})")
         kind = rs.get("rope_type", rs.get("type", "default"))
         check_choice("rope_scaling.rope_type", kind, ROPE_TYPES)
-        if kind in ("linear", "dynamic", "yarn", "llama3"):
-            factor = rs.get("factor")
-            if not isinstance(factor, (int, float)) or factor < 1:
-                raise NanoseekError(f"rope_scaling.factor={factor!r} must be a number >= 1")
-        if not isinstance(rs.get("original_max_position_embeddings", 0), int):
-            raise NanoseekError("rope_scaling.original_max_position_embeddings must be an integer")
+        if kind in ("linear", "dynamic", "yarn", "llama3") and rs.get("factor") is None:
+            raise NanoseekError(f"rope_scaling.factor is missing: {kind} needs a number >= 1")
+        check_rope_scaling(rs)  # the numbers it holds: types and ranges (config/validate.py)
         if kind == "llama3":
             low, high = rs.get("low_freq_factor"), rs.get("high_freq_factor")
             if not all(isinstance(v, (int, float)) for v in (low, high)) or not 0 < low < high:

@@ -29,7 +29,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _coerce(value: Any, tp, where: str):
+def coerce(value: Any, tp, where: str):
     """Check `value` against the annotation `tp`; accept ints for floats. Raise naming `where`."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -43,17 +43,19 @@ def _coerce(value: Any, tp, where: str):
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, where)
+                return coerce(value, arg, where)
             except NanoseekError as e:
                 errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else NanoseekError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+        if len(errors) == 1:
+            raise NanoseekError(errors[0])
+        raise NanoseekError(f"{where}: got {value!r}, expected {_type_name(tp)}")
     if tp is Any:
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise NanoseekError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1] or (Any,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise NanoseekError(f"{where}: expected a table/object, got {value!r}")
@@ -85,6 +87,11 @@ def _coerce(value: Any, tp, where: str):
     return value
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def did_you_mean(name: str, choices) -> str:
     """' (did you mean 'x'?)' for the closest of `choices` to a misspelt `name`, else ''."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
@@ -93,6 +100,8 @@ def did_you_mean(name: str, choices) -> str:
 
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise NanoseekError(f"{where or 'config'}: expected a table/object of fields, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -102,7 +111,7 @@ def from_dict(cls, data: dict, where: str = ""):
             f"unknown config key {prefix + unknown[0]!r}{did_you_mean(unknown[0], names)}; "
             f"valid keys: {', '.join(names)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {k: coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -126,20 +135,41 @@ def check_positive(where: str, value, allow_zero: bool = False):
 # files and overrides
 
 
-def load_config_file(path: str | Path) -> dict:
-    """Read a TOML or JSON file into a plain dict."""
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a file the user named; every way it can fail is one line naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise NanoseekError(f"config file {path} does not exist")
-    text = path.read_text()
+    if path.is_dir():
+        raise NanoseekError(f"{what} {path} is a folder, not a file")
+    if not path.exists():
+        raise NanoseekError(f"{what} {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NanoseekError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise NanoseekError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a TOML or JSON file into a plain dict (a file holding anything but a table is refused)."""
+    path = Path(path)
+    text = read_text_file(path, "config file")
     try:
         if path.suffix == ".toml":
             import tomllib
 
-            return tomllib.loads(text)
-        return json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-        raise NanoseekError(f"config file {path} could not be parsed: {e}") from None
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error (RecursionError included) is the user's file
+        raise NanoseekError(f"config file {path} could not be parsed: {_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise NanoseekError(f"config file {path} must hold a table/object of sections, not {type(data).__name__}")
+    return data
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def parse_value(text: str):

@@ -20,18 +20,19 @@ from nanoseek.config.model import ModelConfig
 from nanoseek.config.parse import (
     apply_override,
     check_choice,
-    check_positive,
     deep_update,
     from_dict,
     load_config_file,
     to_dict,
 )
 from nanoseek.config.presets import DEFAULT_PRESET, canonical_name, get_preset, get_run_defaults
+from nanoseek.config.validate import SECTIONS, check_fields
 from nanoseek.device import check_device_name
 from nanoseek.errors import NanoseekError
 
 SCHEDULES = ("constant", "cosine", "wsd", "multistep", "inverse_sqrt", "plateau")
 OPTIMIZERS = ("adamw", "muon", "schedule_free")
+BPE_MIN_VOCAB = 256 + 3  # every byte, and the three special tokens
 # "lm": next-token prediction over text files; the others are sequence-to-sequence pair tasks (data/pairs.py)
 TASKS = ("lm", "couplets", "copy", "reverse", "sort")
 
@@ -167,6 +168,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
+        check_fields(self, {})
+        for section, ranges in SECTIONS.items():  # each field: its type and range (config/validate.py)
+            check_fields(getattr(self, section), ranges, f"{section}.")
         check_choice("optim.name", self.optim.name, OPTIMIZERS)
         check_choice("schedule.name", self.schedule.name, SCHEDULES)
         check_choice("schedule.spike_action", self.schedule.spike_action, ("auto", "skip", "rollback"))
@@ -175,37 +179,16 @@ class TrainConfig:
         check_device_name("train.device", self.train.device)
         check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
         self._validate_task()
-        check_positive("train.dsa_warmup_steps", self.train.dsa_warmup_steps, allow_zero=True)
         if self.train.dsa_warmup_steps and self.dist.strategy == "ddp":
             raise NanoseekError(
                 "train.dsa_warmup_steps trains only the indexers, which DDP cannot do "
                 "(it expects a gradient for every parameter); warm up in one process"
             )
-        for where, value in (
-            ("optim.lr", self.optim.lr),
-            ("train.batch_size", self.train.batch_size),
-            ("train.grad_accum", self.train.grad_accum),
-            ("data.seq_len", self.data.seq_len),
-            ("eval.batch_size", self.eval.batch_size),
-            ("log.every", self.log.every),
-        ):
-            check_positive(where, value)
-        for where, value in (
-            ("train.max_steps", self.train.max_steps),
-            ("train.max_tokens", self.train.max_tokens),
-            ("train.max_seconds", self.train.max_seconds),
-            ("optim.grad_clip", self.optim.grad_clip),
-            ("schedule.warmup_steps", self.schedule.warmup_steps),
-            ("checkpoint.every", self.checkpoint.every),
-            ("eval.every", self.eval.every),
-            ("eval.points", self.eval.points),
-            ("optim.weight_decay", self.optim.weight_decay),
-        ):
-            check_positive(where, value, allow_zero=True)
-        if self.checkpoint.keep_last < 1:
-            raise NanoseekError(f"checkpoint.keep_last={self.checkpoint.keep_last} must be >= 1")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise NanoseekError(f"data.val_fraction={self.data.val_fraction} must be in [0, 1)")
+        if self.data.tokenizer == "bpe" and self.data.vocab_size < BPE_MIN_VOCAB:
+            raise NanoseekError(
+                f"data.vocab_size={self.data.vocab_size} must be >= {BPE_MIN_VOCAB} for data.tokenizer='bpe' "
+                "(256 bytes + 3 special tokens)"
+            )
         if not (self.train.max_steps or self.train.max_tokens or self.train.max_seconds):
             raise NanoseekError("set at least one of train.max_steps, train.max_tokens, train.max_seconds")
         if self.data.seq_len > self.model.max_position_embeddings:
@@ -228,30 +211,8 @@ class TrainConfig:
                 raise NanoseekError("dist.strategy='fsdp' shards decoder-only models; use 'ddp' for encoder_decoder")
 
     def check_adaptive(self):
+        """What the adaptive schedules need of the rest of the run (their fields' ranges are in SECTIONS)."""
         s = self.schedule
-        for where, value in (
-            ("schedule.plateau_factor", s.plateau_factor),
-            ("schedule.spike_lr_factor", s.spike_lr_factor),
-        ):
-            if not 0.0 < value <= 1.0:
-                raise NanoseekError(f"{where}={value} must be in (0, 1]")
-        if not 0.0 <= s.spike_ema < 1.0:
-            raise NanoseekError(f"schedule.spike_ema={s.spike_ema} must be in [0, 1)")
-        for where, value in (
-            ("schedule.plateau_patience", s.plateau_patience),
-            ("schedule.plateau_cooldown", s.plateau_cooldown),
-            ("schedule.plateau_threshold", s.plateau_threshold),
-            ("schedule.plateau_min_ratio", s.plateau_min_ratio),
-            ("schedule.spike_min_steps", s.spike_min_steps),
-            ("schedule.spike_repeat_window", s.spike_repeat_window),
-        ):
-            check_positive(where, value, allow_zero=True)
-        for where, value in (
-            ("schedule.spike_k", s.spike_k),
-            ("schedule.spike_recover_steps", s.spike_recover_steps),
-            ("schedule.spike_snapshot_every", s.spike_snapshot_every),
-        ):
-            check_positive(where, value)
         if s.name == "plateau" and not (self.eval.every or self.eval.points):
             raise NanoseekError(
                 "schedule.name=plateau reacts to the validation loss: set eval.every or eval.points > 0"
@@ -279,6 +240,8 @@ def build_train_config(
     """Preset (model + run defaults) < config file < dotted overrides."""
     data: dict = load_config_file(file) if file else {}
     asked = preset or data.get("preset") or DEFAULT_PRESET
+    if not isinstance(asked, str):
+        raise NanoseekError(f"preset: expected a preset name (a string), got {asked!r}")
     merged: dict = {"preset": canonical_name(asked), "model": dict(get_preset(asked))}
     name = merged["preset"]
     for section, values in get_run_defaults(name).items():

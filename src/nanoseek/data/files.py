@@ -29,11 +29,37 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from nanoseek.errors import NanoseekError
+
 # A newline between two non-space bytes: no BPE pre-token crosses it.
 _SAFE_NEWLINE = re.compile(rb"\S\n(?=\S)")
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """A file the user named: it exists, is a file (a folder is called a folder) and can be opened."""
+    path = Path(path)
+    if path.is_dir():
+        raise NanoseekError(f"{what} {path} is a folder, not a file")
+    if not path.exists():
+        raise NanoseekError(f"{what} {path} does not exist")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise NanoseekError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    return path
+
+
+def read_utf8(path: str | os.PathLike, what: str) -> str:
+    """The text of a UTF-8 file the user named; a file that is not UTF-8 is refused naming the byte."""
+    path = check_input_file(path, what)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanoseekError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def _cut_point(buffer: bytes) -> int:

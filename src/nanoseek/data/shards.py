@@ -25,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from nanoseek.data.files import atomic_write, atomic_write_text, iter_file_chunks
+from nanoseek.data.files import atomic_write, atomic_write_text, check_input_file, iter_file_chunks
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
 
@@ -49,9 +49,7 @@ def _describe_sources(files: Sequence[str | os.PathLike]) -> list[dict]:
         raise NanoseekError("no corpus files given")
     sources = []
     for file in files:
-        path = Path(file)
-        if not path.is_file():
-            raise NanoseekError(f"corpus file {file} does not exist")
+        path = check_input_file(file, "corpus file")
         stat = path.stat()
         sources.append({"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     return sources

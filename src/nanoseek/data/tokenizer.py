@@ -33,13 +33,14 @@ import itertools
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from nanoseek.data.files import atomic_write_text, iter_text_chunks
+from nanoseek.data.files import atomic_write_text, check_input_file, iter_text_chunks
 from nanoseek.errors import NanoseekError
 
 BOS_TOKEN = "<|bos|>"
@@ -416,7 +417,8 @@ class BPETokenizer(Tokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         # invalid UTF-8 shows as U+FFFD: the byte tokens spell such bytes anyway
-        hf_tokenizer.train_from_iterator(iter_text_chunks(files, errors="replace"), trainer=trainer)
+        chunks = iter_text_chunks(files, errors="replace")
+        run_interruptibly(hf_tokenizer.train_from_iterator, chunks, trainer=trainer)
         return cls(hf_tokenizer, source="trained BPE tokenizer")
 
     @classmethod
@@ -473,13 +475,32 @@ class BPETokenizer(Tokenizer):
 # ----------------------------------------------------------------------------- train / load
 
 
+def run_interruptibly(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a worker thread, the caller waiting in short joins, so that Ctrl-C
+    reaches the caller at once. HF's BPE trainer computes its merges in Rust, where no Python signal
+    handler runs: called directly, a Ctrl-C would wait for the end of training. An interrupted
+    worker is abandoned (a daemon thread: it ends with the process)."""
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller as it is
+            outcome["error"] = error
+
+    worker = threading.Thread(target=work, name="nanoseek-tokenizer-train", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 def _check_files_exist(files: Sequence[str | os.PathLike]) -> list[str]:
     if not files:
         raise NanoseekError("no training files given")
-    for file in files:
-        if not Path(file).is_file():
-            raise NanoseekError(f"training file {file} does not exist")
-    return [str(file) for file in files]
+    return [str(check_input_file(file, "training file")) for file in files]
 
 
 def train_tokenizer(kind: str, files: Sequence[str | os.PathLike], vocab_size: int | None = None) -> Tokenizer:
@@ -503,12 +524,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     file = Path(path)
     if file.is_dir():
         file = file / TOKENIZER_FILENAME
-    if not file.is_file():
-        raise NanoseekError(f"tokenizer file {file} does not exist")
-    text = file.read_text(encoding="utf-8", errors="replace")
+    text = check_input_file(file, "tokenizer file").read_text(encoding="utf-8", errors="replace")
     try:
         content = json.loads(text)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise NanoseekError(f"tokenizer file {file} is not valid JSON ({error})") from None
     if not isinstance(content, dict):
         raise NanoseekError(f"tokenizer file {file} must hold a JSON object")

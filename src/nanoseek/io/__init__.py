@@ -3,6 +3,7 @@
     load_checkpoint(path, dtype=None, trust_pickle=False, tokenizer=True, device=None)
         -> LoadedCheckpoint(model, tokenizer, folder)
     load_model(path, dtype=None, trust_pickle=False) -> model in eval mode
+    read_model_config(path) -> (ModelConfig, folder), from config.json alone (nothing allocated)
     save_model(model, directory, format="nanoseek" | "hf", tokenizer_dir=None, drop_mtp=False) -> directory
     convert(src, dst, format, dtype=None, trust_pickle=False, drop_mtp=False) -> dst
 
@@ -33,7 +34,7 @@ from nanoseek.io.checkpoint import (
     resolve_checkpoint,
     write_model_files,
 )
-from nanoseek.io.hf import load_hf_model, save_hf
+from nanoseek.io.hf import load_hf_model, read_model_config, save_hf
 from nanoseek.model.transformer import CHECKPOINT_WRITERS
 
 FORMATS = ("nanoseek", "hf")
@@ -124,4 +125,12 @@ def convert(
 
 CHECKPOINT_WRITERS.update(nanoseek=save_native, hf=save_hf)
 
-__all__ = ["FORMATS", "LoadedCheckpoint", "convert", "load_checkpoint", "load_model", "save_model"]
+__all__ = [
+    "FORMATS",
+    "LoadedCheckpoint",
+    "convert",
+    "load_checkpoint",
+    "load_model",
+    "read_model_config",
+    "save_model",
+]

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.config.memory import check_memory
 from nanoseek.data.files import atomic_write_text, publish_dir
 from nanoseek.errors import NanoseekError
 from nanoseek.io.safetensors import SafetensorsFile
@@ -80,6 +81,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise NanoseekError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise NanoseekError(f"checkpoint path {path} is a file; give a checkpoint, run or HF folder")
     if (path / CONFIG_FILE).is_file() and not (path / CHECKPOINTS_DIR).is_dir():
         return path
     found = latest_checkpoint(path)
@@ -193,12 +196,23 @@ def prune_checkpoints(run_dir: Path, keep_last: int, newest_step: int):
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from a file; every way the file can be wrong is one line naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise NanoseekError(f"{path} is a folder, not a JSON file")
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise NanoseekError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NanoseekError(f"{path} is not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise NanoseekError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise NanoseekError(f"{path} is not valid JSON ({str(e) or 'nested too deeply'})") from None
+    except OSError as e:
+        raise NanoseekError(f"{path} cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise NanoseekError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -209,7 +223,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def model_config_from_json(cfg: dict, path: Path) -> ModelConfig:
     if cfg.get("model_type") != "nanoseek" or "nanoseek" not in cfg:
         raise NanoseekError(f"{path} is not a nanoseek config (model_type={cfg.get('model_type')!r})")
-    return ModelConfig.from_dict(cfg["nanoseek"])
+    try:
+        return ModelConfig.from_dict(cfg["nanoseek"])
+    except NanoseekError as e:
+        raise NanoseekError(f"{path}: {e}") from None
+
+
+def weight_bytes(dtype) -> int:
+    """Bytes per parameter a load will hold: the dtype's, else 2 (bf16, the least a checkpoint
+    stores), so that the memory check never refuses a checkpoint that fits."""
+    return dtype.itemsize if dtype is not None else 2
 
 
 # state that formats other than nanoseek's own do not carry; defaults are rebuilt on load
@@ -244,6 +267,11 @@ def check_state(model, state: dict[str, torch.Tensor], source: Path):
             raise NanoseekError(
                 f"{source}: key {key!r} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[key].shape)}"
             )
+        if expected[key].is_floating_point() != tensor.is_floating_point():
+            raise NanoseekError(
+                f"{source}: key {key!r} is stored as {str(tensor.dtype).replace('torch.', '')}; "
+                f"the model needs {'floating-point' if expected[key].is_floating_point() else 'integer'} values there"
+            )
 
 
 def with_tied_head(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
@@ -277,6 +305,7 @@ def _keep_fp32(key: str) -> bool:
 def load_native_model(ckpt: Path, cfg: dict, dtype=None):
     """A nanoseek checkpoint folder (config.json's model_type "nanoseek") as a model in eval mode."""
     config = model_config_from_json(cfg, ckpt / CONFIG_FILE)
+    check_memory(config, f"loading {ckpt}", weight_bytes(dtype))
     with torch.device("meta"):
         model = make_model(config)
     load_state_into(model, read_safetensors(ckpt / MODEL_FILE), ckpt / MODEL_FILE, dtype)

@@ -1,4 +1,5 @@
-"""Positional information: additive absolute encodings and rotary embeddings (RoPE and its scalings).
+"""Positional information: additive absolute encodings, rotary embeddings (RoPE and its scalings) and
+biases on the attention logits by distance (ALiBi, T5's relative bias).
 
 Sinusoidal (Vaswani et al.), added to the token embedding:
     PE[pos, 2i] = sin(pos / 10000^(2i/d)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d))
@@ -28,6 +29,15 @@ context `original_max_position_embeddings`, default the model's, f_i = theta^(-2
   longrope f_i / short_factor_i, or f_i / long_factor_i once L > L0; cos/sin times
            sqrt(1 + ln s / ln L0) (or `attention_factor`), s = max_position_embeddings / L0 if unset
 MLA's softmax scale is multiplied by mscale(s, mscale_all_dim)^2 under any scaled kind that sets it.
+
+Distance biases add b_h(i - j) to the logit of query i and key j in head h (no position enters the
+embeddings or q/k); the attention passes the bias to SDPA as a float mask:
+    softmax(q_i k_j / sqrt(d) + b_h(i - j) + M[i, j])
+  alibi  b_h(n) = -m_h n, fixed slopes m_h = 2^(-8h/H) for h = 1..H (Press et al.); H not a power of
+         two: the slopes of the largest power of two P < H, then every other slope of 2P, the first H - P
+  t5     b_h(n) = B[bucket(n), h], B a learned (num_buckets, H) table shared by all layers (Raffel et al.,
+         causal: only n >= 0): with E = num_buckets / 2 and D = max_distance,
+         bucket(n) = n for n < E, else min(E + floor(ln(n / E) / ln(D / E) * E), num_buckets - 1)
 
     >>> rope_inv_freq(4, 10000.0).tolist()
     [1.0, 0.009999999776482582]
@@ -241,3 +251,62 @@ def seq_first_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor
     if cos.dim() == 2:
         return cos[None, :, None], sin[None, :, None]
     return cos[:, :, None], sin[:, :, None]
+
+
+# ------------------------------------------------------------------------------ distance biases
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's head slopes: the geometric sequence 2^(-8/P), 2^(-16/P), ... for P = n_heads when a
+    power of two; else the P = 2^floor(log2 H) slopes, then the odd-numbered slopes of 2P.
+
+    >>> alibi_slopes(2).tolist()
+    [0.0625, 0.00390625]
+    """
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    p = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = power_of_two(p) + power_of_two(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def t5_buckets(distance: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's causal bucket of each distance n = i - j (negative ones, which the causal mask hides, as 0):
+    exact below num_buckets / 2, then logarithmic up to max_distance, the last bucket beyond."""
+    n = distance.clamp(min=0)
+    exact = num_buckets // 2
+    log_ratio = torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    large = (exact + (log_ratio * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    return torch.where(n < exact, n, large)
+
+
+class DistanceBias(nn.Module):
+    """A bias on the attention logits that depends on the distance i - j only: called with a
+    LongTensor of distances (...), returns the float bias (H, ...)."""
+
+
+class ALiBi(DistanceBias):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(config.num_attention_heads), persistent=False)
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        slopes = self.slopes.view(-1, *([1] * distance.dim()))
+        return -slopes * distance.to(slopes.dtype)
+
+
+class T5RelativeBias(DistanceBias):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_attention_heads)
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        bias = self.relative_attention_bias(t5_buckets(distance, self.num_buckets, self.max_distance))
+        return bias.movedim(-1, 0)
+
+
+DISTANCE_BIASES = {"alibi": ALiBi, "t5": T5RelativeBias}

@@ -41,7 +41,7 @@ from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import make_norm
-from nanoseek.model.position import ADDITIVE_POSITIONS, RotaryEmbedding
+from nanoseek.model.position import ADDITIVE_POSITIONS, DISTANCE_BIASES, DistanceBias, RotaryEmbedding
 from nanoseek.model.side_outputs import SideOutputs
 
 # checkpoint format -> writer(model, directory, tokenizer_dir), installed by nanoseek.io
@@ -172,6 +172,9 @@ class Transformer(nn.Module):
         self.pos_embed = ADDITIVE_POSITIONS[config.position](config) if config.position in ADDITIVE_POSITIONS else None
         # V4 attention rotates with its own tables (two bases, positions up to 1M): no shared table
         self.rotary = RotaryEmbedding(config) if config.position == "rope" and config.attention != "v4" else None
+        # ALiBi / T5 bias: one module for all layers (T5 shares its table across layers), passed where
+        # the rotary tables would go
+        self.position_bias = DISTANCE_BIASES[config.position](config) if config.position in DISTANCE_BIASES else None
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         n_layers = config.num_hidden_layers
         streams = config.fusion in STREAM_FUSIONS
@@ -227,6 +230,9 @@ class Transformer(nn.Module):
         return self.embed_dropout(h)
 
     def rope(self, start: int | torch.Tensor, length: int, device):
+        """What the attention layers get for positions: RoPE's (cos, sin), a `DistanceBias`, or None."""
+        if self.position_bias is not None:
+            return self.position_bias
         if self.rotary is None:
             return None
         return self.rotary(positions(start, length, device))
@@ -394,7 +400,7 @@ class Transformer(nn.Module):
                 break
             # targets[:, i] = t_{i+1}, so t_{i+k} = targets[:, i+k-1] and t_{i+1+k} = targets[:, i+k]
             emb_next = self.embed_tokens(targets[:, k - 1 : k - 1 + t].clamp(min=0)) * self.embed_scale
-            rope_k = None if rope is None else (rope[0][:t], rope[1][:t])
+            rope_k = rope if rope is None or isinstance(rope, DistanceBias) else (rope[0][:t], rope[1][:t])
             h, normed = module(h[:, :t], emb_next, rope_k, side=side)
             total = total + self.head_loss(normed, targets[:, k : k + t])
         return self.config.mtp_loss_weight / depth * total

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nanoseek.data import BUNDLED_CORPUS, corpus_path
+from nanoseek.data.files import check_input_file
 from nanoseek.data.shards import BatchLoader, TokenDataset, iter_eval_batches, prepare_corpus
 from nanoseek.device import autocast
 from nanoseek.errors import NanoseekError
@@ -99,9 +100,7 @@ def fixed_batches(tokens, batch_size: int, seq_len: int, batches: int, seed: int
 def eval_tokens(data_path, tokenizer, run_cfg: dict, folder: Path) -> np.ndarray:
     """Tokens of `data_path` (the whole file), else the validation split of the run's training corpus."""
     if data_path:
-        path = Path(corpus_path(data_path))
-        if not path.is_file():
-            raise NanoseekError(f"data file {path} does not exist")
+        path = check_input_file(corpus_path(data_path), "data file")
         raw = path.read_bytes()
         if not raw:
             raise NanoseekError(f"data file {path} is empty")

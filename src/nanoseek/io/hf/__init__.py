@@ -16,13 +16,22 @@ reads, and the tokenizer files. What transformers cannot express is refused.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.config.memory import check_memory
+from nanoseek.config.validate import MODEL, check_range
 from nanoseek.errors import NanoseekError
-from nanoseek.io.checkpoint import load_state_into, read_json
+from nanoseek.io.checkpoint import (
+    load_state_into,
+    model_config_from_json,
+    read_json,
+    resolve_checkpoint,
+    weight_bytes,
+)
 from nanoseek.io.hf.config import deepseek_config_from_hf, deepseek_config_to_hf
 from nanoseek.io.hf.files import FP8_BLOCK, TensorSource, checkpoint_dtype, dequantize_fp8, write_shards
 from nanoseek.io.hf.gpt2 import gpt2_config_from_hf, gpt2_config_to_hf
@@ -35,17 +44,40 @@ SUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama
 
 
 def config_from_hf(cfg: dict, source: Path) -> ModelConfig:
-    """A ModelConfig from an HF config.json dict; `source` names the file in errors."""
+    """A ModelConfig from an HF config.json dict; `source` names the file in errors, which are one
+    line whatever the file holds (a missing field, a wrong type, a value out of range)."""
     kind = cfg.get("model_type")
-    if kind not in SUPPORTED:
+    if not isinstance(kind, str) or kind not in SUPPORTED:
         raise NanoseekError(f"{source}: unknown model_type={kind!r}; supported: {', '.join(SUPPORTED)}")
     if cfg.get("auto_map"):
-        print(f"note: {source} names custom code (auto_map); nanoseek never executes it")
-    if kind == "deepseek_v4":
-        return v4_config_from_hf(cfg, source)
-    if kind == "gpt2":
-        return gpt2_config_from_hf(cfg, source)
-    return deepseek_config_from_hf(cfg, source)
+        print(f"note: {source} names custom code (auto_map); nanoseek never executes it", file=sys.stderr)
+    layers = cfg.get("num_hidden_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool):  # checked first: the readers loop over layers
+        raise NanoseekError(f"{source}: num_hidden_layers={layers!r} must be an integer")
+    try:
+        check_range("num_hidden_layers", layers, MODEL["num_hidden_layers"])
+        if kind == "deepseek_v4":
+            return v4_config_from_hf(cfg, source)
+        if kind == "gpt2":
+            return gpt2_config_from_hf(cfg, source)
+        return deepseek_config_from_hf(cfg, source)
+    except KeyError as e:
+        raise NanoseekError(f"{source}: the field {e.args[0]!r} is missing") from None
+    except NanoseekError as e:
+        message = str(e)
+        raise NanoseekError(message if message.startswith(str(source)) else f"{source}: {message}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong shape met by the mapping
+        raise NanoseekError(f"{source}: malformed field ({e})") from None
+
+
+def read_model_config(path: str | Path) -> tuple[ModelConfig, Path]:
+    """(ModelConfig, checkpoint folder) of a nanoseek checkpoint, a run folder or an HF folder, from
+    its config.json alone: no weights are read and nothing is allocated."""
+    folder = resolve_checkpoint(path)
+    cfg = read_json(folder / "config.json")
+    if cfg.get("model_type") == "nanoseek":
+        return model_config_from_json(cfg, folder / "config.json"), folder
+    return config_from_hf(cfg, folder / "config.json"), folder
 
 
 def config_to_hf(config: ModelConfig) -> dict:
@@ -62,6 +94,9 @@ def load_hf_model(folder: str | Path, dtype=None, trust_pickle: bool = False):
     folder = Path(folder)
     cfg = read_json(folder / "config.json")
     config = config_from_hf(cfg, folder / "config.json")
+    if dtype is None:
+        dtype = checkpoint_dtype(cfg)
+    check_memory(config, f"loading {folder}", weight_bytes(dtype))
     source = TensorSource(folder, trust_pickle)
     stored = mtp_layers_on_disk(source, config.num_hidden_layers)
     if stored < config.num_nextn_predict_layers:  # e.g. saved by transformers, which drops MTP
@@ -69,8 +104,6 @@ def load_hf_model(folder: str | Path, dtype=None, trust_pickle: bool = False):
     state = read_state(source, config)
     with torch.device("meta"):
         model = Transformer(config)
-    if dtype is None:
-        dtype = checkpoint_dtype(cfg)
     load_state_into(model, state, folder, dtype)
     return model.eval()
 
@@ -121,5 +154,6 @@ __all__ = [
     "config_to_hf",
     "dequantize_fp8",
     "load_hf_model",
+    "read_model_config",
     "save_hf",
 ]

@@ -73,9 +73,15 @@ def rope_from_hf(cfg: dict, source: Path | None = None, whole_heads: bool = True
     defaults to `max_position_embeddings` (a top-level one wins, as in transformers) and YaRN's unset
     `factor` is their ratio. With `whole_heads`, a `partial_rotary_factor` other than 1 is refused:
     these models rotate whole heads (the decoupled RoPE slice in MLA)."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or None
-    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    params, scaling = cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or None
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise NanoseekError(f"rope_scaling: {name}={value!r} must be an object (or null)")
+    params = dict(params)
+    theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise NanoseekError(f"rope_theta={theta!r} must be a number > 0")
+    theta = float(theta)
     if scaling is None and params.get("rope_type", params.get("type", "default")) not in ("default", None):
         scaling = params
     partial = (
@@ -127,8 +133,10 @@ def rope_to_hf(config: ModelConfig) -> tuple[int, dict | None]:
 
 
 def first_id(value):
-    """The first of a list of token ids (HF allows several eos ids), or the id itself."""
-    return value[0] if isinstance(value, list) and value else value
+    """The first of a list of token ids (HF allows several eos ids), or the id itself; a negative
+    id (some configs write pad_token_id=-1 for none) is none."""
+    value = value[0] if isinstance(value, list) and value else value
+    return None if isinstance(value, int) and value < 0 else value
 
 
 def _dense_prefix(cfg: dict, source: Path) -> int:
@@ -160,8 +168,8 @@ def deepseek_config_from_hf(cfg: dict, source: Path) -> ModelConfig:
         num_attention_heads=cfg["num_attention_heads"],
         intermediate_size=cfg["intermediate_size"],
         max_position_embeddings=context_from_hf(cfg, scaling),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        initializer_range=cfg.get("initializer_range", 0.02),
+        rms_norm_eps=cfg.get("rms_norm_eps") or 1e-6,  # null means the default
+        initializer_range=cfg.get("initializer_range") or 0.02,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
         attention_dropout=float(cfg.get("attention_dropout") or 0.0),

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanoseek.errors import NanoseekError
+from nanoseek.io.checkpoint import read_json
 from nanoseek.io.safetensors import SafetensorsFile
 
 FP8_BLOCK = 128
@@ -34,14 +35,7 @@ class TensorSource:
         self._pickled: dict[str, torch.Tensor] | None = None
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise NanoseekError(f"{index} is not a valid safetensors index ({e})") from None
-            self.files = {k: folder / v for k, v in weight_map.items()}
-            missing = {str(p) for p in self.files.values() if not p.is_file()}
-            if missing:
-                raise NanoseekError(f"{index} names a missing shard: {sorted(missing)[0]}")
+            self.files = read_index(index)
         else:
             shards = sorted(folder.glob("*.safetensors"))
             if shards:
@@ -74,6 +68,30 @@ class TensorSource:
         if key not in handle.entries:
             raise NanoseekError(f"{handle.path} does not hold {key!r} (named by the index)")
         return handle.get(key)
+
+
+def read_index(index: Path) -> dict[str, Path]:
+    """{tensor name: shard path} of a model.safetensors.index.json. Every shard it names must be a
+    file inside the index's folder: a name reaching elsewhere (/etc/passwd, ../x) is refused."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise NanoseekError(
+            f"{index}: 'weight_map' must be an object of tensor name -> shard file, got {weight_map!r}"[:300]
+        )
+    folder = index.parent.resolve()
+    files = {}
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise NanoseekError(f"{index}: weight_map[{key!r}] must be a shard file name, got {name!r}"[:300])
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder) or path == folder:
+            raise NanoseekError(f"{index}: weight_map[{key!r}] = {name!r} is outside the checkpoint folder {folder}")
+        if path.is_dir():
+            raise NanoseekError(f"{index}: weight_map[{key!r}] = {name!r} is a folder, not a shard file")
+        if not path.is_file():
+            raise NanoseekError(f"{index} names a missing shard: {path}")
+        files[key] = path
+    return files
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:

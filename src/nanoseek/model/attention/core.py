@@ -9,6 +9,10 @@ and never builds the T x T mask: queries go in chunks of C, each against its ban
 C + w - 1 keys (batched SDPA over the chunks with one C x (C + w - 1) boolean mask), so time and
 memory grow as T * (C + w).
 
+A distance bias b(i - j) (ALiBi, T5; `bias`, see model/position.py) goes in as a float mask: the bias
+with -inf where M hides the key. Within sliding-window chunks the distance of query r to band key j is
+r - j + w - 1 in every chunk, so one (H, C, C + w - 1) bias serves them all.
+
 A decode step (one query per row) skips the fused kernel: the H / H_kv query heads of each key
 head become that head's queries, and two small matmuls with an explicit softmax read every cached
 key once for all of them (`one_query_attention`).
@@ -42,6 +46,7 @@ def causal_attention(
     dropout: float = 0.0,
     window: int | None = None,
     keep: torch.Tensor | None = None,
+    bias=None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v for queries at positions start..start+T-1.
 
@@ -49,10 +54,13 @@ def causal_attention(
     also be a LongTensor (B,) of per-row positions for one query per row (T = 1): row b then sees
     keys 0..start[b] of the S cached positions. With `window`, a query sees only its last
     `window` keys (itself included). `keep` (B, T, S), a boolean mask that already includes
-    causality (DSA's selected keys), replaces the causal mask.
+    causality (DSA's selected keys), replaces the causal mask. `bias`, a `DistanceBias` (distances ->
+    (H, ...) float), adds b(i - j) to the logits.
     """
     if q.shape[-2] == 1:
-        return one_query_attention(q, k, v, start, scale, window, keep, dropout)
+        return one_query_attention(q, k, v, start, scale, window, keep, dropout, bias)
+    if bias is not None:
+        return biased_attention(q, k, v, start, scale, dropout, window, bias)
     d_v = v.shape[-1]
     if d_v != q.shape[-1]:  # the CPU flash kernel needs equal head dims; zero padding changes nothing
         scale = scale if scale is not None else q.shape[-1] ** -0.5
@@ -69,6 +77,17 @@ def causal_attention(
     query_pos = torch.arange(start, start + t, device=q.device)[:, None]
     mask = torch.arange(s, device=q.device)[None, :] <= query_pos
     return sdpa(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
+
+
+def biased_attention(q, k, v, start: int, scale, dropout: float, window: int | None, bias) -> torch.Tensor:
+    """Causal (or sliding-window) attention with the distance bias b(i - j) in SDPA's float mask."""
+    t, s = q.shape[-2], k.shape[-2]
+    if window is not None and window < s:
+        return banded_attention(q, k, v, start, window, scale, dropout, bias)
+    distance = torch.arange(start, start + t, device=q.device)[:, None] - torch.arange(s, device=q.device)
+    hidden = (distance < 0) if window is None else (distance < 0) | (distance >= window)
+    mask = bias(distance).to(q.dtype).masked_fill(hidden, float("-inf"))  # (H, T, S)
+    return sdpa(q, k, v, attn_mask=mask[None], scale=scale, dropout_p=dropout)
 
 
 def sdpa(
@@ -104,7 +123,15 @@ def expands_kv_heads(q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
 
 
 def one_query_attention(
-    q, k, v, start, scale, window: int | None = None, keep: torch.Tensor | None = None, dropout: float = 0.0
+    q,
+    k,
+    v,
+    start,
+    scale,
+    window: int | None = None,
+    keep: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    bias=None,
 ) -> torch.Tensor:
     """One query per row (decoding): two small matmuls instead of a fused kernel.
 
@@ -115,6 +142,8 @@ def one_query_attention(
     scale = scale if scale is not None else d**-0.5
     q_BKGD = q.reshape(b, h_kv, h // h_kv, d)
     scores_BKGS = torch.matmul(q_BKGD, k.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        scores_BKGS = scores_BKGS + one_query_bias(bias, start, s, q.device).view(-1, h_kv, h // h_kv, s)
     mask = one_query_mask(start, s, window, keep, q.device)
     if mask is not None:
         scores_BKGS = scores_BKGS.masked_fill(~mask, float("-inf"))
@@ -122,6 +151,14 @@ def one_query_attention(
     if dropout:
         probs_BKGS = F.dropout(probs_BKGS, dropout)
     return torch.matmul(probs_BKGS, v).reshape(b, h, 1, v.shape[-1])
+
+
+def one_query_bias(bias, start, s: int, device) -> torch.Tensor:
+    """The distance bias of one query per row at `start` (int, or per row (B,)) against S keys: (B|1, H, S)."""
+    key_pos = torch.arange(s, device=device)
+    if isinstance(start, torch.Tensor):
+        return bias(start[:, None] - key_pos).transpose(0, 1).float()
+    return bias(start - key_pos)[None].float()
 
 
 def one_query_mask(start, s: int, window: int | None, keep: torch.Tensor | None, device):
@@ -139,7 +176,7 @@ def one_query_mask(start, s: int, window: int | None, keep: torch.Tensor | None,
     return key_pos > start - window
 
 
-def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) -> torch.Tensor:
+def banded_attention(q, k, v, start: int, window: int, scale, dropout: float, bias=None) -> torch.Tensor:
     """Sliding-window causal attention as batched SDPA: the queries in chunks of C, each chunk
     against its band of the C + w - 1 keys it can see, all chunks side by side in the batch.
 
@@ -154,10 +191,12 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
     instead of 1.5x the work of causal attention over all T."""
     b, h, t, d = q.shape
     if start == 0 and window < t:
-        head = sdpa(
-            q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True, scale=scale, dropout_p=dropout
-        )
-        rest = banded_attention(q[:, :, window:], k, v, window, window, scale, dropout)
+        q_head, k_head, v_head = q[:, :, :window], k[:, :, :window], v[:, :, :window]
+        if bias is None:
+            head = sdpa(q_head, k_head, v_head, is_causal=True, scale=scale, dropout_p=dropout)
+        else:
+            head = biased_attention(q_head, k_head, v_head, 0, scale, dropout, None, bias)
+        rest = banded_attention(q[:, :, window:], k, v, window, window, scale, dropout, bias)
         return torch.cat([head, rest], dim=2)
     c = min(max(BAND_CHUNK, window // 2), t)  # bands hold at most ~3x the keys, and ~1.5x the work
     nb, span = -(-t // c), c + window - 1
@@ -166,6 +205,7 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
     j = torch.arange(span, device=q.device)
     r = torch.arange(c, device=q.device)[:, None]
     band = (j >= r) & (j <= r + window - 1)  # (C, span)
+    band_bias = None if bias is None else bias(r - j + window - 1).to(q.dtype).masked_fill(~band, float("-inf"))
     early = min(nb, max(0, -(-(window - 1 - start) // c)))  # chunks whose band starts before position 0
     outs = []
     for lo, hi in ((0, early), (early, nb)):
@@ -174,8 +214,10 @@ def banded_attention(q, k, v, start: int, window: int, scale, dropout: float) ->
         if hi == early:  # key positions start + iC - w + 1 + j must be >= 0
             key_pos = start + torch.arange(hi, device=q.device)[:, None] * c - window + 1 + j
             mask = (band & (key_pos[:, None, :] >= 0)).repeat(b, 1, 1)[:, None]
+            if band_bias is not None:  # (B * early, H, C, span)
+                mask = band_bias.masked_fill(~mask, float("-inf"))
         else:
-            mask = band
+            mask = band if band_bias is None else band_bias
         q_f, k_f, v_f = (x[:, lo:hi].reshape(b * (hi - lo), *x.shape[2:]) for x in (q_chunks, k_bands, v_bands))
         o = sdpa(q_f, k_f, v_f, attn_mask=mask, scale=scale, dropout_p=dropout)
         outs.append(o.view(b, hi - lo, h, c, -1))
@@ -201,11 +243,15 @@ def allowed_keys(t: int, window: int | None, device=None) -> torch.Tensor:
     return mask
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) over the allowed keys, (B, H, T, S), for pictures and tests."""
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale (+ bias (H, T, S))) over the allowed keys, (B, H, T, S), for pictures and tests."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
     return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
 
 

@@ -4,7 +4,8 @@
 
 Q, K and V come from one fused projection. With grouped-query attention (GQA) each of the
 H_kv key/value heads serves H / H_kv query heads; MQA is H_kv = 1. Rotary positions, when
-configured, rotate q and k before the product.
+configured, rotate q and k before the product; a distance bias (ALiBi, T5), when configured, comes
+in the place of the rotary tables and is added to the logits.
 
     >>> cfg = ModelConfig.from_preset("gpt2-tiny")
     >>> MultiHeadAttention(cfg)(torch.randn(1, 5, 64)).shape
@@ -19,7 +20,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention.core import allowed_keys, attention_probs, causal_attention, layer_window
 from nanoseek.model.kv_cache import DenseKVCache
-from nanoseek.model.position import apply_rope, seq_first_tables
+from nanoseek.model.position import DistanceBias, apply_rope, seq_first_tables
 
 
 class MultiHeadAttention(nn.Module):
@@ -46,7 +47,8 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)
         dropout = self.dropout if self.training else 0.0
-        return self.output(causal_attention(q, k, v, start, self.scale, dropout, self.window))
+        bias = rope if isinstance(rope, DistanceBias) else None  # ALiBi / T5: added to the logits
+        return self.output(causal_attention(q, k, v, start, self.scale, dropout, self.window, bias=bias))
 
     def project(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q (B, H, T, d), k and v (B, H_kv, T, d), rotated when `rope` is given."""
@@ -56,7 +58,8 @@ class MultiHeadAttention(nn.Module):
         q = q.view(b, t, self.n_heads, hd)
         k = k.view(b, t, self.n_kv_heads, hd)
         v = v.view(b, t, self.n_kv_heads, hd)
-        if rope is not None:  # rotated in (B, T, H, d) layout, so SDPA's output comes back in it too
+        bias = rope if isinstance(rope, DistanceBias) else None
+        if rope is not None and bias is None:  # rotated in (B, T, H, d) layout, so SDPA's output comes back in it too
             cos, sin = seq_first_tables(*rope)
             q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
             if torch.is_grad_enabled() and v.requires_grad:  # a view would keep all of qkv for backward
@@ -77,7 +80,11 @@ class MultiHeadAttention(nn.Module):
         q, k, _ = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
-        if rope is not None:
+        bias = rope if isinstance(rope, DistanceBias) else None
+        if rope is not None and bias is None:
             q, k = apply_rope(q, *rope, self.interleave), apply_rope(k, *rope, self.interleave)
         allowed = allowed_keys(t, self.window, x.device).expand(b, t, t)
-        return attention_probs(q, k, allowed[:, None], self.scale), allowed
+        logit_bias = (
+            None if bias is None else bias(torch.arange(t, device=x.device)[:, None] - torch.arange(t, device=x.device))
+        )
+        return attention_probs(q, k, allowed[:, None], self.scale, logit_bias), allowed

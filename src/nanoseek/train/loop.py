@@ -187,15 +187,12 @@ class StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def build_model(cfg: TrainConfig, tok) -> torch.nn.Module:
-    """The configured model, its vocabulary grown to the tokenizer's; a pair task's model also records
-    the tokenizer's <bos>, <eos> and <pad> ids (the encoder masks <pad> in the source)."""
+def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The configured model (decoder-only or encoder-decoder), its vocabulary grown to the tokenizer's."""
     model_cfg = cfg.model
-    if model_cfg.vocab_size < tok.vocab_size:
-        model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
-    if cfg.data.task != "lm":
-        model_cfg = model_cfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    cfg.model = model_cfg
+    if model_cfg.vocab_size < vocab_size:
+        model_cfg = model_cfg.replace(vocab_size=vocab_size)
+        cfg.model = model_cfg
     torch.manual_seed(cfg.train.seed)
     return make_model(model_cfg)
 
@@ -332,7 +329,9 @@ def train(
     dist.barrier(ctx)
     if not ctx.is_main:
         tok, data = setup_data(cfg, out)
-    model = build_model(cfg, tok).to(ctx.device)
+    if cfg.data.task != "lm":  # a pair task's model records them: the encoder masks <pad> in the source
+        cfg.model = cfg.model.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    model = build_model(cfg, tok.vocab_size).to(ctx.device)
     model.gradient_checkpointing = cfg.dist.activation_checkpointing
     params = model.num_params()  # of the whole model, before expert parallelism shards it
     wrapped = dist.wrap_model(

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # the CPU build of torch; an unpinned torch would pull a multi-GB CUDA build
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev,hf,serve,e2e,eval
+EXTRAS ?= dev,hf,serve,e2e,eval,seq2seq
 
 .PHONY: demo test test-all lint format bench clean install
 

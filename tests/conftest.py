@@ -15,3 +15,20 @@ def small_corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("corpus") / "small.txt"
     path.write_bytes(BUNDLED_CORPUS.read_bytes()[:60_000])
     return str(path)
+
+
+POEM_CHARS = "天地日月山水風雲花鳥春秋江河松竹金玉石田"
+
+
+def poem_block(i: int) -> str:
+    """A poem block (title, author, two couplets) whose couplets are unique to poem i (i < 400)."""
+    a, b = POEM_CHARS[i % 20], POEM_CHARS[(i // 20) % 20]
+    return f"題{i}\n作者\n{a}{b}一二三，{b}{a}四五六。\n{a}{b}七八九，{b}{a}十百千。"
+
+
+@pytest.fixture
+def poems_file(tmp_path_factory):
+    """200 poems in the Tang poems file's format: 400 five-character couplets."""
+    path = tmp_path_factory.mktemp("poems") / "poems.txt"
+    path.write_text("\n\n".join(poem_block(i) for i in range(200)) + "\n", encoding="utf-8")
+    return path

@@ -10,8 +10,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.config.memory import _layer_counts, check_memory, estimate_bytes, estimate_params
 from nanoseek.config.presets import PRESETS
 from nanoseek.errors import NanoseekError
-from nanoseek.model import Transformer
-from nanoseek.model.transformer import count_params
+from nanoseek.model import make_model
 
 VARIANTS = [
     dict(fusion="mhc"),
@@ -27,8 +26,8 @@ VARIANTS = [
 
 def real_params(config: ModelConfig) -> int:
     with torch.device("meta"):
-        model = Transformer(config)
-    counts = count_params(model)
+        model = make_model(config)
+    counts = model.num_params()
     return counts["total"] + counts["mtp"]
 
 

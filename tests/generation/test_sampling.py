@@ -123,3 +123,29 @@ def test_sample_and_chat_commands_take_a_tiny_temperature(char_checkpoint, tempe
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert main(["chat", ckpt, *args]) == 0
     assert capsys.readouterr().out.strip() is not None
+
+
+def test_sample_rows_draws_what_each_sampler_draws_alone():
+    """The batched draw of rows sharing their options equals each row's own multinomial draw, seeded
+    generators and the global one alike, over many steps (the generators advance alike too)."""
+    options = [
+        SamplingOptions(temperature=0.8, seed=1),
+        SamplingOptions(temperature=0.8, seed=2),
+        SamplingOptions(temperature=0.8),  # the global generator
+        SamplingOptions(temperature=1.3, top_p=0.9, seed=3),
+        SamplingOptions(temperature=1.3, top_p=0.9, seed=4),
+        SamplingOptions(temperature=0.7, top_k=5, seed=5),
+        SamplingOptions(temperature=0.9, repetition_penalty=1.2, seed=6),  # drawn alone
+        SamplingOptions(temperature=0),
+    ]
+    batched = [Sampler(o, torch.device("cpu")) for o in options]
+    alone = [Sampler(o, torch.device("cpu")) for o in options]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        logits = torch.randn(len(options), 50, generator=g) * 3
+        seen = [torch.randint(0, 50, (1, 6), generator=g) for _ in options]
+        torch.manual_seed(7)
+        got = sample_rows(logits, batched, seen)
+        torch.manual_seed(7)
+        want = [int(s(logits[i : i + 1], seen[i])[0]) for i, s in enumerate(alone)]
+        assert got == want

@@ -166,6 +166,7 @@ SAMPLE = [
     ("sample ckpt --max-new-tokens -5", "--max-new-tokens"),
     ("sample ckpt --max-new-tokens 0", "--max-new-tokens"),
     ("sample ckpt --max-new-tokens abc", "--max-new-tokens"),
+    ("sample ckpt --source hi", "--source"),
     ("sample ckpt --seed 1e23", "--seed"),
     ("sample ckpt --seed 100000000000000000000000", "--seed"),
     ("sample ckpt --seed -1", "--seed"),
@@ -298,6 +299,14 @@ CONVERT = [
     ("convert idx_passwd out --to nanoseek", "/etc/passwd"),
 ]
 
+AVERAGE = [
+    ("average", "RUN"),
+    ("average nosuch", "nosuch"),
+    ("average ckpt", "no checkpoints/ folder"),
+    ("average ckpt --last 0", "--last"),
+    ("average ckpt --last abc", "--last"),
+]
+
 INSPECT = [
     ("inspect nosuch ckpt --prompt x", "nosuch"),
     ("inspect fusion ckpt", "--prompt"),
@@ -370,6 +379,7 @@ GROUPS = [
     PRESETS,
     CONFIG,
     CONVERT,
+    AVERAGE,
     INSPECT,
     EMBED,
     TOKENIZER,

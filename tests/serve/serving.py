@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 CONTEXT = 96
+EAGER = ("--no-compile",)  # the tests check behaviour, not speed: no compile at start-up (a later --compile wins)
 KEY = "sk-test-0123456789"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:!?\n'éü日本"
 
@@ -28,7 +29,19 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_API_KEY": ""}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nanoseek", "serve", str(ckpt), "--port", str(self.port), "--threads", "1", *args],
+            [
+                sys.executable,
+                "-m",
+                "nanoseek",
+                "serve",
+                str(ckpt),
+                "--port",
+                str(self.port),
+                "--threads",
+                "1",
+                *EAGER,
+                *args,
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

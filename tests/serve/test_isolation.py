@@ -7,7 +7,6 @@ import pytest
 from test_engine import ByteTokenizer, Collector, tiny_model
 
 from nanoseek.generation import SamplingOptions, generate
-from nanoseek.generation.sampling import Sampler
 from nanoseek.serve import engine as engine_module
 from nanoseek.serve.engine import Engine, Sequence
 
@@ -58,14 +57,12 @@ def assert_failed_alone(got, alone, poisoned: Collector, engine: Engine):
 
 
 def test_a_row_whose_sampling_raises_ends_alone(model, alone, monkeypatch):
-    call = Sampler.__call__
+    make = SamplingOptions.make_generator
 
-    def poisoned_call(self, logits, seen=None):
-        if self.options.seed == 666:
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return call(self, logits, seen)
+    def poisoned_generator(self, device):
+        return object() if self.seed == 666 else make(self, device)  # not a generator: its draws raise
 
-    monkeypatch.setattr(Sampler, "__call__", poisoned_call)
+    monkeypatch.setattr(SamplingOptions, "make_generator", poisoned_generator)
     poisoned = Sequence([7, 7], 10, SamplingOptions(temperature=1.0, seed=666), Collector(), index=9)
     got, collector, engine = run_beside_healthy(model, poisoned)
     assert_failed_alone(got, alone, collector, engine)
@@ -91,10 +88,10 @@ def test_a_row_whose_decode_raises_ends_alone(model, alone, monkeypatch):
 def test_a_row_whose_prefill_raises_ends_alone(model, alone, monkeypatch):
     fill = engine_module.prefill
 
-    def poisoned_prefill(model, ids, cache):
+    def poisoned_prefill(model, ids, cache, start=0):
         if 299 in ids:
             raise MemoryError("out of memory")
-        return fill(model, ids, cache)
+        return fill(model, ids, cache, start)
 
     monkeypatch.setattr(engine_module, "prefill", poisoned_prefill)
     poisoned = Sequence([299, 1], 10, GREEDY, Collector(), index=9)
@@ -131,12 +128,8 @@ def test_a_tiny_temperature_row_is_greedy_beside_healthy_rows(model, alone, temp
 
 def test_rows_keep_going_after_a_failure(model, monkeypatch):
     """The engine thread survives: a request submitted after a failed one completes."""
-    call = Sampler.__call__
-    monkeypatch.setattr(
-        Sampler,
-        "__call__",
-        lambda self, *a: (_ for _ in ()).throw(RuntimeError("x")) if self.options.seed else call(self, *a),
-    )
+    make = SamplingOptions.make_generator
+    monkeypatch.setattr(SamplingOptions, "make_generator", lambda self, d: object() if self.seed else make(self, d))
     engine = Engine(model, ByteTokenizer(), max_batch=2, max_queue=2).start()
     try:
         bad, good = Collector(), Collector()

@@ -48,3 +48,32 @@ def test_unknown_paths_share_one_label(server):
     samples = scrape(server)
     assert value(samples, "nanoseek_requests_total", route="other", code="404") >= 1
     assert not any("12345" in str(key) for key in samples)
+
+
+def test_prefix_cache_hits_and_hit_rate(server):
+    """The server's default prefix cache: a prompt that repeats another's first 64 characters (two
+    blocks of 32 tokens of the character tokenizer) is served them from the cache."""
+    before = scrape(server)
+    shared = "You are a helpful assistant. Answer in one short line, politely! "  # 65 characters
+    cached = []
+    for question in ("Hi", "Who are you"):
+        body = {"model": "tiny-chat", "prompt": shared + question, "max_tokens": 2, "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached == [0, 64]  # as OpenAI's usage reports them
+    after = scrape(server)
+
+    def grew(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("nanoseek_prefix_cache_queries_total") == 2 * len(shared) + len("Hi") + len("Who are you")
+    assert grew("nanoseek_prefix_cache_hits_total") == 64
+    assert grew("nanoseek_prefix_cache_requests_total", result="hit") == 1
+    assert grew("nanoseek_prefix_cache_requests_total", result="miss") == 1
+    hits, queries = (
+        value(after, "nanoseek_prefix_cache_hits_total"),
+        value(after, "nanoseek_prefix_cache_queries_total"),
+    )
+    assert value(after, "nanoseek_prefix_cache_hit_rate") == pytest.approx(hits / queries)
+    assert value(after, "nanoseek_prefix_cache_blocks") >= 2 and value(after, "nanoseek_prefix_cache_bytes") > 0
+    assert value(after, "nanoseek_decode_compiled") == 0  # the test servers run --no-compile

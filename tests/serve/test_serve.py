@@ -241,11 +241,14 @@ def test_api_key_is_required_on_every_route_but_health(keyed):
     assert page.status_code == 200  # a browser can log in to the chat page
 
 
-def test_serve_refuses_bad_arguments(checkpoint):
+@pytest.mark.parametrize(
+    "args,message", [(["--max-batch", "0"], "--max-batch=0"), (["--prefix-cache-mb", "-1"], "--prefix-cache-mb=-1")]
+)
+def test_serve_refuses_bad_arguments(checkpoint, args, message):
     r = subprocess.run(
-        [sys.executable, "-m", "nanoseek", "serve", str(checkpoint), "--max-batch", "0"],
+        [sys.executable, "-m", "nanoseek", "serve", str(checkpoint), *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert r.returncode == 2 and "--max-batch=0" in r.stderr
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

@@ -30,12 +30,12 @@ def serve(checkpoint, *args) -> int:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--port", "70000"], "--port=70000 must be a TCP port, 1..65535"),
-        (["--port", "0"], "--port=0 must be >= 1"),
+        (["--port", "70000"], "--port=70000 must be an integer in [1, 65535]"),
+        (["--port", "0"], "--port=0 must be an integer in [1, 65535]"),
         (["--host", "no-such-host.invalid"], "--host='no-such-host.invalid' is not an address"),
         (["--host", "a\x00b"], "is not an address"),
         (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:"),  # a documentation address: not this machine
-        (["--max-batch", "100000000"], "max batch 100000000 needs a KV cache of"),
+        (["--max-batch", "100000000"], "--max-batch=100000000: serving 100000000 sequences needs about"),
     ],
 )
 def test_unusable_addresses_and_sizes_are_one_line(checkpoint, args, message, capsys):

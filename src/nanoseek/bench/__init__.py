@@ -20,6 +20,7 @@ from nanoseek.bench.infer import add_decode_args, add_prefill_args, run_decode, 
 from nanoseek.bench.report import results_table
 from nanoseek.bench.serve import add_serve_args, run_serve
 from nanoseek.bench.train import add_train_args, run_train
+from nanoseek.config import ModelConfig
 from nanoseek.config.parse import did_you_mean
 from nanoseek.errors import ArgumentParser, NanoseekError
 
@@ -47,6 +48,12 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def check_decoder_preset(name: str | None) -> None:
+    """The benches time decoder-only models: an encoder-decoder preset is one line of error."""
+    if name and ModelConfig.from_preset(name).architecture != "decoder":
+        raise NanoseekError(f"--preset {name}: the benches time decoder-only models; {name} is an encoder-decoder")
+
+
 def run_bench(argv: list[str], json_lines: bool = False) -> int:
     """`nanoseek bench WHAT ...`: the results as a table (with `--json` or `json_lines`: one JSON line
     per result, each printed as soon as it is measured); return 0."""
@@ -65,6 +72,7 @@ def run_bench(argv: list[str], json_lines: bool = False) -> int:
     add_args(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per result line, for programs")
     args = parser.parse_args(rest)
+    check_decoder_preset(getattr(args, "preset", None))
     results = []
     for result in run(args):
         if args.json or json_lines:

@@ -47,13 +47,17 @@ def _columns(rows: list[dict]) -> list[str]:
 
 
 def results_table(results: list[dict]) -> str:
-    """The machine line, the shared settings, one table per kind of row (results, then ratios)."""
+    """The machine line, the shared settings, one table per kind of row (the results of each `bench`
+    value, then the ratios)."""
     if not results:
         return "no results"
     machine = machine_of(results)
     lines = ["machine: " + ", ".join(f"{k} {v}" for k, v in machine.items())] if machine else []
-    groups = [[r for r in results if r.get("impl") != "ratio"], [r for r in results if r.get("impl") == "ratio"]]
-    main = groups[0] or groups[1]  # what every result shares, read from the results (not the ratios)
+    measured = [r for r in results if r.get("impl") != "ratio"]
+    kinds = list(dict.fromkeys(r.get("bench") for r in measured))  # a bench's other measurements: own tables
+    groups = [[r for r in measured if r.get("bench") == k] for k in kinds]
+    groups.append([r for r in results if r.get("impl") == "ratio"])
+    main = measured or groups[-1]  # what every result shares, read from the results (not the ratios)
     shared = [
         k for k in _columns(main)
         if k != "impl" and len({repr(r.get(k)) for r in main}) == 1 and main[0].get(k) is not None

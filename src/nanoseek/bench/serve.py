@@ -1,27 +1,44 @@
 """`nanoseek bench serve`: concurrent streaming clients against a real server on loopback.
 
-For each client count c (default 1, 4, 16), c clients each loop for `seconds`: send a streaming
-/v1/completions request (max_tokens new tokens, temperature 0.8, a fixed prompt, the usage chunk
-on), read it to `[DONE]`, send the next. Measured per level:
+For each engine (`--engines`, default the compiled one and the eager one: `nanoseek serve --compile`
+and `--no-compile`, the same checkpoint) and each client count c (default 1, 4, 16), c clients each
+loop for `seconds`: send a streaming /v1/completions request (max_tokens new tokens, temperature
+0.8, a fixed prompt, the usage chunk on), read it to `[DONE]`, send the next. Measured per level:
 
     requests_per_s, tokens_per_s   finished requests and output tokens (from `usage`) per second
     ttft_p50_ms / ttft_p99_ms      request sent -> first text chunk
     itl_p50_ms / itl_p99_ms        gaps between consecutive text chunks of one stream
     errors                         non-200 answers, broken streams and client exceptions
     server_rss_mib_before/after    the server process's resident memory around the level
+    startup_s                      server start to its first /health answer (the compile warm-up)
+
+`--peers hf` adds transformers' batched `generate` on the same weights (the checkpoint exported to
+the HF format), in this process with the server's thread count: c copies of the prompt as one
+batch, max_tokens new tokens each, sampled at the same temperature, for `seconds`; no HTTP, no
+server. Ratio lines give, per client count, each engine's tokens/s over the eager engine's and over
+transformers', and each engine's largest client count over one client.
+
+Prefix cache (`--prefix-tokens N`, default 1024; 0 skips it): time to first token of a request whose
+first N tokens another request sent just before (a hit: the prefix cache holds them) against one
+whose N tokens are new (a miss), `--ttft-rounds` pairs, each pair with a new random excerpt of the
+corpus as its shared "system prompt" and two different questions, one new token each. A random
+checkpoint (no CKPT) gets a context long enough for it; this phase runs on its own eager server
+(decoding does not enter the time to the first token).
 
 The server is started here (`nanoseek serve CKPT`, `--max-batch` rows) unless `--url` points at a
 running one. The clients share the machine with the server: on 2 cores the client loop costs the
-server some CPU, alike at every level. A last line gives the aggregate tokens/s of the largest
-client count over one client.
+server some CPU, alike at every level.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -66,20 +83,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def random_checkpoint(preset: str, folder: Path) -> Path:
-    """A randomly initialized `preset` with the bundled corpus's character tokenizer (speed only)."""
+def random_checkpoint(preset: str, folder: Path, context: int | None = None) -> Path:
+    """A randomly initialized `preset` with the bundled corpus's character tokenizer (speed only);
+    `context`: at least that many positions."""
     import torch
 
     corpus = BUNDLED_CORPUS
     tok = CharTokenizer.train([corpus.read_text()])
     torch.manual_seed(0)
-    Transformer(ModelConfig.from_preset(preset).replace(vocab_size=tok.vocab_size)).save_pretrained(folder)
+    config = ModelConfig.from_preset(preset).replace(vocab_size=tok.vocab_size)
+    if context and context > config.max_position_embeddings:
+        config = config.replace(max_position_embeddings=context)
+    Transformer(config).save_pretrained(folder)
     tok.save(folder)
     return folder
 
 
 class ServerProcess:
-    def __init__(self, ckpt: Path, max_batch: int, threads: int):
+    def __init__(self, ckpt: Path, max_batch: int, threads: int, flags: tuple[str, ...] = ()):
+        self.started = time.perf_counter()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [
@@ -99,20 +121,22 @@ class ServerProcess:
         ]
         if threads:
             args += ["--threads", str(threads)]
+        args += list(flags)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
 
-    def wait_ready(self, httpx) -> None:
-        deadline = time.time() + 120
+    def wait_ready(self, httpx, timeout: float = 120) -> float:
+        """Seconds from the start to the first /health answer (the compiled engine's warm-up included)."""
+        deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise NanoseekError(f"the server exited: {self.proc.stderr.read()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
+                    return round(time.perf_counter() - self.started, 1)
             except httpx.HTTPError:
                 time.sleep(0.25)
-        raise NanoseekError("the server did not answer /health within 120 s")
+        raise NanoseekError(f"the server did not answer /health within {timeout:g} s")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -213,6 +237,39 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads of the started server (0: serve's default, cores - 1)"
     )
+    parser.add_argument(
+        "--engines", default="compiled,eager", help="comma-separated servers to start: compiled (--compile), eager"
+    )
+    parser.add_argument("--peers", default="", help="comma-separated: hf (transformers' batched generate), or empty")
+    parser.add_argument(
+        "--prefix-tokens", type=int, default=1024, help="shared prefix of the hit/miss TTFT phase (0: skip it)"
+    )
+    parser.add_argument("--ttft-rounds", type=int, default=10, help="hit/miss request pairs of the TTFT phase")
+    parser.add_argument(
+        "--startup-timeout", type=float, default=1800.0, help="seconds a started server may take (compiling)"
+    )
+
+
+ENGINE_FLAGS = {"compiled": ("--compile",), "eager": ("--no-compile",)}
+
+
+def parse_options(args: argparse.Namespace) -> tuple[list[int], list[str], list[str]]:
+    """(client counts, engines, peers), each checked."""
+    try:
+        levels = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        raise NanoseekError(f"--clients={args.clients!r} must be comma-separated integers like 1,4,16") from None
+    if not levels or min(levels) < 1 or args.seconds <= 0 or args.max_tokens < 1:
+        raise NanoseekError("--clients must be >= 1 each, --seconds > 0 and --max-tokens >= 1")
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines or any(e not in ENGINE_FLAGS for e in engines):
+        raise NanoseekError(f"--engines={args.engines!r}: comma-separated names of {', '.join(ENGINE_FLAGS)}")
+    peers = [p for p in args.peers.split(",") if p]
+    if any(p != "hf" for p in peers):
+        raise NanoseekError(f"--peers={args.peers!r}: hf, or empty for none")
+    if args.prefix_tokens < 0 or args.ttft_rounds < 1:
+        raise NanoseekError("--prefix-tokens must be >= 0 (0 skips the TTFT phase) and --ttft-rounds >= 1")
+    return levels, engines, peers
 
 
 def run_serve(args: argparse.Namespace) -> list[dict]:
@@ -220,66 +277,262 @@ def run_serve(args: argparse.Namespace) -> list[dict]:
         import httpx
     except ImportError:
         raise NanoseekError("bench serve needs httpx (pip install 'nanoseek[serve]')") from None
-    try:
-        levels = [int(c) for c in args.clients.split(",")]
-    except ValueError:
-        raise NanoseekError(f"--clients={args.clients!r} must be comma-separated integers like 1,4,16") from None
-    if not levels or min(levels) < 1 or args.seconds <= 0 or args.max_tokens < 1:
-        raise NanoseekError("--clients must be >= 1 each, --seconds > 0 and --max-tokens >= 1")
-    server, tmp, pid, url = None, None, args.server_pid, args.url
-    if url is None:
-        ckpt = Path(args.ckpt) if args.ckpt else None
-        if ckpt is None:
-            tmp = tempfile.TemporaryDirectory(prefix="nanoseek-bench-serve-")
-            ckpt = random_checkpoint(args.preset, Path(tmp.name) / "model")
-        server = ServerProcess(ckpt, args.max_batch, args.threads)
-        server.wait_ready(httpx)
-        url, pid = server.url, server.pid
+    levels, engines, peers = parse_options(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    try:
-        model = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
-        body = {
-            "model": model,
-            "prompt": args.prompt,
-            "max_tokens": args.max_tokens,
-            "temperature": 0.8,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        asyncio.run(run_level(url, 1, min(3.0, args.seconds), body, headers))  # warm-up, not reported
+    if args.url:  # a running server: its levels and its prefix cache
+        results = bench_levels(httpx, args, args.url, args.server_pid, levels, headers, "nanoseek")
+        if args.prefix_tokens:
+            results.append(bench_prefix_ttft(httpx, args, args.url, headers))
+        return results + ratios(results, levels)
+    with tempfile.TemporaryDirectory(prefix="nanoseek-bench-serve-") as tmp:
+        ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args.preset, Path(tmp) / "model")
         results = []
-        for clients in levels:
-            before = process_rss_mib(pid)
-            figures = asyncio.run(run_level(url, clients, args.seconds, body, headers))
-            results.append(
-                {
-                    "bench": "serve",
-                    "impl": "nanoseek",
-                    "clients": clients,
-                    "seconds": args.seconds,
-                    "max_tokens": args.max_tokens,
-                    **figures,
-                    "server_rss_mib_before": before,
-                    "server_rss_mib_after": process_rss_mib(pid),
-                    "machine": _machine(args.threads),
-                }
-            )
-        one = next((r for r in results if r["clients"] == 1), None)
-        top = max(results, key=lambda r: r["clients"])
-        if one and top is not one and one["tokens_per_s"]:
-            results.append(
+        for engine in engines:
+            server = ServerProcess(ckpt, args.max_batch, args.threads, ENGINE_FLAGS[engine])
+            try:
+                startup = server.wait_ready(httpx, args.startup_timeout)
+                rows = bench_levels(httpx, args, server.url, server.pid, levels, headers, f"nanoseek-{engine}")
+            finally:
+                server.stop()
+            results += [{**r, "startup_s": startup} for r in rows]
+        if peers:
+            results += hf_generate_levels(ckpt, args, levels)
+        if args.prefix_tokens:
+            results.append(prefix_ttft_on_own_server(httpx, args, Path(tmp), headers))
+    return results + ratios(results, levels)
+
+
+def bench_levels(httpx, args, url: str, pid: int | None, levels: list[int], headers: dict, impl: str) -> list[dict]:
+    """One result per client count against the server at `url` (after an unreported warm-up level)."""
+    model = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+    body = {
+        "model": model,
+        "prompt": args.prompt,
+        "max_tokens": args.max_tokens,
+        "temperature": 0.8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    asyncio.run(run_level(url, 1, min(3.0, args.seconds), body, headers))  # warm-up, not reported
+    results = []
+    for clients in levels:
+        before = process_rss_mib(pid)
+        figures = asyncio.run(run_level(url, clients, args.seconds, body, headers))
+        results.append(
+            {
+                "bench": "serve",
+                "impl": impl,
+                "clients": clients,
+                "seconds": args.seconds,
+                "max_tokens": args.max_tokens,
+                **figures,
+                "server_rss_mib_before": before,
+                "server_rss_mib_after": process_rss_mib(pid),
+                "machine": _machine(args.threads),
+            }
+        )
+    return results
+
+
+def ratios(results: list[dict], levels: list[int]) -> list[dict]:
+    """Per client count: each impl's tokens/s over the eager engine's and over transformers'; per impl:
+    its largest client count over one client."""
+    by = {(r["impl"], r["clients"]): r["tokens_per_s"] for r in results if r.get("bench") == "serve"}
+    impls = list(dict.fromkeys(impl for impl, _ in by))
+    rows = []
+    for clients in levels:
+        row = {}
+        for base in ("nanoseek-eager", "hf-generate"):
+            if by.get((base, clients)):
+                for impl in impls:
+                    if impl != base and (impl, clients) in by:
+                        row[f"{impl}_over_{base}"] = round(by[(impl, clients)] / by[(base, clients)], 2)
+        if row:
+            rows.append({"bench": "serve", "impl": "ratio", "clients": clients, **row})
+    top = max(levels)
+    for impl in impls:
+        if top > 1 and by.get((impl, 1)) and (impl, top) in by:
+            rows.append(
                 {
                     "bench": "serve",
                     "impl": "ratio",
-                    f"tokens_per_s_{top['clients']}_over_1": round(top["tokens_per_s"] / one["tokens_per_s"], 2),
+                    "of": impl,
+                    f"tokens_per_s_{top}_over_1": round(by[(impl, top)] / by[(impl, 1)], 2),
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------- transformers' generate
+
+
+def hf_generate_levels(ckpt: Path, args, levels: list[int]) -> list[dict]:
+    """transformers' batched `generate` on the checkpoint's weights: c copies of the prompt, sampled."""
+    import torch
+
+    try:
+        import transformers
+    except ImportError:
+        raise NanoseekError("--peers hf needs transformers (pip install 'nanoseek[bench]')") from None
+    from nanoseek.io import load_checkpoint
+
+    transformers.logging.set_verbosity_error()  # its load report lists the MTP layers it ignores
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the server's share of the machine
+    try:
+        with tempfile.TemporaryDirectory(prefix="nanoseek-bench-hf-") as tmp, quiet():
+            model, tokenizer, _ = load_checkpoint(ckpt)  # a run folder too
+            model.save_pretrained(tmp, format="hf")
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        ids = tokenizer.encode(args.prompt)
+        results = []
+        for clients in levels:
+            batch = torch.tensor([ids] * clients)
+            generate_batch(hf, batch, args.max_tokens)  # warm-up
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.seconds:
+                generate_batch(hf, batch, args.max_tokens)
+                calls += 1
+            elapsed = time.perf_counter() - start
+            results.append(
+                {
+                    "bench": "serve",
+                    "impl": "hf-generate",
+                    "clients": clients,
+                    "seconds": args.seconds,
+                    "max_tokens": args.max_tokens,
+                    "batches": calls,
+                    "wall_s": round(elapsed, 2),
+                    "tokens_per_s": round(calls * clients * args.max_tokens / elapsed, 1),
+                    "transformers": transformers.__version__,
+                    "machine": _machine(args.threads),
                 }
             )
         return results
     finally:
-        if server:
-            server.stop()
-        if tmp:
-            tmp.cleanup()
+        torch.set_num_threads(previous)
+
+
+def quiet():
+    """stdout and stderr swallowed: the bench's stdout holds JSON lines only."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def generate_batch(hf, batch, new: int) -> None:
+    import torch
+
+    with torch.inference_mode():
+        out = hf.generate(
+            batch,
+            attention_mask=torch.ones_like(batch),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=True,
+            temperature=0.8,
+            top_k=0,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    assert out.shape[1] == batch.shape[1] + new
+
+
+# ---------------------------------------------------------------------------- prefix cache: TTFT hit vs miss
+
+
+def prefix_ttft_on_own_server(httpx, args, tmp: Path, headers: dict) -> dict:
+    """The TTFT phase on an eager server of its own, its checkpoint's context long enough."""
+    need = args.prefix_tokens + 64
+    if args.ckpt:
+        ckpt = Path(args.ckpt)
+    else:
+        ckpt = random_checkpoint(args.preset, tmp / "long-context", context=1 << (need - 1).bit_length())
+    server = ServerProcess(ckpt, 1, args.threads, ENGINE_FLAGS["eager"])
+    try:
+        server.wait_ready(httpx, args.startup_timeout)
+        return bench_prefix_ttft(httpx, args, server.url, headers)
+    finally:
+        server.stop()
+
+
+def bench_prefix_ttft(httpx, args, url: str, headers: dict) -> dict:
+    """Median TTFT of requests whose first `prefix_tokens` tokens the previous request sent (hits) and
+    of requests whose prefix is new (misses); the prompts go as token ids, so the lengths are exact."""
+    model = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]
+    context = model.get("context_length") or 0
+    if context and args.prefix_tokens + 16 > context:
+        raise NanoseekError(
+            f"--prefix-tokens {args.prefix_tokens} does not fit the model's context of {context} positions"
+        )
+    text = BUNDLED_CORPUS.read_text()
+    tokens = tokenize(httpx, url, headers, text[: 8 * args.prefix_tokens + 4096])
+    questions = [tokenize(httpx, url, headers, q) for q in ("\nQ: Who speaks first?\nA:", "\nQ: Where are we?\nA:")]
+    if len(tokens) < 2 * args.prefix_tokens:
+        raise NanoseekError("the corpus excerpt is too short for --prefix-tokens")
+    before = scrape_prefix_counters(httpx, url, headers)
+    miss, hit = [], []
+    rng = random.Random(0)
+    for _ in range(args.ttft_rounds):
+        at = rng.randrange(0, len(tokens) - args.prefix_tokens)
+        system = tokens[at : at + args.prefix_tokens]
+        miss.append(time_to_first_token(httpx, url, headers, model["id"], system + questions[0]))
+        hit.append(time_to_first_token(httpx, url, headers, model["id"], system + questions[1]))
+    after = scrape_prefix_counters(httpx, url, headers)
+    hits, queries = (after[i] - before[i] for i in range(2))
+    miss_ms, hit_ms = statistics.median(miss) * 1000, statistics.median(hit) * 1000
+    return {
+        "bench": "serve-prefix-ttft",
+        "impl": "nanoseek",
+        "prefix_tokens": args.prefix_tokens,
+        "rounds": args.ttft_rounds,
+        "ttft_miss_ms_p50": round(miss_ms, 2),
+        "ttft_hit_ms_p50": round(hit_ms, 2),
+        "miss_over_hit": round(miss_ms / hit_ms, 2),
+        "ttft_miss_ms_min": round(min(miss) * 1000, 2),
+        "ttft_hit_ms_min": round(min(hit) * 1000, 2),
+        "prefix_cache_hit_tokens": int(hits),
+        "prefix_cache_hit_rate": round(hits / queries, 3) if queries else None,
+        "machine": _machine(args.threads),
+    }
+
+
+def tokenize(httpx, url: str, headers: dict, text: str) -> list[int]:
+    r = httpx.post(url + "/tokenize", json={"prompt": text}, headers=headers, timeout=60)
+    if r.status_code != 200:
+        raise NanoseekError(f"/tokenize answered {r.status_code}: {r.text[:200]}")
+    return r.json()["tokens"]
+
+
+def time_to_first_token(httpx, url: str, headers: dict, model: str, prompt: list[int]) -> float:
+    """Seconds from sending a streaming request (one new token, greedy) to its first chunk with a choice."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
+    sent = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=300) as r:
+        if r.status_code != 200:
+            r.read()
+            raise NanoseekError(f"the TTFT request got HTTP {r.status_code}: {r.text[:200]}")
+        first = None
+        for line in r.iter_lines():  # to the stream's end
+            if first is None and line.startswith("data: {") and json.loads(line[6:]).get("choices"):
+                first = time.perf_counter() - sent
+    if first is None:
+        raise NanoseekError("the TTFT request's stream held no choice")
+    return first
+
+
+def scrape_prefix_counters(httpx, url: str, headers: dict) -> tuple[float, float]:
+    """(hit tokens, queried tokens) of the server's prefix cache; zeros when it has none or no /metrics."""
+    r = httpx.get(url + "/metrics", headers=headers, timeout=30)
+    values = {"nanoseek_prefix_cache_hits_total": 0.0, "nanoseek_prefix_cache_queries_total": 0.0}
+    if r.status_code == 200:
+        for line in r.text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in values:
+                values[name] = float(value)
+    return values["nanoseek_prefix_cache_hits_total"], values["nanoseek_prefix_cache_queries_total"]
 
 
 def _machine(threads: int) -> dict:

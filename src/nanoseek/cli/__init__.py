@@ -6,12 +6,15 @@ arguments and calls one library function.
     nanoseek ablate --variant [NAME:]SPEC ... [--preset NAME] [--out DIR] [--section.field=VALUE ...]
     nanoseek tokenizer train FILE... [--vocab-size N] [--kind bpe|char] [--out FILE]
     nanoseek sample CKPT [--prompt TEXT --max-new-tokens N --temperature T --top-k K --top-p P --seed S ...]
+    nanoseek sample CKPT --source TEXT [--beam K --length-penalty A]
     nanoseek chat CKPT [--system TEXT ...]
     nanoseek eval CKPT [--data PATH --seq-len N --batch-size B --max-batches M]
+                       [--beam K --length-penalty A --max-sentences N --samples N]
     nanoseek info (CKPT | --preset NAME) [--seq-len N]
     nanoseek presets [--json]
     nanoseek config [RUN | CONFIG.toml] [--preset NAME] [--section.field=VALUE ...] [--json]
     nanoseek convert SRC DST --to {hf,nanoseek} [--dtype float32|bfloat16]
+    nanoseek average RUN [--last K --out DIR]
     nanoseek serve CKPT [--host H --port P --api-key KEY ...]
     nanoseek embed CKPT (--text TEXT ... | --file FILE)
     nanoseek inspect {fusion,attention} CKPT --prompt TEXT [--layer L --out PNG]
@@ -45,6 +48,7 @@ ORDER = (
     "chat",
     "serve",
     "convert",
+    "average",
     "embed",
     "inspect",
     "ablate",

@@ -210,7 +210,14 @@ def human_count(n: float) -> str:
     return f"{n:g}"
 
 
-def load(args: argparse.Namespace, tokenizer: bool = True) -> LoadedCheckpoint:
-    """(model, tokenizer, folder) of `args.ckpt` on `args.device` (the CPU where the command has none)."""
+def load(args: argparse.Namespace, tokenizer: bool = True, encoder_decoder: bool = False) -> LoadedCheckpoint:
+    """(model, tokenizer, folder) of `args.ckpt` on `args.device` (the CPU where the command has none).
+    An encoder-decoder checkpoint is refused unless the command reads one (`encoder_decoder`)."""
     device = resolve_device(getattr(args, "device", "cpu"), where="--device")
-    return load_checkpoint(args.ckpt, trust_pickle=args.trust_pickle, tokenizer=tokenizer, device=device)
+    loaded = load_checkpoint(args.ckpt, trust_pickle=args.trust_pickle, tokenizer=tokenizer, device=device)
+    if not encoder_decoder and loaded.model.config.architecture == "encoder_decoder":
+        raise NanoseekError(
+            f"{args.ckpt} is an encoder-decoder model; `nanoseek {getattr(args, 'command', '')}` needs a "
+            "decoder-only one (encoder-decoders work with sample --source, eval, info and serve)"
+        )
+    return loaded

@@ -1,4 +1,5 @@
-"""`nanoseek sample` and `nanoseek chat`: text from a checkpoint on the terminal."""
+"""`nanoseek sample` and `nanoseek chat`: text from a checkpoint on the terminal (`sample --source`: the target
+of a sequence-to-sequence checkpoint)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from nanoseek.cli.common import (
 from nanoseek.config.parse import did_you_mean
 from nanoseek.errors import NanoseekError
 from nanoseek.generation.chat import Chat, MessageTooLong
+from nanoseek.generation.seq2seq import is_encoder_decoder, translate
 from nanoseek.generation.speculative import compare_with_greedy
 from nanoseek.generation.streaming import stream_past_context
+from nanoseek.train.evaluate_pairs import checkpoint_task
 
 
 def add_sample_arguments(s) -> None:
@@ -28,8 +31,18 @@ def add_sample_arguments(s) -> None:
     s.add_argument(
         "--max-new-tokens",
         type=int,
-        default=200,
-        help="tokens to generate; past the model's context, generation goes on from the context's recent half",
+        help="tokens to generate, default 200; past the model's context, generation goes on from the context's "
+        "recent half (with --source: the longest target, default 2 x the source + 10)",
+    )
+    s.add_argument(
+        "--source", help="a sequence-to-sequence checkpoint (data.task=couplets, ...): the source to translate"
+    )
+    s.add_argument("--beam", type=int, default=4, help="with --source: beam size (1 = greedy)")
+    s.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.6,
+        help="with --source: GNMT's alpha, score = log P / ((5 + |Y|) / 6)^alpha",
     )
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
@@ -57,21 +70,44 @@ def add_sample_arguments(s) -> None:
     add_compile_args(s)
 
 
+def run_translate(args, model, tok, folder) -> int:
+    """`sample --source`: the best target of the source, by beam search (greedy for --beam 1)."""
+    if checkpoint_task(folder) == "lm" and not is_encoder_decoder(model):
+        raise NanoseekError(
+            "--source is for sequence-to-sequence checkpoints (trained with --data.task=couplets|copy|reverse|sort); "
+            "this one is a language model: use --prompt"
+        )
+    if args.prompt is not None:
+        raise NanoseekError("give --source or --prompt, not both")
+    if not args.source:
+        raise NanoseekError("--source is empty; give the text to translate")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise NanoseekError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    (text,) = translate(model.eval(), tok, [args.source], args.beam, args.length_penalty, args.max_new_tokens)
+    print(text)
+    return 0
+
+
 def run_sample(args, extra) -> int:
     reject_extra(extra)
+    set_threads(args.threads)
+    if args.source is not None:
+        return run_translate(args, *load(args, encoder_decoder=True))
     if args.speculative and (args.compile or args.compile_prefill):
         raise NanoseekError(
             "--speculative decodes eagerly (its draft-and-verify steps change shape); "
             "drop --compile / --compile-prefill"
         )
-    set_threads(args.threads)
-    model, tok, _ = load(args)
+    model, tok, _ = load(args, encoder_decoder=True)
+    if is_encoder_decoder(model):
+        raise NanoseekError(f"{args.ckpt} is an encoder-decoder model: give the text to translate with --source")
+    max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
     prompt = args.prompt if args.prompt is not None else "\n"
     pieces = stream_past_context(
         model,
         tok,
         prompt,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         seed=args.seed,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -82,7 +118,7 @@ def run_sample(args, extra) -> int:
         compile_prefill=args.compile_prefill,
     )  # checks the prompt
     if args.speculative:
-        text, report = compare_with_greedy(model, tok, prompt, args.max_new_tokens)
+        text, report = compare_with_greedy(model, tok, prompt, max_new_tokens)
         print(prompt + text)
         print(json.dumps(report), file=sys.stderr)
         return 0

@@ -1,8 +1,10 @@
-"""`nanoseek eval`, `nanoseek info` and `nanoseek convert`: a checkpoint's quality, size and format."""
+"""`nanoseek eval`, `nanoseek info`, `nanoseek convert` and `nanoseek average`: a checkpoint's quality, size
+and format, and the average of a run's last checkpoints."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 from nanoseek.cli.common import (
     Command,
@@ -22,8 +24,10 @@ from nanoseek.config import ModelConfig
 from nanoseek.config.presets import ALIASES, PRESETS, canonical_name
 from nanoseek.errors import NanoseekError
 from nanoseek.io import convert, read_model_config
+from nanoseek.io.average import average_checkpoints
 from nanoseek.model import model_info
 from nanoseek.train.evaluate import evaluate_checkpoint
+from nanoseek.train.evaluate_pairs import checkpoint_task, evaluate_pair_checkpoint
 
 
 def add_eval_arguments(e) -> None:
@@ -32,6 +36,11 @@ def add_eval_arguments(e) -> None:
     e.add_argument("--seq-len", type=int, help="window length (default: the run's, else min(context, 1024))")
     e.add_argument("--batch-size", type=int, default=16, help="windows per forward")
     e.add_argument("--max-batches", type=int, help="stop after this many batches (default: the whole text)")
+    pairs = e.add_argument_group("sequence-to-sequence checkpoints (data.task=couplets, copy, reverse, sort)")
+    pairs.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
+    pairs.add_argument("--length-penalty", type=float, default=0.6, help="GNMT's alpha of the beam score")
+    pairs.add_argument("--max-sentences", type=int, default=1000, help="held-out pairs to decode (0 = all)")
+    pairs.add_argument("--samples", type=int, default=0, help="show this many held-out sources, outputs, references")
     add_threads_arg(e)
     add_json_arg(e)
 
@@ -39,7 +48,9 @@ def add_eval_arguments(e) -> None:
 def run_eval(args, extra) -> int:
     reject_extra(extra)
     set_threads(args.threads)
-    model, tok, folder = load(args)
+    model, tok, folder = load(args, encoder_decoder=True)
+    if checkpoint_task(folder) != "lm" or model.config.architecture == "encoder_decoder":
+        return run_eval_pairs(args, model, tok, folder)
     result = evaluate_checkpoint(model, tok, folder, args.data, args.seq_len, args.batch_size, args.max_batches)
     if args.json:
         print(json.dumps(result))
@@ -50,6 +61,39 @@ def run_eval(args, extra) -> int:
             ("perplexity", f"{result['perplexity']:.3f}"),
             ("bits per byte", f"{result['bits_per_byte']:.4f}"),
             ("text", f"{result['tokens']:,} tokens ({result['bytes']:,} bytes) in windows of {result['seq_len']}"),
+        ])
+    )  # fmt: skip
+    return 0
+
+
+def run_eval_pairs(args, model, tok, folder) -> int:
+    """BLEU, chrF, exact-length rate and loss on the run's held-out pairs, and `--samples` of the outputs
+    (with --json: one object on stdout, the samples on stderr)."""
+    for name in ("beam", "batch_size"):
+        if getattr(args, name) < 1:
+            raise NanoseekError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.max_sentences < 0 or args.samples < 0:
+        raise NanoseekError("--max-sentences and --samples must be >= 0")
+    scores, rows = evaluate_pair_checkpoint(
+        model, tok, folder, args.data, args.max_sentences or None, args.beam, args.length_penalty, args.batch_size
+    )
+    samples = [f"{source} -> {output}    (reference: {reference})" for source, reference, output in rows]
+    if args.json:
+        for line in samples[: args.samples]:
+            print(line, file=sys.stderr)
+        print(json.dumps(scores, ensure_ascii=False))
+        return 0
+    for line in samples[: args.samples]:
+        print(line)
+    decoding = "greedy" if scores["beam"] == 1 else f"beam {scores['beam']}, length penalty {scores['length_penalty']}"
+    print(
+        aligned([
+            ("task", f"{scores['task']}: {scores['sentences']:,} held-out pairs, {decoding}"),
+            ("BLEU", f"{scores['bleu']:.2f}"),
+            ("chrF", f"{scores['chrf']:.2f}"),
+            ("exact length", f"{scores['exact_length_rate']:.1%} of the outputs as long as their reference"),
+            ("exact match", f"{scores['exact_match']:.1%}"),
+            ("loss", f"{scores['loss']:.4f} nats/target token (perplexity {scores['perplexity']:.2f})"),
         ])
     )  # fmt: skip
     return 0
@@ -74,7 +118,10 @@ def describe_kinds(config: ModelConfig) -> str:
         )
     if config.fusion != "residual":
         text += f"; {config.fusion} fusion"
-    return text + f"; {config.num_hidden_layers} layers, width {config.hidden_size}"
+    layers = f"{config.num_hidden_layers} layers"
+    if config.architecture == "encoder_decoder":
+        layers = f"encoder-decoder, {config.n_encoder_layers} + {layers}"
+    return text + f"; {layers}, width {config.hidden_size}"
 
 
 def info_lines(source: str, config: ModelConfig, info: dict) -> str:
@@ -189,11 +236,34 @@ def run_convert(args, extra) -> int:
     return 0
 
 
+def add_average_arguments(av) -> None:
+    av.add_argument("run_dir", metavar="RUN", help="a run folder (its checkpoints/)")
+    av.add_argument("--last", type=int, default=5, help="average this many of the newest checkpoints")
+    av.add_argument("--out", help="the new checkpoint folder (default RUN/average-last-K)")
+    add_json_arg(av)
+
+
+def run_average(args, extra) -> int:
+    reject_extra(extra)
+    out = average_checkpoints(args.run_dir, args.last, args.out)
+    if args.json:
+        print(json.dumps({"averaged": args.last, "run": str(args.run_dir), "out": str(out)}))
+    else:
+        print(f"averaged the last {args.last} checkpoints of {args.run_dir} -> {out}")
+    return 0
+
+
 COMMANDS = [
     Command("presets", "the named model configs: parameters, kinds, context", add_presets_arguments, run_presets),
     Command("eval", "loss, perplexity and bits per byte on held-out text", add_eval_arguments, run_eval),
     Command("info", "parameters, FLOPs per token and KV-cache bytes per token", add_info_arguments, run_info),
     Command(
         "convert", "convert a checkpoint between nanoseek and Hugging Face formats", add_convert_arguments, run_convert
+    ),
+    Command(
+        "average",
+        "average the weights of a run's last K checkpoints into a new one",
+        add_average_arguments,
+        run_average,
     ),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -22,6 +23,20 @@ def add_serve_arguments(sv) -> None:
     sv.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the context)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     sv.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode with the compiled step, compiled for every padded batch size before the first request "
+        "(default on: several times faster decoding; --no-compile starts at once)",
+    )
+    sv.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=512,
+        help="memory for the KV blocks of earlier prompts, reused by prompts that start the same way "
+        "(default 512; 0 turns the prefix cache off)",
+    )
+    sv.add_argument(
         "--threads",
         type=int,
         help="torch threads (default: cores - 1, leaving one core to "
@@ -37,6 +52,8 @@ def check_limits(args) -> None:
         raise NanoseekError(f"--port={args.port} must be a TCP port, 1..65535")
     if args.max_queue < 0 or (args.max_tokens is not None and args.max_tokens < 1):
         raise NanoseekError("--max-queue must be >= 0 and --max-tokens >= 1")
+    if not 0 <= args.prefix_cache_mb < float("inf"):  # also refuses nan
+        raise NanoseekError(f"--prefix-cache-mb={args.prefix_cache_mb} must be >= 0 (0 turns the cache off)")
 
 
 def check_cache_fits(args) -> None:
@@ -70,7 +87,7 @@ def run_serve(args, extra) -> int:
     warn_if_open(args.host, api_key)  # before the model loads, which can take minutes
     sock = listen_socket(args.host, args.port)  # a port in use or a bad host: an error now, not after loading
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    model, tok, folder = load(args)
+    model, tok, folder = load(args, encoder_decoder=True)
     serve(
         model,
         tok,
@@ -83,6 +100,8 @@ def run_serve(args, extra) -> int:
         max_queue=args.max_queue,
         max_tokens=args.max_tokens,
         max_body_bytes=args.max_body_bytes,
+        compile=args.compile,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         sock=sock,
     )
     return 0

@@ -120,7 +120,7 @@ def run_train(args, extra) -> int:
         return 1
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
-    print(json.dumps(summary) if args.json else summary_lines(summary, cfg.out))
+    print(json.dumps(summary) if args.json else summary_lines(summary, cfg.out, cfg.data.task != "lm"))
     if summary.get("stopped_by") == "interrupt":
         print(
             f"interrupted: checkpoint saved; continue with: nanoseek train --out {cfg.out} --resume",
@@ -161,7 +161,7 @@ def device_memory(device: str) -> int | None:
     return torch.cuda.mem_get_info(resolved)[0]
 
 
-def summary_lines(summary: dict, out: str) -> str:
+def summary_lines(summary: dict, out: str, pairs: bool = False) -> str:
     """A finished run in a few aligned lines (`--json`: the summary.json object on one line)."""
     rows = [
         ("stopped", f"after {summary['step']:,} steps, {summary['tokens']:,} tokens, {summary['elapsed_s']:.0f} s"
@@ -176,7 +176,7 @@ def summary_lines(summary: dict, out: str) -> str:
     rows += [
         ("checkpoint", str(summary.get("checkpoint", ""))),
         ("run folder", f"{out} (metrics.jsonl, loss.png, summary.json)"),
-        ("next", f"nanoseek sample {out} --prompt TEXT"),
+        ("next", f"nanoseek sample {out} --source TEXT" if pairs else f"nanoseek sample {out} --prompt TEXT"),
     ]
     return aligned(rows)
 

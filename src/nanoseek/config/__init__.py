@@ -12,6 +12,7 @@ presets.py  named configs
 """
 
 from nanoseek.config.model import (
+    ARCHITECTURES,
     ATTENTIONS,
     FFNS,
     FUSIONS,
@@ -28,6 +29,7 @@ from nanoseek.config.model import (
 from nanoseek.config.parse import apply_override, from_dict, load_config_file, parse_value, to_dict
 from nanoseek.config.train import (
     SCHEDULES,
+    TASKS,
     CheckpointConfig,
     DataConfig,
     DistConfig,
@@ -43,6 +45,7 @@ from nanoseek.config.train import (
 )
 
 __all__ = [
+    "ARCHITECTURES",
     "ATTENTIONS",
     "FFNS",
     "FUSIONS",
@@ -61,6 +64,7 @@ __all__ = [
     "parse_value",
     "to_dict",
     "SCHEDULES",
+    "TASKS",
     "CheckpointConfig",
     "DataConfig",
     "DistConfig",

@@ -15,6 +15,8 @@ Parameters per layer (D = hidden_size, H heads of width d, I = intermediate_size
 
     attention   MHA/GQA: D H d + 2 D H_kv d + H d D;  MLA: its low-rank factors (q_lora, kv_lora)
     feed-forward  SwiGLU 3 D I, MLP 2 D I;  MoE: (E routed + shared) x 3 D I_moe + the router E D
+    encoder-decoder  the encoder's layers (attention + feed-forward) and one more attention per decoder
+                  layer (its cross-attention)
 
 `check_memory` compares the total with the memory this machine has available and refuses with one
 line naming the field that makes it large, the estimate and the limit:
@@ -128,6 +130,9 @@ def estimate_params(c) -> dict[str, int]:
     if c.position == "learned":
         embeddings += c.max_position_embeddings * c.hidden_size
     layers = sum(count * _layer_params(c, kind, moe) for (kind, moe), count in _layer_counts(c).items())
+    if getattr(c, "architecture", "decoder") == "encoder_decoder":
+        encoder = c.num_hidden_layers if c.encoder_layers is None else c.encoder_layers
+        layers += encoder * _layer_params(c, "dense", False) + c.num_hidden_layers * _attention_params(c, "dense")
     pattern = c.sparse_layers or [c.sparse]
     mtp_kind = pattern[c.num_hidden_layers % len(pattern)]
     mtp = c.num_nextn_predict_layers * (_layer_params(c, mtp_kind, c.ffn == "moe") + 2 * c.hidden_size**2)

@@ -34,6 +34,7 @@ FUSIONS = ("residual", "dwa", "dynamic", "hyper", "mhc")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")  # model/position.py
+ARCHITECTURES = ("decoder", "encoder_decoder")
 
 
 @dataclass
@@ -94,6 +95,8 @@ class ModelConfig:
     eos_token_id: int | None = None  # end-of-sequence token id: generation stops there
     pad_token_id: int | None = None  # padding token id (HF checkpoints)
     # nanoseek kinds (no HF field; exported under "nanoseek")
+    architecture: str = "decoder"  # architecture: decoder (one causal stack), encoder_decoder (Vaswani et al. 2017)
+    encoder_layers: int | None = None  # encoder_decoder: encoder depth (None = num_hidden_layers, the decoder's)
     position: str = "rope"  # positions: sinusoidal, learned, rope, none
     attention: str = "mha"  # attention: mha, gqa, mqa, mla (latent KV), v4 (shared-KV with sinks)
     sparse: str = "dense"  # the attention pattern of every layer (see sparse_layers)
@@ -158,6 +161,7 @@ class ModelConfig:
     # ----- validation
     def validate(self):
         check_fields(self, MODEL)  # each field: its type and range (config/validate.py)
+        check_choice("architecture", self.architecture, ARCHITECTURES)
         check_choice("position", self.position, POSITIONS)
         check_choice("attention", self.attention, ATTENTIONS)
         check_choice("sparse", self.sparse, SPARSE_KINDS)
@@ -180,6 +184,8 @@ class ModelConfig:
             self._validate_rope_scaling()
         if self.norm_position == "post" and self.fusion != "residual":
             raise NanoseekError("norm_position='post' works only with fusion='residual'")
+        if self.architecture == "encoder_decoder":
+            self._validate_encoder_decoder()
 
     def _validate_sparse(self):
         if self.sparse_layers is not None:
@@ -243,6 +249,36 @@ class ModelConfig:
                     f"relative_attention_max_distance={self.relative_attention_max_distance} must be > "
                     f"relative_attention_num_buckets / 2 = {self.relative_attention_num_buckets // 2}"
                 )
+
+    @property
+    def n_encoder_layers(self) -> int:
+        """Encoder depth of an encoder-decoder model (0 for a decoder-only one)."""
+        if self.architecture != "encoder_decoder":
+            return 0
+        return self.num_hidden_layers if self.encoder_layers is None else self.encoder_layers
+
+    def _validate_encoder_decoder(self):
+        """The encoder-decoder stacks are built from the dense parts: MHA/GQA/MQA attention, a dense FFN,
+        a plain residual, no MTP."""
+        check_positive("encoder_layers", self.encoder_layers)
+        choices = {
+            "attention": (self.attention, ("mha", "gqa", "mqa")),
+            "sparse": (self.sparse if not self.sparse_layers else "per-layer", ("dense",)),
+            "ffn": (self.ffn, ("relu", "gelu", "swiglu")),
+            "fusion": (self.fusion, ("residual",)),
+        }
+        for name, (value, valid) in choices.items():
+            if value not in valid:
+                raise NanoseekError(
+                    f"{name}={value!r}: architecture='encoder_decoder' supports {name} = {', '.join(valid)}"
+                )
+        if self.num_nextn_predict_layers:
+            raise NanoseekError("num_nextn_predict_layers must be 0 for architecture='encoder_decoder'")
+        if self.position in BIAS_POSITIONS:
+            raise NanoseekError(
+                f"position={self.position!r}: architecture='encoder_decoder' takes positions that add to or rotate "
+                "the embeddings (sinusoidal, learned, rope), not a bias on the attention logits"
+            )
 
     def _validate_v4(self):
         h, hd = self.num_attention_heads, self.attn_head_dim

@@ -123,6 +123,43 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=512,
         hidden_dropout=0.1,
     ),
+    # the encoder-decoder of "Attention Is All You Need": two stacks joined by cross-attention, source and
+    # target embeddings shared and tied to the output projection, post-norm, sinusoidal positions
+    "vaswani-tiny-ed": dict(
+        _VASWANI,
+        architecture="encoder_decoder",
+        hidden_size=64,
+        num_hidden_layers=2,
+        encoder_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    ),
+    # the CPU one: trains on the couplets in minutes
+    "vaswani-mini-ed": dict(
+        _VASWANI,
+        architecture="encoder_decoder",
+        hidden_size=128,
+        num_hidden_layers=2,
+        encoder_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=64,
+        hidden_dropout=0.1,
+    ),
+    # the paper's base model (Table 3): N = 6 + 6, d_model 512, h 8, d_ff 2048, P_drop 0.1, shared 37K BPE vocabulary
+    "vaswani-base-ed": dict(
+        _VASWANI,
+        architecture="encoder_decoder",
+        vocab_size=37000,
+        hidden_size=512,
+        num_hidden_layers=6,
+        encoder_layers=6,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        max_position_embeddings=512,
+        hidden_dropout=0.1,
+    ),
     "gpt2-tiny": dict(
         _GPT2,
         hidden_size=64,
@@ -540,6 +577,24 @@ RUN_DEFAULTS: dict[str, dict] = {
         train=dict(batch_size=16, max_steps=0, max_seconds=140.0, dtype="float32"),
         eval=dict(every=250, batches=20),
     ),
+    # the paper's recipe: Adam(0.9, 0.98, 1e-9), inverse-sqrt warm-up, label smoothing 0.1, no weight decay;
+    # keep the last 5 checkpoints for `nanoseek average` (the paper averaged the last 5 of the base model)
+    "vaswani-mini-ed": dict(
+        data=dict(seq_len=32, tokenizer="char"),
+        optim=dict(lr=2e-3, weight_decay=0.0, beta1=0.9, beta2=0.98, eps=1e-9),
+        schedule=dict(name="inverse_sqrt", warmup_steps=400),
+        train=dict(batch_size=64, max_steps=0, max_seconds=180.0, label_smoothing=0.1),
+        checkpoint=dict(every=250, keep_last=5),
+        eval=dict(every=250, batches=10, batch_size=64),
+    ),
+    "vaswani-base-ed": dict(
+        data=dict(seq_len=256, tokenizer="bpe", vocab_size=37000),
+        # lr = d^-0.5 * warmup^-0.5 = (512 * 4000)^-0.5 at the peak
+        optim=dict(lr=7e-4, weight_decay=0.0, beta1=0.9, beta2=0.98, eps=1e-9),
+        schedule=dict(name="inverse_sqrt", warmup_steps=4000),
+        train=dict(batch_size=64, max_steps=100000, label_smoothing=0.1),
+        checkpoint=dict(every=1000, keep_last=5),
+    ),
     "gpt2-mini": dict(
         data=dict(seq_len=128, tokenizer="char"),
         optim=dict(lr=2e-3, weight_decay=0.1, beta2=0.99),
@@ -548,6 +603,7 @@ RUN_DEFAULTS: dict[str, dict] = {
         eval=dict(every=250, batches=20),
     ),
 }
+RUN_DEFAULTS["vaswani-tiny-ed"] = RUN_DEFAULTS["vaswani-mini-ed"]
 RUN_DEFAULTS["deepseek-v3-poems"] = dict(
     data=dict(path=["tang"], seq_len=128, tokenizer="char"),
     optim=dict(lr=2e-3, weight_decay=0.1, beta2=0.99),

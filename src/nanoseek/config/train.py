@@ -33,6 +33,8 @@ from nanoseek.errors import NanoseekError
 SCHEDULES = ("constant", "cosine", "wsd", "multistep", "inverse_sqrt", "plateau")
 OPTIMIZERS = ("adamw", "muon", "schedule_free")
 BPE_MIN_VOCAB = 256 + 3  # every byte, and the three special tokens
+# "lm": next-token prediction over text files; the others are sequence-to-sequence pair tasks (data/pairs.py)
+TASKS = ("lm", "couplets", "copy", "reverse", "sort")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class DataConfig:
     val_fraction: float = 0.1  # the last fraction of tokens, held out for validation (nanoGPT's split)
     seq_len: int = 128  # tokens per training window (at most model.max_position_embeddings)
     cache_dir: str = ""  # where token shards go; "" = OUT/data
+    task: str = "lm"  # lm | couplets (data.path: the poems, default the bundled tang) | copy | reverse | sort
 
 
 @dataclass
@@ -105,6 +108,7 @@ class LoopConfig:
     compile: bool = False  # train a torch.compile'd model
     threads: int = 0  # torch threads; 0 = torch's default (one per core; fewer on a busy shared machine)
     dsa_warmup_steps: int = 0  # DSA models: dense attention, only the indexers train, for this many steps
+    label_smoothing: float = 0.0  # epsilon_ls: targets (1 - eps) one-hot + eps uniform (Vaswani: 0.1)
 
 
 @dataclass
@@ -174,6 +178,7 @@ class TrainConfig:
         check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
         check_device_name("train.device", self.train.device)
         check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
+        self._validate_task()
         if self.train.dsa_warmup_steps and self.dist.strategy == "ddp":
             raise NanoseekError(
                 "train.dsa_warmup_steps trains only the indexers, which DDP cannot do "
@@ -191,6 +196,19 @@ class TrainConfig:
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}"
             )
+
+    def _validate_task(self):
+        check_choice("data.task", self.data.task, TASKS)
+        if not 0.0 <= self.train.label_smoothing < 1.0:
+            raise NanoseekError(f"train.label_smoothing={self.train.label_smoothing} must be in [0, 1)")
+        if self.model.architecture == "encoder_decoder":
+            if self.data.task == "lm":
+                raise NanoseekError(
+                    "model.architecture='encoder_decoder' translates a source into a target: set a pair task, "
+                    f"--data.task={'|'.join(TASKS[1:])}"
+                )
+            if self.dist.strategy == "fsdp":
+                raise NanoseekError("dist.strategy='fsdp' shards decoder-only models; use 'ddp' for encoder_decoder")
 
     def check_adaptive(self):
         """What the adaptive schedules need of the rest of the run (their fields' ranges are in SECTIONS)."""
@@ -253,7 +271,7 @@ def check_vocab_size_used(cfg: TrainConfig) -> None:
 
 
 RUN_CONFIG_FILE = "train_config.json"  # the full config a run writes into its folder
-FIXED_ON_RESUME = ("model.", "data.tokenizer", "data.vocab_size", "data.seq_len")
+FIXED_ON_RESUME = ("model.", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.task")
 
 
 def saved_run_config(out: str | Path) -> Path | None:

@@ -157,9 +157,10 @@ class CompiledDecoder:
 
     The generation that holds the decoder sets its options with `configure` (see `acquire`)."""
 
-    def __init__(self, model, batch: int, length: int, options: DecodeOptions | None = None):
+    def __init__(self, model, batch: int, length: int, options: DecodeOptions | None = None, cache: list | None = None):
         self.model, self.batch = model, batch
-        self.cache = model.make_cache(batch, length)
+        # `cache`: step over caches the caller owns (the server's rows 0..batch-1, `length` positions)
+        self.cache = model.make_cache(batch, length) if cache is None else cache
         device = next(model.parameters()).device
         self.on_cpu = device.type == "cpu"  # GPUs keep their BLAS matvecs
         # the C++ wrapper is a CPU-overhead win; on CUDA it needs a CUDA toolkit (CUDA_HOME headers,

@@ -183,22 +183,61 @@ def sample_rows(
     on_error: Callable[[int, Exception], None] | None = None,
 ) -> list[int | None]:
     """One token per row of `logits` (B, V), row i by `samplers[i]` (seen ids `seen[i]`, (1, T)):
-    the greedy rows in one argmax, the others each with its own options and generator. The rows
-    share the first sampler's tokenizer (one server, one tokenizer). With `on_error`, a row whose
-    sampling raises gets None and `on_error(i, error)`; the other rows (and their generators) are
-    untouched by it."""
+    the greedy rows in one argmax; the sampled rows that share temperature, top-k and top-p (and
+    have no repetition penalty) in one batch, each drawn with its own generator (`exponential_like`);
+    the others one by one. Every row gets the token its sampler would draw alone (tested). The rows share the
+    first sampler's tokenizer (one server, one tokenizer). With `on_error`, a row whose sampling
+    raises gets None and `on_error(i, error)`; the other rows (and their generators) are untouched
+    by it."""
     if not samplers:
         return []
-    tokens: list[int | None] = (
-        finite_logits(mask_unknown_ids(logits, samplers[0].tokenizer).float()).argmax(-1).tolist()
-    )
+    masked = mask_unknown_ids(logits, samplers[0].tokenizer)
+    tokens: list[int | None] = finite_logits(masked.float()).argmax(-1).tolist()
+    batches: dict[tuple, list[int]] = {}
+    alone = []
     for i, sampler in enumerate(samplers):
-        if not sampler.greedy:
+        o = sampler.options
+        if sampler.greedy:
+            continue
+        if o.repetition_penalty == 1.0 and o.temperature > 0:
+            batches.setdefault((o.temperature, o.top_k, o.top_p), []).append(i)
+        else:
+            alone.append(i)
+
+    def failed(i: int, error: Exception) -> None:
+        if on_error is None:
+            raise error
+        on_error(i, error)
+        tokens[i] = None
+
+    for (temperature, top_k, top_p), rows in batches.items():
+        try:
+            probs = next_token_probs(masked[rows].float(), temperature, top_k, top_p)
+        except Exception:  # nothing drawn yet: let each row meet its own trouble alone
+            alone += rows
+            continue
+        noise = {}  # row -> its Exp(1) draws, each from the row's own generator
+        for j, i in enumerate(rows):
             try:
-                tokens[i] = int(sampler(logits[i : i + 1], None if seen is None else seen[i])[0])
+                noise[j] = exponential_like(probs[j], samplers[i].generator)
             except Exception as e:
-                if on_error is None:
-                    raise
-                on_error(i, e)
-                tokens[i] = None
+                failed(i, e)
+        if noise:
+            kept = list(noise)
+            drawn = (probs[kept] / torch.stack([noise[j] for j in kept])).argmax(-1).tolist()
+            for j, token in zip(kept, drawn):
+                tokens[rows[j]] = token
+    for i in sorted(alone):
+        try:
+            tokens[i] = int(samplers[i](logits[i : i + 1], None if seen is None else seen[i])[0])
+        except Exception as e:
+            failed(i, e)
     return tokens
+
+
+def exponential_like(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """q ~ Exp(1) shaped like one row of probabilities, from `generator`. For one sample,
+    `torch.multinomial(p, 1, generator=g)` is argmax_x p_x / q_x with q drawn exactly so (the
+    Gumbel-max trick, exponentiated), so dividing a batch of rows by each row's own q and taking the
+    argmax draws, row by row, the token multinomial would (tested)."""
+    return torch.empty_like(probs).exponential_(1, generator=generator)

@@ -30,7 +30,7 @@ from nanoseek.config.memory import check_memory
 from nanoseek.data.files import atomic_write_text, publish_dir
 from nanoseek.errors import NanoseekError
 from nanoseek.io.safetensors import SafetensorsFile
-from nanoseek.model import Transformer
+from nanoseek.model import make_model
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -307,7 +307,7 @@ def load_native_model(ckpt: Path, cfg: dict, dtype=None):
     config = model_config_from_json(cfg, ckpt / CONFIG_FILE)
     check_memory(config, f"loading {ckpt}", weight_bytes(dtype))
     with torch.device("meta"):
-        model = Transformer(config)
+        model = make_model(config)
     load_state_into(model, read_safetensors(ckpt / MODEL_FILE), ckpt / MODEL_FILE, dtype)
     return model.eval()
 

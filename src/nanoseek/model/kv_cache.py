@@ -70,6 +70,10 @@ class DenseKVCache:
         self.k[dst] = self.k[src]
         self.v[dst] = self.v[src]
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Row i becomes row index[i] (beam search keeps the cache of the beams it extends)."""
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
 
 class LatentKVCache:
     """MLA: [c_KV ; k_R] per token in one buffer `key` (B, L, d_c + d_r), so the absorbed decode
@@ -125,6 +129,11 @@ class LatentKVCache:
             if b is not None:
                 b[dst] = b[src]
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.key = self.key.index_select(0, index)
+        if self.index_keys is not None:
+            self.index_keys = self.index_keys.index_select(0, index)
+
 
 class CompressedKVCache:
     """DeepSeek-V4 attention: per token the shared key/value (its K == V) and, for CSA/HCA layers, the
@@ -169,3 +178,6 @@ class CompressedKVCache:
     def move_row(self, src: int, dst: int) -> None:
         for b in self.buffers.values():
             b[dst] = b[src]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.buffers = {name: b.index_select(0, index) for name, b in self.buffers.items()}

@@ -80,6 +80,15 @@ def positions(start: int | torch.Tensor, length: int, device) -> torch.Tensor:
     return torch.arange(start, start + length, device=device)
 
 
+def swap_kernels(model: nn.Module, on: bool) -> None:
+    """Give every module that has a fast path in KERNEL_MODULES its fast class (on) or its reference
+    class (off); parameters, buffers and the state dict stay."""
+    table = KERNEL_MODULES if on else {fast: ref for ref, fast in KERNEL_MODULES.items()}
+    for module in model.modules():
+        if type(module) in table:
+            module.__class__ = table[type(module)]
+
+
 def make_attention(config: ModelConfig, layer: int) -> nn.Module:
     if config.layer_sparse(layer) == "nsa":
         return NativeSparseAttention(config, layer)
@@ -152,6 +161,11 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.architecture != "decoder":
+            raise ValueError(
+                f"Transformer is the decoder-only model; architecture={config.architecture!r} is "
+                "model.encoder_decoder.EncoderDecoder (model.make_model builds either)"
+            )
         self.config = config
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
@@ -231,6 +245,7 @@ class Transformer(nn.Module):
         start: int | torch.Tensor = 0,
         last_only: bool = False,
         return_logits: bool = True,
+        label_smoothing: float = 0.0,
     ) -> ModelOutput:
         """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, V) (or (B, 1, V)).
 
@@ -241,6 +256,7 @@ class Transformer(nn.Module):
         (B, T, V) logits and their gradient are never held whole).
         In training the output also carries the layers' side outputs: with targets, their losses in
         `aux` (for the trainer to add to `loss`), and always the MoE layers' `expert_load`.
+        `label_smoothing` > 0 smooths the main loss's targets (model/loss.py).
         """
         if isinstance(start, torch.Tensor):
             if cache is None or input_ids.shape[1] != 1:
@@ -250,25 +266,28 @@ class Transformer(nn.Module):
         eager_training = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         context = self.kernel_function("training_forward") if eager_training else None
         with context() if context is not None else contextlib.nullcontext():
-            return self._forward(input_ids, targets, cache, start, last_only, return_logits)
+            return self._forward(input_ids, targets, cache, start, last_only, return_logits, label_smoothing)
 
     def set_kernels(self, on: bool) -> None:
         """Run the fast paths nanoseek.kernels installed (on) or the plain reference (off). Only the
         classes of the swapped modules change: parameters, buffers and the state dict stay."""
-        table = KERNEL_MODULES if on else {fast: ref for ref, fast in KERNEL_MODULES.items()}
-        for module in self.modules():
-            if type(module) in table:
-                module.__class__ = table[type(module)]
+        swap_kernels(self, on)
         self.kernels = on
 
     def kernel_function(self, name: str) -> Callable | None:
         return KERNEL_FUNCTIONS.get(name) if self.kernels else None
 
-    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the head's logits h W^T against targets (model/loss.py)."""
-        return (self.kernel_function("linear_cross_entropy") or linear_cross_entropy)(h, self.lm_head.weight, targets)
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits h W^T against targets (model/loss.py); the fused kernel
+        where it applies (no label smoothing)."""
+        fused = self.kernel_function("linear_cross_entropy") if not label_smoothing else None
+        if fused is not None:
+            return fused(h, self.lm_head.weight, targets)
+        return linear_cross_entropy(h, self.lm_head.weight, targets, label_smoothing=label_smoothing)
 
-    def _forward(self, input_ids, targets, cache, start, last_only: bool, return_logits: bool) -> ModelOutput:
+    def _forward(
+        self, input_ids, targets, cache, start, last_only: bool, return_logits: bool, label_smoothing: float = 0.0
+    ) -> ModelOutput:
         side = SideOutputs() if self.training else None
         h = self.embed(input_ids, start)
         rope = self.rope(start, input_ids.shape[1], input_ids.device)
@@ -282,9 +301,11 @@ class Transformer(nn.Module):
         loss, aux = None, {}
         if targets is not None:
             if fused:
-                loss = self.head_loss(h, targets)
+                loss = self.head_loss(h, targets, label_smoothing)
             else:
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, label_smoothing=label_smoothing
+                )
             if len(self.mtp):
                 aux["mtp_loss"] = self.mtp_loss(hidden, targets, rope, side)
             if side is not None:

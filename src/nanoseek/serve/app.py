@@ -214,7 +214,10 @@ async def next_event(queue: asyncio.Queue, request: Request):
     """The next engine event, or None once the client has gone away.
 
     One `queue.get()` task is awaited across the disconnect polls (asyncio.wait, not wait_for:
-    on Python 3.11 a wait_for that times out just as the item arrives drops the item)."""
+    on Python 3.11 a wait_for that times out just as the item arrives drops the item). An event
+    already waiting is taken at once: under load most are, and a task per token would cost more."""
+    if not queue.empty():
+        return queue.get_nowait()
     getter = asyncio.ensure_future(queue.get())
     try:
         while True:
@@ -262,10 +265,14 @@ class Run:
             raise APIError(429, f"{e}; retry later", None, "rate_limit_exceeded", "rate_limit_error") from None
 
     def usage(self, completion_tokens: int) -> dict:
+        """OpenAI's usage; `cached_tokens`: prompt tokens the prefix cache held (each prompt's first
+        choice: the others reuse that one's blocks, as `prompt_tokens` counts each prompt once)."""
+        cached = sum(s.cached_tokens for s in self.seqs[:: self.body.n])
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": self.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def choice(self, index: int, text: str, finish_reason, delta: bool, entries=None) -> dict:
@@ -370,9 +377,21 @@ def create_app(
     max_tokens_limit: int | None = None,
     max_body_bytes: int = 1 << 20,
     folder=None,
+    compile: bool = False,
+    prefix_cache_bytes: int = 0,
 ) -> FastAPI:
+    """The app; `compile` and `prefix_cache_bytes` as `Engine` takes them (the decode step is
+    compiled before the app answers its first request)."""
     metrics = ServerMetrics()
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, observer=metrics)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        observer=metrics,
+        compile=compile,
+        prefix_cache_bytes=prefix_cache_bytes,
+    )
     metrics.watch(engine)
     context = model.config.max_position_embeddings
     service = Service(model, tokenizer, model_name, engine, max_tokens_limit or context, folder)
@@ -380,6 +399,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
+        await asyncio.to_thread(engine.ready.wait)  # the compiled step's warm-up, before any request
         yield
         engine.stop()
 

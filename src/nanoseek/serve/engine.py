@@ -34,6 +34,12 @@ token (and of the prompt with `echo_logprobs`: the prefill then keeps every posi
 handed out with the events (serve/logprobs.py); `constraint` masks the row's logits before sampling
 and follows the sampled tokens (response_format, serve/structured.py); an `EngineObserver` hears of
 prefills, decode steps and tokens (serve/metrics.py).
+
+Two speed-ups, each tested to give the tokens of the plain engine: `compile=True` runs the decode
+step compiled on a few padded shapes, compiled by `warm_up` before the first request
+(serve/fast_decode.py); `prefix_cache_bytes` keeps the KV blocks of earlier prompts and copies them
+into the row of a new prompt that starts the same way, so its prefill starts after them
+(serve/prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -50,10 +56,13 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.errors import NanoseekError
+from nanoseek.generation.compiled import DecodeOptions
 from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
 from nanoseek.generation.steps import decode_step, prefill
 from nanoseek.generation.streaming import Detokenizer
+from nanoseek.serve.fast_decode import FastDecode
 from nanoseek.serve.logprobs import position_logprobs, prefill_with_prompt_logprobs
+from nanoseek.serve.prefix_cache import PrefixCache, refusal
 
 log = logging.getLogger("nanoseek.serve")
 
@@ -105,6 +114,7 @@ class Sequence:
     recorded: list = field(default_factory=list)  # TokenLogprobs, prompt first, not yet emitted
     arrival: float = field(default_factory=time.monotonic)
     dropped: int = 0  # tokens slid out of the row's cache (past the context)
+    cached_tokens: int = 0  # prompt positions whose cache entries came from the prefix cache
 
     @property
     def position(self) -> int:
@@ -146,9 +156,28 @@ def check_cache_fits(model, rows: int, context: int, device: torch.device) -> No
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 32, observer=None):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
+    """`compile`: decode with the compiled step (`FastDecode`: its padded batch sizes
+    `compile_batch_sizes`, default powers of two up to max_batch; `decode_options` its fast paths),
+    compiled when the engine starts. `prefix_cache_bytes` > 0: a prefix cache of at most that many
+    bytes (refused, with a warning, for a model whose cache kind it does not know)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 32,
+        observer=None,
+        compile: bool = False,
+        compile_batch_sizes: list[int] | None = None,
+        decode_options: DecodeOptions | None = None,
+        prefix_cache_bytes: int = 0,
+    ):
+        if max_batch < 1 or max_queue < 0 or prefix_cache_bytes < 0:
+            raise ValueError(
+                f"max_batch={max_batch} must be >= 1, max_queue={max_queue} >= 0 "
+                f"and prefix_cache_bytes={prefix_cache_bytes} >= 0"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -156,6 +185,13 @@ class Engine:
         self.device = next(model.parameters()).device
         check_cache_fits(model, max_batch, self.context, self.device)
         self.cache = model.make_cache(max_batch, self.context)
+        self.fast = (
+            FastDecode(model, self.cache, max_batch, self.context, decode_options, compile_batch_sizes)
+            if compile
+            else None
+        )
+        self.prefix = self._prefix_cache(prefix_cache_bytes)
+        self.ready = threading.Event()  # set once the warm-up is over (at once without `compile`)
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.waiting: deque[Sequence] = deque()
         self.jobs: deque[tuple[Callable, Future]] = deque()
@@ -167,8 +203,20 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
     # ------------------------------------------------------------------ the server's side
-    def start(self) -> Engine:
+    def _prefix_cache(self, max_bytes: int) -> PrefixCache | None:
+        if not max_bytes:
+            return None
+        reason = refusal(self.model)
+        if reason is not None:
+            log.warning("serving without a prefix cache: %s", reason)
+            return None
+        return PrefixCache(self.model, max_bytes)
+
+    def start(self, wait: bool = False) -> Engine:
+        """Start the engine thread (it first compiles, with `compile`); `wait`: return once it is ready."""
         self.thread.start()
+        if wait:
+            self.ready.wait()
         return self
 
     def stop(self) -> None:
@@ -228,11 +276,14 @@ class Engine:
                 "max_queue": self.max_queue,
                 "decode_steps": self.steps,
                 "tokens_generated": self.tokens_out,
+                "compiled": self.fast is not None,
+                **(self.prefix.summary() if self.prefix is not None else {}),
             }
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        self._warm_up()
         while True:
             with self.wakeup:
                 while not (self.stopping or self.waiting or self.running or self.jobs):
@@ -253,6 +304,19 @@ class Engine:
                 failed, self.running = self.running, []
                 for seq in failed:
                     self._report_failure(seq)
+
+    def _warm_up(self) -> None:
+        """Compile the decode step's shapes before any request arrives; on failure decode eagerly."""
+        try:
+            if self.fast is not None:
+                with torch.inference_mode():  # the state the steps will run in, which dynamo guards on
+                    seconds = self.fast.warm_up()
+                log.info("compiled decode step ready: %d shapes in %.1f s", len(self.fast.shapes()), seconds)
+        except Exception as error:  # no C++ compiler, an op inductor cannot compile, ...
+            log.warning("compiling the decode step failed (%s: %s); decoding eagerly", type(error).__name__, error)
+            self.fast = None
+        finally:
+            self.ready.set()
 
     def _run_jobs(self, jobs) -> None:
         for fn, fut in jobs:
@@ -291,21 +355,28 @@ class Engine:
                 self._release([seq])
 
     def _prefill(self, seq: Sequence, row: int) -> torch.Tensor:
-        """Prompt of `seq` into cache row `row`; the logits (1, V) of its first token."""
+        """Prompt of `seq` into cache row `row`, after the blocks the prefix cache has of it (none when
+        the prompt's own logprobs are asked: they need every position); the logits (1, V) of its
+        first token."""
         seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=seq.max_tokens)  # past the context: slides
         seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
         view = [c.rows(row, row + 1) for c in self.cache]
+        chain = self.prefix.match(seq.prompt_ids) if self.prefix is not None and not seq.echo_logprobs else []
         if seq.echo_logprobs:
             logits, seq.recorded = prefill_with_prompt_logprobs(self.model, seq.prompt_ids, view, seq.logprobs)
         else:
-            logits = prefill(self.model, torch.tensor([seq.prompt_ids], device=self.device), view)
+            seq.cached_tokens = self.prefix.restore(chain, view) if chain else 0
+            rest = torch.tensor([seq.prompt_ids[seq.cached_tokens :]], device=self.device)
+            logits = prefill(self.model, rest, view, start=seq.cached_tokens)
+        if self.prefix is not None:
+            self.prefix.store(seq.prompt_ids, view, chain)
         self.observer.prefilled(seq)
         return logits
 
     def _decode(self) -> None:
         """One step for every running row. Isolation: when the batched step raises, each row is
-        stepped alone (rewriting its cache position is harmless), so only the rows that fail on
-        their own end, with an error event; a row whose sampling or text fails ends alone too."""
+        stepped alone, eagerly (rewriting its cache position is harmless), so only the rows that fail
+        on their own end, with an error event; a row whose sampling or text fails ends alone too."""
         seqs = list(self.running)
         try:
             tokens = self._sample(self._forward(0, len(seqs)), seqs)
@@ -329,18 +400,22 @@ class Engine:
 
     def _decode_alone(self, row: int) -> int | None:
         try:
-            return self._sample(self._forward(row, row + 1), [self.running[row]])[0]
+            return self._sample(self._forward(row, row + 1, compiled=False), [self.running[row]])[0]
         except Exception:
             log.exception("decode step of one request failed; ending that request")
             return None
 
-    def _forward(self, lo: int, hi: int) -> torch.Tensor:
-        """Logits (hi - lo, V) of one decode step of running rows lo..hi-1, each at its own position."""
+    def _forward(self, lo: int, hi: int, compiled: bool = True) -> torch.Tensor:
+        """Logits (hi - lo, V) of one decode step of running rows lo..hi-1, each at its own position:
+        by the compiled step for the rows from 0 when the engine compiles, else eagerly over the keys
+        in use."""
         seqs = self.running[lo:hi]
         tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         positions = torch.tensor([s.position for s in seqs], device=self.device)
-        kv_len = max(s.position for s in seqs) + 1
-        view = [c.rows(lo, hi, kv_len) for c in self.cache]
+        last = max(s.position for s in seqs)
+        if compiled and self.fast is not None and lo == 0:
+            return self.fast.step(tokens, positions, last)
+        view = [c.rows(lo, hi, last + 1) for c in self.cache]
         return decode_step(self.model, tokens, view, positions)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:

@@ -10,6 +10,16 @@
     nanoseek_time_to_first_token_seconds        histogram: arrival -> first token, per sequence
     nanoseek_time_per_output_token_seconds      histogram: the gap between consecutive tokens
     nanoseek_request_latency_seconds            histogram: arrival -> last token, per sequence
+    nanoseek_prefix_cache_queries_total         prompt tokens looked up in the prefix cache
+    nanoseek_prefix_cache_hits_total            ... of which the cache held the entries (not prefilled)
+    nanoseek_prefix_cache_hit_rate              hits / queries since the start (0 before any query)
+    nanoseek_prefix_cache_requests_total{result}  prompts looked up: "hit" (one block or more) or "miss"
+    nanoseek_prefix_cache_evictions_total       blocks evicted to stay under the bound
+    nanoseek_prefix_cache_bytes, _blocks        what the prefix cache holds now
+    nanoseek_decode_compiled                    1 when the decode step runs compiled, else 0
+
+The prefix cache's series exist only when the server has one; tokens are counted as vLLM counts
+its prefix-cache queries and hits.
 
 Each app has its own registry (two servers in one process do not mix counts). The engine reports
 through the `EngineObserver` hooks; HTTP requests are counted by an ASGI wrapper around the whole
@@ -22,6 +32,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from nanoseek.serve.engine import EngineObserver
@@ -65,6 +76,10 @@ class ServerMetrics(EngineObserver):
         self.running.set_function(lambda: len(engine.running))
         self.waiting.set_function(lambda: len(engine.waiting))
         self.occupancy.set_function(lambda: len(engine.running) / engine.max_batch)
+        compiled = Gauge("nanoseek_decode_compiled", "1 when the decode step runs compiled", registry=self.registry)
+        compiled.set_function(lambda: float(engine.fast is not None))
+        if engine.prefix is not None:
+            self.registry.register(PrefixCacheCollector(engine.prefix))
 
     # ------------------------------------------------------------ the engine's hooks (engine thread)
     def prefilled(self, seq) -> None:
@@ -109,3 +124,31 @@ class ServerMetrics(EngineObserver):
                 self.requests.labels(route, status["code"]).inc()
 
         return counted
+
+
+class PrefixCacheCollector:
+    """The prefix cache's counters, read from its statistics at each scrape (the engine thread keeps them)."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def collect(self):
+        stats = self.prefix.stats
+        queries = CounterMetricFamily("nanoseek_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        queries.add_metric([], stats.queried_tokens)
+        hits = CounterMetricFamily("nanoseek_prefix_cache_hits", "Prompt tokens whose entries the prefix cache held")
+        hits.add_metric([], stats.hit_tokens)
+        requests = CounterMetricFamily(
+            "nanoseek_prefix_cache_requests", "Prompts looked up, by result", labels=["result"]
+        )
+        requests.add_metric(["hit"], stats.hits)
+        requests.add_metric(["miss"], stats.lookups - stats.hits)
+        evictions = CounterMetricFamily("nanoseek_prefix_cache_evictions", "Blocks evicted from the prefix cache")
+        evictions.add_metric([], stats.evictions)
+        rate = GaugeMetricFamily("nanoseek_prefix_cache_hit_rate", "Prefix cache hits / queries, in tokens")
+        rate.add_metric([], self.prefix.hit_rate())
+        held = GaugeMetricFamily("nanoseek_prefix_cache_bytes", "Bytes the prefix cache holds")
+        held.add_metric([], self.prefix.bytes)
+        blocks = GaugeMetricFamily("nanoseek_prefix_cache_blocks", "Blocks the prefix cache holds")
+        blocks.add_metric([], len(self.prefix.blocks))
+        return [queries, hits, requests, evictions, rate, held, blocks]

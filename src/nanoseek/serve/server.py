@@ -14,6 +14,7 @@ import sys
 import uvicorn
 
 from nanoseek.serve.app import create_app
+from nanoseek.serve.seq2seq import create_seq2seq_app
 from nanoseek.serve.transport import JSONErrorProtocol, listen_socket
 
 
@@ -34,6 +35,16 @@ def warn_if_open(host: str, api_key: str | None) -> None:
         )
 
 
+def build_app(model, tokenizer, name: str, compile: bool, prefix_cache_bytes: int, **options):
+    """(the app serving `model`, whether it decodes compiled, its prefix cache's bytes). An
+    encoder-decoder is served by serve/seq2seq.py, whose beam search has neither the compiled step
+    nor the prefix cache: both are off there, whatever was asked."""
+    if model.config.architecture == "encoder_decoder":
+        return create_seq2seq_app(model, tokenizer, name, **options), False, 0
+    app = create_app(model, tokenizer, name, compile=compile, prefix_cache_bytes=prefix_cache_bytes, **options)
+    return app, compile, prefix_cache_bytes
+
+
 def serve(
     model,
     tokenizer,
@@ -47,15 +58,20 @@ def serve(
     max_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
     sock: socket.socket | None = None,
+    compile: bool = False,
+    prefix_cache_bytes: int = 0,
 ) -> None:
     """Serve `model` as `name` on http://host:port (blocks until the server stops); `sock`: that address,
-    already bound (by `listen_socket`, before the model loaded)."""
+    already bound (by `listen_socket`, before the model loaded). An encoder-decoder model is served by
+    serve/seq2seq.py."""
     sock = sock or listen_socket(host, port)
     try:
-        app = create_app(
+        app, compile, prefix_cache_bytes = build_app(
             model,
             tokenizer,
             name,
+            compile,
+            prefix_cache_bytes,
             folder=folder,
             api_key=api_key,
             max_batch=max_batch,
@@ -67,12 +83,21 @@ def serve(
         sock.close()
         raise
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cache = f"{prefix_cache_bytes / 2**20:g} MiB" if prefix_cache_bytes else "off"
     print(
         f"serving {name} on http://{host}:{port} (max batch {max_batch}, "
-        f"queue {max_queue}, API key {'on' if api_key else 'off'})",
+        f"queue {max_queue}, API key {'on' if api_key else 'off'}, "
+        f"decode {'compiled' if compile else 'eager'}, prefix cache {cache})",
         file=sys.stderr,
         flush=True,
     )
+    if compile:
+        print(
+            "compiling the decode step before the first request: minutes the first time on a small CPU, "
+            "seconds once torch has cached it (--no-compile skips it)",
+            file=sys.stderr,
+            flush=True,
+        )
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, http=JSONErrorProtocol
     )

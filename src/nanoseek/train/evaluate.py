@@ -66,7 +66,8 @@ def evaluate(
     device: torch.device | str = "cpu",
     dtype: str = "float32",
 ) -> EvalResult:
-    """Token-weighted cross-entropy of `model` over (x, y) batches; `byte_lengths[id]` = bytes of a token.
+    """Token-weighted cross-entropy of `model` over (x, y) batches (or (source, x, y) for an encoder-decoder);
+    targets of -1 (a pair task's padding and sources) do not count. `byte_lengths[id]` = bytes of a token.
 
     The head and the loss run fused (the (B, T, V) logits are never formed); the model's mode is kept."""
     was_training = model.training
@@ -74,12 +75,13 @@ def evaluate(
     result = EvalResult()
     try:
         with autocast(device, dtype):
-            for x, y in batches:
-                loss = model(x.to(device), y.to(device), return_logits=False).loss
-                result.loss_sum += loss.item() * y.numel()
-                result.tokens += y.numel()
+            for *inputs, y in batches:
+                loss = model(*(t.to(device) for t in inputs), y.to(device), return_logits=False).loss
+                counted = y[y >= 0]
+                result.loss_sum += loss.item() * counted.numel()
+                result.tokens += counted.numel()
                 if byte_lengths is not None:
-                    result.bytes += int(byte_lengths[y.numpy()].sum())
+                    result.bytes += int(byte_lengths[counted.numpy()].sum())
     finally:
         model.train(was_training)
     return result

@@ -7,6 +7,9 @@
                optimizer.step();  model.update_balance_bias(the forwards' expert load, summed)  (MoE)
                log / eval / checkpoint;  stop on steps, tokens, wall-clock, Ctrl-C or a non-finite loss
 
+A pair task (`data.task` couplets, copy, reverse, sort; data/pairs.py) trains on (source, target) batches
+laid out for the configured architecture; its loss counts the target tokens only.
+
 Outputs under `out`: metrics.jsonl (one JSON object per logged step and per eval), loss.png,
 train_config.json (the full TrainConfig), tokenizer.json, data/ (token shards) and checkpoints/.
 Resume (`resume=True`) restores weights, optimizer moments, RNG, data position and counters, so a
@@ -32,12 +35,13 @@ from tqdm.auto import tqdm
 from nanoseek.config import TrainConfig
 from nanoseek.data import BUNDLED_CORPUS, CORPORA, corpus_path
 from nanoseek.data.files import atomic_write_text
+from nanoseek.data.pairs import PairData, load_pair_data
 from nanoseek.data.shards import BatchLoader, TokenDataset, prepare_corpus
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.device import autocast
 from nanoseek.errors import NanoseekError
 from nanoseek.io import checkpoint as ckpt_io
-from nanoseek.model import Transformer
+from nanoseek.model import make_model
 from nanoseek.parallel import dist
 from nanoseek.train import run_folder
 from nanoseek.train.adaptive import PlateauController, SpikeGuard
@@ -75,6 +79,8 @@ def setup_tokenizer(cfg: TrainConfig, out: Path, files: list[str]):
 
 
 def setup_data(cfg: TrainConfig, out: Path):
+    if cfg.data.task != "lm":
+        return setup_pairs(cfg, out)
     files = [corpus_path(f) for f in cfg.data.path] or [str(BUNDLED_CORPUS)]
     for f in files:
         if not Path(f).is_file():
@@ -85,6 +91,33 @@ def setup_data(cfg: TrainConfig, out: Path):
     shard_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "data"
     prepare_corpus(files, shard_dir, tok, val_fraction=cfg.data.val_fraction)
     return tok, TokenDataset(shard_dir)
+
+
+def setup_pairs(cfg: TrainConfig, out: Path) -> tuple:
+    """A pair task's tokenizer (made from its texts once, then reused from OUT) and its data in the layout
+    of the configured architecture."""
+    saved = out / "tokenizer.json"
+    tok = load_tokenizer(saved) if saved.is_file() else cfg.data.tokenizer
+    d = cfg.data
+    data = load_pair_data(
+        d.task, cfg.model.architecture, d.path, d.val_fraction, d.seq_len, tok, d.vocab_size, out / "data"
+    )
+    if not saved.is_file():
+        data.tokenizer.save(saved)
+    return data.tokenizer, data
+
+
+def data_streams(cfg: TrainConfig, data, ctx) -> tuple:
+    """(the training loader, a function giving the fixed validation batches) of a token corpus or a pair task."""
+    t, e = cfg.train, cfg.eval
+    if isinstance(data, PairData):
+        loader = data.loader(t.batch_size, t.seed, ctx.rank, ctx.world)
+        return loader, lambda: data.eval_batches(e.batch_size, e.batches)
+    loader = BatchLoader(
+        data.split("train"), t.batch_size, cfg.data.seq_len, seed=t.seed, rank=ctx.rank, world_size=ctx.world
+    )
+    val_tokens = data.split("val")
+    return loader, lambda: fixed_batches(val_tokens, e.batch_size, cfg.data.seq_len, e.batches, seed=t.seed + 1)
 
 
 def progress_fraction(cfg: TrainConfig, state: RunState, reserve: float = 0.0) -> float:
@@ -154,13 +187,14 @@ class StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> Transformer:
+def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The configured model (decoder-only or encoder-decoder), its vocabulary grown to the tokenizer's."""
     model_cfg = cfg.model
     if model_cfg.vocab_size < vocab_size:
         model_cfg = model_cfg.replace(vocab_size=vocab_size)
         cfg.model = model_cfg
     torch.manual_seed(cfg.train.seed)
-    return Transformer(model_cfg)
+    return make_model(model_cfg)
 
 
 def maybe_compile(model, enabled: bool):
@@ -243,6 +277,8 @@ def describe_budget(cfg: TrainConfig) -> str:
 def describe_run(cfg: TrainConfig, model, params: dict, vocab_size: int, ctx, resume_step: int | None) -> str:
     """The lines printed when a run starts: model size, data, device, output, budget, ranks."""
     source = ", ".join(cfg.data.path) or "the bundled tinyshakespeare.txt"
+    if cfg.data.task != "lm":
+        source = f"{cfg.data.task} pairs" + (f" from {', '.join(cfg.data.path)}" if cfg.data.path else "")
     size = f"{params['total'] / 1e6:.2f}M parameters"
     if params["active"] != params["total"]:
         size += f" ({params['active'] / 1e6:.2f}M active per token)"
@@ -293,6 +329,8 @@ def train(
     dist.barrier(ctx)
     if not ctx.is_main:
         tok, data = setup_data(cfg, out)
+    if cfg.data.task != "lm":  # a pair task's model records them: the encoder masks <pad> in the source
+        cfg.model = cfg.model.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     model = build_model(cfg, tok.vocab_size).to(ctx.device)
     model.gradient_checkpointing = cfg.dist.activation_checkpointing
     params = model.num_params()  # of the whole model, before expert parallelism shards it
@@ -301,15 +339,7 @@ def train(
     )
     optimizer = make_optimizer(model, cfg.optim)
     adaptive = Adaptive.from_config(cfg)
-    loader = BatchLoader(
-        data.split("train"),
-        cfg.train.batch_size,
-        cfg.data.seq_len,
-        seed=cfg.train.seed,
-        rank=ctx.rank,
-        world_size=ctx.world,
-    )
-    val_tokens = data.split("val")
+    loader, val_batches = data_streams(cfg, data, ctx)
     byte_lengths = tok.token_byte_lengths()
     state = RunState()
 
@@ -336,7 +366,6 @@ def train(
         atomic_write_text(out / run_folder.RUN_CONFIG, cfg.to_json())
     metrics = MetricsLog(out / "metrics.jsonl" if ctx.is_main else None, state.step if resume_from else None)
     step_fn = maybe_compile(wrapped, cfg.train.compile)
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * ctx.world
     tokenizer_json = (out / "tokenizer.json").read_text()
 
     def save():
@@ -372,11 +401,8 @@ def train(
         return path or ckpt_io.checkpoint_path(out, state.step)
 
     def run_eval():
-        batches = fixed_batches(
-            val_tokens, cfg.eval.batch_size, cfg.data.seq_len, cfg.eval.batches, seed=cfg.train.seed + 1
-        )
         with eval_weights(optimizer):
-            result = evaluate(wrapped, batches, byte_lengths, ctx.device, cfg.train.dtype)
+            result = evaluate(wrapped, val_batches(), byte_lengths, ctx.device, cfg.train.dtype)
         rec = eval_record(state.step, result)
         metrics.write(rec)
         return rec
@@ -414,10 +440,14 @@ def train(
             loss_sum = 0.0
             aux_log: dict = {}
             expert_load = None  # MoE: tokens per expert, summed over the micro-batches
+            step_tokens = 0  # target tokens (a pair task's padding and sources are not targets)
             for _ in range(cfg.train.grad_accum):
-                x, y = (t.to(ctx.device, non_blocking=True) for t in loader.next())
+                *inputs, y = loader.next()  # (x, y), or (source, x, y) for an encoder-decoder
+                step_tokens += int((y >= 0).sum())
+                inputs, y = [t.to(ctx.device, non_blocking=True) for t in inputs], y.to(ctx.device, non_blocking=True)
                 with autocast(ctx.device, cfg.train.dtype):
-                    output = step_fn(x, y, return_logits=False)  # head + loss fused (kernels/cross_entropy.py)
+                    # head + loss fused (kernels/cross_entropy.py) where no label smoothing asks for the logits
+                    output = step_fn(*inputs, y, return_logits=False, label_smoothing=cfg.train.label_smoothing)
                     loss = output.loss
                     for value in output.aux.values():
                         if isinstance(value, torch.Tensor) and value.requires_grad:
@@ -458,11 +488,11 @@ def train(
                 bar.write(f"step {state.step}: {spike['spike']} spike ({spike['action']}), lr x{spike['lr_scale']:.3g}")
             elif adaptive.guard:
                 adaptive.guard.maybe_snapshot(model, optimizer, state.step)
-            state.tokens += tokens_per_step
+            state.tokens += step_tokens * ctx.world
             now = time.perf_counter()
             state.elapsed, clock = state.elapsed + now - clock, now
             reserve.step_took(now - t0)
-            window_tokens += tokens_per_step
+            window_tokens += step_tokens * ctx.world
             fraction = progress_fraction(cfg, state, reserve.seconds)
             bar.set_description_str(step_label(cfg, state, fraction), refresh=False)
             bar.update(min(100.0, 100 * fraction) - bar.n)
@@ -535,7 +565,7 @@ def train(
         "params_total": params["total"],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "world_size": ctx.world,
-        **last_eval,
+        **{k: v for k, v in last_eval.items() if k != "step"},  # an interrupted run's last eval is older
     }
     if ctx.is_main:
         atomic_write_text(out / run_folder.SUMMARY, json.dumps(summary, indent=2))

@@ -110,6 +110,14 @@ def load_hf_model(folder: str | Path, dtype=None, trust_pickle: bool = False):
     return model.eval()
 
 
+ENCODER_DECODER_EXPORT = (
+    "cannot save an encoder-decoder model in HF format: no transformers class matches it exactly (MarianMT lays "
+    "its sinusoidal table out as [sin | cos] where nanoseek interleaves sin and cos; BART learns its positions "
+    "with an offset of 2 and normalizes the embeddings); keep the nanoseek checkpoint, which nanoseek sample, "
+    "eval and serve read"
+)
+
+
 def save_hf(
     model,
     folder: str | Path,
@@ -122,6 +130,8 @@ def save_hf(
 
     DeepSeek MTP modules are kept as layers after the last decoder layer (as DeepSeek's checkpoints
     keep them); `drop_mtp` leaves them out (and sets num_nextn_predict_layers=0)."""
+    if model.config.architecture == "encoder_decoder":
+        raise NanoseekError(ENCODER_DECODER_EXPORT)
     folder = Path(folder)
     config = model.config.replace(num_nextn_predict_layers=0) if drop_mtp else model.config
     hf_config = config_to_hf(config)

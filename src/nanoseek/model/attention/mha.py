@@ -43,6 +43,15 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope=None, cache: DenseKVCache | None = None, start: int | torch.Tensor = 0
     ) -> torch.Tensor:
+        q, k, v = self.project(x, rope)
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+        dropout = self.dropout if self.training else 0.0
+        bias = rope if isinstance(rope, DistanceBias) else None  # ALiBi / T5: added to the logits
+        return self.output(causal_attention(q, k, v, start, self.scale, dropout, self.window, bias=bias))
+
+    def project(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q (B, H, T, d), k and v (B, H_kv, T, d), rotated when `rope` is given."""
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
@@ -55,13 +64,13 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
             if torch.is_grad_enabled() and v.requires_grad:  # a view would keep all of qkv for backward
                 v = v.contiguous()
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d) views
-        if cache is not None:
-            k, v = cache.update(start, k, v)
-        dropout = self.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, start, self.scale, dropout, self.window, bias=bias)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d) views
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs y (B, H, T, d) concatenated and projected: (B, T, D)."""
+        b, _, t, _ = y.shape
         # a view when y is laid out (B, T, H, d), as SDPA returns it for such q: no copy kept for o_proj
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:

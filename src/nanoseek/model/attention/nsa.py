@@ -362,6 +362,11 @@ class NSACache:
         for x in self.blocks:
             x[dst] = x[src]
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        for c in self.caches:
+            c.select_rows(index)
+        self.blocks = [x.index_select(0, index) for x in self.blocks]
+
 
 # ---------------------------------------------------------------------------- compressed branch
 

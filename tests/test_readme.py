@@ -40,9 +40,9 @@ def tiny_budget(argv: list[str]) -> list[str]:
     if command in ("train", "ablate"):
         asked = next((int(v) for k, v in zip(argv, argv[1:]) if k == "--max-steps"), 2000)
         return [
-            "--max-steps", str(max(2, asked // 1000)), "--max-seconds", "0", "--max-tokens", "0",
+            "--max-steps", str(max(5, asked // 1000)), "--max-seconds", "0", "--max-tokens", "0",
             "--data.seq_len=32", "--train.batch_size=2", "--eval.batches=1", "--eval.batch_size=2",
-            "--log.progress=false", "--log.plot=false", "--checkpoint.every=0", "--threads", "1",
+            "--log.progress=false", "--log.plot=false", "--checkpoint.every=1", "--threads", "1",
         ]  # fmt: skip
     return {
         "sample": ["--max-new-tokens", "8"],

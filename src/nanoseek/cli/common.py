@@ -84,7 +84,7 @@ FLAG_RANGES = {
     "port": Range(1, 65535),
     "max_batch": Range(1),
     "max_queue": Range(0),
-    "max_tokens": Range(1),
+    "max_tokens": Range(0),  # train: 0 = no limit; serve checks its own >= 1
     "max_body_bytes": Range(1),
 }
 

@@ -38,6 +38,7 @@ import torch
 from nanoseek.data.corpora import CORPORA, corpus_path
 from nanoseek.data.couplets import couplet_split
 from nanoseek.data.files import atomic_write_text
+from nanoseek.data.shards import SeededStepLoader
 from nanoseek.data.synthetic import SYNTHETIC_TASKS, synthetic_split
 from nanoseek.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 from nanoseek.errors import NanoseekError
@@ -134,7 +135,7 @@ def decoder_batch(pairs: Sequence[IdPair], tok: Tokenizer) -> tuple[torch.Tensor
 COLLATE: dict[str, Callable] = {"encoder_decoder": encoder_decoder_batch, "decoder": decoder_batch}
 
 
-class PairLoader:
+class PairLoader(SeededStepLoader):
     """Batches of random pairs; batch `step` depends only on (seed, step), as `BatchLoader`'s windows do."""
 
     def __init__(
@@ -158,18 +159,6 @@ class PairLoader:
         return batch
 
     __next__ = next
-
-    def __iter__(self) -> PairLoader:
-        return self
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name in ("step", "seed"):
-            if not isinstance(state.get(name), (int, np.integer)) or state[name] < 0:
-                raise NanoseekError(f"loader state needs a non-negative integer {name!r}, got {state!r}")
-        self.step, self.seed = int(state["step"]), int(state["seed"])
 
 
 # ------------------------------------------------------------------------------------ a task, ready to train

@@ -214,7 +214,27 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> Batch:
     return inputs, targets
 
 
-class BatchLoader:
+class SeededStepLoader:
+    """What every loader that draws batch `step` from (seed, step) alone shares: iteration and an
+    exactly resumable state of two integers."""
+
+    step: int
+    seed: int
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("step", "seed"):
+            if not isinstance(state.get(name), (int, np.integer)) or state[name] < 0:
+                raise NanoseekError(f"loader state needs a non-negative integer {name!r}, got {state!r}")
+        self.step, self.seed = int(state["step"]), int(state["seed"])
+
+
+class BatchLoader(SeededStepLoader):
     """Deterministic random windows; batch ``step`` depends only on (seed, step)."""
 
     def __init__(
@@ -245,18 +265,6 @@ class BatchLoader:
         return batch
 
     __next__ = next
-
-    def __iter__(self) -> BatchLoader:
-        return self
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name in ("step", "seed"):
-            if not isinstance(state.get(name), (int, np.integer)) or state[name] < 0:
-                raise NanoseekError(f"loader state needs a non-negative integer {name!r}, got {state!r}")
-        self.step, self.seed = int(state["step"]), int(state["seed"])
 
 
 def iter_eval_batches(

@@ -379,6 +379,8 @@ class Run:
                 }
                 yield sse(self.envelope([first], chunk=True))
         echoed = list(self.echoed)  # sent with each choice's first chunk
+        pending = []  # events' chunks not yet written: the ones already waiting go out in one write
+        finished = 0
         try:
             async for event in self.events():
                 i = event.index
@@ -389,13 +391,18 @@ class Run:
                     started[i] = bool(text)
                 if text or event.finish_reason or event.logprobs:
                     choice = self.choice(i, text, event.finish_reason, True, event.logprobs)
-                    yield sse(self.envelope([choice], True))
+                    pending.append(sse(self.envelope([choice], True)))
+                finished += event.finish_reason is not None
+                if pending and self.queue.empty() and finished < len(self.seqs):  # the last: with [DONE]
+                    yield "".join(pending)
+                    pending = []
         except RuntimeError as e:
-            yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+            error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+            yield "".join(pending) + sse({"error": error})
             return
         if self.body.include_usage():
-            yield sse({**self.envelope([], chunk=True), "usage": self.usage(sum(tokens))})
-        yield "data: [DONE]\n\n"
+            pending.append(sse({**self.envelope([], chunk=True), "usage": self.usage(sum(tokens))}))
+        yield "".join(pending) + "data: [DONE]\n\n"
 
 
 # ---------------------------------------------------------------------------- the app

@@ -6,8 +6,10 @@
 2. `nanoseek train` with no model or data arguments runs as a process of its own with `--train.max_seconds`
    set so that the whole process (start-up, data preparation, training, final checkpoint and evaluation)
    lasts T as well.
-3. Both are scored the same way, untimed: the loss on the whole held-out split (the last 10% of tiny
-   Shakespeare) in non-overlapping windows of each model's own context, in bits per byte.
+3. Both are scored the same way, untimed: the loss on the held-out end of tiny Shakespeare (nanoseek's
+   validation split: the last 10% of its tokens) in non-overlapping windows of each model's own context,
+   in bits per byte. nanoGPT holds out its last 10% of chars; it is scored on the same bytes as nanoseek
+   (for a subword tokenizer a few bytes fewer: the end of nanoGPT's split).
 
 Writes OUT/default_vs_nanogpt.jsonl (one line per run and a summary) and OUT/default_vs_nanogpt.png
 (validation bits/byte against seconds since the process started, both runs; the held-out scores as stars).
@@ -27,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
@@ -37,10 +41,11 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def run_recipe(iters: int, threads: int) -> dict:
+def run_recipe(iters: int, threads: int, losses: Path) -> dict:
     """nanoGPT's recipe in its own process: its estimates (seconds since the process started), its wall time
-    to the end of training and its held-out loss."""
+    to the end of training and its held-out loss (each char's in `losses`)."""
     cmd = [sys.executable, str(HERE / "nanogpt_recipe.py"), "--iters", str(iters), "--threads", str(threads)]
+    cmd += ["--losses-out", str(losses)]
     start_wall, start = time.time(), time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=child_env(threads))
     curve, trained, held = [], None, None
@@ -106,6 +111,7 @@ def run_nanoseek(out: Path, seconds: float, threads: int, overrides: list[str]) 
         "params": summary["params_total"],
         "curve": curve,
         "held_out_bits_per_byte": round(held["bits_per_byte"], 4),
+        "held_out_bytes": held["bytes"],
     }
 
 
@@ -137,23 +143,30 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=2000, help="nanoGPT recipe iterations (its published 2000)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/out/default_vs_nanogpt")
     p.add_argument("--override", action="append", default=[], help="KEY=VALUE for the nanoseek run (default: none)")
     p.add_argument("--nanogpt-json", help="reuse the nanoGPT line of an earlier OUT/default_vs_nanogpt.jsonl")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.nanogpt_json:
+    losses = out / "nanogpt_held_out_losses.npy"
+    if args.nanogpt_json:  # an earlier run's recipe line, its per-char losses beside it
         recipe = json.loads(Path(args.nanogpt_json).read_text().splitlines()[0])
+        losses = Path(args.nanogpt_json).parent / losses.name
     else:
-        recipe = run_recipe(args.iters, args.threads)
-    print(json.dumps(recipe), flush=True)
-    budget = recipe["wall_s"] - import_seconds(args.threads)
+        recipe = run_recipe(args.iters, args.threads, losses)
+    budget = max(recipe["wall_s"] - import_seconds(args.threads), 1.0)
     ours = run_nanoseek(out, budget, args.threads, args.override)
+    # The same bytes for both: nanoseek's split holds out the corpus's last tokens, which for a subword
+    # tokenizer are a few bytes fewer than nanoGPT's last 10% of chars; score nanoGPT on those bytes only.
+    per_char = np.load(losses)
+    recipe["held_out_bytes"] = min(ours["held_out_bytes"], len(per_char))
+    recipe["held_out_bits_per_byte"] = round(float(per_char[-recipe["held_out_bytes"] :].mean()) / math.log(2), 4)
+    print(json.dumps(recipe), flush=True)
     print(json.dumps(ours), flush=True)
     gain = 1 - ours["held_out_bits_per_byte"] / recipe["held_out_bits_per_byte"]
     summary = {"summary": True, "threads": args.threads, "bits_per_byte_lower_by": round(gain, 4)}

@@ -12,7 +12,8 @@ time and the validation loss estimated as nanoGPT does (mean over 20 random batc
 Like nanoGPT's train.py it estimates the train and val losses (20 batches each) every 250 iterations and at
 the end, inside the timed run. It prints JSON lines: one per estimate ("eval"), one when training is done
 ("trained": what a user of nanoGPT waits for), then the loss on the whole held-out split in non-overlapping
-64-token windows ("held_out", untimed: the measure `nanoseek eval` takes of a nanoseek run).
+64-token windows ("held_out", untimed: the measure `nanoseek eval` takes of a nanoseek run; `--losses-out`
+keeps each char's loss, so a comparison can score exactly the bytes another run holds out).
 `benchmarks/default_vs_nanogpt.py` runs it beside the default `nanoseek train` at equal wall time.
 """
 
@@ -67,15 +68,15 @@ def estimate(model, data, block, gen, iters=20, size=12):
 
 @torch.no_grad()
 def held_out(model, data, block):
-    """Mean loss (nats/char) over the whole split in non-overlapping windows: every char after the first once."""
+    """The loss (nats) of every char of the split after the first, in order, in non-overlapping windows."""
     from nanoseek.data.shards import iter_eval_batches
 
     model.eval()
-    total = count = 0
+    losses = []
     for x, y in iter_eval_batches(data, 64, block):
-        total += model(x, y)[1].item() * y.numel()
-        count += y.numel()
-    return total / count
+        logits, _ = model(x, y)
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
+    return torch.cat(losses).numpy()
 
 
 def emit(record):
@@ -87,6 +88,7 @@ def main():
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-interval", type=int, default=250, help="iterations between loss estimates (nanoGPT's)")
+    p.add_argument("--losses-out", help="write the held-out loss of every char (nats, float32 .npy) here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(1337)
@@ -128,7 +130,10 @@ def main():
             },
         }
     )
-    loss = held_out(model, val, 64)
+    losses = held_out(model, val, 64)
+    if args.losses_out:
+        np.save(args.losses_out, losses.astype(np.float32))
+    loss = float(losses.mean())
     emit({"event": "held_out", "val_loss": round(loss, 4), "val_bits_per_byte": round(loss / math.log(2), 4)})
 
 

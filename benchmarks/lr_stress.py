@@ -148,7 +148,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     clip = rows[0].get("grad_clip")
     clip_text = "no gradient clipping" if clip == 0 else f"gradient clipped at norm {clip:g}"
-    fig.suptitle(f"{rows[0]['preset']}: fixed cosine vs cosine + spike guard, seed {rows[0]['seed']}, {clip_text}")
+    fig.suptitle(f"{rows[0]['preset']}: fixed cosine vs cosine + spike guard\nseed {rows[0]['seed']}, {clip_text}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

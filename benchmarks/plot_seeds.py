@@ -6,7 +6,9 @@ and writes:
               validation curve [[tokens, val_loss], ...] (small: kept with the results)
     --png     one panel per folder: the mean validation loss of each group against training tokens,
               the band from the lowest to the highest seed
-    stdout    a Markdown table: final validation loss, mean ± half the range (max − min) / 2, min, max
+    stdout    a Markdown table: final validation loss, mean ± half the range (max − min) / 2, min, max, and
+              with --baseline the difference to the baseline group of the same corpus and seed (same data
+              order and validation batches), its mean and its range over the seeds
 
     python benchmarks/plot_seeds.py runs/schedules/tinyshakespeare runs/schedules/tang_poems \\
         --png benchmarks/schedules.png --jsonl benchmarks/out/schedules.jsonl
@@ -37,7 +39,8 @@ def read_runs(folder: Path) -> list[dict]:
             continue
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         tokens_at = {r["step"]: r["tokens"] for r in records if "tokens" in r}
-        curve = [[tokens_at.get(r["step"], 0), r["val_loss"]] for r in records if "val_loss" in r]
+        per_step = max((t / s for s, t in tokens_at.items() if s), default=0)  # for steps with no train record
+        curve = [[tokens_at.get(r["step"], r["step"] * per_step), r["val_loss"]] for r in records if "val_loss" in r]
         if not curve:
             continue
         summary = folder / variant / "summary.json"
@@ -57,22 +60,28 @@ def read_runs(folder: Path) -> list[dict]:
     return runs
 
 
-def table(runs: list[dict]) -> str:
+def table(runs: list[dict], baseline: str = "") -> str:
     by = defaultdict(list)
     for r in runs:
         by[(r["corpus"], r["group"])].append(r)
+    base = {(r["corpus"], r["seed"]): r["final_val_loss"] for r in runs if r["group"] == baseline}
     lines = [
-        "| corpus | variant | seeds | final val loss mean ± half-range | min | max | params |",
-        "|---|---|---|---|---|---|---|",
+        "| corpus | variant | seeds | final val loss mean ± half-range | min | max | params |"
+        + (f" vs {baseline}, same seed: mean [min, max] |" if baseline else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if baseline else ""),
     ]
     for (corpus, group), rs in by.items():
         finals = [r["final_val_loss"] for r in rs]
         lo, hi = min(finals), max(finals)
         params = sorted({r["params"] for r in rs if r["params"]})
-        lines.append(
+        row = (
             f"| {corpus} | {group} | {len(rs)} | {sum(finals) / len(finals):.4f} ± {(hi - lo) / 2:.4f} "
             f"| {lo:.4f} | {hi:.4f} | {', '.join(f'{p:,}' for p in params) or '—'} |"
         )
+        if baseline:
+            deltas = [r["final_val_loss"] - base[(corpus, r["seed"])] for r in rs if (corpus, r["seed"]) in base]
+            row += f" {sum(deltas) / len(deltas):+.4f} [{min(deltas):+.4f}, {max(deltas):+.4f}] |" if deltas else " — |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -122,6 +131,7 @@ def main() -> None:
     p.add_argument("--png", type=Path, required=True)
     p.add_argument("--jsonl", type=Path, required=True)
     p.add_argument("--title", default="validation loss: mean of the seeds, band from lowest to highest")
+    p.add_argument("--baseline", default="", help="a group to compare every group with, seed by seed")
     p.add_argument("--zoom", type=float, default=0.6, help="y-range above the lowest point (0: the whole curve)")
     args = p.parse_args()
     runs = [r for folder in args.folders for r in read_runs(folder)]
@@ -130,7 +140,7 @@ def main() -> None:
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     args.jsonl.write_text("".join(json.dumps(r) + "\n" for r in runs))
     plot(runs, args.png, args.title, args.zoom)
-    print(table(runs))
+    print(table(runs, args.baseline))
     print(f"\nwrote {args.jsonl} and {args.png}")
 
 

@@ -8,6 +8,13 @@ time and the validation loss estimated as nanoGPT does (mean over 20 random batc
 `nanoseek train` run is then compared at the same wall-clock budget.
 
     python benchmarks/nanogpt_recipe.py --threads 2 --iters 2000
+
+Like nanoGPT's train.py it estimates the train and val losses (20 batches each) every 250 iterations and at
+the end, inside the timed run. It prints JSON lines: one per estimate ("eval"), one when training is done
+("trained": what a user of nanoGPT waits for), then the loss on the whole held-out split in non-overlapping
+64-token windows ("held_out", untimed: the measure `nanoseek eval` takes of a nanoseek run; `--losses-out`
+keeps each char's loss, so a comparison can score exactly the bytes another run holds out).
+`benchmarks/default_vs_nanogpt.py` runs it beside the default `nanoseek train` at equal wall time.
 """
 
 from __future__ import annotations
@@ -59,10 +66,29 @@ def estimate(model, data, block, gen, iters=20, size=12):
     return sum(losses) / len(losses)
 
 
+@torch.no_grad()
+def held_out(model, data, block):
+    """The loss (nats) of every char of the split after the first, in order, in non-overlapping windows."""
+    from nanoseek.data.shards import iter_eval_batches
+
+    model.eval()
+    losses = []
+    for x, y in iter_eval_batches(data, 64, block):
+        logits, _ = model(x, y)
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
+    return torch.cat(losses).numpy()
+
+
+def emit(record):
+    print(json.dumps(record), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-interval", type=int, default=250, help="iterations between loss estimates (nanoGPT's)")
+    p.add_argument("--losses-out", help="write the held-out loss of every char (nats, float32 .npy) here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(1337)
@@ -72,7 +98,13 @@ def main():
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
     gen = torch.Generator().manual_seed(1337)
     t0 = time.perf_counter()
-    for it in range(args.iters):
+    for it in range(args.iters + 1):
+        if it % args.eval_interval == 0 or it == args.iters:  # nanoGPT estimates both splits, 20 batches each
+            estimate(model, train, 64, gen)
+            val_loss = estimate(model, val, 64, gen)
+            emit({"event": "eval", "iter": it, "time": time.time(), "val_loss": round(val_loss, 4)})
+        if it == args.iters:
+            break
         for group in opt.param_groups:
             group["lr"] = lr_at(it, decay=args.iters)
         _, loss = model(*batch(train, 64, 12, gen))
@@ -81,10 +113,11 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    val_loss = estimate(model, val, 64, torch.Generator().manual_seed(0))
-    print(
-        json.dumps(
-            {
+    emit(
+        {
+            "event": "trained",
+            "time": time.time(),
+            **{
                 "bench": "nanogpt_recipe",
                 "impl": "reference",
                 "iters": args.iters,
@@ -94,9 +127,14 @@ def main():
                 "val_bits_per_byte": round(val_loss / math.log(2), 4),
                 "threads": args.threads,
                 "torch": torch.__version__,
-            }
-        )
+            },
+        }
     )
+    losses = held_out(model, val, 64)
+    if args.losses_out:
+        np.save(args.losses_out, losses.astype(np.float32))
+    loss = float(losses.mean())
+    emit({"event": "held_out", "val_loss": round(loss, 4), "val_bits_per_byte": round(loss / math.log(2), 4)})
 
 
 if __name__ == "__main__":

@@ -159,8 +159,9 @@ def plot(rows: list[dict], curves: dict, path: Path, title: str) -> None:
             ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_xticks(range(len(ARCHITECTURES)), [names[a] for a in ARCHITECTURES])
         ax.set(ylabel=label, title=f"{label}, held-out pairs")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room above the bars for the legend
         ax.grid(alpha=0.3, axis="y")
-        ax.legend()
+        ax.legend(loc="upper right", ncols=len(decodings))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -36,14 +36,14 @@ class APIError(Exception):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict | None = None  # {"name", "schema", "strict", "description"}, as OpenAI's
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -104,7 +104,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
@@ -130,7 +130,7 @@ class ChatRequest(Sampling):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     input: str | list[str] | list[int] | list[list[int]]
@@ -142,7 +142,7 @@ class EmbeddingRequest(BaseModel):
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize body: a completion prompt or chat messages."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     prompt: str | None = None
@@ -153,7 +153,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     tokens: list[int]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def plot(runs: list[dict], path: Path, title: str, zoom: float) -> None:
     corpora = list(dict.fromkeys(r["corpus"] for r in runs))
     groups = list(dict.fromkeys(r["group"] for r in runs))
     colors = dict(zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 5), squeeze=False)
+    styles = dict(zip(groups, [("o", "-"), ("s", "--"), ("D", "-."), ("^", ":"), ("v", "-")] * 4))
+    fig, axes = plt.subplots(1, len(corpora), figsize=(max(9, 7 * len(corpora)), 5), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
         lows = []
         for group in groups:
@@ -108,7 +110,8 @@ def plot(runs: list[dict], path: Path, title: str, zoom: float) -> None:
             mean = [sum(y) / len(y) for y in ys]
             finals = [c[n - 1][1] for c in curves]
             label = f"{group}: {mean[-1]:.3f} ± {(max(finals) - min(finals)) / 2:.3f} ({len(curves)} seeds)"
-            ax.plot(xs, mean, "o-", color=colors[group], ms=3, lw=1.6, label=label)
+            marker, line = styles[group]  # curves that coincide stay told apart
+            ax.plot(xs, mean, marker=marker, ls=line, color=colors[group], ms=4, lw=1.6, label=label)
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=colors[group], alpha=0.18)
             lows.append(min(min(y) for y in ys))
         if lows and zoom:
@@ -119,7 +122,7 @@ def plot(runs: list[dict], path: Path, title: str, zoom: float) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e3:g}K"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="final: mean ± half-range")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, int(9 * fig.get_figwidth())))  # ~9 characters an inch
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -304,3 +304,24 @@ def test_load_rejects_missing_and_corrupt_files(tmp_path):
     bad.write_text('{"type": "nanoseek-char", "version": 1, "chars": "aa"}', encoding="utf-8")
     with pytest.raises(NanoseekError, match="distinct"):
         load_tokenizer(bad)
+
+
+def test_bpe_merges_never_see_the_held_out_tail(tmp_path):
+    """The tail held out for validation teaches the BPE nothing: a word only it holds gets no token."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 400 + "zyxwvu " * 100)  # the tail: ~18% of the bytes
+    seen = train_tokenizer("bpe", [corpus], vocab_size=300)
+    held_out = train_tokenizer("bpe", [corpus], vocab_size=300, holdout_fraction=0.2)
+    assert len(seen.encode("zyxwvu")) == 1
+    assert len(held_out.encode("zyxwvu")) > 1
+    assert len(held_out.encode("the cat sat")) == len(seen.encode("the cat sat"))
+
+
+def test_the_head_of_the_files_is_the_fraction_of_their_bytes(tmp_path):
+    from nanoseek.data.files import iter_text_head
+
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    files[0].write_text("a" * 60)
+    files[1].write_text("b" * 40)
+    assert "".join(iter_text_head(files, 0.9, chunk_bytes=7)) == "a" * 60 + "b" * 30
+    assert "".join(iter_text_head(files, 1.0)) == "a" * 60 + "b" * 40

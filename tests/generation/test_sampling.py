@@ -149,3 +149,15 @@ def test_sample_rows_draws_what_each_sampler_draws_alone():
         torch.manual_seed(7)
         want = [int(s(logits[i : i + 1], seen[i])[0]) for i, s in enumerate(alone)]
         assert got == want
+
+
+@pytest.mark.parametrize("temperature", [0.8, 0.0])
+def test_sample_rows_of_one_kind_draw_what_each_sampler_draws_alone(temperature):
+    """Every row with the same options (one batch of all rows, or all greedy: no rows gathered)."""
+    options = [SamplingOptions(temperature=temperature, seed=i) for i in range(6)]
+    batched = [Sampler(o, torch.device("cpu")) for o in options]
+    alone = [Sampler(o, torch.device("cpu")) for o in options]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logits = torch.randn(len(options), 50, generator=g) * 3
+        assert sample_rows(logits, batched) == [int(s(logits[i : i + 1])[0]) for i, s in enumerate(alone)]

@@ -111,6 +111,20 @@ def iter_text_chunks(
             yield chunk.decode("utf-8", errors)
 
 
+def iter_text_head(
+    files: Sequence[str | os.PathLike], fraction: float, chunk_bytes: int = 1 << 20, errors: str = "strict"
+) -> Iterator[str]:
+    """`iter_text_chunks` of the first `fraction` of the files' bytes, taken in order as one text: what
+    a tokenizer may learn from when the last 1 - fraction is held out for validation."""
+    left = int(sum(os.path.getsize(f) for f in files) * fraction)
+    for file in files:
+        for chunk in iter_file_chunks(file, chunk_bytes):
+            if left <= 0:
+                return
+            yield chunk[:left].decode("utf-8", errors)
+            left -= len(chunk)
+
+
 # ----------------------------------------------------------------------------- writing
 
 

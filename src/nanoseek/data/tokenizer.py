@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoseek.data.files import atomic_write_text, check_input_file, iter_text_chunks
+from nanoseek.data.files import atomic_write_text, check_input_file, iter_text_chunks, iter_text_head
 from nanoseek.errors import NanoseekError
 
 BOS_TOKEN = "<|bos|>"
@@ -402,8 +402,11 @@ class BPETokenizer(Tokenizer):
             self._token_bytes[token_id] = b""
 
     @classmethod
-    def train(cls, files: list[str], vocab_size: int, show_progress: bool = False) -> BPETokenizer:
-        """Learn ``vocab_size - 3`` byte-level tokens (the 256 bytes and merges) from files."""
+    def train(
+        cls, files: list[str], vocab_size: int, show_progress: bool = False, holdout_fraction: float = 0.0
+    ) -> BPETokenizer:
+        """Learn ``vocab_size - 3`` byte-level tokens (the 256 bytes and merges) from files, all but their
+        last ``holdout_fraction`` of bytes (the validation text, which the merges then never saw)."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -417,7 +420,7 @@ class BPETokenizer(Tokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         # invalid UTF-8 shows as U+FFFD: the byte tokens spell such bytes anyway
-        chunks = iter_text_chunks(files, errors="replace")
+        chunks = iter_text_head(files, 1.0 - holdout_fraction, errors="replace")
         run_interruptibly(hf_tokenizer.train_from_iterator, chunks, trainer=trainer)
         return cls(hf_tokenizer, source="trained BPE tokenizer")
 
@@ -503,8 +506,12 @@ def _check_files_exist(files: Sequence[str | os.PathLike]) -> list[str]:
     return [str(check_input_file(file, "training file")) for file in files]
 
 
-def train_tokenizer(kind: str, files: Sequence[str | os.PathLike], vocab_size: int | None = None) -> Tokenizer:
-    """Train a "char" (``vocab_size`` ignored) or "bpe" tokenizer on text files."""
+def train_tokenizer(
+    kind: str, files: Sequence[str | os.PathLike], vocab_size: int | None = None, holdout_fraction: float = 0.0
+) -> Tokenizer:
+    """Train a "char" (``vocab_size`` ignored) or "bpe" tokenizer on text files; a bpe tokenizer learns its
+    merges from all but the last ``holdout_fraction`` of the bytes (the char tokenizer's vocabulary is every
+    character of the files: one unseen in training costs the model, not the tokenizer)."""
     if kind not in TOKENIZER_KINDS:
         raise NanoseekError(f"tokenizer kind {kind!r} is unknown (valid: {', '.join(TOKENIZER_KINDS)})")
     paths = _check_files_exist(files)
@@ -516,7 +523,7 @@ def train_tokenizer(kind: str, files: Sequence[str | os.PathLike], vocab_size: i
             f"vocab_size must be at least {minimum} for a bpe tokenizer (256 bytes + 3 special "
             f"tokens), got {vocab_size}"
         )
-    return BPETokenizer.train(paths, vocab_size)
+    return BPETokenizer.train(paths, vocab_size, holdout_fraction=holdout_fraction)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -184,7 +184,7 @@ def sample_rows(
 ) -> list[int | None]:
     """One token per row of `logits` (B, V), row i by `samplers[i]` (seen ids `seen[i]`, (1, T)):
     the greedy rows in one argmax; the sampled rows that share temperature, top-k and top-p (and
-    have no repetition penalty) in one batch, each drawn with its own generator (`exponential_like`);
+    have no repetition penalty) in one batch, each drawn with its own generator (`exponential_like`, row by row);
     the others one by one. Every row gets the token its sampler would draw alone (tested). The rows share the
     first sampler's tokenizer (one server, one tokenizer). With `on_error`, a row whose sampling
     raises gets None and `on_error(i, error)`; the other rows (and their generators) are untouched
@@ -192,7 +192,12 @@ def sample_rows(
     if not samplers:
         return []
     masked = mask_unknown_ids(logits, samplers[0].tokenizer)
-    tokens: list[int | None] = finite_logits(masked.float()).argmax(-1).tolist()
+    tokens: list[int | None] = [None] * len(samplers)
+    greedy = [i for i, sampler in enumerate(samplers) if sampler.greedy]
+    if greedy:  # one argmax (of every row when all are greedy: no gather)
+        rows = masked if len(greedy) == len(samplers) else masked[greedy]
+        for i, token in zip(greedy, finite_logits(rows.float()).argmax(-1).tolist()):
+            tokens[i] = token
     batches: dict[tuple, list[int]] = {}
     alone = []
     for i, sampler in enumerate(samplers):
@@ -212,19 +217,22 @@ def sample_rows(
 
     for (temperature, top_k, top_p), rows in batches.items():
         try:
-            probs = next_token_probs(masked[rows].float(), temperature, top_k, top_p)
+            batch = masked if len(rows) == len(samplers) else masked[rows]
+            probs = next_token_probs(batch.float(), temperature, top_k, top_p)
         except Exception:  # nothing drawn yet: let each row meet its own trouble alone
             alone += rows
             continue
-        noise = {}  # row -> its Exp(1) draws, each from the row's own generator
-        for j, i in enumerate(rows):
+        noise = torch.empty_like(probs)  # row j: its Exp(1) draws, from the row's own generator
+        kept = []
+        for j, (i, row) in enumerate(zip(rows, noise)):
             try:
-                noise[j] = exponential_like(probs[j], samplers[i].generator)
+                row.exponential_(1, generator=samplers[i].generator)
+                kept.append(j)
             except Exception as e:
                 failed(i, e)
-        if noise:
-            kept = list(noise)
-            drawn = (probs[kept] / torch.stack([noise[j] for j in kept])).argmax(-1).tolist()
+        if kept:
+            every = len(kept) == len(rows)
+            drawn = (probs / noise if every else probs[kept] / noise[kept]).argmax(-1).tolist()
             for j, token in zip(kept, drawn):
                 tokens[rows[j]] = token
     for i in sorted(alone):

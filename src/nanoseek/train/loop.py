@@ -71,7 +71,7 @@ def setup_tokenizer(cfg: TrainConfig, out: Path, files: list[str]):
         return load_tokenizer(saved)
     kind = cfg.data.tokenizer
     if kind in ("char", "bpe"):
-        tok = train_tokenizer(kind, files, cfg.data.vocab_size)
+        tok = train_tokenizer(kind, files, cfg.data.vocab_size, holdout_fraction=cfg.data.val_fraction)
     else:
         tok = load_tokenizer(kind)
     tok.save(saved)

@@ -9,6 +9,7 @@ the train-loss curve) and OUT/lr_stress.png (train loss against step, spikes mar
 
     python benchmarks/lr_stress.py --out runs/lr_stress                  # the full run (~3 min, alone)
     python benchmarks/lr_stress.py --out /tmp/s --steps 20 --eval-every 10   # a smoke test
+    python benchmarks/lr_stress.py --out runs/lr_stress --replot             # redraw the figure only
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def run_one(args, stress: str, variant: str, out: Path) -> dict:
         "schedule.warmup_steps": args.warmup,
         "schedule.spike_guard": variant == "guard",
         "train.max_steps": args.steps,
+        "train.max_seconds": 0,  # the schedule follows the steps alone, not a preset's wall-clock budget
+        "train.max_tokens": 0,
         "train.batch_size": args.batch,
         "train.seed": args.seed,
         "train.threads": args.threads,
@@ -101,6 +104,7 @@ def run_one(args, stress: str, variant: str, out: Path) -> dict:
         "stress": stress,
         "variant": variant,
         "lr": lr,
+        "grad_clip": args.grad_clip,
         "seed": args.seed,
         "preset": args.preset,
         "corrupt_kind": args.corrupt_kind if stress == "corrupt" else None,
@@ -142,7 +146,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylim(top=min(ax.get_ylim()[1], 2 * max((r["curve"][0][1] for r in rows if r["curve"]), default=10)))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{rows[0]['preset']}: fixed cosine vs cosine + spike guard, seed {rows[0]['seed']}")
+    clip = rows[0].get("grad_clip")
+    clip_text = "no gradient clipping" if clip == 0 else f"gradient clipped at norm {clip:g}"
+    fig.suptitle(f"{rows[0]['preset']}: fixed cosine vs cosine + spike guard\nseed {rows[0]['seed']}, {clip_text}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -167,9 +173,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stress", default="high_lr,corrupt")
+    p.add_argument("--replot", action="store_true", help="only redraw OUT/lr_stress.png from OUT/lr_stress.jsonl")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.replot:
+        plot([json.loads(line) for line in (out / "lr_stress.jsonl").read_text().splitlines()], out / "lr_stress.png")
+        return
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(out / "lr_stress.jsonl", "w") as f:

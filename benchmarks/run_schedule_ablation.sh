@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Learning-rate schedules at equal token budgets: cosine, WSD, reduce-on-plateau, cosine + spike guard,
 # schedule-free AdamW; 3 seeds each, on tiny Shakespeare and on the Tang poems. Run alone (~25 min per corpus
-# on 2 cores with the default budget); TOKENS sets the budget, CORPORA the corpora, SEEDS the seeds.
+# on 2 cores with the default budget); TOKENS sets the budget, CORPORA the corpora, SEEDS the seeds, PRESET,
+# THREADS, BATCH, SEQ_LEN, WARMUP, EVAL_EVERY and EVAL_BATCHES the model and the run (EXTRA: more --section.field=VALUE).
+# Then: python benchmarks/plot_seeds.py $OUT/* --png ... --jsonl ... (mean ± seed spread, the plot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NS=${NS:-.venv/bin/nanoseek}  # word-split on purpose: NS="python -m nanoseek" works
@@ -9,8 +11,10 @@ OUT=${OUT:-runs/schedules}
 TOKENS=${TOKENS:-400000}
 DATA=${DATA:-../shared/data}
 CORPORA=${CORPORA:-"tinyshakespeare tang_poems"}
-COMMON=(--preset deepseek-v3-mini --train.max_steps=0 --train.max_seconds=0 --train.max_tokens="$TOKENS"
-        --eval.every=50 --eval.batches=20 --checkpoint.every=0 --log.progress=false --train.threads=2)
+COMMON=(--preset "${PRESET:-deepseek-v3-mini}" --train.max_steps=0 --train.max_seconds=0 --train.max_tokens="$TOKENS"
+        --eval.every="${EVAL_EVERY:-50}" --eval.batches="${EVAL_BATCHES:-20}" --checkpoint.every=0 --log.progress=false
+        --train.threads="${THREADS:-2}" --train.batch_size="${BATCH:-16}" --data.seq_len="${SEQ_LEN:-128}"
+        --schedule.warmup_steps="${WARMUP:-100}" ${EXTRA:-})
 SCHEDULES=(
   "cosine:schedule.name=cosine"
   "wsd:schedule.name=wsd"

@@ -131,14 +131,14 @@ def plot(runs: list[dict], path: Path) -> None:
             "*",
             color=color,
             markersize=14,
-            label=f"held-out split after {run['wall_s']:.0f} s: {run['held_out_bits_per_byte']:.3f} bits/byte",
+            label=f"held-out bytes after {run['wall_s']:.0f} s: {run['held_out_bits_per_byte']:.3f} bits/byte",
         )
     ax.set_xlabel("seconds since the process started")
     ax.set_ylabel("validation bits per byte")
     ax.set_ylim(top=min(5.0, ax.get_ylim()[1]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="upper right")
-    ax.set_title("tiny Shakespeare, character level, equal wall time", fontsize=10)
+    ax.set_title("tiny Shakespeare: equal whole-process wall time, scored on the same held-out bytes", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

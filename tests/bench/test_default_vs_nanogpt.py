@@ -1,27 +1,16 @@
 """benchmarks/default_vs_nanogpt.py at a tiny budget: both runs are scored on the same held-out bytes."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "default_vs_nanogpt.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("default_vs_nanogpt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow  # two training processes and two full evaluations: ~1 minute
-def test_both_runs_are_scored_on_the_same_bytes(tmp_path):
+def test_both_runs_are_scored_on_the_same_bytes(tmp_path, load_benchmark):
     tiny = ["model.hidden_size=32", "model.num_hidden_layers=1", "data.tokenizer=bpe", "data.vocab_size=300"]
     argv = ["--iters", "2", "--threads", "1", "--out", str(tmp_path)] + [f"--override={o}" for o in tiny]
-    load_script().main(argv)
+    load_benchmark("default_vs_nanogpt").main(argv)
     recipe, ours, summary = [
         json.loads(line) for line in (tmp_path / "default_vs_nanogpt.jsonl").read_text().splitlines()
     ]

@@ -1,24 +1,14 @@
 """benchmarks/length_extrapolation.py at a tiny budget: one row per kind and length, a plot."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "length_extrapolation.py"
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("length_extrapolation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_run_writes_rows_and_plot(tmp_path, capsys):
+def test_tiny_run_writes_rows_and_plot(tmp_path, capsys, load_benchmark):
     out, png = tmp_path / "rows.jsonl", tmp_path / "plot.png"
     tiny = "--steps 2 --batch 2 --train-len 16 --eval-lens 16,48 --eval-tokens 96 --width 32 --layers 1 --heads 2"
-    rows = load().main([*tiny.split(), "--threads", "1", "--kinds", "alibi,t5,rope+yarn,learned", "--out", str(out),
-                        "--plot", str(png)])  # fmt: skip
+    kinds = "alibi,t5,rope+yarn,learned"
+    argv = [*tiny.split(), "--threads", "1", "--kinds", kinds, "--out", str(out), "--plot", str(png)]
+    rows = load_benchmark("length_extrapolation").main(argv)
     assert [(r["kind"], r["eval_len"]) for r in rows] == [
         (k, n) for k in ("alibi", "t5", "rope+yarn", "learned") for n in (16, 48)
     ]

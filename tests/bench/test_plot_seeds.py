@@ -1,19 +1,9 @@
 """benchmarks/plot_seeds.py: runs grouped by NAME-sSEED, mean ± half-range, paired differences, the plot."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plot_seeds.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("plot_seeds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_run(folder: Path, name: str, finals: list[float]):
@@ -37,16 +27,16 @@ def ablation(tmp_path):
     return folder
 
 
-def test_runs_grouped_with_tokens_of_every_evaluation(ablation):
-    runs = load_script().read_runs(ablation)
+def test_runs_grouped_with_tokens_of_every_evaluation(ablation, load_benchmark):
+    runs = load_benchmark("plot_seeds").read_runs(ablation)
     assert sorted((r["group"], r["seed"]) for r in runs) == [("base", 1), ("base", 2), ("new", 1), ("new", 2)]
     base1 = next(r for r in runs if r["name"] == "base-s1")
     assert base1["val_curve"] == [[300, 2.5], [600, 2.0]]  # step 3 has no train record: 100 tokens a step
     assert base1["final_val_loss"] == 2.0 and base1["best_val_loss"] == 2.0
 
 
-def test_table_mean_half_range_and_paired_difference(ablation):
-    script = load_script()
+def test_table_mean_half_range_and_paired_difference(ablation, load_benchmark):
+    script = load_benchmark("plot_seeds")
     text = script.table(script.read_runs(ablation), baseline="base")
     base = next(line for line in text.splitlines() if "| base |" in line)
     new = next(line for line in text.splitlines() if "| new |" in line)
@@ -54,7 +44,7 @@ def test_table_mean_half_range_and_paired_difference(ablation):
     assert "1.9500 ± 0.0500" in new and "-0.1500 [-0.2000, -0.1000]" in new  # -0.1 (seed 1), -0.2 (seed 2)
 
 
-def test_plot_written(ablation, tmp_path):
-    script = load_script()
+def test_plot_written(ablation, tmp_path, load_benchmark):
+    script = load_benchmark("plot_seeds")
     script.plot(script.read_runs(ablation), tmp_path / "seeds.png", "title", zoom=0.6)
     assert (tmp_path / "seeds.png").stat().st_size > 0

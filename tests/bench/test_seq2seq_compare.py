@@ -1,25 +1,14 @@
 """benchmarks/seq2seq_compare.py at a tiny budget: both models train, decode and land in the JSON lines and plot."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sacrebleu")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "seq2seq_compare.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("seq2seq_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_comparison_runs_at_a_tiny_budget(tmp_path):
-    script = load_script()
+def test_the_comparison_runs_at_a_tiny_budget(tmp_path, load_benchmark):
+    script = load_benchmark("seq2seq_compare")
     argv = ["--task", "reverse", "--seconds", "1", "--threads", "1", "--sentences", "6", "--eval-every", "2",
             "--beam", "2", "--show", "2", "--out", str(tmp_path), "--override", "data.seq_len=10",
             "--override", "model.hidden_size=32", "--override", "model.intermediate_size=64"]  # fmt: skip
@@ -36,12 +25,12 @@ def test_the_comparison_runs_at_a_tiny_budget(tmp_path):
     assert len((tmp_path / "samples.txt").read_text().splitlines()) == 3
 
 
-def test_the_decoder_twin_has_the_closest_depth():
+def test_the_decoder_twin_has_the_closest_depth(load_benchmark):
     from nanoseek.config import ModelConfig
     from nanoseek.model import model_info
 
     ed = ModelConfig.from_preset("vaswani-tiny-ed")
-    twin = load_script().decoder_twin(ed)
+    twin = load_benchmark("seq2seq_compare").decoder_twin(ed)
     size = lambda config: model_info(config)["params_active_non_embedding"]
     gaps = {n: abs(size(twin.replace(num_hidden_layers=n)) - size(ed)) for n in range(1, 9)}
     assert twin.architecture == "decoder" and gaps[twin.num_hidden_layers] == min(gaps.values())

@@ -1,5 +1,8 @@
 """Fixtures shared by the whole suite. Folder-specific ones live in that folder's conftest.py."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,3 +35,19 @@ def poems_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("poems") / "poems.txt"
     path.write_text("\n\n".join(poem_block(i) for i in range(200)) + "\n", encoding="utf-8")
     return path
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(name="load_benchmark")
+def load_benchmark_fixture():
+    """`load_benchmark("NAME")`: benchmarks/NAME.py (outside the package) as a module."""
+
+    def load_benchmark(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load_benchmark

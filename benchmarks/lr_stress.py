@@ -143,7 +143,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{stress}: peak lr {next(r['lr'] for r in rows if r['stress'] == stress):g}")
         ax.set_xlabel("step")
         ax.set_ylabel("train loss (nats/token); dots: validation")
-        ax.set_ylim(top=min(ax.get_ylim()[1], 2 * max((r["curve"][0][1] for r in rows if r["curve"]), default=10)))
+        # room for the spikes the guard caught (its markers), else the corrupt batches' peaks stay cut off
+        caught = [loss for r in rows if r["stress"] == stress for s, loss in r["curve"] if s in set(r["spikes"])]
+        start = max((r["curve"][0][1] for r in rows if r["curve"]), default=10)
+        ax.set_ylim(top=min(ax.get_ylim()[1], max([2 * start, *(1.05 * y for y in caught)])))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     clip = rows[0].get("grad_clip")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_configs import tiny_cfg
 
 from nanoseek import ModelConfig, Transformer, load_model
 from nanoseek.config import ScheduleConfig, build_train_config
@@ -13,28 +14,6 @@ from nanoseek.train import loop
 from nanoseek.train.adaptive import PlateauController, SpikeGuard
 from nanoseek.train.optim import eval_weights, make_optimizer
 from nanoseek.train.schedule_free import ScheduleFreeAdamW
-
-
-def tiny_cfg(small_corpus, out, **overrides):
-    base = {
-        "data.path": [small_corpus],
-        "data.seq_len": 32,
-        "train.batch_size": 4,
-        "train.max_steps": 12,
-        "train.threads": 1,
-        "eval.every": 0,
-        "eval.batches": 2,
-        "eval.batch_size": 4,
-        "checkpoint.every": 6,
-        "checkpoint.keep_last": 5,
-        "log.every": 1,
-        "log.progress": False,
-        "log.plot": False,
-        "schedule.warmup_steps": 3,
-        "out": str(out),
-    }
-    base.update(overrides)
-    return build_train_config(preset="gpt2-tiny", overrides=base)
 
 
 def records(out) -> list[dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_configs import tiny_cfg
 
 from nanoseek import ModelConfig, Transformer, load_model
 from nanoseek.cli import main as cli_main
@@ -18,28 +19,6 @@ from nanoseek.errors import NanoseekError
 from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.train import loop
 from nanoseek.train.optim import lr_multiplier, parameter_groups
-
-
-def tiny_cfg(small_corpus, out, **overrides):
-    base = {
-        "data.path": [small_corpus],
-        "data.seq_len": 32,
-        "train.batch_size": 4,
-        "train.max_steps": 12,
-        "train.threads": 1,
-        "eval.every": 0,
-        "eval.batches": 2,
-        "eval.batch_size": 4,
-        "checkpoint.every": 6,
-        "checkpoint.keep_last": 5,
-        "log.every": 1,
-        "log.progress": False,
-        "log.plot": False,
-        "schedule.warmup_steps": 3,
-        "out": str(out),
-    }
-    base.update(overrides)
-    return build_train_config(preset="gpt2-tiny", overrides=base)
 
 
 def losses(out) -> list:

@@ -48,6 +48,7 @@ are reported).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -60,9 +61,19 @@ from nanoseek import Transformer
 from nanoseek.data import corpus_path
 from nanoseek.data.tokenizer import CharTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # loaded by path (tests): long_range.py is a sibling
-from long_range import KINDS  # noqa: E402
-from long_range import config as recall_config  # noqa: E402
+
+def _sibling(name: str):
+    """benchmarks/NAME.py as a module, however this file was loaded (a script, or by path in the tests)."""
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks_{name}", Path(__file__).resolve().with_name(f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+long_range = _sibling("long_range")  # the kinds and their models
+KINDS, recall_config = long_range.KINDS, long_range.config
 
 FAMILIES = {"dense": ("sliding", "dsa"), "dense-mha": ("nsa",), "dense-v4": ("csa", "hca")}
 BASELINE = {sparse: dense for dense, members in FAMILIES.items() for sparse in members}

@@ -37,7 +37,7 @@ positions in every validation window; val_loss is the mean over all positions.
         [--out FILE.jsonl] [--plot FILE.png]
 
 Prints (and writes to --out) one JSON line per (kind, seed): kind, seed, buckets and their losses,
-val_loss, steps, seconds per step (training only), evaluation seconds, final training loss. --plot draws two panels:
+val_loss, steps, wall and CPU seconds per step (training only), evaluation seconds, final training loss. --plot draws two panels:
 the validation loss against the position bucket per kind (mean over seeds, bars from the lowest to
 the highest seed; dense kinds solid, sparse dashed), and each sparse kind's loss minus its family's
 dense baseline of the same seed (mean, bars over seeds). --seconds S trains each kind for S
@@ -131,7 +131,7 @@ def train(kind: str, seed: int, train_ids: torch.Tensor, vocab: int, args) -> tu
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     batches = Batches(*windows(train_ids, args.seq), max(1, args.tokens // args.seq), seed)
     warm = args.warmup_fraction if kind in WARMED else 0.0
-    step, loss, start = 0, float("nan"), time.perf_counter()
+    step, loss, start, cpu = 0, float("nan"), time.perf_counter(), time.process_time()
     while True:
         elapsed = time.perf_counter() - start
         progress = elapsed / args.seconds if args.seconds else step / args.steps
@@ -150,8 +150,10 @@ def train(kind: str, seed: int, train_ids: torch.Tensor, vocab: int, args) -> tu
         model.update_balance_bias(out.expert_load)
         loss, step = out.loss.item(), step + 1
     model.set_dsa_warmup(False)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     stats = {"steps": step, "train_seconds": round(wall, 1), "seconds_per_step": round(wall / max(1, step), 3)}
+    # CPU seconds per step: near the wall time when the process has its cores alone, lower when it shares them
+    stats["cpu_seconds_per_step"] = round(cpu / max(1, step), 3)
     return model, {**stats, "final_train_loss": round(loss, 4)}
 
 

@@ -10,7 +10,7 @@ context shows it as a gap to its dense baseline at the late positions.
 
 The kinds and their model (2 layers, width 128, 4 heads) are long_range.py's `config()`, with the
 vocabulary set to the corpus' characters (the repo's char tokenizer; every id is a character of the
-corpus) and the window (32 keys for sliding, nsa, csa and hca) set by --window:
+corpus) and the window (32 keys for sliding, nsa, csa and hca) set by --window (nsa's blocks stay 32):
 
     family MLA   dense (full causal MLA), sliding (window only), dsa (lightning indexer, top 128)
     family MHA   dense-mha (full causal MHA), nsa (blocks of 32, 8 selected, window)
@@ -23,9 +23,12 @@ an order drawn from the seed and reshuffled each epoch; --tokens per step (batch
 Validation: every non-overlapping --seq window of the held-out text (or the first --val-windows).
 Each kind trains with the same seed, data order, steps (or wall time), AdamW (lr 3e-3, betas
 0.9/0.98, no weight decay, gradient clip 1.0) with a linear warm-up over the first --lr-warmup
-steps and a constant rate after; no length curriculum. dsa and csa attend densely (the whole model
-learning, the indexer by its KL loss beside it) for the first --warmup-fraction of the steps (of the
-seconds with --seconds), as in long_range.py, then sparsely; they are scored sparse.
+steps and a constant rate after. --curriculum (off by default) trains every kind on long_range.py's
+length curriculum: windows of L/16 for the first 40% of the steps (of the seconds), L/4 for the
+next 30%, then L (the same --tokens per step; every kind is scored at L only). dsa and csa attend
+densely (the whole model learning, the indexer by its KL loss beside it) for the first
+--warmup-fraction of the steps (of the seconds with --seconds), as in long_range.py, then
+sparsely; they are scored sparse.
 
 Position buckets are derived from --seq L: [0, L/32), [L/32, L/8), [L/8, L/2), [L/2, L), which is
 [0, 64), [64, 256), [256, 1024), [1024, 2048) at the default L = 2048 (edges that coincide at a
@@ -33,16 +36,16 @@ small L are merged). A bucket's loss is the mean cross-entropy (nats per charact
 positions in every validation window; val_loss is the mean over all positions.
 
     python benchmarks/long_text.py [--seq 2048] [--steps 200 | --seconds S] [--kinds dense,sliding,...]
-        [--seeds 0,1,2] [--tokens 4096] [--data shakespeare] [--window 32] [--threads 1]
+        [--seeds 0,1,2] [--tokens 4096] [--curriculum] [--data shakespeare] [--window 32] [--threads 1]
         [--out FILE.jsonl] [--plot FILE.png]
 
 Prints (and writes to --out) one JSON line per (kind, seed): kind, seed, buckets and their losses,
-val_loss, steps, wall and CPU seconds per step (training only), evaluation seconds, final training loss. --plot draws two panels:
-the validation loss against the position bucket per kind (mean over seeds, bars from the lowest to
-the highest seed; dense kinds solid, sparse dashed), and each sparse kind's loss minus its family's
-dense baseline of the same seed (mean, bars over seeds). --seconds S trains each kind for S
-seconds of wall time instead of --steps (equal wall time rather than equal steps; the steps taken
-are reported).
+val_loss, steps, wall and CPU seconds per step (training only), evaluation seconds, final training
+loss. --plot draws two panels: the validation loss against the position bucket per kind (mean over
+seeds, bars from the lowest to the highest seed; dense kinds solid, sparse dashed), and each sparse
+kind's loss minus its family's dense baseline of the same seed (mean, bars over seeds). --seconds S
+trains each kind for S seconds of wall time instead of --steps (equal wall time rather than equal
+steps; the steps taken are reported).
 """
 
 from __future__ import annotations
@@ -103,6 +106,11 @@ def windows(ids: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[: n * seq].view(n, seq), ids[1 : n * seq + 1].view(n, seq)
 
 
+def train_length(progress: float, seq: int) -> int:
+    """--curriculum: long_range.py's lengths, seq/16 for the first 40% of training, seq/4 for 30%, then seq."""
+    return min(seq, 2 * long_range.curriculum(progress, 1.0, (seq + 1) // 2))
+
+
 def model_config(kind: str, seq: int, vocab: int, window: int):
     cfg = recall_config(kind, (seq + 1) // 2)  # long_range's model at context 2 * n >= seq
     return cfg.replace(vocab_size=vocab, sliding_window=window)
@@ -129,7 +137,7 @@ def train(kind: str, seed: int, train_ids: torch.Tensor, vocab: int, args) -> tu
     torch.manual_seed(seed)
     model = Transformer(model_config(kind, args.seq, vocab, args.window)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    batches = Batches(*windows(train_ids, args.seq), max(1, args.tokens // args.seq), seed)
+    loaders = {}  # training length -> its packed windows (one length without --curriculum)
     warm = args.warmup_fraction if kind in WARMED else 0.0
     step, loss, start, cpu = 0, float("nan"), time.perf_counter(), time.process_time()
     while True:
@@ -140,7 +148,10 @@ def train(kind: str, seed: int, train_ids: torch.Tensor, vocab: int, args) -> tu
         model.set_dsa_warmup(progress < warm, freeze_model=False)  # from scratch: all of it trains densely
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.lr_warmup)
-        x, y = batches.next()
+        length = train_length(progress, args.seq) if args.curriculum else args.seq
+        if length not in loaders:
+            loaders[length] = Batches(*windows(train_ids, length), max(1, args.tokens // length), seed)
+        x, y = loaders[length].next()
         out = model(x, targets=y, return_logits=False)
         total = out.loss + sum(v for v in out.aux.values() if v.requires_grad)
         opt.zero_grad(set_to_none=True)
@@ -186,6 +197,7 @@ def run(kind: str, seed: int, train_ids, val_ids, vocab: int, args) -> dict:
         "seq": args.seq,
         "window": args.window,
         "mode": "seconds" if args.seconds else "steps",
+        "curriculum": args.curriculum,
         "buckets": [list(b) for b in spans],
         "bucket_loss": [round(float(per_position[a:b].mean()), 4) for a, b in spans],
         "val_loss": round(float(per_position.mean()), 4),
@@ -276,6 +288,7 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lr-warmup", type=int, default=30, help="steps of linear learning-rate warm-up")
     p.add_argument("--warmup-fraction", type=float, default=0.5, help="dsa/csa: dense warm-up share")
+    p.add_argument("--curriculum", action="store_true", help="train at seq/16, then seq/4, then seq (every kind)")
     p.add_argument("--window", type=int, default=32, help="sliding window of sliding, nsa, csa, hca")
     p.add_argument("--val-windows", type=int, default=0, help="score the first N held-out windows (0: all)")
     p.add_argument("--threads", type=int, default=1)

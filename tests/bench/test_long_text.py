@@ -54,3 +54,15 @@ def test_unknown_kind_is_one_clear_error(load_benchmark, capsys):
     with pytest.raises(SystemExit) as exit_:
         load_benchmark("long_text").main(["--kinds", "dense,sparse"])
     assert exit_.value.code == 2 and "--kinds: unknown 'sparse'" in capsys.readouterr().err
+
+
+def test_curriculum_lengths_end_at_seq(load_benchmark):
+    length = load_benchmark("long_text").train_length
+    assert [length(p, 2048) for p in (0.0, 0.39, 0.4, 0.69, 0.7, 0.99)] == [128, 128, 512, 512, 2048, 2048]
+    assert length(0.99, 63) == 63  # an odd seq: never longer than seq
+
+
+def test_curriculum_run_is_scored_at_seq(small_corpus, load_benchmark):
+    argv = [*TINY.split(), "--kinds", "dsa", "--data", small_corpus, "--curriculum"]
+    (row,) = load_benchmark("long_text").main(argv)
+    assert row["curriculum"] and row["buckets"][-1] == [32, 64] and row["steps"] == 3

@@ -139,11 +139,17 @@ def prefill_and_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict,
     return row, torch.cat(tokens, dim=1)[0]
 
 
-def run_kind(kind: str, context: int, args, machine: dict) -> tuple[dict, torch.Tensor | None]:
-    max_len = context + args.new_tokens
-    config = kind_config(kind, max_len, args)
+def build_model(kind: str, max_len: int, args: argparse.Namespace) -> Transformer:
+    """`kind`'s model, randomly initialized with seed 0."""
     torch.manual_seed(0)
-    model = Transformer(config).eval()
+    return Transformer(kind_config(kind, max_len, args)).eval()
+
+
+def run_kind(kind: str, context: int, args, machine: dict) -> tuple[dict, torch.Tensor | None]:
+    """The row of `kind` at `context` and the tokens it decoded (None after an out-of-memory prefill)."""
+    max_len = context + args.new_tokens
+    model = build_model(kind, max_len, args)
+    config = model.config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, context), generator=g)
     row = {
@@ -155,10 +161,9 @@ def run_kind(kind: str, context: int, args, machine: dict) -> tuple[dict, torch.
         "context": context,
         "new_tokens": args.new_tokens,
     }
-    warm = ids[:, : min(context, WARMUP_TOKENS)]
-    prefill_and_decode(model, warm, 3)  # first calls (allocator, lazy init) off the clock
     tokens = None
     try:
+        prefill_and_decode(model, ids[:, :WARMUP_TOKENS], 3)  # first calls (allocator, lazy init) off the clock
         measured, tokens = prefill_and_decode(model, ids, args.new_tokens)
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError
         if "memory" not in str(e).lower():

@@ -17,8 +17,9 @@ Every kind gets the same small DeepSeek-like model (deepseek-v3-small's body: wi
 
 Per (kind, context P): one forward over P random tokens fills a static cache of P + N positions
 (`model.make_cache`, what `generate` allocates), timed once after an untimed short warm-up:
-prefill_s, prefill_tokens_per_s, and prefill_peak_rss_mib (anonymous memory above the baseline
-while it runs: it shows whether anything of size P x P was built). Then N greedy single-token steps
+prefill_s, prefill_tokens_per_s, prefill_peak_rss_mib (anonymous memory above the baseline while it
+runs) and prefill_peak_heap_mib (the C heap in use above the baseline: the live tensors, whatever
+the allocator kept from earlier kinds); they show whether anything of size P x P was built. Then N greedy single-token steps
 against the cache, each timed: ms_per_step (the median), decode_tokens_per_s = 1000 / ms_per_step.
 
 cache_bytes are the bytes of the tensors the cache objects hold, counted from the objects (each
@@ -132,6 +133,7 @@ def prefill_and_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict,
         "prefill_s": round(prefill_s, 4),
         "prefill_tokens_per_s": round(p / prefill_s, 1),
         "prefill_peak_rss_mib": round((rss.peak - base) / MIB, 1),
+        "prefill_peak_heap_mib": None if rss.heap_peak is None else round((rss.heap_peak - rss.heap_base) / MIB, 1),
         "ms_per_step": round(1000 * statistics.median(steps), 3) if steps else None,
         "cache_bytes": cache_bytes(cache),
     }
@@ -246,21 +248,33 @@ def plot_decode_kinds(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (step_ax, cache_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for kind in dict.fromkeys(r["kind"] for r in rows):
+    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, ScalarFormatter
+
+    fig, (step_ax, cache_ax) = plt.subplots(1, 2, figsize=(11, 4.4))
+    styles = [("o", "-"), ("s", "--"), ("^", "-"), ("D", "-"), ("v", "-"), ("P", "-"), ("X", ":"), ("*", "-.")]
+    for i, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
         done = [r for r in rows if r["kind"] == kind and "error" not in r]
         if not done:
             continue
+        marker, line = styles[i % len(styles)]
         x = [r["context"] for r in done]
-        step_ax.plot(x, [r["ms_per_step"] for r in done], marker="o", label=kind)
-        cache_ax.plot(x, [r["cache_bytes"] / MIB for r in done], marker="o", label=kind)
+        style = dict(marker=marker, linestyle=line, label=kind, color=f"C{i}")
+        step_ax.plot(x, [r["ms_per_step"] for r in done], **style)
+        cache_ax.plot(x, [r["cache_bytes"] / MIB for r in done], **style)
     machine = rows[0]["machine"] if rows else {}
+    contexts = sorted({r["context"] for r in rows})
     for ax, ylabel, title in (
         (step_ax, "decode ms per step (median)", "one-token decode step"),
-        (cache_ax, "KV cache MiB (fp32)", "KV cache at the context"),
+        (cache_ax, "KV cache MiB (fp32, allocated)", "KV cache at the context"),
     ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(contexts))
+        ax.set_xticklabels([f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("context (prompt tokens)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

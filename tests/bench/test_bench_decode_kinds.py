@@ -54,7 +54,8 @@ def test_the_bench_loop_decodes_the_uncached_greedy_tokens():
     model = build_model("dsa", 64 + 5, args)
     prompt = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        full = model(torch.cat([prompt[0], tokens])[None]).logits[0, 63:-1].argmax(-1)
+        full = model(torch.cat([prompt[0], tokens[:-1]])[None]).logits[0, 63:].argmax(-1)
+    assert len(tokens) == 6  # the prefill's token and one per step
     assert torch.equal(full, tokens)
 
 

@@ -19,8 +19,9 @@ Per (kind, context P): one forward over P random tokens fills a static cache of 
 (`model.make_cache`, what `generate` allocates), timed once after an untimed short warm-up:
 prefill_s, prefill_tokens_per_s, prefill_peak_rss_mib (anonymous memory above the baseline while it
 runs) and prefill_peak_heap_mib (the C heap in use above the baseline: the live tensors, whatever
-the allocator kept from earlier kinds); they show whether anything of size P x P was built. Then N greedy single-token steps
-against the cache, each timed: ms_per_step (the median), decode_tokens_per_s = 1000 / ms_per_step.
+the allocator kept from earlier kinds); they show whether anything of size P x P was built. Then N
+greedy single-token steps against the cache (positions P .. P + N - 1), each timed: ms_per_step (the median),
+decode_tokens_per_s = 1000 / ms_per_step.
 
 cache_bytes are the bytes of the tensors the cache objects hold, counted from the objects (each
 storage once), not computed from the config; cache_bytes_per_token = cache_bytes / (P + N);
@@ -50,7 +51,7 @@ from nanoseek.model import Transformer, kv_cache_bytes_per_token
 KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca", "v4")
 BASELINES = ("dense-gqa", "dense-v4")
 MIB = 1 << 20
-WARMUP_TOKENS = 160  # the untimed warm-up prefill (and 2 steps) per kind
+WARMUP_TOKENS = 160  # the untimed warm-up prefill (and up to 2 steps) per kind
 
 
 def kind_config(kind: str, max_len: int, args: argparse.Namespace) -> ModelConfig:
@@ -112,8 +113,8 @@ def layer_kinds(config: ModelConfig) -> list[str]:
 
 @torch.inference_mode()
 def prefill_and_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict, torch.Tensor]:
-    """Prefill `ids` (1, P) into a cache of P + N positions, then N greedy steps, each timed.
-    Returns the measurements and the N tokens."""
+    """Prefill `ids` (1, P) into a cache of P + N positions, then N greedy one-token steps (positions
+    P .. P + N - 1), each timed. Returns the measurements and the N + 1 tokens (the prefill's first)."""
     p = ids.shape[1]
     cache = model.make_cache(1, p + new_tokens)
     release_free_memory()
@@ -124,7 +125,7 @@ def prefill_and_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict,
         prefill_s = time.perf_counter() - t0
     token = logits.argmax(-1, keepdim=True)
     tokens, steps = [token], []
-    for pos in range(p, p + new_tokens - 1):
+    for pos in range(p, p + new_tokens):
         t0 = time.perf_counter()
         token = decode_step(model, token, cache, pos).argmax(-1, keepdim=True)
         steps.append(time.perf_counter() - t0)
@@ -165,7 +166,7 @@ def run_kind(kind: str, context: int, args, machine: dict) -> tuple[dict, torch.
     }
     tokens = None
     try:
-        prefill_and_decode(model, ids[:, :WARMUP_TOKENS], 3)  # first calls (allocator, lazy init) off the clock
+        prefill_and_decode(model, ids[:, :WARMUP_TOKENS], min(2, args.new_tokens))  # first calls off the clock
         measured, tokens = prefill_and_decode(model, ids, args.new_tokens)
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError
         if "memory" not in str(e).lower():
@@ -247,7 +248,6 @@ def plot_decode_kinds(rows: list[dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, ScalarFormatter
 
     fig, (step_ax, cache_ax) = plt.subplots(1, 2, figsize=(11, 4.4))

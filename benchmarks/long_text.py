@@ -35,6 +35,12 @@ Position buckets are derived from --seq L: [0, L/32), [L/32, L/8), [L/8, L/2), [
 small L are merged). A bucket's loss is the mean cross-entropy (nats per character) over its
 positions in every validation window; val_loss is the mean over all positions.
 
+Reading it: the held-out text differs from bucket to bucket, so a curve's shape mixes context use
+with what the text at those positions is; the differences to the dense baseline of the same seed
+(the second panel) cancel that. At small budgets the windowed kinds learn local statistics faster
+than dense attention, which shifts the whole gap below zero; lost far context is the gap rising
+from the first bucket (where every kind sees nearly all the context) to the last.
+
     python benchmarks/long_text.py [--seq 2048] [--steps 200 | --seconds S] [--kinds dense,sliding,...]
         [--seeds 0,1,2] [--tokens 4096] [--curriculum] [--data shakespeare] [--window 32] [--threads 1]
         [--out FILE.jsonl] [--plot FILE.png]

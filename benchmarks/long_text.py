@@ -273,6 +273,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.legend(fontsize=9)
     r = rows[0]
     what = f"{r['steps']} steps" if r["mode"] == "steps" else "equal wall time"
+    what += " (length curriculum)" if r.get("curriculum") else ""
     fig.suptitle(
         f"Far context on real text: {r['data']}, char-level, {what}, "
         f"{r['tokens_per_step']} tokens/step, seeds {','.join(map(str, seeds))} (bars: min–max over seeds)"

@@ -10,10 +10,11 @@ output with less work:
     together (the fused kernel skips the blocks above the diagonal; the reference masks each chunk);
   * a chunk gathers its picks once it sees more than GATHER_FROM * top-k keys (the masked SDPA costs
     S_visible per query, the gathered one top-k at a lower rate per key);
-  * `GatheredAttention` gathers GATHER_BYTES of picked keys at a time and keeps nothing of size
-    T x K but the picks (int32): backward gathers again and recomputes the softmax, flash-style,
+  * `GatheredAttention` gathers one query's picked keys at a time into one reused buffer and keeps
+    nothing of size T x K but the picks (int32): backward gathers again and recomputes the softmax,
+    flash-style,
         dS = P * (dP - rowsum(P * dP)),  dq = scale dS K_sel,  dK_sel = scale dS^T q,  dV_sel = P^T dO,
-    and adds dK_sel, dV_sel into dk, dv with one index_add per step;
+    and adds dK_sel, dV_sel into dk, dv with one index_add per query;
   * values that are a prefix of the keys (MLA's absorbed form: the key is [c_KV ; k_R], the value
     c_KV) are passed as their width: the picks are gathered once and serve as both.
 
@@ -21,8 +22,6 @@ The indexer's scores are computed without autograd: the picks are indices, so no
 the indexer through this path in the reference either. Which keys a query keeps is exactly the
 reference's (the same scores, chunk by chunk, and the same `topk` call).
 
-    >>> from nanoseek import ModelConfig
-    >>> from nanoseek.model.attention.dsa import LightningIndexer
     >>> q, k = torch.randn(1, 2, 6, 8, requires_grad=True), torch.randn(1, 1, 6, 8)
     >>> picked, valid = torch.tensor([[[0, 1]] * 6]), torch.ones(1, 6, 2, dtype=torch.bool)
     >>> GatheredAttention.apply(q, k, None, 4, picked, valid, 0.5).grad_fn.name()
@@ -36,23 +35,36 @@ import torch.nn.functional as F
 
 from nanoseek.model.attention.core import causal_attention, sdpa
 from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_mask
+from nanoseek.model.attention.mla import MultiHeadLatentAttention
 from nanoseek.model.moe.experts import matmul_dtype
 
 GATHER_FROM = 3  # a chunk gathers its picks once it sees more than GATHER_FROM * top-k keys
-GATHER_BYTES = 16 << 20  # picked keys (and values) gathered per step of `GatheredAttention`
 
 
-def gather_rows(x_BGSX: torch.Tensor) -> torch.Tensor:
-    """(B * S, G, X): one row per (batch, position), what an index_select gathers (a view when G = 1)."""
-    b, g, s, x = x_BGSX.shape
-    return x_BGSX.transpose(1, 2).reshape(b * s, g, x)
+class SparseLatentAttention(MultiHeadLatentAttention):
+    """MultiHeadLatentAttention whose long DSA prefill runs `sparse_attention`: absorbed MQA over
+    [c_KV ; k_R] with c_KV, the keys' prefix, as the values (gathered once)."""
+
+    def attend_long_sparse(
+        self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope
+    ):
+        q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
+        o_latent_BHTC = sparse_attention(
+            self.indexer, x_BTD, q_latent_BTQ, index_keys_BSI, rope, start, q, k, self.latent_dim, self.scale
+        )
+        return self.expand_output(o_latent_BHTC)
 
 
 class GatheredAttention(torch.autograd.Function):
-    """softmax over each query's picked keys (model/attention/dsa.py's `gathered_attention`) in steps
-    of GATHER_BYTES. q (B, H, T, X); k (B, G, S, X); v (B, G, S, V), or None with `d_v`: the values
-    are k[..., :d_v]; picked (B, T, K) key indices, valid (B, T, K) whether each pick counts.
-    Returns (B, H, T, V). Under autocast q, k, v are cast to its dtype and the body runs with it off."""
+    """softmax over each query's picked keys (model/attention/dsa.py's `gathered_attention`), one
+    query at a time: q (B, H, T, X); k (B, G, S, X); v (B, G, S, V), or None with `d_v` (the values
+    are then k[..., :d_v]); picked (B, T, K) key indices, valid (B, T, K) whether each pick counts.
+    Returns (B, H, T, V). Per query and key head the picks are gathered into one reused (K, X)
+    buffer and its R = H / G heads go through plain matrix products with the picks as the long side,
+    (K, X) @ (X, R) then (R, K) @ (K, V) (batched products over queries, and fresh gathered tensors,
+    ran at half the speed on CPU). Nothing of size T x K is kept but the picks (int32): backward
+    gathers again and recomputes the softmax. Under autocast q, k, v are cast to its dtype and the
+    body runs with autocast off."""
 
     @staticmethod
     def forward(ctx, q, k, v, d_v: int, picked, valid, scale: float):
@@ -68,83 +80,77 @@ class GatheredAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def steps(q, k, picked):
-        """(first query, end query, flat key rows (B * n * K,)) per step of n queries."""
-        b, _, t, _ = q.shape
-        g, s, width = k.shape[1], k.shape[2], k.shape[-1]
-        n_picks = picked.shape[-1]
-        n = max(1, GATHER_BYTES // (b * n_picks * g * width * k.element_size()))
-        batch_offset = (torch.arange(b, device=q.device, dtype=torch.int32) * s)[:, None, None]
-        for a in range(0, t, n):
-            z = min(t, a + n)
-            yield a, z, (picked[:, a:z] + batch_offset).flatten()
+    def rows(q_BHTX, picked, valid, g: int):
+        """Per (batch, query, key head): (row number, b, g, the query's R heads (R, X), its picks (K,),
+        the (K, 1) mask of its invalid picks or None)."""
+        b, h, t, x = q_BHTX.shape
+        q_rows = q_BHTX.transpose(1, 2).contiguous().view(b * t * g, h // g, x).unbind(0)
+        picks = picked.reshape(b * t, -1).unbind(0)
+        complete = valid.all(-1).flatten().tolist()
+        for i, (idx, full) in enumerate(zip(picks, complete)):
+            hidden = None if full else ~valid.reshape(b * t, -1)[i, :, None]
+            for gi in range(g):
+                yield i * g + gi, i // t, gi, q_rows[i * g + gi], idx, hidden
 
     @staticmethod
-    def step_probs(q_NGRX, k_sel_NGKX, valid_NK, scale: float):
-        logits = torch.matmul(q_NGRX, k_sel_NGKX.transpose(-1, -2))
-        logits = logits.float().mul_(scale).masked_fill_(~valid_NK[:, None, None, :], float("-inf"))
-        return logits.softmax(-1).to(q_NGRX.dtype)
-
-    @staticmethod
-    def step_inputs(q, k_rows, v_rows, d_v, picked, valid, a, z, rows):
-        """q, the gathered keys and values and valid of queries a..z, each with one batch dim N = B * n."""
-        b, h, _, x = q.shape
-        g = k_rows.shape[1]
-        n_picks = picked.shape[-1]
-        q_NGRX = q[:, :, a:z].transpose(1, 2).reshape(-1, g, h // g, x)
-        k_sel_NGKX = k_rows.index_select(0, rows).view(-1, n_picks, g, x).transpose(1, 2)
-        if v_rows is None:
-            v_sel_NGKV = k_sel_NGKX[..., :d_v]
-        else:
-            v_sel_NGKV = v_rows.index_select(0, rows).view(-1, n_picks, g, d_v).transpose(1, 2)
-        return q_NGRX, k_sel_NGKX, v_sel_NGKV, valid[:, a:z].reshape(-1, n_picks)
+    def probs(k_sel_KX, q_RX, hidden, scale: float):
+        """softmax over the picks (K, R), the logits as (K, X) @ (X, R) (the faster orientation)."""
+        logits = torch.mm(k_sel_KX, q_RX.T).float().mul_(scale)
+        if hidden is not None:
+            logits.masked_fill_(hidden, float("-inf"))
+        return logits.softmax(0).to(q_RX.dtype)
 
     @staticmethod
     def attend(q, k, v, d_v: int, picked, valid, scale: float):
-        b, h, t, _ = q.shape
-        g = k.shape[1]
-        k_rows, v_rows = gather_rows(k), None if v is None else gather_rows(v)
-        out_BTGRV = q.new_empty(b, t, g, h // g, d_v)
-        for a, z, rows in GatheredAttention.steps(q, k, picked):
-            q_NGRX, k_sel, v_sel, valid_NK = GatheredAttention.step_inputs(
-                q, k_rows, v_rows, d_v, picked, valid, a, z, rows
-            )
-            probs = GatheredAttention.step_probs(q_NGRX, k_sel, valid_NK, scale)
-            out_BTGRV[:, a:z] = torch.matmul(probs, v_sel).view(b, z - a, g, h // g, d_v)
-        return out_BTGRV.view(b, t, h, d_v).transpose(1, 2)
+        b, h, t, x = q.shape
+        g, n_picks = k.shape[1], picked.shape[-1]
+        out_BTHV = q.new_empty(b, t, h, d_v)
+        out_rows = out_BTHV.view(b * t * g, h // g, d_v).unbind(0)
+        k_sel = q.new_empty(n_picks, x)  # reused: a fresh one per query costs page faults
+        v_sel = k_sel[:, :d_v] if v is None else q.new_empty(n_picks, d_v)
+        for row, bi, gi, q_RX, idx, hidden in GatheredAttention.rows(q, picked, valid, g):
+            torch.index_select(k[bi, gi], 0, idx, out=k_sel)
+            if v is not None:
+                torch.index_select(v[bi, gi], 0, idx, out=v_sel)
+            probs_KR = GatheredAttention.probs(k_sel, q_RX, hidden, scale)
+            torch.mm(probs_KR.T, v_sel, out=out_rows[row])
+        return out_BTHV.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, d_out):
+        """Flash-style, per query: dS = P * (dP - colsum(P * dP)) (the (K, R) layout), dq = scale dS^T
+        K_sel, dK_sel = scale dS q (+ P dO where the values are the keys' prefix), dV_sel = P dO,
+        added into dk, dv at the picks' rows (index_add)."""
         q, k, v, picked, valid = ctx.saved_tensors
         d_v, scale = ctx.meta
         b, h, t, x = q.shape
-        g = k.shape[1]
-        k_rows, v_rows = gather_rows(k), None if v is None else gather_rows(v)
-        d_out_BTGRV = d_out.to(q.dtype).transpose(1, 2).reshape(b, t, g, h // g, d_v)
-        dq_BTGRX = torch.empty(b, t, g, h // g, x, dtype=q.dtype, device=q.device)
-        dk_rows = k_rows.new_zeros(k_rows.shape)
-        dv_rows = None if v is None else v_rows.new_zeros(v_rows.shape)
-        for a, z, rows in GatheredAttention.steps(q, k, picked):
-            q_NGRX, k_sel, v_sel, valid_NK = GatheredAttention.step_inputs(
-                q, k_rows, v_rows, d_v, picked, valid, a, z, rows
-            )
-            probs = GatheredAttention.step_probs(q_NGRX, k_sel, valid_NK, scale)
-            do_NGRV = d_out_BTGRV[:, a:z].reshape(-1, g, h // g, d_v)
-            dp = torch.matmul(do_NGRV, v_sel.transpose(-1, -2))
-            ds = (dp - (probs * dp).sum(-1, keepdim=True)).mul_(probs).mul_(scale)
-            dq_BTGRX[:, a:z] = torch.matmul(ds, k_sel).view(b, z - a, g, h // g, x)
-            dk_sel_NGKX = torch.matmul(ds.transpose(-1, -2), q_NGRX)
-            dv_sel_NGKV = torch.matmul(probs.transpose(-1, -2), do_NGRV)
-            if dv_rows is None:
-                dk_sel_NGKX[..., :d_v] += dv_sel_NGKV
+        g, n_picks = k.shape[1], picked.shape[-1]
+        do_rows = d_out.to(q.dtype).transpose(1, 2).contiguous().view(b * t * g, h // g, d_v).unbind(0)
+        dq_BTHX = q.new_empty(b, t, h, x)
+        dq_rows = dq_BTHX.view(b * t * g, h // g, x).unbind(0)
+        dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+        dv = None if v is None else torch.zeros_like(v, memory_format=torch.contiguous_format)
+        k_sel, dk_sel = q.new_empty(n_picks, x), q.new_empty(n_picks, x)
+        v_sel = k_sel[:, :d_v] if v is None else q.new_empty(n_picks, d_v)
+        dv_sel = None if v is None else q.new_empty(n_picks, d_v)
+        for row, bi, gi, q_RX, idx, hidden in GatheredAttention.rows(q, picked, valid, g):
+            torch.index_select(k[bi, gi], 0, idx, out=k_sel)
+            if v is not None:
+                torch.index_select(v[bi, gi], 0, idx, out=v_sel)
+            probs_KR = GatheredAttention.probs(k_sel, q_RX, hidden, scale)
+            do_RV = do_rows[row]
+            dp_KR = torch.mm(v_sel, do_RV.T)
+            ds_KR = (dp_KR - (probs_KR * dp_KR).sum(0, keepdim=True)).mul_(probs_KR).mul_(scale)
+            torch.mm(ds_KR.T, k_sel, out=dq_rows[row])
+            torch.mm(ds_KR, q_RX, out=dk_sel)
+            if v is None:
+                dk_sel[:, :d_v].addmm_(probs_KR, do_RV)
             else:
-                dv_rows.index_add_(0, rows, dv_sel_NGKV.transpose(1, 2).reshape(-1, g, d_v))
-            dk_rows.index_add_(0, rows, dk_sel_NGKX.transpose(1, 2).reshape(-1, g, x))
-        dq = dq_BTGRX.view(b, t, h, x).transpose(1, 2)
-        dk = dk_rows.view(b, -1, g, x).transpose(1, 2)
-        dv = None if dv_rows is None else dv_rows.view(b, -1, g, d_v).transpose(1, 2)
+                dv[bi, gi].index_add_(0, idx, torch.mm(probs_KR, do_RV, out=dv_sel))
+            dk[bi, gi].index_add_(0, idx, dk_sel)
         q_dtype, k_dtype, v_dtype = ctx.input_dtypes
-        return dq.to(q_dtype), dk.to(k_dtype), None if dv is None else dv.to(v_dtype), None, None, None, None
+        dq = dq_BTHX.transpose(1, 2).to(q_dtype)
+        return dq, dk.to(k_dtype), None if dv is None else dv.to(v_dtype), None, None, None, None
 
 
 def sparse_attention(

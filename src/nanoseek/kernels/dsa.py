@@ -38,7 +38,7 @@ from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
 from nanoseek.model.moe.experts import matmul_dtype
 
-GATHER_FROM = 2  # a chunk gathers its picks once it sees more than GATHER_FROM * top-k keys (measured crossover)
+GATHER_FROM = 3  # a chunk gathers its picks once it sees more than GATHER_FROM * top-k keys (measured crossover)
 
 
 class SparseLatentAttention(MultiHeadLatentAttention):
@@ -119,7 +119,8 @@ class GatheredAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         """Flash-style, per query: dS = P * (dP - colsum(P * dP)) (the (K, R) layout), dq = scale dS^T
-        K_sel, dK_sel = scale dS q (+ P dO where the values are the keys' prefix), dV_sel = P dO,
+        K_sel, dK_sel = scale dS q (+ P dO where the values are the keys' prefix: one product of
+        [dS, P] and [q ; dO]), dV_sel = P dO,
         added into dk, dv at the picks' rows (index_add)."""
         q, k, v, picked, valid = ctx.saved_tensors
         d_v, scale = ctx.meta
@@ -142,10 +143,11 @@ class GatheredAttention(torch.autograd.Function):
             dp_KR = torch.mm(v_sel, do_RV.T)
             ds_KR = (dp_KR - (probs_KR * dp_KR).sum(0, keepdim=True)).mul_(probs_KR).mul_(scale)
             torch.mm(ds_KR.T, k_sel, out=dq_rows[row])
-            torch.mm(ds_KR, q_RX, out=dk_sel)
-            if v is None:
-                dk_sel[:, :d_v].addmm_(probs_KR, do_RV)
+            if v is None:  # dK_sel = [dS, P] @ [q ; dO]: the value gradient joins the key's in one product
+                do_RX = F.pad(do_RV, (0, x - d_v)) if d_v < x else do_RV
+                torch.mm(torch.cat([ds_KR, probs_KR], 1), torch.cat([q_RX, do_RX]), out=dk_sel)
             else:
+                torch.mm(ds_KR, q_RX, out=dk_sel)
                 dv[bi, gi].index_add_(0, idx, torch.mm(probs_KR, do_RV, out=dv_sel))
             dk[bi, gi].index_add_(0, idx, dk_sel)
         q_dtype, k_dtype, v_dtype = ctx.input_dtypes

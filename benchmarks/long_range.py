@@ -25,9 +25,13 @@ its long-range path:
                (dense first, as dsa: every visible entry)
     hca        V4 + window 32 + every compressed entry (rate 128)
 
-    python benchmarks/long_range.py [--steps 200] [--kinds dense,sliding,...] [--threads 2]
+    python benchmarks/long_range.py [--steps 200] [--kinds dense,sliding,...] [--seeds 0,1,2]
+        [--eval-every 100] [--threads 2] [--plot long_range.png]
+    python benchmarks/long_range.py --replot a.jsonl b.jsonl --plot long_range.png
 
-Prints one JSON line per kind: accuracy over 8 fresh sequences, steps, seconds per step, final loss.
+Prints one JSON line per kind and seed: accuracy over 8 fresh sequences, steps, seconds per step
+(training only), final loss, and the curve [step, training seconds, accuracy] (every --eval-every
+steps and at the end), from which both comparisons come: at equal steps and at equal wall time.
 """
 
 from __future__ import annotations
@@ -123,14 +127,19 @@ def curriculum(step: int, steps: int, n: int) -> int:
     return max(8, n // 4) if step < 0.7 * steps else n
 
 
-def run(kind: str, steps: int, n: int, tokens: int, lr: float, warmup_fraction: float) -> dict:
-    torch.manual_seed(0)
+def run(
+    kind: str, steps: int, n: int, tokens: int, lr: float, warmup_fraction: float, seed: int = 0, eval_every: int = 0
+) -> dict:
+    """Train one model of `kind`; its accuracy at 2N at the end and, with eval_every, every eval_every steps
+    (curve: [step, training seconds so far, accuracy]; evaluation time is not counted as training time)."""
+    torch.manual_seed(seed)
     model = Transformer(config(kind, n)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     warmup = int(warmup_fraction * steps) if kind in ("dsa", "csa") else 0
-    start, loss = time.perf_counter(), float("nan")
+    wall, loss, curve = 0.0, float("nan"), []
     for step in range(steps):
+        start = time.perf_counter()
         model.set_dsa_warmup(step < warmup, freeze_model=False)  # from scratch: all of it trains densely
         for group in opt.param_groups:  # linear warm-up, then constant
             group["lr"] = lr * min(1.0, (step + 1) / 30)
@@ -144,38 +153,98 @@ def run(kind: str, steps: int, n: int, tokens: int, lr: float, warmup_fraction: 
         opt.step()
         model.update_balance_bias(out.expert_load)
         loss = out.loss.item()
+        wall += time.perf_counter() - start
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            model.set_dsa_warmup(False)  # scored as it will be used: sparse
+            curve.append([step + 1, round(wall, 2), round(accuracy(model, n), 4)])
     model.set_dsa_warmup(False)
-    wall = time.perf_counter() - start
+    final = round(accuracy(model, n), 4)
+    curve.append([steps, round(wall, 2), final])
     return {
         "bench": "long_range",
         "kind": kind,
+        "seed": seed,
         "seq": 2 * n,
-        "accuracy": round(accuracy(model, n), 4),
+        "accuracy": final,
         "chance": round(1 / VALUES, 4),
         "steps": steps,
         "tokens_per_step": tokens,
         "seconds_per_step": round(wall / steps, 3),
         "final_train_loss": round(loss, 4),
+        "curve": curve,
         "threads": torch.get_num_threads(),
     }
 
 
-def main():
+def plot_curves(rows: list[dict], path: str) -> None:
+    """Accuracy at 2N against training steps and against training seconds, per kind (mean over seeds,
+    the seeds' min-max shaded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for i, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
+        runs = [r["curve"] for r in rows if r["kind"] == kind]
+        points = min(len(c) for c in runs)
+        acc = torch.tensor([[p[2] for p in c[:points]] for c in runs]) * 100
+        steps = [p[0] for p in runs[0][:points]]
+        secs = torch.tensor([[p[1] for p in c[:points]] for c in runs]).mean(0).tolist()
+        style = "-" if kind.startswith("dense") else "--"
+        for ax, x in zip(axes, (steps, secs)):
+            ax.plot(x, acc.mean(0).tolist(), style, marker="o", ms=3, color=f"C{i}", label=f"{kind} ({len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(x, acc.min(0).values.tolist(), acc.max(0).values.tolist(), color=f"C{i}", alpha=0.15)
+    for ax, label in zip(axes, ("training steps", "training seconds (mean over seeds)")):
+        ax.axhline(100 / VALUES, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("recall accuracy at 2,048 tokens (%)")
+    axes[0].set_title("equal steps")
+    axes[1].set_title("equal wall time")
+    axes[1].legend(title="kind (seeds)", fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="training steps per kind")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; one model per kind and seed")
     parser.add_argument("--n", type=int, default=1024, help="half the sequence length")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens / length)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup-fraction", type=float, default=0.5, help="dsa/csa: dense warm-up share")
+    parser.add_argument("--eval-every", type=int, default=0, help="also score every this many steps (the curve)")
     parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--plot", help="PNG of accuracy vs steps and vs seconds, from this run's lines")
+    parser.add_argument("--replot", nargs="*", default=[], help="JSON-lines files to plot instead of running")
+    args = parser.parse_args(argv)
+    if args.replot:
+        rows = [json.loads(line) for f in args.replot for line in open(f) if line.strip()]
+        rows = [r for r in rows if "curve" in r]
+        plot_curves(rows, args.plot or "long_range.png")
+        return rows
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds={args.seeds!r}: comma-separated integers")
+    rows = []
     for kind in args.kinds.split(","):
         if kind not in KINDS:
             parser.error(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
-        print(json.dumps(run(kind, args.steps, args.n, args.tokens, args.lr, args.warmup_fraction)), flush=True)
+        for seed in seeds:
+            row = run(kind, args.steps, args.n, args.tokens, args.lr, args.warmup_fraction, seed, args.eval_every)
+            rows.append(row)
+            print(json.dumps(rows[-1]), flush=True)
+    if args.plot:
+        plot_curves(rows, args.plot)
+    return rows
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def tiny_budget(argv: list[str]) -> list[str]:
         "eval": ["--max-batches", "2"],
         "bench train": ["--steps", "1", "--warmup", "0", "--rounds", "1", "--peak-seconds", "0.05"],
         "bench attention": ["--seq", "64", "--repeats", "1"],
+        "bench decode-kinds": ["--context", "64", "--new-tokens", "2", "--kinds", "dense,hca"],
     }.get(command, [])
 
 

@@ -2,7 +2,7 @@
 per result line (what the benchmarks/ scripts print and RESULTS.md is made from).
 
 WHAT is a key of `BENCHES`; each entry adds its options to an argparse parser and runs, returning
-result dicts. Each benchmark lives in its own module (train, infer, attention, serve); `common`
+result dicts. Each benchmark lives in its own module (train, infer, decode_kinds, attention, serve); `common`
 holds what they measure of the machine; `report` lays results out for people.
 
     >>> run_bench(["train", "--preset", "gpt2-tiny", "--steps", "2"])  # doctest: +SKIP
@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 
 from nanoseek.bench.attention import add_attention_args, run_attention
+from nanoseek.bench.decode_kinds import add_decode_kinds_args, run_decode_kinds
 from nanoseek.bench.infer import add_decode_args, add_prefill_args, run_decode, run_prefill
 from nanoseek.bench.report import results_table
 from nanoseek.bench.serve import add_serve_args, run_serve
@@ -39,12 +40,17 @@ BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callabl
         add_decode_args,
         run_decode,
     ),
+    "decode-kinds": (
+        "prefill and KV-cache decode at long contexts, and the cache's bytes, per attention kind",
+        add_decode_kinds_args,
+        run_decode_kinds,
+    ),
 }
 
 
 def _usage() -> str:
     lines = ["usage: nanoseek bench WHAT [options]   (WHAT --help for its options)", "", "WHAT:"]
-    lines += [f"  {name:10s} {help_}" for name, (help_, _, _) in BENCHES.items()]
+    lines += [f"  {name:12s} {help_}" for name, (help_, _, _) in BENCHES.items()]
     return "\n".join(lines)
 
 

@@ -536,9 +536,10 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
         return round(
             sum(v4_cache_width(config, config.layer_sparse(i)) for i in range(config.num_hidden_layers)) * dtype_bytes
         )
-    if config.attention == "mla":
+    if config.attention == "mla":  # latent + RoPE key; a DSA layer also its indexer's key
         per_layer = config.kv_lora_rank + config.qk_rope_head_dim
-        return config.num_hidden_layers * per_layer * dtype_bytes
+        indexed = sum(config.layer_sparse(i) == "dsa" for i in range(config.num_hidden_layers))
+        return (config.num_hidden_layers * per_layer + indexed * config.index_head_dim) * dtype_bytes
     dense = 2 * config.n_kv_heads * config.attn_head_dim
     # NSA: a K/V pair per branch, and the compressed branch's block summaries (one per nsa_block tokens)
     nsa = dense * (3 + 1 / config.nsa_block)

@@ -484,6 +484,16 @@ def test_nsa_kv_cache_bytes_count_every_branch_and_the_block_summaries():
     assert kv_cache_bytes_per_token(m.config, dtype_bytes=4) == held
 
 
+def test_dsa_kv_cache_bytes_count_the_indexer_keys():
+    from nanoseek.model import kv_cache_bytes_per_token
+
+    m = model("deepseek-v32-tiny", sparse_layers=["dsa", "dense"])
+    dsa_cache, dense_cache = m.make_cache(1, 64)
+    assert dense_cache.index_keys is None
+    held = sum(t.numel() * t.element_size() for t in (dsa_cache.key, dsa_cache.index_keys, dense_cache.key)) / 64
+    assert kv_cache_bytes_per_token(m.config, dtype_bytes=4) == held
+
+
 def test_nsa_refuses_mla():
     with pytest.raises(NanoseekError, match="sparse='nsa'"):
         ModelConfig.from_preset("deepseek-v3-tiny", sparse="nsa")

@@ -227,7 +227,8 @@ def test_long_prefill_path_equals_the_masked_path(monkeypatch, topk, gather_from
     import nanoseek.model.attention.dsa as dsa
 
     monkeypatch.setattr(dsa, "GATHER_FROM", gather_from)
-    m = model("deepseek-v32-tiny", index_topk=topk, index_n_heads=16, max_position_embeddings=512)  # no ReLU ties
+    # the reference path (kernels off; tests/kernels checks the fast one against it); 16 heads: no ReLU ties
+    m = model("deepseek-v32-tiny", index_topk=topk, index_n_heads=16, max_position_embeddings=512, kernels=False)
     x = tokens(300, batch=1)
     assert 300 > dsa.SELECT_CHUNK
     with torch.no_grad():

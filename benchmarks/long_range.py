@@ -20,6 +20,8 @@ its long-range path:
                trained dense model to start from, as V3.2 had), then sparse
     dense-mha  MHA (4 heads of 32) with full attention, NSA's baseline
     nsa        MHA + NSA: blocks of 32, 8 selected blocks per query block, window 32
+    nsa-token  the same NSA with a selection per query (nsa_query_group=1, as the NSA paper) instead of
+               one shared by the 32 queries of a block
     dense-v4   DeepSeek-V4 attention (one shared K=V head of 64, sinks) with no window
     csa        V4 + window 32 + compressed entries (rate 4), the indexer picks 64 per query
                (dense first, as dsa: every visible entry)
@@ -44,7 +46,7 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 
-KINDS = ("dense", "sliding", "dsa", "dense-mha", "nsa", "dense-v4", "csa", "hca")
+KINDS = ("dense", "sliding", "dsa", "dense-mha", "nsa", "nsa-token", "dense-v4", "csa", "hca")
 
 
 FILLER, KEYS, VALUES = 64, 4, 16
@@ -84,10 +86,12 @@ def config(kind: str, n: int) -> ModelConfig:
         base.update(sparse="sliding", sliding_window=32)
     if kind == "dsa":
         base.update(sparse="dsa", index_topk=128, index_n_heads=4, index_head_dim=32)
-    if kind in ("nsa", "dense-mha"):
+    if kind in ("nsa", "nsa-token", "dense-mha"):
         base.update(attention="mha", rope_interleave=False)
-    if kind == "nsa":
+    if kind in ("nsa", "nsa-token"):
         base.update(sparse="nsa", nsa_block=32, nsa_topn=8, sliding_window=32)
+    if kind == "nsa-token":
+        base.update(nsa_query_group=1)
     if kind in ("dense-v4", "csa", "hca"):
         base.update(
             attention="v4",

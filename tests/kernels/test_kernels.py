@@ -613,3 +613,106 @@ def test_nsa_model_with_kernels_equals_the_reference_model(topn):
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
     for (name, _), got, want in zip(ref.named_parameters(), grads[1], grads[0]):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------- DSA long-sequence path
+
+
+def dsa_inputs(topk: int, b: int, g: int, start: int, t: int, d_v: int):
+    """A tiny indexer and q (B, 4, T, 16), k (B, G, S, 16), v (B, G, S, d_v) after `start` cached tokens."""
+    from nanoseek.model.attention.dsa import LightningIndexer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        attention="mla",
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        index_topk=topk,
+        index_n_heads=16,  # many heads: no ReLU ties among the scores
+        index_head_dim=16,
+        sparse="dsa",
+        max_position_embeddings=8,
+    )
+    indexer = LightningIndexer(cfg)
+    s = start + t
+    angles = torch.arange(s, dtype=torch.float32)[:, None] * torch.rand(4)
+    cos, sin = angles.cos(), angles.sin()
+    with torch.no_grad():
+        keys = indexer.keys(torch.randn(b, s, 32), (cos, sin))
+    x, q_latent = torch.randn(b, t, 32), torch.randn(b, t, 24)
+    q = torch.randn(b, 4, t, 16, requires_grad=True)
+    k = torch.randn(b, g, s, 16, requires_grad=True)
+    v = torch.randn(b, g, s, d_v, requires_grad=True)
+    return indexer, (x, q_latent, keys, (cos[start:], sin[start:]), start), q, k, v
+
+
+@pytest.mark.parametrize(
+    "topk,b,g,start,t,d_v,shared",
+    [
+        (40, 1, 1, 0, 300, 16, False),  # rows 0..38 have fewer causal keys than top-k
+        (40, 2, 2, 0, 300, 8, False),  # batch, two key/value heads, values narrower than keys
+        (40, 2, 1, 0, 300, 16, True),  # values = the keys' prefix (MLA's absorbed form)
+        (40, 1, 2, 37, 300, 8, True),
+        (280, 2, 1, 0, 513, 16, False),  # a dense first chunk, then masked or gathered chunks
+        (280, 1, 2, 30, 600, 8, True),
+    ],
+)
+@pytest.mark.parametrize("gather_from", [1, 2, 10_000])  # (ref, fast): gathered / mixed / masked chunks
+def test_dsa_sparse_attention_equals_the_reference(monkeypatch, topk, b, g, start, t, d_v, shared, gather_from):
+    """kernels/dsa.py against model/attention/dsa.py's chunked path: values, gradients of q, k and v,
+    none for the indexer."""
+    from nanoseek.kernels import dsa as fast
+    from nanoseek.model.attention import dsa as reference
+
+    monkeypatch.setattr(reference, "GATHER_FROM", 1 if gather_from == 1 else 10_000)
+    monkeypatch.setattr(fast, "GATHER_FROM", gather_from)
+    indexer, index_in, q, k, v = dsa_inputs(topk, b, g, start, t, d_v)
+    weight = torch.randn(b, 4, t, d_v)
+    inputs = (q, k) if shared else (q, k, v)
+    results = []
+    for fn, values in (
+        (reference.chunked_sparse_attention, k[..., :d_v] if shared else v),
+        (fast.sparse_attention, d_v if shared else v),
+    ):
+        out = fn(indexer, *index_in, q, k, values, 0.3)
+        results.append([out, *torch.autograd.grad((out * weight).sum(), inputs)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert all(p.grad is None for p in indexer.parameters())
+
+
+def test_gathered_attention_under_bf16_autocast_equals_the_reference():
+    from nanoseek.kernels.dsa import GatheredAttention
+    from nanoseek.model.attention.dsa import gathered_attention
+
+    _, _, q, k, v = dsa_inputs(8, 2, 2, 0, 20, 8)
+    g = torch.Generator().manual_seed(3)
+    picked = torch.randint(0, 20, (2, 20, 8), generator=g)
+    picked[..., 0] = 0  # every query keeps at least one causal key
+    valid = picked <= torch.arange(20)[:, None]
+    results = []
+    for fn in (gathered_attention, lambda q, k, v, p, m, s: GatheredAttention.apply(q, k, v, 8, p, m, s)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(q, k, v, picked, valid, 0.3)
+        results.append([out.float(), *torch.autograd.grad(out.float().square().sum(), (q, k, v))])
+    assert [r.dtype for r in results[1][1:]] == [torch.float32] * 3
+    for got, want in zip(results[1], results[0]):  # bf16 rounding, at different points in each
+        torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=5e-2)
+
+
+def test_dsa_model_long_prefill_with_kernels_equals_the_reference_model(monkeypatch):
+    """300 tokens > SELECT_CHUNK through the model: the fast path (gathering) against the reference's."""
+    from nanoseek.kernels import dsa as fast
+
+    monkeypatch.setattr(fast, "GATHER_FROM", 1)
+    ref, model = twin_models("deepseek-v32-tiny", index_topk=16, index_n_heads=16, max_position_embeddings=512)
+    assert isinstance(model.layers[0].self_attn, fast.SparseLatentAttention)
+    ids = torch.randint(0, 100, (2, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model.eval()(ids).logits, ref.eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

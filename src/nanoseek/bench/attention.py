@@ -21,6 +21,9 @@ overrides its layout value.
              512, summed with fixed gates (model/attention/nsa.py, kernels/nsa.py)        O(T (T/l + n l + w))
     dsa      lightning indexer (H_I heads of width d_I) scores the visible keys per chunk of
              queries, top-k, attention over the gathered picks               O(T^2 H_I d_I + T k H D)
+             (kernels/dsa.py, the path the model runs; as in MLA's absorbed form the values are
+             the keys' first D columns, the latent c_KV: the picks are gathered once, and dsa's
+             v is unused)
     csa      DeepSeek-V4: the window of w keys + compressed entries (rate 4) of which an indexer picks
              the top-k (--csa-topk, V4's 512), one softmax with a sink      O(T (w + k) H D + T^2/4 H_I d_I)
     hca      DeepSeek-V4: the window + every closed entry at rate 128       O(T (w + T/128) H D)
@@ -60,17 +63,19 @@ from nanoseek.bench.flops import flop_counter, flops_by_op
 from nanoseek.config import ModelConfig
 from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
+from nanoseek.kernels.dsa import sparse_attention
 from nanoseek.kernels.nsa import ChunkedNativeSparseAttention
 from nanoseek.model.attention.compressed import CompressedAttention
 from nanoseek.model.attention.core import causal_attention, sdpa
-from nanoseek.model.attention.dsa import LightningIndexer, chunked_sparse_attention
+from nanoseek.model.attention.dsa import LightningIndexer
 from nanoseek.model.position import rope_inv_freq
 
 KINDS = ("dense", "sliding", "nsa", "dsa", "csa", "hca")
 
 
 class DsaOp(torch.nn.Module):
-    """The DSA attention of one layer, fed with ready-made q/k/v (the indexer keeps its weights)."""
+    """The DSA attention of one layer, fed with ready-made q/k (the indexer keeps its weights); the values
+    are k[..., :d_v], as in the model's absorbed MLA (v only gives d_v)."""
 
     def __init__(self, dim: int, heads: int, index_heads: int, index_dim: int, topk: int):
         super().__init__()
@@ -101,7 +106,7 @@ class DsaOp(torch.nn.Module):
         rope = (angles.cos(), angles.sin())
         with torch.no_grad():
             keys = self.indexer.keys(x, rope)
-        return chunked_sparse_attention(self.indexer, x, x, keys, rope, 0, q, k, v, scale)
+        return sparse_attention(self.indexer, x, x, keys, rope, 0, q, k, v.shape[-1], scale)
 
 
 class NsaOp(torch.nn.Module):

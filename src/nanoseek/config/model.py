@@ -104,6 +104,7 @@ class ModelConfig:
     sliding_window: int = 512  # keys a "sliding" query sees, itself included
     nsa_block: int = 64  # NSA: tokens per compressed / selected block (l = l' = d)
     nsa_topn: int = 16  # NSA: blocks each query block attends to (first, previous and own included)
+    nsa_query_group: int | None = None  # NSA: queries sharing one block selection (None: nsa_block; 1: per token)
     index_topk: int = 2048  # DSA/CSA: keys (entries) each query attends to, chosen by the indexer
     index_n_heads: int = 64  # DSA/CSA: heads of the lightning indexer
     index_head_dim: int = 128  # DSA/CSA: width of an indexer head
@@ -201,6 +202,11 @@ class ModelConfig:
             if self.nsa_topn < 3:
                 raise NanoseekError(
                     f"nsa_topn={self.nsa_topn} must be >= 3 (the first, previous and own block are always selected)"
+                )
+            group = self.nsa_query_group
+            if group is not None and (group < 1 or self.nsa_block % group):
+                raise NanoseekError(
+                    f"nsa_query_group={group} must divide nsa_block={self.nsa_block} (1 = per token; None = nsa_block)"
                 )
             if self.attention == "mla":
                 raise NanoseekError(

@@ -109,6 +109,7 @@ MODEL = {
     "sliding_window": POSITIVE,
     "nsa_block": POSITIVE,
     "nsa_topn": POSITIVE,
+    "nsa_query_group": POSITIVE,
     "index_topk": POSITIVE,
     "index_n_heads": POSITIVE,
     "index_head_dim": POSITIVE,

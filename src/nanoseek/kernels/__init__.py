@@ -5,12 +5,15 @@
     swiglu.py         FusedSwiGLU and swiglu_down (SwiGLU Functions: the hidden recomputed in backward)
     cross_entropy.py  linear_cross_entropy (head + loss in row chunks; the logits never held whole)
     grouped_mm.py     GroupedExperts (one grouped matmul for all routed experts; opaque ops for compile)
+    dsa.py            SparseLatentAttention (DSA's long prefill: dense prefix, gathered picks,
+                      `GatheredAttention` recomputed in backward; values gathered with the keys)
     nsa.py            ChunkedNativeSparseAttention (NSA's compressed branch in query chunks, p recomputed
                       in backward: `CompressedBlockAttention`)
 
 How they are chosen: model/ never imports this package. model/transformer.py keeps two registries
 that importing this package fills (as nanoseek.io fills CHECKPOINT_WRITERS):
-    KERNEL_MODULES[ReferenceClass] = FastSubclass   (RMSNorm, SwiGLU, RoutedExperts, NativeSparseAttention)
+    KERNEL_MODULES[ReferenceClass] = FastSubclass   (RMSNorm, SwiGLU, RoutedExperts, NativeSparseAttention,
+                                                     MultiHeadLatentAttention)
     KERNEL_FUNCTIONS[name] = function               ("linear_cross_entropy", "training_forward")
 A `Transformer` built with `ModelConfig.kernels` (default True; `--model.kernels=false` turns it off)
 swaps each reference module's class for its fast subclass (`Transformer.set_kernels`: parameters,
@@ -25,7 +28,8 @@ checks each fast path against its reference, values and gradients.
     'FusedRMSNorm'
 """
 
-from nanoseek.kernels import cross_entropy, grouped_mm, norm, nsa, swiglu
+from nanoseek.kernels import cross_entropy, dsa, grouped_mm, norm, nsa, swiglu
+from nanoseek.model.attention.mla import MultiHeadLatentAttention
 from nanoseek.model.attention.nsa import NativeSparseAttention
 from nanoseek.model.ffn import SwiGLU
 from nanoseek.model.moe.experts import RoutedExperts
@@ -38,6 +42,7 @@ KERNEL_MODULES.update(
         SwiGLU: swiglu.FusedSwiGLU,
         RoutedExperts: grouped_mm.GroupedExperts,
         NativeSparseAttention: nsa.ChunkedNativeSparseAttention,
+        MultiHeadLatentAttention: dsa.SparseLatentAttention,
     }
 )
 KERNEL_FUNCTIONS.update(

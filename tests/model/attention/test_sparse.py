@@ -227,7 +227,8 @@ def test_long_prefill_path_equals_the_masked_path(monkeypatch, topk, gather_from
     import nanoseek.model.attention.dsa as dsa
 
     monkeypatch.setattr(dsa, "GATHER_FROM", gather_from)
-    m = model("deepseek-v32-tiny", index_topk=topk, index_n_heads=16, max_position_embeddings=512)  # no ReLU ties
+    # the reference path (kernels off; tests/kernels checks the fast one against it); 16 heads: no ReLU ties
+    m = model("deepseek-v32-tiny", index_topk=topk, index_n_heads=16, max_position_embeddings=512, kernels=False)
     x = tokens(300, batch=1)
     assert 300 > dsa.SELECT_CHUNK
     with torch.no_grad():
@@ -555,3 +556,99 @@ def test_nsa_op_under_bf16_autocast_with_fp32_inputs_runs_backward():
         results.append((out.detach().float(), q.grad, k.grad))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=3e-2, rtol=5e-2)
+
+
+def test_dsa_decode_gathers_its_picks_and_equals_the_masked_step(monkeypatch):
+    """A decode step reads only the top-k cached latents (gathered); the logits equal those of the
+    step that masks every other key, with the cache longer than top-k and for a batch of 2."""
+    from nanoseek.model.attention import dsa, mla
+
+    m = model("deepseek-v32-tiny", index_topk=4)
+    prompt = tokens(12, batch=2)
+    gathered_calls = []
+    real_gather = dsa.gathered_attention
+    monkeypatch.setattr(mla, "gathered_attention", lambda *a: gathered_calls.append(a[3].shape) or real_gather(*a))
+
+    def steps() -> torch.Tensor:
+        cache = m.make_cache(2, 16)
+        m(prompt, cache=cache, start=0)
+        return torch.cat([m(prompt[:, i : i + 1] * 0 + 7, cache=cache, start=12 + i).logits for i in range(3)], 1)
+
+    with torch.no_grad():
+        picked = steps()
+        assert gathered_calls and all(shape[-1] == 4 for shape in gathered_calls)
+        monkeypatch.setattr(mla, "DECODE_GATHER_ROWS", 0)  # every step through the (B, 1, S) mask
+        masked = steps()
+    torch.testing.assert_close(picked, masked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked_pairs", [0, 1 << 22])
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("start,t", [(0, 40), (6, 33), (37, 1)])
+def test_nsa_query_groups_attend_exactly_to_their_own_picks(monkeypatch, masked_pairs, group, start, t):
+    """nsa_query_group = m < l: each m queries choose their own blocks (m = 1: every query, as the
+    paper); the branch, gathered per group or one masked SDPA, equals masked softmax over the keys
+    of each query's group's picks."""
+    from nanoseek.model.attention import nsa
+
+    monkeypatch.setattr(nsa, "MASKED_SELECTION_PAIRS", masked_pairs)
+    m = nsa_model(nsa_topn=5, nsa_query_group=group)
+    attn = m.layers[0].self_attn.double()
+    g = torch.Generator().manual_seed(1)
+    s, l = start + t, attn.block
+    q = torch.randn(2, attn.n_heads, t, attn.head_dim, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, attn.n_kv_heads, s, attn.head_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    _, p_cmp = attn.compressed_attention(q, attn.compress(k), attn.compress(v, values=True), start)
+    first = start // l
+    assert p_cmp.shape[2] == ((s - 1) // l - first + 1) * l // group
+    got = attn.selected_attention(q, k, v, p_cmp, start)
+    own = first + torch.arange(p_cmp.shape[2]) * group // l
+    blocks, valid = attn.choose_blocks(p_cmp, own)
+    chosen = torch.zeros(2, attn.n_kv_heads, blocks.shape[2], s // l + 2, dtype=torch.bool)
+    chosen.scatter_(-1, blocks.masked_fill(~valid, s // l + 1), True)
+    query_group = (torch.arange(start, s) - first * l) // group
+    causal = torch.arange(s) <= torch.arange(start, s)[:, None]
+    allowed = chosen[:, :, query_group][..., torch.arange(s) // l] & causal
+    rep = attn.n_heads // attn.n_kv_heads
+    logits = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * attn.scale
+    probs = logits.masked_fill(~allowed.repeat_interleave(rep, 1), float("-inf")).softmax(-1)
+    torch.testing.assert_close(got, probs @ v.repeat_interleave(rep, 1))
+
+
+def test_nsa_query_groups_of_a_whole_block_equal_the_block_path():
+    m = nsa_model(nsa_topn=5)
+    attn = m.layers[0].self_attn
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, attn.n_heads, 30, attn.head_dim, generator=g)
+    k, v = (torch.randn(2, attn.n_kv_heads, 35, attn.head_dim, generator=g) for _ in range(2))
+    _, p_cmp = attn.compressed_attention(q, attn.compress(k), attn.compress(v, values=True), 5)
+    block_path = attn.selected_attention(q, k, v, p_cmp, 5)
+    group_path = attn.selected_attention_by_group(q, k, v, p_cmp, 5)  # 35 x 35 keys: the masked SDPA
+    torch.testing.assert_close(group_path, block_path, atol=1e-5, rtol=1e-5)
+
+
+def test_nsa_per_token_selection_decodes_exactly_as_it_recomputes():
+    """Per-token selection (nsa_query_group=1) is what a decode step does, so prefill + steps give the
+    full forward's logits while the selection is active (3 of up to 10 blocks)."""
+    m = nsa_model(nsa_topn=4, nsa_query_group=1)
+    x = tokens(40)
+    with torch.no_grad():
+        full = m(x).logits
+        cache = m.make_cache(2, 48)
+        parts = [m(x[:, :21], cache=cache, start=0).logits]
+        parts += [m(x[:, p : p + 1], cache=cache, start=p).logits for p in range(21, 40)]
+        rows = m.make_cache(2, 48)
+        m(x[:, :21], cache=rows, start=0)
+        per_row = [m(x[:, p : p + 1], cache=rows, start=torch.tensor([p, p])).logits for p in range(21, 40)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(per_row, 1), full[:, 21:], atol=1e-5, rtol=1e-5)
+    m.train()
+    m(x, targets=x).loss.backward()  # the grouped path trains
+    assert m.layers[0].self_attn.qkv_proj.weight.grad.abs().sum() > 0
+
+
+def test_nsa_query_group_must_divide_the_block():
+    with pytest.raises(NanoseekError, match="nsa_query_group=3 must divide nsa_block=4"):
+        nsa_model(nsa_query_group=3)
+    with pytest.raises(NanoseekError, match="nsa_query_group"):
+        nsa_model(nsa_query_group=0)

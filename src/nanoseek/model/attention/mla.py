@@ -38,6 +38,7 @@ from nanoseek.model.attention.dsa import (
     LightningIndexer,
     causal_mask,
     chunked_sparse_attention,
+    gathered_attention,
     indexer_kl,
 )
 from nanoseek.model.kv_cache import LatentKVCache
@@ -46,6 +47,9 @@ from nanoseek.model.position import apply_rope, softmax_scale
 from nanoseek.model.side_outputs import SideOutputs
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
+
+
+DECODE_GATHER_ROWS = 4  # DSA queries past the cache up to which a step gathers its picks (decode, draft checks)
 
 
 def is_decoding(start) -> bool:
@@ -131,6 +135,11 @@ class MultiHeadLatentAttention(nn.Module):
             s = latent_BTC.shape[1]
             causal = causal_mask(start, t, s, x_BTD.device).expand(b, t, s)
             scores = self.indexer.scores(x_BTD.detach(), q_latent_BTQ.detach(), index_keys_BTI, rope)
+            decode_picks = cache is not None and is_decoding(start) and self.absorb and not self.dsa_warmup
+            if decode_picks and t <= DECODE_GATHER_ROWS and s > self.indexer.topk:
+                key_BSX = cache.key[:, :s]
+                o_BHTV = self.attend_picked(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, scores, causal, key_BSX)
+                return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
             keep = causal if self.dsa_warmup else self.indexer.select(scores, causal)
         if cache is not None and is_decoding(start) and self.absorb:
             key_BSX = cache.key[:, : latent_BTC.shape[1]]  # [c_KV ; k_R] as stored: no concatenation
@@ -208,6 +217,15 @@ class MultiHeadLatentAttention(nn.Module):
         """Fold W_UK into the query and W_UV after attention: MQA over [c_KV ; k_R]."""
         q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, key_BSX)
         o_latent_BHTC = causal_attention(q, k, latent_BSC[:, None], start, self.scale, window=self.window, keep=keep)
+        return self.expand_output(o_latent_BHTC)
+
+    def attend_picked(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, scores_BTS, causal_BTS, key_BSX):
+        """DSA decode: absorbed MQA over only the top-k cached latents each query picks (gathered), so a
+        step reads k rows of the cache, not all S; the same keys as `LightningIndexer.select`'s mask."""
+        q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, key_BSX)
+        top = scores_BTS.masked_fill(~causal_BTS, float("-inf")).topk(self.indexer.topk, dim=-1, sorted=False)
+        valid_BTK = top.values > float("-inf")
+        o_latent_BHTC = gathered_attention(q, k, latent_BSC[:, None], top.indices, valid_BTK, self.scale)
         return self.expand_output(o_latent_BHTC)
 
     def attend_long_sparse(

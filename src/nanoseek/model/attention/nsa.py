@@ -14,10 +14,13 @@ Window (win): the last w tokens (sliding-window attention).
 When the sequence has no more blocks than nsa_topn, every block is selected and the selected
 branch is plain causal attention (one SDPA, no selection pass).
 
-CPU form (one deviation, stated): the block selection is shared by the l queries of a query
-block (their p^slc summed, using only blocks that are complete before the query block starts, so
-the choice never depends on the future). Each query block then runs ONE dense SDPA over its
+CPU form (one deviation by default, stated): the block selection is shared by the l queries of a
+query block (their p^slc summed, using only blocks that are complete before the query block starts,
+so the choice never depends on the future). Each query block then runs ONE dense SDPA over its
 n * l selected keys instead of a per-token gather: O(T * n * l) work in SDPA's fast kernel.
+`nsa_query_group` = m < l shares a selection among m queries only (m = 1: per token, as the paper):
+each group gathers its own n * l keys, the same work in T / m smaller SDPA calls. Queries asking for
+different far tokens side by side (retrieval) need it: a shared choice must cover them all.
 With n covering every block, the selected branch is exactly causal attention (tested).
 The compressed branch's attention and the selection scores p^cmp come from one softmax
 (`compressed_block_attention`); the fast path (kernels/nsa.py) runs it over chunks of queries and
@@ -42,6 +45,7 @@ from nanoseek.model.kv_cache import DenseKVCache
 from nanoseek.model.position import apply_rope, softmax_scale
 
 BRANCHES = ("cmp", "slc", "win")
+MASKED_SELECTION_PAIRS = 1 << 22  # query groups smaller than a block: up to this T x S, one masked SDPA
 
 
 class NativeSparseAttention(nn.Module):
@@ -50,6 +54,7 @@ class NativeSparseAttention(nn.Module):
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.n_kv_heads
         self.head_dim = hd = config.attn_head_dim
         self.block, self.n_select, self.window = config.nsa_block, config.nsa_topn, config.sliding_window
+        self.query_group = config.nsa_query_group or config.nsa_block  # queries sharing one selection
         self.interleave = config.rope_interleave
         self.scale = softmax_scale(config, hd)
         kv = self.n_kv_heads * hd
@@ -212,12 +217,14 @@ class NativeSparseAttention(nn.Module):
         q, kvs = self.project(x, rope)
         k_blocks = self.compress(kvs[0])
         _, scores = self.compressed_attention(q, k_blocks, self.compress(kvs[1], values=True), 0)
-        nb, n = (t - 1) // l + 1, k_blocks.shape[2]
-        blocks, valid = self.pick_blocks(scores, 0, nb)  # (B, G, nb, K)
-        chosen = torch.zeros(b, self.n_kv_heads, nb, nb + 1, dtype=torch.bool, device=x.device)
+        nb, n, m = (t - 1) // l + 1, k_blocks.shape[2], self.query_group
+        own = torch.arange(scores.shape[2], device=x.device) * m // l  # each query group's block
+        blocks, valid = self.choose_blocks(scores, own)  # (B, G, groups, K)
+        chosen = torch.zeros(b, self.n_kv_heads, len(own), nb + 1, dtype=torch.bool, device=x.device)
         chosen = chosen.scatter_(-1, blocks.masked_fill(~valid, nb), True)[..., :nb]  # invalid picks: a spare column
         block_of = torch.arange(t, device=x.device) // l
-        selected = chosen[:, :, block_of][..., block_of] & allowed_keys(t, None, x.device)  # (B, G, T, T)
+        group_of = torch.arange(t, device=x.device) // m
+        selected = chosen[:, :, group_of][..., block_of] & allowed_keys(t, None, x.device)  # (B, G, T, T)
         group = self.n_heads // self.n_kv_heads
         p_slc = attention_probs(q, kvs[2], selected.repeat_interleave(group, dim=1), self.scale)
         p_win = attention_probs(q, kvs[4], allowed_keys(t, self.window, x.device), self.scale)
@@ -247,9 +254,10 @@ class NativeSparseAttention(nn.Module):
         return self.whole_selection_shortcut and (start + t - 1) // self.block + 1 <= self.n_select
 
     def compressed_attention(self, q, k_blocks, v_blocks, start: int, with_scores: bool = True):
-        """Attention over the complete blocks, and per query block the selection scores
-        p^slc (B, G, nb, n): softmax_j(q_t . k^cmp_j) summed over the block's queries and the group's
-        heads (no gradient: the choice of blocks is not differentiable). One pass gives both
+        """Attention over the complete blocks, and per query group (`nsa_query_group` queries; a whole
+        query block by default) the selection scores p^slc (B, G, groups, n): softmax_j(q_t . k^cmp_j)
+        summed over the group's queries and the KV group's heads (no gradient: the choice of blocks is
+        not differentiable). One pass gives both
         (`block_attention`)."""
         b, _, t, _ = q.shape
         n, l = k_blocks.shape[2], self.block
@@ -260,7 +268,8 @@ class NativeSparseAttention(nn.Module):
         front = start - (start // l) * l
         if front or (front + t) % l:  # partial first or last query block: pad to whole blocks
             probs_BGTn = F.pad(probs_BGTn, (0, 0, front, nb * l - front - t))
-        return out, probs_BGTn.view(b, self.n_kv_heads, nb, l, n).sum(3)
+        m = self.query_group
+        return out, probs_BGTn.view(b, self.n_kv_heads, nb * l // m, m, n).sum(3)
 
     def block_attention(self, q, k_blocks, v_blocks, start: int, with_probs: bool):
         """The compressed branch's output and block probabilities (`compressed_block_attention`); the
@@ -275,6 +284,8 @@ class NativeSparseAttention(nn.Module):
         valid pick in every slot (absolute block >= max(2, K - 1)) its mask is the same for all:
         every key visible but the own block's future, one shared (l, K l) mask. Only the first
         blocks (missing picks) build per-block masks, in a second SDPA call."""
+        if self.query_group < self.block:
+            return self.selected_attention_by_group(q, k, v, p_cmp, start)
         b, h, t, d = q.shape
         l, g, s = self.block, self.n_kv_heads, k.shape[2]
         first, last = start // l, (start + t - 1) // l
@@ -308,6 +319,54 @@ class NativeSparseAttention(nn.Module):
             outs.append(o.view(b, parts[i], h, l, -1))
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, nb, H, l, d)
         return out.transpose(1, 2).reshape(b, h, nb * l, -1)[:, :, front : front + t]
+
+    def selected_attention_by_group(self, q, k, v, p_cmp, start: int):
+        """`selected_attention` when groups of m < l queries (`nsa_query_group`; m = 1: every query its
+        own choice, as in the NSA paper) share a selection: each group runs one SDPA over its own K l
+        gathered keys, masked per query (picked, complete and not in its future). `p_cmp` holds the
+        scores (B, G, groups, n) of the groups from the first query block's start."""
+        b, h, t, d = q.shape
+        l, m, g, s = self.block, self.query_group, self.n_kv_heads, k.shape[2]
+        first = start // l
+        front = start - first * l
+        n_groups = p_cmp.shape[2]  # whole query blocks' worth, padded at both ends
+        back = n_groups * m - front - t
+        own = first + torch.arange(n_groups, device=q.device) * m // l  # each group's query block
+        blocks, valid = self.choose_blocks(p_cmp, own)  # (B, G, groups, K)
+        if t * s <= MASKED_SELECTION_PAIRS:
+            return self.masked_selection(q, k, v, blocks, valid, start)
+        n_keys = blocks.shape[-1] * l
+        token = (blocks[..., None] * l + torch.arange(l, device=q.device)).flatten(-2)  # (B, G, groups, K l)
+        rows = (token.clamp(max=s - 1) + torch.arange(b * g, device=q.device).view(b, g, 1, 1) * s).transpose(1, 2)
+        k_sel = k.reshape(b * g * s, d).index_select(0, rows.flatten()).view(b * n_groups, g, n_keys, d)
+        v_sel = v.reshape(b * g * s, v.shape[-1]).index_select(0, rows.flatten()).view(b * n_groups, g, n_keys, -1)
+        q_groups = F.pad(q, (0, 0, front, back)).view(b, h, n_groups, m, d).transpose(1, 2).flatten(0, 1)
+        query_pos = first * l + torch.arange(n_groups * m, device=q.device).view(n_groups, m)
+        token_ok = valid.repeat_interleave(l, dim=-1) & (token < s)  # (B, G, groups, K l)
+        mask = token_ok[..., None, :] & (token[:, :, :, None, :] <= query_pos[None, None, :, :, None])
+        mask = mask.transpose(1, 2).flatten(0, 1)  # (B * groups, G, m, K l); block 0 keeps every row non-empty
+        if g > 1:
+            mask = mask.repeat_interleave(h // g, dim=1)
+        o = sdpa(q_groups, k_sel, v_sel, attn_mask=mask, scale=self.scale)  # (B * groups, H, m, d_v)
+        o = o.view(b, n_groups, h, m, -1).transpose(1, 2).reshape(b, h, n_groups * m, -1)
+        return o[:, :, front : front + t]
+
+    def masked_selection(self, q, k, v, blocks_BGnK, valid_BGnK, start: int):
+        """The selected branch as one SDPA over all S keys with a (B, H, T, S) mask of each query's
+        group's picks: T x S work, but in one large call (many small gathered calls cost more while
+        T x S stays small)."""
+        b, h, t, _ = q.shape
+        l, m, g, s = self.block, self.query_group, self.n_kv_heads, k.shape[2]
+        n_blocks = (s - 1) // l + 1
+        chosen = torch.zeros(*blocks_BGnK.shape[:3], n_blocks + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(-1, blocks_BGnK.masked_fill(~valid_BGnK, n_blocks), True)  # invalid picks: a spare column
+        query_pos = torch.arange(start, start + t, device=q.device)
+        group_of = (query_pos - (start // l) * l) // m
+        key_pos = torch.arange(s, device=q.device)
+        mask = chosen[:, :, group_of][..., key_pos // l] & (key_pos <= query_pos[:, None])  # (B, G, T, S)
+        if g > 1:
+            mask = mask.repeat_interleave(h // g, dim=1)
+        return sdpa(q, k, v, attn_mask=mask, scale=self.scale)
 
     def pick_blocks(self, score_BGbn: torch.Tensor, first: int, nb: int):
         """Block ids (B, G, nb, K) and their validity for query blocks first..first+nb-1."""

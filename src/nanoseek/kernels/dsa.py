@@ -1,0 +1,212 @@
+"""DSA's long-sequence path, fast (model/attention/dsa.py's `chunked_sparse_attention`, same picks, same math).
+
+The reference walks chunks of SELECT_CHUNK queries: the indexer scores the keys the chunk can see,
+each query keeps its top-k, and attention runs over those picks, either as an additive mask in one
+SDPA over every visible key or, once a chunk sees more than 16 x top-k keys, over gathered picks
+(recomputed in backward by torch.utils.checkpoint). `sparse_attention` here computes the same
+output with less work:
+
+  * the chunks that see no more than top-k keys keep every causal key: they are one causal SDPA
+    together (the fused kernel skips the blocks above the diagonal; the reference masks each chunk);
+  * a chunk gathers its picks once it sees more than GATHER_FROM * top-k keys (the masked SDPA costs
+    S_visible per query, the gathered one top-k at a lower rate per key);
+  * `GatheredAttention` gathers one query's picked keys at a time into one reused buffer and keeps
+    nothing of size T x K but the picks (int32): backward gathers again and recomputes the softmax,
+    flash-style,
+        dS = P * (dP - rowsum(P * dP)),  dq = scale dS K_sel,  dK_sel = scale dS^T q,  dV_sel = P^T dO,
+    and adds dK_sel, dV_sel into dk, dv with one index_add per query;
+  * values that are a prefix of the keys (MLA's absorbed form: the key is [c_KV ; k_R], the value
+    c_KV) are passed as their width: the picks are gathered once and serve as both.
+
+The indexer's scores are computed without autograd: the picks are indices, so no gradient reaches
+the indexer through this path in the reference either. Which keys a query keeps is exactly the
+reference's (the same scores, chunk by chunk, and the same `topk` call).
+
+    >>> q, k = torch.randn(1, 2, 6, 8, requires_grad=True), torch.randn(1, 1, 6, 8)
+    >>> picked, valid = torch.tensor([[[0, 1]] * 6]), torch.ones(1, 6, 2, dtype=torch.bool)
+    >>> GatheredAttention.apply(q, k, None, 4, picked, valid, 0.5).grad_fn.name()
+    'GatheredAttentionBackward'
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model.attention.core import causal_attention, sdpa
+from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_mask
+from nanoseek.model.attention.mla import MultiHeadLatentAttention
+from nanoseek.model.moe.experts import matmul_dtype
+
+# a chunk gathers its picks once it sees more than GATHER_FROM * top-k keys: on one Zen-1 core (fp32, 8 heads
+# of 512 on one key head) a gathered query cost about what a masked SDPA row over 3 x top-k keys cost
+GATHER_FROM = 3
+
+
+class SparseLatentAttention(MultiHeadLatentAttention):
+    """MultiHeadLatentAttention whose long DSA prefill runs `sparse_attention`: absorbed MQA over
+    [c_KV ; k_R] with c_KV, the keys' prefix, as the values (gathered once)."""
+
+    def attend_long_sparse(
+        self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope
+    ):
+        q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
+        o_latent_BHTC = sparse_attention(
+            self.indexer, x_BTD, q_latent_BTQ, index_keys_BSI, rope, start, q, k, self.latent_dim, self.scale
+        )
+        return self.expand_output(o_latent_BHTC)
+
+
+class GatheredAttention(torch.autograd.Function):
+    """softmax over each query's picked keys (model/attention/dsa.py's `gathered_attention`), one
+    query at a time: q (B, H, T, X); k (B, G, S, X); v (B, G, S, V), or None with `d_v` (the values
+    are then k[..., :d_v]); picked (B, T, K) key indices, valid (B, T, K) whether each pick counts.
+    Returns (B, H, T, V). Per query and key head the picks are gathered into one reused (K, X)
+    buffer and its R = H / G heads go through plain matrix products with the picks as the long side,
+    (K, X) @ (X, R) then (R, K) @ (K, V) (batched products over queries, and fresh gathered tensors,
+    ran at half the speed on CPU). Nothing of size T x K is kept but the picks (int32): backward
+    gathers again and recomputes the softmax. Under autocast q, k, v are cast to its dtype and the
+    body runs with autocast off."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, d_v: int, picked, valid, scale: float):
+        ctx.input_dtypes = (q.dtype, k.dtype, None if v is None else v.dtype)
+        dtype = matmul_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = q.to(dtype), k.to(dtype)
+            v = None if v is None else v.to(dtype)
+            picked = picked.to(torch.int32)
+            out = GatheredAttention.attend(q, k, v, d_v, picked, valid, scale)
+        ctx.save_for_backward(q, k, v, picked, valid)
+        ctx.meta = (d_v, scale)
+        return out
+
+    @staticmethod
+    def rows(q_BHTX, picked, valid, g: int):
+        """Per (batch, query, key head): (row number, b, g, the query's R heads (R, X), its picks (K,),
+        the (K, 1) mask of its invalid picks or None)."""
+        b, h, t, x = q_BHTX.shape
+        q_rows = q_BHTX.transpose(1, 2).contiguous().view(b * t * g, h // g, x).unbind(0)
+        picks = picked.reshape(b * t, -1).unbind(0)
+        complete = valid.all(-1).flatten().tolist()
+        for i, (idx, full) in enumerate(zip(picks, complete)):
+            hidden = None if full else ~valid.reshape(b * t, -1)[i, :, None]
+            for gi in range(g):
+                yield i * g + gi, i // t, gi, q_rows[i * g + gi], idx, hidden
+
+    @staticmethod
+    def probs(k_sel_KX, q_RX, hidden, scale: float):
+        """softmax over the picks (K, R), the logits as (K, X) @ (X, R) (the faster orientation)."""
+        logits = torch.mm(k_sel_KX, q_RX.T).float().mul_(scale)
+        if hidden is not None:
+            logits.masked_fill_(hidden, float("-inf"))
+        return logits.softmax(0).to(q_RX.dtype)
+
+    @staticmethod
+    def attend(q, k, v, d_v: int, picked, valid, scale: float):
+        b, h, t, x = q.shape
+        g, n_picks = k.shape[1], picked.shape[-1]
+        out_BTHV = q.new_empty(b, t, h, d_v)
+        out_rows = out_BTHV.view(b * t * g, h // g, d_v).unbind(0)
+        k_sel = q.new_empty(n_picks, x)  # reused: a fresh one per query costs page faults
+        v_sel = k_sel[:, :d_v] if v is None else q.new_empty(n_picks, d_v)
+        for row, bi, gi, q_RX, idx, hidden in GatheredAttention.rows(q, picked, valid, g):
+            torch.index_select(k[bi, gi], 0, idx, out=k_sel)
+            if v is not None:
+                torch.index_select(v[bi, gi], 0, idx, out=v_sel)
+            probs_KR = GatheredAttention.probs(k_sel, q_RX, hidden, scale)
+            torch.mm(probs_KR.T, v_sel, out=out_rows[row])
+        return out_BTHV.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        """Flash-style, per query: dS = P * (dP - colsum(P * dP)) (the (K, R) layout), dq = scale dS^T
+        K_sel, dK_sel = scale dS q (+ P dO where the values are the keys' prefix: one product of
+        [dS, P] and [q ; dO]), dV_sel = P dO,
+        added into dk, dv at the picks' rows (index_add)."""
+        q, k, v, picked, valid = ctx.saved_tensors
+        d_v, scale = ctx.meta
+        b, h, t, x = q.shape
+        g, n_picks = k.shape[1], picked.shape[-1]
+        do_rows = d_out.to(q.dtype).transpose(1, 2).contiguous().view(b * t * g, h // g, d_v).unbind(0)
+        dq_BTHX = q.new_empty(b, t, h, x)
+        dq_rows = dq_BTHX.view(b * t * g, h // g, x).unbind(0)
+        dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+        dv = None if v is None else torch.zeros_like(v, memory_format=torch.contiguous_format)
+        k_sel, dk_sel = q.new_empty(n_picks, x), q.new_empty(n_picks, x)
+        v_sel = k_sel[:, :d_v] if v is None else q.new_empty(n_picks, d_v)
+        dv_sel = None if v is None else q.new_empty(n_picks, d_v)
+        for row, bi, gi, q_RX, idx, hidden in GatheredAttention.rows(q, picked, valid, g):
+            torch.index_select(k[bi, gi], 0, idx, out=k_sel)
+            if v is not None:
+                torch.index_select(v[bi, gi], 0, idx, out=v_sel)
+            probs_KR = GatheredAttention.probs(k_sel, q_RX, hidden, scale)
+            do_RV = do_rows[row]
+            dp_KR = torch.mm(v_sel, do_RV.T)
+            ds_KR = (dp_KR - (probs_KR * dp_KR).sum(0, keepdim=True)).mul_(probs_KR).mul_(scale)
+            torch.mm(ds_KR.T, k_sel, out=dq_rows[row])
+            if v is None:  # dK_sel = [dS, P] @ [q ; dO]: the value gradient joins the key's in one product
+                do_RX = F.pad(do_RV, (0, x - d_v)) if d_v < x else do_RV
+                torch.mm(torch.cat([ds_KR, probs_KR], 1), torch.cat([q_RX, do_RX]), out=dk_sel)
+            else:
+                torch.mm(ds_KR, q_RX, out=dk_sel)
+                dv[bi, gi].index_add_(0, idx, torch.mm(probs_KR, do_RV, out=dv_sel))
+            dk[bi, gi].index_add_(0, idx, dk_sel)
+        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+        dq = dq_BTHX.transpose(1, 2).to(q_dtype)
+        return dq, dk.to(k_dtype), None if dv is None else dv.to(v_dtype), None, None, None, None
+
+
+def sparse_attention(
+    indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int, q_BHTX, k_BGSX, v, scale: float
+) -> torch.Tensor:
+    """`chunked_sparse_attention`, fast. `v` is the values (B, G, S, V) or an int d_v: the values are then
+    k[..., :d_v] (MLA's absorbed form), gathered with the keys. The chunks fall in three runs, by the
+    keys they see: at most top-k (dense, one causal attention), up to GATHER_FROM * top-k (masked
+    SDPA per chunk), more (one `GatheredAttention` over all of them)."""
+    t, x_width = q_BHTX.shape[2], q_BHTX.shape[-1]
+    topk = indexer.topk
+    shared = isinstance(v, int)
+    d_v = v if shared else v.shape[-1]
+    if shared:  # attend with v = k: each output column depends only on its own value column
+        v_wide = k_BGSX
+    else:  # the fused kernel needs equal widths: pad the values once
+        v_wide = F.pad(v, (0, x_width - d_v)) if d_v < x_width else v
+    chunks = [(a, min(t, a + SELECT_CHUNK)) for a in range(0, t, SELECT_CHUNK)]  # the reference's chunks
+    dense_end = max((z for _, z in chunks if start + z <= topk), default=0)
+    gather_start = max(dense_end, min((a for a, z in chunks if start + z > GATHER_FROM * topk), default=t))
+    # q split once, not sliced per chunk (each slice's backward would zero-fill a gradient of all of q)
+    q_dense, q_mask, q_gather = q_BHTX.split([dense_end, gather_start - dense_end, t - gather_start], dim=2)
+    outs = []
+    if dense_end:
+        s = start + dense_end
+        outs.append(causal_attention(q_dense, k_BGSX[:, :, :s], v_wide[:, :, :s], start, scale)[..., :d_v])
+    for a, q_chunk in zip(range(dense_end, gather_start, SELECT_CHUNK), q_mask.split(SELECT_CHUNK, dim=2)):
+        s = start + a + q_chunk.shape[2]
+        picked, valid = chunk_picks(indexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start, a, a + q_chunk.shape[2])
+        keep = torch.full((*picked.shape[:2], s), float("-inf"), dtype=q_chunk.dtype, device=q_chunk.device)
+        keep.scatter_(-1, picked, torch.zeros_like(picked, dtype=keep.dtype).masked_fill_(~valid, float("-inf")))
+        out = sdpa(q_chunk, k_BGSX[:, :, :s], v_wide[:, :, :s], attn_mask=keep[:, None], scale=scale)
+        outs.append(out[..., :d_v])
+    if gather_start < t:
+        per_chunk = [
+            chunk_picks(indexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start, a, min(t, a + SELECT_CHUNK))
+            for a in range(gather_start, t, SELECT_CHUNK)
+        ]
+        picked = torch.cat([p.to(torch.int32) for p, _ in per_chunk], dim=1)
+        valid = torch.cat([m for _, m in per_chunk], dim=1)
+        del per_chunk
+        outs.append(GatheredAttention.apply(q_gather, k_BGSX, None if shared else v, d_v, picked, valid, scale))
+    return torch.cat(outs, dim=2)
+
+
+@torch.no_grad()
+def chunk_picks(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int, a: int, z: int):
+    """(picked (B, C, K), valid (B, C, K)) of queries a..z: the reference's scores and top-k over the
+    keys the chunk sees; a pick is invalid where a row has fewer causal keys than K."""
+    cos, sin = rope
+    visible = start + z
+    causal = causal_mask(start + a, z - a, visible, x_BTD.device)
+    scores = indexer.scores(x_BTD[:, a:z], q_latent_BTQ[:, a:z], keys_BSI[:, :visible], (cos[a:z], sin[a:z]))
+    top = scores.masked_fill_(~causal, float("-inf")).topk(indexer.topk, dim=-1, sorted=False)
+    return top.indices, top.values > float("-inf")

@@ -13,7 +13,8 @@ vocabulary set to the corpus' characters (the repo's char tokenizer; every id is
 corpus) and the window (32 keys for sliding, nsa, csa and hca) set by --window (nsa's blocks stay 32):
 
     family MLA   dense (full causal MLA), sliding (window only), dsa (lightning indexer, top 128)
-    family MHA   dense-mha (full causal MHA), nsa (blocks of 32, 8 selected, window)
+    family MHA   dense-mha (full causal MHA), nsa (blocks of 32, 8 selected per block of queries,
+                 window), nsa-token (the same, a selection per query)
     family V4    dense-v4 (V4 attention, no window), csa (window + compressed rate 4, top 64),
                  hca (window + every compressed entry of rate 128)
 
@@ -84,7 +85,7 @@ def _sibling(name: str):
 long_range = _sibling("long_range")  # the kinds and their models
 KINDS, recall_config = long_range.KINDS, long_range.config
 
-FAMILIES = {"dense": ("sliding", "dsa"), "dense-mha": ("nsa",), "dense-v4": ("csa", "hca")}
+FAMILIES = {"dense": ("sliding", "dsa"), "dense-mha": ("nsa", "nsa-token"), "dense-v4": ("csa", "hca")}
 BASELINE = {sparse: dense for dense, members in FAMILIES.items() for sparse in members}
 WARMED = ("dsa", "csa")  # indexed kinds: dense warm-up first
 
@@ -237,7 +238,7 @@ def plot(rows: list[dict], path: str) -> None:
     labels = [f"{a}–{b}" for a, b in spans]
     xs = torch.arange(len(spans), dtype=torch.float64)
     colors = dict(zip(KINDS, plt.get_cmap("tab10").colors))
-    markers = dict(zip(KINDS, "osD^vPXh"))
+    markers = dict(zip(KINDS, "osD^v<PXh>*p"))
     seeds = sorted({r["seed"] for r in rows})
     gapped = [k for k in kinds if k in BASELINE and BASELINE[k] in kinds]
     fig, axes = plt.subplots(1, 2 if gapped else 1, figsize=(13 if gapped else 7, 5), squeeze=False)

@@ -44,12 +44,19 @@ GATHER_FROM = 3
 
 
 class SparseLatentAttention(MultiHeadLatentAttention):
-    """MultiHeadLatentAttention whose long DSA prefill runs `sparse_attention`: absorbed MQA over
-    [c_KV ; k_R] with c_KV, the keys' prefix, as the values (gathered once)."""
+    """MultiHeadLatentAttention whose long DSA prefill runs `sparse_attention` on the CPU: absorbed MQA
+    over [c_KV ; k_R] with c_KV, the keys' prefix, as the values (gathered once). Its per-query loop
+    would be tens of thousands of kernel launches on a GPU, so other devices keep the reference's
+    batched chunks; a compiled prefill runs it outside the graph (its host-side loop cannot be traced)."""
 
+    @torch.compiler.disable
     def attend_long_sparse(
         self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope
     ):
+        if q_nope_BHTN.device.type != "cpu":
+            return super().attend_long_sparse(
+                q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope
+            )
         q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
         o_latent_BHTC = sparse_attention(
             self.indexer, x_BTD, q_latent_BTQ, index_keys_BSI, rope, start, q, k, self.latent_dim, self.scale

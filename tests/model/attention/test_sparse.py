@@ -563,7 +563,7 @@ def test_dsa_decode_gathers_its_picks_and_equals_the_masked_step(monkeypatch):
     step that masks every other key, with the cache longer than top-k and for a batch of 2."""
     from nanoseek.model.attention import dsa, mla
 
-    m = model("deepseek-v32-tiny", index_topk=4)
+    m = model("deepseek-v32-tiny", index_topk=4, index_n_heads=16)  # 16 heads: no ReLU ties (0 scores)
     prompt = tokens(12, batch=2)
     gathered_calls = []
     real_gather = dsa.gathered_attention
@@ -574,24 +574,51 @@ def test_dsa_decode_gathers_its_picks_and_equals_the_masked_step(monkeypatch):
         m(prompt, cache=cache, start=0)
         return torch.cat([m(prompt[:, i : i + 1] * 0 + 7, cache=cache, start=12 + i).logits for i in range(3)], 1)
 
+    def row_steps() -> torch.Tensor:  # per-row positions, as the server's batched step
+        cache = m.make_cache(2, 16)
+        m(prompt, cache=cache, start=0)
+        positions = [torch.tensor([12 + i, 12 + i]) for i in range(3)]
+        return torch.cat([m(prompt[:, :1] * 0 + 7, cache=cache, start=p).logits for p in positions], 1)
+
     with torch.no_grad():
-        picked = steps()
+        picked, picked_rows = steps(), row_steps()
         assert gathered_calls and all(shape[-1] == 4 for shape in gathered_calls)
         monkeypatch.setattr(mla, "DECODE_GATHER_ROWS", 0)  # every step through the (B, 1, S) mask
         masked = steps()
     torch.testing.assert_close(picked, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(picked_rows, masked, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("masked_pairs", [0, 1 << 22])
+def test_dsa_gathered_attention_reads_picked_rows_of_a_strided_cache_view():
+    """The decode gather indexes the cache's first S positions in place: a view of a longer cache
+    (B = 2) gives the same result as a contiguous copy, and nothing is flattened to rows first."""
+    from nanoseek.model.attention.dsa import gathered_attention
+
+    g = torch.Generator().manual_seed(0)
+    cache_k, cache_v = torch.randn(2, 1, 32, 6, generator=g), torch.randn(2, 1, 32, 4, generator=g)
+    q = torch.randn(2, 3, 1, 6, generator=g)
+    picked = torch.tensor([[[0, 5, 9]], [[2, 3, 11]]])
+    valid = torch.tensor([[[True, True, False]], [[True, True, True]]])
+    view = gathered_attention(q, cache_k[:, :, :12], cache_v[:, :, :12], picked, valid, 0.5)
+    copy = gathered_attention(q, cache_k[:, :, :12].clone(), cache_v[:, :, :12].clone(), picked, valid, 0.5)
+    torch.testing.assert_close(view, copy)
+    logits = torch.einsum("bhx,bkx->bhk", q[:, :, 0], cache_k[:, 0][torch.arange(2)[:, None], picked[:, 0]]) * 0.5
+    probs = logits.masked_fill(~valid[:, :1], float("-inf")).softmax(-1)  # valid (B, 1, K) over the heads
+    want = torch.einsum("bhk,bkv->bhv", probs, cache_v[:, 0][torch.arange(2)[:, None], picked[:, 0]])
+    torch.testing.assert_close(view[:, :, 0], want)
+
+
+@pytest.mark.parametrize("masked_elements", [0, 1 << 26])
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("start,t", [(0, 40), (6, 33), (37, 1)])
-def test_nsa_query_groups_attend_exactly_to_their_own_picks(monkeypatch, masked_pairs, group, start, t):
+def test_nsa_query_groups_attend_exactly_to_their_own_picks(monkeypatch, masked_elements, group, start, t):
     """nsa_query_group = m < l: each m queries choose their own blocks (m = 1: every query, as the
     paper); the branch, gathered per group or one masked SDPA, equals masked softmax over the keys
     of each query's group's picks."""
     from nanoseek.model.attention import nsa
 
-    monkeypatch.setattr(nsa, "MASKED_SELECTION_PAIRS", masked_pairs)
+    monkeypatch.setattr(nsa, "MASKED_SELECTION_ELEMENTS", masked_elements)
+    monkeypatch.setattr(nsa, "GROUP_CHUNK_BYTES", 1)  # gathered: one group at a time
     m = nsa_model(nsa_topn=5, nsa_query_group=group)
     attn = m.layers[0].self_attn.double()
     g = torch.Generator().manual_seed(1)
@@ -652,3 +679,38 @@ def test_nsa_query_group_must_divide_the_block():
         nsa_model(nsa_query_group=3)
     with pytest.raises(NanoseekError, match="nsa_query_group"):
         nsa_model(nsa_query_group=0)
+
+
+def test_nsa_gathered_query_groups_have_the_masked_paths_gradients(monkeypatch):
+    """The gathered per-group path (chunks recomputed in backward) gives the masked path's gradients."""
+    from nanoseek.model.attention import nsa
+
+    attn = nsa_model(nsa_topn=5, nsa_query_group=1).layers[0].self_attn.double()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, attn.n_heads, 30, attn.head_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (
+        torch.randn(2, attn.n_kv_heads, 37, attn.head_dim, generator=g, dtype=torch.float64, requires_grad=True)
+        for _ in range(2)
+    )
+    w = torch.randn(2, attn.n_heads, 30, attn.head_dim, generator=g, dtype=torch.float64)
+
+    def grads():
+        _, p_cmp = attn.compressed_attention(q, attn.compress(k), attn.compress(v, values=True), 7)
+        return torch.autograd.grad((attn.selected_attention(q, k, v, p_cmp, 7) * w).sum(), (q, k, v))
+
+    masked = grads()
+    monkeypatch.setattr(nsa, "MASKED_SELECTION_ELEMENTS", 0)
+    monkeypatch.setattr(nsa, "GROUP_CHUNK_BYTES", 1)
+    for a, b in zip(grads(), masked):
+        torch.testing.assert_close(a, b)
+
+
+def test_nsa_query_group_scores_sum_their_own_queries():
+    """nsa_query_group=2: the selection scores of a group are its two queries' block probabilities."""
+    attn = nsa_model(nsa_query_group=2).layers[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, attn.n_heads, 16, attn.head_dim, generator=g)
+    kb, vb = (torch.randn(1, attn.n_kv_heads, 4, attn.head_dim, generator=g) for _ in range(2))
+    _, per_query = attn.block_attention(q, kb, vb, 0, True)  # (B, G, T, n), summed over the group's heads
+    _, scores = attn.compressed_attention(q, kb, vb, 0)
+    torch.testing.assert_close(scores, per_query[:, :, 0::2] + per_query[:, :, 1::2])

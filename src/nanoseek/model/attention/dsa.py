@@ -108,10 +108,12 @@ def gathered_attention(q_BHTX, k_BGSX, v_BGSV, picked_BTK, valid_BTK, scale: flo
     G = 1); picked (B, T, K) key indices and valid (B, T, K) whether each pick is a causal key.
     Cost T * K per head instead of T * S; the gather is one index_select (its backward an index_add)."""
     b, h, t, _ = q_BHTX.shape
-    g, s = k_BGSX.shape[1], k_BGSX.shape[2]
-    rows = (picked_BTK + torch.arange(b, device=picked_BTK.device)[:, None, None] * s).flatten()
-    k_sel = k_BGSX.transpose(1, 2).reshape(b * s, g, -1).index_select(0, rows).view(b, t, -1, g, k_BGSX.shape[-1])
-    v_sel = v_BGSV.transpose(1, 2).reshape(b * s, g, -1).index_select(0, rows).view(b, t, -1, g, v_BGSV.shape[-1])
+    g = k_BGSX.shape[1]
+    # advanced indexing reads only the picked rows, also from a strided view (a cache's first S
+    # positions); flattening such a view to rows first would copy all of it
+    batch = torch.arange(b, device=picked_BTK.device)[:, None, None]
+    k_sel = k_BGSX.transpose(1, 2)[batch, picked_BTK]  # (B, T, K, G, X)
+    v_sel = v_BGSV.transpose(1, 2)[batch, picked_BTK]
     q_BTGRX = q_BHTX.transpose(1, 2).reshape(b, t, g, h // g, -1)
     logits = torch.einsum("btgrx,btkgx->btgrk", q_BTGRX, k_sel) * scale
     logits = logits.masked_fill(~valid_BTK[:, :, None, None], float("-inf"))

@@ -19,8 +19,9 @@ query block (their p^slc summed, using only blocks that are complete before the 
 so the choice never depends on the future). Each query block then runs ONE dense SDPA over its
 n * l selected keys instead of a per-token gather: O(T * n * l) work in SDPA's fast kernel.
 `nsa_query_group` = m < l shares a selection among m queries only (m = 1: per token, as the paper):
-each group gathers its own n * l keys, the same work in T / m smaller SDPA calls. Queries asking for
-different far tokens side by side (retrieval) need it: a shared choice must cover them all.
+each group attends to its own n * l keys (one masked SDPA over all keys while B H T S is small; then
+gathered per group, in chunks recomputed in backward). Queries asking for different far tokens side
+by side (retrieval) need it: a shared choice must cover them all.
 With n covering every block, the selected branch is exactly causal attention (tested).
 The compressed branch's attention and the selection scores p^cmp come from one softmax
 (`compressed_block_attention`); the fast path (kernels/nsa.py) runs it over chunks of queries and
@@ -38,6 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention.core import allowed_keys, attention_probs, causal_attention, sdpa
@@ -45,7 +47,8 @@ from nanoseek.model.kv_cache import DenseKVCache
 from nanoseek.model.position import apply_rope, softmax_scale
 
 BRANCHES = ("cmp", "slc", "win")
-MASKED_SELECTION_PAIRS = 1 << 22  # query groups smaller than a block: up to this T x S, one masked SDPA
+MASKED_SELECTION_ELEMENTS = 1 << 26  # query groups smaller than a block: up to this B H T S, one masked SDPA
+GROUP_CHUNK_BYTES = 64 << 20  # beyond: gathered picks of this many bytes at a time
 
 
 class NativeSparseAttention(nn.Module):
@@ -322,34 +325,54 @@ class NativeSparseAttention(nn.Module):
 
     def selected_attention_by_group(self, q, k, v, p_cmp, start: int):
         """`selected_attention` when groups of m < l queries (`nsa_query_group`; m = 1: every query its
-        own choice, as in the NSA paper) share a selection: each group runs one SDPA over its own K l
-        gathered keys, masked per query (picked, complete and not in its future). `p_cmp` holds the
-        scores (B, G, groups, n) of the groups from the first query block's start."""
+        own choice, as in the NSA paper) share a selection. Small (B H T S within
+        MASKED_SELECTION_ELEMENTS): one SDPA over all keys with a mask of each query's picks. Longer:
+        each group gathers its own K l keys and runs SDPA over them, masked per query (picked,
+        complete, not in its future), GROUP_CHUNK_BYTES of gathered keys at a time (under autograd
+        recomputed in backward rather than kept: they are l / m times the block path's). `p_cmp`
+        holds the scores (B, G, groups, n) of the groups from the first query block's start."""
         b, h, t, d = q.shape
-        l, m, g, s = self.block, self.query_group, self.n_kv_heads, k.shape[2]
+        l, m, s = self.block, self.query_group, k.shape[2]
         first = start // l
         front = start - first * l
         n_groups = p_cmp.shape[2]  # whole query blocks' worth, padded at both ends
-        back = n_groups * m - front - t
         own = first + torch.arange(n_groups, device=q.device) * m // l  # each group's query block
         blocks, valid = self.choose_blocks(p_cmp, own)  # (B, G, groups, K)
-        if t * s <= MASKED_SELECTION_PAIRS:
+        if b * h * t * s <= MASKED_SELECTION_ELEMENTS:
             return self.masked_selection(q, k, v, blocks, valid, start)
-        n_keys = blocks.shape[-1] * l
-        token = (blocks[..., None] * l + torch.arange(l, device=q.device)).flatten(-2)  # (B, G, groups, K l)
-        rows = (token.clamp(max=s - 1) + torch.arange(b * g, device=q.device).view(b, g, 1, 1) * s).transpose(1, 2)
-        k_sel = k.reshape(b * g * s, d).index_select(0, rows.flatten()).view(b * n_groups, g, n_keys, d)
-        v_sel = v.reshape(b * g * s, v.shape[-1]).index_select(0, rows.flatten()).view(b * n_groups, g, n_keys, -1)
-        q_groups = F.pad(q, (0, 0, front, back)).view(b, h, n_groups, m, d).transpose(1, 2).flatten(0, 1)
-        query_pos = first * l + torch.arange(n_groups * m, device=q.device).view(n_groups, m)
-        token_ok = valid.repeat_interleave(l, dim=-1) & (token < s)  # (B, G, groups, K l)
+        q_BHTd = F.pad(q, (0, 0, front, n_groups * m - front - t))
+        per_group = b * blocks.shape[-1] * l * (k.shape[1] * (d + v.shape[-1])) * k.element_size()
+        step = max(1, GROUP_CHUNK_BYTES // per_group)
+        outs = []
+        for a in range(0, n_groups, step):
+            z = min(n_groups, a + step)
+            args = (q_BHTd[:, :, a * m : z * m], k, v, blocks[:, :, a:z], valid[:, :, a:z], first * l + a * m)
+            if torch.is_grad_enabled():
+                outs.append(checkpoint(self.gathered_groups, *args, use_reentrant=False))
+            else:
+                outs.append(self.gathered_groups(*args))
+        return torch.cat(outs, dim=2)[:, :, front : front + t]
+
+    def gathered_groups(self, q_BHTd, k, v, blocks_BGnK, valid_BGnK, first_pos: int):
+        """Consecutive query groups (their queries from position first_pos), each over its own gathered
+        picks: (B, H, groups * m, d_v)."""
+        b, h, _, d = q_BHTd.shape
+        l, m, g, s = self.block, self.query_group, self.n_kv_heads, k.shape[2]
+        n_groups = blocks_BGnK.shape[2]
+        token = (blocks_BGnK[..., None] * l + torch.arange(l, device=q_BHTd.device)).flatten(-2)  # (B, G, n, K l)
+        batch = torch.arange(b, device=q_BHTd.device)[:, None, None, None]
+        heads = torch.arange(g, device=q_BHTd.device)[None, :, None, None]
+        k_sel = k[batch, heads, token.clamp(max=s - 1)].transpose(1, 2).flatten(0, 1)  # (B n, G, K l, d)
+        v_sel = v[batch, heads, token.clamp(max=s - 1)].transpose(1, 2).flatten(0, 1)
+        q_groups = q_BHTd.view(b, h, n_groups, m, d).transpose(1, 2).flatten(0, 1)
+        query_pos = first_pos + torch.arange(n_groups * m, device=q_BHTd.device).view(n_groups, m)
+        token_ok = valid_BGnK.repeat_interleave(l, dim=-1) & (token < s)  # (B, G, n, K l)
         mask = token_ok[..., None, :] & (token[:, :, :, None, :] <= query_pos[None, None, :, :, None])
-        mask = mask.transpose(1, 2).flatten(0, 1)  # (B * groups, G, m, K l); block 0 keeps every row non-empty
+        mask = mask.transpose(1, 2).flatten(0, 1)  # (B n, G, m, K l); block 0 keeps every row non-empty
         if g > 1:
             mask = mask.repeat_interleave(h // g, dim=1)
-        o = sdpa(q_groups, k_sel, v_sel, attn_mask=mask, scale=self.scale)  # (B * groups, H, m, d_v)
-        o = o.view(b, n_groups, h, m, -1).transpose(1, 2).reshape(b, h, n_groups * m, -1)
-        return o[:, :, front : front + t]
+        o = sdpa(q_groups, k_sel, v_sel, attn_mask=mask, scale=self.scale)  # (B n, H, m, d_v)
+        return o.view(b, n_groups, h, m, -1).transpose(1, 2).reshape(b, h, n_groups * m, -1)
 
     def masked_selection(self, q, k, v, blocks_BGnK, valid_BGnK, start: int):
         """The selected branch as one SDPA over all S keys with a (B, H, T, S) mask of each query's

@@ -50,6 +50,7 @@ KINDS = ("dense", "sliding", "dsa", "dense-mha", "nsa", "nsa-token", "dense-v4",
 
 
 FILLER, KEYS, VALUES = 64, 4, 16
+NSA_SHAPE = {"block": 32, "topn": 8}  # --nsa-block, --nsa-topn
 VOCAB = FILLER + KEYS * VALUES + KEYS
 
 
@@ -89,7 +90,7 @@ def config(kind: str, n: int) -> ModelConfig:
     if kind in ("nsa", "nsa-token", "dense-mha"):
         base.update(attention="mha", rope_interleave=False)
     if kind in ("nsa", "nsa-token"):
-        base.update(sparse="nsa", nsa_block=32, nsa_topn=8, sliding_window=32)
+        base.update(sparse="nsa", nsa_block=NSA_SHAPE["block"], nsa_topn=NSA_SHAPE["topn"], sliding_window=32)
     if kind == "nsa-token":
         base.update(nsa_query_group=1)
     if kind in ("dense-v4", "csa", "hca"):
@@ -176,6 +177,7 @@ def run(
         "seconds_per_step": round(wall / steps, 3),
         "final_train_loss": round(loss, 4),
         "curve": curve,
+        **({"nsa_block": NSA_SHAPE["block"], "nsa_topn": NSA_SHAPE["topn"]} if kind.startswith("nsa") else {}),
         "threads": torch.get_num_threads(),
     }
 
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens / length)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup-fraction", type=float, default=0.5, help="dsa/csa: dense warm-up share")
+    parser.add_argument("--nsa-block", type=int, default=32, help="nsa kinds: block length l")
+    parser.add_argument("--nsa-topn", type=int, default=8, help="nsa kinds: blocks selected per query (group)")
     parser.add_argument("--eval-every", type=int, default=0, help="also score every this many steps (the curve)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--plot", help="PNG of accuracy vs steps and vs seconds, from this run's lines")
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     if args.threads:
         torch.set_num_threads(args.threads)
+    NSA_SHAPE.update(block=args.nsa_block, topn=args.nsa_topn)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:

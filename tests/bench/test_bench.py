@@ -296,3 +296,10 @@ def test_bench_train_against_transformers_same_weights_same_loss():
     # the same initial weights and batches: the two implementations train alike
     assert abs(by_impl["nanoseek"]["loss"] - by_impl["hf"]["loss"]) < 1e-3
     assert by_impl["ratio"]["nanoseek_over_hf"] > 0
+
+
+def test_bench_attention_prints_a_table_without_json(capsys):
+    argv = "attention --seq 64 --kinds dense,sliding --window 16 --repeats 1 --heads 2 --head-dim 16 --threads 1"
+    assert run_bench(argv.split()) == 0
+    out = capsys.readouterr().out
+    assert "sliding" in out and "forward_over_dense" in out and not out.lstrip().startswith("{")

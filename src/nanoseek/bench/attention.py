@@ -307,7 +307,8 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     add_device_arg(parser, default="cpu")
 
 
-def run_attention(args: argparse.Namespace) -> list[dict]:
+def run_attention(args: argparse.Namespace):
+    """Yield one row per (length, kind) as it is measured; with --plot, draw them all at the end."""
     try:
         seqs = [int(s) for s in args.seq.split(",")]
     except ValueError:
@@ -370,10 +371,9 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
                     row.update(efficiency_columns(row, dense))
                 row["machine"] = machine
                 results.append(row)
-                print(__import__("json").dumps(row), flush=True)
+                yield row
     if args.plot:
         plot_times(results, args.plot)
-    return []  # printed as they came
 
 
 def plot_times(results: list[dict], path: str) -> None:

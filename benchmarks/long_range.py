@@ -132,6 +132,19 @@ def curriculum(step: int, steps: int, n: int) -> int:
     return max(8, n // 4) if step < 0.7 * steps else n
 
 
+def train_step(model, opt, x, y, **forward) -> float:
+    """One optimizer step on the loss plus every trainable auxiliary loss (DSA's indexer), gradients
+    clipped to norm 1, then the MoE balance update; returns the loss."""
+    out = model(x, targets=y, **forward)
+    total = out.loss + sum(v for v in out.aux.values() if v.requires_grad)
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    model.update_balance_bias(out.expert_load)
+    return out.loss.item()
+
+
 def run(
     kind: str, steps: int, n: int, tokens: int, lr: float, warmup_fraction: float, seed: int = 0, eval_every: int = 0
 ) -> dict:
@@ -150,14 +163,7 @@ def run(
             group["lr"] = lr * min(1.0, (step + 1) / 30)
         length = curriculum(step, steps, n)
         x, y = make_batch(max(1, tokens // (2 * length)), length, g)
-        out = model(x, targets=y)
-        total = out.loss + sum(v for v in out.aux.values() if v.requires_grad)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        model.update_balance_bias(out.expert_load)
-        loss = out.loss.item()
+        loss = train_step(model, opt, x, y)
         wall += time.perf_counter() - start
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             model.set_dsa_warmup(False)  # scored as it will be used: sparse

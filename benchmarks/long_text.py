@@ -159,14 +159,7 @@ def train(kind: str, seed: int, train_ids: torch.Tensor, vocab: int, args) -> tu
         if length not in loaders:
             loaders[length] = Batches(*windows(train_ids, length), max(1, args.tokens // length), seed)
         x, y = loaders[length].next()
-        out = model(x, targets=y, return_logits=False)
-        total = out.loss + sum(v for v in out.aux.values() if v.requires_grad)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        model.update_balance_bias(out.expert_load)
-        loss, step = out.loss.item(), step + 1
+        loss, step = long_range.train_step(model, opt, x, y, return_logits=False), step + 1
     model.set_dsa_warmup(False)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     stats = {"steps": step, "train_seconds": round(wall, 1), "seconds_per_step": round(wall / max(1, step), 3)}

@@ -196,9 +196,13 @@ def plot_curves(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def label(r: dict) -> str:  # the kind, and NSA's shape where it is not the default
+        shape = (r.get("nsa_block", 32), r.get("nsa_topn", 8))
+        return r["kind"] if shape == (32, 8) else f"{r['kind']} l={shape[0]} n={shape[1]}"
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for i, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
-        runs = [r["curve"] for r in rows if r["kind"] == kind]
+    for i, kind in enumerate(dict.fromkeys(label(r) for r in rows)):
+        runs = [r["curve"] for r in rows if label(r) == kind]
         points = min(len(c) for c in runs)
         acc = torch.tensor([[p[2] for p in c[:points]] for c in runs]) * 100
         steps = [p[0] for p in runs[0][:points]]

@@ -215,5 +215,4 @@ def chunk_picks(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, 
     visible = start + z
     causal = causal_mask(start + a, z - a, visible, x_BTD.device)
     scores = indexer.scores(x_BTD[:, a:z], q_latent_BTQ[:, a:z], keys_BSI[:, :visible], (cos[a:z], sin[a:z]))
-    top = scores.masked_fill_(~causal, float("-inf")).topk(indexer.topk, dim=-1, sorted=False)
-    return top.indices, top.values > float("-inf")
+    return indexer.pick(scores, causal)

@@ -312,6 +312,14 @@ def test_inspect_attention_command_writes_a_png(tmp_path, capsys):
 # ---------------------------------------------------------------------------- NSA
 
 
+def masked_softmax_attention(attn, q, k, v, allowed_BGTS):
+    """The reference: explicit softmax over the allowed keys of each KV group, its heads repeated."""
+    rep = attn.n_heads // attn.n_kv_heads
+    logits = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * attn.scale
+    probs = logits.masked_fill(~allowed_BGTS.repeat_interleave(rep, 1), float("-inf")).softmax(-1)
+    return probs @ v.repeat_interleave(rep, 1)
+
+
 def nsa_model(**overrides):
     return model("llama-tiny", **{"sparse": "nsa", "nsa_block": 4, "nsa_topn": 3, "sliding_window": 6, **overrides})
 
@@ -346,10 +354,7 @@ def test_nsa_selected_branch_attends_exactly_to_the_picked_blocks(start, t):
     query_block = torch.arange(start, s) // l - first
     key_block = torch.arange(s) // l
     allowed = chosen[:, :, query_block][..., key_block] & (torch.arange(s) <= torch.arange(start, s)[:, None])
-    rep = attn.n_heads // attn.n_kv_heads
-    logits = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * attn.scale
-    probs = logits.masked_fill(~allowed.repeat_interleave(rep, 1), float("-inf")).softmax(-1)
-    torch.testing.assert_close(got, probs @ v.repeat_interleave(rep, 1))
+    torch.testing.assert_close(got, masked_softmax_attention(attn, q, k, v, allowed))
 
 
 def test_nsa_compressed_branch_sees_only_complete_past_blocks():
@@ -636,10 +641,7 @@ def test_nsa_query_groups_attend_exactly_to_their_own_picks(monkeypatch, masked_
     query_group = (torch.arange(start, s) - first * l) // group
     causal = torch.arange(s) <= torch.arange(start, s)[:, None]
     allowed = chosen[:, :, query_group][..., torch.arange(s) // l] & causal
-    rep = attn.n_heads // attn.n_kv_heads
-    logits = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * attn.scale
-    probs = logits.masked_fill(~allowed.repeat_interleave(rep, 1), float("-inf")).softmax(-1)
-    torch.testing.assert_close(got, probs @ v.repeat_interleave(rep, 1))
+    torch.testing.assert_close(got, masked_softmax_attention(attn, q, k, v, allowed))
 
 
 def test_nsa_query_groups_of_a_whole_block_equal_the_block_path():

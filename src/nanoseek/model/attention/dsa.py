@@ -68,11 +68,16 @@ class LightningIndexer(nn.Module):
         w_N1H = self.weights_proj(x_BTD).float().view(b * t, 1, self.n_heads) * (self.n_heads * self.head_dim) ** -0.5
         return torch.bmm(w_N1H, relu_NHS).view(b, t, -1)
 
-    def select(self, scores_BTS: torch.Tensor, causal_BTS: torch.Tensor) -> torch.Tensor:
-        """Boolean keep-mask (B, T, S): the top-k causal keys of each query."""
-        scores_BTS = scores_BTS.masked_fill(~causal_BTS, float("-inf"))
+    def pick(self, scores_BTS: torch.Tensor, causal_BTS: torch.Tensor):
+        """(picked (B, T, K), valid (B, T, K)): the top-k causal keys of each query by score, K =
+        min(top-k, S); a pick is invalid where a row has fewer than K causal keys."""
         k = min(self.topk, scores_BTS.shape[-1])
-        picked_BTK = scores_BTS.topk(k, dim=-1, sorted=False).indices
+        top = scores_BTS.masked_fill(~causal_BTS, float("-inf")).topk(k, dim=-1, sorted=False)
+        return top.indices, top.values > float("-inf")
+
+    def select(self, scores_BTS: torch.Tensor, causal_BTS: torch.Tensor) -> torch.Tensor:
+        """Boolean keep-mask (B, T, S): the top-k causal keys of each query (`pick` as a mask)."""
+        picked_BTK, _ = self.pick(scores_BTS, causal_BTS)
         keep = torch.zeros_like(causal_BTS).scatter_(-1, picked_BTK, True)
         return keep & causal_BTS  # rows with fewer than k causal keys picked some masked ones
 
@@ -148,17 +153,16 @@ def chunked_sparse_attention(
             scores = indexer.scores(
                 x_BTD[:, a:bnd], q_latent_BTQ[:, a:bnd], keys_BSI[:, :visible], (cos[a:bnd], sin[a:bnd])
             )
-            top = scores.masked_fill(~causal, float("-inf")).topk(indexer.topk, dim=-1, sorted=False)
-            valid = top.values > float("-inf")
+            picked, valid = indexer.pick(scores, causal)
             if visible > GATHER_FROM * indexer.topk:
                 outs.append(
-                    gathered_chunk(q_chunk, k_BGSX[:, :, :visible], v_BGSV[:, :, :visible], top.indices, valid, scale)
+                    gathered_chunk(q_chunk, k_BGSX[:, :, :visible], v_BGSV[:, :, :visible], picked, valid, scale)
                 )
                 continue
             # the picks as an additive mask built directly (a boolean one is converted by SDPA: one
             # more pass over C x S_visible)
-            picked = torch.zeros_like(top.values, dtype=q_chunk.dtype).masked_fill_(~valid, float("-inf"))
-            keep = torch.full_like(scores, float("-inf"), dtype=q_chunk.dtype).scatter_(-1, top.indices, picked)
+            bias = torch.zeros_like(valid, dtype=q_chunk.dtype).masked_fill_(~valid, float("-inf"))
+            keep = torch.full_like(scores, float("-inf"), dtype=q_chunk.dtype).scatter_(-1, picked, bias)
         out = sdpa(q_chunk, k_BGSX[:, :, :visible], v_wide[:, :, :visible], attn_mask=keep[:, None], scale=scale)
         outs.append(out[..., :d_v])
     return torch.cat(outs, dim=2)

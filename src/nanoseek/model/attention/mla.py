@@ -221,11 +221,10 @@ class MultiHeadLatentAttention(nn.Module):
 
     def attend_picked(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, scores_BTS, causal_BTS, key_BSX):
         """DSA decode: absorbed MQA over only the top-k cached latents each query picks (gathered), so a
-        step reads k rows of the cache, not all S; the same keys as `LightningIndexer.select`'s mask."""
+        step reads k rows of the cache, not all S; the keys `LightningIndexer.pick` chooses."""
         q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, key_BSX)
-        top = scores_BTS.masked_fill(~causal_BTS, float("-inf")).topk(self.indexer.topk, dim=-1, sorted=False)
-        valid_BTK = top.values > float("-inf")
-        o_latent_BHTC = gathered_attention(q, k, latent_BSC[:, None], top.indices, valid_BTK, self.scale)
+        picked_BTK, valid_BTK = self.indexer.pick(scores_BTS, causal_BTS)
+        o_latent_BHTC = gathered_attention(q, k, latent_BSC[:, None], picked_BTK, valid_BTK, self.scale)
         return self.expand_output(o_latent_BHTC)
 
     def attend_long_sparse(

@@ -574,3 +574,43 @@ def test_stream_past_context_checks_the_prompt_before_the_first_piece(prompt, ma
     model = Transformer(ModelConfig.from_preset("gpt2-tiny", vocab_size=26, max_position_embeddings=16)).eval()
     with pytest.raises(NanoseekError, match=match):
         stream_past_context(model, LetterTokenizer(), prompt, max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [
+        ("llama-tiny", {}),  # dense K/V
+        ("deepseek-v3-tiny", {}),  # MLA's latent cache, MoE
+        ("llama-tiny", {"sparse": "sliding", "sliding_window": 4}),
+    ],
+)
+@pytest.mark.parametrize("start", [0, 5])
+def test_prefill_rows_pads_prompts_and_decodes_as_each_alone(preset, overrides, start):
+    """Prompts of 2, 7 and 4 tokens in one right-padded prefill: each row's logits are its own last
+    token's, and the decode steps after it (which overwrite the padding's cache entries before any
+    query sees them) give the logits of prefilling and decoding that prompt alone. (Not DSA: its
+    top-k among tied indexer scores depends on the row's length, so the engine does not pad it.)"""
+    from nanoseek.generation.steps import prefill_rows
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset).replace(vocab_size=64, max_position_embeddings=32, **overrides)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 64, (start,), generator=g).tolist()  # positions 0..start-1, filled first
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (2, 7, 4)]
+    follow = torch.randint(0, 64, (3, 3), generator=g)  # three decode steps per row
+    with torch.no_grad():
+        cache = model.make_cache(3, 32)
+        if start:
+            prefill(model, torch.tensor([prefix] * 3), cache)
+        got = [prefill_rows(model, prompts, cache, start)]
+        positions = torch.tensor([start + len(p) for p in prompts])
+        for j in range(3):
+            got.append(decode_step(model, follow[:, j : j + 1], cache, positions + j))
+        for b, p in enumerate(prompts):
+            alone = model.make_cache(1, 32)
+            want = [prefill(model, torch.tensor([prefix + p]), alone)]
+            for j in range(3):
+                want.append(decode_step(model, follow[b : b + 1, j : j + 1], alone, start + len(p) + j))
+            for step, (x, y) in enumerate(zip(got, want)):
+                torch.testing.assert_close(x[b : b + 1], y, atol=1e-5, rtol=1e-5, msg=f"row {b}, step {step}")

@@ -222,3 +222,43 @@ def test_bad_options_fail_their_request_at_submit():
     with pytest.raises(NanoseekError, match="top_p"):
         engine.submit([Sequence([1], 3, SamplingOptions(top_p=0.0), Collector())])
     assert engine.stats()["waiting"] == 0
+
+
+@pytest.mark.parametrize(
+    "preset,overrides,groups",
+    [
+        # dense caches: right-padded groups; the 40-token prompt would pad the three short ones past
+        # twice their tokens, so it starts a new group, which one 2-token prompt joins (80 <= 2 x 42)
+        ("llama-tiny", {}, [[0, 1, 2], [3, 4], [5]]),
+        # NSA's block summaries must not see padding: only prompts of one length go together
+        (
+            "llama-tiny",
+            {"sparse": "nsa", "nsa_block": 4, "nsa_topn": 3, "sliding_window": 6},
+            [[0], [1, 2], [3], [4, 5]],
+        ),
+    ],
+)
+def test_requests_arriving_together_are_prefilled_in_groups(preset, overrides, groups, monkeypatch):
+    """The waiting requests go into one batched prefill per group (in arrival order), and each
+    decodes exactly as it would alone."""
+    from nanoseek.serve import engine as engine_module
+
+    model = tiny_model(preset, **overrides)
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], list(range(40)), [5, 5], [6, 6]]
+    seen: list[list[int]] = []
+    fill, fill_rows = engine_module.prefill, engine_module.prefill_rows
+
+    def recording_prefill(model, ids, cache, start=0):
+        seen.append([prompts.index(ids[0].tolist())])
+        return fill(model, ids, cache, start)
+
+    def recording_prefill_rows(model, rows, cache, start=0):
+        seen.append([prompts.index(r) for r in rows])
+        return fill_rows(model, rows, cache, start)
+
+    monkeypatch.setattr(engine_module, "prefill", recording_prefill)
+    monkeypatch.setattr(engine_module, "prefill_rows", recording_prefill_rows)
+    got, _, _ = run_engine(model, prompts, [6] * len(prompts), max_batch=6)
+    assert seen == groups
+    for i, p in enumerate(prompts):
+        assert got[i] == generate(model, p, max_new_tokens=6, temperature=0).tolist(), f"request {i}"

@@ -86,14 +86,20 @@ def test_a_row_whose_decode_raises_ends_alone(model, alone, monkeypatch):
 
 
 def test_a_row_whose_prefill_raises_ends_alone(model, alone, monkeypatch):
-    fill = engine_module.prefill
+    fill, fill_rows = engine_module.prefill, engine_module.prefill_rows
 
     def poisoned_prefill(model, ids, cache, start=0):
         if 299 in ids:
             raise MemoryError("out of memory")
         return fill(model, ids, cache, start)
 
+    def poisoned_prefill_rows(model, prompts, cache, start=0):  # the batched prefill of the four prompts
+        if any(299 in p for p in prompts):
+            raise MemoryError("out of memory")
+        return fill_rows(model, prompts, cache, start)
+
     monkeypatch.setattr(engine_module, "prefill", poisoned_prefill)
+    monkeypatch.setattr(engine_module, "prefill_rows", poisoned_prefill_rows)
     poisoned = Sequence([299, 1], 10, GREEDY, Collector(), index=9)
     got, collector, engine = run_beside_healthy(model, poisoned)
     assert_failed_alone(got, alone, collector, engine)

@@ -4,8 +4,10 @@ The engine owns the model and one static KV cache of `max_batch` rows; a backgro
 
     loop:
         drop cancelled requests (their rows are freed at once)
-        admit waiting requests while a row is free: prefill the prompt (B = 1) into that row,
-            sample the first token
+        admit waiting requests while rows are free: those that arrived together and start at the
+            same position are prefilled in one batch (right-padded to the longest where every
+            cache masks by position, else only prompts of one length), each into its own row;
+            sample their first tokens
         decode: one forward over the last token of every running row, each at its own position
             p_b, attending to cached keys 0..p_b of its own row (per-row positions and masks);
             sample each row with its own options and seeded generator
@@ -58,8 +60,9 @@ import torch
 from nanoseek.errors import NanoseekError
 from nanoseek.generation.compiled import DecodeOptions
 from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
-from nanoseek.generation.steps import decode_step, prefill
+from nanoseek.generation.steps import decode_step, prefill, prefill_rows
 from nanoseek.generation.streaming import Detokenizer
+from nanoseek.model.kv_cache import DenseKVCache, LatentKVCache
 from nanoseek.serve.fast_decode import FastDecode
 from nanoseek.serve.logprobs import position_logprobs, prefill_with_prompt_logprobs
 from nanoseek.serve.prefix_cache import PrefixCache, refusal
@@ -68,6 +71,7 @@ log = logging.getLogger("nanoseek.serve")
 
 
 FAILED = "internal error in the generation engine"
+PREFILL_GROUP_TOKENS = 4096  # padded tokens (rows x longest prompt) of one batched prefill
 
 
 class QueueFull(Exception):
@@ -115,6 +119,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     dropped: int = 0  # tokens slid out of the row's cache (past the context)
     cached_tokens: int = 0  # prompt positions whose cache entries came from the prefix cache
+    prefix_chain: list = field(default_factory=list)  # the prefix cache's blocks of the prompt, found at admission
 
     @property
     def position(self) -> int:
@@ -191,6 +196,11 @@ class Engine:
             else None
         )
         self.prefix = self._prefix_cache(prefix_cache_bytes)
+        # right-padded batched prefills only where every cache masks keys by position (prefill_rows)
+        # and no top-k reads the row's length (DSA's picks among tied indexer scores depend on it)
+        self.pads_prefills = all(
+            type(c) is DenseKVCache or (type(c) is LatentKVCache and c.index_keys is None) for c in self.cache
+        )
         self.ready = threading.Event()  # set once the warm-up is over (at once without `compile`)
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.waiting: deque[Sequence] = deque()
@@ -332,46 +342,135 @@ class Engine:
         self._release([s for s in self.running if s.cancelled])
 
     def _admit(self) -> None:
+        """Prefill waiting requests into the free rows, a group at a time (`_next_group`), and
+        sample each one's first token."""
         while len(self.running) < self.max_batch:
-            with self.wakeup:
-                if not self.waiting:
-                    return
-                seq = self.waiting.popleft()
-            self.running.append(seq)  # from here on, a failure reaches this request too
+            group = self._next_group()
+            if not group:
+                return
+            lo = len(self.running)
+            self.running.extend(group)  # from here on, a failure reaches these requests too
+            first = self._prefill_group(group, lo)
+            ready = [(seq, logits) for seq, logits in zip(group, first) if logits is not None]
+            self._fail([seq for seq, logits in zip(group, first) if logits is None])
+            echo_only = [seq for seq, _ in ready if seq.max_tokens == 0]
+            for seq in echo_only:  # the prompt (and its logprobs), nothing generated
+                seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
+            self._release(echo_only)
+            ready = [(seq, logits) for seq, logits in ready if seq.max_tokens != 0]
+            if ready:
+                self._start_rows([seq for seq, _ in ready], torch.cat([logits for _, logits in ready]))
+
+    def _start_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample the first token of freshly prefilled `seqs` from their logits (n, V)."""
+        try:
+            tokens = self._sample(logits, seqs)
+        except Exception:
+            log.exception("sampling the first tokens failed; ending those requests")
+            tokens = [None] * len(seqs)
+        done, failed = [], []
+        for seq, token in zip(seqs, tokens):
             try:
-                logits = self._prefill(seq, len(self.running) - 1)
-                if seq.max_tokens == 0:  # echo only: the prompt (and its logprobs), nothing generated
-                    seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
-                    self._release([seq])
-                    continue
-                token = self._sample(logits, [seq])[0]
-                finished = token is not None and self._accept(seq, token)
+                if token is None:
+                    failed.append(seq)
+                elif self._accept(seq, token):
+                    done.append(seq)
+            except Exception:
+                log.exception("emitting a token failed; ending that request")
+                failed.append(seq)
+        self._release(done)
+        self._fail(failed)
+
+    def _next_group(self) -> list[Sequence]:
+        """The waiting requests to prefill together, in arrival order, as many as there are free rows:
+        those that start at the same position (the prefix cache restored as much of each) and,
+        unless every cache masks by position (`pads_prefills`), have as many tokens left; a
+        request that wants its prompt's logprobs goes alone. The padded group stays within
+        PREFILL_GROUP_TOKENS and at most twice the tokens it holds."""
+        group: list[Sequence] = []
+        with self.wakeup:
+            while self.waiting and len(self.running) + len(group) < self.max_batch:
+                seq = self.waiting[0]
+                # none when its prompt logprobs are asked: they need every position
+                use_prefix = self.prefix is not None and not seq.echo_logprobs
+                chain = self.prefix.lookup(seq.prompt_ids) if use_prefix else []
+                if group and not self._joins(group, seq, chain):
+                    break
+                if use_prefix:
+                    self.prefix.record(seq.prompt_ids, chain)
+                seq.prefix_chain = chain
+                group.append(self.waiting.popleft())
+                if seq.echo_logprobs:
+                    break
+        return group
+
+    def _joins(self, group: list[Sequence], seq: Sequence, chain: list) -> bool:
+        if seq.echo_logprobs or group[0].echo_logprobs or len(chain) != len(group[0].prefix_chain):
+            return False
+        start = len(chain) * (self.prefix.block if chain else 0)
+        lengths = [len(s.prompt_ids) - start for s in group] + [len(seq.prompt_ids) - start]
+        if not self.pads_prefills:
+            return len(set(lengths)) == 1
+        padded = len(lengths) * max(lengths)
+        return padded <= PREFILL_GROUP_TOKENS and padded <= 2 * sum(lengths)
+
+    def _prefill_group(self, group: list[Sequence], lo: int) -> list[torch.Tensor | None]:
+        """The logits (1, V) of each sequence's first token, its prompt prefilled into cache row
+        lo + i (None where that failed): the group in one batched prefill, or, should that raise,
+        each sequence alone, so only the ones that fail on their own end."""
+        if len(group) > 1:
+            try:
+                return list(self._prefill_batch(group, lo).split(1))
+            except Exception:
+                log.exception("batched prefill of %d prompts failed; prefilling them one by one", len(group))
+        first: list[torch.Tensor | None] = []
+        for i, seq in enumerate(group):
+            try:
+                first.append(self._prefill(seq, lo + i))
             except Exception:
                 log.exception("prefill failed; ending that request")
-                token = None
-            if token is None:
-                self._fail([seq])
-            elif finished:
-                self._release([seq])
+                first.append(None)
+        return first
+
+    def _prepare(self, seq: Sequence) -> list:
+        """The per-request state a prefill sets up; returns the request's cache row view."""
+        seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=seq.max_tokens)  # past the context: slides
+        seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
+        return seq.prefix_chain
 
     def _prefill(self, seq: Sequence, row: int) -> torch.Tensor:
         """Prompt of `seq` into cache row `row`, after the blocks the prefix cache has of it (none when
         the prompt's own logprobs are asked: they need every position); the logits (1, V) of its
         first token."""
-        seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=seq.max_tokens)  # past the context: slides
-        seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
+        chain = self._prepare(seq)
         view = [c.rows(row, row + 1) for c in self.cache]
-        chain = self.prefix.match(seq.prompt_ids) if self.prefix is not None and not seq.echo_logprobs else []
         if seq.echo_logprobs:
             logits, seq.recorded = prefill_with_prompt_logprobs(self.model, seq.prompt_ids, view, seq.logprobs)
         else:
             seq.cached_tokens = self.prefix.restore(chain, view) if chain else 0
             rest = torch.tensor([seq.prompt_ids[seq.cached_tokens :]], device=self.device)
             logits = prefill(self.model, rest, view, start=seq.cached_tokens)
+        self._store(seq, view, chain)
+        return logits
+
+    def _prefill_batch(self, group: list[Sequence], lo: int) -> torch.Tensor:
+        """The group's prompts (each after the prefix blocks restored into its row, as many for
+        each) into rows lo..lo+n-1 in one batched prefill (`prefill_rows`); their logits (n, V)."""
+        rows = [[c.rows(r, r + 1) for c in self.cache] for r in range(lo, lo + len(group))]
+        chains = [self._prepare(seq) for seq in group]
+        for seq, view, chain in zip(group, rows, chains):
+            seq.cached_tokens = self.prefix.restore(chain, view) if chain else 0
+        start = group[0].cached_tokens
+        view = [c.rows(lo, lo + len(group)) for c in self.cache]
+        logits = prefill_rows(self.model, [seq.prompt_ids[start:] for seq in group], view, start)
+        for seq, row, chain in zip(group, rows, chains):
+            self._store(seq, row, chain)
+        return logits
+
+    def _store(self, seq: Sequence, view: list, chain: list) -> None:
         if self.prefix is not None:
             self.prefix.store(seq.prompt_ids, view, chain)
         self.observer.prefilled(seq)
-        return logits
 
     def _decode(self) -> None:
         """One step for every running row. Isolation: when the batched step raises, each row is

@@ -124,6 +124,12 @@ class PrefixCache:
     def match(self, prompt: list[int]) -> list[Block]:
         """The longest cached chain of `prompt`'s blocks that leaves at least one token to prefill;
         counted in the statistics, touched in the LRU order."""
+        chain = self.lookup(prompt)
+        self.record(prompt, chain)
+        return chain
+
+    def lookup(self, prompt: list[int]) -> list[Block]:
+        """`match` without its side effects (statistics, LRU order)."""
         chain, parent = [], None
         for i in range((len(prompt) - 1) // self.block):
             tokens = tuple(prompt[i * self.block : (i + 1) * self.block])
@@ -132,12 +138,15 @@ class PrefixCache:
                 break
             chain.append(block)
             parent = block.key
+        return chain
+
+    def record(self, prompt: list[int], chain: list[Block]) -> None:
+        """Count a lookup of `prompt` that found `chain` and touch its blocks."""
         self.touch(chain)
         self.stats.lookups += 1
         self.stats.hits += bool(chain)
         self.stats.queried_tokens += len(prompt)
         self.stats.hit_tokens += len(chain) * self.block
-        return chain
 
     def restore(self, chain: list[Block], row: list) -> int:
         """Copy `chain`'s entries into `row` (one request's cache: each layer's `rows(r, r + 1)`);
@@ -152,7 +161,11 @@ class PrefixCache:
 
     def store(self, prompt: list[int], row: list, chain: list[Block]) -> None:
         """Cache `prompt`'s full blocks after `chain` (its cached prefix), copied out of `row`, which
-        holds the prompt's entries; stops when the bound leaves no room."""
+        holds the prompt's entries; stops when the bound leaves no room. A chain looked up a while
+        ago may have lost its end to eviction since (requests prefilled together store in turn):
+        then nothing is stored, as there is no parent to hang new blocks on."""
+        if chain and chain[-1].key not in self.blocks:
+            return
         layout = self.layout(row)
         parent = chain[-1].key if chain else None
         new = []

@@ -368,6 +368,11 @@ class Engine:
         except Exception:
             log.exception("sampling the first tokens failed; ending those requests")
             tokens = [None] * len(seqs)
+        self._take(seqs, tokens)
+
+    def _take(self, seqs: list[Sequence], tokens: list[int | None]) -> None:
+        """Accept each row's sampled token (None: its sampling failed); the finished rows leave, the
+        failed ones end alone."""
         done, failed = [], []
         for seq, token in zip(seqs, tokens):
             try:
@@ -484,18 +489,7 @@ class Engine:
             tokens = [self._decode_alone(row) for row in range(len(seqs))]
         self.steps += 1
         self.observer.decoded(len(seqs))
-        done, failed = [], []
-        for seq, token in zip(seqs, tokens):
-            try:
-                if token is None:
-                    failed.append(seq)
-                elif self._accept(seq, token):
-                    done.append(seq)
-            except Exception:
-                log.exception("emitting a token failed; ending that request")
-                failed.append(seq)
-        self._release(done)
-        self._fail(failed)
+        self._take(seqs, tokens)
 
     def _decode_alone(self, row: int) -> int | None:
         try:

@@ -26,6 +26,7 @@ its long-range path:
     csa        V4 + window 32 + compressed entries (rate 4), the indexer picks 64 per query
                (dense first, as dsa: every visible entry)
     hca        V4 + window 32 + every compressed entry (rate 128)
+    v4         the V4 mix: layer 0 csa, layer 1 hca (the released models alternate them)
 
     python benchmarks/long_range.py [--steps 200] [--kinds dense,sliding,...] [--seeds 0,1,2]
         [--eval-every 100] [--threads 2] [--plot long_range.png]
@@ -46,7 +47,7 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 
-KINDS = ("dense", "sliding", "dsa", "dense-mha", "nsa", "nsa-token", "dense-v4", "csa", "hca")
+KINDS = ("dense", "sliding", "dsa", "dense-mha", "nsa", "nsa-token", "dense-v4", "csa", "hca", "v4")
 
 
 FILLER, KEYS, VALUES = 64, 4, 16
@@ -93,14 +94,15 @@ def config(kind: str, n: int) -> ModelConfig:
         base.update(sparse="nsa", nsa_block=NSA_SHAPE["block"], nsa_topn=NSA_SHAPE["topn"], sliding_window=32)
     if kind == "nsa-token":
         base.update(nsa_query_group=1)
-    if kind in ("dense-v4", "csa", "hca"):
+    if kind in ("dense-v4", "csa", "hca", "v4"):
         base.update(
             attention="v4",
             head_dim=64,
             qk_rope_head_dim=16,
             o_groups=2,
             o_lora_rank=64,
-            sparse="dense" if kind == "dense-v4" else kind,
+            sparse={"dense-v4": "dense", "v4": "csa"}.get(kind, kind),
+            sparse_layers=["csa", "hca"] if kind == "v4" else None,
             sliding_window=32,
             compress_rate_csa=4,
             compress_rate_hca=128,
@@ -154,7 +156,7 @@ def run(
     model = Transformer(config(kind, n)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(seed)
-    warmup = int(warmup_fraction * steps) if kind in ("dsa", "csa") else 0
+    warmup = int(warmup_fraction * steps) if kind in ("dsa", "csa", "v4") else 0
     wall, loss, curve = 0.0, float("nan"), []
     for step in range(steps):
         start = time.perf_counter()
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n", type=int, default=1024, help="half the sequence length")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens / length)")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup-fraction", type=float, default=0.5, help="dsa/csa: dense warm-up share")
+    parser.add_argument("--warmup-fraction", type=float, default=0.5, help="dsa, csa, v4: dense warm-up share")
     parser.add_argument("--nsa-block", type=int, default=32, help="nsa kinds: block length l")
     parser.add_argument("--nsa-topn", type=int, default=8, help="nsa kinds: blocks selected per query (group)")
     parser.add_argument("--eval-every", type=int, default=0, help="also score every this many steps (the curve)")

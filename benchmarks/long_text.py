@@ -16,7 +16,7 @@ corpus) and the window (32 keys for sliding, nsa, csa and hca) set by --window (
     family MHA   dense-mha (full causal MHA), nsa (blocks of 32, 8 selected per block of queries,
                  window), nsa-token (the same, a selection per query)
     family V4    dense-v4 (V4 attention, no window), csa (window + compressed rate 4, top 64),
-                 hca (window + every compressed entry of rate 128)
+                 hca (window + every compressed entry of rate 128), v4 (layer 0 csa, layer 1 hca)
 
 Data: the text's last 10% is held out. Training windows are the first 90% packed into
 non-overlapping contexts of --seq tokens (a window's targets are the next characters), visited in
@@ -26,7 +26,7 @@ Each kind trains with the same seed, data order, steps (or wall time), AdamW (lr
 0.9/0.98, no weight decay, gradient clip 1.0) with a linear warm-up over the first --lr-warmup
 steps and a constant rate after. --curriculum (off by default) trains every kind on long_range.py's
 length curriculum: windows of L/16 for the first 40% of the steps (of the seconds), L/4 for the
-next 30%, then L (the same --tokens per step; every kind is scored at L only). dsa and csa attend
+next 30%, then L (the same --tokens per step; every kind is scored at L only). dsa, csa and v4 attend
 densely (the whole model learning, the indexer by its KL loss beside it) for the first
 --warmup-fraction of the steps (of the seconds with --seconds), as in long_range.py, then
 sparsely; they are scored sparse.
@@ -85,9 +85,9 @@ def _sibling(name: str):
 long_range = _sibling("long_range")  # the kinds and their models
 KINDS, recall_config = long_range.KINDS, long_range.config
 
-FAMILIES = {"dense": ("sliding", "dsa"), "dense-mha": ("nsa", "nsa-token"), "dense-v4": ("csa", "hca")}
+FAMILIES = {"dense": ("sliding", "dsa"), "dense-mha": ("nsa", "nsa-token"), "dense-v4": ("csa", "hca", "v4")}
 BASELINE = {sparse: dense for dense, members in FAMILIES.items() for sparse in members}
-WARMED = ("dsa", "csa")  # indexed kinds: dense warm-up first
+WARMED = ("dsa", "csa", "v4")  # indexed kinds: dense warm-up first
 
 
 def buckets(seq: int) -> list[tuple[int, int]]:
@@ -288,7 +288,7 @@ def parse(argv=None):
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens / seq)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lr-warmup", type=int, default=30, help="steps of linear learning-rate warm-up")
-    p.add_argument("--warmup-fraction", type=float, default=0.5, help="dsa/csa: dense warm-up share")
+    p.add_argument("--warmup-fraction", type=float, default=0.5, help="dsa, csa, v4: dense warm-up share")
     p.add_argument("--curriculum", action="store_true", help="train at seq/16, then seq/4, then seq (every kind)")
     p.add_argument("--window", type=int, default=32, help="sliding window of sliding, nsa, csa, hca")
     p.add_argument("--val-windows", type=int, default=0, help="score the first N held-out windows (0: all)")

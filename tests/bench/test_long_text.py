@@ -66,3 +66,12 @@ def test_curriculum_run_is_scored_at_seq(small_corpus, load_benchmark):
     argv = [*TINY.split(), "--kinds", "dsa", "--data", small_corpus, "--curriculum"]
     (row,) = load_benchmark("long_text").main(argv)
     assert row["curriculum"] and row["buckets"][-1] == [32, 64] and row["steps"] == 3
+
+
+def test_v4_mix_alternates_csa_and_hca_and_is_scored_against_dense_v4(small_corpus, load_benchmark):
+    bench = load_benchmark("long_text")
+    config = bench.recall_config("v4", 32)
+    assert [config.layer_sparse(i) for i in range(config.num_hidden_layers)] == ["csa", "hca"]
+    assert bench.BASELINE["v4"] == "dense-v4" and "v4" in bench.WARMED
+    (row,) = bench.main([*TINY.split(), "--kinds", "v4", "--data", small_corpus, "--curriculum"])
+    assert row["kind"] == "v4" and row["val_loss"] > 0

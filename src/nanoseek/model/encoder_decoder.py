@@ -51,6 +51,7 @@ from nanoseek.model.transformer import (
     KERNEL_FUNCTIONS,
     ModelOutput,
     make_ffn,
+    param_counts,
     positions,
     swap_kernels,
 )
@@ -332,18 +333,7 @@ def count_params(model: EncoderDecoder) -> dict:
     """Parameters (the shared embedding once), with the decoder-only count's keys: every one is active (dense);
     `active_non_embedding` leaves out the embedding lookups, `matmul_active` adds a tied head back."""
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    lookup = model.embed_tokens.weight.numel()
-    if model.pos_embed is not None and hasattr(model.pos_embed, "weight"):
-        lookup += model.pos_embed.weight.numel()
-    head = model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
-    return {
-        "total": total,
-        "active": total,
-        "active_non_embedding": total - lookup,
-        "matmul_active": total - lookup + head,
-        "mtp": 0,
-        "mtp_active": 0,
-    }
+    return param_counts(model, total, total)
 
 
 def flops_per_token(config: ModelConfig, matmul_params: int, seq_len: int | None = None) -> float:

@@ -501,17 +501,24 @@ def count_params(model: Transformer) -> dict:
     mtp = _unique_numel(model.mtp.parameters())
     total = _unique_numel(model.parameters()) - mtp
     used = total - (_inactive(model) - _inactive(model.mtp))
+    return param_counts(model, total, used, mtp, mtp - _inactive(model.mtp))
+
+
+def param_counts(model: nn.Module, total: int, active: int, mtp: int = 0, mtp_active: int = 0) -> dict:
+    """`count_params`' dictionary from its totals: the input lookups (token and learned position
+    tables) come off `active` for `active_non_embedding`, and a tied head goes back on for
+    `matmul_active` (a model with `embed_tokens`, `pos_embed` and `lm_head`)."""
     lookup = model.embed_tokens.weight.numel()
     if model.pos_embed is not None and hasattr(model.pos_embed, "weight"):
         lookup += model.pos_embed.weight.numel()
     head = model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
     return {
         "total": total,
-        "active": used,
-        "active_non_embedding": used - lookup,
-        "matmul_active": used - lookup + head,
+        "active": active,
+        "active_non_embedding": active - lookup,
+        "matmul_active": active - lookup + head,
         "mtp": mtp,
-        "mtp_active": mtp - _inactive(model.mtp),
+        "mtp_active": mtp_active,
     }
 
 

@@ -581,6 +581,7 @@ def test_stream_past_context_checks_the_prompt_before_the_first_piece(prompt, ma
     [
         ("llama-tiny", {}),  # dense K/V
         ("deepseek-v3-tiny", {}),  # MLA's latent cache, MoE
+        ("deepseek-v32-tiny", {"index_topk": 3}),  # DSA: the indexer's keys; ties go to the earliest key
         ("llama-tiny", {"sparse": "sliding", "sliding_window": 4}),
     ],
 )
@@ -588,8 +589,7 @@ def test_stream_past_context_checks_the_prompt_before_the_first_piece(prompt, ma
 def test_prefill_rows_pads_prompts_and_decodes_as_each_alone(preset, overrides, start):
     """Prompts of 2, 7 and 4 tokens in one right-padded prefill: each row's logits are its own last
     token's, and the decode steps after it (which overwrite the padding's cache entries before any
-    query sees them) give the logits of prefilling and decoding that prompt alone. (Not DSA: its
-    top-k among tied indexer scores depends on the row's length, so the engine does not pad it.)"""
+    query sees them) give the logits of prefilling and decoding that prompt alone."""
     from nanoseek.generation.steps import prefill_rows
 
     torch.manual_seed(0)

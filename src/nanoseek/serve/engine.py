@@ -197,10 +197,7 @@ class Engine:
         )
         self.prefix = self._prefix_cache(prefix_cache_bytes)
         # right-padded batched prefills only where every cache masks keys by position (prefill_rows)
-        # and no top-k reads the row's length (DSA's picks among tied indexer scores depend on it)
-        self.pads_prefills = all(
-            type(c) is DenseKVCache or (type(c) is LatentKVCache and c.index_keys is None) for c in self.cache
-        )
+        self.pads_prefills = all(type(c) in (DenseKVCache, LatentKVCache) for c in self.cache)
         self.ready = threading.Event()  # set once the warm-up is over (at once without `compile`)
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.waiting: deque[Sequence] = deque()

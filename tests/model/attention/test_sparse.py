@@ -186,6 +186,32 @@ def test_dsa_attends_only_to_the_selected_keys():
     assert not torch.allclose(got, attn(x, rope), atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [1, 3, 17, 63])
+def test_earliest_topk_fast_path_picks_the_keyed_set(k):
+    """The eager float top-k (with its redone tied rows) and the int64-keyed one give the same set,
+    on scores full of ties (rounded, ReLU zeros, -0.0, -inf masks) and rows with fewer than k finite."""
+    from nanoseek.model.attention.dsa import earliest_topk, earliest_topk_keyed
+
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randn(3, 40, 64, generator=g).round(decimals=1).relu()
+    scores[0, :, ::7] = -0.0
+    scores = scores.masked_fill(torch.rand(3, 40, 64, generator=g) < 0.3, float("-inf"))
+    scores[1, :5] = float("-inf")  # rows with no finite score at all
+    fast, keyed = earliest_topk(scores, k), earliest_topk_keyed(scores, k)
+    assert torch.equal(fast.sort(-1).values, keyed.sort(-1).values)
+
+
+def test_dsa_picks_do_not_depend_on_the_keys_after_a_query():
+    """Ties among the indexer's ReLU scores go to the earliest key: a prefix's logits equal the
+    longer pass's first positions exactly (with plain top-k they differed by ~0.1 from 15 tokens on)."""
+    m = model("deepseek-v32-tiny", index_topk=3)
+    x = tokens(24)
+    with torch.no_grad():
+        full = m(x).logits
+        for t in (5, 9, 15, 16, 20):
+            torch.testing.assert_close(m(x[:, :t]).logits, full[:, :t], atol=1e-5, rtol=1e-5)
+
+
 def test_dsa_is_causal_and_every_parameter_gets_a_gradient():
     m = model("deepseek-v32-tiny", index_topk=4)
     x = tokens(24)

@@ -212,7 +212,7 @@ def test_earliest_topk_breaks_ties_by_position():
     from nanoseek.model.attention.compressed import earliest_topk
 
     s = torch.tensor([[0.5, 0.0, -0.0, 0.0, -1.0, float("-inf"), 2.0, 0.5]])
-    assert earliest_topk(s, 5).tolist() == [[6, 0, 7, 1, 2]]
+    assert sorted(earliest_topk(s, 5).tolist()[0]) == [0, 1, 2, 6, 7]
     x = torch.randn(4, 64).round(decimals=1)
     expected = x.sort(dim=-1, descending=True, stable=True).indices[:, :9]
     assert torch.equal(earliest_topk(x, 9).sort(dim=-1).values, expected.sort(dim=-1).values)

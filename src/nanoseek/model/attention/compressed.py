@@ -46,7 +46,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention.core import sdpa
-from nanoseek.model.attention.dsa import indexer_kl
+from nanoseek.model.attention.dsa import earliest_topk, indexer_kl
 from nanoseek.model.kv_cache import CompressedKVCache
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.position import rope_inv_freq
@@ -74,16 +74,6 @@ def gather_rows(x_BSX: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     index = index.expand(x_BSX.shape[0], *index.shape[1:])
     rows = torch.arange(x_BSX.shape[0], device=x_BSX.device).view(-1, *([1] * (index.dim() - 1)))
     return x_BSX[rows, index]
-
-
-def earliest_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest fp32 scores along the last dim, ties going to the lower index (ReLU
-    zeros tie often), so a decode step picks what a full pass picks. One int64 top-k: the score's
-    bits made order-preserving, then the index (reversed) in the low 32 bits."""
-    bits = (scores.float() + 0.0).contiguous().view(torch.int32).long()  # + 0.0: -0.0 ties with 0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    index = torch.arange(scores.shape[-1], device=scores.device)
-    return (ordered * (1 << 32) + (0xFFFFFFFF - index)).topk(k, dim=-1).indices
 
 
 class RopeTable(nn.Module):

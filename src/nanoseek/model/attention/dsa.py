@@ -6,7 +6,7 @@ Per query t and key s (H_I indexer heads of width d_I, much smaller than the att
     RoPE, half-split, on the first qk_rope_head_dim dims of q^I and k^I
     w_{t,h}   = (W^w x_t)_h / sqrt(H_I)
     I_{t,s}   = sum_h w_{t,h} ReLU(q^I_{t,h} . k^I_s / sqrt(d_I))          (fp32)
-    S_t       = top-k_s { I_{t,s} : s <= t },   k = index_topk
+    S_t       = top-k_s { I_{t,s} : s <= t },   k = index_topk   (ties at the k-th score: the earliest keys)
 MLA then attends only to S_t (all other keys masked). With k >= t + 1 every causal key is kept,
 so the layer equals dense MLA exactly.
 
@@ -70,16 +70,56 @@ class LightningIndexer(nn.Module):
 
     def pick(self, scores_BTS: torch.Tensor, causal_BTS: torch.Tensor):
         """(picked (B, T, K), valid (B, T, K)): the top-k causal keys of each query by score, K =
-        min(top-k, S); a pick is invalid where a row has fewer than K causal keys."""
+        min(top-k, S), ties going to the earliest key (`earliest_topk`: a query picks the same keys
+        whatever follows it, so a prefill, a longer prefill and a decode step agree); a pick is
+        invalid where a row has fewer than K causal keys."""
         k = min(self.topk, scores_BTS.shape[-1])
-        top = scores_BTS.masked_fill(~causal_BTS, float("-inf")).topk(k, dim=-1, sorted=False)
-        return top.indices, top.values > float("-inf")
+        masked = scores_BTS.masked_fill(~causal_BTS, float("-inf"))
+        picked = earliest_topk(masked, k)
+        return picked, masked.gather(-1, picked) > float("-inf")
 
     def select(self, scores_BTS: torch.Tensor, causal_BTS: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask (B, T, S): the top-k causal keys of each query (`pick` as a mask)."""
         picked_BTK, _ = self.pick(scores_BTS, causal_BTS)
         keep = torch.zeros_like(causal_BTS).scatter_(-1, picked_BTK, True)
         return keep & causal_BTS  # rows with fewer than k causal keys picked some masked ones
+
+
+def earliest_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (..., k), in no particular order, of the k largest fp32 scores along the last dim,
+    ties at the k-th score going to the lower index (the indexers' ReLU scores tie at 0 often; -inf
+    marks what a query cannot see), so that the picks of a query do not depend on the keys after it.
+
+    Eagerly, one float top-k of k + 1: when the (k+1)-th score differs from the k-th, the first k
+    are the answer; the rows where they tie (rare on real scores) are redone from the whole row:
+    every score above the tied one, then the earliest ties. Inside a compiled graph (no data-
+    dependent branches), `earliest_topk_keyed`. Equal sets (tested)."""
+    if torch.compiler.is_compiling() or k >= scores.shape[-1]:
+        return earliest_topk_keyed(scores, k)
+    scores = scores.float()  # (-0.0 and 0.0 compare equal here)
+    top = scores.topk(k + 1, dim=-1, sorted=False)
+    last = top.values.amin(-1, keepdim=True)  # the (k+1)-th score
+    ties = (top.values == last).sum(-1) > 1  # it ties with a kept one: which of them is ambiguous
+    indices = top.indices  # drop the (k+1)-th: the last entry moves into its place, then is cut off
+    indices.scatter_(-1, top.values.argmin(-1, keepdim=True), indices[..., -1:].clone())
+    picked = indices[..., :k]
+    if ties.any():
+        rows = ties.nonzero(as_tuple=True)
+        row_scores, row_last = scores[rows], last[rows]
+        above, tied = row_scores > row_last, row_scores == row_last
+        room = k - above.sum(-1, keepdim=True)
+        chosen = above | (tied & (tied.cumsum(-1) <= room))
+        picked[rows] = chosen.nonzero()[:, -1].view(-1, k)
+    return picked
+
+
+def earliest_topk_keyed(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`earliest_topk` as one int64 top-k (no branches, for compiled graphs): the score's bits made
+    order-preserving, then the index (reversed) in the low 32 bits."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32).long()  # + 0.0: -0.0 ties with 0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    return (ordered * (1 << 32) + (0xFFFFFFFF - index)).topk(k, dim=-1).indices
 
 
 def causal_mask(start, t: int, s: int, device) -> torch.Tensor:

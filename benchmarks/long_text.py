@@ -234,7 +234,7 @@ def plot(rows: list[dict], path: str) -> None:
     markers = dict(zip(KINDS, "osD^v<PXh>*p"))
     seeds = sorted({r["seed"] for r in rows})
     gapped = [k for k in kinds if k in BASELINE and BASELINE[k] in kinds]
-    fig, axes = plt.subplots(1, 2 if gapped else 1, figsize=(13 if gapped else 7, 5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if gapped else 1, figsize=(13 if gapped else 7, 6), squeeze=False)
     ax = axes[0][0]
     for i, kind in enumerate(kinds):
         mean, low, high = summary(rows, kind)
@@ -248,7 +248,8 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_ylabel("validation loss (nats / char)")
     ax.set_title("Validation loss by position (legend: overall)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, ncol=2)
+    below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=9)  # off the lines
+    ax.legend(**below)
     if gapped:
         ax = axes[0][1]
         for i, kind in enumerate(gapped):
@@ -264,7 +265,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_ylabel("loss − dense baseline of its family (nats / char)")
         ax.set_title("Sparse minus dense, same seed (above 0: worse)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9)
+        ax.legend(**below)
     r = rows[0]
     what = f"{r['steps']} steps" if r["mode"] == "steps" else "equal wall time"
     what += " (length curriculum)" if r.get("curriculum") else ""

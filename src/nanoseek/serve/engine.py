@@ -352,7 +352,10 @@ class Engine:
             self._fail([seq for seq, logits in zip(group, first) if logits is None])
             echo_only = [seq for seq, _ in ready if seq.max_tokens == 0]
             for seq in echo_only:  # the prompt (and its logprobs), nothing generated
-                seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
+                try:
+                    seq.emit(Event(seq.index, "", "length", 0, logprobs=seq.recorded))
+                except Exception:  # its client is gone: it ends alone, as below
+                    log.exception("emitting the echoed prompt failed; ending that request")
             self._release(echo_only)
             ready = [(seq, logits) for seq, logits in ready if seq.max_tokens != 0]
             if ready:
@@ -435,7 +438,7 @@ class Engine:
         return first
 
     def _prepare(self, seq: Sequence) -> list:
-        """The per-request state a prefill sets up; returns the request's cache row view."""
+        """Set up the per-request state a prefill needs; return the request's prefix-cache chain."""
         seq.detok = Detokenizer(self.tokenizer, seq.stops, max_tokens=seq.max_tokens)  # past the context: slides
         seq.sampler = Sampler(seq.options, self.device, self.tokenizer)
         return seq.prefix_chain

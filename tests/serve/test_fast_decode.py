@@ -9,6 +9,7 @@ from test_engine import ByteTokenizer, Collector, tiny_model
 from nanoseek.generation import SamplingOptions
 from nanoseek.serve.engine import Engine, Sequence
 from nanoseek.serve.fast_decode import FastDecode, batch_buckets, bucket, length_buckets
+from nanoseek.serve.fast_prefill import FastPrefill
 
 
 def test_buckets():
@@ -62,10 +63,21 @@ def assert_same_decoding(model, batch_sizes, max_batch=3, logprobs=True):
     return engine
 
 
-def test_compiled_engine_decodes_as_the_eager_engine():
-    """MLA + MoE; one padded batch size: 1 and 2 running rows run as 3, the pad rows in free rows."""
+def test_compiled_engine_decodes_as_the_eager_engine(monkeypatch):
+    """MLA + MoE; one padded batch size: 1 and 2 running rows run as 3, the pad rows in free rows;
+    the prompts prefilled alone go through the compiled prefill's windows."""
+    compiled_prefills = []
+    call = FastPrefill.__call__
+
+    def counted(self, prompt, begin, row):
+        logits = call(self, prompt, begin, row)
+        compiled_prefills.append(logits is not None)
+        return logits
+
+    monkeypatch.setattr(FastPrefill, "__call__", counted)
     engine = assert_same_decoding(tiny_model("deepseek-v3-tiny"), batch_sizes=[3])
     assert set(engine.fast.decoders) == {(3, 64)}  # one shape: nothing compiled after the warm-up
+    assert engine.stats()["compiled_prefill"] and compiled_prefills and all(compiled_prefills)
 
 
 @pytest.mark.slow
@@ -84,6 +96,9 @@ def test_compiled_engine_decodes_as_the_eager_engine_for_every_kind(preset, over
     dsa = preset == "deepseek-v32-tiny"
     engine = assert_same_decoding(tiny_model(preset, **overrides), batch_sizes=None, max_batch=3, logprobs=not dsa)
     assert set(engine.fast.decoders) == {(1, 64), (2, 64), (3, 64)}
+    # padded prefill windows only where every cache masks keys by position (not NSA, not V4's)
+    masks_by_position = preset in ("llama-tiny", "deepseek-v32-tiny") and "sparse" not in overrides
+    assert (engine.fast_prefill is not None) == masks_by_position
 
 
 def test_a_failed_warm_up_leaves_the_engine_decoding_eagerly(monkeypatch):

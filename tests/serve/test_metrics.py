@@ -77,3 +77,4 @@ def test_prefix_cache_hits_and_hit_rate(server):
     assert value(after, "nanoseek_prefix_cache_hit_rate") == pytest.approx(hits / queries)
     assert value(after, "nanoseek_prefix_cache_blocks") >= 2 and value(after, "nanoseek_prefix_cache_bytes") > 0
     assert value(after, "nanoseek_decode_compiled") == 0  # the test servers run --no-compile
+    assert value(after, "nanoseek_prefill_compiled") == 0

@@ -252,31 +252,3 @@ def test_serve_refuses_bad_arguments(checkpoint, args, message):
         timeout=60,
     )
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
-
-
-def test_handoff_delivers_a_batch_of_events_with_one_wake_up():
-    """Events put from another thread reach their queues in order; a batch put while the loop is
-    busy costs one call_soon_threadsafe."""
-    import asyncio
-    import threading
-
-    from nanoseek.serve.app import Handoff
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        handoff = Handoff(loop)
-        wakeups = []
-        schedule = loop.call_soon_threadsafe
-        loop.call_soon_threadsafe = lambda fn, *a: (wakeups.append(fn), schedule(fn, *a))[1]
-        queues = [asyncio.Queue(), asyncio.Queue()]
-        thread = threading.Thread(target=lambda: [handoff.put(queues[i % 2], i) for i in range(10)])
-        thread.start()
-        thread.join()  # the loop has not run since: one batch
-        got = [[await q.get() for _ in range(5)] for q in queues]
-        handoff.put(queues[0], 10)
-        got[0].append(await queues[0].get())
-        return got, len(wakeups)
-
-    got, wakeups = asyncio.run(main())
-    assert got == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9]]
-    assert wakeups == 2

@@ -32,7 +32,6 @@ import os
 import threading
 import time
 import uuid
-import weakref
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib import resources
@@ -45,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.generation.sampling import SamplingOptions
 from nanoseek.serve.embeddings import check_inputs, embed_in_turns
 from nanoseek.serve.engine import Engine, QueueFull, Sequence
+from nanoseek.serve.handoff import flush_events, make_emitter
 from nanoseek.serve.logprobs import TextOffsets, TokenStrings, chat_logprobs, completion_logprobs
 from nanoseek.serve.metrics import CONTENT_TYPE, ServerMetrics
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
@@ -203,45 +203,6 @@ class Service:
                 seq.constraint = grammar() if grammar else None
                 seqs.append(seq)
         return seqs
-
-
-class Handoff:
-    """Engine events to the asyncio loop, one wake-up of the loop per batch instead of one per event.
-
-    The engine thread emits every row's event of a decode step in one stretch of Python; each
-    `call_soon_threadsafe` would write the loop's wake-up pipe and let the loop thread take the GIL
-    from the engine 16 times a step at 16 streams. Here the first event of a batch schedules one
-    `deliver`, the others join its list, and `deliver` puts them all into their requests' queues."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.lock = threading.Lock()
-        self.pending: list[tuple[asyncio.Queue, object]] = []
-
-    def put(self, queue: asyncio.Queue, event) -> None:
-        with self.lock:
-            first = not self.pending
-            self.pending.append((queue, event))
-        if first:
-            self.loop.call_soon_threadsafe(self.deliver)
-
-    def deliver(self) -> None:
-        with self.lock:
-            batch, self.pending = self.pending, []
-        for queue, event in batch:
-            queue.put_nowait(event)
-
-
-HANDOFFS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> its Handoff
-
-
-def make_emitter():
-    loop = asyncio.get_running_loop()
-    handoff = HANDOFFS.get(loop)
-    if handoff is None:
-        handoff = HANDOFFS[loop] = Handoff(loop)
-    queue: asyncio.Queue = asyncio.Queue()
-    return queue, partial(handoff.put, queue)
 
 
 async def next_event(queue: asyncio.Queue, request: Request):
@@ -430,6 +391,7 @@ def create_app(
         max_batch=max_batch,
         max_queue=max_queue,
         observer=metrics,
+        flush_events=flush_events,
         compile=compile,
         prefix_cache_bytes=prefix_cache_bytes,
     )

@@ -62,8 +62,8 @@ from nanoseek.generation.compiled import DecodeOptions
 from nanoseek.generation.sampling import Sampler, SamplingOptions, sample_rows
 from nanoseek.generation.steps import decode_step, prefill, prefill_rows
 from nanoseek.generation.streaming import Detokenizer
-from nanoseek.model.kv_cache import DenseKVCache, LatentKVCache
 from nanoseek.serve.fast_decode import FastDecode
+from nanoseek.serve.fast_prefill import FastPrefill, supports_padding
 from nanoseek.serve.logprobs import position_logprobs, prefill_with_prompt_logprobs
 from nanoseek.serve.prefix_cache import PrefixCache, refusal
 
@@ -164,7 +164,9 @@ class Engine:
     """`compile`: decode with the compiled step (`FastDecode`: its padded batch sizes
     `compile_batch_sizes`, default powers of two up to max_batch; `decode_options` its fast paths),
     compiled when the engine starts. `prefix_cache_bytes` > 0: a prefix cache of at most that many
-    bytes (refused, with a warning, for a model whose cache kind it does not know)."""
+    bytes (refused, with a warning, for a model whose cache kind it does not know). `flush_events`:
+    called before each model call and before the engine waits, so that a server can hold back
+    the events emitted since and hand them over while the model runs (serve/handoff.py)."""
 
     def __init__(
         self,
@@ -173,6 +175,7 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 32,
         observer=None,
+        flush_events: Callable[[], None] | None = None,
         compile: bool = False,
         compile_batch_sizes: list[int] | None = None,
         decode_options: DecodeOptions | None = None,
@@ -197,7 +200,9 @@ class Engine:
         )
         self.prefix = self._prefix_cache(prefix_cache_bytes)
         # right-padded batched prefills only where every cache masks keys by position (prefill_rows)
-        self.pads_prefills = all(type(c) in (DenseKVCache, LatentKVCache) for c in self.cache)
+        self.pads_prefills = supports_padding(self.cache)
+        # a prompt prefilled alone goes through the compiled windows (same condition: they pad)
+        self.fast_prefill = FastPrefill(model, self.context) if compile and self.pads_prefills else None
         self.ready = threading.Event()  # set once the warm-up is over (at once without `compile`)
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.waiting: deque[Sequence] = deque()
@@ -207,6 +212,7 @@ class Engine:
         self.reserved = 0  # places held by work beside the batch (embeddings requests)
         self.steps = self.tokens_out = 0
         self.observer = observer or EngineObserver()
+        self.flush_events = flush_events or (lambda: None)
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
     # ------------------------------------------------------------------ the server's side
@@ -284,6 +290,7 @@ class Engine:
                 "decode_steps": self.steps,
                 "tokens_generated": self.tokens_out,
                 "compiled": self.fast is not None,
+                "compiled_prefill": self.fast_prefill is not None,
                 **(self.prefix.summary() if self.prefix is not None else {}),
             }
 
@@ -294,10 +301,13 @@ class Engine:
         while True:
             with self.wakeup:
                 while not (self.stopping or self.waiting or self.running or self.jobs):
+                    self.flush_events()
                     self.wakeup.wait()
                 if self.stopping:
                     break
                 jobs, self.jobs = list(self.jobs), deque()
+            if jobs:
+                self.flush_events()
             try:
                 with torch.inference_mode():
                     self._run_jobs(jobs)
@@ -311,9 +321,11 @@ class Engine:
                 failed, self.running = self.running, []
                 for seq in failed:
                     self._report_failure(seq)
+        self.flush_events()
 
     def _warm_up(self) -> None:
-        """Compile the decode step's shapes before any request arrives; on failure decode eagerly."""
+        """Compile the decode step's shapes and the prefill's windows before any request arrives;
+        whichever fails runs eagerly."""
         try:
             if self.fast is not None:
                 with torch.inference_mode():  # the state the steps will run in, which dynamo guards on
@@ -322,6 +334,14 @@ class Engine:
         except Exception as error:  # no C++ compiler, an op inductor cannot compile, ...
             log.warning("compiling the decode step failed (%s: %s); decoding eagerly", type(error).__name__, error)
             self.fast = None
+        try:
+            if self.fast_prefill is not None:
+                with torch.inference_mode():
+                    seconds = self.fast_prefill.warm_up()
+                log.info("compiled prefill ready: %d windows in %.1f s", len(self.fast_prefill.starts), seconds)
+        except Exception as error:
+            log.warning("compiling the prefill failed (%s: %s); prefilling eagerly", type(error).__name__, error)
+            self.fast_prefill = None
         finally:
             self.ready.set()
 
@@ -423,6 +443,7 @@ class Engine:
         """The logits (1, V) of each sequence's first token, its prompt prefilled into cache row
         lo + i (None where that failed): the group in one batched prefill, or, should that raise,
         each sequence alone, so only the ones that fail on their own end."""
+        self.flush_events()
         if len(group) > 1:
             try:
                 return list(self._prefill_batch(group, lo).split(1))
@@ -452,9 +473,11 @@ class Engine:
         if seq.echo_logprobs:
             logits, seq.recorded = prefill_with_prompt_logprobs(self.model, seq.prompt_ids, view, seq.logprobs)
         else:
-            seq.cached_tokens = self.prefix.restore(chain, view) if chain else 0
-            rest = torch.tensor([seq.prompt_ids[seq.cached_tokens :]], device=self.device)
-            logits = prefill(self.model, rest, view, start=seq.cached_tokens)
+            seq.cached_tokens = begin = self.prefix.restore(chain, view) if chain else 0
+            logits = self.fast_prefill(seq.prompt_ids, begin, view) if self.fast_prefill is not None else None
+            if logits is None:  # eagerly: no compiled prefill, a long prompt, or a window not compiled
+                rest = torch.tensor([seq.prompt_ids[begin:]], device=self.device)
+                logits = prefill(self.model, rest, view, start=begin)
         self._store(seq, view, chain)
         return logits
 
@@ -506,6 +529,7 @@ class Engine:
         tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         positions = torch.tensor([s.position for s in seqs], device=self.device)
         last = max(s.position for s in seqs)
+        self.flush_events()  # the last step's tokens go out while this one runs
         if compiled and self.fast is not None and lo == 0:
             return self.fast.step(tokens, positions, last)
         view = [c.rows(lo, hi, last + 1) for c in self.cache]

@@ -17,6 +17,7 @@
     nanoseek_prefix_cache_evictions_total       blocks evicted to stay under the bound
     nanoseek_prefix_cache_bytes, _blocks        what the prefix cache holds now
     nanoseek_decode_compiled                    1 when the decode step runs compiled, else 0
+    nanoseek_prefill_compiled                   1 when short prompts are prefilled compiled, else 0
 
 The prefix cache's series exist only when the server has one; tokens are counted as vLLM counts
 its prefix-cache queries and hits.
@@ -78,6 +79,8 @@ class ServerMetrics(EngineObserver):
         self.occupancy.set_function(lambda: len(engine.running) / engine.max_batch)
         compiled = Gauge("nanoseek_decode_compiled", "1 when the decode step runs compiled", registry=self.registry)
         compiled.set_function(lambda: float(engine.fast is not None))
+        prefill = Gauge("nanoseek_prefill_compiled", "1 when short prompts prefill compiled", registry=self.registry)
+        prefill.set_function(lambda: float(engine.fast_prefill is not None))
         if engine.prefix is not None:
             self.registry.register(PrefixCacheCollector(engine.prefix))
 

@@ -93,7 +93,7 @@ def serve(
     )
     if compile:
         print(
-            "compiling the decode step before the first request: minutes the first time on a small CPU, "
+            "compiling the decode step and prefill before the first request: minutes the first time on a small CPU, "
             "seconds once torch has cached it (--no-compile skips it)",
             file=sys.stderr,
             flush=True,

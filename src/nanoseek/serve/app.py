@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.generation.sampling import SamplingOptions
 from nanoseek.serve.embeddings import check_inputs, embed_in_turns
 from nanoseek.serve.engine import Engine, QueueFull, Sequence
-from nanoseek.serve.handoff import flush_events, make_emitter
+from nanoseek.serve.handoff import make_emitter
 from nanoseek.serve.logprobs import TextOffsets, TokenStrings, chat_logprobs, completion_logprobs
 from nanoseek.serve.metrics import CONTENT_TYPE, ServerMetrics
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, prompt_list
@@ -391,7 +391,6 @@ def create_app(
         max_batch=max_batch,
         max_queue=max_queue,
         observer=metrics,
-        flush_events=flush_events,
         compile=compile,
         prefix_cache_bytes=prefix_cache_bytes,
     )

@@ -164,9 +164,7 @@ class Engine:
     """`compile`: decode with the compiled step (`FastDecode`: its padded batch sizes
     `compile_batch_sizes`, default powers of two up to max_batch; `decode_options` its fast paths),
     compiled when the engine starts. `prefix_cache_bytes` > 0: a prefix cache of at most that many
-    bytes (refused, with a warning, for a model whose cache kind it does not know). `flush_events`:
-    called before each model call and before the engine waits, so that a server can hold back
-    the events emitted since and hand them over while the model runs (serve/handoff.py)."""
+    bytes (refused, with a warning, for a model whose cache kind it does not know)."""
 
     def __init__(
         self,
@@ -175,7 +173,6 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 32,
         observer=None,
-        flush_events: Callable[[], None] | None = None,
         compile: bool = False,
         compile_batch_sizes: list[int] | None = None,
         decode_options: DecodeOptions | None = None,
@@ -212,7 +209,6 @@ class Engine:
         self.reserved = 0  # places held by work beside the batch (embeddings requests)
         self.steps = self.tokens_out = 0
         self.observer = observer or EngineObserver()
-        self.flush_events = flush_events or (lambda: None)
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
     # ------------------------------------------------------------------ the server's side
@@ -301,13 +297,10 @@ class Engine:
         while True:
             with self.wakeup:
                 while not (self.stopping or self.waiting or self.running or self.jobs):
-                    self.flush_events()
                     self.wakeup.wait()
                 if self.stopping:
                     break
                 jobs, self.jobs = list(self.jobs), deque()
-            if jobs:
-                self.flush_events()
             try:
                 with torch.inference_mode():
                     self._run_jobs(jobs)
@@ -321,7 +314,6 @@ class Engine:
                 failed, self.running = self.running, []
                 for seq in failed:
                     self._report_failure(seq)
-        self.flush_events()
 
     def _warm_up(self) -> None:
         """Compile the decode step's shapes and the prefill's windows before any request arrives;
@@ -443,7 +435,6 @@ class Engine:
         """The logits (1, V) of each sequence's first token, its prompt prefilled into cache row
         lo + i (None where that failed): the group in one batched prefill, or, should that raise,
         each sequence alone, so only the ones that fail on their own end."""
-        self.flush_events()
         if len(group) > 1:
             try:
                 return list(self._prefill_batch(group, lo).split(1))
@@ -529,7 +520,6 @@ class Engine:
         tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         positions = torch.tensor([s.position for s in seqs], device=self.device)
         last = max(s.position for s in seqs)
-        self.flush_events()  # the last step's tokens go out while this one runs
         if compiled and self.fast is not None and lo == 0:
             return self.fast.step(tokens, positions, last)
         view = [c.rows(lo, hi, last + 1) for c in self.cache]

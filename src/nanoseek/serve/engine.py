@@ -38,10 +38,11 @@ and follows the sampled tokens (response_format, serve/structured.py); an `Engin
 prefills, decode steps and tokens (serve/metrics.py).
 
 Two speed-ups, each tested to give the tokens of the plain engine: `compile=True` runs the decode
-step compiled on a few padded shapes, compiled by `warm_up` before the first request
-(serve/fast_decode.py); `prefix_cache_bytes` keeps the KV blocks of earlier prompts and copies them
-into the row of a new prompt that starts the same way, so its prefill starts after them
-(serve/prefix_cache.py).
+step compiled on a few padded shapes (serve/fast_decode.py) and, where the caches allow padding, a
+prompt prefilled alone through compiled windows of fixed shape (serve/fast_prefill.py), both
+compiled by `warm_up` before the first request; `prefix_cache_bytes` keeps the KV blocks of
+earlier prompts and copies them into the row of a new prompt that starts the same way, so its
+prefill starts after them (serve/prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ def check_cache_fits(model, rows: int, context: int, device: torch.device) -> No
 
 class Engine:
     """`compile`: decode with the compiled step (`FastDecode`: its padded batch sizes
-    `compile_batch_sizes`, default powers of two up to max_batch; `decode_options` its fast paths),
-    compiled when the engine starts. `prefix_cache_bytes` > 0: a prefix cache of at most that many
+    `compile_batch_sizes`, default powers of two up to max_batch; `decode_options` its fast paths)
+    and prefill short prompts alone through `FastPrefill`'s windows, both compiled when the engine
+    starts. `prefix_cache_bytes` > 0: a prefix cache of at most that many
     bytes (refused, with a warning, for a model whose cache kind it does not know)."""
 
     def __init__(

@@ -288,7 +288,7 @@ class Engine:
                 "decode_steps": self.steps,
                 "tokens_generated": self.tokens_out,
                 "compiled": self.fast is not None,
-                "compiled_prefill": self.fast_prefill is not None,
+                "compiled_prefill": self.fast_prefill is not None and self.fast_prefill.ready,
                 **(self.prefix.summary() if self.prefix is not None else {}),
             }
 
@@ -321,23 +321,23 @@ class Engine:
         """Compile the decode step's shapes and the prefill's windows before any request arrives;
         whichever fails runs eagerly."""
         try:
-            if self.fast is not None:
-                with torch.inference_mode():  # the state the steps will run in, which dynamo guards on
-                    seconds = self.fast.warm_up()
-                log.info("compiled decode step ready: %d shapes in %.1f s", len(self.fast.shapes()), seconds)
-        except Exception as error:  # no C++ compiler, an op inductor cannot compile, ...
-            log.warning("compiling the decode step failed (%s: %s); decoding eagerly", type(error).__name__, error)
-            self.fast = None
-        try:
-            if self.fast_prefill is not None:
-                with torch.inference_mode():
-                    seconds = self.fast_prefill.warm_up()
-                log.info("compiled prefill ready: %d windows in %.1f s", len(self.fast_prefill.starts), seconds)
-        except Exception as error:
-            log.warning("compiling the prefill failed (%s: %s); prefilling eagerly", type(error).__name__, error)
-            self.fast_prefill = None
+            self._compile("decode step", "fast", lambda fast: f"{len(fast.shapes())} shapes", "decoding eagerly")
+            self._compile("prefill", "fast_prefill", lambda fast: f"{len(fast.starts)} windows", "prefilling eagerly")
         finally:
             self.ready.set()
+
+    def _compile(self, what: str, attribute: str, count, otherwise: str) -> None:
+        """Warm up the compiled path in `attribute` (None: nothing to do); on failure drop it."""
+        fast = getattr(self, attribute)
+        if fast is None:
+            return
+        try:
+            with torch.inference_mode():  # the state the steps will run in, which dynamo guards on
+                seconds = fast.warm_up()
+            log.info("compiled %s ready: %s in %.1f s", what, count(fast), seconds)
+        except Exception as error:  # no C++ compiler, an op inductor cannot compile, ...
+            log.warning("compiling the %s failed (%s: %s); %s", what, type(error).__name__, error, otherwise)
+            setattr(self, attribute, None)
 
     def _run_jobs(self, jobs) -> None:
         for fn, fut in jobs:

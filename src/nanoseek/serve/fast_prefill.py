@@ -1,7 +1,8 @@
 """The server's prefill compiled: a short prompt in windows of one fixed size, a graph per window.
 
 An eager prefill of a short prompt on a small model is mostly per-operation overhead (deepseek-v3-mini,
-45 tokens: 10.6 ms eagerly on one Zen-1 core, 6.1 ms for a compiled window of 64). A graph with
+45 tokens: 10.6 ms eagerly on one Zen-1 core, 6.8 ms through a compiled window of 64, copies
+included). A graph with
 dynamic shapes compiles again for new lengths and batch sizes, and one with a symbolic start
 position specializes on it inside inductor; here every graph is static:
 
@@ -22,8 +23,11 @@ that summarizes blocks (NSA, compressed) would fold the padding in.
 
 `warm_up` compiles every window's graph before the first request. Afterwards a call that would
 compile again (a guard the warm-up did not meet) raises inside torch's "fail_on_recompile" stance
-and `__call__` returns None: the caller prefills eagerly, and no request waits for a compile. The
-logits and cache entries equal the eager prefill's (tested).
+and `__call__` returns None: the caller prefills eagerly, and no request waits for a compile. That
+turns the compiled prefill off for good (`ready` False: one warning, not one per request). The
+logits and cache entries equal the eager prefill's up to float rounding (tested; the first window
+computes again the restored positions it holds, so later positions attend to those recomputed
+keys).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from nanoseek.model.kv_cache import DenseKVCache, LatentKVCache
 
 log = logging.getLogger("nanoseek.serve")
 
-PREFILL_WINDOW = 64  # prompt tokens per compiled call (deepseek-v3-mini: 6.1 ms, against 4.2 for 32 and 2.7 for 16)
+PREFILL_WINDOW = 64  # tokens per compiled call (deepseek-v3-mini, graph alone: 6.1 ms; 4.2 for 32, 2.7 for 16)
 PREFILL_WINDOWS = 4  # compiled windows: prompts up to 4 x 64 positions
 
 
@@ -122,7 +126,8 @@ class FastPrefill:
         except RuntimeError as error:
             if "recompile" not in str(error):
                 raise
-            log.warning("the compiled prefill would compile again (%s); prefilling eagerly", error)
+            log.warning("the compiled prefill would compile again (%s); prefilling eagerly from now on", error)
+            self.ready = False
             return None
         copy_positions(self.stage, row, begin, end)
         return logits

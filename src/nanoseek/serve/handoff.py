@@ -27,7 +27,7 @@ class Handoff:
     """The events put for one loop since its last delivery (see the module docstring)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self.loop_ref = weakref.ref(loop)  # HANDOFFS is keyed by the loop: no strong reference back
         self.lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue, object]] = []
         self.scheduled = False
@@ -38,8 +38,11 @@ class Handoff:
             if self.scheduled:
                 return
             self.scheduled = True
+        loop = self.loop_ref()
         try:
-            self.loop.call_soon_threadsafe(self.deliver)
+            if loop is None:
+                raise RuntimeError("the loop is gone")
+            loop.call_soon_threadsafe(self.deliver)
         except RuntimeError:  # the loop has closed: nobody is left to read the events
             with self.lock:
                 self.pending, self.scheduled = [], False

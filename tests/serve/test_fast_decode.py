@@ -123,3 +123,16 @@ def test_a_failing_compiled_step_leaves_each_row_to_the_eager_step(monkeypatch):
     model = tiny_model("gpt2-tiny")
     got, _, engine = run(model, compile=True)
     assert engine.fast is not None and got == run(model, compile=False)[0]
+
+
+def test_a_failing_compiled_prefill_leaves_the_prompt_to_the_eager_prefill(monkeypatch):
+    def broken(self, prompt, begin, row):
+        raise RuntimeError("a broken window")
+
+    monkeypatch.setattr(FastDecode, "warm_up", lambda self: 0.0)
+    monkeypatch.setattr(FastDecode, "step", lambda self, tokens, positions, last: 1 / 0)  # eager steps too
+    monkeypatch.setattr(FastPrefill, "warm_up", lambda self: 0.0)
+    monkeypatch.setattr(FastPrefill, "__call__", broken)
+    model = tiny_model("gpt2-tiny")
+    got, _, engine = run(model, compile=True)
+    assert engine.fast_prefill is not None and got == run(model, compile=False)[0]

@@ -467,12 +467,23 @@ class Engine:
             logits, seq.recorded = prefill_with_prompt_logprobs(self.model, seq.prompt_ids, view, seq.logprobs)
         else:
             seq.cached_tokens = begin = self.prefix.restore(chain, view) if chain else 0
-            logits = self.fast_prefill(seq.prompt_ids, begin, view) if self.fast_prefill is not None else None
-            if logits is None:  # eagerly: no compiled prefill, a long prompt, or a window not compiled
+            logits = self._fast_prefill(seq, begin, view)
+            if logits is None:  # eagerly: no compiled prefill, a long prompt, a window not compiled, a failure
                 rest = torch.tensor([seq.prompt_ids[begin:]], device=self.device)
                 logits = prefill(self.model, rest, view, start=begin)
         self._store(seq, view, chain)
         return logits
+
+    def _fast_prefill(self, seq: Sequence, begin: int, view: list) -> torch.Tensor | None:
+        """The compiled prefill's logits, or None (then the caller prefills eagerly): it writes the
+        row only once every window has run, so after a failure the eager prefill starts clean."""
+        if self.fast_prefill is None:
+            return None
+        try:
+            return self.fast_prefill(seq.prompt_ids, begin, view)
+        except Exception:
+            log.exception("compiled prefill failed; prefilling that request eagerly")
+            return None
 
     def _prefill_batch(self, group: list[Sequence], lo: int) -> torch.Tensor:
         """The group's prompts (each after the prefix blocks restored into its row, as many for

@@ -288,7 +288,7 @@ class Engine:
                 "decode_steps": self.steps,
                 "tokens_generated": self.tokens_out,
                 "compiled": self.fast is not None,
-                "compiled_prefill": self.fast_prefill is not None and self.fast_prefill.ready,
+                "compiled_prefill": self.prefill_compiled,
                 **(self.prefix.summary() if self.prefix is not None else {}),
             }
 
@@ -321,23 +321,29 @@ class Engine:
         """Compile the decode step's shapes and the prefill's windows before any request arrives;
         whichever fails runs eagerly."""
         try:
-            self._compile("decode step", "fast", lambda fast: f"{len(fast.shapes())} shapes", "decoding eagerly")
-            self._compile("prefill", "fast_prefill", lambda fast: f"{len(fast.starts)} windows", "prefilling eagerly")
+            self.fast = self._warmed(self.fast, "decode step", "decoding eagerly")
+            self.fast_prefill = self._warmed(self.fast_prefill, "prefill", "prefilling eagerly")
         finally:
             self.ready.set()
 
-    def _compile(self, what: str, attribute: str, count, otherwise: str) -> None:
-        """Warm up the compiled path in `attribute` (None: nothing to do); on failure drop it."""
-        fast = getattr(self, attribute)
+    @staticmethod
+    def _warmed(fast, what: str, otherwise: str):
+        """`fast` (FastDecode or FastPrefill) compiled, or None: when it is None or compiling failed."""
         if fast is None:
-            return
+            return None
         try:
             with torch.inference_mode():  # the state the steps will run in, which dynamo guards on
                 seconds = fast.warm_up()
-            log.info("compiled %s ready: %s in %.1f s", what, count(fast), seconds)
         except Exception as error:  # no C++ compiler, an op inductor cannot compile, ...
             log.warning("compiling the %s failed (%s: %s); %s", what, type(error).__name__, error, otherwise)
-            setattr(self, attribute, None)
+            return None
+        log.info("compiled %s ready in %.1f s", what, seconds)
+        return fast
+
+    @property
+    def prefill_compiled(self) -> bool:
+        """Whether prompts prefilled alone go through the compiled windows now."""
+        return self.fast_prefill is not None and self.fast_prefill.ready
 
     def _run_jobs(self, jobs) -> None:
         for fn, fut in jobs:

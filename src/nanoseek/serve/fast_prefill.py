@@ -39,6 +39,7 @@ import torch
 
 from nanoseek.generation.compiled import shared_function_recompile_limit
 from nanoseek.model.kv_cache import DenseKVCache, LatentKVCache
+from nanoseek.serve.prefix_cache import buffer_layout
 
 log = logging.getLogger("nanoseek.serve")
 
@@ -60,17 +61,11 @@ def window_starts(size: int, count: int, context: int) -> list[int]:
     return sorted({min(k * size, context - size) for k in range(count)})
 
 
-def time_buffers(cache) -> list[tuple[torch.Tensor, int]]:
-    """(buffer, time dim) of one layer's dense or latent cache."""
-    if isinstance(cache, DenseKVCache):
-        return [(cache.k, 2), (cache.v, 2)]
-    return [(cache.key, 1)] + ([] if cache.index_keys is None else [(cache.index_keys, 1)])
-
-
-def copy_positions(src: list, dst: list, a: int, b: int) -> None:
-    """Positions a..b-1 of every layer's cache `src` into `dst` (one row each)."""
-    for s, d in zip(src, dst):
-        for (x, dim), (y, _) in zip(time_buffers(s), time_buffers(d)):
+def copy_positions(model, src: list, dst: list, a: int, b: int) -> None:
+    """Positions a..b-1 of every layer's cache `src` into `dst` (one row each), buffer by buffer as
+    the prefix cache lays them out."""
+    for layer, s, d in zip(model.layers, src, dst):
+        for (x, dim, _), (y, _, _) in zip(buffer_layout(layer.self_attn, s), buffer_layout(layer.self_attn, d)):
             y.narrow(dim, a, b - a).copy_(x.narrow(dim, a, b - a))
 
 
@@ -114,7 +109,7 @@ class FastPrefill:
         end = len(prompt)
         if not self.ready or not begin < end <= self.limit:
             return None
-        copy_positions(row, self.stage, 0, begin)
+        copy_positions(self.model, row, self.stage, 0, begin)
         padded = prompt + [0] * self.window
         logits = None
         try:
@@ -129,5 +124,5 @@ class FastPrefill:
             log.warning("the compiled prefill would compile again (%s); prefilling eagerly from now on", error)
             self.ready = False
             return None
-        copy_positions(self.stage, row, begin, end)
+        copy_positions(self.model, self.stage, row, begin, end)
         return logits

@@ -80,7 +80,7 @@ class ServerMetrics(EngineObserver):
         compiled = Gauge("nanoseek_decode_compiled", "1 when the decode step runs compiled", registry=self.registry)
         compiled.set_function(lambda: float(engine.fast is not None))
         prefill = Gauge("nanoseek_prefill_compiled", "1 when short prompts prefill compiled", registry=self.registry)
-        prefill.set_function(lambda: float(engine.fast_prefill is not None and engine.fast_prefill.ready))
+        prefill.set_function(lambda: float(engine.prefill_compiled))
         if engine.prefix is not None:
             self.registry.register(PrefixCacheCollector(engine.prefix))
 

@@ -663,14 +663,21 @@ def dsa_inputs(topk: int, b: int, g: int, start: int, t: int, d_v: int):
     ],
 )
 @pytest.mark.parametrize("gather_from", [1, 2, 10_000])  # (ref, fast): gathered / mixed / masked chunks
-def test_dsa_sparse_attention_equals_the_reference(monkeypatch, topk, b, g, start, t, d_v, shared, gather_from):
+@pytest.mark.parametrize("gathered_by", ["c++", "pytorch"])
+def test_dsa_sparse_attention_equals_the_reference(
+    monkeypatch, topk, b, g, start, t, d_v, shared, gather_from, gathered_by
+):
     """kernels/dsa.py against model/attention/dsa.py's chunked path: values, gradients of q, k and v,
-    none for the indexer."""
+    none for the indexer; the gathered queries through the C++ kernel and through PyTorch."""
     from nanoseek.kernels import dsa as fast
     from nanoseek.model.attention import dsa as reference
 
     monkeypatch.setattr(reference, "GATHER_FROM", 1 if gather_from == 1 else 10_000)
     monkeypatch.setattr(fast, "GATHER_FROM", gather_from)
+    if gathered_by == "pytorch":
+        monkeypatch.setattr(fast, "native_ops", lambda q: None)
+    elif gather_from < 10_000:
+        assert fast.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
     indexer, index_in, q, k, v = dsa_inputs(topk, b, g, start, t, d_v)
     weight = torch.randn(b, 4, t, d_v)
     inputs = (q, k) if shared else (q, k, v)
@@ -684,6 +691,59 @@ def test_dsa_sparse_attention_equals_the_reference(monkeypatch, topk, b, g, star
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert all(p.grad is None for p in indexer.parameters())
+
+
+@pytest.mark.parametrize(
+    "b,h,g,s,x,d_v,shared,threads",
+    [
+        (2, 4, 2, 40, 24, 16, True, 1),  # widths that leave tails after the 16-column blocks
+        (1, 8, 1, 300, 64, 48, True, 2),  # backward split over two threads' dk
+        (2, 6, 2, 50, 32, 20, False, 2),  # separate values, 3 heads a key head (a head block tail)
+    ],
+)
+def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shared, threads):
+    """The C++ kernel against model/attention/dsa.py's `gathered_attention` (float64): values and
+    gradients of q, k and v, with invalid picks (a tile's valid picks packed) and 70 picks (two tiles)."""
+    from nanoseek.kernels.dsa import GatheredAttention, native_ops
+    from nanoseek.model.attention.dsa import gathered_attention
+
+    assert native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
+    gen = torch.Generator().manual_seed(5)
+    t, n_picks = 7, 70 if s >= 70 else s // 2
+    q = torch.randn(b, h, t, x, generator=gen, requires_grad=True)
+    k = torch.randn(b, g, s, x, generator=gen, requires_grad=True)
+    v = torch.randn(b, g, s, d_v, generator=gen, requires_grad=True)
+    picked = torch.stack([torch.randperm(s, generator=gen)[:n_picks] for _ in range(b * t)]).view(b, t, n_picks)
+    valid = torch.rand(b, t, n_picks, generator=gen) > 0.3
+    valid[..., 0] = True  # every query keeps at least one pick
+    inputs = (q, k) if shared else (q, k, v)
+    weight = torch.randn(b, h, t, d_v, generator=gen, dtype=torch.float64)
+    want_out = gathered_attention(
+        *(a.double() for a in (q, k)), (k[..., :d_v] if shared else v).double(), picked, valid, 0.3
+    )
+    want = [want_out, *torch.autograd.grad((want_out * weight).sum(), inputs)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got_out = GatheredAttention.apply(q, k, None if shared else v, d_v, picked, valid, 0.3)
+        got = [got_out, *torch.autograd.grad((got_out * weight.float()).sum(), inputs)]
+    finally:
+        torch.set_num_threads(before)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e.double(), atol=2e-5, rtol=1e-5)
+
+
+def test_native_kernels_can_be_turned_off(monkeypatch):
+    from nanoseek.kernels import native
+
+    monkeypatch.setenv("NANOSEEK_NATIVE_KERNELS", "0")
+    native.load.cache_clear()
+    try:
+        assert native.load("gathered_attention") is None
+    finally:
+        monkeypatch.delenv("NANOSEEK_NATIVE_KERNELS")
+        native.load.cache_clear()
+    assert native.load("gathered_attention") is not None
 
 
 def test_gathered_attention_under_bf16_autocast_equals_the_reference():

@@ -5,8 +5,9 @@
     swiglu.py         FusedSwiGLU and swiglu_down (SwiGLU Functions: the hidden recomputed in backward)
     cross_entropy.py  linear_cross_entropy (head + loss in row chunks; the logits never held whole)
     grouped_mm.py     GroupedExperts (one grouped matmul for all routed experts; opaque ops for compile)
-    dsa.py            SparseLatentAttention (DSA's long prefill: dense prefix, gathered picks,
-                      `GatheredAttention` recomputed in backward; values gathered with the keys)
+    dsa.py            SparseLatentAttention (DSA's long prefill: dense prefix, then each query's picks,
+                      `GatheredAttention` recomputed in backward; the values are the keys' prefix)
+    native.py         builds the C++ kernels in csrc/ on first use (GatheredAttention's fp32 CPU path)
     nsa.py            ChunkedNativeSparseAttention (NSA's compressed branch in query chunks, p recomputed
                       in backward: `CompressedBlockAttention`)
 

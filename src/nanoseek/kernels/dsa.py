@@ -10,11 +10,14 @@ output with less work:
     together (the fused kernel skips the blocks above the diagonal; the reference masks each chunk);
   * a chunk gathers its picks once it sees more than GATHER_FROM * top-k keys (the masked SDPA costs
     S_visible per query, the gathered one top-k at a lower rate per key);
-  * `GatheredAttention` gathers one query's picked keys at a time into one reused buffer and keeps
-    nothing of size T x K but the picks (int32): backward gathers again and recomputes the softmax,
-    flash-style,
-        dS = P * (dP - rowsum(P * dP)),  dq = scale dS K_sel,  dK_sel = scale dS^T q,  dV_sel = P^T dO,
-    and adds dK_sel, dV_sel into dk, dv with one index_add per query;
+  * `GatheredAttention` keeps nothing of size T x K but the picks (int32): backward reads the picks
+    again and recomputes the softmax, flash-style,
+        dS = P * (dP - rowsum(P * dP)),  dq = scale dS K_sel,  dK_sel = scale dS^T q,  dV_sel = P^T dO.
+    On fp32 CPU tensors it runs the C++ kernel csrc/gathered_attention.cpp (kernels/native.py builds
+    it on first use): per query it reads its picked rows where they lie, 64 at a time, with an
+    online softmax, and keeps the logsumexp for backward. Elsewhere (other dtypes, no compiler) it
+    gathers one query's picks at a time into a reused buffer for plain matrix products and adds
+    dK_sel, dV_sel into dk, dv with one index_add per query;
   * values that are a prefix of the keys (MLA's absorbed form: the key is [c_KV ; k_R], the value
     c_KV) are passed as their width: the picks are gathered once and serve as both.
 
@@ -33,14 +36,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanoseek.kernels import native
 from nanoseek.model.attention.core import causal_attention, sdpa
 from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_mask
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
 from nanoseek.model.moe.experts import matmul_dtype
 
 # a chunk gathers its picks once it sees more than GATHER_FROM * top-k keys: on one Zen-1 core (fp32, 8 heads
-# of 512 on one key head) a gathered query cost about what a masked SDPA row over 3 x top-k keys cost
-GATHER_FROM = 3
+# of 512 on one key head, top-2048) the C++ kernel's query costs what a masked SDPA row over ~1.5 x top-k
+# keys costs (1.6 against 1.6 ms at 3K keys, 1.8 against 2.2 ms at 4K)
+GATHER_FROM = 1.5
 
 
 class SparseLatentAttention(MultiHeadLatentAttention):
@@ -68,7 +73,8 @@ class GatheredAttention(torch.autograd.Function):
     """softmax over each query's picked keys (model/attention/dsa.py's `gathered_attention`), one
     query at a time: q (B, H, T, X); k (B, G, S, X); v (B, G, S, V), or None with `d_v` (the values
     are then k[..., :d_v]); picked (B, T, K) key indices, valid (B, T, K) whether each pick counts.
-    Returns (B, H, T, V). Per query and key head the picks are gathered into one reused (K, X)
+    Returns (B, H, T, V). fp32 on the CPU: the C++ kernel (`native_forward`, `native_backward`).
+    Otherwise, per query and key head the picks are gathered into one reused (K, X)
     buffer and its R = H / G heads go through plain matrix products with the picks as the long side,
     (K, X) @ (X, R) then (R, K) @ (K, V) (batched products over queries, and fresh gathered tensors,
     ran at half the speed on CPU). Nothing of size T x K is kept but the picks (int32): backward
@@ -83,9 +89,13 @@ class GatheredAttention(torch.autograd.Function):
             q, k = q.to(dtype), k.to(dtype)
             v = None if v is None else v.to(dtype)
             picked = picked.to(torch.int32)
-            out = GatheredAttention.attend(q, k, v, d_v, picked, valid, scale)
-        ctx.save_for_backward(q, k, v, picked, valid)
-        ctx.meta = (d_v, scale)
+            ops = native_ops(q)
+            if ops is not None:  # the C++ kernel keeps its own layout (and the softmax's logsumexp)
+                out, saved = native_forward(ops, q, k, v, d_v, picked, valid, scale)
+            else:
+                out, saved = GatheredAttention.attend(q, k, v, d_v, picked, valid, scale), (q, k, v, picked, valid)
+        ctx.save_for_backward(*saved)
+        ctx.meta = (d_v, scale, ops, q.shape, k.shape, None if v is None else v.shape)
         return out
 
     @staticmethod
@@ -131,8 +141,10 @@ class GatheredAttention(torch.autograd.Function):
         K_sel, dK_sel = scale dS q (+ P dO where the values are the keys' prefix: one product of
         [dS, P] and [q ; dO]), dV_sel = P dO,
         added into dk, dv at the picks' rows (index_add)."""
+        d_v, scale, ops = ctx.meta[:3]
+        if ops is not None:
+            return native_backward(ctx, ops, d_out)
         q, k, v, picked, valid = ctx.saved_tensors
-        d_v, scale = ctx.meta
         b, h, t, x = q.shape
         g, n_picks = k.shape[1], picked.shape[-1]
         do_rows = d_out.to(q.dtype).transpose(1, 2).contiguous().view(b * t * g, h // g, d_v).unbind(0)
@@ -162,6 +174,41 @@ class GatheredAttention(torch.autograd.Function):
         q_dtype, k_dtype, v_dtype = ctx.input_dtypes
         dq = dq_BTHX.transpose(1, 2).to(q_dtype)
         return dq, dk.to(k_dtype), None if dv is None else dv.to(v_dtype), None, None, None, None
+
+
+def native_ops(q: torch.Tensor):
+    """The C++ kernel (csrc/gathered_attention.cpp) for fp32 CPU tensors, where it builds; else None."""
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        return None
+    return native.load("gathered_attention")
+
+
+def native_forward(ops, q, k, v, d_v: int, picked, valid, scale: float):
+    """GatheredAttention's forward in C++: (out (B, H, T, V), what backward needs). Its rows are
+    (batch, query, key head) triples: q as (B T G, R, X), k and v as (B G, S, .), picks as (B T, K)."""
+    b, h, t, x = q.shape
+    g = k.shape[1]
+    q_rows = q.transpose(1, 2).reshape(b * t * g, h // g, x).contiguous()
+    k_heads = k.reshape(b * g, -1, x).contiguous()
+    v_heads = None if v is None else v.reshape(b * g, -1, d_v).contiguous()
+    picks, ok = picked.reshape(b * t, -1).contiguous(), valid.reshape(b * t, -1).contiguous()
+    out, lse = ops.forward(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale)
+    saved = (q_rows, k_heads, v_heads, picks, ok, out, lse)
+    return out.view(b, t, h, d_v).transpose(1, 2), saved
+
+
+def native_backward(ctx, ops, d_out):
+    """GatheredAttention's backward in C++ (flash-style, from the saved logsumexp)."""
+    q_rows, k_heads, v_heads, picks, ok, out, lse = ctx.saved_tensors
+    d_v, scale, _, q_shape, k_shape, v_shape = ctx.meta
+    b, h, t, x = q_shape
+    do_rows = d_out.to(q_rows.dtype).transpose(1, 2).reshape(out.shape).contiguous()
+    dq, dk, dv = ops.backward(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale, out, lse, do_rows)
+    q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+    dq = dq.view(b, t, h, x).transpose(1, 2).to(q_dtype)
+    dk = dk.view(k_shape).to(k_dtype)
+    dv = None if v_shape is None else dv.view(v_shape).to(v_dtype)
+    return dq, dk, dv, None, None, None, None
 
 
 def sparse_attention(

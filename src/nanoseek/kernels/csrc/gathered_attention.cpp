@@ -1,0 +1,329 @@
+// DSA's gathered attention on the CPU: softmax over each query's picked keys, read where they lie.
+//
+// One "row" is a (batch, query, key head) triple: its R query heads (R, X), its K picks into the key
+// head's S rows, and whether each pick counts. Forward, per row, in tiles of TILE picks:
+//     s_{r,j} = scale * q_r . k_{idx_j}                         (invalid picks: -inf)
+//     m_r <- max(m_r, max_j s_{r,j});  l_r and o_r rescaled by exp(m_old - m_r)   (online softmax)
+//     o_r += sum_j exp(s_{r,j} - m_r) v_{idx_j},   l_r += sum_j exp(s_{r,j} - m_r)
+// then o_r /= l_r and lse_r = m_r + log l_r. A tile's picked rows are read from the key matrix in
+// place (no gathered copy) for the scores and read again, from cache, for the values. Backward,
+// flash-style from lse (no probabilities kept), per tile:
+//     p = exp(s - lse),  dp = dO_r . v_j,  ds = scale p (dp - D_r),  D_r = dO_r . o_r
+//     dq_r += sum_j ds_{r,j} k_j,   dk_j += sum_r ds_{r,j} q_r,   dv_j += sum_r p_{r,j} dO_r
+// The values are their own matrix or the keys' first V columns (MLA's absorbed form: dv_j then lands
+// in dk_j's first V columns). Three register-blocked loops do all the work (`scores`,
+// `mix_rows`, `mix_heads`: GCC vector types, 8 floats, fused multiply-adds). Rows run in parallel
+// over torch's intra-op threads; in backward each thread adds into its own dk (and dv), summed last.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TILE = 64;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+typedef float v8 __attribute__((vector_size(32)));
+inline v8 load8(const float* p) {
+  v8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
+inline v8 splat(float a) { return v8{} + a; }
+inline float hsum(v8 v) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+// c[r * TILE + j] = m_r . rows[j] over n columns, r < nr, j < nj; m_r = m + r * m_stride.
+// Blocks of 4 rows x 2 heads: 8 accumulators, 6 loads per 8 multiply-adds.
+template <int NJ, int NR>
+inline void scores_block(const float* const* rows, const float* m, int64_t m_stride, int64_t n, float* c) {
+  v8 acc[NR][NJ] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8 kv[NJ];
+    for (int a = 0; a < NJ; ++a) kv[a] = load8(rows[a] + i);
+    for (int r = 0; r < NR; ++r) {
+      const v8 mv = load8(m + r * m_stride + i);
+      for (int a = 0; a < NJ; ++a) acc[r][a] += mv * kv[a];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int a = 0; a < NJ; ++a) {
+      float s = hsum(acc[r][a]);
+      for (int64_t t = i; t < n; ++t) s += m[r * m_stride + t] * rows[a][t];
+      c[r * TILE + a] = s;
+    }
+}
+
+void scores(const float* const* rows, int64_t nj, const float* m, int64_t m_stride, int64_t nr, int64_t n, float* c) {
+  for (int64_t r = 0; r < nr; r += 2) {
+    const bool two = r + 2 <= nr;
+    int64_t j = 0;
+    for (; j + 4 <= nj; j += 4)
+      two ? scores_block<4, 2>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j)
+          : scores_block<4, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+    for (; j < nj; ++j)
+      two ? scores_block<1, 2>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j)
+          : scores_block<1, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+  }
+}
+
+// out_r[:n] += sum_j c[r * TILE + j] rows[j][:n] for r < nr (out_r = out + r * out_stride).
+// Blocks of 4 heads x 16 columns held in registers across the tile's rows.
+template <int NR>
+inline void mix_rows_block(const float* const* rows, int64_t nj, const float* c, float* out, int64_t out_stride,
+                           int64_t i) {
+  v8 acc[NR][2];
+  for (int r = 0; r < NR; ++r) {
+    acc[r][0] = load8(out + r * out_stride + i);
+    acc[r][1] = load8(out + r * out_stride + i + 8);
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const v8 a = load8(rows[j] + i), b = load8(rows[j] + i + 8);
+    for (int r = 0; r < NR; ++r) {
+      const v8 w = splat(c[r * TILE + j]);
+      acc[r][0] += w * a;
+      acc[r][1] += w * b;
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    store8(out + r * out_stride + i, acc[r][0]);
+    store8(out + r * out_stride + i + 8, acc[r][1]);
+  }
+}
+
+void mix_rows(const float* const* rows, int64_t nj, const float* c, int64_t nr, float* out, int64_t out_stride,
+              int64_t n) {
+  for (int64_t r = 0; r < nr; r += 4) {
+    const int64_t left = std::min<int64_t>(4, nr - r);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      if (left == 4) mix_rows_block<4>(rows, nj, c + r * TILE, out + r * out_stride, out_stride, i);
+      else
+        for (int64_t h = 0; h < left; ++h)
+          mix_rows_block<1>(rows, nj, c + (r + h) * TILE, out + (r + h) * out_stride, out_stride, i);
+    }
+    for (int64_t h = r; h < r + left; ++h)
+      for (int64_t j = 0; j < nj; ++j)
+        for (int64_t t = i; t < n; ++t) out[h * out_stride + t] += c[h * TILE + j] * rows[j][t];
+  }
+}
+
+// targets[j][:n] += sum_r c[r * TILE + j] m_r[:n] for j < nj (m_r = m + r * m_stride).
+// Blocks of 4 targets x 16 columns held in registers across the heads.
+void mix_heads(float* const* targets, int64_t nj, const float* c, const float* m, int64_t m_stride, int64_t nr,
+               int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= nj; j += 4) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      v8 acc[4][2] = {};
+      for (int64_t r = 0; r < nr; ++r) {
+        const v8 a = load8(m + r * m_stride + i), b = load8(m + r * m_stride + i + 8);
+        for (int t = 0; t < 4; ++t) {
+          const v8 w = splat(c[r * TILE + j + t]);
+          acc[t][0] += w * a;
+          acc[t][1] += w * b;
+        }
+      }
+      for (int t = 0; t < 4; ++t) {
+        store8(targets[j + t] + i, load8(targets[j + t] + i) + acc[t][0]);
+        store8(targets[j + t] + i + 8, load8(targets[j + t] + i + 8) + acc[t][1]);
+      }
+    }
+    for (int t = 0; t < 4; ++t)
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t x = i; x < n; ++x) targets[j + t][x] += c[r * TILE + j + t] * m[r * m_stride + x];
+  }
+  for (; j < nj; ++j)
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t x = 0; x < n; ++x) targets[j][x] += c[r * TILE + j] * m[r * m_stride + x];
+}
+
+struct Layout {
+  int64_t rows, t, g, r, x, v, s, k, v_stride;
+  float scale;
+  // row n = (b, t, g): its picks are row n / G of picked, its key head b * G + g
+  int64_t pick_row(int64_t n) const { return n / g; }
+  int64_t head(int64_t n) const { return (n / (t * g)) * g + n % g; }
+};
+
+Layout layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v,
+              const at::Tensor& picked, const at::Tensor& valid, int64_t t, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && picked.dim() == 2, "gathered attention: q (N, R, X), k (BG, S, X), picked (BT, K)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat, "gathered attention: float32 only");
+  TORCH_CHECK(picked.scalar_type() == at::kInt && valid.scalar_type() == at::kBool, "gathered attention: int32 picks, bool valid");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && picked.is_contiguous() && valid.is_contiguous(),
+              "gathered attention: contiguous inputs");
+  Layout L;
+  L.rows = q.size(0);
+  L.r = q.size(1);
+  L.x = q.size(2);
+  L.s = k.size(1);
+  L.k = picked.size(1);
+  L.t = t;
+  L.g = L.rows / picked.size(0);
+  L.v = d_v;
+  L.v_stride = v.has_value() ? v->size(2) : L.x;
+  L.scale = static_cast<float>(scale);
+  TORCH_CHECK(L.g * picked.size(0) == L.rows && k.size(0) * t == picked.size(0) * L.g && valid.sizes() == picked.sizes(),
+              "gathered attention: shapes disagree");
+  TORCH_CHECK(!v.has_value() || (v->is_contiguous() && v->scalar_type() == at::kFloat && v->size(0) == k.size(0) &&
+                                 v->size(1) == L.s && v->size(2) == d_v),
+              "gathered attention: v (BG, S, V) float32, contiguous");
+  TORCH_CHECK(v.has_value() || d_v <= L.x, "gathered attention: shared values wider than the keys");
+  return L;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v,
+                                         int64_t d_v, const at::Tensor& picked, const at::Tensor& valid, int64_t t,
+                                         double scale) {
+  const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
+  auto out = at::zeros({L.rows, L.r, L.v}, q.options());
+  auto lse = at::empty({L.rows, L.r}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.has_value() ? v->data_ptr<float>() : kp;
+  const int32_t* idx_all = picked.data_ptr<int32_t>();
+  const bool* ok_all = valid.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, L.rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(L.r * TILE), m(L.r), l(L.r);
+    std::vector<const float*> krows(TILE), vrows(TILE);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* q_n = qp + n * L.r * L.x;
+      const int32_t* idx = idx_all + L.pick_row(n) * L.k;
+      const bool* ok = ok_all + L.pick_row(n) * L.k;
+      const float* k_head = kp + L.head(n) * L.s * L.x;
+      const float* v_head = vp + L.head(n) * L.s * L.v_stride;
+      float* o_n = op + n * L.r * L.v;
+      std::fill(m.begin(), m.end(), NEG_INF);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t j0 = 0; j0 < L.k; j0 += TILE) {
+        int64_t jn = 0;  // the tile's valid picks, packed
+        for (int64_t j = j0; j < std::min(L.k, j0 + TILE); ++j) {
+          if (!ok[j]) continue;
+          krows[jn] = k_head + static_cast<int64_t>(idx[j]) * L.x;
+          vrows[jn++] = v_head + static_cast<int64_t>(idx[j]) * L.v_stride;
+        }
+        if (jn == 0) continue;
+        scores(krows.data(), jn, q_n, L.x, L.r, L.x, s.data());
+        for (int64_t r = 0; r < L.r; ++r) {
+          float* s_r = s.data() + r * TILE;
+          float top = m[r];
+          for (int64_t j = 0; j < jn; ++j) top = std::max(top, s_r[j] *= L.scale);
+          if (m[r] != NEG_INF && top > m[r]) {
+            const float alpha = std::exp(m[r] - top);
+            l[r] *= alpha;
+            for (int64_t i = 0; i < L.v; ++i) o_n[r * L.v + i] *= alpha;
+          }
+          m[r] = top;
+          for (int64_t j = 0; j < jn; ++j) l[r] += (s_r[j] = std::exp(s_r[j] - top));
+        }
+        mix_rows(vrows.data(), jn, s.data(), L.r, o_n, L.v, L.v);
+      }
+      for (int64_t r = 0; r < L.r; ++r) {
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (int64_t i = 0; i < L.v; ++i) o_n[r * L.v + i] *= inv;
+        lp[n * L.r + r] = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> gathered_backward(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v,
+                                          int64_t d_v, const at::Tensor& picked, const at::Tensor& valid, int64_t t,
+                                          double scale, const at::Tensor& out, const at::Tensor& lse,
+                                          const at::Tensor& d_out) {
+  const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
+  TORCH_CHECK(out.is_contiguous() && d_out.is_contiguous() && lse.is_contiguous(), "gathered attention: contiguous grads");
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), L.rows));
+  // one dk (and dv) per part, summed at the end: rows of different parts pick the same keys
+  auto dk_parts = at::zeros({parts, k.size(0), L.s, L.x}, k.options());
+  at::Tensor dv_parts;
+  if (v.has_value()) dv_parts = at::zeros({parts, k.size(0), L.s, L.v}, k.options());
+  auto dq = at::zeros_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.has_value() ? v->data_ptr<float>() : kp;
+  const int32_t* idx_all = picked.data_ptr<int32_t>();
+  const bool* ok_all = valid.data_ptr<bool>();
+  const float* outp = out.data_ptr<float>();
+  const float* lsep = lse.data_ptr<float>();
+  const float* dop = d_out.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>();
+  float* dk_all = dk_parts.data_ptr<float>();
+  float* dv_all = v.has_value() ? dv_parts.data_ptr<float>() : nullptr;
+  const int64_t part_k = k.size(0) * L.s * L.x, part_v = k.size(0) * L.s * L.v;
+  const int64_t per_part = (L.rows + parts - 1) / parts;
+  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<float> p(L.r * TILE), ds(L.r * TILE), d(L.r);
+    std::vector<const float*> krows(TILE), vrows(TILE);
+    std::vector<float*> dkrows(TILE), dvrows(TILE);
+    for (int64_t part = pb; part < pe; ++part) {
+      float* dk_mine = dk_all + part * part_k;
+      float* dv_mine = v.has_value() ? dv_all + part * part_v : nullptr;
+      for (int64_t n = part * per_part; n < std::min(L.rows, (part + 1) * per_part); ++n) {
+        const float* q_n = qp + n * L.r * L.x;
+        const float* do_n = dop + n * L.r * L.v;
+        const float* lse_n = lsep + n * L.r;
+        const int32_t* idx = idx_all + L.pick_row(n) * L.k;
+        const bool* ok = ok_all + L.pick_row(n) * L.k;
+        const int64_t h = L.head(n);
+        const float* k_head = kp + h * L.s * L.x;
+        const float* v_head = vp + h * L.s * L.v_stride;
+        float* dq_n = dqp + n * L.r * L.x;
+        for (int64_t r = 0; r < L.r; ++r) {
+          d[r] = 0.f;
+          for (int64_t i = 0; i < L.v; ++i) d[r] += do_n[r * L.v + i] * outp[(n * L.r + r) * L.v + i];
+        }
+        for (int64_t j0 = 0; j0 < L.k; j0 += TILE) {
+          int64_t jn = 0;
+          for (int64_t j = j0; j < std::min(L.k, j0 + TILE); ++j) {
+            if (!ok[j]) continue;
+            const int64_t key = idx[j];
+            krows[jn] = k_head + key * L.x;
+            vrows[jn] = v_head + key * L.v_stride;
+            dkrows[jn] = dk_mine + (h * L.s + key) * L.x;
+            dvrows[jn++] = v.has_value() ? dv_mine + (h * L.s + key) * L.v : dk_mine + (h * L.s + key) * L.x;
+          }
+          if (jn == 0) continue;
+          scores(krows.data(), jn, q_n, L.x, L.r, L.x, p.data());
+          scores(vrows.data(), jn, do_n, L.v, L.r, L.v, ds.data());  // dP
+          for (int64_t r = 0; r < L.r; ++r) {
+            const bool empty = lse_n[r] == NEG_INF;
+            for (int64_t j = 0; j < jn; ++j) {
+              const int64_t at = r * TILE + j;
+              p[at] = empty ? 0.f : std::exp(L.scale * p[at] - lse_n[r]);
+              ds[at] = L.scale * p[at] * (ds[at] - d[r]);
+            }
+          }
+          mix_rows(krows.data(), jn, ds.data(), L.r, dq_n, L.x, L.x);
+          mix_heads(dkrows.data(), jn, ds.data(), q_n, L.x, L.r, L.x);
+          mix_heads(dvrows.data(), jn, p.data(), do_n, L.v, L.r, L.v);
+        }
+      }
+    }
+  });
+  auto dk = parts == 1 ? dk_parts[0] : dk_parts.sum(0);
+  at::Tensor dv;
+  if (v.has_value()) dv = parts == 1 ? dv_parts[0] : dv_parts.sum(0);
+  return {dq, dk, dv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &gathered_forward, "gathered attention forward: (out, lse)");
+  m.def("backward", &gathered_backward, "gathered attention backward: (dq, dk, dv)");
+}

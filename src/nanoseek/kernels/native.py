@@ -1,0 +1,75 @@
+"""C++ kernels (csrc/), compiled on first use through torch.utils.cpp_extension and cached.
+
+    csrc/gathered_attention.cpp   DSA's softmax over each query's picked keys, forward and backward,
+                                  reading the picked rows in place (kernels/dsa.py's GatheredAttention)
+
+`load(name)` builds csrc/<name>.cpp with g++ and ninja (the `ninja` package is a dependency) into
+torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions): about a minute
+on one core the first time, a fraction of a second in later processes; concurrent builds wait for
+each other. The code is built for the vector unit torch reports (`torch.backends.cpu.
+get_cpu_capability()`: AVX2 or AVX-512 → -mavx2 -mfma, else the compiler's baseline) and the cached
+library's name says which, so a cache shared by different machines never hands a CPU code it
+cannot run. Where the build fails (no compiler, say) `load` warns once and returns None and the
+callers keep their PyTorch path; NANOSEEK_NATIVE_KERNELS=0 turns the kernels off.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:  # a missing source is a failed build
+    ...     missing = load("no_such_kernel")
+    >>> missing is None, "not built" in str(caught[0].message)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = Path(__file__).parent / "csrc"
+FLAGS = ["-O3", "-ffp-contract=fast"]  # contract a * b + c into fused multiply-adds
+
+
+def vector_target() -> tuple[str, list[str]]:
+    """(name, compiler flags) for this CPU's vector unit."""
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return "avx2", ["-mavx2", "-mfma"]
+    return "baseline", []
+
+
+def enabled() -> bool:
+    return os.environ.get("NANOSEEK_NATIVE_KERNELS", "1") != "0"
+
+
+@functools.cache
+def load(name: str):
+    """The compiled module of csrc/<name>.cpp, or None (disabled, or the build failed: one warning)."""
+    if not enabled():
+        return None
+    source = SOURCES / f"{name}.cpp"
+    target, flags = vector_target()
+    try:
+        if not source.exists():
+            raise FileNotFoundError(source)
+        from torch.utils import cpp_extension
+
+        put_ninja_on_path()
+        return cpp_extension.load(
+            name=f"nanoseek_{name}_{target}", sources=[str(source)], extra_cflags=FLAGS + flags, verbose=False
+        )
+    except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch path stays
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        warnings.warn(f"C++ kernel {name!r} not built ({reason}); using the PyTorch path", stacklevel=2)
+        return None
+
+
+def put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; a virtual environment's own bin may not be on it."""
+    if shutil.which("ninja") is None:
+        here = str(Path(sys.executable).parent)
+        if Path(here, "ninja").exists():
+            os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")

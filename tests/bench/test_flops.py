@@ -5,7 +5,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from nanoseek.bench.flops import attention_pairs, count_flops, flop_counter
+from nanoseek.bench.flops import attention_pairs, count_flops, flop_counter, flops_by_op
 
 
 def test_causal_pairs_are_top_left_aligned():
@@ -60,3 +60,27 @@ def test_flops_by_op_splits_sdpa_from_matmuls():
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
         torch.randn(3, 5) @ torch.randn(5, 7)
     assert flops_by_op(counter) == {"sdpa": 2 * 2 * 36 * 4 * 2, "mm": 2 * 3 * 5 * 7}
+
+
+def test_the_cpp_gathered_attention_counts_what_its_pytorch_path_multiplies(monkeypatch):
+    """The C++ kernel's ops count the matrix products the PyTorch path runs (forward and backward):
+    pairs = rows x heads x picks, 2 pairs (X + V) forward and 2 pairs (3 X + 2 V) backward."""
+    from nanoseek.kernels import dsa
+
+    assert dsa.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
+    q = torch.randn(1, 4, 6, 16, requires_grad=True)
+    k = torch.randn(1, 2, 10, 16, requires_grad=True)
+    v = torch.randn(1, 2, 10, 8, requires_grad=True)
+    picked = torch.randint(0, 10, (1, 6, 5))
+    valid = torch.ones(1, 6, 5, dtype=torch.bool)
+
+    def count():
+        with flop_counter() as counter:
+            dsa.GatheredAttention.apply(q, k, v, 8, picked, valid, 0.25).sum().backward()
+        return counter
+
+    native = count()
+    monkeypatch.setattr(dsa, "native_ops", lambda q: None)
+    pytorch = count()
+    assert flops_by_op(native)["gathered_attention"] == native.get_total_flops()
+    assert native.get_total_flops() == pytorch.get_total_flops() == 2 * 4 * 6 * 5 * (16 + 8 + 3 * 16 + 2 * 8)

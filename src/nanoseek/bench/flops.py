@@ -17,6 +17,8 @@ Here every SDPA kernel counts, per query head, for P query-key pairs (P = S_q * 
               + 2 P d_qk (dQ = dS K) + 2 P d_qk (dK = dS^T Q)
 
 An explicit mask (boolean or float) counts all S_q * S_k pairs: the kernels compute them all.
+The C++ gathered attention (kernels/csrc, DSA's picks; once loaded in the process) counts the same
+way for its pairs, rows x heads x picks.
 
     >>> q = torch.zeros(1, 2, 4, 8)
     >>> count_flops(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
@@ -82,9 +84,27 @@ SDPA_FORMULAS = {
 }
 
 
+def _gathered(backward: bool):
+    def formula(q, k, v, d_v, picked, *args, out_shape=None, **kwargs):
+        rows, heads, d_qk = q  # (rows, R, X): a row's R heads each meet its K picks
+        pairs = rows * heads * picked[-1]
+        return 2 * pairs * ((3 * d_qk + 2 * d_v) if backward else (d_qk + d_v))
+
+    return formula
+
+
+def native_formulas() -> dict:
+    """Formulas for the C++ kernels' ops registered in this process (none before they are loaded)."""
+    try:
+        ops = torch.ops.nanoseek
+        return {ops.gathered_attention: _gathered(False), ops.gathered_attention_backward: _gathered(True)}
+    except (AttributeError, RuntimeError):
+        return {}
+
+
 def flop_counter() -> FlopCounterMode:
-    """A FlopCounterMode (no printout) that also counts the SDPA kernels as above."""
-    return FlopCounterMode(display=False, custom_mapping=SDPA_FORMULAS)
+    """A FlopCounterMode (no printout) that also counts the SDPA kernels and the C++ kernels as above."""
+    return FlopCounterMode(display=False, custom_mapping={**SDPA_FORMULAS, **native_formulas()})
 
 
 def flops_by_op(counter: FlopCounterMode) -> dict[str, int]:
@@ -92,6 +112,7 @@ def flops_by_op(counter: FlopCounterMode) -> dict[str, int]:
     totals: dict[str, int] = {}
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
         name = "sdpa" if "scaled_dot_product" in str(op) else str(op).split(".")[-1]
+        name = "gathered_attention" if name.startswith("gathered_attention") else name
         totals[name] = totals.get(name, 0) + flops
     return totals
 

@@ -192,7 +192,7 @@ def native_forward(ops, q, k, v, d_v: int, picked, valid, scale: float):
     k_heads = k.reshape(b * g, -1, x).contiguous()
     v_heads = None if v is None else v.reshape(b * g, -1, d_v).contiguous()
     picks, ok = picked.reshape(b * t, -1).contiguous(), valid.reshape(b * t, -1).contiguous()
-    out, lse = ops.forward(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale)
+    out, lse = ops.gathered_attention(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale)
     saved = (q_rows, k_heads, v_heads, picks, ok, out, lse)
     return out.view(b, t, h, d_v).transpose(1, 2), saved
 
@@ -203,7 +203,7 @@ def native_backward(ctx, ops, d_out):
     d_v, scale, _, q_shape, k_shape, v_shape = ctx.meta
     b, h, t, x = q_shape
     do_rows = d_out.to(q_rows.dtype).transpose(1, 2).reshape(out.shape).contiguous()
-    dq, dk, dv = ops.backward(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale, out, lse, do_rows)
+    dq, dk, dv = ops.gathered_attention_backward(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale, out, lse, do_rows)
     q_dtype, k_dtype, v_dtype = ctx.input_dtypes
     dq = dq.view(b, t, h, x).transpose(1, 2).to(q_dtype)
     dk = dk.view(k_shape).to(k_dtype)

@@ -47,7 +47,8 @@ def enabled() -> bool:
 
 @functools.cache
 def load(name: str):
-    """The compiled module of csrc/<name>.cpp, or None (disabled, or the build failed: one warning)."""
+    """torch.ops.nanoseek once csrc/<name>.cpp's ops are registered in it, or None (disabled, or the
+    build failed: one warning)."""
     if not enabled():
         return None
     source = SOURCES / f"{name}.cpp"
@@ -58,9 +59,14 @@ def load(name: str):
         from torch.utils import cpp_extension
 
         put_ninja_on_path()
-        return cpp_extension.load(
-            name=f"nanoseek_{name}_{target}", sources=[str(source)], extra_cflags=FLAGS + flags, verbose=False
+        cpp_extension.load(
+            name=f"nanoseek_{name}_{target}",
+            sources=[str(source)],
+            extra_cflags=FLAGS + flags,
+            is_python_module=False,  # a plain library: loading it registers its torch ops
+            verbose=False,
         )
+        return torch.ops.nanoseek
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch path stays
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         warnings.warn(f"C++ kernel {name!r} not built ({reason}); using the PyTorch path", stacklevel=2)

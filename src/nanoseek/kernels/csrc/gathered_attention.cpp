@@ -14,8 +14,11 @@
 // in dk_j's first V columns). Three register-blocked loops do all the work (`scores`,
 // `mix_rows`, `mix_heads`: GCC vector types, 8 floats, fused multiply-adds). Rows run in parallel
 // over torch's intra-op threads; in backward each thread adds into its own dk (and dv), summed last.
-#include <torch/extension.h>
+// Registered as torch ops (nanoseek::gathered_attention and its backward), so dispatch modes such as
+// the FLOP counter see them.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -185,9 +188,10 @@ Layout layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::
 
 }  // namespace
 
-std::vector<at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v,
-                                         int64_t d_v, const at::Tensor& picked, const at::Tensor& valid, int64_t t,
-                                         double scale) {
+std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& k,
+                                                    const c10::optional<at::Tensor>& v, int64_t d_v,
+                                                    const at::Tensor& picked, const at::Tensor& valid, int64_t t,
+                                                    double scale) {
   const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
   auto out = at::zeros({L.rows, L.r, L.v}, q.options());
   auto lse = at::empty({L.rows, L.r}, q.options());
@@ -243,10 +247,10 @@ std::vector<at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& 
   return {out, lse};
 }
 
-std::vector<at::Tensor> gathered_backward(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v,
-                                          int64_t d_v, const at::Tensor& picked, const at::Tensor& valid, int64_t t,
-                                          double scale, const at::Tensor& out, const at::Tensor& lse,
-                                          const at::Tensor& d_out) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
+    const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v, const at::Tensor& picked,
+    const at::Tensor& valid, int64_t t, double scale, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& d_out) {
   const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
   TORCH_CHECK(out.is_contiguous() && d_out.is_contiguous() && lse.is_contiguous(), "gathered attention: contiguous grads");
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), L.rows));
@@ -318,12 +322,18 @@ std::vector<at::Tensor> gathered_backward(const at::Tensor& q, const at::Tensor&
     }
   });
   auto dk = parts == 1 ? dk_parts[0] : dk_parts.sum(0);
-  at::Tensor dv;
-  if (v.has_value()) dv = parts == 1 ? dv_parts[0] : dv_parts.sum(0);
-  return {dq, dk, dv};
+  auto dv = v.has_value() ? (parts == 1 ? dv_parts[0] : dv_parts.sum(0)) : at::empty({0}, k.options());
+  return {dq, dk, dv};  // dv: empty where the values are the keys' prefix
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &gathered_forward, "gathered attention forward: (out, lse)");
-  m.def("backward", &gathered_backward, "gathered attention backward: (dq, dk, dv)");
+TORCH_LIBRARY(nanoseek, m) {
+  m.def("gathered_attention(Tensor q, Tensor k, Tensor? v, int d_v, Tensor picked, Tensor valid, int t, float scale)"
+        " -> (Tensor, Tensor)");
+  m.def("gathered_attention_backward(Tensor q, Tensor k, Tensor? v, int d_v, Tensor picked, Tensor valid, int t,"
+        " float scale, Tensor out, Tensor lse, Tensor d_out) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
+  m.impl("gathered_attention", &gathered_forward);
+  m.impl("gathered_attention_backward", &gathered_backward);
 }

@@ -255,6 +255,38 @@ def test_sdpa_with_expanded_kv_heads_equals_grouped(monkeypatch, kwargs):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "mask_shape,float_mask",
+    [((20, 24), False), ((2, 1, 20, 24), False), ((1, 8, 20, 24), True), ((8, 20, 24), True), ((2, 1, 1, 24), False)],
+)
+def test_sdpa_with_grouped_heads_folded_into_rows_equals_the_grouped_call(monkeypatch, mask_shape, float_mask):
+    """The CPU's folded call (each key head's query heads as rows of one head, the mask repeated or
+    viewed) gives the grouped call's output and gradients, for every mask shape SDPA broadcasts."""
+    from nanoseek.model.attention import core as attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 8, 20, 16, generator=g),
+        torch.randn(2, 2, 24, 16, generator=g),
+        torch.randn(2, 2, 24, 12, generator=g),
+    )
+    mask = torch.randn(mask_shape, generator=g) if float_mask else torch.rand(mask_shape, generator=g) > 0.3
+    if not float_mask:
+        mask[..., 0] = True
+    assert attention.folds_grouped_heads(q, mask, is_causal=False)
+    results = []
+    for fold in (False, True):
+        monkeypatch.setattr(attention, "FOLD_GROUPED_HEADS", fold)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = attention.sdpa(*leaves, attn_mask=mask, scale=0.3)
+        out.square().sum().backward()
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not attention.folds_grouped_heads(q, None, is_causal=True)
+    assert not attention.folds_grouped_heads(q, torch.ones(2, 2, 20, 24, dtype=torch.bool), is_causal=False)
+
+
 def test_sdpa_expands_kv_heads_only_where_cuda_lacks_a_grouped_kernel():
     from types import SimpleNamespace
 

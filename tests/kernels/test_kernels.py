@@ -733,6 +733,15 @@ def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shar
         torch.testing.assert_close(a.double(), e.double(), atol=2e-5, rtol=1e-5)
 
 
+def test_native_gathered_attention_refuses_a_pick_outside_the_keys():
+    from nanoseek.kernels.dsa import GatheredAttention
+
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 5, 8)
+    picked = torch.tensor([[[0, 1], [0, 5], [1, 2]]])
+    with pytest.raises(RuntimeError, match="pick 5 outside 5 keys"):
+        GatheredAttention.apply(q, k, None, 8, picked, torch.ones(1, 3, 2, dtype=torch.bool), 0.5)
+
+
 def test_native_kernels_can_be_turned_off(monkeypatch):
     from nanoseek.kernels import native
 

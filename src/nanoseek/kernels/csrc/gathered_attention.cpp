@@ -13,7 +13,8 @@
 // The values are their own matrix or the keys' first V columns (MLA's absorbed form: dv_j then lands
 // in dk_j's first V columns). Three register-blocked loops do all the work (`scores`,
 // `mix_rows`, `mix_heads`: GCC vector types, 8 floats, fused multiply-adds). Rows run in parallel
-// over torch's intra-op threads; in backward each thread adds into its own dk (and dv), summed last.
+// over torch's intra-op threads; in backward each thread adds into its own dk (and dv), summed last
+// (memory: one key-sized gradient per thread). A pick outside the key head's rows is an error.
 // Registered as torch ops (nanoseek::gathered_attention and its backward), so dispatch modes such as
 // the FLOP counter see them.
 #include <ATen/ATen.h>
@@ -218,6 +219,7 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
         int64_t jn = 0;  // the tile's valid picks, packed
         for (int64_t j = j0; j < std::min(L.k, j0 + TILE); ++j) {
           if (!ok[j]) continue;
+          TORCH_CHECK(idx[j] >= 0 && idx[j] < L.s, "gathered attention: pick ", idx[j], " outside ", L.s, " keys");
           krows[jn] = k_head + static_cast<int64_t>(idx[j]) * L.x;
           vrows[jn++] = v_head + static_cast<int64_t>(idx[j]) * L.v_stride;
         }
@@ -298,6 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
           for (int64_t j = j0; j < std::min(L.k, j0 + TILE); ++j) {
             if (!ok[j]) continue;
             const int64_t key = idx[j];
+            TORCH_CHECK(key >= 0 && key < L.s, "gathered attention: pick ", key, " outside ", L.s, " keys");
             krows[jn] = k_head + key * L.x;
             vrows[jn] = v_head + key * L.v_stride;
             dkrows[jn] = dk_mine + (h * L.s + key) * L.x;

@@ -356,10 +356,8 @@ class NativeSparseAttention(nn.Module):
         l, m, g, s = self.block, self.query_group, self.n_kv_heads, k.shape[2]
         n_groups = blocks_BGnK.shape[2]
         token = (blocks_BGnK[..., None] * l + torch.arange(l, device=q_BHTd.device)).flatten(-2)  # (B, G, n, K l)
-        batch = torch.arange(b, device=q_BHTd.device)[:, None, None, None]
-        heads = torch.arange(g, device=q_BHTd.device)[None, :, None, None]
-        k_sel = k[batch, heads, token.clamp(max=s - 1)].transpose(1, 2).flatten(0, 1)  # (B n, G, K l, d)
-        v_sel = v[batch, heads, token.clamp(max=s - 1)].transpose(1, 2).flatten(0, 1)
+        n_keys = token.shape[-1]
+        k_sel, v_sel = (gather_blocks(x, blocks_BGnK, l).view(b * n_groups, g, n_keys, -1) for x in (k, v))
         q_groups = q_BHTd.view(b, h, n_groups, m, d).transpose(1, 2).flatten(0, 1)
         query_pos = first_pos + torch.arange(n_groups * m, device=q_BHTd.device).view(n_groups, m)
         token_ok = valid_BGnK.repeat_interleave(l, dim=-1) & (token < s)  # (B, G, n, K l)

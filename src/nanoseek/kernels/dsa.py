@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoseek.kernels import native
+from nanoseek.kernels.native import load as load_kernel
 from nanoseek.model.attention.core import causal_attention, sdpa
 from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_mask
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
@@ -180,7 +180,7 @@ def native_ops(q: torch.Tensor):
     """The C++ kernel (csrc/gathered_attention.cpp) for fp32 CPU tensors, where it builds; else None."""
     if q.device.type != "cpu" or q.dtype != torch.float32:
         return None
-    return native.load("gathered_attention")
+    return load_kernel("gathered_attention")
 
 
 def native_forward(ops, q, k, v, d_v: int, picked, valid, scale: float):

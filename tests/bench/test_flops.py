@@ -52,6 +52,19 @@ def test_bench_attention_reports_counted_flops_and_efficiency(capsys):
     assert rows[1]["forward_flops"] < dense["forward_flops"] * 2  # the band: about T (C + w) pairs
 
 
+def test_bench_attention_forward_only_times_and_counts_no_backward(capsys):
+    from nanoseek import bench
+
+    bench.main(
+        "attention --seq 128 --kinds dense,sliding --layout 8x64 --heads 2 --head-dim 16 --window 32 "
+        "--repeats 1 --threads 1 --forward-only".split()
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["backward_s"] for r in rows] == [None, None] and "backward_flops" not in rows[1]
+    assert rows[1]["forward_efficiency"] > 0 and "backward_efficiency" not in rows[1]
+    assert rows[1]["forward_over_dense"] > 0 and "backward_over_dense" not in rows[1]
+
+
 def test_flops_by_op_splits_sdpa_from_matmuls():
     from nanoseek.bench.flops import flops_by_op
 

@@ -41,6 +41,9 @@ flops_over_dense (the ideal time ratio) and the efficiency ratio
 (1.0: the kind runs its FLOPs as fast as dense SDPA runs its own; backward likewise; dense must be
 among --kinds for the dense columns and the ratios).
 
+`--forward-only` skips backward (dense at 64K in the deepseek layout: ~20 minutes forward against
+~50 backward on one core): backward_s is then null and no backward columns are computed.
+
 Reported per (kind, T): forward_s and backward_s (medians over the repeats; backward alone, with
 the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
 memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster). With
@@ -200,20 +203,20 @@ def count_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.de
     q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
     with flop_counter() as forward, autocast(device, args.dtype):
         out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
+    counted = {"forward_flops": forward.get_total_flops(), "forward_flops_by_op": flops_by_op(forward)}
+    if args.forward_only:
+        return counted
     with flop_counter() as backward:
         out.float().square().mean().backward()
-    return {
-        "forward_flops": forward.get_total_flops(),
-        "backward_flops": backward.get_total_flops(),
-        "forward_flops_by_op": flops_by_op(forward),
-        "backward_flops_by_op": flops_by_op(backward),
-    }
+    return {**counted, "backward_flops": backward.get_total_flops(), "backward_flops_by_op": flops_by_op(backward)}
 
 
 def efficiency_columns(row: dict, dense: dict) -> dict:
     """Dense's FLOPs, achieved GFLOP/s and the efficiency ratios of `row` against the dense row."""
     cols = {}
     for phase in ("forward", "backward"):
+        if row.get(f"{phase}_s") is None or dense.get(f"{phase}_s") is None:
+            continue  # --forward-only
         flops, seconds = row[f"{phase}_flops"], row[f"{phase}_s"]
         dense_flops, dense_s = dense[f"{phase}_flops"], dense[f"{phase}_s"]
         cols[f"dense_{phase}_flops"] = dense_flops
@@ -241,8 +244,9 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
                 out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
             synchronize(device)
             t1 = time.perf_counter()
-            out.float().square().mean().backward()
-            synchronize(device)
+            if not args.forward_only:
+                out.float().square().mean().backward()
+                synchronize(device)
             t2 = time.perf_counter()
             if i >= warmup:
                 forward.append(t1 - t0)
@@ -250,7 +254,7 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
             del out, q, k, v, x
     row = {
         "forward_s": round(statistics.median(forward), 4),
-        "backward_s": round(statistics.median(backward), 4),
+        "backward_s": None if args.forward_only else round(statistics.median(backward), 4),
         "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1),
     }
     if window.peak is not None:
@@ -294,6 +298,9 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-dim", type=int, default=None, help="indexer head width (deepseek: 128)")
     parser.add_argument("--v4-index-heads", type=int, default=None, help="CSA indexer heads (deepseek: heads)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass")
+    parser.add_argument(
+        "--forward-only", action="store_true", help="time (and count) the forward alone: backward_s is null"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
     parser.add_argument(
         "--dtype",
@@ -366,7 +373,8 @@ def run_attention(args: argparse.Namespace):
                     dense = row
                 if dense is not None and kind != "dense":
                     row["forward_over_dense"] = round(row["forward_s"] / dense["forward_s"], 3)
-                    row["backward_over_dense"] = round(row["backward_s"] / dense["backward_s"], 3)
+                    if row["backward_s"] is not None and dense["backward_s"] is not None:
+                        row["backward_over_dense"] = round(row["backward_s"] / dense["backward_s"], 3)
                 if dense is not None and not args.no_flops:
                     row.update(efficiency_columns(row, dense))
                 row["machine"] = machine
@@ -386,7 +394,8 @@ def plot_times(results: list[dict], path: str) -> None:
     for kind in dict.fromkeys(r["kind"] for r in results):
         rows = [r for r in results if r["kind"] == kind]
         for axis, key in zip(ax, ("forward_s", "backward_s")):
-            axis.plot([r["seq"] for r in rows], [r[key] for r in rows], marker="o", label=kind)
+            timed = [r for r in rows if r[key] is not None]
+            axis.plot([r["seq"] for r in timed], [r[key] for r in timed], marker="o", label=kind)
     for axis, title in zip(ax, ("forward", "backward")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")

@@ -4,8 +4,8 @@
                                   reading the picked rows in place (kernels/dsa.py's GatheredAttention)
 
 `load(name)` builds csrc/<name>.cpp with g++ and ninja (the `ninja` package is a dependency) into
-torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions): about a minute
-on one core the first time, a fraction of a second in later processes; concurrent builds wait for
+torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions): 25 s on one
+Zen-1 core the first time, a fraction of a second in later processes; concurrent builds wait for
 each other. The code is built for the vector unit torch reports (`torch.backends.cpu.
 get_cpu_capability()`: AVX2 or AVX-512 → -mavx2 -mfma, else the compiler's baseline) and the cached
 library's name says which, so a cache shared by different machines never hands a CPU code it

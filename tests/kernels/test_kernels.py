@@ -674,10 +674,12 @@ def test_dsa_sparse_attention_equals_the_reference(
 
     monkeypatch.setattr(reference, "GATHER_FROM", 1 if gather_from == 1 else 10_000)
     monkeypatch.setattr(fast, "GATHER_FROM", gather_from)
-    if gathered_by == "pytorch":
+    if gathered_by == "pytorch":  # the gathers and the top-k
         monkeypatch.setattr(fast, "native_ops", lambda q: None)
-    elif gather_from < 10_000:
+        monkeypatch.setattr(fast, "native_topk", lambda scores: None)
+    else:
         assert fast.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
+        assert fast.native_topk(torch.zeros(1)) is not None, "the C++ top-k did not build (see the warning)"
     indexer, index_in, q, k, v = dsa_inputs(topk, b, g, start, t, d_v)
     weight = torch.randn(b, 4, t, d_v)
     inputs = (q, k) if shared else (q, k, v)
@@ -691,6 +693,42 @@ def test_dsa_sparse_attention_equals_the_reference(
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert all(p.grad is None for p in indexer.parameters())
+
+
+@pytest.mark.parametrize("scores", ["normal", "rounded", "relu", "infinities"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_indexer_topk_picks_what_earliest_topk_picks(scores, threads):
+    """csrc/indexer_topk.cpp against the causal mask + `earliest_topk`: the same keys (ties at the
+    k-th score to the earliest, -0.0 equal to 0.0, rows that see fewer than k keys), the same
+    validity, in ascending order; k from 1 to every key, rows that see none to all."""
+    from nanoseek.kernels.dsa import native_topk
+    from nanoseek.model.attention.dsa import causal_mask, earliest_topk
+
+    assert native_topk(torch.zeros(1)) is not None, "the C++ top-k did not build (see the warning)"
+    gen = torch.Generator().manual_seed(11)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b, c, s, k, visible0 in [(1, 5, 40, 1, 40), (2, 7, 300, 37, 120), (2, 3, 50, 50, 0), (1, 9, 64, 20, 5)]:
+            x = torch.randn(b, c, s, generator=gen)
+            if scores == "rounded":  # many ties at the k-th score
+                x = x.round()
+            elif scores == "relu":  # zeros, positive and negative weights, -0.0
+                x = x.relu() * (torch.rand(b, c, 1, generator=gen) - 0.3)
+            elif scores == "infinities":
+                x[x > 1] = float("-inf")
+                x[x < -1.5] = -0.0
+                x[x.abs() < 0.05] = float("inf")
+            picked, valid = native_topk(x).indexer_topk(x, visible0, k)
+            masked = x.masked_fill(~causal_mask(visible0 - 1, c, s, x.device), float("-inf"))
+            want = earliest_topk(masked, k)
+            want_valid = masked.gather(-1, want) > float("-inf")
+            rows = (t.view(-1, k).tolist() for t in (picked, valid, want, want_valid))
+            for got_row, ok_row, want_row, want_ok in zip(*rows):
+                assert got_row == sorted(got_row) and len(set(got_row)) == k
+                assert dict(zip(got_row, ok_row)) == dict(zip(want_row, want_ok))
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(

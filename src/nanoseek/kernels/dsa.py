@@ -23,7 +23,8 @@ output with less work:
 
 The indexer's scores are computed without autograd: the picks are indices, so no gradient reaches
 the indexer through this path in the reference either. Which keys a query keeps is exactly the
-reference's (the same scores, chunk by chunk, and the same `topk` call).
+reference's (the same scores, chunk by chunk; the same `earliest_topk` call, or on the CPU the C++
+radix select csrc/indexer_topk.cpp, which picks the same keys, ties included: tested).
 
     >>> q, k = torch.randn(1, 2, 6, 8, requires_grad=True), torch.randn(1, 1, 6, 8)
     >>> picked, valid = torch.tensor([[[0, 1]] * 6]), torch.ones(1, 6, 2, dtype=torch.bool)
@@ -183,6 +184,13 @@ def native_ops(q: torch.Tensor):
     return load_kernel("gathered_attention")
 
 
+def native_topk(scores: torch.Tensor):
+    """The C++ top-k (csrc/indexer_topk.cpp) for fp32 CPU scores, where it builds; else None."""
+    if scores.device.type != "cpu" or scores.dtype != torch.float32:
+        return None
+    return load_kernel("indexer_topk")
+
+
 def native_forward(ops, q, k, v, d_v: int, picked, valid, scale: float):
     """GatheredAttention's forward in C++: (out (B, H, T, V), what backward needs). Its rows are
     (batch, query, key head) triples: q as (B T G, R, X), k and v as (B G, S, .), picks as (B T, K)."""
@@ -257,9 +265,13 @@ def sparse_attention(
 @torch.no_grad()
 def chunk_picks(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int, a: int, z: int):
     """(picked (B, C, K), valid (B, C, K)) of queries a..z: the reference's scores and top-k over the
-    keys the chunk sees; a pick is invalid where a row has fewer causal keys than K."""
+    keys the chunk sees; a pick is invalid where a row has fewer causal keys than K. On the CPU the
+    top-k is csrc/indexer_topk.cpp's radix select (the same picks as `earliest_topk`, in ascending
+    order, with no causal mask built: 51 against 239 ms for 256 queries over 49K keys, one Zen-1 core)."""
     cos, sin = rope
     visible = start + z
-    causal = causal_mask(start + a, z - a, visible, x_BTD.device)
     scores = indexer.scores(x_BTD[:, a:z], q_latent_BTQ[:, a:z], keys_BSI[:, :visible], (cos[a:z], sin[a:z]))
-    return indexer.pick(scores, causal)
+    ops = native_topk(scores)
+    if ops is not None:  # query i of the chunk sees keys 0..start + a + i
+        return ops.indexer_topk(scores, start + a + 1, min(indexer.topk, visible))
+    return indexer.pick(scores, causal_mask(start + a, z - a, visible, x_BTD.device))

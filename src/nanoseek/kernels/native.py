@@ -2,6 +2,8 @@
 
     csrc/gathered_attention.cpp   DSA's softmax over each query's picked keys, forward and backward,
                                   reading the picked rows in place (kernels/dsa.py's GatheredAttention)
+    csrc/indexer_topk.cpp         DSA's top-k keys per query by radix select, ties to the earliest key
+                                  (kernels/dsa.py's chunk_picks)
 
 `load(name)` builds csrc/<name>.cpp with g++ and ninja (the `ninja` package is a dependency) into
 torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions): 25 s on one

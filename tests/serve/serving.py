@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 
 CONTEXT = 96
-EAGER = ("--no-compile",)  # the tests check behaviour, not speed: no compile at start-up (a later --compile wins)
+# the tests check behaviour, not speed: no compile at start-up (a later --compile wins); the engine in its own
+# process, as `serve` runs it on two cores or more, whatever this machine has (a later --no-engine-process wins)
+SERVE_FLAGS = ("--no-compile", "--engine-process")
 KEY = "sk-test-0123456789"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:!?\n'éü日本"
 
@@ -39,7 +41,7 @@ class Server:
                 str(self.port),
                 "--threads",
                 "1",
-                *EAGER,
+                *SERVE_FLAGS,
                 *args,
             ],
             env=env,

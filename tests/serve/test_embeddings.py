@@ -31,7 +31,7 @@ def test_a_big_embeddings_request_takes_turns_with_decode_steps():
     decode = engine._decode
     engine._decode = lambda: (log.append("decode"), decode())
 
-    def embed(chunk):  # runs on the engine thread, as the decode steps do
+    def embed(model, chunk):  # runs on the engine thread, as the decode steps do
         log.append(sum(len(ids) for ids in chunk))
         return [len(ids) for ids in chunk]
 
@@ -58,7 +58,7 @@ def test_embeddings_requests_count_against_the_queue_limit():
     with pytest.raises(QueueFull, match="embedding"):
         engine.submit([Sequence([2], 5, GREEDY, Collector())])
     with pytest.raises(APIError) as info:
-        asyncio.run(embed_in_turns(engine, lambda chunk: chunk, [[1]]))
+        asyncio.run(embed_in_turns(engine, lambda model, chunk: chunk, [[1]]))
     assert info.value.status == 429 and engine.stats()["embedding"] == 1
     engine.unreserve()
     engine.submit([Sequence([2], 5, GREEDY, Collector())])

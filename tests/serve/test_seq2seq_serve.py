@@ -74,12 +74,12 @@ def test_health_and_models(served):
 
 
 def test_serve_builds_the_seq2seq_app_without_the_decoder_only_speedups(served):
-    """`nanoseek serve` asks for the compiled step and the prefix cache by default; an encoder-decoder's
-    app has neither, and says so."""
+    """`nanoseek serve` asks for the compiled step, the prefix cache and (on two cores) the engine
+    process by default; an encoder-decoder's app has none of them, and says so."""
     from nanoseek.serve.server import build_app
 
     _, model, tok = served
-    app, compiled, prefix = build_app(model, tok, "couplets", True, 512 << 20, max_tokens_limit=20)
-    assert (compiled, prefix) == (False, 0)
+    app, compiled, prefix, own_process = build_app(model, tok, "couplets", True, 512 << 20, True, max_tokens_limit=20)
+    assert (compiled, prefix, own_process) == (False, 0, False)
     r = testclient.TestClient(app).post("/v1/completions", json={"model": "couplets", "prompt": "12", "max_tokens": 3})
     assert r.status_code == 200, r.text

@@ -37,6 +37,13 @@ def add_serve_arguments(sv) -> None:
         "(default 512; 0 turns the prefix cache off)",
     )
     sv.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engine in a process of its own, so that streaming answers never hold up its steps "
+        "(default: on with two or more cores)",
+    )
+    sv.add_argument(
         "--threads",
         type=int,
         help="torch threads (default: cores - 1, leaving one core to "
@@ -102,6 +109,7 @@ def run_serve(args, extra) -> int:
         max_body_bytes=args.max_body_bytes,
         compile=args.compile,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+        engine_process=(os.cpu_count() or 1) >= 2 if args.engine_process is None else args.engine_process,
         sock=sock,
     )
     return 0

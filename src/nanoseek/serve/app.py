@@ -42,8 +42,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.generation.sampling import SamplingOptions
-from nanoseek.serve.embeddings import check_inputs, embed_in_turns
-from nanoseek.serve.engine import Engine, QueueFull, Sequence
+from nanoseek.serve.embeddings import check_inputs, embed_ids, embed_in_turns
+from nanoseek.serve.engine import Engine, EngineUnavailable, QueueFull, Sequence
+from nanoseek.serve.engine_process import EngineProcess
 from nanoseek.serve.handoff import make_emitter
 from nanoseek.serve.logprobs import TextOffsets, TokenStrings, chat_logprobs, completion_logprobs
 from nanoseek.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -150,7 +151,9 @@ class Service:
             return self.structured.compile(schema)
 
         compiled = await asyncio.to_thread(compile_schema)
-        return lambda: self.structured.constraint(compiled)
+        make = partial(self.structured.constraint, compiled)
+        make.schema = schema  # an engine process compiles its own grammar from it
+        return make
 
     def check_model(self, name: str) -> None:
         if name != self.name:
@@ -201,6 +204,7 @@ class Service:
                 seq = Sequence(ids, max_tokens, opts, emit, stops, index, logprobs=logprobs)
                 seq.echo_logprobs = echo and logprobs is not None
                 seq.constraint = grammar() if grammar else None
+                seq.schema = grammar.schema if grammar else None
                 seqs.append(seq)
         return seqs
 
@@ -258,6 +262,8 @@ class Run:
             service.engine.submit(self.seqs)
         except QueueFull as e:
             raise APIError(429, f"{e}; retry later", None, "rate_limit_exceeded", "rate_limit_error") from None
+        except EngineUnavailable as e:
+            raise APIError(503, str(e), type="server_error") from None
 
     def usage(self, completion_tokens: int) -> dict:
         """OpenAI's usage; `cached_tokens`: prompt tokens the prefix cache held (each prompt's first
@@ -381,11 +387,14 @@ def create_app(
     folder=None,
     compile: bool = False,
     prefix_cache_bytes: int = 0,
+    engine_process: bool = False,
 ) -> FastAPI:
     """The app; `compile` and `prefix_cache_bytes` as `Engine` takes them (the decode step is
-    compiled before the app answers its first request)."""
+    compiled before the app answers its first request); `engine_process`: the engine runs in a
+    process of its own (engine_process.py), else on a thread of this one."""
     metrics = ServerMetrics()
-    engine = Engine(
+    kind = EngineProcess if engine_process else Engine
+    engine = kind(
         model,
         tokenizer,
         max_batch=max_batch,
@@ -402,6 +411,8 @@ def create_app(
     async def lifespan(app):
         engine.start()
         await asyncio.to_thread(engine.ready.wait)  # the compiled step's warm-up, before any request
+        if getattr(engine, "dead", None):
+            raise RuntimeError(engine.dead)
         yield
         engine.stop()
 
@@ -411,6 +422,8 @@ def create_app(
 
     @app.get("/health")
     async def health():
+        if getattr(engine, "dead", None):
+            raise APIError(503, engine.dead, type="server_error")
         return {"status": "ok", "model": service.name, **engine.stats()}
 
     @app.get("/v1/models")
@@ -455,7 +468,7 @@ def create_app(
             )
         inputs = [service.encode(x, "input") for x in prompt_list(body.input)]
         check_inputs(inputs)
-        vectors = await embed_in_turns(engine, partial(embed_ids, model), inputs, request.is_disconnected)
+        vectors = await embed_in_turns(engine, embed_ids, inputs, request.is_disconnected)
         if vectors is None:  # the client left
             return Response(status_code=499)
         data = [
@@ -502,22 +515,9 @@ def model_card(service: Service) -> dict:
     }
 
 
-def embed_ids(model, inputs: list[list[int]]) -> list:
-    """Mean-pooled, L2-normalized scalar mix of the layer outputs (see nanoseek.analysis.embed)."""
-    import torch
-    import torch.nn.functional as F
-
-    vectors = []
-    with torch.inference_mode():
-        for ids in inputs:
-            outputs = model.layer_outputs(torch.tensor([ids], device=next(model.parameters()).device))
-            vectors.append(F.normalize(model.scalar_mix(outputs).mean(1).float(), dim=-1)[0].cpu())
-    return vectors
-
-
 def encode_vector(vector, encoding_format: str):
     if encoding_format == "base64":  # little-endian float32, as OpenAI's clients decode it
-        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
     return vector.tolist()
 
 

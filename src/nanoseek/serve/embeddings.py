@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from functools import partial
 
 from nanoseek.serve.engine import Engine, QueueFull
 from nanoseek.serve.protocol import APIError
@@ -44,9 +43,10 @@ def check_inputs(inputs: list[list[int]]) -> None:
         raise APIError(400, f"input has {len(inputs)} items; at most {MAX_INPUTS} per request", "input")
 
 
-async def embed_in_turns(engine: Engine, embed: Callable[[list[list[int]]], list], inputs, gone=None) -> list | None:
-    """`embed(chunk)` over the chunks of `inputs` on the engine thread, taking turns with decode steps;
-    None when `gone()` (an awaitable check) says the client left between two chunks."""
+async def embed_in_turns(engine: Engine, embed: Callable, inputs, gone=None) -> list | None:
+    """`embed(model, chunk)` over the chunks of `inputs` on the engine thread (or in the engine
+    process: `embed` picklable), taking turns with decode steps; None when `gone()` (an awaitable
+    check) says the client left between two chunks."""
     try:
         engine.reserve()
     except QueueFull as e:
@@ -56,7 +56,22 @@ async def embed_in_turns(engine: Engine, embed: Callable[[list[list[int]]], list
         for chunk in chunks(inputs):
             if gone is not None and await gone():
                 return None
-            vectors += await asyncio.wrap_future(engine.call(partial(embed, chunk)))
+            vectors += await asyncio.wrap_future(engine.call_with_model(embed, chunk))
         return vectors
     finally:
         engine.unreserve()
+
+
+def embed_ids(model, inputs: list[list[int]]) -> list:
+    """Mean-pooled, L2-normalized scalar mix of the layer outputs (see nanoseek.analysis.embed), as float32
+    numpy arrays."""
+    import torch
+    import torch.nn.functional as F
+
+    vectors = []
+    with torch.inference_mode():
+        for ids in inputs:
+            outputs = model.layer_outputs(torch.tensor([ids], device=next(model.parameters()).device))
+            vector = F.normalize(model.scalar_mix(outputs).mean(1).float(), dim=-1)[0]
+            vectors.append(vector.cpu().numpy())  # plain arrays: they cross a process boundary by pickle
+    return vectors

@@ -55,6 +55,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -79,6 +80,10 @@ class QueueFull(Exception):
     """More requests than running rows plus queue places."""
 
 
+class EngineUnavailable(Exception):
+    """The engine cannot take work (its process has exited): the server answers 503."""
+
+
 @dataclass
 class Event:
     index: int  # the choice this text belongs to
@@ -97,6 +102,10 @@ class EngineObserver:
     def decoded(self, rows: int) -> None: ...
 
     def token(self, seq: Sequence, finished: bool) -> None: ...
+
+    def flush(self) -> None:
+        """What was reported so far can go out: called after the admissions and at the end of each
+        pass of the engine loop."""
 
 
 @dataclass(eq=False)
@@ -121,6 +130,8 @@ class Sequence:
     dropped: int = 0  # tokens slid out of the row's cache (past the context)
     cached_tokens: int = 0  # prompt positions whose cache entries came from the prefix cache
     prefix_chain: list = field(default_factory=list)  # the prefix cache's blocks of the prompt, found at admission
+    schema: dict | None = None  # response_format's JSON schema (an engine process builds its own constraint)
+    sid: int = -1  # its id between an EngineProcess and its child
 
     @property
     def position(self) -> int:
@@ -269,6 +280,10 @@ class Engine:
                 s.cancelled = True
             self.wakeup.notify()
 
+    def call_with_model(self, fn: Callable, *args) -> Future:
+        """fn(model, *args) on the engine thread between steps (as an EngineProcess runs it in its child)."""
+        return self.call(partial(fn, self.model, *args))
+
     def call(self, fn: Callable) -> Future:
         """Run fn() on the engine thread between steps (the model is never used by two threads)."""
         fut: Future = Future()
@@ -308,6 +323,7 @@ class Engine:
                     self._run_jobs(jobs)
                     self._drop_cancelled()
                     self._admit()
+                    self.observer.flush()  # first tokens go out before the decode step
                     if self.running:
                         self._decode()
             except Exception:  # a bug outside any one request must not kill the engine: fail the running ones
@@ -316,6 +332,7 @@ class Engine:
                 failed, self.running = self.running, []
                 for seq in failed:
                     self._report_failure(seq)
+            self.observer.flush()
 
     def _warm_up(self) -> None:
         """Compile the decode step's shapes and the prefill's windows before any request arrives;

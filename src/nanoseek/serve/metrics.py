@@ -73,16 +73,16 @@ class ServerMetrics(EngineObserver):
         )
 
     def watch(self, engine) -> None:
-        """Read the gauges from `engine` at each scrape."""
-        self.running.set_function(lambda: len(engine.running))
-        self.waiting.set_function(lambda: len(engine.waiting))
-        self.occupancy.set_function(lambda: len(engine.running) / engine.max_batch)
+        """Read the gauges from `engine.stats()` at each scrape (an Engine, or an EngineProcess's last
+        report from its child)."""
+        self.running.set_function(lambda: engine.stats()["running"])
+        self.waiting.set_function(lambda: engine.stats()["waiting"])
+        self.occupancy.set_function(lambda: engine.stats()["running"] / engine.max_batch)
         compiled = Gauge("nanoseek_decode_compiled", "1 when the decode step runs compiled", registry=self.registry)
-        compiled.set_function(lambda: float(engine.fast is not None))
+        compiled.set_function(lambda: float(engine.stats()["compiled"]))
         prefill = Gauge("nanoseek_prefill_compiled", "1 when short prompts prefill compiled", registry=self.registry)
-        prefill.set_function(lambda: float(engine.prefill_compiled))
-        if engine.prefix is not None:
-            self.registry.register(PrefixCacheCollector(engine.prefix))
+        prefill.set_function(lambda: float(engine.stats().get("compiled_prefill", False)))
+        self.registry.register(PrefixCacheCollector(engine.stats))
 
     # ------------------------------------------------------------ the engine's hooks (engine thread)
     def prefilled(self, seq) -> None:
@@ -130,28 +130,31 @@ class ServerMetrics(EngineObserver):
 
 
 class PrefixCacheCollector:
-    """The prefix cache's counters, read from its statistics at each scrape (the engine thread keeps them)."""
+    """The prefix cache's counters, read from the engine's statistics at each scrape (the engine keeps them)."""
 
-    def __init__(self, prefix):
-        self.prefix = prefix
+    def __init__(self, stats):
+        self.stats = stats  # () -> the engine's stats, with the prefix cache's summary
 
     def collect(self):
-        stats = self.prefix.stats
+        s = self.stats()
+        if "prefix_cache_queried_tokens" not in s:  # no prefix cache
+            return []
         queries = CounterMetricFamily("nanoseek_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
-        queries.add_metric([], stats.queried_tokens)
+        queries.add_metric([], s["prefix_cache_queried_tokens"])
         hits = CounterMetricFamily("nanoseek_prefix_cache_hits", "Prompt tokens whose entries the prefix cache held")
-        hits.add_metric([], stats.hit_tokens)
+        hits.add_metric([], s["prefix_cache_hit_tokens"])
         requests = CounterMetricFamily(
             "nanoseek_prefix_cache_requests", "Prompts looked up, by result", labels=["result"]
         )
-        requests.add_metric(["hit"], stats.hits)
-        requests.add_metric(["miss"], stats.lookups - stats.hits)
+        requests.add_metric(["hit"], s["prefix_cache_hits"])
+        requests.add_metric(["miss"], s["prefix_cache_lookups"] - s["prefix_cache_hits"])
         evictions = CounterMetricFamily("nanoseek_prefix_cache_evictions", "Blocks evicted from the prefix cache")
-        evictions.add_metric([], stats.evictions)
+        evictions.add_metric([], s["prefix_cache_evictions"])
         rate = GaugeMetricFamily("nanoseek_prefix_cache_hit_rate", "Prefix cache hits / queries, in tokens")
-        rate.add_metric([], self.prefix.hit_rate())
+        queried = s["prefix_cache_queried_tokens"]
+        rate.add_metric([], s["prefix_cache_hit_tokens"] / queried if queried else 0.0)
         held = GaugeMetricFamily("nanoseek_prefix_cache_bytes", "Bytes the prefix cache holds")
-        held.add_metric([], self.prefix.bytes)
+        held.add_metric([], s["prefix_cache_bytes"])
         blocks = GaugeMetricFamily("nanoseek_prefix_cache_blocks", "Blocks the prefix cache holds")
-        blocks.add_metric([], len(self.prefix.blocks))
+        blocks.add_metric([], s["prefix_cache_blocks"])
         return [queries, hits, requests, evictions, rate, held, blocks]

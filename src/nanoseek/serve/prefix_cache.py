@@ -238,4 +238,7 @@ class PrefixCache:
             "prefix_cache_hit_rate": round(self.hit_rate(), 4),
             "prefix_cache_hit_tokens": s.hit_tokens,
             "prefix_cache_queried_tokens": s.queried_tokens,
+            "prefix_cache_lookups": s.lookups,
+            "prefix_cache_hits": s.hits,
+            "prefix_cache_evictions": s.evictions,
         }

@@ -35,14 +35,23 @@ def warn_if_open(host: str, api_key: str | None) -> None:
         )
 
 
-def build_app(model, tokenizer, name: str, compile: bool, prefix_cache_bytes: int, **options):
-    """(the app serving `model`, whether it decodes compiled, its prefix cache's bytes). An
-    encoder-decoder is served by serve/seq2seq.py, whose beam search has neither the compiled step
-    nor the prefix cache: both are off there, whatever was asked."""
+def build_app(model, tokenizer, name: str, compile: bool, prefix_cache_bytes: int, engine_process: bool, **options):
+    """(the app serving `model`, whether it decodes compiled, its prefix cache's bytes, whether its
+    engine has a process of its own). An encoder-decoder is served by serve/seq2seq.py, whose beam
+    search has neither the compiled step, the prefix cache nor the engine process: all are off
+    there, whatever was asked."""
     if model.config.architecture == "encoder_decoder":
-        return create_seq2seq_app(model, tokenizer, name, **options), False, 0
-    app = create_app(model, tokenizer, name, compile=compile, prefix_cache_bytes=prefix_cache_bytes, **options)
-    return app, compile, prefix_cache_bytes
+        return create_seq2seq_app(model, tokenizer, name, **options), False, 0, False
+    app = create_app(
+        model,
+        tokenizer,
+        name,
+        compile=compile,
+        prefix_cache_bytes=prefix_cache_bytes,
+        engine_process=engine_process,
+        **options,
+    )
+    return app, compile, prefix_cache_bytes, engine_process
 
 
 def serve(
@@ -60,18 +69,20 @@ def serve(
     sock: socket.socket | None = None,
     compile: bool = False,
     prefix_cache_bytes: int = 0,
+    engine_process: bool = False,
 ) -> None:
     """Serve `model` as `name` on http://host:port (blocks until the server stops); `sock`: that address,
     already bound (by `listen_socket`, before the model loaded). An encoder-decoder model is served by
     serve/seq2seq.py."""
     sock = sock or listen_socket(host, port)
     try:
-        app, compile, prefix_cache_bytes = build_app(
+        app, compile, prefix_cache_bytes, engine_process = build_app(
             model,
             tokenizer,
             name,
             compile,
             prefix_cache_bytes,
+            engine_process,
             folder=folder,
             api_key=api_key,
             max_batch=max_batch,
@@ -87,7 +98,8 @@ def serve(
     print(
         f"serving {name} on http://{host}:{port} (max batch {max_batch}, "
         f"queue {max_queue}, API key {'on' if api_key else 'off'}, "
-        f"decode {'compiled' if compile else 'eager'}, prefix cache {cache})",
+        f"decode {'compiled' if compile else 'eager'}, prefix cache {cache}, "
+        f"engine {'in its own process' if engine_process else 'on a thread'})",
         file=sys.stderr,
         flush=True,
     )

@@ -240,7 +240,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=0, help="torch threads of the started server (0: serve's default, cores - 1)"
     )
     parser.add_argument(
-        "--engines", default="compiled,eager", help="comma-separated servers to start: compiled (--compile), eager"
+        "--engines",
+        default="compiled,eager",
+        help="comma-separated servers to start: compiled (--compile), eager (--no-compile), compiled-thread and "
+        "eager-thread (the same with --no-engine-process)",
     )
     parser.add_argument("--peers", default="", help="comma-separated: hf (transformers' batched generate), or empty")
     parser.add_argument(
@@ -252,7 +255,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-ENGINE_FLAGS = {"compiled": ("--compile",), "eager": ("--no-compile",)}
+ENGINE_FLAGS = {  # the engine in its own process where serve puts it by default (two cores or more)
+    "compiled": ("--compile",),
+    "eager": ("--no-compile",),
+    "compiled-thread": ("--compile", "--no-engine-process"),
+    "eager-thread": ("--no-compile", "--no-engine-process"),
+}
 
 
 def parse_options(args: argparse.Namespace) -> tuple[list[int], list[str], list[str]]:
@@ -344,7 +352,7 @@ def ratios(results: list[dict], levels: list[int]) -> list[dict]:
     rows = []
     for clients in levels:
         row = {}
-        for base in ("nanoseek-eager", "hf-generate"):
+        for base in ("nanoseek-eager", "nanoseek-eager-thread", "hf-generate"):
             if by.get((base, clients)):
                 for impl in impls:
                     if impl != base and (impl, clients) in by:

@@ -67,6 +67,8 @@ MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 def finite_logits(logits: torch.Tensor) -> torch.Tensor:
     """Logits with a finite maximum in every row: NaN -> -inf; a row holding +inf keeps only its +inf
     entries (as 0, the rest -inf); a row of only -inf (or NaN) becomes all 0 (uniform)."""
+    if bool(logits.isfinite().all()):  # the usual case: one check instead of four passes
+        return logits
     logits = logits.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     has_posinf = (logits == float("inf")).any(dim=-1, keepdim=True)
     if has_posinf.any():

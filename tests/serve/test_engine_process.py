@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from serving import CONTEXT
 
@@ -108,8 +108,9 @@ def test_admission_is_counted_in_the_parent(local):
     assert engine.stats()["embedding"] == 0 and len(engine.live) == 2
 
 
-def made_engines(monkeypatch) -> list:
-    """The EngineProcesses create_app makes from here on."""
+@contextmanager
+def served_in_a_process(local, monkeypatch):
+    """(a TestClient of an app whose engine runs in a child process, that EngineProcess)."""
     made = []
 
     def make(*args, **kwargs):
@@ -117,20 +118,23 @@ def made_engines(monkeypatch) -> list:
         return made[-1]
 
     monkeypatch.setattr(app_module, "EngineProcess", make)
-    return made
+    model, tok = local
+    with TestClient(create_app(model, tok, "tiny", max_batch=2, max_queue=2, engine_process=True)) as client:
+        yield client, made[0]
+
+
+def wait_until(condition, client, seconds: float) -> None:
+    """Poll `condition` while the app's loop gets to run (each request lets it read the child's pipe)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        client.get("/v1/models")
+        time.sleep(0.05)
 
 
 def test_a_dead_engine_process_fails_requests_and_health(local, monkeypatch):
-    model, tok = local
-    made = made_engines(monkeypatch)
-    app = create_app(model, tok, "tiny", max_batch=2, max_queue=2, engine_process=True)
-    with TestClient(app) as client:
-        engine = made[0]
+    with served_in_a_process(local, monkeypatch) as (client, engine):
         engine.process.kill()
-        deadline = time.monotonic() + 20
-        while engine.dead is None and time.monotonic() < deadline:
-            client.get("/v1/models")  # lets the loop read the closed pipe
-            time.sleep(0.05)
+        wait_until(lambda: engine.dead is not None, client, 20)
         assert engine.dead is not None
         r = client.get("/health")
         assert r.status_code == 503 and "engine process" in r.json()["error"]["message"]
@@ -140,17 +144,9 @@ def test_a_dead_engine_process_fails_requests_and_health(local, monkeypatch):
 
 def test_cancelled_requests_free_their_rows(local, monkeypatch):
     """A stream the client leaves is cancelled in the child; the parent's count and the child's rows drop to 0."""
-    model, tok = local
-    made = made_engines(monkeypatch)
-    app = create_app(model, tok, "tiny", max_batch=2, max_queue=2, engine_process=True)
-    with TestClient(app) as client:
-        engine = made[0]
+    with served_in_a_process(local, monkeypatch) as (client, engine):
         body = {"model": "tiny", "prompt": "ab", "max_tokens": CONTEXT, "temperature": 0, "stream": True}
         with client.stream("POST", "/v1/completions", json=body) as r:
             next(r.iter_lines())
-        deadline = time.monotonic() + 30
-        while (engine.live or engine.stats()["running"]) and time.monotonic() < deadline:
-            client.get("/v1/models")
-            time.sleep(0.05)
+        wait_until(lambda: not engine.live and engine.stats()["running"] == 0, client, 30)
         assert not engine.live and engine.stats()["running"] == 0
-        assert torch.is_tensor(next(model.parameters()))  # the parent's model is untouched

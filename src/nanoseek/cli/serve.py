@@ -41,7 +41,7 @@ def add_serve_arguments(sv) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run the engine in a process of its own, so that streaming answers never hold up its steps "
-        "(default: on with two or more cores)",
+        "(default: on for a model on the CPU with two or more cores)",
     )
     sv.add_argument(
         "--threads",
@@ -81,6 +81,12 @@ def check_cache_fits(args) -> None:
     )
 
 
+def default_engine_process(model) -> bool:
+    """The engine in its own process for a model on the CPU with two cores or more (measured there;
+    on a GPU the engine thread mostly waits on the device, with the GIL released)."""
+    return next(model.parameters()).device.type == "cpu" and (os.cpu_count() or 1) >= 2
+
+
 def run_serve(args, extra) -> int:
     reject_extra(extra)
     try:
@@ -109,7 +115,7 @@ def run_serve(args, extra) -> int:
         max_body_bytes=args.max_body_bytes,
         compile=args.compile,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
-        engine_process=(os.cpu_count() or 1) >= 2 if args.engine_process is None else args.engine_process,
+        engine_process=default_engine_process(model) if args.engine_process is None else args.engine_process,
         sock=sock,
     )
     return 0

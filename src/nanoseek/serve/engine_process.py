@@ -27,7 +27,7 @@ server's metrics, and answers /health and /metrics from the last stats. Admissio
 max_queue, 429 beyond) is counted here, where the requests arrive, and again by the child's engine.
 If the child dies, every open request ends with an error event and /health answers 503.
 
-`serve --engine-process` (the default where there are two or more cores) uses it; the in-process
+`serve --engine-process` (the default for a model on the CPU where there are two or more cores) uses it; the in-process
 engine remains for one core, and for tests that reach into the engine.
 """
 
@@ -37,6 +37,7 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Future
@@ -276,6 +277,7 @@ def split_cores(threads: int) -> tuple[list[int], list[int]] | None:
 
 def child_main(conn, model, tokenizer, max_batch, max_queue, engine_options, threads, cores) -> None:
     """The engine process: build the engine, then turn the parent's messages into engine calls."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     if cores:  # before the engine thread and torch's threads exist: they inherit it
         os.sched_setaffinity(0, cores)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

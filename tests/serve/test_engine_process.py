@@ -150,3 +150,27 @@ def test_cancelled_requests_free_their_rows(local, monkeypatch):
             next(r.iter_lines())
         wait_until(lambda: not engine.live and engine.stats()["running"] == 0, client, 30)
         assert not engine.live and engine.stats()["running"] == 0
+
+
+def test_the_engine_process_is_the_default_for_a_cpu_model_on_two_cores(local, monkeypatch):
+    import os
+
+    from nanoseek.cli.serve import default_engine_process
+
+    model, _ = local
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert default_engine_process(model)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert not default_engine_process(model)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity here")
+def test_the_engine_takes_the_last_cores_and_the_loop_the_others(monkeypatch):
+    import os
+
+    from nanoseek.serve.engine_process import split_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 0, 2, 6})
+    assert split_cores(1) == ([6], [0, 2, 4])
+    assert split_cores(3) == ([2, 4, 6], [0])
+    assert split_cores(4) is None  # no core left for the loop: nothing is pinned

@@ -17,9 +17,9 @@ in the app, with the same methods the app calls:
                    <--("ready",)                once the warm-up (compiling) is over
 
 Where the machine has more cores than the engine's torch threads, the child keeps to the last
-`threads` of them and the HTTP loop to the others (Linux affinity): on two cores, the compiled
-server answered 16 streaming clients 11% faster pinned than unpinned (the bench's clients sharing the
-loop's core), as neither waits for the other's core.
+`threads` of them and the HTTP loop to the others (Linux affinity): on two cores the compiled
+server answered 16 streaming clients 7% faster pinned than unpinned (the bench's clients sharing
+the loop's core).
 
 The loop reads the child's messages when its pipe is readable (one unpickling per decode step,
 not a thread switch per token), replays each record into the request's queue and the
@@ -27,8 +27,9 @@ server's metrics, and answers /health and /metrics from the last stats. Admissio
 max_queue, 429 beyond) is counted here, where the requests arrive, and again by the child's engine.
 If the child dies, every open request ends with an error event and /health answers 503.
 
-`serve --engine-process` (the default for a model on the CPU where there are two or more cores) uses it; the in-process
-engine remains for one core, and for tests that reach into the engine.
+`serve --engine-process` (the default for a model on the CPU where there are two or more cores)
+uses it; the engine thread in the server's own process remains for one core, a GPU, and tests that
+reach into the engine.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ from nanoseek.serve.engine import FAILED, Engine, EngineObserver, EngineUnavaila
 
 log = logging.getLogger("nanoseek.serve")
 
-# what a request's Sequence carries to the child (its emit callback and grammar are rebuilt there)
 STATS_EVERY_S = 0.05  # the child's stats (for /health and /metrics) at most this often while it works
 
+# what a request's Sequence carries to the child (its emit callback and grammar are rebuilt there)
 SPEC_FIELDS = (
     "prompt_ids",
     "max_tokens",

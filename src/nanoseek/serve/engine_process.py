@@ -230,6 +230,7 @@ class ChildObserver(EngineObserver):
         self.conn, self.send_lock, self.engine_ref = conn, send_lock, engine_ref
         self.records: list = []
         self.live: dict[int, Sequence] = {}
+        self.cancelled: set[int] = set()  # live requests the parent cancelled, until the engine drops them
         self.stats_at = 0.0
 
     def prefilled(self, seq) -> None:
@@ -245,15 +246,20 @@ class ChildObserver(EngineObserver):
         """Send the records, and the engine's stats at most every STATS_EVERY_S (and whenever it
         falls idle, so /health ends on the true state)."""
         engine = self.engine_ref[0]
-        with engine.wakeup:
-            held = {id(s) for s in engine.running} | {id(s) for s in engine.waiting}
-        for sid, seq in list(self.live.items()):  # cancelled and dropped without a last event
-            if seq.cancelled and id(seq) not in held:
-                del self.live[sid]
-                self.records.append(("ended", sid))
+        if self.cancelled:  # the ones the engine dropped without a last event
+            with engine.wakeup:
+                held = {id(s) for s in engine.running} | {id(s) for s in engine.waiting}
+            for sid in list(self.cancelled):
+                seq = self.live.get(sid)
+                if seq is None or id(seq) not in held:
+                    self.cancelled.discard(sid)
+                if seq is not None and id(seq) not in held:
+                    del self.live[sid]
+                    self.records.append(("ended", sid))
         now = time.monotonic()
         stats = None
-        if not held or now - self.stats_at >= STATS_EVERY_S:
+        idle = not engine.running and not engine.waiting
+        if idle or now - self.stats_at >= STATS_EVERY_S:
             stats, self.stats_at = engine.stats(), now
         if self.records or stats is not None:
             records, self.records = self.records, []
@@ -307,11 +313,12 @@ def child_main(conn, model, tokenizer, max_batch, max_queue, engine_options, thr
         if kind == "submit":
             submit_specs(engine, observer, grammars, conn, lock, message[1])
         elif kind == "cancel":
-            wanted = set(message[1])
-            engine.cancel([s for sid, s in list(observer.live.items()) if sid in wanted])
+            seqs = [s for s in (observer.live.get(sid) for sid in message[1]) if s is not None]
+            engine.cancel(seqs)
+            observer.cancelled.update(s.sid for s in seqs)
         elif kind == "call":
             _, cid, fn, args = message
-            future = engine.call(partial(fn, engine.model, *args))
+            future = engine.call_with_model(fn, *args)
             future.add_done_callback(partial(report_result, conn, lock, cid))
     engine.stop()
 

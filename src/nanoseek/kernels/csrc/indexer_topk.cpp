@@ -19,9 +19,9 @@
 //     T     = the k-th largest key, by three histogram passes over 12, 12 and 8 bits of the keys
 //     picks = every s with key_s > T, then the earliest s with key_s = T until there are k
 // emitted in ascending key order (the gathered attention then reads its rows front to back).
-// Two passes over a row's scores (keys with the first histogram; the picks) and two over the few
-// keys in the k-th key's buckets, against a float top-k's partial sort. Rows run over torch's
-// intra-op threads.
+// Four passes over a row (its keys; their top bits' histogram; the keys in the k-th key's bucket,
+// copied; the picks) and two over that copy, against a float top-k's partial sort. Rows run over
+// torch's intra-op threads.
 
 namespace {
 
@@ -60,10 +60,10 @@ struct Threshold {
 Threshold kth_key(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32_t>& cand) {
   // four interleaved histograms: a run of equal keys (ReLU's zeros) would chain every increment
   int64_t quad[4][1 << 12] = {};
-  int64_t s = 0;
-  for (; s + 4 <= n; s += 4)
-    for (int q = 0; q < 4; ++q) ++quad[q][keys[s + q] >> 20];
-  for (; s < n; ++s) ++quad[0][keys[s] >> 20];
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int q = 0; q < 4; ++q) ++quad[q][keys[i + q] >> 20];
+  for (; i < n; ++i) ++quad[0][keys[i] >> 20];
   int64_t hist[1 << 12];
   for (int b = 0; b < (1 << 12); ++b) hist[b] = quad[0][b] + quad[1][b] + quad[2][b] + quad[3][b];
   const Bucket b1 = find_bucket(hist, 1 << 12, k);

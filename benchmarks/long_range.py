@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -170,6 +171,12 @@ def run(
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             model.set_dsa_warmup(False)  # scored as it will be used: sparse
             curve.append([step + 1, round(wall, 2), round(accuracy(model, n), 4)])
+            print(
+                f"{kind} seed {seed}: step {step + 1}/{steps}, {wall:.0f} s, loss {loss:.3f}, "
+                f"accuracy {curve[-1][2]:.1%}",
+                file=sys.stderr,
+                flush=True,
+            )  # progress
     model.set_dsa_warmup(False)
     final = round(accuracy(model, n), 4)
     curve.append([steps, round(wall, 2), final])

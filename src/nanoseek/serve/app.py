@@ -203,7 +203,9 @@ class Service:
                 opts = SamplingOptions(temperature=body.temperature, top_p=body.top_p, seed=seed)
                 seq = Sequence(ids, max_tokens, opts, emit, stops, index, logprobs=logprobs)
                 seq.echo_logprobs = echo and logprobs is not None
-                seq.constraint = grammar() if grammar else None
+                # a grammar matcher here only where the engine runs in this process
+                own = grammar and not getattr(self.engine, "builds_grammars", False)
+                seq.constraint = grammar() if own else None
                 seq.schema = grammar.schema if grammar else None
                 seqs.append(seq)
         return seqs

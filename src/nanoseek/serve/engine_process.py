@@ -70,6 +70,8 @@ SPEC_FIELDS = (
 class EngineProcess:
     """The parent's side: `Engine`'s interface over a pipe to the child (see the module docstring)."""
 
+    builds_grammars = True  # the child compiles each request's response_format from `Sequence.schema`
+
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 32, observer=None, **engine_options):
         self.max_batch, self.max_queue = max_batch, max_queue
         self.observer = observer or EngineObserver()

@@ -12,7 +12,9 @@
 //     dq_r += sum_j ds_{r,j} k_j,   dk_j += sum_r ds_{r,j} q_r,   dv_j += sum_r p_{r,j} dO_r
 // The values are their own matrix or the keys' first V columns (MLA's absorbed form: dv_j then lands
 // in dk_j's first V columns). Three register-blocked loops do all the work (`scores`,
-// `mix_rows`, `mix_heads`: GCC vector types, 8 floats, fused multiply-adds). Rows run in parallel
+// `mix_rows`, `mix_heads`: GCC vector types, 8 floats, fused multiply-adds); the softmax's exponentials
+// are 8 at a time (`exp8`, AVX2: glibc's scalar expf was a fifth of the forward), and the first pass
+// over a tile's picks fetches the next rows ahead (`scores_block`'s `ahead`). Rows run in parallel
 // over torch's intra-op threads; in backward each thread adds into its own dk (and dv), summed last
 // (memory: one key-sized gradient per thread). A pick outside the key head's rows is an error.
 // Registered as torch ops (nanoseek::gathered_attention and its backward), so dispatch modes such as
@@ -25,6 +27,10 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -48,11 +54,16 @@ inline float hsum(v8 v) {
 // c[r * TILE + j] = m_r . rows[j] over n columns, r < nr, j < nj; m_r = m + r * m_stride.
 // Blocks of 3 rows x 4 heads: 12 accumulators, 7 loads per 12 multiply-adds (~5% faster than 4 x 2 at
 // 8 heads of 512).
-template <int NJ, int NR>
-inline void scores_block(const float* const* rows, const float* m, int64_t m_stride, int64_t n, float* c) {
+// `ahead` (NA rows, or none): rows the next block reads, fetched into the cache a line each per 16
+// columns, so their misses overlap this block's work (picked rows lie anywhere in the keys).
+template <int NJ, int NR, int NA = 0>
+inline void scores_block(const float* const* rows, const float* m, int64_t m_stride, int64_t n, float* c,
+                         const float* const* ahead = nullptr) {
   v8 acc[NR][NJ] = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
+    if (NA > 0 && i % 16 == 0)
+      for (int a = 0; a < NA; ++a) __builtin_prefetch(ahead[a] + i);
     v8 kv[NJ];
     for (int a = 0; a < NJ; ++a) kv[a] = load8(rows[a] + i);
     for (int r = 0; r < NR; ++r) {
@@ -72,6 +83,8 @@ void scores(const float* const* rows, int64_t nj, const float* m, int64_t m_stri
   int64_t r = 0;
   for (; r + 4 <= nr; r += 4) {
     int64_t j = 0;
+    if (r == 0)  // the first pass over the rows: fetch the next block's while this one computes
+      for (; j + 6 <= nj; j += 3) scores_block<3, 4, 3>(rows + j, m, m_stride, n, c + j, rows + j + 3);
     for (; j + 3 <= nj; j += 3) scores_block<3, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
     for (; j < nj; ++j) scores_block<1, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
   }
@@ -154,6 +167,63 @@ void mix_heads(float* const* targets, int64_t nj, const float* c, const float* m
       for (int64_t x = 0; x < n; ++x) targets[j][x] += c[r * TILE + j] * m[r * m_stride + x];
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// exp of 8 floats: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), exp(r) by a degree-7 polynomial
+// (Cephes' expf coefficients, ~1 ulp), 2^n through the exponent bits; x clamped to [-87, 88], so
+// exp(-inf) comes out as ~1.6e-38 instead of 0, which no sum of weights here can tell from 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// x[j] *= a for j < n; returns max(m, max_j x[j]).
+inline float scale_max(float* x, int64_t n, float a, float m) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 top = _mm256_set1_ps(m);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(a));
+    _mm256_storeu_ps(x + j, v);
+    top = _mm256_max_ps(top, v);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, top);
+  for (float v : lanes) m = std::max(m, v);
+#endif
+  for (; j < n; ++j) m = std::max(m, x[j] *= a);
+  return m;
+}
+
+// x[j] = exp(a x[j] + b) for j < n; returns their sum.
+inline float exp_affine(float* x, int64_t n, float a, float b) {
+  float sum = 0.f;
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = exp8(_mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(a), _mm256_set1_ps(b)));
+    _mm256_storeu_ps(x + j, v);
+    acc = _mm256_add_ps(acc, v);
+  }
+  sum = hsum(v8(acc));
+#endif
+  for (; j < n; ++j) sum += (x[j] = std::exp(a * x[j] + b));
+  return sum;
+}
+
 struct Layout {
   int64_t rows, t, g, r, x, v, s, k, v_stride;
   float scale;
@@ -229,15 +299,14 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
         scores(krows.data(), jn, q_n, L.x, L.r, L.x, s.data());
         for (int64_t r = 0; r < L.r; ++r) {
           float* s_r = s.data() + r * TILE;
-          float top = m[r];
-          for (int64_t j = 0; j < jn; ++j) top = std::max(top, s_r[j] *= L.scale);
+          const float top = scale_max(s_r, jn, L.scale, m[r]);
           if (m[r] != NEG_INF && top > m[r]) {
             const float alpha = std::exp(m[r] - top);
             l[r] *= alpha;
             for (int64_t i = 0; i < L.v; ++i) o_n[r * L.v + i] *= alpha;
           }
           m[r] = top;
-          for (int64_t j = 0; j < jn; ++j) l[r] += (s_r[j] = std::exp(s_r[j] - top));
+          l[r] += exp_affine(s_r, jn, 1.f, -top);
         }
         mix_rows(vrows.data(), jn, s.data(), L.r, o_n, L.v, L.v);
       }
@@ -312,12 +381,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
           scores(krows.data(), jn, q_n, L.x, L.r, L.x, p.data());
           scores(vrows.data(), jn, do_n, L.v, L.r, L.v, ds.data());  // dP
           for (int64_t r = 0; r < L.r; ++r) {
-            const bool empty = lse_n[r] == NEG_INF;
-            for (int64_t j = 0; j < jn; ++j) {
-              const int64_t at = r * TILE + j;
-              p[at] = empty ? 0.f : std::exp(L.scale * p[at] - lse_n[r]);
-              ds[at] = L.scale * p[at] * (ds[at] - d[r]);
-            }
+            float* p_r = p.data() + r * TILE;
+            float* ds_r = ds.data() + r * TILE;
+            if (lse_n[r] == NEG_INF) std::fill(p_r, p_r + jn, 0.f);
+            else exp_affine(p_r, jn, L.scale, -lse_n[r]);
+            for (int64_t j = 0; j < jn; ++j) ds_r[j] = L.scale * p_r[j] * (ds_r[j] - d[r]);
           }
           mix_rows(krows.data(), jn, ds.data(), L.r, dq_n, L.x, L.x);
           mix_heads(dkrows.data(), jn, ds.data(), q_n, L.x, L.r, L.x);

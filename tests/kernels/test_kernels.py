@@ -695,6 +695,21 @@ def test_dsa_sparse_attention_equals_the_reference(
     assert all(p.grad is None for p in indexer.parameters())
 
 
+def test_dsa_chunk_scores_in_scratch_equal_the_indexers_scores():
+    """The scores written into reused buffers are the reference's bit for bit, chunk after chunk of
+    growing width (a buffer sized once for the most keys), and a chunk wider than that is refused."""
+    from nanoseek.kernels.dsa import Scratch, chunk_scores
+
+    indexer, (x, q_latent, keys, (cos, sin), start), *_ = dsa_inputs(40, 2, 1, 0, 300, 16)
+    scratch = Scratch(x.device, keys.shape[1])
+    with torch.no_grad():
+        for a, z in ((0, 64), (64, 300), (256, 300)):
+            args = (x[:, a:z], q_latent[:, a:z], keys[:, :z], (cos[a:z], sin[a:z]))
+            assert torch.equal(chunk_scores(indexer, *args, scratch), indexer.scores(*args))
+        with pytest.raises(ValueError, match="more than the 300"):
+            scratch.take("dots", (1, 8, 301))
+
+
 @pytest.mark.parametrize("scores", ["normal", "rounded", "relu", "infinities"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_indexer_topk_picks_what_earliest_topk_picks(scores, threads):

@@ -235,6 +235,7 @@ def sparse_attention(
     else:  # the fused kernel needs equal widths: pad the values once
         v_wide = F.pad(v, (0, x_width - d_v)) if d_v < x_width else v
     chunks = [(a, min(t, a + SELECT_CHUNK)) for a in range(0, t, SELECT_CHUNK)]  # the reference's chunks
+    scratch = Scratch(x_BTD.device, start + t)
     dense_end = max((z for _, z in chunks if start + z <= topk), default=0)
     gather_start = max(dense_end, min((a for a, z in chunks if start + z > GATHER_FROM * topk), default=t))
     # q split once, not sliced per chunk (each slice's backward would zero-fill a gradient of all of q)
@@ -245,14 +246,16 @@ def sparse_attention(
         outs.append(causal_attention(q_dense, k_BGSX[:, :, :s], v_wide[:, :, :s], start, scale)[..., :d_v])
     for a, q_chunk in zip(range(dense_end, gather_start, SELECT_CHUNK), q_mask.split(SELECT_CHUNK, dim=2)):
         s = start + a + q_chunk.shape[2]
-        picked, valid = chunk_picks(indexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start, a, a + q_chunk.shape[2])
+        picked, valid = chunk_picks(
+            indexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start, a, a + q_chunk.shape[2], scratch
+        )
         keep = torch.full((*picked.shape[:2], s), float("-inf"), dtype=q_chunk.dtype, device=q_chunk.device)
         keep.scatter_(-1, picked, torch.zeros_like(picked, dtype=keep.dtype).masked_fill_(~valid, float("-inf")))
         out = sdpa(q_chunk, k_BGSX[:, :, :s], v_wide[:, :, :s], attn_mask=keep[:, None], scale=scale)
         outs.append(out[..., :d_v])
     if gather_start < t:
         per_chunk = [
-            chunk_picks(indexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start, a, min(t, a + SELECT_CHUNK))
+            chunk_picks(indexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start, a, min(t, a + SELECT_CHUNK), scratch)
             for a in range(gather_start, t, SELECT_CHUNK)
         ]
         picked = torch.cat([p.to(torch.int32) for p, _ in per_chunk], dim=1)
@@ -262,15 +265,56 @@ def sparse_attention(
     return torch.cat(outs, dim=2)
 
 
+class Scratch:
+    """fp32 storage the chunks' scores reuse. A chunk's products of its 256 queries' indexer heads by
+    every visible key are (256 H_I, S) floats, 256 MiB at 64K keys: allocated afresh per chunk, each is
+    a new mapping whose pages the kernel zero-fills on first touch (34 of 94 ms for the 64 MiB of a
+    chunk at 16K, one Zen-3 core). A buffer shaped (..., S) is allocated once, for S up to `max_keys`."""
+
+    def __init__(self, device: torch.device, max_keys: int):
+        self.device, self.max_keys, self.flat = device, max_keys, {}
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        *lead, keys = shape
+        if keys > self.max_keys:
+            raise ValueError(f"scratch {name!r}: {keys} keys, more than the {self.max_keys} it was sized for")
+        rows = 1
+        for d in lead:
+            rows *= d
+        if name not in self.flat or self.flat[name].numel() < rows * keys:
+            self.flat[name] = torch.empty(rows * self.max_keys, device=self.device)
+        return self.flat[name][: rows * keys].view(shape)
+
+
+def chunk_scores(indexer: LightningIndexer, x_BCD, q_latent_BCQ, keys_BSI, rope, scratch: Scratch | None):
+    """`indexer.scores` (the same ops, so the same values) written into `scratch`'s buffers: the
+    result is overwritten by the next chunk's."""
+    if scratch is None:
+        return indexer.scores(x_BCD, q_latent_BCQ, keys_BSI, rope)
+    b, c, _ = x_BCD.shape
+    s = keys_BSI.shape[1]
+    q_BXI, w_N1H = indexer.queries(x_BCD, q_latent_BCQ, rope)
+    dots = scratch.take("dots", (b, q_BXI.shape[1], s))
+    torch.matmul(q_BXI, keys_BSI.float().transpose(-1, -2), out=dots)
+    scores = scratch.take("scores", (b * c, 1, s))
+    torch.bmm(w_N1H, dots.relu_().view(b * c, indexer.n_heads, s), out=scores)
+    return scores.view(b, c, s)
+
+
 @torch.no_grad()
-def chunk_picks(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int, a: int, z: int):
+def chunk_picks(
+    indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, start: int, a: int, z: int, scratch=None
+):
     """(picked (B, C, K), valid (B, C, K)) of queries a..z: the reference's scores and top-k over the
     keys the chunk sees; a pick is invalid where a row has fewer causal keys than K. On the CPU the
     top-k is csrc/indexer_topk.cpp's radix select (the same picks as `earliest_topk`, in ascending
-    order, with no causal mask built: 51 against 239 ms for 256 queries over 49K keys, one Zen-1 core)."""
+    order, with no causal mask built: 51 against 239 ms for 256 queries over 49K keys, one Zen-1 core).
+    With `scratch` the scores go into its reused buffers (`chunk_scores`)."""
     cos, sin = rope
     visible = start + z
-    scores = indexer.scores(x_BTD[:, a:z], q_latent_BTQ[:, a:z], keys_BSI[:, :visible], (cos[a:z], sin[a:z]))
+    scores = chunk_scores(
+        indexer, x_BTD[:, a:z], q_latent_BTQ[:, a:z], keys_BSI[:, :visible], (cos[a:z], sin[a:z]), scratch
+    )
     ops = native_topk(scores)
     if ops is not None:  # query i of the chunk sees keys 0..start + a + i
         return ops.indexer_topk(scores, start + a + 1, min(indexer.topk, visible))

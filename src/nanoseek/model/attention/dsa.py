@@ -58,15 +58,20 @@ class LightningIndexer(nn.Module):
     def scores(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, keys_BSI: torch.Tensor, rope) -> torch.Tensor:
         """I (B, T, S) in fp32, before any mask."""
         b, t, _ = x_BTD.shape
+        q_BXI, w_N1H = self.queries(x_BTD, q_latent_BTQ, rope)
+        # one GEMM over the (t, h) rows, then per query the heads' weighted sum as a batched (1 x H) @ (H x S)
+        dots_BXS = torch.matmul(q_BXI, keys_BSI.float().transpose(-1, -2))
+        return torch.bmm(w_N1H, dots_BXS.relu_().view(b * t, self.n_heads, -1)).view(b, t, -1)
+
+    def queries(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q^I rotated, as (B, T H, d_I) rows, and the head weights w / sqrt(d_I) as (B T, 1, H)), fp32:
+        relu(a z) = a relu(z) for a > 0 moves 1/sqrt(d_I) into the weights."""
+        b, t, _ = x_BTD.shape
         cos, sin = rope
         q_BTHI = self.wq_b(q_latent_BTQ).view(b, t, self.n_heads, self.head_dim)
         q_BTHI = self.rotate(q_BTHI.transpose(1, 2), cos, sin).transpose(1, 2)
-        # one GEMM over the (t, h) rows, then per query the heads' weighted sum as a batched
-        # (1 x H) @ (H x S); relu(a z) = a relu(z) for a > 0 moves 1/sqrt(d_I) into the weights
-        dots_BXS = torch.matmul(q_BTHI.float().reshape(b, t * self.n_heads, -1), keys_BSI.float().transpose(-1, -2))
-        relu_NHS = dots_BXS.relu_().view(b * t, self.n_heads, -1)
         w_N1H = self.weights_proj(x_BTD).float().view(b * t, 1, self.n_heads) * (self.n_heads * self.head_dim) ** -0.5
-        return torch.bmm(w_N1H, relu_NHS).view(b, t, -1)
+        return q_BTHI.float().reshape(b, t * self.n_heads, -1), w_N1H
 
     def pick(self, scores_BTS: torch.Tensor, causal_BTS: torch.Tensor):
         """(picked (B, T, K), valid (B, T, K)): the top-k causal keys of each query by score, K =

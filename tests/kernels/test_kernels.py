@@ -695,6 +695,53 @@ def test_dsa_sparse_attention_equals_the_reference(
     assert all(p.grad is None for p in indexer.parameters())
 
 
+@pytest.mark.parametrize(
+    "start,t,b,gather_from",
+    [
+        (0, 300, 2, 1.5),  # every chunk gathers; rows 0..6 have fewer window keys than w
+        (0, 600, 1, 20),  # the first chunk (64 entries) by the reference's masked SDPA, the second gathers
+        (37, 290, 1, 1.5),  # a prefill after 37 cached tokens: keys and entries from the cache
+    ],
+)
+def test_csa_gathered_prefill_equals_the_reference(monkeypatch, start, t, b, gather_from):
+    """kernels/csa.py against model/attention/compressed.py: a CSA layer's output and the gradients of
+    its input and of every weight (sinks, kv, compressor, queries), fp32 on the CPU, in inference mode
+    (the fast path's domain); the indexer gets no gradient through either."""
+    from nanoseek.kernels import csa as fast
+    from nanoseek.model.attention.compressed import CompressedAttention
+
+    assert fast.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
+    monkeypatch.setattr(fast, "GATHER_FROM", gather_from)
+    cfg = ModelConfig.from_preset("deepseek-v4-tiny")
+    torch.manual_seed(3)
+    ref = CompressedAttention(cfg, 0).eval()
+    with torch.no_grad():
+        ref.sinks.normal_()  # the sink's logit matters
+    quick = fast.SparseCompressedAttention(cfg, 0).eval()
+    quick.load_state_dict(ref.state_dict())
+    gathered = []  # the fast path really runs
+    monkeypatch.setattr(
+        quick, "attend_gathered", lambda *a: gathered.append(a[4]) or type(quick).attend_gathered(quick, *a)
+    )
+    x = torch.randn(b, start + t, cfg.hidden_size)
+    results = []
+    for module in (ref, quick):
+        xi = x.clone().requires_grad_()
+        if start:
+            cache = module.make_cache(b, start + t, torch.float32, x.device)
+            with torch.no_grad():
+                module(x[:, :start], cache=cache, start=0)
+            out = module(xi[:, start:], cache=cache, start=start)
+        else:
+            out = module(xi)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        params = [p for n, p in module.named_parameters() if "indexer" not in n]
+        results.append([out, *torch.autograd.grad((out * weight).sum(), [xi, *params])])
+    assert gathered[-1] == (256 if gather_from == 20 else 0)  # the first query the prefill gathers
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_dsa_chunk_scores_in_scratch_equal_the_indexers_scores():
     """The scores written into reused buffers are the reference's bit for bit, chunk after chunk of
     growing width (a buffer sized once for the most keys), and a chunk wider than that is refused."""
@@ -715,16 +762,24 @@ def test_dsa_chunk_scores_in_scratch_equal_the_indexers_scores():
 def test_native_indexer_topk_picks_what_earliest_topk_picks(scores, threads):
     """csrc/indexer_topk.cpp against the causal mask + `earliest_topk`: the same keys (ties at the
     k-th score to the earliest, -0.0 equal to 0.0, rows that see fewer than k keys), the same
-    validity, in ascending order; k from 1 to every key, rows that see none to all."""
+    validity, in ascending order; k from 1 to every key, rows that see none to all; with a rate m
+    (CSA's entries: row c sees (visible0 + c) // m keys) as with the mask of those counts."""
     from nanoseek.kernels.dsa import native_topk
-    from nanoseek.model.attention.dsa import causal_mask, earliest_topk
+    from nanoseek.model.attention.dsa import earliest_topk
 
     assert native_topk(torch.zeros(1)) is not None, "the C++ top-k did not build (see the warning)"
     gen = torch.Generator().manual_seed(11)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for b, c, s, k, visible0 in [(1, 5, 40, 1, 40), (2, 7, 300, 37, 120), (2, 3, 50, 50, 0), (1, 9, 64, 20, 5)]:
+        for b, c, s, k, visible0, rate in [
+            (1, 5, 40, 1, 40, 1),
+            (2, 7, 300, 37, 120, 1),
+            (2, 3, 50, 50, 0, 1),
+            (1, 9, 64, 20, 5, 1),
+            (2, 13, 80, 9, 301, 4),  # every row sees at least 75 of 80
+            (1, 11, 30, 6, 17, 4),  # rows see 4 .. 6 keys: fewer than k
+        ]:
             x = torch.randn(b, c, s, generator=gen)
             if scores == "rounded":  # many ties at the k-th score
                 x = x.round()
@@ -734,8 +789,9 @@ def test_native_indexer_topk_picks_what_earliest_topk_picks(scores, threads):
                 x[x > 1] = float("-inf")
                 x[x < -1.5] = -0.0
                 x[x.abs() < 0.05] = float("inf")
-            picked, valid = native_topk(x).indexer_topk(x, visible0, k)
-            masked = x.masked_fill(~causal_mask(visible0 - 1, c, s, x.device), float("-inf"))
+            picked, valid = native_topk(x).indexer_topk(x, visible0, k, rate)
+            seen = (visible0 + torch.arange(c)) // rate  # keys each row sees
+            masked = x.masked_fill(torch.arange(s) >= seen[:, None], float("-inf"))
             want = earliest_topk(masked, k)
             want_valid = masked.gather(-1, want) > float("-inf")
             rows = (t.view(-1, k).tolist() for t in (picked, valid, want, want_valid))

@@ -66,9 +66,9 @@ from nanoseek.bench.flops import flop_counter, flops_by_op
 from nanoseek.config import ModelConfig
 from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
+from nanoseek.kernels.csa import SparseCompressedAttention
 from nanoseek.kernels.dsa import sparse_attention
 from nanoseek.kernels.nsa import ChunkedNativeSparseAttention
-from nanoseek.model.attention.compressed import CompressedAttention
 from nanoseek.model.attention.core import causal_attention, sdpa
 from nanoseek.model.attention.dsa import LightningIndexer
 from nanoseek.model.position import rope_inv_freq
@@ -143,7 +143,8 @@ class NsaOp(torch.nn.Module):
 
 
 class CompressedOp(torch.nn.Module):
-    """A V4 CSA or HCA layer's attention (model/attention/compressed.py) over ready-made q and shared k."""
+    """A V4 CSA or HCA layer's attention (model/attention/compressed.py, with kernels/csa.py's fast path)
+    over ready-made q and shared k."""
 
     def __init__(
         self, kind: str, dim: int, heads: int, head_dim: int, window: int, topk: int, index_heads: int, index_dim: int
@@ -166,7 +167,8 @@ class CompressedOp(torch.nn.Module):
             index_head_dim=index_dim,
             max_position_embeddings=8,
         )
-        self.attn = CompressedAttention(cfg, 0).eval()  # no indexer KL pass, as dsa's op has none
+        # the model's fast path (CSA's long chunks gather their picks); no indexer KL pass, as dsa's op has none
+        self.attn = SparseCompressedAttention(cfg, 0).eval()
 
     def forward(self, q, k, x):
         a, t = self.attn, x.shape[1]

@@ -10,11 +10,13 @@
     native.py         builds the C++ kernels in csrc/ on first use (GatheredAttention's fp32 CPU path)
     nsa.py            ChunkedNativeSparseAttention (NSA's compressed branch in query chunks, p recomputed
                       in backward: `CompressedBlockAttention`)
+    csa.py            SparseCompressedAttention (V4 CSA's long prefill: each query over its window, its
+                      picked entries and the sink, through dsa.py's `GatheredAttention`)
 
 How they are chosen: model/ never imports this package. model/transformer.py keeps two registries
 that importing this package fills (as nanoseek.io fills CHECKPOINT_WRITERS):
     KERNEL_MODULES[ReferenceClass] = FastSubclass   (RMSNorm, SwiGLU, RoutedExperts, NativeSparseAttention,
-                                                     MultiHeadLatentAttention)
+                                                     MultiHeadLatentAttention, CompressedAttention)
     KERNEL_FUNCTIONS[name] = function               ("linear_cross_entropy", "training_forward")
 A `Transformer` built with `ModelConfig.kernels` (default True; `--model.kernels=false` turns it off)
 swaps each reference module's class for its fast subclass (`Transformer.set_kernels`: parameters,
@@ -29,7 +31,8 @@ checks each fast path against its reference, values and gradients.
     'FusedRMSNorm'
 """
 
-from nanoseek.kernels import cross_entropy, dsa, grouped_mm, norm, nsa, swiglu
+from nanoseek.kernels import cross_entropy, csa, dsa, grouped_mm, norm, nsa, swiglu
+from nanoseek.model.attention.compressed import CompressedAttention
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
 from nanoseek.model.attention.nsa import NativeSparseAttention
 from nanoseek.model.ffn import SwiGLU
@@ -44,6 +47,7 @@ KERNEL_MODULES.update(
         RoutedExperts: grouped_mm.GroupedExperts,
         NativeSparseAttention: nsa.ChunkedNativeSparseAttention,
         MultiHeadLatentAttention: dsa.SparseLatentAttention,
+        CompressedAttention: csa.SparseCompressedAttention,
     }
 )
 KERNEL_FUNCTIONS.update(

@@ -11,7 +11,8 @@
 // DSA's key selection on the CPU: each query's top-k keys by the lightning indexer's score, among the
 // keys it can see, by radix select instead of a sort.
 //
-// Row c of a chunk sees keys 0 .. visible0 + c - 1 (the causal mask; the keys past it count as -inf).
+// Row c of a chunk sees keys 0 .. (visible0 + c) / rate - 1 (the causal mask; the keys past it count as
+// -inf): rate 1 for DSA's tokens, m for CSA's entries of m tokens (query c sees (rel_c + 1) / m of them).
 // Its picks are exactly `earliest_topk`'s (model/attention/dsa.py): the k largest scores, ties at the
 // k-th score going to the earliest keys; a pick is valid where its score is above -inf (a row that sees
 // fewer than k keys picks the earliest keys past them, invalid). Per row:
@@ -80,15 +81,16 @@ Threshold kth_key(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32
   return {(b1.value << 20) | (b2.value << 8) | b3.value, k - b1.above - b2.above - b3.above};
 }
 
-// scores (B, C, S) fp32; row c of each batch sees keys 0 .. visible0 + c - 1 (at most S). Returns the
-// picks (B, C, k) int64 in ascending key order and whether each is valid (B, C, k) bool.
-std::tuple<at::Tensor, at::Tensor> indexer_topk(const at::Tensor& scores, int64_t visible0, int64_t k) {
+// scores (B, C, S) fp32; row c of each batch sees keys 0 .. (visible0 + c) / rate - 1 (at most S). Returns
+// the picks (B, C, k) int64 in ascending key order and whether each is valid (B, C, k) bool.
+std::tuple<at::Tensor, at::Tensor> indexer_topk(const at::Tensor& scores, int64_t visible0, int64_t k, int64_t rate) {
   TORCH_CHECK(scores.dim() == 3 && scores.scalar_type() == at::kFloat && scores.device().is_cpu(),
               "indexer_topk: scores must be a (B, C, S) float32 CPU tensor");
   const at::Tensor x = scores.contiguous();
   const int64_t batch = x.size(0), chunk = x.size(1), n = x.size(2);
   TORCH_CHECK(k >= 1 && k <= n, "indexer_topk: k=", k, " must be in [1, S=", n, "]");
   TORCH_CHECK(visible0 >= 0, "indexer_topk: visible0=", visible0, " must be >= 0");
+  TORCH_CHECK(rate >= 1, "indexer_topk: rate=", rate, " must be >= 1");
   at::Tensor picked = at::empty({batch, chunk, k}, x.options().dtype(at::kLong));
   at::Tensor valid = at::empty({batch, chunk, k}, x.options().dtype(at::kBool));
   const float* xs = x.data_ptr<float>();
@@ -98,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> indexer_topk(const at::Tensor& scores, int64_
     std::vector<uint32_t> keys(n), cand;
     for (int64_t row = begin; row < end; ++row) {
       const float* score = xs + row * n;
-      const int64_t seen = std::min(n, visible0 + row % chunk);
+      const int64_t seen = std::min(n, (visible0 + row % chunk) / rate);
       for (int64_t s = 0; s < seen; ++s) keys[s] = order_key(score[s]);
       std::fill(keys.begin() + seen, keys.end(), KEY_NEG_INF);
       const Threshold t = kth_key(keys.data(), n, k, cand);
@@ -120,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> indexer_topk(const at::Tensor& scores, int64_
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
-  m.def("indexer_topk(Tensor scores, int visible0, int k) -> (Tensor, Tensor)");
+  m.def("indexer_topk(Tensor scores, int visible0, int k, int rate=1) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) { m.impl("indexer_topk", &indexer_topk); }

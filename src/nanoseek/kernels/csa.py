@@ -1,0 +1,127 @@
+"""CSA's long prefill, fast (model/attention/compressed.py's `CompressedAttention.attend`, same picks, same math).
+
+The reference runs each chunk of CHUNK queries as one SDPA over the chunk's band of window keys
+plus every entry closed so far, the indexer's top-k applied as a mask: each query computes
+T/m entries to use k of them. Once a chunk sees more than GATHER_FROM * top-k entries, this path
+gives each query only its own keys instead, through DSA's gathered attention (kernels/dsa.py's
+`GatheredAttention`, the C++ kernel on fp32 CPU tensors):
+
+    keys      K = [kv_0 .. kv_{S-1} ; e_0 .. e_{W-1} ; sink]     (one matrix, built once)
+    query t   picks its window  rel_t - w + 1 .. rel_t   (those >= 0),
+              its top-k entries by the indexer  S + e    (csrc/indexer_topk.cpp with rate m: the
+              query sees (rel_t + 1) // m entries; the same picks as the reference's mask + `earliest_topk`),
+              and the sink  S + W
+    sink      one more key channel: the sink row is [0 .. 0, 1], each query carries s_h / scale there,
+              so the sink's logit is s_h exactly and its value (the row's first D_h columns) is 0
+    values    the keys themselves (V4 shares one head for both): the first D_h columns of K
+
+so o_{t,h} = softmax([q_{t,h} . K_picks / sqrt(D_h) ; s_h]) K_picks over window + picks, as the
+reference. The width D_h + 1 is padded to a multiple of 8 with zeros (the kernel's vector width).
+Backward goes through the same kernel (recomputed from the saved logsumexp); the gradients of the
+keys, entries and sinks come back through the concatenations.
+
+Only where it pays and matches: a CSA layer in inference (no indexer KL loss to compute, no dense
+warm-up), a prefill (not a per-row decode step), fp32 on the CPU with the C++ kernels built; the
+chunks before the first gathered one run the reference's masked SDPA.
+
+    >>> from nanoseek import ModelConfig, Transformer
+    >>> model = Transformer(ModelConfig.from_preset("deepseek-v4-tiny"))
+    >>> type(model.layers[0].self_attn).__name__
+    'SparseCompressedAttention'
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.kernels.dsa import GatheredAttention, native_ops, native_topk
+from nanoseek.model.attention.compressed import CHUNK, CompressedAttention
+
+# a chunk gathers once it sees more than GATHER_FROM * top-k entries
+GATHER_FROM = 1.5
+
+
+class SparseCompressedAttention(CompressedAttention):
+    """CompressedAttention whose long CSA prefill gives each query only its window, its picked entries
+    and the sink (see the module docstring); everything else is the reference's."""
+
+    def attend(
+        self, q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side=None
+    ) -> torch.Tensor:
+        first = self.first_gathered(q, keys, start, offset, entries, side)
+        if first is None:
+            return super().attend(q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side)
+        t = q.shape[1]
+        q_near, q_far = q.split([first, t - first], dim=1)
+        outs = []
+        if first:
+            rope = (cos[..., :first, :], sin[..., :first, :])
+            outs.append(
+                super().attend(q_near, keys, start, offset, pos[..., :first], entries, index_entries, index_in, *rope)
+            )
+        outs.append(self.attend_gathered(q_far, keys, start, offset, first, entries, index_entries, index_in, cos, sin))
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def first_gathered(self, q, keys, start, offset, entries, side) -> int | None:
+        """The first query (a multiple of CHUNK) from which the queries gather, or None: none do."""
+        eligible = (
+            self.kind == "csa"
+            and self.window is not None
+            and not self.training
+            and not self.dsa_warmup
+            and side is None
+            and not isinstance(start, torch.Tensor)
+            and entries is not None
+            and native_ops(q) is not None
+            and native_topk(q) is not None
+        )
+        if not eligible:
+            return None
+        m, need = self.compressor.rate, GATHER_FROM * self.indexer.topk
+        t = q.shape[1]
+        for c0 in range(0, t, CHUNK):
+            if (start + min(t, c0 + CHUNK) - offset) // m > need:  # entries this chunk sees
+                return c0
+        return None
+
+    def attend_gathered(self, q, keys, start, offset, first, entries, index_entries, index_in, cos, sin):
+        """o (B, C, H, D_h) of queries first..first+C-1: each over its window, its top-k entries and
+        the sink, in one GatheredAttention."""
+        b, c, h, d = q.shape
+        s, device = keys.shape[1], q.device
+        rel = start + first - offset + torch.arange(c, device=device)  # each query's index into keys
+        window = rel[:, None] - self.window + 1 + torch.arange(self.window, device=device)  # (C, w)
+        entry_picks, entry_ok = self.entry_picks(start, offset, first, c, index_entries, index_in, cos, sin)
+        n_entries = entries.shape[1]
+        picked = torch.cat(
+            [window.expand(b, c, -1), s + entry_picks, torch.full((b, c, 1), s + n_entries, device=device)], dim=-1
+        )
+        valid = torch.cat([(window >= 0).expand(b, c, -1), entry_ok, torch.ones(b, c, 1, dtype=torch.bool)], dim=-1)
+        width = -(-(d + 1) // 8) * 8  # D_h + the sink channel, padded to the kernel's vector width
+        sink_row = F.pad(keys.new_ones(b, 1, 1), (d, width - d - 1))
+        k_all = torch.cat([F.pad(keys, (0, width - d)), F.pad(entries.to(keys.dtype), (0, width - d)), sink_row], 1)
+        sink_q = (self.sinks.to(q.dtype) / self.scale).view(1, 1, h, 1).expand(b, c, h, 1)
+        q_all = F.pad(torch.cat([q, sink_q], dim=-1), (0, width - d - 1))
+        out = GatheredAttention.apply(q_all.transpose(1, 2), k_all[:, None], None, d, picked, valid, self.scale)
+        return out.transpose(1, 2)
+
+    @torch.no_grad()
+    def entry_picks(self, start, offset, first, c, index_entries, index_in, cos, sin):
+        """(picked (B, C, k), valid (B, C, k)): each query's top-k visible entries by the indexer, CHUNK
+        queries at a time over the entries closed by each chunk's end (the reference's scores)."""
+        x, q_latent = index_in
+        m, topk = self.compressor.rate, self.indexer.topk
+        top = native_topk(index_entries)
+        picks, oks = [], []
+        for a in range(first, first + c, CHUNK):
+            z = min(first + c, a + CHUNK)
+            closed = (start + z - offset) // m
+            scores = self.indexer.scores(
+                x[:, a:z], q_latent[:, a:z], cos[..., a:z, :], sin[..., a:z, :], index_entries[:, :closed]
+            )
+            # query a + i sees (rel_a + i + 1) // m entries
+            picked, ok = top.indexer_topk(scores.float().contiguous(), start + a - offset + 1, topk, m)
+            picks.append(picked)
+            oks.append(ok)
+        return torch.cat(picks, dim=1), torch.cat(oks, dim=1)

@@ -1,9 +1,10 @@
 """C++ kernels (csrc/), compiled on first use through torch.utils.cpp_extension and cached.
 
     csrc/gathered_attention.cpp   DSA's softmax over each query's picked keys, forward and backward,
-                                  reading the picked rows in place (kernels/dsa.py's GatheredAttention)
-    csrc/indexer_topk.cpp         DSA's top-k keys per query by radix select, ties to the earliest key
-                                  (kernels/dsa.py's chunk_picks)
+                                  reading the picked rows in place (kernels/dsa.py's GatheredAttention;
+                                  kernels/csa.py runs CSA's window + entries + sink through it)
+    csrc/indexer_topk.cpp         the top-k keys (DSA) or entries (CSA) per query by radix select, ties
+                                  to the earliest (kernels/dsa.py's chunk_picks, kernels/csa.py)
 
 `load(name)` builds csrc/<name>.cpp with g++ and ninja (the `ninja` package is a dependency) into
 torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions): 25 s on one

@@ -51,6 +51,17 @@ inline float hsum(v8 v) {
   return s;
 }
 
+// out[0..3] = the sums of a, b, c, d: three horizontal adds and one of the halves (the accumulators'
+// reduction, one at a time, was ~a fifth of a scores block at 512 columns)
+inline void hsum4(v8 a, v8 b, v8 c, v8 d, float* out) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(__m256(a), __m256(b)), _mm256_hadd_ps(__m256(c), __m256(d)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+#else
+  out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
+#endif
+}
+
 // c[r * TILE + j] = m_r . rows[j] over n columns, r < nr, j < nj; m_r = m + r * m_stride.
 // Blocks of 3 rows x 4 heads: 12 accumulators, 7 loads per 12 multiply-adds (~5% faster than 4 x 2 at
 // 8 heads of 512).
@@ -71,9 +82,25 @@ inline void scores_block(const float* const* rows, const float* m, int64_t m_str
       for (int a = 0; a < NJ; ++a) acc[r][a] += mv * kv[a];
     }
   }
+  float sums[NR][NJ];
+  float four[4];
+  if constexpr (NR == 4) {
+    for (int a = 0; a < NJ; ++a) {
+      hsum4(acc[0][a], acc[1][a], acc[2][a], acc[3][a], four);
+      for (int r = 0; r < 4; ++r) sums[r][a] = four[r];
+    }
+  } else if constexpr (NJ == 4) {
+    for (int r = 0; r < NR; ++r) {
+      hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], four);
+      for (int a = 0; a < 4; ++a) sums[r][a] = four[a];
+    }
+  } else {
+    for (int r = 0; r < NR; ++r)
+      for (int a = 0; a < NJ; ++a) sums[r][a] = hsum(acc[r][a]);
+  }
   for (int r = 0; r < NR; ++r)
     for (int a = 0; a < NJ; ++a) {
-      float s = hsum(acc[r][a]);
+      float s = sums[r][a];
       for (int64_t t = i; t < n; ++t) s += m[r * m_stride + t] * rows[a][t];
       c[r * TILE + a] = s;
     }

@@ -21,8 +21,8 @@ Backward goes through the same kernel (recomputed from the saved logsumexp); the
 keys, entries and sinks come back through the concatenations.
 
 Only where it pays and matches: a CSA layer in inference (no indexer KL loss to compute, no dense
-warm-up), a prefill (not a per-row decode step), fp32 on the CPU with the C++ kernels built; the
-chunks before the first gathered one run the reference's masked SDPA.
+warm-up), an eager prefill (not a per-row decode step, not inside a compiled graph), fp32 on the CPU
+with the C++ kernels built; the chunks before the first gathered one run the reference's masked SDPA.
 
     >>> from nanoseek import ModelConfig, Transformer
     >>> model = Transformer(ModelConfig.from_preset("deepseek-v4-tiny"))
@@ -66,7 +66,8 @@ class SparseCompressedAttention(CompressedAttention):
     def first_gathered(self, q, keys, start, offset, entries, side) -> int | None:
         """The first query (a multiple of CHUNK) from which the queries gather, or None: none do."""
         eligible = (
-            self.kind == "csa"
+            not torch.compiler.is_compiling()  # a compiled prefill's short windows keep the reference
+            and self.kind == "csa"
             and self.window is not None
             and not self.training
             and not self.dsa_warmup

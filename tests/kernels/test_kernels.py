@@ -742,6 +742,24 @@ def test_csa_gathered_prefill_equals_the_reference(monkeypatch, start, t, b, gat
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_csa_chunk_scores_in_scratch_equal_the_indexers_scores():
+    """CSA's indexer scores written into reused buffers are `Indexer.scores`' bit for bit."""
+    from nanoseek.kernels.csa import SparseCompressedAttention
+    from nanoseek.kernels.dsa import Scratch
+
+    cfg = ModelConfig.from_preset("deepseek-v4-tiny")
+    attn = SparseCompressedAttention(cfg, 0).eval()
+    x, entries = torch.randn(2, 70, cfg.hidden_size), torch.randn(2, 30, cfg.index_head_dim)
+    q_latent = attn.q_a_norm(attn.q_a_proj(x))
+    cos, sin = attn.rope(torch.arange(70))
+    scratch = Scratch(x.device, 30)
+    with torch.no_grad():
+        for a, z, w in ((0, 40, 10), (40, 70, 30)):
+            args = (x[:, a:z], q_latent[:, a:z]), (cos[a:z], sin[a:z]), entries[:, :w]
+            got = attn.chunk_scores(*args[0], args[1], args[2], scratch)
+            assert torch.equal(got, attn.indexer.scores(*args[0], *args[1], args[2]))
+
+
 def test_dsa_chunk_scores_in_scratch_equal_the_indexers_scores():
     """The scores written into reused buffers are the reference's bit for bit, chunk after chunk of
     growing width (a buffer sized once for the most keys), and a chunk wider than that is refused."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoseek.kernels.dsa import GatheredAttention, native_ops, native_topk
+from nanoseek.kernels.dsa import GatheredAttention, Scratch, native_ops, native_topk
 from nanoseek.model.attention.compressed import CHUNK, CompressedAttention
 
 # a chunk gathers once it sees more than GATHER_FROM * top-k entries
@@ -114,15 +114,28 @@ class SparseCompressedAttention(CompressedAttention):
         x, q_latent = index_in
         m, topk = self.compressor.rate, self.indexer.topk
         top = native_topk(index_entries)
+        scratch = Scratch(index_entries.device, index_entries.shape[1])
         picks, oks = [], []
         for a in range(first, first + c, CHUNK):
             z = min(first + c, a + CHUNK)
             closed = (start + z - offset) // m
-            scores = self.indexer.scores(
-                x[:, a:z], q_latent[:, a:z], cos[..., a:z, :], sin[..., a:z, :], index_entries[:, :closed]
-            )
+            rope = (cos[..., a:z, :], sin[..., a:z, :])
+            scores = self.chunk_scores(x[:, a:z], q_latent[:, a:z], rope, index_entries[:, :closed], scratch)
             # query a + i sees (rel_a + i + 1) // m entries
-            picked, ok = top.indexer_topk(scores.float().contiguous(), start + a - offset + 1, topk, m)
+            picked, ok = top.indexer_topk(scores, start + a - offset + 1, topk, m)
             picks.append(picked)
             oks.append(ok)
         return torch.cat(picks, dim=1), torch.cat(oks, dim=1)
+
+    def chunk_scores(self, x_BCD, q_latent_BCQ, rope, entries_BWI, scratch: Scratch) -> torch.Tensor:
+        """`Indexer.scores` (the same ops, so the same values) in `scratch`'s reused buffers (kernels/dsa.py's
+        `Scratch`: at 64K a chunk's products are 128 MiB); overwritten by the next chunk's."""
+        indexer = self.indexer
+        b, c, _ = x_BCD.shape
+        w = entries_BWI.shape[1]
+        q_BXI, w_BC1H = indexer.queries(x_BCD, q_latent_BCQ, *rope)
+        dots = scratch.take("dots", (b, q_BXI.shape[1], w))
+        torch.matmul(q_BXI, entries_BWI.float().transpose(1, 2), out=dots)
+        scores = scratch.take("scores", (b, c, 1, w))
+        torch.matmul(w_BC1H, dots.relu_().view(b, c, indexer.n_heads, w), out=scores)
+        return scores.view(b, c, w)

@@ -150,13 +150,18 @@ class Indexer(Compressor):
     def scores(self, x_BCD, q_latent_BCQ, cos, sin, entries_BWI) -> torch.Tensor:
         """I (B, C, W) in fp32."""
         b, c, _ = x_BCD.shape
+        q_BXI, w_BC1H = self.queries(x_BCD, q_latent_BCQ, cos, sin)
+        dots_BCHW = (q_BXI @ entries_BWI.float().transpose(1, 2)).view(b, c, self.n_heads, -1)
+        return (w_BC1H @ F.relu(dots_BCHW))[:, :, 0]
+
+    def queries(self, x_BCD, q_latent_BCQ, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q^I rotated, as (B, C H, d_I) rows, and the head weights w / sqrt(H_I d_I) as (B, C, 1, H)), fp32."""
+        b, c, _ = x_BCD.shape
         q_BCHI = rotate_tail(
             self.q_b_proj(q_latent_BCQ).view(b, c, self.n_heads, self.dim), cos.unsqueeze(-2), sin.unsqueeze(-2)
         )
-        dots_BCHW = q_BCHI.float().reshape(b, c * self.n_heads, self.dim) @ entries_BWI.float().transpose(1, 2)
-        relu_BCHW = F.relu(dots_BCHW.view(b, c, self.n_heads, -1))
         w_BC1H = self.scorer.weights_proj(x_BCD).float()[:, :, None] * (self.n_heads * self.dim) ** -0.5
-        return (w_BC1H @ relu_BCHW)[:, :, 0]
+        return q_BCHI.float().reshape(b, c * self.n_heads, self.dim), w_BC1H
 
 
 def sink_probs(q_BCHX, parts, sinks_H, scale: float) -> list[torch.Tensor]:

@@ -49,7 +49,7 @@ class SparseCompressedAttention(CompressedAttention):
     def attend(
         self, q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side=None
     ) -> torch.Tensor:
-        first = self.first_gathered(q, keys, start, offset, entries, side)
+        first = self.first_gathered(q, start, offset, entries, side)
         if first is None:
             return super().attend(q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side)
         t = q.shape[1]
@@ -63,7 +63,7 @@ class SparseCompressedAttention(CompressedAttention):
         outs.append(self.attend_gathered(q_far, keys, start, offset, first, entries, index_entries, index_in, cos, sin))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
-    def first_gathered(self, q, keys, start, offset, entries, side) -> int | None:
+    def first_gathered(self, q, start, offset, entries, side) -> int | None:
         """The first query (a multiple of CHUNK) from which the queries gather, or None: none do."""
         eligible = (
             not torch.compiler.is_compiling()  # a compiled prefill's short windows keep the reference
@@ -98,7 +98,9 @@ class SparseCompressedAttention(CompressedAttention):
         picked = torch.cat(
             [window.expand(b, c, -1), s + entry_picks, torch.full((b, c, 1), s + n_entries, device=device)], dim=-1
         )
-        valid = torch.cat([(window >= 0).expand(b, c, -1), entry_ok, torch.ones(b, c, 1, dtype=torch.bool)], dim=-1)
+        valid = torch.cat(
+            [(window >= 0).expand(b, c, -1), entry_ok, torch.ones(b, c, 1, dtype=torch.bool, device=device)], dim=-1
+        )
         width = -(-(d + 1) // 8) * 8  # D_h + the sink channel, padded to the kernel's vector width
         sink_row = F.pad(keys.new_ones(b, 1, 1), (d, width - d - 1))
         k_all = torch.cat([F.pad(keys, (0, width - d)), F.pad(entries.to(keys.dtype), (0, width - d)), sink_row], 1)

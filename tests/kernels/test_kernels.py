@@ -190,6 +190,24 @@ def test_recomputed_norm_outputs_frees_the_norm_output_and_forgets_dead_ones():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_recomputed_norm_outputs_leave_no_cycle_behind():
+    """A graph that backward never runs (an indexer's top-k over scores with a graph) dies with its
+    tensors: a node that saves its own output (amax) must not hold itself through the saved tensor."""
+    import gc
+    import weakref
+
+    from nanoseek.kernels.norm import recomputed_norm_outputs
+
+    x = torch.randn(4, 8, requires_grad=True)
+    with recomputed_norm_outputs():
+        y = (x * 2).topk(3, dim=-1).values
+        z = y.amax()  # saves its output z, whose grad_fn is the node itself
+        alive = weakref.ref(y)
+    del y, z
+    gc.collect()
+    assert alive() is None
+
+
 @pytest.mark.parametrize("preset", ["llama-tiny", "deepseek-v3-tiny", "deepseek-v4-tiny"])
 def test_model_gradients_are_bit_identical_with_recomputed_norm_outputs(preset, monkeypatch):
     from nanoseek.model import transformer

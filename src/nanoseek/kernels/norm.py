@@ -114,14 +114,19 @@ def remember_recipe(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
 
 
 def pack_saved(t: torch.Tensor):
+    """A recipe for a norm output, else the tensor without its graph: autograd re-attaches the graph
+    when it unpacks, and a node that saves its own output (topk, amax, softmax, ...) would otherwise
+    hold itself through the packed tensor, a cycle through C++ that Python's collector cannot free:
+    a graph that backward never runs (the indexers' top-k over scores with a graph) leaked ~40 MB
+    a training step."""
     table = active_recipes()
     entry = table.get(t.untyped_storage().data_ptr()) if table is not None else None
     if entry is None:
-        return t
+        return t.detach()
     out = entry[0]()
     # the output itself, unmodified (an in-place edit bumps the version its views share)
     if out is None or t.dtype != out.dtype or t._version != entry[2]:
-        return t
+        return t.detach()
     return entry[1], t.shape, t.stride(), t.storage_offset()
 
 

@@ -418,7 +418,7 @@ class CompressedAttention(nn.Module):
             scores = self.indexer.scores(x[:, c0:c1], q_latent[:, c0:c1], *rope_q, index_entries)
         visible = visible.expand(b, scores.shape[1], -1)
         k = entries.shape[1] if self.dsa_warmup else min(self.indexer.topk, entries.shape[1])
-        top = earliest_topk(scores.masked_fill(~visible, float("-inf")), k)  # (B, C, k)
+        top = earliest_topk(scores.detach().masked_fill(~visible, float("-inf")), k)  # (B, C, k); picks: no graph
         picked = torch.zeros_like(visible).scatter_(-1, top, visible.gather(-1, top))
         parts.append((entries, picked))
         return parts, scores

@@ -140,7 +140,7 @@ class MultiHeadLatentAttention(nn.Module):
                 key_BSX = cache.key[:, :s]
                 o_BHTV = self.attend_picked(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, scores, causal, key_BSX)
                 return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
-            keep = causal if self.dsa_warmup else self.indexer.select(scores, causal)
+            keep = causal if self.dsa_warmup else self.indexer.select(scores.detach(), causal)  # picks: no graph
         if cache is not None and is_decoding(start) and self.absorb:
             key_BSX = cache.key[:, : latent_BTC.shape[1]]  # [c_KV ; k_R] as stored: no concatenation
             o_BHTV = self.attend_absorbed(q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, keep, key_BSX)

@@ -197,9 +197,10 @@ void mix_heads(float* const* targets, int64_t nj, const float* c, const float* m
 #if defined(__AVX2__) && defined(__FMA__)
 // exp of 8 floats: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), exp(r) by a degree-7 polynomial
 // (Cephes' expf coefficients, ~1 ulp), 2^n through the exponent bits; x clamped to [-87, 88], so
-// exp(-inf) comes out as ~1.6e-38 instead of 0, which no sum of weights here can tell from 0.
+// exp(-inf) comes out as ~1.6e-38 instead of 0, which no sum of weights here can tell from 0. A NaN
+// stays NaN (max/min return their second operand when either is NaN), as std::exp's would.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);

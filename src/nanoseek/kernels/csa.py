@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoseek.kernels.dsa import GatheredAttention, Scratch, native_ops, native_topk
+from nanoseek.kernels.dsa import GatheredAttention, Scratch, native_ops, native_topk, scores_into
 from nanoseek.model.attention.compressed import CHUNK, CompressedAttention
 
 # a chunk gathers once it sees more than GATHER_FROM * top-k entries
@@ -130,14 +130,7 @@ class SparseCompressedAttention(CompressedAttention):
         return torch.cat(picks, dim=1), torch.cat(oks, dim=1)
 
     def chunk_scores(self, x_BCD, q_latent_BCQ, rope, entries_BWI, scratch: Scratch) -> torch.Tensor:
-        """`Indexer.scores` (the same ops, so the same values) in `scratch`'s reused buffers (kernels/dsa.py's
-        `Scratch`: at 64K a chunk's products are 128 MiB); overwritten by the next chunk's."""
-        indexer = self.indexer
+        """`Indexer.scores` in `scratch`'s reused buffers (kernels/dsa.py's `scores_into`: at 64K a
+        chunk's products are 128 MiB); overwritten by the next chunk's."""
         b, c, _ = x_BCD.shape
-        w = entries_BWI.shape[1]
-        q_BXI, w_BC1H = indexer.queries(x_BCD, q_latent_BCQ, *rope)
-        dots = scratch.take("dots", (b, q_BXI.shape[1], w))
-        torch.matmul(q_BXI, entries_BWI.float().transpose(1, 2), out=dots)
-        scores = scratch.take("scores", (b, c, 1, w))
-        torch.matmul(w_BC1H, dots.relu_().view(b, c, indexer.n_heads, w), out=scores)
-        return scores.view(b, c, w)
+        return scores_into(scratch, *self.indexer.queries(x_BCD, q_latent_BCQ, *rope), entries_BWI).view(b, c, -1)

@@ -286,19 +286,24 @@ class Scratch:
         return self.flat[name][: rows * keys].view(shape)
 
 
+def scores_into(scratch: Scratch, q_BXI: torch.Tensor, w: torch.Tensor, keys_BSI: torch.Tensor) -> torch.Tensor:
+    """An indexer's sum_h w_h relu(q_h . k_s) in `scratch`'s buffers, by the ops its `scores` runs (so
+    the same values): q (B, C H, d) rows; the head weights w (..., 1, H) in the shape the indexer
+    multiplies them in (DSA: (B C, 1, H), CSA: (B, C, 1, H)); keys (B, S, d). Returns (..., 1, S),
+    overwritten by the next chunk's."""
+    s, heads = keys_BSI.shape[1], w.shape[-1]
+    dots = scratch.take("dots", (q_BXI.shape[0], q_BXI.shape[1], s))
+    torch.matmul(q_BXI, keys_BSI.float().transpose(-1, -2), out=dots)
+    scores = scratch.take("scores", (*w.shape[:-1], s))
+    return torch.matmul(w, dots.relu_().view(*w.shape[:-2], heads, s), out=scores)
+
+
 def chunk_scores(indexer: LightningIndexer, x_BCD, q_latent_BCQ, keys_BSI, rope, scratch: Scratch | None):
-    """`indexer.scores` (the same ops, so the same values) written into `scratch`'s buffers: the
-    result is overwritten by the next chunk's."""
+    """`indexer.scores`, into `scratch`'s buffers when given (`scores_into`)."""
     if scratch is None:
         return indexer.scores(x_BCD, q_latent_BCQ, keys_BSI, rope)
     b, c, _ = x_BCD.shape
-    s = keys_BSI.shape[1]
-    q_BXI, w_N1H = indexer.queries(x_BCD, q_latent_BCQ, rope)
-    dots = scratch.take("dots", (b, q_BXI.shape[1], s))
-    torch.matmul(q_BXI, keys_BSI.float().transpose(-1, -2), out=dots)
-    scores = scratch.take("scores", (b * c, 1, s))
-    torch.bmm(w_N1H, dots.relu_().view(b * c, indexer.n_heads, s), out=scores)
-    return scores.view(b, c, s)
+    return scores_into(scratch, *indexer.queries(x_BCD, q_latent_BCQ, rope), keys_BSI).view(b, c, -1)
 
 
 @torch.no_grad()

@@ -204,7 +204,7 @@ class Service:
                 seq = Sequence(ids, max_tokens, opts, emit, stops, index, logprobs=logprobs)
                 seq.echo_logprobs = echo and logprobs is not None
                 # a grammar matcher here only where the engine runs in this process
-                own = grammar and not getattr(self.engine, "builds_grammars", False)
+                own = grammar and not self.engine.builds_grammars
                 seq.constraint = grammar() if own else None
                 seq.schema = grammar.schema if grammar else None
                 seqs.append(seq)

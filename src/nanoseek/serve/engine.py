@@ -179,6 +179,8 @@ class Engine:
     starts. `prefix_cache_bytes` > 0: a prefix cache of at most that many
     bytes (refused, with a warning, for a model whose cache kind it does not know)."""
 
+    builds_grammars = False  # the app builds each request's response_format matcher (EngineProcess: True)
+
     def __init__(
         self,
         model,

@@ -253,9 +253,10 @@ class ChildObserver(EngineObserver):
                 held = {id(s) for s in engine.running} | {id(s) for s in engine.waiting}
             for sid in list(self.cancelled):
                 seq = self.live.get(sid)
-                if seq is None or id(seq) not in held:
-                    self.cancelled.discard(sid)
-                if seq is not None and id(seq) not in held:
+                if seq is not None and id(seq) in held:
+                    continue  # not dropped yet
+                self.cancelled.discard(sid)
+                if seq is not None:
                     del self.live[sid]
                     self.records.append(("ended", sid))
         now = time.monotonic()

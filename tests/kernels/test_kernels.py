@@ -930,3 +930,39 @@ def test_dsa_model_long_prefill_with_kernels_equals_the_reference_model(monkeypa
     with torch.no_grad():
         got, want = model.eval()(ids).logits, ref.eval()(ids).logits
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("topk,t", [(16, 300), (280, 600)])  # (280: the first chunk sees 256 keys, padded picks)
+def test_dsa_sparse_training_with_kernels_equals_the_reference_model(topk, t):
+    """DSA's sparse training phase through the model: the picks gathered, the indexer's KL over the
+    picks (kernels) against the reference's T x T mask and KL; the loss, the indexer's loss and every
+    parameter's gradient."""
+    from nanoseek.kernels import dsa as fast
+
+    ref, model = twin_models("deepseek-v32-tiny", index_topk=topk, index_n_heads=16, max_position_embeddings=1024)
+    assert isinstance(model.layers[0].self_attn, fast.SparseLatentAttention)
+    ids = torch.randint(0, 100, (2, t + 1), generator=torch.Generator().manual_seed(2))
+    sharp = ("q_b_proj.weight", "kv_b_proj.weight", "indexer.wq_b.weight", "indexer.wk.weight")
+    results = []
+    for m in (ref, model):
+        with torch.no_grad():  # peaked attention and indexer: at init both are near uniform, their KL ~1e-5
+            for name, p in m.named_parameters():
+                if name.endswith(sharp):
+                    p.mul_(16)
+        m.set_dsa_warmup(False)
+        out = m(ids[:, :-1], targets=ids[:, 1:])
+        assert out.aux["index_loss"].requires_grad
+        (out.loss + out.aux["index_loss"]).backward()
+        grads = {name: p.grad for name, p in m.named_parameters()}
+        results.append((out.loss, out.aux["index_loss"], grads))
+    (loss_ref, index_ref, grads_ref), (loss, index, grads) = results
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    assert index_ref > 0.05
+    torch.testing.assert_close(index, index_ref, atol=0, rtol=1e-4)
+    assert grads.keys() == grads_ref.keys()
+    assert any("indexer" in name and grads[name] is not None for name in grads)
+    for name, grad in grads.items():
+        if grads_ref[name] is None:
+            assert grad is None, name
+        else:
+            torch.testing.assert_close(grad, grads_ref[name], atol=2e-5, rtol=1e-3, msg=name)

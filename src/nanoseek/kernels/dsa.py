@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from nanoseek.kernels.native import load as load_kernel
 from nanoseek.model.attention.core import causal_attention, sdpa
-from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_mask
+from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_mask, indexer_kl
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
 from nanoseek.model.moe.experts import matmul_dtype
 
@@ -68,6 +68,44 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             self.indexer, x_BTD, q_latent_BTQ, index_keys_BSI, rope, start, q, k, self.latent_dim, self.scale
         )
         return self.expand_output(o_latent_BHTC)
+
+    @torch.compiler.disable
+    def attend_sparse_training(
+        self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope, side
+    ):
+        """The reference's sparse training step with each query's top-k gathered: the indexer's scores
+        over every causal pair without autograd (only the picks are used), the attention through
+        `GatheredAttention` (T x K pairs, not T x S), and the KL over the picks (the reference's
+        `indexer_kl` on the kept keys), its indexer scores recomputed at the picks with autograd.
+        The same values and gradients as the reference (tested); other devices, dtypes, dropout and
+        windows keep the reference."""
+        s = latent_BSC.shape[1]
+        if (
+            q_nope_BHTN.device.type != "cpu"
+            or q_nope_BHTN.dtype != torch.float32
+            or isinstance(start, torch.Tensor)
+            or start != 0
+            or s <= self.indexer.topk
+            or self.dropout > 0
+            or self.window is not None
+        ):
+            return super().attend_sparse_training(
+                q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope, side
+            )
+        picked, valid = training_picks(self.indexer, x_BTD, q_latent_BTQ, index_keys_BSI, rope)
+        b = latent_BSC.shape[0]
+        kv_BHSX = self.kv_b_proj(latent_BSC).view(b, s, self.n_heads, -1).transpose(1, 2)
+        k_nope_BHSN, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
+        k_rope_BHSR = k_rope_BSR[:, None].expand(b, self.n_heads, s, self.rope_dim)
+        q = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
+        k = torch.cat([k_nope_BHSN, k_rope_BHSR], dim=-1)
+        if side is not None and torch.is_grad_enabled():
+            with torch.no_grad():
+                q_abs, key = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
+            target = picked_attention(q_abs, key[:, 0], picked, valid, self.scale)
+            scores = self.indexer.picked_scores(x_BTD.detach(), q_latent_BTQ.detach(), index_keys_BSI, rope, picked)
+            side.index_losses.append(indexer_kl(target[:, None], scores, valid))
+        return GatheredAttention.apply(q, k, v_BHSV, self.v_dim, picked.to(torch.int32), valid, self.scale)
 
 
 class GatheredAttention(torch.autograd.Function):
@@ -263,6 +301,51 @@ def sparse_attention(
         del per_chunk
         outs.append(GatheredAttention.apply(q_gather, k_BGSX, None if shared else v, d_v, picked, valid, scale))
     return torch.cat(outs, dim=2)
+
+
+@torch.no_grad()
+def training_picks(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope):
+    """(picked (B, T, K), valid (B, T, K)) for a whole sequence from position 0, K = top-k: `chunk_picks`
+    chunk by chunk (the reference's scores, its top-k), a chunk that sees fewer than K keys padded
+    with invalid picks of key 0."""
+    t = x_BTD.shape[1]
+    scratch = Scratch(x_BTD.device, t)
+    picks, masks = [], []
+    for a in range(0, t, SELECT_CHUNK):
+        z = min(t, a + SELECT_CHUNK)
+        picked, valid = chunk_picks(indexer, x_BTD, q_latent_BTQ, keys_BSI, rope, 0, a, z, scratch)
+        short = indexer.topk - picked.shape[-1]
+        picks.append(F.pad(picked.long(), (0, short)))
+        masks.append(F.pad(valid, (0, short)))
+    return torch.cat(picks, dim=1), torch.cat(masks, dim=1)
+
+
+def flat_picks(picked_BTK: torch.Tensor, s: int) -> torch.Tensor:
+    """Picks as row numbers of the keys flattened to (B S, .): one index_select reads them (advanced
+    indexing on (B, S, .) with a batch index ran several times slower, its backward slower still)."""
+    offsets = torch.arange(picked_BTK.shape[0], device=picked_BTK.device)[:, None, None] * s
+    return (picked_BTK + offsets).flatten()
+
+
+@torch.no_grad()
+def picked_attention(q_BHTX, key_BSX, picked_BTK, valid_BTK, scale: float, chunk: int = SELECT_CHUNK) -> torch.Tensor:
+    """The attention's weights over each query's picks, summed over heads and normalized (B, T, K):
+    the indexer's distillation target on the kept keys (the reference's `distillation_loss`). MLA's
+    absorbed form: q (B, H, T, X) the absorbed queries, key (B, S, X) the one key head [c_KV ; k_R],
+    so each pick is one row for every head. By chunks of queries."""
+    b, h, t, x = q_BHTX.shape
+    keys = key_BSX.reshape(-1, x)
+    q_BTHX = q_BHTX.transpose(1, 2)
+    target = []
+    for a in range(0, t, chunk):
+        picks, ok = picked_BTK[:, a : a + chunk], valid_BTK[:, a : a + chunk]
+        c, k = picks.shape[1], picks.shape[2]
+        k_sel = keys.index_select(0, flat_picks(picks, key_BSX.shape[1])).view(b * c, k, x)
+        logits = torch.bmm(q_BTHX[:, a : a + chunk].reshape(b * c, h, x), k_sel.transpose(1, 2)).mul_(scale)
+        logits.masked_fill_(~ok.reshape(b * c, 1, k), float("-inf"))
+        probs = torch.softmax(logits, dim=-1).sum(1).view(b, c, k)
+        target.append(probs / probs.sum(-1, keepdim=True).clamp_min(1e-20))
+    return torch.cat(target, dim=1)
 
 
 class Scratch:

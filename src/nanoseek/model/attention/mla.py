@@ -131,6 +131,11 @@ class MultiHeadLatentAttention(nn.Module):
                 q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, x_BTD, q_latent_BTQ, index_keys_BTI, rope
             )
             return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
+        if self.indexer is not None and self.training and not self.dsa_warmup and cache is None:
+            o_BHTV = self.attend_sparse_training(
+                q_nope_BHTN, q_rope_BHTR, latent_BTC, k_rope_BTR, start, x_BTD, q_latent_BTQ, index_keys_BTI, rope, side
+            )
+            return self.o_proj(o_BHTV.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
         if self.indexer is not None:
             s = latent_BTC.shape[1]
             causal = causal_mask(start, t, s, x_BTD.device).expand(b, t, s)
@@ -171,6 +176,18 @@ class MultiHeadLatentAttention(nn.Module):
         if scores is not None and side is not None and torch.is_grad_enabled():
             side.index_losses.append(self.distillation_loss(q, k, keep, scores))
         return causal_attention(q, k, v_BHSV, start, self.scale, dropout, self.window, keep)
+
+    def attend_sparse_training(
+        self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope, side
+    ):
+        """DSA's sparse training phase: the indexer scores every causal pair, each query keeps its top-k
+        as a mask over all of them (expanded SDPA), and with a `side` the indexer's KL over the kept keys."""
+        b, t, _ = x_BTD.shape
+        s = latent_BSC.shape[1]
+        causal = causal_mask(start, t, s, x_BTD.device).expand(b, t, s)
+        scores = self.indexer.scores(x_BTD.detach(), q_latent_BTQ.detach(), index_keys_BSI, rope)
+        keep = self.indexer.select(scores.detach(), causal)  # picks: no graph
+        return self.attend_expanded(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep, scores, side)
 
     @torch.no_grad()
     def attention_map(self, x_BTD: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:

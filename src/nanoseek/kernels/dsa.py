@@ -1,4 +1,5 @@
-"""DSA's long-sequence path, fast (model/attention/dsa.py's `chunked_sparse_attention`, same picks, same math).
+"""DSA's long-sequence path and its sparse training step, fast (model/attention/dsa.py's
+`chunked_sparse_attention` and MLA's `attend_sparse_training`: same picks, same math).
 
 The reference walks chunks of SELECT_CHUNK queries: the indexer scores the keys the chunk can see,
 each query keeps its top-k, and attention runs over those picks, either as an additive mask in one
@@ -21,10 +22,18 @@ output with less work:
   * values that are a prefix of the keys (MLA's absorbed form: the key is [c_KV ; k_R], the value
     c_KV) are passed as their width: the picks are gathered once and serve as both.
 
-The indexer's scores are computed without autograd: the picks are indices, so no gradient reaches
-the indexer through this path in the reference either. Which keys a query keeps is exactly the
-reference's (the same scores, chunk by chunk; the same `earliest_topk` call, or on the CPU the C++
-radix select csrc/indexer_topk.cpp, which picks the same keys, ties included: tested).
+In a prefill the indexer's scores are computed without autograd: the picks are indices, so no
+gradient reaches the indexer through that path in the reference either. Which keys a query keeps
+is exactly the reference's (the same scores, chunk by chunk; the same `earliest_topk` call, or on
+the CPU the C++ radix select csrc/indexer_topk.cpp, which picks the same keys, ties included:
+tested).
+
+Sparse training (`SparseLatentAttention.attend_sparse_training`): the reference masks a T x T SDPA
+with the picks and takes the indexer's KL over the kept keys from T x T logits. Here the scores of
+every pair only pick (no autograd, `training_picks`), attention runs `GatheredAttention` over the
+picks (expanded heads, G = H), the KL target is the attention's weights at the picks
+(`picked_attention`, absorbed form) and the indexer's scores are recomputed with autograd at the
+picks only: KL(p || softmax over the picks) is the same function of the same scores.
 
     >>> q, k = torch.randn(1, 2, 6, 8, requires_grad=True), torch.randn(1, 1, 6, 8)
     >>> picked, valid = torch.tensor([[[0, 1]] * 6]), torch.ones(1, 6, 2, dtype=torch.bool)

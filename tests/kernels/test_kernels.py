@@ -633,6 +633,38 @@ def test_nsa_model_with_kernels_equals_the_reference_model(topn):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("query_group,n_kv_heads", [(1, 2), (2, 1), (1, 4)])
+def test_nsa_model_with_gathered_selection_equals_the_reference_model(query_group, n_kv_heads):
+    """Query groups smaller than a block: the selected branch through the gathered kernel (per query
+    picked tokens) against the reference's masked SDPA; loss and every gradient, and a prefill after
+    cached tokens."""
+    from nanoseek.kernels import nsa as fast
+
+    kw = dict(sparse="nsa", nsa_block=4, nsa_topn=4, sliding_window=6, nsa_query_group=query_group)
+    ref, model = twin_models("llama-tiny", num_key_value_heads=n_kv_heads, **kw)
+    calls = []
+    original = fast.GatheredAttention.apply
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast.GatheredAttention, "apply", lambda *a: calls.append(1) or original(*a))
+        ids = torch.randint(0, ref.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+        losses, grads = [], []
+        for m in (ref, model):
+            loss = m(ids, ids, return_logits=False).loss
+            losses.append(loss.detach())
+            grads.append(torch.autograd.grad(loss, list(m.parameters())))
+        assert calls, "the gathered selection did not run"
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+        for (name, _), got, want in zip(ref.named_parameters(), grads[1], grads[0]):
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
+        with torch.no_grad():
+            logits = []
+            for m in (ref.eval(), model.eval()):
+                cache = m.make_cache(2, 40)
+                m(ids[:, :13], cache=cache, start=0)
+                logits.append(m(ids[:, 13:], cache=cache, start=13).logits)
+        torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------- DSA long-sequence path
 
 

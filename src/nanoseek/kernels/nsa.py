@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from nanoseek.kernels.dsa import GatheredAttention, native_ops
 from nanoseek.model.attention.nsa import NativeSparseAttention, visible_blocks
 from nanoseek.model.moe.experts import matmul_dtype
 
@@ -27,10 +28,49 @@ CMP_CHUNK = 1024  # queries per step of the compressed branch (bounds its (C, n)
 
 
 class ChunkedNativeSparseAttention(NativeSparseAttention):
-    """NativeSparseAttention whose compressed branch runs `CompressedBlockAttention`."""
+    """NativeSparseAttention whose compressed branch runs `CompressedBlockAttention` and whose selected
+    branch, for query groups smaller than a block, runs DSA's gathered kernel over each query's
+    picked tokens (`selected_tokens`)."""
 
     def block_attention(self, q, k_blocks, v_blocks, start: int, with_probs: bool):
         return CompressedBlockAttention.apply(q, k_blocks, v_blocks, start, self.block, self.scale, with_probs)
+
+    @torch.compiler.disable
+    def selected_attention_by_group(self, q, k, v, p_cmp, start: int):
+        """The reference's masked or gathered SDPA over each group's picked blocks, as `GatheredAttention`
+        over each query's picked tokens: T x K l work (the masked form's is T x S), nothing kept for
+        backward but the picks. fp32 on the CPU with the C++ kernel; elsewhere the reference."""
+        if native_ops(q) is None:
+            return super().selected_attention_by_group(q, k, v, p_cmp, start)
+        b, h, t, d = q.shape
+        g, s, d_v = self.n_kv_heads, k.shape[2], v.shape[-1]
+        picked, valid = self.selected_tokens(p_cmp, start, t, s)  # (B, G, T, K l)
+        out = GatheredAttention.apply(
+            q.reshape(b * g, h // g, t, d),
+            k.reshape(b * g, 1, s, d),
+            v.reshape(b * g, 1, s, d_v),
+            d_v,
+            picked.flatten(0, 1),
+            valid.flatten(0, 1),
+            self.scale,
+        )
+        return out.reshape(b, h, t, d_v)
+
+    def selected_tokens(self, p_cmp, start: int, t: int, s: int):
+        """(picked (B, G, T, K l) int32 key positions, valid): each query's group's K blocks as tokens
+        (`choose_blocks`), valid where the block is a real pick and the token is a key (< s) not after
+        the query. Invalid picks point at key 0."""
+        l, m = self.block, self.query_group
+        first = start // l
+        own = first + torch.arange(p_cmp.shape[2], device=p_cmp.device) * m // l  # each group's query block
+        blocks, block_ok = self.choose_blocks(p_cmp, own)  # (B, G, groups, K)
+        query_pos = torch.arange(start, start + t, device=p_cmp.device)
+        group_of = (query_pos - first * l) // m
+        offsets = torch.arange(l, device=p_cmp.device)
+        token = (blocks[:, :, group_of, :, None] * l + offsets).flatten(-2)  # (B, G, T, K l)
+        ok = block_ok[:, :, group_of].repeat_interleave(l, dim=-1)
+        ok &= (token <= query_pos[:, None]) & (token < s)
+        return token.masked_fill_(~ok, 0).to(torch.int32), ok
 
 
 def chunk_probs(q_BGRCd, k_BGnd, start: int, block: int, scale: float) -> torch.Tensor:

@@ -33,7 +33,8 @@ with the picks and takes the indexer's KL over the kept keys from T x T logits. 
 every pair only pick (no autograd, `training_picks`), attention runs `GatheredAttention` over the
 picks (expanded heads, G = H), the KL target is the attention's weights at the picks
 (`picked_attention`, absorbed form) and the indexer's scores are recomputed with autograd at the
-picks only: KL(p || softmax over the picks) is the same function of the same scores.
+picks only (`picked_index_scores`): KL(p || softmax over the picks) is the same function of the
+same scores.
 
     >>> q, k = torch.randn(1, 2, 6, 8, requires_grad=True), torch.randn(1, 1, 6, 8)
     >>> picked, valid = torch.tensor([[[0, 1]] * 6]), torch.ones(1, 6, 2, dtype=torch.bool)
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanoseek.kernels.native import load as load_kernel
 from nanoseek.model.attention.core import causal_attention, sdpa
@@ -112,7 +114,9 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             with torch.no_grad():
                 q_abs, key = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
             target = picked_attention(q_abs, key[:, 0], picked, valid, self.scale)
-            scores = self.indexer.picked_scores(x_BTD.detach(), q_latent_BTQ.detach(), index_keys_BSI, rope, picked)
+            scores = picked_index_scores(
+                self.indexer, x_BTD.detach(), q_latent_BTQ.detach(), index_keys_BSI, rope, picked
+            )
             side.index_losses.append(indexer_kl(target[:, None], scores, valid))
         return GatheredAttention.apply(q, k, v_BHSV, self.v_dim, picked.to(torch.int32), valid, self.scale)
 
@@ -336,25 +340,57 @@ def flat_picks(picked_BTK: torch.Tensor, s: int) -> torch.Tensor:
     return (picked_BTK + offsets).flatten()
 
 
+PICK_CHUNK_BYTES = 8 << 20  # gathered rows per step of the training path's per-pick products (reused heap, not
+# fresh mappings: past glibc's 32 MiB mmap threshold each new tensor's pages are zero-filled on first touch)
+
+
+def row_chunks(rows: int, per_row_bytes: int):
+    """(first, end) row ranges of at most PICK_CHUNK_BYTES of gathered data each."""
+    step = max(1, PICK_CHUNK_BYTES // max(1, per_row_bytes))
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
+
+
 @torch.no_grad()
-def picked_attention(q_BHTX, key_BSX, picked_BTK, valid_BTK, scale: float, chunk: int = SELECT_CHUNK) -> torch.Tensor:
+def picked_attention(q_BHTX, key_BSX, picked_BTK, valid_BTK, scale: float) -> torch.Tensor:
     """The attention's weights over each query's picks, summed over heads and normalized (B, T, K):
     the indexer's distillation target on the kept keys (the reference's `distillation_loss`). MLA's
     absorbed form: q (B, H, T, X) the absorbed queries, key (B, S, X) the one key head [c_KV ; k_R],
     so each pick is one row for every head. By chunks of queries."""
     b, h, t, x = q_BHTX.shape
+    k = picked_BTK.shape[-1]
     keys = key_BSX.reshape(-1, x)
-    q_BTHX = q_BHTX.transpose(1, 2)
-    target = []
-    for a in range(0, t, chunk):
-        picks, ok = picked_BTK[:, a : a + chunk], valid_BTK[:, a : a + chunk]
-        c, k = picks.shape[1], picks.shape[2]
-        k_sel = keys.index_select(0, flat_picks(picks, key_BSX.shape[1])).view(b * c, k, x)
-        logits = torch.bmm(q_BTHX[:, a : a + chunk].reshape(b * c, h, x), k_sel.transpose(1, 2)).mul_(scale)
-        logits.masked_fill_(~ok.reshape(b * c, 1, k), float("-inf"))
-        probs = torch.softmax(logits, dim=-1).sum(1).view(b, c, k)
-        target.append(probs / probs.sum(-1, keepdim=True).clamp_min(1e-20))
-    return torch.cat(target, dim=1)
+    q_rows = q_BHTX.transpose(1, 2).reshape(b * t, h, x)
+    rows, ok = flat_picks(picked_BTK, key_BSX.shape[1]).view(b * t, k), valid_BTK.reshape(b * t, 1, k)
+    target = torch.empty(b * t, k, dtype=torch.float32, device=q_BHTX.device)
+    for a, z in row_chunks(b * t, k * x * keys.element_size()):
+        k_sel = keys.index_select(0, rows[a:z].flatten()).view(z - a, k, x)
+        logits = torch.bmm(q_rows[a:z], k_sel.transpose(1, 2)).mul_(scale).masked_fill_(~ok[a:z], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).sum(1)
+        target[a:z] = probs / probs.sum(-1, keepdim=True).clamp_min(1e-20)
+    return target.view(b, t, k)
+
+
+def picked_index_scores(indexer: LightningIndexer, x_BTD, q_latent_BTQ, keys_BSI, rope, picked_BTK) -> torch.Tensor:
+    """The indexer's I (B, T, K) at each query's picks only, with autograd: its `scores` formula,
+    sum_h w_h relu(q_h . k_s), on T x K pairs instead of T x S. By chunks of rows, each recomputed in
+    backward (the gathered keys are not kept)."""
+    b, t, _ = x_BTD.shape
+    s, k = keys_BSI.shape[1], picked_BTK.shape[-1]
+    q_BXI, w_N1H = indexer.queries(x_BTD, q_latent_BTQ, rope)
+    q_rows = q_BXI.view(b * t, indexer.n_heads, -1)
+    keys = keys_BSI.float().reshape(b * s, -1)
+    rows = flat_picks(picked_BTK, s).view(b * t, k)
+    parts = [
+        checkpoint(scores_at_picks, q_rows[a:z], w_N1H[a:z], keys, rows[a:z], use_reentrant=False)
+        for a, z in row_chunks(b * t, k * keys.shape[-1] * keys.element_size())
+    ]
+    return torch.cat(parts).view(b, t, k)
+
+
+def scores_at_picks(q_NHI, w_N1H, keys_SI, rows_NK) -> torch.Tensor:
+    """sum_h w_h relu(q_h . k) for each row's picked keys: (N, K)."""
+    k_sel = keys_SI.index_select(0, rows_NK.flatten()).view(*rows_NK.shape, -1)
+    return torch.bmm(w_N1H, torch.bmm(q_NHI, k_sel.transpose(1, 2)).relu_()).squeeze(1)
 
 
 class Scratch:

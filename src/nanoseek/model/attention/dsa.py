@@ -63,16 +63,6 @@ class LightningIndexer(nn.Module):
         dots_BXS = torch.matmul(q_BXI, keys_BSI.float().transpose(-1, -2))
         return torch.bmm(w_N1H, dots_BXS.relu_().view(b * t, self.n_heads, -1)).view(b, t, -1)
 
-    def picked_scores(self, x_BTD, q_latent_BTQ, keys_BSI: torch.Tensor, rope, picked_BTK) -> torch.Tensor:
-        """I (B, T, K) at each query's picked keys only: `scores` on T x K pairs, not T x S."""
-        b, t, _ = x_BTD.shape
-        q_BXI, w_N1H = self.queries(x_BTD, q_latent_BTQ, rope)
-        s, k = keys_BSI.shape[1], picked_BTK.shape[-1]
-        rows = (picked_BTK + torch.arange(b, device=picked_BTK.device)[:, None, None] * s).flatten()
-        keys_NKI = keys_BSI.float().reshape(b * s, -1).index_select(0, rows).view(b * t, k, -1)
-        dots_NHK = torch.bmm(q_BXI.view(b * t, self.n_heads, -1), keys_NKI.transpose(1, 2))
-        return torch.bmm(w_N1H, dots_NHK.relu()).view(b, t, k)
-
     def queries(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
         """(q^I rotated, as (B, T H, d_I) rows, and the head weights w / sqrt(d_I) as (B T, 1, H)), fp32:
         relu(a z) = a relu(z) for a > 0 moves 1/sqrt(d_I) into the weights."""

@@ -88,12 +88,11 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         over every causal pair without autograd (only the picks are used), the attention through
         `GatheredAttention` (T x K pairs, not T x S), and the KL over the picks (the reference's
         `indexer_kl` on the kept keys), its indexer scores recomputed at the picks with autograd.
-        The same values and gradients as the reference (tested); other devices, dtypes, dropout and
-        windows keep the reference."""
+        The same values and gradients as the reference (tested); other devices and dtypes, no C++
+        kernel, dropout and windows keep the reference."""
         s = latent_BSC.shape[1]
-        if (
-            q_nope_BHTN.device.type != "cpu"
-            or q_nope_BHTN.dtype != torch.float32
+        if (  # fp32 on the CPU with the C++ kernel built (PyTorch's per-query loop would be slower)
+            native_ops(q_nope_BHTN) is None
             or isinstance(start, torch.Tensor)
             or start != 0
             or s <= self.indexer.topk

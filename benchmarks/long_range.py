@@ -35,6 +35,10 @@ its long-range path:
 Prints one JSON line per kind and seed: accuracy over 8 fresh sequences, steps, seconds per step
 (training only), final loss, and the curve [step, training seconds, accuracy] (every --eval-every
 steps and at the end), from which both comparisons come: at equal steps and at equal wall time.
+For the kinds that choose keys per query (dsa, nsa, nsa-token) also `coverage`: on the same
+sequences, the share of queries whose fact was among the keys some layer let them see (its window,
+selected blocks or picks; per layer too), and the accuracy where it was seen and where it was
+missed: whether the kind's errors come from its selection.
 """
 
 from __future__ import annotations
@@ -128,6 +132,46 @@ def accuracy(model, n: int, batches: int = 4, batch: int = 2) -> float:
     return hits / total
 
 
+SELECTING = ("dsa", "nsa", "nsa-token")  # kinds that choose tokens per query: their coverage is measured
+
+
+@torch.no_grad()
+def selection_coverage(model, n: int, batches: int = 4, batch: int = 2) -> dict:
+    """Whether each scored query's fact was among the keys its layers let it see (the window, NSA's
+    selected blocks, DSA's picks: `attention_map`'s allowed keys), on `accuracy`'s sequences: the share
+    seen by some layer and by each layer, and the accuracy on queries whose fact was seen / missed.
+    A kind that answers right only where its selection found the fact loses accuracy to selection."""
+    from nanoseek.analysis.attention import attention_maps
+
+    model.eval()
+    g = torch.Generator().manual_seed(12345)
+    seen_by_layer, right, seen_any = [[] for _ in model.layers], [], []
+    for _ in range(batches):
+        x, y = make_batch(batch, n, g)
+        pred = model(x).logits.argmax(-1)
+        for b in range(batch):
+            asked = (y[b] >= 0).nonzero().flatten()
+            fact_at = {int(tok): int(pos) for pos, tok in enumerate(x[b, : n // 2].tolist()) if tok >= FILLER}
+            facts = torch.tensor([fact_at[int(y[b, t])] for t in asked])
+            layers = [attention_maps(model, x[b : b + 1], i)[1][asked, facts] for i in range(len(model.layers))]
+            for i, seen in enumerate(layers):
+                seen_by_layer[i].append(seen)
+            seen_any.append(torch.stack(layers).any(0))
+            right.append(pred[b, asked] == y[b, asked])
+    model.train()
+    seen, right = torch.cat(seen_any), torch.cat(right)
+
+    def share(mask) -> float | None:
+        return round(float(mask.float().mean()), 4) if mask.numel() else None
+
+    return {
+        "fact_seen": share(seen),
+        "fact_seen_by_layer": [share(torch.cat(s)) for s in seen_by_layer],
+        "accuracy_when_seen": share(right[seen]),
+        "accuracy_when_missed": share(right[~seen]),
+    }
+
+
 def curriculum(step: int, steps: int, n: int) -> int:
     """Half-length n/16 for the first 40% of the steps, n/4 for the next 30%, then n."""
     if step < 0.4 * steps:
@@ -193,6 +237,7 @@ def run(
         "final_train_loss": round(loss, 4),
         "curve": curve,
         **({"nsa_block": NSA_SHAPE["block"], "nsa_topn": NSA_SHAPE["topn"]} if kind.startswith("nsa") else {}),
+        **({"coverage": selection_coverage(model, n)} if kind in SELECTING else {}),
         "threads": torch.get_num_threads(),
     }
 

@@ -26,9 +26,25 @@ def test_tiny_run_gives_a_curve_per_kind_and_seed_and_a_plot(tmp_path, capsys, l
         assert [p[0] for p in r["curve"]] == [2, 4] and r["curve"][-1][2] == r["accuracy"]
         assert r["curve"][0][1] <= r["curve"][1][1]  # training seconds accumulate
     assert rows[0]["curve"] != rows[1]["curve"]  # the seed changes data and weights
+    assert "coverage" not in rows[0]
+    assert rows[2]["coverage"]["fact_seen"] == 1.0  # 32 tokens, 8 blocks of 32 selected: every key
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == rows and png.stat().st_size > 0
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     replotted = load_benchmark("long_range").main(["--replot", str(jsonl), "--plot", str(tmp_path / "again.png")])
     assert replotted == rows
+
+
+def test_selection_coverage_sees_every_fact_densely_and_none_through_a_short_window(load_benchmark):
+    """Facts 33+ tokens back: dense attention sees each one in every layer, a window of 32 in none."""
+    from nanoseek import Transformer
+
+    lr = load_benchmark("long_range")
+    torch.manual_seed(0)
+    dense = lr.selection_coverage(Transformer(lr.config("dense", 64)), 64, batches=1)
+    assert dense["fact_seen"] == 1.0 and dense["fact_seen_by_layer"] == [1.0, 1.0]
+    assert dense["accuracy_when_missed"] is None and 0 <= dense["accuracy_when_seen"] <= 1
+    window = lr.selection_coverage(Transformer(lr.config("sliding", 64)), 64, batches=1)
+    assert window["fact_seen"] == 0.0 and window["fact_seen_by_layer"] == [0.0, 0.0]
+    assert window["accuracy_when_seen"] is None

@@ -623,6 +623,11 @@ def test_nsa_model_with_kernels_equals_the_reference_model(topn):
     assert isinstance(fast.layers[0].self_attn, ChunkedNativeSparseAttention)
     assert not isinstance(ref.layers[0].self_attn, ChunkedNativeSparseAttention)
     ids = torch.randint(0, ref.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    assert_same_loss_and_gradients(ref, fast, ids, grad_atol=1e-6)
+
+
+def assert_same_loss_and_gradients(ref, fast, ids, grad_atol: float):
+    """The language-model loss on ids and every parameter's gradient, fast model against reference."""
     losses, grads = [], []
     for model in (ref, fast):
         loss = model(ids, ids, return_logits=False).loss
@@ -630,7 +635,7 @@ def test_nsa_model_with_kernels_equals_the_reference_model(topn):
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
     for (name, _), got, want in zip(ref.named_parameters(), grads[1], grads[0]):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got, want, atol=grad_atol, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("query_group,n_kv_heads", [(1, 2), (2, 1), (1, 4)])
@@ -647,15 +652,8 @@ def test_nsa_model_with_gathered_selection_equals_the_reference_model(query_grou
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fast.GatheredAttention, "apply", lambda *a: calls.append(1) or original(*a))
         ids = torch.randint(0, ref.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
-        losses, grads = [], []
-        for m in (ref, model):
-            loss = m(ids, ids, return_logits=False).loss
-            losses.append(loss.detach())
-            grads.append(torch.autograd.grad(loss, list(m.parameters())))
+        assert_same_loss_and_gradients(ref, model, ids, grad_atol=2e-6)
         assert calls, "the gathered selection did not run"
-        torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
-        for (name, _), got, want in zip(ref.named_parameters(), grads[1], grads[0]):
-            torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
         with torch.no_grad():
             logits = []
             for m in (ref.eval(), model.eval()):

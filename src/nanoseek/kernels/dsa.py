@@ -80,7 +80,6 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         )
         return self.expand_output(o_latent_BHTC)
 
-    @torch.compiler.disable
     def attend_sparse_training(
         self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope, side
     ):
@@ -89,10 +88,11 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         `GatheredAttention` (T x K pairs, not T x S), and the KL over the picks (the reference's
         `indexer_kl` on the kept keys), its indexer scores recomputed at the picks with autograd.
         The same values and gradients as the reference (tested); other devices and dtypes, no C++
-        kernel, dropout and windows keep the reference."""
+        kernel, dropout, windows and compiled graphs keep the reference."""
         s = latent_BSC.shape[1]
         if (  # fp32 on the CPU with the C++ kernel built (PyTorch's per-query loop would be slower)
-            native_ops(q_nope_BHTN) is None
+            torch.compiler.is_compiling()  # a compiled training step stays one graph: the reference
+            or native_ops(q_nope_BHTN) is None
             or isinstance(start, torch.Tensor)
             or start != 0
             or s <= self.indexer.topk

@@ -35,12 +35,11 @@ class ChunkedNativeSparseAttention(NativeSparseAttention):
     def block_attention(self, q, k_blocks, v_blocks, start: int, with_probs: bool):
         return CompressedBlockAttention.apply(q, k_blocks, v_blocks, start, self.block, self.scale, with_probs)
 
-    @torch.compiler.disable
     def selected_attention_by_group(self, q, k, v, p_cmp, start: int):
         """The reference's masked or gathered SDPA over each group's picked blocks, as `GatheredAttention`
         over each query's picked tokens: T x K l work (the masked form's is T x S), nothing kept for
-        backward but the picks. fp32 on the CPU with the C++ kernel; elsewhere the reference."""
-        if native_ops(q) is None:
+        backward but the picks. fp32 on the CPU with the C++ kernel, eagerly; elsewhere the reference."""
+        if torch.compiler.is_compiling() or native_ops(q) is None:  # compiled graphs: the reference, no break
             return super().selected_attention_by_group(q, k, v, p_cmp, start)
         b, h, t, d = q.shape
         g, s, d_v = self.n_kv_heads, k.shape[2], v.shape[-1]

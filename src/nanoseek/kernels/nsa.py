@@ -65,11 +65,11 @@ class ChunkedNativeSparseAttention(NativeSparseAttention):
         blocks, block_ok = self.choose_blocks(p_cmp, own)  # (B, G, groups, K)
         query_pos = torch.arange(start, start + t, device=p_cmp.device)
         group_of = (query_pos - first * l) // m
-        offsets = torch.arange(l, device=p_cmp.device)
-        token = (blocks[:, :, group_of, :, None] * l + offsets).flatten(-2)  # (B, G, T, K l)
+        offsets = torch.arange(l, dtype=torch.int32, device=p_cmp.device)
+        token = (blocks.to(torch.int32)[:, :, group_of, :, None] * l + offsets).flatten(-2)  # (B, G, T, K l)
         ok = block_ok[:, :, group_of].repeat_interleave(l, dim=-1)
         ok &= (token <= query_pos[:, None]) & (token < s)
-        return token.masked_fill_(~ok, 0).to(torch.int32), ok
+        return token.masked_fill_(~ok, 0), ok
 
 
 def chunk_probs(q_BGRCd, k_BGnd, start: int, block: int, scale: float) -> torch.Tensor:

@@ -103,12 +103,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
                 q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope, side
             )
         picked, valid = training_picks(self.indexer, x_BTD, q_latent_BTQ, index_keys_BSI, rope)
-        b = latent_BSC.shape[0]
-        kv_BHSX = self.kv_b_proj(latent_BSC).view(b, s, self.n_heads, -1).transpose(1, 2)
-        k_nope_BHSN, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
-        k_rope_BHSR = k_rope_BSR[:, None].expand(b, self.n_heads, s, self.rope_dim)
-        q = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
-        k = torch.cat([k_nope_BHSN, k_rope_BHSR], dim=-1)
+        q, k, v_BHSV = self.expanded_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
         if side is not None and torch.is_grad_enabled():
             with torch.no_grad():
                 q_abs, key = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)

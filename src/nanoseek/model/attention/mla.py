@@ -166,16 +166,20 @@ class MultiHeadLatentAttention(nn.Module):
     ):
         """Materialize per-head keys and values from the latents, then SDPA; with the indexer's `scores`
         and a `side`, also its distillation loss."""
+        q, k, v_BHSV = self.expanded_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR)
+        dropout = self.dropout if self.training else 0.0
+        if scores is not None and side is not None and torch.is_grad_enabled():
+            side.index_losses.append(self.distillation_loss(q, k, keep, scores))
+        return causal_attention(q, k, v_BHSV, start, self.scale, dropout, self.window, keep)
+
+    def expanded_inputs(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR):
+        """(q (B, H, T, N+R), k (B, H, S, N+R), v (B, H, S, V)): per-head keys and values from the latents."""
         b, s, _ = latent_BSC.shape
         kv_BHSX = self.kv_b_proj(latent_BSC).view(b, s, self.n_heads, -1).transpose(1, 2)
         k_nope_BHSN, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
         k_rope_BHSR = k_rope_BSR[:, None].expand(b, self.n_heads, s, self.rope_dim)
         q = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
-        k = torch.cat([k_nope_BHSN, k_rope_BHSR], dim=-1)
-        dropout = self.dropout if self.training else 0.0
-        if scores is not None and side is not None and torch.is_grad_enabled():
-            side.index_losses.append(self.distillation_loss(q, k, keep, scores))
-        return causal_attention(q, k, v_BHSV, start, self.scale, dropout, self.window, keep)
+        return q, torch.cat([k_nope_BHSN, k_rope_BHSR], dim=-1), v_BHSV
 
     def attend_sparse_training(
         self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, x_BTD, q_latent_BTQ, index_keys_BSI, rope, side

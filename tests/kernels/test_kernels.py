@@ -484,6 +484,59 @@ def test_grouped_matmul_equals_per_expert_products():
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("counts", [[3, 0, 17, 40, 1], [0, 0, 5, 0], [70, 0, 0, 30]])
+@pytest.mark.parametrize("form", ["rows", "contraction"])
+def test_bucketed_grouped_mm_equals_torchs_grouped_mm_exactly(counts, form):
+    """Inputs in {-1, 0, 1} and at most 70 terms per sum: every product and partial sum is exact in
+    fp32 accumulation and every total (an integer below 256) is exact in bf16, so the windows' extra rows (dropped
+    outputs, zeroed terms) must change nothing, bit for bit."""
+    from nanoseek.kernels.grouped_gemm import grouped_mm, uses_buckets
+
+    g = torch.Generator().manual_seed(0)
+    m = sum(counts)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+
+    def ternary(*shape):
+        return torch.randint(-1, 2, shape, generator=g).to(torch.bfloat16)
+
+    if form == "rows":  # (M, K) x (E, K, N), the weight a transposed view as the experts pass it
+        a, b = ternary(m, 32), ternary(len(counts), 24, 32).transpose(1, 2)
+    else:  # (K, M) x (M, N): a weight gradient, a = dy^T a transposed view
+        a, b = ternary(m, 24).T, ternary(m, 32)
+    assert uses_buckets(a)
+    want = torch._grouped_mm(a, b, offs=offs)
+    assert torch.equal(grouped_mm(a, b, offs), want)
+    assert torch.equal(grouped_mm(a.float(), b.float(), offs), want.float())  # fp32: torch's op
+
+
+def test_bucketed_grouped_mm_rounds_rows_up_by_at_most_a_quarter():
+    from nanoseek.kernels.grouped_gemm import MIN_BUCKET, bucket
+
+    sizes = [bucket(n) for n in range(1, 5000)]
+    assert all(max(n, MIN_BUCKET) <= p <= max(1.25 * n, MIN_BUCKET) for n, p in zip(range(1, 5000), sizes))
+    assert len(set(sizes)) <= 4 * 9 + 1  # 4 per octave above 16
+
+
+def test_grouped_experts_in_bf16_with_buckets_equal_torchs_grouped_mm(monkeypatch):
+    """The routed experts' forward and backward under bf16 autocast, bucketed against torch's op."""
+    import nanoseek.kernels.grouped_gemm as gg
+
+    _, fast = twin_experts(torch.float32, None)
+    counts = torch.tensor([19, 0, 40, 7])
+    rows = torch.randint(0, 30, (66,), generator=torch.Generator().manual_seed(2))
+    x = torch.randn(30, 16, requires_grad=True)
+    w = torch.rand(66, requires_grad=True)
+    results = []
+    for buckets in (True, False):
+        monkeypatch.setattr(gg, "BUCKETED_DTYPES", (torch.bfloat16,) if buckets else ())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fast(x, counts, w, rows)
+        grads = torch.autograd.grad(y.float().square().sum(), (x, w, fast.gate_up_proj, fast.down_proj))
+        results.append((y, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
 # ---------------------------------------------------------------------------- whole models
 
 

@@ -287,6 +287,42 @@ def test_sdpa_with_grouped_heads_folded_into_rows_equals_the_grouped_call(monkey
     assert not attention.folds_grouped_heads(q, torch.ones(2, 2, 20, 24, dtype=torch.bool), is_causal=False)
 
 
+@pytest.mark.parametrize(
+    "mask_shape,float_mask",
+    [(None, False), ((20, 24), False), ((2, 1, 20, 24), False), ((1, 8, 20, 24), True), ((8, 20, 24), True)],
+)
+def test_bf16_sdpa_on_short_rows_is_explicit_and_as_accurate_as_the_flash_kernel(mask_shape, float_mask):
+    """bf16 on the CPU with few keys: `sdpa` runs explicit matmuls (fp32 logits and softmax) whose
+    output and gradients are no further from the fp64 answer than the flash kernel's own bf16 ones."""
+    from nanoseek.model.attention import core as attention
+
+    g = torch.Generator().manual_seed(0)
+    t, s = (24, 24) if mask_shape is None else (20, 24)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g).bfloat16() for h, n in ((8, t), (2, s), (2, s)))
+    mask = None
+    if mask_shape is not None:
+        mask = torch.randn(mask_shape, generator=g) if float_mask else torch.rand(mask_shape, generator=g) > 0.3
+        if not float_mask:
+            mask[..., 0] = True
+    causal = mask is None
+    assert attention.explicit_attention_pays(q, k, 0.0) and not attention.explicit_attention_pays(q.float(), k, 0.0)
+    assert not attention.explicit_attention_pays(q, k, 0.1)
+
+    def run(fn, dtype):
+        leaves = [x.to(dtype).clone().requires_grad_() for x in (q, k, v)]
+        m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
+        out = fn(*leaves, attn_mask=m, is_causal=causal, scale=0.3)
+        out.float().square().sum().backward()
+        return [out.detach().double()] + [x.grad.double() for x in leaves]
+
+    def flash(q, k, v, **kw):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+
+    exact, explicit, fused = run(flash, torch.float64), run(attention.sdpa, torch.bfloat16), run(flash, torch.bfloat16)
+    for want, got, kernel in zip(exact, explicit, fused):
+        assert (got - want).abs().max() <= 1.5 * (kernel - want).abs().max() + 1e-3 * want.abs().max()
+
+
 def test_sdpa_expands_kv_heads_only_where_cuda_lacks_a_grouped_kernel():
     from types import SimpleNamespace
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from nanoseek.kernels.grouped_gemm import grouped_mm
 from nanoseek.kernels.swiglu import swiglu, swiglu_down
 from nanoseek.model.moe.experts import RoutedExperts, matmul_dtype
 
@@ -68,16 +69,16 @@ class GatheredGroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, rows_M, w_EOK, offsets):
         ctx.save_for_backward(x_ND, rows_M, w_EOK, offsets)
-        return torch._grouped_mm(x_ND.index_select(0, rows_M), w_EOK.transpose(1, 2), offs=offsets)
+        return grouped_mm(x_ND.index_select(0, rows_M), w_EOK.transpose(1, 2), offsets)
 
     @staticmethod
     def backward(ctx, dy):
         x_ND, rows_M, w_EOK, offsets = ctx.saved_tensors
         dx = dw = None
         if ctx.needs_input_grad[2]:
-            dw = torch._grouped_mm(dy.T, x_ND.index_select(0, rows_M).to(dy.dtype), offs=offsets)
+            dw = grouped_mm(dy.T, x_ND.index_select(0, rows_M).to(dy.dtype), offsets)
         if ctx.needs_input_grad[0]:
-            dx_MK = torch._grouped_mm(dy, w_EOK.to(dy.dtype), offs=offsets)
+            dx_MK = grouped_mm(dy, w_EOK.to(dy.dtype), offsets)
             dx = torch.zeros_like(x_ND).index_add_(0, rows_M, dx_MK.to(x_ND.dtype))
         return dx, None, dw, None
 
@@ -102,7 +103,7 @@ def grouped_matmul(x_MK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tens
     offsets = counts_E.cumsum(0).to(torch.int32)
     if has_grouped_mm(x_MK):
         try:
-            return torch._grouped_mm(x_MK, w_EOK.transpose(1, 2), offs=offsets)
+            return grouped_mm(x_MK, w_EOK.transpose(1, 2), offsets)
         except (RuntimeError, NotImplementedError):
             pass
     elif torch.compiler.is_compiling() and opaque_grouped_mm_fits(x_MK, w_EOK):

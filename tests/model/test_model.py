@@ -288,12 +288,20 @@ def test_sdpa_with_grouped_heads_folded_into_rows_equals_the_grouped_call(monkey
 
 
 @pytest.mark.parametrize(
-    "mask_shape,float_mask",
-    [(None, False), ((20, 24), False), ((2, 1, 20, 24), False), ((1, 8, 20, 24), True), ((8, 20, 24), True)],
+    "mask_shape,float_mask,autocast",
+    [
+        (None, False, False),
+        (None, False, True),
+        ((20, 24), False, False),
+        ((2, 1, 20, 24), False, True),
+        ((1, 8, 20, 24), True, False),
+        ((8, 20, 24), True, True),
+    ],
 )
-def test_bf16_sdpa_on_short_rows_is_explicit_and_as_accurate_as_the_flash_kernel(mask_shape, float_mask):
-    """bf16 on the CPU with few keys: `sdpa` runs explicit matmuls (fp32 logits and softmax) whose
-    output and gradients are no further from the fp64 answer than the flash kernel's own bf16 ones."""
+def test_bf16_sdpa_on_short_rows_is_explicit_and_as_accurate_as_the_flash_kernel(mask_shape, float_mask, autocast):
+    """bf16 on the CPU with few keys (bf16 tensors, or fp32 ones under bf16 autocast): `sdpa` runs
+    explicit matmuls (fp32 logits and softmax) whose output and gradients are no further from the
+    fp64 answer than the flash kernel's own bf16 ones."""
     from nanoseek.model.attention import core as attention
 
     g = torch.Generator().manual_seed(0)
@@ -309,9 +317,13 @@ def test_bf16_sdpa_on_short_rows_is_explicit_and_as_accurate_as_the_flash_kernel
     assert not attention.explicit_attention_pays(q, k, 0.1)
 
     def run(fn, dtype):
+        cast = autocast and dtype == torch.bfloat16
+        dtype = torch.float32 if cast else dtype
         leaves = [x.to(dtype).clone().requires_grad_() for x in (q, k, v)]
         m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
-        out = fn(*leaves, attn_mask=m, is_causal=causal, scale=0.3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            assert attention.explicit_attention_pays(leaves[0], leaves[1], 0.0) == (dtype != torch.float64)
+            out = fn(*leaves, attn_mask=m, is_causal=causal, scale=0.3)
         out.float().square().sum().backward()
         return [out.detach().double()] + [x.grad.double() for x in leaves]
 

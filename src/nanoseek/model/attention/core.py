@@ -132,30 +132,39 @@ def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor, dropout_p: float) 
     at 256 keys the flash kernel is ahead."""
     return (
         q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float16)
+        and compute_dtype(q) in (torch.bfloat16, torch.float16)
         and k.shape[-2] <= EXPLICIT_MAX_KEYS
         and dropout_p == 0.0
     )
 
 
+def compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in at q: autocast's on q's device type where it is on, else q's."""
+    kind = q.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else q.dtype
+
+
 def explicit_attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v as two batched matmuls: the logits and the softmax in fp32
     (as the flash kernels keep them; bf16 logits would round to ~3 significant digits), the
-    weights times v in v's dtype. Grouped heads fold into rows: the R = H / H_kv
+    weights times v in the compute dtype (autocast's, else q's). Grouped heads fold into rows: the R = H / H_kv
     query heads of a key head multiply its keys once, (B, H_kv, R T, d) x (B, H_kv, d, S). A bool
     mask keeps True; a float mask adds; is_causal keeps s <= t."""
     b, h, t, d = q.shape
     g, s = k.shape[1], k.shape[-2]
     scale = d**-0.5 if scale is None else scale
-    logits = torch.matmul(q.reshape(b, g, -1, d).float(), k.float().transpose(-1, -2)).mul_(scale).view(b, h, t, s)
-    if is_causal:
-        logits = logits.masked_fill(torch.ones(t, s, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
-    elif attn_mask is not None and attn_mask.dtype == torch.bool:
-        logits = logits.masked_fill(~attn_mask, float("-inf"))
-    elif attn_mask is not None:
-        logits = logits + attn_mask
-    weights = torch.softmax(logits, dim=-1).to(v.dtype)
-    return torch.matmul(weights.view(b, g, -1, s), v).view(b, h, t, -1)
+    dtype = compute_dtype(q)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the fp32 logits in bf16
+        logits = torch.matmul(q.reshape(b, g, -1, d).float(), k.float().transpose(-1, -2))
+        logits = logits.mul_(scale).view(b, h, t, s)
+        if is_causal:
+            logits = logits.masked_fill(torch.ones(t, s, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+        elif attn_mask is not None and attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            logits = logits + attn_mask.float()
+        weights = torch.softmax(logits, dim=-1).to(dtype)
+        return torch.matmul(weights.view(b, g, -1, s), v.to(dtype)).view(b, h, t, -1)
 
 
 FOLD_GROUPED_HEADS = True

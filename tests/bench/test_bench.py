@@ -131,6 +131,18 @@ def test_run_bench_prints_json_lines(capsys):
     assert lines[0]["data"] == "random" and lines[0]["tokens_per_s"] > 0
 
 
+def test_bench_train_fp32_peer_is_nanoseek_in_float32_beside_bf16(capsys):
+    args = ["train", "--preset", "gpt2-tiny", "--seq-len", "8", "--batch", "1", "--steps", "1", "--warmup", "0"]
+    args += ["--rounds", "1", "--threads", "1", "--peak-seconds", "0.05", "--data", "random", "--json"]
+    assert run_bench([*args, "--peers", "fp32", "--dtype", "bfloat16"]) == 0
+    rows = {r["impl"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert (rows["nanoseek"]["dtype"], rows["nanoseek-fp32"]["dtype"]) == ("bfloat16", "float32")
+    ratio = rows["nanoseek"]["tokens_per_s"] / rows["nanoseek-fp32"]["tokens_per_s"]
+    assert rows["ratio"]["nanoseek_over_nanoseek-fp32"] == pytest.approx(ratio)
+    with pytest.raises(NanoseekError, match="choose from reference, hf, fp32, none"):
+        run_bench([*args, "--peers", "fp64"])
+
+
 def test_bench_results_are_a_table_for_people():
     from nanoseek.bench.report import results_table
 

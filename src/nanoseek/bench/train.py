@@ -73,7 +73,7 @@ from nanoseek.model import Transformer
 from nanoseek.train.loop import maybe_compile
 from nanoseek.train.optim import make_optimizer
 
-TRAIN_IMPLS = ("nanoseek", "nanoseek-compiled", "reference", "hf")
+TRAIN_IMPLS = ("nanoseek", "nanoseek-compiled", "nanoseek-fp32", "reference", "hf")
 VOCAB_SIZE = 65  # tiny Shakespeare's characters
 
 
@@ -317,6 +317,8 @@ def bench_train(
         builders["nanoseek"] = (_build_nanoseek(cfg, lr, seed, where), dtype)
     if "nanoseek-compiled" in impls:
         builders["nanoseek-compiled"] = (_build_nanoseek(cfg, lr, seed, where, compiled=True), dtype)
+    if "nanoseek-fp32" in impls:  # the same model in fp32, beside nanoseek in `dtype`
+        builders["nanoseek-fp32"] = (_build_nanoseek(cfg, lr, seed, where), "float32")
     if "hf" in impls:
         builders["hf"] = (_build_hf(cfg, lr, seed, where), ref_dtype)
 
@@ -414,6 +416,20 @@ def bench_train(
                 **machine,
             }
         )
+    if "nanoseek" in by_impl and "nanoseek-fp32" in by_impl:
+        ns, fp32 = by_impl["nanoseek"], by_impl["nanoseek-fp32"]
+        results.append(
+            {
+                "bench": "train",
+                "impl": "ratio",
+                "preset": preset,
+                "dtype": ns["dtype"],
+                "seq_len": seq_len,
+                "batch": batch,
+                "nanoseek_over_nanoseek-fp32": ns["tokens_per_s"] / fp32["tokens_per_s"],
+                **machine,
+            }
+        )
     if "nanoseek" in by_impl and "reference" in by_impl:
         ns, ref = by_impl["nanoseek"], by_impl["reference"]
         results.append(
@@ -465,7 +481,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peers",
         default="reference",
-        help="comma-separated: reference (GPT-2 presets), hf (transformers, DeepSeek/Llama presets), or none",
+        help="comma-separated: reference (GPT-2 presets), hf (transformers, DeepSeek/Llama presets), fp32 "
+        "(nanoseek itself in float32, to see what --dtype bfloat16 gains), or none",
     )
     parser.add_argument("--data", choices=("shakespeare", "random"), default="shakespeare")
     parser.add_argument(
@@ -482,8 +499,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> list[dict]:
     peers = [] if args.peers == "none" else [p for p in args.peers.split(",") if p]
     for peer in peers:
-        if peer not in ("reference", "hf"):
-            raise NanoseekError(f"--peers: unknown peer {peer!r}; choose from reference, hf, none")
+        if peer not in ("reference", "hf", "fp32"):
+            raise NanoseekError(f"--peers: unknown peer {peer!r}; choose from reference, hf, fp32, none")
+    peers = ["nanoseek-fp32" if p == "fp32" else p for p in peers]
     impls = ("nanoseek", *(["nanoseek-compiled"] if args.compile else []), *peers)
     support = bf16_support(resolve_device(args.device))
     print(

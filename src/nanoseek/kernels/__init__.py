@@ -5,6 +5,7 @@
     swiglu.py         FusedSwiGLU and swiglu_down (SwiGLU Functions: the hidden recomputed in backward)
     cross_entropy.py  linear_cross_entropy (head + loss in row chunks; the logits never held whole)
     grouped_mm.py     GroupedExperts (one grouped matmul for all routed experts; opaque ops for compile)
+    grouped_gemm.py   grouped_mm (torch._grouped_mm, with bucketed row counts for bf16 on the CPU)
     dsa.py            SparseLatentAttention (DSA's long prefill: dense prefix, then each query's picks,
                       `GatheredAttention` recomputed in backward; the values are the keys' prefix)
     native.py         builds the C++ kernels in csrc/ on first use (GatheredAttention's fp32 CPU path)

@@ -19,7 +19,9 @@ key once for all of them (`one_query_attention`).
 
 The kernel is PyTorch's `scaled_dot_product_attention`, called through `sdpa`, which passes grouped
 K/V heads as they are where the kernel that will run accepts them and expands them to H heads where
-it does not (see there).
+it does not (see there). bf16/fp16 on the CPU with at most EXPLICIT_MAX_KEYS keys runs the same
+formula as two explicit matmuls instead (`explicit_attention`; the flash kernel's per-tile calls cost
+more than the arithmetic there).
 
     >>> q = k = v = torch.randn(1, 2, 5, 8)
     >>> causal_attention(q, k, v, 0, 8 ** -0.5).shape

@@ -246,6 +246,20 @@ def test_bench_attention_smoke(capsys):
     assert all("forward_over_dense" in r for r in rows[1:])
 
 
+def test_bench_attention_warmup_runs_untimed_calls_first(capsys, monkeypatch):
+    import nanoseek.bench.attention as attention
+
+    calls = []
+    real = attention.run_kind
+    monkeypatch.setattr(attention, "run_kind", lambda kind, *a, **kw: calls.append(kind) or real(kind, *a, **kw))
+    args = ["attention", "--seq", "64", "--kinds", "dense", "--heads", "2", "--head-dim", "16", "--threads", "1"]
+    rows = run_lines([*args, "--repeats", "2", "--warmup", "3", "--no-flops"], capsys)
+    assert len(calls) == 5 and rows[0]["forward_s"] is not None
+    calls.clear()
+    run_lines([*args, "--repeats", "2", "--no-flops"], capsys)
+    assert len(calls) == 2  # no warm-up on the CPU by default
+
+
 @pytest.mark.parametrize("kind", ["train", "prefill", "decode", "attention", "serve"])
 def test_every_bench_runs_as_a_script_in_benchmarks(kind):
     import subprocess

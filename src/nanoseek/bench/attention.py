@@ -50,6 +50,10 @@ memory above the baseline while the kind runs), and forward_over_dense (< 1 is f
 `--device cuda` the inputs and ops live on the GPU, every timing ends with a synchronize, and
 peak_device_mib is the CUDA allocator's peak above its baseline; one untimed run per kind and length goes
 first there (a shape's first call can build kernel plans, which would be charged to the first kind).
+`--warmup N` sets the untimed runs anywhere: on a CPU a first run at long lengths also pays for
+touching its fresh memory (NSA's selected branch at 16K in the deepseek layout: 1 GB of gathered
+keys and values: its gathers took 2.7 s in a first call, 0.4-0.5 s in the next ones of the same
+process).
 `--dtype bfloat16` runs every kind under bf16 autocast, as training does (inputs and weights stay fp32).
 """
 
@@ -236,7 +240,9 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
     release_free_memory()
     base = current_rss()
     repeats = args.repeats if t <= 8192 else 1
-    warmup = int(torch.device(device).type == "cuda")  # first calls per shape build kernels' plans (cuDNN)
+    warmup = args.warmup
+    if warmup is None:  # a GPU's first calls per shape build kernels' plans (cuDNN); a CPU's run cold
+        warmup = int(torch.device(device).type == "cuda")
     with RssSampler() as rss, DevicePeak(device) as window:
         for i in range(warmup + repeats):
             q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
@@ -304,6 +310,13 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
         "--forward-only", action="store_true", help="time (and count) the forward alone: backward_s is null"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (1 above 8K tokens)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed runs per kind and length before the timed ones (default: 1 on CUDA, 0 on a CPU, where "
+        "a first run also pays the first touch of its fresh memory)",
+    )
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),

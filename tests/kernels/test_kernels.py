@@ -996,6 +996,7 @@ def test_gathered_attention_under_bf16_autocast_equals_the_reference():
     for fn in (gathered_attention, lambda q, k, v, p, m, s: GatheredAttention.apply(q, k, v, 8, p, m, s)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = fn(q, k, v, picked, valid, 0.3)
+        assert out.dtype == torch.bfloat16  # autocast's dtype out (the C++ kernel computes in fp32)
         results.append([out.float(), *torch.autograd.grad(out.float().square().sum(), (q, k, v))])
     assert [r.dtype for r in results[1][1:]] == [torch.float32] * 3
     for got, want in zip(results[1], results[0]):  # bf16 rounding, at different points in each

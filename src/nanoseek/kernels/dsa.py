@@ -125,19 +125,23 @@ class GatheredAttention(torch.autograd.Function):
     (K, X) @ (X, R) then (R, K) @ (K, V) (batched products over queries, and fresh gathered tensors,
     ran at half the speed on CPU). Nothing of size T x K is kept but the picks (int32): backward
     gathers again and recomputes the softmax. Under autocast q, k, v are cast to its dtype and the
-    body runs with autocast off."""
+    body runs with autocast off; on the CPU the C++ kernel computes in fp32 whatever the dtype (its
+    loops gain nothing from bf16 inputs; the PyTorch path in bf16 ran DSA's 16K backward at half
+    the kernel's speed) and returns the output in the compute dtype."""
 
     @staticmethod
     def forward(ctx, q, k, v, d_v: int, picked, valid, scale: float):
         ctx.input_dtypes = (q.dtype, k.dtype, None if v is None else v.dtype)
-        dtype = matmul_dtype(q)
+        out_dtype = matmul_dtype(q)
+        ops = native_ops(q.new_empty(0, dtype=torch.float32))
+        dtype = torch.float32 if ops is not None else out_dtype  # the C++ kernel: fp32 (bf16 would not run faster)
         with torch.autocast(q.device.type, enabled=False):
             q, k = q.to(dtype), k.to(dtype)
             v = None if v is None else v.to(dtype)
             picked = picked.to(torch.int32)
-            ops = native_ops(q)
             if ops is not None:  # the C++ kernel keeps its own layout (and the softmax's logsumexp)
                 out, saved = native_forward(ops, q, k, v, d_v, picked, valid, scale)
+                out = out.to(out_dtype)
             else:
                 out, saved = GatheredAttention.attend(q, k, v, d_v, picked, valid, scale), (q, k, v, picked, valid)
         ctx.save_for_backward(*saved)

@@ -32,7 +32,11 @@ aten = torch.ops.aten
 
 # routers choose experts from fp32 scores (DeepSeek-V3 computes gate logits in fp32; the balance
 # bias is an fp32 buffer): a small share of the FLOPs, kept fp32 so expert choice does not flip
-KEPT_FP32 = (r"(^|\.)gate$", r"(^|\.)router$")
+KEPT_FP32 = (r"(^|\.)gate$", r"(^|\.)router$", r"(^|\.)AttentionLogits$")
+# modules that functions call outside the model's tree (ModuleTracker names them by their class):
+# model/attention/core.py's AttentionLogits, the fp32 logits of bf16 attention on short rows on the
+# CPU (bf16 values multiplied exactly and summed in fp32, as a bf16 GEMM with an fp32 output would)
+HELPER_MODULES = ("AttentionLogits",)
 
 
 @dataclass
@@ -144,8 +148,13 @@ class MatmulCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def _innermost(self) -> str:
+        """The longest (deepest) module name among the active ones; a helper module called outside
+        the model's tree (HELPER_MODULES) is appended to it as its last part."""
         parents = [p for p in self._tracker.parents if p != "Global"]
-        return max(parents, key=len) if parents else ""
+        helpers = [p for p in parents if p in HELPER_MODULES]
+        tree = [p for p in parents if p not in HELPER_MODULES]
+        name = max(tree, key=len) if tree else ""
+        return ".".join([name, *helpers]) if name and helpers else name or "".join(helpers)
 
     # ------------------------------------------------------------------ summaries
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nanoseek.config import ModelConfig
 
@@ -157,8 +158,7 @@ def explicit_attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: 
     scale = d**-0.5 if scale is None else scale
     dtype = compute_dtype(q)
     with torch.autocast(q.device.type, enabled=False):  # autocast would run the fp32 logits in bf16
-        logits = torch.matmul(q.reshape(b, g, -1, d).float(), k.float().transpose(-1, -2))
-        logits = logits.mul_(scale).view(b, h, t, s)
+        logits = ATTENTION_LOGITS(q.reshape(b, g, -1, d), k).mul_(scale).view(b, h, t, s)
         if is_causal:
             logits = logits.masked_fill(torch.ones(t, s, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
         elif attn_mask is not None and attn_mask.dtype == torch.bool:
@@ -167,6 +167,19 @@ def explicit_attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: 
             logits = logits + attn_mask.float()
         weights = torch.softmax(logits, dim=-1).to(dtype)
         return torch.matmul(weights.view(b, g, -1, s), v.to(dtype)).view(b, h, t, -1)
+
+
+class AttentionLogits(nn.Module):
+    """q k^T in fp32 for `explicit_attention`: q, k (bf16/fp16 values) widened to fp32 first, so the
+    products are exact and summed in fp32, as a half-precision GEMM with an fp32 output would give
+    (the CPU has no such op; at these sizes the fp32 product is no slower). A module only so that
+    dtype accounting (analysis/dtype_flops.py) can name these products as fp32 on purpose."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(q.float(), k.float().transpose(-1, -2))
+
+
+ATTENTION_LOGITS = AttentionLogits()
 
 
 FOLD_GROUPED_HEADS = True

@@ -297,6 +297,16 @@ def test_bf16_autocast_trains(small_corpus, tmp_path):
     assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_dtype_trains_in_bf16_only_where_the_device_has_bf16_matmuls(small_corpus, tmp_path, monkeypatch, native):
+    support = {"bf16_native": native, "bf16_evidence": "test", "recommended_dtype": "bfloat16" if native else "float32"}
+    monkeypatch.setattr(loop, "bf16_support", lambda device: support)
+    cfg = tiny_cfg(small_corpus, tmp_path, **{"train.dtype": "auto", "train.max_steps": 1})
+    loop.train(cfg, quiet=True)
+    written = json.loads((Path(cfg.out) / "train_config.json").read_text())
+    assert written["train"]["dtype"] == support["recommended_dtype"]
+
+
 def test_moe_training_logs_expert_load(small_corpus, tmp_path):
     cfg = build_train_config(
         preset="deepseek-v3-tiny",

@@ -59,7 +59,11 @@ def add_run_flags(t) -> None:
     )
     t.add_argument("--threads", type=int, help=THREADS_HELP + " (= --train.threads)")
     t.add_argument("--device", help=f"{DEVICE_CHOICES} (= --train.device; default auto: a CUDA GPU if torch sees one)")
-    t.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (= --train.dtype)")
+    t.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "auto"),
+        help="compute dtype (= --train.dtype; auto: bfloat16 where the device has native bf16 matmuls)",
+    )
     t.add_argument(
         "--compile", action="store_const", const=True, help="train a torch.compile'd model (= --train.compile=true)"
     )

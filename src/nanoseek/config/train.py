@@ -103,7 +103,7 @@ class LoopConfig:
     max_tokens: int = 0  # stop after this many training tokens; 0 = no token limit
     max_seconds: float = 0.0  # wall-clock budget of the whole command (setup and evals too); 0 = none
     seed: int = 1337  # seeds the weights, the batch order and the evaluation windows
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) | auto (bfloat16 where the device has native bf16 matmuls)
     device: str = "auto"  # auto (a CUDA GPU if torch sees one, else cpu) | cpu | cuda | cuda:N
     compile: bool = False  # train a torch.compile'd model
     threads: int = 0  # torch threads; 0 = torch's default (one per core; fewer on a busy shared machine)
@@ -175,7 +175,7 @@ class TrainConfig:
         check_choice("schedule.name", self.schedule.name, SCHEDULES)
         check_choice("schedule.spike_action", self.schedule.spike_action, ("auto", "skip", "rollback"))
         self.check_adaptive()
-        check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16"))
+        check_choice("train.dtype", self.train.dtype, ("float32", "bfloat16", "auto"))
         check_device_name("train.device", self.train.device)
         check_choice("dist.strategy", self.dist.strategy, ("none", "ddp", "fsdp"))
         self._validate_task()

@@ -38,7 +38,7 @@ from nanoseek.data.files import atomic_write_text
 from nanoseek.data.pairs import PairData, load_pair_data
 from nanoseek.data.shards import BatchLoader, TokenDataset, prepare_corpus
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
-from nanoseek.device import autocast
+from nanoseek.device import autocast, bf16_support
 from nanoseek.errors import NanoseekError
 from nanoseek.io import checkpoint as ckpt_io
 from nanoseek.model import make_model
@@ -285,7 +285,9 @@ def describe_run(cfg: TrainConfig, model, params: dict, vocab_size: int, ctx, re
     if params["mtp"]:
         size += f" + MTP {params['mtp'] / 1e6:.2f}M"
     text = (
-        f"training {cfg.preset or 'custom'}: {size}, vocab {vocab_size}, on {source}, {ctx.device} -> {cfg.out}"
+        f"training {cfg.preset or 'custom'}: {size}, vocab {vocab_size}, on {source}, {ctx.device}"
+        + (", bf16 autocast" if cfg.train.dtype == "bfloat16" else "")
+        + f" -> {cfg.out}"
         + (f" (resuming at step {resume_step})" if resume_step is not None else "")
         + "\n"
         + describe_budget(cfg)
@@ -316,6 +318,8 @@ def train(
     """
     command_t0 = time.perf_counter()  # a wall-clock budget counts from here: setup, tokenizing, evals included
     ctx = dist.init_distributed(cfg.dist.strategy, cfg.train.device)
+    if cfg.train.dtype == "auto":  # resolved before the run's config is written
+        cfg.train.dtype = bf16_support(ctx.device)["recommended_dtype"]
     quiet = quiet or not ctx.is_main
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

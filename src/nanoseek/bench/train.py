@@ -377,79 +377,48 @@ def bench_train(
             }
         )
     by_impl = {r["impl"]: r for r in results}
+
+    def ratio_row(**columns) -> dict:
+        head = {"bench": "train", "impl": "ratio", "preset": preset, "seq_len": seq_len, "batch": batch}
+        return {**head, **columns, **machine}
+
+    def over(a: dict, b: dict, key: str) -> float | None:
+        return a[key] / b[key] if a[key] is not None and b[key] is not None and b[key] > 0 else None
+
     if "nanoseek" in by_impl and "hf" in by_impl:
         ns, hf = by_impl["nanoseek"], by_impl["hf"]
         results.append(
-            {
-                "bench": "train",
-                "impl": "ratio",
-                "preset": preset,
-                "seq_len": seq_len,
-                "batch": batch,
-                "nanoseek_over_hf": ns["tokens_per_s"] / hf["tokens_per_s"],
-                "peak_rss_nanoseek_over_hf": (
-                    ns["peak_rss_mib"] / hf["peak_rss_mib"] if hf["peak_rss_mib"] > 0 else None
-                ),
-                "peak_heap_nanoseek_over_hf": (
-                    ns["peak_heap_mib"] / hf["peak_heap_mib"] if hf["peak_heap_mib"] else None
-                ),
-                "peak_device_nanoseek_over_hf": (
-                    ns["peak_device_mib"] / hf["peak_device_mib"] if hf["peak_device_mib"] else None
-                ),
-                **machine,
-            }
+            ratio_row(
+                nanoseek_over_hf=ns["tokens_per_s"] / hf["tokens_per_s"],
+                peak_rss_nanoseek_over_hf=over(ns, hf, "peak_rss_mib"),
+                peak_heap_nanoseek_over_hf=over(ns, hf, "peak_heap_mib"),
+                peak_device_nanoseek_over_hf=over(ns, hf, "peak_device_mib"),
+            )
         )
     if "nanoseek-compiled" in by_impl:
         fast = by_impl["nanoseek-compiled"]
         results.append(
-            {
-                "bench": "train",
-                "impl": "ratio",
-                "preset": preset,
-                "seq_len": seq_len,
-                "batch": batch,
+            ratio_row(
                 **{
                     f"nanoseek-compiled_over_{impl}": fast["tokens_per_s"] / by_impl[impl]["tokens_per_s"]
                     for impl in ("nanoseek", "hf", "reference")
                     if impl in by_impl
-                },
-                **machine,
-            }
+                }
+            )
         )
     if "nanoseek" in by_impl and "nanoseek-fp32" in by_impl:
         ns, fp32 = by_impl["nanoseek"], by_impl["nanoseek-fp32"]
-        results.append(
-            {
-                "bench": "train",
-                "impl": "ratio",
-                "preset": preset,
-                "dtype": ns["dtype"],
-                "seq_len": seq_len,
-                "batch": batch,
-                "nanoseek_over_nanoseek-fp32": ns["tokens_per_s"] / fp32["tokens_per_s"],
-                **machine,
-            }
-        )
+        results.append(ratio_row(dtype=ns["dtype"], **{"nanoseek_over_nanoseek-fp32": over(ns, fp32, "tokens_per_s")}))
     if "nanoseek" in by_impl and "reference" in by_impl:
         ns, ref = by_impl["nanoseek"], by_impl["reference"]
         results.append(
-            {
-                "bench": "train",
-                "impl": "ratio",
-                "preset": preset,
-                "dtype": ns["dtype"],
-                "ref_dtype": ref["dtype"],
-                "seq_len": seq_len,
-                "batch": batch,
-                "nanoseek_over_reference": ns["tokens_per_s"] / ref["tokens_per_s"],
-                "peak_rss_nanoseek_over_reference": (
-                    ns["peak_rss_mib"] / ref["peak_rss_mib"] if ref["peak_rss_mib"] > 0 else None
-                ),
-                "peak_heap_nanoseek_over_reference": (
-                    ns["peak_heap_mib"] / ref["peak_heap_mib"] if ref["peak_heap_mib"] else None
-                ),
-                **machine,
-            }
+            ratio_row(
+                dtype=ns["dtype"],
+                ref_dtype=ref["dtype"],
+                nanoseek_over_reference=ns["tokens_per_s"] / ref["tokens_per_s"],
+                peak_rss_nanoseek_over_reference=over(ns, ref, "peak_rss_mib"),
+                peak_heap_nanoseek_over_reference=over(ns, ref, "peak_heap_mib"),
+            )
         )
     return results
 

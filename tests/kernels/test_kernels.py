@@ -517,11 +517,15 @@ def test_bucketed_grouped_mm_rounds_rows_up_by_at_most_a_quarter():
     assert len(set(sizes)) <= 4 * 9 + 1  # 4 per octave above 16
 
 
-def test_grouped_experts_in_bf16_with_buckets_equal_torchs_grouped_mm(monkeypatch):
+@pytest.mark.parametrize("limit", [None, 0.5])  # 0.5: V4's clamp, the grouped products under autograd
+def test_grouped_experts_in_bf16_with_buckets_equal_torchs_grouped_mm(monkeypatch, limit):
     """The routed experts' forward and backward under bf16 autocast, bucketed against torch's op."""
     import nanoseek.kernels.grouped_gemm as gg
 
-    _, fast = twin_experts(torch.float32, None)
+    _, fast = twin_experts(torch.float32, limit)
+    calls = []
+    original = gg.BucketedRowsMM.apply
+    monkeypatch.setattr(gg.BucketedRowsMM, "apply", lambda *a: calls.append(1) or original(*a))
     counts = torch.tensor([19, 0, 40, 7])
     rows = torch.randint(0, 30, (66,), generator=torch.Generator().manual_seed(2))
     x = torch.randn(30, 16, requires_grad=True)
@@ -535,6 +539,7 @@ def test_grouped_experts_in_bf16_with_buckets_equal_torchs_grouped_mm(monkeypatc
         results.append((y, *grads))
     for got, want in zip(*results):
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+    assert bool(calls) == (limit is not None)
 
 
 # ---------------------------------------------------------------------------- whole models

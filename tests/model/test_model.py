@@ -335,6 +335,25 @@ def test_bf16_sdpa_on_short_rows_is_explicit_and_as_accurate_as_the_flash_kernel
         assert (got - want).abs().max() <= 1.5 * (kernel - want).abs().max() + 1e-3 * want.abs().max()
 
 
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_explicit_attention_gives_zeros_for_a_row_with_every_key_hidden_as_sdpa(float_mask):
+    from nanoseek.model.attention.core import explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, n, 8, generator=g).bfloat16().requires_grad_() for n in (5, 6, 6))
+    keep = torch.rand(5, 6, generator=g) > 0.3
+    keep[:, 0], keep[2] = True, False  # row 2 sees no key
+    mask = torch.zeros(5, 6).masked_fill(~keep, float("-inf")) if float_mask else keep
+    out = explicit_attention(q, k, v, attn_mask=mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    with pytest.raises(ValueError, match="query heads"):
+        explicit_attention(q[:, :3], k[:, :2], v[:, :2])
+
+
 def test_sdpa_expands_kv_heads_only_where_cuda_lacks_a_grouped_kernel():
     from types import SimpleNamespace
 

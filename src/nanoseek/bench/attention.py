@@ -241,6 +241,8 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
     base = current_rss()
     repeats = args.repeats if t <= 8192 else 1
     warmup = args.warmup
+    if warmup is not None and warmup < 0:
+        raise NanoseekError(f"--warmup={warmup} must be >= 0")
     if warmup is None:  # a GPU's first calls per shape build kernels' plans (cuDNN); a CPU's run cold
         warmup = int(torch.device(device).type == "cuda")
     with RssSampler() as rss, DevicePeak(device) as window:

@@ -577,7 +577,8 @@ RUN_DEFAULTS: dict[str, dict] = {
         optim=dict(name="muon", lr=2e-3, weight_decay=0.1, beta2=0.99),
         schedule=dict(name="wsd", warmup_steps=20),
         # 140 s = the wall time of nanoGPT's CPU recipe (2000 iters) on a 2-core Zen 3 machine; bf16 where the
-        # CPU has bf16 matmuls (on a Zen 4: 1.38x the steps in the same time, 2.231 vs 2.298 bits/byte)
+        # device has native bf16 matmuls (a CPU with AVX-512-bf16 or AMX, a GPU of compute capability 8+;
+        # on a Zen 4: 1.38x the steps in the same time, 2.231 vs 2.298 bits/byte), fp32 elsewhere
         train=dict(batch_size=16, max_steps=0, max_seconds=140.0, dtype="auto"),
         eval=dict(every=0, points=4, batches=10),
     ),

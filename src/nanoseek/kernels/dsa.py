@@ -133,8 +133,10 @@ class GatheredAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, d_v: int, picked, valid, scale: float):
         ctx.input_dtypes = (q.dtype, k.dtype, None if v is None else v.dtype)
         out_dtype = matmul_dtype(q)
-        ops = native_ops(q.new_empty(0, dtype=torch.float32))
-        dtype = torch.float32 if ops is not None else out_dtype  # the C++ kernel: fp32 (bf16 would not run faster)
+        ops = None  # the C++ kernel computes fp32, also for bf16/fp16 (they would not run faster in it)
+        if out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            ops = native_ops(q.new_empty(0, dtype=torch.float32))
+        dtype = torch.float32 if ops is not None else out_dtype
         with torch.autocast(q.device.type, enabled=False):
             q, k = q.to(dtype), k.to(dtype)
             v = None if v is None else v.to(dtype)

@@ -17,7 +17,10 @@ a quarter more rows, one of a few dozen shapes per width) and multiplies a windo
     rows form:         the window [lo, lo + p) around the expert's rows [s, s + n) (rows of the
                        neighbouring experts ride along and their outputs are dropped);
     contraction form:  the same window of b with the rows outside [s, s + n) zeroed, so they add 0.
-Exact: every kept output is the same sum of the same products as torch._grouped_mm's.
+The rows form gives torch._grouped_mm's values bit for bit (each output row is the same sum in the
+same order); the contraction form sums the same products, in an order that can differ in the last
+bf16 place where the window starts before the expert's rows (the experts near the end of M).
+Under autograd the rows form runs as `BucketedRowsMM` (its gradients are these two forms again).
 
     >>> x, w = torch.randn(5, 4).bfloat16(), torch.randn(2, 4, 3).bfloat16()
     >>> offs = torch.tensor([2, 5], dtype=torch.int32)
@@ -35,14 +38,37 @@ MIN_BUCKET = 16
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm(a, b, offs=offs) for a 2-D `a` and a 3-D (rows form) or 2-D (contraction
-    form) `b`, with bucketed row counts for half-precision matmuls on the CPU."""
+    form) `b`, with bucketed row counts for half-precision matmuls on the CPU (there the contraction
+    form is for gradients: it takes no inputs that require grad)."""
     if not uses_buckets(a):
         return torch._grouped_mm(a, b, offs=offs)
     ends = offs.tolist()
     starts = [0] + ends[:-1]
     if b.dim() == 3:
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return BucketedRowsMM.apply(a, b, offs)
         return rows_grouped_mm(a, b, starts, ends)
     return contraction_grouped_mm(a, b, starts, ends)
+
+
+class BucketedRowsMM(torch.autograd.Function):
+    """The rows form under autograd, with the grouped products' own gradients (autograd through the
+    per-expert slices would build a gradient of all of x and of all of w per expert):
+        dx = grouped_mm(dy, w^T)   (rows form),   dw = grouped_mm(x^T, dy)   (contraction form)"""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        ends = offs.tolist()
+        return rows_grouped_mm(x, w, [0] + ends[:-1], ends)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = grouped_mm(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        dw = grouped_mm(x.T, dy, offs) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 def uses_buckets(a: torch.Tensor) -> bool:
@@ -74,8 +100,8 @@ def rows_grouped_mm(x: torch.Tensor, w: torch.Tensor, starts: list[int], ends: l
             continue
         lo, p = row_window(s, t - s, total)
         pieces.append((x[lo : lo + p] @ w[e])[s - lo : t - lo])
-    if ends[-1] < total:  # rows past the last expert's (torch's op leaves them zero)
-        pieces.append(x.new_zeros(total - ends[-1], w.shape[-1]))
+    if not ends or ends[-1] < total:  # rows past the last expert's: zero (torch's op leaves them unset)
+        pieces.append(x.new_zeros(total - (ends[-1] if ends else 0), w.shape[-1]))
     return torch.cat(pieces)
 
 

@@ -144,7 +144,7 @@ def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor, dropout_p: float) 
 def compute_dtype(q: torch.Tensor) -> torch.dtype:
     """The dtype attention computes in at q: autocast's on q's device type where it is on, else q's."""
     kind = q.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else q.dtype
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) and q.dtype == torch.float32 else q.dtype
 
 
 def explicit_attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
@@ -152,9 +152,12 @@ def explicit_attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: 
     (as the flash kernels keep them; bf16 logits would round to ~3 significant digits), the
     weights times v in the compute dtype (autocast's, else q's). Grouped heads fold into rows: the R = H / H_kv
     query heads of a key head multiply its keys once, (B, H_kv, R T, d) x (B, H_kv, d, S). A bool
-    mask keeps True; a float mask adds; is_causal keeps s <= t."""
+    mask keeps True; a float mask adds; is_causal keeps s <= t. A row whose keys are all hidden gives
+    zeros, as SDPA does."""
     b, h, t, d = q.shape
     g, s = k.shape[1], k.shape[-2]
+    if h % g or (is_causal and attn_mask is not None):
+        raise ValueError(f"explicit_attention: {h} query heads over {g} key heads, or a mask with is_causal")
     scale = d**-0.5 if scale is None else scale
     dtype = compute_dtype(q)
     with torch.autocast(q.device.type, enabled=False):  # autocast would run the fp32 logits in bf16
@@ -165,7 +168,12 @@ def explicit_attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: 
             logits = logits.masked_fill(~attn_mask, float("-inf"))
         elif attn_mask is not None:
             logits = logits + attn_mask.float()
-        weights = torch.softmax(logits, dim=-1).to(dtype)
+        blind = None
+        if attn_mask is not None:  # a row with every key hidden: zeros, as SDPA gives (softmax: NaN)
+            blind = logits.amax(-1, keepdim=True) == float("-inf")
+            logits = logits.masked_fill(blind, 0.0)
+        weights = torch.softmax(logits, dim=-1)
+        weights = (weights if blind is None else weights.masked_fill(blind, 0.0)).to(dtype)
         return torch.matmul(weights.view(b, g, -1, s), v.to(dtype)).view(b, h, t, -1)
 
 

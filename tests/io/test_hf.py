@@ -143,18 +143,40 @@ def test_bf16_load_matches_transformers_in_bf16(saved):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
     assert ours.embed_tokens.weight.dtype == torch.bfloat16
     x = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
+    choices = {"ours": [], "hf": []}  # each MoE layer's expert set per token: (layer, token) -> set
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, who=who: choices[who].append(routed_sets(out)))
+        for who, net in (("ours", ours), ("hf", hf))
+        for name, m in net.named_modules()
+        if name.endswith("mlp.gate")
+    ]
     with torch.no_grad():
         a, b = ours(x).logits.float(), hf(x).logits.float()
+    for h in hooks:
+        h.remove()
     if model.config.model_type == "deepseek_v32":
         # bf16 rounding moves near-tied indexer scores across the top-k cut, which changes the
         # selected keys (a discontinuity, not an error); before index_topk every key is selected
         a, b = a[:, : model.config.index_topk], b[:, : model.config.index_topk]
     scale = b.abs().max().item()
-    off = (a - b).abs().amax(-1) > 0.02 * scale  # bf16: 8 mantissa bits
-    # with routed experts, bf16 rounding can move a near-tied router choice at a position (a
-    # discontinuity: its logits then differ by far more than rounding); one of 16 may do so
-    allowed = 1 if getattr(model.config, "n_routed_experts", None) else 0
-    assert off.sum().item() <= allowed, (a - b).abs().amax(-1)
+    off = ((a - b).abs().amax(-1) > 0.02 * scale)[0]  # bf16: 8 mantissa bits
+    # bf16 rounding can move a near-tied router choice (a discontinuity: that position's logits then
+    # differ by far more than rounding): a position may differ only where the routing differs
+    rerouted = {
+        t
+        for ours_l, hf_l in zip(choices["ours"], choices["hf"])
+        for t, (o, h) in enumerate(zip(ours_l, hf_l))
+        if o != h
+    }
+    assert set(off.nonzero().flatten().tolist()) <= rerouted, (a - b).abs().amax(-1)
+    assert len(rerouted) <= 2
+
+
+def routed_sets(out) -> list:
+    """A router's chosen experts per token, as sets: nanoseek's gate returns (indices, weights, scores),
+    transformers' (logits, weights, indices)."""
+    idx = out[0] if out[0].dtype == torch.long and out[0].dim() == 2 else out[-1]
+    return [frozenset(row) for row in idx.reshape(-1, idx.shape[-1]).tolist()]
 
 
 def test_sharded_checkpoint_loads(tmp_path):

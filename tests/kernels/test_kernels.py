@@ -1021,6 +1021,46 @@ def test_dsa_model_long_prefill_with_kernels_equals_the_reference_model(monkeypa
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_dsa_sparse_training_with_kernels_under_bf16_is_as_accurate_as_the_reference():
+    """Under bf16 autocast the training fast path (the gathered kernel computes in fp32) against the
+    reference's own bf16 step, both measured against the fp32 reference: loss, indexer loss and the
+    gradients no further from fp32 than the reference's."""
+    from nanoseek.kernels import dsa as fast
+
+    ref, model = twin_models("deepseek-v32-tiny", index_topk=16, index_n_heads=16, max_position_embeddings=1024)
+    exact, _ = twin_models("deepseek-v32-tiny", index_topk=16, index_n_heads=16, max_position_embeddings=1024)
+    ids = torch.randint(0, 100, (2, 301), generator=torch.Generator().manual_seed(2))
+    sharp = ("q_b_proj.weight", "kv_b_proj.weight", "indexer.wq_b.weight", "indexer.wk.weight")
+    calls = []
+    original = fast.GatheredAttention.apply
+    results = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast.GatheredAttention, "apply", lambda *a: calls.append(1) or original(*a))
+        for m, dtype in ((exact, torch.float32), (ref, torch.bfloat16), (model, torch.bfloat16)):
+            with torch.no_grad():
+                for name, p in m.named_parameters():
+                    if name.endswith(sharp):
+                        p.mul_(16)
+            m.set_dsa_warmup(False)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out = m(ids[:, :-1], targets=ids[:, 1:])
+            (out.loss + out.aux["index_loss"]).backward()
+            grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+            results.append((out.loss.item(), out.aux["index_loss"].item(), grads))
+    assert calls  # the bf16 step went through the gathered kernel
+    (loss32, index32, g32), *bf16 = results
+
+    def median_grad_error(grads):
+        errors = sorted(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in g32.items())
+        return errors[len(errors) // 2]
+
+    (loss_ref, index_ref, g_ref), (loss, index, g) = bf16
+    assert abs(loss - loss32) <= 1.5 * abs(loss_ref - loss32) + 1e-3
+    assert abs(index - index32) <= 1.5 * abs(index_ref - index32) + 1e-3
+    assert g.keys() == g_ref.keys() == g32.keys()
+    assert median_grad_error(g) <= 1.2 * median_grad_error(g_ref)
+
+
 @pytest.mark.parametrize("topk,t", [(16, 300), (280, 600)])  # (280: the first chunk sees 256 keys, padded picks)
 def test_dsa_sparse_training_with_kernels_equals_the_reference_model(topk, t):
     """DSA's sparse training phase through the model: the picks gathered, the indexer's KL over the

@@ -87,12 +87,15 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         over every causal pair without autograd (only the picks are used), the attention through
         `GatheredAttention` (T x K pairs, not T x S), and the KL over the picks (the reference's
         `indexer_kl` on the kept keys), its indexer scores recomputed at the picks with autograd.
-        The same values and gradients as the reference (tested); other devices and dtypes, no C++
-        kernel, dropout, windows and compiled graphs keep the reference."""
+        The same values and gradients as the reference in fp32 (tested); under bf16 autocast the
+        attention computes in fp32 in the C++ kernel (tested no further from fp32 than the reference's
+        bf16 step). Other devices and dtypes, no C++ kernel, dropout, windows and compiled graphs keep
+        the reference."""
         s = latent_BSC.shape[1]
-        if (  # fp32 on the CPU with the C++ kernel built (PyTorch's per-query loop would be slower)
+        if (  # fp32 or bf16 on the CPU with the C++ kernel built (PyTorch's per-query loop would be slower)
             torch.compiler.is_compiling()  # a compiled training step stays one graph: the reference
-            or native_ops(q_nope_BHTN) is None
+            or matmul_dtype(q_nope_BHTN) not in (torch.float32, torch.bfloat16)
+            or native_ops(q_nope_BHTN.new_empty(0, dtype=torch.float32)) is None
             or isinstance(start, torch.Tensor)
             or start != 0
             or s <= self.indexer.topk

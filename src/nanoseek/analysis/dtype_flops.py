@@ -33,6 +33,9 @@ aten = torch.ops.aten
 # routers choose experts from fp32 scores (DeepSeek-V3 computes gate logits in fp32; the balance
 # bias is an fp32 buffer): a small share of the FLOPs, kept fp32 so expert choice does not flip
 KEPT_FP32 = (r"(^|\.)gate$", r"(^|\.)router$", r"(^|\.)AttentionLogits$")
+# ops that compute in fp32 on purpose wherever they run: the C++ gathered attention on the CPU (DSA's,
+# NSA's per-query and CSA's sparse paths; bf16 inputs are widened, bf16 would not run faster in it)
+KEPT_FP32_OPS = ("gathered_attention", "gathered_attention_backward")
 # modules that functions call outside the model's tree (ModuleTracker names them by their class):
 # model/attention/core.py's AttentionLogits, the fp32 logits of bf16 attention on short rows on the
 # CPU (bf16 values multiplied exactly and summed in fp32, as a bf16 GEMM with an fp32 output would)
@@ -112,6 +115,23 @@ def _op_flops() -> dict:
     return table
 
 
+# the C++ gathered attention (kernels/csrc, loaded on first use, so looked up by name): (rows, R, X)
+# queries each meet their row's K picks; backward counted 2x forward
+NATIVE_OPS = {"gathered_attention": 1, "gathered_attention_backward": 2}
+
+
+def _native_entry(func):
+    factor = NATIVE_OPS.get(func.__name__.split(".")[0]) if func.namespace == "nanoseek" else None
+    if factor is None:
+        return None
+
+    def flops(a) -> int:
+        rows, heads, width = _shape(a[0])
+        return factor * 2 * rows * heads * _shape(a[4])[-1] * (width + a[3])
+
+    return flops, (0, 1)
+
+
 class MatmulCounter(TorchDispatchMode):
     """Counts matrix-product FLOPs by input dtype and module while active (forward and backward)."""
 
@@ -137,7 +157,7 @@ class MatmulCounter(TorchDispatchMode):
             key = (self._innermost(), _name(args[0].dtype), _name(kwargs["dtype"]))
             calls, elements = self.conversions.get(key, (0, 0))
             self.conversions[key] = (calls + 1, elements + args[0].numel())
-        entry = self._table.get(func)
+        entry = self._table.get(func) or _native_entry(func)
         if entry is not None:
             flops_of, operands = entry
             dtypes = sorted({_name(args[i].dtype) for i in operands})
@@ -164,6 +184,8 @@ class MatmulCounter(TorchDispatchMode):
         e.g. the shared experts for the router's gradient)."""
         if kept_fp32(record.module, exclude):
             return record.module
+        if exclude and record.op.split(".")[0] in KEPT_FP32_OPS:  # named by the op: "...self_attn.gathered_attention"
+            return f"{record.module}.gathered_attention"
         if record.dtype == "bfloat16":
             return None
         return self._kept_signatures(exclude).get((record.dtype, record.dims))

@@ -448,6 +448,9 @@ def chunk_picks(
     With `scratch` the scores go into its reused buffers (`chunk_scores`)."""
     cos, sin = rope
     visible = start + z
+    # detached first: a view taken under no_grad of a tensor that requires grad still requires it (with
+    # no grad_fn), which module hooks that watch gradients (ModuleTracker) refuse
+    x_BTD, q_latent_BTQ, keys_BSI = x_BTD.detach(), q_latent_BTQ.detach(), keys_BSI.detach()
     scores = chunk_scores(
         indexer, x_BTD[:, a:z], q_latent_BTQ[:, a:z], keys_BSI[:, :visible], (cos[a:z], sin[a:z]), scratch
     )

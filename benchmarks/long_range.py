@@ -267,13 +267,13 @@ def plot_curves(rows: list[dict], path: str) -> None:
             if len(runs) > 1:
                 ax.fill_between(x, acc.min(0).values.tolist(), acc.max(0).values.tolist(), color=f"C{i}", alpha=0.15)
     for ax, label in zip(axes, ("training steps", "training seconds (mean over seeds)")):
-        ax.axhline(100 / VALUES, color="grey", lw=0.8, ls=":")
+        ax.axhline(100 / VALUES, color="grey", lw=0.8, ls=":", label="chance")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("recall accuracy at 2,048 tokens (%)")
     axes[0].set_title("equal steps")
     axes[1].set_title("equal wall time")
-    axes[1].legend(title="kind (seeds)", fontsize=8, loc="lower right")
+    axes[1].legend(title="kind (seeds; band: min–max)", fontsize=8, title_fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

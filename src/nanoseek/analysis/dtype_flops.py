@@ -33,9 +33,10 @@ aten = torch.ops.aten
 # routers choose experts from fp32 scores (DeepSeek-V3 computes gate logits in fp32; the balance
 # bias is an fp32 buffer): a small share of the FLOPs, kept fp32 so expert choice does not flip
 KEPT_FP32 = (r"(^|\.)gate$", r"(^|\.)router$", r"(^|\.)AttentionLogits$")
-# ops that compute in fp32 on purpose wherever they run: the C++ gathered attention on the CPU (DSA's,
-# NSA's per-query and CSA's sparse paths; bf16 inputs are widened, bf16 would not run faster in it)
-KEPT_FP32_OPS = ("gathered_attention", "gathered_attention_backward")
+# the C++ gathered attention (kernels/csrc, loaded on first use, so looked up by name): (rows, R, X)
+# queries each meet their row's K picks; backward counted 2x forward. It computes in fp32 on purpose
+# (DSA's, NSA's per-query and CSA's sparse paths on the CPU; bf16 would not run faster in it).
+NATIVE_OPS = {"gathered_attention": 1, "gathered_attention_backward": 2}
 # modules that functions call outside the model's tree (ModuleTracker names them by their class):
 # model/attention/core.py's AttentionLogits, the fp32 logits of bf16 attention on short rows on the
 # CPU (bf16 values multiplied exactly and summed in fp32, as a bf16 GEMM with an fp32 output would)
@@ -115,11 +116,6 @@ def _op_flops() -> dict:
     return table
 
 
-# the C++ gathered attention (kernels/csrc, loaded on first use, so looked up by name): (rows, R, X)
-# queries each meet their row's K picks; backward counted 2x forward
-NATIVE_OPS = {"gathered_attention": 1, "gathered_attention_backward": 2}
-
-
 def _native_entry(func):
     factor = NATIVE_OPS.get(func.__name__.split(".")[0]) if func.namespace == "nanoseek" else None
     if factor is None:
@@ -184,7 +180,7 @@ class MatmulCounter(TorchDispatchMode):
         e.g. the shared experts for the router's gradient)."""
         if kept_fp32(record.module, exclude):
             return record.module
-        if exclude and record.op.split(".")[0] in KEPT_FP32_OPS:  # named by the op: "...self_attn.gathered_attention"
+        if exclude and record.op.split(".")[0] in NATIVE_OPS:  # named by the op: "...self_attn.gathered_attention"
             return f"{record.module}.gathered_attention"
         if record.dtype == "bfloat16":
             return None

@@ -241,8 +241,6 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
     base = current_rss()
     repeats = args.repeats if t <= 8192 else 1
     warmup = args.warmup
-    if warmup is not None and warmup < 0:
-        raise NanoseekError(f"--warmup={warmup} must be >= 0")
     if warmup is None:  # a GPU's first calls per shape build kernels' plans (cuDNN); a CPU's run cold
         warmup = int(torch.device(device).type == "cuda")
     with RssSampler() as rss, DevicePeak(device) as window:
@@ -343,6 +341,8 @@ def run_attention(args: argparse.Namespace):
             raise NanoseekError(f"--kinds: unknown kind {kind!r}; choose from {', '.join(KINDS)}")
     if min(seqs) < 1:
         raise NanoseekError("--seq must be positive")
+    if args.warmup is not None and args.warmup < 0:
+        raise NanoseekError(f"--warmup={args.warmup} must be >= 0")
     apply_layout(args)
     device = resolve_device(args.device, where="--device")
     torch.manual_seed(0)

@@ -59,8 +59,7 @@ class BucketedRowsMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offs):
         ctx.save_for_backward(x, w, offs)
-        ends = offs.tolist()
-        return rows_grouped_mm(x, w, [0] + ends[:-1], ends)
+        return grouped_mm(x, w, offs)  # autograd is off inside forward: the plain rows form
 
     @staticmethod
     def backward(ctx, dy):
@@ -100,8 +99,8 @@ def rows_grouped_mm(x: torch.Tensor, w: torch.Tensor, starts: list[int], ends: l
             continue
         lo, p = row_window(s, t - s, total)
         pieces.append((x[lo : lo + p] @ w[e])[s - lo : t - lo])
-    if not ends or ends[-1] < total:  # rows past the last expert's: zero (torch's op leaves them unset)
-        pieces.append(x.new_zeros(total - (ends[-1] if ends else 0), w.shape[-1]))
+    if ends[-1] < total:  # rows past the last expert's: zero (torch's op leaves them unset)
+        pieces.append(x.new_zeros(total - ends[-1], w.shape[-1]))
     return torch.cat(pieces)
 
 

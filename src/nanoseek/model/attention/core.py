@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.moe.experts import matmul_dtype
 
 BAND_CHUNK = 256  # queries per chunk of the sliding window (one batched SDPA over all chunks);
 # windows longer than 2 * BAND_CHUNK use chunks of window / 2, so the copied bands stay ~3x the keys
@@ -142,9 +143,9 @@ def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor, dropout_p: float) 
 
 
 def compute_dtype(q: torch.Tensor) -> torch.dtype:
-    """The dtype attention computes in at q: autocast's on q's device type where it is on, else q's."""
-    kind = q.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) and q.dtype == torch.float32 else q.dtype
+    """The dtype attention computes in at q: `matmul_dtype` for fp32 q (autocast's where it is on), else
+    q's own (autocast leaves fp64 alone)."""
+    return matmul_dtype(q) if q.dtype == torch.float32 else q.dtype
 
 
 def explicit_attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:

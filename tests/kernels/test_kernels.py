@@ -625,6 +625,126 @@ def test_kernels_are_an_option_not_in_the_hf_config():
         ModelConfig.from_preset("llama-tiny", kernels="yes")
 
 
+# ---------------------------------------------------------------------------- block-sparse tiles (NSA's selected
+# and window branches)
+
+
+def picked_mask(blocks, valid, start: int, t: int, s: int, block: int, window=None):
+    """(B, G, T, S) bool: key s visible to query t of block t // block per the picks, causal, in the window."""
+    b, g, nq, k = blocks.shape
+    first = start // block
+    query_pos = torch.arange(start, start + t)
+    key_pos = torch.arange(s)
+    chosen = torch.zeros(b, g, nq, -(-s // block) + 1, dtype=torch.bool)
+    chosen.scatter_(-1, blocks.masked_fill(~valid, chosen.shape[-1] - 1), True)
+    mask = chosen[:, :, query_pos // block - first][..., key_pos // block] & (key_pos <= query_pos[:, None])
+    if window is not None:
+        mask &= key_pos > query_pos[:, None] - window
+    return mask
+
+
+def masked_attention(q, k, v, mask, scale):
+    """softmax over the mask's keys in q's dtype, grouped heads repeated; rows that see nothing give 0."""
+    r = q.shape[1] // k.shape[1]
+    mask = mask.repeat_interleave(r, dim=1)
+    logits = q @ k.repeat_interleave(r, dim=1).transpose(-1, -2) * scale
+    probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return probs @ v.repeat_interleave(r, dim=1)
+
+
+def block_inputs(start: int, t: int, dtype=torch.float64, heads=6, groups=2, d_v=3):
+    g = torch.Generator().manual_seed(0)
+    s = start + t
+    q = torch.randn(2, heads, t, 5, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(2, groups, s, 5, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(2, groups, s, d_v, generator=g).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def random_picks(start: int, t: int, block: int, n_picks: int, groups=2, seed=1):
+    """Distinct key blocks per query block (some after the query block: hidden by causality), about a
+    quarter of them invalid."""
+    g = torch.Generator().manual_seed(seed)
+    first, last = start // block, (start + t - 1) // block
+    n_blocks = -(-(start + t) // block)
+    nq = last - first + 1
+    blocks = torch.rand(2, groups, nq, n_blocks, generator=g).argsort(-1)[..., :n_picks]
+    valid = torch.rand(2, groups, nq, n_picks, generator=g) > 0.25
+    return blocks, valid
+
+
+@pytest.mark.parametrize("start,t,window", [(0, 23, None), (6, 17, None), (9, 16, 7), (0, 40, 5)])
+def test_block_sparse_attention_equals_masked_softmax(monkeypatch, start, t, window):
+    """Values and gradients against a dense softmax over the picked keys (fp64, grouped heads, partial
+    first and last query blocks, invalid picks, rows that see no key, tiles in chunks of 2 or more)."""
+    from nanoseek.kernels import block_attention as tiles
+
+    monkeypatch.setattr(tiles, "TILE_BYTES", 1)  # one tile per chunk
+    q, k, v = block_inputs(start, t)
+    blocks, valid = random_picks(start, t, 4, 3)
+    mask = picked_mask(blocks, valid, start, t, start + t, 4, window)
+    assert (~mask.any(-1)).any(), "no query without a visible key: the blind rows go untested"
+    want = masked_attention(q, k, v, mask, 0.4)
+    got = tiles.block_sparse_attention(q, k, v, blocks, valid, start, 4, 0.4, window)
+    weight = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(2))
+    grads_want = torch.autograd.grad((want * weight).sum(), (q, k, v))
+    grads_got = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    for a, b in zip((got, *grads_got), (want, *grads_want)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_block_sparse_attention_passes_gradcheck():
+    from nanoseek.kernels.block_attention import block_sparse_attention
+
+    q, k, v = block_inputs(3, 9, heads=2, groups=1)
+    blocks, valid = random_picks(3, 9, 4, 2, groups=1)
+    assert torch.autograd.gradcheck(lambda *x: block_sparse_attention(*x, blocks, valid, 3, 4, 0.7, 6), (q, k, v))
+
+
+@pytest.mark.parametrize("start,t,window,tile", [(0, 50, 12, 4), (0, 50, 16, 16), (13, 30, 9, 8), (0, 7, 3, 4)])
+def test_banded_block_attention_equals_the_sliding_window(start, t, window, tile):
+    """Query block i over key blocks i - ceil(w / C) .. i: exactly model/attention/core.py's window."""
+    from nanoseek.kernels.block_attention import banded_block_attention
+    from nanoseek.model.attention.core import causal_attention
+
+    q, k, v = block_inputs(start, t, dtype=torch.float32)
+    want = causal_attention(q, k, v, start, 0.4, window=window)
+    got = banded_block_attention(q, k, v, start, window, 0.4, tile)
+    weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    grads_want = torch.autograd.grad((want * weight).sum(), (q, k, v))
+    grads_got = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    for a, b in zip((got, *grads_got), (want, *grads_want)):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_banded_block_attention_under_bf16_autocast_is_no_less_accurate_than_sdpa():
+    """Under bf16 autocast (fp32 logits of the fp32 q, k; P V in bf16) the output and gradients are no
+    further from fp64 than the reference's window under the same autocast (explicit_attention at these
+    sizes); gradients come back in fp32. q and k rounded to bf16, or rowsum(dO * O) taken from the
+    bf16 output, made dq and dk 1.6-2x worse."""
+    from nanoseek.kernels.block_attention import banded_block_attention
+    from nanoseek.model.attention.core import causal_attention
+
+    q, k, v = block_inputs(0, 96, dtype=torch.float32, heads=4, groups=1, d_v=5)
+    exact = causal_attention(*(x.double() for x in (q, k, v)), 0, 0.4, window=20)
+    weight = torch.randn(exact.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want = [exact, *torch.autograd.grad((exact * weight).sum(), (q, k, v))]
+    errors = []
+    reference, tiles = (
+        (lambda *x: causal_attention(*x, 0, 0.4, window=20)),
+        (lambda *x: banded_block_attention(*x, 0, 20, 0.4, 16)),
+    )
+    for fn in (reference, tiles):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(q, k, v)
+        grads = torch.autograd.grad((out.double() * weight).sum(), (q, k, v))
+        assert [g.dtype for g in grads] == [torch.float32] * 3
+        errors.append([(a.double() - b.double()).abs().max().item() for a, b in zip((out, *grads), want)])
+    sdpa_errors, tile_errors = errors
+    assert all(e < 0.05 for e in tile_errors), tile_errors
+    assert all(mine <= 1.1 * theirs + 1e-4 for mine, theirs in zip(tile_errors, sdpa_errors)), errors
+
+
 # ---------------------------------------------------------------------------- NSA compressed branch
 
 

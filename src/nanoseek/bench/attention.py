@@ -142,7 +142,7 @@ class NsaOp(torch.nn.Module):
         else:
             o_cmp, p_cmp = a.compressed_attention(q, a.compress(k), a.compress(v, values=True), 0)
             o_slc = a.selected_attention(q, k, v, p_cmp, 0)
-        o_win = causal_attention(q, k, v, 0, scale, window=a.window)
+        o_win = a.window_attention(q, k, v, 0)
         return (o_cmp + o_slc + o_win) / 3
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import torch
 
+from nanoseek.kernels.block_attention import banded_block_attention, block_sparse_attention
 from nanoseek.kernels.dsa import GatheredAttention, native_ops
 from nanoseek.model.attention.nsa import NativeSparseAttention, visible_blocks
 from nanoseek.model.moe.experts import matmul_dtype
 
 CMP_CHUNK = 1024  # queries per step of the compressed branch (bounds its (C, n) score tiles)
+WINDOW_TILE = 64  # tokens per query and key block of the window branch's tiles
 
 
 class ChunkedNativeSparseAttention(NativeSparseAttention):
@@ -34,6 +36,23 @@ class ChunkedNativeSparseAttention(NativeSparseAttention):
 
     def block_attention(self, q, k_blocks, v_blocks, start: int, with_probs: bool):
         return CompressedBlockAttention.apply(q, k_blocks, v_blocks, start, self.block, self.scale, with_probs)
+
+    def window_attention(self, q, k, v, start: int):
+        """The reference's banded SDPA as tiles of WINDOW_TILE-token blocks (kernels/block_attention.py)
+        on the CPU, eagerly, for more than one query and a window shorter than the keys."""
+        if not tiles_pay(q) or self.window >= k.shape[2]:
+            return super().window_attention(q, k, v, start)
+        return banded_block_attention(q, k, v, start, self.window, self.scale, WINDOW_TILE)
+
+    def selected_attention(self, q, k, v, p_cmp, start: int):
+        """The reference's per-query-block SDPA over each block's picks as `block_sparse_attention`
+        tiles on the CPU (groups smaller than a block: `selected_attention_by_group`)."""
+        if self.query_group < self.block or not tiles_pay(q):
+            return super().selected_attention(q, k, v, p_cmp, start)
+        l = self.block
+        first, last = start // l, (start + q.shape[2] - 1) // l
+        blocks, valid = self.pick_blocks(p_cmp, first, last - first + 1)
+        return block_sparse_attention(q, k, v, blocks, valid, start, l, self.scale)
 
     def selected_attention_by_group(self, q, k, v, p_cmp, start: int):
         """The reference's masked or gathered SDPA over each group's picked blocks, as `GatheredAttention`
@@ -70,6 +89,12 @@ class ChunkedNativeSparseAttention(NativeSparseAttention):
         ok = block_ok[:, :, group_of].repeat_interleave(l, dim=-1)
         ok &= (token <= query_pos[:, None]) & (token < s)
         return token.masked_fill_(~ok, 0), ok
+
+
+def tiles_pay(q) -> bool:
+    """Whether the tile kernels run: on the CPU, eagerly (a compiled graph keeps the reference's
+    SDPA calls), for more than one query (a decode step's one row is the reference's small matmuls)."""
+    return q.device.type == "cpu" and not torch.compiler.is_compiling() and q.shape[2] > 1
 
 
 def chunk_probs(q_BGRCd, k_BGnd, start: int, block: int, scale: float) -> torch.Tensor:

@@ -131,7 +131,7 @@ class NativeSparseAttention(nn.Module):
         else:
             o_cmp, p_cmp = self.compressed_attention(q, k_blocks, v_blocks, start)
             o_slc = self.selected_attention(q, k_slc, v_slc, p_cmp, start)
-        o_win = causal_attention(q, k_win, v_win, start, self.scale, window=self.window)
+        o_win = self.window_attention(q, k_win, v_win, start)
         g = torch.sigmoid(self.gate_proj(x)).view(b, t, 3, self.n_heads).permute(2, 0, 3, 1)[..., None]
         o = g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * hd))
@@ -278,6 +278,11 @@ class NativeSparseAttention(nn.Module):
         """The compressed branch's output and block probabilities (`compressed_block_attention`); the
         kernels' subclass (kernels/nsa.py) computes them in chunks, recomputing p in backward."""
         return compressed_block_attention(q, k_blocks, v_blocks, start, self.block, self.scale, with_probs)
+
+    def window_attention(self, q, k, v, start: int):
+        """The window branch: each query over its last `sliding_window` keys (kernels/nsa.py's
+        subclass runs it as tiles of key blocks on the CPU)."""
+        return causal_attention(q, k, v, start, self.scale, window=self.window)
 
     def selected_attention(self, q, k, v, p_cmp, start: int):
         """Every query block at once: batched SDPA, each block over its own selected key blocks.

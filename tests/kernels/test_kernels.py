@@ -745,6 +745,53 @@ def test_banded_block_attention_under_bf16_autocast_is_no_less_accurate_than_sdp
     assert all(mine <= 1.1 * theirs + 1e-4 for mine, theirs in zip(tile_errors, sdpa_errors)), errors
 
 
+@pytest.mark.parametrize(
+    "preset,kw",
+    [
+        ("llama-tiny", dict(num_key_value_heads=1)),  # MQA: 4 heads fold into 256-row tiles
+        ("llama-tiny", dict()),  # GQA 4 over 2: tiles only with MIN_TILE_ROWS lowered
+        ("deepseek-v3-tiny", dict(num_nextn_predict_layers=0)),  # MLA
+    ],
+)
+def test_sliding_window_models_with_tiles_equal_the_reference_model(monkeypatch, preset, kw):
+    """A sliding-window model's loss and every gradient, and a prefill after cached tokens (start not a
+    multiple of the tile), with the window's tiles against the reference's banded SDPA."""
+    from nanoseek.kernels import block_attention as tiles
+
+    monkeypatch.setattr(tiles, "MIN_TILE_ROWS", 0)
+    monkeypatch.setattr(tiles, "WINDOW_TILE", 4)
+    calls = []
+    original = tiles.banded_block_attention
+    monkeypatch.setattr(tiles, "banded_block_attention", lambda *a: calls.append(1) or original(*a))
+    ref, model = twin_models(preset, sparse="sliding", sliding_window=6, **kw)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    assert_same_loss_and_gradients(ref, model, ids, grad_atol=2e-6)
+    assert calls, "the tiles did not run"
+    with torch.no_grad():
+        logits = []
+        for m in (ref.eval(), model.eval()):
+            cache = m.make_cache(2, 40)
+            m(ids[:, :13], cache=cache, start=0)
+            logits.append(m(ids[:, 13:], cache=cache, start=13).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_keeps_sdpa_where_tiles_do_not_pay():
+    """One query head per key head (64-row tiles) and a bias or dropout keep the reference's SDPA."""
+    from nanoseek.kernels import block_attention as tiles
+
+    q, k, v = block_inputs(0, 40, dtype=torch.float32, heads=2, groups=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiles, "banded_block_attention", lambda *a: pytest.fail("tiles ran"))
+        tiles.sliding_window_attention(q, k, v, 0, 8, 0.4)
+    q4, k1, v1 = block_inputs(0, 40, dtype=torch.float32, heads=4, groups=1)
+    ran = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiles, "banded_block_attention", lambda *a: ran.append(1) or q4)
+        tiles.sliding_window_attention(q4, k1, v1, 0, 8, 0.4)
+    assert ran
+
+
 # ---------------------------------------------------------------------------- NSA compressed branch
 
 

@@ -16,7 +16,8 @@ Any of --heads, --head-dim, --index-heads, --index-dim, --v4-index-heads, --wind
 overrides its layout value.
 
     dense    sdpa(is_causal=True) (model/attention/core.py: PyTorch's SDPA)       O(T^2)
-    sliding  causal_attention(window=w): chunked SDPA over the band           O(T (C + w))
+    sliding  sliding_window_attention (kernels/block_attention.py, the model's fast path): 64-token
+             query blocks over the 64-token key blocks their window touches, as tiles  O(T (w + C))
     nsa      compressed blocks (l = 64) + the top-16 selected blocks per query block + a window of
              512, summed with fixed gates (model/attention/nsa.py, kernels/nsa.py)        O(T (T/l + n l + w))
     dsa      lightning indexer (H_I heads of width d_I) scores the visible keys per chunk of
@@ -70,6 +71,7 @@ from nanoseek.bench.flops import flop_counter, flops_by_op
 from nanoseek.config import ModelConfig
 from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
 from nanoseek.errors import NanoseekError
+from nanoseek.kernels.block_attention import sliding_window_attention
 from nanoseek.kernels.csa import SparseCompressedAttention
 from nanoseek.kernels.dsa import sparse_attention
 from nanoseek.kernels.nsa import ChunkedNativeSparseAttention
@@ -196,7 +198,7 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None =
     if kind == "dense":
         return sdpa(q, k, v, is_causal=True, scale=scale)
     if kind == "sliding":
-        return causal_attention(q, k, v, 0, scale, window=args.window)
+        return sliding_window_attention(q, k, v, 0, args.window, scale)
     if kind == "nsa":
         return nsa(q, k, v, scale)
     if kind in ("csa", "hca"):

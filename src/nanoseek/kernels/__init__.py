@@ -9,15 +9,20 @@
     dsa.py            SparseLatentAttention (DSA's long prefill: dense prefix, then each query's picks,
                       `GatheredAttention` recomputed in backward; the values are the keys' prefix)
     native.py         builds the C++ kernels in csrc/ on first use (GatheredAttention's fp32 CPU path)
+    block_attention.py  block_sparse_attention (each query block over its chosen key blocks: heads
+                      folded into rows, two GEMMs and an in-place softmax per tile, recomputed in
+                      backward) and sliding_window_attention (a window as such tiles)
     nsa.py            ChunkedNativeSparseAttention (NSA's compressed branch in query chunks, p recomputed
-                      in backward: `CompressedBlockAttention`)
+                      in backward: `CompressedBlockAttention`; its selected and window branches as tiles)
+    window.py         TiledWindowAttention (MHA's sliding window as tiles; MLA's through dsa.py's subclass)
     csa.py            SparseCompressedAttention (V4 CSA's long prefill: each query over its window, its
                       picked entries and the sink, through dsa.py's `GatheredAttention`)
 
 How they are chosen: model/ never imports this package. model/transformer.py keeps two registries
 that importing this package fills (as nanoseek.io fills CHECKPOINT_WRITERS):
     KERNEL_MODULES[ReferenceClass] = FastSubclass   (RMSNorm, SwiGLU, RoutedExperts, NativeSparseAttention,
-                                                     MultiHeadLatentAttention, CompressedAttention)
+                                                     MultiHeadAttention, MultiHeadLatentAttention,
+                                                     CompressedAttention)
     KERNEL_FUNCTIONS[name] = function               ("linear_cross_entropy", "training_forward")
 A `Transformer` built with `ModelConfig.kernels` (default True; `--model.kernels=false` turns it off)
 swaps each reference module's class for its fast subclass (`Transformer.set_kernels`: parameters,
@@ -32,8 +37,9 @@ checks each fast path against its reference, values and gradients.
     'FusedRMSNorm'
 """
 
-from nanoseek.kernels import cross_entropy, csa, dsa, grouped_mm, norm, nsa, swiglu
+from nanoseek.kernels import cross_entropy, csa, dsa, grouped_mm, norm, nsa, swiglu, window
 from nanoseek.model.attention.compressed import CompressedAttention
+from nanoseek.model.attention.mha import MultiHeadAttention
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
 from nanoseek.model.attention.nsa import NativeSparseAttention
 from nanoseek.model.ffn import SwiGLU
@@ -47,6 +53,7 @@ KERNEL_MODULES.update(
         SwiGLU: swiglu.FusedSwiGLU,
         RoutedExperts: grouped_mm.GroupedExperts,
         NativeSparseAttention: nsa.ChunkedNativeSparseAttention,
+        MultiHeadAttention: window.TiledWindowAttention,
         MultiHeadLatentAttention: dsa.SparseLatentAttention,
         CompressedAttention: csa.SparseCompressedAttention,
     }

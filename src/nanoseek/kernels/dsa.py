@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.kernels.native import load as load_kernel
+from nanoseek.kernels.window import tiled_window
 from nanoseek.model.attention.core import causal_attention, sdpa
 from nanoseek.model.attention.dsa import SELECT_CHUNK, LightningIndexer, causal_mask, indexer_kl
 from nanoseek.model.attention.mla import MultiHeadLatentAttention
@@ -65,6 +66,11 @@ class SparseLatentAttention(MultiHeadLatentAttention):
     over [c_KV ; k_R] with c_KV, the keys' prefix, as the values (gathered once). Its per-query loop
     would be tens of thousands of kernel launches on a GPU, so other devices keep the reference's
     batched chunks; a compiled prefill runs it outside the graph (its host-side loop cannot be traced)."""
+
+    def attend(self, q, k, v, start, dropout: float, keep) -> torch.Tensor:
+        """A sliding window as tiles on the CPU (kernels/window.py); everything else the reference's."""
+        out = tiled_window(self, q, k, v, start, dropout, keep)
+        return super().attend(q, k, v, start, dropout, keep) if out is None else out
 
     @torch.compiler.disable
     def attend_long_sparse(

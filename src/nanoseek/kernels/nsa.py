@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.kernels.block_attention import banded_block_attention, block_sparse_attention
+from nanoseek.kernels.block_attention import WINDOW_TILE, banded_block_attention, block_sparse_attention, tiles_pay
 from nanoseek.kernels.dsa import GatheredAttention, native_ops
 from nanoseek.model.attention.nsa import NativeSparseAttention, visible_blocks
 from nanoseek.model.moe.experts import matmul_dtype
 
 CMP_CHUNK = 1024  # queries per step of the compressed branch (bounds its (C, n) score tiles)
-WINDOW_TILE = 64  # tokens per query and key block of the window branch's tiles
 
 
 class ChunkedNativeSparseAttention(NativeSparseAttention):
@@ -89,12 +88,6 @@ class ChunkedNativeSparseAttention(NativeSparseAttention):
         ok = block_ok[:, :, group_of].repeat_interleave(l, dim=-1)
         ok &= (token <= query_pos[:, None]) & (token < s)
         return token.masked_fill_(~ok, 0), ok
-
-
-def tiles_pay(q) -> bool:
-    """Whether the tile kernels run: on the CPU, eagerly (a compiled graph keeps the reference's
-    SDPA calls), for more than one query (a decode step's one row is the reference's small matmuls)."""
-    return q.device.type == "cpu" and not torch.compiler.is_compiling() and q.shape[2] > 1
 
 
 def chunk_probs(q_BGRCd, k_BGnd, start: int, block: int, scale: float) -> torch.Tensor:

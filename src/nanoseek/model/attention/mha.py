@@ -48,7 +48,12 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(start, k, v)
         dropout = self.dropout if self.training else 0.0
         bias = rope if isinstance(rope, DistanceBias) else None  # ALiBi / T5: added to the logits
-        return self.output(causal_attention(q, k, v, start, self.scale, dropout, self.window, bias=bias))
+        return self.output(self.attend(q, k, v, start, dropout, bias))
+
+    def attend(self, q, k, v, start, dropout: float, bias) -> torch.Tensor:
+        """Causal (or sliding-window) attention of q over k, v; kernels/window.py's subclass runs a
+        window as tiles on the CPU."""
+        return causal_attention(q, k, v, start, self.scale, dropout, self.window, bias=bias)
 
     def project(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q (B, H, T, d), k and v (B, H_kv, T, d), rotated when `rope` is given."""

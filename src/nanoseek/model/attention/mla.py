@@ -170,7 +170,12 @@ class MultiHeadLatentAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if scores is not None and side is not None and torch.is_grad_enabled():
             side.index_losses.append(self.distillation_loss(q, k, keep, scores))
-        return causal_attention(q, k, v_BHSV, start, self.scale, dropout, self.window, keep)
+        return self.attend(q, k, v_BHSV, start, dropout, keep)
+
+    def attend(self, q, k, v, start, dropout: float, keep) -> torch.Tensor:
+        """Causal attention of q over k, v: within the layer's window, or over the kept keys (`keep`); the
+        kernels' subclass (kernels/dsa.py) runs a window as tiles on the CPU."""
+        return causal_attention(q, k, v, start, self.scale, dropout, self.window, keep)
 
     def expanded_inputs(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR):
         """(q (B, H, T, N+R), k (B, H, S, N+R), v (B, H, S, V)): per-head keys and values from the latents."""
@@ -237,7 +242,7 @@ class MultiHeadLatentAttention(nn.Module):
     def attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, start, keep=None, key_BSX=None):
         """Fold W_UK into the query and W_UV after attention: MQA over [c_KV ; k_R]."""
         q, k = self.absorbed_inputs(q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, key_BSX)
-        o_latent_BHTC = causal_attention(q, k, latent_BSC[:, None], start, self.scale, window=self.window, keep=keep)
+        o_latent_BHTC = self.attend(q, k, latent_BSC[:, None], start, 0.0, keep)
         return self.expand_output(o_latent_BHTC)
 
     def attend_picked(self, q_nope_BHTN, q_rope_BHTR, latent_BSC, k_rope_BSR, scores_BTS, causal_BTS, key_BSX):

@@ -1015,6 +1015,57 @@ def test_csa_gathered_prefill_equals_the_reference(monkeypatch, start, t, b, gat
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "kind,start,t,b,training",
+    [
+        ("hca", 0, 150, 2, False),  # entries closing every 8 tokens; tiles of 4
+        ("hca", 37, 90, 1, False),  # a prefill after 37 cached tokens: keys and entries from the cache
+        ("hca", 0, 61, 2, True),  # training: the same loss gradients
+        ("sliding", 0, 45, 1, False),  # a V4 sliding layer: window and sink only
+    ],
+)
+def test_v4_tiles_equal_the_reference(monkeypatch, kind, start, t, b, training):
+    """kernels/csa.py's tiles (window blocks + closed entries + the sink as one more key) against
+    model/attention/compressed.py's chunked SDPA: an HCA (or V4 sliding) layer's output and the
+    gradients of its input and every weight (sinks included)."""
+    from nanoseek.kernels import csa as fast
+    from nanoseek.model.attention.compressed import CompressedAttention
+
+    monkeypatch.setattr(fast, "V4_TILE", 4)
+    layers = ["sliding", "hca"] if kind == "sliding" else None
+    cfg = ModelConfig.from_preset("deepseek-v4-tiny", **({"sparse_layers": layers} if layers else {}))
+    layer = 0 if kind == "sliding" else 1
+    assert cfg.layer_sparse(layer) == kind
+    torch.manual_seed(3)
+    ref = CompressedAttention(cfg, layer).train(training)
+    with torch.no_grad():
+        ref.sinks.normal_()  # the sink's logit matters
+    quick = fast.SparseCompressedAttention(cfg, layer).train(training)
+    quick.load_state_dict(ref.state_dict())
+    ran = []
+    monkeypatch.setattr(quick, "attend_tiles", lambda *a: ran.append(1) or type(quick).attend_tiles(quick, *a))
+    x = torch.randn(b, start + t, cfg.hidden_size)
+    results = []
+    for module in (ref, quick):
+        xi = x.clone().requires_grad_()
+        if start:
+            cache = module.make_cache(b, start + t, torch.float32, x.device)
+            with torch.no_grad():
+                module(x[:, :start], cache=cache, start=0)
+            out = module(xi[:, start:], cache=cache, start=start)
+        else:
+            out = module(xi)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        params = list(module.parameters())
+        results.append([out, *torch.autograd.grad((out * weight).sum(), [xi, *params], allow_unused=True)])
+    assert ran, "the tiles did not run"
+    for got, want in zip(results[1], results[0]):
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_csa_chunk_scores_in_scratch_equal_the_indexers_scores():
     """CSA's indexer scores written into reused buffers are `Indexer.scores`' bit for bit."""
     from nanoseek.kernels.csa import SparseCompressedAttention

@@ -20,9 +20,11 @@ and cannot skip the masked half of the band's first and last tiles. Here a tile 
 banded SDPA, 2.0 s as 64-token tiles over 9 blocks.
 
 Tiles go through in chunks of about TILE_BYTES of fp32 logits: the chunk's key blocks are gathered
-into a reused buffer (one index_select of whole C x d blocks), and nothing of size T x K C is kept.
-Backward gathers again, recomputes P and, flash-style,
-    dS = P * (dP - rowsum(dO * O)),   dQ = dS K,   dK = dS^T Q,   dV = P^T dO     (Q pre-scaled)
+into a reused buffer (one index_select of whole C x d blocks), and nothing is kept for backward but
+the inputs (not even the output: at 64K tokens and 8 heads of 512 each copy is 1 GiB). Backward
+rebuilds the query tiles, gathers again, recomputes P and, flash-style,
+    dS = P * (dP - rowsum(P * dP)),   dQ = dS K,   dK = dS^T Q,   dV = P^T dO     (Q pre-scaled)
+(rowsum(P * dP) = rowsum(dO * O), here from the fp32 P and dP rather than a rounded O).
 adding dK and dV into the picked blocks (index_add). Under bf16/fp16 autocast the logits are fp32
 products of the fp32 q and k, as `explicit_attention` computes them (q and k rounded to bf16 first
 doubled dq's and dk's error), the softmax and dS stay fp32, and only P V, dO V^T and P^T dO take
@@ -70,10 +72,16 @@ def sliding_window_attention(q, k, v, start: int, window: int, scale: float) -> 
     return causal_attention(q, k, v, start, scale, window=window)
 
 
-def block_sparse_attention(q, k, v, key_blocks, valid, start: int, block: int, scale: float, window=None):
+def block_sparse_attention(
+    q, k, v, key_blocks, valid, start: int, block: int, scale: float, window=None, key_pos=None, windowed=None
+):
     """q (B, H, T, d) at positions start..start+T-1 against k (B, G, S, d), v (B, G, S, d_v);
     key_blocks, valid (B, G, nq, K): the key blocks (of `block` tokens) of each query block
-    start // block .. start // block + nq - 1, and which are real picks. Returns (B, H, T, d_v)."""
+    start // block .. start // block + nq - 1, and which are real picks. Returns (B, H, T, d_v).
+
+    By default key row s stands for position s. `key_pos` (S,) int64 gives each row its own (a row
+    is visible from that position on; a compressed entry's is the last token it pools), and
+    `windowed` (S,) bool says which rows the window applies to (default: all)."""
     b, h, t, d = q.shape
     g, s = k.shape[1], k.shape[2]
     c, nq = block, key_blocks.shape[2]
@@ -93,6 +101,8 @@ def block_sparse_attention(q, k, v, key_blocks, valid, start: int, block: int, s
         c,
         scale,
         window,
+        key_pos,
+        windowed,
     )
     return out[:, :, front : front + t]
 
@@ -119,8 +129,9 @@ def wide_dtype(x: torch.Tensor) -> torch.dtype:
 class TilePlan:
     """The tiles' key blocks, masks and chunks: N tiles (B G rows x nq query blocks) of R C query rows."""
 
-    def __init__(self, k, key_blocks, valid, first: int, nq: int, block: int, window):
+    def __init__(self, k, key_blocks, valid, first: int, nq: int, block: int, window, key_pos=None, windowed=None):
         self.s, self.block, self.window = k.shape[1], block, window
+        self.key_pos, self.windowed = key_pos, windowed
         self.n_blocks = -(-self.s // block)
         self.first, self.nq = first, nq
         rows = torch.arange(key_blocks.shape[0], device=k.device) // nq  # each tile's (b, g) row
@@ -165,9 +176,13 @@ class TilePlan:
         query_pos = ((self.first + torch.arange(a, z, device=device) % self.nq) * c)[:, None] + offsets  # (n, C)
         token = (self.key_blocks[a:z, :, None] * c + offsets).flatten(1)  # (n, K C)
         ok = self.valid[a:z].repeat_interleave(c, dim=1) & (token < self.s)
-        seen = ok[:, None, :] & (token[:, None, :] <= query_pos[:, :, None])
+        key_pos = token if self.key_pos is None else self.key_pos[token.clamp(max=self.s - 1)]
+        seen = ok[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])
         if self.window is not None:
-            seen &= token[:, None, :] > query_pos[:, :, None] - self.window
+            near = key_pos[:, None, :] > query_pos[:, :, None] - self.window
+            if self.windowed is not None:
+                near |= ~self.windowed[token.clamp(max=self.s - 1)][:, None, :]
+            seen &= near
         blind = ~seen.any(-1)
         return ~seen, (blind if bool(blind.any()) else None)
 
@@ -192,7 +207,7 @@ class BlockSparseAttention(torch.autograd.Function):
     built scaled in one pass, and backward writes dq back through the same layout."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_blocks, valid, first: int, block: int, scale: float, window):
+    def forward(ctx, q, k, v, key_blocks, valid, first: int, block: int, scale: float, window, key_pos, windowed):
         ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
         dtype = matmul_dtype(q)
         with torch.autocast(q.device.type, enabled=False):
@@ -201,10 +216,10 @@ class BlockSparseAttention(torch.autograd.Function):
             q_tiles = q.new_empty(tile_shape(q, k, block), dtype=wide)
             torch.mul(tile_view(q, k.shape[0], block), scale, out=q_tiles)
             nq = q_tiles.shape[2]
-            plan = TilePlan(k, key_blocks, valid, first, nq, block, window)
+            plan = TilePlan(k, key_blocks, valid, first, nq, block, window, key_pos, windowed)
             out_tiles = BlockSparseAttention.attend(plan, q_tiles.flatten(0, 2).flatten(1, 2), k, v)
-        ctx.save_for_backward(q_tiles, k, v, key_blocks, valid, out_tiles)
-        ctx.meta = (first, nq, block, window, scale)
+        ctx.save_for_backward(q, k, v, key_blocks, valid, key_pos, windowed)  # q itself: the tiles are rebuilt
+        ctx.meta = (first, block, window, scale)
         return heads_view(out_tiles.view(*q_tiles.shape[:-1], -1))
 
     @staticmethod
@@ -224,17 +239,17 @@ class BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        q_tiles, k, v, key_blocks, valid, out = ctx.saved_tensors
-        first, nq, block, window, scale = ctx.meta
-        plan = TilePlan(k, key_blocks, valid, first, nq, block, window)
-        tiles = q_tiles.shape
+        q, k, v, key_blocks, valid, key_pos, windowed = ctx.saved_tensors
+        first, block, window, scale = ctx.meta
+        tiles = tile_shape(q, k, block)
+        wide = wide_dtype(q)
+        q_tiles = q.new_empty(tiles, dtype=wide)
+        torch.mul(tile_view(q, k.shape[0], block), scale, out=q_tiles)
+        plan = TilePlan(k, key_blocks, valid, first, tiles[2], block, window, key_pos, windowed)
         q_tiles = q_tiles.flatten(0, 2).flatten(1, 2)
         n_tiles, rows, _ = q_tiles.shape
-        d_out_tiles = out.new_empty(out.shape)
+        d_out_tiles = v.new_empty(n_tiles, rows, v.shape[-1])
         d_out_tiles.view(*tiles[:-1], -1).copy_(tile_view(d_out, tiles[0] * tiles[1], block))
-        wide = wide_dtype(q_tiles)
-        exact_out = out.dtype == wide  # else O was rounded: rowsum(dO * O) would carry its rounding into dS
-        delta = (d_out_tiles * out).sum(-1, keepdim=True) if exact_out else None  # rowsum(dO * O), (N, R C, 1)
         k_table, v_table = plan.table(k), plan.table(v)
         dk_table, dv_table = torch.zeros_like(k_table), torch.zeros_like(v_table, dtype=wide)
         dq = torch.empty_like(q_tiles)
@@ -247,8 +262,8 @@ class BlockSparseAttention(torch.autograd.Function):
             k_c, v_c = plan.gather(k_table, a, z, k_buf), plan.gather(v_table, a, z, v_buf)
             p = tile_probs(q_tiles[a:z], k_c, hidden, blind, logits)
             dp = torch.bmm(d_out_tiles[a:z].to(wide), v_c.to(wide).transpose(1, 2), out=d_logits[: z - a])
-            delta_c = delta[a:z] if exact_out else (p * dp).sum(-1, keepdim=True)  # rowsum(P * dP) = rowsum(dO * O)
-            ds = dp.sub_(delta_c).mul_(p)  # dS = P (dP - delta), in fp32
+            delta = (p * dp).sum(-1, keepdim=True)  # rowsum(P * dP) = rowsum(dO * O), exact in fp32
+            ds = dp.sub_(delta).mul_(p)  # dS = P (dP - delta), in fp32
             torch.bmm(ds, k_c, out=dq[a:z])
             index = plan.index[a * k_blocks : z * k_blocks]
             dk = torch.bmm(ds.transpose(1, 2), q_tiles[a:z])
@@ -260,7 +275,7 @@ class BlockSparseAttention(torch.autograd.Function):
         dk = dk_table.view(k.shape[0], -1, k.shape[-1])[:, :s]
         dv = dv_table.view(v.shape[0], -1, v.shape[-1])[:, :s]
         grads = (x.to(dtype) for x, dtype in zip((dq, dk, dv), ctx.input_dtypes))
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None
 
 
 def tile_shape(q, k, block: int) -> tuple[int, ...]:

@@ -35,11 +35,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanoseek.kernels.block_attention import block_sparse_attention, tiles_pay
 from nanoseek.kernels.dsa import GatheredAttention, Scratch, native_ops, native_topk, scores_into
 from nanoseek.model.attention.compressed import CHUNK, CompressedAttention
 
 # a chunk gathers once it sees more than GATHER_FROM * top-k entries
 GATHER_FROM = 1.5
+V4_TILE = 32  # tokens per query and key block of HCA's (and V4 sliding layers') tiles
 
 
 class SparseCompressedAttention(CompressedAttention):
@@ -49,6 +51,8 @@ class SparseCompressedAttention(CompressedAttention):
     def attend(
         self, q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side=None
     ) -> torch.Tensor:
+        if self.tiles_run(q, start):
+            return self.attend_tiles(q, keys, start - offset, entries)
         first = self.first_gathered(q, start, offset, entries, side)
         if first is None:
             return super().attend(q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side)
@@ -62,6 +66,59 @@ class SparseCompressedAttention(CompressedAttention):
             )
         outs.append(self.attend_gathered(q_far, keys, start, offset, first, entries, index_entries, index_in, cos, sin))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def tiles_run(self, q, start) -> bool:
+        """Whether an HCA (or V4 sliding) layer runs as tiles: every entry it sees is attended, so a query
+        block shares its keys (its window's blocks, the closed entries, the sink); on the CPU, eagerly,
+        more than one query at an int position, no dropout in training."""
+        return (
+            self.kind in ("hca", "sliding")
+            and self.window is not None
+            and not isinstance(start, torch.Tensor)
+            and tiles_pay(q.transpose(1, 2))
+            and not (self.training and self.dropout)
+        )
+
+    def attend_tiles(self, q, keys, rel0: int, entries) -> torch.Tensor:
+        """o (B, T, H, D_h) of the queries at key indices rel0.. over their window, the entries closed
+        by then and the sink, as `block_sparse_attention` tiles of V4_TILE tokens. One key table:
+        [keys ; entries ; sink], each part padded to whole blocks; a row's position (`key_pos`) is its
+        index for the keys, the index of its last pooled token for an entry (visible once closed) and
+        -inf for the sink; the window applies to the keys only. The sink is sink_sdpa's: one more
+        key [0 .. 0, 1] with a zero value, met by a query channel holding s_h / scale."""
+        b, t, h, d = q.shape
+        c, s, device = V4_TILE, keys.shape[1], q.device
+        m = None if entries is None else self.compressor.rate
+        n_entries = 0 if entries is None else min(entries.shape[1], (rel0 + t) // m)
+        n_kv, n_extra = -(-s // c) * c, -(-(n_entries + 1) // c) * c
+        parts = [F.pad(keys, (0, 1, 0, n_kv - s))]
+        if n_entries:
+            parts.append(F.pad(entries[:, :n_entries].to(keys.dtype), (0, 1)))
+        parts.append(F.pad(keys.new_ones(b, 1, 1), (d, 0, 0, n_extra - n_entries - 1)))  # the sink row, then padding
+        table = torch.cat(parts, dim=1)[:, None]  # (B, 1, n_kv + n_extra, D_h + 1)
+        never, always = 1 << 40, -(1 << 40)
+        key_pos = torch.cat(
+            [
+                torch.arange(s, device=device),
+                torch.full((n_kv - s,), never, device=device),
+                (torch.arange(n_entries, device=device) + 1) * (m or 1) - 1,
+                torch.tensor([always], device=device),
+                torch.full((n_extra - n_entries - 1,), never, device=device),
+            ]
+        )
+        windowed = torch.arange(n_kv + n_extra, device=device) < n_kv
+        first, last = rel0 // c, (rel0 + t - 1) // c
+        own = torch.arange(first, last + 1, device=device)[:, None]
+        near = own - torch.arange(-(-self.window // c), -1, -1, device=device)  # the window's blocks
+        extra = (n_kv // c + torch.arange(n_extra // c, device=device)).expand(len(own), -1)
+        key_blocks = torch.cat([near.clamp(min=0), extra], dim=1).expand(b, 1, -1, -1)
+        valid = torch.cat([near >= 0, torch.ones_like(extra, dtype=torch.bool)], dim=1).expand(b, 1, -1, -1)
+        sink_q = (self.sinks.to(q.dtype) / self.scale).view(1, h, 1, 1).expand(b, h, t, 1)
+        q_all = torch.cat([q.transpose(1, 2), sink_q], dim=-1)  # (B, H, T, D_h + 1)
+        out = block_sparse_attention(
+            q_all, table, table[..., :d], key_blocks, valid, rel0, c, self.scale, self.window, key_pos, windowed
+        )
+        return out.transpose(1, 2)
 
     def first_gathered(self, q, start, offset, entries, side) -> int | None:
         """The first query (a multiple of CHUNK) from which the queries gather, or None: none do."""

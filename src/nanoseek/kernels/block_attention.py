@@ -1,5 +1,6 @@
 """Attention over key blocks chosen per query block, as batched matrix products over tiles, recomputed
-in backward: the fast path of NSA's selected and window branches on the CPU.
+in backward: the CPU fast path of NSA's selected and window branches, of sliding-window layers and of
+V4's HCA layers.
 
 Positions go in blocks of C. Query block i (positions iC .. iC + C - 1) of KV group g attends to the
 K key blocks I_i = (b_1 .. b_K) of that group's keys. With the R = H / H_kv query heads of the group
@@ -11,7 +12,8 @@ tile is
 where M_i hides key token s from query t unless s's block is a valid pick, s < S, s <= t and, with a
 window w, s > t - w. NSA's selected branch (its K picked blocks per query block,
 model/attention/nsa.py's `selected_attention`) and a sliding window (blocks i - ceil(w / C) .. i,
-`banded_block_attention`) are both this form.
+`banded_block_attention`) are both this form; so is HCA (kernels/csa.py: the window's blocks plus
+every closed entry and the sink, rows of one key table that carry their own positions).
 
 Why not SDPA: the CPU flash kernel runs a masked (C, C + w - 1) band at the speed of its short rows
 and cannot skip the masked half of the band's first and last tiles. Here a tile is two large GEMMs
@@ -24,8 +26,8 @@ into a reused buffer (one index_select of whole C x d blocks), and nothing is ke
 the inputs (not even the output: at 64K tokens and 8 heads of 512 each copy is 1 GiB). Backward
 rebuilds the query tiles, gathers again, recomputes P and, flash-style,
     dS = P * (dP - rowsum(P * dP)),   dQ = dS K,   dK = dS^T Q,   dV = P^T dO     (Q pre-scaled)
-(rowsum(P * dP) = rowsum(dO * O), here from the fp32 P and dP rather than a rounded O).
-adding dK and dV into the picked blocks (index_add). Under bf16/fp16 autocast the logits are fp32
+(rowsum(P * dP) = rowsum(dO * O), here from the fp32 P and dP rather than a rounded O), adding dK
+and dV into the picked blocks (index_add). Under bf16/fp16 autocast the logits are fp32
 products of the fp32 q and k, as `explicit_attention` computes them (q and k rounded to bf16 first
 doubled dq's and dk's error), the softmax and dS stay fp32, and only P V, dO V^T and P^T dO take
 autocast's dtype; the gradients come back in the inputs' dtypes.

@@ -15,6 +15,7 @@ FAMILIES = [
     ("deepseek-v32-tiny", {}),
     ("deepseek-v4-tiny", {}),
     ("llama-tiny", {"sparse": "nsa", "nsa_block": 8, "nsa_topn": 3}),
+    ("llama-tiny", {"sparse": "sliding", "sliding_window": 8, "num_key_value_heads": 1}),
     ("deepseek-v3-tiny", {"fusion": "hyper"}),
 ]
 
@@ -29,9 +30,11 @@ def test_bf16_autocast_step_runs_its_matmuls_in_bf16(preset, changes):
     counter = count_training_step(Transformer(cfg), x, x)
     assert counter.bf16_fraction() >= 0.95, counter.not_bf16()
     kept = counter.kept_flops()
-    # fp32 on purpose: the routers, the logits of bf16 attention on short rows on the CPU, and the
-    # C++ gathered attention (DSA's sparse training on the CPU computes it in fp32)
-    assert all(name.endswith((".gate", ".AttentionLogits", ".gathered_attention")) for name in kept), kept
+    # fp32 on purpose: the routers, the logits of bf16 attention on short rows on the CPU, the C++
+    # gathered attention (DSA's sparse training on the CPU computes it in fp32) and the block-sparse
+    # tiles' logits and dS products (V4's HCA, NSA, sliding windows)
+    suffixes = (".gate", ".AttentionLogits", ".gathered_attention", ".TileProducts")
+    assert all(name.endswith(suffixes) for name in kept), kept
     if cfg.n_routed_experts:
         assert kept and all(r.dtype == "float32" for r in counter.records if r.module.endswith(".gate"))
 

@@ -673,13 +673,14 @@ def random_picks(start: int, t: int, block: int, n_picks: int, groups=2, seed=1)
     return blocks, valid
 
 
+@pytest.mark.parametrize("tile_bytes", [1, 1200, 8 << 20])  # 1 tile per chunk (fp64: 1,152 bytes each), 2, all
 @pytest.mark.parametrize("start,t,window", [(0, 23, None), (6, 17, None), (9, 16, 7), (0, 40, 5)])
-def test_block_sparse_attention_equals_masked_softmax(monkeypatch, start, t, window):
+def test_block_sparse_attention_equals_masked_softmax(monkeypatch, start, t, window, tile_bytes):
     """Values and gradients against a dense softmax over the picked keys (fp64, grouped heads, partial
-    first and last query blocks, invalid picks, rows that see no key, tiles in chunks of 2 or more)."""
+    first and last query blocks, invalid picks, rows that see no key; tiles one, two or all per chunk)."""
     from nanoseek.kernels import block_attention as tiles
 
-    monkeypatch.setattr(tiles, "TILE_BYTES", 1)  # one tile per chunk
+    monkeypatch.setattr(tiles, "TILE_BYTES", tile_bytes)
     q, k, v = block_inputs(start, t)
     blocks, valid = random_picks(start, t, 4, 3)
     mask = picked_mask(blocks, valid, start, t, start + t, 4, window)
@@ -777,7 +778,8 @@ def test_sliding_window_models_with_tiles_equal_the_reference_model(monkeypatch,
 
 
 def test_sliding_window_keeps_sdpa_where_tiles_do_not_pay():
-    """One query head per key head (64-row tiles) and a bias or dropout keep the reference's SDPA."""
+    """One query head per key head (64-row tiles) keeps the reference's SDPA; four heads on one key head
+    (256 rows) run the tiles."""
     from nanoseek.kernels import block_attention as tiles
 
     q, k, v = block_inputs(0, 40, dtype=torch.float32, heads=2, groups=2)
@@ -790,6 +792,37 @@ def test_sliding_window_keeps_sdpa_where_tiles_do_not_pay():
         patch.setattr(tiles, "banded_block_attention", lambda *a: ran.append(1) or q4)
         tiles.sliding_window_attention(q4, k1, v1, 0, 8, 0.4)
     assert ran
+
+
+@pytest.mark.parametrize(
+    "preset,kw,layer",
+    [
+        ("llama-tiny", dict(num_key_value_heads=1, sparse="sliding", sliding_window=6), 0),
+        ("deepseek-v4-tiny", dict(), 1),  # HCA
+    ],
+)
+def test_window_tiles_step_aside_for_dropout_and_a_distance_bias(monkeypatch, preset, kw, layer):
+    """Dropout in training and a distance bias (ALiBi) keep the reference's SDPA; in eval the same
+    layer runs the tiles."""
+    from nanoseek.kernels import block_attention as tiles
+
+    calls = []
+    original = tiles.block_sparse_attention
+    monkeypatch.setattr(tiles, "block_sparse_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    from nanoseek.kernels import csa as v4
+
+    monkeypatch.setattr(v4, "block_sparse_attention", tiles.block_sparse_attention)
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(1))
+    model = Transformer(ModelConfig.from_preset(preset, attention_dropout=0.1, **kw)).train()
+    model(ids, ids)
+    assert not calls, "the tiles ran under dropout"
+    model.eval()(ids)
+    assert calls, "the tiles did not run in eval"
+    if preset == "llama-tiny":
+        calls.clear()
+        alibi = Transformer(ModelConfig.from_preset(preset, position="alibi", **kw)).eval()
+        alibi(ids)
+        assert not calls, "the tiles ran with a distance bias"
 
 
 # ---------------------------------------------------------------------------- NSA compressed branch

@@ -32,15 +32,17 @@ aten = torch.ops.aten
 
 # routers choose experts from fp32 scores (DeepSeek-V3 computes gate logits in fp32; the balance
 # bias is an fp32 buffer): a small share of the FLOPs, kept fp32 so expert choice does not flip
-KEPT_FP32 = (r"(^|\.)gate$", r"(^|\.)router$", r"(^|\.)AttentionLogits$")
+KEPT_FP32 = (r"(^|\.)gate$", r"(^|\.)router$", r"(^|\.)AttentionLogits$", r"(^|\.)TileProducts$")
 # the C++ gathered attention (kernels/csrc, loaded on first use, so looked up by name): (rows, R, X)
 # queries each meet their row's K picks; backward counted 2x forward. It computes in fp32 on purpose
 # (DSA's, NSA's per-query and CSA's sparse paths on the CPU; bf16 would not run faster in it).
 NATIVE_OPS = {"gathered_attention": 1, "gathered_attention_backward": 2}
 # modules that functions call outside the model's tree (ModuleTracker names them by their class):
 # model/attention/core.py's AttentionLogits, the fp32 logits of bf16 attention on short rows on the
-# CPU (bf16 values multiplied exactly and summed in fp32, as a bf16 GEMM with an fp32 output would)
-HELPER_MODULES = ("AttentionLogits",)
+# CPU (bf16 values multiplied exactly and summed in fp32, as a bf16 GEMM with an fp32 output would),
+# and kernels/block_attention.py's TileProducts, the block-sparse tiles' logits and dS products (fp32
+# from the fp32 q and k, as AttentionLogits)
+HELPER_MODULES = ("AttentionLogits", "TileProducts")
 
 
 @dataclass

@@ -52,9 +52,8 @@ memory above the baseline while the kind runs), and forward_over_dense (< 1 is f
 peak_device_mib is the CUDA allocator's peak above its baseline; one untimed run per kind and length goes
 first there (a shape's first call can build kernel plans, which would be charged to the first kind).
 `--warmup N` sets the untimed runs anywhere: on a CPU a first run at long lengths also pays for
-touching its fresh memory (NSA's selected branch at 16K in the deepseek layout: 1 GB of gathered
-keys and values: its gathers took 2.7 s in a first call, 0.4-0.5 s in the next ones of the same
-process).
+touching its fresh memory (page faults on every new tensor of hundreds of MB: at 16K in the deepseek
+layout one Zen-4 core ran NSA's forward 7-10% faster after one untimed run).
 `--dtype bfloat16` runs every kind under bf16 autocast, as training does (inputs and weights stay fp32).
 """
 

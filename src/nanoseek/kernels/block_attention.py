@@ -23,14 +23,16 @@ banded SDPA, 2.0 s as 64-token tiles over 9 blocks.
 
 Tiles go through in chunks of about TILE_BYTES of fp32 logits: the chunk's key blocks are gathered
 into a reused buffer (one index_select of whole C x d blocks), and nothing is kept for backward but
-the inputs (not even the output: at 64K tokens and 8 heads of 512 each copy is 1 GiB). Backward
+the inputs as the products use them (q padded to whole blocks, k and v in the compute dtypes), not
+even the output: at 64K tokens and 8 heads of 512 each copy is 1 GiB. Backward
 rebuilds the query tiles, gathers again, recomputes P and, flash-style,
     dS = P * (dP - rowsum(P * dP)),   dQ = dS K,   dK = dS^T Q,   dV = P^T dO     (Q pre-scaled)
 (rowsum(P * dP) = rowsum(dO * O), here from the fp32 P and dP rather than a rounded O), adding dK
 and dV into the picked blocks (index_add). Under bf16/fp16 autocast the logits are fp32
 products of the fp32 q and k, as `explicit_attention` computes them (q and k rounded to bf16 first
-doubled dq's and dk's error), the softmax and dS stay fp32, and only P V, dO V^T and P^T dO take
-autocast's dtype; the gradients come back in the inputs' dtypes.
+doubled dq's and dk's error), the softmax, dS and their products stay fp32 (through `TileProducts`,
+named fp32 on purpose in dtype accounting), and only P V and P^T dO take autocast's dtype; fp64
+stays fp64; the gradients come back in the inputs' dtypes.
 
 Every block a query can see picked is causal attention:
 
@@ -46,9 +48,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from nanoseek.model.attention.core import causal_attention
-from nanoseek.model.moe.experts import matmul_dtype
+from nanoseek.model.attention.core import causal_attention, compute_dtype
 
 TILE_BYTES = 8 << 20  # fp32 logits per chunk of tiles (with the gathered keys and values, L2/L3-sized)
 WINDOW_TILE = 64  # tokens per query and key block of a sliding window's tiles
@@ -123,6 +125,18 @@ def banded_block_attention(q, k, v, start: int, window: int, scale: float, block
     return block_sparse_attention(q, k, v, key_blocks.clamp(min=0), key_blocks >= 0, start, block, scale, window)
 
 
+class TileProducts(nn.Module):
+    """out = a @ b for the tiles' fp32 (or fp64) products: the logits Q K^T and, in backward, dO V^T,
+    dS K and dS^T Q. A module only so that dtype accounting (analysis/dtype_flops.py) names these
+    products as fp32 on purpose under bf16 autocast, as it does `AttentionLogits`."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.bmm(a, b, out=out)
+
+
+TILE_PRODUCTS = TileProducts()
+
+
 def wide_dtype(x: torch.Tensor) -> torch.dtype:
     """The logits' dtype: fp32, or x's where it is wider."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -192,7 +206,7 @@ class TilePlan:
 def tile_probs(q_c, k_c, hidden, blind, logits: torch.Tensor) -> torch.Tensor:
     """softmax(Q K^T + M) in `logits`' storage (n, R C, K C) and dtype (fp32, or fp64 for fp64); blind rows 0."""
     n = q_c.shape[0]
-    logits = torch.bmm(q_c, k_c.transpose(1, 2), out=logits[:n])
+    logits = TILE_PRODUCTS(q_c, k_c.transpose(1, 2), out=logits[:n])
     c = hidden.shape[1]
     folded = logits.view(n, -1, c, logits.shape[-1])  # (n, R, C, K C)
     folded.masked_fill_(hidden[:, None], float("-inf"))
@@ -203,7 +217,7 @@ def tile_probs(q_c, k_c, hidden, blind, logits: torch.Tensor) -> torch.Tensor:
 
 
 class BlockSparseAttention(torch.autograd.Function):
-    """O (B, H, nq C, d_v), a strided view of its tiles, from q (B, H, nq C, d) at positions from
+    """O (B, H, nq C, d_v), copied back from its tiles to head order, from q (B, H, nq C, d) at positions from
     first * C, k (B G, S, d), v (B G, S, d_v) and each tile's key blocks and validity (B G nq, K):
     tile n is query block first + n % nq of KV row n // nq. The query tiles (B G nq, R C, d) are
     built scaled in one pass, and backward writes dq back through the same layout."""
@@ -211,7 +225,7 @@ class BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_blocks, valid, first: int, block: int, scale: float, window, key_pos, windowed):
         ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
-        dtype = matmul_dtype(q)
+        dtype = compute_dtype(q)  # autocast's for fp32 q; fp64 stays fp64
         with torch.autocast(q.device.type, enabled=False):
             wide = wide_dtype(q)  # the logits' inputs and products: q, k as given (fp32 here under autocast)
             k, v = k.to(wide), v.to(dtype)
@@ -241,6 +255,11 @@ class BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
+        with torch.autocast(d_out.device.type, enabled=False):  # backward may run inside the caller's autocast
+            return BlockSparseAttention.grads(ctx, d_out)
+
+    @staticmethod
+    def grads(ctx, d_out):
         q, k, v, key_blocks, valid, key_pos, windowed = ctx.saved_tensors
         first, block, window, scale = ctx.meta
         tiles = tile_shape(q, k, block)
@@ -263,17 +282,17 @@ class BlockSparseAttention(torch.autograd.Function):
             hidden, blind = plan.hidden(a, z)
             k_c, v_c = plan.gather(k_table, a, z, k_buf), plan.gather(v_table, a, z, v_buf)
             p = tile_probs(q_tiles[a:z], k_c, hidden, blind, logits)
-            dp = torch.bmm(d_out_tiles[a:z].to(wide), v_c.to(wide).transpose(1, 2), out=d_logits[: z - a])
+            dp = TILE_PRODUCTS(d_out_tiles[a:z].to(wide), v_c.to(wide).transpose(1, 2), out=d_logits[: z - a])
             delta = (p * dp).sum(-1, keepdim=True)  # rowsum(P * dP) = rowsum(dO * O), exact in fp32
             ds = dp.sub_(delta).mul_(p)  # dS = P (dP - delta), in fp32
-            torch.bmm(ds, k_c, out=dq[a:z])
+            TILE_PRODUCTS(ds, k_c, out=dq[a:z])
             index = plan.index[a * k_blocks : z * k_blocks]
-            dk = torch.bmm(ds.transpose(1, 2), q_tiles[a:z])
+            dk = TILE_PRODUCTS(ds.transpose(1, 2), q_tiles[a:z])
             dk_table.index_add_(0, index, dk.view(-1, block, k.shape[-1]))
             dv = torch.bmm(p.to(d_out_tiles.dtype).transpose(1, 2), d_out_tiles[a:z])
             dv_table.index_add_(0, index, dv.view(-1, block, v.shape[-1]).to(wide))
         s = k.shape[1]
-        dq = heads_view(dq.view(tiles)) * scale  # Q was scaled: dq = scale dS K
+        dq = heads_view(dq.mul_(scale).view(tiles))  # Q was scaled: dq = scale dS K
         dk = dk_table.view(k.shape[0], -1, k.shape[-1])[:, :s]
         dv = dv_table.view(v.shape[0], -1, v.shape[-1])[:, :s]
         grads = (x.to(dtype) for x, dtype in zip((dq, dk, dv), ctx.input_dtypes))

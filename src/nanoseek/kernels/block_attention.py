@@ -143,16 +143,29 @@ def wide_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class TilePlan:
-    """The tiles' key blocks, masks and chunks: N tiles (B G rows x nq query blocks) of R C query rows."""
+    """The tiles' key blocks, masks and chunks: N tiles (B G rows x nq query blocks) of R C query rows.
+    A chunk never crosses a row, so its tiles are one strided slice (`tiles_of`) of a (B, H, nq C, .)
+    tensor in head order: queries, outputs and their gradients are staged a chunk at a time through
+    small reused buffers instead of whole tile-ordered copies (1 GiB each at 64K tokens, 8 x 512)."""
 
-    def __init__(self, k, key_blocks, valid, first: int, nq: int, block: int, window, key_pos=None, windowed=None):
+    def __init__(self, q, k, key_blocks, valid, first: int, block: int, window, key_pos=None, windowed=None):
         self.s, self.block, self.window = k.shape[1], block, window
         self.key_pos, self.windowed = key_pos, windowed
         self.n_blocks = -(-self.s // block)
-        self.first, self.nq = first, nq
-        rows = torch.arange(key_blocks.shape[0], device=k.device) // nq  # each tile's (b, g) row
+        b, h, t, _ = q.shape
+        self.g = k.shape[0] // b
+        self.r, self.nq, self.first = h // self.g, t // block, first
+        rows = torch.arange(key_blocks.shape[0], device=k.device) // self.nq  # each tile's (b, g) row
         self.index = (rows[:, None] * self.n_blocks + key_blocks.clamp(0, self.n_blocks - 1)).flatten()
         self.key_blocks, self.valid = key_blocks, valid
+        self.rows = self.r * block  # query rows per tile
+        step = max(1, TILE_BYTES // (self.rows * key_blocks.shape[1] * block * 4))
+        self.chunks = [
+            (a, min(a + step, row + self.nq))
+            for row in range(0, key_blocks.shape[0], self.nq)
+            for a in range(row, row + self.nq, step)
+        ]
+        self.most = max(z - a for a, z in self.chunks)
 
     def table(self, x):
         """x (B G, S, .) as whole blocks (B G n_blocks, C, .), zero-padded past S."""
@@ -160,21 +173,32 @@ class TilePlan:
         x = F.pad(x, (0, 0, 0, pad)) if pad else x
         return x.reshape(-1, self.block, x.shape[-1])
 
-    def chunks(self, n_tiles: int, rows: int):
-        n_keys = self.key_blocks.shape[1] * self.block
-        step = max(1, TILE_BYTES // (rows * n_keys * 4))
-        for a in range(0, n_tiles, step):
-            yield a, min(n_tiles, a + step)
+    def tiles_of(self, x, a: int, z: int) -> torch.Tensor:
+        """Tiles a..z-1 of x (B, H, nq C, X) in head order: a strided (z - a, R, C, X) view."""
+        row, i = divmod(a, self.nq)
+        b, g = divmod(row, self.g)
+        heads = x[b, g * self.r : (g + 1) * self.r]  # (R, nq C, X)
+        return heads.unflatten(1, (self.nq, self.block))[:, i : i + z - a].transpose(0, 1)
 
-    def buffers(self, chunks, k, v):
+    def stage(self, x, a: int, z: int, buffer: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Tiles a..z-1 of x (B, H, nq C, X), times `scale`, copied into `buffer`: (z - a, R C, X)."""
+        n = z - a
+        staged = buffer[:n]
+        torch.mul(self.tiles_of(x, a, z), scale, out=staged.view(n, self.r, self.block, -1))
+        return staged
+
+    def scratch(self, x, dtype=None, width=None) -> torch.Tensor:
+        """A reused (most tiles, R C, width) buffer."""
+        return x.new_empty(self.most, self.rows, width or x.shape[-1], dtype=dtype or x.dtype)
+
+    def buffers(self, k, v):
         """Reused buffers for the largest chunk's gathered key and value blocks."""
-        most = max(z - a for a, z in chunks) * self.key_blocks.shape[1]
+        most = self.most * self.key_blocks.shape[1]
         return (x.new_empty(most, self.block, x.shape[-1]) for x in (k, v))
 
-    def logits(self, chunks, q_tiles, rows: int) -> torch.Tensor:
+    def logits(self, q) -> torch.Tensor:
         """A reused (most tiles, R C, K C) buffer for the logits, fp32 or wider."""
-        most = max(z - a for a, z in chunks)
-        return q_tiles.new_empty(most, rows, self.key_blocks.shape[1] * self.block, dtype=wide_dtype(q_tiles))
+        return self.scratch(q, wide_dtype(q), self.key_blocks.shape[1] * self.block)
 
     def gather(self, table, a: int, z: int, out: torch.Tensor) -> torch.Tensor:
         """Tiles a..z-1's key blocks of `table`, (z - a, K C, .), in `out`'s storage."""
@@ -217,10 +241,10 @@ def tile_probs(q_c, k_c, hidden, blind, logits: torch.Tensor) -> torch.Tensor:
 
 
 class BlockSparseAttention(torch.autograd.Function):
-    """O (B, H, nq C, d_v), copied back from its tiles to head order, from q (B, H, nq C, d) at positions from
-    first * C, k (B G, S, d), v (B G, S, d_v) and each tile's key blocks and validity (B G nq, K):
-    tile n is query block first + n % nq of KV row n // nq. The query tiles (B G nq, R C, d) are
-    built scaled in one pass, and backward writes dq back through the same layout."""
+    """O (B, H, nq C, d_v) from q (B, H, nq C, d) at positions from first * C, k (B G, S, d), v (B G, S,
+    d_v) and each tile's key blocks and validity (B G nq, K): tile n is query block first + n % nq of
+    KV row n // nq. Queries are staged scaled into the tiles' layout a chunk at a time, outputs and
+    gradients written back likewise."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_blocks, valid, first: int, block: int, scale: float, window, key_pos, windowed):
@@ -229,28 +253,26 @@ class BlockSparseAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             wide = wide_dtype(q)  # the logits' inputs and products: q, k as given (fp32 here under autocast)
             k, v = k.to(wide), v.to(dtype)
-            q_tiles = q.new_empty(tile_shape(q, k, block), dtype=wide)
-            torch.mul(tile_view(q, k.shape[0], block), scale, out=q_tiles)
-            nq = q_tiles.shape[2]
-            plan = TilePlan(k, key_blocks, valid, first, nq, block, window, key_pos, windowed)
-            out_tiles = BlockSparseAttention.attend(plan, q_tiles.flatten(0, 2).flatten(1, 2), k, v)
-        ctx.save_for_backward(q, k, v, key_blocks, valid, key_pos, windowed)  # q itself: the tiles are rebuilt
+            plan = TilePlan(q, k, key_blocks, valid, first, block, window, key_pos, windowed)
+            out = BlockSparseAttention.attend(plan, q, k, v, scale)
+        ctx.save_for_backward(q, k, v, key_blocks, valid, key_pos, windowed)
         ctx.meta = (first, block, window, scale)
-        return heads_view(out_tiles.view(*q_tiles.shape[:-1], -1))
+        return out
 
     @staticmethod
-    def attend(plan: TilePlan, q_tiles, k, v):
-        """The output tiles (N, R C, d_v) of the query tiles (N, R C, d)."""
-        n_tiles, rows, _ = q_tiles.shape
+    def attend(plan: TilePlan, q, k, v, scale: float):
+        """The output (B, H, nq C, d_v), tile chunk by tile chunk."""
         k_table, v_table = plan.table(k), plan.table(v)
-        out = v.new_empty(n_tiles, rows, v.shape[-1])
-        chunks = list(plan.chunks(n_tiles, rows))
-        k_buf, v_buf = plan.buffers(chunks, k, v)
-        logits = plan.logits(chunks, q_tiles, rows)
-        for a, z in chunks:
+        out = v.new_empty(*q.shape[:-1], v.shape[-1])
+        q_buf, o_buf = plan.scratch(q, wide_dtype(q)), plan.scratch(v)
+        k_buf, v_buf = plan.buffers(k, v)
+        logits = plan.logits(q)
+        for a, z in plan.chunks:
             hidden, blind = plan.hidden(a, z)
-            p = tile_probs(q_tiles[a:z], plan.gather(k_table, a, z, k_buf), hidden, blind, logits)
-            torch.bmm(p.to(v.dtype), plan.gather(v_table, a, z, v_buf), out=out[a:z])
+            q_c = plan.stage(q, a, z, q_buf, scale)
+            p = tile_probs(q_c, plan.gather(k_table, a, z, k_buf), hidden, blind, logits)
+            o_c = torch.bmm(p.to(v.dtype), plan.gather(v_table, a, z, v_buf), out=o_buf[: z - a])
+            plan.tiles_of(out, a, z).copy_(o_c.view(z - a, plan.r, plan.block, -1))
         return out
 
     @staticmethod
@@ -262,58 +284,33 @@ class BlockSparseAttention(torch.autograd.Function):
     def grads(ctx, d_out):
         q, k, v, key_blocks, valid, key_pos, windowed = ctx.saved_tensors
         first, block, window, scale = ctx.meta
-        tiles = tile_shape(q, k, block)
+        plan = TilePlan(q, k, key_blocks, valid, first, block, window, key_pos, windowed)
         wide = wide_dtype(q)
-        q_tiles = q.new_empty(tiles, dtype=wide)
-        torch.mul(tile_view(q, k.shape[0], block), scale, out=q_tiles)
-        plan = TilePlan(k, key_blocks, valid, first, tiles[2], block, window, key_pos, windowed)
-        q_tiles = q_tiles.flatten(0, 2).flatten(1, 2)
-        n_tiles, rows, _ = q_tiles.shape
-        d_out_tiles = v.new_empty(n_tiles, rows, v.shape[-1])
-        d_out_tiles.view(*tiles[:-1], -1).copy_(tile_view(d_out, tiles[0] * tiles[1], block))
         k_table, v_table = plan.table(k), plan.table(v)
         dk_table, dv_table = torch.zeros_like(k_table), torch.zeros_like(v_table, dtype=wide)
-        dq = torch.empty_like(q_tiles)
-        chunks = list(plan.chunks(n_tiles, rows))
-        k_buf, v_buf = plan.buffers(chunks, k, v)
-        logits, d_logits = plan.logits(chunks, q_tiles, rows), plan.logits(chunks, q_tiles, rows)
+        dq = q.new_empty(q.shape, dtype=wide)
+        q_buf, dq_buf, do_buf = plan.scratch(q, wide), plan.scratch(q, wide), plan.scratch(v)
+        k_buf, v_buf = plan.buffers(k, v)
+        logits, d_logits = plan.logits(q), plan.logits(q)
         k_blocks = key_blocks.shape[1]
-        for a, z in chunks:
+        for a, z in plan.chunks:
+            n = z - a
             hidden, blind = plan.hidden(a, z)
             k_c, v_c = plan.gather(k_table, a, z, k_buf), plan.gather(v_table, a, z, v_buf)
-            p = tile_probs(q_tiles[a:z], k_c, hidden, blind, logits)
-            dp = TILE_PRODUCTS(d_out_tiles[a:z].to(wide), v_c.to(wide).transpose(1, 2), out=d_logits[: z - a])
+            q_c, do_c = plan.stage(q, a, z, q_buf, scale), plan.stage(d_out, a, z, do_buf)
+            p = tile_probs(q_c, k_c, hidden, blind, logits)
+            dp = TILE_PRODUCTS(do_c.to(wide), v_c.to(wide).transpose(1, 2), out=d_logits[:n])
             delta = (p * dp).sum(-1, keepdim=True)  # rowsum(P * dP) = rowsum(dO * O), exact in fp32
             ds = dp.sub_(delta).mul_(p)  # dS = P (dP - delta), in fp32
-            TILE_PRODUCTS(ds, k_c, out=dq[a:z])
+            dq_c = TILE_PRODUCTS(ds, k_c, out=dq_buf[:n])
+            torch.mul(dq_c.view(n, plan.r, block, -1), scale, out=plan.tiles_of(dq, a, z))  # Q was scaled
             index = plan.index[a * k_blocks : z * k_blocks]
-            dk = TILE_PRODUCTS(ds.transpose(1, 2), q_tiles[a:z])
+            dk = TILE_PRODUCTS(ds.transpose(1, 2), q_c)
             dk_table.index_add_(0, index, dk.view(-1, block, k.shape[-1]))
-            dv = torch.bmm(p.to(d_out_tiles.dtype).transpose(1, 2), d_out_tiles[a:z])
+            dv = torch.bmm(p.to(do_c.dtype).transpose(1, 2), do_c)
             dv_table.index_add_(0, index, dv.view(-1, block, v.shape[-1]).to(wide))
         s = k.shape[1]
-        dq = heads_view(dq.mul_(scale).view(tiles))  # Q was scaled: dq = scale dS K
         dk = dk_table.view(k.shape[0], -1, k.shape[-1])[:, :s]
         dv = dv_table.view(v.shape[0], -1, v.shape[-1])[:, :s]
         grads = (x.to(dtype) for x, dtype in zip((dq, dk, dv), ctx.input_dtypes))
         return *grads, None, None, None, None, None, None, None, None
-
-
-def tile_shape(q, k, block: int) -> tuple[int, ...]:
-    """(B, G, nq, R, C, d): q's (B, H, nq C, d) as tiles of the R heads of each KV group."""
-    b, h, t, d = q.shape
-    g = k.shape[0] // b
-    return (b, g, t // block, h // g, block, d)
-
-
-def tile_view(x, rows: int, block: int) -> torch.Tensor:
-    """x (B, H, nq C, .) viewed in tile order (B, G, nq, R, C, .), G = rows / B (no copy)."""
-    b, h, t, d = x.shape
-    g = rows // b
-    return x.unflatten(2, (t // block, block)).unflatten(1, (g, h // g)).transpose(2, 3)
-
-
-def heads_view(tiles) -> torch.Tensor:
-    """Tiles (B, G, nq, R, C, .) back in head order (B, H, nq C, .): a strided view where it can be."""
-    b, g, nq, r, c, d = tiles.shape
-    return tiles.transpose(2, 3).reshape(b, g * r, nq * c, d)

@@ -768,13 +768,7 @@ def test_sliding_window_models_with_tiles_equal_the_reference_model(monkeypatch,
     ids = torch.randint(0, ref.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
     assert_same_loss_and_gradients(ref, model, ids, grad_atol=2e-6)
     assert calls, "the tiles did not run"
-    with torch.no_grad():
-        logits = []
-        for m in (ref.eval(), model.eval()):
-            cache = m.make_cache(2, 40)
-            m(ids[:, :13], cache=cache, start=0)
-            logits.append(m(ids[:, 13:], cache=cache, start=13).logits)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+    assert_same_cached_prefill(ref, model, ids)
 
 
 def test_sliding_window_keeps_sdpa_where_tiles_do_not_pay():
@@ -896,6 +890,18 @@ def assert_same_loss_and_gradients(ref, fast, ids, grad_atol: float):
         torch.testing.assert_close(got, want, atol=grad_atol, rtol=1e-5, msg=name)
 
 
+def assert_same_cached_prefill(ref, fast, ids, start: int = 13):
+    """The logits of ids[:, start:] prefilled after ids[:, :start] went through the cache, fast model
+    against reference (both put in eval mode)."""
+    with torch.no_grad():
+        logits = []
+        for m in (ref.eval(), fast.eval()):
+            cache = m.make_cache(ids.shape[0], ids.shape[1] + 3)
+            m(ids[:, :start], cache=cache, start=0)
+            logits.append(m(ids[:, start:], cache=cache, start=start).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("query_group,n_kv_heads", [(1, 2), (2, 1), (1, 4)])
 def test_nsa_model_with_gathered_selection_equals_the_reference_model(query_group, n_kv_heads):
     """Query groups smaller than a block: the selected branch through the gathered kernel (per query
@@ -912,13 +918,7 @@ def test_nsa_model_with_gathered_selection_equals_the_reference_model(query_grou
         ids = torch.randint(0, ref.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
         assert_same_loss_and_gradients(ref, model, ids, grad_atol=2e-6)
         assert calls, "the gathered selection did not run"
-        with torch.no_grad():
-            logits = []
-            for m in (ref.eval(), model.eval()):
-                cache = m.make_cache(2, 40)
-                m(ids[:, :13], cache=cache, start=0)
-                logits.append(m(ids[:, 13:], cache=cache, start=13).logits)
-        torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+        assert_same_cached_prefill(ref, model, ids)
 
 
 # ---------------------------------------------------------------------------- DSA long-sequence path
@@ -1030,22 +1030,27 @@ def test_csa_gathered_prefill_equals_the_reference(monkeypatch, start, t, b, gat
         quick, "attend_gathered", lambda *a: gathered.append(a[4]) or type(quick).attend_gathered(quick, *a)
     )
     x = torch.randn(b, start + t, cfg.hidden_size)
-    results = []
-    for module in (ref, quick):
-        xi = x.clone().requires_grad_()
-        if start:
-            cache = module.make_cache(b, start + t, torch.float32, x.device)
-            with torch.no_grad():
-                module(x[:, :start], cache=cache, start=0)
-            out = module(xi[:, start:], cache=cache, start=start)
-        else:
-            out = module(xi)
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-        params = [p for n, p in module.named_parameters() if "indexer" not in n]
-        results.append([out, *torch.autograd.grad((out * weight).sum(), [xi, *params])])
+    results = [layer_output_and_grads(m, x, start, lambda n: "indexer" not in n) for m in (ref, quick)]
     assert gathered[-1] == (256 if gather_from == 20 else 0)  # the first query the prefill gathers
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def layer_output_and_grads(module, x, start: int, keep_param) -> list:
+    """[output, d/dx, d/d each parameter whose name keep_param accepts (None where unused)] of one
+    attention layer on x's last tokens, after its first `start` went through the cache."""
+    b, s, _ = x.shape
+    xi = x.clone().requires_grad_()
+    if start:
+        cache = module.make_cache(b, s, torch.float32, x.device)
+        with torch.no_grad():
+            module(x[:, :start], cache=cache, start=0)
+        out = module(xi[:, start:], cache=cache, start=start)
+    else:
+        out = module(xi)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    params = [p for n, p in module.named_parameters() if keep_param(n)]
+    return [out, *torch.autograd.grad((out * weight).sum(), [xi, *params], allow_unused=True)]
 
 
 @pytest.mark.parametrize(
@@ -1078,19 +1083,7 @@ def test_v4_tiles_equal_the_reference(monkeypatch, kind, start, t, b, training):
     ran = []
     monkeypatch.setattr(quick, "attend_tiles", lambda *a: ran.append(1) or type(quick).attend_tiles(quick, *a))
     x = torch.randn(b, start + t, cfg.hidden_size)
-    results = []
-    for module in (ref, quick):
-        xi = x.clone().requires_grad_()
-        if start:
-            cache = module.make_cache(b, start + t, torch.float32, x.device)
-            with torch.no_grad():
-                module(x[:, :start], cache=cache, start=0)
-            out = module(xi[:, start:], cache=cache, start=start)
-        else:
-            out = module(xi)
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-        params = list(module.parameters())
-        results.append([out, *torch.autograd.grad((out * weight).sum(), [xi, *params], allow_unused=True)])
+    results = [layer_output_and_grads(m, x, start, lambda n: True) for m in (ref, quick)]
     assert ran, "the tiles did not run"
     for got, want in zip(results[1], results[0]):
         if want is None:

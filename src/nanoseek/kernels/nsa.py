@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.kernels.block_attention import WINDOW_TILE, banded_block_attention, block_sparse_attention, tiles_pay
+from nanoseek.kernels.block_attention import block_sparse_attention, sliding_window_attention, tiles_pay
 from nanoseek.kernels.dsa import GatheredAttention, native_ops
 from nanoseek.model.attention.nsa import NativeSparseAttention, visible_blocks
 from nanoseek.model.moe.experts import matmul_dtype
@@ -37,11 +37,10 @@ class ChunkedNativeSparseAttention(NativeSparseAttention):
         return CompressedBlockAttention.apply(q, k_blocks, v_blocks, start, self.block, self.scale, with_probs)
 
     def window_attention(self, q, k, v, start: int):
-        """The reference's banded SDPA as tiles of WINDOW_TILE-token blocks (kernels/block_attention.py)
-        on the CPU, eagerly, for more than one query and a window shorter than the keys."""
-        if not tiles_pay(q) or self.window >= k.shape[2]:
-            return super().window_attention(q, k, v, start)
-        return banded_block_attention(q, k, v, start, self.window, self.scale, WINDOW_TILE)
+        """The window branch as a sliding window's tiles where they pay (kernels/block_attention.py's
+        `sliding_window_attention`: on the CPU, eagerly, a window shorter than the keys, heads folded
+        into at least 256 rows), else the reference's banded SDPA."""
+        return sliding_window_attention(q, k, v, start, self.window, self.scale)
 
     def selected_attention(self, q, k, v, p_cmp, start: int):
         """The reference's per-query-block SDPA over each block's picks as `block_sparse_attention`

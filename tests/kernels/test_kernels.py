@@ -694,6 +694,32 @@ def test_block_sparse_attention_equals_masked_softmax(monkeypatch, start, t, win
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+def test_block_sparse_attention_computes_only_the_blocks_used(monkeypatch):
+    """With `used`, a chunk computes its tiles' leading key blocks only: the same values and gradients
+    as with every block computed and the unused ones invalid; and the products really shrink."""
+    from nanoseek.kernels import block_attention as tiles
+
+    monkeypatch.setattr(tiles, "TILE_BYTES", 1)
+    q, k, v = block_inputs(0, 40)
+    blocks, valid = random_picks(0, 40, 4, 4, seed=3)
+    used = torch.randint(1, 5, blocks.shape[:3], generator=torch.Generator().manual_seed(4))
+    keep = valid & (torch.arange(4) < used[..., None])
+    keys = []  # the logits' widths, Q K^T being the forward's only TileProducts call
+    product = tiles.TILE_PRODUCTS.forward
+    monkeypatch.setattr(
+        tiles.TILE_PRODUCTS, "forward", lambda a, b, out=None: keys.append(b.shape[-1]) or product(a, b, out)
+    )
+    results = []
+    for kw in (dict(used=used), dict()):
+        out = tiles.block_sparse_attention(q, k, v, blocks, keep, 0, 4, 0.4, **kw)
+        widths, keys[:] = sorted(set(keys)), []
+        results.append([out, *torch.autograd.grad(out.square().sum(), (q, k, v))])
+        assert widths == ([4, 8, 12, 16] if kw else [16])  # 1 to 4 blocks of 4 keys where used says so
+        keys.clear()
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
 def test_block_sparse_attention_passes_gradcheck():
     from nanoseek.kernels.block_attention import block_sparse_attention
 
@@ -1062,14 +1088,17 @@ def layer_output_and_grads(module, x, start: int, keep_param) -> list:
         ("sliding", 0, 45, 1, False),  # a V4 sliding layer: window and sink only
     ],
 )
-def test_v4_tiles_equal_the_reference(monkeypatch, kind, start, t, b, training):
-    """kernels/csa.py's tiles (window blocks + closed entries + the sink as one more key) against
-    model/attention/compressed.py's chunked SDPA: an HCA (or V4 sliding) layer's output and the
-    gradients of its input and every weight (sinks included)."""
+@pytest.mark.parametrize("tile_bytes", [1, 8 << 20])  # a chunk per tile (each its own used blocks), all in one
+def test_v4_tiles_equal_the_reference(monkeypatch, kind, start, t, b, training, tile_bytes):
+    """kernels/csa.py's tiles (window blocks + the sink + the closed entries, each query block only as
+    many entry blocks as it sees) against model/attention/compressed.py's chunked SDPA: an HCA (or V4
+    sliding) layer's output and the gradients of its input and every weight (sinks included)."""
+    from nanoseek.kernels import block_attention as tiles
     from nanoseek.kernels import csa as fast
     from nanoseek.model.attention.compressed import CompressedAttention
 
     monkeypatch.setattr(fast, "V4_TILE", 4)
+    monkeypatch.setattr(tiles, "TILE_BYTES", tile_bytes)
     layers = ["sliding", "hca"] if kind == "sliding" else None
     cfg = ModelConfig.from_preset("deepseek-v4-tiny", **({"sparse_layers": layers} if layers else {}))
     layer = 0 if kind == "sliding" else 1

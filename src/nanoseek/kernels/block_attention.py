@@ -77,7 +77,18 @@ def sliding_window_attention(q, k, v, start: int, window: int, scale: float) -> 
 
 
 def block_sparse_attention(
-    q, k, v, key_blocks, valid, start: int, block: int, scale: float, window=None, key_pos=None, windowed=None
+    q,
+    k,
+    v,
+    key_blocks,
+    valid,
+    start: int,
+    block: int,
+    scale: float,
+    window=None,
+    key_pos=None,
+    windowed=None,
+    used=None,
 ):
     """q (B, H, T, d) at positions start..start+T-1 against k (B, G, S, d), v (B, G, S, d_v);
     key_blocks, valid (B, G, nq, K): the key blocks (of `block` tokens) of each query block
@@ -85,7 +96,9 @@ def block_sparse_attention(
 
     By default key row s stands for position s. `key_pos` (S,) int64 gives each row its own (a row
     is visible from that position on; a compressed entry's is the last token it pools), and
-    `windowed` (S,) bool says which rows the window applies to (default: all)."""
+    `windowed` (S,) bool says which rows the window applies to (default: all). `used` (B, G, nq), if
+    given, says how many leading key blocks each query block needs (those after are invalid for it):
+    a chunk of tiles then computes only as many as its tiles need (HCA's early blocks see few entries)."""
     b, h, t, d = q.shape
     g, s = k.shape[1], k.shape[2]
     c, nq = block, key_blocks.shape[2]
@@ -107,6 +120,7 @@ def block_sparse_attention(
         window,
         key_pos,
         windowed,
+        None if used is None else used.reshape(b * g * nq),
     )
     return out[:, :, front : front + t]
 
@@ -148,7 +162,7 @@ class TilePlan:
     tensor in head order: queries, outputs and their gradients are staged a chunk at a time through
     small reused buffers instead of whole tile-ordered copies (1 GiB each at 64K tokens, 8 x 512)."""
 
-    def __init__(self, q, k, key_blocks, valid, first: int, block: int, window, key_pos=None, windowed=None):
+    def __init__(self, q, k, key_blocks, valid, first: int, block: int, window, key_pos=None, windowed=None, used=None):
         self.s, self.block, self.window = k.shape[1], block, window
         self.key_pos, self.windowed = key_pos, windowed
         self.n_blocks = -(-self.s // block)
@@ -156,16 +170,16 @@ class TilePlan:
         self.g = k.shape[0] // b
         self.r, self.nq, self.first = h // self.g, t // block, first
         rows = torch.arange(key_blocks.shape[0], device=k.device) // self.nq  # each tile's (b, g) row
-        self.index = (rows[:, None] * self.n_blocks + key_blocks.clamp(0, self.n_blocks - 1)).flatten()
+        self.index = rows[:, None] * self.n_blocks + key_blocks.clamp(0, self.n_blocks - 1)  # (N, K)
         self.key_blocks, self.valid = key_blocks, valid
         self.rows = self.r * block  # query rows per tile
-        step = max(1, TILE_BYTES // (self.rows * key_blocks.shape[1] * block * 4))
-        self.chunks = [
-            (a, min(a + step, row + self.nq))
-            for row in range(0, key_blocks.shape[0], self.nq)
-            for a in range(row, row + self.nq, step)
-        ]
-        self.most = max(z - a for a, z in self.chunks)
+        n_tiles, k_blocks = key_blocks.shape
+        step = max(1, TILE_BYTES // (self.rows * k_blocks * block * 4))
+        rows_start = range(0, n_tiles, self.nq)
+        spans = [(a, min(a + step, row + self.nq)) for row in rows_start for a in range(row, row + self.nq, step)]
+        need = [k_blocks] * n_tiles if used is None else used.tolist()
+        self.chunks = [(a, z, max(need[a:z])) for a, z in spans]  # (first tile, end, key blocks computed)
+        self.most = max(z - a for a, z in spans)
 
     def table(self, x):
         """x (B G, S, .) as whole blocks (B G n_blocks, C, .), zero-padded past S."""
@@ -197,25 +211,32 @@ class TilePlan:
         return (x.new_empty(most, self.block, x.shape[-1]) for x in (k, v))
 
     def logits(self, q) -> torch.Tensor:
-        """A reused (most tiles, R C, K C) buffer for the logits, fp32 or wider."""
-        return self.scratch(q, wide_dtype(q), self.key_blocks.shape[1] * self.block)
+        """A reused flat buffer for the largest chunk's logits (most tiles x R C x K C), fp32 or wider."""
+        return q.new_empty(self.most * self.rows * self.key_blocks.shape[1] * self.block, dtype=wide_dtype(q))
 
-    def gather(self, table, a: int, z: int, out: torch.Tensor) -> torch.Tensor:
-        """Tiles a..z-1's key blocks of `table`, (z - a, K C, .), in `out`'s storage."""
-        k_blocks = self.key_blocks.shape[1]
-        picked = out[: (z - a) * k_blocks]
-        torch.index_select(table, 0, self.index[a * k_blocks : z * k_blocks], out=picked)
-        return picked.view(z - a, k_blocks * self.block, -1)
+    def logits_of(self, buffer: torch.Tensor, n: int, kc: int) -> torch.Tensor:
+        """n tiles' (n, R C, kc C) logits in `buffer`'s storage."""
+        return buffer[: n * self.rows * kc * self.block].view(n, self.rows, kc * self.block)
 
-    def hidden(self, a: int, z: int):
-        """(hidden (n, C, K C) bool, blind (n, C) or None): the masked logits of tiles a..z-1, and the
-        rows that see no key at all (None when every row sees one)."""
+    def picks(self, a: int, z: int, kc: int) -> torch.Tensor:
+        """The rows of the block table that tiles a..z-1 read: their first kc key blocks, flattened."""
+        return self.index[a:z, :kc].flatten()
+
+    def gather(self, table, a: int, z: int, kc: int, out: torch.Tensor) -> torch.Tensor:
+        """Tiles a..z-1's first kc key blocks of `table`, (z - a, kc C, .), in `out`'s storage."""
+        picked = out[: (z - a) * kc]
+        torch.index_select(table, 0, self.picks(a, z, kc), out=picked)
+        return picked.view(z - a, kc * self.block, -1)
+
+    def hidden(self, a: int, z: int, kc: int):
+        """(hidden (n, C, kc C) bool, blind (n, C) or None): the masked logits of tiles a..z-1 over
+        their first kc key blocks, and the rows that see no key at all (None when every row sees one)."""
         c = self.block
         device = self.key_blocks.device
         offsets = torch.arange(c, device=device)
         query_pos = ((self.first + torch.arange(a, z, device=device) % self.nq) * c)[:, None] + offsets  # (n, C)
-        token = (self.key_blocks[a:z, :, None] * c + offsets).flatten(1)  # (n, K C)
-        ok = self.valid[a:z].repeat_interleave(c, dim=1) & (token < self.s)
+        token = (self.key_blocks[a:z, :kc, None] * c + offsets).flatten(1)  # (n, kc C)
+        ok = self.valid[a:z, :kc].repeat_interleave(c, dim=1) & (token < self.s)
         key_pos = token if self.key_pos is None else self.key_pos[token.clamp(max=self.s - 1)]
         seen = ok[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])
         if self.window is not None:
@@ -228,9 +249,9 @@ class TilePlan:
 
 
 def tile_probs(q_c, k_c, hidden, blind, logits: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T + M) in `logits`' storage (n, R C, K C) and dtype (fp32, or fp64 for fp64); blind rows 0."""
+    """softmax(Q K^T + M) in `logits` (n, R C, kc C), its dtype fp32 (or fp64 for fp64); blind rows 0."""
     n = q_c.shape[0]
-    logits = TILE_PRODUCTS(q_c, k_c.transpose(1, 2), out=logits[:n])
+    logits = TILE_PRODUCTS(q_c, k_c.transpose(1, 2), out=logits)
     c = hidden.shape[1]
     folded = logits.view(n, -1, c, logits.shape[-1])  # (n, R, C, K C)
     folded.masked_fill_(hidden[:, None], float("-inf"))
@@ -247,15 +268,15 @@ class BlockSparseAttention(torch.autograd.Function):
     gradients written back likewise."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_blocks, valid, first: int, block: int, scale: float, window, key_pos, windowed):
+    def forward(ctx, q, k, v, key_blocks, valid, first: int, block: int, scale: float, window, key_pos, windowed, used):
         ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
         dtype = compute_dtype(q)  # autocast's for fp32 q; fp64 stays fp64
         with torch.autocast(q.device.type, enabled=False):
             wide = wide_dtype(q)  # the logits' inputs and products: q, k as given (fp32 here under autocast)
             k, v = k.to(wide), v.to(dtype)
-            plan = TilePlan(q, k, key_blocks, valid, first, block, window, key_pos, windowed)
+            plan = TilePlan(q, k, key_blocks, valid, first, block, window, key_pos, windowed, used)
             out = BlockSparseAttention.attend(plan, q, k, v, scale)
-        ctx.save_for_backward(q, k, v, key_blocks, valid, key_pos, windowed)
+        ctx.save_for_backward(q, k, v, key_blocks, valid, key_pos, windowed, used)
         ctx.meta = (first, block, window, scale)
         return out
 
@@ -267,11 +288,11 @@ class BlockSparseAttention(torch.autograd.Function):
         q_buf, o_buf = plan.scratch(q, wide_dtype(q)), plan.scratch(v)
         k_buf, v_buf = plan.buffers(k, v)
         logits = plan.logits(q)
-        for a, z in plan.chunks:
-            hidden, blind = plan.hidden(a, z)
+        for a, z, kc in plan.chunks:
+            hidden, blind = plan.hidden(a, z, kc)
             q_c = plan.stage(q, a, z, q_buf, scale)
-            p = tile_probs(q_c, plan.gather(k_table, a, z, k_buf), hidden, blind, logits)
-            o_c = torch.bmm(p.to(v.dtype), plan.gather(v_table, a, z, v_buf), out=o_buf[: z - a])
+            p = tile_probs(q_c, plan.gather(k_table, a, z, kc, k_buf), hidden, blind, plan.logits_of(logits, z - a, kc))
+            o_c = torch.bmm(p.to(v.dtype), plan.gather(v_table, a, z, kc, v_buf), out=o_buf[: z - a])
             plan.tiles_of(out, a, z).copy_(o_c.view(z - a, plan.r, plan.block, -1))
         return out
 
@@ -282,9 +303,9 @@ class BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def grads(ctx, d_out):
-        q, k, v, key_blocks, valid, key_pos, windowed = ctx.saved_tensors
+        q, k, v, key_blocks, valid, key_pos, windowed, used = ctx.saved_tensors
         first, block, window, scale = ctx.meta
-        plan = TilePlan(q, k, key_blocks, valid, first, block, window, key_pos, windowed)
+        plan = TilePlan(q, k, key_blocks, valid, first, block, window, key_pos, windowed, used)
         wide = wide_dtype(q)
         k_table, v_table = plan.table(k), plan.table(v)
         dk_table, dv_table = torch.zeros_like(k_table), torch.zeros_like(v_table, dtype=wide)
@@ -292,19 +313,18 @@ class BlockSparseAttention(torch.autograd.Function):
         q_buf, dq_buf, do_buf = plan.scratch(q, wide), plan.scratch(q, wide), plan.scratch(v)
         k_buf, v_buf = plan.buffers(k, v)
         logits, d_logits = plan.logits(q), plan.logits(q)
-        k_blocks = key_blocks.shape[1]
-        for a, z in plan.chunks:
+        for a, z, kc in plan.chunks:
             n = z - a
-            hidden, blind = plan.hidden(a, z)
-            k_c, v_c = plan.gather(k_table, a, z, k_buf), plan.gather(v_table, a, z, v_buf)
+            hidden, blind = plan.hidden(a, z, kc)
+            k_c, v_c = plan.gather(k_table, a, z, kc, k_buf), plan.gather(v_table, a, z, kc, v_buf)
             q_c, do_c = plan.stage(q, a, z, q_buf, scale), plan.stage(d_out, a, z, do_buf)
-            p = tile_probs(q_c, k_c, hidden, blind, logits)
-            dp = TILE_PRODUCTS(do_c.to(wide), v_c.to(wide).transpose(1, 2), out=d_logits[:n])
+            p = tile_probs(q_c, k_c, hidden, blind, plan.logits_of(logits, n, kc))
+            dp = TILE_PRODUCTS(do_c.to(wide), v_c.to(wide).transpose(1, 2), out=plan.logits_of(d_logits, n, kc))
             delta = (p * dp).sum(-1, keepdim=True)  # rowsum(P * dP) = rowsum(dO * O), exact in fp32
             ds = dp.sub_(delta).mul_(p)  # dS = P (dP - delta), in fp32
             dq_c = TILE_PRODUCTS(ds, k_c, out=dq_buf[:n])
             torch.mul(dq_c.view(n, plan.r, block, -1), scale, out=plan.tiles_of(dq, a, z))  # Q was scaled
-            index = plan.index[a * k_blocks : z * k_blocks]
+            index = plan.picks(a, z, kc)
             dk = TILE_PRODUCTS(ds.transpose(1, 2), q_c)
             dk_table.index_add_(0, index, dk.view(-1, block, k.shape[-1]))
             dv = torch.bmm(p.to(do_c.dtype).transpose(1, 2), do_c)
@@ -313,4 +333,4 @@ class BlockSparseAttention(torch.autograd.Function):
         dk = dk_table.view(k.shape[0], -1, k.shape[-1])[:, :s]
         dv = dv_table.view(v.shape[0], -1, v.shape[-1])[:, :s]
         grads = (x.to(dtype) for x, dtype in zip((dq, dk, dv), ctx.input_dtypes))
-        return *grads, None, None, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None, None

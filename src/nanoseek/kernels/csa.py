@@ -82,27 +82,29 @@ class SparseCompressedAttention(CompressedAttention):
     def attend_tiles(self, q, keys, rel0: int, entries) -> torch.Tensor:
         """o (B, T, H, D_h) of the queries at key indices rel0.. over their window, the entries closed
         by then and the sink, as `block_sparse_attention` tiles of V4_TILE tokens. One key table:
-        [keys ; entries ; sink], each part padded to whole blocks; a row's position (`key_pos`) is its
-        index for the keys, the index of its last pooled token for an entry (visible once closed) and
-        -inf for the sink; the window applies to the keys only. The sink is sink_sdpa's: one more
-        key [0 .. 0, 1] with a zero value, met by a query channel holding s_h / scale."""
+        [keys ; sink, entries], each part padded to whole blocks; a row's position (`key_pos`) is its
+        index for the keys, -inf for the sink and the index of its last pooled token for an entry
+        (visible once closed); the window applies to the keys only. A query block computes only the
+        extra blocks up to its last closed entry (`used`: at 64K an early block sees a few of the 512
+        entries). The sink is sink_sdpa's: one more key [0 .. 0, 1] with a zero value, met by a query
+        channel holding s_h / scale."""
         b, t, h, d = q.shape
         c, s, device = V4_TILE, keys.shape[1], q.device
         m = None if entries is None else self.compressor.rate
         n_entries = 0 if entries is None else min(entries.shape[1], (rel0 + t) // m)
         n_kv, n_extra = -(-s // c) * c, -(-(n_entries + 1) // c) * c
-        parts = [F.pad(keys, (0, 1, 0, n_kv - s))]
+        sink = F.pad(keys.new_ones(b, 1, 1), (d, 0))  # [0 .. 0, 1]
+        parts = [F.pad(keys, (0, 1, 0, n_kv - s)), sink]
         if n_entries:
             parts.append(F.pad(entries[:, :n_entries].to(keys.dtype), (0, 1)))
-        parts.append(F.pad(keys.new_ones(b, 1, 1), (d, 0, 0, n_extra - n_entries - 1)))  # the sink row, then padding
-        table = torch.cat(parts, dim=1)[:, None]  # (B, 1, n_kv + n_extra, D_h + 1)
+        table = F.pad(torch.cat(parts, dim=1), (0, 0, 0, n_extra - n_entries - 1))[:, None]  # (B, 1, rows, D_h + 1)
         never, always = 1 << 40, -(1 << 40)
         key_pos = torch.cat(
             [
                 torch.arange(s, device=device),
                 torch.full((n_kv - s,), never, device=device),
-                (torch.arange(n_entries, device=device) + 1) * (m or 1) - 1,
                 torch.tensor([always], device=device),
+                (torch.arange(n_entries, device=device) + 1) * (m or 1) - 1,
                 torch.full((n_extra - n_entries - 1,), never, device=device),
             ]
         )
@@ -113,10 +115,13 @@ class SparseCompressedAttention(CompressedAttention):
         extra = (n_kv // c + torch.arange(n_extra // c, device=device)).expand(len(own), -1)
         key_blocks = torch.cat([near.clamp(min=0), extra], dim=1).expand(b, 1, -1, -1)
         valid = torch.cat([near >= 0, torch.ones_like(extra, dtype=torch.bool)], dim=1).expand(b, 1, -1, -1)
+        # each query block reads the sink and the entries closed by its last query: a prefix of the extra blocks
+        closed = ((own[:, 0] + 1) * c // (m or 1)).clamp(max=n_entries) if n_entries else own[:, 0] * 0
+        used = (near.shape[1] + (closed + c) // c).expand(b, 1, -1)
         sink_q = (self.sinks.to(q.dtype) / self.scale).view(1, h, 1, 1).expand(b, h, t, 1)
         q_all = torch.cat([q.transpose(1, 2), sink_q], dim=-1)  # (B, H, T, D_h + 1)
         out = block_sparse_attention(
-            q_all, table, table[..., :d], key_blocks, valid, rel0, c, self.scale, self.window, key_pos, windowed
+            q_all, table, table[..., :d], key_blocks, valid, rel0, c, self.scale, self.window, key_pos, windowed, used
         )
         return out.transpose(1, 2)
 

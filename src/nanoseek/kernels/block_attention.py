@@ -30,8 +30,8 @@ rebuilds the query tiles, gathers again, recomputes P and, flash-style,
 (rowsum(P * dP) = rowsum(dO * O), here from the fp32 P and dP rather than a rounded O), adding dK
 and dV into the picked blocks (index_add). Under bf16/fp16 autocast the logits are fp32
 products of the fp32 q and k, as `explicit_attention` computes them (q and k rounded to bf16 first
-doubled dq's and dk's error), the softmax, dS and their products stay fp32 (through `TileProducts`,
-named fp32 on purpose in dtype accounting), and only P V and P^T dO take autocast's dtype; fp64
+doubled dq's and dk's error), the softmax, dS and its products stay fp32 (through `TileProducts`,
+named fp32 on purpose in dtype accounting), and P V, dO V^T and P^T dO take autocast's dtype; fp64
 stays fp64; the gradients come back in the inputs' dtypes.
 
 Every block a query can see picked is causal attention:
@@ -319,7 +319,11 @@ class BlockSparseAttention(torch.autograd.Function):
             k_c, v_c = plan.gather(k_table, a, z, kc, k_buf), plan.gather(v_table, a, z, kc, v_buf)
             q_c, do_c = plan.stage(q, a, z, q_buf, scale), plan.stage(d_out, a, z, do_buf)
             p = tile_probs(q_c, k_c, hidden, blind, plan.logits_of(logits, n, kc))
-            dp = TILE_PRODUCTS(do_c.to(wide), v_c.to(wide).transpose(1, 2), out=plan.logits_of(d_logits, n, kc))
+            dp = plan.logits_of(d_logits, n, kc)
+            if do_c.dtype == wide:
+                TILE_PRODUCTS(do_c, v_c.transpose(1, 2), out=dp)
+            else:  # dO V^T in the compute dtype (as explicit_attention's autograd computes it), then widened
+                dp.copy_(torch.bmm(do_c, v_c.transpose(1, 2)))
             delta = (p * dp).sum(-1, keepdim=True)  # rowsum(P * dP) = rowsum(dO * O), exact in fp32
             ds = dp.sub_(delta).mul_(p)  # dS = P (dP - delta), in fp32
             dq_c = TILE_PRODUCTS(ds, k_c, out=dq_buf[:n])

@@ -16,7 +16,8 @@
                       in backward: `CompressedBlockAttention`; its selected and window branches as tiles)
     window.py         TiledWindowAttention (MHA's sliding window as tiles; MLA's through dsa.py's subclass)
     csa.py            SparseCompressedAttention (V4 CSA's long prefill: each query over its window, its
-                      picked entries and the sink, through dsa.py's `GatheredAttention`)
+                      picked entries and the sink, through dsa.py's `GatheredAttention`; HCA and V4
+                      sliding layers as block_attention.py's tiles)
 
 How they are chosen: model/ never imports this package. model/transformer.py keeps two registries
 that importing this package fills (as nanoseek.io fills CHECKPOINT_WRITERS):

@@ -130,13 +130,15 @@ def banded_block_attention(q, k, v, start: int, window: int, scale: float, block
     `block_sparse_attention` over blocks of `block` tokens: query block i over key blocks
     i - ceil(window / block) .. i, those before position 0 invalid. Same result as
     model/attention/core.py's `causal_attention(..., window=window)`."""
-    t = q.shape[2]
-    first, last = start // block, (start + t - 1) // block
-    query_block = torch.arange(first, last + 1, device=q.device)[:, None]
-    key_blocks = query_block - torch.arange(-(-window // block), -1, -1, device=q.device)  # (nq, K), ascending
-    b, g = k.shape[:2]
-    key_blocks = key_blocks.expand(b, g, *key_blocks.shape)
+    key_blocks = window_blocks(start, q.shape[2], window, block, q.device).expand(*k.shape[:2], -1, -1)
     return block_sparse_attention(q, k, v, key_blocks.clamp(min=0), key_blocks >= 0, start, block, scale, window)
+
+
+def window_blocks(start: int, t: int, window: int, block: int, device) -> torch.Tensor:
+    """(nq, ceil(window / block) + 1): the key blocks i - ceil(window / block) .. i that query block i
+    of positions start..start+t-1 reads within its window, ascending (negative: before position 0)."""
+    query_block = torch.arange(start // block, (start + t - 1) // block + 1, device=device)[:, None]
+    return query_block - torch.arange(-(-window // block), -1, -1, device=device)
 
 
 class TileProducts(nn.Module):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoseek.kernels.block_attention import block_sparse_attention, tiles_pay
+from nanoseek.kernels.block_attention import block_sparse_attention, tiles_pay, window_blocks
 from nanoseek.kernels.dsa import GatheredAttention, Scratch, native_ops, native_topk, scores_into
 from nanoseek.model.attention.compressed import CHUNK, CompressedAttention
 
@@ -109,14 +109,12 @@ class SparseCompressedAttention(CompressedAttention):
             ]
         )
         windowed = torch.arange(n_kv + n_extra, device=device) < n_kv
-        first, last = rel0 // c, (rel0 + t - 1) // c
-        own = torch.arange(first, last + 1, device=device)[:, None]
-        near = own - torch.arange(-(-self.window // c), -1, -1, device=device)  # the window's blocks
-        extra = (n_kv // c + torch.arange(n_extra // c, device=device)).expand(len(own), -1)
+        near = window_blocks(rel0, t, self.window, c, device)  # (nq, window blocks)
+        extra = (n_kv // c + torch.arange(n_extra // c, device=device)).expand(len(near), -1)
         key_blocks = torch.cat([near.clamp(min=0), extra], dim=1).expand(b, 1, -1, -1)
         valid = torch.cat([near >= 0, torch.ones_like(extra, dtype=torch.bool)], dim=1).expand(b, 1, -1, -1)
         # each query block reads the sink and the entries closed by its last query: a prefix of the extra blocks
-        closed = ((own[:, 0] + 1) * c // (m or 1)).clamp(max=n_entries) if n_entries else own[:, 0] * 0
+        closed = ((near[:, -1] + 1) * c // (m or 1)).clamp(max=n_entries)
         used = (near.shape[1] + (closed + c) // c).expand(b, 1, -1)
         sink_q = (self.sinks.to(q.dtype) / self.scale).view(1, h, 1, 1).expand(b, h, t, 1)
         q_all = torch.cat([q.transpose(1, 2), sink_q], dim=-1)  # (B, H, T, D_h + 1)

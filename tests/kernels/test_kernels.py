@@ -1200,22 +1200,27 @@ def test_native_indexer_topk_picks_what_earliest_topk_picks(scores, threads):
 
 
 @pytest.mark.parametrize(
-    "b,h,g,s,x,d_v,shared,threads",
+    "b,h,g,s,x,d_v,shared,threads,t",
     [
-        (2, 4, 2, 40, 24, 16, True, 1),  # widths that leave tails after the 16-column blocks
-        (1, 8, 1, 300, 64, 48, True, 2),  # backward split over two threads' dk
-        (2, 6, 2, 50, 32, 20, False, 2),  # separate values, 3 heads a key head (a head block tail)
+        (2, 4, 2, 40, 24, 16, True, 1, 7),  # widths that leave tails after the 16-column blocks
+        (1, 8, 1, 300, 64, 48, True, 2, 7),  # backward split over two threads' dk
+        (2, 6, 2, 50, 32, 20, False, 2, 7),  # separate values, 3 heads a key head (a head block tail)
+        # keys 8 KiB wide: segments of 72 keys (5 in all, up to 70 picks in one: two tiles), 2 x 70 rows
+        # (three blocks of 64 rows, over two threads)
+        (2, 2, 1, 300, 2048, 64, True, 2, 70),
     ],
 )
-def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shared, threads):
+def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shared, threads, t):
     """The C++ kernel against model/attention/dsa.py's `gathered_attention` (float64): values and
-    gradients of q, k and v, with invalid picks (a tile's valid picks packed) and 70 picks (two tiles)."""
+    gradients of q, k and v, with invalid picks (a tile's valid picks packed) and 70 picks (two tiles);
+    with wide keys, rows whose picks spread over several key segments and blocks of rows."""
     from nanoseek.kernels.dsa import GatheredAttention, native_ops
     from nanoseek.model.attention.dsa import gathered_attention
 
     assert native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
     gen = torch.Generator().manual_seed(5)
-    t, n_picks = 7, 70 if s >= 70 else s // 2
+    n_picks = 70 if s >= 70 else s // 2
+    scale = min(0.3, x**-0.5)  # wide keys: logits of unit scale (fp32 sums of 2,048 products otherwise peak sharply)
     q = torch.randn(b, h, t, x, generator=gen, requires_grad=True)
     k = torch.randn(b, g, s, x, generator=gen, requires_grad=True)
     v = torch.randn(b, g, s, d_v, generator=gen, requires_grad=True)
@@ -1225,13 +1230,13 @@ def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shar
     inputs = (q, k) if shared else (q, k, v)
     weight = torch.randn(b, h, t, d_v, generator=gen, dtype=torch.float64)
     want_out = gathered_attention(
-        *(a.double() for a in (q, k)), (k[..., :d_v] if shared else v).double(), picked, valid, 0.3
+        *(a.double() for a in (q, k)), (k[..., :d_v] if shared else v).double(), picked, valid, scale
     )
     want = [want_out, *torch.autograd.grad((want_out * weight).sum(), inputs)]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got_out = GatheredAttention.apply(q, k, None if shared else v, d_v, picked, valid, 0.3)
+        got_out = GatheredAttention.apply(q, k, None if shared else v, d_v, picked, valid, scale)
         got = [got_out, *torch.autograd.grad((got_out * weight.float()).sum(), inputs)]
     finally:
         torch.set_num_threads(before)

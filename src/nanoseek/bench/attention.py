@@ -45,8 +45,11 @@ among --kinds for the dense columns and the ratios).
 `--forward-only` skips backward (dense at 64K in the deepseek layout: ~20 minutes forward against
 ~50 backward on one core): backward_s is then null and no backward columns are computed.
 
-Reported per (kind, T): forward_s and backward_s (medians over the repeats; backward alone, with
-the indexer's scoring under no_grad as in training after warm-up), peak_rss_mib (anonymous
+Reported per (kind, T): forward_s and backward_s (medians over the repeats; backward alone: the
+attention's backward from a fixed random output gradient made before the clock starts, with the
+indexer's scoring under no_grad as in training after warm-up; a loss computed on the output would
+add elementwise passes over it that weigh little against dense's backward and a tenth of a fast
+kind's), peak_rss_mib (anonymous
 memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster). With
 `--device cuda` the inputs and ops live on the GPU, every timing ends with a synchronize, and
 peak_device_mib is the CUDA allocator's peak above its baseline; one untimed run per kind and length goes
@@ -213,9 +216,16 @@ def count_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.de
     counted = {"forward_flops": forward.get_total_flops(), "forward_flops_by_op": flops_by_op(forward)}
     if args.forward_only:
         return counted
+    d_out = output_grad(out)
     with flop_counter() as backward:
-        out.float().square().mean().backward()
+        out.backward(d_out)
     return {**counted, "backward_flops": backward.get_total_flops(), "backward_flops_by_op": flops_by_op(backward)}
+
+
+def output_grad(out: torch.Tensor) -> torch.Tensor:
+    """A fixed random gradient for the attention's output (seeded: every kind gets the same)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
 
 
 def efficiency_columns(row: dict, dense: dict) -> dict:
@@ -253,14 +263,18 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
                 out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
             synchronize(device)
             t1 = time.perf_counter()
+            backward_s = d_out = None
             if not args.forward_only:
-                out.float().square().mean().backward()
+                d_out = output_grad(out)
                 synchronize(device)
-            t2 = time.perf_counter()
+                t2 = time.perf_counter()
+                out.backward(d_out)
+                synchronize(device)
+                backward_s = time.perf_counter() - t2
             if i >= warmup:
                 forward.append(t1 - t0)
-                backward.append(t2 - t1)
-            del out, q, k, v, x
+                backward.append(backward_s)
+            del out, d_out, q, k, v, x
     row = {
         "forward_s": round(statistics.median(forward), 4),
         "backward_s": None if args.forward_only else round(statistics.median(backward), 4),

@@ -307,7 +307,10 @@ struct Segments {
   std::vector<int64_t> bounds;
 
   void build(const Layout& L, const int32_t* idx_all, const bool* ok_all, int64_t b0, int64_t b1) {
-    per = std::max<int64_t>(16, SEGMENT_BYTES / (4 * L.x));
+    // at least a cache's worth of rows, and enough that a row's picks spread evenly over the keys fill
+    // a tile per segment (at 64K keys a 576 KiB segment held ~9 of a query's 2,048 picks: short tiles
+    // ran at 41 GFLOP/s, full ones at 48-52; one Zen-4 core, random picks)
+    per = std::max<int64_t>({16, SEGMENT_BYTES / (4 * L.x), TILE * L.s / std::max<int64_t>(1, L.k)});
     segs = (L.s + per - 1) / per;
     k = L.k;
     keys.resize((b1 - b0) * L.k);

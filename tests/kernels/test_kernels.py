@@ -1205,29 +1205,37 @@ def test_native_indexer_topk_picks_what_earliest_topk_picks(scores, threads):
         (2, 4, 2, 40, 24, 16, True, 1, 7, 20),  # widths that leave tails after the 16-column blocks
         (1, 8, 1, 300, 64, 48, True, 2, 7, 70),  # backward split over two threads' dk
         (2, 6, 2, 50, 32, 20, False, 2, 7, 25),  # separate values, 3 heads a key head (a head block tail)
-        # 320 picks of 1,280 keys 2,304 bytes wide: segments of 256 keys (5), 2 x 70 rows (three blocks
-        # of 64 rows, over two threads)
+        # 320 picks of 1,280 keys 2,304 bytes wide: segments of 256 keys (5); 2 x 70 queries in blocks
+        # of up to 64 queries (four blocks over two threads)
         (2, 2, 1, 1280, 576, 64, True, 2, 70, 320),
+        # two key heads, each a block's own: segments of 2,304 keys (3)
+        (2, 2, 2, 6000, 64, 48, True, 2, 70, 320),
     ],
 )
 def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shared, threads, t, n_picks):
     """The C++ kernel against model/attention/dsa.py's `gathered_attention` (float64): values and
-    gradients of q, k and v, with invalid picks (a tile's valid picks packed) and 70 picks (two tiles);
-    with more picks, rows whose picks spread over several key segments, in several blocks of rows."""
+    gradients of q, k and v, with invalid picks (a tile's valid picks packed), 70 picks (two tiles)
+    and repeated picks; with more picks, rows whose picks spread over several key segments, in several
+    blocks of queries. A query with no valid pick gets 0 and gives no gradient (the reference's softmax
+    over nothing is NaN: there it keeps one pick and no output gradient)."""
     from nanoseek.kernels.dsa import GatheredAttention, native_ops
     from nanoseek.model.attention.dsa import gathered_attention
 
     assert native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
     gen = torch.Generator().manual_seed(5)
-    scale = min(0.3, x**-0.5)  # wide keys: logits of unit scale (fp32 sums of 576 products otherwise peak sharply)
+    scale = 0.3 if x <= 64 else x**-0.5  # wide keys: logits of unit scale (sums of 576 products peak sharply)
     q = torch.randn(b, h, t, x, generator=gen, requires_grad=True)
     k = torch.randn(b, g, s, x, generator=gen, requires_grad=True)
     v = torch.randn(b, g, s, d_v, generator=gen, requires_grad=True)
     picked = torch.stack([torch.randperm(s, generator=gen)[:n_picks] for _ in range(b * t)]).view(b, t, n_picks)
+    picked[:, ::2, 1] = picked[:, ::2, 0]  # a key picked twice counts twice
     valid = torch.rand(b, t, n_picks, generator=gen) > 0.3
-    valid[..., 0] = True  # every query keeps at least one pick
-    inputs = (q, k) if shared else (q, k, v)
+    valid[..., 0] = True  # every query keeps at least one pick, but query 3 below
     weight = torch.randn(b, h, t, d_v, generator=gen, dtype=torch.float64)
+    weight[:, :, 3] = 0.0
+    blind = valid.clone()
+    blind[:, 3] = False
+    inputs = (q, k) if shared else (q, k, v)
     want_out = gathered_attention(
         *(a.double() for a in (q, k)), (k[..., :d_v] if shared else v).double(), picked, valid, scale
     )
@@ -1235,10 +1243,12 @@ def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shar
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got_out = GatheredAttention.apply(q, k, None if shared else v, d_v, picked, valid, scale)
+        got_out = GatheredAttention.apply(q, k, None if shared else v, d_v, picked, blind, scale)
         got = [got_out, *torch.autograd.grad((got_out * weight.float()).sum(), inputs)]
     finally:
         torch.set_num_threads(before)
+    assert got_out[:, :, 3].abs().max() == 0
+    want[0][:, :, 3] = 0.0
     for a, e in zip(got, want):
         torch.testing.assert_close(a.double(), e.double(), atol=2e-5, rtol=1e-5)
 

@@ -16,8 +16,9 @@ output with less work:
         dS = P * (dP - rowsum(P * dP)),  dq = scale dS K_sel,  dK_sel = scale dS^T q,  dV_sel = P^T dO.
     On fp32 CPU tensors it runs the C++ kernel csrc/gathered_attention.cpp (kernels/native.py builds
     it on first use): per query it reads its picked rows where they lie, up to 64 at a time, with an
-    online softmax, and keeps the logsumexp for backward; queries go in blocks of 64 that walk the
-    keys a cache-sized segment at a time, so a segment's rows come from memory once per block.
+    online softmax, and keeps the logsumexp for backward; queries go in blocks of up to 64 (of one
+    key head) that walk the keys a segment at a time, so a segment's rows come from memory once per
+    block and from the cache for every query of the block that picked them.
     Elsewhere (other dtypes, no compiler) it gathers one query's picks at a time into a reused
     buffer for plain matrix products and adds dK_sel, dV_sel into dk, dv with one index_add per query;
   * values that are a prefix of the keys (MLA's absorbed form: the key is [c_KV ; k_R], the value

@@ -290,46 +290,75 @@ Layout layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::
   return L;
 }
 
-// Rows run in blocks of BLOCK_ROWS, and a block walks the keys a segment at a time (SEGMENT_BYTES of
-// key rows): every row of the block takes its picks in the segment before the next segment starts,
-// so a segment's rows (and in backward their gradient rows) are fetched from memory once per block
-// and then read from the cache by each row that picked them. (Per row, a query's picks lie anywhere
-// in the keys; walking them row by row read each picked row from memory: 51 against 80 GFLOP/s with
-// the same picks in cache, one Zen-4 core, 8 heads of 576 over 16K keys.)
+// Rows run in blocks: up to BLOCK_ROWS consecutive queries of one (batch, key head), rows that read
+// the same key matrix. A block walks the keys a segment at a time: every row of the block takes its
+// picks in the segment before the next segment starts, so a segment's rows (and in backward their
+// gradient rows) are fetched from memory once per block and then read from the cache (L2 while a
+// segment fits, L3 past it) by each row that picked them. (Per row, a query's picks lie anywhere in
+// the keys; walking them row by row read each picked row from memory: 51 against 80 GFLOP/s with the
+// same picks in cache, one Zen-4 core, 8 heads of 576 over 16K keys.)
 constexpr int64_t BLOCK_ROWS = 64;
-constexpr int64_t SEGMENT_BYTES = 576 << 10;  // about half of a 1 MiB L2: the keys, or keys and grads
+constexpr int64_t SEGMENT_BYTES = 576 << 10;  // key rows per segment at least: about half of a 1 MiB L2
 
-// A block of rows' valid picks grouped by key segment, each group in pick order: row i's picks in
-// segment g are at(i, g)[0 .. count(i, g)).
+// The blocks of a call: `count` of them, `size` queries each (fewer where rows are few, so that every
+// thread gets blocks), a sequence's last block shorter.
+struct Blocks {
+  int64_t size, per_seq, count, t, g;
+  explicit Blocks(const Layout& L) : t(L.t), g(L.g) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    size = std::clamp<int64_t>((L.rows + threads - 1) / threads, 1, BLOCK_ROWS);
+    per_seq = (L.t + size - 1) / size;
+    count = L.rows / L.t * per_seq;  // rows / t = B G sequences
+  }
+  int64_t rows_in(int64_t blk) const { return std::min(size, t - (blk % per_seq) * size); }
+  int64_t row(int64_t blk, int64_t i) const {  // row (b, query, g) of the block's query i
+    const int64_t seq = blk / per_seq, first = (blk % per_seq) * size;
+    return ((seq / g) * t + first + i) * g + seq % g;
+  }
+};
+
+// A block's valid picks grouped by key segment, each group in pick order: the block's row i has its
+// picks in segment s at at(i, s)[0 .. count(i, s)).
 struct Segments {
   int64_t per = 1, segs = 0, k = 0;
   std::vector<int32_t> keys;
   std::vector<int64_t> bounds;
 
-  void build(const Layout& L, const int32_t* idx_all, const bool* ok_all, int64_t b0, int64_t b1) {
+  void build(const Layout& L, const Blocks& B, int64_t blk, const int32_t* idx_all, const bool* ok_all) {
     // at least a cache's worth of rows, and enough that a row's picks spread evenly over the keys fill
     // a tile per segment (at 64K keys a 576 KiB segment held ~9 of a query's 2,048 picks: short tiles
     // ran at 41 GFLOP/s, full ones at 48-52; one Zen-4 core, random picks)
-    per = std::max<int64_t>({16, SEGMENT_BYTES / (4 * L.x), TILE * L.s / std::max<int64_t>(1, L.k)});
-    segs = (L.s + per - 1) / per;
+    per = std::max<int64_t>({16, SEGMENT_BYTES / (4 * std::max<int64_t>(1, L.x)), TILE * L.s / std::max<int64_t>(1, L.k)});
+    segs = std::max<int64_t>(1, (L.s + per - 1) / per);
     k = L.k;
-    keys.resize((b1 - b0) * L.k);
-    bounds.assign((b1 - b0) * (segs + 1), 0);
+    const int64_t nb = B.rows_in(blk);
+    keys.resize(nb * L.k);
+    bounds.assign(nb * (segs + 1), 0);
     std::vector<int64_t> next(segs);
-    for (int64_t n = b0; n < b1; ++n) {  // a counting sort of the row's picks by segment
+    const int32_t per32 = static_cast<int32_t>(std::min<int64_t>(per, std::numeric_limits<int32_t>::max()));
+    for (int64_t i = 0; i < nb; ++i) {  // a counting sort of the row's valid picks by segment
+      const int64_t n = B.row(blk, i);
       const int32_t* idx = idx_all + L.pick_row(n) * L.k;
       const bool* ok = ok_all + L.pick_row(n) * L.k;
-      int64_t* bound = bounds.data() + (n - b0) * (segs + 1);
+      int64_t* bound = bounds.data() + i * (segs + 1);
+      int32_t* mine = keys.data() + i * L.k;
+      if (segs == 1) {  // one segment: the valid picks in order
+        for (int64_t j = 0; j < L.k; ++j) {
+          if (!ok[j]) continue;
+          TORCH_CHECK(idx[j] >= 0 && idx[j] < L.s, "gathered attention: pick ", idx[j], " outside ", L.s, " keys");
+          mine[bound[1]++] = idx[j];
+        }
+        continue;
+      }
       for (int64_t j = 0; j < L.k; ++j) {
         if (!ok[j]) continue;
         TORCH_CHECK(idx[j] >= 0 && idx[j] < L.s, "gathered attention: pick ", idx[j], " outside ", L.s, " keys");
-        ++bound[idx[j] / per + 1];
+        ++bound[idx[j] / per32 + 1];
       }
       for (int64_t g = 0; g < segs; ++g) bound[g + 1] += bound[g];
       std::copy(bound, bound + segs, next.begin());
-      int32_t* mine = keys.data() + (n - b0) * L.k;
       for (int64_t j = 0; j < L.k; ++j)
-        if (ok[j]) mine[next[idx[j] / per]++] = idx[j];
+        if (ok[j]) mine[next[idx[j] / per32]++] = idx[j];
     }
   }
   const int32_t* at(int64_t i, int64_t g) const { return keys.data() + i * k + bounds[i * (segs + 1) + g]; }
@@ -367,6 +396,7 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
                                                     const c10::optional<at::Tensor>& v, int64_t d_v,
                                                     const at::Tensor& picked, const at::Tensor& valid, int64_t t,
                                                     double scale) {
+  if (q.size(0) == 0) return {at::zeros({0, q.size(1), d_v}, q.options()), at::empty({0, q.size(1)}, q.options())};
   const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
   auto out = at::zeros({L.rows, L.r, L.v}, q.options());
   auto lse = at::empty({L.rows, L.r}, q.options());
@@ -377,22 +407,24 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
   const bool* ok_all = valid.data_ptr<bool>();
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, (L.rows + BLOCK_ROWS - 1) / BLOCK_ROWS, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(L.r * TILE), m(BLOCK_ROWS * L.r), l(BLOCK_ROWS * L.r);
+  const Blocks B(L);
+  at::parallel_for(0, B.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(L.r * TILE), m(B.size * L.r), l(B.size * L.r);
     std::vector<const float*> krows(TILE), vrows(TILE);
     Segments seg;
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t b0 = blk * BLOCK_ROWS, b1 = std::min(L.rows, b0 + BLOCK_ROWS);
-      seg.build(L, idx_all, ok_all, b0, b1);
+      const int64_t nb = B.rows_in(blk);
+      seg.build(L, B, blk, idx_all, ok_all);
       std::fill(m.begin(), m.end(), NEG_INF);
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t g = 0; g < seg.segs; ++g)
-        for (int64_t n = b0; n < b1; ++n) {
-          const int32_t* keys = seg.at(n - b0, g);
-          const int64_t count = seg.count(n - b0, g);
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t n = B.row(blk, i);
+          const int32_t* keys = seg.at(i, g);
+          const int64_t count = seg.count(i, g);
           const float* k_head = kp + L.head(n) * L.s * L.x;
           const float* v_head = vp + L.head(n) * L.s * L.v_stride;
-          const Running st{m.data() + (n - b0) * L.r, l.data() + (n - b0) * L.r, op + n * L.r * L.v};
+          const Running st{m.data() + i * L.r, l.data() + i * L.r, op + n * L.r * L.v};
           for (int64_t j0 = 0; j0 < count; j0 += TILE) {
             const int64_t jn = std::min(TILE, count - j0);
             for (int64_t j = 0; j < jn; ++j) {
@@ -402,14 +434,16 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
             forward_tile(L, qp + n * L.r * L.x, krows.data(), vrows.data(), jn, st, s.data());
           }
         }
-      for (int64_t n = b0; n < b1; ++n)
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t n = B.row(blk, i);
         for (int64_t r = 0; r < L.r; ++r) {
-          const float l_r = l[(n - b0) * L.r + r], m_r = m[(n - b0) * L.r + r];
+          const float l_r = l[i * L.r + r], m_r = m[i * L.r + r];
           const float inv = l_r > 0.f ? 1.f / l_r : 0.f;
           float* o_r = op + (n * L.r + r) * L.v;
-          for (int64_t i = 0; i < L.v; ++i) o_r[i] *= inv;
+          for (int64_t c = 0; c < L.v; ++c) o_r[c] *= inv;
           lp[n * L.r + r] = l_r > 0.f ? m_r + std::log(l_r) : NEG_INF;
         }
+      }
     }
   });
   return {out, lse};
@@ -419,48 +453,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
     const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v, const at::Tensor& picked,
     const at::Tensor& valid, int64_t t, double scale, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& d_out) {
+  if (q.size(0) == 0)
+    return {at::zeros_like(q), at::zeros_like(k), v.has_value() ? at::zeros_like(*v) : at::empty({0}, k.options())};
   const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
   TORCH_CHECK(out.is_contiguous() && d_out.is_contiguous() && lse.is_contiguous(), "gathered attention: contiguous grads");
-  const int64_t blocks = (L.rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const Blocks B(L);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B.count));
+  const int64_t per_part = (B.count + threads - 1) / threads;
+  const int64_t parts = (B.count + per_part - 1) / per_part;  // each with at least one block
   // one dk (and dv) per part, summed at the end: rows of different parts pick the same keys
   auto dk_parts = at::zeros({parts, k.size(0), L.s, L.x}, k.options());
   at::Tensor dv_parts;
   if (v.has_value()) dv_parts = at::zeros({parts, k.size(0), L.s, L.v}, k.options());
   auto dq = at::zeros_like(q);
-  const auto rowsum = (d_out * out).sum(-1).contiguous();  // D = dO . O per row and head
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.has_value() ? v->data_ptr<float>() : kp;
   const int32_t* idx_all = picked.data_ptr<int32_t>();
   const bool* ok_all = valid.data_ptr<bool>();
+  const float* outp = out.data_ptr<float>();
   const float* lsep = lse.data_ptr<float>();
   const float* dop = d_out.data_ptr<float>();
-  const float* dp_all = rowsum.data_ptr<float>();
   float* dqp = dq.data_ptr<float>();
   float* dk_all = dk_parts.data_ptr<float>();
   float* dv_all = v.has_value() ? dv_parts.data_ptr<float>() : nullptr;
   const int64_t part_k = k.size(0) * L.s * L.x, part_v = k.size(0) * L.s * L.v;
-  const int64_t per_part = (blocks + parts - 1) / parts;
   at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    std::vector<float> p(L.r * TILE), ds(L.r * TILE);
+    std::vector<float> p(L.r * TILE), ds(L.r * TILE), d(B.size * L.r);
     std::vector<const float*> krows(TILE), vrows(TILE);
     std::vector<float*> dkrows(TILE), dvrows(TILE);
     Segments seg;
     for (int64_t part = pb; part < pe; ++part) {
       float* dk_mine = dk_all + part * part_k;
       float* dv_mine = v.has_value() ? dv_all + part * part_v : nullptr;
-      for (int64_t blk = part * per_part; blk < std::min(blocks, (part + 1) * per_part); ++blk) {
-        const int64_t b0 = blk * BLOCK_ROWS, b1 = std::min(L.rows, b0 + BLOCK_ROWS);
-        seg.build(L, idx_all, ok_all, b0, b1);
+      for (int64_t blk = part * per_part; blk < std::min(B.count, (part + 1) * per_part); ++blk) {
+        const int64_t nb = B.rows_in(blk);
+        seg.build(L, B, blk, idx_all, ok_all);
+        for (int64_t i = 0; i < nb; ++i)  // D = dO . O per row and head
+          for (int64_t r = 0; r < L.r; ++r) {
+            const int64_t base = (B.row(blk, i) * L.r + r) * L.v;
+            float acc = 0.f;
+            for (int64_t c = 0; c < L.v; ++c) acc += dop[base + c] * outp[base + c];
+            d[i * L.r + r] = acc;
+          }
         for (int64_t g = 0; g < seg.segs; ++g)
-          for (int64_t n = b0; n < b1; ++n) {
-            const int32_t* keys = seg.at(n - b0, g);
-            const int64_t count = seg.count(n - b0, g);
+          for (int64_t i = 0; i < nb; ++i) {
+            const int64_t n = B.row(blk, i);
+            const int32_t* keys = seg.at(i, g);
+            const int64_t count = seg.count(i, g);
             const float* q_n = qp + n * L.r * L.x;
             const float* do_n = dop + n * L.r * L.v;
             const float* lse_n = lsep + n * L.r;
-            const float* d = dp_all + n * L.r;
+            const float* d_n = d.data() + i * L.r;
             const int64_t h = L.head(n);
             const float* k_head = kp + h * L.s * L.x;
             const float* v_head = vp + h * L.s * L.v_stride;
@@ -480,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
                 float* ds_r = ds.data() + r * TILE;
                 if (lse_n[r] == NEG_INF) std::fill(p_r, p_r + jn, 0.f);
                 else exp_affine(p_r, jn, L.scale, -lse_n[r]);
-                for (int64_t j = 0; j < jn; ++j) ds_r[j] = L.scale * p_r[j] * (ds_r[j] - d[r]);
+                for (int64_t j = 0; j < jn; ++j) ds_r[j] = L.scale * p_r[j] * (ds_r[j] - d_n[r]);
               }
               mix_rows(krows.data(), jn, ds.data(), L.r, dqp + n * L.r * L.x, L.x, L.x);
               mix_heads(dkrows.data(), jn, ds.data(), q_n, L.x, L.r, L.x);

@@ -49,8 +49,8 @@ Reported per (kind, T): forward_s and backward_s (medians over the repeats; back
 attention's backward from a fixed random output gradient made before the clock starts, with the
 indexer's scoring under no_grad as in training after warm-up; a loss computed on the output would
 add elementwise passes over it that weigh little against dense's backward and a tenth of a fast
-kind's), peak_rss_mib (anonymous
-memory above the baseline while the kind runs), and forward_over_dense (< 1 is faster). With
+kind's), peak_rss_mib (anonymous memory above the baseline while the kind runs), and
+forward_over_dense (< 1 is faster). With
 `--device cuda` the inputs and ops live on the GPU, every timing ends with a synchronize, and
 peak_device_mib is the CUDA allocator's peak above its baseline; one untimed run per kind and length goes
 first there (a shape's first call can build kernel plans, which would be charged to the first kind).
@@ -223,9 +223,10 @@ def count_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.de
 
 
 def output_grad(out: torch.Tensor) -> torch.Tensor:
-    """A fixed random gradient for the attention's output (seeded: every kind gets the same)."""
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
+    """A fixed random gradient for the attention's output, drawn where it lives (seeded: every kind on
+    a device gets the same)."""
+    g = torch.Generator(device=out.device).manual_seed(1)
+    return torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype)
 
 
 def efficiency_columns(row: dict, dense: dict) -> dict:

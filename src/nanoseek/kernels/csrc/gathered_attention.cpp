@@ -328,7 +328,9 @@ struct Segments {
     // at least a cache's worth of rows, and enough that a row's picks spread evenly over the keys fill
     // a tile per segment (at 64K keys a 576 KiB segment held ~9 of a query's 2,048 picks: short tiles
     // ran at 41 GFLOP/s, full ones at 48-52; one Zen-4 core, random picks)
+    // rounded up to whole tiles (a run of picked neighbours, NSA's blocks, stays in one segment)
     per = std::max<int64_t>({16, SEGMENT_BYTES / (4 * std::max<int64_t>(1, L.x)), TILE * L.s / std::max<int64_t>(1, L.k)});
+    per = (per + TILE - 1) / TILE * TILE;
     segs = std::max<int64_t>(1, (L.s + per - 1) / per);
     k = L.k;
     const int64_t nb = B.rows_in(blk);

@@ -279,13 +279,14 @@ def plot_decode_kinds(rows: list[dict], path: str) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    # one legend for both panels, beside them: inside either one it covered a kind's first point
+    fig.legend(*step_ax.get_legend_handles_labels(), loc="center right", fontsize=8, title="attention")
     fig.suptitle(
         f"same small DeepSeek-like model per attention kind, batch 1, "
         f"{machine.get('threads', '?')} thread(s), torch {machine.get('torch', '?')}",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

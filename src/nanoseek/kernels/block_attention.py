@@ -203,9 +203,9 @@ class TilePlan:
         torch.mul(self.tiles_of(x, a, z), scale, out=staged.view(n, self.r, self.block, -1))
         return staged
 
-    def scratch(self, x, dtype=None, width=None) -> torch.Tensor:
-        """A reused (most tiles, R C, width) buffer."""
-        return x.new_empty(self.most, self.rows, width or x.shape[-1], dtype=dtype or x.dtype)
+    def scratch(self, x, dtype=None) -> torch.Tensor:
+        """A reused (most tiles, R C, x's width) buffer."""
+        return x.new_empty(self.most, self.rows, x.shape[-1], dtype=dtype or x.dtype)
 
     def buffers(self, k, v):
         """Reused buffers for the largest chunk's gathered key and value blocks."""

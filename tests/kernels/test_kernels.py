@@ -1139,19 +1139,26 @@ def test_csa_chunk_scores_in_scratch_equal_the_indexers_scores():
             assert torch.equal(got, attn.indexer.scores(*args[0], *args[1], args[2]))
 
 
-def test_dsa_chunk_scores_in_scratch_equal_the_indexers_scores():
-    """The scores written into reused buffers are the reference's bit for bit, chunk after chunk of
-    growing width (a buffer sized once for the most keys), and a chunk wider than that is refused."""
+@pytest.mark.parametrize("dots_bytes", [1 << 20, 1 << 14])
+def test_dsa_chunk_scores_in_scratch_equal_the_indexers_scores(monkeypatch, dots_bytes):
+    """The scores written into reused buffers, a block of keys at a time, are the reference's (one
+    product over every key) bit for bit, chunk after chunk of growing width (a buffer sized once for
+    the most keys), and a chunk wider than that is refused."""
+    from nanoseek.kernels import dsa as fast
     from nanoseek.kernels.dsa import Scratch, chunk_scores
 
+    monkeypatch.setattr(fast, "DOTS_BYTES", dots_bytes)
     indexer, (x, q_latent, keys, (cos, sin), start), *_ = dsa_inputs(40, 2, 1, 0, 300, 16)
     scratch = Scratch(x.device, keys.shape[1])
+    blocks = []
     with torch.no_grad():
-        for a, z in ((0, 64), (64, 300), (256, 300)):
+        for a, z in ((0, 64), (64, 300), (256, 300), (0, 300)):
+            blocks.append(len(fast.key_blocks(z, (z - a) * indexer.n_heads)))
             args = (x[:, a:z], q_latent[:, a:z], keys[:, :z], (cos[a:z], sin[a:z]))
             assert torch.equal(chunk_scores(indexer, *args, scratch), indexer.scores(*args))
-        with pytest.raises(ValueError, match="more than the 300"):
-            scratch.take("dots", (1, 8, 301))
+    assert max(blocks) >= 4  # the blocks apply (the last one 64 + the remainder wide)
+    with pytest.raises(ValueError, match="more than the 300"):
+        scratch.take("scores", (1, 8, 301))
 
 
 @pytest.mark.parametrize("scores", ["normal", "rounded", "relu", "infinities"])

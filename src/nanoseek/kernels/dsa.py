@@ -405,36 +405,62 @@ def scores_at_picks(q_NHI, w_N1H, keys_SI, rows_NK) -> torch.Tensor:
 
 
 class Scratch:
-    """fp32 storage the chunks' scores reuse. A chunk's products of its 256 queries' indexer heads by
-    every visible key are (256 H_I, S) floats, 256 MiB at 64K keys: allocated afresh per chunk, each is
-    a new mapping whose pages the kernel zero-fills on first touch (34 of 94 ms for the 64 MiB of a
-    chunk at 16K, one Zen-3 core). A buffer shaped (..., S) is allocated once, for S up to `max_keys`."""
+    """fp32 storage the chunks' scores reuse. A chunk's scores are (256, S) floats, 64 MiB at 64K keys
+    (its products, a block of keys at a time, take a buffer of DOTS_BYTES): allocated afresh per chunk,
+    each would be a new mapping whose pages the kernel zero-fills on first touch (34 of 94 ms for 64 MiB
+    at 16K, one Zen-3 core). A buffer shaped (..., S) is allocated once, for S up to `max_keys`."""
 
     def __init__(self, device: torch.device, max_keys: int):
         self.device, self.max_keys, self.flat = device, max_keys, {}
 
-    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def take(self, name: str, shape: tuple[int, ...], widest: int | None = None) -> torch.Tensor:
+        """A (..., keys) view of buffer `name`, allocated for `widest` keys per row (max_keys if not
+        given: a block of keys' buffers need only the widest block)."""
         *lead, keys = shape
-        if keys > self.max_keys:
+        widest = self.max_keys if widest is None else widest
+        if keys > widest or widest > self.max_keys:
             raise ValueError(f"scratch {name!r}: {keys} keys, more than the {self.max_keys} it was sized for")
         rows = 1
         for d in lead:
             rows *= d
         if name not in self.flat or self.flat[name].numel() < rows * keys:
-            self.flat[name] = torch.empty(rows * self.max_keys, device=self.device)
+            self.flat[name] = torch.empty(rows * widest, device=self.device)
         return self.flat[name][: rows * keys].view(shape)
 
 
+DOTS_BYTES = 1 << 20  # the indexer's q . k products per step of `scores_into`: a block of keys whose
+# (rows, keys) fp32 products stay in L2 while they are rectified and weighted. At 64K keys, 1,024 rows
+# (256 queries x 4 heads of 128), one Zen-4 core: 212 ms a chunk in blocks of 256 keys against 270-285
+# ms in one product over every key (its 256 MiB written, rectified and read again from memory)
+
+
+def key_blocks(s: int, rows: int) -> list[tuple[int, int]]:
+    """(first, end) key ranges for `scores_into`: DOTS_BYTES of products each, a multiple of 64 keys, the
+    last one taking the remainder (every block but a whole row of fewer keys is >= 64 keys wide: a
+    narrower product may take another code path in the BLAS, and the values must be the one-product's)."""
+    step = max(64, DOTS_BYTES // (4 * max(1, rows)) // 64 * 64)
+    starts = list(range(0, max(1, s - step + 1), step)) if s > step else [0]
+    return [(a, starts[i + 1] if i + 1 < len(starts) else s) for i, a in enumerate(starts)]
+
+
 def scores_into(scratch: Scratch, q_BXI: torch.Tensor, w: torch.Tensor, keys_BSI: torch.Tensor) -> torch.Tensor:
-    """An indexer's sum_h w_h relu(q_h . k_s) in `scratch`'s buffers, by the ops its `scores` runs (so
-    the same values): q (B, C H, d) rows; the head weights w (..., 1, H) in the shape the indexer
-    multiplies them in (DSA: (B C, 1, H), CSA: (B, C, 1, H)); keys (B, S, d). Returns (..., 1, S),
-    overwritten by the next chunk's."""
+    """An indexer's sum_h w_h relu(q_h . k_s) in `scratch`'s buffers, by the ops its `scores` runs, a
+    block of keys at a time (`key_blocks`; the same values: each product's entries do not depend on the
+    number of keys beside them, tested): q (B, C H, d) rows; the head weights w (..., 1, H) in the
+    shape the indexer multiplies them in (DSA: (B C, 1, H), CSA: (B, C, 1, H)); keys (B, S, d).
+    Returns (..., 1, S), overwritten by the next chunk's."""
     s, heads = keys_BSI.shape[1], w.shape[-1]
-    dots = scratch.take("dots", (q_BXI.shape[0], q_BXI.shape[1], s))
-    torch.matmul(q_BXI, keys_BSI.float().transpose(-1, -2), out=dots)
+    keys_BSI = keys_BSI.float()
     scores = scratch.take("scores", (*w.shape[:-1], s))
-    return torch.matmul(w, dots.relu_().view(*w.shape[:-2], heads, s), out=scores)
+    blocks = key_blocks(s, q_BXI.shape[1])
+    widest = max(z - a for a, z in blocks)
+    for a, z in blocks:
+        dots = scratch.take("dots", (q_BXI.shape[0], q_BXI.shape[1], z - a), widest)
+        torch.matmul(q_BXI, keys_BSI[:, a:z].transpose(-1, -2), out=dots)
+        block = scratch.take("block", (*w.shape[:-1], z - a), widest)
+        torch.matmul(w, dots.relu_().view(*w.shape[:-2], heads, z - a), out=block)
+        scores[..., a:z] = block
+    return scores
 
 
 def chunk_scores(indexer: LightningIndexer, x_BCD, q_latent_BCQ, keys_BSI, rope, scratch: Scratch | None):

@@ -204,7 +204,7 @@ def test_sparse_attention_kinds_equal_the_cpus(kind):
         torch.manual_seed(0)
         nsa = ba.NsaOp(4 * 32, 4, 16, 4, 48).to(device)
         v4 = {"hca": ba.CompressedOp("hca", 4 * 32, 4, 32, 48, 16, 2, 16).to(device)}
-        q, k, v, x = ba.make_inputs(300, 4, 32, device=device)
+        q, k, v, x = ba.make_inputs(300, 4, 32, 4 * 32, device=device)
         out = ba.run_kind(kind, q, k, v, x, args, None, nsa, v4)
         out.float().square().mean().backward()
         outs.append((out.detach().cpu(), q.grad.cpu()))

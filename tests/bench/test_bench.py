@@ -236,12 +236,15 @@ def test_bench_attention_smoke(capsys):
             "2",
             "--head-dim",
             "16",
+            "--model-dim",
+            "24",
             "--threads",
             "1",
         ],
         capsys,
     )
     assert [r["kind"] for r in rows] == ["dense", "sliding", "nsa", "dsa"]
+    assert all(r["model_dim"] == 24 for r in rows)
     assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
     assert all("forward_over_dense" in r for r in rows[1:])
 

@@ -348,6 +348,7 @@ BENCH = [
     ("bench train --bogus", "--bogus"),
     ("bench prefill --rounds x", "--rounds"),
     ("bench attention --heads x", "--heads"),
+    ("bench attention --model-dim 0", "--model-dim"),
 ]
 
 SERVE = [

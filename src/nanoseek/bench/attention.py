@@ -10,10 +10,14 @@ fewer heads:
                         query heads), about 1/16 of the attention's work per query-key pair, top-k
                         2048; CSA's indexer: H heads of 128 (V4: 64 beside 64), top-k 512; V4 window
                         128 (csa/hca), rates 4 and 128. Sliding window and NSA's window: 512 (NSA's).
-    8x64                H = 8 heads of 64, every indexer 4 heads of 32, every window 512 (the
-                        earlier layout)
-Any of --heads, --head-dim, --index-heads, --index-dim, --v4-index-heads, --window, --v4-window
-overrides its layout value.
+                        The layer input x (what DSA's indexer and V4's compressors and indexer
+                        project from) is 64 wide per head, 512 (V4-Flash: 4,096 for 64 heads;
+                        V3.2 and V4-Pro 7,168 for 128), not H x D = 4,096, which made those
+                        projections 8x their share of a real layer's work.
+    8x64                H = 8 heads of 64, every indexer 4 heads of 32, every window 512, x 512
+                        wide (the earlier layout)
+Any of --heads, --head-dim, --index-heads, --index-dim, --v4-index-heads, --window, --v4-window,
+--model-dim overrides its layout value.
 
     dense    sdpa(is_causal=True) (model/attention/core.py: PyTorch's SDPA)       O(T^2)
     sliding  sliding_window_attention (kernels/block_attention.py, the model's fast path): 64-token
@@ -188,10 +192,11 @@ class CompressedOp(torch.nn.Module):
         return o.transpose(1, 2)
 
 
-def make_inputs(t: int, heads: int, dim: int, seed: int = 0, device: torch.device | str = "cpu"):
+def make_inputs(t: int, heads: int, dim: int, model_dim: int, seed: int = 0, device: torch.device | str = "cpu"):
+    """q (1, heads, T, dim), k and v (1, 1, T, dim) with gradients, the layer input x (1, T, model_dim)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, n, t, dim, generator=g).to(device).requires_grad_() for n in (heads, 1, 1))
-    x = torch.randn(1, t, heads * dim, generator=g).to(device)
+    x = torch.randn(1, t, model_dim, generator=g).to(device)
     return q, k, v, x
 
 
@@ -210,7 +215,7 @@ def run_kind(kind: str, q, k, v, x, args, dsa: DsaOp | None, nsa: NsaOp | None =
 
 def count_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
     """Forward and backward FLOPs of one run of `kind` at length t, counted (see bench/flops.py)."""
-    q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
+    q, k, v, x = make_inputs(t, args.heads, args.head_dim, args.model_dim, device=device)
     with flop_counter() as forward, autocast(device, args.dtype):
         out = run_kind(kind, q, k, v, x, args, dsa, nsa, v4)
     counted = {"forward_flops": forward.get_total_flops(), "forward_flops_by_op": flops_by_op(forward)}
@@ -257,7 +262,7 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
         warmup = int(torch.device(device).type == "cuda")
     with RssSampler() as rss, DevicePeak(device) as window:
         for i in range(warmup + repeats):
-            q, k, v, x = make_inputs(t, args.heads, args.head_dim, device=device)
+            q, k, v, x = make_inputs(t, args.heads, args.head_dim, args.model_dim, device=device)
             synchronize(device)
             t0 = time.perf_counter()
             with autocast(device, args.dtype):
@@ -288,8 +293,10 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
 
 # per-head proportions of the released models with fewer heads, and the earlier 8 x 64 layout
 LAYOUTS = {
-    "deepseek": dict(heads=8, head_dim=512, index_heads=4, index_dim=128, v4_index_heads=8, window=512, v4_window=128),
-    "8x64": dict(heads=8, head_dim=64, index_heads=4, index_dim=32, v4_index_heads=4, window=512, v4_window=512),
+    "deepseek": dict(
+        heads=8, head_dim=512, index_heads=4, index_dim=128, v4_index_heads=8, window=512, v4_window=128, model_dim=512
+    ),
+    "8x64": dict(heads=8, head_dim=64, index_heads=4, index_dim=32, v4_index_heads=4, window=512, v4_window=512, model_dim=512),
 }
 
 
@@ -321,6 +328,9 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-heads", type=int, default=None, help="DSA indexer heads (deepseek: heads / 2)")
     parser.add_argument("--index-dim", type=int, default=None, help="indexer head width (deepseek: 128)")
     parser.add_argument("--v4-index-heads", type=int, default=None, help="CSA indexer heads (deepseek: heads)")
+    parser.add_argument(
+        "--model-dim", type=int, default=None, help="width of the layer input the indexers and compressors project (512)"
+    )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass")
     parser.add_argument(
         "--forward-only", action="store_true", help="time (and count) the forward alone: backward_s is null"
@@ -362,12 +372,12 @@ def run_attention(args: argparse.Namespace):
     apply_layout(args)
     device = resolve_device(args.device, where="--device")
     torch.manual_seed(0)
-    dsa = DsaOp(args.heads * args.head_dim, args.heads, args.index_heads, args.index_dim, args.topk)
+    dsa = DsaOp(args.model_dim, args.heads, args.index_heads, args.index_dim, args.topk)
     nsa = NsaOp(args.heads * args.head_dim, args.heads, args.nsa_block, args.nsa_topn, args.window)
     v4 = {
         kind: CompressedOp(
             kind,
-            args.heads * args.head_dim,
+            args.model_dim,
             args.heads,
             args.head_dim,
             args.v4_window,

@@ -579,7 +579,7 @@ def test_nsa_op_under_bf16_autocast_with_fp32_inputs_runs_backward():
     for dtype in (None, torch.bfloat16):
         torch.manual_seed(0)
         nsa = ba.NsaOp(4 * 32, 4, 16, 4, 48)
-        q, k, v, x = ba.make_inputs(200, 4, 32)
+        q, k, v, x = ba.make_inputs(200, 4, 32, 4 * 32)
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             out = ba.run_kind("nsa", q, k, v, x, args, None, nsa)
         out.float().square().mean().backward()

@@ -296,7 +296,9 @@ LAYOUTS = {
     "deepseek": dict(
         heads=8, head_dim=512, index_heads=4, index_dim=128, v4_index_heads=8, window=512, v4_window=128, model_dim=512
     ),
-    "8x64": dict(heads=8, head_dim=64, index_heads=4, index_dim=32, v4_index_heads=4, window=512, v4_window=512, model_dim=512),
+    "8x64": dict(
+        heads=8, head_dim=64, index_heads=4, index_dim=32, v4_index_heads=4, window=512, v4_window=512, model_dim=512
+    ),
 }
 
 
@@ -329,7 +331,7 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-dim", type=int, default=None, help="indexer head width (deepseek: 128)")
     parser.add_argument("--v4-index-heads", type=int, default=None, help="CSA indexer heads (deepseek: heads)")
     parser.add_argument(
-        "--model-dim", type=int, default=None, help="width of the layer input the indexers and compressors project (512)"
+        "--model-dim", type=int, default=None, help="width of the layer input the indexers and compressors read (512)"
     )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass")
     parser.add_argument(

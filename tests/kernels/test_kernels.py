@@ -1207,19 +1207,22 @@ def test_native_indexer_topk_picks_what_earliest_topk_picks(scores, threads):
 
 
 @pytest.mark.parametrize(
-    "b,h,g,s,x,d_v,shared,threads,t,n_picks",
+    "b,h,g,s,x,d_v,shared,threads,t,n_picks,crowded",
     [
-        (2, 4, 2, 40, 24, 16, True, 1, 7, 20),  # widths that leave tails after the 16-column blocks
-        (1, 8, 1, 300, 64, 48, True, 2, 7, 70),  # backward split over two threads' dk
-        (2, 6, 2, 50, 32, 20, False, 2, 7, 25),  # separate values, 3 heads a key head (a head block tail)
-        # 320 picks of 1,280 keys 2,304 bytes wide: segments of 256 keys (5); 2 x 70 queries in blocks
+        (2, 4, 2, 40, 24, 16, True, 1, 7, 20, False),  # widths that leave tails after the 16-column blocks
+        (1, 8, 1, 300, 64, 48, True, 2, 7, 70, False),  # backward split over two threads' dk
+        (2, 6, 2, 50, 32, 20, False, 2, 7, 25, False),  # separate values, 3 heads a key head (a head block tail)
+        # 320 picks of 1,280 keys 2,304 bytes wide: segments of 384 keys (4); 2 x 70 queries in blocks
         # of up to 64 queries (four blocks over two threads)
-        (2, 2, 1, 1280, 576, 64, True, 2, 70, 320),
+        (2, 2, 1, 1280, 576, 64, True, 2, 70, 320, False),
         # two key heads, each a block's own: segments of 2,304 keys (3)
-        (2, 2, 2, 6000, 64, 48, True, 2, 70, 320),
+        (2, 2, 2, 6000, 64, 48, True, 2, 70, 320, False),
+        # CSA's kind of picks: a few among the first keys, most among the last 1,000 of 8,000 (a segment
+        # reaching over the empty middle, short ones where the picks crowd)
+        (1, 2, 1, 8000, 64, 48, True, 2, 70, 320, True),
     ],
 )
-def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shared, threads, t, n_picks):
+def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shared, threads, t, n_picks, crowded):
     """The C++ kernel against model/attention/dsa.py's `gathered_attention` (float64): values and
     gradients of q, k and v, with invalid picks (a tile's valid picks packed), 70 picks (two tiles)
     and repeated picks; with more picks, rows whose picks spread over several key segments, in several
@@ -1235,6 +1238,9 @@ def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shar
     k = torch.randn(b, g, s, x, generator=gen, requires_grad=True)
     v = torch.randn(b, g, s, d_v, generator=gen, requires_grad=True)
     picked = torch.stack([torch.randperm(s, generator=gen)[:n_picks] for _ in range(b * t)]).view(b, t, n_picks)
+    if crowded:  # 8 picks among the first 64 keys, the rest among the last 1,000
+        last = torch.stack([torch.randperm(1000, generator=gen)[: n_picks - 8] for _ in range(b * t)])
+        picked = torch.cat([torch.randint(0, 64, (b, t, 8), generator=gen), s - 1000 + last.view(b, t, -1)], dim=-1)
     picked[:, ::2, 1] = picked[:, ::2, 0]  # a key picked twice counts twice
     valid = torch.rand(b, t, n_picks, generator=gen) > 0.3
     valid[..., 0] = True  # every query keeps at least one pick, but query 3 below

@@ -319,48 +319,72 @@ struct Blocks {
 
 // A block's valid picks grouped by key segment, each group in pick order: the block's row i has its
 // picks in segment s at at(i, s)[0 .. count(i, s)).
+//
+// Segments are runs of whole tiles of key rows (bins of TILE rows: a run of picked neighbours, NSA's
+// blocks, stays in one segment), planned per block from where its picks lie: a segment closes once it
+// holds the block's picks for a tile per query on average (short tiles ran at 41 GFLOP/s, full ones at
+// 48-52; one Zen-4 core, random picks over 64K keys) and at least SEGMENT_BYTES of rows. Where the
+// picks crowd into part of the keys (CSA: its window beside the query, 512 of its 641 picks among the
+// entries, a fifth of the rows) the segments there stay short enough for the cache; a plan from the
+// average density over all the keys made them 5x longer, and a segment with its dk rows no longer
+// fit in L3.
 struct Segments {
-  int64_t per = 1, segs = 0, k = 0;
+  int64_t segs = 0, k = 0;
   std::vector<int32_t> keys;
-  std::vector<int64_t> bounds;
+  std::vector<int64_t> bounds, hist;
+  std::vector<int32_t> seg_of_bin;
 
   void build(const Layout& L, const Blocks& B, int64_t blk, const int32_t* idx_all, const bool* ok_all) {
-    // at least a cache's worth of rows, and enough that a row's picks spread evenly over the keys fill
-    // a tile per segment (at 64K keys a 576 KiB segment held ~9 of a query's 2,048 picks: short tiles
-    // ran at 41 GFLOP/s, full ones at 48-52; one Zen-4 core, random picks)
-    // rounded up to whole tiles (a run of picked neighbours, NSA's blocks, stays in one segment)
-    per = std::max<int64_t>({16, SEGMENT_BYTES / (4 * std::max<int64_t>(1, L.x)), TILE * L.s / std::max<int64_t>(1, L.k)});
-    per = (per + TILE - 1) / TILE * TILE;
-    segs = std::max<int64_t>(1, (L.s + per - 1) / per);
-    k = L.k;
     const int64_t nb = B.rows_in(blk);
+    const int64_t min_bins = (std::max<int64_t>(16, SEGMENT_BYTES / (4 * std::max<int64_t>(1, L.x))) + TILE - 1) / TILE;
+    const int64_t bins = (L.s + TILE - 1) / TILE;
+    k = L.k;
     keys.resize(nb * L.k);
+    segs = 1;
+    const bool planned = bins > min_bins;
+    if (planned) {  // the block's picks per bin (each checked in range), then segments of whole bins
+      hist.assign(bins, 0);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int32_t* idx = idx_all + L.pick_row(B.row(blk, i)) * L.k;
+        const bool* ok = ok_all + L.pick_row(B.row(blk, i)) * L.k;
+        for (int64_t j = 0; j < L.k; ++j) {
+          if (!ok[j]) continue;
+          TORCH_CHECK(idx[j] >= 0 && idx[j] < L.s, "gathered attention: pick ", idx[j], " outside ", L.s, " keys");
+          ++hist[idx[j] / TILE];
+        }
+      }
+      seg_of_bin.resize(bins);
+      int64_t held = 0, span = 0;
+      segs = 0;
+      for (int64_t b = 0; b < bins; ++b) {
+        seg_of_bin[b] = static_cast<int32_t>(segs);
+        held += hist[b];
+        if (++span >= min_bins && held >= TILE * nb && b + 1 < bins) ++segs, held = 0, span = 0;
+      }
+      ++segs;
+    }
     bounds.assign(nb * (segs + 1), 0);
     std::vector<int64_t> next(segs);
-    const int32_t per32 = static_cast<int32_t>(std::min<int64_t>(per, std::numeric_limits<int32_t>::max()));
     for (int64_t i = 0; i < nb; ++i) {  // a counting sort of the row's valid picks by segment
-      const int64_t n = B.row(blk, i);
-      const int32_t* idx = idx_all + L.pick_row(n) * L.k;
-      const bool* ok = ok_all + L.pick_row(n) * L.k;
+      const int32_t* idx = idx_all + L.pick_row(B.row(blk, i)) * L.k;
+      const bool* ok = ok_all + L.pick_row(B.row(blk, i)) * L.k;
       int64_t* bound = bounds.data() + i * (segs + 1);
       int32_t* mine = keys.data() + i * L.k;
       if (segs == 1) {  // one segment: the valid picks in order
         for (int64_t j = 0; j < L.k; ++j) {
           if (!ok[j]) continue;
-          TORCH_CHECK(idx[j] >= 0 && idx[j] < L.s, "gathered attention: pick ", idx[j], " outside ", L.s, " keys");
+          if (!planned)
+            TORCH_CHECK(idx[j] >= 0 && idx[j] < L.s, "gathered attention: pick ", idx[j], " outside ", L.s, " keys");
           mine[bound[1]++] = idx[j];
         }
         continue;
       }
-      for (int64_t j = 0; j < L.k; ++j) {
-        if (!ok[j]) continue;
-        TORCH_CHECK(idx[j] >= 0 && idx[j] < L.s, "gathered attention: pick ", idx[j], " outside ", L.s, " keys");
-        ++bound[idx[j] / per32 + 1];
-      }
+      for (int64_t j = 0; j < L.k; ++j)
+        if (ok[j]) ++bound[seg_of_bin[idx[j] / TILE] + 1];
       for (int64_t g = 0; g < segs; ++g) bound[g + 1] += bound[g];
       std::copy(bound, bound + segs, next.begin());
       for (int64_t j = 0; j < L.k; ++j)
-        if (ok[j]) mine[next[idx[j] / per32]++] = idx[j];
+        if (ok[j]) mine[next[seg_of_bin[idx[j] / TILE]]++] = idx[j];
     }
   }
   const int32_t* at(int64_t i, int64_t g) const { return keys.data() + i * k + bounds[i * (segs + 1) + g]; }

@@ -26,9 +26,11 @@ output with less work:
 
 In a prefill the indexer's scores are computed without autograd: the picks are indices, so no
 gradient reaches the indexer through that path in the reference either. Which keys a query keeps
-is exactly the reference's (the same scores, chunk by chunk; the same `earliest_topk` call, or on
-the CPU the C++ radix select csrc/indexer_topk.cpp, which picks the same keys, ties included:
-tested).
+is the reference's: the same scores, chunk by chunk (bit for bit where a chunk's products fit one
+block of keys, `scores_into`; past that to fp32 rounding, ~1e-7 relative, so a key whose score is
+that close to the k-th can take its place, as between any two BLAS builds), and the same
+`earliest_topk` call, or on the CPU the C++ radix select csrc/indexer_topk.cpp, which picks the
+same keys from the same scores, ties included (tested).
 
 Sparse training (`SparseLatentAttention.attend_sparse_training`): the reference masks a T x T SDPA
 with the picks and takes the indexer's KL over the kept keys from T x T logits. Here the scores of
@@ -436,8 +438,8 @@ DOTS_BYTES = 1 << 20  # the indexer's q . k products per step of `scores_into`: 
 
 def key_blocks(s: int, rows: int) -> list[tuple[int, int]]:
     """(first, end) key ranges for `scores_into`: DOTS_BYTES of products each, a multiple of 64 keys, the
-    last one taking the remainder (every block but a whole row of fewer keys is >= 64 keys wide: a
-    narrower product may take another code path in the BLAS, and the values must be the one-product's)."""
+    last one taking the remainder (every block but a whole row of fewer keys is >= 64 keys wide:
+    products 1 or 3 keys wide took another code path in the BLAS, further from the one product's)."""
     step = max(64, DOTS_BYTES // (4 * max(1, rows)) // 64 * 64)
     starts = list(range(0, max(1, s - step + 1), step)) if s > step else [0]
     return [(a, starts[i + 1] if i + 1 < len(starts) else s) for i, a in enumerate(starts)]
@@ -445,10 +447,11 @@ def key_blocks(s: int, rows: int) -> list[tuple[int, int]]:
 
 def scores_into(scratch: Scratch, q_BXI: torch.Tensor, w: torch.Tensor, keys_BSI: torch.Tensor) -> torch.Tensor:
     """An indexer's sum_h w_h relu(q_h . k_s) in `scratch`'s buffers, by the ops its `scores` runs, a
-    block of keys at a time (`key_blocks`; the same values: each product's entries do not depend on the
-    number of keys beside them, tested): q (B, C H, d) rows; the head weights w (..., 1, H) in the
+    block of keys at a time (`key_blocks`): q (B, C H, d) rows; the head weights w (..., 1, H) in the
     shape the indexer multiplies them in (DSA: (B C, 1, H), CSA: (B, C, 1, H)); keys (B, S, d).
-    Returns (..., 1, S), overwritten by the next chunk's."""
+    Returns (..., 1, S), overwritten by the next chunk's. In one block the values are `scores`' bit for
+    bit; in several, to fp32 rounding (~1e-7 relative: the BLAS may sum a product of another width, or
+    of a width that is not a multiple of 4, in another order; tested)."""
     s, heads = keys_BSI.shape[1], w.shape[-1]
     keys_BSI = keys_BSI.float()
     scores = scratch.take("scores", (*w.shape[:-1], s))

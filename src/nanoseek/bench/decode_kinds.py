@@ -259,6 +259,8 @@ def plot_decode_kinds(rows: list[dict], path: str) -> None:
         marker, line = styles[i % len(styles)]
         x = [r["context"] for r in done]
         style = dict(marker=marker, linestyle=line, label=kind, color=f"C{i}")
+        if line != "-":  # hollow: a kind drawn earlier with the same values (sliding's cache is dense's) shows through
+            style["markerfacecolor"] = "none"
         step_ax.plot(x, [r["ms_per_step"] for r in done], **style)
         cache_ax.plot(x, [r["cache_bytes"] / MIB for r in done], **style)
     machine = rows[0]["machine"] if rows else {}

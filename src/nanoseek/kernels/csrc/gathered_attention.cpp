@@ -328,6 +328,10 @@ struct Blocks {
 // entries, a fifth of the rows) the segments there stay short enough for the cache; a plan from the
 // average density over all the keys made them 5x longer, and a segment with its dk rows no longer
 // fit in L3.
+inline void check_pick(const Layout& L, int32_t pick) {
+  TORCH_CHECK(pick >= 0 && pick < L.s, "gathered attention: pick ", pick, " outside ", L.s, " keys");
+}
+
 struct Segments {
   int64_t segs = 0, k = 0;
   std::vector<int32_t> keys;
@@ -340,16 +344,19 @@ struct Segments {
     const int64_t bins = (L.s + TILE - 1) / TILE;
     k = L.k;
     keys.resize(nb * L.k);
+    // the block's row i: its picks and whether each counts
+    const auto picks = [&](int64_t i) { return idx_all + L.pick_row(B.row(blk, i)) * L.k; };
+    const auto oks = [&](int64_t i) { return ok_all + L.pick_row(B.row(blk, i)) * L.k; };
     segs = 1;
     const bool planned = bins > min_bins;
     if (planned) {  // the block's picks per bin (each checked in range), then segments of whole bins
       hist.assign(bins, 0);
       for (int64_t i = 0; i < nb; ++i) {
-        const int32_t* idx = idx_all + L.pick_row(B.row(blk, i)) * L.k;
-        const bool* ok = ok_all + L.pick_row(B.row(blk, i)) * L.k;
+        const int32_t* idx = picks(i);
+        const bool* ok = oks(i);
         for (int64_t j = 0; j < L.k; ++j) {
           if (!ok[j]) continue;
-          TORCH_CHECK(idx[j] >= 0 && idx[j] < L.s, "gathered attention: pick ", idx[j], " outside ", L.s, " keys");
+          check_pick(L, idx[j]);
           ++hist[idx[j] / TILE];
         }
       }
@@ -366,15 +373,14 @@ struct Segments {
     bounds.assign(nb * (segs + 1), 0);
     std::vector<int64_t> next(segs);
     for (int64_t i = 0; i < nb; ++i) {  // a counting sort of the row's valid picks by segment
-      const int32_t* idx = idx_all + L.pick_row(B.row(blk, i)) * L.k;
-      const bool* ok = ok_all + L.pick_row(B.row(blk, i)) * L.k;
+      const int32_t* idx = picks(i);
+      const bool* ok = oks(i);
       int64_t* bound = bounds.data() + i * (segs + 1);
       int32_t* mine = keys.data() + i * L.k;
       if (segs == 1) {  // one segment: the valid picks in order
         for (int64_t j = 0; j < L.k; ++j) {
           if (!ok[j]) continue;
-          if (!planned)
-            TORCH_CHECK(idx[j] >= 0 && idx[j] < L.s, "gathered attention: pick ", idx[j], " outside ", L.s, " keys");
+          if (!planned) check_pick(L, idx[j]);
           mine[bound[1]++] = idx[j];
         }
         continue;

@@ -1272,6 +1272,54 @@ def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shar
         torch.testing.assert_close(a.double(), e.double(), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "b,h,g,s,x,d_v,shared,t,n_picks,crowded",
+    [
+        (2, 4, 2, 40, 24, 16, True, 7, 20, False),  # widths shorter than a 32-column step: masked tails
+        (2, 6, 2, 50, 40, 20, False, 7, 25, False),  # separate values, 3 heads a key head (a lone head pair)
+        (2, 2, 1, 1280, 576, 64, True, 70, 320, False),  # segments, blocks, DSA's 576-wide keys
+        (1, 8, 1, 8000, 64, 48, True, 70, 320, True),  # CSA's crowded picks, 4 head pairs, 2 targets left over
+    ],
+)
+def test_native_gathered_attention_in_bf16_equals_the_reference(b, h, g, s, x, d_v, shared, t, n_picks, crowded):
+    """The kernel's bf16 loops (built for AVX-512 BF16) against the float64 reference on the same
+    bf16 inputs: the output and dq as exact as fp32 sums make them; dk and dv within the rounding of
+    dS and P to bf16 that their head sums make (as a bf16 matrix product's)."""
+    from nanoseek.kernels.dsa import GatheredAttention, native_forward, native_ops
+    from nanoseek.kernels.native import bf16_kernels
+    from nanoseek.model.attention.dsa import gathered_attention
+
+    if not bf16_kernels():
+        pytest.skip("the kernel takes bf16 only where the CPU has AVX-512 BF16")
+    gen = torch.Generator().manual_seed(7)
+    scale = 0.3 if x <= 64 else x**-0.5
+    q, k, v = (
+        torch.randn(b, n, m, w, generator=gen).bfloat16().requires_grad_()
+        for n, m, w in ((h, t, x), (g, s, x), (g, s, d_v))
+    )
+    picked = torch.stack([torch.randperm(s, generator=gen)[:n_picks] for _ in range(b * t)]).view(b, t, n_picks)
+    if crowded:
+        last = torch.stack([torch.randperm(1000, generator=gen)[: n_picks - 8] for _ in range(b * t)])
+        picked = torch.cat([torch.randint(0, 64, (b, t, 8), generator=gen), s - 1000 + last.view(b, t, -1)], dim=-1)
+    valid = torch.rand(b, t, n_picks, generator=gen) > 0.3
+    valid[..., 0] = True
+    weight = torch.randn(b, h, t, d_v, generator=gen, dtype=torch.float64)
+    inputs = (q, k) if shared else (q, k, v)
+    exact = [a.detach().double().requires_grad_() for a in inputs]  # the same values, float64 leaves
+    want_out = gathered_attention(exact[0], exact[1], exact[1][..., :d_v] if shared else exact[2], picked, valid, scale)
+    want = [want_out, *torch.autograd.grad((want_out * weight).sum(), exact)]
+    got_out = GatheredAttention.apply(q, k, None if shared else v, d_v, picked, valid, scale)
+    assert got_out.dtype == torch.bfloat16
+    got = [got_out, *torch.autograd.grad((got_out.float() * weight.float()).sum(), inputs)]
+    assert all(a.dtype == torch.bfloat16 for a in got)
+    values = None if shared else v.detach()
+    raw, _ = native_forward(native_ops(q), q.detach(), k.detach(), values, d_v, picked.int(), valid, scale)
+    torch.testing.assert_close(raw.double(), want[0], atol=2e-5, rtol=1e-5)  # fp32 sums of exact bf16 products
+    torch.testing.assert_close(got_out.double(), want[0], atol=1e-6, rtol=2**-8)  # then rounded to bf16 once
+    for a, e in zip(got[1:], want[1:]):  # dS and P rounded to bf16 in dk's and dv's sums, the result too
+        torch.testing.assert_close(a.double(), e, atol=6e-3 * e.abs().max().item(), rtol=2**-7)
+
+
 def test_native_gathered_attention_refuses_a_pick_outside_the_keys():
     from nanoseek.kernels.dsa import GatheredAttention
 

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanoseek.kernels.native import bf16_kernels
 from nanoseek.kernels.native import load as load_kernel
 from nanoseek.kernels.window import tiled_window
 from nanoseek.model.attention.core import causal_attention, sdpa
@@ -132,24 +133,26 @@ class GatheredAttention(torch.autograd.Function):
     """softmax over each query's picked keys (model/attention/dsa.py's `gathered_attention`), one
     query at a time: q (B, H, T, X); k (B, G, S, X); v (B, G, S, V), or None with `d_v` (the values
     are then k[..., :d_v]); picked (B, T, K) key indices, valid (B, T, K) whether each pick counts.
-    Returns (B, H, T, V). fp32 on the CPU: the C++ kernel (`native_forward`, `native_backward`).
+    Returns (B, H, T, V). On the CPU the C++ kernel (`native_forward`, `native_backward`).
     Otherwise, per query and key head the picks are gathered into one reused (K, X)
     buffer and its R = H / G heads go through plain matrix products with the picks as the long side,
     (K, X) @ (X, R) then (R, K) @ (K, V) (batched products over queries, and fresh gathered tensors,
     ran at half the speed on CPU). Nothing of size T x K is kept but the picks (int32): backward
     gathers again and recomputes the softmax. Under autocast q, k, v are cast to its dtype and the
-    body runs with autocast off; on the CPU the C++ kernel computes in fp32 whatever the dtype (its
-    loops gain nothing from bf16 inputs; the PyTorch path in bf16 ran DSA's 16K backward at half
-    the kernel's speed) and returns the output in the compute dtype."""
+    body runs with autocast off. The C++ kernel takes bf16 where it is built for AVX-512 BF16
+    (`bf16_kernels`: its dot products by vdpbf16ps, 1.4-1.7x its fp32 speed on a Zen-4 core), every
+    sum in fp32; elsewhere it computes bf16 and fp16 in fp32 (the PyTorch path in bf16 ran DSA's 16K
+    backward at half the fp32 kernel's speed). The output comes back in the compute dtype, the
+    gradients in the inputs' dtypes."""
 
     @staticmethod
     def forward(ctx, q, k, v, d_v: int, picked, valid, scale: float):
         ctx.input_dtypes = (q.dtype, k.dtype, None if v is None else v.dtype)
         out_dtype = matmul_dtype(q)
-        ops = None  # the C++ kernel computes fp32, also for bf16/fp16 (they would not run faster in it)
+        ops = None  # the C++ kernel: bf16 where built for it, else fp32 (also for bf16 and fp16)
         if out_dtype in (torch.float32, torch.bfloat16, torch.float16):
             ops = native_ops(q.new_empty(0, dtype=torch.float32))
-        dtype = torch.float32 if ops is not None else out_dtype
+        dtype = out_dtype if ops is None or out_dtype == torch.bfloat16 and bf16_kernels() else torch.float32
         with torch.autocast(q.device.type, enabled=False):
             q, k = q.to(dtype), k.to(dtype)
             v = None if v is None else v.to(dtype)
@@ -242,8 +245,9 @@ class GatheredAttention(torch.autograd.Function):
 
 
 def native_ops(q: torch.Tensor):
-    """The C++ kernel (csrc/gathered_attention.cpp) for fp32 CPU tensors, where it builds; else None."""
-    if q.device.type != "cpu" or q.dtype != torch.float32:
+    """The C++ kernel (csrc/gathered_attention.cpp) for fp32 CPU tensors, and bf16 ones where it is
+    built for AVX-512 BF16, where it builds; else None."""
+    if q.device.type != "cpu" or not (q.dtype == torch.float32 or q.dtype == torch.bfloat16 and bf16_kernels()):
         return None
     return load_kernel("gathered_attention")
 

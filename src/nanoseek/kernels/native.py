@@ -10,7 +10,8 @@
 torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions): 25 s on one
 Zen-1 core the first time, a fraction of a second in later processes; concurrent builds wait for
 each other. The code is built for the vector unit torch reports (`torch.backends.cpu.
-get_cpu_capability()`: AVX2 or AVX-512 → -mavx2 -mfma, else the compiler's baseline) and the cached
+get_cpu_capability()`: AVX-512 with its BF16 instructions → those too (the gathered attention then
+takes bf16 inputs), AVX2 or AVX-512 → -mavx2 -mfma, else the compiler's baseline) and the cached
 library's name says which, so a cache shared by different machines never hands a CPU code it
 cannot run. Where the build fails (no compiler, say) `load` warns once and returns None and the
 callers keep their PyTorch path; NANOSEEK_NATIVE_KERNELS=0 turns the kernels off.
@@ -37,11 +38,28 @@ SOURCES = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-ffp-contract=fast"]  # contract a * b + c into fused multiply-adds
 
 
-def vector_target() -> tuple[str, list[str]]:
-    """(name, compiler flags) for this CPU's vector unit."""
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return "avx2", ["-mavx2", "-mfma"]
-    return "baseline", []
+AVX2 = ["-mavx2", "-mfma"]
+AVX512_BF16 = [*AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
+
+
+def vector_targets() -> list[tuple[str, list[str]]]:
+    """(name, compiler flags) for this CPU's vector unit, best first: a compiler that cannot build
+    the first (AVX-512 BF16 needs GCC 10 or later) builds the next."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    targets = []
+    if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported():
+        targets.append(("avx512bf16", AVX512_BF16))
+    if capability in ("AVX2", "AVX512"):
+        targets.append(("avx2", AVX2))
+    return targets or [("baseline", [])]
+
+
+BUILT: dict[str, str] = {}  # kernel name -> the target it was built for
+
+
+def bf16_kernels() -> bool:
+    """Whether the gathered attention takes bf16 inputs (built for AVX-512 BF16: its vdpbf16ps loops)."""
+    return load("gathered_attention") is not None and BUILT.get("gathered_attention") == "avx512bf16"
 
 
 def enabled() -> bool:
@@ -51,29 +69,31 @@ def enabled() -> bool:
 @functools.cache
 def load(name: str):
     """torch.ops.nanoseek once csrc/<name>.cpp's ops are registered in it, or None (disabled, or the
-    build failed: one warning)."""
+    build failed for every target: one warning)."""
     if not enabled():
         return None
     source = SOURCES / f"{name}.cpp"
-    target, flags = vector_target()
-    try:
-        if not source.exists():
-            raise FileNotFoundError(source)
-        from torch.utils import cpp_extension
+    reason = ""
+    for target, flags in vector_targets():
+        try:
+            if not source.exists():
+                raise FileNotFoundError(source)
+            from torch.utils import cpp_extension
 
-        put_ninja_on_path()
-        cpp_extension.load(
-            name=f"nanoseek_{name}_{target}",
-            sources=[str(source)],
-            extra_cflags=FLAGS + flags,
-            is_python_module=False,  # a plain library: loading it registers its torch ops
-            verbose=False,
-        )
-        return torch.ops.nanoseek
-    except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch path stays
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        warnings.warn(f"C++ kernel {name!r} not built ({reason}); using the PyTorch path", stacklevel=2)
-        return None
+            put_ninja_on_path()
+            cpp_extension.load(
+                name=f"nanoseek_{name}_{target}",
+                sources=[str(source)],
+                extra_cflags=FLAGS + flags,
+                is_python_module=False,  # a plain library: loading it registers its torch ops
+                verbose=False,
+            )
+            BUILT[name] = target
+            return torch.ops.nanoseek
+        except Exception as exc:  # no compiler, no ninja, a failed build: the next target, or PyTorch
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    warnings.warn(f"C++ kernel {name!r} not built ({reason}); using the PyTorch path", stacklevel=2)
+    return None
 
 
 def put_ninja_on_path() -> None:

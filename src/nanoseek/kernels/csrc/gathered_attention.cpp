@@ -20,6 +20,8 @@
 // (memory: one key-sized gradient per thread). Rows go in blocks that walk the keys a segment at a
 // time (`Segments`, below): a segment's key rows are read from memory once per block, not once per
 // row that picked them. A pick outside the key head's rows is an error.
+// q, k, v (and dO) come as fp32, or as bf16 where the library is built for AVX-512 BF16 (the
+// NANOSEEK_BF16 loops below: vdpbf16ps dot products); out, lse and the gradients are fp32 either way.
 // Registered as torch ops (nanoseek::gathered_attention and its backward), so dispatch modes such as
 // the FLOP counter see them.
 #include <ATen/ATen.h>
@@ -34,6 +36,11 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define NANOSEEK_BF16 1  // bf16 inputs too (below)
+#endif
+#include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -197,6 +204,198 @@ void mix_heads(float* const* targets, int64_t nj, const float* c, const float* m
       for (int64_t x = 0; x < n; ++x) targets[j][x] += c[r * TILE + j] * m[r * m_stride + x];
 }
 
+#ifdef NANOSEEK_BF16
+// ---- bf16 inputs (AVX-512 BF16: built where the CPU has it, native.py's "avx512bf16" target) ----
+// The same loops over bf16 rows: the dot products (`scores`) and the head sums (`mix_heads`) by
+// vdpbf16ps, which multiplies pairs of bf16 and adds both products into one fp32 lane (32 products
+// per instruction against a fused multiply-add's 16 fp32); the pick sums (`mix_rows`: p V for the
+// output, dS K for dq) widen each bf16 row to fp32 on load (a shift) and keep fp32 weights. Every
+// sum is fp32; what is rounded to bf16 is what a bf16 matrix product rounds: q, k, v and dO as
+// given, and in the head sums the weights dS and P (as SDPA's bf16 backward rounds dS for dK).
+typedef uint16_t bf16;
+
+inline float bf16_to_float(bf16 h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline bf16 float_to_bf16(float f) {  // round to nearest even (finite inputs)
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<bf16>(u >> 16);
+}
+
+inline __m512 widen16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh>(x); }
+// The register blocks' loops are unrolled before GCC decides where their arrays live: arrays of
+// 512-bit accumulators left to the usual unrolling were stored to the stack on every step.
+#define UNROLL _Pragma("GCC unroll 16")
+typedef float v16 __attribute__((vector_size(64)));
+inline v16 dot_pairs(v16 acc, __m512i a, __m512i b) { return v16(_mm512_dpbf16_ps(__m512(acc), as_bh(a), as_bh(b))); }
+
+// `scores` for bf16 rows and m: blocks of 3 rows x 4 heads, 32 columns a step; `ahead` as above (a
+// 64-byte line holds 32 bf16: one line a row a step).
+template <int NJ, int NR, int NA = 0>
+inline void scores_block(const bf16* const* rows, const bf16* m, int64_t m_stride, int64_t n, float* c,
+                         const bf16* const* ahead = nullptr) {
+  v16 acc[NR][NJ] = {};
+  for (int64_t i = 0; i < n; i += 32) {
+    const __mmask32 mask = n - i >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (n - i)) - 1u);
+    if (NA > 0)
+      UNROLL for (int a = 0; a < NA; ++a) __builtin_prefetch(ahead[a] + i);
+    __m512i kv[NJ];
+    UNROLL for (int a = 0; a < NJ; ++a) kv[a] = _mm512_maskz_loadu_epi16(mask, rows[a] + i);
+    UNROLL for (int r = 0; r < NR; ++r) {
+      const __m512i mv = _mm512_maskz_loadu_epi16(mask, m + r * m_stride + i);
+      UNROLL for (int a = 0; a < NJ; ++a) acc[r][a] = dot_pairs(acc[r][a], mv, kv[a]);
+    }
+  }
+  v8 halves[NR][NJ];  // each accumulator's two halves added, then as `scores_block` above
+  UNROLL for (int r = 0; r < NR; ++r)
+    UNROLL for (int a = 0; a < NJ; ++a)
+      halves[r][a] = v8(_mm256_add_ps(_mm512_castps512_ps256(__m512(acc[r][a])),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(__m512(acc[r][a])), 1))));
+  float four[4];
+  if constexpr (NR == 4) {
+    UNROLL for (int a = 0; a < NJ; ++a) {
+      hsum4(halves[0][a], halves[1][a], halves[2][a], halves[3][a], four);
+      UNROLL for (int r = 0; r < 4; ++r) c[r * TILE + a] = four[r];
+    }
+  } else if constexpr (NJ == 4) {
+    UNROLL for (int r = 0; r < NR; ++r) {
+      hsum4(halves[r][0], halves[r][1], halves[r][2], halves[r][3], four);
+      UNROLL for (int a = 0; a < 4; ++a) c[r * TILE + a] = four[a];
+    }
+  } else {
+    UNROLL for (int r = 0; r < NR; ++r)
+      UNROLL for (int a = 0; a < NJ; ++a) c[r * TILE + a] = hsum(halves[r][a]);
+  }
+}
+
+void scores(const bf16* const* rows, int64_t nj, const bf16* m, int64_t m_stride, int64_t nr, int64_t n, float* c) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) {
+    int64_t j = 0;
+    if (r == 0)
+      for (; j + 6 <= nj; j += 3) scores_block<3, 4, 3>(rows + j, m, m_stride, n, c + j, rows + j + 3);
+    for (; j + 3 <= nj; j += 3) scores_block<3, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+    for (; j < nj; ++j) scores_block<1, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+  }
+  for (; r < nr; ++r) {
+    int64_t j = 0;
+    for (; j + 4 <= nj; j += 4) scores_block<4, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+    for (; j < nj; ++j) scores_block<1, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+  }
+}
+
+// `mix_rows` for bf16 rows: blocks of 4 heads x 32 columns, each row's 32 bf16 widened once for the heads.
+template <int NR>
+inline void mix_rows_block(const bf16* const* rows, int64_t nj, const float* c, float* out, int64_t out_stride,
+                           int64_t i) {
+  __m512 acc[NR][2];
+  UNROLL for (int r = 0; r < NR; ++r) {
+    acc[r][0] = _mm512_loadu_ps(out + r * out_stride + i);
+    acc[r][1] = _mm512_loadu_ps(out + r * out_stride + i + 16);
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const __m512i raw = _mm512_loadu_si512(rows[j] + i);
+    const __m512 a = widen16(_mm512_castsi512_si256(raw)), b = widen16(_mm512_extracti64x4_epi64(raw, 1));
+    UNROLL for (int r = 0; r < NR; ++r) {
+      const __m512 w = _mm512_set1_ps(c[r * TILE + j]);
+      acc[r][0] = _mm512_fmadd_ps(w, a, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w, b, acc[r][1]);
+    }
+  }
+  UNROLL for (int r = 0; r < NR; ++r) {
+    _mm512_storeu_ps(out + r * out_stride + i, acc[r][0]);
+    _mm512_storeu_ps(out + r * out_stride + i + 16, acc[r][1]);
+  }
+}
+
+void mix_rows(const bf16* const* rows, int64_t nj, const float* c, int64_t nr, float* out, int64_t out_stride,
+              int64_t n) {
+  for (int64_t r = 0; r < nr; r += 4) {
+    const int64_t left = std::min<int64_t>(4, nr - r);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+      if (left == 4) mix_rows_block<4>(rows, nj, c + r * TILE, out + r * out_stride, out_stride, i);
+      else
+        for (int64_t h = 0; h < left; ++h)
+          mix_rows_block<1>(rows, nj, c + (r + h) * TILE, out + (r + h) * out_stride, out_stride, i);
+    }
+    for (int64_t h = r; h < r + left; ++h)
+      for (int64_t j = 0; j < nj; ++j)
+        for (int64_t t = i; t < n; ++t) out[h * out_stride + t] += c[h * TILE + j] * bf16_to_float(rows[j][t]);
+  }
+}
+
+// A row's R heads of m (R, n) bf16 as head pairs for vdpbf16ps: pair p's column x holds
+// (m_{2p}[x], m_{2p+1}[x]) at 2 (p n + x), a zero in place of a missing last head.
+void head_pairs(const bf16* m, int64_t m_stride, int64_t nr, int64_t n, bf16* pairs) {
+  for (int64_t p = 0; p < (nr + 1) / 2; ++p) {
+    const bf16* a = m + 2 * p * m_stride;
+    const bf16* b = 2 * p + 1 < nr ? a + m_stride : nullptr;
+    bf16* out = pairs + 2 * p * n;
+    for (int64_t x = 0; x < n; ++x) out[2 * x] = a[x], out[2 * x + 1] = b ? b[x] : bf16(0);
+  }
+}
+
+// A tile's weights c (R x TILE, fp32) as bf16 head pairs: (c[2p][j], c[2p+1][j]) packed in one 32-bit word.
+void weight_pairs(const float* c, int64_t nr, int64_t nj, uint32_t* pairs) {
+  for (int64_t p = 0; p < (nr + 1) / 2; ++p)
+    for (int64_t j = 0; j < nj; ++j) {
+      const bf16 lo = float_to_bf16(c[2 * p * TILE + j]);
+      const bf16 hi = 2 * p + 1 < nr ? float_to_bf16(c[(2 * p + 1) * TILE + j]) : bf16(0);
+      pairs[p * TILE + j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+}
+
+// `mix_heads` from head pairs: targets[j][:n] += sum_r c_{r,j} m_r[:n], two heads per vdpbf16ps.
+// Blocks of NT targets x 32 columns held in registers across the pairs.
+template <int NT>
+inline void mix_heads_block(float* const* targets, const uint32_t* c_pairs, const bf16* m_pairs, int64_t np,
+                            int64_t n, int64_t i) {
+  __m512 acc[NT][2];
+  UNROLL for (int t = 0; t < NT; ++t) acc[t][0] = _mm512_setzero_ps(), acc[t][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    const bf16* m = m_pairs + 2 * (p * n + i);
+    const __m512i a = _mm512_loadu_si512(m), b = _mm512_loadu_si512(m + 32);
+    UNROLL for (int t = 0; t < NT; ++t) {
+      const __m512i w = _mm512_set1_epi32(static_cast<int>(c_pairs[p * TILE + t]));
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], as_bh(a), as_bh(w));
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], as_bh(b), as_bh(w));
+    }
+  }
+  UNROLL for (int t = 0; t < NT; ++t) {
+    float* y = targets[t] + i;
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), acc[t][0]));
+    _mm512_storeu_ps(y + 16, _mm512_add_ps(_mm512_loadu_ps(y + 16), acc[t][1]));
+  }
+}
+
+void mix_heads(float* const* targets, int64_t nj, const uint32_t* c_pairs, const bf16* m_pairs, int64_t nr, int64_t n) {
+  const int64_t np = (nr + 1) / 2, wide = n / 32 * 32;
+  for (int64_t j = 0; j < nj;) {
+    const int64_t step = nj - j >= 4 ? 4 : 1;
+    for (int64_t i = 0; i < wide; i += 32) {
+      if (step == 4) mix_heads_block<4>(targets + j, c_pairs + j, m_pairs, np, n, i);
+      else mix_heads_block<1>(targets + j, c_pairs + j, m_pairs, np, n, i);
+    }
+    for (int64_t t = j; t < j + step; ++t)  // columns past the last 32
+      for (int64_t p = 0; p < np; ++p) {
+        const float lo = bf16_to_float(static_cast<bf16>(c_pairs[p * TILE + t]));
+        const float hi = bf16_to_float(static_cast<bf16>(c_pairs[p * TILE + t] >> 16));
+        const bf16* m = m_pairs + 2 * p * n;
+        for (int64_t x = wide; x < n; ++x) targets[t][x] += lo * bf16_to_float(m[2 * x]) + hi * bf16_to_float(m[2 * x + 1]);
+      }
+    j += step;
+  }
+}
+#endif  // NANOSEEK_BF16
+
 #if defined(__AVX2__) && defined(__FMA__)
 // exp of 8 floats: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), exp(r) by a degree-7 polynomial
 // (Cephes' expf coefficients, ~1 ulp), 2^n through the exponent bits; x clamped to [-87, 88], so
@@ -256,7 +455,7 @@ inline float exp_affine(float* x, int64_t n, float a, float b) {
 }
 
 struct Layout {
-  int64_t rows, t, g, r, x, v, s, k, v_stride;
+  int64_t rows, t, g, r, x, v, s, k, v_stride, elem;  // elem: bytes per element of q, k, v
   float scale;
   // row n = (b, t, g): its picks are row n / G of picked, its key head b * G + g
   int64_t pick_row(int64_t n) const { return n / g; }
@@ -266,7 +465,14 @@ struct Layout {
 Layout layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v,
               const at::Tensor& picked, const at::Tensor& valid, int64_t t, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && picked.dim() == 2, "gathered attention: q (N, R, X), k (BG, S, X), picked (BT, K)");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat, "gathered attention: float32 only");
+  const auto dtype = q.scalar_type();
+#ifdef NANOSEEK_BF16
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "gathered attention: float32 or bfloat16 only");
+#else
+  TORCH_CHECK(dtype == at::kFloat, "gathered attention: float32 only (bfloat16 needs a CPU with AVX-512 BF16)");
+#endif
+  TORCH_CHECK(k.scalar_type() == dtype && (!v.has_value() || v->scalar_type() == dtype),
+              "gathered attention: q, k and v of one dtype");
   TORCH_CHECK(picked.scalar_type() == at::kInt && valid.scalar_type() == at::kBool, "gathered attention: int32 picks, bool valid");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && picked.is_contiguous() && valid.is_contiguous(),
               "gathered attention: contiguous inputs");
@@ -281,11 +487,11 @@ Layout layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::
   L.v = d_v;
   L.v_stride = v.has_value() ? v->size(2) : L.x;
   L.scale = static_cast<float>(scale);
+  L.elem = q.element_size();
   TORCH_CHECK(L.g * picked.size(0) == L.rows && k.size(0) * t == picked.size(0) * L.g && valid.sizes() == picked.sizes(),
               "gathered attention: shapes disagree");
-  TORCH_CHECK(!v.has_value() || (v->is_contiguous() && v->scalar_type() == at::kFloat && v->size(0) == k.size(0) &&
-                                 v->size(1) == L.s && v->size(2) == d_v),
-              "gathered attention: v (BG, S, V) float32, contiguous");
+  TORCH_CHECK(!v.has_value() || (v->is_contiguous() && v->size(0) == k.size(0) && v->size(1) == L.s && v->size(2) == d_v),
+              "gathered attention: v (BG, S, V), contiguous");
   TORCH_CHECK(v.has_value() || d_v <= L.x, "gathered attention: shared values wider than the keys");
   return L;
 }
@@ -340,7 +546,7 @@ struct Segments {
 
   void build(const Layout& L, const Blocks& B, int64_t blk, const int32_t* idx_all, const bool* ok_all) {
     const int64_t nb = B.rows_in(blk);
-    const int64_t min_bins = (std::max<int64_t>(16, SEGMENT_BYTES / (4 * std::max<int64_t>(1, L.x))) + TILE - 1) / TILE;
+    const int64_t min_bins = (std::max<int64_t>(16, SEGMENT_BYTES / (L.elem * std::max<int64_t>(1, L.x))) + TILE - 1) / TILE;
     const int64_t bins = (L.s + TILE - 1) / TILE;
     k = L.k;
     keys.resize(nb * L.k);
@@ -405,8 +611,9 @@ struct Running {
 };
 
 // The forward over one tile of a row's picks (jn <= TILE keys, their rows k_rows / v_rows).
-void forward_tile(const Layout& L, const float* q_n, const float* const* k_rows, const float* const* v_rows,
-                  int64_t jn, Running st, float* s) {
+template <typename T>
+void forward_tile(const Layout& L, const T* q_n, const T* const* k_rows, const T* const* v_rows, int64_t jn,
+                  Running st, float* s) {
   scores(k_rows, jn, q_n, L.x, L.r, L.x, s);
   for (int64_t r = 0; r < L.r; ++r) {
     float* s_r = s + r * TILE;
@@ -422,27 +629,14 @@ void forward_tile(const Layout& L, const float* q_n, const float* const* k_rows,
   mix_rows(v_rows, jn, s, L.r, st.o, L.v, L.v);
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& k,
-                                                    const c10::optional<at::Tensor>& v, int64_t d_v,
-                                                    const at::Tensor& picked, const at::Tensor& valid, int64_t t,
-                                                    double scale) {
-  if (q.size(0) == 0) return {at::zeros({0, q.size(1), d_v}, q.options()), at::empty({0, q.size(1)}, q.options())};
-  const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
-  auto out = at::zeros({L.rows, L.r, L.v}, q.options());
-  auto lse = at::empty({L.rows, L.r}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.has_value() ? v->data_ptr<float>() : kp;
-  const int32_t* idx_all = picked.data_ptr<int32_t>();
-  const bool* ok_all = valid.data_ptr<bool>();
-  float* op = out.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
+// T: float, or bf16 (uint16_t) where built: q, k, v as T; out, lse and every sum fp32.
+template <typename T>
+void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const int32_t* idx_all, const bool* ok_all,
+                  float* op, float* lp) {
   const Blocks B(L);
   at::parallel_for(0, B.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(L.r * TILE), m(B.size * L.r), l(B.size * L.r);
-    std::vector<const float*> krows(TILE), vrows(TILE);
+    std::vector<const T*> krows(TILE), vrows(TILE);
     Segments seg;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t nb = B.rows_in(blk);
@@ -454,8 +648,8 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
           const int64_t n = B.row(blk, i);
           const int32_t* keys = seg.at(i, g);
           const int64_t count = seg.count(i, g);
-          const float* k_head = kp + L.head(n) * L.s * L.x;
-          const float* v_head = vp + L.head(n) * L.s * L.v_stride;
+          const T* k_head = kp + L.head(n) * L.s * L.x;
+          const T* v_head = vp + L.head(n) * L.s * L.v_stride;
           const Running st{m.data() + i * L.r, l.data() + i * L.r, op + n * L.r * L.v};
           for (int64_t j0 = 0; j0 < count; j0 += TILE) {
             const int64_t jn = std::min(TILE, count - j0);
@@ -478,46 +672,68 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
       }
     }
   });
-  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
-    const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v, const at::Tensor& picked,
-    const at::Tensor& valid, int64_t t, double scale, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& d_out) {
-  if (q.size(0) == 0)
-    return {at::zeros_like(q), at::zeros_like(k), v.has_value() ? at::zeros_like(*v) : at::empty({0}, k.options())};
-  const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
-  TORCH_CHECK(out.is_contiguous() && d_out.is_contiguous() && lse.is_contiguous(), "gathered attention: contiguous grads");
+// The head sums of a tile in backward: dk_j += sum_r ds_{r,j} q_r and dv_j += sum_r p_{r,j} dO_r.
+// fp32: straight from the row's heads. bf16: from the row's heads as pairs (`HeadSums::prepare`, once
+// per row and segment) and the tile's weights rounded to bf16 pairs.
+template <typename T>
+struct HeadSums {
+  void prepare(const Layout&, const T*, const T*) {}
+  void add(const Layout& L, float* const* dk, float* const* dv, int64_t jn, const float* ds, const float* p,
+           const T* q_n, const T* do_n) {
+    mix_heads(dk, jn, ds, q_n, L.x, L.r, L.x);
+    mix_heads(dv, jn, p, do_n, L.v, L.r, L.v);
+  }
+};
+
+#ifdef NANOSEEK_BF16
+template <>
+struct HeadSums<bf16> {
+  std::vector<bf16> q_pairs, do_pairs;
+  std::vector<uint32_t> c_pairs;
+  void prepare(const Layout& L, const bf16* q_n, const bf16* do_n) {
+    const int64_t np = (L.r + 1) / 2;
+    q_pairs.resize(2 * np * L.x), do_pairs.resize(2 * np * L.v), c_pairs.resize(np * TILE);
+    head_pairs(q_n, L.x, L.r, L.x, q_pairs.data());
+    head_pairs(do_n, L.v, L.r, L.v, do_pairs.data());
+  }
+  void add(const Layout& L, float* const* dk, float* const* dv, int64_t jn, const float* ds, const float* p,
+           const bf16*, const bf16*) {
+    weight_pairs(ds, L.r, jn, c_pairs.data());
+    mix_heads(dk, jn, c_pairs.data(), q_pairs.data(), L.r, L.x);
+    weight_pairs(p, L.r, jn, c_pairs.data());
+    mix_heads(dv, jn, c_pairs.data(), do_pairs.data(), L.r, L.v);
+  }
+};
+#endif
+
+template <typename T>
+float to_float(T x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+#ifdef NANOSEEK_BF16
+  else return bf16_to_float(x);
+#endif
+}
+
+template <typename T>
+void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const int32_t* idx_all, const bool* ok_all,
+                   const float* outp, const float* lsep, const T* dop, float* dqp, float* dk_all, float* dv_all,
+                   int64_t heads) {
   const Blocks B(L);
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B.count));
   const int64_t per_part = (B.count + threads - 1) / threads;
-  const int64_t parts = (B.count + per_part - 1) / per_part;  // each with at least one block
-  // one dk (and dv) per part, summed at the end: rows of different parts pick the same keys
-  auto dk_parts = at::zeros({parts, k.size(0), L.s, L.x}, k.options());
-  at::Tensor dv_parts;
-  if (v.has_value()) dv_parts = at::zeros({parts, k.size(0), L.s, L.v}, k.options());
-  auto dq = at::zeros_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.has_value() ? v->data_ptr<float>() : kp;
-  const int32_t* idx_all = picked.data_ptr<int32_t>();
-  const bool* ok_all = valid.data_ptr<bool>();
-  const float* outp = out.data_ptr<float>();
-  const float* lsep = lse.data_ptr<float>();
-  const float* dop = d_out.data_ptr<float>();
-  float* dqp = dq.data_ptr<float>();
-  float* dk_all = dk_parts.data_ptr<float>();
-  float* dv_all = v.has_value() ? dv_parts.data_ptr<float>() : nullptr;
-  const int64_t part_k = k.size(0) * L.s * L.x, part_v = k.size(0) * L.s * L.v;
+  const int64_t parts = (B.count + per_part - 1) / per_part;
+  const int64_t part_k = heads * L.s * L.x, part_v = heads * L.s * L.v;
   at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
     std::vector<float> p(L.r * TILE), ds(L.r * TILE), d(B.size * L.r);
-    std::vector<const float*> krows(TILE), vrows(TILE);
+    std::vector<const T*> krows(TILE), vrows(TILE);
     std::vector<float*> dkrows(TILE), dvrows(TILE);
     Segments seg;
+    HeadSums<T> sums;
     for (int64_t part = pb; part < pe; ++part) {
       float* dk_mine = dk_all + part * part_k;
-      float* dv_mine = v.has_value() ? dv_all + part * part_v : nullptr;
+      float* dv_mine = dv_all ? dv_all + part * part_v : nullptr;
       for (int64_t blk = part * per_part; blk < std::min(B.count, (part + 1) * per_part); ++blk) {
         const int64_t nb = B.rows_in(blk);
         seg.build(L, B, blk, idx_all, ok_all);
@@ -525,7 +741,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
           for (int64_t r = 0; r < L.r; ++r) {
             const int64_t base = (B.row(blk, i) * L.r + r) * L.v;
             float acc = 0.f;
-            for (int64_t c = 0; c < L.v; ++c) acc += dop[base + c] * outp[base + c];
+            for (int64_t c = 0; c < L.v; ++c) acc += to_float(dop[base + c]) * outp[base + c];
             d[i * L.r + r] = acc;
           }
         for (int64_t g = 0; g < seg.segs; ++g)
@@ -533,13 +749,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
             const int64_t n = B.row(blk, i);
             const int32_t* keys = seg.at(i, g);
             const int64_t count = seg.count(i, g);
-            const float* q_n = qp + n * L.r * L.x;
-            const float* do_n = dop + n * L.r * L.v;
+            if (count == 0) continue;
+            const T* q_n = qp + n * L.r * L.x;
+            const T* do_n = dop + n * L.r * L.v;
             const float* lse_n = lsep + n * L.r;
             const float* d_n = d.data() + i * L.r;
             const int64_t h = L.head(n);
-            const float* k_head = kp + h * L.s * L.x;
-            const float* v_head = vp + h * L.s * L.v_stride;
+            const T* k_head = kp + h * L.s * L.x;
+            const T* v_head = vp + h * L.s * L.v_stride;
+            sums.prepare(L, q_n, do_n);
             for (int64_t j0 = 0; j0 < count; j0 += TILE) {
               const int64_t jn = std::min(TILE, count - j0);
               for (int64_t j = 0; j < jn; ++j) {
@@ -547,7 +765,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
                 krows[j] = k_head + key * L.x;
                 vrows[j] = v_head + key * L.v_stride;
                 dkrows[j] = dk_mine + (h * L.s + key) * L.x;
-                dvrows[j] = v.has_value() ? dv_mine + (h * L.s + key) * L.v : dk_mine + (h * L.s + key) * L.x;
+                dvrows[j] = dv_mine ? dv_mine + (h * L.s + key) * L.v : dk_mine + (h * L.s + key) * L.x;
               }
               scores(krows.data(), jn, q_n, L.x, L.r, L.x, p.data());
               scores(vrows.data(), jn, do_n, L.v, L.r, L.v, ds.data());  // dP
@@ -559,16 +777,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
                 for (int64_t j = 0; j < jn; ++j) ds_r[j] = L.scale * p_r[j] * (ds_r[j] - d_n[r]);
               }
               mix_rows(krows.data(), jn, ds.data(), L.r, dqp + n * L.r * L.x, L.x, L.x);
-              mix_heads(dkrows.data(), jn, ds.data(), q_n, L.x, L.r, L.x);
-              mix_heads(dvrows.data(), jn, p.data(), do_n, L.v, L.r, L.v);
+              sums.add(L, dkrows.data(), dvrows.data(), jn, ds.data(), p.data(), q_n, do_n);
             }
           }
       }
     }
   });
+}
+
+template <typename T>
+const T* data_of(const at::Tensor& x) {
+  return reinterpret_cast<const T*>(x.data_ptr());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& k,
+                                                    const c10::optional<at::Tensor>& v, int64_t d_v,
+                                                    const at::Tensor& picked, const at::Tensor& valid, int64_t t,
+                                                    double scale) {
+  const auto f32 = q.options().dtype(at::kFloat);
+  if (q.size(0) == 0) return {at::zeros({0, q.size(1), d_v}, f32), at::empty({0, q.size(1)}, f32)};
+  const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
+  auto out = at::zeros({L.rows, L.r, L.v}, f32);
+  auto lse = at::empty({L.rows, L.r}, f32);
+  const int32_t* idx = picked.data_ptr<int32_t>();
+  const bool* ok = valid.data_ptr<bool>();
+  const auto run = [&](auto element) {
+    using T = decltype(element);
+    const T* kp = data_of<T>(k);
+    forward_rows<T>(L, data_of<T>(q), kp, v.has_value() ? data_of<T>(*v) : kp, idx, ok, out.data_ptr<float>(),
+                    lse.data_ptr<float>());
+  };
+#ifdef NANOSEEK_BF16
+  if (q.scalar_type() == at::kBFloat16) run(bf16{});
+  else
+#endif
+    run(float{});
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
+    const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v, const at::Tensor& picked,
+    const at::Tensor& valid, int64_t t, double scale, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& d_out) {
+  const auto f32 = q.options().dtype(at::kFloat);
+  if (q.size(0) == 0)
+    return {at::zeros(q.sizes(), f32), at::zeros(k.sizes(), f32),
+            v.has_value() ? at::zeros(v->sizes(), f32) : at::empty({0}, f32)};
+  const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
+  TORCH_CHECK(out.is_contiguous() && d_out.is_contiguous() && lse.is_contiguous(), "gathered attention: contiguous grads");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && d_out.scalar_type() == q.scalar_type(),
+              "gathered attention: float32 out and lse, d_out in q's dtype");
+  const Blocks B(L);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B.count));
+  const int64_t per_part = (B.count + threads - 1) / threads;
+  const int64_t parts = (B.count + per_part - 1) / per_part;  // each with at least one block
+  // one dk (and dv) per part, summed at the end: rows of different parts pick the same keys
+  auto dk_parts = at::zeros({parts, k.size(0), L.s, L.x}, f32);
+  at::Tensor dv_parts;
+  if (v.has_value()) dv_parts = at::zeros({parts, k.size(0), L.s, L.v}, f32);
+  auto dq = at::zeros(q.sizes(), f32);
+  const int32_t* idx = picked.data_ptr<int32_t>();
+  const bool* ok = valid.data_ptr<bool>();
+  const auto run = [&](auto element) {
+    using T = decltype(element);
+    const T* kp = data_of<T>(k);
+    backward_rows<T>(L, data_of<T>(q), kp, v.has_value() ? data_of<T>(*v) : kp, idx, ok, out.data_ptr<float>(),
+                     lse.data_ptr<float>(), data_of<T>(d_out), dq.data_ptr<float>(), dk_parts.data_ptr<float>(),
+                     v.has_value() ? dv_parts.data_ptr<float>() : nullptr, k.size(0));
+  };
+#ifdef NANOSEEK_BF16
+  if (q.scalar_type() == at::kBFloat16) run(bf16{});
+  else
+#endif
+    run(float{});
   auto dk = parts == 1 ? dk_parts[0] : dk_parts.sum(0);
-  auto dv = v.has_value() ? (parts == 1 ? dv_parts[0] : dv_parts.sum(0)) : at::empty({0}, k.options());
-  return {dq, dk, dv};  // dv: empty where the values are the keys' prefix
+  auto dv = v.has_value() ? (parts == 1 ? dv_parts[0] : dv_parts.sum(0)) : at::empty({0}, f32);
+  return {dq, dk, dv};  // fp32; dv empty where the values are the keys' prefix
 }
 
 TORCH_LIBRARY(nanoseek, m) {

@@ -31,8 +31,8 @@ def test_bf16_autocast_step_runs_its_matmuls_in_bf16(preset, changes):
     assert counter.bf16_fraction() >= 0.95, counter.not_bf16()
     kept = counter.kept_flops()
     # fp32 on purpose: the routers, the logits of bf16 attention on short rows on the CPU, the C++
-    # gathered attention (DSA's sparse training on the CPU computes it in fp32) and the block-sparse
-    # tiles' logits and dS products (V4's HCA, NSA, sliding windows)
+    # gathered attention (DSA's sparse training on a CPU without AVX-512 BF16 computes it in fp32)
+    # and the block-sparse tiles' logits and dS products (V4's HCA, NSA, sliding windows)
     suffixes = (".gate", ".AttentionLogits", ".gathered_attention", ".TileProducts")
     assert all(name.endswith(suffixes) for name in kept), kept
     if cfg.n_routed_experts:

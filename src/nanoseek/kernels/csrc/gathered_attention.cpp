@@ -206,12 +206,12 @@ void mix_heads(float* const* targets, int64_t nj, const float* c, const float* m
 
 #ifdef NANOSEEK_BF16
 // ---- bf16 inputs (AVX-512 BF16: built where the CPU has it, native.py's "avx512bf16" target) ----
-// The same loops over bf16 rows: the dot products (`scores`) and the head sums (`mix_heads`) by
-// vdpbf16ps, which multiplies pairs of bf16 and adds both products into one fp32 lane (32 products
-// per instruction against a fused multiply-add's 16 fp32); the pick sums (`mix_rows`: p V for the
-// output, dS K for dq) widen each bf16 row to fp32 on load (a shift) and keep fp32 weights. Every
-// sum is fp32; what is rounded to bf16 is what a bf16 matrix product rounds: q, k, v and dO as
-// given, and in the head sums the weights dS and P (as SDPA's bf16 backward rounds dS for dK).
+// The same loops over bf16 rows, each by vdpbf16ps, which multiplies pairs of bf16 and adds both
+// products into one fp32 lane (32 products per instruction against a fused multiply-add's 16 fp32):
+// the dot products (`scores`: q . k, dO . v), the sums over the picks (`mix_rows`: P V for the
+// output, dS K for dq; two picked rows interleaved) and over the heads (`mix_heads`: dk, dv; two
+// heads interleaved). Every sum is fp32; what is rounded to bf16 is what bf16 matrix products
+// round: q, k, v and dO as given, and the weights P and dS (as SDPA's bf16 kernels round them).
 typedef uint16_t bf16;
 
 inline float bf16_to_float(bf16 h) {
@@ -291,44 +291,77 @@ void scores(const bf16* const* rows, int64_t nj, const bf16* m, int64_t m_stride
   }
 }
 
-// `mix_rows` for bf16 rows: blocks of 4 heads x 32 columns, each row's 32 bf16 widened once for the heads.
-template <int NR>
-inline void mix_rows_block(const bf16* const* rows, int64_t nj, const float* c, float* out, int64_t out_stride,
-                           int64_t i) {
-  __m512 acc[NR][2];
-  UNROLL for (int r = 0; r < NR; ++r) {
-    acc[r][0] = _mm512_loadu_ps(out + r * out_stride + i);
-    acc[r][1] = _mm512_loadu_ps(out + r * out_stride + i + 16);
-  }
-  for (int64_t j = 0; j < nj; ++j) {
-    const __m512i raw = _mm512_loadu_si512(rows[j] + i);
-    const __m512 a = widen16(_mm512_castsi512_si256(raw)), b = widen16(_mm512_extracti64x4_epi64(raw, 1));
+// `mix_rows` for bf16 rows, two picks per vdpbf16ps: rows j and j + 1 interleaved a 32-column step
+// at a time (unpacklo / unpackhi of 16-bit elements: per 128-bit lane, columns 8L..8L+3 in `lo`,
+// 8L+4..8L+7 in `hi`), their weights rounded to a bf16 pair (c_{r,j}, c_{r,j+1}) (as a bf16 matrix
+// product rounds P for P V and dS for dS K). Blocks of 4 heads x 32 NC columns; the accumulators,
+// in that lane order, are put back in column order (permutex2var) and added to out once per call.
+// (Widening each row to fp32 for 16-float fused multiply-adds left these sums at the fp32 rate:
+// 14% of a bf16 forward's samples against 11% for its scores.)
+inline __m512i lane_order(bool second) {
+  return second ? _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31)
+                : _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+}
+
+template <int NR, int NC>
+inline void mix_rows_block(const bf16* const* rows, int64_t np, const uint32_t* c_pairs, float* out,
+                           int64_t out_stride, int64_t i) {
+  v16 lo[NR][NC] = {}, hi[NR][NC] = {};
+  for (int64_t p = 0; p < np; ++p) {
+    __m512i a[NC], b[NC];
+    UNROLL for (int u = 0; u < NC; ++u) {
+      const __m512i x = _mm512_loadu_si512(rows[2 * p] + i + 32 * u), y = _mm512_loadu_si512(rows[2 * p + 1] + i + 32 * u);
+      a[u] = _mm512_unpacklo_epi16(x, y), b[u] = _mm512_unpackhi_epi16(x, y);
+    }
     UNROLL for (int r = 0; r < NR; ++r) {
-      const __m512 w = _mm512_set1_ps(c[r * TILE + j]);
-      acc[r][0] = _mm512_fmadd_ps(w, a, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(w, b, acc[r][1]);
+      const __m512i w = _mm512_set1_epi32(static_cast<int>(c_pairs[r * TILE + p]));
+      UNROLL for (int u = 0; u < NC; ++u) lo[r][u] = dot_pairs(lo[r][u], a[u], w), hi[r][u] = dot_pairs(hi[r][u], b[u], w);
     }
   }
-  UNROLL for (int r = 0; r < NR; ++r) {
-    _mm512_storeu_ps(out + r * out_stride + i, acc[r][0]);
-    _mm512_storeu_ps(out + r * out_stride + i + 16, acc[r][1]);
-  }
+  UNROLL for (int r = 0; r < NR; ++r)
+    UNROLL for (int u = 0; u < NC; ++u)
+      UNROLL for (int half = 0; half < 2; ++half) {
+        float* y = out + r * out_stride + i + 32 * u + 16 * half;
+        const __m512 sum = _mm512_permutex2var_ps(__m512(lo[r][u]), lane_order(half), __m512(hi[r][u]));
+        _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), sum));
+      }
 }
 
 void mix_rows(const bf16* const* rows, int64_t nj, const float* c, int64_t nr, float* out, int64_t out_stride,
               int64_t n) {
+  if (nj == 0) return;
+  const int64_t np = (nj + 1) / 2;
+  const bf16* paired[TILE + 1];  // rows j, j + 1 per pair; an odd last row pairs with itself, weight 0
+  uint32_t cp[4 * TILE];  // a block of heads' weights: (c_{r,2p}, c_{r,2p+1}) at h TILE + p
+  for (int64_t j = 0; j < nj; ++j) paired[j] = rows[j];
+  paired[nj] = rows[nj - 1];
   for (int64_t r = 0; r < nr; r += 4) {
     const int64_t left = std::min<int64_t>(4, nr - r);
+    for (int64_t h = 0; h < left; ++h)
+      for (int64_t p = 0; p < np; ++p) {
+        const float* c_h = c + (r + h) * TILE;
+        const bf16 w1 = 2 * p + 1 < nj ? float_to_bf16(c_h[2 * p + 1]) : bf16(0);
+        cp[h * TILE + p] = static_cast<uint32_t>(float_to_bf16(c_h[2 * p])) | (static_cast<uint32_t>(w1) << 16);
+      }
+    float* o = out + r * out_stride;
     int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-      if (left == 4) mix_rows_block<4>(rows, nj, c + r * TILE, out + r * out_stride, out_stride, i);
+    for (; i + 64 <= n; i += 64) {
+      if (left == 4) mix_rows_block<4, 2>(paired, np, cp, o, out_stride, i);
       else
-        for (int64_t h = 0; h < left; ++h)
-          mix_rows_block<1>(rows, nj, c + (r + h) * TILE, out + (r + h) * out_stride, out_stride, i);
+        for (int64_t h = 0; h < left; ++h) mix_rows_block<1, 2>(paired, np, cp + h * TILE, o + h * out_stride, out_stride, i);
     }
-    for (int64_t h = r; h < r + left; ++h)
-      for (int64_t j = 0; j < nj; ++j)
-        for (int64_t t = i; t < n; ++t) out[h * out_stride + t] += c[h * TILE + j] * bf16_to_float(rows[j][t]);
+    for (; i + 32 <= n; i += 32) {
+      if (left == 4) mix_rows_block<4, 1>(paired, np, cp, o, out_stride, i);
+      else
+        for (int64_t h = 0; h < left; ++h) mix_rows_block<1, 1>(paired, np, cp + h * TILE, o + h * out_stride, out_stride, i);
+    }
+    for (int64_t h = 0; h < left; ++h)  // columns past the last 32, from the same rounded weights
+      for (int64_t p = 0; p < np; ++p) {
+        const float w0 = bf16_to_float(static_cast<bf16>(cp[h * TILE + p]));
+        const float w1 = bf16_to_float(static_cast<bf16>(cp[h * TILE + p] >> 16));
+        for (int64_t t = i; t < n; ++t)
+          o[h * out_stride + t] += w0 * bf16_to_float(paired[2 * p][t]) + w1 * bf16_to_float(paired[2 * p + 1][t]);
+      }
   }
 }
 

@@ -132,28 +132,34 @@ void scores(const float* const* rows, int64_t nj, const float* m, int64_t m_stri
   }
 }
 
+// Column vectors of 8 floats per register block in `mix_rows` and `mix_heads`: 4 where AVX-512's 32
+// vector registers hold a block of 4 x 4 accumulators beside its loads (forward 6-9%, backward 3-7%
+// faster than 2, the same sums), else 2. The blocks' loops unroll before GCC places their arrays.
+#if defined(__AVX512VL__)
+constexpr int NC = 4;
+#else
+constexpr int NC = 2;
+#endif
+#define UNROLL_FP32 _Pragma("GCC unroll 16")
+
 // out_r[:n] += sum_j c[r * TILE + j] rows[j][:n] for r < nr (out_r = out + r * out_stride).
-// Blocks of 4 heads x 16 columns held in registers across the tile's rows.
+// Blocks of 4 heads x 8 NC columns held in registers across the tile's rows.
 template <int NR>
 inline void mix_rows_block(const float* const* rows, int64_t nj, const float* c, float* out, int64_t out_stride,
                            int64_t i) {
-  v8 acc[NR][2];
-  for (int r = 0; r < NR; ++r) {
-    acc[r][0] = load8(out + r * out_stride + i);
-    acc[r][1] = load8(out + r * out_stride + i + 8);
-  }
+  v8 acc[NR][NC];
+  UNROLL_FP32 for (int r = 0; r < NR; ++r)
+    UNROLL_FP32 for (int u = 0; u < NC; ++u) acc[r][u] = load8(out + r * out_stride + i + 8 * u);
   for (int64_t j = 0; j < nj; ++j) {
-    const v8 a = load8(rows[j] + i), b = load8(rows[j] + i + 8);
-    for (int r = 0; r < NR; ++r) {
+    v8 a[NC];
+    UNROLL_FP32 for (int u = 0; u < NC; ++u) a[u] = load8(rows[j] + i + 8 * u);
+    UNROLL_FP32 for (int r = 0; r < NR; ++r) {
       const v8 w = splat(c[r * TILE + j]);
-      acc[r][0] += w * a;
-      acc[r][1] += w * b;
+      UNROLL_FP32 for (int u = 0; u < NC; ++u) acc[r][u] += w * a[u];
     }
   }
-  for (int r = 0; r < NR; ++r) {
-    store8(out + r * out_stride + i, acc[r][0]);
-    store8(out + r * out_stride + i + 8, acc[r][1]);
-  }
+  UNROLL_FP32 for (int r = 0; r < NR; ++r)
+    UNROLL_FP32 for (int u = 0; u < NC; ++u) store8(out + r * out_stride + i + 8 * u, acc[r][u]);
 }
 
 void mix_rows(const float* const* rows, int64_t nj, const float* c, int64_t nr, float* out, int64_t out_stride,
@@ -161,7 +167,7 @@ void mix_rows(const float* const* rows, int64_t nj, const float* c, int64_t nr, 
   for (int64_t r = 0; r < nr; r += 4) {
     const int64_t left = std::min<int64_t>(4, nr - r);
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
+    for (; i + 8 * NC <= n; i += 8 * NC) {
       if (left == 4) mix_rows_block<4>(rows, nj, c + r * TILE, out + r * out_stride, out_stride, i);
       else
         for (int64_t h = 0; h < left; ++h)
@@ -174,26 +180,25 @@ void mix_rows(const float* const* rows, int64_t nj, const float* c, int64_t nr, 
 }
 
 // targets[j][:n] += sum_r c[r * TILE + j] m_r[:n] for j < nj (m_r = m + r * m_stride).
-// Blocks of 4 targets x 16 columns held in registers across the heads.
+// Blocks of 4 targets x 8 NC columns held in registers across the heads.
 void mix_heads(float* const* targets, int64_t nj, const float* c, const float* m, int64_t m_stride, int64_t nr,
                int64_t n) {
   int64_t j = 0;
   for (; j + 4 <= nj; j += 4) {
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      v8 acc[4][2] = {};
+    for (; i + 8 * NC <= n; i += 8 * NC) {
+      v8 acc[4][NC] = {};
       for (int64_t r = 0; r < nr; ++r) {
-        const v8 a = load8(m + r * m_stride + i), b = load8(m + r * m_stride + i + 8);
-        for (int t = 0; t < 4; ++t) {
+        v8 a[NC];
+        UNROLL_FP32 for (int u = 0; u < NC; ++u) a[u] = load8(m + r * m_stride + i + 8 * u);
+        UNROLL_FP32 for (int t = 0; t < 4; ++t) {
           const v8 w = splat(c[r * TILE + j + t]);
-          acc[t][0] += w * a;
-          acc[t][1] += w * b;
+          UNROLL_FP32 for (int u = 0; u < NC; ++u) acc[t][u] += w * a[u];
         }
       }
-      for (int t = 0; t < 4; ++t) {
-        store8(targets[j + t] + i, load8(targets[j + t] + i) + acc[t][0]);
-        store8(targets[j + t] + i + 8, load8(targets[j + t] + i + 8) + acc[t][1]);
-      }
+      UNROLL_FP32 for (int t = 0; t < 4; ++t)
+        UNROLL_FP32 for (int u = 0; u < NC; ++u)
+          store8(targets[j + t] + i + 8 * u, load8(targets[j + t] + i + 8 * u) + acc[t][u]);
     }
     for (int t = 0; t < 4; ++t)
       for (int64_t r = 0; r < nr; ++r)

@@ -116,22 +116,6 @@ inline void scores_block(const float* const* rows, const float* m, int64_t m_str
     }
 }
 
-void scores(const float* const* rows, int64_t nj, const float* m, int64_t m_stride, int64_t nr, int64_t n, float* c) {
-  int64_t r = 0;
-  for (; r + 4 <= nr; r += 4) {
-    int64_t j = 0;
-    if (r == 0)  // the first pass over the rows: fetch the next block's while this one computes
-      for (; j + 6 <= nj; j += 3) scores_block<3, 4, 3>(rows + j, m, m_stride, n, c + j, rows + j + 3);
-    for (; j + 3 <= nj; j += 3) scores_block<3, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
-    for (; j < nj; ++j) scores_block<1, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
-  }
-  for (; r < nr; ++r) {
-    int64_t j = 0;
-    for (; j + 4 <= nj; j += 4) scores_block<4, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
-    for (; j < nj; ++j) scores_block<1, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
-  }
-}
-
 // Column vectors of 8 floats per register block in `mix_rows` and `mix_heads`: 4 where AVX-512's 32
 // vector registers hold a block of 4 x 4 accumulators beside its loads (forward 6-9%, backward 3-7%
 // faster than 2, the same sums), else 2. The blocks' loops unroll before GCC places their arrays.
@@ -280,22 +264,6 @@ inline void scores_block(const bf16* const* rows, const bf16* m, int64_t m_strid
   }
 }
 
-void scores(const bf16* const* rows, int64_t nj, const bf16* m, int64_t m_stride, int64_t nr, int64_t n, float* c) {
-  int64_t r = 0;
-  for (; r + 4 <= nr; r += 4) {
-    int64_t j = 0;
-    if (r == 0)
-      for (; j + 6 <= nj; j += 3) scores_block<3, 4, 3>(rows + j, m, m_stride, n, c + j, rows + j + 3);
-    for (; j + 3 <= nj; j += 3) scores_block<3, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
-    for (; j < nj; ++j) scores_block<1, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
-  }
-  for (; r < nr; ++r) {
-    int64_t j = 0;
-    for (; j + 4 <= nj; j += 4) scores_block<4, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
-    for (; j < nj; ++j) scores_block<1, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
-  }
-}
-
 // `mix_rows` for bf16 rows, two picks per vdpbf16ps: rows j and j + 1 interleaved a 32-column step
 // at a time (unpacklo / unpackhi of 16-bit elements: per 128-bit lane, columns 8L..8L+3 in `lo`,
 // 8L+4..8L+7 in `hi`), their weights rounded to a bf16 pair (c_{r,j}, c_{r,j+1}) (as a bf16 matrix
@@ -433,6 +401,26 @@ void mix_heads(float* const* targets, int64_t nj, const uint32_t* c_pairs, const
   }
 }
 #endif  // NANOSEEK_BF16
+
+// c[r * TILE + j] = m_r . rows[j] for j < nj, r < nr: `scores_block`s of 3 rows x 4 heads (for T =
+// float above, bf16 in the section above), the first pass over the rows fetching the next block's.
+template <typename T>
+void scores(const T* const* rows, int64_t nj, const T* m, int64_t m_stride, int64_t nr, int64_t n, float* c) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) {
+    int64_t j = 0;
+    if (r == 0)  // the first pass over the rows: fetch the next block's while this one computes
+      for (; j + 6 <= nj; j += 3) scores_block<3, 4, 3>(rows + j, m, m_stride, n, c + j, rows + j + 3);
+    for (; j + 3 <= nj; j += 3) scores_block<3, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+    for (; j < nj; ++j) scores_block<1, 4>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+  }
+  for (; r < nr; ++r) {
+    int64_t j = 0;
+    for (; j + 4 <= nj; j += 4) scores_block<4, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+    for (; j < nj; ++j) scores_block<1, 1>(rows + j, m + r * m_stride, m_stride, n, c + r * TILE + j);
+  }
+}
+
 
 #if defined(__AVX2__) && defined(__FMA__)
 // exp of 8 floats: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), exp(r) by a degree-7 polynomial

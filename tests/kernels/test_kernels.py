@@ -1322,6 +1322,26 @@ def test_native_gathered_attention_in_bf16_equals_the_reference(b, h, g, s, x, d
         torch.testing.assert_close(a.double(), e, atol=6e-3 * e.abs().max().item(), rtol=2**-7)
 
 
+def test_native_gathered_attention_in_bf16_keeps_an_infinite_value_infinite():
+    """An odd number of picks pairs the last picked row with zeros, not with itself at weight 0 (0 * inf
+    is NaN): a value of inf in a picked row gives inf, as the reference's."""
+    from nanoseek.kernels.dsa import GatheredAttention
+    from nanoseek.kernels.native import bf16_kernels
+    from nanoseek.model.attention.dsa import gathered_attention
+
+    if not bf16_kernels():
+        pytest.skip("the kernel takes bf16 only where the CPU has AVX-512 BF16")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 1, w, generator=gen).bfloat16() for w in (64, 64, 64))
+    k, v = k.expand(1, 1, 6, 64).contiguous(), torch.randn(1, 1, 6, 64, generator=gen).bfloat16()
+    v[0, 0, 4, 3] = float("inf")
+    picked, valid = torch.tensor([[[0, 1, 4]]]), torch.ones(1, 1, 3, dtype=torch.bool)
+    got = GatheredAttention.apply(q, k, v, 64, picked, valid, 0.5)
+    want = gathered_attention(q.double(), k.double(), v.double(), picked, valid, 0.5)
+    assert got[0, 0, 0, 3] == float("inf") and not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, atol=2**-8 * 4, rtol=2**-7)
+
+
 def test_native_gathered_attention_refuses_a_pick_outside_the_keys():
     from nanoseek.kernels.dsa import GatheredAttention
 

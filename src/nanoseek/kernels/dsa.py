@@ -99,9 +99,9 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         `GatheredAttention` (T x K pairs, not T x S), and the KL over the picks (the reference's
         `indexer_kl` on the kept keys), its indexer scores recomputed at the picks with autograd.
         The same values and gradients as the reference in fp32 (tested); under bf16 autocast the
-        attention computes in fp32 in the C++ kernel (tested no further from fp32 than the reference's
-        bf16 step). Other devices and dtypes, no C++ kernel, dropout, windows and compiled graphs keep
-        the reference."""
+        C++ kernel computes in bf16 where the CPU has AVX-512 BF16, else in fp32 (tested no further
+        from fp32 than the reference's bf16 step). Other devices and dtypes, no C++ kernel, dropout,
+        windows and compiled graphs keep the reference."""
         s = latent_BSC.shape[1]
         if (  # fp32 or bf16 on the CPU with the C++ kernel built (PyTorch's per-query loop would be slower)
             torch.compiler.is_compiling()  # a compiled training step stays one graph: the reference

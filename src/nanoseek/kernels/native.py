@@ -89,9 +89,11 @@ def load(name: str):
                 verbose=False,
             )
             BUILT[name] = target
+            if reason:  # a better target failed: say so once, the kernel still runs
+                warnings.warn(f"C++ kernel {name!r} built for {target} ({reason})", stacklevel=2)
             return torch.ops.nanoseek
         except Exception as exc:  # no compiler, no ninja, a failed build: the next target, or PyTorch
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = f"{target} not built: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     warnings.warn(f"C++ kernel {name!r} not built ({reason}); using the PyTorch path", stacklevel=2)
     return None
 

@@ -55,7 +55,8 @@ class ChunkedNativeSparseAttention(NativeSparseAttention):
     def selected_attention_by_group(self, q, k, v, p_cmp, start: int):
         """The reference's masked or gathered SDPA over each group's picked blocks, as `GatheredAttention`
         over each query's picked tokens: T x K l work (the masked form's is T x S), nothing kept for
-        backward but the picks. fp32 on the CPU with the C++ kernel, eagerly; elsewhere the reference."""
+        backward but the picks. On the CPU with the C++ kernel, eagerly, in fp32 (and bf16 where the kernel
+        takes it: `native_ops`); elsewhere the reference."""
         if torch.compiler.is_compiling() or native_ops(q) is None:  # compiled graphs: the reference, no break
             return super().selected_attention_by_group(q, k, v, p_cmp, start)
         b, h, t, d = q.shape

@@ -210,9 +210,10 @@ inline float bf16_to_float(bf16 h) {
   return f;
 }
 
-inline bf16 float_to_bf16(float f) {  // round to nearest even (finite inputs)
+inline bf16 float_to_bf16(float f) {  // round to nearest even; a NaN stays a (quiet) NaN
   uint32_t u;
   __builtin_memcpy(&u, &f, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<bf16>((u >> 16) | 0x40u);
   u += 0x7FFFu + ((u >> 16) & 1u);
   return static_cast<bf16>(u >> 16);
 }
@@ -304,10 +305,14 @@ void mix_rows(const bf16* const* rows, int64_t nj, const float* c, int64_t nr, f
               int64_t n) {
   if (nj == 0) return;
   const int64_t np = (nj + 1) / 2;
-  const bf16* paired[TILE + 1];  // rows j, j + 1 per pair; an odd last row pairs with itself, weight 0
+  const bf16* paired[TILE + 1];  // rows j, j + 1 per pair; an odd last row pairs with a row of zeros
   uint32_t cp[4 * TILE];  // a block of heads' weights: (c_{r,2p}, c_{r,2p+1}) at h TILE + p
   for (int64_t j = 0; j < nj; ++j) paired[j] = rows[j];
-  paired[nj] = rows[nj - 1];
+  if (nj % 2) {  // zeros, not the row itself at weight 0: 0 * inf would be NaN where the sum is inf
+    thread_local std::vector<bf16> zeros;
+    if (static_cast<int64_t>(zeros.size()) < n) zeros.assign(n, bf16(0));
+    paired[nj] = zeros.data();
+  }
   for (int64_t r = 0; r < nr; r += 4) {
     const int64_t left = std::min<int64_t>(4, nr - r);
     for (int64_t h = 0; h < left; ++h)

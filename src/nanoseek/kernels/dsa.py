@@ -141,7 +141,7 @@ class GatheredAttention(torch.autograd.Function):
     gathers again and recomputes the softmax. Under autocast q, k, v are cast to its dtype and the
     body runs with autocast off. The C++ kernel takes bf16 where it is built for AVX-512 BF16
     (`bf16_kernels`: its products by vdpbf16ps, P and dS rounded to bf16 as bf16 matrix products
-    round them, every sum fp32: forward 1.9-2.2x, backward 1.4-1.9x its fp32 speed on a Zen-4
+    round them, every sum fp32: forward 1.8-2.0x, backward 1.4-1.8x its fp32 speed on a Zen-4
     core); elsewhere it computes bf16 and fp16 in fp32 (the PyTorch path in bf16 ran DSA's 16K
     backward at half the fp32 kernel's speed). The output comes back in the compute dtype, the
     gradients in the inputs' dtypes."""

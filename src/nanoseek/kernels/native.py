@@ -47,7 +47,8 @@ def vector_targets() -> list[tuple[str, list[str]]]:
     the first (AVX-512 BF16 needs GCC 10 or later) builds the next."""
     capability = torch.backends.cpu.get_cpu_capability()
     targets = []
-    if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported():
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # private: absent, no bf16 target
+    if capability == "AVX512" and bf16():
         targets.append(("avx512bf16", AVX512_BF16))
     if capability in ("AVX2", "AVX512"):
         targets.append(("avx2", AVX2))

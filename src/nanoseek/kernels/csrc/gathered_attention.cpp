@@ -21,7 +21,7 @@
 // time (`Segments`, below): a segment's key rows are read from memory once per block, not once per
 // row that picked them. A pick outside the key head's rows is an error.
 // q, k, v (and dO) come as fp32, or as bf16 where the library is built for AVX-512 BF16 (the
-// NANOSEEK_BF16 loops below: vdpbf16ps dot products); out, lse and the gradients are fp32 either way.
+// NANOSEEK_BF16 loops below, each by vdpbf16ps); out, lse and the gradients are fp32 either way.
 // Registered as torch ops (nanoseek::gathered_attention and its backward), so dispatch modes such as
 // the FLOP counter see them.
 #include <ATen/ATen.h>
@@ -33,14 +33,15 @@
 #include <limits>
 #include <vector>
 
+#include <cstdint>
+#include <type_traits>
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define NANOSEEK_BF16 1  // bf16 inputs too (below)
 #endif
-#include <cstdint>
-#include <type_traits>
 
 namespace {
 
@@ -218,7 +219,6 @@ inline bf16 float_to_bf16(float f) {  // round to nearest even; a NaN stays a (q
   return static_cast<bf16>(u >> 16);
 }
 
-inline __m512 widen16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh>(x); }
 // The register blocks' loops are unrolled before GCC decides where their arrays live: arrays of
 // 512-bit accumulators left to the usual unrolling were stored to the stack on every step.
@@ -554,6 +554,17 @@ struct Blocks {
   }
 };
 
+// Backward's blocks in runs of consecutive blocks, one run per thread (each adds into its own dk):
+// `count` runs of `per_part` blocks, each with at least one block.
+struct Parts {
+  int64_t per_part, count;
+  explicit Parts(const Blocks& B) {
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B.count));
+    per_part = (B.count + threads - 1) / threads;
+    count = (B.count + per_part - 1) / per_part;
+  }
+};
+
 // A block's valid picks grouped by key segment, each group in pick order: the block's row i has its
 // picks in segment s at at(i, s)[0 .. count(i, s)).
 //
@@ -752,11 +763,9 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
                    const float* outp, const float* lsep, const T* dop, float* dqp, float* dk_all, float* dv_all,
                    int64_t heads) {
   const Blocks B(L);
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B.count));
-  const int64_t per_part = (B.count + threads - 1) / threads;
-  const int64_t parts = (B.count + per_part - 1) / per_part;
+  const Parts P(B);
   const int64_t part_k = heads * L.s * L.x, part_v = heads * L.s * L.v;
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+  at::parallel_for(0, P.count, 1, [&](int64_t pb, int64_t pe) {
     std::vector<float> p(L.r * TILE), ds(L.r * TILE), d(B.size * L.r);
     std::vector<const T*> krows(TILE), vrows(TILE);
     std::vector<float*> dkrows(TILE), dvrows(TILE);
@@ -765,7 +774,7 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
     for (int64_t part = pb; part < pe; ++part) {
       float* dk_mine = dk_all + part * part_k;
       float* dv_mine = dv_all ? dv_all + part * part_v : nullptr;
-      for (int64_t blk = part * per_part; blk < std::min(B.count, (part + 1) * per_part); ++blk) {
+      for (int64_t blk = part * P.per_part; blk < std::min(B.count, (part + 1) * P.per_part); ++blk) {
         const int64_t nb = B.rows_in(blk);
         seg.build(L, B, blk, idx_all, ok_all);
         for (int64_t i = 0; i < nb; ++i)  // D = dO . O per row and head
@@ -860,14 +869,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
   TORCH_CHECK(out.is_contiguous() && d_out.is_contiguous() && lse.is_contiguous(), "gathered attention: contiguous grads");
   TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && d_out.scalar_type() == q.scalar_type(),
               "gathered attention: float32 out and lse, d_out in q's dtype");
-  const Blocks B(L);
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B.count));
-  const int64_t per_part = (B.count + threads - 1) / threads;
-  const int64_t parts = (B.count + per_part - 1) / per_part;  // each with at least one block
+  const Parts P{Blocks(L)};
   // one dk (and dv) per part, summed at the end: rows of different parts pick the same keys
-  auto dk_parts = at::zeros({parts, k.size(0), L.s, L.x}, f32);
+  auto dk_parts = at::zeros({P.count, k.size(0), L.s, L.x}, f32);
   at::Tensor dv_parts;
-  if (v.has_value()) dv_parts = at::zeros({parts, k.size(0), L.s, L.v}, f32);
+  if (v.has_value()) dv_parts = at::zeros({P.count, k.size(0), L.s, L.v}, f32);
   auto dq = at::zeros(q.sizes(), f32);
   const int32_t* idx = picked.data_ptr<int32_t>();
   const bool* ok = valid.data_ptr<bool>();
@@ -883,8 +889,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
   else
 #endif
     run(float{});
-  auto dk = parts == 1 ? dk_parts[0] : dk_parts.sum(0);
-  auto dv = v.has_value() ? (parts == 1 ? dv_parts[0] : dv_parts.sum(0)) : at::empty({0}, f32);
+  auto dk = P.count == 1 ? dk_parts[0] : dk_parts.sum(0);
+  auto dv = v.has_value() ? (P.count == 1 ? dv_parts[0] : dv_parts.sum(0)) : at::empty({0}, f32);
   return {dq, dk, dv};  // fp32; dv empty where the values are the keys' prefix
 }
 

@@ -77,7 +77,8 @@ def test_flops_by_op_splits_sdpa_from_matmuls():
 
 def test_the_cpp_gathered_attention_counts_what_its_pytorch_path_multiplies(monkeypatch):
     """The C++ kernel's ops count the matrix products the PyTorch path runs (forward and backward):
-    pairs = rows x heads x picks, 2 pairs (X + V) forward and 2 pairs (3 X + 2 V) backward."""
+    pairs = rows x heads x picks, 2 pairs (X + V) forward and 2 pairs (3 X + 2 V) backward; of the
+    picks only the valid ones, which are all the kernel computes."""
     from nanoseek.kernels import dsa
 
     assert dsa.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
@@ -97,3 +98,6 @@ def test_the_cpp_gathered_attention_counts_what_its_pytorch_path_multiplies(monk
     pytorch = count()
     assert flops_by_op(native)["gathered_attention"] == native.get_total_flops()
     assert native.get_total_flops() == pytorch.get_total_flops() == 2 * 4 * 6 * 5 * (16 + 8 + 3 * 16 + 2 * 8)
+    monkeypatch.undo()
+    valid[0, :, 1:3] = False  # the kernel skips invalid picks: 2 key heads x 2 heads each x 18 valid picks
+    assert count().get_total_flops() == 2 * 2 * 2 * 18 * (16 + 8 + 3 * 16 + 2 * 8)

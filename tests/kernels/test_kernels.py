@@ -823,14 +823,14 @@ def test_sliding_window_keeps_sdpa_where_tiles_do_not_pay():
 )
 def test_window_tiles_step_aside_for_dropout_and_a_distance_bias(monkeypatch, preset, kw, layer):
     """Dropout in training and a distance bias (ALiBi) keep the reference's SDPA; in eval the same
-    layer runs the tiles."""
+    layer runs the tiles (HCA: without the C++ kernel; with it HCA gathers, below)."""
     from nanoseek.kernels import block_attention as tiles
+    from nanoseek.kernels import csa as v4
 
+    monkeypatch.setattr(v4, "native_ops", lambda q: None)
     calls = []
     original = tiles.block_sparse_attention
     monkeypatch.setattr(tiles, "block_sparse_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
-    from nanoseek.kernels import csa as v4
-
     monkeypatch.setattr(v4, "block_sparse_attention", tiles.block_sparse_attention)
     ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(1))
     model = Transformer(ModelConfig.from_preset(preset, attention_dropout=0.1, **kw)).train()
@@ -843,6 +843,25 @@ def test_window_tiles_step_aside_for_dropout_and_a_distance_bias(monkeypatch, pr
         alibi = Transformer(ModelConfig.from_preset(preset, position="alibi", **kw)).eval()
         alibi(ids)
         assert not calls, "the tiles ran with a distance bias"
+
+
+def test_hca_gathers_in_eval_and_training_but_not_under_dropout(monkeypatch):
+    """With the C++ kernel an HCA layer gathers its window and entries in eval and in training without
+    attention dropout; with dropout it keeps the reference's SDPA (the kernel has no dropout)."""
+    from nanoseek.kernels import csa as v4
+
+    assert v4.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
+    calls = []
+    original = v4.SparseCompressedAttention.attend_every_entry
+    monkeypatch.setattr(v4.SparseCompressedAttention, "attend_every_entry", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(1))
+    for dropout, expected in ((0.1, False), (0.0, True)):
+        calls.clear()
+        Transformer(ModelConfig.from_preset("deepseek-v4-tiny", attention_dropout=dropout)).train()(ids, ids)
+        assert bool(calls) == expected, f"attention dropout {dropout}"
+    calls.clear()
+    Transformer(ModelConfig.from_preset("deepseek-v4-tiny", attention_dropout=0.1)).eval()(ids)
+    assert calls
 
 
 # ---------------------------------------------------------------------------- NSA compressed branch
@@ -1088,17 +1107,30 @@ def layer_output_and_grads(module, x, start: int, keep_param) -> list:
         ("sliding", 0, 45, 1, False),  # a V4 sliding layer: window and sink only
     ],
 )
-@pytest.mark.parametrize("tile_bytes", [1, 8 << 20])  # a chunk per tile (each its own used blocks), all in one
-def test_v4_tiles_equal_the_reference(monkeypatch, kind, start, t, b, training, tile_bytes):
+@pytest.mark.parametrize(
+    "path",
+    [
+        "tiles",  # a chunk of tiles per tile (each its own used blocks)
+        "tiles-in-one-chunk",
+        "gathered",  # HCA through the C++ gathered kernel (the default where it builds)
+    ],
+)
+def test_v4_fast_paths_equal_the_reference(monkeypatch, kind, start, t, b, training, path):
     """kernels/csa.py's tiles (window blocks + the sink + the closed entries, each query block only as
-    many entry blocks as it sees) against model/attention/compressed.py's chunked SDPA: an HCA (or V4
-    sliding) layer's output and the gradients of its input and every weight (sinks included)."""
+    many entry blocks as it sees) and HCA's gathered attention (window + every closed entry, the sink
+    in the kernel) against model/attention/compressed.py's chunked SDPA: an HCA (or V4 sliding)
+    layer's output and the gradients of its input and every weight (sinks included)."""
     from nanoseek.kernels import block_attention as tiles
     from nanoseek.kernels import csa as fast
     from nanoseek.model.attention.compressed import CompressedAttention
 
+    if path == "gathered" and kind != "hca":
+        pytest.skip("only HCA gathers; V4's sliding layers run as tiles")
+    assert fast.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
+    if path != "gathered":  # without the C++ kernel HCA runs as tiles
+        monkeypatch.setattr(fast, "native_ops", lambda q: None)
     monkeypatch.setattr(fast, "V4_TILE", 4)
-    monkeypatch.setattr(tiles, "TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(tiles, "TILE_BYTES", 1 if path == "tiles" else 8 << 20)
     layers = ["sliding", "hca"] if kind == "sliding" else None
     cfg = ModelConfig.from_preset("deepseek-v4-tiny", **({"sparse_layers": layers} if layers else {}))
     layer = 0 if kind == "sliding" else 1
@@ -1110,15 +1142,60 @@ def test_v4_tiles_equal_the_reference(monkeypatch, kind, start, t, b, training, 
     quick = fast.SparseCompressedAttention(cfg, layer).train(training)
     quick.load_state_dict(ref.state_dict())
     ran = []
-    monkeypatch.setattr(quick, "attend_tiles", lambda *a: ran.append(1) or type(quick).attend_tiles(quick, *a))
+    runs = "attend_every_entry" if path == "gathered" else "attend_tiles"
+    monkeypatch.setattr(quick, runs, lambda *a: ran.append(1) or getattr(type(quick), runs)(quick, *a))
     x = torch.randn(b, start + t, cfg.hidden_size)
     results = [layer_output_and_grads(m, x, start, lambda n: True) for m in (ref, quick)]
-    assert ran, "the tiles did not run"
+    assert ran, f"{runs} did not run"
     for got, want in zip(results[1], results[0]):
         if want is None:
             assert got is None
             continue
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_v4_gathered_layers_under_bf16_autocast_are_as_accurate_as_the_reference(monkeypatch, kind):
+    """CSA's and HCA's gathered path under bf16 autocast (on AVX-512 BF16: the kernel's bf16 loops,
+    P and dS rounded to bf16) against the float64 reference layer: output and the gradients of the
+    input and the sinks no further from it than 2.5x the reference's own bf16 error (its softmax's
+    products in fp32 from bf16 q and k, explicit_attention at these sizes)."""
+    from nanoseek.kernels import csa as fast
+    from nanoseek.kernels.native import bf16_kernels
+    from nanoseek.model.attention.compressed import CompressedAttention
+
+    if not bf16_kernels():
+        pytest.skip("the kernel takes bf16 only where the CPU has AVX-512 BF16 (elsewhere HCA runs tiles)")
+    monkeypatch.setattr(fast, "GATHER_FROM", 1.5)
+    cfg = ModelConfig.from_preset("deepseek-v4-tiny")
+    layer = 0 if kind == "csa" else 1
+    assert cfg.layer_sparse(layer) == kind
+    torch.manual_seed(3)
+    ref = CompressedAttention(cfg, layer).eval()
+    with torch.no_grad():
+        ref.sinks.normal_()
+        if kind == "csa":  # every score 0: the earliest top-k entries in every precision (no pick flips)
+            for p in ref.indexer.parameters():
+                p.zero_()
+    quick = fast.SparseCompressedAttention(cfg, layer).eval()
+    quick.load_state_dict(ref.state_dict())
+    ran = []
+    runs = "attend_gathered" if kind == "csa" else "attend_every_entry"
+    monkeypatch.setattr(quick, runs, lambda *a: ran.append(1) or getattr(type(quick), runs)(quick, *a))
+    x = torch.randn(2, 300, cfg.hidden_size)
+    keep = lambda n: n == "sinks"  # noqa: E731
+    exact = CompressedAttention(cfg, layer).double().eval()
+    exact.load_state_dict(ref.state_dict())
+    want = layer_output_and_grads(exact, x.double(), 0, keep)
+    errors = []
+    for module in (ref, quick):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer_output_and_grads(module, x, 0, keep)
+        errors.append([(a.double() - e).abs().max().item() / e.abs().max().item() for a, e in zip(got, want)])
+    assert ran, f"{runs} did not run"
+    ref_errors, fast_errors = errors
+    assert all(e < 0.03 for e in fast_errors), errors
+    assert all(mine <= 2.5 * theirs for mine, theirs in zip(fast_errors, ref_errors)), errors
 
 
 def test_csa_chunk_scores_in_scratch_equal_the_indexers_scores():
@@ -1340,6 +1417,63 @@ def test_native_gathered_attention_in_bf16_keeps_an_infinite_value_infinite():
     want = gathered_attention(q.double(), k.double(), v.double(), picked, valid, 0.5)
     assert got[0, 0, 0, 3] == float("inf") and not got.isnan().any()
     torch.testing.assert_close(got.double(), want, atol=2**-8 * 4, rtol=2**-7)
+
+
+def softmax_with_sinks(q, k, v, picked, valid, scale: float, sinks):
+    """float64 reference: each query head over its valid picks and one more logit, its sink s_h, whose
+    value is zero. q (B, H, T, X), k (B, G, S, X), v (B, G, S, V), picked/valid (B, T, K), sinks (H,)."""
+    b, h, t, _ = q.shape
+    g = k.shape[1]
+    rows = torch.arange(b)[:, None, None, None], torch.arange(g)[None, :, None, None]
+    k_sel, v_sel = (x[rows[0], rows[1], picked[:, None]] for x in (k, v))  # (B, G, T, K, .)
+    k_sel, v_sel = (x.repeat_interleave(h // g, dim=1) for x in (k_sel, v_sel))  # (B, H, T, K, .)
+    logits = torch.einsum("bhtx,bhtkx->bhtk", q, k_sel) * scale
+    logits = logits.masked_fill(~valid[:, None], float("-inf"))
+    with_sink = torch.cat([logits, sinks.view(1, h, 1, 1).expand(b, h, t, 1)], dim=-1).softmax(-1)
+    return torch.einsum("bhtk,bhtkv->bhtv", with_sink[..., :-1], v_sel)
+
+
+@pytest.mark.parametrize("path", ["native", "native-2-threads", "native-bf16", "pytorch"])
+def test_gathered_attention_with_sinks_equals_the_reference(monkeypatch, path):
+    """V4's sinks in the gathered attention (one logit per query head with a zero value; the C++
+    kernel starts each row's softmax from it): output and the gradients of q, k and the sinks against
+    a float64 softmax over the picks and the sink; rows without a valid pick give 0 (all weight on
+    the sink) and a sink gradient."""
+    from nanoseek.kernels import dsa
+    from nanoseek.kernels.native import bf16_kernels
+
+    if path == "native-bf16" and not bf16_kernels():
+        pytest.skip("the kernel takes bf16 only where the CPU has AVX-512 BF16")
+    assert dsa.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
+    if path == "pytorch":
+        monkeypatch.setattr(dsa, "native_ops", lambda q: None)
+    dtype = {"native-bf16": torch.bfloat16, "pytorch": torch.float64}.get(path, torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    b, h, g, t, s, x, d_v, n_picks = 2, 6, 2, 70, 90, 40, 32, 20
+    q = torch.randn(b, h, t, x, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(b, g, s, x, generator=gen).to(dtype).requires_grad_()
+    sinks = torch.randn(h, generator=gen).to(torch.promote_types(dtype, torch.float32)).requires_grad_()
+    picked = torch.stack([torch.randperm(s, generator=gen)[:n_picks] for _ in range(b * t)]).view(b, t, n_picks)
+    valid = torch.rand(b, t, n_picks, generator=gen) > 0.3
+    valid[:, 5] = False  # a query that sees only its sink
+    weight = torch.randn(b, h, t, d_v, generator=gen, dtype=torch.float64)
+    exact = [a.detach().double().requires_grad_() for a in (q, k, sinks)]
+    want_out = softmax_with_sinks(exact[0], exact[1], exact[1][..., :d_v], picked, valid, 0.3, exact[2])
+    want = [want_out, *torch.autograd.grad((want_out * weight).sum(), exact)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if path == "native-2-threads" else 1)
+    try:
+        out = dsa.GatheredAttention.apply(q, k, None, d_v, picked, valid, 0.3, sinks)
+        got = [out, *torch.autograd.grad((out.double() * weight).sum(), (q, k, sinks))]
+    finally:
+        torch.set_num_threads(before)
+    assert out[:, :, 5].abs().max() == 0 and got[3].abs().min() > 0
+    for a, e in zip(got, want):
+        if dtype == torch.bfloat16:  # P and dS rounded to bf16 in the kernel's sums (see the bf16 test above)
+            torch.testing.assert_close(a.double(), e, atol=6e-3 * e.abs().max().item(), rtol=2**-7)
+        else:
+            tol = 1e-12 if dtype == torch.float64 else 2e-5
+            torch.testing.assert_close(a.double(), e, atol=tol, rtol=tol)
 
 
 def test_native_gathered_attention_refuses_a_pick_outside_the_keys():

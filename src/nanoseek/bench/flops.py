@@ -17,8 +17,8 @@ Here every SDPA kernel counts, per query head, for P query-key pairs (P = S_q * 
               + 2 P d_qk (dQ = dS K) + 2 P d_qk (dK = dS^T Q)
 
 An explicit mask (boolean or float) counts all S_q * S_k pairs: the kernels compute them all.
-The C++ gathered attention (kernels/csrc, DSA's picks; once loaded in the process) counts the same
-way for its pairs, rows x heads x picks.
+The C++ gathered attention (kernels/csrc, DSA's and V4's picks; once loaded in the process) counts
+the same way for the pairs it computes, rows x heads x valid picks (it skips the invalid ones).
 
     >>> q = torch.zeros(1, 2, 4, 8)
     >>> count_flops(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
@@ -85,11 +85,12 @@ SDPA_FORMULAS = {
 
 
 def _gathered(backward: bool):
-    def formula(q, k, v, d_v, picked, *args, out_shape=None, **kwargs):
-        rows, heads, d_qk = q  # (rows, R, X): a row's R heads each meet its K picks
-        pairs = rows * heads * picked[-1]
+    def formula(q, k, v, d_v, picked, valid, *args, out_shape=None, **kwargs):
+        rows, heads, d_qk = q.shape  # (rows, R, X): a row's R heads each meet its valid picks
+        pairs = rows // picked.shape[0] * heads * int(valid.sum())  # a pick row serves G rows (key heads)
         return 2 * pairs * ((3 * d_qk + 2 * d_v) if backward else (d_qk + d_v))
 
+    formula._get_raw = True  # the tensors themselves: only the valid picks are computed
     return formula
 
 

@@ -1,28 +1,31 @@
-"""CSA's long prefill, fast (model/attention/compressed.py's `CompressedAttention.attend`, same picks, same math).
+"""V4's long prefill, fast: CSA's and HCA's layers (model/attention/compressed.py's
+`CompressedAttention.attend`, same picks, same math).
 
 The reference runs each chunk of CHUNK queries as one SDPA over the chunk's band of window keys
-plus every entry closed so far, the indexer's top-k applied as a mask: each query computes
-T/m entries to use k of them. Once a chunk sees more than GATHER_FROM * top-k entries, this path
-gives each query only its own keys instead, through DSA's gathered attention (kernels/dsa.py's
-`GatheredAttention`, the C++ kernel on fp32 CPU tensors):
+plus every entry closed so far (CSA: the indexer's top-k applied as a mask), the sink as one more
+logit: each CSA query computes T/m entries to use k of them. Here each query gets only its own keys,
+through DSA's gathered attention (kernels/dsa.py's `GatheredAttention`, the C++ kernel on the CPU):
 
-    keys      K = [kv_0 .. kv_{S-1} ; e_0 .. e_{W-1} ; sink]     (one matrix, built once)
-    query t   picks its window  rel_t - w + 1 .. rel_t   (those >= 0),
-              its top-k entries by the indexer  S + e    (csrc/indexer_topk.cpp with rate m: the
-              query sees (rel_t + 1) // m entries; the same picks as the reference's mask + `earliest_topk`),
-              and the sink  S + W
-    sink      one more key channel: the sink row is [0 .. 0, 1], each query carries s_h / scale there,
-              so the sink's logit is s_h exactly and its value (the row's first D_h columns) is 0
-    values    the keys themselves (V4 shares one head for both): the first D_h columns of K
+    keys      K = [kv_0 .. kv_{S-1} ; e_0 .. e_{W-1}]     (one matrix, built once; values = keys)
+    query t   picks its window  rel_t - w + 1 .. rel_t   (those >= 0), and
+              CSA: its top-k entries by the indexer  S + e    (csrc/indexer_topk.cpp with rate m: the
+                   query sees (rel_t + 1) // m entries; the same picks as the reference's mask +
+                   `earliest_topk`), once a chunk sees more than GATHER_FROM * top-k entries;
+              HCA: every entry closed by then  S + e,  e < (rel_t + 1) // m
+    sink      the kernel's per-head sink logit s_h with a zero value: each query head's softmax starts
+              from it (its gradient, -sum_t p_sink D_t, from the kernel's D = dO . O)
 
-so o_{t,h} = softmax([q_{t,h} . K_picks / sqrt(D_h) ; s_h]) K_picks over window + picks, as the
-reference. The width D_h + 1 is padded to a multiple of 8 with zeros (the kernel's vector width).
-Backward goes through the same kernel (recomputed from the saved logsumexp); the gradients of the
-keys, entries and sinks come back through the concatenations.
+so o_{t,h} = softmax([q_{t,h} . K_picks / sqrt(D_h) ; s_h]) K_picks, as the reference. Backward goes
+through the same kernel (recomputed from the saved logsumexp); the gradients of the keys and entries
+come back through the concatenation.
 
-Only where it pays and matches: a CSA layer in inference (no indexer KL loss to compute, no dense
-warm-up), an eager prefill (not a per-row decode step, not inside a compiled graph), fp32 on the CPU
-with the C++ kernels built; the chunks before the first gathered one run the reference's masked SDPA.
+Where: an eager prefill (not a per-row decode step, not inside a compiled graph) on the CPU with the
+C++ kernel built for q's dtype (fp32, or bf16 on AVX-512 BF16). CSA: in inference (no indexer KL loss
+to compute, no dense warm-up), the chunks before the first gathered one by the reference's masked
+SDPA. HCA: in inference and in training without attention dropout (its picks need no indexer).
+Elsewhere HCA and V4's sliding layers run as block-sparse tiles (`attend_tiles`); on one Zen-4
+core (8 heads of 512, window 128, rate 128, bf16) HCA took 5.6-5.9 / 10.5-11.2 s forward / backward
+at 64K tokens gathered against 6.7-7.1 / 15.2-16.1 s as tiles, and 1.0 / 1.5 s against 1.2 / 2.5 s at 16K.
 
     >>> from nanoseek import ModelConfig, Transformer
     >>> model = Transformer(ModelConfig.from_preset("deepseek-v4-tiny"))
@@ -52,6 +55,8 @@ class SparseCompressedAttention(CompressedAttention):
         self, q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side=None
     ) -> torch.Tensor:
         if self.tiles_run(q, start):
+            if self.kind == "hca" and entries is not None and native_ops(q) is not None:
+                return self.attend_every_entry(q, keys, start - offset, entries)
             return self.attend_tiles(q, keys, start - offset, entries)
         first = self.first_gathered(q, start, offset, entries, side)
         if first is None:
@@ -68,9 +73,11 @@ class SparseCompressedAttention(CompressedAttention):
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def tiles_run(self, q, start) -> bool:
-        """Whether an HCA (or V4 sliding) layer runs as tiles: every entry it sees is attended, so a query
-        block shares its keys (its window's blocks, the closed entries, the sink); on the CPU, eagerly,
-        more than one query at an int position, no dropout in training."""
+        """Whether an HCA (or V4 sliding) layer leaves the reference's chunks: on the CPU, eagerly, more
+        than one query at an int position, no dropout in training. HCA then gathers where the C++ kernel
+        takes q (`attend_every_entry`); otherwise, and V4's sliding layers, run as tiles (every entry a
+        layer sees is attended, so a query block shares its keys: its window's blocks, the closed
+        entries, the sink)."""
         return (
             self.kind in ("hca", "sliding")
             and self.window is not None
@@ -123,6 +130,21 @@ class SparseCompressedAttention(CompressedAttention):
         )
         return out.transpose(1, 2)
 
+    def attend_every_entry(self, q, keys, rel0: int, entries) -> torch.Tensor:
+        """o (B, T, H, D_h) of an HCA layer's queries at key indices rel0..: each over its window, every
+        entry closed by then and the sink, in one GatheredAttention (the picks run to the last entry
+        any query sees; a query's later ones are invalid, and the kernel skips them)."""
+        b, t = q.shape[:2]
+        m, w, device = self.compressor.rate, self.window, q.device
+        s, n_entries = keys.shape[1], entries.shape[1]
+        rel = rel0 + torch.arange(t, device=device)
+        window = rel[:, None] - w + 1 + torch.arange(w, device=device)
+        closed = min(n_entries, (rel0 + t) // m)
+        seen = torch.arange(closed, device=device)
+        picked = torch.cat([window.clamp(min=0), (s + seen).expand(t, -1)], -1)
+        valid = torch.cat([window >= 0, seen < ((rel[:, None] + 1) // m)], -1)
+        return self.attend_picks(q, keys, entries, picked.expand(b, -1, -1), valid.expand(b, -1, -1))
+
     def first_gathered(self, q, start, offset, entries, side) -> int | None:
         """The first query (a multiple of CHUNK) from which the queries gather, or None: none do."""
         eligible = (
@@ -135,7 +157,7 @@ class SparseCompressedAttention(CompressedAttention):
             and not isinstance(start, torch.Tensor)
             and entries is not None
             and native_ops(q) is not None
-            and native_topk(q) is not None
+            and native_topk(q.new_empty(0, dtype=torch.float32)) is not None  # the indexer scores in fp32
         )
         if not eligible:
             return None
@@ -149,24 +171,22 @@ class SparseCompressedAttention(CompressedAttention):
     def attend_gathered(self, q, keys, start, offset, first, entries, index_entries, index_in, cos, sin):
         """o (B, C, H, D_h) of queries first..first+C-1: each over its window, its top-k entries and
         the sink, in one GatheredAttention."""
-        b, c, h, d = q.shape
+        b, c = q.shape[:2]
         s, device = keys.shape[1], q.device
         rel = start + first - offset + torch.arange(c, device=device)  # each query's index into keys
         window = rel[:, None] - self.window + 1 + torch.arange(self.window, device=device)  # (C, w)
         entry_picks, entry_ok = self.entry_picks(start, offset, first, c, index_entries, index_in, cos, sin)
-        n_entries = entries.shape[1]
-        picked = torch.cat(
-            [window.expand(b, c, -1), s + entry_picks, torch.full((b, c, 1), s + n_entries, device=device)], dim=-1
+        picked = torch.cat([window.clamp(min=0).expand(b, c, -1), s + entry_picks], dim=-1)
+        valid = torch.cat([(window >= 0).expand(b, c, -1), entry_ok], dim=-1)
+        return self.attend_picks(q, keys, entries, picked, valid)
+
+    def attend_picks(self, q, keys, entries, picked, valid) -> torch.Tensor:
+        """o (B, C, H, D_h): each query over its picks (B, C, K) among the rows of [keys ; entries] and the
+        sink, through GatheredAttention (the values are the keys; the sinks are its per-head logits)."""
+        k_all = torch.cat([keys, entries.to(keys.dtype)], dim=1)[:, None]  # (B, 1, S + W, D_h)
+        out = GatheredAttention.apply(
+            q.transpose(1, 2), k_all, None, q.shape[-1], picked.to(torch.int32), valid, self.scale, self.sinks
         )
-        valid = torch.cat(
-            [(window >= 0).expand(b, c, -1), entry_ok, torch.ones(b, c, 1, dtype=torch.bool, device=device)], dim=-1
-        )
-        width = -(-(d + 1) // 8) * 8  # D_h + the sink channel, padded to the kernel's vector width
-        sink_row = F.pad(keys.new_ones(b, 1, 1), (d, width - d - 1))
-        k_all = torch.cat([F.pad(keys, (0, width - d)), F.pad(entries.to(keys.dtype), (0, width - d)), sink_row], 1)
-        sink_q = (self.sinks.to(q.dtype) / self.scale).view(1, 1, h, 1).expand(b, c, h, 1)
-        q_all = F.pad(torch.cat([q, sink_q], dim=-1), (0, width - d - 1))
-        out = GatheredAttention.apply(q_all.transpose(1, 2), k_all[:, None], None, d, picked, valid, self.scale)
         return out.transpose(1, 2)
 
     @torch.no_grad()
@@ -175,7 +195,7 @@ class SparseCompressedAttention(CompressedAttention):
         queries at a time over the entries closed by each chunk's end (the reference's scores)."""
         x, q_latent = index_in
         m, topk = self.compressor.rate, self.indexer.topk
-        top = native_topk(index_entries)
+        top = native_topk(index_entries.new_empty(0, dtype=torch.float32))  # scores_into's are fp32
         scratch = Scratch(index_entries.device, index_entries.shape[1])
         picks, oks = [], []
         for a in range(first, first + c, CHUNK):

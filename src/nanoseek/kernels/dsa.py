@@ -132,8 +132,10 @@ class SparseLatentAttention(MultiHeadLatentAttention):
 class GatheredAttention(torch.autograd.Function):
     """softmax over each query's picked keys (model/attention/dsa.py's `gathered_attention`), one
     query at a time: q (B, H, T, X); k (B, G, S, X); v (B, G, S, V), or None with `d_v` (the values
-    are then k[..., :d_v]); picked (B, T, K) key indices, valid (B, T, K) whether each pick counts.
-    Returns (B, H, T, V). On the CPU the C++ kernel (`native_forward`, `native_backward`).
+    are then k[..., :d_v]); picked (B, T, K) key indices, valid (B, T, K) whether each pick counts;
+    sinks (H,) or None: V4's per-head sink logits, one more weight in each head's softmax whose value
+    is zero (the kernel starts each row from it; their gradient, -sum_t p_sink (dO . O), from the
+    kernel's D). Returns (B, H, T, V). On the CPU the C++ kernel (`native_forward`, `native_backward`).
     Otherwise, per query and key head the picks are gathered into one reused (K, X)
     buffer and its R = H / G heads go through plain matrix products with the picks as the long side,
     (K, X) @ (X, R) then (R, K) @ (K, V) (batched products over queries, and fresh gathered tensors,
@@ -147,22 +149,27 @@ class GatheredAttention(torch.autograd.Function):
     gradients in the inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, d_v: int, picked, valid, scale: float):
+    def forward(ctx, q, k, v, d_v: int, picked, valid, scale: float, sinks=None):
         ctx.input_dtypes = (q.dtype, k.dtype, None if v is None else v.dtype)
+        wide = torch.promote_types(q.dtype, torch.float32)  # the sinks' logits: fp32, or fp64 for fp64 inputs
+        sink_logits = None if sinks is None else sinks.detach().to(torch.promote_types(sinks.dtype, wide))
         out_dtype = matmul_dtype(q)
         ops = None  # the C++ kernel: bf16 where built for it, else fp32 (also for bf16 and fp16)
         if out_dtype in (torch.float32, torch.bfloat16, torch.float16):
             ops = native_ops(q.new_empty(0, dtype=torch.float32))
         dtype = out_dtype if ops is None or out_dtype == torch.bfloat16 and bf16_kernels() else torch.float32
         with torch.autocast(q.device.type, enabled=False):
-            q, k = q.to(dtype), k.to(dtype)
+            # q in the kernel's row layout (B, T, H, X) as it is cast: one copy, not two
+            q = q.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).transpose(1, 2)
+            k = k.to(dtype)
             v = None if v is None else v.to(dtype)
             picked = picked.to(torch.int32)
             if ops is not None:  # the C++ kernel keeps its own layout (and the softmax's logsumexp)
-                out, saved = native_forward(ops, q, k, v, d_v, picked, valid, scale)
+                out, saved = native_forward(ops, q, k, v, d_v, picked, valid, scale, sink_logits)
                 out = out.to(out_dtype)
             else:
-                out, saved = GatheredAttention.attend(q, k, v, d_v, picked, valid, scale), (q, k, v, picked, valid)
+                out = GatheredAttention.attend(q, k, v, d_v, picked, valid, scale, sink_logits)
+                saved = (q, k, v, picked, valid, sink_logits)
         ctx.save_for_backward(*saved)
         ctx.meta = (d_v, scale, ops, q.shape, k.shape, None if v is None else v.shape)
         return out
@@ -181,27 +188,31 @@ class GatheredAttention(torch.autograd.Function):
                 yield i * g + gi, i // t, gi, q_rows[i * g + gi], idx, hidden
 
     @staticmethod
-    def probs(k_sel_KX, q_RX, hidden, scale: float):
-        """softmax over the picks (K, R), the logits as (K, X) @ (X, R) (the faster orientation)."""
-        logits = torch.mm(k_sel_KX, q_RX.T).float().mul_(scale)
+    def probs(k_sel_KX, q_RX, hidden, scale: float, sink_R=None):
+        """softmax over the picks (K, R), the logits as (K, X) @ (X, R) (the faster orientation); with
+        sinks, over the picks and one more logit per head whose value is zero: (K + 1, R), the sink last."""
+        logits = torch.mm(k_sel_KX, q_RX.T).to(torch.promote_types(q_RX.dtype, torch.float32)).mul_(scale)
         if hidden is not None:
             logits.masked_fill_(hidden, float("-inf"))
+        if sink_R is not None:
+            logits = torch.cat([logits, sink_R[None].to(logits.dtype)])
         return logits.softmax(0).to(q_RX.dtype)
 
     @staticmethod
-    def attend(q, k, v, d_v: int, picked, valid, scale: float):
+    def attend(q, k, v, d_v: int, picked, valid, scale: float, sinks=None):
         b, h, t, x = q.shape
         g, n_picks = k.shape[1], picked.shape[-1]
         out_BTHV = q.new_empty(b, t, h, d_v)
         out_rows = out_BTHV.view(b * t * g, h // g, d_v).unbind(0)
         k_sel = q.new_empty(n_picks, x)  # reused: a fresh one per query costs page faults
         v_sel = k_sel[:, :d_v] if v is None else q.new_empty(n_picks, d_v)
+        sink_GR = None if sinks is None else sinks.view(g, -1)
         for row, bi, gi, q_RX, idx, hidden in GatheredAttention.rows(q, picked, valid, g):
             torch.index_select(k[bi, gi], 0, idx, out=k_sel)
             if v is not None:
                 torch.index_select(v[bi, gi], 0, idx, out=v_sel)
-            probs_KR = GatheredAttention.probs(k_sel, q_RX, hidden, scale)
-            torch.mm(probs_KR.T, v_sel, out=out_rows[row])
+            probs_KR = GatheredAttention.probs(k_sel, q_RX, hidden, scale, None if sinks is None else sink_GR[gi])
+            torch.mm(probs_KR[:n_picks].T, v_sel, out=out_rows[row])
         return out_BTHV.transpose(1, 2)
 
     @staticmethod
@@ -213,7 +224,7 @@ class GatheredAttention(torch.autograd.Function):
         d_v, scale, ops = ctx.meta[:3]
         if ops is not None:
             return native_backward(ctx, ops, d_out)
-        q, k, v, picked, valid = ctx.saved_tensors
+        q, k, v, picked, valid, sinks = ctx.saved_tensors
         b, h, t, x = q.shape
         g, n_picks = k.shape[1], picked.shape[-1]
         do_rows = d_out.to(q.dtype).transpose(1, 2).contiguous().view(b * t * g, h // g, d_v).unbind(0)
@@ -224,14 +235,21 @@ class GatheredAttention(torch.autograd.Function):
         k_sel, dk_sel = q.new_empty(n_picks, x), q.new_empty(n_picks, x)
         v_sel = k_sel[:, :d_v] if v is None else q.new_empty(n_picks, d_v)
         dv_sel = None if v is None else q.new_empty(n_picks, d_v)
+        sink_GR = None if sinks is None else sinks.view(g, -1)
+        d_sinks = None if sinks is None else torch.zeros_like(sink_GR)
         for row, bi, gi, q_RX, idx, hidden in GatheredAttention.rows(q, picked, valid, g):
             torch.index_select(k[bi, gi], 0, idx, out=k_sel)
             if v is not None:
                 torch.index_select(v[bi, gi], 0, idx, out=v_sel)
-            probs_KR = GatheredAttention.probs(k_sel, q_RX, hidden, scale)
+            probs_KR = GatheredAttention.probs(k_sel, q_RX, hidden, scale, None if sinks is None else sink_GR[gi])
+            if sinks is not None:  # the sink's weight, then the picks' (K, R)
+                probs_KR, sink_p_R = probs_KR[:n_picks], probs_KR[n_picks]
             do_RV = do_rows[row]
             dp_KR = torch.mm(v_sel, do_RV.T)
-            ds_KR = (dp_KR - (probs_KR * dp_KR).sum(0, keepdim=True)).mul_(probs_KR).mul_(scale)
+            d_R = (probs_KR * dp_KR).sum(0, keepdim=True)  # D = dO . O (the sink's value is zero)
+            if sinks is not None:  # d s_h = p_sink (0 - D)
+                d_sinks[gi] -= sink_p_R.to(d_sinks.dtype) * d_R[0].to(d_sinks.dtype)
+            ds_KR = (dp_KR - d_R).mul_(probs_KR).mul_(scale)
             torch.mm(ds_KR.T, k_sel, out=dq_rows[row])
             if v is None:  # dK_sel = [dS, P] @ [q ; dO]: the value gradient joins the key's in one product
                 do_RX = F.pad(do_RV, (0, x - d_v)) if d_v < x else do_RV
@@ -242,7 +260,8 @@ class GatheredAttention(torch.autograd.Function):
             dk[bi, gi].index_add_(0, idx, dk_sel)
         q_dtype, k_dtype, v_dtype = ctx.input_dtypes
         dq = dq_BTHX.transpose(1, 2).to(q_dtype)
-        return dq, dk.to(k_dtype), None if dv is None else dv.to(v_dtype), None, None, None, None
+        d_sinks = None if d_sinks is None else d_sinks.flatten()
+        return dq, dk.to(k_dtype), None if dv is None else dv.to(v_dtype), None, None, None, None, d_sinks
 
 
 def native_ops(q: torch.Tensor):
@@ -260,7 +279,7 @@ def native_topk(scores: torch.Tensor):
     return load_kernel("indexer_topk")
 
 
-def native_forward(ops, q, k, v, d_v: int, picked, valid, scale: float):
+def native_forward(ops, q, k, v, d_v: int, picked, valid, scale: float, sinks=None):
     """GatheredAttention's forward in C++: (out (B, H, T, V), what backward needs). Its rows are
     (batch, query, key head) triples: q as (B T G, R, X), k and v as (B G, S, .), picks as (B T, K)."""
     b, h, t, x = q.shape
@@ -269,23 +288,32 @@ def native_forward(ops, q, k, v, d_v: int, picked, valid, scale: float):
     k_heads = k.reshape(b * g, -1, x).contiguous()
     v_heads = None if v is None else v.reshape(b * g, -1, d_v).contiguous()
     picks, ok = picked.reshape(b * t, -1).contiguous(), valid.reshape(b * t, -1).contiguous()
-    out, lse = ops.gathered_attention(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale)
-    saved = (q_rows, k_heads, v_heads, picks, ok, out, lse)
+    sinks = None if sinks is None else sinks.float().contiguous()
+    out, lse = ops.gathered_attention(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale, sinks)
+    saved = (q_rows, k_heads, v_heads, picks, ok, out, lse, sinks)
     return out.view(b, t, h, d_v).transpose(1, 2), saved
 
 
 def native_backward(ctx, ops, d_out):
     """GatheredAttention's backward in C++ (flash-style, from the saved logsumexp)."""
-    q_rows, k_heads, v_heads, picks, ok, out, lse = ctx.saved_tensors
+    q_rows, k_heads, v_heads, picks, ok, out, lse, sinks = ctx.saved_tensors
     d_v, scale, _, q_shape, k_shape, v_shape = ctx.meta
     b, h, t, x = q_shape
     do_rows = d_out.to(q_rows.dtype).transpose(1, 2).reshape(out.shape).contiguous()
-    dq, dk, dv = ops.gathered_attention_backward(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale, out, lse, do_rows)
+    dq, dk, dv, d_o = ops.gathered_attention_backward(
+        q_rows, k_heads, v_heads, d_v, picks, ok, t, scale, out, lse, do_rows
+    )
     q_dtype, k_dtype, v_dtype = ctx.input_dtypes
     dq = dq.view(b, t, h, x).transpose(1, 2).to(q_dtype)
     dk = dk.view(k_shape).to(k_dtype)
     dv = None if v_shape is None else dv.view(v_shape).to(v_dtype)
-    return dq, dk, dv, None, None, None, None
+    d_sinks = None
+    if sinks is not None:  # d s_h = sum over rows of p_sink (0 - D), p_sink = exp(s_h - lse)
+        g = k_shape[1]
+        sink_GR = sinks.view(1, g, -1)
+        d_sinks = -(torch.exp(sink_GR - lse.view(-1, g, sink_GR.shape[-1])) * d_o.view(-1, g, sink_GR.shape[-1]))
+        d_sinks = d_sinks.sum(0).flatten()
+    return dq, dk, dv, None, None, None, None, d_sinks
 
 
 def sparse_attention(

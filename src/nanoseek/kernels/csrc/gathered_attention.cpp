@@ -6,8 +6,12 @@
 //     s_{r,j} = scale * q_r . k_{idx_j}                         (invalid picks: -inf)
 //     m_r <- max(m_r, max_j s_{r,j});  l_r and o_r rescaled by exp(m_old - m_r)   (online softmax)
 //     o_r += sum_j exp(s_{r,j} - m_r) v_{idx_j},   l_r += sum_j exp(s_{r,j} - m_r)
-// then o_r /= l_r and lse_r = m_r + log l_r. A tile's picked rows are read from the key matrix in
-// place (no gathered copy) for the scores and read again, from cache, for the values. Backward,
+// then o_r /= l_r and lse_r = m_r + log l_r. With sinks (one logit s_h per query head, V4's), each
+// row-head starts from its sink instead of from nothing: m_r = s_h, l_r = 1, o_r = 0 (a key of logit
+// s_h whose value is zero), so lse counts it; backward needs nothing more (p = exp(s - lse) already
+// carries it; the sinks' own gradient, -sum_t exp(s_h - lse_t) D_t, is the caller's, from the D it
+// returns). A tile's picked rows are read from the key matrix in place (no gathered copy) for the
+// scores and read again, from cache, for the values. Backward,
 // flash-style from lse (no probabilities kept), per tile:
 //     p = exp(s - lse),  dp = dO_r . v_j,  ds = scale p (dp - D_r),  D_r = dO_r . o_r
 //     dq_r += sum_j ds_{r,j} k_j,   dk_j += sum_r ds_{r,j} q_r,   dv_j += sum_r p_{r,j} dO_r
@@ -672,9 +676,10 @@ void forward_tile(const Layout& L, const T* q_n, const T* const* k_rows, const T
 }
 
 // T: float, or bf16 (uint16_t) where built: q, k, v as T; out, lse and every sum fp32.
+// sinks: nullptr, or one logit per query head (G R of them, head g R + r of key head g).
 template <typename T>
 void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const int32_t* idx_all, const bool* ok_all,
-                  float* op, float* lp) {
+                  const float* sinks, float* op, float* lp) {
   const Blocks B(L);
   at::parallel_for(0, B.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(L.r * TILE), m(B.size * L.r), l(B.size * L.r);
@@ -683,8 +688,14 @@ void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const 
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t nb = B.rows_in(blk);
       seg.build(L, B, blk, idx_all, ok_all);
-      std::fill(m.begin(), m.end(), NEG_INF);
-      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t i = 0; i < nb; ++i) {  // the block's outputs zeroed here, where they are used next
+        const float* sink = sinks ? sinks + (B.row(blk, i) % L.g) * L.r : nullptr;
+        std::fill_n(op + B.row(blk, i) * L.r * L.v, L.r * L.v, 0.f);
+        for (int64_t r = 0; r < L.r; ++r) {
+          m[i * L.r + r] = sink ? sink[r] : NEG_INF;
+          l[i * L.r + r] = sink ? 1.f : 0.f;
+        }
+      }
       for (int64_t g = 0; g < seg.segs; ++g)
         for (int64_t i = 0; i < nb; ++i) {
           const int64_t n = B.row(blk, i);
@@ -761,7 +772,7 @@ float to_float(T x) {
 template <typename T>
 void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const int32_t* idx_all, const bool* ok_all,
                    const float* outp, const float* lsep, const T* dop, float* dqp, float* dk_all, float* dv_all,
-                   int64_t heads) {
+                   float* dp_all, int64_t heads) {
   const Blocks B(L);
   const Parts P(B);
   const int64_t part_k = heads * L.s * L.x, part_v = heads * L.s * L.v;
@@ -777,13 +788,15 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
       for (int64_t blk = part * P.per_part; blk < std::min(B.count, (part + 1) * P.per_part); ++blk) {
         const int64_t nb = B.rows_in(blk);
         seg.build(L, B, blk, idx_all, ok_all);
-        for (int64_t i = 0; i < nb; ++i)  // D = dO . O per row and head
+        for (int64_t i = 0; i < nb; ++i) {  // D = dO . O per row and head; the row's dq zeroed
+          std::fill_n(dqp + B.row(blk, i) * L.r * L.x, L.r * L.x, 0.f);
           for (int64_t r = 0; r < L.r; ++r) {
             const int64_t base = (B.row(blk, i) * L.r + r) * L.v;
             float acc = 0.f;
             for (int64_t c = 0; c < L.v; ++c) acc += to_float(dop[base + c]) * outp[base + c];
-            d[i * L.r + r] = acc;
+            d[i * L.r + r] = dp_all[B.row(blk, i) * L.r + r] = acc;
           }
+        }
         for (int64_t g = 0; g < seg.segs; ++g)
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t n = B.row(blk, i);
@@ -835,19 +848,23 @@ const T* data_of(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& k,
                                                     const c10::optional<at::Tensor>& v, int64_t d_v,
                                                     const at::Tensor& picked, const at::Tensor& valid, int64_t t,
-                                                    double scale) {
+                                                    double scale, const c10::optional<at::Tensor>& sinks) {
   const auto f32 = q.options().dtype(at::kFloat);
   if (q.size(0) == 0) return {at::zeros({0, q.size(1), d_v}, f32), at::empty({0, q.size(1)}, f32)};
   const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
-  auto out = at::zeros({L.rows, L.r, L.v}, f32);
+  TORCH_CHECK(!sinks.has_value() || (sinks->scalar_type() == at::kFloat && sinks->is_contiguous() &&
+                                     sinks->numel() == L.g * L.r),
+              "gathered attention: sinks, one float32 logit per query head (G R)");
+  const float* sink_p = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
+  auto out = at::empty({L.rows, L.r, L.v}, f32);  // every row zeroed by its block
   auto lse = at::empty({L.rows, L.r}, f32);
   const int32_t* idx = picked.data_ptr<int32_t>();
   const bool* ok = valid.data_ptr<bool>();
   const auto run = [&](auto element) {
     using T = decltype(element);
     const T* kp = data_of<T>(k);
-    forward_rows<T>(L, data_of<T>(q), kp, v.has_value() ? data_of<T>(*v) : kp, idx, ok, out.data_ptr<float>(),
-                    lse.data_ptr<float>());
+    forward_rows<T>(L, data_of<T>(q), kp, v.has_value() ? data_of<T>(*v) : kp, idx, ok, sink_p,
+                    out.data_ptr<float>(), lse.data_ptr<float>());
   };
 #ifdef NANOSEEK_BF16
   if (q.scalar_type() == at::kBFloat16) run(bf16{});
@@ -857,14 +874,15 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
+// Returns dq, dk, dv and D = dO . O per row and head (for the sinks' gradient).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gathered_backward(
     const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v, const at::Tensor& picked,
     const at::Tensor& valid, int64_t t, double scale, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& d_out) {
   const auto f32 = q.options().dtype(at::kFloat);
   if (q.size(0) == 0)
     return {at::zeros(q.sizes(), f32), at::zeros(k.sizes(), f32),
-            v.has_value() ? at::zeros(v->sizes(), f32) : at::empty({0}, f32)};
+            v.has_value() ? at::zeros(v->sizes(), f32) : at::empty({0}, f32), at::empty({0, q.size(1)}, f32)};
   const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
   TORCH_CHECK(out.is_contiguous() && d_out.is_contiguous() && lse.is_contiguous(), "gathered attention: contiguous grads");
   TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && d_out.scalar_type() == q.scalar_type(),
@@ -874,7 +892,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
   auto dk_parts = at::zeros({P.count, k.size(0), L.s, L.x}, f32);
   at::Tensor dv_parts;
   if (v.has_value()) dv_parts = at::zeros({P.count, k.size(0), L.s, L.v}, f32);
-  auto dq = at::zeros(q.sizes(), f32);
+  auto dq = at::empty(q.sizes(), f32);  // every row zeroed by its block
+  auto d_o = at::empty({L.rows, L.r}, f32);
   const int32_t* idx = picked.data_ptr<int32_t>();
   const bool* ok = valid.data_ptr<bool>();
   const auto run = [&](auto element) {
@@ -882,7 +901,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
     const T* kp = data_of<T>(k);
     backward_rows<T>(L, data_of<T>(q), kp, v.has_value() ? data_of<T>(*v) : kp, idx, ok, out.data_ptr<float>(),
                      lse.data_ptr<float>(), data_of<T>(d_out), dq.data_ptr<float>(), dk_parts.data_ptr<float>(),
-                     v.has_value() ? dv_parts.data_ptr<float>() : nullptr, k.size(0));
+                     v.has_value() ? dv_parts.data_ptr<float>() : nullptr, d_o.data_ptr<float>(), k.size(0));
   };
 #ifdef NANOSEEK_BF16
   if (q.scalar_type() == at::kBFloat16) run(bf16{});
@@ -891,14 +910,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_backward(
     run(float{});
   auto dk = P.count == 1 ? dk_parts[0] : dk_parts.sum(0);
   auto dv = v.has_value() ? (P.count == 1 ? dv_parts[0] : dv_parts.sum(0)) : at::empty({0}, f32);
-  return {dq, dk, dv};  // fp32; dv empty where the values are the keys' prefix
+  return {dq, dk, dv, d_o};  // fp32; dv empty where the values are the keys' prefix
 }
 
 TORCH_LIBRARY(nanoseek, m) {
-  m.def("gathered_attention(Tensor q, Tensor k, Tensor? v, int d_v, Tensor picked, Tensor valid, int t, float scale)"
-        " -> (Tensor, Tensor)");
+  m.def("gathered_attention(Tensor q, Tensor k, Tensor? v, int d_v, Tensor picked, Tensor valid, int t, float scale,"
+        " Tensor? sinks=None) -> (Tensor, Tensor)");
   m.def("gathered_attention_backward(Tensor q, Tensor k, Tensor? v, int d_v, Tensor picked, Tensor valid, int t,"
-        " float scale, Tensor out, Tensor lse, Tensor d_out) -> (Tensor, Tensor, Tensor)");
+        " float scale, Tensor out, Tensor lse, Tensor d_out) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {

@@ -1113,6 +1113,7 @@ def layer_output_and_grads(module, x, start: int, keep_param) -> list:
         "tiles",  # a chunk of tiles per tile (each its own used blocks)
         "tiles-in-one-chunk",
         "gathered",  # HCA through the C++ gathered kernel (the default where it builds)
+        "gathered-in-runs",  # its picks over several calls of 16 queries (PICKS_BYTES exceeded)
     ],
 )
 def test_v4_fast_paths_equal_the_reference(monkeypatch, kind, start, t, b, training, path):
@@ -1124,11 +1125,15 @@ def test_v4_fast_paths_equal_the_reference(monkeypatch, kind, start, t, b, train
     from nanoseek.kernels import csa as fast
     from nanoseek.model.attention.compressed import CompressedAttention
 
-    if path == "gathered" and kind != "hca":
+    gathered = path.startswith("gathered")
+    if gathered and kind != "hca":
         pytest.skip("only HCA gathers; V4's sliding layers run as tiles")
     assert fast.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
-    if path != "gathered":  # without the C++ kernel HCA runs as tiles
+    if not gathered:  # without the C++ kernel HCA runs as tiles
         monkeypatch.setattr(fast, "native_ops", lambda q: None)
+    if path == "gathered-in-runs":
+        monkeypatch.setattr(fast, "PICKS_BYTES", 1)
+        monkeypatch.setattr(fast, "CHUNK", 16)
     monkeypatch.setattr(fast, "V4_TILE", 4)
     monkeypatch.setattr(tiles, "TILE_BYTES", 1 if path == "tiles" else 8 << 20)
     layers = ["sliding", "hca"] if kind == "sliding" else None
@@ -1142,11 +1147,12 @@ def test_v4_fast_paths_equal_the_reference(monkeypatch, kind, start, t, b, train
     quick = fast.SparseCompressedAttention(cfg, layer).train(training)
     quick.load_state_dict(ref.state_dict())
     ran = []
-    runs = "attend_every_entry" if path == "gathered" else "attend_tiles"
+    runs = "attend_picks" if gathered else "attend_tiles"
     monkeypatch.setattr(quick, runs, lambda *a: ran.append(1) or getattr(type(quick), runs)(quick, *a))
     x = torch.randn(b, start + t, cfg.hidden_size)
     results = [layer_output_and_grads(m, x, start, lambda n: True) for m in (ref, quick)]
     assert ran, f"{runs} did not run"
+    assert path != "gathered-in-runs" or len(ran) > 2, "the picks went in one call"
     for got, want in zip(results[1], results[0]):
         if want is None:
             assert got is None
@@ -1198,8 +1204,10 @@ def test_v4_gathered_layers_under_bf16_autocast_are_as_accurate_as_the_reference
     assert all(mine <= 2.5 * theirs for mine, theirs in zip(fast_errors, ref_errors)), errors
 
 
-def test_csa_chunk_scores_in_scratch_equal_the_indexers_scores():
-    """CSA's indexer scores written into reused buffers are `Indexer.scores`' bit for bit."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_csa_chunk_scores_in_scratch_equal_the_indexers_scores(autocast):
+    """CSA's indexer scores written into reused buffers are `Indexer.scores`' bit for bit, in fp32 and
+    under bf16 autocast (where the reference's products run in bf16, and so do these)."""
     from nanoseek.kernels.csa import SparseCompressedAttention
     from nanoseek.kernels.dsa import Scratch
 
@@ -1209,20 +1217,23 @@ def test_csa_chunk_scores_in_scratch_equal_the_indexers_scores():
     q_latent = attn.q_a_norm(attn.q_a_proj(x))
     cos, sin = attn.rope(torch.arange(70))
     scratch = Scratch(x.device, 30)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for a, z, w in ((0, 40, 10), (40, 70, 30)):
             args = (x[:, a:z], q_latent[:, a:z]), (cos[a:z], sin[a:z]), entries[:, :w]
             got = attn.chunk_scores(*args[0], args[1], args[2], scratch)
-            assert torch.equal(got, attn.indexer.scores(*args[0], *args[1], args[2]))
+            want = attn.indexer.scores(*args[0], *args[1], args[2])
+            assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
+            assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("dots_bytes", [1 << 20, 1 << 14])
-def test_dsa_chunk_scores_in_scratch_equal_the_indexers_scores(monkeypatch, dots_bytes):
+def test_dsa_chunk_scores_in_scratch_equal_the_indexers_scores(monkeypatch, dots_bytes, autocast):
     """The scores written into reused buffers, a block of keys at a time, are the reference's (one
-    product over every key): bit for bit in one block; in several, to fp32 rounding (the BLAS may sum
-    a product of another width in another order: ~1e-7 relative), chunk after chunk of growing width
-    (a buffer sized once for the most keys, widths not multiples of 4 among them), and a chunk wider
-    than that is refused."""
+    product over every key), in fp32 and under bf16 autocast (both in bf16 there): bit for bit in one
+    block; in several, to rounding (the BLAS may sum a product of another width in another order:
+    ~1e-7 relative in fp32), chunk after chunk of growing width (a buffer sized once for the most
+    keys, widths not multiples of 4 among them), and a chunk wider than that is refused."""
     from nanoseek.kernels import dsa as fast
     from nanoseek.kernels.dsa import Scratch, chunk_scores
 
@@ -1230,15 +1241,17 @@ def test_dsa_chunk_scores_in_scratch_equal_the_indexers_scores(monkeypatch, dots
     indexer, (x, q_latent, keys, (cos, sin), start), *_ = dsa_inputs(40, 2, 1, 0, 300, 16)
     scratch = Scratch(x.device, keys.shape[1])
     blocks = []
-    with torch.no_grad():
+    tol = 2**-7 if autocast else 1e-6
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for a, z in ((0, 64), (64, 300), (256, 300), (0, 300), (0, 257), (200, 259)):
             blocks.append(len(fast.key_blocks(z, (z - a) * indexer.n_heads)))
             args = (x[:, a:z], q_latent[:, a:z], keys[:, :z], (cos[a:z], sin[a:z]))
             got, want = chunk_scores(indexer, *args, scratch), indexer.scores(*args)
+            assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
             if blocks[-1] == 1:
                 assert torch.equal(got, want)
             else:
-                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     assert max(blocks) >= 4 and min(blocks) == 1  # the blocks apply (the last one 64 + the remainder wide)
     with pytest.raises(ValueError, match="more than the 300"):
         scratch.take("scores", (1, 8, 301))
@@ -1474,6 +1487,31 @@ def test_gathered_attention_with_sinks_equals_the_reference(monkeypatch, path):
         else:
             tol = 1e-12 if dtype == torch.float64 else 2e-5
             torch.testing.assert_close(a.double(), e, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("path", ["native", "pytorch"])
+def test_gathered_attention_with_sinks_of_minus_infinity_is_without_sinks(monkeypatch, path):
+    """A sink logit of -inf weighs nothing: the output and the gradients of q and k are those without
+    sinks, and the sinks' gradient is 0 (not NaN), rows without a valid pick included (native)."""
+    from nanoseek.kernels import dsa
+
+    if path == "pytorch":
+        monkeypatch.setattr(dsa, "native_ops", lambda q: None)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 9, 16, generator=gen, requires_grad=True)
+    k = torch.randn(1, 2, 30, 16, generator=gen, requires_grad=True)
+    picked = torch.randint(0, 30, (1, 9, 6), generator=gen)
+    valid = torch.ones(1, 9, 6, dtype=torch.bool)
+    if path == "native":
+        valid[0, 2] = False  # the kernel gives such a row 0 (the PyTorch path's softmax over nothing is NaN)
+    sinks = torch.full((4,), float("-inf"), requires_grad=True)
+    results = []
+    for extra in ((), (sinks,)):
+        out = dsa.GatheredAttention.apply(q, k, None, 8, picked, valid, 0.3, *extra)
+        results.append([out, *torch.autograd.grad(out.square().sum(), (q, k, *extra))])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(results[1][3], torch.zeros(4))
 
 
 def test_native_gathered_attention_refuses_a_pick_outside_the_keys():

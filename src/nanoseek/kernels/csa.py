@@ -25,7 +25,7 @@ to compute, no dense warm-up), the chunks before the first gathered one by the r
 SDPA. HCA: in inference and in training without attention dropout (its picks need no indexer).
 Elsewhere HCA and V4's sliding layers run as block-sparse tiles (`attend_tiles`); on one Zen-4
 core (8 heads of 512, window 128, rate 128, bf16) HCA took 5.6-5.9 / 10.5-11.2 s forward / backward
-at 64K tokens gathered against 6.7-7.1 / 15.2-16.1 s as tiles, and 1.0 / 1.5 s against 1.2 / 2.5 s at 16K.
+at 64K tokens gathered against 6.7-7.1 / 15.2-16.1 s as tiles (benchmarks/out/, three runs each).
 
     >>> from nanoseek import ModelConfig, Transformer
     >>> model = Transformer(ModelConfig.from_preset("deepseek-v4-tiny"))
@@ -45,6 +45,7 @@ from nanoseek.model.attention.compressed import CHUNK, CompressedAttention
 # a chunk gathers once it sees more than GATHER_FROM * top-k entries
 GATHER_FROM = 1.5
 V4_TILE = 32  # tokens per query and key block of HCA's (and V4 sliding layers') tiles
+PICKS_BYTES = 256 << 20  # an HCA prefill's picks (int32 + a bool each) per gathered call, at most
 
 
 class SparseCompressedAttention(CompressedAttention):
@@ -132,18 +133,24 @@ class SparseCompressedAttention(CompressedAttention):
 
     def attend_every_entry(self, q, keys, rel0: int, entries) -> torch.Tensor:
         """o (B, T, H, D_h) of an HCA layer's queries at key indices rel0..: each over its window, every
-        entry closed by then and the sink, in one GatheredAttention (the picks run to the last entry
-        any query sees; a query's later ones are invalid, and the kernel skips them)."""
+        entry closed by then and the sink, through GatheredAttention. The picks (int32, and a validity
+        mask) run to the last entry any query of a call sees; a query's later ones are invalid, and
+        the kernel skips them. One call while its picks fit PICKS_BYTES (at 64K tokens, window 128,
+        rate 128: 210 MB), else calls over runs of queries, each to its own last closed entry."""
         b, t = q.shape[:2]
         m, w, device = self.compressor.rate, self.window, q.device
         s, n_entries = keys.shape[1], entries.shape[1]
-        rel = rel0 + torch.arange(t, device=device)
-        window = rel[:, None] - w + 1 + torch.arange(w, device=device)
-        closed = min(n_entries, (rel0 + t) // m)
-        seen = torch.arange(closed, device=device)
-        picked = torch.cat([window.clamp(min=0), (s + seen).expand(t, -1)], -1)
-        valid = torch.cat([window >= 0, seen < ((rel[:, None] + 1) // m)], -1)
-        return self.attend_picks(q, keys, entries, picked.expand(b, -1, -1), valid.expand(b, -1, -1))
+        k_most = w + min(n_entries, (rel0 + t) // m)
+        run = t if t * k_most * 5 <= PICKS_BYTES else max(CHUNK, PICKS_BYTES // (5 * k_most) // CHUNK * CHUNK)
+        outs = []
+        for a, q_run in zip(range(0, t, run), q.split(run, dim=1)):
+            rel = rel0 + a + torch.arange(q_run.shape[1], device=device, dtype=torch.int32)
+            window = rel[:, None] - w + 1 + torch.arange(w, device=device, dtype=torch.int32)
+            seen = torch.arange(min(n_entries, (rel0 + a + q_run.shape[1]) // m), device=device, dtype=torch.int32)
+            picked = torch.cat([window.clamp(min=0), (s + seen).expand(len(rel), -1)], -1)
+            valid = torch.cat([window >= 0, seen < ((rel[:, None] + 1) // m)], -1)
+            outs.append(self.attend_picks(q_run, keys, entries, picked.expand(b, -1, -1), valid.expand(b, -1, -1)))
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def first_gathered(self, q, start, offset, entries, side) -> int | None:
         """The first query (a multiple of CHUNK) from which the queries gather, or None: none do."""
@@ -157,7 +164,7 @@ class SparseCompressedAttention(CompressedAttention):
             and not isinstance(start, torch.Tensor)
             and entries is not None
             and native_ops(q) is not None
-            and native_topk(q.new_empty(0, dtype=torch.float32)) is not None  # the indexer scores in fp32
+            and native_topk(q.new_empty(0, dtype=torch.float32)) is not None  # takes the scores widened to fp32
         )
         if not eligible:
             return None
@@ -195,7 +202,7 @@ class SparseCompressedAttention(CompressedAttention):
         queries at a time over the entries closed by each chunk's end (the reference's scores)."""
         x, q_latent = index_in
         m, topk = self.compressor.rate, self.indexer.topk
-        top = native_topk(index_entries.new_empty(0, dtype=torch.float32))  # scores_into's are fp32
+        top = native_topk(index_entries.new_empty(0, dtype=torch.float32))
         scratch = Scratch(index_entries.device, index_entries.shape[1])
         picks, oks = [], []
         for a in range(first, first + c, CHUNK):
@@ -204,7 +211,7 @@ class SparseCompressedAttention(CompressedAttention):
             rope = (cos[..., a:z, :], sin[..., a:z, :])
             scores = self.chunk_scores(x[:, a:z], q_latent[:, a:z], rope, index_entries[:, :closed], scratch)
             # query a + i sees (rel_a + i + 1) // m entries
-            picked, ok = top.indexer_topk(scores, start + a - offset + 1, topk, m)
+            picked, ok = top.indexer_topk(scores.float(), start + a - offset + 1, topk, m)  # bf16 widens exactly
             picks.append(picked)
             oks.append(ok)
         return torch.cat(picks, dim=1), torch.cat(oks, dim=1)

@@ -26,9 +26,11 @@ output with less work:
 
 In a prefill the indexer's scores are computed without autograd: the picks are indices, so no
 gradient reaches the indexer through that path in the reference either. Which keys a query keeps
-is the reference's: the same scores, chunk by chunk (bit for bit where a chunk's products fit one
-block of keys, `scores_into`; past that to fp32 rounding, ~1e-7 relative, so a key whose score is
-that close to the k-th can take its place, as between any two BLAS builds), and the same
+is the reference's: the same scores, chunk by chunk, in the dtype the reference's products take
+(fp32, or under autocast its dtype, as `LightningIndexer.scores` runs its matmuls there too; bit
+for bit where a chunk's products fit one block of keys, `scores_into`; past that to rounding, ~1e-7
+relative in fp32, so a key whose score is that close to the k-th can take its place, as between any
+two BLAS builds), and the same
 `earliest_topk` call, or on the CPU the C++ radix select csrc/indexer_topk.cpp, which picks the
 same keys from the same scores, ties included (tested).
 
@@ -311,8 +313,9 @@ def native_backward(ctx, ops, d_out):
     if sinks is not None:  # d s_h = sum over rows of p_sink (0 - D), p_sink = exp(s_h - lse)
         g = k_shape[1]
         sink_GR = sinks.view(1, g, -1)
-        d_sinks = -(torch.exp(sink_GR - lse.view(-1, g, sink_GR.shape[-1])) * d_o.view(-1, g, sink_GR.shape[-1]))
-        d_sinks = d_sinks.sum(0).flatten()
+        lse_NGR = lse.view(-1, g, sink_GR.shape[-1])
+        p_sink = torch.exp(sink_GR - lse_NGR).masked_fill_(lse_NGR == float("-inf"), 0.0)  # no key, no sink
+        d_sinks = -(p_sink * d_o.view(-1, g, sink_GR.shape[-1])).sum(0).flatten()
     return dq, dk, dv, None, None, None, None, d_sinks
 
 
@@ -440,17 +443,18 @@ def scores_at_picks(q_NHI, w_N1H, keys_SI, rows_NK) -> torch.Tensor:
 
 
 class Scratch:
-    """fp32 storage the chunks' scores reuse. A chunk's scores are (256, S) floats, 64 MiB at 64K keys
-    (its products, a block of keys at a time, take a buffer of DOTS_BYTES): allocated afresh per chunk,
-    each would be a new mapping whose pages the kernel zero-fills on first touch (34 of 94 ms for 64 MiB
-    at 16K, one Zen-3 core). A buffer shaped (..., S) is allocated once, for S up to `max_keys`."""
+    """Storage the chunks' scores reuse (fp32, or the dtype the indexer's products take under
+    autocast). A chunk's scores are (256, S) floats, 64 MiB at 64K keys in fp32 (its products, a
+    block of keys at a time, take a buffer of DOTS_BYTES): allocated afresh per chunk, each would be a
+    new mapping whose pages the kernel zero-fills on first touch (34 of 94 ms for 64 MiB at 16K, one
+    Zen-3 core). A buffer shaped (..., S) of each dtype is allocated once, for S up to `max_keys`."""
 
     def __init__(self, device: torch.device, max_keys: int):
         self.device, self.max_keys, self.flat = device, max_keys, {}
 
-    def take(self, name: str, shape: tuple[int, ...], widest: int | None = None) -> torch.Tensor:
-        """A (..., keys) view of buffer `name`, allocated for `widest` keys per row (max_keys if not
-        given: a block of keys' buffers need only the widest block)."""
+    def take(self, name: str, shape: tuple[int, ...], widest: int | None = None, dtype=torch.float32) -> torch.Tensor:
+        """A (..., keys) view of buffer `name` in `dtype`, allocated for `widest` keys per row (max_keys
+        if not given: a block of keys' buffers need only the widest block)."""
         *lead, keys = shape
         widest = self.max_keys if widest is None else widest
         if keys > widest or widest > self.max_keys:
@@ -458,9 +462,10 @@ class Scratch:
         rows = 1
         for d in lead:
             rows *= d
-        if name not in self.flat or self.flat[name].numel() < rows * keys:
-            self.flat[name] = torch.empty(rows * widest, device=self.device)
-        return self.flat[name][: rows * keys].view(shape)
+        key = (name, dtype)
+        if key not in self.flat or self.flat[key].numel() < rows * keys:
+            self.flat[key] = torch.empty(rows * widest, device=self.device, dtype=dtype)
+        return self.flat[key][: rows * keys].view(shape)
 
 
 DOTS_BYTES = 1 << 20  # the indexer's q . k products per step of `scores_into`: a block of keys whose
@@ -482,18 +487,21 @@ def scores_into(scratch: Scratch, q_BXI: torch.Tensor, w: torch.Tensor, keys_BSI
     """An indexer's sum_h w_h relu(q_h . k_s) in `scratch`'s buffers, by the ops its `scores` runs, a
     block of keys at a time (`key_blocks`): q (B, C H, d) rows; the head weights w (..., 1, H) in the
     shape the indexer multiplies them in (DSA: (B C, 1, H), CSA: (B, C, 1, H)); keys (B, S, d).
-    Returns (..., 1, S), overwritten by the next chunk's. In one block the values are `scores`' bit for
-    bit; in several, to fp32 rounding (~1e-7 relative: the BLAS may sum a product of another width, or
-    of a width that is not a multiple of 4, in another order; tested)."""
+    Returns (..., 1, S), overwritten by the next chunk's, in the dtype the indexer's own products take:
+    fp32, or under autocast its dtype (the reference's `scores` runs its matmuls under autocast: the
+    same products, so the same picks). In one block the values are `scores`' bit for bit; in several,
+    to rounding (~1e-7 relative in fp32: the BLAS may sum a product of another width, or of a width
+    that is not a multiple of 4, in another order; tested)."""
     s, heads = keys_BSI.shape[1], w.shape[-1]
-    keys_BSI = keys_BSI.float()
-    scores = scratch.take("scores", (*w.shape[:-1], s))
+    dtype = matmul_dtype(q_BXI) if q_BXI.dtype == torch.float32 else q_BXI.dtype  # as autocast casts fp32
+    q_BXI, w, keys_BSI = q_BXI.to(dtype), w.to(dtype), keys_BSI.float().to(dtype)
+    scores = scratch.take("scores", (*w.shape[:-1], s), dtype=dtype)
     blocks = key_blocks(s, q_BXI.shape[1])
     widest = max(z - a for a, z in blocks)
     for a, z in blocks:
-        dots = scratch.take("dots", (q_BXI.shape[0], q_BXI.shape[1], z - a), widest)
+        dots = scratch.take("dots", (q_BXI.shape[0], q_BXI.shape[1], z - a), widest, dtype)
         torch.matmul(q_BXI, keys_BSI[:, a:z].transpose(-1, -2), out=dots)
-        block = scratch.take("block", (*w.shape[:-1], z - a), widest)
+        block = scratch.take("block", (*w.shape[:-1], z - a), widest, dtype)
         torch.matmul(w, dots.relu_().view(*w.shape[:-2], heads, z - a), out=block)
         scores[..., a:z] = block
     return scores
@@ -524,7 +532,7 @@ def chunk_picks(
     scores = chunk_scores(
         indexer, x_BTD[:, a:z], q_latent_BTQ[:, a:z], keys_BSI[:, :visible], (cos[a:z], sin[a:z]), scratch
     )
-    ops = native_topk(scores)
-    if ops is not None:  # query i of the chunk sees keys 0..start + a + i
-        return ops.indexer_topk(scores, start + a + 1, min(indexer.topk, visible))
+    ops = native_topk(scores.new_empty(0, dtype=torch.float32))
+    if ops is not None:  # query i of the chunk sees keys 0..start + a + i (bf16 scores widened: exact)
+        return ops.indexer_topk(scores.float(), start + a + 1, min(indexer.topk, visible))
     return indexer.pick(scores, causal_mask(start + a, z - a, visible, x_BTD.device))

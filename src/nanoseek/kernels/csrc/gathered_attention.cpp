@@ -693,7 +693,7 @@ void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const 
         std::fill_n(op + B.row(blk, i) * L.r * L.v, L.r * L.v, 0.f);
         for (int64_t r = 0; r < L.r; ++r) {
           m[i * L.r + r] = sink ? sink[r] : NEG_INF;
-          l[i * L.r + r] = sink ? 1.f : 0.f;
+          l[i * L.r + r] = sink && sink[r] != NEG_INF ? 1.f : 0.f;  // a sink of -inf weighs nothing
         }
       }
       for (int64_t g = 0; g < seg.segs; ++g)

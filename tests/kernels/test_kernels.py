@@ -1204,6 +1204,29 @@ def test_v4_gathered_layers_under_bf16_autocast_are_as_accurate_as_the_reference
     assert all(mine <= 2.5 * theirs for mine, theirs in zip(fast_errors, ref_errors)), errors
 
 
+def test_csa_gathered_prefill_under_bf16_autocast_picks_what_the_reference_picks(monkeypatch):
+    """Under bf16 autocast with a random indexer, CSA's gathered prefill scores the entries in bf16 as
+    the reference's indexer does, so both keep the same entries: outputs within bf16 rounding of each
+    other (an entry picked by one and not the other moves a query's output by tens of percent)."""
+    from nanoseek.kernels import csa as fast
+    from nanoseek.model.attention.compressed import CompressedAttention
+
+    monkeypatch.setattr(fast, "GATHER_FROM", 1.5)
+    cfg = ModelConfig.from_preset("deepseek-v4-tiny")
+    torch.manual_seed(5)
+    ref = CompressedAttention(cfg, 0).eval()
+    quick = fast.SparseCompressedAttention(cfg, 0).eval()
+    quick.load_state_dict(ref.state_dict())
+    ran = []
+    monkeypatch.setattr(quick, "attend_gathered", lambda *a: ran.append(1) or type(quick).attend_gathered(quick, *a))
+    x = torch.randn(2, 300, cfg.hidden_size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ref(x).float(), quick(x).float()
+    assert ran, "the gathered path did not run"
+    rows = ((got - want).abs().amax(-1) / want.abs().amax(-1)).flatten()
+    assert rows.max() < 0.03, rows.max()
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_csa_chunk_scores_in_scratch_equal_the_indexers_scores(autocast):
     """CSA's indexer scores written into reused buffers are `Indexer.scores`' bit for bit, in fp32 and

@@ -123,7 +123,7 @@ def _native_entry(func):
     if factor is None:
         return None
 
-    def flops(a) -> int:  # the valid picks only (a[5]): what the kernel computes, as bench/flops.py counts
+    def flops(a) -> int:  # the valid picks only (a[5]): the kernel computes no others
         rows, heads, width = _shape(a[0])
         return factor * 2 * rows // _shape(a[4])[0] * heads * int(a[5].sum()) * (width + a[3])
 

@@ -25,7 +25,8 @@ to compute, no dense warm-up), the chunks before the first gathered one by the r
 SDPA. HCA: in inference and in training without attention dropout (its picks need no indexer).
 Elsewhere HCA and V4's sliding layers run as block-sparse tiles (`attend_tiles`); on one Zen-4
 core (8 heads of 512, window 128, rate 128, bf16) HCA took 5.6-5.9 / 10.5-11.2 s forward / backward
-at 64K tokens gathered against 6.7-7.1 / 15.2-16.1 s as tiles (benchmarks/out/, three runs each).
+at 64K tokens gathered against 6.7-7.1 / 15.2-16.1 s as tiles (benchmarks/out/; one more gathered
+run's backward took 15.2 s).
 
     >>> from nanoseek import ModelConfig, Transformer
     >>> model = Transformer(ModelConfig.from_preset("deepseek-v4-tiny"))
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.kernels.block_attention import block_sparse_attention, tiles_pay, window_blocks
-from nanoseek.kernels.dsa import GatheredAttention, Scratch, native_ops, native_topk, scores_into
+from nanoseek.kernels.dsa import GatheredAttention, Scratch, native_ops, native_topk, scores_into, widened
 from nanoseek.model.attention.compressed import CHUNK, CompressedAttention
 
 # a chunk gathers once it sees more than GATHER_FROM * top-k entries
@@ -141,7 +142,9 @@ class SparseCompressedAttention(CompressedAttention):
         m, w, device = self.compressor.rate, self.window, q.device
         s, n_entries = keys.shape[1], entries.shape[1]
         k_most = w + min(n_entries, (rel0 + t) // m)
-        run = t if t * k_most * 5 <= PICKS_BYTES else max(CHUNK, PICKS_BYTES // (5 * k_most) // CHUNK * CHUNK)
+        per_query = 5 * b * k_most  # bytes of picks (int32 + a bool), for each row of the batch
+        run = t if t * per_query <= PICKS_BYTES else max(CHUNK, PICKS_BYTES // per_query // CHUNK * CHUNK)
+        k_all = self.key_table(keys, entries)
         outs = []
         for a, q_run in zip(range(0, t, run), q.split(run, dim=1)):
             rel = rel0 + a + torch.arange(q_run.shape[1], device=device, dtype=torch.int32)
@@ -149,7 +152,7 @@ class SparseCompressedAttention(CompressedAttention):
             seen = torch.arange(min(n_entries, (rel0 + a + q_run.shape[1]) // m), device=device, dtype=torch.int32)
             picked = torch.cat([window.clamp(min=0), (s + seen).expand(len(rel), -1)], -1)
             valid = torch.cat([window >= 0, seen < ((rel[:, None] + 1) // m)], -1)
-            outs.append(self.attend_picks(q_run, keys, entries, picked.expand(b, -1, -1), valid.expand(b, -1, -1)))
+            outs.append(self.attend_picks(q_run, k_all, picked.expand(b, -1, -1), valid.expand(b, -1, -1)))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def first_gathered(self, q, start, offset, entries, side) -> int | None:
@@ -185,12 +188,16 @@ class SparseCompressedAttention(CompressedAttention):
         entry_picks, entry_ok = self.entry_picks(start, offset, first, c, index_entries, index_in, cos, sin)
         picked = torch.cat([window.clamp(min=0).expand(b, c, -1), s + entry_picks], dim=-1)
         valid = torch.cat([(window >= 0).expand(b, c, -1), entry_ok], dim=-1)
-        return self.attend_picks(q, keys, entries, picked, valid)
+        return self.attend_picks(q, self.key_table(keys, entries), picked, valid)
 
-    def attend_picks(self, q, keys, entries, picked, valid) -> torch.Tensor:
-        """o (B, C, H, D_h): each query over its picks (B, C, K) among the rows of [keys ; entries] and the
+    @staticmethod
+    def key_table(keys, entries) -> torch.Tensor:
+        """[keys ; entries] (B, 1, S + W, D_h): the rows the picks index (one key head)."""
+        return torch.cat([keys, entries.to(keys.dtype)], dim=1)[:, None]
+
+    def attend_picks(self, q, k_all, picked, valid) -> torch.Tensor:
+        """o (B, C, H, D_h): each query over its picks (B, C, K) among the rows of `key_table` and the
         sink, through GatheredAttention (the values are the keys; the sinks are its per-head logits)."""
-        k_all = torch.cat([keys, entries.to(keys.dtype)], dim=1)[:, None]  # (B, 1, S + W, D_h)
         out = GatheredAttention.apply(
             q.transpose(1, 2), k_all, None, q.shape[-1], picked.to(torch.int32), valid, self.scale, self.sinks
         )
@@ -211,7 +218,7 @@ class SparseCompressedAttention(CompressedAttention):
             rope = (cos[..., a:z, :], sin[..., a:z, :])
             scores = self.chunk_scores(x[:, a:z], q_latent[:, a:z], rope, index_entries[:, :closed], scratch)
             # query a + i sees (rel_a + i + 1) // m entries
-            picked, ok = top.indexer_topk(scores.float(), start + a - offset + 1, topk, m)  # bf16 widens exactly
+            picked, ok = top.indexer_topk(widened(scores, scratch), start + a - offset + 1, topk, m)
             picks.append(picked)
             oks.append(ok)
         return torch.cat(picks, dim=1), torch.cat(oks, dim=1)

@@ -493,8 +493,9 @@ def scores_into(scratch: Scratch, q_BXI: torch.Tensor, w: torch.Tensor, keys_BSI
     to rounding (~1e-7 relative in fp32: the BLAS may sum a product of another width, or of a width
     that is not a multiple of 4, in another order; tested)."""
     s, heads = keys_BSI.shape[1], w.shape[-1]
-    dtype = matmul_dtype(q_BXI) if q_BXI.dtype == torch.float32 else q_BXI.dtype  # as autocast casts fp32
-    q_BXI, w, keys_BSI = q_BXI.to(dtype), w.to(dtype), keys_BSI.float().to(dtype)
+    dtype = q_BXI.dtype if q_BXI.dtype == torch.float64 else matmul_dtype(q_BXI)  # autocast leaves fp64 alone
+    q_BXI, w = q_BXI.to(dtype), w.to(dtype)
+    keys_BSI = keys_BSI if keys_BSI.dtype == dtype else keys_BSI.float().to(dtype)  # the reference's keys.float()
     scores = scratch.take("scores", (*w.shape[:-1], s), dtype=dtype)
     blocks = key_blocks(s, q_BXI.shape[1])
     widest = max(z - a for a, z in blocks)
@@ -505,6 +506,15 @@ def scores_into(scratch: Scratch, q_BXI: torch.Tensor, w: torch.Tensor, keys_BSI
         torch.matmul(w, dots.relu_().view(*w.shape[:-2], heads, z - a), out=block)
         scores[..., a:z] = block
     return scores
+
+
+def widened(scores: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+    """fp32 scores for the C++ top-k: as they are, or bf16 ones widened (exactly) into a reused buffer."""
+    if scores.dtype == torch.float32:
+        return scores
+    if scratch is None:
+        return scores.float()
+    return scratch.take("widened", scores.shape).copy_(scores)
 
 
 def chunk_scores(indexer: LightningIndexer, x_BCD, q_latent_BCQ, keys_BSI, rope, scratch: Scratch | None):
@@ -533,6 +543,6 @@ def chunk_picks(
         indexer, x_BTD[:, a:z], q_latent_BTQ[:, a:z], keys_BSI[:, :visible], (cos[a:z], sin[a:z]), scratch
     )
     ops = native_topk(scores.new_empty(0, dtype=torch.float32))
-    if ops is not None:  # query i of the chunk sees keys 0..start + a + i (bf16 scores widened: exact)
-        return ops.indexer_topk(scores.float(), start + a + 1, min(indexer.topk, visible))
+    if ops is not None:  # query i of the chunk sees keys 0..start + a + i
+        return ops.indexer_topk(widened(scores, scratch), start + a + 1, min(indexer.topk, visible))
     return indexer.pick(scores, causal_mask(start + a, z - a, visible, x_BTD.device))

@@ -148,7 +148,7 @@ class Indexer(Compressor):
         self.scorer = IndexScorer(config.hidden_size, self.n_heads)
 
     def scores(self, x_BCD, q_latent_BCQ, cos, sin, entries_BWI) -> torch.Tensor:
-        """I (B, C, W) in fp32."""
+        """I (B, C, W) in fp32 (under autocast in its dtype: the products run under it)."""
         b, c, _ = x_BCD.shape
         q_BXI, w_BC1H = self.queries(x_BCD, q_latent_BCQ, cos, sin)
         dots_BCHW = (q_BXI @ entries_BWI.float().transpose(1, 2)).view(b, c, self.n_heads, -1)

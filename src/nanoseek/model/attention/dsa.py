@@ -56,7 +56,7 @@ class LightningIndexer(nn.Module):
         return self.rotate(self.k_norm(self.wk(x_BTD)), *rope)
 
     def scores(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, keys_BSI: torch.Tensor, rope) -> torch.Tensor:
-        """I (B, T, S) in fp32, before any mask."""
+        """I (B, T, S) in fp32 (under autocast in its dtype: the products run under it), before any mask."""
         b, t, _ = x_BTD.shape
         q_BXI, w_N1H = self.queries(x_BTD, q_latent_BTQ, rope)
         # one GEMM over the (t, h) rows, then per query the heads' weighted sum as a batched (1 x H) @ (H x S)

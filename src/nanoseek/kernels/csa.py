@@ -167,7 +167,7 @@ class SparseCompressedAttention(CompressedAttention):
             and not isinstance(start, torch.Tensor)
             and entries is not None
             and native_ops(q) is not None
-            and native_topk(q.new_empty(0, dtype=torch.float32)) is not None  # takes the scores widened to fp32
+            and native_topk(q) is not None
         )
         if not eligible:
             return None
@@ -209,7 +209,7 @@ class SparseCompressedAttention(CompressedAttention):
         queries at a time over the entries closed by each chunk's end (the reference's scores)."""
         x, q_latent = index_in
         m, topk = self.compressor.rate, self.indexer.topk
-        top = native_topk(index_entries.new_empty(0, dtype=torch.float32))
+        top = native_topk(index_entries)
         scratch = Scratch(index_entries.device, index_entries.shape[1])
         picks, oks = [], []
         for a in range(first, first + c, CHUNK):

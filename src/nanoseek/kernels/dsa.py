@@ -275,8 +275,9 @@ def native_ops(q: torch.Tensor):
 
 
 def native_topk(scores: torch.Tensor):
-    """The C++ top-k (csrc/indexer_topk.cpp) for fp32 CPU scores, where it builds; else None."""
-    if scores.device.type != "cpu" or scores.dtype != torch.float32:
+    """The C++ top-k (csrc/indexer_topk.cpp) for fp32, bf16 or fp16 scores on the CPU, where it
+    builds; else None. It takes fp32: bf16 and fp16 scores go in widened (`widened`, exactly)."""
+    if scores.device.type != "cpu" or scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     return load_kernel("indexer_topk")
 
@@ -509,7 +510,7 @@ def scores_into(scratch: Scratch, q_BXI: torch.Tensor, w: torch.Tensor, keys_BSI
 
 
 def widened(scores: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
-    """fp32 scores for the C++ top-k: as they are, or bf16 ones widened (exactly) into a reused buffer."""
+    """fp32 scores for the C++ top-k: as they are, or bf16 / fp16 ones widened (exactly) into a reused buffer."""
     if scores.dtype == torch.float32:
         return scores
     if scratch is None:
@@ -542,7 +543,7 @@ def chunk_picks(
     scores = chunk_scores(
         indexer, x_BTD[:, a:z], q_latent_BTQ[:, a:z], keys_BSI[:, :visible], (cos[a:z], sin[a:z]), scratch
     )
-    ops = native_topk(scores.new_empty(0, dtype=torch.float32))
+    ops = native_topk(scores)
     if ops is not None:  # query i of the chunk sees keys 0..start + a + i
         return ops.indexer_topk(widened(scores, scratch), start + a + 1, min(indexer.topk, visible))
     return indexer.pick(scores, causal_mask(start + a, z - a, visible, x_BTD.device))

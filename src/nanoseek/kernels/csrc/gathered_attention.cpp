@@ -430,7 +430,6 @@ void scores(const T* const* rows, int64_t nj, const T* m, int64_t m_stride, int6
   }
 }
 
-
 #if defined(__AVX2__) && defined(__FMA__)
 // exp of 8 floats: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), exp(r) by a degree-7 polynomial
 // (Cephes' expf coefficients, ~1 ulp), 2^n through the exponent bits; x clamped to [-87, 88], so
@@ -772,7 +771,7 @@ float to_float(T x) {
 template <typename T>
 void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const int32_t* idx_all, const bool* ok_all,
                    const float* outp, const float* lsep, const T* dop, float* dqp, float* dk_all, float* dv_all,
-                   float* dp_all, int64_t heads) {
+                   float* d_all, int64_t heads) {
   const Blocks B(L);
   const Parts P(B);
   const int64_t part_k = heads * L.s * L.x, part_v = heads * L.s * L.v;
@@ -794,7 +793,7 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
             const int64_t base = (B.row(blk, i) * L.r + r) * L.v;
             float acc = 0.f;
             for (int64_t c = 0; c < L.v; ++c) acc += to_float(dop[base + c]) * outp[base + c];
-            d[i * L.r + r] = dp_all[B.row(blk, i) * L.r + r] = acc;
+            d[i * L.r + r] = d_all[B.row(blk, i) * L.r + r] = acc;
           }
         }
         for (int64_t g = 0; g < seg.segs; ++g)

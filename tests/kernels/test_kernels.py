@@ -1334,6 +1334,7 @@ def test_native_indexer_topk_picks_what_earliest_topk_picks(scores, threads):
         (2, 4, 2, 40, 24, 16, True, 1, 7, 20, False),  # widths that leave tails after the 16-column blocks
         (1, 8, 1, 300, 64, 48, True, 2, 7, 70, False),  # backward split over two threads' dk
         (2, 6, 2, 50, 32, 20, False, 2, 7, 25, False),  # separate values, 3 heads a key head (a head block tail)
+        (2, 6, 2, 50, 32, 20, True, 1, 7, 25, False),  # shared values, 3 heads: dk's 2 R = 6-deep sums
         # 320 picks of 1,280 keys 2,304 bytes wide: segments of 384 keys (4); 2 x 70 queries in blocks
         # of up to 64 queries (four blocks over two threads)
         (2, 2, 1, 1280, 576, 64, True, 2, 70, 320, False),
@@ -1388,11 +1389,41 @@ def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shar
         torch.testing.assert_close(a.double(), e.double(), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_gathered_attention_reads_strided_queries_and_output_gradients_in_place(dtype):
+    """The kernel reads q (B, H, T, X) and the output's gradient through their strides (no transposed
+    copy): queries that are a slice of a longer sequence, or stored (B, T, H, X), and a gradient
+    that is a slice of a wider one, give what their contiguous copies give, bit for bit."""
+    from nanoseek.kernels.dsa import GatheredAttention, native_ops
+    from nanoseek.kernels.native import bf16_kernels
+
+    if native_ops(torch.zeros(1)) is None or dtype == torch.bfloat16 and not bf16_kernels():
+        pytest.skip("the C++ kernel takes this dtype only where built for it")
+    gen = torch.Generator().manual_seed(11)
+    b, h, g, s, x, t, n_picks = 2, 4, 2, 90, 40, 9, 30
+    k = torch.randn(b, g, s, x, generator=gen).to(dtype)
+    picked = torch.stack([torch.randperm(s, generator=gen)[:n_picks] for _ in range(b * t)]).view(b, t, n_picks)
+    valid = torch.rand(b, t, n_picks, generator=gen) > 0.2
+    longer = torch.randn(b, h, t + 5, x, generator=gen).to(dtype)[:, :, 3 : 3 + t]  # a slice over T
+    stored_bthx = torch.randn(b, t, h, x, generator=gen).to(dtype).transpose(1, 2)  # heads inside a query
+    wider_grad = torch.randn(b, h, t + 4, x, generator=gen).to(dtype)[:, :, 2 : 2 + t]
+    for q_view in (longer, stored_bthx):
+        want = q_view.contiguous().requires_grad_()
+        got = q_view.detach().as_strided(q_view.shape, q_view.stride(), q_view.storage_offset()).requires_grad_()
+        assert not got.is_contiguous()
+        outs = [GatheredAttention.apply(q, k, None, x, picked, valid, 0.3) for q in (got, want)]
+        assert torch.equal(outs[0], outs[1])
+        outs[0].backward(wider_grad)
+        outs[1].backward(wider_grad.contiguous())
+        assert torch.equal(got.grad, want.grad)
+
+
 @pytest.mark.parametrize(
     "b,h,g,s,x,d_v,shared,t,n_picks,crowded",
     [
         (2, 4, 2, 40, 24, 16, True, 7, 20, False),  # widths shorter than a 32-column step: masked tails
         (2, 6, 2, 50, 40, 20, False, 7, 25, False),  # separate values, 3 heads a key head (a lone head pair)
+        (2, 6, 2, 50, 40, 20, True, 7, 25, False),  # shared values, 3 heads: q's last head pairs with dO's first
         (2, 2, 1, 1280, 576, 64, True, 70, 320, False),  # segments, blocks, DSA's 576-wide keys
         (1, 8, 1, 8000, 64, 48, True, 70, 320, True),  # CSA's crowded picks, 4 head pairs, 2 targets left over
     ],

@@ -33,8 +33,8 @@ aten = torch.ops.aten
 # routers choose experts from fp32 scores (DeepSeek-V3 computes gate logits in fp32; the balance
 # bias is an fp32 buffer): a small share of the FLOPs, kept fp32 so expert choice does not flip
 KEPT_FP32 = (r"(^|\.)gate$", r"(^|\.)router$", r"(^|\.)AttentionLogits$", r"(^|\.)TileProducts$")
-# the C++ gathered attention (kernels/csrc, loaded on first use, so looked up by name): (rows, R, X)
-# queries each meet their row's valid picks; backward counted 2x forward. Under bf16 it computes in
+# the C++ gathered attention (kernels/csrc, loaded on first use, so looked up by name): each of a
+# query's H heads (q: (B, H, T, X)) meets its row's valid picks; backward counted 2x forward. Under bf16 it computes in
 # bf16 where the CPU has AVX-512 BF16 (its loops use vdpbf16ps), elsewhere in fp32 on purpose.
 NATIVE_OPS = {"gathered_attention": 1, "gathered_attention_backward": 2}
 # modules that functions call outside the model's tree (ModuleTracker names them by their class):
@@ -124,8 +124,8 @@ def _native_entry(func):
         return None
 
     def flops(a) -> int:  # the valid picks only (a[5]): the kernel computes no others
-        rows, heads, width = _shape(a[0])
-        return factor * 2 * rows // _shape(a[4])[0] * heads * int(a[5].sum()) * (width + a[3])
+        heads, width = _shape(a[0])[1], _shape(a[0])[-1]  # q (B, H, T, X), picks (B T, K)
+        return factor * 2 * heads * int(a[5].sum()) * (width + a[3])
 
     return flops, (0, 1)
 

@@ -86,8 +86,8 @@ SDPA_FORMULAS = {
 
 def _gathered(backward: bool):
     def formula(q, k, v, d_v, picked, valid, *args, out_shape=None, **kwargs):
-        rows, heads, d_qk = q.shape  # (rows, R, X): a row's R heads each meet its valid picks
-        pairs = rows // picked.shape[0] * heads * int(valid.sum())  # a pick row serves G rows (key heads)
+        heads, d_qk = q.shape[1], q.shape[-1]  # q (B, H, T, X): each of a query's H heads meets its valid picks
+        pairs = heads * int(valid.sum())  # picks (B T, K): one row per query
         return 2 * pairs * ((3 * d_qk + 2 * d_v) if backward else (d_qk + d_v))
 
     formula._get_raw = True  # the tensors themselves: only the valid picks are computed

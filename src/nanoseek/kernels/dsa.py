@@ -161,8 +161,7 @@ class GatheredAttention(torch.autograd.Function):
             ops = native_ops(q.new_empty(0, dtype=torch.float32))
         dtype = out_dtype if ops is None or out_dtype == torch.bfloat16 and bf16_kernels() else torch.float32
         with torch.autocast(q.device.type, enabled=False):
-            # q in the kernel's row layout (B, T, H, X) as it is cast: one copy, not two
-            q = q.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).transpose(1, 2)
+            q = q.to(dtype)  # as it lies: the kernel reads q's rows through its strides
             k = k.to(dtype)
             v = None if v is None else v.to(dtype)
             picked = picked.to(torch.int32)
@@ -283,31 +282,29 @@ def native_topk(scores: torch.Tensor):
 
 
 def native_forward(ops, q, k, v, d_v: int, picked, valid, scale: float, sinks=None):
-    """GatheredAttention's forward in C++: (out (B, H, T, V), what backward needs). Its rows are
-    (batch, query, key head) triples: q as (B T G, R, X), k and v as (B G, S, .), picks as (B T, K)."""
+    """GatheredAttention's forward in C++: (out (B, H, T, V), what backward needs). The kernel reads q
+    (B, H, T, X) through its strides (a (batch, query, key head) row's R heads lie a head's stride
+    apart: no transposed copy), k and v as (B G, S, .), picks as (B T, K)."""
     b, h, t, x = q.shape
     g = k.shape[1]
-    q_rows = q.transpose(1, 2).reshape(b * t * g, h // g, x).contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()
     k_heads = k.reshape(b * g, -1, x).contiguous()
     v_heads = None if v is None else v.reshape(b * g, -1, d_v).contiguous()
     picks, ok = picked.reshape(b * t, -1).contiguous(), valid.reshape(b * t, -1).contiguous()
     sinks = None if sinks is None else sinks.float().contiguous()
-    out, lse = ops.gathered_attention(q_rows, k_heads, v_heads, d_v, picks, ok, t, scale, sinks)
-    saved = (q_rows, k_heads, v_heads, picks, ok, out, lse, sinks)
-    return out.view(b, t, h, d_v).transpose(1, 2), saved
+    out, lse = ops.gathered_attention(q, k_heads, v_heads, d_v, picks, ok, scale, sinks)
+    return out, (q, k_heads, v_heads, picks, ok, out, lse, sinks)
 
 
 def native_backward(ctx, ops, d_out):
     """GatheredAttention's backward in C++ (flash-style, from the saved logsumexp)."""
-    q_rows, k_heads, v_heads, picks, ok, out, lse, sinks = ctx.saved_tensors
+    q, k_heads, v_heads, picks, ok, out, lse, sinks = ctx.saved_tensors
     d_v, scale, _, q_shape, k_shape, v_shape = ctx.meta
-    b, h, t, x = q_shape
-    do_rows = d_out.to(q_rows.dtype).transpose(1, 2).reshape(out.shape).contiguous()
-    dq, dk, dv, d_o = ops.gathered_attention_backward(
-        q_rows, k_heads, v_heads, d_v, picks, ok, t, scale, out, lse, do_rows
-    )
+    d_out = d_out.to(q.dtype)  # read through its strides, as q
+    d_out = d_out if d_out.stride(-1) == 1 else d_out.contiguous()
+    dq, dk, dv, d_o = ops.gathered_attention_backward(q, k_heads, v_heads, d_v, picks, ok, scale, out, lse, d_out)
     q_dtype, k_dtype, v_dtype = ctx.input_dtypes
-    dq = dq.view(b, t, h, x).transpose(1, 2).to(q_dtype)
+    dq = dq.to(q_dtype)
     dk = dk.view(k_shape).to(k_dtype)
     dv = None if v_shape is None else dv.view(v_shape).to(v_dtype)
     d_sinks = None

@@ -1,7 +1,9 @@
 // DSA's gathered attention on the CPU: softmax over each query's picked keys, read where they lie.
 //
 // One "row" is a (batch, query, key head) triple: its R query heads (R, X), its K picks into the key
-// head's S rows, and whether each pick counts. Forward, per row, in tiles of at most TILE picks (a
+// head's S rows, and whether each pick counts. q (B, H, T, X) and the output's gradient are read
+// through their strides (a block's rows copied into the row layout the loops read, so no caller
+// makes a transposed copy); out and dq come back (B, H, T, .). Forward, per row, in tiles of at most TILE picks (a
 // segment's at a time, below):
 //     s_{r,j} = scale * q_r . k_{idx_j}                         (invalid picks: -inf)
 //     m_r <- max(m_r, max_j s_{r,j});  l_r and o_r rescaled by exp(m_old - m_r)   (online softmax)
@@ -16,7 +18,7 @@
 //     p = exp(s - lse),  dp = dO_r . v_j,  ds = scale p (dp - D_r),  D_r = dO_r . o_r
 //     dq_r += sum_j ds_{r,j} k_j,   dk_j += sum_r ds_{r,j} q_r,   dv_j += sum_r p_{r,j} dO_r
 // The values are their own matrix or the keys' first V columns (MLA's absorbed form: dv_j then lands
-// in dk_j's first V columns). Three register-blocked loops do all the work (`scores`,
+// in dk_j's first V columns, and the two sums over heads go in one pass, 2R heads deep). Three register-blocked loops do all the work (`scores`,
 // `mix_rows`, `mix_heads`: GCC vector types, 8 floats, fused multiply-adds); the softmax's exponentials
 // are 8 at a time (`exp8`, AVX2: glibc's scalar expf was a fifth of the forward), and the first pass
 // over a tile's picks fetches the next rows ahead (`scores_block`'s `ahead`). Blocks of rows run in
@@ -59,7 +61,9 @@ inline v8 load8(const float* p) {
   return v;
 }
 inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
-inline v8 splat(float a) { return v8{} + a; }
+// a broadcast (vbroadcastss from memory); `v8{} + a` cost an add and a shuffle per weight (0 + a is
+// not a no-op for a = -0 without fast math)
+inline v8 splat(float a) { return v8{a, a, a, a, a, a, a, a}; }
 inline float hsum(v8 v) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += v[i];
@@ -488,17 +492,27 @@ inline float exp_affine(float* x, int64_t n, float a, float b) {
   return sum;
 }
 
+// Where a (B, H, T, .) tensor's rows lie: its strides in elements over b, h and t (the last dim dense).
+struct Strided {
+  int64_t b, h, t;
+  static Strided of(const at::Tensor& z) { return {z.stride(0), z.stride(1), z.stride(2)}; }
+};
+
 struct Layout {
   int64_t rows, t, g, r, x, v, s, k, v_stride, elem;  // elem: bytes per element of q, k, v
   float scale;
+  Strided q;  // q (B, H, T, X) as given: a row's R heads (R, X) lie q.h apart
   // row n = (b, t, g): its picks are row n / G of picked, its key head b * G + g
   int64_t pick_row(int64_t n) const { return n / g; }
   int64_t head(int64_t n) const { return (n / (t * g)) * g + n % g; }
+  // where row n's first head lies in a (B, H, T, .) tensor: query t of batch b, head g R
+  int64_t at(const Strided& z, int64_t n) const { return (n / (t * g)) * z.b + (n % g) * r * z.h + (n / g) % t * z.t; }
 };
 
 Layout layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v,
-              const at::Tensor& picked, const at::Tensor& valid, int64_t t, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && picked.dim() == 2, "gathered attention: q (N, R, X), k (BG, S, X), picked (BT, K)");
+              const at::Tensor& picked, const at::Tensor& valid, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 3 && picked.dim() == 2,
+              "gathered attention: q (B, H, T, X), k (BG, S, X), picked (BT, K)");
   const auto dtype = q.scalar_type();
 #ifdef NANOSEEK_BF16
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "gathered attention: float32 or bfloat16 only");
@@ -508,22 +522,25 @@ Layout layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::
   TORCH_CHECK(k.scalar_type() == dtype && (!v.has_value() || v->scalar_type() == dtype),
               "gathered attention: q, k and v of one dtype");
   TORCH_CHECK(picked.scalar_type() == at::kInt && valid.scalar_type() == at::kBool, "gathered attention: int32 picks, bool valid");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && picked.is_contiguous() && valid.is_contiguous(),
-              "gathered attention: contiguous inputs");
+  TORCH_CHECK(q.stride(3) == 1 && k.is_contiguous() && picked.is_contiguous() && valid.is_contiguous(),
+              "gathered attention: contiguous k, picks and valid; q's last dim dense");
+  const int64_t b = q.size(0), h = q.size(1);
+  TORCH_CHECK(b > 0 && k.size(0) % b == 0 && h % (k.size(0) / b) == 0 && picked.size(0) == b * q.size(2),
+              "gathered attention: shapes disagree");
   Layout L;
-  L.rows = q.size(0);
-  L.r = q.size(1);
-  L.x = q.size(2);
+  L.t = q.size(2);
+  L.g = k.size(0) / b;
+  L.rows = b * L.t * L.g;
+  L.r = h / L.g;
+  L.x = q.size(3);
+  L.q = Strided::of(q);
   L.s = k.size(1);
   L.k = picked.size(1);
-  L.t = t;
-  L.g = L.rows / picked.size(0);
   L.v = d_v;
   L.v_stride = v.has_value() ? v->size(2) : L.x;
   L.scale = static_cast<float>(scale);
   L.elem = q.element_size();
-  TORCH_CHECK(L.g * picked.size(0) == L.rows && k.size(0) * t == picked.size(0) * L.g && valid.sizes() == picked.sizes(),
-              "gathered attention: shapes disagree");
+  TORCH_CHECK(valid.sizes() == picked.sizes(), "gathered attention: shapes disagree");
   TORCH_CHECK(!v.has_value() || (v->is_contiguous() && v->size(0) == k.size(0) && v->size(1) == L.s && v->size(2) == d_v),
               "gathered attention: v (BG, S, V), contiguous");
   TORCH_CHECK(v.has_value() || d_v <= L.x, "gathered attention: shared values wider than the keys");
@@ -648,6 +665,20 @@ struct Segments {
   int64_t count(int64_t i, int64_t g) const { return bounds[i * (segs + 1) + g + 1] - bounds[i * (segs + 1) + g]; }
 };
 
+// A block's rows of a (B, H, T, .) tensor z (n columns) copied into `rows`, the layout the loops
+// read: row i's head r at (i R + r) w (forward, w = n), or at (2 i R + r) w (backward: q's and dO's
+// heads of a row side by side, dO's from rows + R w). In z a row's heads lie z.h apart, a multiple
+// of 4 KiB whenever T n is, so read in place they would share the L1's sets and evict each other.
+template <typename T>
+void copy_rows(const Layout& L, const Blocks& B, int64_t blk, const T* z, const Strided& at, int64_t n, int64_t w,
+               T* rows, int64_t per_row) {
+  for (int64_t i = 0; i < B.rows_in(blk); ++i)
+    for (int64_t r = 0; r < L.r; ++r) {
+      const T* from = z + L.at(at, B.row(blk, i)) + r * at.h;
+      std::copy(from, from + n, rows + i * per_row + r * w);
+    }
+}
+
 // One row's online-softmax state over its picks so far: running max m, sum l (R each), output o_n.
 struct Running {
   float* m;
@@ -658,7 +689,7 @@ struct Running {
 // The forward over one tile of a row's picks (jn <= TILE keys, their rows k_rows / v_rows).
 template <typename T>
 void forward_tile(const Layout& L, const T* q_n, const T* const* k_rows, const T* const* v_rows, int64_t jn,
-                  Running st, float* s) {
+                  Running st, int64_t o_stride, float* s) {
   scores(k_rows, jn, q_n, L.x, L.r, L.x, s);
   for (int64_t r = 0; r < L.r; ++r) {
     float* s_r = s + r * TILE;
@@ -666,31 +697,33 @@ void forward_tile(const Layout& L, const T* q_n, const T* const* k_rows, const T
     if (st.m[r] != NEG_INF && top > st.m[r]) {
       const float alpha = std::exp(st.m[r] - top);
       st.l[r] *= alpha;
-      for (int64_t i = 0; i < L.v; ++i) st.o[r * L.v + i] *= alpha;
+      for (int64_t i = 0; i < L.v; ++i) st.o[r * o_stride + i] *= alpha;
     }
     st.m[r] = top;
     st.l[r] += exp_affine(s_r, jn, 1.f, -top);
   }
-  mix_rows(v_rows, jn, s, L.r, st.o, L.v, L.v);
+  mix_rows(v_rows, jn, s, L.r, st.o, o_stride, L.v);
 }
 
 // T: float, or bf16 (uint16_t) where built: q, k, v as T; out, lse and every sum fp32.
 // sinks: nullptr, or one logit per query head (G R of them, head g R + r of key head g).
 template <typename T>
 void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const int32_t* idx_all, const bool* ok_all,
-                  const float* sinks, float* op, float* lp) {
+                  const float* sinks, float* op, const Strided& o_at, float* lp) {
   const Blocks B(L);
   at::parallel_for(0, B.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(L.r * TILE), m(B.size * L.r), l(B.size * L.r);
     std::vector<const T*> krows(TILE), vrows(TILE);
+    std::vector<T> q_block(B.size * L.r * L.x);
     Segments seg;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t nb = B.rows_in(blk);
       seg.build(L, B, blk, idx_all, ok_all);
+      copy_rows(L, B, blk, qp, L.q, L.x, L.x, q_block.data(), L.r * L.x);
       for (int64_t i = 0; i < nb; ++i) {  // the block's outputs zeroed here, where they are used next
         const float* sink = sinks ? sinks + (B.row(blk, i) % L.g) * L.r : nullptr;
-        std::fill_n(op + B.row(blk, i) * L.r * L.v, L.r * L.v, 0.f);
         for (int64_t r = 0; r < L.r; ++r) {
+          std::fill_n(op + L.at(o_at, B.row(blk, i)) + r * o_at.h, L.v, 0.f);
           m[i * L.r + r] = sink ? sink[r] : NEG_INF;
           l[i * L.r + r] = sink && sink[r] != NEG_INF ? 1.f : 0.f;  // a sink of -inf weighs nothing
         }
@@ -702,14 +735,14 @@ void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const 
           const int64_t count = seg.count(i, g);
           const T* k_head = kp + L.head(n) * L.s * L.x;
           const T* v_head = vp + L.head(n) * L.s * L.v_stride;
-          const Running st{m.data() + i * L.r, l.data() + i * L.r, op + n * L.r * L.v};
+          const Running st{m.data() + i * L.r, l.data() + i * L.r, op + L.at(o_at, n)};
           for (int64_t j0 = 0; j0 < count; j0 += TILE) {
             const int64_t jn = std::min(TILE, count - j0);
             for (int64_t j = 0; j < jn; ++j) {
               krows[j] = k_head + static_cast<int64_t>(keys[j0 + j]) * L.x;
               vrows[j] = v_head + static_cast<int64_t>(keys[j0 + j]) * L.v_stride;
             }
-            forward_tile(L, qp + n * L.r * L.x, krows.data(), vrows.data(), jn, st, s.data());
+            forward_tile(L, q_block.data() + i * L.r * L.x, krows.data(), vrows.data(), jn, st, o_at.h, s.data());
           }
         }
       for (int64_t i = 0; i < nb; ++i) {
@@ -717,7 +750,7 @@ void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const 
         for (int64_t r = 0; r < L.r; ++r) {
           const float l_r = l[i * L.r + r], m_r = m[i * L.r + r];
           const float inv = l_r > 0.f ? 1.f / l_r : 0.f;
-          float* o_r = op + (n * L.r + r) * L.v;
+          float* o_r = op + L.at(o_at, n) + r * o_at.h;
           for (int64_t c = 0; c < L.v; ++c) o_r[c] *= inv;
           lp[n * L.r + r] = l_r > 0.f ? m_r + std::log(l_r) : NEG_INF;
         }
@@ -727,35 +760,60 @@ void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const 
 }
 
 // The head sums of a tile in backward: dk_j += sum_r ds_{r,j} q_r and dv_j += sum_r p_{r,j} dO_r.
+// A row's heads come as 2R rows W = max(X, V) apart, q's R then dO's R (`qd`), the tile's weights as
+// 2R rows TILE apart, dS's R then P's R (`pd`). Where the values are the keys' first V columns, dv_j
+// is dk_j's prefix and both sums go in one pass over dk_j's first V columns, 2R heads deep (dk's rows
+// read and written once a tile, not twice), q's alone over the rest; else one pass each.
 // fp32: straight from the row's heads. bf16: from the row's heads as pairs (`HeadSums::prepare`, once
 // per row and segment) and the tile's weights rounded to bf16 pairs.
 template <typename T>
 struct HeadSums {
-  void prepare(const Layout&, const T*, const T*) {}
-  void add(const Layout& L, float* const* dk, float* const* dv, int64_t jn, const float* ds, const float* p,
-           const T* q_n, const T* do_n) {
-    mix_heads(dk, jn, ds, q_n, L.x, L.r, L.x);
-    mix_heads(dv, jn, p, do_n, L.v, L.r, L.v);
+  void prepare(const Layout&, const T*, int64_t, bool) {}
+  void add(const Layout& L, float* const* dk, float* const* dv, float* const* dk_tail, int64_t jn, const float* pd,
+           const T* qd, int64_t w, bool shared) {
+    if (shared) {
+      mix_heads(dk, jn, pd, qd, w, 2 * L.r, L.v);
+      if (L.x > L.v) mix_heads(dk_tail, jn, pd, qd + L.v, w, L.r, L.x - L.v);
+    } else {
+      mix_heads(dk, jn, pd, qd, w, L.r, L.x);
+      mix_heads(dv, jn, pd + L.r * TILE, qd + L.r * w, w, L.r, L.v);
+    }
   }
 };
 
 #ifdef NANOSEEK_BF16
 template <>
 struct HeadSums<bf16> {
-  std::vector<bf16> q_pairs, do_pairs;
+  std::vector<bf16> pairs, tail_pairs;  // shared: [q ; dO]'s 2R heads, q's beyond V; else q's, dO's
   std::vector<uint32_t> c_pairs;
-  void prepare(const Layout& L, const bf16* q_n, const bf16* do_n) {
+  void prepare(const Layout& L, const bf16* qd, int64_t w, bool shared) {
     const int64_t np = (L.r + 1) / 2;
-    q_pairs.resize(2 * np * L.x), do_pairs.resize(2 * np * L.v), c_pairs.resize(np * TILE);
-    head_pairs(q_n, L.x, L.r, L.x, q_pairs.data());
-    head_pairs(do_n, L.v, L.r, L.v, do_pairs.data());
+    c_pairs.resize(2 * np * TILE);
+    if (shared) {
+      pairs.resize(2 * L.r * L.v), tail_pairs.resize(2 * np * (L.x - L.v));
+      head_pairs(qd, w, 2 * L.r, L.v, pairs.data());
+      if (L.x > L.v) head_pairs(qd + L.v, w, L.r, L.x - L.v, tail_pairs.data());
+    } else {
+      pairs.resize(2 * np * L.x), tail_pairs.resize(2 * np * L.v);
+      head_pairs(qd, w, L.r, L.x, pairs.data());
+      head_pairs(qd + L.r * w, w, L.r, L.v, tail_pairs.data());
+    }
   }
-  void add(const Layout& L, float* const* dk, float* const* dv, int64_t jn, const float* ds, const float* p,
-           const bf16*, const bf16*) {
-    weight_pairs(ds, L.r, jn, c_pairs.data());
-    mix_heads(dk, jn, c_pairs.data(), q_pairs.data(), L.r, L.x);
-    weight_pairs(p, L.r, jn, c_pairs.data());
-    mix_heads(dv, jn, c_pairs.data(), do_pairs.data(), L.r, L.v);
+  void add(const Layout& L, float* const* dk, float* const* dv, float* const* dk_tail, int64_t jn, const float* pd,
+           const bf16*, int64_t, bool shared) {
+    if (shared) {
+      weight_pairs(pd, 2 * L.r, jn, c_pairs.data());
+      mix_heads(dk, jn, c_pairs.data(), pairs.data(), 2 * L.r, L.v);
+      if (L.x > L.v) {
+        weight_pairs(pd, L.r, jn, c_pairs.data());
+        mix_heads(dk_tail, jn, c_pairs.data(), tail_pairs.data(), L.r, L.x - L.v);
+      }
+    } else {
+      weight_pairs(pd, L.r, jn, c_pairs.data());
+      mix_heads(dk, jn, c_pairs.data(), pairs.data(), L.r, L.x);
+      weight_pairs(pd + L.r * TILE, L.r, jn, c_pairs.data());
+      mix_heads(dv, jn, c_pairs.data(), tail_pairs.data(), L.r, L.v);
+    }
   }
 };
 #endif
@@ -770,15 +828,20 @@ float to_float(T x) {
 
 template <typename T>
 void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const int32_t* idx_all, const bool* ok_all,
-                   const float* outp, const float* lsep, const T* dop, float* dqp, float* dk_all, float* dv_all,
-                   float* d_all, int64_t heads) {
+                   const float* outp, const Strided& o_at, const float* lsep, const T* dop, const Strided& do_at,
+                   float* dqp, const Strided& dq_at, float* dk_all, float* dv_all, float* d_all, int64_t heads) {
   const Blocks B(L);
   const Parts P(B);
   const int64_t part_k = heads * L.s * L.x, part_v = heads * L.s * L.v;
   at::parallel_for(0, P.count, 1, [&](int64_t pb, int64_t pe) {
-    std::vector<float> p(L.r * TILE), ds(L.r * TILE), d(B.size * L.r);
+    const bool shared = dv_all == nullptr;
+    const int64_t w = std::max(L.x, L.v);  // a row's heads in qd_block: q's R, then dO's R, w apart
+    std::vector<float> pd(2 * L.r * TILE), d(B.size * L.r);  // a tile's dS (R rows), then P (R rows)
+    float* ds = pd.data();
+    float* p = pd.data() + L.r * TILE;
     std::vector<const T*> krows(TILE), vrows(TILE);
-    std::vector<float*> dkrows(TILE), dvrows(TILE);
+    std::vector<float*> dkrows(TILE), dvrows(TILE), dktail(TILE);
+    std::vector<T> qd_block(B.size * 2 * L.r * w);
     Segments seg;
     HeadSums<T> sums;
     for (int64_t part = pb; part < pe; ++part) {
@@ -787,12 +850,16 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
       for (int64_t blk = part * P.per_part; blk < std::min(B.count, (part + 1) * P.per_part); ++blk) {
         const int64_t nb = B.rows_in(blk);
         seg.build(L, B, blk, idx_all, ok_all);
+        copy_rows(L, B, blk, qp, L.q, L.x, w, qd_block.data(), 2 * L.r * w);
+        copy_rows(L, B, blk, dop, do_at, L.v, w, qd_block.data() + L.r * w, 2 * L.r * w);
         for (int64_t i = 0; i < nb; ++i) {  // D = dO . O per row and head; the row's dq zeroed
-          std::fill_n(dqp + B.row(blk, i) * L.r * L.x, L.r * L.x, 0.f);
+          const int64_t n = B.row(blk, i);
           for (int64_t r = 0; r < L.r; ++r) {
-            const int64_t base = (B.row(blk, i) * L.r + r) * L.v;
+            std::fill_n(dqp + L.at(dq_at, n) + r * dq_at.h, L.x, 0.f);
+            const T* do_r = qd_block.data() + (2 * i * L.r + L.r + r) * w;
+            const float* o_r = outp + L.at(o_at, n) + r * o_at.h;
             float acc = 0.f;
-            for (int64_t c = 0; c < L.v; ++c) acc += to_float(dop[base + c]) * outp[base + c];
+            for (int64_t c = 0; c < L.v; ++c) acc += to_float(do_r[c]) * o_r[c];
             d[i * L.r + r] = d_all[B.row(blk, i) * L.r + r] = acc;
           }
         }
@@ -802,14 +869,14 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
             const int32_t* keys = seg.at(i, g);
             const int64_t count = seg.count(i, g);
             if (count == 0) continue;
-            const T* q_n = qp + n * L.r * L.x;
-            const T* do_n = dop + n * L.r * L.v;
+            const T* q_n = qd_block.data() + 2 * i * L.r * w;
+            const T* do_n = q_n + L.r * w;
             const float* lse_n = lsep + n * L.r;
             const float* d_n = d.data() + i * L.r;
             const int64_t h = L.head(n);
             const T* k_head = kp + h * L.s * L.x;
             const T* v_head = vp + h * L.s * L.v_stride;
-            sums.prepare(L, q_n, do_n);
+            sums.prepare(L, q_n, w, shared);
             for (int64_t j0 = 0; j0 < count; j0 += TILE) {
               const int64_t jn = std::min(TILE, count - j0);
               for (int64_t j = 0; j < jn; ++j) {
@@ -817,19 +884,20 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
                 krows[j] = k_head + key * L.x;
                 vrows[j] = v_head + key * L.v_stride;
                 dkrows[j] = dk_mine + (h * L.s + key) * L.x;
-                dvrows[j] = dv_mine ? dv_mine + (h * L.s + key) * L.v : dk_mine + (h * L.s + key) * L.x;
+                dvrows[j] = shared ? dkrows[j] : dv_mine + (h * L.s + key) * L.v;
+                dktail[j] = dkrows[j] + L.v;
               }
-              scores(krows.data(), jn, q_n, L.x, L.r, L.x, p.data());
-              scores(vrows.data(), jn, do_n, L.v, L.r, L.v, ds.data());  // dP
+              scores(krows.data(), jn, q_n, w, L.r, L.x, p);
+              scores(vrows.data(), jn, do_n, w, L.r, L.v, ds);  // dP
               for (int64_t r = 0; r < L.r; ++r) {
-                float* p_r = p.data() + r * TILE;
-                float* ds_r = ds.data() + r * TILE;
+                float* p_r = p + r * TILE;
+                float* ds_r = ds + r * TILE;
                 if (lse_n[r] == NEG_INF) std::fill(p_r, p_r + jn, 0.f);
                 else exp_affine(p_r, jn, L.scale, -lse_n[r]);
                 for (int64_t j = 0; j < jn; ++j) ds_r[j] = L.scale * p_r[j] * (ds_r[j] - d_n[r]);
               }
-              mix_rows(krows.data(), jn, ds.data(), L.r, dqp + n * L.r * L.x, L.x, L.x);
-              sums.add(L, dkrows.data(), dvrows.data(), jn, ds.data(), p.data(), q_n, do_n);
+              mix_rows(krows.data(), jn, ds, L.r, dqp + L.at(dq_at, n), dq_at.h, L.x);
+              sums.add(L, dkrows.data(), dvrows.data(), dktail.data(), jn, pd.data(), q_n, w, shared);
             }
           }
       }
@@ -844,18 +912,21 @@ const T* data_of(const at::Tensor& x) {
 
 }  // namespace
 
+// q (B, H, T, X), any strides with its last dim dense; returns out (B, H, T, V) and lse (B T G, R).
 std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& k,
                                                     const c10::optional<at::Tensor>& v, int64_t d_v,
-                                                    const at::Tensor& picked, const at::Tensor& valid, int64_t t,
-                                                    double scale, const c10::optional<at::Tensor>& sinks) {
+                                                    const at::Tensor& picked, const at::Tensor& valid, double scale,
+                                                    const c10::optional<at::Tensor>& sinks) {
   const auto f32 = q.options().dtype(at::kFloat);
-  if (q.size(0) == 0) return {at::zeros({0, q.size(1), d_v}, f32), at::empty({0, q.size(1)}, f32)};
-  const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
+  TORCH_CHECK(q.dim() == 4, "gathered attention: q (B, H, T, X)");
+  if (q.size(0) * q.size(2) == 0)
+    return {at::zeros({q.size(0), q.size(1), q.size(2), d_v}, f32), at::empty({0, q.size(1)}, f32)};
+  const Layout L = layout(q, k, v, d_v, picked, valid, scale);
   TORCH_CHECK(!sinks.has_value() || (sinks->scalar_type() == at::kFloat && sinks->is_contiguous() &&
                                      sinks->numel() == L.g * L.r),
               "gathered attention: sinks, one float32 logit per query head (G R)");
   const float* sink_p = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
-  auto out = at::empty({L.rows, L.r, L.v}, f32);  // every row zeroed by its block
+  auto out = at::empty({q.size(0), q.size(1), L.t, L.v}, f32);  // every row zeroed by its block
   auto lse = at::empty({L.rows, L.r}, f32);
   const int32_t* idx = picked.data_ptr<int32_t>();
   const bool* ok = valid.data_ptr<bool>();
@@ -863,7 +934,7 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
     using T = decltype(element);
     const T* kp = data_of<T>(k);
     forward_rows<T>(L, data_of<T>(q), kp, v.has_value() ? data_of<T>(*v) : kp, idx, ok, sink_p,
-                    out.data_ptr<float>(), lse.data_ptr<float>());
+                    out.data_ptr<float>(), Strided::of(out), lse.data_ptr<float>());
   };
 #ifdef NANOSEEK_BF16
   if (q.scalar_type() == at::kBFloat16) run(bf16{});
@@ -873,17 +944,21 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
   return {out, lse};
 }
 
-// Returns dq, dk, dv and D = dO . O per row and head (for the sinks' gradient).
+// d_out (B, H, T, V), any strides with its last dim dense. Returns dq (B, H, T, X), dk, dv and
+// D = dO . O per row and head (B T G, R) (for the sinks' gradient).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gathered_backward(
     const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v, const at::Tensor& picked,
-    const at::Tensor& valid, int64_t t, double scale, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& d_out) {
+    const at::Tensor& valid, double scale, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& d_out) {
   const auto f32 = q.options().dtype(at::kFloat);
-  if (q.size(0) == 0)
+  TORCH_CHECK(q.dim() == 4, "gathered attention: q (B, H, T, X)");
+  if (q.size(0) * q.size(2) == 0)
     return {at::zeros(q.sizes(), f32), at::zeros(k.sizes(), f32),
             v.has_value() ? at::zeros(v->sizes(), f32) : at::empty({0}, f32), at::empty({0, q.size(1)}, f32)};
-  const Layout L = layout(q, k, v, d_v, picked, valid, t, scale);
-  TORCH_CHECK(out.is_contiguous() && d_out.is_contiguous() && lse.is_contiguous(), "gathered attention: contiguous grads");
+  const Layout L = layout(q, k, v, d_v, picked, valid, scale);
+  const std::vector<int64_t> out_shape{q.size(0), q.size(1), L.t, L.v};
+  TORCH_CHECK(out.sizes() == out_shape && d_out.sizes() == out_shape && out.stride(3) == 1 && d_out.stride(3) == 1 &&
+                  lse.is_contiguous(),
+              "gathered attention: out and d_out (B, H, T, V), their last dim dense; lse contiguous");
   TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && d_out.scalar_type() == q.scalar_type(),
               "gathered attention: float32 out and lse, d_out in q's dtype");
   const Parts P{Blocks(L)};
@@ -899,7 +974,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gathered_backward(
     using T = decltype(element);
     const T* kp = data_of<T>(k);
     backward_rows<T>(L, data_of<T>(q), kp, v.has_value() ? data_of<T>(*v) : kp, idx, ok, out.data_ptr<float>(),
-                     lse.data_ptr<float>(), data_of<T>(d_out), dq.data_ptr<float>(), dk_parts.data_ptr<float>(),
+                     Strided::of(out), lse.data_ptr<float>(), data_of<T>(d_out), Strided::of(d_out),
+                     dq.data_ptr<float>(), Strided::of(dq), dk_parts.data_ptr<float>(),
                      v.has_value() ? dv_parts.data_ptr<float>() : nullptr, d_o.data_ptr<float>(), k.size(0));
   };
 #ifdef NANOSEEK_BF16
@@ -913,9 +989,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gathered_backward(
 }
 
 TORCH_LIBRARY(nanoseek, m) {
-  m.def("gathered_attention(Tensor q, Tensor k, Tensor? v, int d_v, Tensor picked, Tensor valid, int t, float scale,"
+  m.def("gathered_attention(Tensor q, Tensor k, Tensor? v, int d_v, Tensor picked, Tensor valid, float scale,"
         " Tensor? sinks=None) -> (Tensor, Tensor)");
-  m.def("gathered_attention_backward(Tensor q, Tensor k, Tensor? v, int d_v, Tensor picked, Tensor valid, int t,"
+  m.def("gathered_attention_backward(Tensor q, Tensor k, Tensor? v, int d_v, Tensor picked, Tensor valid,"
         " float scale, Tensor out, Tensor lse, Tensor d_out) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

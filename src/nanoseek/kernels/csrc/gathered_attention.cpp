@@ -679,6 +679,20 @@ void copy_rows(const Layout& L, const Blocks& B, int64_t blk, const T* z, const 
     }
 }
 
+// The rows the next (row, segment) of a block will read, up to a tile of them, fetched into L2
+// (a line per 64 bytes, `bytes` of each row from `base` + pick * `stride` elements) while this one
+// computes: picked rows lie anywhere in the keys, most in L3 or memory.
+template <typename T>
+void fetch_rows(const T* base, const int32_t* keys, int64_t count, int64_t stride, int64_t bytes, bool for_write) {
+  for (int64_t j = 0; j < std::min(count, TILE); ++j) {
+    const char* row = reinterpret_cast<const char*>(base + static_cast<int64_t>(keys[j]) * stride);
+    for (int64_t b = 0; b < bytes; b += 64) {
+      if (for_write) __builtin_prefetch(row + b, 1, 2);
+      else __builtin_prefetch(row + b, 0, 2);
+    }
+  }
+}
+
 // One row's online-softmax state over its picks so far: running max m, sum l (R each), output o_n.
 struct Running {
   float* m;
@@ -736,6 +750,12 @@ void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const 
           const T* k_head = kp + L.head(n) * L.s * L.x;
           const T* v_head = vp + L.head(n) * L.s * L.v_stride;
           const Running st{m.data() + i * L.r, l.data() + i * L.r, op + L.at(o_at, n)};
+          if (i + 1 < nb || g + 1 < seg.segs) {  // the next row's picks (or the next segment's first row's)
+            const int64_t ni = i + 1 < nb ? i + 1 : 0, ng = i + 1 < nb ? g : g + 1;
+            const int64_t nn = B.row(blk, ni);
+            fetch_rows(kp + L.head(nn) * L.s * L.x, seg.at(ni, ng), seg.count(ni, ng), L.x, L.x * L.elem, false);
+            if (vp != kp) fetch_rows(vp + L.head(nn) * L.s * L.v_stride, seg.at(ni, ng), seg.count(ni, ng), L.v_stride, L.v * L.elem, false);
+          }
           for (int64_t j0 = 0; j0 < count; j0 += TILE) {
             const int64_t jn = std::min(TILE, count - j0);
             for (int64_t j = 0; j < jn; ++j) {
@@ -868,6 +888,18 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
             const int64_t n = B.row(blk, i);
             const int32_t* keys = seg.at(i, g);
             const int64_t count = seg.count(i, g);
+            if (i + 1 < nb || g + 1 < seg.segs) {  // the next row's picks, their gradients' rows
+              const int64_t ni = i + 1 < nb ? i + 1 : 0, ng = i + 1 < nb ? g : g + 1;
+              const int64_t nh = L.head(B.row(blk, ni));
+              const int32_t* next = seg.at(ni, ng);
+              const int64_t nc = seg.count(ni, ng);
+              fetch_rows(kp + nh * L.s * L.x, next, nc, L.x, L.x * L.elem, false);
+              fetch_rows(dk_mine + nh * L.s * L.x, next, nc, L.x, L.x * 4, true);
+              if (!shared) {
+                fetch_rows(vp + nh * L.s * L.v_stride, next, nc, L.v_stride, L.v * L.elem, false);
+                fetch_rows(dv_mine + nh * L.s * L.v, next, nc, L.v, L.v * 4, true);
+              }
+            }
             if (count == 0) continue;
             const T* q_n = qd_block.data() + 2 * i * L.r * w;
             const T* do_n = q_n + L.r * w;

@@ -1393,7 +1393,8 @@ def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shar
 def test_native_gathered_attention_reads_strided_queries_and_output_gradients_in_place(dtype):
     """The kernel reads q (B, H, T, X) and the output's gradient through their strides (no transposed
     copy): queries that are a slice of a longer sequence, or stored (B, T, H, X), and a gradient
-    that is a slice of a wider one, give what their contiguous copies give, bit for bit."""
+    that is a slice of a wider one, give what their contiguous copies give, bit for bit; the output
+    and dq of (B, T, H, X) queries come back stored that way."""
     from nanoseek.kernels.dsa import GatheredAttention, native_ops
     from nanoseek.kernels.native import bf16_kernels
 
@@ -1416,6 +1417,8 @@ def test_native_gathered_attention_reads_strided_queries_and_output_gradients_in
         outs[0].backward(wider_grad)
         outs[1].backward(wider_grad.contiguous())
         assert torch.equal(got.grad, want.grad)
+        if q_view is stored_bthx:  # the output and dq stored as q is: no copy for a (B, T, H, .) consumer
+            assert outs[0].transpose(1, 2).is_contiguous() and got.grad.stride() == q_view.stride()
 
 
 @pytest.mark.parametrize(

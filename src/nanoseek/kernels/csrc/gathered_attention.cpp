@@ -3,8 +3,8 @@
 // One "row" is a (batch, query, key head) triple: its R query heads (R, X), its K picks into the key
 // head's S rows, and whether each pick counts. q (B, H, T, X) and the output's gradient are read
 // through their strides (a block's rows copied into the row layout the loops read, so no caller
-// makes a transposed copy); out and dq come back (B, H, T, .). Forward, per row, in tiles of at most TILE picks (a
-// segment's at a time, below):
+// makes a transposed copy); out and dq come back (B, H, T, .), stored as q is. Forward, per row, in
+// tiles of at most TILE picks (a segment's at a time, below):
 //     s_{r,j} = scale * q_r . k_{idx_j}                         (invalid picks: -inf)
 //     m_r <- max(m_r, max_j s_{r,j});  l_r and o_r rescaled by exp(m_old - m_r)   (online softmax)
 //     o_r += sum_j exp(s_{r,j} - m_r) v_{idx_j},   l_r += sum_j exp(s_{r,j} - m_r)
@@ -944,7 +944,8 @@ const T* data_of(const at::Tensor& x) {
 
 }  // namespace
 
-// q (B, H, T, X), any strides with its last dim dense; returns out (B, H, T, V) and lse (B T G, R).
+// q (B, H, T, X), any strides with its last dim dense; returns out (B, H, T, V) (stored (B, T, H, V)
+// where q's heads lie inside a query) and lse (B T G, R).
 std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& k,
                                                     const c10::optional<at::Tensor>& v, int64_t d_v,
                                                     const at::Tensor& picked, const at::Tensor& valid, double scale,
@@ -958,7 +959,10 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
                                      sinks->numel() == L.g * L.r),
               "gathered attention: sinks, one float32 logit per query head (G R)");
   const float* sink_p = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
-  auto out = at::empty({q.size(0), q.size(1), L.t, L.v}, f32);  // every row zeroed by its block
+  // (B, H, T, V), stored as q is: heads inside a query where q's are (V4's (B, T, H, X) queries)
+  auto out = q.size(1) > 1 && q.stride(1) < q.stride(2)
+                 ? at::empty({q.size(0), L.t, q.size(1), L.v}, f32).transpose(1, 2)
+                 : at::empty({q.size(0), q.size(1), L.t, L.v}, f32);  // every row zeroed by its block
   auto lse = at::empty({L.rows, L.r}, f32);
   const int32_t* idx = picked.data_ptr<int32_t>();
   const bool* ok = valid.data_ptr<bool>();
@@ -976,7 +980,8 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
   return {out, lse};
 }
 
-// d_out (B, H, T, V), any strides with its last dim dense. Returns dq (B, H, T, X), dk, dv and
+// d_out (B, H, T, V), any strides with its last dim dense. Returns dq (B, H, T, X) (q's strides where
+// q is dense), dk, dv and
 // D = dO . O per row and head (B T G, R) (for the sinks' gradient).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gathered_backward(
     const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v, const at::Tensor& picked,
@@ -998,7 +1003,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gathered_backward(
   auto dk_parts = at::zeros({P.count, k.size(0), L.s, L.x}, f32);
   at::Tensor dv_parts;
   if (v.has_value()) dv_parts = at::zeros({P.count, k.size(0), L.s, L.v}, f32);
-  auto dq = at::empty(q.sizes(), f32);  // every row zeroed by its block
+  auto dq = at::empty_like(q, f32);  // stored as q is where q is dense; every row zeroed by its block
   auto d_o = at::empty({L.rows, L.r}, f32);
   const int32_t* idx = picked.data_ptr<int32_t>();
   const bool* ok = valid.data_ptr<bool>();

@@ -1389,6 +1389,23 @@ def test_native_gathered_attention_equals_the_reference(b, h, g, s, x, d_v, shar
         torch.testing.assert_close(a.double(), e.double(), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "k_shape",
+    [(0, 10, 16), (1, 10, 12)],  # no key heads (a division by zero, once); keys narrower than q (read past)
+)
+def test_native_gathered_attention_refuses_keys_that_do_not_fit_q(k_shape):
+    """Keys whose heads or width do not fit q's get the kernel's error, not a crash or a read past k."""
+    from nanoseek.kernels.dsa import native_ops
+
+    ops = native_ops(torch.zeros(1))
+    if ops is None:
+        pytest.skip("the C++ kernel did not build")
+    q, k = torch.randn(1, 4, 2, 16), torch.randn(*k_shape)
+    picked, valid = torch.zeros(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        ops.gathered_attention(q, k, None, 8, picked, valid, 0.3, None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_gathered_attention_reads_strided_queries_and_output_gradients_in_place(dtype):
     """The kernel reads q (B, H, T, X) and the output's gradient through their strides (no transposed

@@ -165,7 +165,7 @@ class GatheredAttention(torch.autograd.Function):
             k = k.to(dtype)
             v = None if v is None else v.to(dtype)
             picked = picked.to(torch.int32)
-            if ops is not None:  # the C++ kernel keeps its own layout (and the softmax's logsumexp)
+            if ops is not None:  # the C++ kernel keeps its picks' layout (and the softmax's logsumexp)
                 out, saved = native_forward(ops, q, k, v, d_v, picked, valid, scale, sink_logits)
                 out = out.to(out_dtype)
             else:

@@ -3,8 +3,9 @@
 // One "row" is a (batch, query, key head) triple: its R query heads (R, X), its K picks into the key
 // head's S rows, and whether each pick counts. q (B, H, T, X) and the output's gradient are read
 // through their strides (a block's rows copied into the row layout the loops read, so no caller
-// makes a transposed copy); out and dq come back (B, H, T, .), stored as q is. Forward, per row, in
-// tiles of at most TILE picks (a segment's at a time, below):
+// makes a transposed copy); out and dq come back (B, H, T, .), out stored (B, T, H, V) where q's heads
+// lie inside a query, dq with q's strides where q is dense. Forward, per row, in tiles of at most TILE
+// picks (a segment's at a time, below):
 //     s_{r,j} = scale * q_r . k_{idx_j}                         (invalid picks: -inf)
 //     m_r <- max(m_r, max_j s_{r,j});  l_r and o_r rescaled by exp(m_old - m_r)   (online softmax)
 //     o_r += sum_j exp(s_{r,j} - m_r) v_{idx_j},   l_r += sum_j exp(s_{r,j} - m_r)
@@ -18,8 +19,9 @@
 //     p = exp(s - lse),  dp = dO_r . v_j,  ds = scale p (dp - D_r),  D_r = dO_r . o_r
 //     dq_r += sum_j ds_{r,j} k_j,   dk_j += sum_r ds_{r,j} q_r,   dv_j += sum_r p_{r,j} dO_r
 // The values are their own matrix or the keys' first V columns (MLA's absorbed form: dv_j then lands
-// in dk_j's first V columns, and the two sums over heads go in one pass, 2R heads deep). Three register-blocked loops do all the work (`scores`,
-// `mix_rows`, `mix_heads`: GCC vector types, 8 floats, fused multiply-adds); the softmax's exponentials
+// in dk_j's first V columns, and the two sums over heads go in one pass, 2R heads deep). Three
+// register-blocked loops do all the work (`scores`, `mix_rows`, `mix_heads`: GCC vector types, 8
+// floats, fused multiply-adds); the softmax's exponentials
 // are 8 at a time (`exp8`, AVX2: glibc's scalar expf was a fifth of the forward), and the first pass
 // over a tile's picks fetches the next rows ahead (`scores_block`'s `ahead`). Blocks of rows run in
 // parallel over torch's intra-op threads; in backward each thread adds into its own dk (and dv), summed last
@@ -525,7 +527,8 @@ Layout layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::
   TORCH_CHECK(q.stride(3) == 1 && k.is_contiguous() && picked.is_contiguous() && valid.is_contiguous(),
               "gathered attention: contiguous k, picks and valid; q's last dim dense");
   const int64_t b = q.size(0), h = q.size(1);
-  TORCH_CHECK(b > 0 && k.size(0) % b == 0 && h % (k.size(0) / b) == 0 && picked.size(0) == b * q.size(2),
+  TORCH_CHECK(b > 0 && k.size(0) > 0 && k.size(0) % b == 0 && h % (k.size(0) / b) == 0 &&
+                  picked.size(0) == b * q.size(2) && k.size(2) == q.size(3),
               "gathered attention: shapes disagree");
   Layout L;
   L.t = q.size(2);
@@ -667,8 +670,9 @@ struct Segments {
 
 // A block's rows of a (B, H, T, .) tensor z (n columns) copied into `rows`, the layout the loops
 // read: row i's head r at (i R + r) w (forward, w = n), or at (2 i R + r) w (backward: q's and dO's
-// heads of a row side by side, dO's from rows + R w). In z a row's heads lie z.h apart, a multiple
-// of 4 KiB whenever T n is, so read in place they would share the L1's sets and evict each other.
+// heads of a row side by side, dO's from rows + R w). In z a row's heads lie z.h apart: T n elements
+// in a contiguous z, a multiple of 4 KiB whenever T n times the element's bytes is, so read in place
+// they would share the L1's sets and evict each other.
 template <typename T>
 void copy_rows(const Layout& L, const Blocks& B, int64_t blk, const T* z, const Strided& at, int64_t n, int64_t w,
                T* rows, int64_t per_row) {
@@ -754,7 +758,9 @@ void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const 
             const int64_t ni = i + 1 < nb ? i + 1 : 0, ng = i + 1 < nb ? g : g + 1;
             const int64_t nn = B.row(blk, ni);
             fetch_rows(kp + L.head(nn) * L.s * L.x, seg.at(ni, ng), seg.count(ni, ng), L.x, L.x * L.elem, false);
-            if (vp != kp) fetch_rows(vp + L.head(nn) * L.s * L.v_stride, seg.at(ni, ng), seg.count(ni, ng), L.v_stride, L.v * L.elem, false);
+            if (vp != kp)
+              fetch_rows(vp + L.head(nn) * L.s * L.v_stride, seg.at(ni, ng), seg.count(ni, ng), L.v_stride,
+                         L.v * L.elem, false);
           }
           for (int64_t j0 = 0; j0 < count; j0 += TILE) {
             const int64_t jn = std::min(TILE, count - j0);
@@ -981,8 +987,7 @@ std::tuple<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const a
 }
 
 // d_out (B, H, T, V), any strides with its last dim dense. Returns dq (B, H, T, X) (q's strides where
-// q is dense), dk, dv and
-// D = dO . O per row and head (B T G, R) (for the sinks' gradient).
+// q is dense), dk, dv and D = dO . O per row and head (B T G, R) (for the sinks' gradient).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gathered_backward(
     const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v, int64_t d_v, const at::Tensor& picked,
     const at::Tensor& valid, double scale, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& d_out) {
@@ -993,8 +998,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gathered_backward(
             v.has_value() ? at::zeros(v->sizes(), f32) : at::empty({0}, f32), at::empty({0, q.size(1)}, f32)};
   const Layout L = layout(q, k, v, d_v, picked, valid, scale);
   const std::vector<int64_t> out_shape{q.size(0), q.size(1), L.t, L.v};
-  TORCH_CHECK(out.sizes() == out_shape && d_out.sizes() == out_shape && out.stride(3) == 1 && d_out.stride(3) == 1 &&
-                  lse.is_contiguous(),
+  TORCH_CHECK(out.sizes() == out_shape && d_out.sizes() == out_shape && out.stride(3) == 1 &&
+                  d_out.stride(3) == 1 && lse.is_contiguous(),
               "gathered attention: out and d_out (B, H, T, V), their last dim dense; lse contiguous");
   TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && d_out.scalar_type() == q.scalar_type(),
               "gathered attention: float32 out and lse, d_out in q's dtype");

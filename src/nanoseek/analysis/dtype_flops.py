@@ -34,8 +34,9 @@ aten = torch.ops.aten
 # bias is an fp32 buffer): a small share of the FLOPs, kept fp32 so expert choice does not flip
 KEPT_FP32 = (r"(^|\.)gate$", r"(^|\.)router$", r"(^|\.)AttentionLogits$", r"(^|\.)TileProducts$")
 # the C++ gathered attention (kernels/csrc, loaded on first use, so looked up by name): each of a
-# query's H heads (q: (B, H, T, X)) meets its row's valid picks; backward counted 2x forward. Under bf16 it computes in
-# bf16 where the CPU has AVX-512 BF16 (its loops use vdpbf16ps), elsewhere in fp32 on purpose.
+# query's H heads (q: (B, H, T, X)) meets its row's valid picks; backward counted 2x forward. Under
+# bf16 it computes in bf16 where the CPU has AVX-512 BF16 (its loops use vdpbf16ps), elsewhere in
+# fp32 on purpose.
 NATIVE_OPS = {"gathered_attention": 1, "gathered_attention_backward": 2}
 # modules that functions call outside the model's tree (ModuleTracker names them by their class):
 # model/attention/core.py's AttentionLogits, the fp32 logits of bf16 attention on short rows on the

@@ -23,10 +23,8 @@ Where: an eager prefill (not a per-row decode step, not inside a compiled graph)
 C++ kernel built for q's dtype (fp32, or bf16 on AVX-512 BF16). CSA: in inference (no indexer KL loss
 to compute, no dense warm-up), the chunks before the first gathered one by the reference's masked
 SDPA. HCA: in inference and in training without attention dropout (its picks need no indexer).
-Elsewhere HCA and V4's sliding layers run as block-sparse tiles (`attend_tiles`); on one Zen-4
-core (8 heads of 512, window 128, rate 128, bf16) HCA took 5.6-5.9 / 10.5-11.2 s forward / backward
-at 64K tokens gathered against 6.7-7.1 / 15.2-16.1 s as tiles (benchmarks/out/; one more gathered
-run's backward took 15.2 s).
+Elsewhere HCA and V4's sliding layers run as block-sparse tiles (`attend_tiles`), slower for HCA
+than the gathered kernel where both run (benchmarks/RESULTS.md, the 64K section).
 
     >>> from nanoseek import ModelConfig, Transformer
     >>> model = Transformer(ModelConfig.from_preset("deepseek-v4-tiny"))

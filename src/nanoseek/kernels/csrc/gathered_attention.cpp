@@ -665,6 +665,13 @@ struct Segments {
     }
   }
   const int32_t* at(int64_t i, int64_t g) const { return keys.data() + i * k + bounds[i * (segs + 1) + g]; }
+  // the (row, segment) a block of nb rows takes after row i's segment g: the next row's, or the next
+  // segment's first row's; false after the last
+  bool next(int64_t i, int64_t g, int64_t nb, int64_t* ni, int64_t* ng) const {
+    *ni = i + 1 < nb ? i + 1 : 0;
+    *ng = i + 1 < nb ? g : g + 1;
+    return *ng < segs;
+  }
   int64_t count(int64_t i, int64_t g) const { return bounds[i * (segs + 1) + g + 1] - bounds[i * (segs + 1) + g]; }
 };
 
@@ -754,8 +761,8 @@ void forward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const 
           const T* k_head = kp + L.head(n) * L.s * L.x;
           const T* v_head = vp + L.head(n) * L.s * L.v_stride;
           const Running st{m.data() + i * L.r, l.data() + i * L.r, op + L.at(o_at, n)};
-          if (i + 1 < nb || g + 1 < seg.segs) {  // the next row's picks (or the next segment's first row's)
-            const int64_t ni = i + 1 < nb ? i + 1 : 0, ng = i + 1 < nb ? g : g + 1;
+          int64_t ni, ng;
+          if (seg.next(i, g, nb, &ni, &ng)) {  // the rows the next (row, segment) picked
             const int64_t nn = B.row(blk, ni);
             fetch_rows(kp + L.head(nn) * L.s * L.x, seg.at(ni, ng), seg.count(ni, ng), L.x, L.x * L.elem, false);
             if (vp != kp)
@@ -886,7 +893,7 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
             const float* o_r = outp + L.at(o_at, n) + r * o_at.h;
             float acc = 0.f;
             for (int64_t c = 0; c < L.v; ++c) acc += to_float(do_r[c]) * o_r[c];
-            d[i * L.r + r] = d_all[B.row(blk, i) * L.r + r] = acc;
+            d[i * L.r + r] = d_all[n * L.r + r] = acc;
           }
         }
         for (int64_t g = 0; g < seg.segs; ++g)
@@ -894,8 +901,8 @@ void backward_rows(const Layout& L, const T* qp, const T* kp, const T* vp, const
             const int64_t n = B.row(blk, i);
             const int32_t* keys = seg.at(i, g);
             const int64_t count = seg.count(i, g);
-            if (i + 1 < nb || g + 1 < seg.segs) {  // the next row's picks, their gradients' rows
-              const int64_t ni = i + 1 < nb ? i + 1 : 0, ng = i + 1 < nb ? g : g + 1;
+            int64_t ni, ng;
+            if (seg.next(i, g, nb, &ni, &ng)) {  // the rows the next (row, segment) picked, their gradients' rows
               const int64_t nh = L.head(B.row(blk, ni));
               const int32_t* next = seg.at(ni, ng);
               const int64_t nc = seg.count(ni, ng);

@@ -1047,14 +1047,17 @@ def test_dsa_sparse_attention_equals_the_reference(
 
 
 @pytest.mark.parametrize(
-    "start,t,b,gather_from",
+    "start,t,b,gather_from,topk",
     [
-        (0, 300, 2, 1.5),  # every chunk gathers; rows 0..6 have fewer window keys than w
-        (0, 600, 1, 20),  # the first chunk (64 entries) by the reference's masked SDPA, the second gathers
-        (37, 290, 1, 1.5),  # a prefill after 37 cached tokens: keys and entries from the cache
+        (0, 300, 2, 0, 4),  # every chunk gathers; rows 0..6 have fewer window keys than w
+        (0, 600, 1, 20, 4),  # the first chunk (64 entries) by the reference's masked SDPA, the second gathers
+        (37, 290, 1, 0, 4),  # a prefill after 37 cached tokens: keys and entries from the cache
+        (0, 300, 2, 0, 64),  # chunk 0 sees 64 entries <= top-k: picks every visible one unscored
+        (37, 290, 1, 0, 80),  # after the cache: chunk 0 sees 73 entries (unscored), chunk 1 81 (scored)
+        (0, 300, 1, 0, 100),  # top-k above the 75 entries: none scored, picks 75 wide
     ],
 )
-def test_csa_gathered_prefill_equals_the_reference(monkeypatch, start, t, b, gather_from):
+def test_csa_gathered_prefill_equals_the_reference(monkeypatch, start, t, b, gather_from, topk):
     """kernels/csa.py against model/attention/compressed.py: a CSA layer's output and the gradients of
     its input and of every weight (sinks, kv, compressor, queries), fp32 on the CPU, in inference mode
     (the fast path's domain); the indexer gets no gradient through either."""
@@ -1063,7 +1066,7 @@ def test_csa_gathered_prefill_equals_the_reference(monkeypatch, start, t, b, gat
 
     assert fast.native_ops(torch.zeros(1)) is not None, "the C++ kernel did not build (see the warning)"
     monkeypatch.setattr(fast, "GATHER_FROM", gather_from)
-    cfg = ModelConfig.from_preset("deepseek-v4-tiny")
+    cfg = ModelConfig.from_preset("deepseek-v4-tiny", index_topk=topk)
     torch.manual_seed(3)
     ref = CompressedAttention(cfg, 0).eval()
     with torch.no_grad():

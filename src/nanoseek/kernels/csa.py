@@ -10,7 +10,8 @@ through DSA's gathered attention (kernels/dsa.py's `GatheredAttention`, the C++ 
     query t   picks its window  rel_t - w + 1 .. rel_t   (those >= 0), and
               CSA: its top-k entries by the indexer  S + e    (csrc/indexer_topk.cpp with rate m: the
                    query sees (rel_t + 1) // m entries; the same picks as the reference's mask +
-                   `earliest_topk`), once a chunk sees more than GATHER_FROM * top-k entries;
+                   `earliest_topk`; a chunk that sees at most top-k entries picks every visible
+                   one without scoring them), from the first chunk that sees an entry;
               HCA: every entry closed by then  S + e,  e < (rel_t + 1) // m
     sink      the kernel's per-head sink logit s_h with a zero value: each query head's softmax starts
               from it (its gradient, -sum_t p_sink D_t, from the kernel's D = dO . O)
@@ -21,8 +22,8 @@ come back through the concatenation.
 
 Where: an eager prefill (not a per-row decode step, not inside a compiled graph) on the CPU with the
 C++ kernel built for q's dtype (fp32, or bf16 on AVX-512 BF16). CSA: in inference (no indexer KL loss
-to compute, no dense warm-up), the chunks before the first gathered one by the reference's masked
-SDPA. HCA: in inference and in training without attention dropout (its picks need no indexer).
+to compute, no dense warm-up), the chunks before the first gathered one (none yet sees an entry) by
+the reference's masked SDPA. HCA: in inference and in training without attention dropout (its picks need no indexer).
 Elsewhere HCA and V4's sliding layers run as block-sparse tiles (`attend_tiles`), slower for HCA
 than the gathered kernel where both run (benchmarks/RESULTS.md, the 64K section).
 
@@ -41,8 +42,13 @@ from nanoseek.kernels.block_attention import block_sparse_attention, tiles_pay, 
 from nanoseek.kernels.dsa import GatheredAttention, Scratch, native_ops, native_topk, scores_into, widened
 from nanoseek.model.attention.compressed import CHUNK, CompressedAttention
 
-# a chunk gathers once it sees more than GATHER_FROM * top-k entries
-GATHER_FROM = 1.5
+# a chunk gathers once it sees more than GATHER_FROM * top-k entries (0: from the first that sees one). A
+# query's window and picks through the kernel cost less than its row of the reference's masked SDPA over
+# the chunk's band (CHUNK + w keys) and every closed entry, even before the chunk sees top-k entries:
+# gathering from there rather than from 1.5 * top-k entries took V4's 8 x 512 layout (top-512, w = 128) from
+# 0.15 / 0.30 to 0.09 / 0.16 s forward / backward at 1K tokens, 0.95 / 1.70 to 0.70 / 1.21 at 4K and
+# 5.3 / 6.7 to 4.7 / 6.0 at 16K (one Zen 4 core, fp32, alternating in one process)
+GATHER_FROM = 0
 V4_TILE = 32  # tokens per query and key block of HCA's (and V4 sliding layers') tiles
 PICKS_BYTES = 256 << 20  # an HCA prefill's picks (int32 + a bool each) per gathered call, at most
 
@@ -209,10 +215,17 @@ class SparseCompressedAttention(CompressedAttention):
         m, topk = self.compressor.rate, self.indexer.topk
         top = native_topk(index_entries)
         scratch = Scratch(index_entries.device, index_entries.shape[1])
+        width = min(topk, index_entries.shape[1])
         picks, oks = [], []
         for a in range(first, first + c, CHUNK):
             z = min(first + c, a + CHUNK)
             closed = (start + z - offset) // m
+            if closed <= topk:  # every visible entry is picked: no scores
+                seen = (start + a - offset + 1 + torch.arange(z - a, device=x.device)) // m
+                picked = torch.arange(width, device=x.device).expand(x.shape[0], z - a, -1)
+                picks.append(picked)
+                oks.append(picked < seen[:, None])
+                continue
             rope = (cos[..., a:z, :], sin[..., a:z, :])
             scores = self.chunk_scores(x[:, a:z], q_latent[:, a:z], rope, index_entries[:, :closed], scratch)
             # query a + i sees (rel_a + i + 1) // m entries

@@ -121,6 +121,34 @@ def test_compressor_pools_windows_by_the_formula(kind):
     torch.testing.assert_close(got, rotate_tail(ref, cos, sin), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_compressor_pools_a_range_of_windows_as_it_gathers_them(kind):
+    """Windows as a range (views of the projections, CSA's halves merged as softmax pieces) against the
+    same windows gathered per row (a decode step's form) and the formula in float64: entries and the
+    gradients of both projections, from window 0 and from a later window (a prefill after a cache)."""
+    layer = v4([kind]).layers[0].self_attn.double()
+    c, m = layer.compressor, layer.compressor.rate
+    with torch.no_grad():
+        c.position_bias.normal_()
+    raw = [
+        torch.randn(2, 7 * m + 3, r.shape[-1], dtype=torch.float64, requires_grad=True)
+        for r in c.project(torch.randn(1, 1, 64).double())
+    ]
+    weight = torch.randn(2, 7, c.dim, dtype=torch.float64)
+    for w0 in (0, 2):
+        n = 7 - w0
+        results = []
+        for windows in (range(w0, 7), torch.arange(w0, 7), torch.arange(w0, 7).expand(2, -1)):
+            got = c.pool(*raw, windows, 0, layer.rope)
+            results.append([got, *torch.autograd.grad((got * weight[:, :n]).sum(), raw)])
+        for got in results[1:]:
+            for a, b in zip(got, results[0]):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        ref = c.kv_norm(pooled_reference(c, *raw, m, kind == "csa"))[:, w0:]
+        cos, sin = layer.rope(torch.arange(w0, 7) * m)
+        torch.testing.assert_close(results[0][0], rotate_tail(ref, cos, sin), atol=1e-12, rtol=1e-12)
+
+
 def test_csa_top_k_covering_every_entry_equals_attending_all_of_them():
     model, x = v4(["csa"], index_topk=64), ids()
     with torch.no_grad():

@@ -111,25 +111,76 @@ class Compressor(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv_proj(x), self.gate_proj(x)
 
-    def pool(self, raw_kv: torch.Tensor, raw_gate: torch.Tensor, windows: torch.Tensor, offset, rope) -> torch.Tensor:
-        """Entries (B, n, dim) of windows (n,) or (B, n) from per-token projections (B, S, width) whose
-        index i is position i + offset; rotated at each window's first position."""
+    def pool(self, raw_kv: torch.Tensor, raw_gate: torch.Tensor, windows, offset, rope) -> torch.Tensor:
+        """Entries (B, n, dim) of `windows` from per-token projections (B, S, width) whose index i is
+        position i + offset, rotated at each window's first position. `windows`: a range (consecutive
+        windows: their rows are read as views of the projections) or a tensor (n,) or (B, n) (gathered,
+        as a decode step's). Each window's slots pool as one piece over the full width (`softmax_partial`);
+        CSA's entry w then merges window w's b-half with window w - 1's a-half (`merge_partials`), so
+        the slots are never copied, only (B, n, width) pieces shifted by one window."""
         m, d = self.rate, self.dim
-        windows = windows if windows.dim() == 2 else windows[None]
-        slots = windows[..., None] * m + torch.arange(m, device=windows.device)  # (..., n, m)
-        kv = gather_rows(raw_kv, slots)
-        gate = gather_rows(raw_gate, slots).float() + self.position_bias
+        starts = window_starts(windows, raw_kv.device)
+        if isinstance(windows, range):  # for CSA from one window earlier
+            lo = max(windows.start - self.overlap, 0)
+            rows = [window_span(raw, lo, windows.stop, m) for raw in (raw_kv, raw_gate)]
+            pieces = softmax_partial(*rows, self.position_bias)
+            now = [x[:, windows.start - lo :] for x in pieces]
+            before = [x[:, : max(windows.stop - 1 - lo, 0)] for x in pieces]  # windows start - 1 .. stop - 2
+        else:
+            windows = windows if windows.dim() == 2 else windows[None]
+            now = softmax_partial(*(window_gather(raw, windows, m) for raw in (raw_kv, raw_gate)), self.position_bias)
+            if self.overlap:
+                earlier = (windows - 1).clamp(min=0)
+                before = softmax_partial(
+                    *(window_gather(raw, earlier, m) for raw in (raw_kv, raw_gate)), self.position_bias
+                )
         if self.overlap:
-            kv_prev = gather_rows(raw_kv, (slots - m).clamp(min=0))[..., :d]
-            gate_prev = (gather_rows(raw_gate, (slots - m).clamp(min=0)).float() + self.position_bias)[..., :d]
-            first = (windows == 0).expand(kv.shape[:2])[..., None, None]
-            gate_prev = gate_prev.masked_fill(first, float("-inf"))
-            kv = torch.cat([kv_prev, kv[..., d:]], dim=2)
-            gate = torch.cat([gate_prev, gate[..., d:]], dim=2)
-        weights = gate.softmax(dim=2).to(kv.dtype)
-        entries = self.kv_norm((kv * weights).sum(2))
-        cos, sin = rope(windows * m + offset)
+            now = merge_partials([x[..., d:] for x in now], [x[..., :d] for x in before], starts > 0)
+        _, total, weighted = now
+        entries = self.kv_norm((weighted / total).to(raw_kv.dtype))
+        cos, sin = rope(starts * m + offset)
         return rotate_tail(entries, cos, sin)
+
+
+def window_starts(windows, device) -> torch.Tensor:
+    """The windows' indices as a tensor: (n,) for a range, else as given ((n,) or (B, n))."""
+    return torch.arange(windows.start, windows.stop, device=device) if isinstance(windows, range) else windows
+
+
+def window_span(raw: torch.Tensor, lo: int, hi: int, m: int) -> torch.Tensor:
+    """raw's rows of windows lo .. hi - 1 as a view (B, hi - lo, m, width); sliced only when they are not
+    all of raw (a slice's backward zero-fills a gradient as large as raw)."""
+    rows = raw if (lo, hi * m) == (0, raw.shape[1]) else raw[:, lo * m : hi * m]
+    return rows.unflatten(1, (hi - lo, m))
+
+
+def window_gather(raw: torch.Tensor, windows: torch.Tensor, m: int) -> torch.Tensor:
+    """raw's rows (B, n, m, width) of windows (B or 1, n)."""
+    return gather_rows(raw, windows[..., None] * m + torch.arange(m, device=windows.device))
+
+
+def softmax_partial(kv: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor):
+    """One piece of a softmax pooled over slots: with z = gate + bias (fp32 or wider) over the m slots (dim 2) of
+    kv and gate (B, n, m, X), the (B, n, X) tensors
+        top = max z,   total = sum exp(z - top),   weighted = sum exp(z - top) kv.
+    top is a shift the softmax does not depend on: no gradient flows through it."""
+    z = gate.to(torch.promote_types(gate.dtype, torch.float32)) + bias
+    top = z.detach().amax(2)
+    e = torch.exp(z - top[:, :, None])
+    return top, e.sum(2), (e * kv).sum(2)
+
+
+def merge_partials(later, earlier, present: torch.Tensor):
+    """The softmax over two pieces' slots: entry w pools `later`'s window w and, where `present` ((n,) or
+    (B, n)) holds, `earlier`'s (window w - 1's; fewer than n of them for a range from window 0, the
+    first missing). With t = max(top_l, top_e) each piece's total and weighted sum are scaled by
+    exp(top - t) and added."""
+    n = later[0].shape[1]
+    earlier = [F.pad(x, (0, 0, n - x.shape[1], 0)) for x in earlier]
+    top_e = earlier[0].masked_fill(~present[..., None], float("-inf"))
+    top = torch.maximum(later[0], top_e)
+    a, b = torch.exp(later[0] - top), torch.exp(top_e - top)
+    return top, later[1] * a + earlier[1] * b, later[2] * a + earlier[2] * b
 
 
 class IndexScorer(nn.Module):
@@ -355,8 +406,7 @@ class CompressedAttention(nn.Module):
             raw_kv, raw_gate = module.project(x if prefix == "" else x.detach())
             m = module.rate
             if cache is None:
-                windows = torch.arange(t // m, device=x.device)
-                found.append(module.pool(raw_kv, raw_gate, windows, start, self.rope))
+                found.append(module.pool(raw_kv, raw_gate, range(t // m), start, self.rope))
                 continue
             cache.write(prefix + "raw_kv", start, raw_kv)
             end = cache.write(prefix + "raw_gate", start, raw_gate)
@@ -370,7 +420,7 @@ class CompressedAttention(nn.Module):
                 buffer[torch.arange(x.shape[0], device=x.device), windows[:, 0]] = new[:, 0].to(buffer.dtype)
                 found.append(buffer)
                 continue
-            windows = torch.arange(start // m, end // m, device=x.device)
+            windows = range(start // m, end // m)
             if len(windows):
                 new = module.pool(
                     cache[prefix + "raw_kv"][:, :end], cache[prefix + "raw_gate"][:, :end], windows, 0, self.rope

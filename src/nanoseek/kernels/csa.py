@@ -67,16 +67,13 @@ class SparseCompressedAttention(CompressedAttention):
         first = self.first_gathered(q, start, offset, entries, side)
         if first is None:
             return super().attend(q, keys, start, offset, pos, entries, index_entries, index_in, cos, sin, side)
-        t = q.shape[1]
-        q_near, q_far = q.split([first, t - first], dim=1)
-        outs = []
-        if first:
-            rope = (cos[..., :first, :], sin[..., :first, :])
-            outs.append(
-                super().attend(q_near, keys, start, offset, pos[..., :first], entries, index_entries, index_in, *rope)
-            )
-        outs.append(self.attend_gathered(q_far, keys, start, offset, first, entries, index_entries, index_in, cos, sin))
-        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        if first == 0:  # unsplit: split's backward would copy dq whole
+            return self.attend_gathered(q, keys, start, offset, 0, entries, index_entries, index_in, cos, sin)
+        q_near, q_far = q.split([first, q.shape[1] - first], dim=1)
+        rope = (cos[..., :first, :], sin[..., :first, :])
+        near = super().attend(q_near, keys, start, offset, pos[..., :first], entries, index_entries, index_in, *rope)
+        far = self.attend_gathered(q_far, keys, start, offset, first, entries, index_entries, index_in, cos, sin)
+        return torch.cat([near, far], dim=1)
 
     def tiles_run(self, q, start) -> bool:
         """Whether an HCA (or V4 sliding) layer leaves the reference's chunks: on the CPU, eagerly, more

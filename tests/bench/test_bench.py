@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -39,6 +40,22 @@ def test_heap_in_use_sees_a_live_tensor():
     assert common.heap_in_use() - before >= 15 << 20
     del x
     assert common.heap_in_use() - before < 4 << 20
+
+
+def test_rss_sampler_without_heap_never_walks_the_heap(monkeypatch):
+    """The attention bench's sampler: RSS only (a heap sample walks glibc's lists under its lock)."""
+    walked = []
+    monkeypatch.setattr(common, "heap_in_use", lambda: walked.append(1) or 0)
+    base = common.current_rss()
+    with common.RssSampler(interval=0.001, heap=False) as rss:
+        x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, fresh pages, touched
+        time.sleep(0.05)
+    del x
+    assert rss.heap_peak is None and not walked
+    assert rss.peak - base >= 60 << 20  # RSS is still sampled
+    with common.RssSampler(interval=0.001) as rss:
+        time.sleep(0.02)
+    assert walked  # with the heap (the default), it is sampled
 
 
 def test_bench_train_smoke():

@@ -263,7 +263,7 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
     warmup = args.warmup
     if warmup is None:  # a GPU's first calls per shape build kernels' plans (cuDNN); a CPU's run cold
         warmup = int(torch.device(device).type == "cuda")
-    with RssSampler() as rss, DevicePeak(device) as window:
+    with RssSampler(heap=False) as rss, DevicePeak(device) as window:
         for i in range(warmup + repeats):
             q, k, v, x = make_inputs(t, args.heads, args.head_dim, args.model_dim, device=device)
             synchronize(device)

@@ -160,13 +160,13 @@ def window_gather(raw: torch.Tensor, windows: torch.Tensor, m: int) -> torch.Ten
 
 
 def softmax_partial(kv: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor):
-    """One piece of a softmax pooled over slots: with z = gate + bias (fp32 or wider) over the m slots (dim 2) of
-    kv and gate (B, n, m, X), the (B, n, X) tensors
+    """One piece of a softmax pooled over slots: with z = gate + bias (fp32 or wider) over the m slots
+    (dim 2) of kv and gate (B, n, m, X), the (B, n, X) tensors
         top = max z,   total = sum exp(z - top),   weighted = sum exp(z - top) kv.
     top is a shift the softmax does not depend on: no gradient flows through it."""
     z = gate.to(torch.promote_types(gate.dtype, torch.float32)) + bias
     top = z.detach().amax(2)
-    e = torch.exp(z - top[:, :, None])
+    e = z.sub_(top[:, :, None]).exp_()  # in place: a fresh tensor of the slots' size costs its page faults
     return top, e.sum(2), (e * kv).sum(2)
 
 

@@ -58,6 +58,25 @@ def test_rss_sampler_without_heap_never_walks_the_heap(monkeypatch):
     assert walked  # with the heap (the default), it is sampled
 
 
+@pytest.mark.parametrize("kernel_mark", [True, False])
+def test_peak_rss_sees_a_tensor_freed_before_the_end(monkeypatch, kernel_mark):
+    """The attention bench's peak: Linux's reset high-water mark, or (where it cannot be reset) the
+    sampler; either way a 64 MiB tensor freed before the block ends is counted, and a second block
+    starts from its own baseline."""
+    if kernel_mark and not common.reset_peak_rss():
+        pytest.skip("no resettable VmHWM here")
+    if not kernel_mark:
+        monkeypatch.setattr(common, "reset_peak_rss", lambda: False)
+    with common.PeakRss() as peak:
+        x = torch.ones(64 << 20, dtype=torch.uint8)  # fresh pages, touched
+        time.sleep(0.02)
+        del x
+    assert peak.growth >= 60 << 20
+    with common.PeakRss() as quiet:
+        time.sleep(0.01)
+    assert quiet.growth < 16 << 20
+
+
 def test_bench_train_smoke():
     results = bench.bench_train("gpt2-tiny", **TINY)
     by_impl = {r["impl"]: r for r in results}

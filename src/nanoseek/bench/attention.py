@@ -53,7 +53,8 @@ Reported per (kind, T): forward_s and backward_s (medians over the repeats; back
 attention's backward from a fixed random output gradient made before the clock starts, with the
 indexer's scoring under no_grad as in training after warm-up; a loss computed on the output would
 add elementwise passes over it that weigh little against dense's backward and a tenth of a fast
-kind's), peak_rss_mib (anonymous memory above the baseline while the kind runs), and
+kind's), peak_rss_mib (the resident set's peak above its value when the kind starts: Linux's own
+high-water mark where it can be reset, which costs the timed code nothing; else sampled every 5 ms), and
 forward_over_dense (< 1 is faster). With
 `--device cuda` the inputs and ops live on the GPU, every timing ends with a synchronize, and
 peak_device_mib is the CUDA allocator's peak above its baseline; one untimed run per kind and length goes
@@ -74,7 +75,7 @@ import time
 
 import torch
 
-from nanoseek.bench.common import RssSampler, cpu_name, current_rss, device_info, release_free_memory, torch_threads
+from nanoseek.bench.common import PeakRss, cpu_name, device_info, release_free_memory, torch_threads
 from nanoseek.bench.flops import flop_counter, flops_by_op
 from nanoseek.config import ModelConfig
 from nanoseek.device import DevicePeak, add_device_arg, autocast, resolve_device, synchronize
@@ -258,12 +259,11 @@ def efficiency_columns(row: dict, dense: dict) -> dict:
 def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.device | str = "cpu") -> dict:
     forward, backward = [], []
     release_free_memory()
-    base = current_rss()
     repeats = args.repeats if t <= 8192 else 1
     warmup = args.warmup
     if warmup is None:  # a GPU's first calls per shape build kernels' plans (cuDNN); a CPU's run cold
         warmup = int(torch.device(device).type == "cuda")
-    with RssSampler(heap=False) as rss, DevicePeak(device) as window:
+    with PeakRss() as rss, DevicePeak(device) as window:
         for i in range(warmup + repeats):
             q, k, v, x = make_inputs(t, args.heads, args.head_dim, args.model_dim, device=device)
             synchronize(device)
@@ -287,7 +287,7 @@ def time_kind(kind: str, t: int, args, dsa, nsa=None, v4=None, device: torch.dev
     row = {
         "forward_s": round(statistics.median(forward), 4),
         "backward_s": None if args.forward_only else round(statistics.median(backward), 4),
-        "peak_rss_mib": round((rss.peak - base) / (1 << 20), 1),
+        "peak_rss_mib": round(rss.growth / (1 << 20), 1),
     }
     if window.peak is not None:
         row["peak_device_mib"] = round(window.peak / (1 << 20), 1)

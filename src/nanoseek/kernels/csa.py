@@ -23,9 +23,9 @@ come back through the concatenation.
 Where: an eager prefill (not a per-row decode step, not inside a compiled graph) on the CPU with the
 C++ kernel built for q's dtype (fp32, or bf16 on AVX-512 BF16). CSA: in inference (no indexer KL loss
 to compute, no dense warm-up), the chunks before the first gathered one (none yet sees an entry) by
-the reference's masked SDPA. HCA: in inference and in training without attention dropout (its picks need no indexer).
-Elsewhere HCA and V4's sliding layers run as block-sparse tiles (`attend_tiles`), slower for HCA
-than the gathered kernel where both run (benchmarks/RESULTS.md, the 64K section).
+the reference's masked SDPA. HCA: in inference and in training without attention dropout (its picks
+need no indexer). Elsewhere HCA and V4's sliding layers run as block-sparse tiles (`attend_tiles`),
+slower for HCA than the gathered kernel where both run (benchmarks/RESULTS.md, the 64K section).
 
     >>> from nanoseek import ModelConfig, Transformer
     >>> model = Transformer(ModelConfig.from_preset("deepseek-v4-tiny"))

@@ -115,9 +115,10 @@ class Compressor(nn.Module):
         """Entries (B, n, dim) of `windows` from per-token projections (B, S, width) whose index i is
         position i + offset, rotated at each window's first position. `windows`: a range (consecutive
         windows: their rows are read as views of the projections) or a tensor (n,) or (B, n) (gathered,
-        as a decode step's). Each window's slots pool as one piece over the full width (`softmax_partial`);
-        CSA's entry w then merges window w's b-half with window w - 1's a-half (`merge_partials`), so
-        the slots are never copied, only (B, n, width) pieces shifted by one window."""
+        as a decode step's). Each window's slots pool as one piece over the full width
+        (`softmax_partial`); CSA's entry w then merges window w's b-half with window w - 1's a-half
+        (`merge_partials`), so the slots are never copied, only (B, n, width) pieces shifted by one
+        window."""
         m, d = self.rate, self.dim
         starts = window_starts(windows, raw_kv.device)
         if isinstance(windows, range):  # for CSA from one window earlier

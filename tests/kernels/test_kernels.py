@@ -1163,8 +1163,8 @@ def test_v4_fast_paths_equal_the_reference(monkeypatch, kind, start, t, b, train
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["csa", "hca"])
-def test_v4_gathered_layers_under_bf16_autocast_are_as_accurate_as_the_reference(monkeypatch, kind):
+@pytest.mark.parametrize("kind,topk", [("csa", 4), ("csa", 64), ("hca", 4)])  # 64: chunk 0 unscored
+def test_v4_gathered_layers_under_bf16_autocast_are_as_accurate_as_the_reference(monkeypatch, kind, topk):
     """CSA's and HCA's gathered path under bf16 autocast (on AVX-512 BF16: the kernel's bf16 loops,
     P and dS rounded to bf16) against the float64 reference layer: output and the gradients of the
     input and the sinks no further from it than 2.5x the reference's own bf16 error (its softmax's
@@ -1175,8 +1175,7 @@ def test_v4_gathered_layers_under_bf16_autocast_are_as_accurate_as_the_reference
 
     if not bf16_kernels():
         pytest.skip("the kernel takes bf16 only where the CPU has AVX-512 BF16 (elsewhere HCA runs tiles)")
-    monkeypatch.setattr(fast, "GATHER_FROM", 1.5)
-    cfg = ModelConfig.from_preset("deepseek-v4-tiny")
+    cfg = ModelConfig.from_preset("deepseek-v4-tiny", index_topk=topk)
     layer = 0 if kind == "csa" else 1
     assert cfg.layer_sparse(layer) == kind
     torch.manual_seed(3)
@@ -1217,7 +1216,6 @@ def test_csa_gathered_prefill_under_bf16_autocast_picks_what_the_reference_picks
 
     if not bf16_kernels():
         pytest.skip("CSA gathers bf16 queries only where the kernel takes bf16 (AVX-512 BF16)")
-    monkeypatch.setattr(fast, "GATHER_FROM", 1.5)
     cfg = ModelConfig.from_preset("deepseek-v4-tiny")
     torch.manual_seed(5)
     ref = CompressedAttention(cfg, 0).eval()

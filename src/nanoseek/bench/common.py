@@ -131,13 +131,15 @@ def status_bytes(field: str) -> int | None:
 
 def reset_peak_rss() -> bool:
     """Set the kernel's peak resident set of this process (VmHWM) to its current RSS (Linux: "5" into
-    /proc/self/clear_refs); False where that cannot be done."""
+    /proc/self/clear_refs; process-wide: getrusage's ru_maxrss restarts from there too); False where
+    that cannot be done or the mark did not come down to the RSS."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
-    return status_bytes("VmHWM") is not None and status_bytes("VmRSS") is not None
+    hwm, rss = status_bytes("VmHWM"), status_bytes("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + (4 << 20)
 
 
 class PeakRss:
